@@ -1,0 +1,39 @@
+# wantel: `make demo` and `make test` set themselves up on a fresh clone.
+# torch is installed first, from the CPU wheel, so pip never pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+DEBIAN_PACKAGES := $(shell cat scripts/debian-packages.txt 2>/dev/null | grep -v '^\#')
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/debian-packages.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)
+	touch $@
+
+demo: install
+	$(VENV)/bin/wantel demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/log_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

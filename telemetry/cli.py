@@ -1,0 +1,122 @@
+"""``wantel``: the command line.
+
+Each subcommand lives in its own module with two functions, ``configure(parser)`` and
+``run(args) -> int``, and is named here by a string, so ``wantel --help`` and the light commands
+never import torch, and this package keeps no import dependency on ``inference`` or
+``exporters``. Every failure a user can cause — a missing log, an unknown flag, a bad value —
+ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn, Protocol, cast
+
+import structlog
+
+from telemetry import __version__
+from telemetry.config import DEFAULT_LOG_DIR, LOG_ENV
+from telemetry.log.base import LogError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user's mistake: reported as one line on stderr with exit code 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: where it lives and what it is for (shown by ``wantel --help``)."""
+
+    name: str
+    module: str
+    purpose: str
+    uses_log: bool = True
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("cat", "telemetry.commands.cat", "print the log's events as JSON Lines"),
+    Command(
+        "replay",
+        "telemetry.commands.replay",
+        "rebuild the projections from the log and print a per-job summary",
+    ),
+)
+
+
+class _CommandModule(Protocol):
+    def configure(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser(selected: str | None) -> argparse.ArgumentParser:
+    """The parser; only the selected subcommand's module is imported and configured."""
+    parser = _Parser(
+        prog="wantel",
+        description="Event-sourced telemetry for Wan video-diffusion inference.",
+        epilog=f"Commands that read or write the log take --log DIR (else ${LOG_ENV}, "
+        f"else ./{DEFAULT_LOG_DIR}). 'wantel COMMAND --help' explains each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"wantel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        child = sub.add_parser(command.name, help=command.purpose, description=command.purpose)
+        if command.name != selected:
+            continue
+        if command.uses_log:
+            child.add_argument(
+                "--log",
+                metavar="DIR",
+                help=f"the event log directory (default: ${LOG_ENV}, else ./{DEFAULT_LOG_DIR})",
+            )
+        _load(command).configure(child)
+    return parser
+
+
+def _load(command: Command) -> _CommandModule:
+    return cast(_CommandModule, importlib.import_module(command.module))
+
+
+def _configure_logging() -> None:
+    """Diagnostics go to stderr, so ``wantel cat`` output stays clean JSON Lines."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wantel`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(selected)
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _configure_logging()
+    command = next(c for c in COMMANDS if c.name == args.command)
+    try:
+        return _load(command).run(args)
+    except (UsageError, LogError) as exc:
+        print(f"wantel {command.name}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `wantel cat | head`: the reader left; that is not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

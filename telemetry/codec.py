@@ -1,0 +1,141 @@
+"""Bytes ⇄ events: JSON encoding, schema-checked decoding and upcasting of old versions.
+
+Records are stored as compact JSON (one object per event), so a log stays readable with
+ordinary tools, and decoded with msgspec against the tagged union, which validates every field.
+A record that is missing a field or has a wrong type raises :class:`MalformedRecord`; it is never
+half-accepted.
+
+Upcasting happens on read and the stored log is never rewritten (the ``eventsourcing`` library's
+rule). An upcaster turns the builtins of version *n* of a type into those of version *n + 1*;
+:func:`decode_one` chains them up to the current version. Whole batches take a fast path: a frame
+records the :data:`SCHEMA_FINGERPRINT` of the catalogue that wrote it, and when it matches the
+reader's, every record is known to be current and the batch decodes in one msgspec call.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from telemetry.events import EVENT_TYPES, EVENT_TYPES_BY_NAME, AnyEvent, Event
+
+Builtins = dict[str, Any]
+Upcaster = Callable[[Builtins], Builtins]
+
+
+class MalformedRecord(ValueError):
+    """A stored record that does not decode into a current event."""
+
+
+def _fingerprint() -> int:
+    """A 16-bit digest of every type's name and version: equal digests mean equal schemas."""
+    text = ",".join(f"{cls.__name__}:{cls.VERSION}" for cls in EVENT_TYPES)
+    return zlib.crc32(text.encode()) & 0xFFFF
+
+
+SCHEMA_FINGERPRINT: Final = _fingerprint()
+
+_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+_encoder = msgspec.json.Encoder()
+_decode_one = msgspec.json.Decoder(AnyEvent).decode
+_decode_many = msgspec.json.Decoder(list[AnyEvent]).decode
+_decode_raw = msgspec.json.Decoder().decode
+
+
+def upcaster(type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register ``fn`` as the step from ``from_version`` to ``from_version + 1`` of a type."""
+
+    def register(fn: Upcaster) -> Upcaster:
+        _UPCASTERS[(type_name, from_version)] = fn
+        return fn
+
+    return register
+
+
+def encode(event: Event) -> bytes:
+    """One event as compact JSON."""
+    return _encoder.encode(event)
+
+
+def encode_many(events: Sequence[Event]) -> list[bytes]:
+    """Each event as compact JSON, in order."""
+    enc = _encoder.encode
+    return [enc(e) for e in events]
+
+
+def decode_one(data: bytes | memoryview) -> Event:
+    """Decode and validate one record, upcasting it if it was written by an older schema."""
+    try:
+        event: Event = _decode_one(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raw = _raw_or_malformed(data, exc)
+        return _upcast_and_convert(raw)
+    if event.v == type(event).VERSION:
+        return event
+    return _upcast_and_convert(_raw_or_malformed(data, None))
+
+
+def decode_current_batch(payload: bytes | memoryview) -> list[Event]:
+    """Decode a JSON array of records known to be of the current schema, in one call.
+
+    Raises :class:`MalformedRecord` if any record is invalid; the caller then decodes the records
+    one by one to quarantine only the bad ones.
+    """
+    try:
+        events: list[AnyEvent] = _decode_many(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MalformedRecord(str(exc)) from exc
+    return events  # type: ignore[return-value]  # list is invariant; every member is an Event
+
+
+def _raw_or_malformed(data: bytes | memoryview, cause: Exception | None) -> Builtins:
+    try:
+        raw = _decode_raw(data)
+    except msgspec.DecodeError as exc:
+        raise MalformedRecord(f"not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise MalformedRecord("record is not a JSON object")
+    if raw.get("type") not in EVENT_TYPES_BY_NAME:
+        raise MalformedRecord(f"unknown event type {raw.get('type')!r}")
+    if cause is not None and raw.get("v", 1) == EVENT_TYPES_BY_NAME[raw["type"]].VERSION:
+        # Current version, yet it failed validation: the record itself is wrong.
+        raise MalformedRecord(str(cause)) from cause
+    return raw
+
+
+def _upcast_and_convert(raw: Builtins) -> Event:
+    type_name: str = raw["type"]
+    current = EVENT_TYPES_BY_NAME[type_name].VERSION
+    version = raw.get("v", 1)
+    if not isinstance(version, int) or version < 1:
+        raise MalformedRecord(f"{type_name}: bad schema version {version!r}")
+    if version > current:
+        raise MalformedRecord(
+            f"{type_name} v{version} was written by a newer wantel (this one reads up to "
+            f"v{current}); upgrade wantel to read it"
+        )
+    while version < current:
+        step = _UPCASTERS.get((type_name, version))
+        if step is None:
+            raise MalformedRecord(f"no upcaster for {type_name} v{version} → v{version + 1}")
+        raw = step(dict(raw))
+        version += 1
+        raw["v"] = version
+    try:
+        event: Event = msgspec.convert(raw, AnyEvent)
+    except msgspec.ValidationError as exc:
+        raise MalformedRecord(f"{type_name} v{raw.get('v')}: {exc}") from exc
+    return event
+
+
+@upcaster("StepEnded", 1)
+def _step_ended_v1_to_v2(raw: Builtins) -> Builtins:
+    """v1 counted transformer passes as ``cfg_passes`` and knew no sigma or expert."""
+    raw["passes"] = raw.pop("cfg_passes", 1)
+    raw.setdefault("sigma", None)
+    raw.setdefault("expert", None)
+    return raw

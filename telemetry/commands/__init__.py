@@ -1,0 +1,1 @@
+"""``wantel`` subcommands that need only the log and projections."""

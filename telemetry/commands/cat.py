@@ -1,0 +1,61 @@
+"""``wantel cat``: print the log's events as JSON Lines, optionally following it live."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from telemetry.codec import encode
+from telemetry.commands.common import open_log_for_reading, warn_quarantined
+from telemetry.log.base import Batch
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``wantel cat``."""
+    parser.add_argument("--job", help="only this job's events")
+    parser.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing new events until Ctrl-C"
+    )
+    parser.add_argument(
+        "--from", dest="start", type=_position, default=0, metavar="POSITION",
+        help="start at this log position (default: 0, the beginning)",
+    )
+    parser.add_argument(
+        "--positions", action="store_true",
+        help='prefix each line with its log position: {"pos": N, "event": {...}}',
+    )
+
+
+def _position(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a log position: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a log position is >= 0, got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print events; with ``--follow`` keep going until interrupted."""
+    log = open_log_for_reading(args)
+    items = log.follow(args.start) if args.follow else log.read(args.start)
+    out = sys.stdout.buffer
+    for item in items:
+        if not isinstance(item, Batch):
+            warn_quarantined("cat", item)
+            continue
+        lines = []
+        for position, event in item.positioned():
+            if args.job is not None and event.job != args.job:
+                continue
+            record = encode(event)
+            if args.positions:
+                record = b'{"pos":%d,"event":%s}' % (position, record)
+            lines.append(record)
+        if lines:
+            out.write(b"\n".join(lines) + b"\n")
+            if args.follow:
+                out.flush()
+    out.flush()
+    return 0

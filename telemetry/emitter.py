@@ -1,0 +1,315 @@
+"""The emitting side: ``emit(event)`` never blocks and never raises; a thread writes the log.
+
+Inference calls :meth:`Emitter.emit` on its own thread between denoising steps, so the call must
+cost about a microsecond and must not fail whatever happens to the log. Events go into one of
+three bounded FIFO queues by :data:`~telemetry.events.PRIORITY`, stamped with a global counter;
+a background thread merges them back into emission order, assigns each stream's gap-free
+``seq``, and appends them to the log in batches (so one fsync covers a whole batch).
+
+When the queues are full, the lowest-value events go first: samples, then steps, then lifecycle
+events; every drop is counted by reason and reported into the log as an ``EventsDropped`` event.
+When the log fails (disk full, permission denied, directory removed) the batch is kept and
+retried with backoff; the failure is counted and logged once per kind, and the caller never
+sees it. ``close()`` (also run at interpreter exit) flushes what it can.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import itertools
+import os
+import socket
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+from msgspec.structs import force_setattr
+
+from telemetry.events import (
+    PRIORITY,
+    TERMINAL_TYPES,
+    UNSEQUENCED,
+    Event,
+    EventsDropped,
+    Priority,
+    stream_of_worker,
+)
+from telemetry.log.base import EventLog
+
+_log = structlog.get_logger("wantel.emitter")
+
+DEFAULT_CAPACITY: Final = 65_536
+DEFAULT_MAX_BATCH: Final = 4_096
+DEFAULT_FLUSH_INTERVAL: Final = 0.02
+_Stamped = tuple[int, Event]
+
+
+def default_worker_name() -> str:
+    """``host:pid``: unique per process on a host, readable in dashboards."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class EmitterStats:
+    """A snapshot of what the emitter has done; exported as telemetry-health metrics."""
+
+    emitted: int
+    appended: int
+    queued: int  # waiting in the queues
+    in_flight: int  # taken by the writer: being appended, or kept for a retry
+    dropped: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Emitter:
+    """Queue events from any thread; append them to ``log`` from one background thread."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        worker: str | None = None,
+        capacity: int = DEFAULT_CAPACITY,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        retry_backoff: tuple[float, float] = (0.05, 2.0),
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.log = log
+        self.worker = worker or default_worker_name()
+        self._capacity = capacity
+        self._max_batch = max_batch
+        self._flush_interval = flush_interval
+        self._backoff_min, self._backoff_max = retry_backoff
+        self._clock_ns = clock_ns
+        self._queues: tuple[deque[_Stamped], ...] = (deque(), deque(), deque())
+        self._stamps = itertools.count()
+        self._wake = threading.Event()
+        self._done = threading.Condition()
+        self._drop_lock = threading.Lock()
+        self._dropped: Counter[str] = Counter()
+        self._reported_drops: dict[str, int] = {}
+        self._errors: Counter[str] = Counter()
+        self._pending: list[_Stamped] = []
+        self._next_seq: dict[str, int] = {}
+        self._emitted = 0
+        self._appended = 0
+        self._closing = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="wantel-emitter", daemon=True)
+        self._thread.start()
+        _close_at_exit(self)
+
+    # -- caller side: must be cheap and must never raise -------------------------------------
+
+    def emit(self, event: Event) -> None:
+        """Queue ``event`` for the log. Never blocks, never raises."""
+        try:
+            if self._closed:
+                self._count_drop("closed")
+                return
+            priority = PRIORITY.get(type(event))
+            if priority is None:
+                self._count_drop("not_an_event")
+                return
+            queues = self._queues
+            if len(queues[0]) + len(queues[1]) + len(queues[2]) >= self._capacity and not (
+                self._make_room(priority)
+            ):
+                return
+            queues[priority].append((next(self._stamps), event))
+            self._emitted += 1
+            if priority == Priority.LIFECYCLE:
+                self._wake.set()
+        except Exception:  # telemetry must never break the generation
+            self._count_drop("emit_error")
+
+    def _make_room(self, priority: int) -> bool:
+        """Drop the oldest event of the lowest class below ``priority``; else drop the new one."""
+        for lower in range(priority):
+            try:
+                self._queues[lower].popleft()
+            except IndexError:
+                continue
+            self._count_drop(f"queue_full_{Priority.NAMES[lower]}")
+            return True
+        self._count_drop(f"queue_full_{Priority.NAMES[priority]}")
+        return False
+
+    def _count_drop(self, reason: str) -> None:
+        with self._drop_lock:
+            self._dropped[reason] += 1
+
+    # -- control --------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Wait until every event emitted before this call is appended (or dropped)."""
+        target = next(self._stamps)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wake.set()
+        with self._done:
+            while not self._flushed_up_to(target):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._done.wait(remaining if remaining is not None else 0.1)
+                self._wake.set()
+        return True
+
+    def _flushed_up_to(self, target: int) -> bool:
+        if self._pending:
+            return False
+        for queue in self._queues:
+            try:
+                if queue[0][0] < target:
+                    return False
+            except IndexError:
+                continue
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush within ``timeout``, stop the thread, and count what could not be written."""
+        if self._closing:
+            return
+        self._closing = True
+        self.flush(timeout)
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
+        leftover = len(self._pending) + sum(len(q) for q in self._queues)
+        if leftover:
+            with self._drop_lock:
+                self._dropped["log_unavailable"] += leftover
+            _log.error("telemetry events lost at shutdown: the log stayed unwritable",
+                       events=leftover, worker=self.worker)
+
+    def stats(self) -> EmitterStats:
+        """Counts so far, for the telemetry-health exports."""
+        with self._drop_lock:
+            dropped = dict(self._dropped)
+        return EmitterStats(
+            emitted=self._emitted,
+            appended=self._appended,
+            queued=sum(len(q) for q in self._queues),
+            in_flight=len(self._pending),
+            dropped=dropped,
+            errors=dict(self._errors),
+        )
+
+    def __enter__(self) -> Emitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the background thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self._backoff_min
+        while True:
+            self._wake.wait(self._flush_interval)
+            self._wake.clear()
+            if not self._pending:
+                self._pending = self._drain()
+                self._add_drop_report()
+            if self._pending:
+                if self._write_pending():
+                    backoff = self._backoff_min
+                else:
+                    self._notify_done()
+                    if self._closed:
+                        return
+                    self._wake.wait(backoff)
+                    backoff = min(backoff * 2, self._backoff_max)
+                    continue
+            self._notify_done()
+            if self._closed and not any(self._queues):
+                return
+
+    def _drain(self) -> list[_Stamped]:
+        """Take everything queued, merged back into emission order, with seq assigned."""
+        items: list[_Stamped] = []
+        for queue in self._queues:
+            for _ in range(len(queue)):
+                items.append(queue.popleft())
+        items.sort(key=_stamp_of)
+        next_seq = self._next_seq
+        for _, event in items:
+            stream = event.job
+            if event.seq == UNSEQUENCED:
+                force_setattr(event, "seq", next_seq.get(stream, 0))
+            next_seq[stream] = event.seq + 1
+            if event.worker is None:
+                force_setattr(event, "worker", self.worker)
+            if isinstance(event, TERMINAL_TYPES):
+                del next_seq[stream]
+        return items
+
+    def _add_drop_report(self) -> None:
+        """Append an ``EventsDropped`` with the cumulative counts whenever they changed."""
+        with self._drop_lock:
+            if self._dropped == self._reported_drops:
+                return
+            counts = dict(self._dropped)
+        self._reported_drops = counts
+        stream = stream_of_worker(self.worker)
+        seq = self._next_seq.get(stream, 0)
+        self._next_seq[stream] = seq + 1
+        report = EventsDropped(job=stream, seq=seq, ts=self._clock_ns(), worker=self.worker,
+                               counts=counts)
+        self._pending.append((-1, report))
+
+    def _write_pending(self) -> bool:
+        """Append the pending events; on failure keep them for a retry and report once."""
+        pending = self._pending
+        try:
+            for start in range(0, len(pending), self._max_batch):
+                chunk = pending[start : start + self._max_batch]
+                self.log.append([event for _, event in chunk])
+                self._appended += len(chunk)
+                self._pending = pending[start + len(chunk) :]
+        except Exception as exc:
+            kind = _error_kind(exc)
+            self._errors[kind] += 1
+            if self._errors[kind] == 1:
+                _log.error("telemetry log append failed; events kept for retry",
+                           error=kind, detail=str(exc), worker=self.worker)
+            return False
+        self._pending = []
+        return True
+
+    def _notify_done(self) -> None:
+        with self._done:
+            self._done.notify_all()
+
+
+def _stamp_of(item: _Stamped) -> int:
+    return item[0]
+
+
+def _error_kind(exc: BaseException) -> str:
+    """A stable label for an error: its errno name where there is one, else its class."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return errno.errorcode.get(cause.errno, str(cause.errno))
+        cause = cause.__cause__
+    return type(exc).__name__
+
+
+def _close_at_exit(emitter: Emitter) -> None:
+    """Flush at interpreter exit without keeping the emitter alive until then."""
+    ref = weakref.ref(emitter)
+
+    def close() -> None:
+        instance = ref()
+        if instance is not None:
+            instance.close(timeout=2.0)
+
+    atexit.register(close)

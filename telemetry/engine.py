@@ -1,0 +1,265 @@
+"""The projection engine (a pure core) and its runner (the thin imperative shell around it).
+
+:class:`ProjectionEngine` folds log items into every projection's state. It de-duplicates by
+``(job, seq)`` — delivery is at-least-once — and isolates failures: a projection that raises on
+an event has the event and error recorded and counted, and the other projections carry on. It
+also keeps the telemetry-health counters that belong to the log rather than to any job (events by
+type, duplicates, quarantined records, projection errors). It does no I/O.
+
+:class:`ProjectionRunner` is the shell: it restores the engine from a checkpoint (position +
+snapshot, written atomically), reads the log from there, follows it live, and checkpoints again,
+so a restart resumes without double counting.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import structlog
+
+from telemetry.events import Event
+from telemetry.log.base import Batch, EventLog, Position, Quarantined, ReadItem
+from telemetry.projections.base import Projection
+
+_log = structlog.get_logger("wantel.engine")
+
+MAX_RECORDED_FAILURES: Final = 100
+
+
+class ProjectionFailure(msgspec.Struct, kw_only=True):
+    """A projection raised on an event; recorded so it can be inspected and exported."""
+
+    projection: str
+    position: int
+    event_type: str
+    job: str
+    seq: int
+    error: str
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """Telemetry health that only the engine can see."""
+
+    events_by_type: dict[str, int] = {}
+    duplicates: int = 0
+    quarantined_records: int = 0
+    quarantined_regions: int = 0
+    projection_errors: dict[str, int] = {}
+    recent_failures: list[ProjectionFailure] = []
+    last_event_ts: int | None = None
+
+
+class _Snapshot(msgspec.Struct, kw_only=True):
+    """What a checkpoint holds; ``states`` are each projection's msgpack bytes."""
+
+    fingerprint: str
+    position: int
+    last_seq: dict[str, int]
+    health: Health
+    states: dict[str, bytes]
+
+
+class ProjectionEngine:
+    """Applies log items to a set of projections; deterministic and free of I/O."""
+
+    def __init__(self, projections: Sequence[Projection[Any]]) -> None:
+        names = [p.name for p in projections]
+        if len(set(names)) != len(names):
+            raise ValueError(f"projection names must be unique, got {names}")
+        self.projections = tuple(projections)
+        self.states: dict[str, Any] = {p.name: p.initial() for p in projections}
+        self.position: Position = 0  # the next position to apply
+        self.last_seq: dict[str, int] = {}
+        self.health = Health()
+
+    @property
+    def fingerprint(self) -> str:
+        """Which projections, at which versions: a checkpoint is only valid for the same set."""
+        return ",".join(f"{p.name}:{p.version}" for p in self.projections)
+
+    def apply_items(self, items: Iterable[ReadItem]) -> int:
+        """Apply everything in ``items``; returns how many events were new."""
+        applied = 0
+        for item in items:
+            if isinstance(item, Batch):
+                applied += self.apply_batch(item)
+            else:
+                self.apply_quarantined(item)
+        return applied
+
+    def apply_batch(self, batch: Batch) -> int:
+        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``."""
+        events = batch.events
+        start = 0
+        if batch.first < self.position:
+            start = self.position - batch.first
+            if start >= len(events):
+                return 0
+        last_seq = self.last_seq
+        counts = self.health.events_by_type
+        folds = [(p.name, p.apply) for p in self.projections]
+        states = self.states
+        applied = 0
+        position = batch.first + start
+        for event in events[start:] if start else events:
+            job, seq = event.job, event.seq
+            if seq <= last_seq.get(job, -1):
+                self.health.duplicates += 1
+                position += 1
+                continue
+            last_seq[job] = seq
+            type_name = type(event).__name__
+            counts[type_name] = counts.get(type_name, 0) + 1
+            for name, fold in folds:
+                try:
+                    states[name] = fold(states[name], event)
+                except Exception as exc:
+                    self._record_failure(name, position, event, exc)
+            position += 1
+            applied += 1
+        if events:
+            self.health.last_event_ts = max(self.health.last_event_ts or 0, events[-1].ts)
+        self.position = max(self.position, batch.next)
+        return applied
+
+    def apply_quarantined(self, notice: Quarantined) -> None:
+        """Count damaged records the log skipped and move past them."""
+        if notice.next <= self.position:
+            return
+        self.health.quarantined_regions += 1
+        self.health.quarantined_records += notice.count or 1
+        self.position = notice.next
+
+    def _record_failure(self, name: str, position: int, event: Event, exc: Exception) -> None:
+        errors = self.health.projection_errors
+        errors[name] = errors.get(name, 0) + 1
+        failures = self.health.recent_failures
+        failures.append(ProjectionFailure(
+            projection=name, position=position, event_type=type(event).__name__,
+            job=event.job, seq=event.seq, error=f"{type(exc).__name__}: {exc}",
+        ))
+        del failures[:-MAX_RECORDED_FAILURES]
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The engine's whole state as bytes; equal logs give equal bytes."""
+        encode = msgspec.msgpack.encode
+        return encode(_Snapshot(
+            fingerprint=self.fingerprint,
+            position=self.position,
+            last_seq=self.last_seq,
+            health=self.health,
+            states={p.name: encode(self.states[p.name]) for p in self.projections},
+        ))
+
+    def restore(self, data: bytes) -> bool:
+        """Load a snapshot; returns False (and changes nothing) if it is for other projections."""
+        try:
+            snap = msgspec.msgpack.decode(data, type=_Snapshot)
+            if snap.fingerprint != self.fingerprint:
+                return False
+            states = {
+                p.name: msgspec.msgpack.decode(snap.states[p.name], type=p.state_type)
+                for p in self.projections
+            }
+        except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
+            return False
+        self.states, self.position = states, snap.position
+        self.last_seq, self.health = snap.last_seq, snap.health
+        return True
+
+
+class CheckpointStore:
+    """One engine's checkpoint file, replaced atomically (write, fsync, rename, fsync dir)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> bytes | None:
+        """The last checkpoint written, or ``None``."""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def save(self, data: bytes) -> None:
+        """Replace the checkpoint; a crash leaves either the old one or the new one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ProjectionRunner:
+    """Keeps an engine up to date with a log: restore, catch up, follow, checkpoint."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        engine: ProjectionEngine,
+        checkpoints: CheckpointStore | None = None,
+        *,
+        checkpoint_interval: float = 5.0,
+    ) -> None:
+        self.log = log
+        self.engine = engine
+        self.checkpoints = checkpoints
+        self.checkpoint_interval = checkpoint_interval
+        #: Held while the engine changes; readers of ``engine.states`` take it too.
+        self.lock = threading.RLock()
+        self._checkpointed_at = self.engine.position
+        self._last_checkpoint_time = time.monotonic()
+        if checkpoints is not None:
+            data = checkpoints.load()
+            if data is not None and not engine.restore(data):
+                _log.warning("checkpoint is for other projections; replaying from the start",
+                             checkpoint=str(checkpoints.path))
+            self._checkpointed_at = engine.position
+
+    def catch_up(self) -> int:
+        """Apply everything stored now; checkpoint; return how many events were new."""
+        applied = 0
+        for item in self.log.read(self.engine.position):
+            with self.lock:
+                applied += self.engine.apply_items((item,))
+        self.checkpoint()
+        return applied
+
+    def follow(self, stop: threading.Event, *, poll_interval: float = 0.01) -> None:
+        """Apply new events as they arrive until ``stop`` is set, checkpointing periodically."""
+        for item in self.log.follow(self.engine.position, stop=stop, poll_interval=poll_interval):
+            with self.lock:
+                self.engine.apply_items((item,))
+            if time.monotonic() - self._last_checkpoint_time >= self.checkpoint_interval:
+                self.checkpoint()
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint if anything changed since the last one."""
+        if self.checkpoints is None or self.engine.position == self._checkpointed_at:
+            return
+        with self.lock:
+            data, position = self.engine.snapshot(), self.engine.position
+        self._last_checkpoint_time = time.monotonic()
+        try:
+            self.checkpoints.save(data)
+        except OSError as exc:  # a read-only or full disk must not stop the projections
+            _log.warning("cannot write checkpoint", path=str(self.checkpoints.path),
+                         error=exc.strerror or str(exc))
+            return
+        self._checkpointed_at = position

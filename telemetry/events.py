@@ -1,0 +1,289 @@
+"""The event catalogue: immutable, typed, versioned records of what happened during inference.
+
+Every derived view in wantel is a fold over these records, so they are the contract between the
+emitting side (``inference/``) and everything else. They are msgspec ``Struct``s in one tagged
+union: encoding and schema-checked decoding cost a fraction of a microsecond each, which keeps
+the emitter off the model's critical path and replay above a million events per second.
+
+Common fields, present on every event:
+
+``type``
+    the tag (the class name), written by msgspec.
+``v``
+    the schema version of that type; old versions are upcast on read (see :mod:`telemetry.codec`).
+``job``
+    the stream the event belongs to: a job id, or ``worker/<name>`` for a worker's own events.
+``seq``
+    per-stream sequence number from 0, gap-free. The emitter assigns it when the event is left at
+    :data:`UNSEQUENCED`, so drops under overload never leave holes. ``(job, seq)`` is the
+    de-duplication key of every backend and projection.
+``ts``
+    wall clock at the moment the event describes, in nanoseconds since the epoch.
+``worker``
+    the emitting worker, where known.
+
+The prompt is never an event field: ``JobStarted`` carries its SHA-256 only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Final, Literal
+
+import msgspec
+
+#: Placeholder ``seq`` for events whose sequence number the emitter assigns at flush time.
+UNSEQUENCED: Final = -1
+
+Stage = Literal[
+    "load",
+    "text_encode",
+    "image_encode",
+    "latent_init",
+    "denoise",
+    "decode",
+    "postprocess",
+    "save",
+]
+STAGES: Final[tuple[str, ...]] = (
+    "load",
+    "text_encode",
+    "image_encode",
+    "latent_init",
+    "denoise",
+    "decode",
+    "postprocess",
+    "save",
+)
+
+Expert = Literal["high_noise", "low_noise"]
+Task = Literal["t2v", "i2v", "ti2v"]
+
+OptionValue = str | int | float | bool | None
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Fields every event carries. Subclasses set ``v`` to their current schema version."""
+
+    VERSION: ClassVar[int] = 1
+
+    v: int = 1
+    job: str
+    seq: int = UNSEQUENCED
+    ts: int
+    worker: str | None = None
+
+
+class DeviceInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Which device ran a job: ``kind`` is ``cuda``, ``cpu`` or ``mps``."""
+
+    kind: str
+    name: str
+    total_memory_bytes: int | None = None
+    index: int | None = None
+
+
+class JobQueued(Event, frozen=True, kw_only=True):
+    """A service accepted a request; lets projections measure queue wait apart from execution."""
+
+    model: str
+    task: Task
+    request: dict[str, OptionValue] = {}
+    traceparent: str | None = None
+
+
+class JobStarted(Event, frozen=True, kw_only=True):
+    """Execution began: the request and the device, enough to predict how long it will take."""
+
+    model: str
+    family: str
+    variant: str
+    task: Task
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    guidance_scale: float
+    guidance_scale_2: float | None = None
+    cfg: bool
+    boundary_ratio: float | None = None
+    seed: int | None = None
+    device: DeviceInfo
+    options: dict[str, OptionValue] = {}
+    prompt_sha256: str | None = None
+    traceparent: str | None = None
+
+
+class StageStarted(Event, frozen=True, kw_only=True):
+    """A stage of the pipeline began."""
+
+    stage: Stage
+
+
+class StageEnded(Event, frozen=True, kw_only=True):
+    """A stage ended; ``duration_s`` is measured on the device where one is used."""
+
+    stage: Stage
+    duration_s: float
+    ok: bool = True
+
+
+class StepEnded(Event, frozen=True, kw_only=True):
+    """One denoising step finished.
+
+    v2 (current): ``passes`` replaced v1's ``cfg_passes``, and ``sigma`` and ``expert`` were added
+    (v1 records are upcast with both unknown).
+    """
+
+    VERSION: ClassVar[int] = 2
+
+    v: int = 2
+    step: int
+    total_steps: int
+    timestep: float
+    sigma: float | None = None
+    expert: Expert | None = None
+    passes: int = 1
+    duration_s: float | None = None
+
+
+class ExpertSwitched(Event, frozen=True, kw_only=True):
+    """Wan 2.2 A14B handed the remaining steps from one expert transformer to the other."""
+
+    step: int
+    from_expert: Expert
+    to_expert: Expert
+
+
+class MemorySampled(Event, frozen=True, kw_only=True):
+    """Memory readings; ``None`` where the source does not exist (no CUDA, no NVML)."""
+
+    device: str
+    stage: Stage | None = None
+    step: int | None = None
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    device_used_bytes: int | None = None
+    device_total_bytes: int | None = None
+    process_device_bytes: int | None = None
+    host_rss_bytes: int | None = None
+
+
+class GpuSampled(Event, frozen=True, kw_only=True):
+    """NVML readings of one device; only emitted where NVML is present."""
+
+    device: str
+    utilization_ratio: float | None = None
+    temperature_celsius: float | None = None
+    power_watts: float | None = None
+    throttle_reasons: tuple[str, ...] = ()
+
+
+class JobCompleted(Event, frozen=True, kw_only=True):
+    """The job produced its output."""
+
+    duration_s: float
+    output_path: str | None = None
+    frames: int | None = None
+    bytes: int | None = None
+
+
+class JobFailed(Event, frozen=True, kw_only=True):
+    """The job raised; the message is sanitised (no prompt, bounded length)."""
+
+    duration_s: float
+    stage: Stage | None = None
+    step: int | None = None
+    error_type: str
+    message: str
+    oom: bool = False
+
+
+class JobCancelled(Event, frozen=True, kw_only=True):
+    """The job was interrupted on request, at a step boundary."""
+
+    duration_s: float
+    stage: Stage | None = None
+    step: int | None = None
+    reason: str = "cancelled"
+
+
+class WorkerHeartbeat(Event, frozen=True, kw_only=True):
+    """A worker is alive; lets projections mark the jobs of a silent worker abandoned."""
+
+    host: str
+    pid: int
+    devices: tuple[str, ...] = ()
+
+
+class EventsDropped(Event, frozen=True, kw_only=True):
+    """The emitter dropped events; ``counts`` are cumulative per reason since it started."""
+
+    counts: dict[str, int]
+
+
+AnyEvent = (
+    JobQueued
+    | JobStarted
+    | StageStarted
+    | StageEnded
+    | StepEnded
+    | ExpertSwitched
+    | MemorySampled
+    | GpuSampled
+    | JobCompleted
+    | JobFailed
+    | JobCancelled
+    | WorkerHeartbeat
+    | EventsDropped
+)
+
+EVENT_TYPES: Final[tuple[type[Event], ...]] = (
+    JobQueued,
+    JobStarted,
+    StageStarted,
+    StageEnded,
+    StepEnded,
+    ExpertSwitched,
+    MemorySampled,
+    GpuSampled,
+    JobCompleted,
+    JobFailed,
+    JobCancelled,
+    WorkerHeartbeat,
+    EventsDropped,
+)
+EVENT_TYPES_BY_NAME: Final[dict[str, type[Event]]] = {cls.__name__: cls for cls in EVENT_TYPES}
+
+TERMINAL_TYPES: Final[tuple[type[Event], ...]] = (JobCompleted, JobFailed, JobCancelled)
+
+
+class Priority:
+    """What to drop first when the emitter's queue is full: samples, then steps, then the rest."""
+
+    SAMPLE: Final = 0
+    STEP: Final = 1
+    LIFECYCLE: Final = 2
+    NAMES: Final = ("sample", "step", "lifecycle")
+
+
+PRIORITY: Final[dict[type[Event], int]] = {
+    cls: Priority.LIFECYCLE for cls in EVENT_TYPES
+} | {
+    MemorySampled: Priority.SAMPLE,
+    GpuSampled: Priority.SAMPLE,
+    WorkerHeartbeat: Priority.SAMPLE,
+    StepEnded: Priority.STEP,
+}
+
+
+def stream_of_worker(worker: str) -> str:
+    """The ``job`` field used for a worker's own events (heartbeats, drop counts)."""
+    return f"worker/{worker}"
+
+
+def to_builtins(event: Event) -> dict[str, Any]:
+    """The event as plain JSON-ready builtins, with its ``type`` tag."""
+    result: dict[str, Any] = msgspec.to_builtins(event)
+    return result

@@ -1,0 +1,125 @@
+"""The event log's one narrow interface, which every backend implements.
+
+A log is a totally ordered sequence of events. Positions are opaque, ordered integers: callers
+keep the ones they were given and pass them back, never compute them. Appends take a batch and
+return the positions they were given. Reads yield :class:`Batch` runs of consecutive positions,
+and :class:`Quarantined` notices for stored records that could not be decoded (counted and
+reported, never fatal, never silently dropped). Delivery is at-least-once: projections
+de-duplicate by ``(job, seq)``, which is also the key a backend may use to drop retried appends.
+
+The contract is pinned by ``tests/telemetry/log_contract.py``, run against every backend.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from telemetry.events import Event
+
+Position = int
+
+
+class LogError(Exception):
+    """A log could not be opened, read or written."""
+
+
+class LogNotFound(LogError):
+    """There is no log where one was asked for."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events at consecutive positions ``first``, ``first + 1``, …"""
+
+    first: Position
+    events: list[Event]
+
+    @property
+    def next(self) -> Position:
+        """The position after this batch's last event."""
+        return self.first + len(self.events)
+
+    def positioned(self) -> Iterator[tuple[Position, Event]]:
+        """Each event with its position."""
+        return zip(range(self.first, self.next), self.events, strict=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """Stored records that were skipped because they are damaged or undecodable.
+
+    ``first``/``count`` are the positions lost where they are known (a damaged header may hide
+    how many records it held); ``next`` is where reading resumed.
+    """
+
+    first: Position | None
+    count: int | None
+    next: Position
+    where: str
+    reason: str
+
+
+ReadItem = Batch | Quarantined
+
+
+class EventLog(ABC):
+    """Append a batch, read from a position, follow live, ask for the last position, close."""
+
+    @abstractmethod
+    def append(self, events: Sequence[Event]) -> range:
+        """Store ``events`` atomically, in order, and return their positions.
+
+        When this returns, the batch is as durable as the backend's policy promises.
+        """
+
+    @abstractmethod
+    def read(self, start: Position = 0) -> Iterator[ReadItem]:
+        """Everything stored at or after ``start`` at the time of the call, in order."""
+
+    @abstractmethod
+    def last_position(self) -> Position | None:
+        """The position of the last stored event, or ``None`` if the log is empty."""
+
+    def follow(
+        self,
+        start: Position = 0,
+        *,
+        idle_timeout: float | None = None,
+        stop: threading.Event | None = None,
+        poll_interval: float = 0.01,
+    ) -> Iterator[ReadItem]:
+        """Read from ``start``, then keep yielding new events as they are appended.
+
+        Ends when ``stop`` is set, or when nothing new has arrived for ``idle_timeout`` seconds.
+        Backends with a push feed override this; the default polls ``read``.
+        """
+        position = start
+        idle_since = time.monotonic()
+        while stop is None or not stop.is_set():
+            got_any = False
+            for item in self.read(position):
+                position = item.next
+                got_any = True
+                yield item
+            now = time.monotonic()
+            if got_any:
+                idle_since = now
+            elif idle_timeout is not None and now - idle_since >= idle_timeout:
+                return
+            elif stop is not None:
+                stop.wait(poll_interval)
+            else:
+                time.sleep(poll_interval)
+
+    def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
+        """Release files and connections; the log may not be used afterwards."""
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

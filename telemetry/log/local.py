@@ -1,0 +1,534 @@
+"""The local backend: a directory of append-only, checksummed segment files.
+
+Layout of a log directory::
+
+    wantel-log.json                  format marker and the segment size every writer must use
+    LOCK                             flock(2) target that serialises appends across processes
+    00000000000000000000.wlog        segments, named by the position of their first record
+    00000000000000131072.wlog
+    checkpoints/                     projection checkpoints (see telemetry.engine)
+
+Writers. Each append encodes its records outside any lock, then takes an exclusive ``flock`` on
+``LOCK``, looks at the active segment's size, validates whatever other processes appended since
+it last looked (truncating a frame torn by a writer that died mid-write), writes one frame with a
+single ``write()`` and, under the default ``always`` policy, ``fdatasync``\\ s before releasing
+the lock. So several processes can share one log with no interleaved bytes, an acknowledged
+batch survives a crash, and positions stay totally ordered. A segment whose size has reached
+``segment_bytes`` is closed: the next writer to see that starts a new one, so no process can
+append to a segment another has rotated away from.
+
+Readers take no lock. They only ever advance past a frame whose header and body check out, wait
+at a frame cut short at the end of the newest segment (a writer may still be writing it), and
+quarantine — counting and reporting, never raising — damage anywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Generator, Iterator, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from telemetry.codec import (
+    SCHEMA_FINGERPRINT,
+    MalformedRecord,
+    decode_current_batch,
+    decode_one,
+    encode_many,
+)
+from telemetry.events import Event
+from telemetry.log import framing
+from telemetry.log.base import (
+    Batch,
+    EventLog,
+    LogError,
+    LogNotFound,
+    Position,
+    Quarantined,
+    ReadItem,
+)
+
+SEGMENT_SUFFIX: Final = ".wlog"
+META_FILE: Final = "wantel-log.json"
+LOCK_FILE: Final = "LOCK"
+CHECKPOINT_DIR: Final = "checkpoints"
+KNOWN_NAMES: Final = frozenset({META_FILE, LOCK_FILE, CHECKPOINT_DIR})
+DEFAULT_SEGMENT_BYTES: Final = 64 << 20
+READ_CHUNK: Final = 1 << 20
+FORMAT_VERSION: Final = 1
+
+_log = structlog.get_logger("wantel.log")
+
+
+class FsyncPolicy(StrEnum):
+    """When appends reach the disk.
+
+    ``always`` (default): every append is on disk before it returns — an acknowledged batch is
+    durable; the emitter batches events, so one fsync covers many (group commit).
+    ``batch``: at most one fsync per ``batch_interval`` seconds and at close; a crash can lose
+    that window. ``never``: left to the operating system.
+    """
+
+    ALWAYS = "always"
+    BATCH = "batch"
+    NEVER = "never"
+
+
+def segment_name(base: Position) -> str:
+    """The file name of the segment whose first record is at ``base``."""
+    return f"{base:020d}{SEGMENT_SUFFIX}"
+
+
+class LocalLog(EventLog):
+    """An :class:`EventLog` in a local directory; safe for many processes and threads."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        batch_interval: float = 0.1,
+    ) -> None:
+        self.path = Path(path)
+        self.fsync = FsyncPolicy(fsync)
+        self._batch_interval = batch_interval
+        self._warned: set[str] = set()
+        if create:
+            self._create(segment_bytes)
+        self.segment_bytes = self._read_meta()
+        self._thread_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._wfd: int | None = None
+        self._wbase: Position = 0
+        self._wend = 0  # validated end of the active segment
+        self._wnext: Position = 0  # position the next record will get
+        self._last_fsync = time.monotonic()
+        self._closed = False
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _create(self, segment_bytes: int) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if (self.path / META_FILE).exists():
+                return
+            tmp = self.path / f".{META_FILE}.{os.getpid()}.tmp"
+            meta = {"format": "wantel-log", "version": FORMAT_VERSION,
+                    "segment_bytes": segment_bytes}
+            tmp.write_text(json.dumps(meta) + "\n")
+            # link() fails if another process created the file first; theirs wins.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, self.path / META_FILE)
+            tmp.unlink()
+            _fsync_dir(self.path)
+        except OSError as exc:
+            raise LogError(f"cannot create a log at {self.path}: {exc.strerror or exc}") from exc
+
+    def _read_meta(self) -> int:
+        meta_path = self.path / META_FILE
+        if not self.path.is_dir():
+            raise LogNotFound(f"no event log at {self.path} (directory does not exist)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise LogNotFound(
+                f"no event log at {self.path} (no {META_FILE}: not a wantel log directory)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise LogError(f"cannot read {meta_path}: {exc}") from exc
+        if meta.get("format") != "wantel-log" or meta.get("version") != FORMAT_VERSION:
+            raise LogError(f"{meta_path} describes an unsupported log format: {meta}")
+        return int(meta["segment_bytes"])
+
+    def segments(self) -> list[tuple[Position, Path]]:
+        """Segment files in position order; unknown files are ignored with one warning each."""
+        try:
+            names = os.listdir(self.path)
+        except OSError as exc:
+            raise LogError(f"cannot list {self.path}: {exc.strerror or exc}") from exc
+        found = []
+        for name in names:
+            if name.endswith(SEGMENT_SUFFIX) and name[: -len(SEGMENT_SUFFIX)].isdigit():
+                found.append((int(name[: -len(SEGMENT_SUFFIX)]), self.path / name))
+            elif name not in KNOWN_NAMES and not name.startswith("."):
+                self._warn_once(name)
+        found.sort()
+        return found
+
+    def _warn_once(self, name: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            _log.warning("ignoring unknown file in log directory", log=str(self.path), file=name)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def append(self, events: Sequence[Event]) -> range:
+        """Write ``events`` as one frame; see the module docstring for the protocol."""
+        if self._closed:
+            raise LogError("append to a closed log")
+        records = encode_many(events)
+        body = framing.encode_body(records) if records else b""
+        with self._thread_lock, self._exclusive():
+            self._sync_writer()
+            first = self._wnext
+            if not records:
+                return range(first, first)
+            assert self._wfd is not None
+            frame = framing.encode_header(body, len(records), first, SCHEMA_FINGERPRINT) + body
+            try:
+                _write_all(self._wfd, frame)
+                self._fsync_after_write()
+            except OSError as exc:
+                self._undo_partial_write()
+                raise LogError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
+            self._wend += len(frame)
+            self._wnext += len(records)
+        return range(first, first + len(records))
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise LogError(f"cannot open {self.path / LOCK_FILE}: {exc.strerror}") from exc
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _sync_writer(self) -> None:
+        """Bring this writer's view of the active segment up to date (under the lock)."""
+        if self._wfd is None:
+            segments = self.segments()
+            if segments:
+                self._open_segment(*segments[-1])
+            else:
+                self._new_segment(0)
+        assert self._wfd is not None
+        size = os.fstat(self._wfd).st_size
+        if size != self._wend:
+            self._validate_tail(size)
+        while self._wend >= self.segment_bytes:
+            latest_base, latest_path = self.segments()[-1]
+            if latest_base == self._wbase:
+                self._new_segment(self._wnext)
+            else:
+                self._open_segment(latest_base, latest_path)
+                self._validate_tail(os.fstat(self._wfd).st_size)
+
+    def _open_segment(self, base: Position, path: Path) -> None:
+        self._close_writer_fd()
+        try:
+            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND)
+        except OSError as exc:
+            raise LogError(f"cannot open {path}: {exc.strerror}") from exc
+        self._wbase, self._wend, self._wnext = base, 0, base
+
+    def _new_segment(self, base: Position) -> None:
+        self._close_writer_fd()
+        path = self.path / segment_name(base)
+        try:
+            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            _fsync_dir(self.path)
+        except OSError as exc:
+            raise LogError(f"cannot create {path}: {exc.strerror}") from exc
+        self._wbase, self._wend, self._wnext = base, 0, base
+
+    def _validate_tail(self, size: int) -> None:
+        """Walk frames from the validated end to ``size``; truncate a torn last frame."""
+        assert self._wfd is not None
+        offset = self._wend
+        while offset < size:
+            header = framing.parse_header(os.pread(self._wfd, framing.HEADER_SIZE, offset))
+            if header is not None and offset + header.frame_len <= size:
+                self._wnext = max(self._wnext, header.end_position)
+                offset += header.frame_len
+                continue
+            rest = os.pread(self._wfd, size - offset, offset)
+            resume = framing.find_next_header(rest, 1)
+            if resume == -1:
+                _log.warning("truncating torn tail", segment=str(self._wbase),
+                             offset=offset, bytes=size - offset)
+                os.ftruncate(self._wfd, offset)
+                os.fsync(self._wfd)
+                size = offset
+                break
+            offset += resume  # damage in the middle: readers quarantine it
+        self._wend = size
+
+    def _fsync_after_write(self) -> None:
+        assert self._wfd is not None
+        if self.fsync is FsyncPolicy.ALWAYS:
+            os.fdatasync(self._wfd)
+        elif self.fsync is FsyncPolicy.BATCH:
+            now = time.monotonic()
+            if now - self._last_fsync >= self._batch_interval:
+                os.fdatasync(self._wfd)
+                self._last_fsync = now
+
+    def _undo_partial_write(self) -> None:
+        """After a failed write, cut the segment back so no torn frame stays behind."""
+        if self._wfd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._wfd, self._wend)
+
+    def _close_writer_fd(self) -> None:
+        if self._wfd is not None:
+            with contextlib.suppress(OSError):
+                if self.fsync is not FsyncPolicy.NEVER:
+                    os.fdatasync(self._wfd)
+                os.close(self._wfd)
+            self._wfd = None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(self, start: Position = 0) -> Iterator[ReadItem]:
+        """Everything stored at or after ``start`` now, in order, with damage quarantined."""
+        cursor = _Cursor(self, start)
+        yield from cursor.poll()
+
+    def follow(
+        self,
+        start: Position = 0,
+        *,
+        idle_timeout: float | None = None,
+        stop: threading.Event | None = None,
+        poll_interval: float = 0.01,
+    ) -> Iterator[ReadItem]:
+        """Like :meth:`read`, then new appends from any process, polled every ``poll_interval``."""
+        cursor = _Cursor(self, start)
+        idle_since = time.monotonic()
+        while stop is None or not stop.is_set():
+            got_any = False
+            for item in cursor.poll():
+                got_any = True
+                yield item
+            now = time.monotonic()
+            if got_any:
+                idle_since = now
+            elif idle_timeout is not None and now - idle_since >= idle_timeout:
+                return
+            elif stop is not None:
+                stop.wait(poll_interval)
+            else:
+                time.sleep(poll_interval)
+
+    def last_position(self) -> Position | None:
+        """The last stored position: the end of the newest segment's last complete frame."""
+        cursor = _Cursor(self, 0, from_newest_segment=True)
+        for _ in cursor.poll(decode=False):
+            pass
+        cursor.close()
+        return cursor.next - 1 if cursor.next > 0 else None
+
+    def close(self) -> None:
+        """Flush (per the fsync policy) and release file descriptors."""
+        with self._thread_lock:
+            self._closed = True
+            self._close_writer_fd()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+
+class _Cursor:
+    """A reader's place in the log: segment, byte offset and next position."""
+
+    def __init__(self, log: LocalLog, start: Position, *, from_newest_segment: bool = False):
+        self.log = log
+        self.skip_before = start
+        self.base: Position | None = None
+        self.fd: int | None = None
+        self.offset = 0
+        self.next: Position = start
+        self.buf = b""
+        self.buf_offset = 0
+        self._from_newest = from_newest_segment
+
+    def _open_first_segment(self) -> bool:
+        segments = self.log.segments()
+        if not segments:
+            return False
+        if self._from_newest:
+            base, path = segments[-1]
+        else:
+            candidates = [s for s in segments if s[0] <= self.skip_before] or segments[:1]
+            base, path = candidates[-1]
+        self._open(base, path)
+        return True
+
+    def _open(self, base: Position, path: Path) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise LogError(f"cannot read {path}: {exc.strerror}") from exc
+        self.base, self.offset, self.buf, self.buf_offset = base, 0, b"", 0
+        self.next = max(self.next, base)
+
+    def _next_segment(self) -> tuple[Position, Path] | None:
+        for base, path in self.log.segments():
+            if self.base is not None and base > self.base:
+                return base, path
+        return None
+
+    def _bytes(self, offset: int, length: int) -> memoryview:
+        """``length`` bytes from ``offset`` (fewer at end of file), served from a 1 MiB buffer."""
+        end = offset + length
+        if not (self.buf_offset <= offset and end <= self.buf_offset + len(self.buf)):
+            assert self.fd is not None
+            self.buf = os.pread(self.fd, max(READ_CHUNK, length), offset)
+            self.buf_offset = offset
+        start = offset - self.buf_offset
+        return memoryview(self.buf)[start : start + length]
+
+    def poll(self, *, decode: bool = True) -> Iterator[ReadItem]:
+        """Yield everything readable now; stop at the end, or at an unfinished frame."""
+        try:
+            yield from self._poll(decode)
+        finally:
+            self.buf = b""  # free the chunk between polls (followers idle most of the time)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _poll(self, decode: bool) -> Iterator[ReadItem]:
+        if self.fd is None and not self._open_first_segment():
+            return
+        while True:
+            head = self._bytes(self.offset, framing.HEADER_SIZE)
+            if len(head) == 0:
+                following = self._next_segment()
+                if following is None:
+                    return
+                self._open(*following)
+                continue
+            header = framing.parse_header(head)
+            if header is None:
+                if not (yield from self._resync("damaged frame header")):
+                    return
+                continue
+            body = self._bytes(self.offset + framing.HEADER_SIZE, header.body_len)
+            if len(body) < header.body_len:
+                if not (yield from self._resync("frame cut short")):
+                    return
+                continue
+            self.offset += header.frame_len
+            if header.end_position <= self.skip_before:
+                self.next = max(self.next, header.end_position)
+                continue
+            yield from self._frame_items(header, body, decode)
+
+    def _resync(self, reason: str) -> Generator[ReadItem, None, bool]:
+        """Skip damage to the next valid frame. Returns False to wait (damage at the live tail)."""
+        assert self.fd is not None
+        size = os.fstat(self.fd).st_size
+        rest = os.pread(self.fd, size - self.offset, self.offset)
+        resume = framing.find_next_header(rest, 1)
+        following = self._next_segment()
+        if resume == -1 and following is None:
+            return False  # the newest segment's tail: a writer may be mid-write, or will truncate
+        where = f"{segment_name(self.base or 0)} offset {self.offset}"
+        if resume == -1:
+            assert following is not None
+            lost_until = following[0]
+            self._open(*following)
+        else:
+            self.offset += resume
+            header = framing.parse_header(self._bytes(self.offset, framing.HEADER_SIZE))
+            assert header is not None
+            lost_until = header.first
+        lost = lost_until - self.next if lost_until > self.next else None
+        notice = Quarantined(self.next if lost else None, lost, max(lost_until, self.next),
+                             where, reason)
+        self.next = notice.next
+        self._quarantine(notice)
+        if notice.next > self.skip_before:
+            yield notice
+        return True
+
+    def _quarantine(self, notice: Quarantined) -> None:
+        _log.warning("quarantined damaged records", where=notice.where, reason=notice.reason,
+                     first=notice.first, count=notice.count)
+
+    def _frame_items(
+        self, header: framing.FrameHeader, body: memoryview, decode: bool
+    ) -> Iterator[ReadItem]:
+        skip = max(0, self.skip_before - header.first)
+        self.next = header.end_position
+        if not decode:  # positions only (last_position)
+            return
+        intact = framing.body_is_intact(header, body)
+        if intact and header.schema == SCHEMA_FINGERPRINT:
+            try:
+                events = decode_current_batch(framing.payload_of(header, body))
+            except MalformedRecord:
+                pass
+            else:
+                yield Batch(header.first + skip, events[skip:] if skip else events)
+                return
+        yield from self._salvage(header, body, skip)
+
+    def _salvage(
+        self, header: framing.FrameHeader, body: memoryview, skip: int
+    ) -> Iterator[ReadItem]:
+        """Decode record by record: upcast old ones, quarantine damaged or invalid ones."""
+        where = f"{segment_name(self.base or 0)} offset {self.offset - header.frame_len}"
+        run_first, run = header.first + skip, []
+        for index, record in enumerate(framing.salvage_records(header, body)):
+            if index < skip:
+                continue
+            position = header.first + index
+            reason = "record checksum mismatch"
+            if record is not None:
+                try:
+                    run.append(decode_one(record))
+                    continue
+                except MalformedRecord as exc:
+                    reason = f"undecodable record: {exc}"
+            if run:
+                yield Batch(run_first, run)
+            notice = Quarantined(position, 1, position + 1, where, reason)
+            self._quarantine(notice)
+            yield notice
+            run_first, run = position + 1, []
+        if run:
+            yield Batch(run_first, run)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.EIO, "write returned 0")
+        view = view[written:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,197 @@
+"""The jobs projection: each job's status, current stage, steps done and stage timeline.
+
+This is the read model behind ``wantel replay``, ``/api/jobs`` and the live page's rows.
+Durations come from the events (measured where they happened), never from a clock here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from telemetry.events import (
+    Event,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobStarted,
+    StageEnded,
+    StageStarted,
+    StepEnded,
+)
+
+TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
+
+
+class StageSpan(msgspec.Struct, kw_only=True):
+    """One stage of one job: when it started and, once ended, how long it took."""
+
+    stage: str
+    start_ts: int
+    end_ts: int | None = None
+    duration_s: float | None = None
+    ok: bool | None = None
+
+
+class JobView(msgspec.Struct, kw_only=True):
+    """Everything the jobs projection knows about one job."""
+
+    job: str
+    status: str = "queued"
+    model: str | None = None
+    family: str | None = None
+    variant: str | None = None
+    task: str | None = None
+    worker: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    total_steps: int | None = None
+    steps_done: int = 0
+    step_time_s: float = 0.0
+    cfg: bool | None = None
+    stage: str | None = None
+    stages: list[StageSpan] = []
+    queued_ts: int | None = None
+    started_ts: int | None = None
+    ended_ts: int | None = None
+    duration_s: float | None = None
+    last_ts: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    oom: bool | None = None
+    failed_step: int | None = None
+    output_path: str | None = None
+    traceparent: str | None = None
+
+    @property
+    def steps_per_second(self) -> float | None:
+        """Denoising throughput over the steps seen, from their measured durations."""
+        if self.steps_done == 0 or self.step_time_s <= 0:
+            return None
+        return self.steps_done / self.step_time_s
+
+    def stage_durations(self) -> dict[str, float]:
+        """Seconds per finished stage, summed if a stage ran more than once."""
+        totals: dict[str, float] = {}
+        for span in self.stages:
+            if span.duration_s is not None:
+                totals[span.stage] = totals.get(span.stage, 0.0) + span.duration_s
+        return totals
+
+
+class JobsState(msgspec.Struct, kw_only=True):
+    """All jobs by id, in the order they first appeared."""
+
+    jobs: dict[str, JobView] = {}
+
+
+class JobsProjection:
+    """Fold lifecycle, stage and step events into :class:`JobView`\\ s."""
+
+    name = "jobs"
+    version = 1
+    state_type = JobsState
+
+    def initial(self) -> JobsState:
+        """No jobs yet."""
+        return JobsState()
+
+    def apply(self, state: JobsState, event: Event) -> JobsState:
+        """Update the job the event belongs to; events of worker streams are ignored."""
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            return state
+        view = state.jobs.get(event.job)
+        if view is None:
+            view = state.jobs[event.job] = JobView(job=event.job)
+        view.last_ts = event.ts
+        handler(view, event)
+        return state
+
+
+def _queued(view: JobView, event: Event) -> None:
+    assert isinstance(event, JobQueued)
+    view.queued_ts = event.ts
+    view.model = view.model or event.model
+    view.task = view.task or event.task
+    view.traceparent = view.traceparent or event.traceparent
+
+
+def _started(view: JobView, event: Event) -> None:
+    assert isinstance(event, JobStarted)
+    view.status = "running"
+    view.started_ts = event.ts
+    view.model, view.family, view.variant = event.model, event.family, event.variant
+    view.task, view.worker = event.task, event.worker
+    view.width, view.height, view.num_frames = event.width, event.height, event.num_frames
+    view.total_steps, view.cfg = event.steps, event.cfg
+    view.traceparent = event.traceparent or view.traceparent
+
+
+def _stage_started(view: JobView, event: Event) -> None:
+    assert isinstance(event, StageStarted)
+    view.stage = event.stage
+    view.stages.append(StageSpan(stage=event.stage, start_ts=event.ts))
+
+
+def _stage_ended(view: JobView, event: Event) -> None:
+    assert isinstance(event, StageEnded)
+    for span in reversed(view.stages):
+        if span.stage == event.stage and span.end_ts is None:
+            break
+    else:  # the start was lost (dropped or before a damaged record): reconstruct it
+        start = event.ts - int(event.duration_s * 1e9)
+        span = StageSpan(stage=event.stage, start_ts=start)
+        view.stages.append(span)
+    span.end_ts, span.duration_s, span.ok = event.ts, event.duration_s, event.ok
+    if view.stage == event.stage:
+        view.stage = None
+
+
+def _step(view: JobView, event: Event) -> None:
+    assert isinstance(event, StepEnded)
+    view.steps_done = max(view.steps_done, event.step + 1)
+    view.total_steps = event.total_steps
+    if event.duration_s is not None:
+        view.step_time_s += event.duration_s
+
+
+def _ended(view: JobView, event: Event, status: str, duration_s: float) -> None:
+    view.status = status
+    view.ended_ts = event.ts
+    view.duration_s = duration_s
+    view.stage = None
+
+
+def _completed(view: JobView, event: Event) -> None:
+    assert isinstance(event, JobCompleted)
+    _ended(view, event, "completed", event.duration_s)
+    view.output_path = event.output_path
+
+
+def _failed(view: JobView, event: Event) -> None:
+    assert isinstance(event, JobFailed)
+    _ended(view, event, "failed", event.duration_s)
+    view.error_type, view.error_message, view.oom = event.error_type, event.message, event.oom
+    view.failed_step = event.step
+
+
+def _cancelled(view: JobView, event: Event) -> None:
+    assert isinstance(event, JobCancelled)
+    _ended(view, event, "cancelled", event.duration_s)
+    view.error_message = event.reason
+
+
+_HANDLERS: Final = {
+    JobQueued: _queued,
+    JobStarted: _started,
+    StageStarted: _stage_started,
+    StageEnded: _stage_ended,
+    StepEnded: _step,
+    JobCompleted: _completed,
+    JobFailed: _failed,
+    JobCancelled: _cancelled,
+}

@@ -1,0 +1,142 @@
+"""``wantel cat`` and ``wantel replay``, and the CLI's error contract (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from telemetry.cli import main
+from telemetry.codec import decode_one
+from telemetry.log.local import LocalLog
+
+from .test_engine import a_job
+
+WANTEL = [sys.executable, "-m", "telemetry.cli"]
+
+
+@pytest.fixture(name="log_dir")
+def _log_dir(tmp_path: Path) -> Path:
+    """A log with one completed and one failed job."""
+    path = tmp_path / "log"
+    with LocalLog(path) as log:
+        log.append(a_job("job-a"))
+        log.append(a_job("job-b", fail_at=1))
+    return path
+
+
+class TestCat:
+    def test_prints_every_event_as_json_lines(
+        self, log_dir: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Each line is one stored event, decodable back to the same event."""
+        assert 0 == main(["cat", "--log", str(log_dir)])
+        lines = capsys.readouterr().out.splitlines()
+        assert a_job("job-a") + a_job("job-b", fail_at=1) == [decode_one(x.encode()) for x in lines]
+
+    def test_filters_by_job_and_shows_positions(
+        self, log_dir: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--job keeps one job; --positions wraps each event with its position."""
+        assert 0 == main(["cat", "--log", str(log_dir), "--job", "job-b", "--positions"])
+        rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert {"job-b"} == {r["event"]["job"] for r in rows}
+        assert list(range(len(a_job("job-a")), len(a_job("job-a")) + len(rows))) == [
+            r["pos"] for r in rows
+        ]
+
+    def test_log_from_environment(
+        self, log_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """$WANTEL_LOG names the log when --log is absent."""
+        monkeypatch.setenv("WANTEL_LOG", str(log_dir))
+        assert 0 == main(["cat", "--from", "3"])
+        assert len(a_job("job-a")) + len(a_job("job-b", fail_at=1)) - 3 == len(
+            capsys.readouterr().out.splitlines()
+        )
+
+    def test_follow_prints_appends_from_another_process(self, log_dir: Path) -> None:
+        """`wantel cat --follow` prints events appended while it runs."""
+        proc = subprocess.Popen([*WANTEL, "cat", "--follow", "--job", "job-c", "--log",
+                                 str(log_dir)], stdout=subprocess.PIPE, text=True)
+        try:
+            with LocalLog(log_dir) as log:
+                log.append(a_job("job-c"))
+            lines: list[str] = []
+            reader = threading.Thread(
+                target=lambda: lines.extend(proc.stdout.readline() for _ in range(8)),  # type: ignore[union-attr]
+                daemon=True,
+            )
+            reader.start()
+            reader.join(30)
+            assert len(a_job("job-c")) == len(lines)
+            assert all('"job":"job-c"' in line for line in lines)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+class TestReplay:
+    def test_json_summary(self, log_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--json gives status, steps, steps/s and stage durations per job, and health."""
+        assert 0 == main(["replay", "--json", "--log", str(log_dir)])
+        doc = json.loads(capsys.readouterr().out)
+        by_job = {j["job"]: j for j in doc["jobs"]}
+        assert "completed" == by_job["job-a"]["status"]
+        assert (4, 4.0, {"denoise": 1.0}) == (
+            by_job["job-a"]["steps_done"], by_job["job-a"]["steps_per_second"],
+            by_job["job-a"]["stage_durations"])
+        assert ("failed", "RuntimeError") == (by_job["job-b"]["status"],
+                                              by_job["job-b"]["error_type"])
+        assert 0 == doc["health"]["quarantined_records"]
+
+    def test_table(self, log_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The table has a row per job and a footer with the totals."""
+        assert 0 == main(["replay", "--log", str(log_dir)])
+        out = capsys.readouterr().out
+        assert "job-a" in out and "completed" in out and "job-b" in out and "failed" in out
+        assert "2 job(s) (1 completed, 1 failed)" in out
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["cat", "--log", "/nonexistent/wantel"], "no event log at /nonexistent/wantel"),
+            (["replay", "--log", "/"], "not a wantel log directory"),
+            (["cat", "--bogus"], "unrecognized arguments: --bogus"),
+            (["cat", "--from", "-3", "--log", "/tmp"], "a log position is >= 0"),
+            (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ],
+    )
+    def test_one_line_and_exit_2(self, argv: list[str], message: str) -> None:
+        """User mistakes print one line on stderr and exit 2, with no traceback."""
+        result = subprocess.run([*WANTEL, *argv], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "WANTEL_LOG": ""})
+        assert 2 == result.returncode
+        assert message in result.stderr
+        assert 1 == len(result.stderr.strip().splitlines())
+        assert "Traceback" not in result.stderr
+
+    def test_help_lists_every_command(self) -> None:
+        """`wantel --help` names each command with its purpose."""
+        result = subprocess.run([*WANTEL, "--help"], capture_output=True, text=True, timeout=60)
+        assert 0 == result.returncode
+        for command in ("cat", "replay"):
+            assert command in result.stdout
+
+    def test_closed_pipe_is_not_an_error(self, log_dir: Path) -> None:
+        """`wantel cat | head -1` ends quietly."""
+        for _ in range(50):
+            with LocalLog(log_dir) as log:
+                log.append(a_job(f"bulk-{time.monotonic_ns()}", steps=50))
+        result = subprocess.run(f"{' '.join(WANTEL)} cat --log {log_dir} | head -1",
+                                shell=True, capture_output=True, text=True, timeout=60)
+        assert 1 == len(result.stdout.splitlines())
+        assert "Traceback" not in result.stderr

@@ -1,0 +1,207 @@
+"""The emitter: never blocks, never raises, orders and sequences events, drops by value."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Sequence
+
+from structlog.testing import capture_logs
+
+from telemetry.emitter import Emitter
+from telemetry.events import (
+    DeviceInfo,
+    Event,
+    EventsDropped,
+    JobCompleted,
+    JobStarted,
+    MemorySampled,
+    StageStarted,
+    StepEnded,
+)
+from telemetry.log.base import EventLog
+from telemetry.log.memory import MemoryLog
+
+from .log_contract import events_of
+
+
+def step(job: str, i: int) -> StepEnded:
+    """An unsequenced step event."""
+    return StepEnded(job=job, ts=i, step=i, total_steps=100, timestep=1.0)
+
+
+def sample(job: str, i: int) -> MemorySampled:
+    """An unsequenced memory sample."""
+    return MemorySampled(job=job, ts=i, device="cpu", host_rss_bytes=i)
+
+
+def completed(job: str) -> JobCompleted:
+    """An unsequenced completion."""
+    return JobCompleted(job=job, ts=10**6, duration_s=1.0)
+
+
+class GateLog(MemoryLog):
+    """A log whose appends wait until the test opens the gate (a stuck disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def append(self, events: Sequence[Event]) -> range:
+        self.gate.wait(30)
+        return super().append(events)
+
+
+class FlakyLog(MemoryLog):
+    """A log that fails with ENOSPC until ``healthy`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.healthy = threading.Event()
+
+    def append(self, events: Sequence[Event]) -> range:
+        if not self.healthy.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().append(events)
+
+
+def job_events(log: EventLog, job: str) -> list[Event]:
+    """The events of one job stream, in log order."""
+    return [e for e in events_of(log.read()) if e.job == job]
+
+
+class TestOrderingAndSequencing:
+    def test_events_arrive_in_emission_order_with_gap_free_seq(self) -> None:
+        """Whatever their priority, events keep emission order and get seq 0, 1, 2, …"""
+        log = MemoryLog()
+        with Emitter(log, worker="w1") as emitter:
+            emitter.emit(StageStarted(job="j", ts=0, stage="denoise"))
+            for i in range(5):
+                emitter.emit(step("j", i))
+                emitter.emit(sample("j", i))
+            emitter.emit(completed("j"))
+            assert emitter.flush(10)
+        events = job_events(log, "j")
+        assert list(range(12)) == [e.seq for e in events]
+        assert ["StageStarted"] + ["StepEnded", "MemorySampled"] * 5 + ["JobCompleted"] == [
+            type(e).__name__ for e in events
+        ]
+        assert {"w1"} == {e.worker for e in events}
+
+    def test_streams_are_sequenced_independently(self) -> None:
+        """Each job has its own sequence."""
+        log = MemoryLog()
+        with Emitter(log) as emitter:
+            for i in range(3):
+                emitter.emit(step("a", i))
+                emitter.emit(step("b", i))
+            emitter.flush(10)
+        assert [0, 1, 2] == [e.seq for e in job_events(log, "a")]
+        assert [0, 1, 2] == [e.seq for e in job_events(log, "b")]
+
+    def test_close_flushes_everything(self) -> None:
+        """Events emitted just before close are in the log after it."""
+        log = MemoryLog()
+        emitter = Emitter(log, flush_interval=10.0)
+        for i in range(1000):
+            emitter.emit(step("j", i))
+        emitter.close()
+        assert 1000 == len(job_events(log, "j"))
+
+
+class TestNeverBlocksNeverRaises:
+    def test_emit_returns_while_the_log_is_stuck(self) -> None:
+        """With appends blocked, emit keeps returning; the queue is bounded by dropping."""
+        log = GateLog()
+        emitter = Emitter(log, capacity=100)
+        try:
+            for i in range(10_000):
+                emitter.emit(step("j", i))
+            assert emitter.stats().queued <= 100
+        finally:
+            log.gate.set()
+            emitter.close()
+
+    def test_lowest_value_events_are_dropped_first(self) -> None:
+        """When full, samples go before steps, steps before lifecycle events; all counted."""
+        log = GateLog()
+        emitter = Emitter(log, capacity=10)
+        emitter.emit(step("x", 0))  # taken by the writer thread, which then blocks
+        deadline = time.monotonic() + 10
+        while emitter.stats().queued and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for i in range(6):
+            emitter.emit(sample("j", i))
+        for i in range(4):
+            emitter.emit(step("j", i))
+        emitter.emit(JobStarted(job="k", ts=0, model="m", family="f", variant="v", task="t2v",
+                                width=16, height=16, num_frames=5, steps=4,
+                                guidance_scale=1.0, cfg=False,
+                                device=DeviceInfo(kind="cpu", name="cpu")))
+        for i in range(4, 8):
+            emitter.emit(step("j", i))
+        log.gate.set()
+        emitter.close()
+        stats = emitter.stats()
+        assert {"queue_full_sample": 5} == stats.dropped
+        kept = job_events(log, "j")
+        assert ["MemorySampled"] + ["StepEnded"] * 8 == [type(e).__name__ for e in kept]
+        assert list(range(9)) == [e.seq for e in kept]  # drops leave no holes
+        (report,) = [e for e in events_of(log.read()) if isinstance(e, EventsDropped)]
+        assert {"queue_full_sample": 5} == report.counts
+
+    def test_when_only_lifecycle_events_remain_the_newest_is_dropped(self) -> None:
+        """A queue full of lifecycle events drops the incoming one and counts it."""
+        log = GateLog()
+        emitter = Emitter(log, capacity=3)
+        emitter.emit(step("x", 0))
+        deadline = time.monotonic() + 10
+        while emitter.stats().queued and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for job in "abcd":
+            emitter.emit(completed(job))
+        log.gate.set()
+        emitter.close()
+        assert {"queue_full_lifecycle": 1} == emitter.stats().dropped
+
+    def test_non_events_are_counted_not_raised(self) -> None:
+        """Passing something that is not an event is a counted drop."""
+        with Emitter(MemoryLog()) as emitter:
+            emitter.emit("not an event")  # type: ignore[arg-type]
+            emitter.emit(None)  # type: ignore[arg-type]
+        assert {"not_an_event": 2} == emitter.stats().dropped
+
+    def test_emit_after_close_is_counted(self) -> None:
+        """Late events are counted as dropped, not raised."""
+        emitter = Emitter(MemoryLog())
+        emitter.close()
+        emitter.emit(step("j", 0))
+        assert {"closed": 1} == emitter.stats().dropped
+
+
+class TestFailingLog:
+    def test_failures_are_retried_counted_and_logged_once(self) -> None:
+        """A log that fails, then recovers, receives every event; the error is logged once."""
+        log = FlakyLog()
+        with capture_logs() as logs:
+            emitter = Emitter(log, retry_backoff=(0.001, 0.01))
+            for i in range(50):
+                emitter.emit(step("j", i))
+            deadline = time.monotonic() + 10
+            while emitter.stats().errors.get("ENOSPC", 0) < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            log.healthy.set()
+            assert emitter.flush(10)
+            emitter.close()
+        assert list(range(50)) == [e.seq for e in job_events(log, "j")]
+        assert emitter.stats().errors["ENOSPC"] >= 3
+        assert 1 == len([e for e in logs if e.get("error") == "ENOSPC"])
+
+    def test_close_counts_what_could_not_be_written(self) -> None:
+        """Events still unwritable at close are counted as lost, not raised."""
+        emitter = Emitter(FlakyLog(), retry_backoff=(0.001, 0.01))
+        for i in range(7):
+            emitter.emit(step("j", i))
+        emitter.close(timeout=0.2)
+        assert 7 <= emitter.stats().dropped["log_unavailable"]

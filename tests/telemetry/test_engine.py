@@ -1,0 +1,247 @@
+"""The projection engine and runner: determinism, de-duplication, isolation, checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from telemetry.engine import CheckpointStore, ProjectionEngine, ProjectionRunner
+from telemetry.events import (
+    DeviceInfo,
+    Event,
+    JobCompleted,
+    JobFailed,
+    JobStarted,
+    StageEnded,
+    StageStarted,
+    StepEnded,
+)
+from telemetry.log.base import Batch, Quarantined
+from telemetry.log.local import LocalLog
+from telemetry.log.memory import MemoryLog
+from telemetry.projections.jobs import JobsProjection, JobsState
+
+
+def started(job: str, seq: int = 0, steps: int = 4) -> JobStarted:
+    """A JobStarted of a tiny CPU job."""
+    return JobStarted(job=job, seq=seq, ts=1_000, model="tiny-t2v", family="wan2.1",
+                      variant="tiny-t2v", task="t2v", width=32, height=32, num_frames=9,
+                      steps=steps, guidance_scale=5.0, cfg=True,
+                      device=DeviceInfo(kind="cpu", name="cpu"))
+
+
+def a_job(job: str, steps: int = 4, *, fail_at: int | None = None) -> list[Event]:
+    """A whole job's events with consecutive seqs; it fails at ``fail_at`` if given."""
+    events: list[Event] = [started(job, steps=steps),
+                           StageStarted(job=job, seq=1, ts=2_000, stage="denoise")]
+    for i in range(steps):
+        if fail_at == i:
+            events.append(JobFailed(job=job, seq=len(events), ts=3_000 + i, duration_s=1.0,
+                                    stage="denoise", step=i, error_type="RuntimeError",
+                                    message="boom"))
+            return events
+        events.append(StepEnded(job=job, seq=len(events), ts=3_000 + i, step=i,
+                                total_steps=steps, timestep=float(1000 - i), duration_s=0.25))
+    events.append(StageEnded(job=job, seq=len(events), ts=9_000, stage="denoise",
+                             duration_s=steps * 0.25))
+    events.append(JobCompleted(job=job, seq=len(events), ts=10_000, duration_s=2.5))
+    return events
+
+
+class Exploding:
+    """A projection that raises on every StepEnded, to prove isolation."""
+
+    name = "exploding"
+    version = 1
+    state_type = int
+
+    def initial(self) -> int:
+        return 0
+
+    def apply(self, state: int, event: Event) -> int:
+        if isinstance(event, StepEnded):
+            raise ZeroDivisionError("by design")
+        return state + 1
+
+
+def engine() -> ProjectionEngine:
+    """An engine with the jobs projection."""
+    return ProjectionEngine([JobsProjection()])
+
+
+def jobs(e: ProjectionEngine) -> JobsState:
+    """The jobs projection's state."""
+    state: JobsState = e.states["jobs"]
+    return state
+
+
+@st.composite
+def delivered_logs(draw: st.DrawFn) -> list[Event]:
+    """Interleaved jobs as a log delivers them: at-least-once, so some events repeat."""
+    streams = [
+        a_job(f"job-{k}", draw(st.integers(1, 6)), fail_at=draw(st.none() | st.integers(0, 5)))
+        for k in range(draw(st.integers(1, 4)))
+    ]
+    out: list[Event] = []
+    while any(streams):
+        stream = draw(st.sampled_from([s for s in streams if s]))
+        out.append(stream.pop(0))
+        if draw(st.integers(0, 9)) == 0:
+            out.append(draw(st.sampled_from(out)))  # a redelivery of something already seen
+    return out
+
+
+class TestDeterminism:
+    @settings(max_examples=60, deadline=None)
+    @given(events=delivered_logs(), cuts=st.lists(st.integers(0, 200), max_size=5))
+    def test_incremental_with_restarts_equals_one_replay(
+        self, events: list[Event], cuts: list[int]
+    ) -> None:
+        """Applying in pieces, snapshotting and restoring between them, gives identical bytes."""
+        whole = engine()
+        whole.apply_batch(Batch(0, events))
+
+        pieces = engine()
+        bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})
+        for lo, hi in itertools.pairwise(bounds):
+            restarted = engine()
+            assert restarted.restore(pieces.snapshot())
+            restarted.apply_batch(Batch(lo, events[lo:hi]))
+            pieces = restarted
+        assert whole.snapshot() == pieces.snapshot()
+
+    def test_replay_never_reads_the_clock(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Projections take time from events: with every clock broken, replay still works."""
+        def broken() -> float:
+            raise AssertionError("a projection read the clock")
+
+        for name in ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter"):
+            monkeypatch.setattr(time, name, broken)
+        e = engine()
+        e.apply_batch(Batch(0, a_job("a") + a_job("b", fail_at=2)))
+        assert ["completed", "failed"] == [v.status for v in jobs(e).jobs.values()]
+
+
+class TestDeduplication:
+    def test_redelivered_events_are_applied_once(self) -> None:
+        """An event seen again (same job and seq) is skipped and counted."""
+        events = a_job("a")
+        e = engine()
+        e.apply_batch(Batch(0, events))
+        e.apply_batch(Batch(len(events), events[2:5]))
+        assert 4 == jobs(e).jobs["a"].steps_done
+        assert 3 == e.health.duplicates
+
+    def test_positions_already_applied_are_skipped(self) -> None:
+        """Re-reading from an earlier position does not double count."""
+        events = a_job("a")
+        e = engine()
+        e.apply_batch(Batch(0, events))
+        e.apply_batch(Batch(0, events))
+        assert 0 == e.health.duplicates
+        assert len(events) == sum(e.health.events_by_type.values())
+
+    def test_quarantined_records_are_counted_and_passed(self) -> None:
+        """A quarantine notice moves the position on and is counted."""
+        e = engine()
+        e.apply_quarantined(Quarantined(0, 3, 3, "segment x offset 0", "checksum"))
+        assert (3, 3, 1) == (e.position, e.health.quarantined_records,
+                             e.health.quarantined_regions)
+
+
+class TestIsolation:
+    def test_a_raising_projection_does_not_stop_the_others(self) -> None:
+        """The failure is recorded with its event; the jobs projection still sees everything."""
+        e = ProjectionEngine([Exploding(), JobsProjection()])
+        e.apply_batch(Batch(0, a_job("a")))
+        assert "completed" == jobs(e).jobs["a"].status
+        assert {"exploding": 4} == e.health.projection_errors
+        failure = e.health.recent_failures[0]
+        assert ("StepEnded", "a", 2, 2) == (failure.event_type, failure.job, failure.seq,
+                                            failure.position)
+        assert "ZeroDivisionError" in failure.error
+        assert 4 == e.states["exploding"]
+
+    def test_duplicate_projection_names_are_refused(self) -> None:
+        """Two projections cannot share a name (their states would collide)."""
+        with pytest.raises(ValueError, match="unique"):
+            ProjectionEngine([JobsProjection(), JobsProjection()])
+
+
+class TestJobsProjection:
+    def test_completed_job(self) -> None:
+        """A finished job has its status, steps, stage timeline and steps/s."""
+        e = engine()
+        e.apply_batch(Batch(0, a_job("a", steps=4)))
+        view = jobs(e).jobs["a"]
+        assert ("completed", 4, 4, None) == (view.status, view.steps_done, view.total_steps,
+                                             view.stage)
+        assert {"denoise": 1.0} == view.stage_durations()
+        assert 4.0 == view.steps_per_second
+        assert 2.5 == view.duration_s
+
+    def test_running_job_shows_its_current_stage(self) -> None:
+        """Mid-denoise, the job is running in stage denoise with the steps seen so far."""
+        e = engine()
+        e.apply_batch(Batch(0, a_job("a", steps=4)[:4]))
+        view = jobs(e).jobs["a"]
+        assert ("running", "denoise", 2) == (view.status, view.stage, view.steps_done)
+
+    def test_failed_job_keeps_the_error(self) -> None:
+        """A failure records its type, message and step."""
+        e = engine()
+        e.apply_batch(Batch(0, a_job("a", fail_at=2)))
+        view = jobs(e).jobs["a"]
+        assert ("failed", "RuntimeError", "boom", 2) == (
+            view.status, view.error_type, view.error_message, view.failed_step)
+
+
+class TestRunner:
+    def test_restart_resumes_without_double_counting(self, tmp_path: Path) -> None:
+        """A runner restarted from its checkpoint ends where a fresh full replay does."""
+        log = LocalLog(tmp_path / "log")
+        store = CheckpointStore(tmp_path / "log" / "checkpoints" / "jobs.ckpt")
+        log.append(a_job("a"))
+        first = ProjectionRunner(log, engine(), store)
+        assert len(a_job("a")) == first.catch_up()
+
+        log.append(a_job("b", fail_at=1))
+        second = ProjectionRunner(log, engine(), store)
+        assert len(a_job("b", fail_at=1)) == second.catch_up()
+
+        fresh = engine()
+        fresh.apply_items(log.read())
+        assert fresh.snapshot() == second.engine.snapshot()
+
+    def test_checkpoint_of_other_projections_is_ignored(self, tmp_path: Path) -> None:
+        """A checkpoint written for another projection set leads to a full replay."""
+        log = MemoryLog()
+        log.append(a_job("a"))
+        store = CheckpointStore(tmp_path / "x.ckpt")
+        ProjectionRunner(log, ProjectionEngine([Exploding()]), store).catch_up()
+        runner = ProjectionRunner(log, engine(), store)
+        assert 0 == runner.engine.position
+        runner.catch_up()
+        assert "completed" == jobs(runner.engine).jobs["a"].status
+
+    def test_checkpoint_is_replaced_atomically(self, tmp_path: Path) -> None:
+        """Saving leaves exactly the checkpoint file, no temporary files."""
+        store = CheckpointStore(tmp_path / "c" / "jobs.ckpt")
+        store.save(b"one")
+        store.save(b"two")
+        assert b"two" == store.load()
+        assert ["jobs.ckpt"] == [p.name for p in (tmp_path / "c").iterdir()]
+
+    def test_snapshot_is_plain_msgpack(self) -> None:
+        """Snapshots decode with any msgpack reader (no pickles)."""
+        e = engine()
+        e.apply_batch(Batch(0, a_job("a")))
+        decoded: dict[str, Any] = msgspec.msgpack.decode(e.snapshot())
+        assert decoded["position"] == len(a_job("a"))

@@ -1,0 +1,191 @@
+"""The local backend: the log contract, plus persistence, rotation and damage handling."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from telemetry.codec import encode
+from telemetry.events import StepEnded
+from telemetry.log import framing
+from telemetry.log.base import LogNotFound, Quarantined
+from telemetry.log.local import LocalLog, segment_name
+
+from .log_contract import LogContract, events_of, positions_of, steps
+from .test_codec import STEP_ENDED_V1
+
+
+class TestLocalLogContract(LogContract):
+    def make_log(self, tmp_path: Path) -> LocalLog:
+        """An empty log directory."""
+        return LocalLog(tmp_path / "log")
+
+
+def only_segment(path: Path) -> Path:
+    """The single segment file of a small log."""
+    (segment,) = sorted(path.glob("*.wlog"))
+    return segment
+
+
+class TestPersistence:
+    def test_events_survive_reopening(self, tmp_path: Path) -> None:
+        """A log reopened by another instance reads everything and continues the positions."""
+        with LocalLog(tmp_path) as log:
+            first = log.append(steps("a", 0, 4))
+        with LocalLog(tmp_path) as log:
+            second = log.append(steps("a", 4, 2))
+            assert second.start == first.stop
+            assert steps("a", 0, 6) == events_of(log.read())
+
+    def test_reader_needs_an_existing_log(self, tmp_path: Path) -> None:
+        """Opening a missing log for reading says so instead of creating one."""
+        with pytest.raises(LogNotFound, match="does not exist"):
+            LocalLog(tmp_path / "missing", create=False)
+        with pytest.raises(LogNotFound, match="not a wantel log"):
+            LocalLog(tmp_path, create=False)
+
+    def test_bad_fsync_policy_is_refused(self, tmp_path: Path) -> None:
+        """Only always, batch and never are policies."""
+        with pytest.raises(ValueError, match="sometimes"):
+            LocalLog(tmp_path, fsync="sometimes")
+
+    @pytest.mark.parametrize("policy", ["always", "batch", "never"])
+    def test_every_fsync_policy_stores_events(self, tmp_path: Path, policy: str) -> None:
+        """Each policy appends and reads back the same events."""
+        with LocalLog(tmp_path, fsync=policy) as log:
+            log.append(steps("a", 0, 3))
+            assert steps("a", 0, 3) == events_of(log.read())
+
+    def test_unknown_files_are_ignored_with_a_warning(self, tmp_path: Path) -> None:
+        """A stray file in the directory is reported once and otherwise ignored."""
+        with LocalLog(tmp_path) as log:
+            log.append(steps("a", 0, 2))
+            (tmp_path / "notes.txt").write_text("hello")
+            with capture_logs() as logs:
+                assert steps("a", 0, 2) == events_of(log.read())
+                assert steps("a", 0, 2) == events_of(log.read())
+        warnings = [e for e in logs if e.get("file") == "notes.txt"]
+        assert 1 == len(warnings)
+        assert "warning" == warnings[0]["log_level"]
+
+
+class TestRotation:
+    def test_segments_rotate_by_size_and_read_as_one(self, tmp_path: Path) -> None:
+        """Small segments roll over; reads cross them seamlessly, from any position."""
+        with LocalLog(tmp_path, segment_bytes=4096) as log:
+            for k in range(20):
+                log.append(steps("a", k * 10, 10))
+            segments = sorted(tmp_path.glob("*.wlog"))
+            assert len(segments) > 3
+            assert steps("a", 0, 200) == events_of(log.read())
+            assert steps("a", 137, 63) == events_of(log.read(137))
+            assert 199 == log.last_position()
+
+    def test_segment_names_are_their_first_position(self, tmp_path: Path) -> None:
+        """A segment file is named by the position of its first record."""
+        with LocalLog(tmp_path, segment_bytes=2048) as log:
+            for k in range(10):
+                log.append(steps("a", k * 10, 10))
+            for segment in sorted(tmp_path.glob("*.wlog")):
+                base = int(segment.stem)
+                first = next(iter(LocalLog(tmp_path).read(base)))
+                assert segment.name == segment_name(base)
+                assert base == getattr(first, "first", None)
+
+    def test_segment_size_is_fixed_at_creation(self, tmp_path: Path) -> None:
+        """Every writer uses the segment size recorded when the log was made."""
+        LocalLog(tmp_path, segment_bytes=2048).close()
+        assert 2048 == LocalLog(tmp_path, segment_bytes=10**9).segment_bytes
+
+
+class TestDamage:
+    def test_flipped_bytes_quarantine_one_record_and_keep_the_rest(self, tmp_path: Path) -> None:
+        """Corruption inside one record loses that record only; later records are intact."""
+        with LocalLog(tmp_path) as log:
+            log.append(steps("a", 0, 5))
+            log.append(steps("a", 5, 5))
+            log.append(steps("a", 10, 5))
+        segment = only_segment(tmp_path)
+        data = bytearray(segment.read_bytes())
+        target = encode(steps("a", 7, 1)[0])
+        at = bytes(data).index(target) + 20
+        data[at] ^= 0x55
+        segment.write_bytes(bytes(data))
+
+        items = list(LocalLog(tmp_path).read())
+        notices = [i for i in items if isinstance(i, Quarantined)]
+        assert [(7, 1)] == [(n.first, n.count) for n in notices]
+        assert "checksum" in notices[0].reason
+        expected = steps("a", 0, 7) + steps("a", 8, 7)
+        assert expected == events_of(items)
+        assert [p for p in range(15) if p != 7] == positions_of(items)
+
+    def test_damaged_header_is_skipped_to_the_next_frame(self, tmp_path: Path) -> None:
+        """A destroyed frame header loses that frame; reading resumes at the next one."""
+        with LocalLog(tmp_path) as log:
+            log.append(steps("a", 0, 3))
+            second = log.append(steps("a", 3, 3))
+            log.append(steps("a", 6, 3))
+        segment = only_segment(tmp_path)
+        data = bytearray(segment.read_bytes())
+        frame_at = bytes(data).index(framing.MAGIC, 1)
+        data[frame_at + 12] ^= 0xFF  # inside the CRC-protected header
+        segment.write_bytes(bytes(data))
+
+        items = list(LocalLog(tmp_path).read())
+        notices = [i for i in items if isinstance(i, Quarantined)]
+        assert [(second.start, 3)] == [(n.first, n.count) for n in notices]
+        assert steps("a", 0, 3) + steps("a", 6, 3) == events_of(items)
+
+    def test_invalid_record_is_quarantined_alone(self, tmp_path: Path) -> None:
+        """A well-framed record that fails validation is skipped; its neighbours are kept."""
+        good = steps("a", 0, 3)
+        records = [encode(good[0]), b'{"type":"StepEnded","v":2,"job":"a"}', encode(good[2])]
+        _write_raw_frame(tmp_path, records, first=0, schema=framing_schema())
+        items = list(LocalLog(tmp_path).read())
+        assert [good[0], good[2]] == events_of(items)
+        (notice,) = [i for i in items if isinstance(i, Quarantined)]
+        assert (1, 1) == (notice.first, notice.count)
+        assert "undecodable" in notice.reason
+
+    def test_old_schema_records_are_upcast_on_read(self, tmp_path: Path) -> None:
+        """A frame written by an older schema is decoded record by record and upcast."""
+        _write_raw_frame(tmp_path, [STEP_ENDED_V1], first=0, schema=0x0001)
+        (event,) = events_of(LocalLog(tmp_path).read())
+        assert isinstance(event, StepEnded)
+        assert (2, 2) == (event.v, event.passes)
+
+    def test_torn_tail_waits_then_is_truncated_by_the_next_writer(self, tmp_path: Path) -> None:
+        """A frame cut short at the end is invisible to readers and replaced by the next append."""
+        with LocalLog(tmp_path) as log:
+            log.append(steps("a", 0, 3))
+            log.append(steps("a", 3, 3))
+        segment = only_segment(tmp_path)
+        os.truncate(segment, segment.stat().st_size - 7)
+
+        items = list(LocalLog(tmp_path).read())
+        assert steps("a", 0, 3) == events_of(items)
+        assert not [i for i in items if isinstance(i, Quarantined)]
+
+        with LocalLog(tmp_path) as log:
+            positions = log.append(steps("a", 3, 3))
+            assert 3 == positions.start
+            assert steps("a", 0, 6) == events_of(log.read())
+
+
+def framing_schema() -> int:
+    """The schema fingerprint current writers record."""
+    from telemetry.codec import SCHEMA_FINGERPRINT
+
+    return SCHEMA_FINGERPRINT
+
+
+def _write_raw_frame(path: Path, records: list[bytes], *, first: int, schema: int) -> None:
+    """Make a log holding one frame of exactly these record bytes."""
+    LocalLog(path).close()
+    body = framing.encode_body(records)
+    frame = framing.encode_header(body, len(records), first, schema) + body
+    (path / segment_name(0)).write_bytes(frame)
