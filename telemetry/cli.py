@@ -40,6 +40,12 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
+    Command(
+        "run",
+        "inference.cli",
+        "generate a video with a tiny offline Wan model or a local diffusers model, "
+        "recording every stage",
+    ),
     Command("cat", "telemetry.commands.cat", "print the log's events as JSON Lines"),
     Command(
         "replay",

@@ -110,6 +110,8 @@ class JobStarted(Event, frozen=True, kw_only=True):
     device: DeviceInfo
     options: dict[str, OptionValue] = {}
     prompt_sha256: str | None = None
+    #: Only with an explicit opt-in (``wantel run --record-prompt``); never by default.
+    prompt: str | None = None
     traceparent: str | None = None
 
 
@@ -139,7 +141,7 @@ class StepEnded(Event, frozen=True, kw_only=True):
     v: int = 2
     step: int
     total_steps: int
-    timestep: float
+    timestep: float | None = None
     sigma: float | None = None
     expert: Expert | None = None
     passes: int = 1

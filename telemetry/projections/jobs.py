@@ -17,6 +17,7 @@ from telemetry.events import (
     JobFailed,
     JobQueued,
     JobStarted,
+    MemorySampled,
     StageEnded,
     StageStarted,
     StepEnded,
@@ -52,6 +53,10 @@ class JobView(msgspec.Struct, kw_only=True):
     steps_done: int = 0
     step_time_s: float = 0.0
     cfg: bool | None = None
+    expert: str | None = None
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    peak_rss_bytes: int | None = None
     stage: str | None = None
     stages: list[StageSpan] = []
     queued_ts: int | None = None
@@ -72,6 +77,11 @@ class JobView(msgspec.Struct, kw_only=True):
         if self.steps_done == 0 or self.step_time_s <= 0:
             return None
         return self.steps_done / self.step_time_s
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        """The peak that matters on this device: allocator-allocated on GPUs, RSS on CPU."""
+        return self.peak_allocated_bytes or self.peak_rss_bytes
 
     def stage_durations(self) -> dict[str, float]:
         """Seconds per finished stage, summed if a stage ran more than once."""
@@ -155,8 +165,21 @@ def _step(view: JobView, event: Event) -> None:
     assert isinstance(event, StepEnded)
     view.steps_done = max(view.steps_done, event.step + 1)
     view.total_steps = event.total_steps
+    view.expert = event.expert
     if event.duration_s is not None:
         view.step_time_s += event.duration_s
+
+
+def _memory(view: JobView, event: Event) -> None:
+    assert isinstance(event, MemorySampled)
+    allocated = event.peak_allocated_bytes or event.allocated_bytes
+    reserved = event.peak_reserved_bytes or event.reserved_bytes
+    if allocated is not None:
+        view.peak_allocated_bytes = max(view.peak_allocated_bytes or 0, allocated)
+    if reserved is not None:
+        view.peak_reserved_bytes = max(view.peak_reserved_bytes or 0, reserved)
+    if event.host_rss_bytes is not None:
+        view.peak_rss_bytes = max(view.peak_rss_bytes or 0, event.host_rss_bytes)
 
 
 def _ended(view: JobView, event: Event, status: str, duration_s: float) -> None:
@@ -191,6 +214,7 @@ _HANDLERS: Final = {
     StageStarted: _stage_started,
     StageEnded: _stage_ended,
     StepEnded: _step,
+    MemorySampled: _memory,
     JobCompleted: _completed,
     JobFailed: _failed,
     JobCancelled: _cancelled,

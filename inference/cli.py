@@ -1,0 +1,183 @@
+"""``wantel run``: generate a video with a tiny offline Wan model or a local diffusers model.
+
+The progress line is itself a projection of the log: a thread follows the events this job
+appends and folds them with the same jobs projection that ``wantel replay`` and the server use,
+so what the terminal shows is exactly what every other view will show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from typing import Any
+
+import msgspec
+
+from inference.runner import GenerationRequest, RequestError, generate, prepare
+from inference.tiny_models import TINY_VARIANTS
+from telemetry.cli import UsageError
+from telemetry.config import resolve_log_dir
+from telemetry.emitter import Emitter
+from telemetry.engine import ProjectionEngine
+from telemetry.log.base import EventLog
+from telemetry.log.local import LocalLog
+from telemetry.projections.jobs import JobsProjection, JobView
+
+EXIT_FAILED = 1
+EXIT_CANCELLED = 130
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``wantel run``."""
+    parser.description = (
+        "Generate a video and record every stage of the job in the event log. Models: "
+        f"{', '.join(TINY_VARIANTS)} (tiny random weights, built offline in a fraction of a "
+        "second), or the path of a local diffusers Wan model directory."
+    )
+    parser.add_argument("--model", required=True, metavar="M",
+                        help="a tiny variant or a local diffusers model directory")
+    parser.add_argument("--prompt", required=True, metavar="P",
+                        help="the text prompt (stored only as its SHA-256 unless --record-prompt)")
+    parser.add_argument("--negative-prompt", metavar="P", help="the negative prompt")
+    parser.add_argument("--image", metavar="IMG", help="the conditioning image (i2v models)")
+    parser.add_argument("--frames", type=int, metavar="F",
+                        help="frames, 4k+1 (default: 17 tiny, 81 otherwise)")
+    parser.add_argument("--height", type=int, metavar="H",
+                        help="height in pixels (multiple of 16; 32 for ti2v; default 64 tiny, 480)")
+    parser.add_argument("--width", type=int, metavar="W",
+                        help="width in pixels (multiple of 16; 32 for ti2v; default 64 tiny, 832)")
+    parser.add_argument("--steps", type=int, metavar="S",
+                        help="denoising steps (default: 8 tiny, 40 otherwise)")
+    parser.add_argument("--guidance", type=float, default=5.0, metavar="G",
+                        help="classifier-free guidance scale; > 1 runs two passes per step "
+                        "(default 5.0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    parser.add_argument("--device", default="auto", metavar="D",
+                        help="auto, cpu or cuda[:N] (default auto: cuda when available)")
+    parser.add_argument("--dtype", default="auto", metavar="T",
+                        help="auto, float32, bfloat16 or float16 (auto: bfloat16 on cuda)")
+    parser.add_argument("--out", metavar="FILE",
+                        help="where to write the video (.mp4; default wantel-<job>.mp4)")
+    parser.add_argument("--job", metavar="ID", help="the job id (default: a random one)")
+    parser.add_argument("--record-prompt", action="store_true",
+                        help="store the prompt text in the log (default: only its SHA-256)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the job's summary as JSON instead of a progress display")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, then generate while showing progress; exit 0, 1 (failed) or 130 (cancelled)."""
+    request = GenerationRequest(
+        model=args.model, prompt=args.prompt, image=args.image,
+        negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
+        width=args.width, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        device=args.device, dtype=args.dtype, out=args.out, job=args.job,
+        record_prompt=args.record_prompt,
+    )
+    try:
+        prepared = prepare(request)
+    except RequestError as exc:
+        raise UsageError(str(exc)) from None
+    log = LocalLog(resolve_log_dir(args.log))
+    start = (log.last_position() or -1) + 1
+    emitter = Emitter(log)
+    display = _Display(log, prepared.job, start, live=sys.stdout.isatty() and not args.json)
+    display.start()
+    status, error = "completed", None
+    try:
+        generate(prepared, emitter)
+    except KeyboardInterrupt:
+        status = "cancelled"
+    except Exception as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        emitter.close()
+        view = display.stop()
+    if args.json:
+        print(msgspec.json.encode(_summary(view, prepared.job, str(log.path))).decode())
+    elif status == "completed":
+        print(f"wantel run: job {prepared.job} completed -> {prepared.out} ({_figures(view)})")
+    if status == "failed":
+        print(f"wantel run: job {prepared.job} failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if status == "cancelled":
+        print(f"wantel run: job {prepared.job} cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    return 0
+
+
+def _summary(view: JobView | None, job: str, log: str) -> dict[str, Any]:
+    if view is None:
+        return {"job": job, "status": "unknown", "log": log}
+    return {
+        "job": job, "status": view.status, "log": log, "model": view.model,
+        "variant": view.variant, "output": view.output_path, "duration_s": view.duration_s,
+        "steps": view.steps_done, "total_steps": view.total_steps,
+        "steps_per_second": view.steps_per_second, "stage_durations": view.stage_durations(),
+        "peak_memory_bytes": view.peak_memory_bytes, "error_type": view.error_type,
+        "error": view.error_message,
+    }
+
+
+def _figures(view: JobView | None) -> str:
+    if view is None or view.duration_s is None:
+        return "no figures"
+    rate = f", {view.steps_per_second:.1f} steps/s" if view.steps_per_second else ""
+    return f"{view.duration_s:.2f}s, {view.steps_done} steps{rate}"
+
+
+class _Display:
+    """Follows this job's events in the log and draws a one-line live status (on a TTY)."""
+
+    def __init__(self, log: EventLog, job: str, start: int, *, live: bool) -> None:
+        self.log, self.job, self.start_position, self.live = log, job, start, live
+        self.engine = ProjectionEngine([JobsProjection()])
+        self.engine.position = start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="wantel-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def view(self) -> JobView | None:
+        view: JobView | None = self.engine.states["jobs"].jobs.get(self.job)
+        return view
+
+    def stop(self) -> JobView | None:
+        """Read to the end of the log, stop following, return the job's final view."""
+        self._stop.set()
+        self._thread.join(10)
+        self.engine.apply_items(self.log.read(self.engine.position))
+        return self.view()
+
+    def _follow(self) -> None:
+        if not self.live:
+            return
+        from rich.console import Console
+        from rich.live import Live
+
+        with Live(console=Console(stderr=True), refresh_per_second=8, transient=True) as live:
+            for item in self.log.follow(self.start_position, stop=self._stop, poll_interval=0.05):
+                self.engine.apply_items((item,))
+                view = self.view()
+                if view is not None:
+                    live.update(render(view))
+
+
+def render(view: JobView) -> str:
+    """One status line: stage, step, bar, steps/s, a denoise-only ETA, peak memory."""
+    total = view.total_steps or 0
+    fraction = view.steps_done / total if total else 0.0
+    bar = "█" * int(fraction * 20) + "░" * (20 - int(fraction * 20))
+    rate = view.steps_per_second
+    parts = [f"{view.variant or view.model}", f"{view.stage or view.status:<12}",
+             f"step {view.steps_done}/{total}", bar]
+    if rate and view.steps_done >= 2 and total:
+        parts.append(f"{rate:.1f} steps/s")
+        parts.append(f"denoise ETA {max(total - view.steps_done, 0) / rate:.1f}s")
+    else:
+        parts.append("estimating")
+    if view.peak_memory_bytes:
+        parts.append(f"peak {view.peak_memory_bytes / 2**20:.0f} MiB")
+    return "  ".join(parts)

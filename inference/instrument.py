@@ -1,0 +1,454 @@
+"""Attach wantel to a diffusers pipeline the caller built; their ``pipe(...)`` stays unchanged.
+
+::
+
+    with instrument(pipe, log=LocalLog("wantel-log")) as telemetry:
+        video = pipe(prompt=..., num_frames=81)      # a job: every stage and step recorded
+    telemetry.job                                    # its id
+
+What is hooked, and why there (diffusers facts, checked on 0.42):
+
+* ``pipe(...)`` itself — through a subclass swapped in for the context (a special method cannot
+  be overridden per instance) — for the job's lifecycle, its request, and to inject
+  ``callback_on_step_end``, which runs once per step after the transformer passes and the
+  scheduler step. A caller's own callback still runs, after ours.
+* forward pre-hooks on ``transformer`` / ``transformer_2``: the first pass of a step marks its
+  start and tells which expert runs it; the count of passes is 2 with classifier-free guidance.
+* ``encode_prompt``, ``encode_image``, ``prepare_latents``, ``vae.decode`` and
+  ``video_processor.postprocess_video``, wrapped as instance attributes: torch hooks never fire
+  on ``pipe.vae`` (the pipeline calls ``decode``, not ``forward``).
+* ``scheduler.set_timesteps``: a CPU copy of the schedule is computed from the scheduler's
+  config, so each step's timestep and sigma are known without reading a device tensor.
+
+Nothing here synchronises the device (see :mod:`inference.timing`), and nothing changes what
+the pipeline computes. Leaving the context restores the pipeline exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import torch
+
+from inference.memory import MemoryReader
+from inference.recorder import JobRecorder
+from inference.timing import timer_for
+from telemetry.emitter import Emitter
+from telemetry.events import DeviceInfo, Expert, Stage
+from telemetry.log.base import EventLog
+
+#: Pipeline attributes wrapped as stages: (path to the object, method, stage).
+STAGE_METHODS: Final[tuple[tuple[str, str, Stage], ...]] = (
+    ("", "encode_prompt", "text_encode"),
+    ("", "encode_image", "image_encode"),
+    ("", "prepare_latents", "latent_init"),
+    ("vae", "decode", "decode"),
+    ("video_processor", "postprocess_video", "postprocess"),
+)
+
+
+class JobCancelledError(Exception):
+    """Raised out of ``pipe(...)`` when :meth:`Instrumented.cancel` stopped the job."""
+
+
+@dataclass
+class _StepState:
+    """What the hooks learn during the current step."""
+
+    start: Any = None
+    passes: int = 0
+    expert: Expert | None = None
+
+
+@dataclass
+class Instrumented:
+    """The handle ``instrument()`` yields: job ids, and cancellation."""
+
+    jobs: list[str] = field(default_factory=list)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _reason: str = "cancelled"
+
+    @property
+    def job(self) -> str | None:
+        """The id of the latest job run in this context."""
+        return self.jobs[-1] if self.jobs else None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the running job at its next step boundary (``JobCancelled``, then it raises)."""
+        self._reason = reason
+        self._cancel.set()
+
+
+class _Session:
+    """The hooks and wrappers of one ``instrument()`` context."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        emitter: Emitter,
+        handle: Instrumented,
+        *,
+        job: str | None,
+        recorder: JobRecorder | None,
+        model: str | None,
+        variant: str | None,
+        traceparent: str | None,
+        options: dict[str, Any] | None,
+        record_prompt: bool,
+    ) -> None:
+        if "callback_on_step_end" not in inspect.signature(type(pipe).__call__).parameters:
+            raise TypeError(
+                f"{type(pipe).__name__} has no callback_on_step_end: wantel cannot see its steps"
+            )
+        self.pipe = pipe
+        self.emitter = emitter
+        self.handle = handle
+        self.job = job
+        self.given_recorder = recorder
+        self.model = model
+        self.variant = variant
+        self.traceparent = traceparent
+        self.options = options or {}
+        self.record_prompt = record_prompt
+        self.recorder: JobRecorder | None = None
+        self.step = _StepState()
+        self.previous_expert: Expert | None = None
+        self.denoise_start: Any = None
+        self.cpu_timesteps: list[float] = []
+        self.cpu_sigmas: list[float] = []
+        self.secrets: tuple[str, ...] = ()
+        self._original_class = type(pipe)
+        self._hooks: list[Any] = []
+        self._wrapped: list[tuple[Any, str]] = []
+        self._calls = 0
+
+    # -- attach / detach ------------------------------------------------------------------
+
+    def attach(self) -> None:
+        original = self._original_class
+        session = self
+
+        def call(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+            return session.call(original.__call__, pipe, args, kwargs)
+
+        instrumented = type(original.__name__, (original,), {
+            "__call__": call, "__module__": original.__module__,
+            "__qualname__": original.__qualname__, "_wantel_instrumented": True,
+        })
+        self.pipe.__class__ = instrumented
+        for name, expert in self._experts().items():
+            module = getattr(self.pipe, name)
+            hook = self._pre_forward_hook(expert)
+            # Prepended: the step starts before any other hook (offloading, caching) runs.
+            self._hooks.append(module.register_forward_pre_hook(hook, prepend=True))
+        for path, method, stage in STAGE_METHODS:
+            owner = getattr(self.pipe, path) if path else self.pipe
+            if owner is not None and callable(getattr(owner, method, None)):
+                self._wrap(owner, method, stage)
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is not None:
+            self._wrap_set_timesteps(scheduler)
+
+    def detach(self) -> None:
+        self.pipe.__class__ = self._original_class
+        for hook in self._hooks:
+            hook.remove()
+        for owner, method in reversed(self._wrapped):
+            with contextlib.suppress(AttributeError):
+                delattr(owner, method)
+        self._hooks.clear()
+        self._wrapped.clear()
+
+    def _experts(self) -> dict[str, Expert | None]:
+        """``transformer`` → high_noise and ``transformer_2`` → low_noise when both exist."""
+        has_second = getattr(self.pipe, "transformer_2", None) is not None
+        experts: dict[str, Expert | None] = {}
+        if getattr(self.pipe, "transformer", None) is not None:
+            experts["transformer"] = "high_noise" if has_second else None
+        if has_second:
+            experts["transformer_2"] = "low_noise"
+        return experts
+
+    def _wrap(self, owner: Any, method: str, stage: Stage) -> None:
+        original = getattr(owner, method)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            recorder = self.recorder
+            if recorder is None or recorder.stage == stage:
+                return original(*args, **kwargs)
+            if stage in ("decode", "postprocess"):
+                self._close_denoise(recorder)
+            with recorder.stage_span(stage):
+                result = original(*args, **kwargs)
+            if stage == "latent_init" and self.denoise_start is None:
+                # The loop starts right after the latents exist; a failure before the first
+                # transformer pass is then still attributed to the denoise stage.
+                self.denoise_start = recorder.stage_started("denoise")
+            return result
+
+        setattr(owner, method, wrapper)  # an instance attribute shadows the class's method
+        self._wrapped.append((owner, method))
+
+    def _wrap_set_timesteps(self, scheduler: Any) -> None:
+        original = scheduler.set_timesteps
+
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            if self.recorder is not None:
+                self._schedule_on_cpu(scheduler, args, kwargs)
+            return result
+
+        scheduler.set_timesteps = set_timesteps
+        self._wrapped.append((scheduler, "set_timesteps"))
+
+    def _schedule_on_cpu(self, scheduler: Any, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> None:
+        """The same schedule computed on the CPU, so no step has to read a device tensor."""
+        timesteps = scheduler.timesteps
+        sigmas = getattr(scheduler, "sigmas", None)
+        if timesteps.device.type != "cpu" or (sigmas is not None and sigmas.device.type != "cpu"):
+            try:
+                scheduler = type(scheduler).from_config(scheduler.config)
+                scheduler.set_timesteps(*args, **{**kwargs, "device": "cpu"})
+            except Exception:
+                self.cpu_timesteps, self.cpu_sigmas = [], []
+                return
+            timesteps, sigmas = scheduler.timesteps, getattr(scheduler, "sigmas", None)
+        self.cpu_timesteps = [float(t) for t in timesteps]
+        self.cpu_sigmas = [float(s) for s in sigmas] if sigmas is not None else []
+
+    # -- per step ---------------------------------------------------------------------------
+
+    def _pre_forward_hook(self, expert: Expert | None) -> Callable[[Any, Any], None]:
+        def hook(module: Any, args: Any) -> None:
+            recorder = self.recorder
+            if recorder is None:
+                return
+            step = self.step
+            if step.passes == 0:
+                step.start = recorder.timer.mark()
+                step.expert = expert
+                if self.denoise_start is None:
+                    self.denoise_start = recorder.stage_started("denoise")
+            step.passes += 1
+
+        return hook
+
+    def _on_step_end(self, pipe: Any, index: int, total: int) -> None:
+        recorder = self.recorder
+        if recorder is None:
+            return
+        end = recorder.timer.mark()
+        step, self.step = self.step, _StepState()
+        if step.expert is not None and self.previous_expert not in (None, step.expert):
+            recorder.expert_switched(step=index, mark=step.start or end,
+                                     old=self.previous_expert,
+                                     new=step.expert)
+        self.previous_expert = step.expert or self.previous_expert
+        recorder.step_ended(
+            step=index, total_steps=total, start=step.start if step.start is not None else end,
+            end=end, timestep=_at(self.cpu_timesteps, index), sigma=_at(self.cpu_sigmas, index),
+            expert=step.expert, passes=step.passes)
+        if index == total - 1:
+            self._close_denoise(recorder, end)
+        recorder.pump()
+
+    def _check_cancelled(self) -> None:
+        if self.handle._cancel.is_set():
+            raise JobCancelledError(self.handle._reason)
+
+    def _close_denoise(self, recorder: JobRecorder, end: Any = None, *, ok: bool = True) -> None:
+        if self.denoise_start is not None:
+            recorder.stage_ended("denoise", self.denoise_start, end=end, ok=ok)
+            self.denoise_start = None
+
+    # -- the call -------------------------------------------------------------------------
+
+    def call(self, original: Callable[..., Any], pipe: Any, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+        signature = inspect.signature(original)
+        bound = signature.bind(pipe, *args, **kwargs)
+        request = _Request(signature, bound.arguments)
+        recorder = self._new_recorder(pipe)
+        owns_lifecycle = not recorder.started
+        self.secrets = tuple(p for p in (request.get("prompt"), request.get("negative_prompt"))
+                             if isinstance(p, str))
+        if owns_lifecycle:
+            self._emit_job_started(recorder, pipe, request)
+        total = int(request.get("num_inference_steps") or 0)
+        user_callback = request.get("callback_on_step_end")
+
+        def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+            self._on_step_end(pipe, index, len(self.cpu_timesteps) or total)
+            result = {} if user_callback is None else user_callback(pipe, index, timestep, tensors)
+            self._check_cancelled()  # after the caller's callback, which may itself cancel
+            return result
+
+        bound.arguments["callback_on_step_end"] = on_step_end
+        if user_callback is not None and hasattr(user_callback, "tensor_inputs"):
+            bound.arguments["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
+        self.recorder, self.step, self.previous_expert = recorder, _StepState(), None
+        self.denoise_start, self.cpu_timesteps, self.cpu_sigmas = None, [], []
+        try:
+            output = original(*bound.args, **bound.kwargs)
+        except (JobCancelledError, KeyboardInterrupt) as exc:
+            stage = recorder.stage
+            self._close_denoise(recorder, ok=False)
+            recorder.cancelled(str(exc) or type(exc).__name__, stage=stage)
+            raise
+        except BaseException as exc:
+            stage = recorder.stage
+            self._close_denoise(recorder, ok=False)
+            recorder.failed(exc, secrets=self.secrets, stage=stage)
+            raise
+        finally:
+            self.recorder = None
+            self.handle._cancel.clear()
+        self._close_denoise(recorder)
+        if getattr(pipe, "_interrupt", False):
+            recorder.cancelled("interrupted")
+        elif owns_lifecycle:
+            recorder.completed(frames=request.get("num_frames"))
+        else:
+            recorder.pump()
+        return output
+
+    def _new_recorder(self, pipe: Any) -> JobRecorder:
+        self._calls += 1
+        if self.given_recorder is not None and self._calls == 1:
+            recorder = self.given_recorder
+        else:
+            if self.job is None:
+                job = uuid.uuid4().hex
+            else:
+                job = self.job if self._calls == 1 else f"{self.job}-{self._calls}"
+            device = _execution_device(pipe)
+            recorder = JobRecorder(self.emitter, job, timer=timer_for(device),
+                                   memory=MemoryReader(device))
+        self.handle.jobs.append(recorder.job)
+        return recorder
+
+    def _emit_job_started(self, recorder: JobRecorder, pipe: Any, request: _Request) -> None:
+        facts = describe_pipeline(pipe)
+        guidance = float(request.get("guidance_scale") or 1.0)
+        guidance_2 = request.get("guidance_scale_2")
+        generator = request.get("generator")
+        recorder.job_started(
+            model=self.model or facts["model"], family=facts["family"],
+            variant=self.variant or facts["variant"], task=facts["task"],
+            width=int(request.get("width") or 0), height=int(request.get("height") or 0),
+            num_frames=int(request.get("num_frames") or 1),
+            steps=int(request.get("num_inference_steps") or 0),
+            guidance_scale=guidance,
+            guidance_scale_2=float(guidance_2) if guidance_2 is not None else None,
+            cfg=guidance > 1.0, boundary_ratio=facts["boundary_ratio"],
+            seed=generator.initial_seed() if isinstance(generator, torch.Generator) else None,
+            device=device_info(_execution_device(pipe)), options=self.options,
+            prompt=request.get("prompt"), record_prompt=self.record_prompt,
+            traceparent=self.traceparent,
+        )
+
+
+class _Request:
+    """The call's arguments, falling back to the signature's defaults."""
+
+    def __init__(self, signature: inspect.Signature, arguments: dict[str, Any]) -> None:
+        self.signature = signature
+        self.arguments = arguments
+
+    def get(self, name: str) -> Any:
+        if name in self.arguments:
+            return self.arguments[name]
+        parameter = self.signature.parameters.get(name)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            return None
+        return parameter.default
+
+
+def _at(values: list[float], index: int) -> float | None:
+    return values[index] if 0 <= index < len(values) else None
+
+
+def _execution_device(pipe: Any) -> torch.device:
+    try:
+        device = pipe._execution_device
+    except Exception:
+        device = torch.device("cpu")
+    return device if isinstance(device, torch.device) else torch.device(str(device))
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    """Kind, name and memory of a torch device (no synchronisation: properties are cached)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        return DeviceInfo(kind="cuda", name=props.name, total_memory_bytes=props.total_memory,
+                          index=index)
+    import platform
+
+    return DeviceInfo(kind=device.type, name=platform.processor() or platform.machine())
+
+
+def describe_pipeline(pipe: Any) -> dict[str, Any]:
+    """Facts read from a Wan pipeline (detected, not assumed): family, task, variant, boundary."""
+    config = getattr(pipe, "config", {})
+    boundary = config.get("boundary_ratio") if hasattr(config, "get") else None
+    expand = bool(config.get("expand_timesteps")) if hasattr(config, "get") else False
+    two_experts = getattr(pipe, "transformer_2", None) is not None
+    name = type(pipe).__name__
+    is_i2v = "ImageToVideo" in name
+    family = "wan2.2" if (two_experts or expand or boundary is not None) else "wan2.1"
+    task = "ti2v" if expand else ("i2v" if is_i2v else "t2v")
+    if two_experts:
+        variant = f"{task}-A14B"
+    elif expand:
+        variant = "ti2v-5B"
+    else:
+        variant = task
+    model = str(config.get("_name_or_path") or name) if hasattr(config, "get") else name
+    return {"family": family, "task": task, "variant": variant, "boundary_ratio": boundary,
+            "model": model}
+
+
+@contextlib.contextmanager
+def instrument(
+    pipe: Any,
+    *,
+    log: EventLog | None = None,
+    emitter: Emitter | None = None,
+    job: str | None = None,
+    recorder: JobRecorder | None = None,
+    traceparent: str | None = None,
+    model: str | None = None,
+    variant: str | None = None,
+    options: dict[str, Any] | None = None,
+    record_prompt: bool = False,
+) -> Iterator[Instrumented]:
+    """Record every ``pipe(...)`` call in this context as a job.
+
+    Give ``log`` (an emitter is made and flushed on exit) or a shared ``emitter``. ``job``
+    names the first job (later calls get ``job-2``, …; a random id without it). ``recorder``
+    continues a job whose ``JobStarted`` the caller already emitted (the job runner does this to
+    include model loading). ``traceparent`` joins the caller's trace.
+    """
+    if (log is None) == (emitter is None):
+        raise ValueError("give exactly one of log= or emitter=")
+    own_emitter = emitter is None
+    active = emitter if emitter is not None else Emitter(log)  # type: ignore[arg-type]
+    handle = Instrumented()
+    session = _Session(pipe, active, handle, job=job, recorder=recorder, model=model,
+                       variant=variant, traceparent=traceparent, options=options,
+                       record_prompt=record_prompt)
+    session.attach()
+    try:
+        yield handle
+    finally:
+        session.detach()
+        if own_emitter:
+            active.close()

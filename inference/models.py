@@ -1,0 +1,121 @@
+"""Which model a request names, what it can take, and how to load it — checked before loading.
+
+A model is a tiny offline variant (``tiny-t2v``, …) or a local diffusers model directory. Its
+facts (family, task, expert layout, size rule) are read without loading weights — from the tiny
+spec, or from ``model_index.json`` and the component configs — so bad requests are refused in
+milliseconds, before seconds (or minutes) of loading.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference.tiny_models import (
+    TINY_VARIANTS,
+    VariantSpec,
+    build_tiny_pipeline,
+    check_request,
+    variant_spec,
+)
+
+
+class ModelError(ValueError):
+    """The model named cannot be used; the message says why and what would work."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A resolved model: its facts, and where it comes from."""
+
+    name: str
+    spec: VariantSpec
+    path: Path | None = None  # None for tiny variants
+
+    @property
+    def variant(self) -> str:
+        """The ``variant`` label: the tiny name, or Wan's own (``t2v-A14B``, ``ti2v-5B``…)."""
+        if self.path is None:
+            return self.name
+        if self.spec.two_experts:
+            return f"{self.spec.task}-A14B"
+        if self.spec.task == "ti2v":
+            return "ti2v-5B"
+        return self.spec.task
+
+    def check(self, *, height: int, width: int, num_frames: int) -> None:
+        """Raise :class:`ModelError` if the model cannot produce this shape."""
+        try:
+            check_request(self.spec, height=height, width=width, num_frames=num_frames)
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+
+    def load(self, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
+        """Build or load the pipeline onto ``device``."""
+        if self.path is None:
+            return build_tiny_pipeline(self.name, seed=seed, dtype=dtype).to(device)
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+            self.path, dtype=dtype, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+
+def resolve_model(name: str) -> ModelChoice:
+    """A tiny variant by name, or a local diffusers model directory by path."""
+    if name in TINY_VARIANTS:
+        return ModelChoice(name=name, spec=variant_spec(name))
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"unknown model {name!r}: not a tiny variant ({', '.join(TINY_VARIANTS)}) and no "
+            "such directory (models load from a local diffusers directory; nothing is downloaded)"
+        )
+    index_file = path / "model_index.json"
+    if not path.is_dir() or not index_file.is_file():
+        raise ModelError(f"{name} is not a diffusers model directory (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {index_file}: {exc}") from None
+    return ModelChoice(name=str(path), spec=spec_from_model_index(path, index), path=path)
+
+
+def spec_from_model_index(path: Path, index: dict[str, Any]) -> VariantSpec:
+    """The facts of a saved Wan pipeline, read from its configs (no weights loaded)."""
+    class_name = str(index.get("_class_name", ""))
+    if not class_name.startswith("Wan"):
+        raise ModelError(f"{path} holds a {class_name or 'unknown'} pipeline; wantel runs Wan "
+                         "pipelines (WanPipeline, WanImageToVideoPipeline)")
+    boundary = index.get("boundary_ratio")
+    expand = bool(index.get("expand_timesteps", False))
+    two_experts = _has_component(index, "transformer_2")
+    task = "ti2v" if expand else ("i2v" if "ImageToVideo" in class_name else "t2v")
+    vae = _read_config(path / "vae" / "config.json")
+    transformer = _read_config(path / "transformer" / "config.json") or _read_config(
+        path / "transformer_2" / "config.json")
+    patch = transformer.get("patch_size", [1, 2, 2])
+    spatial = int(vae.get("scale_factor_spatial", 8)) * int(patch[-1] if patch else 2)
+    return VariantSpec(
+        name=path.name, family="wan2.2" if (two_experts or expand or boundary) else "wan2.1",
+        task=task, pipeline_class=class_name, needs_image="ImageToVideo" in class_name,
+        spatial_multiple=spatial, boundary_ratio=boundary, two_experts=two_experts,
+    )
+
+
+def _has_component(index: dict[str, Any], name: str) -> bool:
+    value = index.get(name)
+    return isinstance(value, list) and len(value) == 2 and value[0] is not None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}

@@ -1,0 +1,351 @@
+"""Instrumenting real (tiny) diffusers Wan pipelines: stages, steps, experts, failures, detach."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inference.instrument import JobCancelledError, instrument
+from inference.runner import GenerationRequest, generate, prepare
+from inference.tiny_models import TINY_VARIANTS, build_tiny_pipeline, variant_spec
+from telemetry.emitter import Emitter
+from telemetry.events import (
+    Event,
+    ExpertSwitched,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobStarted,
+    MemorySampled,
+    StageEnded,
+    StageStarted,
+    StepEnded,
+)
+from telemetry.log.local import LocalLog
+from telemetry.log.memory import MemoryLog
+from tests.telemetry.log_contract import events_of
+
+STEPS = 6
+SIZE = {"tiny-ti2v": 64}  # multiples of 32 for TI2V; 32 px elsewhere
+
+
+def call_kwargs(variant: str, *, guidance: float = 5.0, steps: int = STEPS) -> dict[str, Any]:
+    """Arguments of a small, seeded call of ``variant``."""
+    size = SIZE.get(variant, 32)
+    kwargs: dict[str, Any] = {
+        "prompt": "a red fox running through snow", "height": size, "width": size,
+        "num_frames": 9, "num_inference_steps": steps, "guidance_scale": guidance,
+        "generator": torch.Generator().manual_seed(7), "output_type": "np",
+    }
+    if variant_spec(variant).needs_image:
+        kwargs["image"] = Image.new("RGB", (size, size), (200, 40, 40))
+    return kwargs
+
+
+def recorded(pipe: Any, variant: str, **call: Any) -> tuple[list[Event], Any]:
+    """Run ``pipe`` once under instrumentation; the job's events and the output."""
+    log = MemoryLog()
+    with instrument(pipe, log=log, job="job-1", model=variant) as handle:
+        output = pipe(**{**call_kwargs(variant), **call}).frames
+    assert ["job-1"] == handle.jobs
+    return [e for e in events_of(log.read()) if e.job == "job-1"], output
+
+
+def of_type(events: list[Event], cls: type[Event]) -> list[Any]:
+    """The events of one type."""
+    return [e for e in events if isinstance(e, cls)]
+
+
+def expected_switch_step(pipe: Any, steps: int) -> int | None:
+    """Where the scheduler's own schedule crosses the boundary (computed independently)."""
+    ratio = pipe.config.get("boundary_ratio")
+    if ratio is None:
+        return None
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    boundary = ratio * scheduler.config.num_train_timesteps
+    return next(i for i, t in enumerate(scheduler.timesteps) if t < boundary)
+
+
+@pytest.mark.parametrize("variant", TINY_VARIANTS)
+class TestEveryVariant:
+    def test_stages_steps_experts_and_memory(self, variant: str) -> None:
+        """Stages in order, one StepEnded per step, the expert switch where the schedule says."""
+        pipe = build_tiny_pipeline(variant)
+        events, _ = recorded(pipe, variant)
+        spec = variant_spec(variant)
+
+        assert isinstance(events[0], JobStarted)
+        assert isinstance(events[-1], JobCompleted)
+        assert list(range(len(events))) == [e.seq for e in events]
+        stages = [e.stage for e in of_type(events, StageStarted)]
+        expected = ["text_encode", *(["image_encode"] if variant == "tiny-i2v" else []),
+                    "latent_init", "denoise", "decode", "postprocess"]
+        assert expected == stages
+        assert stages == [e.stage for e in of_type(events, StageEnded)]
+        assert all(e.ok and e.duration_s >= 0 for e in of_type(events, StageEnded))
+
+        steps = of_type(events, StepEnded)
+        assert list(range(STEPS)) == [s.step for s in steps]
+        assert {STEPS} == {s.total_steps for s in steps}
+        assert all(s.duration_s is not None and s.duration_s > 0 for s in steps)
+        assert all(s.timestep is not None and s.sigma is not None for s in steps)
+
+        switch = expected_switch_step(pipe, STEPS)
+        switches = of_type(events, ExpertSwitched)
+        if spec.two_experts:
+            assert [(switch, "high_noise", "low_noise")] == [
+                (e.step, e.from_expert, e.to_expert) for e in switches]
+            assert ["high_noise"] * switch + ["low_noise"] * (STEPS - switch) == [
+                s.expert for s in steps]
+        else:
+            assert [] == switches
+            assert {None} == {s.expert for s in steps}
+
+        samples = of_type(events, MemorySampled)
+        assert {s.step for s in samples if s.step is not None} == set(range(STEPS))
+        assert all(s.host_rss_bytes and s.host_rss_bytes > 0 for s in samples)
+
+        started = events[0]
+        assert (variant, spec.family, spec.task, STEPS, True) == (
+            started.model, started.family, started.task, started.steps, started.cfg)
+
+    def test_outputs_are_bit_identical_with_and_without_wantel(self, variant: str) -> None:
+        """Instrumentation never changes what the pipeline computes."""
+        pipe = build_tiny_pipeline(variant)
+        plain = pipe(**call_kwargs(variant)).frames
+        _, instrumented = recorded(pipe, variant)
+        assert np.array_equal(plain, instrumented)
+
+
+class TestPasses:
+    @pytest.mark.parametrize(("guidance", "passes"), [(5.0, 2), (1.0, 1)])
+    def test_guidance_doubles_transformer_passes(self, guidance: float, passes: int) -> None:
+        """Classifier-free guidance runs the transformer twice per step; none runs it once."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        events, _ = recorded(pipe, "tiny-t2v", guidance_scale=guidance)
+        assert {passes} == {s.passes for s in of_type(events, StepEnded)}
+        assert (guidance > 1) == events[0].cfg
+
+
+class TestFailureAndCancellation:
+    @pytest.mark.parametrize("k", [0, 3])
+    def test_exception_in_the_transformer_at_step_k(self, k: int) -> None:
+        """JobFailed names stage denoise and step k; the very same exception reaches the caller."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        calls = {"n": 0}
+        boom = RuntimeError("CUDA error: an illegal memory access (simulated)")
+
+        def explode(module: Any, args: Any) -> None:
+            calls["n"] += 1
+            if calls["n"] == 2 * k + 1:  # first pass of step k (two passes per step)
+                raise boom
+
+        hook = pipe.transformer.register_forward_pre_hook(explode)
+        log = MemoryLog()
+        try:
+            with pytest.raises(RuntimeError) as raised, instrument(pipe, log=log, job="j"):
+                pipe(**call_kwargs("tiny-t2v"))
+        finally:
+            hook.remove()
+        assert raised.value is boom
+        events = events_of(log.read())
+        failed = events[-1]
+        assert isinstance(failed, JobFailed)
+        assert ("denoise", k, "RuntimeError", False) == (
+            failed.stage, failed.step, failed.error_type, failed.oom)
+        assert "illegal memory access" in failed.message
+        assert k == len(of_type(events, StepEnded))
+
+    def test_failure_message_never_holds_the_prompt(self) -> None:
+        """A prompt echoed in an error message is redacted before it is stored."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        prompt = "my secret storyboard prompt"
+
+        def explode(module: Any, args: Any) -> None:
+            raise ValueError(f"bad input for {prompt!r}")
+
+        hook = pipe.transformer.register_forward_pre_hook(explode)
+        log = MemoryLog()
+        try:
+            with pytest.raises(ValueError), instrument(pipe, log=log):
+                pipe(**{**call_kwargs("tiny-t2v"), "prompt": prompt})
+        finally:
+            hook.remove()
+        (failed,) = of_type(events_of(log.read()), JobFailed)
+        assert prompt not in failed.message and "<redacted>" in failed.message
+        (started,) = of_type(events_of(log.read()), JobStarted)
+        assert started.prompt is None and started.prompt_sha256 is not None
+
+    def test_cancel_stops_at_the_next_step_boundary(self) -> None:
+        """cancel() during step k: JobCancelled with k+1 steps done, no decode, and it raises."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        log = MemoryLog()
+        with instrument(pipe, log=log, job="j") as handle:
+
+            def cancel_at_2(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+                if i == 2:
+                    handle.cancel("user asked")
+                return {}
+
+            with pytest.raises(JobCancelledError, match="user asked"):
+                pipe(**call_kwargs("tiny-t2v"), callback_on_step_end=cancel_at_2)
+        events = events_of(log.read())
+        cancelled = events[-1]
+        assert isinstance(cancelled, JobCancelled)
+        assert ("denoise", 3, "user asked") == (cancelled.stage, cancelled.step, cancelled.reason)
+        assert "decode" not in [e.stage for e in of_type(events, StageStarted)]
+
+    def test_pipeline_interrupt_flag_is_reported_as_cancelled(self) -> None:
+        """Setting diffusers' own interrupt flag ends the job as cancelled, not completed."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+
+        def interrupt_at_1(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            if i == 1:
+                p._interrupt = True
+            return {}
+
+        events, _ = recorded(pipe, "tiny-t2v", callback_on_step_end=interrupt_at_1)
+        assert isinstance(events[-1], JobCancelled)
+        assert "interrupted" == events[-1].reason
+        assert 2 == len(of_type(events, StepEnded))
+
+    def test_users_own_callback_still_runs_and_sees_tensors(self) -> None:
+        """A caller's callback gets its tensors and can still change latents."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        seen: list[tuple[int, tuple[int, ...]]] = []
+
+        def mine(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            seen.append((i, tuple(kw["latents"].shape)))
+            return {}
+
+        recorded(pipe, "tiny-t2v", callback_on_step_end=mine)
+        assert list(range(STEPS)) == [i for i, _ in seen]
+
+
+class TestDetach:
+    def test_leaving_the_context_restores_the_pipeline(self) -> None:
+        """No subclass, hooks or wrapped methods remain; later calls emit nothing."""
+        pipe = build_tiny_pipeline("tiny-t2v-a14b")
+        original_class = type(pipe)
+        log = MemoryLog()
+        with instrument(pipe, log=log):
+            assert type(pipe) is not original_class
+        assert type(pipe) is original_class
+        assert type(pipe).__name__ == "WanPipeline"
+        for module in (pipe.transformer, pipe.transformer_2):
+            assert not module._forward_pre_hooks
+        assert "decode" not in vars(pipe.vae)
+        assert "encode_prompt" not in vars(pipe)
+        assert "set_timesteps" not in vars(pipe.scheduler)
+        pipe(**call_kwargs("tiny-t2v-a14b"))
+        assert [] == events_of(log.read())
+
+    def test_each_call_is_a_job(self) -> None:
+        """Two calls in one context are two jobs, named job, job-2."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        log = MemoryLog()
+        with instrument(pipe, log=log, job="clip") as handle:
+            pipe(**call_kwargs("tiny-t2v", steps=2))
+            pipe(**call_kwargs("tiny-t2v", steps=2))
+        assert ["clip", "clip-2"] == handle.jobs
+        completed = [e.job for e in of_type(events_of(log.read()), JobCompleted)]
+        assert ["clip", "clip-2"] == completed
+
+    def test_pipeline_without_step_callback_is_refused(self) -> None:
+        """wantel says plainly when a pipeline offers no way to see its steps."""
+
+        class NoCallback:
+            def __call__(self, prompt: str) -> None: ...
+
+        with pytest.raises(TypeError, match="callback_on_step_end"), instrument(
+            NoCallback(), log=MemoryLog()
+        ):
+            pass
+
+
+class TestRunner:
+    @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-i2v-a14b"])
+    def test_whole_job_is_recorded_and_the_video_decodes(
+        self, variant: str, tmp_path: Path
+    ) -> None:
+        """load → … → save, and the mp4 holds the requested number of frames."""
+        image = tmp_path / "in.png"
+        Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
+        request = GenerationRequest(
+            model=variant, prompt="waves", frames=13, height=32, width=32, steps=3,
+            out=str(tmp_path / "out.mp4"), job="run-1",
+            image=str(image) if variant_spec(variant).needs_image else None)
+        log = MemoryLog()
+        with Emitter(log) as emitter:
+            outcome = generate(prepare(request), emitter)
+        events = events_of(log.read())
+        stages = [e.stage for e in of_type(events, StageStarted)]
+        assert "load" == stages[0] and "save" == stages[-1]
+        completed = events[-1]
+        assert isinstance(completed, JobCompleted)
+        assert (str(tmp_path / "out.mp4"), 13) == (completed.output_path, completed.frames)
+        assert completed.bytes == (tmp_path / "out.mp4").stat().st_size
+        assert 13 == outcome.frames
+        assert 13 == len(list(iio.imiter(tmp_path / "out.mp4")))
+
+    def test_a_killed_writer_leaves_a_job_that_is_not_completed(self, tmp_path: Path) -> None:
+        """SIGKILL mid-denoise: the log replays, and the job is not shown as completed."""
+        script = textwrap.dedent(f"""
+            import os, signal, torch
+            torch.set_num_threads(1)
+            from inference.instrument import instrument
+            from inference.tiny_models import build_tiny_pipeline
+            from telemetry.log.local import LocalLog
+            from telemetry.emitter import Emitter
+            pipe = build_tiny_pipeline("tiny-t2v")
+            emitter = Emitter(LocalLog({str(tmp_path / "log")!r}))
+            def die(p, i, t, kw):
+                if i == 2:
+                    emitter.flush(10)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return {{}}
+            with instrument(pipe, emitter=emitter, job="doomed"):
+                pipe(prompt="x", height=32, width=32, num_frames=9, num_inference_steps=6,
+                     callback_on_step_end=die, output_type="np")
+        """)
+        result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2],
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+        assert -signal.SIGKILL == result.returncode, result.stderr
+        from telemetry.engine import ProjectionEngine
+        from telemetry.projections.jobs import JobsProjection
+
+        engine = ProjectionEngine([JobsProjection()])
+        engine.apply_items(LocalLog(tmp_path / "log", create=False).read())
+        view = engine.states["jobs"].jobs["doomed"]
+        assert ("running", "denoise") == (view.status, view.stage)
+        assert view.steps_done >= 2
+
+
+def test_saved_pipeline_runs_through_wantel_run(tmp_path: Path) -> None:
+    """A saved tiny pipeline loads offline from its directory via `wantel run --model PATH`."""
+    build_tiny_pipeline("tiny-t2v-a14b").save_pretrained(tmp_path / "model")
+    from telemetry.cli import main
+
+    code = main(["run", "--model", str(tmp_path / "model"), "--prompt", "x", "--frames", "5",
+                 "--height", "32", "--width", "32", "--steps", "3", "--log", str(tmp_path / "log"),
+                 "--out", str(tmp_path / "v.mp4"), "--json", "--job", "saved"])
+    assert 0 == code
+    events = events_of(LocalLog(tmp_path / "log", create=False).read())
+    (started,) = of_type(events, JobStarted)
+    assert ("wan2.2", "t2v-A14B", 0.875) == (started.family, started.variant,
+                                             started.boundary_ratio)
+    assert 1 == len(of_type(events, ExpertSwitched))
+    assert isinstance(events[-1], JobCompleted)

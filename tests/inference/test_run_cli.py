@@ -1,0 +1,124 @@
+"""`wantel run`: bad input is refused before any model loads; a good run is summarised."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from telemetry.cli import main
+from telemetry.events import JobStarted
+from telemetry.log.local import LocalLog
+from tests.telemetry.log_contract import events_of
+
+
+@pytest.fixture(name="no_model_loads")
+def _no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything tries to build or load a pipeline."""
+    from inference import models
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the request was checked")
+
+    monkeypatch.setattr(models.ModelChoice, "load", refuse)
+
+
+@pytest.mark.usefixtures("no_model_loads")
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("extra", "message"),
+        [
+            (["--model", "tiny-t2x"], "unknown model 'tiny-t2x'"),
+            (["--model", "tiny-t2v", "--height", "40"],
+             "height=40 is not a positive multiple of 16 (try 32 or 48)"),
+            (["--model", "tiny-ti2v", "--width", "48"], "multiple of 32"),
+            (["--model", "tiny-t2v", "--frames", "10"], "num_frames=10 is not 4k+1 (try 9 or 13)"),
+            (["--model", "tiny-i2v"], "pass --image IMG"),
+            (["--model", "tiny-t2v", "--image", "x.png"], "does not take an image"),
+            (["--model", "tiny-i2v", "--image", "/nonexistent.png"], "no such file"),
+            (["--model", "tiny-t2v", "--out", "/nonexistent/dir/v.mp4"], "does not exist"),
+            (["--model", "tiny-t2v", "--out", "v.txt"], "must end in .mp4"),
+            (["--model", "tiny-t2v", "--device", "cuda"], "no CUDA device"),
+            (["--model", "tiny-t2v", "--steps", "0"], "--steps must be at least 1"),
+            (["--model", "tiny-t2v", "--dtype", "int8"], "--dtype int8"),
+        ],
+    )
+    def test_one_clear_line_and_exit_2(
+        self, extra: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
+        """Each mistake is named with what would work, before any model is loaded."""
+        code = main(["run", "--prompt", "p", "--log", str(tmp_path / "log"), *extra])
+        err = capsys.readouterr().err
+        assert 2 == code
+        assert message in err
+        assert 1 == len(err.strip().splitlines())
+
+    def test_not_a_model_directory(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A directory without model_index.json is not mistaken for a model."""
+        code = main(["run", "--model", str(tmp_path), "--prompt", "p"])
+        assert 2 == code
+        assert "not a diffusers model directory" in capsys.readouterr().err
+
+    def test_not_an_image(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A file that is not an image is refused by name."""
+        fake = tmp_path / "photo.png"
+        fake.write_text("not really a png")
+        code = main(["run", "--model", "tiny-i2v", "--prompt", "p", "--image", str(fake)])
+        assert 2 == code
+        assert "not a readable image" in capsys.readouterr().err
+
+    def test_missing_required_flag(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--model and --prompt are required; argparse says so in one line."""
+        with pytest.raises(SystemExit) as exited:
+            main(["run", "--prompt", "p"])
+        assert 2 == exited.value.code
+        assert "--model" in capsys.readouterr().err
+
+
+class TestGoodRun:
+    def test_json_summary_and_prompt_privacy(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--json summarises the job; the prompt is stored only as a digest by default."""
+        image = tmp_path / "in.png"
+        Image.new("RGB", (32, 32)).save(image)
+        code = main(["run", "--model", "tiny-i2v", "--prompt", "a private idea", "--image",
+                     str(image), "--height", "32", "--width", "32", "--frames", "5",
+                     "--steps", "2", "--log", str(tmp_path / "log"),
+                     "--out", str(tmp_path / "v.mp4"), "--json", "--job", "j1"])
+        assert 0 == code
+        summary = json.loads(capsys.readouterr().out)
+        assert ("j1", "completed", 2, str(tmp_path / "v.mp4")) == (
+            summary["job"], summary["status"], summary["steps"], summary["output"])
+        assert {"load", "text_encode", "image_encode", "denoise", "decode", "save"} <= set(
+            summary["stage_durations"])
+        (started,) = [e for e in events_of(LocalLog(tmp_path / "log").read())
+                      if isinstance(e, JobStarted)]
+        assert started.prompt is None
+        assert len(started.prompt_sha256 or "") == 64
+        raw = b"".join(p.read_bytes() for p in (tmp_path / "log").glob("*.wlog"))
+        assert b"a private idea" not in raw
+
+    def test_record_prompt_opt_in(self, tmp_path: Path) -> None:
+        """--record-prompt stores the prompt text."""
+        code = main(["run", "--model", "tiny-t2v", "--prompt", "keep me", "--height", "32",
+                     "--width", "32", "--frames", "5", "--steps", "2", "--record-prompt",
+                     "--log", str(tmp_path / "log"), "--out", str(tmp_path / "v.mp4"), "--json"])
+        assert 0 == code
+        (started,) = [e for e in events_of(LocalLog(tmp_path / "log").read())
+                      if isinstance(e, JobStarted)]
+        assert "keep me" == started.prompt
+
+
+def test_help_teaches_the_models(capsys: pytest.CaptureFixture[str]) -> None:
+    """`wantel run --help` lists the tiny variants and the size rules."""
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "tiny-t2v-a14b" in out and "4k+1" in out
+    assert sys.executable  # the help needs no model and no GPU
