@@ -106,6 +106,7 @@ class ProjectionEngine:
         folds = [(p.name, p.apply) for p in self.projections]
         states = self.states
         applied = 0
+        newest_ts = self.health.last_event_ts or 0
         position = batch.first + start
         for event in events[start:] if start else events:
             job, seq = event.job, event.seq
@@ -114,6 +115,8 @@ class ProjectionEngine:
                 position += 1
                 continue
             last_seq[job] = seq
+            if event.ts > newest_ts:
+                newest_ts = event.ts
             type_name = type(event).__name__
             counts[type_name] = counts.get(type_name, 0) + 1
             for name, fold in folds:
@@ -123,8 +126,8 @@ class ProjectionEngine:
                     self._record_failure(name, position, event, exc)
             position += 1
             applied += 1
-        if events:
-            self.health.last_event_ts = max(self.health.last_event_ts or 0, events[-1].ts)
+        if applied:
+            self.health.last_event_ts = newest_ts
         self.position = max(self.position, batch.next)
         return applied
 
