@@ -46,6 +46,11 @@ COMMANDS: tuple[Command, ...] = (
         "generate a video with a tiny offline Wan model or a local diffusers model, "
         "recording every stage",
     ),
+    Command(
+        "demo",
+        "inference.demo",
+        "run tiny jobs of every Wan layout into the log and summarise them (no GPU needed)",
+    ),
     Command("cat", "telemetry.commands.cat", "print the log's events as JSON Lines"),
     Command(
         "replay",
