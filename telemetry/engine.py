@@ -115,7 +115,7 @@ class ProjectionEngine:
                 position += 1
                 continue
             last_seq[job] = seq
-            if event.ts > newest_ts:
+            if event.ts > newest_ts:  # noqa: PLR1730 - cheaper than max() per event
                 newest_ts = event.ts
             type_name = type(event).__name__
             counts[type_name] = counts.get(type_name, 0) + 1
