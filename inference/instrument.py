@@ -127,6 +127,7 @@ class _Session:
         self._hooks: list[Any] = []
         self._wrapped: list[tuple[Any, str]] = []
         self._calls = 0
+        self.recorders: list[JobRecorder] = []
 
     # -- attach / detach ------------------------------------------------------------------
 
@@ -332,6 +333,7 @@ class _Session:
             recorder = JobRecorder(self.emitter, job, timer=timer_for(device),
                                    memory=MemoryReader(device))
         self.handle.jobs.append(recorder.job)
+        self.recorders.append(recorder)
         return recorder
 
     def _emit_job_started(self, recorder: JobRecorder, pipe: Any, request: _Request) -> None:
@@ -451,4 +453,7 @@ def instrument(
     finally:
         session.detach()
         if own_emitter:
+            # The emitter is ours to close: let device marks still in flight resolve first.
+            for job_recorder in session.recorders:
+                job_recorder.wait_resolved(timeout=30.0)
             active.close()

@@ -137,6 +137,15 @@ class JobRecorder:
                 self.emitter.emit(head.build(offsets))
             return True
 
+    def wait_resolved(self, timeout: float) -> bool:
+        """Poll until every event is emitted (only when closing: this waits for the device)."""
+        deadline = time.monotonic() + timeout
+        while not self.pump():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
     def finish(self) -> None:
         """Emit what is ready; leave the rest to a background resolver (CUDA only)."""
         if not self.pump():
