@@ -16,6 +16,7 @@ sees it. ``close()`` (also run at interpreter exit) flushes what it can.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import itertools
 import os
@@ -152,14 +153,13 @@ class Emitter:
         """Wait until every event emitted before this call is appended (or dropped)."""
         target = next(self._stamps)
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._wake.set()
+        self._wake.set()  # once: waking the writer in a loop would defeat its retry backoff
         with self._done:
             while not self._flushed_up_to(target):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._done.wait(remaining if remaining is not None else 0.1)
-                self._wake.set()
+                self._done.wait(min(remaining, 0.1) if remaining is not None else 0.1)
         return True
 
     def _flushed_up_to(self, target: int) -> bool:
@@ -186,8 +186,9 @@ class Emitter:
         if leftover:
             with self._drop_lock:
                 self._dropped["log_unavailable"] += leftover
-            _log.error("telemetry events lost at shutdown: the log stayed unwritable",
-                       events=leftover, worker=self.worker)
+            with contextlib.suppress(Exception):
+                _log.error("telemetry events lost at shutdown: the log stayed unwritable",
+                           events=leftover, worker=self.worker)
 
     def stats(self) -> EmitterStats:
         """Counts so far, for the telemetry-health exports."""
@@ -211,6 +212,16 @@ class Emitter:
     # -- the background thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        """The writer loop; it must outlive any error, or telemetry would silently stop."""
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception as exc:  # a bug or a broken logger: count it, keep writing
+                self._errors[f"internal_{type(exc).__name__}"] += 1
+                time.sleep(self._backoff_min)
+
+    def _loop(self) -> None:
         backoff = self._backoff_min
         while True:
             self._wake.wait(self._flush_interval)
@@ -278,8 +289,9 @@ class Emitter:
             kind = _error_kind(exc)
             self._errors[kind] += 1
             if self._errors[kind] == 1:
-                _log.error("telemetry log append failed; events kept for retry",
-                           error=kind, detail=str(exc), worker=self.worker)
+                with contextlib.suppress(Exception):  # stderr may sit on the same full disk
+                    _log.error("telemetry log append failed; events kept for retry",
+                               error=kind, detail=str(exc), worker=self.worker)
             return False
         self._pending = []
         return True

@@ -198,12 +198,21 @@ class LocalLog(EventLog):
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        if self._lock_fd is None:
-            try:
-                self._lock_fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise LogError(f"cannot open {self.path / LOCK_FILE}: {exc.strerror}") from exc
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        """Hold the log's lock; a lock file that was removed or replaced is reopened first."""
+        while True:
+            if self._lock_fd is None:
+                try:
+                    self._lock_fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                except OSError as exc:
+                    raise LogError(
+                        f"cannot open {self.path / LOCK_FILE}: {exc.strerror}") from exc
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            if _same_file(self.path / LOCK_FILE, self._lock_fd):
+                break
+            # Locking a file nobody else can open any more excludes no one: start over.
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            self._close_writer_fd()
         try:
             yield
         finally:
@@ -211,7 +220,17 @@ class LocalLog(EventLog):
 
     def _sync_writer(self) -> None:
         """Bring this writer's view of the active segment up to date (under the lock)."""
+        if self._wfd is not None and not _same_file(
+                self.path / segment_name(self._wbase), self._wfd):
+            # The segment (or the whole directory) was removed under us: appending to the
+            # orphaned file would "succeed" and lose everything. Start again from what exists.
+            self._close_writer_fd()
         if self._wfd is None:
+            if not self.path.is_dir():
+                missing = FileNotFoundError(errno.ENOENT, "log directory is gone", str(self.path))
+                raise LogError(f"the log directory {self.path} no longer exists") from missing
+            if not (self.path / META_FILE).exists():
+                self._create(self.segment_bytes)  # emptied, or recreated empty: a fresh log
             segments = self.segments()
             if segments:
                 self._open_segment(*segments[-1])
@@ -222,8 +241,9 @@ class LocalLog(EventLog):
         if size != self._wend:
             self._validate_tail(size)
         while self._wend >= self.segment_bytes:
-            latest_base, latest_path = self.segments()[-1]
-            if latest_base == self._wbase:
+            segments = self.segments()
+            latest_base, latest_path = segments[-1] if segments else (self._wbase, None)
+            if latest_base == self._wbase or latest_path is None:
                 self._new_segment(self._wnext)
             else:
                 self._open_segment(latest_base, latest_path)
@@ -422,7 +442,11 @@ class _Cursor:
                 following = self._next_segment()
                 if following is None:
                     return
-                self._open(*following)
+                # A newer segment exists, so this one is final — but it may have grown between
+                # our last read and the rotation: look once more before moving on.
+                self.buf = b""
+                if len(self._bytes(self.offset, framing.HEADER_SIZE)) == 0:
+                    self._open(*following)
                 continue
             header = framing.parse_header(head)
             if header is None:
@@ -443,13 +467,19 @@ class _Cursor:
     def _resync(self, reason: str) -> Generator[ReadItem, None, bool]:
         """Skip damage to the next valid frame. Returns False to wait (damage at the live tail)."""
         assert self.fd is not None
+        # Look for a newer segment *before* re-reading this one: once one exists, this segment
+        # is final, so what we read next is all it will ever hold.
+        following = self._next_segment()
+        self.buf = b""
+        if self._complete_frame_at_offset():
+            return True  # it was being written; it is whole now
         size = os.fstat(self.fd).st_size
         rest = os.pread(self.fd, size - self.offset, self.offset)
         resume = framing.find_next_header(rest, 1)
-        following = self._next_segment()
         if resume == -1 and following is None:
             return False  # the newest segment's tail: a writer may be mid-write, or will truncate
         where = f"{segment_name(self.base or 0)} offset {self.offset}"
+        expected = self.next
         if resume == -1:
             assert following is not None
             lost_until = following[0]
@@ -459,14 +489,21 @@ class _Cursor:
             header = framing.parse_header(self._bytes(self.offset, framing.HEADER_SIZE))
             assert header is not None
             lost_until = header.first
-        lost = lost_until - self.next if lost_until > self.next else None
-        notice = Quarantined(self.next if lost else None, lost, max(lost_until, self.next),
+        lost = lost_until - expected if lost_until > expected else None
+        notice = Quarantined(expected if lost else None, lost, max(lost_until, expected),
                              where, reason)
         self.next = notice.next
         self._quarantine(notice)
         if notice.next > self.skip_before:
             yield notice
         return True
+
+    def _complete_frame_at_offset(self) -> bool:
+        header = framing.parse_header(self._bytes(self.offset, framing.HEADER_SIZE))
+        if header is None:
+            return False
+        body = self._bytes(self.offset + framing.HEADER_SIZE, header.body_len)
+        return len(body) == header.body_len
 
     def _quarantine(self, notice: Quarantined) -> None:
         _log.warning("quarantined damaged records", where=notice.where, reason=notice.reason,
@@ -524,6 +561,16 @@ def _write_all(fd: int, data: bytes) -> None:
         if written == 0:
             raise OSError(errno.EIO, "write returned 0")
         view = view[written:]
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
 
 
 def _fsync_dir(path: Path) -> None:
