@@ -15,12 +15,10 @@ from PIL import Image
 
 from inference.runner import GenerationRequest, generate, prepare
 from inference.tiny_models import TINY_VARIANTS, variant_spec
-from telemetry.commands.replay import print_table
+from telemetry.commands.replay import print_table, replay
 from telemetry.config import resolve_log_dir
 from telemetry.emitter import Emitter
-from telemetry.engine import ProjectionEngine
 from telemetry.log.local import LocalLog
-from telemetry.projections.jobs import JobsProjection
 
 PROMPTS = ("a paper boat drifting down a rainy street", "a fox running through fresh snow",
            "timelapse of clouds over a mountain lake")
@@ -61,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
                     )
                     outcome = generate(prepare(request), emitter)
                     print(f"wantel demo: {variant:<14} job {outcome.job} -> {outcome.output}")
-    engine = ProjectionEngine([JobsProjection()])
-    engine.apply_items(log.read())
+    engine = replay(log.read())
     print()
     print_table(list(engine.states["jobs"].jobs.values()), engine)
     print(f"\nThe log is in {log.path}/. Look at it with: wantel replay --log {log.path}"

@@ -53,6 +53,9 @@ STAGE_METHODS: Final[tuple[tuple[str, str, Stage], ...]] = (
 )
 
 
+_ABSENT: Final = object()  # "no instance attribute was there before we wrapped"
+
+
 class JobCancelledError(Exception):
     """Raised out of ``pipe(...)`` when :meth:`Instrumented.cancel` stopped the job."""
 
@@ -125,9 +128,11 @@ class _Session:
         self.secrets: tuple[str, ...] = ()
         self._original_class = type(pipe)
         self._hooks: list[Any] = []
-        self._wrapped: list[tuple[Any, str]] = []
+        self._wrapped: list[tuple[Any, str, Any]] = []
         self._calls = 0
         self.recorders: list[JobRecorder] = []
+        self._device: torch.device | None = None
+        self._readers: dict[str, MemoryReader] = {}
 
     # -- attach / detach ------------------------------------------------------------------
 
@@ -160,11 +165,17 @@ class _Session:
         self.pipe.__class__ = self._original_class
         for hook in self._hooks:
             hook.remove()
-        for owner, method in reversed(self._wrapped):
-            with contextlib.suppress(AttributeError):
-                delattr(owner, method)
+        for owner, method, previous in reversed(self._wrapped):
+            if previous is _ABSENT:
+                with contextlib.suppress(AttributeError):
+                    delattr(owner, method)
+            else:  # the caller had its own instance-level wrapper: put it back
+                setattr(owner, method, previous)
         self._hooks.clear()
         self._wrapped.clear()
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def _experts(self) -> dict[str, Expert | None]:
         """``transformer`` → high_noise and ``transformer_2`` → low_noise when both exist."""
@@ -193,8 +204,8 @@ class _Session:
                 self.denoise_start = recorder.stage_started("denoise")
             return result
 
+        self._wrapped.append((owner, method, vars(owner).get(method, _ABSENT)))
         setattr(owner, method, wrapper)  # an instance attribute shadows the class's method
-        self._wrapped.append((owner, method))
 
     def _wrap_set_timesteps(self, scheduler: Any) -> None:
         original = scheduler.set_timesteps
@@ -205,8 +216,9 @@ class _Session:
                 self._schedule_on_cpu(scheduler, args, kwargs)
             return result
 
+        self._wrapped.append((scheduler, "set_timesteps",
+                              vars(scheduler).get("set_timesteps", _ABSENT)))
         scheduler.set_timesteps = set_timesteps
-        self._wrapped.append((scheduler, "set_timesteps"))
 
     def _schedule_on_cpu(self, scheduler: Any, args: tuple[Any, ...],
                          kwargs: dict[str, Any]) -> None:
@@ -329,12 +341,25 @@ class _Session:
                 job = uuid.uuid4().hex
             else:
                 job = self.job if self._calls == 1 else f"{self.job}-{self._calls}"
-            device = _execution_device(pipe)
+            device = self.device(pipe)
             recorder = JobRecorder(self.emitter, job, timer=timer_for(device),
-                                   memory=MemoryReader(device))
+                                   memory=self.memory_reader(device))
         self.handle.jobs.append(recorder.job)
         self.recorders.append(recorder)
         return recorder
+
+    def device(self, pipe: Any) -> torch.device:
+        """The pipeline's execution device, looked up once per context (it costs ms)."""
+        if self._device is None:
+            self._device = _execution_device(pipe)
+        return self._device
+
+    def memory_reader(self, device: torch.device) -> MemoryReader:
+        """One reader per device for the whole context (it holds a file descriptor)."""
+        key = str(device)
+        if key not in self._readers:
+            self._readers[key] = MemoryReader(device)
+        return self._readers[key]
 
     def _emit_job_started(self, recorder: JobRecorder, pipe: Any, request: _Request) -> None:
         facts = describe_pipeline(pipe)
@@ -351,7 +376,7 @@ class _Session:
             guidance_scale_2=float(guidance_2) if guidance_2 is not None else None,
             cfg=guidance > 1.0, boundary_ratio=facts["boundary_ratio"],
             seed=generator.initial_seed() if isinstance(generator, torch.Generator) else None,
-            device=device_info(_execution_device(pipe)), options=self.options,
+            device=device_info(self.device(pipe)), options=self.options,
             prompt=request.get("prompt"), record_prompt=self.record_prompt,
             traceparent=self.traceparent,
         )

@@ -18,24 +18,25 @@ import torch
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def _device_name(device: torch.device) -> str:
+    """``cuda:0``, ``cpu``…: the ``device`` label of memory metrics."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else 0
+        return f"cuda:{index}"
+    return device.type
+
+
 class MemoryReader:
     """Reads the memory of the device a pipeline runs on, cheaply enough for every step."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
+        self.device_name = _device_name(device)
         self._statm: int | None = None
         if not self.is_cuda:
             with contextlib.suppress(OSError):
                 self._statm = os.open("/proc/self/statm", os.O_RDONLY)
-
-    @property
-    def device_name(self) -> str:
-        """``cuda:0``, ``cpu``…: the ``device`` label of memory metrics."""
-        if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else 0
-            return f"cuda:{index}"
-        return self.device.type
 
     def reset_peak(self) -> None:
         """Start a job's peak from now (host-side bookkeeping only)."""
@@ -69,3 +70,6 @@ class MemoryReader:
             with contextlib.suppress(OSError):
                 os.close(self._statm)
             self._statm = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from inference.memory import MemoryReader
-from inference.timing import Timer
+from inference.timing import HostTimer, Timer
 from telemetry.emitter import Emitter
 from telemetry.events import (
     DeviceInfo,
@@ -112,10 +112,16 @@ class JobRecorder:
         self.steps_done = 0
         self._queue: deque[_Deferred] = deque()
         self._lock = threading.Lock()
+        self._immediate = isinstance(timer, HostTimer)
 
     # -- ordering and resolution ----------------------------------------------------------
 
     def _defer(self, marks: tuple[Any, ...], build: Callable[[list[int]], Event]) -> None:
+        if self._immediate and not self._queue:
+            # Host timers resolve at once: emit now, skipping the queue (the common CPU path).
+            origin = self.origin
+            self.emitter.emit(build([mark - origin for mark in marks]))
+            return
         with self._lock:
             self._queue.append(_Deferred(marks, build))
 

@@ -178,9 +178,18 @@ def generate(
     ``on_instrumented(handle)`` receives the :class:`~inference.instrument.Instrumented` handle
     once the pipeline is loaded, so a caller can cancel the job from another thread.
     """
+    memory = MemoryReader(prepared.device)
+    try:
+        return _generate(prepared, emitter, memory, on_instrumented)
+    finally:
+        memory.close()
+
+
+def _generate(prepared: PreparedRequest, emitter: Emitter, memory: MemoryReader,
+              on_instrumented: Any) -> Outcome:
     request, model = prepared.request, prepared.model
     recorder = JobRecorder(emitter, prepared.job, timer=timer_for(prepared.device),
-                           memory=MemoryReader(prepared.device))
+                           memory=memory)
     recorder.job_started(
         model=model.name, family=model.spec.family, variant=model.variant, task=model.spec.task,
         width=prepared.width, height=prepared.height, num_frames=prepared.frames,
@@ -188,7 +197,7 @@ def generate(
         boundary_ratio=model.spec.boundary_ratio, seed=request.seed,
         device=device_info(prepared.device),
         options={"dtype": str(prepared.dtype).removeprefix("torch."), "offload": False,
-                 **request.options},
+                 "stages": "load,save", **request.options},
         prompt=request.prompt, record_prompt=request.record_prompt,
         traceparent=request.traceparent,
     )

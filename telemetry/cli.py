@@ -51,6 +51,11 @@ COMMANDS: tuple[Command, ...] = (
         "inference.demo",
         "run tiny jobs of every Wan layout into the log and summarise them (no GPU needed)",
     ),
+    Command(
+        "eta",
+        "telemetry.commands.eta",
+        "calibrate the ETA model from the log (fit) and score it against baselines (eval)",
+    ),
     Command("cat", "telemetry.commands.cat", "print the log's events as JSON Lines"),
     Command(
         "replay",

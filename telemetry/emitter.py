@@ -39,6 +39,7 @@ from telemetry.events import (
     Event,
     EventsDropped,
     Priority,
+    WorkerHeartbeat,
     stream_of_worker,
 )
 from telemetry.log.base import EventLog
@@ -47,7 +48,9 @@ _log = structlog.get_logger("wantel.emitter")
 
 DEFAULT_CAPACITY: Final = 65_536
 DEFAULT_MAX_BATCH: Final = 4_096
-DEFAULT_FLUSH_INTERVAL: Final = 0.02
+DEFAULT_FLUSH_INTERVAL: Final = 0.05
+IDLE_INTERVAL: Final = 0.5  # the writer sleeps this long when idle; a new event wakes it
+ENDED_STREAMS_KEPT: Final = 4096
 _Stamped = tuple[int, Event]
 
 
@@ -81,6 +84,8 @@ class Emitter:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         retry_backoff: tuple[float, float] = (0.05, 2.0),
         clock_ns: Callable[[], int] = time.time_ns,
+        heartbeat_interval: float | None = 10.0,
+        devices: tuple[str, ...] = (),
     ) -> None:
         self.log = log
         self.worker = worker or default_worker_name()
@@ -89,6 +94,9 @@ class Emitter:
         self._flush_interval = flush_interval
         self._backoff_min, self._backoff_max = retry_backoff
         self._clock_ns = clock_ns
+        self._heartbeat_interval = heartbeat_interval
+        self._next_heartbeat = time.monotonic()
+        self.devices = devices
         self._queues: tuple[deque[_Stamped], ...] = (deque(), deque(), deque())
         self._stamps = itertools.count()
         self._wake = threading.Event()
@@ -99,6 +107,7 @@ class Emitter:
         self._errors: Counter[str] = Counter()
         self._pending: list[_Stamped] = []
         self._next_seq: dict[str, int] = {}
+        self._ended: dict[str, int] = {}
         self._emitted = 0
         self._appended = 0
         self._closing = False
@@ -124,9 +133,11 @@ class Emitter:
                 self._make_room(priority)
             ):
                 return
-            queues[priority].append((next(self._stamps), event))
+            queue = queues[priority]
+            wake = priority == Priority.LIFECYCLE or not (queues[0] or queues[1] or queues[2])
+            queue.append((next(self._stamps), event))
             self._emitted += 1
-            if priority == Priority.LIFECYCLE:
+            if wake:  # lifecycle events go out at once; so does the first event after a lull
                 self._wake.set()
         except Exception:  # telemetry must never break the generation
             self._count_drop("emit_error")
@@ -223,12 +234,18 @@ class Emitter:
 
     def _loop(self) -> None:
         backoff = self._backoff_min
+        interval = self._flush_interval
         while True:
-            self._wake.wait(self._flush_interval)
+            self._wake.wait(interval)
             self._wake.clear()
+            if self._closed or any(self._queues) or self._pending:
+                interval = self._flush_interval  # busy: batch for flush_interval
+            else:
+                interval = IDLE_INTERVAL  # idle: sleep until an event wakes us
             if not self._pending:
                 self._pending = self._drain()
                 self._add_drop_report()
+                self._add_heartbeat()
             if self._pending:
                 if self._write_pending():
                     backoff = self._backoff_min
@@ -250,16 +267,22 @@ class Emitter:
             for _ in range(len(queue)):
                 items.append(queue.popleft())
         items.sort(key=_stamp_of)
-        next_seq = self._next_seq
+        next_seq, ended = self._next_seq, self._ended
         for _, event in items:
             stream = event.job
             if event.seq == UNSEQUENCED:
-                force_setattr(event, "seq", next_seq.get(stream, 0))
+                seq = next_seq.get(stream)
+                if seq is None:
+                    seq = ended.pop(stream, 0)  # a late sample of a finished job continues on
+                force_setattr(event, "seq", seq)
             next_seq[stream] = event.seq + 1
             if event.worker is None:
                 force_setattr(event, "worker", self.worker)
             if isinstance(event, TERMINAL_TYPES):
-                del next_seq[stream]
+                # Remember a finished stream's next seq for a while (late samples), bounded.
+                ended[stream] = next_seq.pop(stream)
+                if len(ended) > ENDED_STREAMS_KEPT:
+                    del ended[next(iter(ended))]
         return items
 
     def _add_drop_report(self) -> None:
@@ -275,6 +298,18 @@ class Emitter:
         report = EventsDropped(job=stream, seq=seq, ts=self._clock_ns(), worker=self.worker,
                                counts=counts)
         self._pending.append((-1, report))
+
+    def _add_heartbeat(self) -> None:
+        """A ``WorkerHeartbeat`` every ``heartbeat_interval`` s, so dead workers can be told."""
+        if self._heartbeat_interval is None or time.monotonic() < self._next_heartbeat:
+            return
+        self._next_heartbeat = time.monotonic() + self._heartbeat_interval
+        stream = stream_of_worker(self.worker)
+        seq = self._next_seq.get(stream, 0)
+        self._next_seq[stream] = seq + 1
+        self._pending.append((-1, WorkerHeartbeat(
+            job=stream, seq=seq, ts=self._clock_ns(), worker=self.worker,
+            host=socket.gethostname(), pid=os.getpid(), devices=self.devices)))
 
     def _write_pending(self) -> bool:
         """Append the pending events; on failure keep them for a retry and report once."""

@@ -225,6 +225,20 @@ class EventsDropped(Event, frozen=True, kw_only=True):
     counts: dict[str, int]
 
 
+class EtaCalibrated(Event, frozen=True, kw_only=True):
+    """``wantel eta fit`` calibrated the ETA model; jobs that start after it use these figures.
+
+    Recording the calibration in the log keeps replay deterministic: a projection uses the
+    latest calibration at each position, never one read from elsewhere.
+    """
+
+    coefficients: dict[str, tuple[float, ...]]
+    rel_sigma: dict[str, float] = {}
+    warmup: dict[str, float] = {}
+    quantiles: dict[str, tuple[float, float]] = {}
+    jobs: int = 0
+
+
 AnyEvent = (
     JobQueued
     | JobStarted
@@ -239,6 +253,7 @@ AnyEvent = (
     | JobCancelled
     | WorkerHeartbeat
     | EventsDropped
+    | EtaCalibrated
 )
 
 EVENT_TYPES: Final[tuple[type[Event], ...]] = (
@@ -255,6 +270,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     JobCancelled,
     WorkerHeartbeat,
     EventsDropped,
+    EtaCalibrated,
 )
 EVENT_TYPES_BY_NAME: Final[dict[str, type[Event]]] = {cls.__name__: cls for cls in EVENT_TYPES}
 
@@ -278,6 +294,10 @@ PRIORITY: Final[dict[type[Event], int]] = {
     WorkerHeartbeat: Priority.SAMPLE,
     StepEnded: Priority.STEP,
 }
+
+
+#: The stream calibrations are recorded in.
+ETA_STREAM: Final = "wantel/eta"
 
 
 def stream_of_worker(worker: str) -> str:

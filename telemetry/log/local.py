@@ -108,6 +108,8 @@ class LocalLog(EventLog):
             self._create(segment_bytes)
         self.segment_bytes = self._read_meta()
         self._thread_lock = threading.Lock()
+        self._lock_path = str(self.path / LOCK_FILE)
+        self._wpath = ""  # the active segment's path, as a string (stat-ed on every append)
         self._lock_fd: int | None = None
         self._wfd: int | None = None
         self._wbase: Position = 0
@@ -207,7 +209,7 @@ class LocalLog(EventLog):
                     raise LogError(
                         f"cannot open {self.path / LOCK_FILE}: {exc.strerror}") from exc
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            if _same_file(self.path / LOCK_FILE, self._lock_fd):
+            if _same_file(self._lock_path, self._lock_fd):
                 break
             # Locking a file nobody else can open any more excludes no one: start over.
             os.close(self._lock_fd)
@@ -220,8 +222,7 @@ class LocalLog(EventLog):
 
     def _sync_writer(self) -> None:
         """Bring this writer's view of the active segment up to date (under the lock)."""
-        if self._wfd is not None and not _same_file(
-                self.path / segment_name(self._wbase), self._wfd):
+        if self._wfd is not None and not _same_file(self._wpath, self._wfd):
             # The segment (or the whole directory) was removed under us: appending to the
             # orphaned file would "succeed" and lose everything. Start again from what exists.
             self._close_writer_fd()
@@ -255,7 +256,7 @@ class LocalLog(EventLog):
             self._wfd = os.open(path, os.O_RDWR | os.O_APPEND)
         except OSError as exc:
             raise LogError(f"cannot open {path}: {exc.strerror}") from exc
-        self._wbase, self._wend, self._wnext = base, 0, base
+        self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
 
     def _new_segment(self, base: Position) -> None:
         self._close_writer_fd()
@@ -265,7 +266,7 @@ class LocalLog(EventLog):
             _fsync_dir(self.path)
         except OSError as exc:
             raise LogError(f"cannot create {path}: {exc.strerror}") from exc
-        self._wbase, self._wend, self._wnext = base, 0, base
+        self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
 
     def _validate_tail(self, size: int) -> None:
         """Walk frames from the validated end to ``size``; truncate a torn last frame."""
@@ -563,7 +564,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _same_file(path: Path, fd: int) -> bool:
+def _same_file(path: str, fd: int) -> bool:
     """Whether ``path`` still names the file open as ``fd``."""
     try:
         named = os.stat(path)

@@ -21,9 +21,10 @@ from telemetry.events import (
     StageEnded,
     StageStarted,
     StepEnded,
+    WorkerHeartbeat,
 )
 
-TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled", "abandoned"})
 
 
 class StageSpan(msgspec.Struct, kw_only=True):
@@ -92,34 +93,109 @@ class JobView(msgspec.Struct, kw_only=True):
         return totals
 
 
+class WorkerView(msgspec.Struct, kw_only=True):
+    """A process that emits events: when it was last heard from."""
+
+    worker: str
+    last_ts: int
+    host: str | None = None
+    pid: int | None = None
+    devices: tuple[str, ...] = ()
+
+
 class JobsState(msgspec.Struct, kw_only=True):
-    """All jobs by id, in the order they first appeared."""
+    """All jobs by id, in the order they first appeared, and the workers running them."""
 
     jobs: dict[str, JobView] = {}
+    workers: dict[str, WorkerView] = {}
+    active: dict[str, None] = {}  # jobs queued or running (an ordered set)
+    finished: dict[str, None] = {}  # ended jobs, oldest first (an ordered set)
+    now_ts: int = 0  # the newest event time seen: the projection's "now"
+    swept_ts: int = 0
+
+    def alive_workers(self, timeout_s: float) -> list[WorkerView]:
+        """Workers heard from within ``timeout_s`` of the newest event."""
+        horizon = self.now_ts - int(timeout_s * 1e9)
+        return [w for w in self.workers.values() if w.last_ts >= horizon]
 
 
 class JobsProjection:
-    """Fold lifecycle, stage and step events into :class:`JobView`\\ s."""
+    """Fold lifecycle, stage and step events into :class:`JobView`\\ s.
+
+    A job whose worker has been silent for ``abandon_after_s`` (in event time: the newest
+    event's ``ts``, never the clock) becomes ``abandoned``. With ``keep_finished``, only that
+    many ended jobs are kept (a long-running server's memory stays flat).
+    """
 
     name = "jobs"
-    version = 1
+    version = 2
     state_type = JobsState
+
+    def __init__(self, *, abandon_after_s: float = 60.0, keep_finished: int | None = None):
+        self.abandon_after_ns = int(abandon_after_s * 1e9)
+        self.keep_finished = keep_finished
 
     def initial(self) -> JobsState:
         """No jobs yet."""
         return JobsState()
 
     def apply(self, state: JobsState, event: Event) -> JobsState:
-        """Update the job the event belongs to; events of worker streams are ignored."""
+        """Update the job the event belongs to, and its worker's liveness."""
+        ts = event.ts
+        if ts > state.now_ts:  # noqa: PLR1730 - cheaper than max() on every event
+            state.now_ts = ts
+        worker = event.worker
+        if worker is not None:
+            seen = state.workers.get(worker)
+            if seen is None:
+                state.workers[worker] = WorkerView(worker=worker, last_ts=ts)
+            elif ts > seen.last_ts:
+                seen.last_ts = ts
+        if type(event) is WorkerHeartbeat:
+            assert isinstance(event, WorkerHeartbeat) and worker is not None
+            view_w = state.workers[worker]
+            view_w.host, view_w.pid, view_w.devices = event.host, event.pid, event.devices
+        if state.now_ts - state.swept_ts >= 1_000_000_000:
+            self._sweep(state)
         handler = _HANDLERS.get(type(event))
         if handler is None:
             return state
         view = state.jobs.get(event.job)
         if view is None:
             view = state.jobs[event.job] = JobView(job=event.job)
-        view.last_ts = event.ts
+        view.last_ts = ts
         handler(view, event)
+        if view.status in TERMINAL_STATUSES:
+            state.active.pop(event.job, None)
+            state.finished[event.job] = None
+            self._forget_old(state)
+        else:
+            state.active[event.job] = None
         return state
+
+    def _sweep(self, state: JobsState) -> None:
+        """Mark the jobs of silent workers abandoned."""
+        state.swept_ts = state.now_ts
+        horizon = state.now_ts - self.abandon_after_ns
+        for job in list(state.active):
+            view = state.jobs[job]
+            if view.status != "running" or view.worker is None:
+                continue
+            worker = state.workers.get(view.worker)
+            if worker is not None and worker.last_ts < horizon:
+                view.status = "abandoned"
+                view.stage = None
+                state.active.pop(job)
+                state.finished[job] = None
+        self._forget_old(state)
+
+    def _forget_old(self, state: JobsState) -> None:
+        if self.keep_finished is None:
+            return
+        while len(state.finished) > self.keep_finished:
+            oldest = next(iter(state.finished))
+            del state.finished[oldest]
+            state.jobs.pop(oldest, None)
 
 
 def _queued(view: JobView, event: Event) -> None:

@@ -65,7 +65,8 @@ def check_stalled(stalled: dict[str, Any], kind: str) -> None:
     assert stalled["errors"][kind] >= 1
     full = {k: v for k, v in stalled["dropped"].items() if k.startswith("queue_full_")}
     assert full and all(v > 0 for v in full.values()), stalled
-    assert stalled["queued"] + stalled["in_flight"] <= 2 * CAPACITY + 1, "memory is not bounded"
+    # Bounded: the queue, one drained batch, and the drop report and heartbeat that ride along.
+    assert stalled["queued"] + stalled["in_flight"] <= 2 * CAPACITY + 2, "memory is not bounded"
 
 
 def check_logged_once(stderr: str, kinds: list[str]) -> None:
@@ -105,8 +106,8 @@ def check_delivered(log_dir: Path, final: dict[str, Any], *, removed_with_dir: i
     assert emitted, "none of the retried events arrived"
     stamps = [e.ts for e in emitted]
     assert stamps == sorted(set(stamps)), "emission order lost, or an event stored twice"
-    reports = by_job["worker/w-fail"]
-    assert reports and all(isinstance(r, EventsDropped) for r in reports)
+    reports = [e for e in by_job["worker/w-fail"] if isinstance(e, EventsDropped)]
+    assert reports
     assert reports[-1].counts == final["dropped"]
     engine = ProjectionEngine([JobsProjection()])
     assert engine.apply_items(items) == len(events)

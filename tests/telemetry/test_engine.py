@@ -28,10 +28,17 @@ from telemetry.log.local import LocalLog
 from telemetry.log.memory import MemoryLog
 from telemetry.projections.jobs import JobsProjection, JobsState
 
+SECOND = 1_000_000_000
+
+
+def step_ts(i: int) -> int:
+    """When step ``i`` of a test job ends: steps of 0.25 s from t = 2 s."""
+    return 2 * SECOND + (i + 1) * SECOND // 4
+
 
 def started(job: str, seq: int = 0, steps: int = 4) -> JobStarted:
     """A JobStarted of a tiny CPU job."""
-    return JobStarted(job=job, seq=seq, ts=1_000, model="tiny-t2v", family="wan2.1",
+    return JobStarted(job=job, seq=seq, ts=SECOND, model="tiny-t2v", family="wan2.1",
                       variant="tiny-t2v", task="t2v", width=32, height=32, num_frames=9,
                       steps=steps, guidance_scale=5.0, cfg=True,
                       device=DeviceInfo(kind="cpu", name="cpu"))
@@ -40,18 +47,19 @@ def started(job: str, seq: int = 0, steps: int = 4) -> JobStarted:
 def a_job(job: str, steps: int = 4, *, fail_at: int | None = None) -> list[Event]:
     """A whole job's events with consecutive seqs; it fails at ``fail_at`` if given."""
     events: list[Event] = [started(job, steps=steps),
-                           StageStarted(job=job, seq=1, ts=2_000, stage="denoise")]
+                           StageStarted(job=job, seq=1, ts=2 * SECOND, stage="denoise")]
     for i in range(steps):
         if fail_at == i:
-            events.append(JobFailed(job=job, seq=len(events), ts=3_000 + i, duration_s=1.0,
+            events.append(JobFailed(job=job, seq=len(events), ts=step_ts(i), duration_s=1.0,
                                     stage="denoise", step=i, error_type="RuntimeError",
                                     message="boom"))
             return events
-        events.append(StepEnded(job=job, seq=len(events), ts=3_000 + i, step=i,
+        events.append(StepEnded(job=job, seq=len(events), ts=step_ts(i), step=i,
                                 total_steps=steps, timestep=float(1000 - i), duration_s=0.25))
-    events.append(StageEnded(job=job, seq=len(events), ts=9_000, stage="denoise",
+    events.append(StageEnded(job=job, seq=len(events), ts=step_ts(steps - 1), stage="denoise",
                              duration_s=steps * 0.25))
-    events.append(JobCompleted(job=job, seq=len(events), ts=10_000, duration_s=2.5))
+    events.append(JobCompleted(job=job, seq=len(events), ts=step_ts(steps) + SECOND // 2,
+                               duration_s=(step_ts(steps) + SECOND // 2 - SECOND) / 1e9))
     return events
 
 
@@ -185,7 +193,7 @@ class TestJobsProjection:
                                              view.stage)
         assert {"denoise": 1.0} == view.stage_durations()
         assert 4.0 == view.steps_per_second
-        assert 2.5 == view.duration_s
+        assert 2.75 == view.duration_s
 
     def test_running_job_shows_its_current_stage(self) -> None:
         """Mid-denoise, the job is running in stage denoise with the steps seen so far."""

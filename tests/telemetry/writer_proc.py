@@ -232,7 +232,7 @@ def wait_for_error(emitter: Emitter, timeout: float = 60.0) -> None:
 def make_emitter(log: LocalLog, capacity: int) -> Emitter:
     """A small-queue emitter that retries fast, so the tests do not wait on backoff."""
     return Emitter(log, worker="w-fail", capacity=capacity, max_batch=64, flush_interval=0.005,
-                   retry_backoff=(0.005, 0.05))
+                   retry_backoff=(0.005, 0.05), heartbeat_interval=None)
 
 
 def emit_fsize(args: argparse.Namespace) -> None:

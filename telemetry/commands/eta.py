@@ -1,0 +1,178 @@
+"""``wantel eta fit`` and ``wantel eta eval``: calibrate the ETA model, and score it honestly.
+
+``fit`` calibrates every cost component from the completed jobs in the log (robust least
+squares), prints how well each fits, and appends an ``EtaCalibrated`` event, which jobs that
+start afterwards use. ``eval`` fits on one part of the log and scores on the other, so a
+calibration is never scored on the runs it was fitted on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+from telemetry.cli import UsageError
+from telemetry.commands.common import open_log_for_reading
+from telemetry.eta.evaluate import CHECKPOINTS, ESTIMATORS, Report, StaticProfile, evaluate
+from telemetry.eta.fit import FitResult, fit
+from telemetry.eta.jobs import JobRecord, job_records
+from telemetry.events import ETA_STREAM, EtaCalibrated
+from telemetry.log.base import Batch, EventLog
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """``wantel eta fit|eval`` and their flags."""
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                parser_class=type(parser))
+    fit_parser = sub.add_parser("fit", help="calibrate the ETA model from completed jobs",
+                                description=fit_command.__doc__)
+    fit_parser.add_argument("--dry-run", action="store_true",
+                            help="print the fit without appending the calibration to the log")
+    fit_parser.add_argument("--train", type=_fraction, default=1.0, metavar="FRACTION",
+                            help="fit only on this deterministic share of jobs (default: all)")
+    fit_parser.add_argument("--json", action="store_true", help="print the fit as JSON")
+    eval_parser = sub.add_parser("eval", help="score ETA accuracy against the baselines",
+                                 description=eval_command.__doc__)
+    eval_parser.add_argument("--train", type=_fraction, default=0.5, metavar="FRACTION",
+                             help="share of jobs (split by job id) to calibrate on; the rest "
+                             "is scored (default 0.5)")
+    eval_parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+    for child in (fit_parser, eval_parser):
+        # SUPPRESS: an absent flag must not overwrite a --log given before the action.
+        child.add_argument("--log", metavar="DIR", default=argparse.SUPPRESS,
+                           help="the event log directory (default: $WANTEL_LOG, else "
+                           "./wantel-log)")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1], got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to fit or eval."""
+    if args.action == "fit":
+        return fit_command(args)
+    return eval_command(args)
+
+
+def _records(log: EventLog) -> list[JobRecord]:
+    events = (e for item in log.read(0) if isinstance(item, Batch) for e in item.events)
+    return job_records(events)
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    """Calibrate from completed jobs and record the calibration in the log."""
+    log = open_log_for_reading(args)
+    records = [r for r in _records(log) if r.completed]
+    if args.train < 1.0:
+        records = [r for r in records if r.in_split("train", args.train)]
+    if not records:
+        raise UsageError(f"no completed jobs in {args.log or 'the log'} to calibrate from; "
+                         "run some jobs first (wantel run / wantel demo)")
+    result = fit(records)
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(_fit_document(result)) + b"\n")
+    else:
+        _print_fit(result)
+    if not args.dry_run:
+        calibration = result.calibration
+        positions = log.append([EtaCalibrated(
+            job=ETA_STREAM, seq=_next_seq(log), ts=time.time_ns(),
+            coefficients=calibration.coefficients, rel_sigma=calibration.rel_sigma,
+            warmup=calibration.warmup, quantiles=calibration.quantiles, jobs=calibration.jobs,
+        )])
+        print(f"calibration from {calibration.jobs} job(s) recorded at position "
+              f"{positions.start}; jobs started from now on use it", file=sys.stderr)
+    return 0
+
+
+def _next_seq(log: EventLog) -> int:
+    last = -1
+    for item in log.read(0):
+        if isinstance(item, Batch):
+            for event in item.events:
+                if event.job == ETA_STREAM:
+                    last = max(last, event.seq)
+    return last + 1
+
+
+def _fit_document(result: FitResult) -> dict[str, Any]:
+    return {"jobs": result.calibration.jobs,
+            "components": [msgspec.to_builtins(c.__dict__) for c in result.components],
+            "quantiles": result.calibration.quantiles,
+            "warmup": result.calibration.warmup}
+
+
+def _print_fit(result: FitResult) -> None:
+    print(f"fitted on {result.calibration.jobs} completed job(s)")
+    print(f"{'COMPONENT':<48} {'N':>4} {'REL MAE':>8} {'REL SIGMA':>10}  COEFFICIENTS")
+    for c in result.components:
+        coefficients = " ".join(f"{v:.4g}" for v in c.coefficients)
+        print(f"{c.key:<48} {c.samples:>4} {100 * c.rel_mae:>7.1f}% {100 * c.rel_sigma:>9.1f}%"
+              f"  {coefficients}")
+    if result.calibration.quantiles:
+        bands = ", ".join(f"{b}: {q[0]:.2f}–{q[1]:.2f}"
+                          for b, q in result.calibration.quantiles.items())
+        print(f"interval (actual ÷ predicted remaining, p10–p90) by progress: {bands}")
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Fit on the train split, then print MAPE per checkpoint per estimator, and coverage."""
+    log = open_log_for_reading(args)
+    records = [r for r in _records(log) if r.completed]
+    train = [r for r in records if r.in_split("train", args.train)]
+    test = [r for r in records if r.in_split("test", args.train)]
+    if not train or not test:
+        raise UsageError(f"need completed jobs in both splits (train {len(train)}, test "
+                         f"{len(test)}); record more jobs or change --train")
+    report = evaluate(test, fit(train).calibration, StaticProfile.fit(train))
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(report_document(report, len(train))) + b"\n")
+    else:
+        print(format_report(report, len(train)))
+    return 0
+
+
+def report_document(report: Report, train_jobs: int) -> dict[str, Any]:
+    """The evaluation as builtins."""
+    return {
+        "train_jobs": train_jobs,
+        "test_jobs": report.jobs,
+        "checkpoints": [int(c * 100) for c in CHECKPOINTS],
+        "mape": {name: {str(int(c * 100)): report.scores[(c, name)].mape for c in CHECKPOINTS}
+                 for name in ESTIMATORS},
+        "missing": {name: {str(int(c * 100)): report.scores[(c, name)].missing
+                           for c in CHECKPOINTS} for name in ESTIMATORS},
+        "coverage_p10_p90": report.coverage(),
+    }
+
+
+def format_report(report: Report, train_jobs: int) -> str:
+    """A Markdown table: MAPE (%) of the predicted total, per checkpoint and estimator."""
+    head = "| estimator | " + " | ".join(f"at {int(c * 100)} %" for c in CHECKPOINTS) + " |"
+    lines = [f"calibrated on {train_jobs} job(s), scored on {report.jobs} other job(s); "
+             "MAPE of the predicted total duration (missing = no estimate yet)", "",
+             head, "|" + "---|" * (len(CHECKPOINTS) + 1)]
+    for name in ESTIMATORS:
+        cells = []
+        for c in CHECKPOINTS:
+            score = report.scores[(c, name)]
+            text = "–" if score.mape is None else f"{score.mape:.1f}"
+            if score.missing:
+                text += f" ({score.missing} missing)"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    coverage = report.coverage()
+    lines += ["", "ours: p10–p90 interval coverage "
+              + ("–" if coverage is None else f"{100 * coverage:.0f} %") + " (goal 70–90 %)"]
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""Score ETA estimators on completed jobs, at fixed fractions of each job's actual duration.
+
+Checkpoints are fractions of the *actual* duration (5, 10, 25, 50, 75 %), so no estimator is
+scored at a moment of its own choosing; an estimator with nothing to say at a checkpoint is
+reported as missing, not skipped. Each estimator predicts the job's total duration from the
+events that happened before the checkpoint:
+
+``ours``
+    the live model (:mod:`telemetry.eta.live`) with the calibration fitted on the train split.
+``static``
+    the seed's static profile: a fixed per-step time × steps plus fixed text-encode and
+    other overheads, per variant and device (here fitted as means on the train split).
+``tqdm``
+    tqdm's rule: an exponential moving average (0.3) of the step rate × remaining steps; it
+    knows nothing of the decode.
+``linear``
+    ``elapsed / progress`` with progress = steps done / steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from telemetry.eta.jobs import JobRecord
+from telemetry.eta.live import Estimate, LiveJob
+from telemetry.eta.model import Calibration
+from telemetry.events import JobStarted, StageEnded, StageStarted, StepEnded
+
+CHECKPOINTS: Final = (0.05, 0.10, 0.25, 0.50, 0.75)
+ESTIMATORS: Final = ("ours", "static", "tqdm", "linear")
+TQDM_SMOOTHING: Final = 0.3
+
+
+def ours_at(record: JobRecord, calibration: Calibration, fraction: float) -> Estimate | None:
+    """The live model's estimate at ``fraction`` of the job's actual duration."""
+    now = record.started.ts + int(record.duration_s * fraction * 1e9)
+    live: LiveJob | None = None
+    for event in record.events:
+        if event.ts > now:
+            break
+        if isinstance(event, JobStarted):
+            live = LiveJob.start(event, calibration)
+        elif live is None:
+            continue
+        elif isinstance(event, StageStarted):
+            live.stage_started(event.stage, event.ts)
+        elif isinstance(event, StageEnded):
+            live.stage_ended(event.stage, event.duration_s)
+        elif isinstance(event, StepEnded):
+            live.step_ended(total_steps=event.total_steps, duration_s=event.duration_s,
+                            expert=event.expert, ts=event.ts)
+    return None if live is None else live.estimate(now)
+
+
+@dataclass
+class StaticProfile:
+    """Per (variant, device): mean seconds per step, mean text encode, mean everything else."""
+
+    per_step: dict[str, float] = field(default_factory=dict)
+    text: dict[str, float] = field(default_factory=dict)
+    other: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, records: Sequence[JobRecord]) -> StaticProfile:
+        """Means over the train split: no dependence on size, frames or CFG (that is the point)."""
+        steps: dict[str, list[float]] = defaultdict(list)
+        text: dict[str, list[float]] = defaultdict(list)
+        other: dict[str, list[float]] = defaultdict(list)
+        for record in records:
+            if not record.completed or not record.step_durations:
+                continue
+            key = _profile_key(record)
+            steps[key].append(statistics.fmean(record.step_durations))
+            text[key].append(record.stage_durations.get("text_encode", 0.0))
+            other[key].append(sum(v for k, v in record.stage_durations.items()
+                                  if k not in ("denoise", "text_encode")))
+        return cls({k: statistics.fmean(v) for k, v in steps.items()},
+                   {k: statistics.fmean(v) for k, v in text.items()},
+                   {k: statistics.fmean(v) for k, v in other.items()})
+
+    def total(self, record: JobRecord) -> float | None:
+        key = _profile_key(record)
+        if key not in self.per_step:
+            return None
+        return (self.per_step[key] * record.started.steps + self.text[key] + self.other[key])
+
+
+def _profile_key(record: JobRecord) -> str:
+    return f"{record.started.variant}|{record.shape.device}"
+
+
+def tqdm_total(record: JobRecord, fraction: float) -> float | None:
+    """tqdm's EMA rule at ``fraction`` of the duration (None before the first step)."""
+    now = record.started.ts + int(record.duration_s * fraction * 1e9)
+    rate: float | None = None
+    done, total, last_ts = 0, record.started.steps, None
+    for event in record.events:
+        if event.ts > now:
+            break
+        if isinstance(event, StepEnded) and event.duration_s:
+            instant = 1.0 / event.duration_s
+            rate = instant if rate is None else (
+                TQDM_SMOOTHING * instant + (1 - TQDM_SMOOTHING) * rate)
+            done, total, last_ts = event.step + 1, event.total_steps, event.ts
+    if rate is None or last_ts is None:
+        return None
+    elapsed = (now - record.started.ts) / 1e9
+    return elapsed + max(total - done, 0) / rate
+
+
+def linear_total(record: JobRecord, fraction: float) -> float | None:
+    """``elapsed / progress`` with step progress (None before the first step)."""
+    now = record.started.ts + int(record.duration_s * fraction * 1e9)
+    done = 0
+    for event in record.events:
+        if event.ts > now:
+            break
+        if isinstance(event, StepEnded):
+            done = event.step + 1
+    if done == 0 or record.started.steps == 0:
+        return None
+    elapsed = (now - record.started.ts) / 1e9
+    return elapsed / (done / record.started.steps)
+
+
+@dataclass
+class Score:
+    """One estimator at one checkpoint: errors, and how many jobs it could not answer."""
+
+    errors: list[float] = field(default_factory=list)
+    missing: int = 0
+    covered: int = 0  # ours only: actual remaining inside p10–p90
+
+    @property
+    def mape(self) -> float | None:
+        """Mean absolute percentage error of the predicted total duration."""
+        return 100 * statistics.fmean(abs(e) for e in self.errors) if self.errors else None
+
+
+@dataclass
+class Report:
+    """Scores by checkpoint and estimator."""
+
+    jobs: int
+    scores: dict[tuple[float, str], Score]
+
+    def coverage(self) -> float | None:
+        """Share of our intervals that contained the actual remaining time (all checkpoints)."""
+        covered = sum(self.scores[(c, "ours")].covered for c in CHECKPOINTS)
+        total = sum(len(self.scores[(c, "ours")].errors) for c in CHECKPOINTS)
+        return covered / total if total else None
+
+
+def evaluate(test: Sequence[JobRecord], calibration: Calibration,
+             static: StaticProfile) -> Report:
+    """Score the four estimators on the completed jobs of ``test``."""
+    jobs = [r for r in test if r.completed and r.duration_s > 0]
+    scores = {(c, e): Score() for c in CHECKPOINTS for e in ESTIMATORS}
+    for record in jobs:
+        actual = record.duration_s
+        for fraction in CHECKPOINTS:
+            elapsed = actual * fraction
+            estimate = ours_at(record, calibration, fraction)
+            predictions = {
+                "ours": None if estimate is None else elapsed + estimate.remaining_s,
+                "static": static.total(record),
+                "tqdm": tqdm_total(record, fraction),
+                "linear": linear_total(record, fraction),
+            }
+            for name, predicted in predictions.items():
+                score = scores[(fraction, name)]
+                if predicted is None:
+                    score.missing += 1
+                    continue
+                score.errors.append((predicted - actual) / actual)
+            if estimate is not None:
+                remaining = actual - elapsed
+                if estimate.p10_s <= remaining <= estimate.p90_s:
+                    scores[(fraction, "ours")].covered += 1
+    return Report(jobs=len(jobs), scores=scores)

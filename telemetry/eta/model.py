@@ -1,0 +1,189 @@
+"""Per-component cost functions, their published priors, and the calibration that replaces them.
+
+A job's expected duration is the sum of its phases. Each phase's cost is a small linear model
+over the job's shape, and each model belongs to a *component* shared by every variant that uses
+it: the Wan 2.1 VAE decodes for T2V, I2V and both A14B layouts; one transformer pass costs the
+same for the cond and the uncond pass and for either A14B expert. Fitting per component rather
+than per variant lets every run teach every variant that shares the part.
+
+Features are scaled (tokens in thousands, pixels in millions) so the fit stays well conditioned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import msgspec
+
+from telemetry.eta.shape import JobShape
+
+PHASES: Final = ("load", "text_encode", "image_encode", "latent_init", "denoise", "decode",
+                 "postprocess", "save")
+STEP: Final = "step"  # the per-pass component of the denoise phase
+BUCKETS: Final = ("0-10", "10-25", "25-50", "50-75", "75-100")
+DEFAULT_REL_SIGMA: Final = 0.35
+
+
+def bucket_of(progress: float) -> str:
+    """The progress bucket (percent of the job's expected duration) a fraction falls in."""
+    if progress < 0.10:
+        return "0-10"
+    if progress < 0.25:
+        return "10-25"
+    if progress < 0.50:
+        return "25-50"
+    if progress < 0.75:
+        return "50-75"
+    return "75-100"
+
+
+def transformer_id(shape: JobShape) -> str:
+    """Which transformer runs the steps: cost depends on its size, not on the variant name."""
+    if shape.tiny:
+        return "dit-tiny"
+    variant = shape.variant.lower()
+    if "1.3b" in variant:
+        return "dit-1.3B"
+    if "5b" in variant or shape.task == "ti2v":
+        return "dit-5B"
+    return "dit-14B"
+
+
+def vae_id(shape: JobShape) -> str:
+    """Which VAE encodes and decodes: Wan 2.2's 48-channel one serves only TI2V-5B."""
+    base = "vae-2.2" if shape.task == "ti2v" else "vae-2.1"
+    return f"{base}-tiny" if shape.tiny else base
+
+
+def component_key(phase: str, shape: JobShape) -> str:
+    """The component a phase's cost is fitted on, on this device class."""
+    if phase == STEP:
+        part = transformer_id(shape)
+    elif phase in ("decode", "postprocess", "latent_init"):
+        part = vae_id(shape)
+    elif phase == "text_encode":
+        part = "umt5-tiny" if shape.tiny else "umt5-xxl"
+    else:
+        part = shape.variant
+    return f"{phase}|{part}|{shape.device}"
+
+
+def features(phase: str, shape: JobShape) -> tuple[float, ...]:
+    """The regressors of a phase's duration (of one pass, for ``step``)."""
+    if phase == STEP:
+        t = shape.tokens / 1e3
+        return (1.0, t, t * t)
+    if phase == "text_encode":
+        return (1.0, 1.0 if shape.cfg else 0.0)
+    if phase in ("decode", "postprocess", "save", "latent_init"):
+        return (1.0, shape.pixels / 1e6)
+    return (1.0,)
+
+
+def expected_phases(shape: JobShape, *, runner: bool) -> tuple[str, ...]:
+    """The phases a job will go through: ``load``/``save`` only when ``wantel run`` drives it."""
+    phases = ["text_encode"]
+    if shape.task == "i2v" and shape.family == "wan2.1":
+        phases.append("image_encode")
+    phases += ["latent_init", "denoise", "decode", "postprocess"]
+    if runner:
+        phases = ["load", *phases, "save"]
+    return tuple(phases)
+
+
+class Calibration(msgspec.Struct, frozen=True, kw_only=True):
+    """Fitted coefficients per component, and how wrong the fit was (for intervals)."""
+
+    coefficients: dict[str, tuple[float, ...]] = {}
+    rel_sigma: dict[str, float] = {}
+    warmup: dict[str, float] = {}  # step component → first-step duration ÷ later steps
+    quantiles: dict[str, tuple[float, float]] = {}  # bucket → p10, p90 of actual/predicted
+    jobs: int = 0
+
+
+def _solve_prior(points: Sequence[tuple[float, float]]) -> tuple[float, ...]:
+    """b·t + c·t² through two (tokens/1e3, seconds per pass) points; a = 0."""
+    (t1, y1), (t2, y2) = points
+    c = (y2 - y1 * t2 / t1) / (t2 * t2 - t1 * t2)
+    b = (y1 - c * t1 * t1) / t1
+    return (0.0, b, c)
+
+
+# Published totals (single GPU, 81 frames @ 480P = 832×480 → 32,760 tokens; 720P → 75,600),
+# with the denoise loop taken as 90 % of the total and CFG on (two passes per step):
+#   Wan2.2 README "Computational Efficiency" (Wan-Video/Wan2.2 @42bf4cf, offload on, 40 steps):
+#     T2V-A14B H100 480P 326.9 s, 720P 1041.5 s; A100 480P 785.7 s, 720P 2735.7 s;
+#     H20 480P 1133.9 s, 720P 4048.7 s. TI2V-5B RTX 4090 720P (1280×704, 121 frames →
+#     27,280 tokens, 50 steps) 534.7 s.
+#   Wan2.1 README (Wan-Video/Wan2.1 @9737cba): T2V-1.3B RTX 4090 480P, 50 steps, 261.4 s.
+def _per_pass(total_s: float, steps: int) -> float:
+    return total_s * 0.9 / (2 * steps)
+
+
+PUBLISHED_STEP_PRIORS: Final[dict[tuple[str, str], tuple[float, ...]]] = {
+    ("dit-14B", "H100"): _solve_prior([(32.76, _per_pass(326.9, 40)),
+                                        (75.6, _per_pass(1041.5, 40))]),
+    ("dit-14B", "H200"): _solve_prior([(32.76, _per_pass(326.9, 40)),
+                                        (75.6, _per_pass(1041.5, 40))]),
+    ("dit-14B", "A100"): _solve_prior([(32.76, _per_pass(785.7, 40)),
+                                        (75.6, _per_pass(2735.7, 40))]),
+    ("dit-14B", "H20"): _solve_prior([(32.76, _per_pass(1133.9, 40)),
+                                       (75.6, _per_pass(4048.7, 40))]),
+    ("dit-5B", "4090"): (0.0, _per_pass(534.7, 50) / 27.28, 0.0),
+    ("dit-1.3B", "4090"): (0.0, _per_pass(261.4, 50) / 32.76, 0.0),
+}
+
+# Tiny random-weight models on one CPU thread (measured here, diffusers 0.42, torch 2.13):
+# ~2 ms per transformer pass at 80 tokens, ~50 ms per 512-token prompt encode, ~1 µs per
+# decoded pixel. Calibration replaces them after the first completed jobs.
+_TINY_CPU: Final[dict[str, tuple[float, ...]]] = {
+    "load": (0.5,),
+    "text_encode": (0.05, 0.05),
+    "image_encode": (0.01,),
+    "latent_init": (0.001, 0.2),
+    STEP: (0.0015, 0.005, 0.0),
+    "decode": (0.02, 1.0),
+    "postprocess": (0.0, 0.01),
+    "save": (0.05, 0.5),
+}
+# Real models without a published figure for the phase: generic guesses, deliberately wide.
+_GENERIC: Final[dict[str, tuple[float, ...]]] = {
+    "load": (60.0,),
+    "text_encode": (1.0, 0.8),
+    "image_encode": (1.0,),
+    "latent_init": (0.5, 1.0),
+    STEP: (0.5, 0.1, 0.001),
+    "decode": (5.0, 0.6),
+    "postprocess": (0.2, 0.05),
+    "save": (0.5, 0.05),
+}
+
+
+def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
+    """The best figure available before any calibration."""
+    if phase == STEP and not shape.tiny:
+        for (part, device), coefficients in PUBLISHED_STEP_PRIORS.items():
+            if part == transformer_id(shape) and device.lower() in shape.device.lower():
+                return coefficients
+    table = _TINY_CPU if shape.tiny else _GENERIC
+    return table[phase]
+
+
+def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:
+    """Expected seconds of a phase (of one transformer pass, for ``step``); never negative."""
+    coefficients = calibration.coefficients.get(component_key(phase, shape))
+    if coefficients is None:
+        coefficients = prior_coefficients(phase, shape)
+    value = sum(c * x for c, x in zip(coefficients, features(phase, shape), strict=False))
+    return max(value, 1e-4)
+
+
+def rel_sigma(phase: str, shape: JobShape, calibration: Calibration) -> float:
+    """How wrong this component's prediction tends to be (relative standard deviation)."""
+    return calibration.rel_sigma.get(component_key(phase, shape), DEFAULT_REL_SIGMA)
+
+
+def warmup_factor(shape: JobShape, calibration: Calibration) -> float:
+    """How much longer the first step takes than the others (compilation, allocator warm-up)."""
+    return calibration.warmup.get(component_key(STEP, shape), 1.0)

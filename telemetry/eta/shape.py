@@ -1,0 +1,82 @@
+"""What a job is, in the terms its cost depends on.
+
+Tokens for Wan = latent frames ((F−1)/4+1) × (H/16) × (W/16) — /32 for the TI2V-5B layout,
+whose VAE compresses space by 16 and whose transformer patches by 2. A transformer pass costs
+a + b·tokens + c·tokens² (attention is quadratic); with classifier-free guidance each step
+runs two passes. Decoding and post-processing scale with output pixels (frames × H × W).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from telemetry.events import JobStarted
+
+
+class JobShape(msgspec.Struct, frozen=True, kw_only=True):
+    """The cost-relevant facts of one job."""
+
+    variant: str
+    family: str
+    task: str
+    device: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    cfg: bool
+    two_experts: bool
+    offload: bool = False
+
+    @classmethod
+    def of(cls, event: JobStarted) -> JobShape:
+        """The shape of the job a ``JobStarted`` describes."""
+        offload = event.options.get("offload")
+        return cls(
+            variant=event.variant, family=event.family, task=event.task,
+            device=device_class(event.device.kind, event.device.name),
+            width=event.width, height=event.height, frames=max(event.num_frames, 1),
+            steps=max(event.steps, 0), cfg=event.cfg,
+            two_experts=event.boundary_ratio is not None and event.family == "wan2.2"
+            and "a14b" in event.variant.lower(),
+            offload=bool(offload),
+        )
+
+    @property
+    def tiny(self) -> bool:
+        """A tiny random-weight variant (``tiny-…``)."""
+        return self.variant.startswith("tiny-")
+
+    @property
+    def latent_frames(self) -> int:
+        """Frames after the VAE's 4× temporal compression."""
+        return (self.frames - 1) // 4 + 1
+
+    @property
+    def spatial_patch(self) -> int:
+        """Pixels per token side: VAE spatial factor × transformer patch."""
+        return 32 if self.task == "ti2v" else 16
+
+    @property
+    def tokens(self) -> int:
+        """The transformer's sequence length."""
+        p = self.spatial_patch
+        return self.latent_frames * max(self.height // p, 1) * max(self.width // p, 1)
+
+    @property
+    def pixels(self) -> int:
+        """Output pixels: frames × height × width."""
+        return self.frames * self.height * self.width
+
+    @property
+    def passes(self) -> int:
+        """Transformer passes per step: 2 with classifier-free guidance."""
+        return 2 if self.cfg else 1
+
+
+def device_class(kind: str, name: str) -> str:
+    """A stable device key: ``cuda:NVIDIA H100 80GB HBM3``, ``cpu``…
+
+    CPUs are one class: tiny models' cost depends on the machine, which calibration absorbs.
+    """
+    return "cpu" if kind == "cpu" else f"{kind}:{name}"

@@ -1,0 +1,152 @@
+"""The ETA model's parts: job shapes, robust fitting, the live estimator."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from telemetry.eta.fit import robust_fit, solve
+from telemetry.eta.live import LiveJob
+from telemetry.eta.model import (
+    STEP,
+    Calibration,
+    bucket_of,
+    component_key,
+    expected_phases,
+    predict,
+)
+from telemetry.eta.shape import JobShape
+from telemetry.events import DeviceInfo, JobStarted
+
+
+def started(*, variant: str = "tiny-t2v", task: str = "t2v", family: str = "wan2.1",
+            width: int = 832, height: int = 480, frames: int = 81, steps: int = 40,
+            cfg: bool = True, boundary: float | None = None,
+            stages: str = "load,save") -> JobStarted:
+    """A JobStarted for the estimator."""
+    return JobStarted(job="j", seq=0, ts=0, model=variant, family=family, variant=variant,
+                      task=task, width=width, height=height, num_frames=frames, steps=steps,
+                      guidance_scale=5.0 if cfg else 1.0, cfg=cfg, boundary_ratio=boundary,
+                      device=DeviceInfo(kind="cpu", name="x86"), options={"stages": stages})
+
+
+class TestShape:
+    def test_wan_tokens(self) -> None:
+        """81 frames at 832×480: 21 latent frames × 30 × 52 tokens."""
+        assert 21 * 30 * 52 == JobShape.of(started()).tokens
+
+    def test_ti2v_patches_by_32(self) -> None:
+        """TI2V-5B's VAE compresses by 16 and its transformer patches by 2."""
+        shape = JobShape.of(started(variant="ti2v-5B", task="ti2v", family="wan2.2",
+                                    width=1280, height=704, frames=121))
+        assert 31 * 22 * 40 == shape.tokens
+
+    def test_passes_follow_cfg(self) -> None:
+        """Two transformer passes per step with guidance, one without."""
+        assert (2, 1) == (JobShape.of(started()).passes, JobShape.of(started(cfg=False)).passes)
+
+    def test_components_are_shared_across_variants(self) -> None:
+        """T2V and I2V and the A14B layouts share the Wan 2.1 VAE's decode component."""
+        keys = {component_key("decode", JobShape.of(started(variant=v, task=t)))
+                for v, t in (("t2v-A14B", "t2v"), ("i2v-A14B", "i2v"), ("t2v", "t2v"))}
+        assert {"decode|vae-2.1|cpu"} == keys
+
+    def test_published_prior_for_h100(self) -> None:
+        """The H100 A14B prior reproduces the published 480P total within its assumptions."""
+        event = started(variant="t2v-A14B", family="wan2.2", boundary=0.875)
+        event = JobStarted(**{**{f: getattr(event, f) for f in event.__struct_fields__},
+                              "device": DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3")})
+        shape = JobShape.of(event)
+        per_step = predict(STEP, shape, Calibration()) * shape.passes
+        assert per_step * 40 == pytest.approx(326.9 * 0.9, rel=0.01)
+
+
+class TestFitting:
+    def test_solve_recovers_exact_coefficients(self) -> None:
+        """Noise-free data give back the generating coefficients."""
+        rows = [(1.0, x, x * x) for x in (1.0, 2.0, 3.0, 5.0)]
+        ys = [0.5 + 0.2 * x + 0.03 * x * x for _, x, _ in rows]
+        assert [0.5, 0.2, 0.03] == pytest.approx(solve(rows, ys, [1.0] * 4), rel=1e-4)
+
+    def test_robust_fit_ignores_outliers(self) -> None:
+        """A few runs slowed 3× by a busy machine barely move the fit."""
+        rng = random.Random(4)
+        rows, ys = [], []
+        for _ in range(60):
+            x = rng.uniform(0.1, 4.0)
+            y = (0.2 + 0.5 * x) * rng.uniform(0.97, 1.03)
+            if rng.random() < 0.1:
+                y *= 3
+            rows.append((1.0, x))
+            ys.append(y)
+        a, b = robust_fit(rows, ys)
+        assert (0.2, 0.5) == (pytest.approx(a, rel=0.1), pytest.approx(b, rel=0.05))
+
+    def test_few_distinct_rows_use_fewer_coefficients(self) -> None:
+        """One distinct shape can only support a constant."""
+        assert [2.0, 0.0, 0.0] == pytest.approx(
+            robust_fit([(1.0, 3.0, 9.0)] * 4, [2.0, 2.0, 2.0, 2.0]))
+
+
+class TestLiveEstimator:
+    def _run(self, live: LiveJob, *, step_s: float, steps: int) -> list[float]:
+        """Feed ``steps`` steps of ``step_s`` each; the remaining-time estimate after each."""
+        live.stage_started("denoise", 0)
+        out, ts = [], 0
+        for _ in range(steps):
+            ts += int(step_s * 1e9)
+            live.step_ended(total_steps=live.total_steps, duration_s=step_s, expert=None, ts=ts)
+            out.append(live.estimate(ts).remaining_s)
+        return out
+
+    def test_estimating_until_two_steps(self) -> None:
+        """The estimate says 'estimating' until two steps were measured."""
+        live = LiveJob.start(started(steps=4, stages=""), Calibration())
+        assert live.estimate(0).estimating
+        live.stage_started("denoise", 0)
+        live.step_ended(total_steps=4, duration_s=0.1, expert=None, ts=100_000_000)
+        assert live.estimate(100_000_000).estimating
+        live.step_ended(total_steps=4, duration_s=0.1, expert=None, ts=200_000_000)
+        assert not live.estimate(200_000_000).estimating
+
+    def test_observed_steps_pull_the_estimate(self) -> None:
+        """Steps twice as slow as the prior soon make the remaining denoise time twice as long."""
+        live = LiveJob.start(started(steps=30, stages="", width=64, height=64, frames=17),
+                             Calibration())
+        step_prior = live.step_prior
+        remaining = self._run(live, step_s=2 * step_prior, steps=20)
+        after_denoise = live.phases[live.phases.index("denoise") + 1:]
+        decode_and_after = sum(live.expected[p] for p in after_denoise) * live._speed()
+        assert remaining[-1] - decode_and_after == pytest.approx(
+            10 * 2 * step_prior, rel=0.1)
+
+    def test_estimate_never_rises_beyond_its_band(self) -> None:
+        """A sudden slowdown beyond the previous interval lifts the ETA by half the excess."""
+        live = LiveJob.start(started(steps=50, stages="", width=64, height=64, frames=17),
+                             Calibration())
+        self._run(live, step_s=live.step_prior, steps=10)
+        before = live.estimate(live.last_step_ts or 0)
+        band = before.p90_s - before.remaining_s
+        ts = (live.last_step_ts or 0) + int(50 * live.step_prior * 1e9)
+        live.step_ended(total_steps=50, duration_s=50 * live.step_prior, expert=None, ts=ts)
+        since = (ts - (live.last_ts or 0)) / 1e9
+        after = live.estimate(ts)
+        ceiling = before.remaining_s - since + band
+        raw = live._step_mean() * 39 + sum(
+            live.expected[p] for p in live.phases[live.phases.index("denoise") + 1:])
+        assert raw > ceiling  # the slowdown alone would lift the ETA past the band
+        assert after.remaining_s == pytest.approx(ceiling + 0.5 * (raw - ceiling), rel=1e-6)
+
+    def test_embedded_jobs_expect_no_load_or_save(self) -> None:
+        """Without wantel run there is no load or save phase to wait for."""
+        assert "load" not in expected_phases(JobShape.of(started()), runner=False)
+        assert ("load", "save") == tuple(
+            p for p in expected_phases(JobShape.of(started()), runner=True)
+            if p in ("load", "save"))
+
+    @pytest.mark.parametrize(("progress", "bucket"),
+                             [(0.0, "0-10"), (0.1, "10-25"), (0.49, "25-50"), (0.75, "75-100")])
+    def test_buckets(self, progress: float, bucket: str) -> None:
+        """Progress buckets are half-open, in percent."""
+        assert bucket == bucket_of(progress)

@@ -1,0 +1,175 @@
+"""The projections of issue 4: ETA and residuals, throughput, memory, workers, health."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from telemetry.engine import ProjectionEngine
+from telemetry.events import (
+    EtaCalibrated,
+    Event,
+    EventsDropped,
+    JobCompleted,
+    MemorySampled,
+    StepEnded,
+    WorkerHeartbeat,
+)
+from telemetry.log.base import Batch
+from telemetry.projections import default_projections
+from telemetry.projections.eta import EtaState, current
+from telemetry.projections.jobs import JobsProjection, JobsState
+
+from .test_engine import a_job, delivered_logs
+
+
+def engine() -> ProjectionEngine:
+    """Every shipped projection."""
+    return ProjectionEngine(default_projections())
+
+
+def fold(events: list[Event]) -> ProjectionEngine:
+    """An engine after ``events``."""
+    e = engine()
+    e.apply_batch(Batch(0, events))
+    return e
+
+
+class TestDeterminism:
+    @settings(max_examples=40, deadline=None)
+    @given(events=delivered_logs(), cuts=st.lists(st.integers(0, 200), max_size=4))
+    def test_every_projection_replays_equal_to_incremental(
+        self, events: list[Event], cuts: list[int]
+    ) -> None:
+        """With all projections, pieces with snapshot/restore give the one-go bytes."""
+        whole = fold(events)
+        pieces = engine()
+        bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})
+        for lo, hi in itertools.pairwise(bounds):
+            restarted = engine()
+            assert restarted.restore(pieces.snapshot())
+            restarted.apply_batch(Batch(lo, events[lo:hi]))
+            pieces = restarted
+        assert whole.snapshot() == pieces.snapshot()
+
+    def test_no_projection_reads_the_clock(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """All time comes from events: with the clocks broken, every projection still folds."""
+        def broken() -> float:
+            raise AssertionError("a projection read the clock")
+
+        for name in ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter",
+                     "perf_counter_ns"):
+            monkeypatch.setattr(time, name, broken)
+        e = fold(a_job("a") + a_job("b", fail_at=2))
+        assert {} == e.health.projection_errors
+
+
+class TestEta:
+    def test_running_job_has_an_eta_with_an_interval(self) -> None:
+        """Mid-denoise: remaining seconds inside a p10–p90 interval; progress in (0, 1)."""
+        e = fold(a_job("a", steps=8)[:6])
+        point = current(e.states["eta"], "a")
+        assert point is not None
+        assert 0 < point.p10_s <= point.remaining_s <= point.p90_s
+        assert 0 < point.progress < 1
+        assert not point.estimating  # four steps seen
+
+    def test_completion_scores_every_issued_eta(self) -> None:
+        """At completion the ETAs become residuals by progress bucket; the running entry goes."""
+        e = fold(a_job("a", steps=8))
+        state: EtaState = e.states["eta"]
+        assert "a" not in state.running
+        finished = state.finished["a"]
+        assert finished.before_start_error is not None
+        assert finished.residuals
+        issued = 1 + 2 + 8 + 1  # start, stage start/end, steps, (completion scores them)
+        counted = sum(h.total for h in state.residuals["tiny-t2v"].values())
+        counted += state.before_start["tiny-t2v"].total
+        assert issued - 1 <= counted <= issued
+
+    def test_failed_jobs_are_not_scored(self) -> None:
+        """A failed job leaves no residuals (there is no actual duration to compare with)."""
+        e = fold(a_job("a", fail_at=2))
+        state: EtaState = e.states["eta"]
+        assert {} == state.residuals and "a" not in state.finished
+
+    def test_calibration_applies_to_jobs_started_after_it(self) -> None:
+        """An EtaCalibrated event changes the prior of later jobs only."""
+        first = a_job("a")
+        calibration = EtaCalibrated(job="wantel/eta", seq=0, ts=500,
+                                    coefficients={"step|dit-tiny|cpu": (10.0, 0.0, 0.0)})
+        later = a_job("b")
+        e = fold(first[:3] + [calibration] + later[:3])
+        state: EtaState = e.states["eta"]
+        assert state.running["a"].live.step_prior < 1
+        assert state.running["b"].live.step_prior == pytest.approx(20.0)  # 2 passes × 10 s
+
+
+class TestThroughputAndMemory:
+    def test_steps_per_second(self) -> None:
+        """0.25 s steps are 4 steps/s, for the job and its model."""
+        e = fold(a_job("a", steps=6)[:7])
+        throughput = e.states["throughput"]
+        assert 4.0 == pytest.approx(throughput.jobs["a"].ema)
+        assert (5, 4.0) == (throughput.models["tiny-t2v"].steps,
+                            pytest.approx(throughput.models["tiny-t2v"].ema))
+
+    def test_peaks_by_kind_stage_and_device(self) -> None:
+        """Peaks rise by kind and by stage; the device keeps its latest and highest reading."""
+        events = a_job("a")[:2] + [
+            MemorySampled(job="a", seq=2, ts=2_500, device="cuda:0", stage="text_encode",
+                          allocated_bytes=100, reserved_bytes=200, peak_allocated_bytes=150),
+            MemorySampled(job="a", seq=3, ts=2_600, device="cuda:0", step=0,
+                          allocated_bytes=300, reserved_bytes=400, peak_allocated_bytes=350,
+                          device_used_bytes=900, device_total_bytes=1000),
+        ]
+        memory = fold(events).states["memory"]
+        job = memory.running["a"]
+        assert {"torch_allocated": 350, "torch_reserved": 400, "device": 900} == job.peaks
+        assert {"text_encode": 200} == job.stage_peaks
+        assert (900, 1000) == (memory.devices["cuda:0"].used["nvml"],
+                               memory.devices["cuda:0"].total)
+
+
+class TestWorkersAndHealth:
+    def test_silent_workers_jobs_become_abandoned(self) -> None:
+        """A running job whose worker is silent past the timeout (in event time) is abandoned."""
+        job = [e for e in a_job("a")[:4]]
+        job = [type(e)(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "worker": "w1"})
+               for e in job]
+        heartbeats = [WorkerHeartbeat(job="worker/w2", seq=i, ts=10_000 + i * 30 * 10**9,
+                                      worker="w2", host="h", pid=1) for i in range(4)]
+        e = ProjectionEngine([JobsProjection(abandon_after_s=60)])
+        e.apply_batch(Batch(0, job + heartbeats))
+        state: JobsState = e.states["jobs"]
+        assert "abandoned" == state.jobs["a"].status
+        assert ["w2"] == [w.worker for w in state.alive_workers(60)]
+
+    def test_drops_are_summed_over_workers(self) -> None:
+        """Each worker's latest cumulative report counts once."""
+        reports = [
+            EventsDropped(job="worker/a", seq=0, ts=1, worker="a", counts={"queue_full_sample": 2}),
+            EventsDropped(job="worker/a", seq=1, ts=2, worker="a", counts={"queue_full_sample": 5}),
+            EventsDropped(job="worker/b", seq=0, ts=3, worker="b",
+                          counts={"queue_full_sample": 1, "log_unavailable": 4}),
+        ]
+        health = fold(reports).states["health"]
+        assert {"queue_full_sample": 6, "log_unavailable": 4} == health.dropped()
+
+    def test_finished_jobs_are_bounded_when_asked(self) -> None:
+        """A server keeps only the newest ended jobs; memory stays flat."""
+        e = ProjectionEngine([JobsProjection(keep_finished=2)])
+        for k in range(5):
+            e.apply_batch(Batch(e.position, a_job(f"j{k}")))
+        assert ["j3", "j4"] == list(e.states["jobs"].jobs)
+
+
+def test_completed_events_carry_no_clock_dependence() -> None:
+    """Two replays of the same events give the same ETA residuals, byte for byte."""
+    events = a_job("a") + [StepEnded(job="zz", seq=0, ts=1, step=0, total_steps=1)]
+    events += [JobCompleted(job="zz", seq=1, ts=2, duration_s=0.1)]
+    assert fold(events).snapshot() == fold(events).snapshot()
