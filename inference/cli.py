@@ -14,15 +14,18 @@ from typing import Any
 
 import msgspec
 
+from inference.models import warm_imports
 from inference.runner import GenerationRequest, RequestError, generate, prepare
 from inference.tiny_models import TINY_VARIANTS
-from telemetry.cli import UsageError
 from telemetry.config import resolve_log_dir
 from telemetry.emitter import Emitter
 from telemetry.engine import ProjectionEngine
+from telemetry.errors import UsageError
 from telemetry.log.base import EventLog
 from telemetry.log.local import LocalLog
-from telemetry.projections.jobs import JobsProjection, JobView
+from telemetry.projections import default_projections
+from telemetry.projections.eta import EtaPoint, current
+from telemetry.projections.jobs import JobView
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 130
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         prepared = prepare(request)
     except RequestError as exc:
         raise UsageError(str(exc)) from None
+    warm_imports()
     log = LocalLog(resolve_log_dir(args.log))
     start = (log.last_position() or -1) + 1
     emitter = Emitter(log)
@@ -132,7 +136,7 @@ class _Display:
 
     def __init__(self, log: EventLog, job: str, start: int, *, live: bool) -> None:
         self.log, self.job, self.start_position, self.live = log, job, start, live
-        self.engine = ProjectionEngine([JobsProjection()])
+        self.engine = ProjectionEngine(default_projections())
         self.engine.position = start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="wantel-progress", daemon=True)
@@ -162,22 +166,27 @@ class _Display:
                 self.engine.apply_items((item,))
                 view = self.view()
                 if view is not None:
-                    live.update(render(view))
+                    live.update(render(view, current(self.engine.states["eta"], self.job)))
 
 
-def render(view: JobView) -> str:
-    """One status line: stage, step, bar, steps/s, a denoise-only ETA, peak memory."""
+def render(view: JobView, eta: EtaPoint | None) -> str:
+    """One status line: stage, step, progress bar, steps/s, ETA with its interval, peak memory.
+
+    Progress is the ETA model's (time-weighted by each stage's expected cost, so the VAE
+    decode counts), not the bare step fraction.
+    """
     total = view.total_steps or 0
-    fraction = view.steps_done / total if total else 0.0
+    fraction = eta.progress if eta is not None else 0.0
     bar = "█" * int(fraction * 20) + "░" * (20 - int(fraction * 20))
     rate = view.steps_per_second
     parts = [f"{view.variant or view.model}", f"{view.stage or view.status:<12}",
-             f"step {view.steps_done}/{total}", bar]
-    if rate and view.steps_done >= 2 and total:
+             f"step {view.steps_done}/{total}", f"{bar} {100 * fraction:3.0f}%"]
+    if rate and view.steps_done >= 2:
         parts.append(f"{rate:.1f} steps/s")
-        parts.append(f"denoise ETA {max(total - view.steps_done, 0) / rate:.1f}s")
+    if eta is None or eta.estimating:
+        parts.append("ETA estimating")
     else:
-        parts.append("estimating")
+        parts.append(f"ETA {eta.remaining_s:.1f}s ({eta.p10_s:.1f}–{eta.p90_s:.1f})")
     if view.peak_memory_bytes:
         parts.append(f"peak {view.peak_memory_bytes / 2**20:.0f} MiB")
     return "  ".join(parts)

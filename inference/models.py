@@ -66,6 +66,24 @@ class ModelChoice:
         return pipe.to(device)
 
 
+def warm_imports() -> None:
+    """Import diffusers and transformers now (seconds), before a job's clock starts.
+
+    Importing libraries is process start-up, not model loading: a job's ``load`` stage should
+    measure what a server pays per model (reading or building weights), or every ETA of a
+    one-shot ``wantel run`` would be dominated by import time.
+    """
+    import diffusers
+    import transformers
+
+    # Both packages import lazily: touching the classes is what actually loads their modules.
+    for name in ("WanPipeline", "WanImageToVideoPipeline", "WanTransformer3DModel",
+                 "AutoencoderKLWan", "UniPCMultistepScheduler"):
+        getattr(diffusers, name)
+    for name in ("UMT5EncoderModel", "T5Tokenizer", "CLIPVisionModel"):
+        getattr(transformers, name)
+
+
 def resolve_model(name: str) -> ModelChoice:
     """A tiny variant by name, or a local diffusers model directory by path."""
     if name in TINY_VARIANTS:

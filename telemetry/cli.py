@@ -20,13 +20,10 @@ import structlog
 
 from telemetry import __version__
 from telemetry.config import DEFAULT_LOG_DIR, LOG_ENV
+from telemetry.errors import UsageError
 from telemetry.log.base import LogError
 
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A user's mistake: reported as one line on stderr with exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +44,14 @@ COMMANDS: tuple[Command, ...] = (
         "recording every stage",
     ),
     Command(
+        "serve",
+        "exporters.serve",
+        "follow the log; serve /metrics, the HTTP API, WebSocket progress and the live page",
+    ),
+    Command(
         "demo",
         "inference.demo",
-        "run tiny jobs of every Wan layout into the log and summarise them (no GPU needed)",
+        "serve, and stream tiny jobs of every Wan layout into the log (no GPU needed)",
     ),
     Command(
         "eta",

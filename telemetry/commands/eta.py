@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from telemetry.cli import UsageError
 from telemetry.commands.common import open_log_for_reading
+from telemetry.errors import UsageError
 from telemetry.eta.evaluate import CHECKPOINTS, ESTIMATORS, Report, StaticProfile, evaluate
 from telemetry.eta.fit import FitResult, fit
 from telemetry.eta.jobs import JobRecord, job_records

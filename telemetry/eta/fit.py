@@ -1,7 +1,8 @@
 """Calibrate the cost model from completed jobs: robust least squares per component.
 
 Each component's coefficients minimise a Huber loss of *relative* residuals (iteratively
-reweighted least squares with weights 1/y²), because users judge an ETA by how far off it is
+reweighted least squares with weights 1/ŷ², as a Gamma GLM would: it estimates means, where
+1/y² weights would bias every component low), because users judge an ETA by how far off it is
 in proportion, and a few runs disturbed by a busy machine must not drag the fit. The systems are
 tiny (at most three coefficients), so they are solved here in pure Python.
 """
@@ -25,7 +26,7 @@ from telemetry.eta.model import (
     features,
 )
 
-HUBER_K: Final = 1.345  # in robust standard deviations: 95 % efficiency on clean data
+HUBER_K: Final = 2.5  # in robust standard deviations: only gross outliers are down-weighted
 IRLS_ROUNDS: Final = 20
 MIN_QUANTILE_SAMPLES: Final = 8
 CHECKPOINTS: Final = (0.05, 0.10, 0.25, 0.50, 0.75)
@@ -89,15 +90,16 @@ def robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[flo
     k = len(rows[0])
     usable = min(k, max(1, len({tuple(r) for r in rows})))
     rows = [r[:usable] for r in rows]
-    base = [1.0 / max(y, 1e-9) ** 2 for y in ys]
-    weights = list(base)
+    weights = [1.0 / max(y, 1e-9) ** 2 for y in ys]
     coefficients = solve(rows, ys, weights)
     for _ in range(IRLS_ROUNDS):
-        residuals = [(y - _dot(coefficients, x)) / max(y, 1e-9) for x, y in zip(rows, ys,
-                                                                                  strict=True)]
+        # Weights from the *prediction* (a Gamma-GLM-like fit: relative errors, yet means,
+        # not the low-biased 1/y² estimate), times Huber's down-weighting of gross outliers.
+        predicted = [max(_dot(coefficients, x), 1e-9) for x in rows]
+        residuals = [(y - p) / p for y, p in zip(ys, predicted, strict=True)]
         sigma = _robust_sigma(residuals) or 1e-6
-        weights = [bw * min(1.0, HUBER_K * sigma / max(abs(r), 1e-12))
-                   for bw, r in zip(base, residuals, strict=True)]
+        weights = [min(1.0, HUBER_K * sigma / max(abs(r), 1e-12)) / (p * p)
+                   for r, p in zip(residuals, predicted, strict=True)]
         updated = solve(rows, ys, weights)
         if max(abs(u - c) for u, c in zip(updated, coefficients, strict=True)) < 1e-12:
             break

@@ -38,6 +38,29 @@ PRIOR_PHASES: Final = 1.0  # the prior's weight, in phases, against observed pha
 WARMUP_WEIGHT: Final = 0.3  # how much the first step counts towards the step mean
 Z90: Final = 1.2816  # standard normal quantile of 0.9
 SPEED_EXCLUDED: Final = frozenset({"load", "save"})  # imports and disks say nothing of speed
+MIN_SPEED_PHASE_S: Final = 0.005
+
+
+def conditional_remaining(expected: float, sigma: float, elapsed: float) -> float:
+    """Expected time left in a phase that has already lasted ``elapsed``.
+
+    The phase's duration is taken as log-normal with mean ``expected`` and relative spread
+    ``sigma``; what is left is E[D − t | D > t]. Unlike ``max(expected − t, 0)`` this never
+    says "done" for a phase that is still running: an overrunning phase (a slow import, a
+    contended CPU) keeps a remaining time that shrinks slowly instead of dropping to zero.
+    """
+    if expected <= 0:
+        return 0.0
+    if elapsed <= 0:
+        return expected
+    s = math.sqrt(math.log1p(sigma * sigma)) or 1e-6
+    mu = math.log(expected) - s * s / 2
+    z = (math.log(elapsed) - mu) / s
+    tail = 0.5 * math.erfc(z / math.sqrt(2))  # P(D > t)
+    if tail < 1e-12:
+        return expected * s * 0.1  # far past any plausible end: a small, steady remainder
+    upper = 0.5 * math.erfc((z - s) / math.sqrt(2))  # Φ(s − z)
+    return max(expected * upper / tail - elapsed, 0.0)
 
 
 class Estimate(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,19 +171,22 @@ class LiveJob(msgspec.Struct, kw_only=True):
     # -- the estimate ---------------------------------------------------------------------
 
     def _speed(self) -> float:
-        """Observed/expected over finished phases (load and save aside), shrunk towards 1."""
-        observed = expected = 0.0
-        count = 0
+        """How fast this job runs against its prior, from finished phases, shrunk towards 1.
+
+        Each phase's observed/expected ratio is clipped to [1/3, 3] and phases expected to
+        take under 5 ms are ignored: a 100 µs phase that took 1 ms says nothing about how
+        long the decode will take. Load and save (imports, disks) are left out.
+        """
+        total, count = 0.0, 0
         for phase, seconds in self.done.items():
-            if phase in SPEED_EXCLUDED or phase == "denoise" or phase not in self.expected:
+            if phase in SPEED_EXCLUDED or phase == "denoise":
                 continue
-            observed += seconds
-            expected += self.expected[phase]
+            expected = self.expected.get(phase, 0.0)
+            if expected < MIN_SPEED_PHASE_S:
+                continue
+            total += min(max(seconds / expected, 1 / 3), 3.0)
             count += 1
-        if count == 0 or expected <= 0:
-            return 1.0
-        ratio = observed / expected
-        return (PRIOR_PHASES + count * ratio) / (PRIOR_PHASES + count)
+        return (PRIOR_PHASES + total) / (PRIOR_PHASES + count)
 
     def _step_mean(self) -> float:
         prior = self.segment_prior
@@ -216,7 +242,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
             seconds = max(mean * steps_left - min(since_step, mean), 0.0)
             sigma = self.sigma[phase] / math.sqrt(1.0 + self.segment_n)
             return seconds, sigma
-        return max(self.expected[phase] * speed - in_phase_s, 0.0), self.sigma[phase]
+        expected = self.expected[phase] * speed
+        return conditional_remaining(expected, self.sigma[phase], in_phase_s), self.sigma[phase]
 
     def _interval(self, remaining: float, parts: list[tuple[float, float]],
                   elapsed: float) -> tuple[float, float]:

@@ -60,8 +60,11 @@ def component_key(phase: str, shape: JobShape) -> str:
     """The component a phase's cost is fitted on, on this device class."""
     if phase == STEP:
         part = transformer_id(shape)
-    elif phase in ("decode", "postprocess", "latent_init"):
+    elif phase in ("decode", "postprocess"):
         part = vae_id(shape)
+    elif phase == "latent_init":
+        # I2V encodes the conditioning video with the VAE here; T2V only draws noise.
+        part = f"{vae_id(shape)}:{'encode' if shape.task == 'i2v' else 'noise'}"
     elif phase == "text_encode":
         part = "umt5-tiny" if shape.tiny else "umt5-xxl"
     else:

@@ -9,6 +9,7 @@ from telemetry.projections.eta import EtaProjection
 from telemetry.projections.health import HealthProjection
 from telemetry.projections.jobs import JobsProjection
 from telemetry.projections.memory import MemoryProjection
+from telemetry.projections.metrics import MetricsProjection
 from telemetry.projections.throughput import ThroughputProjection
 
 
@@ -24,6 +25,7 @@ def default_projections(*, keep_finished: int | None = None) -> list[Projection[
         ThroughputProjection(),
         MemoryProjection(keep_finished=bound),
         HealthProjection(),
+        MetricsProjection(),
     ]
 
 

@@ -1,0 +1,864 @@
+"""OpenTelemetry traces rebuilt from the log: one trace per job, exported by OTLP.
+
+Spans are a projection of the log, not something measured on the inference thread: a job's
+spans are built from its recorded events only when its terminal event is read, with the events'
+own timestamps, deterministic ids (:mod:`telemetry.tracing`) and no clock reads. So a trace can
+be rebuilt and re-exported from the log at any time, and exporting the same job twice yields
+the same span ids.
+
+The trace of a job::
+
+    video.generate                  root, INTERNAL; the caller's span is its parent when the job
+    │                               carries a valid W3C traceparent
+    ├── queue.wait                  JobQueued → JobStarted, when the job was queued
+    ├── stage.load
+    ├── stage.text_encode
+    ├── stage.denoise               one span event per step (+ expert.switched)
+    ├── stage.decode
+    └── …
+
+Why span events for steps, not a span per step: a 40–50 step job gives 40–50 events, which
+cost one repeated protobuf field on one span and show in Jaeger as a timeline inside the
+denoise span; 50 child spans would bury the stage spans in the trace view, cost a span id,
+parent id and resource reference each, and carry no duration the event lacks (``duration_s``
+is an attribute). See ``docs/traces.md``.
+
+:class:`SpanExportRunner` follows the log, exports each finished job through any
+:class:`~opentelemetry.sdk.trace.export.SpanExporter` and checkpoints only after the exporter
+returned ``SUCCESS``; :func:`exporter_from_config` builds the OTLP exporter from ``--otlp`` or
+the standard ``OTEL_EXPORTER_OTLP_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Final
+from urllib.parse import urlsplit
+
+import msgspec
+import structlog
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event as SpanEvent
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util.types import AttributeValue
+
+from telemetry.codec import decode_one, encode
+from telemetry.engine import CheckpointStore
+from telemetry.eta.evaluate import ours_at
+from telemetry.eta.jobs import job_records
+from telemetry.eta.model import BUCKETS, bucket_of
+from telemetry.events import (
+    EtaCalibrated,
+    Event,
+    ExpertSwitched,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobStarted,
+    StageEnded,
+    StageStarted,
+    StepEnded,
+)
+from telemetry.log.base import Batch, EventLog, Position, ReadItem
+from telemetry.projections.eta import EtaProjection, EtaState
+from telemetry.tracing import parse_traceparent, span_id_for, trace_id_for
+
+_log = structlog.get_logger("wantel.otel")
+
+SERVICE_NAME: Final = "wantel"
+SCOPE: Final = InstrumentationScope("wantel.exporters.otel", "1")
+ROOT_SPAN: Final = "video.generate"
+ROOT_ROLE: Final = "root"
+QUEUE_ROLE: Final = "queue"
+#: ETA checkpoints, as fractions of the job's actual duration (the evaluator's convention).
+ETA_FRACTIONS: Final = (0.10, 0.25, 0.50)
+TERMINALS: Final = (JobCompleted, JobFailed, JobCancelled)
+#: The event types a trace is built from; the runner buffers only these.
+SPAN_SOURCES: Final = (
+    JobQueued, JobStarted, StageStarted, StageEnded, StepEnded, ExpertSwitched, *TERMINALS)
+
+_DEFAULT_RESOURCE: Resource | None = None
+
+
+def stage_role(stage: str, index: int) -> str:
+    """The role of the ``index``-th (from 0) occurrence of ``stage`` in a job, for span ids."""
+    return f"stage:{stage}:{index}"
+
+
+def job_trace_id(started: JobStarted | None, queued: JobQueued | None, job: str) -> str:
+    """The job's trace id: ``JobStarted``'s traceparent when it has one, else ``JobQueued``'s.
+
+    The same rule as the metrics projection's exemplars, so an exemplar's trace id names the
+    trace this module exports.
+    """
+    return trace_id_for(job, traceparent_of(started, queued))
+
+
+def traceparent_of(started: JobStarted | None, queued: JobQueued | None) -> str | None:
+    """The traceparent a job carries (see :func:`job_trace_id`)."""
+    if started is not None and started.traceparent is not None:
+        return started.traceparent
+    return queued.traceparent if queued is not None else None
+
+
+def default_resource() -> Resource:
+    """``service.name=wantel`` merged with ``OTEL_RESOURCE_ATTRIBUTES``; built once, lazily."""
+    global _DEFAULT_RESOURCE  # noqa: PLW0603 - a cache, not configuration
+    if _DEFAULT_RESOURCE is None:
+        _DEFAULT_RESOURCE = Resource.create({"service.name": SERVICE_NAME})
+    return _DEFAULT_RESOURCE
+
+
+# -- events → spans (pure) -------------------------------------------------------------------
+
+
+@dataclass
+class _OpenStage:
+    role: str
+    start: int
+    events: list[SpanEvent] = field(default_factory=list)
+
+
+@dataclass
+class _JobView:
+    """One job's events, sorted and de-duplicated, with the few facts spans need."""
+
+    job: str
+    events: list[Event]
+    calibration: EtaCalibrated | None
+    queued: JobQueued | None = None
+    started: JobStarted | None = None
+    terminal: Event | None = None
+
+
+def _view_of(events: Iterable[Event]) -> _JobView | None:
+    calibration: EtaCalibrated | None = None
+    by_seq: dict[int, Event] = {}
+    unsequenced: list[Event] = []
+    job: str | None = None
+    for event in events:
+        if isinstance(event, EtaCalibrated):
+            calibration = event
+            continue
+        if not isinstance(event, SPAN_SOURCES):
+            continue
+        if job is None:
+            job = event.job
+        elif event.job != job:
+            raise ValueError(f"spans_for_job got events of {job!r} and {event.job!r}")
+        if event.seq < 0:
+            unsequenced.append(event)
+        else:
+            by_seq.setdefault(event.seq, event)
+    if job is None:
+        return None
+    ordered = [by_seq[seq] for seq in sorted(by_seq)] + unsequenced
+    view = _JobView(job=job, events=ordered, calibration=calibration)
+    for event in ordered:
+        if isinstance(event, JobQueued) and view.queued is None:
+            view.queued = event
+        elif isinstance(event, JobStarted) and view.started is None:
+            view.started = event
+        elif isinstance(event, TERMINALS) and view.terminal is None:
+            view.terminal = event
+    return view
+
+
+def spans_for_job(
+    events: Iterable[Event], *, resource: Resource | None = None
+) -> list[ReadableSpan]:
+    """The finished spans of one job, root first, built from its events alone.
+
+    ``events`` are one job's events in log order (duplicates by ``seq`` are dropped; types
+    spans don't use are ignored). An :class:`~telemetry.events.EtaCalibrated` among them is
+    taken as the calibration in force when the job started, for the ETA attributes.
+
+    ``ReadableSpan`` objects are built directly rather than through a ``TracerProvider`` with a
+    custom ``IdGenerator``: every id comes from :func:`telemetry.tracing.span_id_for` by role,
+    which an ``IdGenerator`` (asked for "the next id" with no context) cannot know without
+    thread-local plumbing; and a tracer would need a global provider and a span processor just
+    to hand us back the snapshot we can write down ourselves. The price is that SDK span
+    limits are not applied — the attributes here are few and bounded.
+    """
+    view = _view_of(events)
+    if view is None:
+        return []
+    resource = resource or default_resource()
+    job = view.job
+    trace_id = job_trace_id(view.started, view.queued, job)
+    trace_id_int = int(trace_id, 16)
+    flags = TraceFlags(TraceFlags.SAMPLED)
+    root_ctx = SpanContext(trace_id_int, int(span_id_for(job, ROOT_ROLE), 16), False, flags)
+    parent: SpanContext | None = None
+    caller = parse_traceparent(traceparent_of(view.started, view.queued))
+    if caller is not None:
+        parent = SpanContext(trace_id_int, int(caller[1], 16), True, flags)
+
+    # The root starts at JobQueued (or JobStarted); min() keeps every child inside it even when
+    # another process's clock stamped an event a little earlier.
+    root_start = min(e.ts for e in view.events)
+    terminal = view.terminal
+    root_end = terminal.ts if terminal is not None else max(e.ts for e in view.events)
+
+    def child(name: str, role: str, start: int, end: int, *,
+              attributes: dict[str, AttributeValue] | None = None,
+              span_events: Sequence[SpanEvent] = (), status: Status | None = None) -> ReadableSpan:
+        ctx = SpanContext(trace_id_int, int(span_id_for(job, role), 16), False, flags)
+        return ReadableSpan(
+            name=name, context=ctx, parent=root_ctx, resource=resource,
+            attributes={"wantel.job": job, **(attributes or {})}, events=tuple(span_events),
+            kind=SpanKind.INTERNAL, status=status or Status(StatusCode.UNSET),
+            start_time=start, end_time=max(start, end), instrumentation_scope=SCOPE)
+
+    children: list[ReadableSpan] = []
+    root_events: list[SpanEvent] = []
+    open_stages: dict[str, _OpenStage] = {}
+    stage_counts: dict[str, int] = {}
+    denoise: _OpenStage | None = None
+
+    if view.queued is not None:
+        wait_end = view.started.ts if view.started is not None else root_end
+        children.append(child("queue.wait", QUEUE_ROLE, view.queued.ts, wait_end))
+
+    for event in view.events:
+        if isinstance(event, StageStarted):
+            index = stage_counts.get(event.stage, 0)
+            stage_counts[event.stage] = index + 1
+            opened = _OpenStage(role=stage_role(event.stage, index), start=event.ts)
+            open_stages[event.stage] = opened
+            if event.stage == "denoise":
+                denoise = opened
+        elif isinstance(event, StageEnded):
+            opened_or_none = open_stages.pop(event.stage, None)
+            if opened_or_none is None:  # its start was lost: infer it from the duration
+                index = stage_counts.get(event.stage, 0)
+                stage_counts[event.stage] = index + 1
+                opened_or_none = _OpenStage(role=stage_role(event.stage, index),
+                                            start=event.ts - int(event.duration_s * 1e9))
+            if denoise is opened_or_none:
+                denoise = None
+            children.append(child(
+                f"stage.{event.stage}", opened_or_none.role, opened_or_none.start, event.ts,
+                attributes={"wantel.stage": event.stage, "wantel.stage.ok": event.ok,
+                            "wantel.stage.duration_s": event.duration_s},
+                span_events=opened_or_none.events,
+                status=None if event.ok else Status(StatusCode.ERROR, f"stage {event.stage}")))
+        elif isinstance(event, StepEnded):
+            target = denoise.events if denoise is not None else root_events
+            target.append(SpanEvent("denoise.step", _step_attributes(event), event.ts))
+        elif isinstance(event, ExpertSwitched):
+            target = denoise.events if denoise is not None else root_events
+            target.append(SpanEvent("expert.switched", {
+                "wantel.step": event.step, "wantel.expert.from": event.from_expert,
+                "wantel.expert.to": event.to_expert}, event.ts))
+
+    # Stages still open when the job ended (it failed or was cancelled inside them).
+    closed_by = type(terminal).__name__ if terminal is not None else "end of events"
+    for stage, opened in open_stages.items():
+        children.append(child(
+            f"stage.{stage}", opened.role, opened.start, root_end,
+            attributes={"wantel.stage": stage, "wantel.stage.closed_by": closed_by},
+            span_events=opened.events,
+            status=Status(StatusCode.ERROR, f"stage {stage} did not end")
+            if isinstance(terminal, JobFailed) else None))
+
+    attributes, status = _root_attributes(view)
+    if isinstance(terminal, JobFailed):
+        root_events.append(SpanEvent("exception", {
+            "exception.type": terminal.error_type, "exception.message": terminal.message},
+            terminal.ts))
+    root = ReadableSpan(
+        name=ROOT_SPAN, context=root_ctx, parent=parent, resource=resource,
+        attributes=attributes, events=tuple(root_events), kind=SpanKind.INTERNAL,
+        status=status, start_time=root_start, end_time=max(root_start, root_end),
+        instrumentation_scope=SCOPE)
+    return [root, *children]
+
+
+def _step_attributes(event: StepEnded) -> dict[str, AttributeValue]:
+    attributes: dict[str, AttributeValue] = {
+        "wantel.step": event.step, "wantel.total_steps": event.total_steps,
+        "wantel.passes": event.passes}
+    if event.timestep is not None:
+        attributes["wantel.timestep"] = event.timestep
+    if event.sigma is not None:
+        attributes["wantel.sigma"] = event.sigma
+    if event.expert is not None:
+        attributes["wantel.expert"] = event.expert
+    if event.duration_s is not None:
+        attributes["wantel.step.duration_s"] = event.duration_s
+    return attributes
+
+
+def _root_attributes(view: _JobView) -> tuple[dict[str, AttributeValue], Status]:
+    attributes: dict[str, AttributeValue] = {
+        "wantel.job": view.job, "gen_ai.operation.name": "generate_content",
+        "gen_ai.provider.name": "diffusers"}
+    queued, started, terminal = view.queued, view.started, view.terminal
+    model = started.model if started is not None else queued.model if queued else None
+    if model is not None:
+        attributes["wantel.model"] = model
+        attributes["gen_ai.request.model"] = model
+    if queued is not None:
+        attributes["wantel.task"] = queued.task
+    if started is not None:
+        device = started.device
+        attributes.update({
+            "wantel.family": started.family, "wantel.variant": started.variant,
+            "wantel.task": started.task,
+            "wantel.resolution": f"{started.width}x{started.height}",
+            "wantel.width": started.width, "wantel.height": started.height,
+            "wantel.frames": started.num_frames, "wantel.steps": started.steps,
+            "wantel.cfg": started.cfg, "wantel.guidance_scale": started.guidance_scale,
+            "wantel.device": device.kind if device.index is None
+            else f"{device.kind}:{device.index}",
+            "wantel.device.name": device.name,
+        })
+        if started.seed is not None:
+            attributes["wantel.seed"] = started.seed
+        if started.worker is not None:
+            attributes["wantel.worker"] = started.worker
+        if queued is not None:
+            attributes["wantel.queue_wait_s"] = max(0.0, (started.ts - queued.ts) / 1e9)
+    status = Status(StatusCode.UNSET)
+    if isinstance(terminal, JobCompleted):
+        attributes["wantel.status"] = "completed"
+        attributes["wantel.duration_s"] = terminal.duration_s
+        if terminal.frames is not None:
+            attributes["wantel.output.frames"] = terminal.frames
+        if terminal.bytes is not None:
+            attributes["wantel.output.bytes"] = terminal.bytes
+    elif isinstance(terminal, JobFailed):
+        attributes.update({"wantel.status": "failed", "wantel.duration_s": terminal.duration_s,
+                           "error.type": terminal.error_type, "wantel.oom": terminal.oom})
+        if terminal.stage is not None:
+            attributes["wantel.failed.stage"] = terminal.stage
+        if terminal.step is not None:
+            attributes["wantel.failed.step"] = terminal.step
+        status = Status(StatusCode.ERROR, f"{terminal.error_type}: {terminal.message}")
+    elif isinstance(terminal, JobCancelled):
+        attributes.update({"wantel.status": "cancelled",
+                           "wantel.duration_s": terminal.duration_s,
+                           "wantel.cancel.reason": terminal.reason})
+    else:
+        attributes["wantel.status"] = "running"
+    if started is not None and terminal is not None:
+        attributes.update(eta_attributes(view.events, view.calibration))
+    return attributes, status
+
+
+def eta_attributes(
+    events: Sequence[Event], calibration: EtaCalibrated | None = None
+) -> dict[str, AttributeValue]:
+    """The ETA story of one finished job, as root-span attributes.
+
+    Computed here, from the job's events, with the same code the ETA projection and
+    ``wantel eta eval`` use, so the trace agrees with the dashboards:
+
+    ``wantel.eta.prior_s`` / ``wantel.eta.prior_error``
+        the ETA issued at ``JobStarted`` (before any work) and its signed relative error.
+    ``wantel.eta.at_10pct_s`` (25, 50)
+        the live model's remaining-time estimate at 10/25/50 % of the job's *actual*
+        duration (:func:`telemetry.eta.evaluate.ours_at`), and ``…_error`` its signed
+        relative error against the actual remaining time (completed jobs only).
+    ``wantel.eta.residual`` and ``wantel.eta.residual.<bucket>``
+        the final residual: the mean signed relative error of every ETA issued during the job
+        (at each stage boundary and step), overall and per progress bucket — exactly what the
+        ETA projection folds into ``wantel_eta_relative_error`` (completed jobs only).
+    """
+    records = job_records([e for e in events if not isinstance(e, EtaCalibrated)])
+    if not records or records[0].end_ts is None:
+        return {}
+    record = records[0]
+    end_ts: int = records[0].end_ts
+    projection = EtaProjection()
+    state: EtaState = projection.initial()
+    if calibration is not None:
+        state = projection.apply(state, calibration)
+    for event in record.events:
+        if not isinstance(event, TERMINALS):
+            state = projection.apply(state, event)
+    running = state.running.get(record.job)
+    attributes: dict[str, AttributeValue] = {}
+    duration = record.duration_s
+    for fraction in ETA_FRACTIONS:
+        estimate = ours_at(record, state.calibration, fraction)
+        if estimate is None:
+            continue
+        key = f"wantel.eta.at_{round(fraction * 100)}pct"
+        attributes[f"{key}_s"] = estimate.remaining_s
+        actual = duration * (1 - fraction)
+        if record.completed and actual > 1e-3:
+            attributes[f"{key}_error"] = (estimate.remaining_s - actual) / actual
+    if running is None or not running.issued:
+        return attributes
+    prior = running.issued[0]
+    attributes["wantel.eta.prior_s"] = prior.remaining_s
+    if not record.completed:
+        return attributes
+    by_bucket: dict[str, list[float]] = {}
+    for index, point in enumerate(running.issued):
+        actual = (end_ts - point.ts) / 1e9
+        if actual <= 1e-3:
+            continue
+        error = (point.remaining_s - actual) / actual
+        if index == 0:
+            attributes["wantel.eta.prior_error"] = error
+            continue
+        by_bucket.setdefault(bucket_of(point.progress), []).append(error)
+    errors = [e for bucket in BUCKETS for e in by_bucket.get(bucket, [])]
+    if errors:
+        attributes["wantel.eta.residual"] = sum(errors) / len(errors)
+    for bucket in BUCKETS:
+        if bucket in by_bucket:
+            values = by_bucket[bucket]
+            attributes[f"wantel.eta.residual.{bucket}"] = sum(values) / len(values)
+    return attributes
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+PROTOCOLS: Final = ("http/protobuf", "grpc")
+TRACES_PATH: Final = "/v1/traces"
+
+
+def exporter_from_config(
+    endpoint: str | None,
+    *,
+    protocol: str | None = None,
+    headers: Mapping[str, str] | str | None = None,
+    timeout: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> SpanExporter | None:
+    """The OTLP span exporter that ``--otlp URL`` or the environment asks for, else ``None``.
+
+    All configuration is read here, when the exporter is built (never at import):
+
+    * ``endpoint`` (``--otlp``) wins; else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (used as
+      is), else ``OTEL_EXPORTER_OTLP_ENDPOINT`` (a base URL: ``/v1/traces`` is appended for
+      HTTP). An ``--otlp`` URL without a path is treated as a base URL too, so
+      ``--otlp http://jaeger:4318`` works.
+    * ``protocol``; else ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``, else
+      ``OTEL_EXPORTER_OTLP_PROTOCOL``; else ``grpc`` for a ``grpc://``/``grpcs://`` URL, else
+      ``http/protobuf`` (the specification's default). ``http/json`` is not offered by the
+      Python SDK, so it is refused with a ``ValueError`` rather than silently replaced.
+    * ``OTEL_SDK_DISABLED=true`` turns export off.
+    * headers, timeout, compression, TLS files: ``headers``/``timeout`` when given, else the
+      SDK exporter reads its own ``OTEL_EXPORTER_OTLP_*`` variables.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    url = (endpoint or "").strip()
+    is_base = True
+    if not url:
+        url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        is_base = False
+        if not url:
+            url = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+            is_base = True
+    if not url:
+        return None
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urlsplit(url)
+    chosen = (protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+              or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+              or ("grpc" if parts.scheme in ("grpc", "grpcs") else "http/protobuf"))
+    chosen = chosen.strip().lower()
+    if chosen not in PROTOCOLS:
+        raise ValueError(f"OTLP protocol {chosen!r} is not supported; use one of "
+                         f"{', '.join(PROTOCOLS)}")
+    scheme = {"grpc": "http", "grpcs": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https"):
+        raise ValueError(f"OTLP endpoint {url!r}: expected an http(s):// or grpc(s):// URL")
+    header_map = _parse_headers(headers) if headers is not None else None
+    if chosen == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        return GrpcSpanExporter(endpoint=f"{scheme}://{parts.netloc}",
+                                insecure=scheme == "http", headers=header_map,
+                                timeout=timeout)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
+
+    path = parts.path
+    if is_base and (not endpoint or path in ("", "/")):
+        path = path.rstrip("/") + TRACES_PATH
+    full = f"{scheme}://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
+    return HttpSpanExporter(endpoint=full, headers=header_map, timeout=timeout)
+
+
+def _parse_headers(headers: Mapping[str, str] | str) -> dict[str, str]:
+    """``k=v,k2=v2`` (the ``OTEL_EXPORTER_OTLP_HEADERS`` form) or a mapping."""
+    if not isinstance(headers, str):
+        return dict(headers)
+    parsed: dict[str, str] = {}
+    for pair in headers.split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip():
+            parsed[key.strip().lower()] = value.strip()
+    return parsed
+
+
+# -- the runner ------------------------------------------------------------------------------
+
+
+class _Checkpoint(msgspec.Struct, kw_only=True):
+    """What the runner persists: where to read from and the jobs open at that position."""
+
+    version: int = 1
+    position: int = 0
+    open: dict[str, list[bytes]] = {}  # job → its buffered events (telemetry.codec JSON)
+    finished: list[str] = []  # recently exported jobs: late duplicates of theirs are ignored
+    calibration: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ExportStats:
+    """What a :class:`SpanExportRunner` has done; a snapshot, safe to read from any thread."""
+
+    position: Position = 0
+    jobs_exported: int = 0
+    spans_exported: int = 0
+    export_failures: int = 0
+    checkpoints: int = 0
+    open_jobs: int = 0
+    pending_jobs: int = 0
+    pending_spans: int = 0
+    quarantined_records: int = 0
+    evicted_jobs: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class _Pending:
+    job: str
+    spans: list[ReadableSpan]
+
+
+class SpanExportRunner:
+    """Follow the log; export each job's spans when it ends; never lose or repeat a job.
+
+    Delivery. The log itself is the queue. A job's spans are built when its terminal event is
+    read and handed to ``exporter.export()``; the checkpoint (the next position, plus the
+    events of jobs still open there) is written only after ``export()`` returned ``SUCCESS``.
+    On ``FAILURE`` (or an exception) the same spans are retried with exponential backoff
+    (``retry_backoff`` = first and longest wait) and reading pauses, so nothing piles up in
+    memory while a collector is down: the events wait in the log. ``force_flush()`` is never
+    trusted — it returns True even when the receiver is down. A new runner resumes from the
+    checkpoint, so a restart neither loses nor repeats a job; only a crash between the
+    collector's acknowledgement and the checkpoint's fsync can repeat one, with the same span
+    ids (collectors and Jaeger de-duplicate by id).
+
+    The runner does not own the exporter: :meth:`stop` leaves it open, :meth:`shutdown` also
+    shuts it down.
+    """
+
+    def __init__(
+        self,
+        log: EventLog,
+        exporter: SpanExporter,
+        checkpoint: CheckpointStore,
+        *,
+        retry_backoff: tuple[float, float] = (0.2, 5.0),
+        max_batch_spans: int = 512,
+        max_open_jobs: int = 10_000,
+        remember_finished: int = 10_000,
+        checkpoint_interval: float = 5.0,
+        poll_interval: float = 0.05,
+        resource: Resource | None = None,
+    ) -> None:
+        if retry_backoff[0] <= 0 or retry_backoff[1] < retry_backoff[0]:
+            raise ValueError(f"retry_backoff must be (first > 0, longest >= first), "
+                             f"got {retry_backoff}")
+        self.log = log
+        self.exporter = exporter
+        self.checkpoint = checkpoint
+        self._backoff = retry_backoff
+        self._max_batch_spans = max_batch_spans
+        self._max_open_jobs = max_open_jobs
+        self._checkpoint_interval = checkpoint_interval
+        self._poll_interval = poll_interval
+        self._resource = resource or default_resource()
+        self._pass_lock = threading.Lock()  # one reader at a time: the thread or export_pending
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stats = ExportStats()
+        self._stats_lock = threading.Lock()
+        # State that the checkpoint mirrors once nothing is pending.
+        self.position: Position = 0
+        self._open: dict[str, list[Event]] = {}
+        self._open_seqs: dict[str, set[int]] = {}
+        self._finished: deque[str] = deque(maxlen=remember_finished)
+        self._finished_set: set[str] = set()
+        self._calibration: EtaCalibrated | None = None
+        self._pending: list[_Pending] = []
+        self._saved_position: Position = -1
+        self._saved_at = time.monotonic()
+        self._restore()
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> ExportStats:
+        """Counters and the current position."""
+        with self._stats_lock:
+            return self._stats
+
+    def start(self) -> None:
+        """Follow the log from the checkpointed position in a daemon thread."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="wantel-otel", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Stop following; checkpoint if nothing is pending. True if the thread ended in time.
+
+        An ``export()`` in flight is not interrupted: it ends within the exporter's own timeout.
+        """
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+            self._thread = None
+        return True
+
+    def shutdown(self, timeout: float | None = 10.0) -> bool:
+        """:meth:`stop`, then shut the exporter down."""
+        stopped = self.stop(timeout)
+        self.exporter.shutdown()
+        return stopped
+
+    def export_pending(self) -> int:
+        """One synchronous pass: export what is pending and everything stored now.
+
+        Tries each export once (no backoff): on failure it returns, leaving the spans pending
+        for the next pass. Returns how many spans were exported. Not while :meth:`start`'s
+        thread runs (it owns the reading position): that raises ``RuntimeError``.
+        """
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("export_pending() while the runner's thread is following the log")
+        with self._pass_lock:
+            before = self.stats.spans_exported
+            if self._flush(block=False):
+                for item in self.log.read(self.position):
+                    if not self._process(item, block=False):
+                        break
+                else:
+                    self._maybe_checkpoint(force=True)
+            return self.stats.spans_exported - before
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with self._pass_lock:
+                if not self._flush(block=True):
+                    return
+                for item in self.log.follow(self.position, stop=self._stop,
+                                            poll_interval=self._poll_interval):
+                    if not self._process(item, block=True):
+                        return
+                    self._maybe_checkpoint(force=False)
+                self._maybe_checkpoint(force=True)
+        except Exception as exc:  # a broken log must not kill the process that serves metrics
+            _log.exception("span export runner stopped", error=f"{type(exc).__name__}: {exc}")
+            self._update(last_error=f"{type(exc).__name__}: {exc}")
+
+    def _process(self, item: ReadItem, *, block: bool) -> bool:
+        """Apply one log item; False if an export failed (non-blocking) or a stop came."""
+        if not isinstance(item, Batch):
+            if item.next > self.position:
+                self.position = item.next
+                self._update(quarantined_records=self.stats.quarantined_records
+                             + (item.count or 1))
+            return True
+        for position, event in item.positioned():
+            if position < self.position:
+                continue
+            self._apply(event)
+            self.position = position + 1
+            if (self._pending_spans() >= self._max_batch_spans
+                    and not self._flush(block=block)):
+                return False
+        return self._flush(block=block)
+
+    def _apply(self, event: Event) -> None:
+        if isinstance(event, EtaCalibrated):
+            self._calibration = event
+            return
+        if not isinstance(event, SPAN_SOURCES):
+            return
+        job = event.job
+        if job in self._finished_set:
+            return  # a late duplicate of a job already exported
+        events = self._open.get(job)
+        if events is None:
+            events = self._open[job] = []
+            self._open_seqs[job] = set()
+            if self._calibration is not None:
+                events.append(self._calibration)
+            self._evict()
+        seqs = self._open_seqs[job]
+        if event.seq >= 0:
+            if event.seq in seqs:
+                return
+            seqs.add(event.seq)
+        events.append(event)
+        if isinstance(event, TERMINALS):
+            del self._open[job], self._open_seqs[job]
+            self._remember(job)
+            try:
+                spans = spans_for_job(events, resource=self._resource)
+            except Exception as exc:  # one malformed job must not stop every other trace
+                _log.warning("cannot build spans", job=job, error=f"{type(exc).__name__}: {exc}")
+                return
+            self._pending.append(_Pending(job, spans))
+
+    def _evict(self) -> None:
+        while len(self._open) > self._max_open_jobs:
+            oldest = next(iter(self._open))
+            del self._open[oldest], self._open_seqs[oldest]
+            _log.warning("too many open jobs; dropping the oldest's trace", job=oldest)
+            self._update(evicted_jobs=self.stats.evicted_jobs + 1)
+
+    def _remember(self, job: str) -> None:
+        if self._finished.maxlen is not None and len(self._finished) == self._finished.maxlen:
+            self._finished_set.discard(self._finished[0])
+        self._finished.append(job)
+        self._finished_set.add(job)
+
+    def _pending_spans(self) -> int:
+        return sum(len(p.spans) for p in self._pending)
+
+    def _flush(self, *, block: bool) -> bool:
+        """Export every pending job; True when none is left. Blocking mode retries until stop."""
+        delay = self._backoff[0]
+        exported = False
+        while self._pending:
+            batch: list[_Pending] = []
+            count = 0
+            for pending in self._pending:
+                if batch and count + len(pending.spans) > self._max_batch_spans:
+                    break
+                batch.append(pending)
+                count += len(pending.spans)
+            spans = [span for pending in batch for span in pending.spans]
+            error: str | None = None
+            try:
+                result = self.exporter.export(spans)
+                if result is not SpanExportResult.SUCCESS:
+                    error = f"exporter returned {result.name}"
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            if error is None:
+                del self._pending[:len(batch)]
+                stats = self.stats
+                self._update(jobs_exported=stats.jobs_exported + len(batch),
+                             spans_exported=stats.spans_exported + len(spans), last_error=None)
+                delay = self._backoff[0]
+                exported = True
+                continue
+            self._update(export_failures=self.stats.export_failures + 1, last_error=error)
+            self._publish()
+            _log.warning("span export failed; will retry", error=error, spans=len(spans),
+                         retry_in_s=delay if block else None)
+            if not block or self._stop.wait(delay):
+                return False
+            delay = min(delay * 2, self._backoff[1])
+        self._maybe_checkpoint(force=exported)
+        return True
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self, *, force: bool) -> None:
+        """Save when nothing is pending and the position moved (now, or every interval)."""
+        if self._pending or self.position == self._saved_position:
+            self._publish()
+            return
+        if not force and time.monotonic() - self._saved_at < self._checkpoint_interval:
+            self._publish()
+            return
+        snapshot = _Checkpoint(
+            position=self.position,
+            open={job: [encode(e) for e in events] for job, events in self._open.items()},
+            finished=list(self._finished),
+            calibration=encode(self._calibration) if self._calibration is not None else None)
+        try:
+            self.checkpoint.save(msgspec.msgpack.encode(snapshot))
+        except OSError as exc:  # a full disk must not stop export; the next save retries
+            _log.warning("cannot write checkpoint", path=str(self.checkpoint.path),
+                         error=exc.strerror or str(exc))
+            self._publish()
+            return
+        self._saved_position, self._saved_at = self.position, time.monotonic()
+        self._update(checkpoints=self.stats.checkpoints + 1)
+        self._publish()
+
+    def _restore(self) -> None:
+        data = self.checkpoint.load()
+        if data is None:
+            self._publish()
+            return
+        try:
+            snapshot = msgspec.msgpack.decode(data, type=_Checkpoint)
+            opened = {job: [decode_one(raw) for raw in events]
+                      for job, events in snapshot.open.items()}
+            calibration = (decode_one(snapshot.calibration)
+                           if snapshot.calibration is not None else None)
+        except Exception as exc:  # any damage: start over rather than refuse to run
+            _log.warning("unreadable span-export checkpoint; exporting from the start",
+                         path=str(self.checkpoint.path), error=str(exc))
+            self._publish()
+            return
+        self.position = self._saved_position = snapshot.position
+        self._open = opened
+        self._open_seqs = {job: {e.seq for e in events if e.seq >= 0}
+                           for job, events in opened.items()}
+        for job in snapshot.finished:
+            self._remember(job)
+        self._calibration = calibration if isinstance(calibration, EtaCalibrated) else None
+        self._publish()
+
+    def _update(self, **changes: object) -> None:
+        with self._stats_lock:
+            self._stats = replace(self._stats, **changes)  # type: ignore[arg-type]
+
+    def _publish(self) -> None:
+        self._update(position=self.position, open_jobs=len(self._open),
+                     pending_jobs=len(self._pending), pending_spans=self._pending_spans())
+
+
+__all__ = [
+    "ETA_FRACTIONS",
+    "QUEUE_ROLE",
+    "ROOT_ROLE",
+    "ROOT_SPAN",
+    "SERVICE_NAME",
+    "ExportStats",
+    "SpanExportRunner",
+    "default_resource",
+    "eta_attributes",
+    "exporter_from_config",
+    "job_trace_id",
+    "spans_for_job",
+    "stage_role",
+    "traceparent_of",
+]

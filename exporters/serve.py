@@ -1,0 +1,227 @@
+"""``wantel serve``: follow the log; serve /metrics, the HTTP API, WebSocket progress, live page.
+
+The same machinery runs inside ``wantel demo`` and in tests, so it is built from two reusable
+pieces: :class:`BackgroundServer` (uvicorn on a socket this process already bound, in a thread)
+and :class:`Serving` (service + app + server + optional OTLP span export, started and stopped
+as one). Binding the socket here, before uvicorn starts, turns "port in use" into a one-line
+error and lets tests and ``--port 0`` learn the real port without a race.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import uvicorn
+from starlette.applications import Starlette
+
+from exporters.server import create_app
+from exporters.service import TelemetryService
+from telemetry.config import resolve_log_dir
+from telemetry.engine import CheckpointStore
+from telemetry.errors import UsageError
+from telemetry.log.base import LogError
+from telemetry.log.local import CHECKPOINT_DIR, LocalLog
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 9464
+TOKEN_ENV: Final = "WANTEL_TOKEN"
+OTLP_ENVS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; ``port`` 0 picks a free one. Errors are the user's: one line."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` on ``sock`` from a daemon thread.
+
+    uvicorn installs no signal handlers outside the main thread, so Ctrl-C stays with the
+    caller, which stops the server with :meth:`stop`.
+    """
+
+    def __init__(self, app: Any, sock: socket.socket, *, log_level: str = "warning") -> None:
+        self.sock = sock
+        config = uvicorn.Config(app, log_level=log_level, lifespan="off",
+                                timeout_graceful_shutdown=2, ws_ping_interval=None)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="wantel-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound."""
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def host(self) -> str:
+        """The address actually bound."""
+        return str(self.sock.getsockname()[0])
+
+    def _run(self) -> None:
+        self.server.run(sockets=[self.sock])
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start serving; returns once uvicorn accepts connections."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close connections (WebSocket clients see 1012) and stop the thread."""
+        self.server.should_exit = True
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        self.sock.close()
+
+
+class Serving:
+    """Service + ASGI app + HTTP server (+ OTLP span export): what ``serve`` and ``demo`` run."""
+
+    def __init__(self, log: LocalLog, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 token: str | None = None, otlp: str | None = None,
+                 export_spans: bool = False,
+                 checkpoint_dir: str | Path | None = None) -> None:
+        self.log = log
+        self.token = token
+        self.checkpoint_dir = Path(checkpoint_dir or log.path / CHECKPOINT_DIR)
+        self.service = TelemetryService(log, checkpoint_dir=self.checkpoint_dir)
+        self.app: Starlette = create_app(self.service, token=token)
+        self.http = BackgroundServer(self.app, bind(host, port))
+        self.otlp = otlp
+        self.export_spans = export_spans or otlp is not None
+        self._spans: Any = None
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. ``http://127.0.0.1:9464/``."""
+        host = self.http.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http.port}/"
+
+    def urls(self) -> list[tuple[str, str]]:
+        """What is served where, for the start-up banner."""
+        base = self.url
+        page = base + ("?token=<token>" if self.token else "")  # never echo the secret
+        ws = "ws" + base.removeprefix("http") + "ws/progress"
+        return [("live page", page), ("jobs API", base + "api/jobs"),
+                ("metrics", base + "metrics"), ("WebSocket", ws),
+                ("health", base + "healthz")]
+
+    def start(self) -> None:
+        """Start following the log, serving HTTP and (if configured) exporting spans."""
+        self.service.start()
+        self.http.start()
+        if self.export_spans:
+            self._spans = _start_span_export(self.log, self.otlp, self.checkpoint_dir)
+
+    def stop(self) -> None:
+        """Stop everything; the projection checkpoint is written last."""
+        self.http.stop()
+        if self._spans is not None:
+            self._spans.shutdown()
+        self.service.stop()
+
+    def __enter__(self) -> Serving:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _start_span_export(log: LocalLog, endpoint: str | None, checkpoint_dir: Path) -> Any:
+    """OTLP span export from the log (imported here: the OpenTelemetry SDK is slow to load).
+
+    ``endpoint`` ``None`` lets the exporter read the ``OTEL_EXPORTER_OTLP_*`` environment.
+    """
+    from exporters.otel import SpanExportRunner, exporter_from_config
+
+    try:
+        exporter = exporter_from_config(endpoint)
+    except ValueError as exc:  # e.g. OTEL_EXPORTER_OTLP_PROTOCOL=http/json
+        raise UsageError(f"OTLP export: {exc}") from None
+    if exporter is None:
+        return None
+    runner = SpanExportRunner(log, exporter, CheckpointStore(checkpoint_dir / "otel.ckpt"))
+    runner.start()
+    return runner
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``wantel serve`` (``wantel demo`` shares them)."""
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--token", metavar="T",
+                        help=f"require this bearer token on everything but /healthz "
+                             f"(default: ${TOKEN_ENV}, else no token)")
+    parser.add_argument("--otlp", metavar="URL",
+                        help=f"export spans by OTLP to this collector (default: ${OTLP_ENVS[0]}"
+                             f" or ${OTLP_ENVS[1]}; neither: no span export)")
+
+
+def open_serving(args: argparse.Namespace) -> Serving:
+    """Build (not start) the serving stack from ``serve``/``demo`` flags; creates the log."""
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    spans = bool(args.otlp) or any(os.environ.get(name) for name in OTLP_ENVS)
+    try:
+        log = LocalLog(resolve_log_dir(args.log))
+    except LogError as exc:
+        raise UsageError(str(exc)) from None
+    return Serving(log, host=args.host, port=args.port, token=token, otlp=args.otlp or None,
+                   export_spans=spans)
+
+
+def print_banner(serving: Serving, command: str) -> None:
+    """The URLs, first thing, so a user can open the page while the rest starts."""
+    print(f"wantel {command}: following {serving.log.path}/", flush=True)
+    for name, url in serving.urls():
+        print(f"  {name:<10} {url}", flush=True)
+    if serving.export_spans:
+        print(f"  {'spans':<10} OTLP to {serving.otlp or 'the OTEL_EXPORTER_OTLP_* endpoint'}",
+              flush=True)
+    if serving.http.host not in ("127.0.0.1", "::1", "localhost") and not serving.token:
+        print(f"wantel {command}: warning: listening on {serving.http.host} without a token "
+              f"(set --token or ${TOKEN_ENV})", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C or SIGTERM, then stop cleanly (checkpoint written)."""
+    serving = open_serving(args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        serving.start()
+        print_banner(serving, "serve")
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    finally:
+        print("wantel serve: stopping…", file=sys.stderr, flush=True)
+        serving.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,521 @@
+"""The live side of ``wantel serve``: one projection runner following the log, fanned out.
+
+:class:`TelemetryService` owns a single :class:`~telemetry.engine.ProjectionRunner` over every
+default projection, so ``/metrics``, ``/api`` and ``/ws/progress`` all read the same state at the
+same position, and a checkpoint (``<checkpoint_dir>/serve.ckpt``) lets a restart resume without
+double counting. A background thread catches up with the log, marks the service ready, then
+follows it.
+
+While WebSocket subscribers are connected, each log item is applied one event at a time and every
+event that matters to a viewer becomes one protocol frame (see ``docs/websocket.md``), encoded
+once and pushed to each subscriber's bounded queue. Applying and pushing happen under the
+runner's lock, which is also what a new subscriber takes to read its snapshot: the snapshot and
+the first live frame it will receive can never overlap or leave a gap. A subscriber that stops
+reading never slows the thread or the other subscribers: when its queue overflows it is emptied
+and the subscriber is marked for a fresh snapshot instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import structlog
+
+from telemetry.engine import CheckpointStore, ProjectionEngine, ProjectionRunner
+from telemetry.events import (
+    Event,
+    ExpertSwitched,
+    GpuSampled,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobStarted,
+    MemorySampled,
+    StageEnded,
+    StageStarted,
+    StepEnded,
+)
+from telemetry.log.base import Batch, EventLog, Position, ReadItem
+from telemetry.projections import default_projections
+from telemetry.projections.eta import EtaState, current
+from telemetry.projections.jobs import JobsState, JobView
+from telemetry.projections.memory import MemoryState
+from telemetry.projections.throughput import ThroughputState
+
+_log = structlog.get_logger("wantel.service")
+
+CHECKPOINT_NAME: Final = "serve.ckpt"
+#: Frames a subscriber may have waiting before it is switched to a fresh snapshot: four of the
+#: emitter's largest batches, so a client that keeps up never overflows on a burst.
+DEFAULT_SUBSCRIBER_BUFFER: Final = 16_384
+#: How many finished jobs a snapshot lists (newest first).
+DEFAULT_RECENT: Final = 20
+
+#: Which events become frames, and the frame type each becomes. Worker heartbeats, drop reports
+#: and calibrations are the server's business, not a viewer's: they advance positions silently.
+FRAME_TYPES: Final[dict[type[Event], str]] = {
+    JobQueued: "job_queued",
+    JobStarted: "job_started",
+    StageStarted: "stage_started",
+    StageEnded: "stage_ended",
+    StepEnded: "step",
+    ExpertSwitched: "expert_switched",
+    MemorySampled: "memory",
+    GpuSampled: "gpu",
+    JobCompleted: "job_completed",
+    JobFailed: "job_failed",
+    JobCancelled: "job_cancelled",
+}
+TERMINAL_FRAMES: Final = frozenset({"job_completed", "job_failed", "job_cancelled"})
+#: Moved to the frame header, or (``prompt``, present only with an explicit opt-in at record
+#: time) never broadcast to viewers: ``prompt_sha256`` identifies a prompt well enough.
+_DROPPED_FIELDS: Final = ("type", "job", "ts", "prompt")
+
+_encode = msgspec.json.Encoder().encode
+
+
+def frame(type_: str, position: Position | None, job: str | None, ts: float,
+          data: dict[str, Any]) -> dict[str, Any]:
+    """The one frame shape of ``/ws/progress``: ``{type, position, job, ts, data}``."""
+    return {"type": type_, "position": position, "job": job, "ts": ts, "data": data}
+
+
+def encode_frame(value: dict[str, Any]) -> str:
+    """A frame as compact JSON text (encoded once, sent to every subscriber)."""
+    return _encode(value).decode()
+
+
+def event_frame(position: Position, event: Event,
+                view: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The frame an event becomes, or ``None`` for events no viewer needs.
+
+    ``data`` holds the event's own fields (``ts`` moves to the header, in seconds, because
+    nanoseconds since the epoch do not fit a JavaScript number; an opted-in ``prompt`` is left
+    out). Live frames also carry
+    ``view``: the job's summary right after this event. Frames replayed from the log for a
+    ``since`` resume have no view — the projections' past states are not kept — and the
+    snapshot sent before ``caught_up`` brings the client up to date.
+    """
+    kind = FRAME_TYPES.get(type(event))
+    if kind is None:
+        return None
+    data: dict[str, Any] = msgspec.to_builtins(event)
+    for name in _DROPPED_FIELDS:
+        data.pop(name, None)
+    if view is not None:
+        data["view"] = view
+    return frame(kind, position, event.job, event.ts / 1e9, data)
+
+
+def _seconds(ts: int | None) -> float | None:
+    return None if ts is None else ts / 1e9
+
+
+def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
+    """One job as the list, the snapshot and the live page show it; ``None`` if unknown.
+
+    Progress and ETA come from the ETA model (progress weighted by expected stage cost, not a
+    bare step count); steps/s is the smoothed rate while running, the measured mean after.
+    """
+    jobs: JobsState = states["jobs"]
+    view = jobs.jobs.get(job)
+    if view is None:
+        return None
+    eta_state: EtaState = states["eta"]
+    throughput: ThroughputState = states["throughput"]
+    memory: MemoryState = states["memory"]
+    point = current(eta_state, job)
+    mem = memory.running.get(job) or memory.finished.get(job)
+    rate = throughput.jobs.get(job)
+    steps_per_second = rate.ema if rate is not None and rate.ema else view.steps_per_second
+    if view.status == "completed":
+        progress: float | None = 1.0
+    elif point is not None:
+        progress = point.progress
+    elif view.total_steps:
+        progress = view.steps_done / view.total_steps
+    else:
+        progress = None
+    eta = None
+    if point is not None and view.status == "running":
+        eta = {"remaining_s": point.remaining_s, "p10_s": point.p10_s, "p90_s": point.p90_s,
+               "estimating": point.estimating, "ts": point.ts / 1e9}
+    return {
+        "job": view.job,
+        "status": view.status,
+        "model": view.model,
+        "variant": view.variant,
+        "task": view.task,
+        "worker": view.worker,
+        "width": view.width,
+        "height": view.height,
+        "num_frames": view.num_frames,
+        "cfg": view.cfg,
+        "stage": view.stage,
+        "step": view.steps_done,
+        "steps": view.total_steps,
+        "expert": view.expert,
+        "progress": progress,
+        "eta": eta,
+        "steps_per_second": steps_per_second,
+        "peak_memory_bytes": _peak(view, mem.peaks if mem is not None else {}),
+        "queued_ts": _seconds(view.queued_ts),
+        "started_ts": _seconds(view.started_ts),
+        "ended_ts": _seconds(view.ended_ts),
+        "duration_s": view.duration_s,
+        "eta_error": _eta_error(eta_state, job),
+        "error": ({"type": view.error_type, "message": view.error_message, "oom": view.oom}
+                  if view.status == "failed" else None),
+    }
+
+
+def _peak(view: JobView, peaks: dict[str, int]) -> int | None:
+    """The peak that matters on the job's device: allocator on GPUs, process RSS on CPU."""
+    for kind in ("torch_allocated", "host_rss"):
+        if kind in peaks:
+            return peaks[kind]
+    return view.peak_memory_bytes
+
+
+def _eta_error(eta_state: EtaState, job: str) -> dict[str, Any] | None:
+    """How wrong the job's ETAs were (signed relative error), once it completed."""
+    done = eta_state.finished.get(job)
+    if done is None:
+        return None
+    values = list(done.residuals.values())
+    return {
+        "mean_abs": sum(abs(v) for v in values) / len(values) if values else None,
+        "before_start": done.before_start_error,
+        "by_bucket": dict(done.residuals),
+    }
+
+
+def snapshot_data(states: dict[str, Any], *, job: str | None = None,
+                  recent: int = DEFAULT_RECENT) -> dict[str, Any]:
+    """Running jobs (oldest first) and recently finished ones (newest first)."""
+    jobs: JobsState = states["jobs"]
+    if job is not None:
+        summary = summarize(states, job)
+        ended = summary is not None and job in jobs.finished
+        running = [summary] if summary is not None and not ended else []
+        return {"running": running, "finished": [summary] if ended else []}
+    running_list = [s for j in jobs.active if (s := summarize(states, j)) is not None]
+    finished_list: list[dict[str, Any]] = []
+    for j in reversed(jobs.finished):
+        if len(finished_list) >= recent:
+            break
+        summary = summarize(states, j)
+        if summary is not None:
+            finished_list.append(summary)
+    return {"running": running_list, "finished": finished_list}
+
+
+@dataclass
+class Subscriber:
+    """One WebSocket client's end of the fan-out: a bounded queue the service thread fills.
+
+    The service thread pushes under ``_lock`` and wakes the client's event loop at most once
+    per wait; the client's coroutine drains everything at once. Control frames (pong, errors)
+    go in a separate, unbounded-in-practice queue so overflow never eats a reply.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    job: str | None
+    capacity: int
+    min_position: Position = 0
+    overflowed: bool = False
+    overflows: int = 0
+    _queue: deque[str] = field(default_factory=deque)
+    _control: deque[str] = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _signalled: bool = False
+    closed: bool = False
+
+    def push(self, frames: list[tuple[str, Position, str]]) -> None:
+        """Queue ``(job, position, text)`` frames; called by the service thread."""
+        with self._lock:
+            if self.closed or self.overflowed:
+                return
+            queued = False
+            for job, position, text in frames:
+                if position < self.min_position or (self.job is not None and job != self.job):
+                    continue
+                if len(self._queue) >= self.capacity:
+                    self._queue.clear()
+                    self.overflowed = True
+                    self.overflows += 1
+                    queued = True
+                    break
+                self._queue.append(text)
+                queued = True
+            if not queued or self._signalled:
+                return
+            self._signalled = True
+        try:
+            self.loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the client's loop is gone; it will be unsubscribed
+            self.closed = True
+
+    def push_control(self, text: str) -> None:
+        """Queue a reply from the client's own loop (never dropped by overflow)."""
+        with self._lock:
+            self._control.append(text)
+        self._wake.set()
+
+    async def next_frames(self) -> list[str] | None:
+        """Wait for frames; ``None`` means the queue overflowed and a snapshot is due."""
+        while True:
+            with self._lock:
+                if self._control:
+                    items = list(self._control)
+                    self._control.clear()
+                    return items
+                if self.overflowed:
+                    return None
+                if self._queue:
+                    items = list(self._queue)
+                    self._queue.clear()
+                    self._signalled = False
+                    return items
+                self._wake.clear()
+                self._signalled = False
+            await self._wake.wait()
+
+    def reset(self, min_position: Position) -> None:
+        """After a resync snapshot: empty, no longer overflowed, frames from ``min_position``."""
+        with self._lock:
+            self._queue.clear()
+            self.overflowed = False
+            self.min_position = min_position
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A new subscriber, its snapshot and where its live frames start."""
+
+    subscriber: Subscriber
+    snapshot: dict[str, Any]
+    position: Position | None  # the last position the snapshot includes (None: empty log)
+    live_from: Position
+
+
+class TelemetryService:
+    """Follows a log with every projection; serves consistent reads and live frames."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        checkpoint_dir: str | Path,
+        keep_finished: int = 10_000,
+        poll_interval: float = 0.01,
+        checkpoint_interval: float = 5.0,
+        subscriber_buffer: int = DEFAULT_SUBSCRIBER_BUFFER,
+        recent: int = DEFAULT_RECENT,
+    ) -> None:
+        self.log = log
+        self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+        engine = ProjectionEngine(default_projections(keep_finished=keep_finished))
+        self.runner = ProjectionRunner(log, engine, CheckpointStore(self.checkpoint_path),
+                                       checkpoint_interval=checkpoint_interval)
+        self.poll_interval = poll_interval
+        self.subscriber_buffer = subscriber_buffer
+        self.recent = recent
+        self.started_at = time.time()
+        self._subscribers: list[Subscriber] = []
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> ProjectionEngine:
+        """The engine whose states every endpoint reads (under ``lock``)."""
+        return self.runner.engine
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the engine changes; hold it to read ``engine.states`` consistently."""
+        return self.runner.lock
+
+    @property
+    def ready(self) -> bool:
+        """True once everything stored at start-up has been applied."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until caught up (for scripts and tests); returns ``ready``."""
+        return self._ready.wait(timeout)
+
+    @property
+    def position(self) -> Position | None:
+        """The last applied position (``None`` before the first event)."""
+        next_position = self.engine.position
+        return next_position - 1 if next_position > 0 else None
+
+    def start(self) -> None:
+        """Start catching up and following in a background thread."""
+        if self._thread is not None:
+            raise RuntimeError("TelemetryService.start() called twice")
+        self._thread = threading.Thread(target=self._run, name="wantel-serve", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop following and write a checkpoint, so a restart resumes where this left off."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.runner.checkpoint()
+        with self.lock:
+            for sub in self._subscribers:
+                sub.closed = True
+            self._subscribers.clear()
+
+    def __enter__(self) -> TelemetryService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            for item in self.log.read(self.engine.position):
+                if self._stop.is_set():
+                    return
+                self._apply(item)
+            self.runner.checkpoint()
+            self._ready.set()
+            last_checkpoint = time.monotonic()
+            for item in self.log.follow(self.engine.position, stop=self._stop,
+                                        poll_interval=self.poll_interval):
+                self._apply(item)
+                if time.monotonic() - last_checkpoint >= self.runner.checkpoint_interval:
+                    self.runner.checkpoint()
+                    last_checkpoint = time.monotonic()
+        except Exception as exc:  # reported by /readyz and the log; never a silent stop
+            self.error = exc
+            _log.exception("the serve thread stopped", error=f"{type(exc).__name__}: {exc}")
+
+    # -- applying and fanning out -------------------------------------------------------------
+
+    def _apply(self, item: ReadItem) -> None:
+        """Apply one log item; while anyone listens, frame each event as it is applied."""
+        engine = self.engine
+        with self.lock:
+            subscribers = [s for s in self._subscribers if not s.closed]
+            if not subscribers or not isinstance(item, Batch):
+                engine.apply_items((item,))
+                return
+            frames: list[tuple[str, Position, str]] = []
+            for position, event in item.positioned():
+                if position < engine.position:
+                    continue
+                if not engine.apply_batch(Batch(position, [event])):
+                    continue  # a duplicate: already shown
+                if type(event) not in FRAME_TYPES:
+                    continue
+                made = event_frame(position, event, summarize(engine.states, event.job))
+                if made is not None:
+                    frames.append((event.job, position, encode_frame(made)))
+            if frames:
+                for sub in subscribers:
+                    sub.push(frames)
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop, *, job: str | None = None,
+                  since: Position | None = None) -> Subscription:
+        """Register a subscriber and take its snapshot atomically with respect to new frames."""
+        with self.lock:
+            live_from = self.engine.position
+            min_position = max(live_from, since + 1) if since is not None else live_from
+            sub = Subscriber(loop=loop, job=job, capacity=self.subscriber_buffer,
+                             min_position=min_position)
+            self._subscribers.append(sub)
+            snap = snapshot_data(self.engine.states, job=job, recent=self.recent)
+            return Subscription(subscriber=sub, snapshot=snap, position=self.position,
+                                live_from=live_from)
+
+    def resync(self, sub: Subscriber) -> tuple[dict[str, Any], Position | None]:
+        """A fresh snapshot for a subscriber whose queue overflowed; live frames follow it."""
+        with self.lock:
+            sub.reset(self.engine.position)
+            return snapshot_data(self.engine.states, job=sub.job, recent=self.recent), \
+                self.position
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        """Forget a subscriber (its connection ended)."""
+        with self.lock:
+            sub.closed = True
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(sub)
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many WebSocket clients are connected."""
+        return len(self._subscribers)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read_states(self, fn: Callable[[dict[str, Any]], Any]) -> Any:
+        """Run ``fn(states)`` under the lock: a consistent read of every projection."""
+        with self.lock:
+            return fn(self.engine.states)
+
+    def replay(self, start: Position, end: Position, *, job: str | None = None,
+               chunk: int = 512) -> Iterator[list[str]]:
+        """Encoded frames for positions ``start ≤ p < end``, from the log, in chunks.
+
+        Used for ``?since=`` resumes: the frames are built from the events alone (no view).
+        """
+        out: list[str] = []
+        for item in self.log.read(start):
+            if not isinstance(item, Batch):
+                if item.next >= end:
+                    break
+                continue
+            for position, event in item.positioned():
+                if position >= end:
+                    break
+                if job is not None and event.job != job:
+                    continue
+                made = event_frame(position, event)
+                if made is not None:
+                    out.append(encode_frame(made))
+                    if len(out) >= chunk:
+                        yield out
+                        out = []
+            if item.next >= end:
+                break
+        if out:
+            yield out
+
+    def job_events(self, job: str, *, since: Position = -1,
+                   limit: int = 1000) -> tuple[list[dict[str, Any]], Position | None, bool]:
+        """The job's events after ``since`` from the log: ``(events, last position, more)``."""
+        found: list[dict[str, Any]] = []
+        last: Position | None = None
+        for item in self.log.read(since + 1):
+            if not isinstance(item, Batch):
+                continue
+            for position, event in item.positioned():
+                if event.job != job:
+                    continue
+                if len(found) >= limit:
+                    return found, last, True
+                record: dict[str, Any] = msgspec.to_builtins(event)
+                found.append({"position": position, "event": record})
+                last = position
+        return found, last, False

@@ -1,0 +1,96 @@
+"""The live page in a real browser: Debian's Chromium, driven by Playwright, on a real server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.exporters.test_server import JobScript, served, wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "live-page.png"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed")
+
+
+@pytest.fixture
+def page() -> Iterator[Any]:
+    """A fresh Chromium page (Playwright with the system browser; never `playwright install`)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 560})
+        finally:
+            browser.close()
+
+
+def row_text(page: Any, table: str, job: str) -> str:
+    """The text of a job's row in ``#running`` or ``#finished`` ('' while absent)."""
+    row = page.query_selector(f'#{table} tr[data-job="{job}"]')
+    return str(row.inner_text()) if row is not None else ""
+
+
+def row_with(page: Any, table: str, job: str, needle: str) -> str:
+    """The row's text if it contains ``needle``, else ''."""
+    text = row_text(page, table, job)
+    return text if needle in text else ""
+
+
+def test_a_tiny_job_goes_from_estimating_to_completed(page: Any, tmp_path: Path) -> None:
+    """The page shows a real job 'estimating' while it starts, then completed with its ETA error."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from inference.runner import GenerationRequest, generate, prepare
+    from telemetry.emitter import Emitter
+
+    log_dir = tmp_path / "log"
+    earlier = JobScript("t2v-earlier", steps=6)
+    long_one = JobScript("t2v-long", steps=40, gap_s=0.75, ago_s=25)  # 14 of 40 steps done
+    with served(log_dir) as s:
+        s.append(earlier.whole() + long_one.start() + long_one.step_range(0, 14))
+        page.goto(s.base)
+        wait_for(lambda: page.inner_text("#conn") == "live", "the page to connect")
+        wait_for(lambda: "t2v-long" in row_text(page, "running", "t2v-long"), "the running row")
+
+        release = threading.Event()
+        request = GenerationRequest(model="tiny-t2v-a14b", prompt="a fox", frames=5, height=32,
+                                    width=32, steps=4, job="e2e-fox",
+                                    out=str(tmp_path / "fox.mp4"))
+        outcome: dict[str, Any] = {}
+
+        def run_job() -> None:
+            # The gate holds the job after its load stage: before two steps, ETA is "estimating".
+            with Emitter(s.log) as emitter:
+                outcome["result"] = generate(prepare(request), emitter,
+                                             on_instrumented=lambda _: release.wait(60))
+
+        worker = threading.Thread(target=run_job)
+        worker.start()
+        try:
+            estimating = wait_for(lambda: row_with(page, "running", "e2e-fox", "estimating"),
+                                  "the job to show 'estimating'", timeout=120)
+        finally:
+            release.set()
+        finished = wait_for(lambda: row_text(page, "finished", "e2e-fox"),
+                            "the job to finish on the page", timeout=60)
+        worker.join(60)
+        status = page.inner_text('#finished tr[data-job="e2e-fox"] td.status')
+        running_jobs = page.eval_on_selector_all("#running tbody tr", "rows => rows.length")
+        still_running = row_text(page, "running", "e2e-fox")
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert "completed" == outcome["result"].status
+    assert "tiny-t2v-a14b" in estimating
+    assert "completed" == status
+    assert "±" in finished  # the ETA error of a completed job
+    assert "" == still_running
+    assert 1 == running_jobs  # only the synthetic long job is still running

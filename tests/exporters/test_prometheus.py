@@ -1,0 +1,419 @@
+"""The Prometheus collector: every metric of the design, rendered from projection state."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Info, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from exporters.prometheus import WantelCollector, build_info, make_registry, render
+from telemetry.engine import CheckpointStore, ProjectionEngine, ProjectionRunner
+from telemetry.events import (
+    DeviceInfo,
+    Event,
+    EventsDropped,
+    GpuSampled,
+    JobCompleted,
+    JobQueued,
+    JobStarted,
+    MemorySampled,
+    StageEnded,
+    StageStarted,
+    StepEnded,
+    WorkerHeartbeat,
+)
+from telemetry.log.local import LocalLog
+from telemetry.log.memory import MemoryLog
+from telemetry.projections import default_projections
+from telemetry.tracing import trace_id_for
+
+SECOND = 1_000_000_000
+GIB = 2**30
+T0 = 1_700_000_000  # event times are seconds after this
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+#: Every metric of DESIGN.md's table (family names as OpenMetrics reports them).
+DESIGN_METRICS = {
+    "wantel_jobs", "wantel_jobs_running", "wantel_job_duration_seconds",
+    "wantel_queue_wait_seconds", "wantel_stage_duration_seconds", "wantel_denoise_steps",
+    "wantel_denoise_step_duration_seconds", "wantel_steps_per_second",
+    "wantel_job_progress_ratio", "wantel_job_eta_seconds", "wantel_eta_relative_error",
+    "wantel_job_peak_memory_bytes", "wantel_device_memory_used_bytes",
+    "wantel_device_memory_total_bytes", "wantel_gpu_utilization_ratio",
+    "wantel_gpu_temperature_celsius", "wantel_gpu_throttle_events", "wantel_events",
+    "wantel_events_dropped", "wantel_log_quarantined", "wantel_projection_lag_seconds",
+    "wantel_workers_alive", "wantel_build_info",
+}
+
+
+class Stream:
+    """Events of one stream with consecutive seqs, at ``T0 + t`` seconds."""
+
+    def __init__(self, job: str, model: str = "tiny-t2v") -> None:
+        self.job, self.model = job, model
+        self.seq = itertools.count()
+
+    def kw(self, t: float) -> dict[str, Any]:
+        """The common fields of the next event at ``t``."""
+        return {"job": self.job, "seq": next(self.seq), "ts": int((T0 + t) * SECOND),
+                "worker": "w1"}
+
+    def started(self, t: float, steps: int = 4, traceparent: str | None = None) -> JobStarted:
+        """JobStarted of a tiny CPU job."""
+        return JobStarted(**self.kw(t), model=self.model, family="wan2.2", variant=self.model,
+                          task="t2v", width=32, height=32, num_frames=5, steps=steps,
+                          guidance_scale=5.0, cfg=True, device=DeviceInfo(kind="cuda", name="x"),
+                          traceparent=traceparent)
+
+    def steps(self, t: float, n: int, total: int = 4, expert: str | None = None) -> list[Event]:
+        """``n`` steps of 0.25 s from ``t``, inside a denoise stage start."""
+        events: list[Event] = [StageStarted(**self.kw(t), stage="denoise")]
+        events += [StepEnded(**self.kw(t + (i + 1) / 4), step=i, total_steps=total,
+                             duration_s=0.25, expert=expert) for i in range(n)]
+        return events
+
+    def completed(self, t: float, duration: float) -> list[Event]:
+        """The denoise stage's end, then JobCompleted."""
+        return [StageEnded(**self.kw(t), stage="denoise", duration_s=1.0),
+                JobCompleted(**self.kw(t), duration_s=duration)]
+
+
+def a_full_history() -> list[Event]:
+    """A queued job that ran and completed on a GPU, another running, drops and a heartbeat."""
+    a, b, w = Stream("a", "tiny-t2v-a14b"), Stream("b"), Stream("worker/w1")
+    events: list[Event] = [
+        JobQueued(**a.kw(0), model="tiny-t2v-a14b", task="t2v", traceparent=TRACEPARENT),
+        a.started(2),
+        MemorySampled(**a.kw(2.1), device="cuda:0", allocated_bytes=GIB, reserved_bytes=2 * GIB,
+                      device_used_bytes=3 * GIB, device_total_bytes=80 * GIB),
+        *a.steps(2.2, 4, expert="high_noise"),
+        GpuSampled(**w.kw(3), device="cuda:0", utilization_ratio=0.9, temperature_celsius=70,
+                   throttle_reasons=("sw_power_cap",)),
+        *a.completed(4, 2.0),
+        b.started(5),
+        *b.steps(5.1, 2),
+        WorkerHeartbeat(**w.kw(6), host="h", pid=1),
+        EventsDropped(**w.kw(6.1), counts={"queue_full": 3}),
+    ]
+    return events
+
+
+def runner_over(events: list[Event]) -> ProjectionRunner:
+    """A runner that has applied ``events``."""
+    log = MemoryLog()
+    log.append(events)
+    runner = ProjectionRunner(log, ProjectionEngine(default_projections()))
+    runner.catch_up()
+    return runner
+
+
+def registry_of(runner: ProjectionRunner, **options: Any) -> CollectorRegistry:
+    """A registry whose clock is fixed at ``T0 + 10`` s (the lag gauge becomes exact)."""
+    return make_registry(runner, clock=lambda: T0 + 10.0, **options)
+
+
+def samples(registry: CollectorRegistry, accept: str | None = None) -> dict[tuple[str, ...], float]:
+    """Every sample as ``(name, *sorted label items)`` → value, parsed back from the body."""
+    body, _ = render(registry, accept)
+    parse = parse_openmetrics if accept else parse_text
+    return {
+        (s.name, *(f"{k}={v}" for k, v in sorted(s.labels.items()))): s.value
+        for family in parse(body.decode())
+        for s in family.samples
+    }
+
+
+def families(registry: CollectorRegistry) -> set[str]:
+    """Names of the families that have samples, as OpenMetrics reports them."""
+    body, _ = render(registry, OPENMETRICS)
+    return {f.name for f in parse_openmetrics(body.decode()) if f.samples}
+
+
+def counters(registry: CollectorRegistry) -> dict[tuple[str, ...], float]:
+    """The samples derived from the log alone: counters and histograms, no clock or gauges."""
+    return {k: v for k, v in samples(registry).items()
+            if k[0].endswith(("_total", "_bucket", "_count", "_sum"))}
+
+
+# -- synthetic events -------------------------------------------------------------------------
+
+def test_every_design_metric_is_rendered() -> None:
+    """With a GPU job, a running job, drops and a heartbeat, every table metric has samples."""
+    assert DESIGN_METRICS <= families(registry_of(runner_over(a_full_history())))
+
+
+def test_values_come_from_the_projections() -> None:
+    """Spot values: counts, running, per-job gauges, memory, GPU, health, lag, build info."""
+    got = samples(registry_of(runner_over(a_full_history())))
+    version, torch, diffusers = build_info()
+    expected = {
+        ("wantel_jobs_total", "model=tiny-t2v-a14b", "status=completed", "task=t2v"): 1.0,
+        ("wantel_jobs_total", "model=tiny-t2v-a14b", "status=failed", "task=t2v"): 0.0,
+        ("wantel_jobs_running", "model=tiny-t2v"): 1.0,
+        ("wantel_jobs_running", "model=tiny-t2v-a14b"): 0.0,
+        ("wantel_denoise_steps_total", "model=tiny-t2v-a14b"): 4.0,
+        ("wantel_denoise_steps_total", "model=tiny-t2v"): 2.0,
+        ("wantel_steps_per_second", "model=tiny-t2v"): 4.0,
+        ("wantel_queue_wait_seconds_sum", "model=tiny-t2v-a14b"): 2.0,
+        ("wantel_denoise_step_duration_seconds_count", "expert=high_noise",
+         "model=tiny-t2v-a14b"): 4.0,
+        ("wantel_job_peak_memory_bytes_sum", "kind=device", "model=tiny-t2v-a14b"): 3.0 * GIB,
+        ("wantel_device_memory_used_bytes", "device=cuda:0", "source=nvml"): 3.0 * GIB,
+        ("wantel_device_memory_total_bytes", "device=cuda:0"): 80.0 * GIB,
+        ("wantel_gpu_utilization_ratio", "device=cuda:0"): 0.9,
+        ("wantel_gpu_temperature_celsius", "device=cuda:0"): 70.0,
+        ("wantel_gpu_throttle_events_total", "device=cuda:0", "reason=sw_power_cap"): 1.0,
+        ("wantel_events_total", "type=StepEnded"): 6.0,
+        ("wantel_events_dropped_total", "reason=queue_full"): 3.0,
+        ("wantel_log_quarantined_total",): 0.0,
+        ("wantel_projection_lag_seconds",): pytest.approx(10.0 - 6.1),
+        ("wantel_workers_alive",): 1.0,
+        ("wantel_build_info", f"diffusers={diffusers}", f"torch={torch}",
+         f"version={version}"): 1.0,
+        ("wantel_series_folded_total",): 0.0,
+    }
+    assert expected == {k: got.get(k) for k in expected}
+    assert 0 < got[("wantel_job_progress_ratio", "job=b", "model=tiny-t2v")] < 1
+    assert 0 < got[("wantel_job_eta_seconds", "job=b", "model=tiny-t2v")]
+
+
+def test_eta_error_histogram_has_buckets_but_no_sum() -> None:
+    """ETA residuals render per model and progress bucket, without _sum (buckets go negative)."""
+    got = samples(registry_of(runner_over(a_full_history())))
+    names = {k[0] for k in got if k[0].startswith("wantel_eta_relative_error")}
+    assert {"wantel_eta_relative_error_bucket"} == names
+    infs = {k: v for k, v in got.items()
+            if k[0] == "wantel_eta_relative_error_bucket" and "le=+Inf" in k}
+    assert all(k[2] == "model=tiny-t2v-a14b" for k in infs)
+    assert 0 < sum(infs.values())
+
+
+def test_per_job_gauges_vanish_when_the_job_ends() -> None:
+    """A running job has progress and ETA series; once it completes they are gone."""
+    b = Stream("b")
+    running = [b.started(1), *b.steps(1.1, 3)]
+    before = samples(registry_of(runner_over(running)))
+    after = samples(registry_of(runner_over(running + b.completed(3, 2.0))))
+    per_job = ("wantel_job_progress_ratio", "wantel_job_eta_seconds")
+    assert [("wantel_job_eta_seconds", "job=b", "model=tiny-t2v"),
+            ("wantel_job_progress_ratio", "job=b", "model=tiny-t2v")] == sorted(
+        k for k in before if k[0] in per_job)
+    assert [] == [k for k in after if k[0] in per_job]
+
+
+def test_per_job_series_are_capped_and_the_rest_counted() -> None:
+    """Beyond max_job_series running jobs, the newest have no series and each is counted once."""
+    events: list[Event] = []
+    for i in range(5):
+        s = Stream(f"j{i}")
+        events += [s.started(i), *s.steps(i + 0.1, 2)]
+    log = MemoryLog()
+    log.append(events)
+    runner = ProjectionRunner(log, ProjectionEngine(default_projections()))
+    runner.catch_up()
+    registry = registry_of(runner, max_job_series=2)
+    first = samples(registry)
+    again = samples(registry)  # a second scrape folds the same jobs: not counted again
+    shown = sorted(k[1] for k in again if k[0] == "wantel_job_progress_ratio")
+    assert (["job=j0", "job=j1"], 3.0, 3.0) == (
+        shown, first[("wantel_series_folded_total",)], again[("wantel_series_folded_total",)])
+    j0, j5 = Stream("j0"), Stream("j5")
+    j0.seq = itertools.count(4)  # after started, stage started and two steps
+    log.append([*j0.completed(10, 9.0), j5.started(11)])
+    runner.catch_up()
+    third = samples(registry)
+    shown = sorted(k[1] for k in third if k[0] == "wantel_job_progress_ratio")
+    assert (["job=j1", "job=j2"], 4.0) == (shown, third[("wantel_series_folded_total",)])
+
+
+def test_openmetrics_is_served_when_asked_and_carries_exemplars() -> None:
+    """Accept: openmetrics gets OpenMetrics with trace_id exemplars; no Accept gets text."""
+    registry = registry_of(runner_over(a_full_history()))
+    text, text_type = render(registry, None)
+    om, om_type = render(registry, OPENMETRICS)
+    assert (True, True) == (text_type.startswith("text/plain"),
+                            om_type.startswith("application/openmetrics-text"))
+    assert (b"# {" not in text, om.endswith(b"# EOF\n")) == (True, True)
+    exemplars = {
+        (family.name, s.exemplar.labels["trace_id"])
+        for family in parse_openmetrics(om.decode()) for s in family.samples if s.exemplar
+    }
+    caller = "0af7651916cd43dd8448eb211c80319c"  # job a's traceparent
+    assert {("wantel_job_duration_seconds", caller),
+            ("wantel_queue_wait_seconds", caller),
+            ("wantel_denoise_step_duration_seconds", caller),
+            ("wantel_denoise_step_duration_seconds", trace_id_for("b"))} == exemplars
+
+
+@pytest.mark.parametrize("accept", [None, OPENMETRICS])
+def test_encoder_writes_exactly_what_prometheus_client_writes(accept: str | None) -> None:
+    """render()'s bytes equal prometheus_client's encoders', label values needing escapes too."""
+    odd = Stream("odd", 'we"ird\\model\nname')
+    registry = registry_of(runner_over(
+        a_full_history() + [odd.started(7), *odd.steps(7.1, 2), *odd.completed(8, 1.0)]))
+    body, _ = render(registry, accept)
+    stock = generate_openmetrics(registry) if accept else generate_latest(registry)
+    assert stock.decode() == body.decode()
+
+
+def test_other_collectors_are_encoded_by_the_library() -> None:
+    """A registry with kinds the fast path skips (info) renders as prometheus_client does."""
+    registry = registry_of(runner_over(a_full_history()))
+    Info("wantel_extra", "An info metric from another collector.", registry=registry).info(
+        {"a": "b"})
+    for accept, stock in ((None, generate_latest), (OPENMETRICS, generate_openmetrics)):
+        assert stock(registry) == render(registry, accept)[0]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_finds_nothing_to_lint() -> None:
+    """`promtool check metrics` on the text exposition reports no findings."""
+    body, _ = render(registry_of(runner_over(a_full_history())), None)
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                            timeout=60)
+    assert (0, b"", b"") == (result.returncode, result.stdout, result.stderr)
+
+
+def test_the_exporter_never_imports_torch() -> None:
+    """Importing the exporter and reading build info leaves torch unimported."""
+    code = ("import sys; from exporters.prometheus import build_info; build_info(); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parents[2], timeout=60)
+    assert "False" == result.stdout.strip(), result.stderr
+
+
+def test_collector_reads_state_under_the_runner_lock() -> None:
+    """collect() holds runner.lock, so it never sees a half-applied batch."""
+    runner = runner_over(a_full_history())
+    seen: list[bool] = []
+
+    class Spy:
+        def __enter__(self) -> None:
+            seen.append(True)
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    runner.lock = Spy()  # type: ignore[assignment]
+    list(WantelCollector(runner).collect())
+    assert [True] == seen
+
+
+def test_a_silent_fleet_has_no_workers_alive() -> None:
+    """Workers count as alive within the timeout of the wall clock, not only of the last event."""
+    runner = runner_over(a_full_history())  # the heartbeat is at T0 + 6 s
+    alive = {}
+    for now in (T0 + 10.0, T0 + 67.0):
+        registry = make_registry(runner, clock=lambda now=now: now, worker_timeout_s=60.0)
+        alive[now - T0] = samples(registry)[("wantel_workers_alive",)]
+    assert {10.0: 1.0, 67.0: 0.0} == alive
+
+
+def test_a_runner_without_the_needed_projections_is_refused() -> None:
+    """Building the collector over an engine lacking projections fails at once, naming them."""
+    runner = ProjectionRunner(MemoryLog(), ProjectionEngine(default_projections()[:1]))
+    with pytest.raises(ValueError, match="'eta', 'health', 'memory', 'metrics', 'throughput'"):
+        WantelCollector(runner)
+
+
+# -- real tiny jobs ---------------------------------------------------------------------------
+
+TINY_JOBS = (("real-t2v", "tiny-t2v"), ("real-a14b", "tiny-t2v-a14b"))
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def real_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A log of two real tiny jobs (Wan 2.1 T2V and Wan 2.2 A14B), 32 px, 5 frames, 3 steps."""
+    import torch
+
+    from inference.runner import GenerationRequest, generate, prepare
+    from telemetry.emitter import Emitter
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("real")
+    log = LocalLog(root / "log", fsync="never")
+    with Emitter(log) as emitter:
+        for job, model in TINY_JOBS:
+            request = GenerationRequest(model=model, prompt="waves", frames=5, height=32,
+                                        width=32, steps=STEPS, job=job, device="cpu",
+                                        out=str(root / f"{job}.mp4"))
+            generate(prepare(request), emitter)
+    log.close()
+    yield root / "log"
+
+
+def replay(path: Path, checkpoint: Path | None = None) -> ProjectionRunner:
+    """A fresh runner over the log at ``path``, restored from ``checkpoint`` if given."""
+    store = CheckpointStore(checkpoint) if checkpoint is not None else None
+    runner = ProjectionRunner(LocalLog(path, create=False),
+                              ProjectionEngine(default_projections()), store)
+    runner.catch_up()
+    return runner
+
+
+def test_real_jobs_are_counted_and_timed(real_log: Path) -> None:
+    """Two real tiny jobs: two completions, their steps, every stage timed, exemplars per job."""
+    registry = registry_of(replay(real_log))
+    got = samples(registry)
+    assert {
+        ("wantel_jobs_total", "model=tiny-t2v", "status=completed", "task=t2v"): 1.0,
+        ("wantel_jobs_total", "model=tiny-t2v-a14b", "status=completed", "task=t2v"): 1.0,
+        ("wantel_denoise_steps_total", "model=tiny-t2v"): float(STEPS),
+        ("wantel_denoise_steps_total", "model=tiny-t2v-a14b"): float(STEPS),
+        ("wantel_jobs_running", "model=tiny-t2v"): 0.0,
+    } == {k: got[k] for k in (
+        ("wantel_jobs_total", "model=tiny-t2v", "status=completed", "task=t2v"),
+        ("wantel_jobs_total", "model=tiny-t2v-a14b", "status=completed", "task=t2v"),
+        ("wantel_denoise_steps_total", "model=tiny-t2v"),
+        ("wantel_denoise_steps_total", "model=tiny-t2v-a14b"),
+        ("wantel_jobs_running", "model=tiny-t2v"))}
+    stages = {k[2] for k in got
+              if k[0] == "wantel_stage_duration_seconds_count" and k[1] == "model=tiny-t2v"}
+    assert {"stage=load", "stage=text_encode", "stage=denoise", "stage=decode",
+            "stage=save"} <= stages
+    experts = {k[1]: v for k, v in got.items()
+               if k[0] == "wantel_denoise_step_duration_seconds_count"
+               and k[2] == "model=tiny-t2v-a14b"}
+    assert {"expert=high_noise": 1.0, "expert=low_noise": 2.0} == experts  # boundary 0.875
+    kinds = {k[1] for k in got if k[0] == "wantel_job_peak_memory_bytes_count"}
+    assert {"kind=host_rss"} == kinds  # CPU: no allocator or NVML readings
+    body, _ = render(registry, OPENMETRICS)
+    traces = {s.exemplar.labels["trace_id"] for f in parse_openmetrics(body.decode())
+              for s in f.samples if s.exemplar and f.name == "wantel_job_duration_seconds"}
+    assert {trace_id_for(job) for job, _ in TINY_JOBS} == traces
+
+
+def test_counters_survive_a_restart(real_log: Path, tmp_path: Path) -> None:
+    """A new runner over the same log (replayed or from a checkpoint) reports equal counters."""
+    first = replay(real_log, tmp_path / "ckpt")
+    from_checkpoint = replay(real_log, tmp_path / "ckpt")
+    replayed = replay(real_log)
+    expected = counters(registry_of(first))
+    assert 0 < len(expected)
+    assert (expected, expected) == (counters(registry_of(from_checkpoint)),
+                                    counters(registry_of(replayed)))
+    assert 0 == from_checkpoint.catch_up()  # nothing re-applied: no double counting
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_accepts_real_job_metrics(real_log: Path) -> None:
+    """`promtool check metrics` finds nothing in the exposition of real jobs."""
+    body, _ = render(registry_of(replay(real_log)), None)
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                            timeout=60)
+    assert (0, b"", b"") == (result.returncode, result.stdout, result.stderr)

@@ -1,0 +1,33 @@
+"""Trace ids come from the caller's traceparent, else deterministically from the job."""
+
+from __future__ import annotations
+
+from telemetry.tracing import parse_traceparent, span_id_for, trace_id_for
+
+CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_traceparent_is_joined() -> None:
+    """The job's trace is the caller's trace."""
+    assert "4bf92f3577b34da6a3ce929d0e0e4736" == trace_id_for("job-1", CALLER)
+
+
+def test_without_traceparent_the_id_is_derived_and_stable() -> None:
+    """The same job always has the same 32-hex trace id; different jobs differ."""
+    assert trace_id_for("job-1") == trace_id_for("job-1")
+    assert trace_id_for("job-1") != trace_id_for("job-2")
+    assert 32 == len(trace_id_for("job-1"))
+
+
+def test_invalid_traceparents_are_ignored() -> None:
+    """Malformed or all-zero ids do not hijack the trace."""
+    for bad in ("garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "", None):
+        assert parse_traceparent(bad) is None
+    assert trace_id_for("j", "garbage") == trace_id_for("j")
+
+
+def test_span_ids_are_per_role() -> None:
+    """Span ids are 16 hex digits, stable per (job, role)."""
+    assert span_id_for("j", "root") == span_id_for("j", "root")
+    assert span_id_for("j", "root") != span_id_for("j", "stage:decode:0")
+    assert 16 == len(span_id_for("j", "root"))
