@@ -46,13 +46,24 @@ class MemoryReader:
     def read(self) -> dict[str, Any]:
         """Fields of a ``MemorySampled`` event."""
         if self.is_cuda:
+            stats = self._cuda_stats()
+            allocated, reserved = stats["allocated_bytes"]["all"], stats["reserved_bytes"]["all"]
             return {
-                "allocated_bytes": torch.cuda.memory_allocated(self.device),
-                "reserved_bytes": torch.cuda.memory_reserved(self.device),
-                "peak_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+                "allocated_bytes": allocated["current"],
+                "reserved_bytes": reserved["current"],
+                "peak_allocated_bytes": allocated["peak"],
+                "peak_reserved_bytes": reserved["peak"],
             }
         return {"host_rss_bytes": self.host_rss()}
+
+    def _cuda_stats(self) -> Any:
+        """The allocator's nested stats, read once (each public ``memory_*`` call rebuilds the
+        whole flattened dictionary in Python, four of which cost hundreds of µs per sample)."""
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        raw = getattr(torch._C, "_cuda_memoryStats", None)
+        if raw is not None:
+            return raw(index)
+        return torch.cuda.memory_stats_as_nested_dict(index)
 
     def host_rss(self) -> int | None:
         """Resident set size of this process in bytes."""

@@ -9,7 +9,7 @@ same log always yields byte-identical snapshots.
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from telemetry.events import Event
 
@@ -33,3 +33,17 @@ class Projection(Protocol[S]):
     def apply(self, state: S, event: Event) -> S:
         """The state after ``event``."""
         ...
+
+
+#: Jobs a projection tracks as running at most: a job whose worker died never sends its terminal
+#: event, so without a bound a long-running server would grow forever.
+MAX_RUNNING: Final = 10_000
+
+V = TypeVar("V")
+
+
+def bounded_insert(table: dict[str, V], key: str, value: V, limit: int = MAX_RUNNING) -> None:
+    """``table[key] = value``, dropping the oldest entries beyond ``limit`` (dicts keep order)."""
+    table[key] = value
+    while len(table) > limit:
+        del table[next(iter(table))]

@@ -29,6 +29,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
+from telemetry.projections.base import bounded_insert
 
 #: Upper edges of the signed relative-error histogram (−1 … +1 and beyond).
 ERROR_EDGES: Final = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -135,7 +136,7 @@ class EtaProjection:
             assert isinstance(event, JobStarted)
             running = RunningEta(model=event.model,
                                  live=LiveJob.start(event, state.calibration))
-            state.running[event.job] = running
+            bounded_insert(state.running, event.job, running)
             _issue(running, event.ts)
         elif kind is JobCompleted:
             self._completed(state, event)

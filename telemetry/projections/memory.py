@@ -12,6 +12,7 @@ from typing import Final
 import msgspec
 
 from telemetry.events import Event, JobCancelled, JobCompleted, JobFailed, JobStarted, MemorySampled
+from telemetry.projections.base import bounded_insert
 
 KEEP_FINISHED: Final = 10_000
 
@@ -95,8 +96,8 @@ class MemoryProjection:
                         job.stage_peaks[event.stage] = top
         elif kind is JobStarted:
             assert isinstance(event, JobStarted)
-            state.running[event.job] = JobMemory(model=event.model, width=event.width,
-                                                 height=event.height)
+            bounded_insert(state.running, event.job,
+                           JobMemory(model=event.model, width=event.width, height=event.height))
         elif kind is JobCompleted or kind is JobFailed or kind is JobCancelled:
             job = state.running.pop(event.job, None)
             if job is not None:

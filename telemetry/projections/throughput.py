@@ -12,6 +12,7 @@ from typing import Final
 import msgspec
 
 from telemetry.events import Event, JobCancelled, JobCompleted, JobFailed, JobStarted, StepEnded
+from telemetry.projections.base import bounded_insert
 
 SMOOTHING: Final = 0.3
 
@@ -72,7 +73,7 @@ class ThroughputProjection:
                 model.step_seconds += event.duration_s
         elif kind is JobStarted:
             assert isinstance(event, JobStarted)
-            state.jobs[event.job] = JobRate(model=event.model)
+            bounded_insert(state.jobs, event.job, JobRate(model=event.model))
             state.models.setdefault(event.model, ModelRate())
         elif kind is JobCompleted or kind is JobFailed or kind is JobCancelled:
             state.jobs.pop(event.job, None)
