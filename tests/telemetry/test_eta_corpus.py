@@ -1,0 +1,110 @@
+"""The ETA model against the recorded corpus of real `wantel run` jobs (issue 4's acceptance).
+
+The corpus (``tests/fixtures/eta-corpus``, made by ``scripts/record_eta_corpus.py``) holds 64
+real jobs of every tiny variant. It is calibrated on one half (split by job id) and scored on
+the other, so a calibration is never scored on the runs it was fitted on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from telemetry.cli import main
+from telemetry.eta.evaluate import StaticProfile, evaluate
+from telemetry.eta.fit import fit
+from telemetry.eta.jobs import job_records
+from telemetry.events import EtaCalibrated
+from telemetry.log.base import Batch
+from telemetry.log.local import LocalLog
+
+CORPUS = Path(__file__).parents[1] / "fixtures" / "eta-corpus"
+
+
+@pytest.fixture(scope="module", name="report")
+def _report() -> dict[str, object]:
+    """The evaluation of the corpus, as `wantel eta eval --json` prints it."""
+    log = LocalLog(CORPUS, create=False)
+    records = [r for r in job_records(e for item in log.read() if isinstance(item, Batch)
+                                      for e in item.events) if r.completed]
+    train = [r for r in records if r.in_split("train")]
+    test = [r for r in records if r.in_split("test")]
+    result = evaluate(test, fit(train).calibration, StaticProfile.fit(train))
+    mape = {key: score.mape for key, score in result.scores.items()}
+    return {"jobs": len(records), "train": len(train), "test": result.jobs, "mape": mape,
+            "coverage": result.coverage()}
+
+
+def test_the_corpus_is_big_and_varied() -> None:
+    """At least 60 completed jobs, every tiny variant, CFG on and off, a spread of shapes."""
+    log = LocalLog(CORPUS, create=False)
+    records = [r for r in job_records(e for item in log.read() if isinstance(item, Batch)
+                                      for e in item.events) if r.completed]
+    assert len(records) >= 60
+    variants = {r.started.variant for r in records}
+    assert {"tiny-t2v", "tiny-i2v", "tiny-ti2v", "tiny-t2v-a14b", "tiny-i2v-a14b"} == variants
+    assert {True, False} == {r.started.cfg for r in records}
+    widths = [r.started.width for r in records]
+    steps = [r.started.steps for r in records]
+    assert min(widths) <= 64 and max(widths) >= 192
+    assert min(steps) <= 8 and max(steps) >= 20
+
+
+def test_mape_at_10_percent(report: dict[str, object]) -> None:
+    """At 10 % of the duration our predicted total is within 15 % (MAPE), at most half the
+    best baseline's error."""
+    mape = report["mape"]
+    assert isinstance(mape, dict)
+    ours = mape[(0.10, "ours")]
+    baselines = [v for (c, name), v in mape.items() if c == 0.10 and name != "ours" and v]
+    assert ours is not None and ours <= 15.0
+    assert ours <= 0.5 * min(baselines)
+
+
+def test_mape_at_50_percent(report: dict[str, object]) -> None:
+    """At 50 % of the duration our predicted total is within 8 % (MAPE)."""
+    mape = report["mape"]
+    assert isinstance(mape, dict)
+    assert mape[(0.50, "ours")] is not None and mape[(0.50, "ours")] <= 8.0
+
+
+def test_interval_coverage(report: dict[str, object]) -> None:
+    """The p10–p90 interval holds the actual remaining time 70–90 % of the time."""
+    coverage = report["coverage"]
+    assert isinstance(coverage, float)
+    assert 0.70 <= coverage <= 0.90
+
+
+def test_eta_eval_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """`wantel eta eval --json` prints MAPE per checkpoint per estimator and coverage."""
+    assert 0 == main(["eta", "eval", "--log", str(CORPUS), "--json"])
+    document = json.loads(capsys.readouterr().out)
+    assert {"ours", "static", "tqdm", "linear"} == set(document["mape"])
+    assert ["5", "10", "25", "50", "75"] == list(document["mape"]["ours"])
+    assert document["test_jobs"] > 0 and document["train_jobs"] > 0
+
+
+def test_eta_fit_records_a_calibration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`wantel eta fit` appends an EtaCalibrated event that later jobs' projections use."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(CORPUS, log_dir)
+    assert 0 == main(["eta", "fit", "--log", str(log_dir)])
+    assert "step|dit-tiny|cpu" in capsys.readouterr().out
+    events = [e for item in LocalLog(log_dir).read() if isinstance(item, Batch)
+              for e in item.events]
+    assert isinstance(events[-1], EtaCalibrated)
+    assert events[-1].jobs >= 60
+
+
+def test_eta_fit_on_an_empty_log_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No completed jobs: one line, exit 2."""
+    LocalLog(tmp_path / "log").close()
+    assert 2 == main(["eta", "fit", "--log", str(tmp_path / "log")])
+    assert "no completed jobs" in capsys.readouterr().err
