@@ -2,8 +2,11 @@
 
 On CUDA the caching allocator's counters (allocated, reserved and their peaks) are host-side
 numbers, so reading them does not synchronise. On CPU the figure that matters is the process's
-resident set, read from ``/proc/self/statm`` through a descriptor kept open (about a
-microsecond, where psutil costs ten). Device-wide figures (NVML) come from the sampler thread in
+resident set. Its high-water mark comes from ``getrusage`` (a microsecond) and is reset at
+job start through ``/proc/self/clear_refs``, so every step can report the job's peak; the
+current resident set comes from ``/proc/self/statm``, which makes the kernel walk the
+process's mappings (tens of microseconds with torch loaded), so it is read at stage ends
+only. Device-wide figures (NVML) come from the sampler thread in
 :mod:`inference.nvml`, not from here.
 """
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import sys
 from typing import Any
 
 import torch
@@ -24,6 +29,12 @@ def _device_name(device: torch.device) -> str:
         index = device.index if device.index is not None else 0
         return f"cuda:{index}"
     return device.type
+
+
+def peak_rss() -> int:
+    """This process's resident-set high-water mark in bytes (``ru_maxrss`` is KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 class MemoryReader:
@@ -42,6 +53,16 @@ class MemoryReader:
         """Start a job's peak from now (host-side bookkeeping only)."""
         if self.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        # Linux: writing "5" resets the RSS high-water mark.
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+
+    def read_step(self) -> dict[str, Any]:
+        """The cheap reading taken at every step: allocator counters, or the RSS peak."""
+        if self.is_cuda:
+            return self.read()
+        return {"host_peak_rss_bytes": peak_rss()}
 
     def read(self) -> dict[str, Any]:
         """Fields of a ``MemorySampled`` event."""
@@ -54,7 +75,7 @@ class MemoryReader:
                 "peak_allocated_bytes": allocated["peak"],
                 "peak_reserved_bytes": reserved["peak"],
             }
-        return {"host_rss_bytes": self.host_rss()}
+        return {"host_rss_bytes": self.host_rss(), "host_peak_rss_bytes": peak_rss()}
 
     def _cuda_stats(self) -> Any:
         """The allocator's nested stats, read once (each public ``memory_*`` call rebuilds the

@@ -258,10 +258,13 @@ class JobRecorder:
 
     def memory_sampled(self, mark: Any, *, stage: Stage | None = None,
                        step: int | None = None) -> None:
-        """Allocator (or RSS) readings now, stamped with ``mark``'s device time."""
+        """Allocator (or RSS) readings now, stamped with ``mark``'s device time.
+
+        At a step only the cheap readings are taken (see :mod:`inference.memory`).
+        """
         if self.memory is None:
             return
-        fields = self.memory.read()
+        fields = self.memory.read() if step is None else self.memory.read_step()
         job, device = self.job, self.memory.device_name
         self._defer((mark,), lambda t: MemorySampled(
             job=job, ts=self._ts(t[0]), device=device, stage=stage, step=step, **fields))

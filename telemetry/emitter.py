@@ -110,6 +110,7 @@ class Emitter:
         self._ended: dict[str, int] = {}
         self._emitted = 0
         self._appended = 0
+        self._idle = True
         self._closing = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="wantel-emitter", daemon=True)
@@ -133,11 +134,12 @@ class Emitter:
                 self._make_room(priority)
             ):
                 return
-            queue = queues[priority]
-            wake = priority == Priority.LIFECYCLE or not (queues[0] or queues[1] or queues[2])
-            queue.append((next(self._stamps), event))
+            queues[priority].append((next(self._stamps), event))
             self._emitted += 1
-            if wake:  # lifecycle events go out at once; so does the first event after a lull
+            # Lifecycle events go out at once, and so does the first event after a lull (the
+            # writer sleeps long when idle); otherwise the writer batches for flush_interval.
+            if priority == Priority.LIFECYCLE or self._idle:
+                self._idle = False
                 self._wake.set()
         except Exception:  # telemetry must never break the generation
             self._count_drop("emit_error")
@@ -240,8 +242,12 @@ class Emitter:
             self._wake.clear()
             if self._closed or any(self._queues) or self._pending:
                 interval = self._flush_interval  # busy: batch for flush_interval
+                self._idle = False
             else:
                 interval = IDLE_INTERVAL  # idle: sleep until an event wakes us
+                self._idle = True
+                if any(self._queues):  # an event slipped in before the flag was up
+                    interval, self._idle = self._flush_interval, False
             if not self._pending:
                 self._pending = self._drain()
                 self._add_drop_report()

@@ -170,6 +170,8 @@ class MemorySampled(Event, frozen=True, kw_only=True):
     device_total_bytes: int | None = None
     process_device_bytes: int | None = None
     host_rss_bytes: int | None = None
+    #: The process's resident-set high-water mark since the job started (CPU; cheap to read).
+    host_peak_rss_bytes: int | None = None
 
 
 class GpuSampled(Event, frozen=True, kw_only=True):

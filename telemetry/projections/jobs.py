@@ -254,8 +254,9 @@ def _memory(view: JobView, event: Event) -> None:
         view.peak_allocated_bytes = max(view.peak_allocated_bytes or 0, allocated)
     if reserved is not None:
         view.peak_reserved_bytes = max(view.peak_reserved_bytes or 0, reserved)
-    if event.host_rss_bytes is not None:
-        view.peak_rss_bytes = max(view.peak_rss_bytes or 0, event.host_rss_bytes)
+    rss = max(event.host_rss_bytes or 0, event.host_peak_rss_bytes or 0)
+    if rss:
+        view.peak_rss_bytes = max(view.peak_rss_bytes or 0, rss)
 
 
 def _ended(view: JobView, event: Event, status: str, duration_s: float) -> None:

@@ -49,7 +49,7 @@ def _readings(event: MemorySampled) -> dict[str, int]:
         "torch_allocated": event.peak_allocated_bytes or event.allocated_bytes,
         "torch_reserved": event.peak_reserved_bytes or event.reserved_bytes,
         "device": event.device_used_bytes,
-        "host_rss": event.host_rss_bytes,
+        "host_rss": max(event.host_rss_bytes or 0, event.host_peak_rss_bytes or 0) or None,
     }
     return {k: v for k, v in found.items() if v is not None}
 

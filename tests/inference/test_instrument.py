@@ -115,7 +115,8 @@ class TestEveryVariant:
 
         samples = of_type(events, MemorySampled)
         assert {s.step for s in samples if s.step is not None} == set(range(STEPS))
-        assert all(s.host_rss_bytes and s.host_rss_bytes > 0 for s in samples)
+        assert all((s.host_peak_rss_bytes or 0) > 0 for s in samples)
+        assert all((s.host_rss_bytes or 0) > 0 for s in samples if s.stage is not None)
 
         started = events[0]
         assert (variant, spec.family, spec.task, STEPS, True) == (
