@@ -122,6 +122,13 @@ class Serving:
                 ("metrics", base + "metrics"), ("WebSocket", ws),
                 ("health", base + "healthz")]
 
+    def log_lifecycle(self) -> None:
+        """Write one structured log line per lifecycle event from now on (trace ids included)."""
+        from exporters.logs import LifecycleLogger
+
+        lifecycle = LifecycleLogger()
+        self.service.listeners.append(lambda item: lifecycle.handle((item,)))
+
     def start(self) -> None:
         """Start following the log, serving HTTP and (if configured) exporting spans."""
         self.service.start()
@@ -213,6 +220,10 @@ def run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
+        from exporters.logs import configure_logging
+
+        configure_logging()  # JSON lines on stderr when not a terminal, readable on one
+        serving.log_lifecycle()
         serving.start()
         print_banner(serving, "serve")
         try:

@@ -338,6 +338,8 @@ class TelemetryService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        #: Called with each log item applied after catching up (structured logs, for one).
+        self.listeners: list[Callable[[ReadItem], object]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -403,6 +405,8 @@ class TelemetryService:
             for item in self.log.follow(self.engine.position, stop=self._stop,
                                         poll_interval=self.poll_interval):
                 self._apply(item)
+                for listener in self.listeners:
+                    listener(item)
                 if time.monotonic() - last_checkpoint >= self.runner.checkpoint_interval:
                     self.runner.checkpoint()
                     last_checkpoint = time.monotonic()

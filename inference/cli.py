@@ -67,6 +67,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="store the prompt text in the log (default: only its SHA-256)")
     parser.add_argument("--json", action="store_true",
                         help="print the job's summary as JSON instead of a progress display")
+    parser.add_argument("--sample-interval", type=float, default=1.0, metavar="S",
+                        help="seconds between NVML GPU samples (utilisation, temperature, power, "
+                        "throttling, device memory) on CUDA; 0 turns sampling off (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,9 +88,12 @@ def run(args: argparse.Namespace) -> int:
     warm_imports()
     log = LocalLog(resolve_log_dir(args.log))
     start = (log.last_position() or -1) + 1
+    if args.sample_interval < 0:
+        raise UsageError(f"--sample-interval must be >= 0, got {args.sample_interval}")
     emitter = Emitter(log)
     display = _Display(log, prepared.job, start, live=sys.stdout.isatty() and not args.json)
     display.start()
+    sampler = _gpu_sampler(emitter, prepared.job, prepared.device.type, args.sample_interval)
     status, error = "completed", None
     try:
         generate(prepared, emitter)
@@ -96,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
     finally:
+        if sampler is not None:
+            sampler.stop()
         emitter.close()
         view = display.stop()
     if args.json:
@@ -109,6 +117,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"wantel run: job {prepared.job} cancelled", file=sys.stderr)
         return EXIT_CANCELLED
     return 0
+
+
+def _gpu_sampler(emitter: Emitter, job: str, device_type: str, interval: float) -> Any:
+    """NVML sampling while the job runs, on CUDA (absent NVML is reported once, never fatal)."""
+    if device_type != "cuda" or interval == 0:
+        return None
+    from inference.nvml import GpuSampler
+
+    return GpuSampler(emitter, interval=interval, job_of=lambda: job).start()
 
 
 def _summary(view: JobView | None, job: str, log: str) -> dict[str, Any]:

@@ -189,10 +189,9 @@ class GpuSampler:
     """Samples every visible NVIDIA device each ``interval`` seconds into ``emitter``.
 
     ``job_of`` returns the id of the job running now, or ``None`` between jobs (it is called on
-    the sampler's thread, so it must be cheap and thread-safe: reading an attribute is). It
-    should stop naming a job before that job's terminal event is emitted: the emitter starts a
-    stream's ``seq`` over after a terminal event, so a sample filed under a finished job would
-    reuse that job's ``(job, seq)`` key.
+    the sampler's thread, so it must be cheap and thread-safe: reading an attribute is). A
+    sample filed under a job that just ended is harmless: the emitter continues a finished
+    stream's ``seq`` for late events.
     ``worker`` names the stream between jobs and the events' ``worker`` field (default: the
     emitter's worker). Call :meth:`start` / :meth:`stop`, or use it as a context manager.
     """
