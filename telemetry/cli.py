@@ -58,6 +58,12 @@ COMMANDS: tuple[Command, ...] = (
         "telemetry.commands.eta",
         "calibrate the ETA model from the log (fit) and score it against baselines (eval)",
     ),
+    Command(
+        "dashboards",
+        "dashboards.command",
+        "regenerate the Grafana dashboards and Prometheus alert rules from code",
+        uses_log=False,
+    ),
     Command("cat", "telemetry.commands.cat", "print the log's events as JSON Lines"),
     Command(
         "replay",

@@ -77,6 +77,7 @@ class ProjectionEngine:
         self.position: Position = 0  # the next position to apply
         self.last_seq: dict[str, int] = {}
         self.health = Health()
+        self._routes: dict[type[Event], tuple[str, list[tuple[str, Any]]]] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -103,7 +104,7 @@ class ProjectionEngine:
                 return 0
         last_seq = self.last_seq
         counts = self.health.events_by_type
-        folds = [(p.name, p.apply) for p in self.projections]
+        routes = self._routes
         states = self.states
         applied = 0
         newest_ts = self.health.last_event_ts or 0
@@ -117,9 +118,11 @@ class ProjectionEngine:
             last_seq[job] = seq
             if event.ts > newest_ts:  # noqa: PLR1730 - cheaper than max() per event
                 newest_ts = event.ts
-            type_name = type(event).__name__
+            kind = type(event)
+            route = routes.get(kind) or self._route(kind)
+            type_name = route[0]
             counts[type_name] = counts.get(type_name, 0) + 1
-            for name, fold in folds:
+            for name, fold in route[1]:
                 try:
                     states[name] = fold(states[name], event)
                 except Exception as exc:
@@ -130,6 +133,18 @@ class ProjectionEngine:
             self.health.last_event_ts = newest_ts
         self.position = max(self.position, batch.next)
         return applied
+
+    def _route(self, kind: type[Event]) -> tuple[str, list[tuple[str, Any]]]:
+        """The projections that care about events of ``kind`` (their ``handles``), cached.
+
+        A projection without ``handles`` sees every event. Routing by type keeps replay from
+        calling six folds for a memory sample that one of them reads.
+        """
+        folds = [(p.name, p.apply) for p in self.projections
+                 if getattr(p, "handles", None) is None or kind in p.handles]  # type: ignore[attr-defined]
+        route = (kind.__name__, folds)
+        self._routes[kind] = route
+        return route
 
     def apply_quarantined(self, notice: Quarantined) -> None:
         """Count damaged records the log skipped and move past them."""

@@ -25,6 +25,8 @@ class Projection(Protocol[S]):
     version: int
     #: The state's type, used to decode checkpoints.
     state_type: type[S]
+    # Optionally, ``handles: frozenset[type[Event]]``: the event types the fold reads. The
+    # engine then routes only those to it (a projection without it sees every event).
 
     def initial(self) -> S:
         """The state before any event."""

@@ -1,8 +1,9 @@
 """The ETA projection: each running job's ETA with its interval, and how wrong past ETAs were.
 
-Every ETA issued during a job (at its start, at each stage boundary, at each step) is kept
-until the job ends. When it completes, each one is scored — the signed relative error of the
-predicted remaining time against the actual remaining time — by the progress bucket it was
+Every ETA issued during a job (at its start, at each stage boundary, and at about ten evenly
+spaced steps of the denoising loop) is kept until the job ends. When it completes, each one is
+scored — the signed relative error of the predicted remaining time against the actual
+remaining time — by the progress bucket it was
 issued in, and the before-start estimate separately. Those residuals are the feature no peer
 has: a dashboard of how much to trust the ETA.
 
@@ -34,6 +35,9 @@ from telemetry.projections.base import bounded_insert
 #: Upper edges of the signed relative-error histogram (−1 … +1 and beyond).
 ERROR_EDGES: Final = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 KEEP_FINISHED: Final = 10_000
+#: ETAs issued per denoising loop (plus the first two steps and the last): enough to follow
+#: the loop closely, few enough that replay stays fast and residuals stay per-progress.
+ISSUES_PER_DENOISE: Final = 10
 
 
 class EtaPoint(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -104,6 +108,10 @@ class EtaProjection:
     name = "eta"
     version = 1
     state_type = EtaState
+    handles = frozenset({
+        JobStarted, StageStarted, StageEnded, StepEnded, EtaCalibrated, JobCompleted,
+        JobFailed, JobCancelled,
+    })
 
     def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.keep_finished = keep_finished
@@ -122,7 +130,9 @@ class EtaProjection:
                 running.live.step_ended(total_steps=event.total_steps,
                                         duration_s=event.duration_s, expert=event.expert,
                                         ts=event.ts)
-                _issue(running, event.ts)
+                done, total = event.step + 1, event.total_steps
+                if done <= 2 or done >= total or done % max(total // ISSUES_PER_DENOISE, 1) == 0:
+                    _issue(running, event.ts)
         elif kind is StageStarted or kind is StageEnded:
             running = state.running.get(event.job)
             if running is not None:

@@ -33,6 +33,7 @@ class HealthProjection:
     name = "health"
     version = 1
     state_type = HealthState
+    handles = frozenset({EventsDropped})
 
     def initial(self) -> HealthState:
         """Nothing dropped."""

@@ -130,6 +130,10 @@ class JobsProjection:
     name = "jobs"
     version = 2
     state_type = JobsState
+    handles = frozenset({
+        JobQueued, JobStarted, StageStarted, StageEnded, StepEnded, MemorySampled,
+        WorkerHeartbeat, JobCompleted, JobFailed, JobCancelled,
+    })
 
     def __init__(self, *, abandon_after_s: float = 60.0, keep_finished: int | None = None):
         self.abandon_after_ns = int(abandon_after_s * 1e9)

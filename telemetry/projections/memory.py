@@ -60,6 +60,7 @@ class MemoryProjection:
     name = "memory"
     version = 1
     state_type = MemoryState
+    handles = frozenset({JobStarted, MemorySampled, JobCompleted, JobFailed, JobCancelled})
 
     def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.keep_finished = keep_finished

@@ -168,6 +168,10 @@ class MetricsProjection:
     name = "metrics"
     version = 1
     state_type = MetricsState
+    handles = frozenset({
+        JobQueued, JobStarted, StageEnded, StepEnded, MemorySampled, GpuSampled,
+        JobCompleted, JobFailed, JobCancelled,
+    })
 
     def __init__(self, *, max_tracked: int = MAX_TRACKED) -> None:
         self.max_tracked = max_tracked

@@ -47,6 +47,7 @@ class ThroughputProjection:
     name = "throughput"
     version = 1
     state_type = ThroughputState
+    handles = frozenset({JobStarted, StepEnded, JobCompleted, JobFailed, JobCancelled})
 
     def initial(self) -> ThroughputState:
         """Nothing measured yet."""

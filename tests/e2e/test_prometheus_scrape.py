@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -22,44 +19,11 @@ from telemetry.engine import ProjectionEngine, ProjectionRunner
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.tracing import trace_id_for
+from tests.e2e.servers import PROMETHEUS, get_json, poll, prometheus_config, run_prometheus
 
-PROMETHEUS = Path("/usr/bin/prometheus")
-DEADLINE_S = 30.0  # a new target is picked up only every ~5 s, scrapes come every 1 s
 MAX_JOBS = 500  # a safety bound: jobs run back to back until the test ends
 
 pytestmark = pytest.mark.skipif(not PROMETHEUS.exists(), reason="no /usr/bin/prometheus")
-
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (bound to 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def poll(what: str, check: Callable[[], T | None], *, deadline_s: float = DEADLINE_S,
-         detail: Callable[[], str] = lambda: "") -> T:
-    """Call ``check`` every 0.2 s until it returns something, or fail after the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            found = check()
-        except OSError:  # not listening yet
-            found = None
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not seen within {deadline_s:.0f} s\n{detail()}")
-        time.sleep(0.2)
-
-
-def get_json(url: str) -> Any:
-    """GET ``url`` and decode its JSON body."""
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
 
 
 @pytest.fixture
@@ -116,35 +80,8 @@ def metrics_url(runner: ProjectionRunner) -> Iterator[str]:
 @pytest.fixture
 def prometheus(tmp_path: Path, metrics_url: str) -> Iterator[tuple[str, Path]]:
     """A real Prometheus (exemplar storage on) scraping ``metrics_url`` every second."""
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        "scrape_configs:\n  - job_name: wantel\n    static_configs:\n"
-        f"      - targets: ['{metrics_url}']\n")
-    port = free_port()
-    output = tmp_path / "prometheus.log"
-    with open(output, "wb") as sink:
-        process = subprocess.Popen(
-            [str(PROMETHEUS), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage"],
-            stdout=sink, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool | None:
-            if process.poll() is not None:
-                pytest.fail(f"prometheus exited: {output.read_text()[-3000:]}")
-            with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as response:
-                return True if response.status == 200 else None
-
-        poll("prometheus ready", ready, detail=lambda: output.read_text()[-3000:])
-        yield base, output
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+    with run_prometheus(tmp_path / "prometheus", prometheus_config(metrics_url)) as server:
+        yield server.base, server.output
 
 
 @pytest.fixture

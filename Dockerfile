@@ -1,0 +1,26 @@
+# wantel in a container: `wantel demo` by default (tiny offline Wan jobs, no GPU, no download).
+# The CPU wheel of torch is installed first so pip never pulls a multi-GB CUDA build; for a GPU
+# image start from an nvidia/cuda base and drop the index URL.
+FROM python:3.11.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    OMP_NUM_THREADS=1
+
+WORKDIR /opt/wantel
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+
+COPY pyproject.toml README.md ./
+COPY telemetry ./telemetry
+COPY inference ./inference
+COPY exporters ./exporters
+COPY dashboards ./dashboards
+RUN pip install . && useradd --create-home --uid 10001 wantel \
+    && mkdir -p /var/lib/wantel && chown wantel /var/lib/wantel
+
+USER wantel
+ENV WANTEL_LOG=/var/lib/wantel/log
+EXPOSE 9464
+# Bind every interface inside the container; compose publishes the port on 127.0.0.1 only.
+CMD ["wantel", "demo", "--host", "0.0.0.0", "--port", "9464"]

@@ -1,0 +1,256 @@
+"""Prometheus alert and recording rules, written as code so tests can re-time them.
+
+The committed ``dashboards/alerts/wantel.yml`` is :func:`render_rules` with the production
+:class:`RuleParams`; ``wantel dashboards build`` rewrites it and a test holds the file to be
+byte-identical. Rules are code rather than hand-edited YAML for one reason: the end-to-end
+alerting test must run *these* rules, not a look-alike, yet it cannot wait minutes for a
+``for:`` clause or a 30 s evaluation interval. :meth:`RuleParams.fast` gives the same
+expressions with second-scale windows, and nothing else differs.
+
+Why the stall rule looks the way it does: Prometheus has no "time since this series last
+changed" function, and a fixed ``increase(steps[5m]) == 0`` window is wrong both ways (a big
+model legitimately takes minutes per step; a small one is stuck long before five minutes).
+So a recording rule finds, per running job, the last moment its progress gauge moved (a
+subquery over ``changes()``; the job's first appearance when it has not moved yet), and the
+alert compares the time since then with several expected step times of the job's model
+(mean step duration over a day), never less than a floor that covers load and decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Final
+
+#: Severities: ``page`` wakes someone (work is failing or stuck now), ``ticket`` can wait.
+SEVERITY_PAGE: Final = "page"
+SEVERITY_TICKET: Final = "ticket"
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    """Every tunable of the rules. Production defaults; :meth:`fast` for end-to-end tests."""
+
+    interval: str = "30s"
+    #: Stall detection: subquery resolution, the ``changes()`` window (≥ 2 scrapes, and twice
+    #: the resolution so no change falls between two windows), how far back to look.
+    stall_resolution: str = "30s"
+    stall_changes_window: str = "1m"
+    stall_lookback: str = "2h"
+    stall_steps: int = 5
+    stall_floor_s: int = 120
+    stall_for: str = "1m"
+    eta_window: str = "1h"
+    eta_tolerance: float = 0.25
+    eta_bad_share: float = 0.5
+    eta_min_samples: int = 20
+    eta_for: str = "10m"
+    throughput_ratio: float = 0.7
+    throughput_min_steps: int = 50
+    throughput_for: str = "15m"
+    memory_ratio: float = 0.95
+    memory_for: str = "5m"
+    failure_window: str = "15m"
+    failure_ratio: float = 0.1
+    failure_min_jobs: int = 5
+    failure_for: str = "5m"
+    drop_window: str = "10m"
+    lag_threshold_s: int = 60
+    lag_for: str = "5m"
+    worker_window: str = "1h"
+    worker_for: str = "5m"
+    target_job: str = "wantel"
+    target_for: str = "2m"
+    runbook_base: str = "docs/runbooks.md"
+
+    @classmethod
+    def fast(cls, **overrides: object) -> RuleParams:
+        """Second-scale timing for a test that scrapes and evaluates every second."""
+        fast = cls(interval="1s", stall_resolution="1s", stall_changes_window="3s",
+                   stall_lookback="10m", stall_floor_s=3, stall_for="0s")
+        return replace(fast, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One recording rule (``record``) or alert (``alert``)."""
+
+    name: str
+    expr: str
+    alert: bool = True
+    for_: str | None = None
+    severity: str | None = None
+    summary: str | None = None
+    description: str | None = None
+
+
+def _pct(ratio: float) -> str:
+    return f"{ratio * 100:g} %"
+
+
+def recording_rules(p: RuleParams) -> list[Rule]:
+    """The recording rules the stall alert needs (also handy in dashboards)."""
+    return [
+        # Counters live as long as the log, so an idle model's rates are 0/0: keep only models
+        # that stepped in the last day (the others fall back to the floor below).
+        Rule("wantel:denoise_step_seconds:mean1d", alert=False, expr=(
+            "sum by (model) (rate(wantel_denoise_step_duration_seconds_sum[1d]))\n"
+            "/ (sum by (model) (rate(wantel_denoise_step_duration_seconds_count[1d])) > 0)")),
+        # Several expected step times, never under the floor; the floor alone for a model with
+        # no step in the last day.
+        Rule("wantel:job_stall_threshold_seconds", alert=False, expr=(
+            f"clamp_min({p.stall_steps} * wantel:denoise_step_seconds:mean1d, "
+            f"{p.stall_floor_s})\n"
+            f"or on (model) (0 * max by (model) (wantel_jobs_running) + {p.stall_floor_s})")),
+        # When each running job's progress last moved (its first appearance if it never has).
+        Rule("wantel:job_progress_changed_timestamp_seconds", alert=False, expr=(
+            "(\n"
+            "  max by (job, model) (max_over_time(\n"
+            f"    timestamp(changes(wantel_job_progress_ratio[{p.stall_changes_window}]) > 0)"
+            f"[{p.stall_lookback}:{p.stall_resolution}]))\n"
+            "  or\n"
+            "  max by (job, model) (min_over_time(\n"
+            f"    timestamp(wantel_job_progress_ratio)[{p.stall_lookback}:"
+            f"{p.stall_resolution}]))\n"
+            ")\n"
+            "and on (job) wantel_job_progress_ratio")),
+    ]
+
+
+def alert_rules(p: RuleParams) -> list[Rule]:
+    """The alerts, each with a runbook section in ``docs/runbooks.md``."""
+    tol = f"{p.eta_tolerance:g}"
+    eta = f'wantel_eta_relative_error_bucket{{progress_bucket="10-25",le="%s"}}[{p.eta_window}]'
+    eta_count = f"sum by (model) (increase({eta % '+Inf'}))"
+    speed = ("sum by (model) (rate(wantel_denoise_step_duration_seconds_count[1h]{off}))\n"
+             "/ sum by (model) (rate(wantel_denoise_step_duration_seconds_sum[1h]{off}))")
+    ended = f"sum by (model) (increase(wantel_jobs_total[{p.failure_window}]))"
+    target = f'up{{job="{p.target_job}"}}'
+    return [
+        Rule("WantelJobStalled", for_=p.stall_for, severity=SEVERITY_PAGE, expr=(
+            "time() - wantel:job_progress_changed_timestamp_seconds\n"
+            "> on (model) group_left () wantel:job_stall_threshold_seconds"),
+             summary="Job {{ $labels.job }} ({{ $labels.model }}) has made no progress for "
+                     "{{ $value | humanizeDuration }}",
+             description=f"No step (or stage) of a running job for more than {p.stall_steps} "
+                         f"expected step times of its model (at least {p.stall_floor_s} s)."),
+        Rule("WantelEtaDrift", for_=p.eta_for, severity=SEVERITY_TICKET, expr=(
+            f"1 - (\n"
+            f"  sum by (model) (increase({eta % tol}))\n"
+            f"  - sum by (model) (increase({eta % ('-' + tol)}))\n"
+            f") / {eta_count}\n"
+            f"> {p.eta_bad_share:g}\n"
+            f"and on (model) {eta_count} >= {p.eta_min_samples}"),
+             summary="ETAs of {{ $labels.model }} at 10-25 % progress are off",
+             description=f"Over {p.eta_window}, more than {_pct(p.eta_bad_share)} of the ETAs "
+                         f"issued at 10-25 % progress missed the actual remaining time by more "
+                         f"than {_pct(p.eta_tolerance)} (share now {{{{ $value | "
+                         f"humanizePercentage }}}})."),
+        Rule("WantelThroughputDrop", for_=p.throughput_for, severity=SEVERITY_TICKET, expr=(
+            f"(\n{_indent(speed.format(off=''))}\n)\n"
+            f"< {p.throughput_ratio:g} * (\n{_indent(speed.format(off=' offset 1d'))}\n)\n"
+            f"and on (model) sum by (model) "
+            f"(increase(wantel_denoise_step_duration_seconds_count[1h])) "
+            f">= {p.throughput_min_steps}"),
+             summary="Denoising of {{ $labels.model }} is slower than this hour yesterday",
+             description=f"Steps per second of denoising time fell below "
+                         f"{_pct(p.throughput_ratio)} of the same hour yesterday (now "
+                         f"{{{{ $value | humanize }}}} steps/s). Demand does not move this "
+                         f"figure; the device, its clocks or the software do."),
+        Rule("WantelGpuMemoryNearLimit", for_=p.memory_for, severity=SEVERITY_TICKET, expr=(
+            'max by (device) (wantel_device_memory_used_bytes{source=~"nvml|torch_reserved"})\n'
+            "/ on (device) max by (device) (wantel_device_memory_total_bytes)\n"
+            f"> {p.memory_ratio:g}"),
+             summary="{{ $labels.device }} memory is {{ $value | humanizePercentage }} full",
+             description=f"Device memory above {_pct(p.memory_ratio)} of its total: the next "
+                         f"larger request may run out of memory."),
+        Rule("WantelJobFailureRatioHigh", for_=p.failure_for, severity=SEVERITY_PAGE, expr=(
+            f'sum by (model) (increase(wantel_jobs_total{{status="failed"}}'
+            f"[{p.failure_window}]))\n"
+            f"/ {ended}\n"
+            f"> {p.failure_ratio:g}\n"
+            f"and on (model) {ended} >= {p.failure_min_jobs}"),
+             summary="{{ $value | humanizePercentage }} of {{ $labels.model }} jobs failed",
+             description=f"More than {_pct(p.failure_ratio)} of the jobs that ended in the "
+                         f"last {p.failure_window} failed."),
+        Rule("WantelJobOutOfMemory", for_="0s", severity=SEVERITY_PAGE, expr=(
+            f"sum by (model) (increase(wantel_jobs_oom_total[{p.failure_window}])) > 0"),
+             summary="A {{ $labels.model }} job ran out of memory",
+             description="A job failed with an out-of-memory error. (Needs the exporter's "
+                         "wantel_jobs_oom_total; see the runbook.)"),
+        Rule("WantelEventsDropped", for_="0s", severity=SEVERITY_TICKET, expr=(
+            f"sum by (reason) (increase(wantel_events_dropped_total[{p.drop_window}])) > 0"),
+             summary="Emitters dropped telemetry events ({{ $labels.reason }})",
+             description="An emitter's queue overflowed and it dropped events: dashboards and "
+                         "ETAs miss data."),
+        Rule("WantelLogQuarantined", for_="0s", severity=SEVERITY_TICKET, expr=(
+            f"increase(wantel_log_quarantined_total[{p.drop_window}]) > 0"),
+             summary="Damaged log records were quarantined",
+             description="The projector skipped records it could not decode."),
+        Rule("WantelProjectionLag", for_=p.lag_for, severity=SEVERITY_TICKET, expr=(
+            f"max(wantel_projection_lag_seconds) > {p.lag_threshold_s}"),
+             summary="Projections are {{ $value | humanizeDuration }} behind the log",
+             description=f"The newest event applied is more than {p.lag_threshold_s} s old "
+                         f"although workers heartbeat every 10 s."),
+        Rule("WantelWorkerDown", for_=p.worker_for, severity=SEVERITY_PAGE, expr=(
+            f"max(max_over_time(wantel_workers_alive[{p.worker_window}])) "
+            f"- max(wantel_workers_alive) > 0"),
+             summary="{{ $value }} worker(s) stopped heartbeating",
+             description=f"Fewer workers are alive than at some point in the last "
+                         f"{p.worker_window}."),
+        Rule("WantelTargetDown", for_=p.target_for, severity=SEVERITY_PAGE, expr=(
+            f"{target} == 0 or absent({target})"),
+             summary="Prometheus cannot scrape wantel ({{ $labels.instance }})",
+             description="The /metrics endpoint is down or unreachable: no wantel data."),
+    ]
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line for line in text.splitlines())
+
+
+def anchor(name: str) -> str:
+    """The runbook section of an alert (GitHub's anchor of the heading ``## Name``)."""
+    return name.lower()
+
+
+def _quote(text: str) -> str:
+    """A YAML double-quoted scalar."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _block(key: str, text: str, indent: str) -> list[str]:
+    """``key: |`` with ``text`` as a literal block (one-line texts stay inline)."""
+    if "\n" not in text:
+        return [f"{indent}{key}: {_quote(text)}"]
+    return [f"{indent}{key}: |-", *(f"{indent}  {line}" for line in text.splitlines())]
+
+
+def render_rules(params: RuleParams | None = None) -> str:
+    """The rule file Prometheus loads (``rule_files``), as deterministic YAML text."""
+    p = params or RuleParams()
+    lines = [
+        "# Generated by `wantel dashboards build` from dashboards/rules.py: edit that, not this.",
+        "# Runbooks: docs/runbooks.md. Tests: dashboards/alerts/tests/ (promtool test rules).",
+        "groups:",
+    ]
+    for group, rules in (("wantel.records", recording_rules(p)), ("wantel.alerts",
+                                                                  alert_rules(p))):
+        lines += [f"  - name: {group}", f"    interval: {p.interval}", "    rules:"]
+        for rule in rules:
+            if not rule.alert:
+                lines.append(f"      - record: {rule.name}")
+                lines += _block("expr", rule.expr, "        ")
+                continue
+            lines.append(f"      - alert: {rule.name}")
+            lines += _block("expr", rule.expr, "        ")
+            lines.append(f"        for: {rule.for_}")
+            lines += ["        labels:", f"          severity: {rule.severity}"]
+            lines.append("        annotations:")
+            lines.append(f"          summary: {_quote(rule.summary or rule.name)}")
+            lines.append(f"          description: {_quote(rule.description or '')}")
+            runbook = p.runbook_base + "#" + anchor(rule.name)
+            lines.append(f"          runbook_url: {_quote(runbook)}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["Rule", "RuleParams", "alert_rules", "anchor", "recording_rules", "render_rules"]

@@ -1,0 +1,417 @@
+"""What wantel's five dashboards show: panels as plain data, one question each.
+
+Kept apart from :mod:`dashboards.build` (which turns them into Grafana JSON with the official
+``grafana-foundation-sdk``) so the panels read as a list of questions and PromQL, and so
+``docs/dashboards.md`` and the tests can walk the same list. Every panel's ``question`` becomes
+its Grafana description: the hover text says what the panel answers.
+
+Conventions, so every query runs unchanged against a real Prometheus once template variables
+are substituted (the end-to-end test does exactly that): ``$model``, ``$device`` and ``$job``
+are matched with ``=~`` / ``=``; rates use ``$__rate_interval``; windowed statistics that need
+more history than a scrape interval use the ``$window`` variable.
+
+Gaps in the exported metrics, and what is shown instead (see ``docs/dashboards.md``):
+no metric counts pixels or frames (throughput is steps/s and jobs/min); none flags OOM
+failures apart from other failures; the ETA's p10–p90 interval, its coverage and the mean
+absolute error (MAPE) are computed by the ETA projection but not exported, so the ETA quality
+dashboard shows signed-error quantiles and the share of ETAs within ±10 % / ±25 %; stage,
+step and memory series carry no ``job`` label, so the job drill-down shows them for the job's
+model over the job's time range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+PanelKind = Literal["timeseries", "stat", "bargauge"]
+
+#: Jaeger's UI as compose publishes it; the job drill-down links a job to its trace search.
+JAEGER_URL: Final = "http://localhost:16686"
+#: Span attribute that carries the job id (``exporters/otel.py``).
+JOB_ATTRIBUTE: Final = "wantel.job"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One PromQL target of a panel."""
+
+    expr: str
+    legend: str = "__auto"
+    #: Ask Prometheus for exemplars (trace ids) with the series; Grafana links them to Jaeger.
+    exemplar: bool = False
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link shown on a panel's header."""
+
+    title: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A panel: the question it answers, its queries and how to draw them."""
+
+    title: str
+    question: str
+    queries: tuple[Query, ...]
+    kind: PanelKind = "timeseries"
+    unit: str = "short"
+    width: int = 12
+    height: int = 8
+    minimum: float | None = None
+    maximum: float | None = None
+    #: Shown instead of "No data" where no series is the normal, healthy case (no drops yet).
+    no_value: str | None = None
+    links: tuple[Link, ...] = ()
+    stack: bool = False
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A template variable: ``query`` (label values), ``custom`` (choices) or ``datasource``."""
+
+    name: str
+    label: str
+    kind: Literal["query", "custom", "datasource"]
+    query: str = ""
+    multi: bool = False
+    include_all: bool = False
+    hidden: bool = False
+    choices: tuple[str, ...] = ()
+    default: str | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """A titled row of panels."""
+
+    title: str
+    panels: tuple[Panel, ...]
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    """One dashboard: file name, uid, title, variables, rows."""
+
+    slug: str
+    uid: str
+    title: str
+    description: str
+    variables: tuple[Variable, ...]
+    rows: tuple[Row, ...]
+    tags: tuple[str, ...] = ("wantel",)
+    time_from: str = "now-1h"
+    links: tuple[Link, ...] = field(default=())
+
+    @property
+    def panels(self) -> tuple[Panel, ...]:
+        """Every panel, row by row."""
+        return tuple(panel for row in self.rows for panel in row.panels)
+
+
+DATASOURCE: Final = Variable("datasource", "Prometheus", "datasource", query="prometheus")
+MODEL: Final = Variable("model", "Model", "query",
+                        query="label_values(wantel_jobs_running, model)",
+                        multi=True, include_all=True)
+#: Window of statistics that need more than a scrape interval of history (quantiles of rare
+#: events, counts): a variable, so a user widens it on a quiet fleet.
+WINDOW: Final = Variable("window", "Window", "custom", choices=("15m", "1h", "6h", "1d", "7d"),
+                         default="1h")
+M: Final = 'model=~"$model"'
+RATE: Final = "$__rate_interval"
+
+
+def _quantile(q: float, metric: str, by: str, selector: str, window: str = RATE) -> str:
+    return (f"histogram_quantile({q:g}, sum by ({by}, le) "
+            f"(rate({metric}_bucket{{{selector}}}[{window}])))")
+
+
+FLEET: Final = Dashboard(
+    slug="fleet-overview", uid="wantel-fleet", title="wantel / Fleet overview",
+    description="Throughput, jobs, durations and failures of every model the fleet runs.",
+    variables=(DATASOURCE, MODEL, WINDOW),
+    rows=(
+        Row("Now", (
+            Panel("Steps per second", "How fast is the fleet denoising right now?",
+                  (Query(f"sum(rate(wantel_denoise_steps_total{{{M}}}[{RATE}]))", "steps/s"),),
+                  kind="stat", unit="short", width=6, height=4),
+            Panel("Running jobs", "How many jobs are running right now?",
+                  (Query(f"sum(wantel_jobs_running{{{M}}})", "running"),),
+                  kind="stat", width=6, height=4),
+            Panel("Workers alive", "How many workers heartbeat (heard from within 60 s)?",
+                  (Query("max(wantel_workers_alive)", "workers"),),
+                  kind="stat", width=6, height=4),
+            Panel("Jobs ended in range", "How many jobs ended in the time range, by outcome?",
+                  (Query(f"sum by (status) (increase(wantel_jobs_total{{{M}}}[$__range]))",
+                         "{{status}}"),),
+                  kind="stat", width=6, height=4),
+        )),
+        Row("Throughput", (
+            Panel("Steps per second by model",
+                  "Which models is the fleet spending its denoising on? (wantel exports no "
+                  "pixel or frame counter, so steps/s is the throughput measure.)",
+                  (Query(f"sum by (model) (rate(wantel_denoise_steps_total{{{M}}}[{RATE}]))",
+                         "{{model}}"),),
+                  unit="short", stack=True),
+            Panel("Jobs per minute by status",
+                  "How many jobs complete, fail or are cancelled per minute?",
+                  (Query(f"sum by (status) (rate(wantel_jobs_total{{{M}}}[{RATE}])) * 60",
+                         "{{status}}"),),
+                  unit="short", stack=True),
+            Panel("Running jobs by model", "Which models are busy, and since when?",
+                  (Query(f"sum by (model) (wantel_jobs_running{{{M}}})", "{{model}}"),),
+                  unit="short", stack=True),
+            Panel("Smoothed steps per second by model",
+                  "What step rate does each model reach while it runs (EMA of measured "
+                  "steps; keeps its last value when idle)?",
+                  (Query(f"max by (model) (wantel_steps_per_second{{{M}}})", "{{model}}"),),
+                  unit="short"),
+        )),
+        Row("Latency and failures", (
+            Panel("Job duration p50 / p95 by model",
+                  "How long does a completed job take, typically and at worst?",
+                  (Query(_quantile(0.5, "wantel_job_duration_seconds", "model",
+                                   f'status="completed",{M}', "$window"), "p50 {{model}}"),
+                   Query(_quantile(0.95, "wantel_job_duration_seconds", "model",
+                                   f'status="completed",{M}', "$window"), "p95 {{model}}")),
+                  unit="s"),
+            Panel("Failed and cancelled jobs",
+                  "Are jobs failing, and which models? (Out-of-memory failures are counted "
+                  "here: wantel does not export them apart yet.)",
+                  (Query(f'sum by (model, status) (increase(wantel_jobs_total'
+                         f'{{status=~"failed|cancelled",{M}}}[$window]))',
+                         "{{status}} {{model}}"),),
+                  unit="short", no_value="0"),
+            Panel("Mean step time by model and expert",
+                  "How long does one denoising step take, per expert of Wan 2.2 A14B?",
+                  (Query(f"sum by (model, expert) (rate(wantel_denoise_step_duration_seconds_sum"
+                         f"{{{M}}}[{RATE}]))\n/ sum by (model, expert) (rate("
+                         f"wantel_denoise_step_duration_seconds_count{{{M}}}[{RATE}]))",
+                         "{{model}} {{expert}}"),),
+                  unit="s"),
+            Panel("Stage time p50 by stage",
+                  "Where does a job's time go: load, encode, denoise, decode or save?",
+                  (Query(_quantile(0.5, "wantel_stage_duration_seconds", "stage", M,
+                                   "$window"), "{{stage}}"),),
+                  unit="s"),
+        )),
+    ),
+)
+
+JOB_VAR: Final = Variable("job", "Job", "query",
+                          query="label_values(wantel_job_progress_ratio, job)")
+JOB_MODEL: Final = Variable("model", "Model", "query",
+                            query='label_values(wantel_job_progress_ratio{job="$job"}, model)',
+                            hidden=True)
+J: Final = 'job="$job"'
+JAEGER_SEARCH: Final = (JAEGER_URL + "/search?service=wantel&tags=%7B%22" + JOB_ATTRIBUTE
+                        + "%22%3A%22${job}%22%7D")
+
+JOB: Final = Dashboard(
+    slug="job-drilldown", uid="wantel-job", title="wantel / Job drill-down",
+    description="One job: progress, ETA, and its model's stage, step and memory figures over "
+                "the job's time range; its trace in Jaeger.",
+    variables=(DATASOURCE, JOB_VAR, JOB_MODEL),
+    time_from="now-15m",
+    links=(Link("Trace of this job in Jaeger", JAEGER_SEARCH),),
+    rows=(
+        Row("Progress", (
+            Panel("Progress", "How far is the job (weighted by each stage's expected cost)?",
+                  (Query(f"max by (job) (wantel_job_progress_ratio{{{J}}})", "progress"),),
+                  unit="percentunit", minimum=0, maximum=1,
+                  links=(Link("Trace in Jaeger", JAEGER_SEARCH),)),
+            Panel("ETA (remaining seconds)",
+                  "When will the job finish, and how did the estimate move as it ran? (The "
+                  "p10-p90 interval is not exported as a metric yet; the live page shows it.)",
+                  (Query(f"max by (job) (wantel_job_eta_seconds{{{J}}})", "ETA"),),
+                  unit="s", minimum=0),
+        )),
+        Row("The job's model over the job's time range", (
+            Panel("Stage durations (p50, model)",
+                  "How long do this model's stages take? (Stage series carry no job label: "
+                  "the figures are the model's over the time range.)",
+                  (Query(_quantile(0.5, "wantel_stage_duration_seconds", "stage",
+                                   'model="$model"', "$__range"), "{{stage}}"),),
+                  kind="bargauge", unit="s"),
+            Panel("Step duration (model, with trace exemplars)",
+                  "How long do this model's steps take, per expert? Exemplar dots carry "
+                  "trace_id: click one to open that job's trace in Jaeger.",
+                  (Query(_quantile(0.5, "wantel_denoise_step_duration_seconds", "expert",
+                                   'model="$model"'), "p50 {{expert}}", exemplar=True),
+                   Query(_quantile(0.95, "wantel_denoise_step_duration_seconds", "expert",
+                                   'model="$model"'), "p95 {{expert}}")),
+                  unit="s"),
+            Panel("Device memory over the job",
+                  "How much memory did the devices use while the job ran?",
+                  (Query("max by (device, source) (wantel_device_memory_used_bytes)",
+                         "{{device}} {{source}}"),),
+                  unit="bytes"),
+            Panel("Peak memory per job (p95, model)",
+                  "How much memory do jobs of this model peak at?",
+                  (Query(_quantile(0.95, "wantel_job_peak_memory_bytes", "kind",
+                                   'model="$model"', "$__range"), "{{kind}}"),),
+                  kind="bargauge", unit="bytes"),
+        )),
+    ),
+)
+
+DEVICE: Final = Variable("device", "Device", "query",
+                         query="label_values(wantel_device_memory_used_bytes, device)",
+                         multi=True, include_all=True)
+D: Final = 'device=~"$device"'
+
+GPU: Final = Dashboard(
+    slug="gpu-memory", uid="wantel-gpu", title="wantel / GPU and memory",
+    description="Device memory, per-job peaks, headroom, and NVML utilisation, temperature and "
+                "throttling.",
+    variables=(DATASOURCE, DEVICE, MODEL, WINDOW),
+    rows=(
+        Row("Memory", (
+            Panel("Device memory used vs total", "How full is each device's memory?",
+                  (Query(f"max by (device, source) (wantel_device_memory_used_bytes{{{D}}})",
+                         "used {{device}} ({{source}})"),
+                   Query(f"max by (device) (wantel_device_memory_total_bytes{{{D}}})",
+                         "total {{device}}")),
+                  unit="bytes"),
+            Panel("Headroom", "How much device memory is left for the next, larger job?",
+                  (Query(f"max by (device) (wantel_device_memory_total_bytes{{{D}}})\n"
+                         f"- max by (device) (wantel_device_memory_used_bytes"
+                         f'{{{D},source=~"nvml|torch_reserved"}})', "{{device}}"),),
+                  unit="bytes"),
+            Panel("Peak memory per job by model (p95)",
+                  "How much memory do jobs of each model peak at (torch allocated and reserved, "
+                  "whole device, or host RSS on CPU)?",
+                  (Query(_quantile(0.95, "wantel_job_peak_memory_bytes", "model, kind", M,
+                                   "$window"), "{{model}} {{kind}}"),),
+                  unit="bytes"),
+            Panel("Memory used, share of total",
+                  "Which device is closest to its limit (the GPU memory alert fires at 95 %)?",
+                  (Query(f'max by (device) (wantel_device_memory_used_bytes{{{D},'
+                         f'source=~"nvml|torch_reserved"}})\n/ max by (device) '
+                         f"(wantel_device_memory_total_bytes{{{D}}})", "{{device}}"),),
+                  kind="bargauge", unit="percentunit", minimum=0, maximum=1),
+        )),
+        Row("GPU (NVML)", (
+            Panel("Utilisation", "Is the GPU busy, or waiting on the CPU, the disk or offload?",
+                  (Query(f"max by (device) (wantel_gpu_utilization_ratio{{{D}}})",
+                         "{{device}}"),),
+                  unit="percentunit", minimum=0, maximum=1, width=8),
+            Panel("Temperature", "Is a GPU running hot enough to throttle?",
+                  (Query(f"max by (device) (wantel_gpu_temperature_celsius{{{D}}})",
+                         "{{device}}"),),
+                  unit="celsius", width=8),
+            Panel("Throttle events", "Are clocks being throttled, and why (power, thermal)?",
+                  (Query(f"sum by (device, reason) (increase(wantel_gpu_throttle_events_total"
+                         f"{{{D}}}[$window]))", "{{device}} {{reason}}"),),
+                  unit="short", width=8, no_value="0"),
+        )),
+    ),
+)
+
+ETA_M: Final = 'model=~"$model"'
+_ETA: Final = "wantel_eta_relative_error_bucket"
+
+
+def _within(tolerance: str) -> str:
+    """Share of ETAs whose signed error lies in (−tolerance, +tolerance], by progress bucket."""
+    inc = "sum by (progress_bucket) (increase(" + _ETA + '{{{m},le="{le}"}}[$window]))'
+    return (f"({inc.format(m=ETA_M, le=tolerance)}\n - {inc.format(m=ETA_M, le='-' + tolerance)})"
+            f"\n/ {inc.format(m=ETA_M, le='+Inf')}")
+
+
+ETA: Final = Dashboard(
+    slug="eta-quality", uid="wantel-eta", title="wantel / ETA quality",
+    description="How far to trust the ETA at each point of a job: signed relative error of "
+                "every ETA issued during completed jobs, by progress bucket.",
+    variables=(DATASOURCE, MODEL, WINDOW),
+    time_from="now-6h",
+    rows=(
+        Row("Residuals", (
+            Panel("Median signed error by progress bucket",
+                  "Are ETAs biased at each stage of a job? Negative: the ETA was too short.",
+                  (Query(_quantile(0.5, "wantel_eta_relative_error", "progress_bucket", ETA_M,
+                                   "$window"), "{{progress_bucket}}"),),
+                  unit="percentunit"),
+            Panel("Error spread (p10 / p90) by progress bucket",
+                  "How wide is the error distribution at each stage of a job?",
+                  (Query(_quantile(0.1, "wantel_eta_relative_error", "progress_bucket", ETA_M,
+                                   "$window"), "p10 {{progress_bucket}}"),
+                   Query(_quantile(0.9, "wantel_eta_relative_error", "progress_bucket", ETA_M,
+                                   "$window"), "p90 {{progress_bucket}}")),
+                  unit="percentunit"),
+            Panel("Error distribution (all progress)",
+                  "How many ETAs fell in each error bucket (cumulative, ≤ le)?",
+                  (Query(f"sum by (le) (increase({_ETA}{{{ETA_M}}}[$window]))", "≤ {{le}}"),),
+                  kind="bargauge", unit="short"),
+            Panel("ETAs scored per progress bucket",
+                  "How much evidence stands behind each bucket's figures?",
+                  (Query(f'sum by (progress_bucket) (increase({_ETA}{{{ETA_M},le="+Inf"}}'
+                         "[$window]))", "{{progress_bucket}}"),),
+                  kind="bargauge", unit="short"),
+        )),
+        Row("Accuracy over time", (
+            Panel("ETAs within ±10 % (coverage proxy)",
+                  "What share of ETAs landed within 10 % of the actual remaining time? (The "
+                  "p10-p90 interval coverage and MAPE are not exported yet; this share is "
+                  "what the histogram supports.)",
+                  (Query(_within("0.1"), "{{progress_bucket}}"),),
+                  unit="percentunit", minimum=0, maximum=1),
+            Panel("ETAs within ±25 %",
+                  "What share of ETAs landed within 25 %? (The ETA drift alert watches this "
+                  "share at 10-25 % progress.)",
+                  (Query(_within("0.25"), "{{progress_bucket}}"),),
+                  unit="percentunit", minimum=0, maximum=1),
+        )),
+    ),
+)
+
+SCRAPE_JOB: Final = Variable("scrape_job", "Scrape job", "custom", choices=("wantel",),
+                             default="wantel")
+
+HEALTH: Final = Dashboard(
+    slug="telemetry-health", uid="wantel-health", title="wantel / Telemetry health",
+    description="Is the telemetry itself working: events flowing, nothing dropped or "
+                "quarantined, projections current, the target scraped.",
+    variables=(DATASOURCE, SCRAPE_JOB),
+    rows=(
+        Row("Flow", (
+            Panel("Events per second by type", "What is the log receiving, and at what rate?",
+                  (Query(f"sum by (type) (rate(wantel_events_total[{RATE}]))", "{{type}}"),),
+                  unit="short", stack=True),
+            Panel("Dropped events by reason",
+                  "Did an emitter drop events because its queue was full?",
+                  (Query(f"sum by (reason) (increase(wantel_events_dropped_total[{RATE}]))",
+                         "{{reason}}"),),
+                  unit="short", no_value="0"),
+            Panel("Quarantined log records", "Did the projector skip damaged records?",
+                  (Query("max(wantel_log_quarantined_total)", "quarantined"),),
+                  kind="stat", width=8, height=4),
+            Panel("Running jobs without per-job series",
+                  "Did the per-job series cap leave running jobs out of /metrics?",
+                  (Query("max(wantel_series_folded_total)", "folded"),),
+                  kind="stat", width=8, height=4),
+            Panel("Workers alive", "How many workers heartbeat?",
+                  (Query("max(wantel_workers_alive)", "workers"),),
+                  kind="stat", width=8, height=4),
+        )),
+        Row("Freshness and scraping", (
+            Panel("Projection lag", "How far behind the newest event are the projections?",
+                  (Query("max(wantel_projection_lag_seconds)", "lag"),),
+                  unit="s", width=8),
+            Panel("Scrape health (up)", "Can Prometheus scrape every wantel target?",
+                  (Query('min by (instance) (up{job="$scrape_job"})', "{{instance}}"),),
+                  unit="short", minimum=0, maximum=1, width=8),
+            Panel("Scrape duration", "How long does a /metrics scrape take?",
+                  (Query('max by (instance) (scrape_duration_seconds{job="$scrape_job"})',
+                         "{{instance}}"),),
+                  unit="s", width=8),
+        )),
+    ),
+)
+
+DASHBOARDS: Final[tuple[Dashboard, ...]] = (FLEET, JOB, GPU, ETA, HEALTH)
+
+__all__ = ["DASHBOARDS", "Dashboard", "Link", "Panel", "Query", "Row", "Variable"]
