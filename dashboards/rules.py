@@ -175,8 +175,7 @@ def alert_rules(p: RuleParams) -> list[Rule]:
         Rule("WantelJobOutOfMemory", for_="0s", severity=SEVERITY_PAGE, expr=(
             f"sum by (model) (increase(wantel_jobs_oom_total[{p.failure_window}])) > 0"),
              summary="A {{ $labels.model }} job ran out of memory",
-             description="A job failed with an out-of-memory error. (Needs the exporter's "
-                         "wantel_jobs_oom_total; see the runbook.)"),
+             description="A job failed with an out-of-memory error (JobFailed.oom)."),
         Rule("WantelEventsDropped", for_="0s", severity=SEVERITY_TICKET, expr=(
             f"sum by (reason) (increase(wantel_events_dropped_total[{p.drop_window}])) > 0"),
              summary="Emitters dropped telemetry events ({{ $labels.reason }})",

@@ -203,6 +203,13 @@ class WantelCollector(Collector):
             values[series.labels] = series.value
         for labels, value in values.items():
             total.add_metric(list(labels), value)
+        oom = CounterMetricFamily("wantel_jobs_oom", "Jobs that failed out of (device) memory.",
+                                  labels=["model"])
+        oom_values = dict.fromkeys((model for model, _, _ in values), 0)
+        for series in metrics.jobs_oom.values():
+            oom_values[series.labels[0]] = series.value
+        for model, value in oom_values.items():
+            oom.add_metric([model], value)
         running_by_model: dict[str, int] = dict.fromkeys(throughput.models, 0)
         for model, _, _ in values:
             running_by_model.setdefault(model, 0)
@@ -216,6 +223,7 @@ class WantelCollector(Collector):
             running.add_metric([model], count)
         return [
             total,
+            oom,
             running,
             _histogram("wantel_job_duration_seconds",
                        "Duration of ended jobs, from start to end; exemplars name the trace.",

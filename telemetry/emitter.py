@@ -111,6 +111,7 @@ class Emitter:
         self._emitted = 0
         self._appended = 0
         self._idle = True
+        self._writing = False  # the writer took events off the queues and has not finished
         self._closing = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="wantel-emitter", daemon=True)
@@ -176,15 +177,15 @@ class Emitter:
         return True
 
     def _flushed_up_to(self, target: int) -> bool:
-        if self._pending:
-            return False
+        # Queues first, then the writer's flag, then pending: the writer raises the flag before
+        # it pops the queues, so an event cannot slip between "not queued" and "not pending".
         for queue in self._queues:
             try:
                 if queue[0][0] < target:
                     return False
             except IndexError:
                 continue
-        return True
+        return not self._writing and not self._pending
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush within ``timeout``, stop the thread, and count what could not be written."""
@@ -248,12 +249,15 @@ class Emitter:
                 self._idle = True
                 if any(self._queues):  # an event slipped in before the flag was up
                     interval, self._idle = self._flush_interval, False
+            self._writing = True
             if not self._pending:
                 self._pending = self._drain()
                 self._add_drop_report()
                 self._add_heartbeat()
             if self._pending:
-                if self._write_pending():
+                written = self._write_pending()
+                self._writing = False
+                if written:
                     backoff = self._backoff_min
                 else:
                     self._notify_done()
@@ -262,6 +266,7 @@ class Emitter:
                     self._wake.wait(backoff)
                     backoff = min(backoff * 2, self._backoff_max)
                     continue
+            self._writing = False
             self._notify_done()
             if self._closed and not any(self._queues):
                 return

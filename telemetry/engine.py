@@ -23,13 +23,14 @@ from typing import Any, Final
 import msgspec
 import structlog
 
-from telemetry.events import Event
+from telemetry.events import TERMINAL_TYPES, Event
 from telemetry.log.base import Batch, EventLog, Position, Quarantined, ReadItem
 from telemetry.projections.base import Projection
 
 _log = structlog.get_logger("wantel.engine")
 
 MAX_RECORDED_FAILURES: Final = 100
+KEEP_SEQ_OF_FINISHED: Final = 100_000
 
 
 class ProjectionFailure(msgspec.Struct, kw_only=True):
@@ -61,6 +62,7 @@ class _Snapshot(msgspec.Struct, kw_only=True):
     fingerprint: str
     position: int
     last_seq: dict[str, int]
+    finished_jobs: list[str] = []
     health: Health
     states: dict[str, bytes]
 
@@ -78,6 +80,7 @@ class ProjectionEngine:
         self.last_seq: dict[str, int] = {}
         self.health = Health()
         self._routes: dict[type[Event], tuple[str, list[tuple[str, Any]]]] = {}
+        self.finished_jobs: dict[str, None] = {}  # an ordered set that bounds last_seq
 
     @property
     def fingerprint(self) -> str:
@@ -116,6 +119,8 @@ class ProjectionEngine:
                 position += 1
                 continue
             last_seq[job] = seq
+            if type(event) in TERMINAL_TYPES:
+                self._forget_finished(job)
             if event.ts > newest_ts:  # noqa: PLR1730 - cheaper than max() per event
                 newest_ts = event.ts
             kind = type(event)
@@ -133,6 +138,19 @@ class ProjectionEngine:
             self.health.last_event_ts = newest_ts
         self.position = max(self.position, batch.next)
         return applied
+
+    def _forget_finished(self, job: str) -> None:
+        """Keep de-duplication state for the last ``KEEP_SEQ_OF_FINISHED`` finished jobs only.
+
+        A redelivery of a job that finished that long ago is not plausible, and without the
+        bound the engine's memory would grow with every job ever run.
+        """
+        finished = self.finished_jobs
+        finished[job] = None
+        while len(finished) > KEEP_SEQ_OF_FINISHED:
+            oldest = next(iter(finished))
+            del finished[oldest]
+            self.last_seq.pop(oldest, None)
 
     def _route(self, kind: type[Event]) -> tuple[str, list[tuple[str, Any]]]:
         """The projections that care about events of ``kind`` (their ``handles``), cached.
@@ -173,6 +191,7 @@ class ProjectionEngine:
             fingerprint=self.fingerprint,
             position=self.position,
             last_seq=self.last_seq,
+            finished_jobs=list(self.finished_jobs),
             health=self.health,
             states={p.name: encode(self.states[p.name]) for p in self.projections},
         ))
@@ -191,6 +210,7 @@ class ProjectionEngine:
             return False
         self.states, self.position = states, snap.position
         self.last_seq, self.health = snap.last_seq, snap.health
+        self.finished_jobs = dict.fromkeys(snap.finished_jobs)
         return True
 
 

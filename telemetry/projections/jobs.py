@@ -137,6 +137,7 @@ class JobsProjection:
 
     def __init__(self, *, abandon_after_s: float = 60.0, keep_finished: int | None = None):
         self.abandon_after_ns = int(abandon_after_s * 1e9)
+        self.sweep_every_ns = max(self.abandon_after_ns // 4, 1_000_000_000)
         self.keep_finished = keep_finished
 
     def initial(self) -> JobsState:
@@ -159,7 +160,7 @@ class JobsProjection:
             assert isinstance(event, WorkerHeartbeat) and worker is not None
             view_w = state.workers[worker]
             view_w.host, view_w.pid, view_w.devices = event.host, event.pid, event.devices
-        if state.now_ts - state.swept_ts >= 1_000_000_000:
+        if state.now_ts - state.swept_ts >= self.sweep_every_ns:
             self._sweep(state)
         handler = _HANDLERS.get(type(event))
         if handler is None:
@@ -169,12 +170,13 @@ class JobsProjection:
             view = state.jobs[event.job] = JobView(job=event.job)
         view.last_ts = ts
         handler(view, event)
-        if view.status in TERMINAL_STATUSES:
-            state.active.pop(event.job, None)
-            state.finished[event.job] = None
-            self._forget_old(state)
-        else:
-            state.active[event.job] = None
+        if handler in _LIFECYCLE_HANDLERS:  # status changes only here: skip the sets otherwise
+            if view.status in TERMINAL_STATUSES:
+                state.active.pop(event.job, None)
+                state.finished[event.job] = None
+                self._forget_old(state)
+            else:
+                state.active[event.job] = None
         return state
 
     def _sweep(self, state: JobsState) -> None:
@@ -300,3 +302,5 @@ _HANDLERS: Final = {
     JobFailed: _failed,
     JobCancelled: _cancelled,
 }
+
+_LIFECYCLE_HANDLERS: Final = frozenset({_queued, _started, _completed, _failed, _cancelled})

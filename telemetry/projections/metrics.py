@@ -112,6 +112,7 @@ class MetricsState(msgspec.Struct, kw_only=True):
     """Every series, keyed by joined label values, plus the jobs in flight."""
 
     jobs_total: dict[str, CounterSeries] = {}  # model, task, status
+    jobs_oom: dict[str, CounterSeries] = {}  # model: failures that were out of memory
     job_duration: dict[str, HistogramSeries] = {}  # model, task, status
     queue_wait: dict[str, HistogramSeries] = {}  # model
     stage_duration: dict[str, HistogramSeries] = {}  # model, stage
@@ -218,6 +219,9 @@ class MetricsProjection:
             self._ended(state, event, "completed", event.duration_s)
         elif kind is JobFailed:
             assert isinstance(event, JobFailed)
+            if event.oom:
+                tracked = state.tracked.get(event.job)
+                increment(state.jobs_oom, (tracked.model if tracked else UNKNOWN,))
             self._ended(state, event, "failed", event.duration_s)
         elif kind is JobCancelled:
             assert isinstance(event, JobCancelled)

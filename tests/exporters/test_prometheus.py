@@ -26,6 +26,7 @@ from telemetry.events import (
     EventsDropped,
     GpuSampled,
     JobCompleted,
+    JobFailed,
     JobQueued,
     JobStarted,
     MemorySampled,
@@ -417,3 +418,18 @@ def test_promtool_accepts_real_job_metrics(real_log: Path) -> None:
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
                             timeout=60)
     assert (0, b"", b"") == (result.returncode, result.stdout, result.stderr)
+
+
+def test_out_of_memory_failures_are_counted_by_model() -> None:
+    """A JobFailed with oom=True counts in wantel_jobs_oom_total; other failures do not."""
+    oom, plain = Stream("oom-job"), Stream("plain-failure")
+    events: list[Event] = [
+        oom.started(0), JobFailed(**oom.kw(1), duration_s=1.0, stage="denoise", step=2,
+                                  error_type="OutOfMemoryError", message="CUDA out of memory",
+                                  oom=True),
+        plain.started(2), JobFailed(**plain.kw(3), duration_s=1.0, error_type="ValueError",
+                                    message="bad input"),
+    ]
+    got = samples(registry_of(runner_over(events)))
+    assert 1.0 == got[("wantel_jobs_oom_total", "model=tiny-t2v")]
+    assert 2.0 == got[("wantel_jobs_total", "model=tiny-t2v", "status=failed", "task=t2v")]
