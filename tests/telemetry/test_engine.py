@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,21 @@ def delivered_logs(draw: st.DrawFn) -> list[Event]:
     return out
 
 
+def assert_pieces_equal_whole(make: Callable[[], ProjectionEngine], events: list[Event],
+                              cuts: list[int]) -> None:
+    """Folding in pieces, restarting from a snapshot between them, gives the one-go bytes."""
+    whole = make()
+    whole.apply_batch(Batch(0, events))
+    pieces = make()
+    bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})
+    for lo, hi in itertools.pairwise(bounds):
+        restarted = make()
+        assert restarted.restore(pieces.snapshot())
+        restarted.apply_batch(Batch(lo, events[lo:hi]))
+        pieces = restarted
+    assert whole.snapshot() == pieces.snapshot()
+
+
 class TestDeterminism:
     @settings(max_examples=60, deadline=None)
     @given(events=delivered_logs(), cuts=st.lists(st.integers(0, 200), max_size=5))
@@ -113,17 +129,7 @@ class TestDeterminism:
         self, events: list[Event], cuts: list[int]
     ) -> None:
         """Applying in pieces, snapshotting and restoring between them, gives identical bytes."""
-        whole = engine()
-        whole.apply_batch(Batch(0, events))
-
-        pieces = engine()
-        bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})
-        for lo, hi in itertools.pairwise(bounds):
-            restarted = engine()
-            assert restarted.restore(pieces.snapshot())
-            restarted.apply_batch(Batch(lo, events[lo:hi]))
-            pieces = restarted
-        assert whole.snapshot() == pieces.snapshot()
+        assert_pieces_equal_whole(engine, events, cuts)
 
     def test_replay_never_reads_the_clock(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Projections take time from events: with every clock broken, replay still works."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import pytest
@@ -24,7 +23,7 @@ from telemetry.projections import default_projections
 from telemetry.projections.eta import EtaState, current
 from telemetry.projections.jobs import JobsProjection, JobsState
 
-from .test_engine import a_job, delivered_logs
+from .test_engine import a_job, assert_pieces_equal_whole, delivered_logs
 
 
 def engine() -> ProjectionEngine:
@@ -46,15 +45,7 @@ class TestDeterminism:
         self, events: list[Event], cuts: list[int]
     ) -> None:
         """With all projections, pieces with snapshot/restore give the one-go bytes."""
-        whole = fold(events)
-        pieces = engine()
-        bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})
-        for lo, hi in itertools.pairwise(bounds):
-            restarted = engine()
-            assert restarted.restore(pieces.snapshot())
-            restarted.apply_batch(Batch(lo, events[lo:hi]))
-            pieces = restarted
-        assert whole.snapshot() == pieces.snapshot()
+        assert_pieces_equal_whole(engine, events, cuts)
 
     def test_no_projection_reads_the_clock(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """All time comes from events: with the clocks broken, every projection still folds."""
