@@ -129,7 +129,10 @@ class ProjectionEngine:
             counts[type_name] = counts.get(type_name, 0) + 1
             for name, fold in route[1]:
                 try:
-                    states[name] = fold(states[name], event)
+                    state = states[name]
+                    new_state = fold(state, event)
+                    if new_state is not state:  # folds usually update in place
+                        states[name] = new_state
                 except Exception as exc:
                     self._record_failure(name, position, event, exc)
             position += 1

@@ -146,6 +146,12 @@ class JobsProjection:
 
     def apply(self, state: JobsState, event: Event) -> JobsState:
         """Update the job the event belongs to, and its worker's liveness."""
+        kind = type(event)
+        if kind is MemorySampled:  # the most frequent event: only its job's peaks change
+            view = state.jobs.get(event.job)
+            if view is not None:
+                _memory(view, event)
+            return state
         ts = event.ts
         if ts > state.now_ts:  # noqa: PLR1730 - cheaper than max() on every event
             state.now_ts = ts
@@ -156,13 +162,13 @@ class JobsProjection:
                 state.workers[worker] = WorkerView(worker=worker, last_ts=ts)
             elif ts > seen.last_ts:
                 seen.last_ts = ts
-        if type(event) is WorkerHeartbeat:
+        if kind is WorkerHeartbeat:
             assert isinstance(event, WorkerHeartbeat) and worker is not None
             view_w = state.workers[worker]
             view_w.host, view_w.pid, view_w.devices = event.host, event.pid, event.devices
         if state.now_ts - state.swept_ts >= self.sweep_every_ns:
             self._sweep(state)
-        handler = _HANDLERS.get(type(event))
+        handler = _HANDLERS.get(kind)
         if handler is None:
             return state
         view = state.jobs.get(event.job)
