@@ -130,6 +130,8 @@ class JobRecorder:
 
     def pump(self) -> bool:
         """Emit every event whose marks have resolved, in order; True if none is left."""
+        if not self._queue:  # the common case on host timers: nothing waits, take no lock
+            return True
         with self._lock:
             while self._queue:
                 head = self._queue[0]
@@ -244,6 +246,17 @@ class JobRecorder:
         """A denoising step finished between ``start`` and ``end``."""
         self.steps_done = step + 1
         job = self.job
+        if self._immediate and not self._queue:
+            # The hot path on host timers: build and emit directly (no closure, no queue).
+            emit = self.emitter.emit
+            emit(StepEnded(job=job, ts=self.origin_wall_ns + (end - self.origin), step=step,
+                           total_steps=total_steps, timestep=timestep, sigma=sigma,
+                           expert=expert, passes=passes, duration_s=(end - start) / 1e9))
+            memory = self.memory
+            if memory is not None:
+                emit(MemorySampled(job=job, ts=self.origin_wall_ns + (end - self.origin),
+                                   device=memory.device_name, step=step, **memory.read_step()))
+            return
         self._defer((start, end), lambda t: StepEnded(
             job=job, ts=self._ts(t[1]), step=step, total_steps=total_steps,
             timestep=timestep, sigma=sigma,
