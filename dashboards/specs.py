@@ -223,10 +223,12 @@ JOB: Final = Dashboard(
                   (Query(f"max by (job) (wantel_job_progress_ratio{{{J}}})", "progress"),),
                   unit="percentunit", minimum=0, maximum=1,
                   links=(Link("Trace in Jaeger", JAEGER_SEARCH),)),
-            Panel("ETA (remaining seconds)",
-                  "When will the job finish, and how did the estimate move as it ran? (The "
-                  "p10-p90 interval is not exported as a metric yet; the live page shows it.)",
-                  (Query(f"max by (job) (wantel_job_eta_seconds{{{J}}})", "ETA"),),
+            Panel("ETA with its p10-p90 interval (remaining seconds)",
+                  "When will the job finish, how sure is the estimate, and how did it move as "
+                  "the job ran?",
+                  (Query(f"max by (job) (wantel_job_eta_seconds{{{J}}})", "ETA"),
+                   Query(f"max by (job) (wantel_job_eta_p10_seconds{{{J}}})", "p10"),
+                   Query(f"max by (job) (wantel_job_eta_p90_seconds{{{J}}})", "p90")),
                   unit="s", minimum=0),
         )),
         Row("The job's model over the job's time range", (

@@ -245,6 +245,12 @@ class WantelCollector(Collector):
         remaining = GaugeMetricFamily("wantel_job_eta_seconds",
                                       "Expected remaining seconds of a running job.",
                                       labels=["job", "model"], unit="seconds")
+        low = GaugeMetricFamily("wantel_job_eta_p10_seconds",
+                                "The ETA's 10th percentile: the job is unlikely to end sooner.",
+                                labels=["job", "model"], unit="seconds")
+        high = GaugeMetricFamily("wantel_job_eta_p90_seconds",
+                                 "The ETA's 90th percentile: the job is unlikely to end later.",
+                                 labels=["job", "model"], unit="seconds")
         shown = 0
         folded: list[str] = []
         for job in jobs.active:
@@ -261,11 +267,13 @@ class WantelCollector(Collector):
             model = eta.running[job].model
             progress.add_metric([job, model], point.progress)
             remaining.add_metric([job, model], point.remaining_s)
+            low.add_metric([job, model], point.p10_s)
+            high.add_metric([job, model], point.p90_s)
         folded_total = CounterMetricFamily(
             "wantel_series_folded",
             "Running jobs left without per-job series by the cardinality cap.")
         folded_total.add_metric([], self._count_folded(folded))
-        return [progress, remaining, folded_total]
+        return [progress, remaining, low, high, folded_total]
 
     def _count_folded(self, folded: list[str]) -> int:
         """Count each job the first time it is folded away; forget jobs no longer folded."""
