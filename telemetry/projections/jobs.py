@@ -153,30 +153,24 @@ class JobsProjection:
                 _memory(view, event)
             return state
         ts = event.ts
-        if ts > state.now_ts:  # noqa: PLR1730 - cheaper than max() on every event
+        if ts > state.now_ts:
             state.now_ts = ts
-        worker = event.worker
-        if worker is not None:
-            seen = state.workers.get(worker)
-            if seen is None:
-                state.workers[worker] = WorkerView(worker=worker, last_ts=ts)
-            elif ts > seen.last_ts:
-                seen.last_ts = ts
-        if kind is WorkerHeartbeat:
-            assert isinstance(event, WorkerHeartbeat) and worker is not None
-            view_w = state.workers[worker]
-            view_w.host, view_w.pid, view_w.devices = event.host, event.pid, event.devices
-        if state.now_ts - state.swept_ts >= self.sweep_every_ns:
-            self._sweep(state)
+            if ts - state.swept_ts >= self.sweep_every_ns:
+                self._sweep(state)
         handler = _HANDLERS.get(kind)
         if handler is None:
+            if kind is WorkerHeartbeat:
+                self._heartbeat(state, event)
             return state
         view = state.jobs.get(event.job)
         if view is None:
             view = state.jobs[event.job] = JobView(job=event.job)
+        # A job's own events prove its worker alive (the sweep reads view.last_ts), so only
+        # lifecycle events and heartbeats touch the workers table: steps stay cheap.
         view.last_ts = ts
         handler(view, event)
         if handler in _LIFECYCLE_HANDLERS:  # status changes only here: skip the sets otherwise
+            self._seen_worker(state, event.worker, ts)
             if view.status in TERMINAL_STATUSES:
                 state.active.pop(event.job, None)
                 state.finished[event.job] = None
@@ -185,14 +179,33 @@ class JobsProjection:
                 state.active[event.job] = None
         return state
 
+    @staticmethod
+    def _seen_worker(state: JobsState, worker: str | None, ts: int) -> WorkerView | None:
+        if worker is None:
+            return None
+        seen = state.workers.get(worker)
+        if seen is None:
+            seen = state.workers[worker] = WorkerView(worker=worker, last_ts=ts)
+        elif ts > seen.last_ts:
+            seen.last_ts = ts
+        return seen
+
+    def _heartbeat(self, state: JobsState, event: Event) -> None:
+        assert isinstance(event, WorkerHeartbeat)
+        seen = self._seen_worker(state, event.worker, event.ts)
+        if seen is not None:
+            seen.host, seen.pid, seen.devices = event.host, event.pid, event.devices
+
     def _sweep(self, state: JobsState) -> None:
-        """Mark the jobs of silent workers abandoned."""
+        """Mark abandoned the running jobs whose worker, and the job itself, went silent."""
         state.swept_ts = state.now_ts
         horizon = state.now_ts - self.abandon_after_ns
         for job in list(state.active):
             view = state.jobs[job]
             if view.status != "running" or view.worker is None:
                 continue
+            if (view.last_ts or 0) >= horizon:
+                continue  # the job itself spoke recently
             worker = state.workers.get(view.worker)
             if worker is not None and worker.last_ts < horizon:
                 view.status = "abandoned"
