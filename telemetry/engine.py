@@ -79,7 +79,7 @@ class ProjectionEngine:
         self.position: Position = 0  # the next position to apply
         self.last_seq: dict[str, int] = {}
         self.health = Health()
-        self._routes: dict[type[Event], tuple[str, list[tuple[str, Any]]]] = {}
+        self._routes: dict[type[Event], tuple[str, list[tuple[str, Any]], bool]] = {}
         self.finished_jobs: dict[str, None] = {}  # an ordered set that bounds last_seq
 
     @property
@@ -106,27 +106,26 @@ class ProjectionEngine:
             if start >= len(events):
                 return 0
         last_seq = self.last_seq
-        counts = self.health.events_by_type
+        seen_seq = last_seq.get
+        counts = self.health.events_by_type  # keyed by type name; tallied per type below
+        tally: dict[type[Event], int] = {}
         routes = self._routes
         states = self.states
-        applied = 0
+        duplicates = 0
         newest_ts = self.health.last_event_ts or 0
-        position = batch.first + start
-        for event in events[start:] if start else events:
+        for index, event in enumerate(events[start:] if start else events, batch.first + start):
             job, seq = event.job, event.seq
-            if seq <= last_seq.get(job, -1):
-                self.health.duplicates += 1
-                position += 1
+            if seq <= seen_seq(job, -1):
+                duplicates += 1
                 continue
             last_seq[job] = seq
-            if type(event) in TERMINAL_TYPES:
+            kind = type(event)
+            route = routes.get(kind) or self._route(kind)
+            if route[2]:  # a terminal event: bound the de-duplication table
                 self._forget_finished(job)
             if event.ts > newest_ts:  # noqa: PLR1730 - cheaper than max() per event
                 newest_ts = event.ts
-            kind = type(event)
-            route = routes.get(kind) or self._route(kind)
-            type_name = route[0]
-            counts[type_name] = counts.get(type_name, 0) + 1
+            tally[kind] = tally.get(kind, 0) + 1
             for name, fold in route[1]:
                 try:
                     state = states[name]
@@ -134,9 +133,13 @@ class ProjectionEngine:
                     if new_state is not state:  # folds usually update in place
                         states[name] = new_state
                 except Exception as exc:
-                    self._record_failure(name, position, event, exc)
-            position += 1
-            applied += 1
+                    self._record_failure(name, index, event, exc)
+        applied = 0
+        for kind, count in tally.items():
+            type_name = kind.__name__
+            counts[type_name] = counts.get(type_name, 0) + count
+            applied += count
+        self.health.duplicates += duplicates
         if applied:
             self.health.last_event_ts = newest_ts
         self.position = max(self.position, batch.next)
@@ -155,7 +158,7 @@ class ProjectionEngine:
             del finished[oldest]
             self.last_seq.pop(oldest, None)
 
-    def _route(self, kind: type[Event]) -> tuple[str, list[tuple[str, Any]]]:
+    def _route(self, kind: type[Event]) -> tuple[str, list[tuple[str, Any]], bool]:
         """The projections that care about events of ``kind`` (their ``handles``), cached.
 
         A projection without ``handles`` sees every event. Routing by type keeps replay from
@@ -163,7 +166,7 @@ class ProjectionEngine:
         """
         folds = [(p.name, p.apply) for p in self.projections
                  if getattr(p, "handles", None) is None or kind in p.handles]  # type: ignore[attr-defined]
-        route = (kind.__name__, folds)
+        route = (kind.__name__, folds, kind in TERMINAL_TYPES)
         self._routes[kind] = route
         return route
 
