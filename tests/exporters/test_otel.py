@@ -36,6 +36,7 @@ from telemetry.log.local import LocalLog
 from telemetry.projections.eta import EtaProjection
 from telemetry.tracing import span_id_for
 from tests.exporters.otlp_receiver import RECEIVERS, OtlpReceiver, ReceivedSpan
+from tests.polling import wait_for as wait_until
 from tests.telemetry.log_contract import events_of
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -341,15 +342,6 @@ class TestConfig:
 
 
 # -- delivery --------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    """Poll ``predicate`` until it holds; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.02)
 
 
 class TestDelivery:

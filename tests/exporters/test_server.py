@@ -41,24 +41,13 @@ from telemetry.events import (
     StepEnded,
 )
 from telemetry.log.local import LocalLog
+from tests.polling import wait_for
 
 MIB = 2**20
 Frame = dict[str, Any]
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class JobScript:

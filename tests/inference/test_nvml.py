@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from inference.nvml import (
 from telemetry.emitter import Emitter
 from telemetry.events import Event, GpuSampled, MemorySampled, stream_of_worker
 from telemetry.log.memory import MemoryLog
+from tests.polling import wait_for
 
 from ..telemetry.log_contract import events_of
 
@@ -37,15 +37,6 @@ GIB = 1 << 30
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``predicate`` until it holds; fail at the deadline (never sleep "long enough")."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        time.sleep(0.005)
 
 
 # -- the fake pynvml -----------------------------------------------------------------------
