@@ -45,7 +45,7 @@ from prometheus_client.utils import floatToGoString
 from telemetry.engine import Health, ProjectionRunner
 from telemetry.projections.eta import ERROR_EDGES, EtaState, current
 from telemetry.projections.health import HealthState
-from telemetry.projections.jobs import JobsState
+from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.memory import MemoryState
 from telemetry.projections.metrics import (
     DURATION_BUCKETS,
@@ -119,6 +119,19 @@ def _histogram(name: str, doc: str, labels: list[str], edges: tuple[float, ...],
     return family
 
 
+def _heard_from(view: JobView, jobs: JobsState, horizon_ns: float) -> bool:
+    """Whether a running job, or its worker, spoke since ``horizon_ns`` (wall clock).
+
+    The projection marks a job abandoned only when newer events arrive; when the whole fleet
+    goes silent nothing arrives, so the exporter also asks the wall clock: a job nobody has
+    heard from within the liveness timeout is not counted as running.
+    """
+    if (view.last_ts or 0) >= horizon_ns:
+        return True
+    worker = jobs.workers.get(view.worker) if view.worker is not None else None
+    return worker is not None and worker.last_ts >= horizon_ns
+
+
 class WantelCollector(Collector):
     """Renders every ``wantel_*`` metric from a runner's projection state at scrape time.
 
@@ -170,8 +183,9 @@ class WantelCollector(Collector):
         memory: MemoryState = states["memory"]
         drops: HealthState = states["health"]
         out: list[Metric] = []
-        out.extend(self._job_families(metrics, jobs, throughput))
-        out.extend(self._running_job_families(jobs, eta))
+        horizon_ns = (now - self.worker_timeout_s) * 1e9
+        out.extend(self._job_families(metrics, jobs, throughput, horizon_ns))
+        out.extend(self._running_job_families(jobs, eta, horizon_ns))
         out.extend(self._step_families(metrics, throughput))
         out.append(self._eta_error(eta))
         out.extend(self._memory_families(metrics, memory))
@@ -181,7 +195,6 @@ class WantelCollector(Collector):
                                   "Workers heard from within the liveness timeout.")
         # The projection's horizon is the newest event's time, which stops advancing when every
         # worker is gone; the wall clock makes a silent fleet read 0 rather than its last count.
-        horizon_ns = (now - self.worker_timeout_s) * 1e9
         alive.add_metric([], sum(1 for worker in jobs.alive_workers(self.worker_timeout_s)
                                  if worker.last_ts >= horizon_ns))
         out.append(alive)
@@ -192,7 +205,7 @@ class WantelCollector(Collector):
         return out
 
     def _job_families(self, metrics: MetricsState, jobs: JobsState,
-                      throughput: ThroughputState) -> list[Metric]:
+                      throughput: ThroughputState, horizon_ns: float) -> list[Metric]:
         total = CounterMetricFamily("wantel_jobs_total", "Jobs that ended, by outcome.",
                                     labels=["model", "task", "status"])
         values: dict[tuple[str, ...], int] = {}
@@ -215,7 +228,8 @@ class WantelCollector(Collector):
             running_by_model.setdefault(model, 0)
         for job in jobs.active:
             view = jobs.jobs[job]
-            if view.status == "running" and view.model is not None:
+            if (view.status == "running" and view.model is not None
+                    and _heard_from(view, jobs, horizon_ns)):
                 running_by_model[view.model] = running_by_model.get(view.model, 0) + 1
         running = GaugeMetricFamily("wantel_jobs_running", "Jobs running now.",
                                     labels=["model"])
@@ -238,7 +252,8 @@ class WantelCollector(Collector):
                        series=metrics.stage_duration.values(), unit="seconds"),
         ]
 
-    def _running_job_families(self, jobs: JobsState, eta: EtaState) -> list[Metric]:
+    def _running_job_families(self, jobs: JobsState, eta: EtaState,
+                              horizon_ns: float) -> list[Metric]:
         progress = GaugeMetricFamily("wantel_job_progress_ratio",
                                      "Cost-weighted progress of a running job (0-1).",
                                      labels=["job", "model"], unit="ratio")
@@ -255,7 +270,7 @@ class WantelCollector(Collector):
         folded: list[str] = []
         for job in jobs.active:
             view = jobs.jobs[job]
-            if view.status != "running":
+            if view.status != "running" or not _heard_from(view, jobs, horizon_ns):
                 continue
             point = current(eta, job)
             if point is None:

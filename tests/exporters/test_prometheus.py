@@ -433,3 +433,16 @@ def test_out_of_memory_failures_are_counted_by_model() -> None:
     got = samples(registry_of(runner_over(events)))
     assert 1.0 == got[("wantel_jobs_oom_total", "model=tiny-t2v")]
     assert 2.0 == got[("wantel_jobs_total", "model=tiny-t2v", "status=failed", "task=t2v")]
+
+
+def test_a_silent_fleet_leaves_no_job_running() -> None:
+    """When no event arrives for longer than the liveness timeout (wall clock), a job that never
+    ended is no longer counted as running, and its per-job gauges go."""
+    running = Stream("stuck")
+    events: list[Event] = [running.started(0), *running.steps(0.1, 2)]
+    runner = runner_over(events)
+    soon = samples(make_registry(runner, clock=lambda: T0 + 10.0))
+    later = samples(make_registry(runner, clock=lambda: T0 + 1_000.0))
+    assert 1.0 == soon[("wantel_jobs_running", "model=tiny-t2v")]
+    assert 0.0 == later[("wantel_jobs_running", "model=tiny-t2v")]
+    assert not [k for k in later if k[0] == "wantel_job_eta_seconds"]
