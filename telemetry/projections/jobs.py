@@ -147,7 +147,23 @@ class JobsProjection:
     def apply(self, state: JobsState, event: Event) -> JobsState:
         """Update the job the event belongs to, and its worker's liveness."""
         kind = type(event)
-        if kind is MemorySampled:  # the most frequent event: only its job's peaks change
+        if kind is StepEnded:  # the most frequent job event: a hot path, inlined
+            view = state.jobs.get(event.job)
+            if view is not None:
+                assert isinstance(event, StepEnded)
+                ts = view.last_ts = event.ts
+                done = event.step + 1
+                if done > view.steps_done:  # noqa: PLR1730 - the hot path: no max() call
+                    view.steps_done = done
+                view.total_steps, view.expert = event.total_steps, event.expert
+                if event.duration_s is not None:
+                    view.step_time_s += event.duration_s
+                if ts > state.now_ts:
+                    state.now_ts = ts
+                    if ts - state.swept_ts >= self.sweep_every_ns:
+                        self._sweep(state)
+                return state
+        elif kind is MemorySampled:  # as frequent: only its job's peaks change
             view = state.jobs.get(event.job)
             if view is not None:
                 _memory(view, event)
