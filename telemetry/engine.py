@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,9 +27,12 @@ import structlog
 
 from telemetry.events import TERMINAL_TYPES, Event
 from telemetry.log.base import Batch, EventLog, Position, Quarantined, ReadItem
-from telemetry.projections.base import Projection
+from telemetry.projections.base import Projection, as_batch_projection
 
 _log = structlog.get_logger("wantel.engine")
+
+_ts_of = attrgetter("ts")
+_TERMINAL: Final = frozenset(TERMINAL_TYPES)
 
 MAX_RECORDED_FAILURES: Final = 100
 KEEP_SEQ_OF_FINISHED: Final = 100_000
@@ -79,7 +84,8 @@ class ProjectionEngine:
         self.position: Position = 0  # the next position to apply
         self.last_seq: dict[str, int] = {}
         self.health = Health()
-        self._routes: dict[type[Event], tuple[str, list[tuple[str, Any]], bool]] = {}
+        self._folds = [(as_batch_projection(p), p.name, getattr(p, "handles", None))
+                       for p in projections]
         self.finished_jobs: dict[str, None] = {}  # an ordered set that bounds last_seq
 
     @property
@@ -98,52 +104,74 @@ class ProjectionEngine:
         return applied
 
     def apply_batch(self, batch: Batch) -> int:
-        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``."""
+        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``.
+
+        The batch is de-duplicated first, then each projection folds the new events of the
+        types it handles in one ``apply_many`` call: per-event work in the engine is one
+        dictionary lookup, and each fold runs its own loop with its lookups hoisted.
+        """
         events = batch.events
         start = 0
         if batch.first < self.position:
             start = self.position - batch.first
             if start >= len(events):
                 return 0
+            events = events[start:]
         last_seq = self.last_seq
         seen_seq = last_seq.get
-        counts = self.health.events_by_type  # keyed by type name; tallied per type below
-        tally: dict[type[Event], int] = {}
-        routes = self._routes
-        states = self.states
-        duplicates = 0
-        newest_ts = self.health.last_event_ts or 0
-        for index, event in enumerate(events[start:] if start else events, batch.first + start):
+        fresh: list[Event] = []
+        keep = fresh.append
+        for event in events:
             job, seq = event.job, event.seq
-            if seq <= seen_seq(job, -1):
-                duplicates += 1
-                continue
-            last_seq[job] = seq
-            kind = type(event)
-            route = routes.get(kind) or self._route(kind)
-            if route[2]:  # a terminal event: bound the de-duplication table
-                self._forget_finished(job)
-            if event.ts > newest_ts:  # noqa: PLR1730 - cheaper than max() per event
-                newest_ts = event.ts
-            tally[kind] = tally.get(kind, 0) + 1
-            for name, fold in route[1]:
-                try:
-                    state = states[name]
-                    new_state = fold(state, event)
-                    if new_state is not state:  # folds usually update in place
-                        states[name] = new_state
-                except Exception as exc:
-                    self._record_failure(name, index, event, exc)
-        applied = 0
-        for kind, count in tally.items():
-            type_name = kind.__name__
-            counts[type_name] = counts.get(type_name, 0) + count
-            applied += count
-        self.health.duplicates += duplicates
-        if applied:
-            self.health.last_event_ts = newest_ts
+            if seq > seen_seq(job, -1):
+                last_seq[job] = seq
+                keep(event)
+        self.health.duplicates += len(events) - len(fresh)
         self.position = max(self.position, batch.next)
-        return applied
+        if not fresh:
+            return 0
+        tally = Counter(map(type, fresh))
+        counts = self.health.events_by_type
+        for kind, count in tally.items():
+            name = kind.__name__
+            counts[name] = counts.get(name, 0) + count
+        newest = max(map(_ts_of, fresh))
+        if newest > (self.health.last_event_ts or 0):
+            self.health.last_event_ts = newest
+        if not _TERMINAL.isdisjoint(tally):  # bound the de-duplication table
+            for event in fresh:
+                if type(event) in _TERMINAL:
+                    self._forget_finished(event.job)
+        present = frozenset(tally)
+        states = self.states
+        for projection, name, handles in self._folds:
+            if handles is None or present <= handles:
+                mine = fresh
+            elif handles.isdisjoint(present):
+                continue
+            else:
+                mine = [event for event in fresh if type(event) in handles]
+
+            def failed(event: Event, exc: Exception, name: str = name) -> None:
+                self._record_failure(name, self._position_of(batch, event), event, exc)
+
+            state = states[name]
+            try:
+                new_state = projection.apply_many(state, mine, failed)
+            except Exception as exc:  # a fold that let an error escape its own loop
+                failed(mine[0], exc)
+                continue
+            if new_state is not state:  # folds usually update in place
+                states[name] = new_state
+        return len(fresh)
+
+    @staticmethod
+    def _position_of(batch: Batch, event: Event) -> int:
+        """Where ``event`` sits in the log (failures are rare: a scan is fine)."""
+        for index, candidate in enumerate(batch.events):
+            if candidate is event:
+                return batch.first + index
+        return batch.first
 
     def _forget_finished(self, job: str) -> None:
         """Keep de-duplication state for the last ``KEEP_SEQ_OF_FINISHED`` finished jobs only.
@@ -157,18 +185,6 @@ class ProjectionEngine:
             oldest = next(iter(finished))
             del finished[oldest]
             self.last_seq.pop(oldest, None)
-
-    def _route(self, kind: type[Event]) -> tuple[str, list[tuple[str, Any]], bool]:
-        """The projections that care about events of ``kind`` (their ``handles``), cached.
-
-        A projection without ``handles`` sees every event. Routing by type keeps replay from
-        calling six folds for a memory sample that one of them reads.
-        """
-        folds = [(p.name, p.apply) for p in self.projections
-                 if getattr(p, "handles", None) is None or kind in p.handles]  # type: ignore[attr-defined]
-        route = (kind.__name__, folds, kind in TERMINAL_TYPES)
-        self._routes[kind] = route
-        return route
 
     def apply_quarantined(self, notice: Quarantined) -> None:
         """Count damaged records the log skipped and move past them."""

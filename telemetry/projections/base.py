@@ -9,11 +9,15 @@ same log always yields byte-identical snapshots.
 
 from __future__ import annotations
 
-from typing import Final, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 from telemetry.events import Event
 
 S = TypeVar("S")
+
+#: Told about an event a fold raised on; the fold then goes on with the next event.
+OnFailure = Callable[[Event, Exception], None]
 
 
 class Projection(Protocol[S]):
@@ -35,6 +39,61 @@ class Projection(Protocol[S]):
     def apply(self, state: S, event: Event) -> S:
         """The state after ``event``."""
         ...
+
+
+class BatchProjection(Projection[S], Protocol[S]):
+    """A projection that folds a run of events in one call (the engine's fast path).
+
+    ``apply_many(state, events, failed)`` must equal folding ``apply`` over ``events`` in
+    order; an event it raises on is reported to ``failed`` and the loop goes on (whatever that
+    event had already changed stays changed, exactly as with ``apply``). One call per batch
+    lets a fold bind its tables and constants once instead of once per event, which is most of
+    the cost of a pure-Python fold.
+    """
+
+    def apply_many(self, state: S, events: Sequence[Event], failed: OnFailure) -> S:
+        """The state after every event of ``events``."""
+        ...
+
+
+def reraise(event: Event, exc: Exception) -> None:
+    """The ``failed`` of a single ``apply``: the caller sees the exception."""
+    raise exc
+
+
+class BatchFold:
+    """Base of projections written as ``apply_many``: ``apply`` is a batch of one."""
+
+    def apply_many(self, state: Any, events: Sequence[Event], failed: OnFailure) -> Any:
+        """The state after every event of ``events``."""
+        raise NotImplementedError
+
+    def apply(self, state: Any, event: Event) -> Any:
+        """The state after ``event`` (an exception propagates)."""
+        return self.apply_many(state, (event,), reraise)
+
+
+class _EachEvent:
+    """Adapts a projection with only ``apply`` to the engine's ``apply_many``."""
+
+    def __init__(self, projection: Projection[Any]) -> None:
+        self.projection = projection
+
+    def apply_many(self, state: Any, events: Sequence[Event], failed: OnFailure) -> Any:
+        apply = self.projection.apply
+        for event in events:
+            try:
+                state = apply(state, event)
+            except Exception as exc:
+                failed(event, exc)
+        return state
+
+
+def as_batch_projection(projection: Projection[Any]) -> BatchProjection[Any]:
+    """``projection`` itself if it folds batches, else an adapter that folds event by event."""
+    if callable(getattr(projection, "apply_many", None)):
+        return projection  # type: ignore[return-value]
+    return _EachEvent(projection)  # type: ignore[return-value]
 
 
 #: Jobs a projection tracks as running at most: a job whose worker died never sends its terminal
