@@ -44,6 +44,7 @@ from telemetry.events import (
     StageEnded,
     StageStarted,
     StepEnded,
+    to_builtins,
 )
 from telemetry.log.base import Batch, EventLog, Position, ReadItem
 from telemetry.projections import default_projections
@@ -109,7 +110,7 @@ def event_frame(position: Position, event: Event,
     kind = FRAME_TYPES.get(type(event))
     if kind is None:
         return None
-    data: dict[str, Any] = msgspec.to_builtins(event)
+    data: dict[str, Any] = to_builtins(event)
     for name in _DROPPED_FIELDS:
         data.pop(name, None)
     if view is not None:
@@ -519,7 +520,7 @@ class TelemetryService:
                     continue
                 if len(found) >= limit:
                     return found, last, True
-                record: dict[str, Any] = msgspec.to_builtins(event)
+                record: dict[str, Any] = to_builtins(event)
                 found.append({"position": position, "event": record})
                 last = position
         return found, last, False

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgspec
 
-from telemetry.events import EVENT_TYPES, EVENT_TYPES_BY_NAME, AnyEvent, Event
+from telemetry.events import EVENT_TYPES, EVENT_TYPES_BY_NAME, AnyEvent, Event, to_builtins
 
 Builtins = dict[str, Any]
 Upcaster = Callable[[Builtins], Builtins]
@@ -57,8 +57,13 @@ def upcaster(type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster
 
 
 def encode(event: Event) -> bytes:
-    """One event as compact JSON."""
+    """One event as compact JSON, as stored (fields at their default are left out)."""
     return _encoder.encode(event)
+
+
+def encode_complete(event: Event) -> bytes:
+    """One event as compact JSON with every field, defaults too (what ``wantel cat`` prints)."""
+    return _encoder.encode(to_builtins(event))
 
 
 def encode_many(events: Sequence[Event]) -> list[bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from telemetry.codec import encode
+from telemetry.codec import encode_complete
 from telemetry.commands.common import open_log_for_reading, warn_quarantined
 from telemetry.log.base import Batch
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         for position, event in item.positioned():
             if args.job is not None and event.job != args.job:
                 continue
-            record = encode(event)
+            record = encode_complete(event)
             if args.positions:
                 record = b'{"pos":%d,"event":%s}' % (position, record)
             lines.append(record)

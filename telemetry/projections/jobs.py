@@ -6,6 +6,7 @@ Durations come from the events (measured where they happened), never from a cloc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -23,6 +24,7 @@ from telemetry.events import (
     StepEnded,
     WorkerHeartbeat,
 )
+from telemetry.projections.base import BatchFold, OnFailure
 
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled", "abandoned"})
 
@@ -119,7 +121,7 @@ class JobsState(msgspec.Struct, kw_only=True):
         return [w for w in self.workers.values() if w.last_ts >= horizon]
 
 
-class JobsProjection:
+class JobsProjection(BatchFold):
     """Fold lifecycle, stage and step events into :class:`JobView`\\ s.
 
     A job whose worker has been silent for ``abandon_after_s`` (in event time: the newest
@@ -144,55 +146,67 @@ class JobsProjection:
         """No jobs yet."""
         return JobsState()
 
-    def apply(self, state: JobsState, event: Event) -> JobsState:
-        """Update the job the event belongs to, and its worker's liveness."""
-        kind = type(event)
-        if kind is StepEnded:  # the most frequent job event: a hot path, inlined
-            view = state.jobs.get(event.job)
-            if view is not None:
-                assert isinstance(event, StepEnded)
-                ts = view.last_ts = event.ts
-                done = event.step + 1
-                if done > view.steps_done:  # noqa: PLR1730 - the hot path: no max() call
-                    view.steps_done = done
-                view.total_steps, view.expert = event.total_steps, event.expert
-                if event.duration_s is not None:
-                    view.step_time_s += event.duration_s
-                if ts > state.now_ts:
-                    state.now_ts = ts
-                    if ts - state.swept_ts >= self.sweep_every_ns:
+    def apply_many(self, state: JobsState, events: Sequence[Event],
+                   failed: OnFailure) -> JobsState:
+        """Update the job each event belongs to, and its worker's liveness."""
+        jobs = state.jobs
+        job_of = jobs.get
+        sweep_every = self.sweep_every_ns
+        now, swept = state.now_ts, state.swept_ts
+        for event in events:
+            try:
+                kind = type(event)
+                if kind is StepEnded:  # the most frequent job event: a hot path, inlined
+                    view = job_of(event.job)
+                    if view is not None:
+                        ts = view.last_ts = event.ts
+                        done = event.step + 1
+                        if done > view.steps_done:  # noqa: PLR1730 - no max() on the hot path
+                            view.steps_done = done
+                        view.total_steps, view.expert = event.total_steps, event.expert
+                        if event.duration_s is not None:
+                            view.step_time_s += event.duration_s
+                        if ts > now:
+                            now = ts
+                            if ts - swept >= sweep_every:
+                                state.now_ts = now
+                                self._sweep(state)
+                                swept = state.swept_ts
+                        continue
+                elif kind is MemorySampled:  # as frequent: only its job's peaks change
+                    view = job_of(event.job)
+                    if view is not None:
+                        _raise_peaks(view, event)
+                    continue
+                ts = event.ts
+                if ts > now:
+                    now = state.now_ts = ts
+                    if ts - swept >= sweep_every:
                         self._sweep(state)
-                return state
-        elif kind is MemorySampled:  # as frequent: only its job's peaks change
-            view = state.jobs.get(event.job)
-            if view is not None:
-                _memory(view, event)
-            return state
-        ts = event.ts
-        if ts > state.now_ts:
-            state.now_ts = ts
-            if ts - state.swept_ts >= self.sweep_every_ns:
-                self._sweep(state)
-        handler = _HANDLERS.get(kind)
-        if handler is None:
-            if kind is WorkerHeartbeat:
-                self._heartbeat(state, event)
-            return state
-        view = state.jobs.get(event.job)
-        if view is None:
-            view = state.jobs[event.job] = JobView(job=event.job)
-        # A job's own events prove its worker alive (the sweep reads view.last_ts), so only
-        # lifecycle events and heartbeats touch the workers table: steps stay cheap.
-        view.last_ts = ts
-        handler(view, event)
-        if handler in _LIFECYCLE_HANDLERS:  # status changes only here: skip the sets otherwise
-            self._seen_worker(state, event.worker, ts)
-            if view.status in TERMINAL_STATUSES:
-                state.active.pop(event.job, None)
-                state.finished[event.job] = None
-                self._forget_old(state)
-            else:
-                state.active[event.job] = None
+                        swept = state.swept_ts
+                handler = _HANDLERS.get(kind)
+                if handler is None:
+                    if kind is WorkerHeartbeat:
+                        self._heartbeat(state, event)
+                    continue
+                view = job_of(event.job)
+                if view is None:
+                    view = jobs[event.job] = JobView(job=event.job)
+                # A job's own events prove its worker alive (the sweep reads view.last_ts),
+                # so only lifecycle events and heartbeats touch the workers table.
+                view.last_ts = ts
+                handler(view, event)
+                if handler in _LIFECYCLE_HANDLERS:  # status changes only here
+                    self._seen_worker(state, event.worker, ts)
+                    if view.status in TERMINAL_STATUSES:
+                        state.active.pop(event.job, None)
+                        state.finished[event.job] = None
+                        self._forget_old(state)
+                    else:
+                        state.active[event.job] = None
+            except Exception as exc:
+                failed(event, exc)
+        state.now_ts = now
         return state
 
     @staticmethod
@@ -287,17 +301,31 @@ def _step(view: JobView, event: Event) -> None:
         view.step_time_s += event.duration_s
 
 
+def _raise_peaks(view: JobView, event: MemorySampled) -> None:
+    """Raise the job's peaks to the sample's readings (the first reading sets them)."""
+    allocated = event.peak_allocated_bytes or event.allocated_bytes
+    if allocated is not None:
+        old = view.peak_allocated_bytes
+        if old is None or allocated > old:
+            view.peak_allocated_bytes = max(old or 0, allocated)
+    reserved = event.peak_reserved_bytes or event.reserved_bytes
+    if reserved is not None:
+        old = view.peak_reserved_bytes
+        if old is None or reserved > old:
+            view.peak_reserved_bytes = max(old or 0, reserved)
+    rss = event.host_rss_bytes or 0
+    peak_rss = event.host_peak_rss_bytes or 0
+    if peak_rss > rss:  # noqa: PLR1730 - a hot path: no max() call
+        rss = peak_rss
+    if rss:
+        old = view.peak_rss_bytes
+        if old is None or rss > old:
+            view.peak_rss_bytes = rss
+
+
 def _memory(view: JobView, event: Event) -> None:
     assert isinstance(event, MemorySampled)
-    allocated = event.peak_allocated_bytes or event.allocated_bytes
-    reserved = event.peak_reserved_bytes or event.reserved_bytes
-    if allocated is not None:
-        view.peak_allocated_bytes = max(view.peak_allocated_bytes or 0, allocated)
-    if reserved is not None:
-        view.peak_reserved_bytes = max(view.peak_reserved_bytes or 0, reserved)
-    rss = max(event.host_rss_bytes or 0, event.host_peak_rss_bytes or 0)
-    if rss:
-        view.peak_rss_bytes = max(view.peak_rss_bytes or 0, rss)
+    _raise_peaks(view, event)
 
 
 def _ended(view: JobView, event: Event, status: str, duration_s: float) -> None:

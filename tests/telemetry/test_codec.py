@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from telemetry.codec import MalformedRecord, decode_current_batch, decode_one, encode
+from telemetry.codec import (
+    MalformedRecord,
+    decode_current_batch,
+    decode_one,
+    encode,
+    encode_complete,
+)
 from telemetry.events import EVENT_TYPES, Event, StepEnded
 
 from .strategies import any_event, event_of
@@ -37,6 +44,24 @@ class TestRoundTrip:
         """Records name their type, so any tool can read a log."""
         event = StepEnded(job="j", seq=0, ts=1, step=0, total_steps=1, timestep=1.0)
         assert encode(event).startswith(b'{"type":"StepEnded","v":2,')
+
+
+class TestStoredForm:
+    def test_records_leave_out_defaults_but_always_say_their_version(self) -> None:
+        """Stored records are small (no nulls) and still name the schema version they used."""
+        record = msgspec.json.decode(encode(StepEnded(job="j", ts=5, step=0, total_steps=4)))
+        assert {"type": "StepEnded", "v": 2, "job": "j", "ts": 5, "step": 0,
+                "total_steps": 4} == record
+
+    @pytest.mark.parametrize("cls", EVENT_TYPES, ids=lambda c: c.__name__)
+    @given(data=st.data())
+    def test_what_people_read_has_every_field(self, cls: type[Event],
+                                              data: st.DataObject) -> None:
+        """``wantel cat`` and the APIs show one stable shape: every field, defaults too."""
+        event = data.draw(event_of(cls))
+        shown = msgspec.json.decode(encode_complete(event))
+        assert ["type", *cls.__struct_fields__] == list(shown)
+        assert event == decode_one(encode_complete(event))
 
 
 class TestUpcasting:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from telemetry.events import (
 from telemetry.log.base import Batch, Quarantined
 from telemetry.log.local import LocalLog
 from telemetry.log.memory import MemoryLog
+from telemetry.projections.base import BatchFold, OnFailure, Projection
 from telemetry.projections.jobs import JobsProjection, JobsState
 
 SECOND = 1_000_000_000
@@ -78,6 +79,27 @@ class Exploding:
         if isinstance(event, StepEnded):
             raise ZeroDivisionError("by design")
         return state + 1
+
+
+class ExplodingBatch(BatchFold):
+    """The same, folding whole batches: a raising event must not end the batch's loop."""
+
+    name = "exploding"
+    version = 1
+    state_type = int
+
+    def initial(self) -> int:
+        return 0
+
+    def apply_many(self, state: int, events: Sequence[Event], failed: OnFailure) -> int:
+        for event in events:
+            try:
+                if isinstance(event, StepEnded):
+                    raise ZeroDivisionError("by design")
+                state += 1
+            except Exception as exc:
+                failed(event, exc)
+        return state
 
 
 def engine() -> ProjectionEngine:
@@ -171,9 +193,12 @@ class TestDeduplication:
 
 
 class TestIsolation:
-    def test_a_raising_projection_does_not_stop_the_others(self) -> None:
+    @pytest.mark.parametrize("exploding", [Exploding, ExplodingBatch])
+    def test_a_raising_projection_does_not_stop_the_others(
+        self, exploding: Callable[[], Projection[int]]
+    ) -> None:
         """The failure is recorded with its event; the jobs projection still sees everything."""
-        e = ProjectionEngine([Exploding(), JobsProjection()])
+        e = ProjectionEngine([exploding(), JobsProjection()])
         e.apply_batch(Batch(0, a_job("a")))
         assert "completed" == jobs(e).jobs["a"].status
         assert {"exploding": 4} == e.health.projection_errors
