@@ -17,7 +17,8 @@ event or an evaluation checkpoint, never from a clock).
 from __future__ import annotations
 
 import math
-from typing import Final
+from math import exp, sqrt
+from typing import Final, NamedTuple
 
 import msgspec
 
@@ -39,6 +40,9 @@ WARMUP_WEIGHT: Final = 0.3  # how much the first step counts towards the step me
 Z90: Final = 1.2816  # standard normal quantile of 0.9
 SPEED_EXCLUDED: Final = frozenset({"load", "save"})  # imports and disks say nothing of speed
 MIN_SPEED_PHASE_S: Final = 0.005
+#: ``pow``'s exponents for ``map``: squares each part as ``x ** 2`` did (same rounding, same
+#: OverflowError), without a comprehension per estimate. Longer than any job's phase list.
+_SQUARE: Final = (2,) * 16
 
 
 def conditional_remaining(expected: float, sigma: float, elapsed: float) -> float:
@@ -63,7 +67,7 @@ def conditional_remaining(expected: float, sigma: float, elapsed: float) -> floa
     return max(expected * upper / tail - elapsed, 0.0)
 
 
-class Estimate(msgspec.Struct, frozen=True, kw_only=True):
+class Estimate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Seconds remaining with a p10–p90 interval, and progress as a fraction of time."""
 
     remaining_s: float
@@ -75,6 +79,64 @@ class Estimate(msgspec.Struct, frozen=True, kw_only=True):
     def total_s(self, elapsed_s: float) -> float:
         """Predicted duration of the whole job."""
         return elapsed_s + self.remaining_s
+
+
+class Prior(NamedTuple):
+    """What a job's estimator starts from: a function of its shape, runner and calibration."""
+
+    phases: tuple[str, ...]
+    expected: dict[str, float]  # seconds per phase
+    sigma: dict[str, float]  # relative error per phase
+    step: float  # seconds per step (all passes)
+    warmup: float
+
+    @classmethod
+    def of(cls, shape: JobShape, runner: bool, calibration: Calibration) -> Prior:
+        """Expected phase durations, and how wrong each tends to be."""
+        phases = expected_phases(shape, runner=runner)
+        expected: dict[str, float] = {}
+        sigma: dict[str, float] = {}
+        step = predict(STEP, shape, calibration) * shape.passes
+        warmup = warmup_factor(shape, calibration)
+        for phase in phases:
+            if phase == "denoise":
+                expected[phase] = step * (max(shape.steps - 1, 0) + warmup)
+                sigma[phase] = rel_sigma(STEP, shape, calibration)
+            else:
+                expected[phase] = predict(phase, shape, calibration)
+                sigma[phase] = rel_sigma(phase, shape, calibration)
+        return cls(phases, expected, sigma, step, warmup)
+
+
+class PriorCache:
+    """``LiveJob.start`` with its priors memoised per (shape, runner) for one calibration.
+
+    A fleet runs few distinct shapes, and working a prior out (component keys, coefficient
+    look-ups, features) costs ~20 µs: most of a replay's per-job cost. The cache holds the
+    calibration it was filled under and is emptied when another one is passed, so what it
+    returns is exactly what ``LiveJob.start`` would; it is a speed-up, never part of a state.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._calibration: Calibration | None = None
+        self._priors: dict[tuple[JobShape, bool], Prior] = {}
+
+    def start(self, event: JobStarted, calibration: Calibration) -> LiveJob:
+        """``LiveJob.start(event, calibration)``."""
+        shape = JobShape.of(event)
+        runner = "load" in str(event.options.get("stages", ""))
+        priors = self._priors
+        if calibration is not self._calibration:  # identity: the cache holds a reference
+            priors.clear()
+            self._calibration = calibration
+        key = (shape, runner)
+        prior = priors.get(key)
+        if prior is None:
+            if len(priors) >= self.limit:
+                priors.clear()
+            prior = priors[key] = Prior.of(shape, runner, calibration)
+        return LiveJob.from_prior(event, shape, runner, prior, calibration)
 
 
 class LiveJob(msgspec.Struct, kw_only=True):
@@ -110,22 +172,21 @@ class LiveJob(msgspec.Struct, kw_only=True):
         """Expected phase durations at the start of a job."""
         shape = JobShape.of(event)
         runner = "load" in str(event.options.get("stages", ""))
-        phases = expected_phases(shape, runner=runner)
-        expected: dict[str, float] = {}
-        sigma: dict[str, float] = {}
-        step = predict(STEP, shape, calibration) * shape.passes
-        warmup = warmup_factor(shape, calibration)
-        for phase in phases:
-            if phase == "denoise":
-                expected[phase] = step * (max(shape.steps - 1, 0) + warmup)
-                sigma[phase] = rel_sigma(STEP, shape, calibration)
-            else:
-                expected[phase] = predict(phase, shape, calibration)
-                sigma[phase] = rel_sigma(phase, shape, calibration)
-        return cls(shape=shape, runner=runner, start_ts=event.ts, phases=phases,
-                   expected=expected, sigma=sigma, step_prior=step, warmup=warmup,
-                   quantiles=dict(calibration.quantiles), total_steps=shape.steps,
-                   segment_prior=step)
+        return cls.from_prior(event, shape, runner, Prior.of(shape, runner, calibration),
+                              calibration)
+
+    @classmethod
+    def from_prior(cls, event: JobStarted, shape: JobShape, runner: bool, prior: Prior,
+                   calibration: Calibration) -> LiveJob:
+        """The estimator of the job ``event`` starts, from its (possibly shared) ``prior``.
+
+        The dictionaries are copied: a job's estimator is its own, whoever else got the prior.
+        """
+        step = prior.step
+        return cls(shape=shape, runner=runner, start_ts=event.ts, phases=prior.phases,
+                   expected=dict(prior.expected), sigma=dict(prior.sigma), step_prior=step,
+                   warmup=prior.warmup, quantiles=dict(calibration.quantiles),
+                   total_steps=shape.steps, segment_prior=step)
 
     # -- observations ---------------------------------------------------------------------
 
@@ -177,82 +238,128 @@ class LiveJob(msgspec.Struct, kw_only=True):
         take under 5 ms are ignored: a 100 µs phase that took 1 ms says nothing about how
         long the decode will take. Load and save (imports, disks) are left out.
         """
+        done = self.done
+        if not done:  # what the loop gives for no phase: (1.0 + 0.0) / (1.0 + 0), exactly
+            return 1.0
+        expected_of = self.expected.get
         total, count = 0.0, 0
-        for phase, seconds in self.done.items():
+        for phase, seconds in done.items():
             if phase in SPEED_EXCLUDED or phase == "denoise":
                 continue
-            expected = self.expected.get(phase, 0.0)
+            expected = expected_of(phase, 0.0)
             if expected < MIN_SPEED_PHASE_S:
                 continue
             total += min(max(seconds / expected, 1 / 3), 3.0)
             count += 1
         return (PRIOR_PHASES + total) / (PRIOR_PHASES + count)
 
-    def _step_mean(self) -> float:
+    def _step_mean(self, speed: float | None = None) -> float:
+        """Seconds per step from here on; ``speed`` is ``_speed()`` where the caller has it."""
         prior = self.segment_prior
         if self.steps_seen == 0:
-            prior *= self._speed()
+            prior *= self._speed() if speed is None else speed
         return (PRIOR_STEPS * prior + self.segment_sum) / (PRIOR_STEPS + self.segment_n)
 
     def estimate(self, now: int) -> Estimate:
         """Remaining seconds at time ``now`` (ns), with its interval."""
-        speed = self._speed()
-        elapsed = max((now - self.start_ts) / 1e9, 0.0)
-        parts: list[tuple[float, float]] = []  # (seconds, relative sigma)
+        remaining, low, high, progress, estimating = self.estimate_fields(now)
+        return Estimate(remaining_s=remaining, p10_s=low, p90_s=high, progress=progress,
+                        estimating=estimating)
+
+    def estimate_fields(self, now: int) -> tuple[float, float, float, float, bool]:
+        """``estimate(now)``'s fields in order: remaining, p10, p90, progress, estimating.
+
+        The one implementation of the estimate. The ETA projection calls it on every ETA it
+        issues (a dozen per job, replayed by the hundred thousand), so it builds no
+        ``Estimate``, works the speed out once, reads each attribute once, and spells
+        ``max(a, b)`` as ``b if b > a else a`` (what ``max`` does, without the call). Every
+        float is computed from the same operands in the same order as ever, and sums stay
+        ``sum()`` (its NaN propagation differs from a loop's): replayed ETAs are bit-identical.
+        """
+        done = self.done
+        speed = self._speed() if done else 1.0  # _speed()'s own shortcut, without the call
+        start_ts = self.start_ts
+        elapsed = (now - start_ts) / 1e9
+        if 0.0 > elapsed:  # noqa: PLR1730 - max() without the call
+            elapsed = 0.0
+        phases = self.phases
         current = self.phase
-        if current is None and not self.done:
-            current = self.phases[0] if self.phases else None
-            phase_start = self.start_ts
+        if current is None and not done:
+            current = phases[0] if phases else None
+            phase_start = start_ts
         else:
             phase_start = self.phase_start_ts or now
-        reached = False
-        for phase in self.phases:
-            if phase in self.done and phase != current:
-                continue
-            if phase == current:
-                reached = True
-                parts.append(self._current(phase, (now - phase_start) / 1e9, now, speed))
-            elif reached or current is None:
-                if phase == "denoise":
-                    steps_left = max(self.total_steps - self.steps_done, 0)
-                    parts.append((self._step_mean() * steps_left, self.sigma[phase]))
+        expected, sigma_of = self.expected, self.sigma
+        seconds: list[float] = []  # each remaining part's seconds…
+        weighted: list[float] = []  # …times its relative sigma (for the interval)
+        if current is None:  # between phases: every phase not done yet is to come
+            after = phases
+        else:  # the current phase, then those after it not done yet (before it: none)
+            try:
+                index = phases.index(current)
+            except ValueError:  # a stage outside the plan: nothing is counted
+                after = ()
+            else:
+                after = phases[index + 1:]
+                if current == "denoise":
+                    part, sigma = self._denoise_left(now, speed)
                 else:
-                    parts.append((self.expected[phase] * speed, self.sigma[phase]))
-        remaining = sum(seconds for seconds, _ in parts)
-        if self.last_remaining is not None and self.last_ts is not None:
+                    sigma = sigma_of[current]
+                    part = conditional_remaining(expected[current] * speed, sigma,
+                                                 (now - phase_start) / 1e9)
+                seconds.append(part)
+                weighted.append(part * sigma)
+        for phase in after:
+            if phase in done:
+                continue
+            if phase == "denoise":
+                steps_left = self.total_steps - self.steps_done
+                if 0 > steps_left:  # noqa: PLR1730 - max() without the call
+                    steps_left = 0
+                part = self._step_mean(speed) * steps_left
+            else:
+                part = expected[phase] * speed
+            seconds.append(part)
+            weighted.append(part * sigma_of[phase])
+        remaining = sum(seconds)
+        last_remaining = self.last_remaining
+        if last_remaining is not None and self.last_ts is not None:
             # A rise within the previous interval is noise and passes; beyond it, only half of
             # the excess is taken per update, so one slow step cannot throw the ETA back,
             # while a real slowdown still shows within a few updates.
-            ceiling = max(self.last_remaining - (now - self.last_ts) / 1e9, 0.0) + self.last_band
+            ceiling = last_remaining - (now - self.last_ts) / 1e9
+            if 0.0 > ceiling:  # noqa: PLR1730 - max() without the call
+                ceiling = 0.0
+            ceiling += self.last_band
             if remaining > ceiling:
                 remaining = ceiling + 0.5 * (remaining - ceiling)
-        low, high = self._interval(remaining, parts, elapsed)
-        self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
         total = elapsed + remaining
-        return Estimate(remaining_s=remaining, p10_s=low, p90_s=high,
-                        progress=elapsed / total if total > 0 else 0.0,
-                        estimating=self.steps_seen < 2)
-
-    def _current(self, phase: str, in_phase_s: float, now: int,
-                 speed: float) -> tuple[float, float]:
-        if phase == "denoise":
-            mean = self._step_mean()
-            steps_left = max(self.total_steps - self.steps_done, 0)
-            since_step = (now - (self.last_step_ts or now)) / 1e9
-            seconds = max(mean * steps_left - min(since_step, mean), 0.0)
-            sigma = self.sigma[phase] / math.sqrt(1.0 + self.segment_n)
-            return seconds, sigma
-        expected = self.expected[phase] * speed
-        return conditional_remaining(expected, self.sigma[phase], in_phase_s), self.sigma[phase]
-
-    def _interval(self, remaining: float, parts: list[tuple[float, float]],
-                  elapsed: float) -> tuple[float, float]:
+        progress = elapsed / total if total > 0 else 0.0
         if remaining <= 0:
-            return 0.0, 0.0
-        total = elapsed + remaining
-        bucket = bucket_of(elapsed / total if total > 0 else 0.0)
-        if bucket in self.quantiles:
-            q10, q90 = self.quantiles[bucket]
-            return remaining * q10, remaining * q90
-        sigma = math.sqrt(sum((s * w) ** 2 for s, w in parts)) / remaining
-        return remaining * math.exp(-Z90 * sigma), remaining * math.exp(Z90 * sigma)
+            low = high = 0.0
+        else:
+            quantiles = self.quantiles
+            bucket = bucket_of(progress)
+            if bucket in quantiles:
+                q10, q90 = quantiles[bucket]
+                low, high = remaining * q10, remaining * q90
+            else:
+                spread = sqrt(sum(map(pow, weighted, _SQUARE))) / remaining
+                low, high = remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)
+        self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
+        return remaining, low, high, progress, self.steps_seen < 2
+
+    def _denoise_left(self, now: int, speed: float) -> tuple[float, float]:
+        """Seconds left in the running denoise loop, and their relative sigma."""
+        steps_left = self.total_steps - self.steps_done
+        if 0 > steps_left:  # noqa: PLR1730 - max() without the call
+            steps_left = 0
+        prior = self.segment_prior  # _step_mean(speed), without the call
+        if self.steps_seen == 0:
+            prior *= speed
+        mean = (PRIOR_STEPS * prior + self.segment_sum) / (PRIOR_STEPS + self.segment_n)
+        since_step = (now - (self.last_step_ts or now)) / 1e9
+        seconds = mean * steps_left - (mean if mean < since_step else since_step)
+        if 0.0 > seconds:  # noqa: PLR1730 - max() without the call
+            seconds = 0.0
+        return seconds, self.sigma["denoise"] / sqrt(1.0 + self.segment_n)

@@ -18,7 +18,9 @@ scalars); each series also stores its label tuple so rendering never splits stri
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -35,6 +37,7 @@ from telemetry.events import (
     StageEnded,
     StepEnded,
 )
+from telemetry.projections.base import BatchFold, OnFailure
 from telemetry.tracing import trace_id_for
 
 #: Upper bucket edges (seconds) of every duration histogram: a 1-2-5 series (three per decade,
@@ -143,6 +146,21 @@ def observe(
         hist.exemplars[index] = exemplar
 
 
+#: Bucket ``i`` holds the values ``v`` with ``_ABOVE[i] < v <= _UP_TO[i]`` (what ``bisect_left``
+#: finds), so a step in its predecessor's bucket needs two comparisons, not a search. NaN is in
+#: none of them, and is left to ``bisect_left``.
+_ABOVE: Final = (-math.inf, *DURATION_BUCKETS)
+_UP_TO: Final = (*DURATION_BUCKETS, math.inf)
+
+
+def _store_run(hist: HistogramSeries, index: int, count: int, total: float,
+               exemplar: Exemplar) -> None:
+    """Store a run of ``count`` observations in bucket ``index``: ``total`` is the new sum."""
+    hist.counts[index] += count
+    hist.sum = total
+    hist.exemplars[index] = exemplar
+
+
 def increment(series: dict[str, CounterSeries], labels: tuple[str, ...], by: int = 1) -> None:
     """Add ``by`` to a counter, creating it at zero."""
     key = SEP.join(labels)
@@ -152,18 +170,7 @@ def increment(series: dict[str, CounterSeries], labels: tuple[str, ...], by: int
     counter.value += by
 
 
-def _peaks_of(event: MemorySampled) -> dict[str, int]:
-    """A sample's reading of each kind (allocator peaks when reported, else current values)."""
-    found = {
-        "torch_allocated": event.peak_allocated_bytes or event.allocated_bytes,
-        "torch_reserved": event.peak_reserved_bytes or event.reserved_bytes,
-        "device": event.device_used_bytes,
-        "host_rss": event.host_rss_bytes,
-    }
-    return {k: v for k, v in found.items() if v is not None}
-
-
-class MetricsProjection:
+class MetricsProjection(BatchFold):
     """Fold lifecycle, stage, step, memory and GPU events into Prometheus-shaped series."""
 
     name = "metrics"
@@ -181,62 +188,152 @@ class MetricsProjection:
         """No series yet."""
         return MetricsState()
 
-    def apply(self, state: MetricsState, event: Event) -> MetricsState:
-        """Count and observe what the event tells; ignore what it does not."""
-        kind = type(event)
-        if kind is StepEnded:
-            assert isinstance(event, StepEnded)
-            self._step(state, event)
-        elif kind is MemorySampled:
-            assert isinstance(event, MemorySampled)
-            tracked = state.tracked.get(event.job)
-            if tracked is not None:
-                peaks = tracked.peaks
-                for key, value in _peaks_of(event).items():
-                    if value > peaks.get(key, -1):
-                        peaks[key] = value
-        elif kind is StageEnded:
-            assert isinstance(event, StageEnded)
-            tracked = state.tracked.get(event.job)
-            if tracked is not None:
-                observe(state.stage_duration, (tracked.model, event.stage), DURATION_BUCKETS,
-                        event.duration_s)
-        elif kind is GpuSampled:
-            assert isinstance(event, GpuSampled)
-            self._gpu(state, event)
-        elif kind is JobStarted:
-            assert isinstance(event, JobStarted)
-            self._started(state, event)
-        elif kind is JobQueued:
-            assert isinstance(event, JobQueued)
-            if event.job not in state.tracked:
-                state.tracked[event.job] = TrackedJob(
-                    model=event.model, task=event.task, queued_ts=event.ts,
-                    trace_id=trace_id_for(event.job, event.traceparent))
-                self._bound(state)
-        elif kind is JobCompleted:
-            assert isinstance(event, JobCompleted)
-            self._ended(state, event, "completed", event.duration_s)
-        elif kind is JobFailed:
-            assert isinstance(event, JobFailed)
-            if event.oom:
-                tracked = state.tracked.get(event.job)
-                increment(state.jobs_oom, (tracked.model if tracked else UNKNOWN,))
-            self._ended(state, event, "failed", event.duration_s)
-        elif kind is JobCancelled:
-            assert isinstance(event, JobCancelled)
-            self._ended(state, event, "cancelled", event.duration_s)
+    def apply_many(self, state: MetricsState, events: Sequence[Event],
+                   failed: OnFailure) -> MetricsState:
+        """Count and observe what each event tells; ignore what it does not.
+
+        Steps and memory samples are nearly every event, so their branches come first and are
+        written out. Only steps read or write the step counters and histograms, so a batch
+        keeps what it adds to them in locals and stores it when a step moves to another
+        counter or bucket, when an event fails, and at the end:
+
+        * the current job's tracked labels, trace, counter and histogram (the tracked jobs
+          change only on lifecycle events, which forget them);
+        * the step counter's value;
+        * the current run of steps landing in one bucket of one histogram: how many, the
+          histogram's running sum (the same additions in the same order), and the last
+          step's exemplar — each step's exemplar replaces the one before it in that bucket,
+          so a run stores one, and the order of ``exemplars``' keys stays ``observe``'s.
+        """
+        tracked_of = state.tracked.get
+        denoise, step_hists = state.denoise_steps, state.step_duration
+        counter_of, hist_of = denoise.get, step_hists.get
+        edges, slots, sep = DURATION_BUCKETS, len(DURATION_BUCKETS) + 1, SEP
+        above, up_to = _ABOVE, _UP_TO
+        # Each job's model, trace, step counter, and step histogram for its latest expert.
+        known_jobs: dict[str, tuple[str, str, CounterSeries, str, HistogramSeries | None]] = {}
+        known_of = known_jobs.get
+        # The current job: its id, model, trace, expert, and step histogram for that expert.
+        job: str | None = None
+        model = trace = expert = ""
+        hist: HistogramSeries | None = None
+        # The step counter being added to, and its value.
+        counter: CounterSeries | None = None
+        count = 0
+        # The current run of steps in one bucket: histogram, bucket, how many, the histogram's
+        # running sum, and the last step's exemplar (trace, value, time).
+        run: HistogramSeries | None = None
+        run_index = run_count = 0
+        run_sum = run_value = 0.0
+        run_trace, run_ts = "", 0
+        for event in events:
+            try:
+                if type(event) is StepEnded:
+                    if event.job != job:
+                        known = known_of(event.job)
+                        if known is None:
+                            tracked = tracked_of(event.job)
+                            if tracked is None:
+                                job = None
+                                continue
+                            model = tracked.model
+                            steps = counter_of(model)
+                            if steps is None:
+                                steps = denoise[model] = CounterSeries(labels=(model,))
+                            known = known_jobs[event.job] = (
+                                model, tracked.trace_id, steps, "", None)
+                        job = event.job
+                        model, trace, job_steps, expert, hist = known
+                        if job_steps is not counter:
+                            if counter is not None:
+                                counter.value = count
+                            counter, count = job_steps, job_steps.value
+                    count += 1
+                    value = event.duration_s
+                    if value is None:
+                        continue
+                    if hist is None or (event.expert or "none") != expert:
+                        expert = event.expert or "none"
+                        key = model + sep + expert
+                        hist = hist_of(key)
+                        if hist is None:
+                            hist = step_hists[key] = HistogramSeries(labels=(model, expert),
+                                                                     counts=[0] * slots)
+                        known_jobs[job] = (model, trace, job_steps, expert, hist)
+                    if hist is run and above[run_index] < value <= up_to[run_index]:
+                        run_count += 1
+                        run_sum += value
+                    else:
+                        index = bisect_left(edges, value)
+                        if run is not None:
+                            _store_run(run, run_index, run_count, run_sum,
+                                       Exemplar(run_trace, run_value, run_ts / 1e9))
+                        run, run_index, run_count, run_sum = hist, index, 1, hist.sum + value
+                    run_trace, run_value, run_ts = trace, value, event.ts
+                elif type(event) is MemorySampled:
+                    allocated = event.peak_allocated_bytes or event.allocated_bytes
+                    reserved = event.peak_reserved_bytes or event.reserved_bytes
+                    used, rss = event.device_used_bytes, event.host_rss_bytes
+                    if allocated is None and reserved is None and used is None and rss is None:
+                        continue
+                    tracked = tracked_of(event.job)
+                    if tracked is None:
+                        continue
+                    # A job's peak of each kind, in the order the kinds first appear.
+                    peaks = tracked.peaks
+                    if allocated is not None and allocated > peaks.get("torch_allocated", -1):
+                        peaks["torch_allocated"] = allocated
+                    if reserved is not None and reserved > peaks.get("torch_reserved", -1):
+                        peaks["torch_reserved"] = reserved
+                    if used is not None and used > peaks.get("device", -1):
+                        peaks["device"] = used
+                    if rss is not None and rss > peaks.get("host_rss", -1):
+                        peaks["host_rss"] = rss
+                elif type(event) is StageEnded:
+                    tracked = tracked_of(event.job)
+                    if tracked is not None:
+                        observe(state.stage_duration, (tracked.model, event.stage), edges,
+                                event.duration_s)
+                elif type(event) is GpuSampled:
+                    self._gpu(state, event)
+                else:  # lifecycle: the tracked jobs change, so forget what was found
+                    job = None
+                    known_jobs.clear()
+                    if type(event) is JobStarted:
+                        self._started(state, event)
+                    elif type(event) is JobQueued:
+                        self._queued(state, event)
+                    elif type(event) is JobCompleted:
+                        self._ended(state, event, "completed", event.duration_s)
+                    elif type(event) is JobFailed:
+                        if event.oom:
+                            tracked = tracked_of(event.job)
+                            increment(state.jobs_oom, (tracked.model if tracked else UNKNOWN,))
+                        self._ended(state, event, "failed", event.duration_s)
+                    elif type(event) is JobCancelled:
+                        self._ended(state, event, "cancelled", event.duration_s)
+            except Exception as exc:  # store what the batch holds, as folding left it
+                job = None
+                if counter is not None:
+                    counter.value, counter = count, None
+                if run is not None:
+                    _store_run(run, run_index, run_count, run_sum,
+                               Exemplar(run_trace, run_value, run_ts / 1e9))
+                    run = None
+                failed(event, exc)
+        if counter is not None:
+            counter.value = count
+        if run is not None:
+            _store_run(run, run_index, run_count, run_sum,
+                       Exemplar(run_trace, run_value, run_ts / 1e9))
         return state
 
-    def _step(self, state: MetricsState, event: StepEnded) -> None:
-        tracked = state.tracked.get(event.job)
-        if tracked is None:
-            return
-        increment(state.denoise_steps, (tracked.model,))
-        if event.duration_s is not None:
-            observe(state.step_duration, (tracked.model, event.expert or "none"),
-                    DURATION_BUCKETS, event.duration_s,
-                    Exemplar(tracked.trace_id, event.duration_s, event.ts / 1e9))
+    def _queued(self, state: MetricsState, event: JobQueued) -> None:
+        if event.job not in state.tracked:
+            state.tracked[event.job] = TrackedJob(
+                model=event.model, task=event.task, queued_ts=event.ts,
+                trace_id=trace_id_for(event.job, event.traceparent))
+            self._bound(state)
 
     def _started(self, state: MetricsState, event: JobStarted) -> None:
         tracked = state.tracked.get(event.job)

@@ -7,12 +7,13 @@ the per-model figures are totals, from which Prometheus derives rates.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
 
 from telemetry.events import Event, JobCancelled, JobCompleted, JobFailed, JobStarted, StepEnded
-from telemetry.projections.base import bounded_insert
+from telemetry.projections.base import BatchFold, OnFailure, bounded_insert
 
 SMOOTHING: Final = 0.3
 
@@ -41,7 +42,7 @@ class ThroughputState(msgspec.Struct, kw_only=True):
     models: dict[str, ModelRate] = {}
 
 
-class ThroughputProjection:
+class ThroughputProjection(BatchFold):
     """Fold step events into rates."""
 
     name = "throughput"
@@ -53,29 +54,85 @@ class ThroughputProjection:
         """Nothing measured yet."""
         return ThroughputState()
 
-    def apply(self, state: ThroughputState, event: Event) -> ThroughputState:
-        """Count and time each step; forget jobs that ended."""
-        kind = type(event)
-        if kind is StepEnded:
-            assert isinstance(event, StepEnded)
-            job = state.jobs.get(event.job)
-            if job is None:
-                return state
-            model = state.models.setdefault(job.model, ModelRate())
-            job.steps += 1
-            model.steps += 1
-            if event.expert is not None:
-                model.expert_steps[event.expert] = model.expert_steps.get(event.expert, 0) + 1
-            if event.duration_s:
-                rate = 1.0 / event.duration_s
-                job.ema = rate if job.ema is None else SMOOTHING * rate + (1 - SMOOTHING) * job.ema
-                model.ema = (rate if model.ema is None
-                             else SMOOTHING * rate + (1 - SMOOTHING) * model.ema)
-                model.step_seconds += event.duration_s
-        elif kind is JobStarted:
-            assert isinstance(event, JobStarted)
-            bounded_insert(state.jobs, event.job, JobRate(model=event.model))
-            state.models.setdefault(event.model, ModelRate())
-        elif kind is JobCompleted or kind is JobFailed or kind is JobCancelled:
-            state.jobs.pop(event.job, None)
+    def apply_many(self, state: ThroughputState, events: Sequence[Event],
+                   failed: OnFailure) -> ThroughputState:
+        """Count and time each step; forget jobs that ended.
+
+        Steps are nearly every event this fold reads, so their branch comes first. A batch
+        keeps the current job's and the current model's figures in locals (the same
+        arithmetic, in the same order) and stores them when a step moves to another job or
+        model, on any other event (a lifecycle event replaces or drops jobs), when an event
+        fails, and at the end.
+        """
+        jobs, models = state.jobs, state.models
+        job_of, model_of = jobs.get, models.get
+        alpha, keep = SMOOTHING, 1 - SMOOTHING
+        # The current job: its id, its rate, and the rate's steps and ema.
+        job_id: str | None = None
+        job: JobRate | None = None
+        job_steps, job_ema = 0, None
+        # The current model: its name, its rate, and the rate's steps, ema, time in steps and
+        # steps by expert.
+        model_name: str | None = None
+        model: ModelRate | None = None
+        model_steps, model_ema, model_seconds = 0, None, 0.0
+        experts: dict[str, int] = {}
+        for event in events:
+            try:
+                if type(event) is StepEnded:
+                    if event.job != job_id:
+                        if job is not None:
+                            job.steps, job.ema = job_steps, job_ema
+                        job = job_of(event.job)
+                        if job is None:
+                            job_id = None
+                            continue
+                        job_id, job_steps, job_ema = event.job, job.steps, job.ema
+                        if job.model != model_name:
+                            if model is not None:
+                                model.steps, model.ema = model_steps, model_ema
+                                model.step_seconds = model_seconds
+                            model_name = job.model
+                            model = model_of(model_name)
+                            if model is None:  # JobStarted registers it; only an odd log lacks it
+                                model = models[model_name] = ModelRate()
+                            model_steps, model_ema = model.steps, model.ema
+                            model_seconds, experts = model.step_seconds, model.expert_steps
+                    job_steps += 1
+                    model_steps += 1
+                    expert = event.expert
+                    if expert is not None:
+                        experts[expert] = experts.get(expert, 0) + 1
+                    duration = event.duration_s
+                    if duration:
+                        rate = 1.0 / duration
+                        weighted = alpha * rate  # the same product in both averages
+                        job_ema = rate if job_ema is None else weighted + keep * job_ema
+                        model_ema = rate if model_ema is None else weighted + keep * model_ema
+                        model_seconds += duration
+                    continue
+                if job is not None:  # a lifecycle event: store the current job's figures
+                    job.steps, job.ema = job_steps, job_ema
+                    job = job_id = None
+                if type(event) is JobStarted:
+                    bounded_insert(jobs, event.job, JobRate(model=event.model))
+                    if event.model not in models:
+                        models[event.model] = ModelRate()
+                elif (type(event) is JobCompleted or type(event) is JobFailed
+                      or type(event) is JobCancelled):
+                    jobs.pop(event.job, None)
+            except Exception as exc:  # store what the batch holds, as folding left it
+                if job is not None:
+                    job.steps, job.ema = job_steps, job_ema
+                    job = job_id = None
+                if model is not None:
+                    model.steps, model.ema = model_steps, model_ema
+                    model.step_seconds = model_seconds
+                    model = model_name = None
+                failed(event, exc)
+        if job is not None:
+            job.steps, job.ema = job_steps, job_ema
+        if model is not None:
+            model.steps, model.ema = model_steps, model_ema
+            model.step_seconds = model_seconds
         return state

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 
+import msgspec
 import pytest
 
 from telemetry.eta.fit import robust_fit, solve
-from telemetry.eta.live import LiveJob
+from telemetry.eta.live import LiveJob, PriorCache
 from telemetry.eta.model import (
     STEP,
     Calibration,
@@ -17,7 +19,16 @@ from telemetry.eta.model import (
     predict,
 )
 from telemetry.eta.shape import JobShape
-from telemetry.events import DeviceInfo, JobStarted
+from telemetry.events import (
+    DeviceInfo,
+    Event,
+    JobStarted,
+    StageEnded,
+    StageStarted,
+    StepEnded,
+)
+from telemetry.projections.base import reraise
+from telemetry.projections.eta import ERROR_EDGES, EtaProjection, Histogram
 
 
 def started(*, variant: str = "tiny-t2v", task: str = "t2v", family: str = "wan2.1",
@@ -150,3 +161,93 @@ class TestLiveEstimator:
     def test_buckets(self, progress: float, bucket: str) -> None:
         """Progress buckets are half-open, in percent."""
         assert bucket == bucket_of(progress)
+
+
+class TestFastPathsMatchTheModel:
+    """The ETA projection's replay fast paths give exactly what the model's public API gives."""
+
+    @staticmethod
+    def _job(seed: int) -> list[Event]:
+        """A random two-expert job: stages, steps (some unmeasured), an expert switch."""
+        rng = random.Random(seed)
+        steps = rng.choice([1, 3, 8, 20, 50])
+        event = started(variant="tiny-t2v-a14b", family="wan2.2", boundary=0.875,
+                        width=64, height=64, frames=17, steps=steps,
+                        stages=rng.choice(["", "load,save"]))
+        events: list[Event] = [event]
+        ts = 0
+        for stage in ("text_encode", "latent_init", "denoise", "decode"):
+            ts += rng.randint(1, 10**8)
+            events.append(StageStarted(job="j", ts=ts, stage=stage))
+            if stage == "denoise":
+                switch = rng.randint(0, steps)
+                for step in range(steps + rng.choice([0, 0, 2])):
+                    ts += rng.randint(1, 10**8)
+                    events.append(StepEnded(
+                        job="j", ts=ts, step=step, total_steps=steps,
+                        expert="high_noise" if step < switch else "low_noise",
+                        duration_s=None if rng.random() < 0.1 else rng.uniform(0.001, 0.1)))
+            ts += rng.randint(1, 10**8)
+            events.append(StageEnded(job="j", ts=ts, stage=stage,
+                                     duration_s=rng.uniform(0.001, 0.5)))
+        return events
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_projection_issues_what_the_live_job_estimates(self, seed: int) -> None:
+        """Every ETA the projection issued equals LiveJob's own estimate after the same events
+        (the projection inlines ``step_ended``: the two must not drift apart)."""
+        events = self._job(seed)
+        projection = EtaProjection()
+        state = projection.apply_many(projection.initial(), events, reraise)
+        first = events[0]
+        assert isinstance(first, JobStarted)
+        live = LiveJob.start(first, Calibration())
+        expected = [live.estimate(first.ts)]
+        for event in events[1:]:
+            if isinstance(event, StepEnded):
+                live.step_ended(total_steps=event.total_steps, duration_s=event.duration_s,
+                                expert=event.expert, ts=event.ts)
+                done = event.step + 1
+                total = event.total_steps
+                if done <= 2 or done >= total or done % max(total // 10, 1) == 0:
+                    expected.append(live.estimate(event.ts))
+            elif isinstance(event, StageStarted):
+                live.stage_started(event.stage, event.ts)
+                expected.append(live.estimate(event.ts))
+            elif isinstance(event, StageEnded):
+                live.stage_ended(event.stage, event.duration_s)
+                expected.append(live.estimate(event.ts))
+        running = state.running["j"]
+        assert msgspec.msgpack.encode(live) == msgspec.msgpack.encode(running.live)
+        assert [(e.remaining_s, e.p10_s, e.p90_s, e.progress, e.estimating)
+                for e in expected] == [(p.remaining_s, p.p10_s, p.p90_s, p.progress,
+                                        p.estimating) for p in running.issued]
+
+    def test_prior_cache_starts_what_start_starts(self) -> None:
+        """Memoised priors give the same estimator as ``LiveJob.start``, calibration changes
+        included, and each job gets dictionaries of its own."""
+        cache = PriorCache(limit=2)
+        plain, tuned = Calibration(), Calibration(
+            coefficients={component_key(STEP, JobShape.of(started())): (0.1, 0.2, 0.0)},
+            quantiles={"0-10": (0.5, 2.0)})
+        for calibration in (plain, tuned, plain, tuned):
+            for steps in (4, 40, 4, 8, 40):
+                event = started(steps=steps)
+                cached = cache.start(event, calibration)
+                assert msgspec.msgpack.encode(LiveJob.start(event, calibration)) == \
+                    msgspec.msgpack.encode(cached)
+                assert cached.expected is not cache.start(event, calibration).expected
+
+    def test_add_all_is_add_on_each(self) -> None:
+        """Counting a bucket's errors at once is counting them one by one (edges, NaN, ±inf)."""
+        rng = random.Random(3)
+        values = [*ERROR_EDGES, math.nan, math.inf, -math.inf, -0.0, 0.0]
+        for _ in range(200):
+            errors = [rng.choice(values) if rng.random() < 0.3 else rng.uniform(-3, 3)
+                      for _ in range(rng.randint(1, 6))]
+            covered = [rng.random() < 0.5 for _ in errors]
+            one, many = Histogram(), Histogram()
+            for error, inside in zip(errors, covered, strict=True):
+                one.add(error, inside)
+            many.add_all(errors, sum(covered))
+            assert msgspec.msgpack.encode(one) == msgspec.msgpack.encode(many)
