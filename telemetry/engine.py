@@ -117,15 +117,7 @@ class ProjectionEngine:
             if start >= len(events):
                 return 0
             events = events[start:]
-        last_seq = self.last_seq
-        seen_seq = last_seq.get
-        fresh: list[Event] = []
-        keep = fresh.append
-        for event in events:
-            job, seq = event.job, event.seq
-            if seq > seen_seq(job, -1):
-                last_seq[job] = seq
-                keep(event)
+        fresh = self._new_events(events)
         self.health.duplicates += len(events) - len(fresh)
         self.position = max(self.position, batch.next)
         if not fresh:
@@ -164,6 +156,31 @@ class ProjectionEngine:
             if new_state is not state:  # folds usually update in place
                 states[name] = new_state
         return len(fresh)
+
+    def _new_events(self, events: Sequence[Event]) -> list[Event]:
+        """The events whose ``seq`` is beyond their job's last applied one, in order.
+
+        A batch holds runs of one job's events (one emitter's flush), so the job's last seq is
+        kept in a local across its run and written back when the run ends.
+        """
+        last_seq = self.last_seq
+        fresh: list[Event] = []
+        keep = fresh.append
+        job: str | None = None
+        known = newest = -1
+        for event in events:
+            if event.job != job:
+                if newest != known:
+                    last_seq[job] = newest  # type: ignore[index]  # set only after a job
+                job = event.job
+                known = newest = last_seq.get(job, -1)
+            seq = event.seq
+            if seq > newest:
+                newest = seq
+                keep(event)
+        if newest != known:
+            last_seq[job] = newest  # type: ignore[index]
+        return fresh
 
     @staticmethod
     def _position_of(batch: Batch, event: Event) -> int:

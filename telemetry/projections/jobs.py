@@ -148,67 +148,110 @@ class JobsProjection(BatchFold):
 
     def apply_many(self, state: JobsState, events: Sequence[Event],
                    failed: OnFailure) -> JobsState:
-        """Update the job each event belongs to, and its worker's liveness."""
+        """Update the job each event belongs to, and its worker's liveness.
+
+        Steps are three events in five of a replay and come in runs of one job's steps
+        (memory samples between them). Within a run the step fields — last event time, steps
+        done, total, expert, time in steps — are kept in locals and stored once when the run
+        ends: at another job's step, any event other than a step or memory sample, a sweep, a
+        failure, and the end of the batch. The arithmetic is the same, in the same order.
+        """
         jobs = state.jobs
         job_of = jobs.get
         sweep_every = self.sweep_every_ns
         now, swept = state.now_ts, state.swept_ts
+        run: JobView | None = None  # the view whose step fields are held below
+        run_job: str | None = None
+        last_ts = done = 0
+        total: int | None = None
+        expert: str | None = None
+        step_time = 0.0
         for event in events:
             try:
                 # ``type(event) is X`` rather than a saved type: mypy narrows only on the call.
                 if type(event) is StepEnded:  # the most frequent job event: a hot path, inlined
-                    view = job_of(event.job)
-                    if view is not None:
-                        ts = view.last_ts = event.ts
-                        done = event.step + 1
-                        if done > view.steps_done:  # noqa: PLR1730 - no max() on the hot path
-                            view.steps_done = done
-                        view.total_steps, view.expert = event.total_steps, event.expert
+                    if event.job != run_job:
+                        if run is not None:
+                            run.last_ts, run.steps_done, run.total_steps = last_ts, done, total
+                            run.expert, run.step_time_s = expert, step_time
+                            run = run_job = None
+                        view = job_of(event.job)
+                        if view is not None:
+                            run, run_job = view, event.job
+                            done, step_time = view.steps_done, view.step_time_s
+                    if run is not None:
+                        ts = last_ts = event.ts
+                        step = event.step + 1
+                        if step > done:  # noqa: PLR1730 - no max() on the hot path
+                            done = step
+                        total, expert = event.total_steps, event.expert
                         if event.duration_s is not None:
-                            view.step_time_s += event.duration_s
+                            step_time += event.duration_s
                         if ts > now:
                             now = ts
                             if ts - swept >= sweep_every:
+                                run.last_ts, run.steps_done, run.total_steps = (
+                                    last_ts, done, total)
+                                run.expert, run.step_time_s = expert, step_time
+                                run = run_job = None  # the sweep may forget views
                                 state.now_ts = now
                                 self._sweep(state)
                                 swept = state.swept_ts
                         continue
                 elif type(event) is MemorySampled:  # as frequent: only its job's peaks change
-                    view = job_of(event.job)
+                    view = run if event.job == run_job else job_of(event.job)
                     if view is not None:
                         _raise_peaks(view, event)
                     continue
-                kind = type(event)
-                ts = event.ts
-                if ts > now:
-                    now = state.now_ts = ts
-                    if ts - swept >= sweep_every:
-                        self._sweep(state)
-                        swept = state.swept_ts
-                handler = _HANDLERS.get(kind)
-                if handler is None:
-                    if kind is WorkerHeartbeat:
-                        self._heartbeat(state, event)
-                    continue
-                view = job_of(event.job)
-                if view is None:
-                    view = jobs[event.job] = JobView(job=event.job)
-                # A job's own events prove its worker alive (the sweep reads view.last_ts),
-                # so only lifecycle events and heartbeats touch the workers table.
-                view.last_ts = ts
-                handler(view, event)
-                if handler in _LIFECYCLE_HANDLERS:  # status changes only here
-                    self._seen_worker(state, event.worker, ts)
-                    if view.status in TERMINAL_STATUSES:
-                        state.active.pop(event.job, None)
-                        state.finished[event.job] = None
-                        self._forget_old(state)
-                    else:
-                        state.active[event.job] = None
+                if run is not None:
+                    run.last_ts, run.steps_done, run.total_steps = last_ts, done, total
+                    run.expert, run.step_time_s = expert, step_time
+                    run = run_job = None
+                self._apply_other(state, event, now)
+                now, swept = state.now_ts, state.swept_ts
             except Exception as exc:
+                if run is not None:
+                    run.last_ts, run.steps_done, run.total_steps = last_ts, done, total
+                    run.expert, run.step_time_s = expert, step_time
+                    run = run_job = None
                 failed(event, exc)
+        if run is not None:
+            run.last_ts, run.steps_done, run.total_steps = last_ts, done, total
+            run.expert, run.step_time_s = expert, step_time
         state.now_ts = now
         return state
+
+    def _apply_other(self, state: JobsState, event: Event, now: int) -> None:
+        """Every event but a step of a known job and a memory sample (``state.now_ts`` is
+        brought up to ``now`` first: the step path keeps it in a local)."""
+        state.now_ts = now
+        kind = type(event)
+        ts = event.ts
+        if ts > now:
+            state.now_ts = ts
+            if ts - state.swept_ts >= self.sweep_every_ns:
+                self._sweep(state)
+        handler = _HANDLERS.get(kind)
+        if handler is None:
+            if kind is WorkerHeartbeat:
+                self._heartbeat(state, event)
+            return
+        view = state.jobs.get(event.job)
+        if view is None:
+            view = state.jobs[event.job] = JobView(job=event.job)
+        # A job's own events prove its worker alive (the sweep reads view.last_ts), so only
+        # lifecycle events and heartbeats touch the workers table.
+        view.last_ts = ts
+        handler(view, event)
+        if handler in _LIFECYCLE_HANDLERS:  # status changes only here
+            self._seen_worker(state, event.worker, ts)
+            if view.status in TERMINAL_STATUSES:
+                state.active.pop(event.job, None)
+                state.finished[event.job] = None
+                self._forget_old(state)
+            else:
+                state.active[event.job] = None
+                state.finished.pop(event.job, None)  # a job id run again is live again
 
     @staticmethod
     def _seen_worker(state: JobsState, worker: str | None, ts: int) -> WorkerView | None:
@@ -232,8 +275,8 @@ class JobsProjection(BatchFold):
         state.swept_ts = state.now_ts
         horizon = state.now_ts - self.abandon_after_ns
         for job in list(state.active):
-            view = state.jobs[job]
-            if view.status != "running" or view.worker is None:
+            view = state.jobs.get(job)
+            if view is None or view.status != "running" or view.worker is None:
                 continue
             if (view.last_ts or 0) >= horizon:
                 continue  # the job itself spoke recently

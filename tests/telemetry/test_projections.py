@@ -193,6 +193,25 @@ class TestWorkersAndHealth:
         health = fold(reports).states["health"]
         assert {"queue_full_sample": 6, "log_unavailable": 4} == health.dropped()
 
+    def test_a_job_id_run_again_is_live_again(self) -> None:
+        """Bounding ended jobs never forgets a job that is running again under the same id."""
+        later = 100 * 10**9
+
+        def shifted(events: list[Event], by: int) -> list[Event]:
+            return [msgspec.structs.replace(e, seq=e.seq + by, ts=e.ts + by * later)
+                    for e in events]
+
+        first = a_job("a")
+        again = shifted(a_job("a")[:2], len(first))  # started again, then silence
+        other = shifted(a_job("b"), 1)
+        projection = JobsProjection(keep_finished=1)
+        state = projection.initial()
+        for event in first + again + other:
+            state = projection.apply(state, event)
+        assert "running" == state.jobs["a"].status
+        assert ["a"] == list(state.active)
+        assert ["b"] == list(state.finished)
+
     def test_finished_jobs_are_bounded_when_asked(self) -> None:
         """A server keeps only the newest ended jobs; memory stays flat."""
         e = ProjectionEngine([JobsProjection(keep_finished=2)])
