@@ -172,8 +172,7 @@ class JobsProjection(BatchFold):
                 if type(event) is StepEnded:  # the most frequent job event: a hot path, inlined
                     if event.job != run_job:
                         if run is not None:
-                            run.last_ts, run.steps_done, run.total_steps = last_ts, done, total
-                            run.expert, run.step_time_s = expert, step_time
+                            _store_steps(run, (last_ts, done, total, expert, step_time))
                             run = run_job = None
                         view = job_of(event.job)
                         if view is not None:
@@ -190,9 +189,7 @@ class JobsProjection(BatchFold):
                         if ts > now:
                             now = ts
                             if ts - swept >= sweep_every:
-                                run.last_ts, run.steps_done, run.total_steps = (
-                                    last_ts, done, total)
-                                run.expert, run.step_time_s = expert, step_time
+                                _store_steps(run, (last_ts, done, total, expert, step_time))
                                 run = run_job = None  # the sweep may forget views
                                 state.now_ts = now
                                 self._sweep(state)
@@ -204,20 +201,17 @@ class JobsProjection(BatchFold):
                         _raise_peaks(view, event)
                     continue
                 if run is not None:
-                    run.last_ts, run.steps_done, run.total_steps = last_ts, done, total
-                    run.expert, run.step_time_s = expert, step_time
+                    _store_steps(run, (last_ts, done, total, expert, step_time))
                     run = run_job = None
                 self._apply_other(state, event, now)
                 now, swept = state.now_ts, state.swept_ts
             except Exception as exc:
                 if run is not None:
-                    run.last_ts, run.steps_done, run.total_steps = last_ts, done, total
-                    run.expert, run.step_time_s = expert, step_time
+                    _store_steps(run, (last_ts, done, total, expert, step_time))
                     run = run_job = None
                 failed(event, exc)
         if run is not None:
-            run.last_ts, run.steps_done, run.total_steps = last_ts, done, total
-            run.expert, run.step_time_s = expert, step_time
+            _store_steps(run, (last_ts, done, total, expert, step_time))
         state.now_ts = now
         return state
 
@@ -343,6 +337,13 @@ def _step(view: JobView, event: Event) -> None:
     view.expert = event.expert
     if event.duration_s is not None:
         view.step_time_s += event.duration_s
+
+
+def _store_steps(view: JobView,
+                 fields: tuple[int, int, int | None, str | None, float]) -> None:
+    """Store what a run of the job's steps kept in locals: last event time, steps done,
+    total steps, expert, time in steps."""
+    view.last_ts, view.steps_done, view.total_steps, view.expert, view.step_time_s = fields
 
 
 def _raise_peaks(view: JobView, event: MemorySampled) -> None:
