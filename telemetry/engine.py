@@ -330,9 +330,17 @@ class ProjectionRunner:
         """Write a checkpoint if anything changed since the last one."""
         if self.checkpoints is None or self.engine.position == self._checkpointed_at:
             return
-        with self.lock:
-            data, position = self.engine.snapshot(), self.engine.position
         self._last_checkpoint_time = time.monotonic()
+        with self.lock:
+            try:
+                data, position = self.engine.snapshot(), self.engine.position
+            except (OverflowError, msgspec.EncodeError) as exc:
+                # A state msgpack cannot hold (an event with absurd values pushed an integer
+                # past 64 bits): keep folding from memory; a restart replays from the last
+                # checkpoint that could be written.
+                _log.warning("cannot encode checkpoint; keeping the previous one",
+                             path=str(self.checkpoints.path), error=f"{type(exc).__name__}: {exc}")
+                return
         try:
             self.checkpoints.save(data)
         except OSError as exc:  # a read-only or full disk must not stop the projections

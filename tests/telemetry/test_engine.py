@@ -270,6 +270,18 @@ class TestRunner:
         runner.catch_up()
         assert "completed" == jobs(runner.engine).jobs["a"].status
 
+    def test_a_state_msgpack_cannot_hold_does_not_stop_the_runner(self, tmp_path: Path) -> None:
+        """A stage that claims to have lasted 292 years makes an integer past 64 bits: the
+        checkpoint is skipped with a warning, and the projections keep folding."""
+        log = MemoryLog()
+        runner = ProjectionRunner(log, engine(), CheckpointStore(tmp_path / "jobs.ckpt"))
+        log.append([StageEnded(job="a", seq=0, ts=0, stage="decode", duration_s=9.3e9)])
+        runner.catch_up()
+        assert not (tmp_path / "jobs.ckpt").exists()
+        log.append(a_job("b"))
+        runner.catch_up()
+        assert "completed" == jobs(runner.engine).jobs["b"].status
+
     def test_checkpoint_is_replaced_atomically(self, tmp_path: Path) -> None:
         """Saving leaves exactly the checkpoint file, no temporary files."""
         store = CheckpointStore(tmp_path / "c" / "jobs.ckpt")
