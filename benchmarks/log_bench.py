@@ -534,6 +534,19 @@ def fmt(value: float | None, unit: str) -> str:
 # -- 1 and 2: append and replay ----------------------------------------------------------------
 
 
+def replay_jobs(log: LocalLog, n: int) -> tuple[float, JobsState]:
+    """One timed replay of ``log`` (``n`` events) into the jobs projection: events/s, state."""
+    engine = ProjectionEngine([JobsProjection()])
+    gc.collect()
+    t0 = time.perf_counter()
+    for item in log.read(0):
+        engine.apply_items((item,))
+    rate = n / (time.perf_counter() - t0)
+    assert engine.position == n and sum(engine.health.events_by_type.values()) == n
+    state: JobsState = engine.states["jobs"]
+    return rate, state
+
+
 def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[str, Any]:
     """Durable append throughput, then replay throughput over the logs the last round wrote."""
     events = list(mixed_events(cfg.events, steps=cfg.steps, workers=cfg.workers))
@@ -640,17 +653,11 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
     statuses: Counter[str] = Counter()
     for _ in range(cfg.rounds):
         log = LocalLog(wantel_log, create=False, fsync="never")
-        engine = ProjectionEngine([JobsProjection()])
-        gc.collect()
-        t0 = time.perf_counter()
-        for item in log.read(0):
-            engine.apply_items((item,))
-        replay_w.append(n / (time.perf_counter() - t0))
-        assert engine.position == n and sum(engine.health.events_by_type.values()) == n
-        jobs_state: JobsState = engine.states["jobs"]
+        rate, jobs_state = replay_jobs(log, n)
+        replay_w.append(rate)
         summaries.add(jobs_summary(jobs_state.jobs.values()))
         statuses = Counter(view.status for view in jobs_state.jobs.values())
-        del engine, jobs_state
+        del jobs_state
 
         app = es_app(es_db)
         to_domain = app.mapper.to_domain_event
@@ -676,16 +683,10 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
         decode_w.append(n / (time.perf_counter() - t0))
         assert count == n
 
-        framed = LocalLog(frames_log, create=False, fsync="never")
-        engine = ProjectionEngine([JobsProjection()])
-        gc.collect()
-        t0 = time.perf_counter()
-        for item in framed.read(0):
-            engine.apply_items((item,))
-        framed_w.append(n / (time.perf_counter() - t0))
-        assert engine.position == n and sum(engine.health.events_by_type.values()) == n
-        summaries.add(jobs_summary(engine.states["jobs"].jobs.values()))
-        del engine
+        rate, jobs_state = replay_jobs(LocalLog(frames_log, create=False, fsync="never"), n)
+        framed_w.append(rate)
+        summaries.add(jobs_summary(jobs_state.jobs.values()))
+        del jobs_state
 
         gc.collect()
         count = 0
