@@ -321,7 +321,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
                 part = expected[phase] * speed
             seconds.append(part)
             weighted.append(part * sigma_of[phase])
-        remaining = sum(seconds)
+        remaining = sum(seconds, 0.0)  # a float even with nothing left (checkpoints keep types)
         last_remaining = self.last_remaining
         if last_remaining is not None and self.last_ts is not None:
             # A rise within the previous interval is noise and passes; beyond it, only half of

@@ -18,6 +18,8 @@ from telemetry.events import (
     EventsDropped,
     JobCompleted,
     MemorySampled,
+    StageEnded,
+    StageStarted,
     StepEnded,
     WorkerHeartbeat,
 )
@@ -28,7 +30,7 @@ from telemetry.projections.eta import EtaState, current
 from telemetry.projections.jobs import JobsProjection, JobsState
 
 from .strategies import event_of
-from .test_engine import a_job, assert_pieces_equal_whole, delivered_logs
+from .test_engine import a_job, assert_pieces_equal_whole, delivered_logs, started
 
 
 def engine() -> ProjectionEngine:
@@ -102,6 +104,23 @@ class TestDeterminism:
 
 
 class TestEta:
+    def test_an_eta_with_nothing_left_survives_a_checkpoint_byte_for_byte(self) -> None:
+        """Every phase done, the job not yet completed: the ETA is 0.0 s — a float, so a
+        checkpoint round trip gives the same bytes (an integer 0 would come back as 0.0)."""
+        events: list[Event] = [started("a")]
+        for stage in ("text_encode", "latent_init", "denoise", "decode", "postprocess"):
+            ts = events[-1].ts + 10**8
+            events += [StageStarted(job="a", seq=len(events), ts=ts, stage=stage),
+                       StageEnded(job="a", seq=len(events) + 1, ts=ts + 10**8, stage=stage,
+                                  duration_s=0.1)]
+        e = fold(events)
+        point = current(e.states["eta"], "a")
+        assert point is not None and 0.0 == point.remaining_s
+        assert isinstance(point.remaining_s, float)
+        restored = engine()
+        assert restored.restore(e.snapshot())
+        assert e.snapshot() == restored.snapshot()
+
     def test_running_job_has_an_eta_with_an_interval(self) -> None:
         """Mid-denoise: remaining seconds inside a p10–p90 interval; progress in (0, 1)."""
         e = fold(a_job("a", steps=8)[:6])
