@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import json
 import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -33,12 +31,7 @@ from telemetry.events import EventsDropped, StageStarted
 from telemetry.log import Batch, LocalLog, Quarantined
 from telemetry.projections.jobs import JobsProjection
 
-WRITER = Path(__file__).with_name("writer_proc.py")
-_spec = importlib.util.spec_from_file_location("wantel_writer_proc", WRITER)
-assert _spec is not None and _spec.loader is not None
-wp = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = wp
-_spec.loader.exec_module(wp)
+from . import writer_proc as wp
 
 DEADLINE = 120.0  # for a stuck child, never a latency expectation
 EMITS = 100_000

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import queue
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -16,12 +14,7 @@ from telemetry.codec import SCHEMA_FINGERPRINT, encode_many
 from telemetry.log import Batch, LocalLog, Quarantined, ReadItem, framing
 from telemetry.log.local import segment_name
 
-WRITER = Path(__file__).with_name("writer_proc.py")
-_spec = importlib.util.spec_from_file_location("wantel_writer_proc", WRITER)
-assert _spec is not None and _spec.loader is not None
-wp = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = wp
-_spec.loader.exec_module(wp)
+from . import writer_proc as wp
 
 WRITERS = 4
 EVENTS = 10_000

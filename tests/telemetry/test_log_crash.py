@@ -10,10 +10,8 @@ depend on scheduling, so a replay is likely, not certain, to hit the same case).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,12 +23,7 @@ from telemetry.codec import SCHEMA_FINGERPRINT, encode_many
 from telemetry.log import Batch, LocalLog, Quarantined, framing
 from telemetry.log.local import segment_name
 
-WRITER = Path(__file__).with_name("writer_proc.py")
-_spec = importlib.util.spec_from_file_location("wantel_writer_proc", WRITER)
-assert _spec is not None and _spec.loader is not None
-wp = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = wp
-_spec.loader.exec_module(wp)
+from . import writer_proc as wp
 
 JOB = "job-crash"
 LINE_TIMEOUT = 30.0  # generous: a deadline for a stuck child, never a latency expectation
