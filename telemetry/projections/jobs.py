@@ -175,26 +175,27 @@ class JobsProjection(BatchFold):
                             _store_steps(run, (last_ts, done, total, expert, step_time))
                             run = run_job = None
                         view = job_of(event.job)
-                        if view is not None:
-                            run, run_job = view, event.job
-                            done, step_time = view.steps_done, view.step_time_s
-                    if run is not None:
-                        ts = last_ts = event.ts
-                        step = event.step + 1
-                        if step > done:  # noqa: PLR1730 - no max() on the hot path
-                            done = step
-                        total, expert = event.total_steps, event.expert
-                        if event.duration_s is not None:
-                            step_time += event.duration_s
-                        if ts > now:
-                            now = ts
-                            if ts - swept >= sweep_every:
-                                _store_steps(run, (last_ts, done, total, expert, step_time))
-                                run = run_job = None  # the sweep may forget views
-                                state.now_ts = now
-                                self._sweep(state)
-                                swept = state.swept_ts
-                        continue
+                        if view is None:  # its start was lost: the job still exists
+                            view = jobs[event.job] = JobView(job=event.job)
+                        run, run_job = view, event.job
+                        done, step_time = view.steps_done, view.step_time_s
+                    ts = last_ts = event.ts
+                    step = event.step + 1
+                    if step > done:  # noqa: PLR1730 - no max() on the hot path
+                        done = step
+                    total, expert = event.total_steps, event.expert
+                    if event.duration_s is not None:
+                        step_time += event.duration_s
+                    if ts > now:
+                        now = ts
+                        if ts - swept >= sweep_every:
+                            assert run is not None  # set above: this step's job
+                            _store_steps(run, (last_ts, done, total, expert, step_time))
+                            run = run_job = None  # the sweep may forget views
+                            state.now_ts = now
+                            self._sweep(state)
+                            swept = state.swept_ts
+                    continue
                 elif type(event) is MemorySampled:  # as frequent: only its job's peaks change
                     view = run if event.job == run_job else job_of(event.job)
                     if view is not None:
@@ -216,7 +217,7 @@ class JobsProjection(BatchFold):
         return state
 
     def _apply_other(self, state: JobsState, event: Event, now: int) -> None:
-        """Every event but a step of a known job and a memory sample (``state.now_ts`` is
+        """Every event but a step and a memory sample (``state.now_ts`` is
         brought up to ``now`` first: the step path keeps it in a local)."""
         state.now_ts = now
         kind = type(event)
@@ -330,15 +331,6 @@ def _stage_ended(view: JobView, event: Event) -> None:
         view.stage = None
 
 
-def _step(view: JobView, event: Event) -> None:
-    assert isinstance(event, StepEnded)
-    view.steps_done = max(view.steps_done, event.step + 1)
-    view.total_steps = event.total_steps
-    view.expert = event.expert
-    if event.duration_s is not None:
-        view.step_time_s += event.duration_s
-
-
 def _store_steps(view: JobView,
                  fields: tuple[int, int, int | None, str | None, float]) -> None:
     """Store what a run of the job's steps kept in locals: last event time, steps done,
@@ -366,11 +358,6 @@ def _raise_peaks(view: JobView, event: MemorySampled) -> None:
         old = view.peak_rss_bytes
         if old is None or rss > old:
             view.peak_rss_bytes = rss
-
-
-def _memory(view: JobView, event: Event) -> None:
-    assert isinstance(event, MemorySampled)
-    _raise_peaks(view, event)
 
 
 def _ended(view: JobView, event: Event, status: str, duration_s: float) -> None:
@@ -404,8 +391,6 @@ _HANDLERS: Final = {
     JobStarted: _started,
     StageStarted: _stage_started,
     StageEnded: _stage_ended,
-    StepEnded: _step,
-    MemorySampled: _memory,
     JobCompleted: _completed,
     JobFailed: _failed,
     JobCancelled: _cancelled,
