@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from telemetry.codec import SCHEMA_FINGERPRINT, encode_many
-from telemetry.log import Batch, LocalLog, Quarantined, framing
+from telemetry.log import Batch, LocalLog, Quarantined, ReadItem, framing
 from telemetry.log.local import segment_name
 
 from . import writer_proc as wp
@@ -80,14 +80,18 @@ def frames_on_disk(log_dir: Path) -> tuple[list[tuple[int, int, list[int]]], int
     return out, end
 
 
-def verify(log_dir: Path, history: History, context: str) -> int:
-    """Check every crash invariant on the log as it is now; the number of events stored."""
+def read_everything(log_dir: Path) -> tuple[list[ReadItem], int | None]:
+    """What a fresh reader of the log sees, and its ``last_position()``."""
     log = LocalLog(log_dir, create=False)
     try:
-        items = list(log.read())
-        last = log.last_position()
+        return list(log.read()), log.last_position()
     finally:
         log.close()
+
+
+def verify(log_dir: Path, history: History, context: str) -> int:
+    """Check every crash invariant on the log as it is now; the number of events stored."""
+    items, last = read_everything(log_dir)
     quarantined = [item for item in items if isinstance(item, Quarantined)]
     assert not quarantined, f"{context}: reader quarantined {quarantined}"
     position, seqs = 0, []
@@ -246,12 +250,7 @@ def _append_frames(log_dir: Path, sizes: list[int], segment_bytes: int = 64 << 2
 
 def _read_all(log_dir: Path) -> tuple[list[int], list[Quarantined], int | None]:
     """The seqs a fresh reader sees, its quarantine notices, and ``last_position()``."""
-    log = LocalLog(log_dir, create=False)
-    try:
-        items = list(log.read())
-        last = log.last_position()
-    finally:
-        log.close()
+    items, last = read_everything(log_dir)
     seqs = [e.seq for item in items if isinstance(item, Batch) for e in item.events]
     return seqs, [i for i in items if isinstance(i, Quarantined)], last
 
