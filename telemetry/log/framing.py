@@ -9,12 +9,15 @@ One append writes one frame, with a single ``write()``::
         count      u32  records in the frame
         first      u64  log position of the first record
         schema     u16  the writer's codec.SCHEMA_FINGERPRINT
-        flags      u16  reserved, 0
+        flags      u16  the payload's layout: MSGPACK_ARRAY (1) or JSON_ARRAY (0)
         body_crc   u32  CRC-32 of table + payload
     table   count × (u32 length, u32 CRC-32) — one entry per record
-    payload b"[" record₀ b"," record₁ … b"]" — a JSON array of the records
+    payload MSGPACK_ARRAY: b"\\xdd" count(u32, big-endian) record₀ record₁ …  — a MessagePack
+                array of the records (each a MessagePack map), as wantel writes them now
+            JSON_ARRAY:    b"[" record₀ b"," record₁ … b"]" — a JSON array of JSON objects, as
+                logs written before MessagePack records hold them (still read)
 
-Why this shape: the payload is one JSON array, so a healthy frame of current-schema records
+Why this shape: the payload is one array, so a healthy frame of current-schema records
 decodes in a single msgspec call (the replay fast path); the per-record table lets a damaged
 frame give up only the records that are actually damaged; the header carries its own CRC and the
 frame's first position, so a reader that meets garbage can resynchronise on the next valid header
@@ -37,6 +40,11 @@ _HEAD_CRC_FROM: Final = 8  # head_crc covers bytes 8..32
 _ENTRY: Final = struct.Struct("<II")
 MAX_BODY: Final = 1 << 30  # a sanity bound: no frame is larger than 1 GiB
 
+JSON_ARRAY: Final = 0
+MSGPACK_ARRAY: Final = 1
+LAYOUTS: Final = frozenset({JSON_ARRAY, MSGPACK_ARRAY})
+_MSGPACK_ARRAY32: Final = struct.Struct(">BI")  # 0xdd, then the element count
+
 
 @dataclass(frozen=True, slots=True)
 class FrameHeader:
@@ -47,6 +55,7 @@ class FrameHeader:
     first: int
     schema: int
     body_crc: int
+    layout: int = MSGPACK_ARRAY
 
     @property
     def frame_len(self) -> int:
@@ -59,18 +68,22 @@ class FrameHeader:
         return self.first + self.count
 
 
-def encode_body(records: Sequence[bytes]) -> bytes:
+def encode_body(records: Sequence[bytes], layout: int = MSGPACK_ARRAY) -> bytes:
     """The table and payload of a frame; computed outside the writer's lock."""
     crc = zlib.crc32
     table = struct.pack(
         f"<{2 * len(records)}I", *[v for r in records for v in (len(r), crc(r))]
     )
+    if layout == MSGPACK_ARRAY:
+        return table + _MSGPACK_ARRAY32.pack(0xDD, len(records)) + b"".join(records)
     return table + b"[" + b",".join(records) + b"]"
 
 
-def encode_header(body: bytes, count: int, first: int, schema: int) -> bytes:
+def encode_header(
+    body: bytes, count: int, first: int, schema: int, layout: int = MSGPACK_ARRAY
+) -> bytes:
     """The 32-byte header for a body; ``first`` is only known under the writer's lock."""
-    tail = HEADER.pack(MAGIC, 0, len(body), count, first, schema, 0, zlib.crc32(body))
+    tail = HEADER.pack(MAGIC, 0, len(body), count, first, schema, layout, zlib.crc32(body))
     head_crc = zlib.crc32(tail[_HEAD_CRC_FROM:])
     return MAGIC + struct.pack("<I", head_crc) + tail[_HEAD_CRC_FROM:]
 
@@ -79,16 +92,16 @@ def parse_header(buf: bytes | memoryview, offset: int = 0) -> FrameHeader | None
     """The header at ``offset``, or ``None`` if those bytes are not a valid header."""
     if len(buf) - offset < HEADER_SIZE:
         return None
-    magic, head_crc, body_len, count, first, schema, _flags, body_crc = HEADER.unpack_from(
+    magic, head_crc, body_len, count, first, schema, layout, body_crc = HEADER.unpack_from(
         buf, offset
     )
     if magic != MAGIC:
         return None
     if zlib.crc32(buf[offset + _HEAD_CRC_FROM : offset + HEADER_SIZE]) != head_crc:
         return None
-    if body_len > MAX_BODY or body_len < count * _ENTRY.size + 2:
+    if body_len > MAX_BODY or body_len < count * _ENTRY.size + 2 or layout not in LAYOUTS:
         return None
-    return FrameHeader(body_len, count, first, schema, body_crc)
+    return FrameHeader(body_len, count, first, schema, body_crc, layout)
 
 
 def body_is_intact(header: FrameHeader, body: bytes | memoryview) -> bool:
@@ -97,7 +110,7 @@ def body_is_intact(header: FrameHeader, body: bytes | memoryview) -> bool:
 
 
 def payload_of(header: FrameHeader, body: memoryview) -> memoryview:
-    """The JSON array of an intact body."""
+    """The array of records of an intact body (MessagePack or JSON: see ``header.layout``)."""
     return body[header.count * _ENTRY.size :]
 
 
@@ -109,15 +122,21 @@ def salvage_records(header: FrameHeader, body: memoryview) -> list[memoryview | 
     """
     table_len = header.count * _ENTRY.size
     entries = [_ENTRY.unpack_from(body, i * _ENTRY.size) for i in range(header.count)]
-    expected_payload = 2 + sum(length for length, _ in entries) + max(header.count - 1, 0)
+    if header.layout == MSGPACK_ARRAY:  # array header, then records back to back
+        opening, separator, closing = _MSGPACK_ARRAY32.size, 0, 0
+    else:  # "[", records separated by ",", "]"
+        opening, separator, closing = 1, 1, 1
+    records_len = sum(length for length, _ in entries)
+    expected_payload = (opening + records_len + separator * max(header.count - 1, 0)
+                        + closing)
     if expected_payload != len(body) - table_len:
         return [None] * header.count
     out: list[memoryview | None] = []
-    offset = table_len + 1
+    offset = table_len + opening
     for length, crc in entries:
         record = body[offset : offset + length]
         out.append(record if zlib.crc32(record) == crc else None)
-        offset += length + 1
+        offset += length + separator
     return out
 
 

@@ -44,6 +44,7 @@ from telemetry.codec import (
     decode_current_batch,
     decode_one,
     encode_many,
+    encode_many_json,
 )
 from telemetry.events import Event
 from telemetry.log import framing
@@ -179,15 +180,16 @@ class LocalLog(EventLog):
         """Write ``events`` as one frame; see the module docstring for the protocol."""
         if self._closed:
             raise LogError("append to a closed log")
-        records = encode_many(events)
-        body = framing.encode_body(records) if records else b""
+        records, layout = _encode_records(events)
+        body = framing.encode_body(records, layout) if records else b""
         with self._thread_lock, self._exclusive():
             self._sync_writer()
             first = self._wnext
             if not records:
                 return range(first, first)
             assert self._wfd is not None
-            frame = framing.encode_header(body, len(records), first, SCHEMA_FINGERPRINT) + body
+            frame = framing.encode_header(
+                body, len(records), first, SCHEMA_FINGERPRINT, layout) + body
             try:
                 _write_all(self._wfd, frame)
                 self._fsync_after_write()
@@ -553,6 +555,18 @@ class _Cursor:
             run_first, run = position + 1, []
         if run:
             yield Batch(run_first, run)
+
+
+def _encode_records(events: Sequence[Event]) -> tuple[list[bytes], int]:
+    """The stored records of a batch, and the frame layout that holds them.
+
+    MessagePack, unless an event holds an integer it cannot (beyond 64 bits): then the whole
+    frame is JSON, which readers decode just as well, so the batch is stored, not lost.
+    """
+    try:
+        return encode_many(events), framing.MSGPACK_ARRAY
+    except OverflowError:
+        return encode_many_json(events), framing.JSON_ARRAY
 
 
 def _write_all(fd: int, data: bytes) -> None:

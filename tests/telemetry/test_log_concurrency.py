@@ -201,7 +201,7 @@ def _hook_second_listing(reader: LocalLog, action) -> None:
 
 def test_follower_at_segment_end_does_not_skip_frames_appended_before_rotation(tmp_path):
     """A reader at a segment's end keeps frames appended there before another writer rotates."""
-    writer = LocalLog(tmp_path / "log", segment_bytes=4096)  # two 15-event frames fill one
+    writer = LocalLog(tmp_path / "log", segment_bytes=3072)  # two 15-event frames fill one
     reader = LocalLog(tmp_path / "log", create=False)
     try:
         writer.append(_batch(0))
@@ -220,7 +220,7 @@ def test_follower_at_segment_end_does_not_skip_frames_appended_before_rotation(t
 def test_follower_at_half_written_frame_does_not_quarantine_it_after_rotation(tmp_path):
     """A frame a reader saw half-written is read whole once done, even if the log rotated."""
     log_dir = tmp_path / "log"
-    writer = LocalLog(log_dir, segment_bytes=4096)
+    writer = LocalLog(log_dir, segment_bytes=3072)  # two 15-event frames fill one
     reader = LocalLog(log_dir, create=False)
     body = framing.encode_body(encode_many(_batch(15)))
     frame = framing.encode_header(body, 15, 15, SCHEMA_FINGERPRINT) + body
@@ -239,6 +239,7 @@ def test_follower_at_half_written_frame_does_not_quarantine_it_after_rotation(tm
     finally:
         reader.close()
         writer.close()
+    assert len(list(log_dir.glob("*.wlog"))) == 2
     assert [(type(i).__name__, i.first, i.next) for i in items] == [
         ("Batch", 0, 15), ("Batch", 15, 30), ("Batch", 30, 45)
     ]

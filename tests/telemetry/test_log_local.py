@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from telemetry.codec import encode
+from telemetry.codec import encode, encode_json
 from telemetry.events import StepEnded
 from telemetry.log import framing
 from telemetry.log.base import LogNotFound, Quarantined
@@ -16,6 +17,9 @@ from telemetry.log.local import LocalLog, segment_name
 
 from .log_contract import LogContract, events_of, positions_of, steps
 from .test_codec import STEP_ENDED_V1
+
+LAYOUTS = [framing.MSGPACK_ARRAY, framing.JSON_ARRAY]
+LAYOUT_IDS = ["msgpack", "json"]
 
 
 class TestLocalLogContract(LogContract):
@@ -140,23 +144,72 @@ class TestDamage:
         assert [(second.start, 3)] == [(n.first, n.count) for n in notices]
         assert steps("a", 0, 3) + steps("a", 6, 3) == events_of(items)
 
-    def test_invalid_record_is_quarantined_alone(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+    def test_invalid_record_is_quarantined_alone(self, tmp_path: Path, layout: int) -> None:
         """A well-framed record that fails validation is skipped; its neighbours are kept."""
         good = steps("a", 0, 3)
-        records = [encode(good[0]), b'{"type":"StepEnded","v":2,"job":"a"}', encode(good[2])]
-        _write_raw_frame(tmp_path, records, first=0, schema=framing_schema())
+        enc, dump = ((encode, msgspec.msgpack.encode) if layout == framing.MSGPACK_ARRAY
+                     else (encode_json, msgspec.json.encode))
+        invalid = dump({"type": "StepEnded", "v": 2, "job": "a"})
+        _write_raw_frame(tmp_path, [enc(good[0]), invalid, enc(good[2])], first=0,
+                         schema=framing_schema(), layout=layout)
         items = list(LocalLog(tmp_path).read())
         assert [good[0], good[2]] == events_of(items)
         (notice,) = [i for i in items if isinstance(i, Quarantined)]
         assert (1, 1) == (notice.first, notice.count)
         assert "undecodable" in notice.reason
 
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+    def test_a_damaged_record_loses_only_itself_in_either_layout(self, tmp_path: Path,
+                                                                 layout: int) -> None:
+        """The per-record table locates records in MessagePack and JSON payloads alike."""
+        good = steps("a", 0, 3)
+        enc = encode if layout == framing.MSGPACK_ARRAY else encode_json
+        _write_raw_frame(tmp_path, [enc(e) for e in good], first=0, schema=framing_schema(),
+                         layout=layout)
+        segment = only_segment(tmp_path)
+        data = bytearray(segment.read_bytes())
+        data[bytes(data).index(enc(good[1])) + 5] ^= 0x55
+        segment.write_bytes(bytes(data))
+        items = list(LocalLog(tmp_path).read())
+        assert [good[0], good[2]] == events_of(items)
+        (notice,) = [i for i in items if isinstance(i, Quarantined)]
+        assert ((1, 1), "record checksum mismatch") == ((notice.first, notice.count),
+                                                        notice.reason)
+
     def test_old_schema_records_are_upcast_on_read(self, tmp_path: Path) -> None:
         """A frame written by an older schema is decoded record by record and upcast."""
-        _write_raw_frame(tmp_path, [STEP_ENDED_V1], first=0, schema=0x0001)
+        _write_raw_frame(tmp_path, [STEP_ENDED_V1], first=0, schema=0x0001,
+                         layout=framing.JSON_ARRAY)  # as wantel wrote v1 records
         (event,) = events_of(LocalLog(tmp_path).read())
         assert isinstance(event, StepEnded)
         assert (2, 2) == (event.v, event.passes)
+
+
+class TestRecordLayouts:
+    def test_logs_of_json_frames_read_and_take_new_appends(self, tmp_path: Path) -> None:
+        """A log written before MessagePack records (JSON frames) reads whole, fast path
+        included, and new appends land after it in the current layout."""
+        old = steps("a", 0, 4)
+        _write_raw_frame(tmp_path, [encode_json(e) for e in old], first=0,
+                         schema=framing_schema(), layout=framing.JSON_ARRAY)
+        with LocalLog(tmp_path) as log:
+            assert range(4, 7) == log.append(steps("a", 4, 3))
+            items = list(log.read())
+        assert [(0, 4), (4, 7)] == [(i.first, i.next) for i in items]
+        assert steps("a", 0, 7) == events_of(items)
+        layouts = [header.layout for header in frame_headers(only_segment(tmp_path))]
+        assert [framing.JSON_ARRAY, framing.MSGPACK_ARRAY] == layouts
+
+    def test_an_integer_beyond_64_bits_is_stored_as_a_json_frame(self, tmp_path: Path) -> None:
+        """MessagePack cannot hold it; the batch is stored as JSON rather than lost."""
+        absurd = StepEnded(job="a", seq=1, ts=2**70, step=1, total_steps=4)
+        with LocalLog(tmp_path) as log:
+            log.append(steps("a", 0, 1))
+            log.append([absurd])
+            assert steps("a", 0, 1) + [absurd] == events_of(log.read())
+        layouts = [header.layout for header in frame_headers(only_segment(tmp_path))]
+        assert [framing.MSGPACK_ARRAY, framing.JSON_ARRAY] == layouts
 
     def test_torn_tail_waits_then_is_truncated_by_the_next_writer(self, tmp_path: Path) -> None:
         """A frame cut short at the end is invisible to readers and replaced by the next append."""
@@ -183,9 +236,21 @@ def framing_schema() -> int:
     return SCHEMA_FINGERPRINT
 
 
-def _write_raw_frame(path: Path, records: list[bytes], *, first: int, schema: int) -> None:
+def _write_raw_frame(path: Path, records: list[bytes], *, first: int, schema: int,
+                     layout: int = framing.MSGPACK_ARRAY) -> None:
     """Make a log holding one frame of exactly these record bytes."""
     LocalLog(path).close()
-    body = framing.encode_body(records)
-    frame = framing.encode_header(body, len(records), first, schema) + body
+    body = framing.encode_body(records, layout)
+    frame = framing.encode_header(body, len(records), first, schema, layout) + body
     (path / segment_name(0)).write_bytes(frame)
+
+
+def frame_headers(segment: Path) -> list[framing.FrameHeader]:
+    """Every frame header of a healthy segment, in order."""
+    data, offset, headers = segment.read_bytes(), 0, []
+    while offset < len(data):
+        header = framing.parse_header(data, offset)
+        assert header is not None
+        headers.append(header)
+        offset += header.frame_len
+    return headers
