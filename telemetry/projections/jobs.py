@@ -151,10 +151,11 @@ class JobsProjection(BatchFold):
         """Update the job each event belongs to, and its worker's liveness.
 
         Steps are three events in five of a replay and come in runs of one job's steps
-        (memory samples between them). Within a run the step fields — last event time, steps
-        done, total, expert, time in steps — are kept in locals and stored once when the run
-        ends: at another job's step, any event other than a step or memory sample, a sweep, a
-        failure, and the end of the batch. The arithmetic is the same, in the same order.
+        (memory samples and stage boundaries between them). Within a run the step fields —
+        last event time, steps done, total, expert, time in steps — are kept in locals and
+        stored once when the run ends: at another job's step, a lifecycle event or heartbeat,
+        a sweep, a failure, and the end of the batch. The arithmetic is the same, in the same
+        order.
         """
         jobs = state.jobs
         job_of = jobs.get
@@ -200,6 +201,33 @@ class JobsProjection(BatchFold):
                     view = run if event.job == run_job else job_of(event.job)
                     if view is not None:
                         _raise_peaks(view, event)
+                    continue
+                elif type(event) is StageStarted or type(event) is StageEnded:
+                    # A stage boundary touches no step field, so a run of the job's steps
+                    # goes on across it (the job's last event time is the run's local).
+                    ts = event.ts
+                    if ts > now:
+                        now = ts
+                        if ts - swept >= sweep_every:
+                            if run is not None:
+                                _store_steps(run, (last_ts, done, total, expert, step_time))
+                                run = run_job = None
+                            state.now_ts = now
+                            self._sweep(state)
+                            swept = state.swept_ts
+                    if event.job == run_job:
+                        view, last_ts = run, ts
+                    else:
+                        view = job_of(event.job)
+                        if view is None:
+                            view = jobs[event.job] = JobView(job=event.job)
+                        view.last_ts = ts
+                    assert view is not None  # the run's view, or one just found or made
+                    if type(event) is StageStarted:
+                        view.stage = event.stage
+                        view.stages.append(StageSpan(stage=event.stage, start_ts=ts))
+                    else:
+                        _stage_ended(view, event)
                     continue
                 if run is not None:
                     _store_steps(run, (last_ts, done, total, expert, step_time))
