@@ -18,7 +18,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from operator import attrgetter
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,7 +30,6 @@ from telemetry.projections.base import Projection, as_batch_projection
 
 _log = structlog.get_logger("wantel.engine")
 
-_ts_of = attrgetter("ts")
 _TERMINAL: Final = frozenset(TERMINAL_TYPES)
 
 MAX_RECORDED_FAILURES: Final = 100
@@ -117,7 +115,7 @@ class ProjectionEngine:
             if start >= len(events):
                 return 0
             events = events[start:]
-        fresh = self._new_events(events)
+        fresh, newest = self._new_events(events)
         self.health.duplicates += len(events) - len(fresh)
         self.position = max(self.position, batch.next)
         if not fresh:
@@ -127,7 +125,6 @@ class ProjectionEngine:
         for kind, count in tally.items():
             name = kind.__name__
             counts[name] = counts.get(name, 0) + count
-        newest = max(map(_ts_of, fresh))
         if newest > (self.health.last_event_ts or 0):
             self.health.last_event_ts = newest
         if not _TERMINAL.isdisjoint(tally):  # bound the de-duplication table
@@ -157,17 +154,20 @@ class ProjectionEngine:
                 states[name] = new_state
         return len(fresh)
 
-    def _new_events(self, events: Sequence[Event]) -> list[Event]:
-        """The events whose ``seq`` is beyond their job's last applied one, in order.
+    def _new_events(self, events: Sequence[Event]) -> tuple[list[Event], int]:
+        """The events whose ``seq`` is beyond their job's last applied one, in order, and the
+        newest ``ts`` among them (0 if none).
 
         A batch holds runs of one job's events (one emitter's flush), so the job's last seq is
-        kept in a local across its run and written back when the run ends.
+        kept in a local across its run and written back when the run ends. The newest time is
+        found in the same pass: a second one, even in C, costs more than the comparison here.
         """
         last_seq = self.last_seq
         fresh: list[Event] = []
         keep = fresh.append
         job: str | None = None
         known = newest = -1
+        newest_ts = 0
         for event in events:
             if event.job != job:
                 if newest != known:
@@ -178,9 +178,12 @@ class ProjectionEngine:
             if seq > newest:
                 newest = seq
                 keep(event)
+                ts = event.ts
+                if ts > newest_ts:  # noqa: PLR1730 - a hot path: no max() call
+                    newest_ts = ts
         if newest != known:
             last_seq[job] = newest  # type: ignore[index]
-        return fresh
+        return fresh, newest_ts
 
     @staticmethod
     def _position_of(batch: Batch, event: Event) -> int:
