@@ -86,6 +86,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import StoredEvent
 
+from telemetry.commands.replay import job_summary, replay_streaming
 from telemetry.emitter import Emitter
 from telemetry.engine import ProjectionEngine
 from telemetry.events import (
@@ -101,6 +102,7 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
+from telemetry.projections import default_projections
 from telemetry.projections.jobs import JobsProjection, JobsState, JobView
 
 # -- the workload ------------------------------------------------------------------------------
@@ -877,53 +879,76 @@ def supports_keep_finished() -> bool:
 def measure_memory(
     backend: str, path: Path, sample_every: int, page: int, keep_finished: int | None = None
 ) -> dict[str, Any]:
-    """Replay in this (fresh) process and report RSS before, sampled peak, and after."""
+    """Replay in this (fresh) process and report RSS before, sampled peak, and after.
+
+    Backends: ``wantel`` (the jobs projection, every job kept or ``keep_finished``),
+    ``wantel-replay`` (what ``wantel replay --json`` does: every projection, each job's
+    summary built once final, then the job retired) and ``es`` (eventsourcing).
+    """
     proc = psutil.Process()
-    if backend == "wantel":
+    folded = {"events": 0}
+    if backend in ("wantel", "wantel-replay"):
         log = LocalLog(path, create=False, fsync="never")
-        engine = ProjectionEngine([jobs_projection(keep_finished)])
         items: Iterator[Any] = log.read(0)
 
-        def apply(item: Any) -> int:
-            engine.apply_items((item,))
+        def count(item: Any) -> int:
             return len(item.events) if isinstance(item, Batch) else 0
-
-        def summary() -> tuple[int, int]:
-            state: JobsState = engine.states["jobs"]
-            return jobs_summary(state.jobs.values())
     else:
         app = es_app(path)
         to_domain = app.mapper.to_domain_event
         aggs: dict[UUID, Any] = {}
         items = es_pages(app, page)
 
-        def apply(item: Any) -> int:
-            for note in item:
-                es_fold(aggs, to_domain(note))
+        def count(item: Any) -> int:
             return len(item)
-
-        def summary() -> tuple[int, int]:
-            return jobs_summary(aggs.values())
 
     gc.collect()
     before = proc.memory_info().rss
     peak = before
     samples = 0
-    count = 0
+
+    def sampled(items: Iterator[Any]) -> Iterator[Any]:
+        """``items``, counting their events and sampling RSS every ``sample_every``."""
+        nonlocal peak, samples
+        for i, item in enumerate(items):
+            folded["events"] += count(item)
+            if i % sample_every == 0:
+                peak = max(peak, proc.memory_info().rss)
+                samples += 1
+            yield item
+
     t0 = time.perf_counter()
-    for i, item in enumerate(items):
-        count += apply(item)
-        if i % sample_every == 0:
-            peak = max(peak, proc.memory_info().rss)
-            samples += 1
-    seconds = time.perf_counter() - t0
+    if backend == "wantel":
+        engine = ProjectionEngine([jobs_projection(keep_finished)])
+        for item in sampled(items):
+            engine.apply_items((item,))
+        seconds = time.perf_counter() - t0
+        state: JobsState = engine.states["jobs"]
+        jobs, steps = jobs_summary(state.jobs.values())
+    elif backend == "wantel-replay":
+        engine = ProjectionEngine(default_projections())
+        jobs, steps = jobs_summary(summarised(replay_streaming(sampled(items), engine), engine))
+        seconds = time.perf_counter() - t0
+    else:
+        for notes_page in sampled(items):
+            for note in notes_page:
+                es_fold(aggs, to_domain(note))
+        seconds = time.perf_counter() - t0
+        jobs, steps = jobs_summary(aggs.values())
     after = proc.memory_info().rss
     peak = max(peak, after)
-    jobs, steps = summary()
-    return {"backend": backend, "events": count, "jobs": jobs, "steps": steps,
+    count_events = folded["events"]
+    return {"backend": backend, "events": count_events, "jobs": jobs, "steps": steps,
             "rss_before": before, "rss_peak_sampled": peak, "rss_after": after,
             "samples": samples,
-            "seconds": seconds, "events_per_s": count / seconds}
+            "seconds": seconds, "events_per_s": count_events / seconds}
+
+
+def summarised(views: Iterable[JobView], engine: ProjectionEngine) -> Iterator[JobView]:
+    """Each view, once its summary is built as ``wantel replay --json`` builds it."""
+    for view in views:
+        job_summary(view, engine)
+        yield view
 
 
 def run_memory_child(
@@ -966,9 +991,12 @@ def bench_memory(cfg: Config, rows: list[Row], notes: list[str]) -> dict[str, An
             results = [run_memory_child("wantel", path, cfg.sample_every, cfg.page)
                        for _ in range(cfg.mem_rounds)]
             bounded: list[dict[str, Any]] = []
+            streamed: list[dict[str, Any]] = []
             if size == cfg.mem_events and label == "jobs grow" and supports_keep_finished():
                 bounded = [run_memory_child("wantel", path, cfg.sample_every, cfg.page,
                                             KEEP_FINISHED) for _ in range(cfg.mem_rounds)]
+                streamed = [run_memory_child("wantel-replay", path, cfg.sample_every, cfg.page)
+                            for _ in range(cfg.mem_rounds)]
             shutil.rmtree(path, ignore_errors=True)
             assert all(r["events"] == built for r in results)
             w = growth(results)
@@ -997,6 +1025,15 @@ def bench_memory(cfg: Config, rows: list[Row], notes: list[str]) -> dict[str, An
                                 f"JobsProjection(keep_finished={KEEP_FINISHED})", "MB", b, None,
                                 False, "<50 MB", b < 50))
                 raw[f"{size}:{label}:keep_finished={KEEP_FINISHED}"] = bounded
+            if streamed:
+                g = growth(streamed)
+                assert {(r["jobs"], r["steps"]) for r in streamed} == {
+                    (r["jobs"], r["steps"]) for r in results}
+                rows.append(Row(f"replay RSS growth, {size / 1e6:g}M events, jobs grow, as "
+                                "`wantel replay --json` (every projection, ended jobs "
+                                "retired once summarised)", "MB", g, None, False, "<50 MB",
+                                g < 50))
+                raw[f"{size}:{label}:wantel-replay"] = streamed
             rate = median([r["events_per_s"] for r in results])
             notes.append(
                 f"memory [{size / 1e6:g}M, {label}]: log {disk / MB:.0f} MB on disk, built in "

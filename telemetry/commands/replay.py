@@ -1,57 +1,116 @@
-"""``wantel replay``: rebuild every projection from the log and summarise each job."""
+"""``wantel replay``: rebuild every projection from the log and summarise each job.
+
+The summaries stream: a job's row (or JSON object) is written once its summary is final, and
+the job is then forgotten, so replaying a log of any size takes the same memory.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO, Final
 
 import msgspec
 
 from telemetry.commands.common import open_log_for_reading, warn_quarantined
 from telemetry.engine import ProjectionEngine
-from telemetry.log.base import Quarantined
+from telemetry.log.base import Batch, Quarantined, ReadItem
 from telemetry.projections import default_projections
 from telemetry.projections.eta import EtaState
 from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.memory import MemoryState
 from telemetry.projections.throughput import ThroughputState
 
+#: Ended jobs held back before their summary is printed and they are forgotten: a late event
+#: of a job (one that arrives after its end) still lands in its summary, and memory stays flat
+#: however many jobs the log holds.
+RETAIN_ENDED: Final = 1_000
+#: Events folded between two retirements (a larger batch is folded in slices of this size), so
+#: no step ends more jobs than the ETA and memory projections keep (KEEP_FINISHED, 10,000).
+SLICE: Final = 4_096
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``wantel replay``."""
+    parser.description = (
+        "Rebuild every projection from the log and print a summary per job: a table, or with "
+        "--json one JSON document. Jobs are listed in the order they ended, then the jobs "
+        "that never did; each is printed once its summary is final and then forgotten, so a "
+        "log of any size replays in the same memory.")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document: per job status, stages, steps, steps/s, "
                         "peak memory by kind, progress, ETA history and residuals")
     parser.add_argument("--job", help="only this job")
 
 
-def replay(log_items: Any) -> ProjectionEngine:
-    """An engine with every projection, folded over ``log_items``."""
-    engine = ProjectionEngine(default_projections())
+def replay_streaming(
+    log_items: Iterable[ReadItem], engine: ProjectionEngine, *, retain: int = RETAIN_ENDED,
+) -> Iterator[JobView]:
+    """Fold ``log_items`` into ``engine`` and yield each job once its summary is final.
+
+    A job is yielded ``retain`` job-ends after its own end, then forgotten by the jobs
+    projection (the other projections bound what they keep of ended jobs themselves); at the
+    end of the log, the ended jobs still held, then the jobs that never ended. So jobs come
+    in the order they ended, and a job id that ran twice is yielded twice. The caller reads
+    what it needs from ``engine`` before asking for the next job.
+    """
+    jobs_state: JobsState = engine.states["jobs"]
     for item in log_items:
         if isinstance(item, Quarantined):
             warn_quarantined("replay", item)
-        engine.apply_items((item,))
-    return engine
+            engine.apply_items((item,))
+            continue
+        for start in range(0, len(item.events), SLICE):
+            engine.apply_batch(Batch(item.first + start, item.events[start:start + SLICE]))
+            yield from _retire(jobs_state, keep=retain)
+    yield from _retire(jobs_state, keep=0)
+    yield from list(jobs_state.jobs.values())
+
+
+def _retire(jobs_state: JobsState, *, keep: int) -> Iterator[JobView]:
+    """The oldest ended jobs beyond ``keep``, each taken out of the state as it is yielded."""
+    finished = jobs_state.finished
+    while len(finished) > keep:
+        job = next(iter(finished))
+        del finished[job]
+        view = jobs_state.jobs.pop(job, None)
+        if view is not None:
+            yield view
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fold the whole log, then print a table (or JSON)."""
-    engine = replay(open_log_for_reading(args).read(0))
-    jobs_state: JobsState = engine.states["jobs"]
-    jobs = [v for v in jobs_state.jobs.values() if args.job is None or v.job == args.job]
+    """Fold the log, printing each job's row (or JSON object) as its summary becomes final."""
+    engine = ProjectionEngine(default_projections())
+    views = (view for view in replay_streaming(open_log_for_reading(args).read(0), engine)
+             if args.job is None or view.job == args.job)
     if args.json:
-        document = {
-            "jobs": [job_summary(v, engine) for v in jobs],
-            "health": {**msgspec.to_builtins(engine.health),
-                       "dropped": engine.states["health"].dropped()},
-            "position": engine.position,
-        }
-        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(document)) + b"\n")
+        write_json(views, engine, sys.stdout.buffer)
     else:
-        print_table(jobs, engine)
+        print_table(views, engine)
     return 0
+
+
+def write_json(views: Iterable[JobView], engine: ProjectionEngine, out: BinaryIO) -> None:
+    """``{"jobs": [...], "health": {...}, "position": N}``, written a job at a time."""
+    out.write(b'{\n  "jobs": [')
+    separator = b"\n"
+    for view in views:
+        formatted = msgspec.json.format(msgspec.json.encode(job_summary(view, engine)))
+        out.write(separator + _indent(formatted, b"    "))
+        separator = b",\n"
+    tail = msgspec.json.format(msgspec.json.encode({
+        "health": {**msgspec.to_builtins(engine.health),
+                   "dropped": engine.states["health"].dropped()},
+        "position": engine.position,
+    }))
+    out.write((b"\n  ]" if separator != b"\n" else b"]") + b",\n"
+              + _indent(tail[tail.index(b"\n") + 1:], b""))
+    out.write(b"\n")
+
+
+def _indent(text: bytes, prefix: bytes) -> bytes:
+    return b"\n".join(prefix + line if line else line for line in text.split(b"\n"))
 
 
 def job_summary(view: JobView, engine: ProjectionEngine) -> dict[str, Any]:
@@ -81,12 +140,13 @@ def job_summary(view: JobView, engine: ProjectionEngine) -> dict[str, Any]:
     return summary
 
 
-def print_table(jobs: list[JobView], engine: ProjectionEngine) -> None:
-    """One line per job, then a footer with totals and telemetry health."""
+def print_table(views: Iterable[JobView], engine: ProjectionEngine) -> None:
+    """A line per job as it is summarised, then a footer with totals and telemetry health."""
     eta: EtaState = engine.states["eta"]
     print(f"{'JOB':<24} {'STATUS':<10} {'MODEL':<16} {'STEPS':>7} {'TIME':>8} "
-          f"{'STEP/S':>7} {'ETA ERR@25-50%':>15}  STAGES")
-    for v in jobs:
+          f"{'STEP/S':>7} {'ETA ERR@25-50%':>15}  STAGES", flush=True)
+    by_status: dict[str, int] = {}
+    for v in views:
         steps = f"{v.steps_done}/{v.total_steps or '?'}"
         duration = f"{v.duration_s:.2f}s" if v.duration_s is not None else "-"
         rate = f"{v.steps_per_second:.1f}" if v.steps_per_second else "-"
@@ -96,10 +156,9 @@ def print_table(jobs: list[JobView], engine: ProjectionEngine) -> None:
         stages = " ".join(f"{k}={d:.3f}s" for k, d in v.stage_durations().items())
         print(f"{v.job:<24} {v.status:<10} {(v.variant or v.model or '?'):<16} "
               f"{steps:>7} {duration:>8} {rate:>7} {error_text:>15}  {stages}")
-    by_status: dict[str, int] = {}
-    for v in jobs:
         by_status[v.status] = by_status.get(v.status, 0) + 1
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none"
     health = engine.health
-    print(f"{len(jobs)} job(s) ({statuses}); {sum(health.events_by_type.values())} events; "
+    print(f"{sum(by_status.values())} job(s) ({statuses}); "
+          f"{sum(health.events_by_type.values())} events; "
           f"{health.duplicates} duplicate(s); {health.quarantined_records} quarantined record(s)")

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from telemetry.projections.base import Projection
+from telemetry.projections.eta import KEEP_FINISHED as ETA_KEEP_FINISHED
 from telemetry.projections.eta import EtaProjection
 from telemetry.projections.health import HealthProjection
 from telemetry.projections.jobs import JobsProjection
+from telemetry.projections.memory import KEEP_FINISHED as MEMORY_KEEP_FINISHED
 from telemetry.projections.memory import MemoryProjection
 from telemetry.projections.metrics import MetricsProjection
 from telemetry.projections.throughput import ThroughputProjection
@@ -16,14 +18,17 @@ from telemetry.projections.throughput import ThroughputProjection
 def default_projections(*, keep_finished: int | None = None) -> list[Projection[Any]]:
     """Every projection wantel ships, as ``wantel replay`` and ``wantel serve`` run them.
 
-    ``keep_finished`` bounds how many ended jobs each keeps (``None``: all, for replay).
+    ``keep_finished`` bounds how many ended jobs each keeps. ``None`` leaves the jobs projection
+    unbounded — its caller retires ended jobs itself, as ``wantel replay`` does once it has
+    printed them — and the ETA and memory projections at their own bound (10,000 ended jobs).
     """
-    bound = keep_finished if keep_finished is not None else 10**12
+    eta_keep = keep_finished if keep_finished is not None else ETA_KEEP_FINISHED
+    memory_keep = keep_finished if keep_finished is not None else MEMORY_KEEP_FINISHED
     return [
         JobsProjection(keep_finished=keep_finished),
-        EtaProjection(keep_finished=bound),
+        EtaProjection(keep_finished=eta_keep),
         ThroughputProjection(),
-        MemoryProjection(keep_finished=bound),
+        MemoryProjection(keep_finished=memory_keep),
         HealthProjection(),
         MetricsProjection(),
     ]

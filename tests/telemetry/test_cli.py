@@ -14,9 +14,13 @@ import pytest
 
 from telemetry.cli import main
 from telemetry.codec import decode_one
+from telemetry.commands.replay import job_summary, replay_streaming
+from telemetry.engine import ProjectionEngine
+from telemetry.events import MemorySampled
 from telemetry.log.local import LocalLog
+from telemetry.projections import default_projections
 
-from .test_engine import a_job
+from .test_engine import SECOND, a_job
 
 WANTEL = [sys.executable, "-m", "telemetry.cli"]
 
@@ -102,6 +106,61 @@ class TestReplay:
         out = capsys.readouterr().out
         assert "job-a" in out and "completed" in out and "job-b" in out and "failed" in out
         assert "2 job(s) (1 completed, 1 failed)" in out
+
+    def test_a_log_without_jobs_is_an_empty_json_list(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The streamed document is valid JSON even with nothing to list."""
+        LocalLog(tmp_path / "empty").close()
+        assert 0 == main(["replay", "--json", "--log", str(tmp_path / "empty")])
+        doc = json.loads(capsys.readouterr().out)
+        assert ([], 0) == (doc["jobs"], doc["position"])
+
+
+class TestStreamingReplay:
+    """``wantel replay`` retires a job once its summary is final, so memory stays flat."""
+
+    @staticmethod
+    def a_log(path: Path, jobs: int) -> LocalLog:
+        """``jobs`` jobs, each appended whole (one batch), the last one left running."""
+        with LocalLog(path) as log:
+            for k in range(jobs):
+                events = a_job(f"job-{k:03d}")
+                log.append(events[:-1] if k == jobs - 1 else events)
+        return LocalLog(path, create=False)
+
+    def test_every_job_is_summarised_once_as_if_all_were_kept(self, tmp_path: Path) -> None:
+        """Retiring ended jobs as the log is read changes no summary and loses no job."""
+        log = self.a_log(tmp_path / "log", 40)
+        kept = ProjectionEngine(default_projections())
+        every = {v.job: job_summary(v, kept)
+                 for v in replay_streaming(log.read(0), kept, retain=10**9)}
+        streamed = ProjectionEngine(default_projections())
+        held: list[int] = []
+        summaries = {}
+        for view in replay_streaming(log.read(0), streamed, retain=3):
+            summaries[view.job] = job_summary(view, streamed)
+            held.append(len(streamed.states["jobs"].jobs))
+        assert every == summaries and 40 == len(summaries)
+        assert "running" == summaries["job-039"]["status"]
+        assert max(held) <= 3 + 1 + 1  # the retained, the one just ended, the one running
+
+    def test_jobs_come_in_the_order_they_ended(self, tmp_path: Path) -> None:
+        """Then the jobs that never ended."""
+        log = self.a_log(tmp_path / "log", 5)
+        engine = ProjectionEngine(default_projections())
+        order = [v.job for v in replay_streaming(log.read(0), engine, retain=1)]
+        assert ["job-000", "job-001", "job-002", "job-003", "job-004"] == order
+
+    def test_a_late_event_of_a_held_job_still_counts(self, tmp_path: Path) -> None:
+        """A memory sample written after its job's end lands in that job's summary."""
+        with LocalLog(tmp_path / "log") as log:
+            log.append(a_job("job-a"))
+            log.append([MemorySampled(job="job-a", seq=99, ts=10 * SECOND, device="cpu",
+                                      host_rss_bytes=123 << 20)])
+        engine = ProjectionEngine(default_projections())
+        (view,) = replay_streaming(LocalLog(tmp_path / "log").read(0), engine, retain=1)
+        assert 123 << 20 == view.peak_rss_bytes
 
 
 class TestErrors:
