@@ -86,7 +86,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import StoredEvent
 
-from telemetry.commands.replay import job_summary, replay_streaming
+from telemetry.commands.replay import job_summary, replay_projections, replay_streaming
 from telemetry.emitter import Emitter
 from telemetry.engine import ProjectionEngine
 from telemetry.events import (
@@ -102,7 +102,6 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
-from telemetry.projections import default_projections
 from telemetry.projections.jobs import JobsProjection, JobsState, JobView
 
 # -- the workload ------------------------------------------------------------------------------
@@ -926,7 +925,7 @@ def measure_memory(
         state: JobsState = engine.states["jobs"]
         jobs, steps = jobs_summary(state.jobs.values())
     elif backend == "wantel-replay":
-        engine = ProjectionEngine(default_projections())
+        engine = ProjectionEngine(replay_projections())
         jobs, steps = jobs_summary(summarised(replay_streaming(sampled(items), engine), engine))
         seconds = time.perf_counter() - t0
     else:

@@ -33,7 +33,7 @@ _log = structlog.get_logger("wantel.engine")
 _TERMINAL: Final = frozenset(TERMINAL_TYPES)
 
 MAX_RECORDED_FAILURES: Final = 100
-KEEP_SEQ_OF_FINISHED: Final = 100_000
+KEEP_SEQ_OF_FINISHED: Final = 10_000
 
 
 class ProjectionFailure(msgspec.Struct, kw_only=True):
@@ -196,8 +196,10 @@ class ProjectionEngine:
     def _forget_finished(self, job: str) -> None:
         """Keep de-duplication state for the last ``KEEP_SEQ_OF_FINISHED`` finished jobs only.
 
-        A redelivery of a job that finished that long ago is not plausible, and without the
-        bound the engine's memory would grow with every job ever run.
+        A redelivery of a job that finished that long ago is not plausible (a local log's
+        duplicates are an emitter's retried append, written next to the original; a stream's
+        redeliveries come within its ack wait), and without the bound the engine's memory
+        would grow with every job ever run. Ten thousand jobs is ~2 MB of table.
         """
         finished = self.finished_jobs
         finished[job] = None

@@ -16,7 +16,7 @@ import msgspec
 from telemetry.commands.common import open_log_for_reading, warn_quarantined
 from telemetry.engine import ProjectionEngine
 from telemetry.log.base import Batch, Quarantined, ReadItem
-from telemetry.projections import default_projections
+from telemetry.projections import Projection, default_projections
 from telemetry.projections.eta import EtaState
 from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.memory import MemoryState
@@ -42,6 +42,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON document: per job status, stages, steps, steps/s, "
                         "peak memory by kind, progress, ETA history and residuals")
     parser.add_argument("--job", help="only this job")
+
+
+def replay_projections() -> list[Projection[Any]]:
+    """Every projection, keeping no more ended jobs than streaming needs.
+
+    After each slice, at most ``RETAIN_ENDED`` ended jobs are held and a slice ends at most
+    ``SLICE`` more, so no projection has to forget a job before it is summarised.
+    """
+    return default_projections(keep_finished=RETAIN_ENDED + SLICE)
 
 
 def replay_streaming(
@@ -81,7 +90,7 @@ def _retire(jobs_state: JobsState, *, keep: int) -> Iterator[JobView]:
 
 def run(args: argparse.Namespace) -> int:
     """Fold the log, printing each job's row (or JSON object) as its summary becomes final."""
-    engine = ProjectionEngine(default_projections())
+    engine = ProjectionEngine(replay_projections())
     views = (view for view in replay_streaming(open_log_for_reading(args).read(0), engine)
              if args.job is None or view.job == args.job)
     if args.json:
