@@ -238,6 +238,12 @@ class JobsProjection(BatchFold):
                 if run is not None:
                     _store_steps(run, (last_ts, done, total, expert, step_time))
                     run = run_job = None
+                # The event's time counts even though it failed, in whichever of the local and
+                # the state saw it first; the state holds it before ``failed`` (which may raise:
+                # a batch of one) so a batch and its events one by one agree.
+                if state.now_ts > now:  # noqa: PLR1730 - both only ever rise
+                    now = state.now_ts
+                state.now_ts, swept = now, state.swept_ts
                 failed(event, exc)
         if run is not None:
             _store_steps(run, (last_ts, done, total, expert, step_time))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 
@@ -101,6 +102,22 @@ class TestDeterminism:
             monkeypatch.setattr(time, name, broken)
         e = fold(a_job("a") + a_job("b", fail_at=2))
         assert {} == e.health.projection_errors
+
+    def test_a_failing_event_still_moves_the_jobs_clock_in_a_batch_as_alone(self) -> None:
+        """A stage end whose start must be rebuilt from an absurd duration raises; its time
+        still counts, whether it failed alone (a batch of one re-raises) or inside a batch."""
+        absurd = StageEnded(job="a", seq=2, ts=3 * 10**9, stage="save", duration_s=1.8e299)
+        events = [*a_job("a")[:2], absurd, JobCompleted(job="a", seq=3, ts=10, duration_s=1.0)]
+        alone, batched = JobsProjection(), JobsProjection()
+        state = alone.initial()
+        for event in events:
+            with contextlib.suppress(OverflowError):
+                state = alone.apply(state, event)
+        failures: list[Event] = []
+        batch_state = batched.apply_many(batched.initial(), events,
+                                         lambda event, exc: failures.append(event))
+        assert [absurd] == failures
+        assert 3 * 10**9 == state.now_ts == batch_state.now_ts
 
 
 class TestEta:
