@@ -42,7 +42,7 @@ SPEED_EXCLUDED: Final = frozenset({"load", "save"})  # imports and disks say not
 MIN_SPEED_PHASE_S: Final = 0.005
 #: ``pow``'s exponents for ``map``: squares each part as ``x ** 2`` did (same rounding, same
 #: OverflowError), without a comprehension per estimate. Longer than any job's phase list.
-_SQUARE: Final = (2,) * 16
+SQUARES: Final = (2,) * 16
 
 
 def conditional_remaining(expected: float, sigma: float, elapsed: float) -> float:
@@ -108,6 +108,20 @@ class Prior(NamedTuple):
         return cls(phases, expected, sigma, step, warmup)
 
 
+class DenoiseRest(NamedTuple):
+    """The parts of an estimate in the running denoise loop that its steps leave unchanged.
+
+    ``seconds`` and ``squares`` start with a slot for the loop's own part, which changes with
+    every step: whoever estimates fills it in, and each sum is then over one list built once.
+    """
+
+    speed: float  # _speed()
+    seconds: list[float]  # [the loop's part, then each phase after it not done yet]: seconds
+    weighted: tuple[float, ...]  # the phases after the loop: seconds × relative sigma
+    squares: list[float] | None  # [the loop's part, *weighted]: squared as the interval does
+    sigma: float  # the loop's relative sigma, before the steps seen narrow it
+
+
 class PriorCache:
     """``LiveJob.start`` with its priors memoised per (shape, runner) for one calibration.
 
@@ -115,15 +129,49 @@ class PriorCache:
     look-ups, features) costs ~20 µs: most of a replay's per-job cost. The cache holds the
     calibration it was filled under and is emptied when another one is passed, so what it
     returns is exactly what ``LiveJob.start`` would; it is a speed-up, never part of a state.
+    With each prior it keeps the job's first estimate (``start_estimated``).
     """
 
     def __init__(self, limit: int = 256) -> None:
         self.limit = limit
         self._calibration: Calibration | None = None
-        self._priors: dict[tuple[JobShape, bool], Prior] = {}
+        self._priors: dict[tuple[JobShape, bool], tuple[Prior, _Memo]] = {}
 
     def start(self, event: JobStarted, calibration: Calibration) -> LiveJob:
         """``LiveJob.start(event, calibration)``."""
+        return self._start(event, calibration)[0]
+
+    def start_estimated(self, event: JobStarted, calibration: Calibration
+                        ) -> tuple[LiveJob, tuple[float, float, float, float, bool] | None]:
+        """``LiveJob.start(event, calibration)`` and its ``estimate_fields(event.ts)``.
+
+        At its start a job has seen nothing and no time has passed (with an integer ``ts``,
+        every elapsed time is exactly 0.0), so its first estimate depends on its prior, its
+        shape's steps and the calibration's quantiles alone: the same for every job of a cache
+        entry, worked out once. The estimator is left as that call leaves it. ``None`` instead
+        of the fields where working them out raises (a calibration with an absurd sigma) or
+        ``ts`` is no integer: the caller calls ``estimate_fields`` itself, which then raises
+        or gives what it gives.
+        """
+        live, memo = self._start(event, calibration)
+        if type(event.ts) is not int:
+            return live, None
+        first = memo.first
+        if first is None:
+            if memo.raises:
+                return live, None
+            try:
+                first = live.estimate_fields(event.ts)
+            except Exception:
+                memo.raises = True
+                return live, None
+            memo.first, memo.band = first, live.last_band
+        else:
+            live.last_remaining, live.last_ts, live.last_band = first[0], event.ts, memo.band
+        return live, first
+
+    def _start(self, event: JobStarted, calibration: Calibration) -> tuple[LiveJob, _Memo]:
+        """The estimator, and the memo of its cache entry."""
         shape = JobShape.of(event)
         runner = "load" in str(event.options.get("stages", ""))
         priors = self._priors
@@ -131,12 +179,23 @@ class PriorCache:
             priors.clear()
             self._calibration = calibration
         key = (shape, runner)
-        prior = priors.get(key)
-        if prior is None:
+        entry = priors.get(key)
+        if entry is None:
             if len(priors) >= self.limit:
                 priors.clear()
-            prior = priors[key] = Prior.of(shape, runner, calibration)
-        return LiveJob.from_prior(event, shape, runner, prior, calibration)
+            entry = priors[key] = (Prior.of(shape, runner, calibration), _Memo())
+        return LiveJob.from_prior(event, shape, runner, entry[0], calibration), entry[1]
+
+
+class _Memo:
+    """A ``PriorCache`` entry's first estimate, once worked out."""
+
+    __slots__ = ("band", "first", "raises")
+
+    def __init__(self) -> None:
+        self.first: tuple[float, float, float, float, bool] | None = None
+        self.band = 0.0  # the estimator's last_band after it
+        self.raises = False  # working it out raised: never memoised
 
 
 class LiveJob(msgspec.Struct, kw_only=True):
@@ -269,12 +328,15 @@ class LiveJob(msgspec.Struct, kw_only=True):
     def estimate_fields(self, now: int) -> tuple[float, float, float, float, bool]:
         """``estimate(now)``'s fields in order: remaining, p10, p90, progress, estimating.
 
-        The one implementation of the estimate. The ETA projection calls it on every ETA it
-        issues (a dozen per job, replayed by the hundred thousand), so it builds no
-        ``Estimate``, works the speed out once, reads each attribute once, and spells
-        ``max(a, b)`` as ``b if b > a else a`` (what ``max`` does, without the call). Every
-        float is computed from the same operands in the same order as ever, and sums stay
-        ``sum()`` (its NaN propagation differs from a loop's): replayed ETAs are bit-identical.
+        The reference implementation of the estimate. The ETA projection issues a dozen per
+        job, replayed by the hundred thousand: it calls this one at a job's stage boundaries,
+        takes a job's first from ``PriorCache.start_estimated`` and, at steps in the denoise
+        loop, inlines the case ``current == "denoise"`` with ``denoise_rest()`` (keep the two
+        the same). So it builds no ``Estimate``, works the speed out once, reads each attribute
+        once, and spells ``max(a, b)`` as ``b if b > a else a`` (what ``max`` does, without
+        the call). Every float is computed from the same operands in the same order as ever,
+        and sums stay ``sum()`` (its NaN propagation differs from a loop's): replayed ETAs are
+        bit-identical.
         """
         done = self.done
         speed = self._speed() if done else 1.0  # _speed()'s own shortcut, without the call
@@ -289,38 +351,25 @@ class LiveJob(msgspec.Struct, kw_only=True):
             phase_start = start_ts
         else:
             phase_start = self.phase_start_ts or now
-        expected, sigma_of = self.expected, self.sigma
         seconds: list[float] = []  # each remaining part's seconds…
         weighted: list[float] = []  # …times its relative sigma (for the interval)
         if current is None:  # between phases: every phase not done yet is to come
-            after = phases
+            self._rest(phases, speed, seconds, weighted)
         else:  # the current phase, then those after it not done yet (before it: none)
             try:
                 index = phases.index(current)
             except ValueError:  # a stage outside the plan: nothing is counted
-                after = ()
+                pass
             else:
-                after = phases[index + 1:]
                 if current == "denoise":
                     part, sigma = self._denoise_left(now, speed)
                 else:
-                    sigma = sigma_of[current]
-                    part = conditional_remaining(expected[current] * speed, sigma,
+                    sigma = self.sigma[current]
+                    part = conditional_remaining(self.expected[current] * speed, sigma,
                                                  (now - phase_start) / 1e9)
                 seconds.append(part)
                 weighted.append(part * sigma)
-        for phase in after:
-            if phase in done:
-                continue
-            if phase == "denoise":
-                steps_left = self.total_steps - self.steps_done
-                if 0 > steps_left:  # noqa: PLR1730 - max() without the call
-                    steps_left = 0
-                part = self._step_mean(speed) * steps_left
-            else:
-                part = expected[phase] * speed
-            seconds.append(part)
-            weighted.append(part * sigma_of[phase])
+                self._rest(phases[index + 1:], speed, seconds, weighted)
         remaining = sum(seconds, 0.0)  # a float even with nothing left (checkpoints keep types)
         last_remaining = self.last_remaining
         if last_remaining is not None and self.last_ts is not None:
@@ -339,12 +388,12 @@ class LiveJob(msgspec.Struct, kw_only=True):
             low = high = 0.0
         else:
             quantiles = self.quantiles
-            bucket = bucket_of(progress)
-            if bucket in quantiles:
+            # bucket_of only when there is a quantile to find: it cannot raise.
+            if quantiles and (bucket := bucket_of(progress)) in quantiles:
                 q10, q90 = quantiles[bucket]
                 low, high = remaining * q10, remaining * q90
             else:
-                spread = sqrt(sum(map(pow, weighted, _SQUARE))) / remaining
+                spread = sqrt(sum(map(pow, weighted, SQUARES))) / remaining
                 low, high = remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)
         self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
         return remaining, low, high, progress, self.steps_seen < 2
@@ -363,3 +412,40 @@ class LiveJob(msgspec.Struct, kw_only=True):
         if 0.0 > seconds:  # noqa: PLR1730 - max() without the call
             seconds = 0.0
         return seconds, self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
+
+    def _rest(self, phases: tuple[str, ...], speed: float, seconds: list[float],
+              weighted: list[float]) -> None:
+        """Append each of ``phases`` not done yet: its seconds, and those times its relative
+        sigma. The estimate's parts after the current phase (all of them between phases)."""
+        done, expected, sigma_of = self.done, self.expected, self.sigma
+        for phase in phases:
+            if phase in done:
+                continue
+            if phase == "denoise":
+                steps_left = self.total_steps - self.steps_done
+                if 0 > steps_left:  # noqa: PLR1730 - max() without the call
+                    steps_left = 0
+                part = self._step_mean(speed) * steps_left
+            else:
+                part = expected[phase] * speed
+            seconds.append(part)
+            weighted.append(part * sigma_of[phase])
+
+    def denoise_rest(self) -> DenoiseRest | None:
+        """What an estimate in the running denoise loop takes besides the step fields.
+
+        ``None`` unless the loop is running. Steps change none of it (only a phase's start or
+        end does), so the ETA projection works it out once for a run of a job's steps.
+        """
+        phases = self.phases
+        if self.phase != "denoise" or "denoise" not in phases:
+            return None
+        speed = self._speed() if self.done else 1.0
+        seconds: list[float] = [0.0]  # the loop's part: filled in at each estimate
+        weighted: list[float] = []
+        self._rest(phases[phases.index("denoise") + 1:], speed, seconds, weighted)
+        try:  # pow(x, 2) as the interval does, the loop's part first: one fewer exponent
+            squares: list[float] | None = [0.0, *map(pow, weighted, SQUARES[1:])]
+        except OverflowError:  # the estimate raises it only where it needs the interval
+            squares = None
+        return DenoiseRest(speed, seconds, tuple(weighted), squares, self.sigma["denoise"])

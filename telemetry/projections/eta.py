@@ -15,11 +15,20 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from math import exp, sqrt
 from typing import Final
 
 import msgspec
 
-from telemetry.eta.live import WARMUP_WEIGHT, LiveJob, PriorCache
+from telemetry.eta.live import (
+    PRIOR_STEPS,
+    SQUARES,
+    WARMUP_WEIGHT,
+    Z90,
+    DenoiseRest,
+    LiveJob,
+    PriorCache,
+)
 from telemetry.eta.model import BUCKETS, Calibration, bucket_of
 from telemetry.events import (
     EtaCalibrated,
@@ -39,6 +48,8 @@ ERROR_EDGES: Final = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 
 _LAST_EDGE: Final = ERROR_EDGES[-1]
 _OVERFLOW: Final = len(ERROR_EDGES)  # the counts' last slot: beyond every edge
 KEEP_FINISHED: Final = 10_000
+#: ``run_job`` between runs of steps: no event's job is equal to it (not even ``None``).
+_NO_RUN: Final = object()
 #: ETAs issued per denoising loop (plus the first two steps and the last): enough to follow
 #: the loop closely, few enough that replay stays fast and residuals stay per-progress.
 ISSUES_PER_DENOISE: Final = 10
@@ -149,63 +160,181 @@ class EtaProjection(BatchFold):
                    failed: OnFailure) -> EtaState:
         """Update each job's estimator and issue new ETAs; score them when the job ends.
 
-        ``StepEnded`` is three events in four of a replay, and most issue no ETA: its path
-        is ``LiveJob.step_ended`` inlined, with the issue cadence's divisor kept between
-        events of the same ``total_steps``.
+        ``StepEnded`` is three events in four of a replay, and its path is
+        ``LiveJob.step_ended`` inlined. Steps come in runs of one job's steps: within a run
+        the estimator's step fields and its last ETA (what the next one is damped against)
+        are kept in locals and stored when the run ends — at another job's step, at any other
+        event, before a failure is reported and at the end of the batch (a write-behind). An
+        ETA at a step of the denoise loop (nearly all of them) is ``estimate_fields``
+        inlined from those locals, with the parts no step changes (``denoise_rest``: the
+        speed, the phases after the loop) worked out once per job and batch and dropped when
+        one of the job's phases starts or ends; elsewhere the run ends and ``estimate_fields``
+        is called. A job's first ETA comes from the prior cache (``start_estimated``), and
+        the issue cadence's divisor is kept between events of the same ``total_steps``. The
+        arithmetic is the same, in the same order: the ETAs and the state are bit-identical to
+        ``LiveJob``'s methods called event by event.
         """
         running_of = state.running.get
         issue, point = _issue, EtaPoint
         per_denoise = ISSUES_PER_DENOISE
         warmup_weight = WARMUP_WEIGHT
         every_total, every = None, 1  # max(total // ISSUES_PER_DENOISE, 1) of every_total
+        # This batch's denoise_rest() of each estimator that issued an ETA in the loop, with
+        # the estimator (which keeps its id its own); dropped when one of its phases starts or
+        # ends.
+        rests: dict[int, tuple[LiveJob, DenoiseRest | None]] = {}
+        # The run: its job, estimator and issued ETAs, and the estimator's fields in locals.
+        run_job: object = _NO_RUN
+        live: LiveJob | None = None
+        issued: list[EtaPoint] = []
+        total_steps = steps_done = steps_seen = 0
+        ts: int | None = None  # the run's last_step_ts
+        last_ts: int | None = None
+        segment_sum = segment_n = segment_prior = last_band = 0.0
+        last_remaining: float | None = None
+        expert: str | None = None
+        # The rest of rest_of (looked up at a run's first ETA), unpacked.
+        rest_of: LiveJob | None = None
+        rest: DenoiseRest | None = None
+        speed = loop_sigma = 0.0
+        seconds: list[float] = []
+        weighted: tuple[float, ...] = ()
+        squares: list[float] | None = None
         for event in events:
             try:
                 if type(event) is StepEnded:  # narrows for mypy, at no cost per event
-                    running = running_of(event.job)
-                    if running is None:
-                        continue
-                    live = running.live
-                    # LiveJob.step_ended, inlined (keep the two the same); a write to a
-                    # struct costs four reads, so an unchanged total_steps is not rewritten.
-                    steps_done = live.steps_done + 1
+                    if event.job != run_job:  # (run_job is _NO_RUN while live is None)
+                        if live is not None:
+                            _store_run(live, (total_steps, steps_done, ts, steps_seen,
+                                              segment_sum, segment_n, last_remaining,
+                                              last_ts, last_band))
+                        running = running_of(event.job)
+                        if running is None:
+                            live, run_job = None, _NO_RUN
+                            continue
+                        run_job, live, issued = event.job, running.live, running.issued
+                        total_steps, steps_done, ts, steps_seen = (
+                            live.total_steps, live.steps_done, live.last_step_ts,
+                            live.steps_seen)
+                        segment_sum, segment_n, segment_prior, expert = (
+                            live.segment_sum, live.segment_n, live.segment_prior, live.expert)
+                        last_remaining, last_ts, last_band = (
+                            live.last_remaining, live.last_ts, live.last_band)
+                    # LiveJob.step_ended, inlined (keep the two the same); each local changes
+                    # where step_ended sets its field, so what a failure stores is the same.
+                    steps = steps_done + 1
                     total = event.total_steps
-                    steps = steps_done if steps_done > total else total  # max(total, done)
-                    if steps is not live.total_steps:
-                        live.total_steps = steps
-                    live.steps_done = steps_done
-                    ts = live.last_step_ts = event.ts
-                    expert = event.expert
-                    if expert != live.expert:
-                        if live.expert is not None and live.segment_n > 0:
-                            live.segment_prior = live._step_mean()
-                        live.expert = expert
-                        live.segment_sum, live.segment_n = 0.0, 0.0
+                    total_steps = steps if steps > total else total  # max(total, steps)
+                    steps_done = steps
+                    ts = event.ts
+                    if event.expert != expert:
+                        assert live is not None  # run_job is this step's job
+                        if expert is not None and segment_n > 0:
+                            # A new expert: same size, so start from the prior scaled by
+                            # what we saw (_step_mean reads the fields: store them first).
+                            _store_run(live, (total_steps, steps_done, ts, steps_seen,
+                                              segment_sum, segment_n, last_remaining,
+                                              last_ts, last_band))
+                            live.segment_prior = segment_prior = live._step_mean()
+                        live.expert = expert = event.expert
+                        segment_sum, segment_n = 0.0, 0.0
                     duration_s = event.duration_s
                     if duration_s is not None:
-                        seen = live.steps_seen = live.steps_seen + 1
-                        if seen == 1:
-                            live.first_step_s = duration_s
-                            live.segment_sum += warmup_weight * (duration_s
-                                                                 / max(live.warmup, 1e-6))
-                            live.segment_n += warmup_weight
+                        if steps_seen:  # not the first step seen: steps_seen + 1 != 1
+                            steps_seen += 1
+                            segment_sum += 1.0 * duration_s
+                            segment_n += 1.0
                         else:
-                            live.segment_sum += 1.0 * duration_s
-                            live.segment_n += 1.0
+                            assert live is not None
+                            steps_seen += 1
+                            live.first_step_s = duration_s
+                            segment_sum += warmup_weight * (duration_s
+                                                            / max(live.warmup, 1e-6))
+                            segment_n += warmup_weight
                     done = event.step + 1
                     if not (done <= 2 or done >= total):
                         if total != every_total:
                             every_total, every = total, max(total // per_denoise, 1)
                         if done % every:
                             continue
-                    remaining, low, high, progress, estimating = live.estimate_fields(ts)
-                    running.issued.append(point(ts=ts, remaining_s=remaining, p10_s=low,
-                                                p90_s=high, progress=progress,
-                                                estimating=estimating))
+                    # An ETA: LiveJob.estimate_fields(ts), inlined (keep the two the same).
+                    assert live is not None
+                    elapsed = (ts - live.start_ts) / 1e9
+                    if 0.0 > elapsed:  # noqa: PLR1730 - max() without the call
+                        elapsed = 0.0
+                    if rest_of is not live:
+                        entry = rests.get(id(live))
+                        if entry is None or entry[0] is not live:
+                            entry = rests[id(live)] = (live, live.denoise_rest())
+                        rest_of, rest = live, entry[1]
+                        if rest is not None:
+                            speed, seconds, weighted, squares, loop_sigma = rest
+                    if rest is None:  # not in the denoise loop: the general estimate
+                        _store_run(live, (total_steps, steps_done, ts, steps_seen,
+                                          segment_sum, segment_n, last_remaining, last_ts,
+                                          last_band))
+                        estimator, live, run_job = live, None, _NO_RUN
+                        remaining, low, high, progress, estimating = \
+                            estimator.estimate_fields(ts)
+                        issued.append(point(ts=ts, remaining_s=remaining, p10_s=low,
+                                            p90_s=high, progress=progress,
+                                            estimating=estimating))
+                        continue
+                    # _denoise_left(ts, speed) at this step's own time: its since_step is
+                    # 0.0, so `mean if mean < since_step else since_step` reads as below.
+                    steps_left = total_steps - steps_done
+                    if 0 > steps_left:  # noqa: PLR1730 - max() without the call
+                        steps_left = 0
+                    prior = segment_prior
+                    if steps_seen == 0:
+                        prior *= speed
+                    mean = (PRIOR_STEPS * prior + segment_sum) / (PRIOR_STEPS + segment_n)
+                    part = mean * steps_left - (mean if mean < 0.0 else 0.0)
+                    if 0.0 > part:  # noqa: PLR1730 - max() without the call
+                        part = 0.0
+                    sigma = loop_sigma / sqrt(1.0 + segment_n)
+                    seconds[0] = part
+                    remaining = sum(seconds, 0.0)
+                    if last_remaining is not None and last_ts is not None:
+                        ceiling = last_remaining - (ts - last_ts) / 1e9
+                        if 0.0 > ceiling:  # noqa: PLR1730 - max() without the call
+                            ceiling = 0.0
+                        ceiling += last_band
+                        if remaining > ceiling:
+                            remaining = ceiling + 0.5 * (remaining - ceiling)
+                    total_s = elapsed + remaining
+                    progress = elapsed / total_s if total_s > 0 else 0.0
+                    if remaining <= 0:
+                        low = high = 0.0
+                    else:
+                        quantiles = live.quantiles
+                        if quantiles and (bucket := bucket_of(progress)) in quantiles:
+                            q10, q90 = quantiles[bucket]
+                            low, high = remaining * q10, remaining * q90
+                        else:
+                            if squares is None:  # one of the rest's overflows: pow raises
+                                spread = sqrt(sum(map(pow, (part * sigma, *weighted), SQUARES)))
+                            else:
+                                squares[0] = (part * sigma) ** 2  # pow(part * sigma, 2)
+                                spread = sqrt(sum(squares))
+                            spread /= remaining
+                            low = remaining * exp(-Z90 * spread)
+                            high = remaining * exp(Z90 * spread)
+                    last_remaining, last_ts, last_band = remaining, ts, high - remaining
+                    issued.append(point(ts=ts, remaining_s=remaining, p10_s=low, p90_s=high,
+                                        progress=progress, estimating=steps_seen < 2))
                     continue
+                if live is not None:
+                    _store_run(live, (total_steps, steps_done, ts, steps_seen,
+                                      segment_sum, segment_n, last_remaining, last_ts,
+                                      last_band))
+                    live, run_job = None, _NO_RUN
                 kind = type(event)
                 if kind is StageStarted or kind is StageEnded:
                     running = running_of(event.job)
                     if running is not None:
+                        rests.pop(id(running.live), None)  # a phase starts or ends
+                        rest_of = None
                         if isinstance(event, StageStarted):
                             running.live.stage_started(event.stage, event.ts)
                         else:
@@ -214,10 +343,16 @@ class EtaProjection(BatchFold):
                         issue(running, event.ts)
                 elif kind is JobStarted:
                     assert isinstance(event, JobStarted)
-                    running = RunningEta(model=event.model,
-                                         live=self._priors.start(event, state.calibration))
+                    started, first = self._priors.start_estimated(event, state.calibration)
+                    running = RunningEta(model=event.model, live=started)
                     bounded_insert(state.running, event.job, running)
-                    issue(running, event.ts)
+                    if first is None:
+                        issue(running, event.ts)
+                    else:
+                        remaining, low, high, progress, estimating = first
+                        running.issued.append(point(ts=event.ts, remaining_s=remaining,
+                                                    p10_s=low, p90_s=high, progress=progress,
+                                                    estimating=estimating))
                 elif kind is JobCompleted:
                     assert isinstance(event, JobCompleted)
                     self._completed(state, event)
@@ -229,56 +364,94 @@ class EtaProjection(BatchFold):
                         coefficients=event.coefficients, rel_sigma=event.rel_sigma,
                         warmup=event.warmup, quantiles=event.quantiles, jobs=event.jobs)
             except Exception as exc:
+                if live is not None:
+                    _store_run(live, (total_steps, steps_done, ts, steps_seen,
+                                      segment_sum, segment_n, last_remaining, last_ts,
+                                      last_band))
+                    live, run_job = None, _NO_RUN
+                rests.clear()
+                rest_of = None
                 failed(event, exc)
+        if live is not None:
+            _store_run(live, (total_steps, steps_done, ts, steps_seen, segment_sum,
+                              segment_n, last_remaining, last_ts, last_band))
         return state
 
     def _completed(self, state: EtaState, event: JobCompleted) -> None:
-        """Score every ETA the job was issued: its residuals, and the model's histograms."""
+        """Score every ETA the job was issued: its residuals, and the model's histograms.
+
+        The first ETA (issued at the start) is scored on its own; the others by the bucket of
+        the progress they were issued at. Consecutive ETAs mostly share a bucket, so a run of
+        them looks its bucket up once. Each bucket's errors, in order, and the order buckets
+        are first reached in (the histograms' and the residuals') are those of scoring the
+        ETAs one by one.
+        """
         running = state.running.pop(event.job, None)
         if running is None:
             return
         model = running.model
-        histograms = state.residuals.setdefault(model, {})
-        by_bucket: dict[str, list[float]] = {}  # in the order buckets were first reached
-        covered_in: dict[str, int] = {}
-        history: list[EtaPoint] = []
-        before_start: float | None = None
+        histograms = state.residuals.get(model)
+        if histograms is None:  # setdefault(model, {}) without a dict per call
+            histograms = state.residuals[model] = {}
+        points = running.issued
         end_ts = event.ts
-        for index, point in enumerate(running.issued):
+        before_start: float | None = None
+        if points:
+            point = points[0]
             actual = (end_ts - point.ts) / 1e9
-            if actual <= 1e-3:
-                continue
-            error = (point.remaining_s - actual) / actual
-            covered = point.p10_s <= actual <= point.p90_s
-            if index == 0:
-                before_start = error
+            if actual > 1e-3:
+                before_start = (point.remaining_s - actual) / actual
                 histogram = state.before_start.get(model)
                 if histogram is None:
                     histogram = state.before_start[model] = Histogram()
-                histogram.add(error, covered)
+                histogram.add_all([before_start], point.p10_s <= actual <= point.p90_s)
+        by_bucket: dict[str, list[float]] = {}  # in the order buckets were first reached
+        covered_in: dict[str, int] = {}
+        history: list[EtaPoint] = []  # the first ETA of each bucket
+        bucket: str | None = None  # the last scored ETA's, with its errors and count covered
+        errors: list[float] = []
+        covered = 0
+        for point in points[1:]:
+            actual = (end_ts - point.ts) / 1e9
+            if actual <= 1e-3:
                 continue
-            bucket = bucket_of(point.progress)
-            errors = by_bucket.get(bucket)
-            if errors is None:
-                history.append(point)
-                by_bucket[bucket] = [error]
-                covered_in[bucket] = covered
-            else:
-                errors.append(error)
-                covered_in[bucket] += covered
+            this_bucket = bucket_of(point.progress)
+            if this_bucket != bucket:
+                if bucket is not None:
+                    covered_in[bucket] = covered
+                bucket = this_bucket
+                reached = by_bucket.get(bucket)
+                if reached is None:
+                    history.append(point)
+                    errors = by_bucket[bucket] = []
+                    covered = 0
+                else:
+                    errors, covered = reached, covered_in[bucket]
+            errors.append((point.remaining_s - actual) / actual)
+            covered += point.p10_s <= actual <= point.p90_s
+        if bucket is not None:
+            covered_in[bucket] = covered
+        residuals: dict[str, float] = {}
         for bucket, errors in by_bucket.items():
             histogram = histograms.get(bucket)
             if histogram is None:
                 histogram = histograms[bucket] = Histogram()
             histogram.add_all(errors, covered_in[bucket])
+            residuals[bucket] = sum(errors) / len(errors)
         finished = state.finished
         finished[event.job] = FinishedEta(
             model=model, status="completed", duration_s=event.duration_s,
-            before_start_error=before_start,
-            residuals={b: sum(v) / len(v) for b, v in by_bucket.items()},
-            history=history)
+            before_start_error=before_start, residuals=residuals, history=history)
         while len(finished) > self.keep_finished:
             del finished[next(iter(finished))]
+
+
+def _store_run(live: LiveJob, fields: tuple[int, int, int | None, int, float, float,
+                                           float | None, int | None, float]) -> None:
+    """Store a run's fields: total_steps, steps_done, last_step_ts, steps_seen, segment_sum,
+    segment_n, last_remaining, last_ts, last_band."""
+    (live.total_steps, live.steps_done, live.last_step_ts, live.steps_seen, live.segment_sum,
+     live.segment_n, live.last_remaining, live.last_ts, live.last_band) = fields
 
 
 def _issue(running: RunningEta, ts: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -11,6 +12,7 @@ import pytest
 from telemetry.eta.fit import robust_fit, solve
 from telemetry.eta.live import LiveJob, PriorCache
 from telemetry.eta.model import (
+    BUCKETS,
     STEP,
     Calibration,
     bucket_of,
@@ -21,6 +23,7 @@ from telemetry.eta.model import (
 from telemetry.eta.shape import JobShape
 from telemetry.events import (
     DeviceInfo,
+    EtaCalibrated,
     Event,
     JobStarted,
     StageEnded,
@@ -222,6 +225,119 @@ class TestFastPathsMatchTheModel:
         assert [(e.remaining_s, e.p10_s, e.p90_s, e.progress, e.estimating)
                 for e in expected] == [(p.remaining_s, p.p10_s, p.p90_s, p.progress,
                                         p.estimating) for p in running.issued]
+
+    @staticmethod
+    def _reference(events: list[Event], calibration: Calibration
+                   ) -> tuple[dict[str, tuple[LiveJob, list[tuple[object, ...]]]],
+                              list[tuple[str, type[Exception]]]]:
+        """Each job's estimator fed through LiveJob's public methods with the ETAs the
+        projection issues (the estimate's fields), and the (job, exception type) of each
+        estimate that raised, in order."""
+        jobs: dict[str, tuple[LiveJob, list[tuple[object, ...]]]] = {}
+        failures: list[tuple[str, type[Exception]]] = []
+
+        def issue(job: str, ts: int) -> None:
+            live, issued = jobs[job]
+            try:
+                e = live.estimate(ts)
+            except Exception as exc:
+                failures.append((job, type(exc)))
+            else:
+                issued.append((e.remaining_s, e.p10_s, e.p90_s, e.progress, e.estimating))
+
+        for event in events:
+            if isinstance(event, JobStarted):
+                jobs[event.job] = (LiveJob.start(event, calibration), [])
+                issue(event.job, event.ts)
+            elif event.job in jobs:
+                live = jobs[event.job][0]
+                if isinstance(event, StepEnded):
+                    live.step_ended(total_steps=event.total_steps, duration_s=event.duration_s,
+                                    expert=event.expert, ts=event.ts)
+                    done, total = event.step + 1, event.total_steps
+                    if done <= 2 or done >= total or done % max(total // 10, 1) == 0:
+                        issue(event.job, event.ts)
+                elif isinstance(event, StageStarted):
+                    live.stage_started(event.stage, event.ts)
+                    issue(event.job, event.ts)
+                elif isinstance(event, StageEnded):
+                    live.stage_ended(event.stage, event.duration_s)
+                    issue(event.job, event.ts)
+        return jobs, failures
+
+    @pytest.mark.parametrize("seed", range(30))
+    def test_runs_interleaved_calibrated_and_split(self, seed: int) -> None:
+        """The step path keeps a run's fields in locals and the parts of its ETAs that steps
+        leave alone aside: two jobs interleaved in runs of steps, a calibration (quantiles for
+        some buckets; in some seeds a sigma so absurd that the interval overflows), folded in
+        random pieces, still issue exactly LiveJob's estimates, fail where it fails and leave
+        the same estimators."""
+        rng = random.Random(seed)
+        first = self._job(seed)
+        second = [msgspec.structs.replace(e, job="k") for e in self._job(seed + 99)]
+        # A phase that ends within the loop (the speed changes), and a step after it.
+        steps = [i for i, e in enumerate(first) if isinstance(e, StepEnded)]
+        if steps:
+            middle, last = steps[len(steps) // 2], first[steps[-1]]
+            first.insert(middle, StageEnded(job="j", ts=first[middle].ts, stage="text_encode",
+                                            duration_s=rng.uniform(0.01, 1.0)))
+            end = next(i for i, e in enumerate(first)
+                       if isinstance(e, StageEnded) and e.stage == "denoise")
+            first.insert(end + 1, msgspec.structs.replace(last, ts=first[end].ts + 1))
+        start = first[0]
+        assert isinstance(start, JobStarted)
+        calibration = Calibration(
+            rel_sigma={component_key("decode", JobShape.of(start)): 1e200} if seed % 5 == 0
+            else {},
+            quantiles={b: (0.8, 1.3) for b in rng.sample(BUCKETS, rng.randint(0, 3))})
+        events: list[Event] = [EtaCalibrated(job="", ts=0, coefficients={},
+                                             rel_sigma=calibration.rel_sigma,
+                                             quantiles=calibration.quantiles)]
+        streams = [first, second]
+        while any(streams):
+            stream = rng.choice([s for s in streams if s])
+            take = rng.randint(1, 8)
+            events += stream[:take]
+            del stream[:take]
+        cuts = sorted({0, len(events), *(rng.randint(0, len(events)) for _ in range(4))})
+        projection = EtaProjection()
+        state = projection.initial()
+        failures: list[tuple[str, type[Exception]]] = []
+        for lo, hi in itertools.pairwise(cuts):
+            state = projection.apply_many(
+                state, events[lo:hi],
+                lambda event, exc: failures.append((event.job, type(exc))))
+        jobs, expected_failures = self._reference(events, calibration)
+        assert expected_failures == failures
+        for job, (live, issued) in jobs.items():
+            running = state.running[job]
+            assert msgspec.msgpack.encode(live) == msgspec.msgpack.encode(running.live)
+            assert repr(issued) == repr([(p.remaining_s, p.p10_s, p.p90_s, p.progress,
+                                          p.estimating) for p in running.issued])
+
+    def test_first_estimate_is_memoised_exactly(self) -> None:
+        """``PriorCache.start_estimated`` is ``LiveJob.start`` then ``estimate_fields`` at the
+        start: the same fields and estimator whatever the start time, and ``None`` where that
+        estimate raises (which it then still does)."""
+        cache = PriorCache()
+        decode = component_key("decode", JobShape.of(started()))
+        calibrations = [Calibration(), Calibration(quantiles={"0-10": (0.5, 2.0)}),
+                        Calibration(rel_sigma={decode: 1e200})]
+        for calibration in calibrations * 2:
+            for steps, ts in ((40, 0), (40, 7), (4, 10**18), (40, 2**80), (4, -3)):
+                event = msgspec.structs.replace(started(steps=steps), ts=ts)
+                live, first = cache.start_estimated(event, calibration)
+                reference = LiveJob.start(event, calibration)
+                try:
+                    expected = reference.estimate_fields(ts)
+                except OverflowError:
+                    assert first is None
+                    with pytest.raises(OverflowError):
+                        live.estimate_fields(ts)
+                else:
+                    assert repr(expected) == repr(first)
+                assert repr(msgspec.to_builtins(reference)) == \
+                    repr(msgspec.to_builtins(live))
 
     def test_prior_cache_starts_what_start_starts(self) -> None:
         """Memoised priors give the same estimator as ``LiveJob.start``, calibration changes
