@@ -70,6 +70,20 @@ class _Snapshot(msgspec.Struct, kw_only=True):
     states: dict[str, bytes]
 
 
+def _routing(projection: Projection[Any]) -> tuple[frozenset[type] | None, frozenset[type]]:
+    """What the engine hands ``projection``: the types it reads (``handles``; ``None``: every
+    event) and those it also takes unfiltered (``handles`` plus ``passes``).
+
+    Filtering a batch costs a pass over it per projection; a fold that skips a frequent type
+    it does not read in its own loop declares it in ``passes``, and a batch holding only
+    types it reads or passes is handed over whole.
+    """
+    handles = getattr(projection, "handles", None)
+    if handles is None:
+        return None, frozenset()
+    return handles, handles | getattr(projection, "passes", frozenset())
+
+
 class ProjectionEngine:
     """Applies log items to a set of projections; deterministic and free of I/O."""
 
@@ -82,8 +96,7 @@ class ProjectionEngine:
         self.position: Position = 0  # the next position to apply
         self.last_seq: dict[str, int] = {}
         self.health = Health()
-        self._folds = [(as_batch_projection(p), p.name, getattr(p, "handles", None))
-                       for p in projections]
+        self._folds = [(as_batch_projection(p), p.name, *_routing(p)) for p in projections]
         self.finished_jobs: dict[str, None] = {}  # an ordered set that bounds last_seq
 
     @property
@@ -133,8 +146,10 @@ class ProjectionEngine:
                     self._forget_finished(event.job)
         present = frozenset(tally)
         states = self.states
-        for projection, name, handles in self._folds:
-            if handles is None or present <= handles:
+        for projection, name, handles, accepts in self._folds:
+            if handles is None or present <= accepts:
+                if handles is not None and handles.isdisjoint(present):
+                    continue
                 mine = fresh
             elif handles.isdisjoint(present):
                 continue

@@ -30,7 +30,10 @@ class Projection(Protocol[S]):
     #: The state's type, used to decode checkpoints.
     state_type: type[S]
     # Optionally, ``handles: frozenset[type[Event]]``: the event types the fold reads. The
-    # engine then routes only those to it (a projection without it sees every event).
+    # engine then routes only those to it (a projection without it sees every event). And
+    # ``passes: frozenset[type[Event]]``: types it does not read but skips cheaply itself; a
+    # batch of only handled and passed types is handed over unfiltered (filtering costs a
+    # pass over the batch).
 
     def initial(self) -> S:
         """The state before any event."""

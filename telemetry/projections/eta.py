@@ -37,6 +37,7 @@ from telemetry.events import (
     JobCompleted,
     JobFailed,
     JobStarted,
+    MemorySampled,
     StageEnded,
     StageStarted,
     StepEnded,
@@ -146,6 +147,9 @@ class EtaProjection(BatchFold):
         JobStarted, StageStarted, StageEnded, StepEnded, EtaCalibrated, JobCompleted,
         JobFailed, JobCancelled,
     })
+    #: Skipped by the fold's second test, before a run of steps ends: handing them over costs
+    #: less than filtering them out of every batch.
+    passes = frozenset({MemorySampled})
 
     def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.keep_finished = keep_finished
@@ -323,6 +327,8 @@ class EtaProjection(BatchFold):
                     last_remaining, last_ts, last_band = remaining, ts, high - remaining
                     issued.append(point(ts=ts, remaining_s=remaining, p10_s=low, p90_s=high,
                                         progress=progress, estimating=steps_seen < 2))
+                    continue
+                if type(event) is MemorySampled:  # not read (see passes): the run goes on
                     continue
                 if live is not None:
                     _store_run(live, (total_steps, steps_done, ts, steps_seen,

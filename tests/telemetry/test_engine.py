@@ -20,6 +20,7 @@ from telemetry.events import (
     JobCompleted,
     JobFailed,
     JobStarted,
+    MemorySampled,
     StageEnded,
     StageStarted,
     StepEnded,
@@ -190,6 +191,38 @@ class TestDeduplication:
         e.apply_quarantined(Quarantined(0, 3, 3, "segment x offset 0", "checksum"))
         assert (3, 3, 1) == (e.position, e.health.quarantined_records,
                              e.health.quarantined_regions)
+
+
+class Recorder(BatchFold):
+    """Records the batches it is handed: it reads steps and skips memory samples itself."""
+
+    name = "recorder"
+    version = 1
+    state_type = list
+    handles = frozenset({StepEnded})
+    passes = frozenset({MemorySampled})
+
+    def initial(self) -> list[list[str]]:
+        return []
+
+    def apply_many(self, state: list[list[str]], events: Sequence[Event],
+                   failed: OnFailure) -> list[list[str]]:
+        state.append([type(event).__name__ for event in events])
+        return state
+
+
+class TestRouting:
+    def test_a_fold_gets_its_types_and_those_it_passes_unfiltered(self) -> None:
+        """Steps and memory samples arrive whole; a batch with a third type is filtered to
+        the types read; a batch with none of them is not handed over."""
+        step = StepEnded(job="a", seq=0, ts=1, step=0, total_steps=2)
+        sample = MemorySampled(job="a", seq=1, ts=1, device="cpu", host_rss_bytes=1)
+        stage = StageEnded(job="a", seq=2, ts=2, stage="denoise", duration_s=1.0)
+        e = ProjectionEngine([Recorder()])
+        e.apply_batch(Batch(0, [step, sample]))
+        e.apply_batch(Batch(2, [stage, msgspec.structs.replace(step, seq=3, step=1)]))
+        e.apply_batch(Batch(4, [msgspec.structs.replace(sample, seq=4)]))
+        assert [["StepEnded", "MemorySampled"], ["StepEnded"]] == e.states["recorder"]
 
 
 class TestIsolation:
