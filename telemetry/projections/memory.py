@@ -12,10 +12,19 @@ from typing import Final
 
 import msgspec
 
-from telemetry.events import Event, JobCancelled, JobCompleted, JobFailed, JobStarted, MemorySampled
+from telemetry.events import (
+    Event,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobStarted,
+    MemorySampled,
+    StepEnded,
+)
 from telemetry.projections.base import BatchFold, OnFailure, bounded_insert
 
 KEEP_FINISHED: Final = 10_000
+_LIFECYCLE: Final = frozenset({JobStarted, JobCompleted, JobFailed, JobCancelled})
 
 
 class JobMemory(msgspec.Struct, kw_only=True):
@@ -46,12 +55,16 @@ class MemoryState(msgspec.Struct, kw_only=True):
 
 
 class MemoryProjection(BatchFold):
-    """Fold memory samples into peaks."""
+    """Fold memory samples into peaks.
+
+    It has no ``handles``: it takes every event and skips a step (most of a log) with its
+    first test, and any other event it does not read with one more, which costs less than
+    the engine's per-event type filter.
+    """
 
     name = "memory"
     version = 1
     state_type = MemoryState
-    handles = frozenset({JobStarted, MemorySampled, JobCompleted, JobFailed, JobCancelled})
 
     def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.keep_finished = keep_finished
@@ -70,45 +83,87 @@ class MemoryProjection(BatchFold):
         order ``torch_allocated``, ``torch_reserved``, ``device``, ``host_rss`` — the order a
         job's ``peaks`` gets its keys in — instead of through two dictionaries per sample.
         The sample's highest reading is only needed for its stage, so only then is it found.
+
+        A batch holds runs of one job's samples on one device, so the current device's and
+        job's entries stay in locals while the samples' ``device`` and ``job`` do not change
+        (a string comparison instead of a lookup). Devices are never removed, so a device's
+        entry stays valid for the whole batch; a job's is looked up again after any other
+        event (a lifecycle event replaces or retires it), after a failure, and when the
+        device changes. With the job come its peaks by kind, read once into locals and
+        written through (only this fold's samples of that job change them, so the locals
+        stay equal to the dictionary), and its ``device``, written only when it differs (an
+        equal string encodes the same).
         """
         running, finished, devices = state.running, state.finished, state.devices
         job_of, device_of = running.get, devices.get
-        keep_finished = self.keep_finished
+        keep_finished, lifecycle = self.keep_finished, _LIFECYCLE
+        step_type, sample_type = StepEnded, MemorySampled  # locals: read per event
+        # The current device: its name, entry, and latest readings by source.
+        device_name: str | None = None
+        device = DeviceMemory()
+        device_used: dict[str, int] = {}
+        # The current job (None: look it up): its id, entry, peaks by kind (0 where none yet)
+        # and peaks by stage.
+        job_id: str | None = None
+        job: JobMemory | None = None
+        peaks: dict[str, int] = {}
+        top_allocated = top_reserved = top_used = top_rss = 0
+        stage_peaks: dict[str, int] = {}
         for event in events:
             try:
-                if type(event) is MemorySampled:
+                if type(event) is step_type:  # most events: none of this fold's
+                    continue
+                if type(event) is sample_type:
                     allocated = event.peak_allocated_bytes or event.allocated_bytes
                     reserved = event.peak_reserved_bytes or event.reserved_bytes
                     used = event.device_used_bytes
-                    current_rss = event.host_rss_bytes or 0  # max(current, peak), or None
-                    peak_rss = event.host_peak_rss_bytes or 0
-                    rss = (peak_rss if peak_rss > current_rss else current_rss) or None
-                    device = device_of(event.device)
-                    if device is None:
-                        device = devices[event.device] = DeviceMemory()
+                    # Host RSS: the larger of current and peak (0 for none), None if 0. Most
+                    # samples have no current RSS (a CPU job's per-step sample has its peak).
+                    rss = event.host_peak_rss_bytes
+                    current_rss = event.host_rss_bytes
+                    if current_rss:
+                        peak_rss = rss or 0
+                        rss = (peak_rss if peak_rss > current_rss else current_rss) or None
+                    elif rss is not None and not rss > 0:
+                        rss = None
+                    if event.device != device_name:
+                        device_name = event.device
+                        found = device_of(device_name)
+                        if found is None:
+                            found = devices[device_name] = DeviceMemory()
+                        device, device_used = found, found.used
+                        job_id = None  # the job's device is set where the job is found
                     if used is not None:
-                        device.used["nvml"] = used
+                        device_used["nvml"] = used
                         if used > device.peak_used:  # noqa: PLR1730 - no max() per sample
                             device.peak_used = used
                     elif reserved is not None:
-                        device.used["torch_reserved"] = event.reserved_bytes or reserved
+                        device_used["torch_reserved"] = event.reserved_bytes or reserved
                     elif rss is not None:
-                        device.used["host_rss"] = rss
+                        device_used["host_rss"] = rss
                     if event.device_total_bytes is not None:
                         device.total = event.device_total_bytes
-                    job = job_of(event.job)
-                    if job is None:
-                        continue
-                    job.device = event.device
-                    peaks = job.peaks
-                    if allocated is not None and allocated > peaks.get("torch_allocated", 0):
-                        peaks["torch_allocated"] = allocated
-                    if reserved is not None and reserved > peaks.get("torch_reserved", 0):
-                        peaks["torch_reserved"] = reserved
-                    if used is not None and used > peaks.get("device", 0):
-                        peaks["device"] = used
-                    if rss is not None and rss > peaks.get("host_rss", 0):
-                        peaks["host_rss"] = rss
+                    if event.job != job_id:
+                        job = job_of(event.job)
+                        if job is None:
+                            job_id = None
+                            continue
+                        job_id = event.job
+                        if job.device != device_name:
+                            job.device = device_name
+                        peaks, stage_peaks = job.peaks, job.stage_peaks
+                        top_allocated = peaks.get("torch_allocated", 0)
+                        top_reserved = peaks.get("torch_reserved", 0)
+                        top_used = peaks.get("device", 0)
+                        top_rss = peaks.get("host_rss", 0)
+                    if allocated is not None and allocated > top_allocated:
+                        peaks["torch_allocated"] = top_allocated = allocated
+                    if reserved is not None and reserved > top_reserved:
+                        peaks["torch_reserved"] = top_reserved = reserved
+                    if used is not None and used > top_used:
+                        peaks["device"] = top_used = used
+                    if rss is not None and rss > top_rss:
+                        peaks["host_rss"] = top_rss = rss
                     stage = event.stage
                     if stage is not None:
                         top = allocated
@@ -120,10 +175,13 @@ class MemoryProjection(BatchFold):
                             top = rss
                         if top is None:
                             top = 0
-                        stage_peaks = job.stage_peaks
                         if top > stage_peaks.get(stage, 0):
                             stage_peaks[stage] = top
-                elif type(event) is JobStarted:
+                    continue
+                if type(event) not in lifecycle:  # another type: nothing to do
+                    continue
+                job_id = None  # a lifecycle event: the job's entry may change
+                if type(event) is JobStarted:
                     bounded_insert(running, event.job, JobMemory(
                         model=event.model, width=event.width, height=event.height))
                 elif (type(event) is JobCompleted or type(event) is JobFailed
@@ -134,5 +192,6 @@ class MemoryProjection(BatchFold):
                         while len(finished) > keep_finished:
                             del finished[next(iter(finished))]
             except Exception as exc:
+                job_id = None
                 failed(event, exc)
         return state

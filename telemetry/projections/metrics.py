@@ -146,19 +146,32 @@ def observe(
         hist.exemplars[index] = exemplar
 
 
-#: Bucket ``i`` holds the values ``v`` with ``_ABOVE[i] < v <= _UP_TO[i]`` (what ``bisect_left``
-#: finds), so a step in its predecessor's bucket needs two comparisons, not a search. NaN is in
-#: none of them, and is left to ``bisect_left``.
-_ABOVE: Final = (-math.inf, *DURATION_BUCKETS)
-_UP_TO: Final = (*DURATION_BUCKETS, math.inf)
+#: Bucket ``i`` holds the values ``v`` with ``lo < v <= hi`` for ``(lo, hi) = _BOUNDS[i]`` (what
+#: ``bisect_left`` finds), so a step in its predecessor's bucket needs two comparisons, not a
+#: search. NaN is in none of them, and is left to ``bisect_left``.
+_BOUNDS: Final = tuple(zip((-math.inf, *DURATION_BUCKETS), (*DURATION_BUCKETS, math.inf),
+                           strict=True))
+#: Bounds no value is within (``inf < v`` is never true): used while no run can go on.
+_NO_RUN: Final = (math.inf, -math.inf)
+#: Lifecycle events: they add, change or forget tracked jobs.
+_LIFECYCLE: Final = frozenset({JobQueued, JobStarted, JobCompleted, JobFailed, JobCancelled})
+#: A job's step expert before its first timed step (no event's ``expert`` is this object).
+_UNSEEN: Final = object()
+#: The last step of the run before there is a run (never stored).
+_NO_STEP: Final = StepEnded(job="", ts=0, step=0, total_steps=0)
 
 
-def _store_run(hist: HistogramSeries, index: int, count: int, total: float,
-               exemplar: Exemplar) -> None:
-    """Store a run of ``count`` observations in bucket ``index``: ``total`` is the new sum."""
+def _store_run(hist: HistogramSeries, counter: CounterSeries, index: int, count: int, *,
+               total: float, trace: str, last: StepEnded) -> None:
+    """Store a run: ``count`` steps of ``counter``'s model, observed in bucket ``index`` of
+    ``hist``. ``total`` is the histogram's new sum; ``last`` is the run's last step, whose
+    exemplar the bucket keeps."""
+    counter.value += count
     hist.counts[index] += count
     hist.sum = total
-    hist.exemplars[index] = exemplar
+    value = last.duration_s
+    assert value is not None  # a run's steps all have a duration
+    hist.exemplars[index] = Exemplar(trace, value, last.ts / 1e9)
 
 
 def increment(series: dict[str, CounterSeries], labels: tuple[str, ...], by: int = 1) -> None:
@@ -176,10 +189,6 @@ class MetricsProjection(BatchFold):
     name = "metrics"
     version = 1
     state_type = MetricsState
-    handles = frozenset({
-        JobQueued, JobStarted, StageEnded, StepEnded, MemorySampled, GpuSampled,
-        JobCompleted, JobFailed, JobCancelled,
-    })
 
     def __init__(self, *, max_tracked: int = MAX_TRACKED) -> None:
         self.max_tracked = max_tracked
@@ -192,95 +201,125 @@ class MetricsProjection(BatchFold):
                    failed: OnFailure) -> MetricsState:
         """Count and observe what each event tells; ignore what it does not.
 
+        The fold reads nine of the event types, nearly every event of a log, so it takes them
+        all (no ``handles``: the engine's per-event type filter would cost more than the
+        checks here) and skips the others itself.
+
         Steps and memory samples are nearly every event, so their branches come first and are
         written out. Only steps read or write the step counters and histograms, so a batch
-        keeps what it adds to them in locals and stores it when a step moves to another
-        counter or bucket, when an event fails, and at the end:
+        keeps what it adds to them in locals and stores it when a step lands in another
+        bucket or histogram, when an event fails, and at the end:
 
-        * the current job's tracked labels, trace, counter and histogram (the tracked jobs
-          change only on lifecycle events, which forget them);
-        * the step counter's value;
-        * the current run of steps landing in one bucket of one histogram: how many, the
-          histogram's running sum (the same additions in the same order), and the last
-          step's exemplar — each step's exemplar replaces the one before it in that bucket,
-          so a run stores one, and the order of ``exemplars``' keys stays ``observe``'s.
+        * each job's tracked labels, trace, step counter, and histogram for its latest
+          expert (a lifecycle event forgets its own job's, and all of them when it may have
+          made room for a new job by forgetting the oldest tracked one);
+        * the current run of steps landing in one bucket of one histogram: how many (they
+          are also how many steps its model's counter gains), the histogram's running sum
+          (the same additions in the same order), and the last step with its trace, whose
+          exemplar is stored — each step's exemplar replaces the one before it in that
+          bucket, so a run stores one, and the order of ``exemplars``' keys stays
+          ``observe``'s. The run's bucket bounds are in ``lo`` and ``hi`` while the current
+          job's histogram is the run's, and are :data:`_NO_RUN` otherwise, so a step
+          continues it in one test;
+        * steps without a duration, counted for the current counter.
         """
-        tracked_of = state.tracked.get
+        tracked = state.tracked
+        tracked_of = tracked.get
         denoise, step_hists = state.denoise_steps, state.step_duration
         counter_of, hist_of = denoise.get, step_hists.get
         edges, slots, sep = DURATION_BUCKETS, len(DURATION_BUCKETS) + 1, SEP
-        above, up_to = _ABOVE, _UP_TO
-        # Each job's model, trace, step counter, and step histogram for its latest expert.
-        known_jobs: dict[str, tuple[str, str, CounterSeries, str, HistogramSeries | None]] = {}
+        bounds, no_run, lifecycle = _BOUNDS, _NO_RUN, _LIFECYCLE
+        step_type, sample_type = StepEnded, MemorySampled  # locals: read per event
+        # Each job's model, trace, step counter, latest timed step's ``expert`` (as the event
+        # has it) and step histogram for that expert.
+        known_jobs: dict[str, tuple[str, str, CounterSeries, object, HistogramSeries | None]] = {}
         known_of = known_jobs.get
-        # The current job: its id, model, trace, expert, and step histogram for that expert.
+        # The current job: its id, model, trace, step counter, expert, and step histogram.
         job: str | None = None
-        model = trace = expert = ""
+        model = trace = ""
+        # (Before the first step, ``job_steps`` and ``run_counter`` are a counter nothing stores.)
+        job_steps = run_counter = CounterSeries(labels=())
+        expert: object = _UNSEEN
         hist: HistogramSeries | None = None
-        # The step counter being added to, and its value.
-        counter: CounterSeries | None = None
-        count = 0
-        # The current run of steps in one bucket: histogram, bucket, how many, the histogram's
-        # running sum, and the last step's exemplar (trace, value, time).
+        # Steps without a duration not yet added to ``job_steps``.
+        untimed = 0
+        # The current run of steps in one bucket: histogram, its model's step counter,
+        # bucket and its bounds, how many steps, the histogram's running sum, and the last
+        # step and its trace.
         run: HistogramSeries | None = None
         run_index = run_count = 0
-        run_sum = run_value = 0.0
-        run_trace, run_ts = "", 0
+        run_bounds = no_run
+        run_sum = 0.0
+        run_trace, run_step = "", _NO_STEP
+        # ``run_bounds`` while ``hist`` is ``run``, else ``no_run``.
+        lo, hi = no_run
         for event in events:
             try:
-                if type(event) is StepEnded:
+                if type(event) is step_type:
                     if event.job != job:
                         known = known_of(event.job)
                         if known is None:
-                            tracked = tracked_of(event.job)
-                            if tracked is None:
+                            job_tracked = tracked_of(event.job)
+                            if job_tracked is None:
                                 job = None
                                 continue
-                            model = tracked.model
+                            model = job_tracked.model
                             steps = counter_of(model)
                             if steps is None:
                                 steps = denoise[model] = CounterSeries(labels=(model,))
                             known = known_jobs[event.job] = (
-                                model, tracked.trace_id, steps, "", None)
+                                model, job_tracked.trace_id, steps, _UNSEEN, None)
+                        if untimed and known[2] is not job_steps:
+                            job_steps.value += untimed
+                            untimed = 0
                         job = event.job
                         model, trace, job_steps, expert, hist = known
-                        if job_steps is not counter:
-                            if counter is not None:
-                                counter.value = count
-                            counter, count = job_steps, job_steps.value
-                    count += 1
+                        lo, hi = run_bounds if hist is run else no_run
                     value = event.duration_s
                     if value is None:
+                        untimed += 1
                         continue
-                    if hist is None or (event.expert or "none") != expert:
-                        expert = event.expert or "none"
-                        key = model + sep + expert
+                    if event.expert is not expert:  # decoded experts are interned: rarely
+                        expert = event.expert
+                        key = model + sep + (event.expert or "none")
                         hist = hist_of(key)
                         if hist is None:
-                            hist = step_hists[key] = HistogramSeries(labels=(model, expert),
-                                                                     counts=[0] * slots)
+                            hist = step_hists[key] = HistogramSeries(
+                                labels=(model, event.expert or "none"), counts=[0] * slots)
                         known_jobs[job] = (model, trace, job_steps, expert, hist)
-                    if hist is run and above[run_index] < value <= up_to[run_index]:
+                        lo, hi = run_bounds if hist is run else no_run
+                    if lo < value and value <= hi:  # noqa: PLR1716 - no SWAP/COPY per step
                         run_count += 1
                         run_sum += value
-                    else:
-                        index = bisect_left(edges, value)
-                        if run is not None:
-                            _store_run(run, run_index, run_count, run_sum,
-                                       Exemplar(run_trace, run_value, run_ts / 1e9))
-                        run, run_index, run_count, run_sum = hist, index, 1, hist.sum + value
-                    run_trace, run_value, run_ts = trace, value, event.ts
-                elif type(event) is MemorySampled:
+                        run_trace = trace
+                        run_step = event
+                        continue
+                    assert hist is not None  # set with ``expert`` (never ``_UNSEEN`` here)
+                    index = bisect_left(edges, value)
+                    if run is not None:
+                        _store_run(run, run_counter, run_index, run_count, total=run_sum,
+                                   trace=run_trace, last=run_step)
+                    run, run_counter, run_index = hist, job_steps, index
+                    run_count, run_sum = 1, hist.sum + value
+                    lo, hi = run_bounds = bounds[index]
+                    run_trace = trace
+                    run_step = event
+                elif type(event) is sample_type:
+                    if (event.allocated_bytes is None and event.host_rss_bytes is None
+                            and event.device_used_bytes is None and event.reserved_bytes is None
+                            and event.peak_allocated_bytes is None
+                            and event.peak_reserved_bytes is None):
+                        continue  # no reading this fold keeps: a CPU job's per-step sample
                     allocated = event.peak_allocated_bytes or event.allocated_bytes
                     reserved = event.peak_reserved_bytes or event.reserved_bytes
                     used, rss = event.device_used_bytes, event.host_rss_bytes
                     if allocated is None and reserved is None and used is None and rss is None:
                         continue
-                    tracked = tracked_of(event.job)
-                    if tracked is None:
+                    sampled = tracked_of(event.job)
+                    if sampled is None:
                         continue
                     # A job's peak of each kind, in the order the kinds first appear.
-                    peaks = tracked.peaks
+                    peaks = sampled.peaks
                     if allocated is not None and allocated > peaks.get("torch_allocated", -1):
                         peaks["torch_allocated"] = allocated
                     if reserved is not None and reserved > peaks.get("torch_reserved", -1):
@@ -289,62 +328,79 @@ class MetricsProjection(BatchFold):
                         peaks["device"] = used
                     if rss is not None and rss > peaks.get("host_rss", -1):
                         peaks["host_rss"] = rss
-                elif type(event) is StageEnded:
-                    tracked = tracked_of(event.job)
-                    if tracked is not None:
-                        observe(state.stage_duration, (tracked.model, event.stage), edges,
-                                event.duration_s)
-                elif type(event) is GpuSampled:
-                    self._gpu(state, event)
-                else:  # lifecycle: the tracked jobs change, so forget what was found
-                    job = None
-                    known_jobs.clear()
-                    if type(event) is JobStarted:
-                        self._started(state, event)
-                    elif type(event) is JobQueued:
-                        self._queued(state, event)
-                    elif type(event) is JobCompleted:
-                        self._ended(state, event, "completed", event.duration_s)
-                    elif type(event) is JobFailed:
-                        if event.oom:
-                            tracked = tracked_of(event.job)
-                            increment(state.jobs_oom, (tracked.model if tracked else UNKNOWN,))
-                        self._ended(state, event, "failed", event.duration_s)
-                    elif type(event) is JobCancelled:
-                        self._ended(state, event, "cancelled", event.duration_s)
+                else:  # the rarer events: one type() for all their tests
+                    kind = type(event)
+                    if kind in lifecycle:  # the tracked jobs change: forget what was found
+                        job = None
+                        known_jobs.pop(event.job, None)
+                        if kind is JobStarted:
+                            assert isinstance(event, JobStarted)
+                            if self._started(state, event):  # the oldest job was forgotten
+                                known_jobs.clear()
+                        elif kind is JobQueued:
+                            assert isinstance(event, JobQueued)
+                            if self._queued(state, event):
+                                known_jobs.clear()
+                        elif kind is JobCompleted:
+                            assert isinstance(event, JobCompleted)
+                            self._ended(state, event, "completed", event.duration_s)
+                        elif kind is JobFailed:
+                            assert isinstance(event, JobFailed)
+                            if event.oom:
+                                failed_job = tracked_of(event.job)
+                                increment(state.jobs_oom,
+                                          (failed_job.model if failed_job else UNKNOWN,))
+                            self._ended(state, event, "failed", event.duration_s)
+                        else:
+                            assert isinstance(event, JobCancelled)
+                            self._ended(state, event, "cancelled", event.duration_s)
+                    elif kind is StageEnded:
+                        assert isinstance(event, StageEnded)
+                        staged = tracked_of(event.job)
+                        if staged is not None:
+                            observe(state.stage_duration, (staged.model, event.stage), edges,
+                                    event.duration_s)
+                    elif kind is GpuSampled:
+                        assert isinstance(event, GpuSampled)
+                        self._gpu(state, event)
             except Exception as exc:  # store what the batch holds, as folding left it
                 job = None
-                if counter is not None:
-                    counter.value, counter = count, None
+                known_jobs.clear()
+                if untimed:
+                    job_steps.value += untimed
+                    untimed = 0
                 if run is not None:
-                    _store_run(run, run_index, run_count, run_sum,
-                               Exemplar(run_trace, run_value, run_ts / 1e9))
+                    _store_run(run, run_counter, run_index, run_count, total=run_sum,
+                               trace=run_trace, last=run_step)
                     run = None
+                    lo, hi = run_bounds = no_run
                 failed(event, exc)
-        if counter is not None:
-            counter.value = count
+        if untimed:
+            job_steps.value += untimed
         if run is not None:
-            _store_run(run, run_index, run_count, run_sum,
-                       Exemplar(run_trace, run_value, run_ts / 1e9))
+            _store_run(run, run_counter, run_index, run_count, total=run_sum, trace=run_trace,
+                       last=run_step)
         return state
 
-    def _queued(self, state: MetricsState, event: JobQueued) -> None:
-        if event.job not in state.tracked:
-            state.tracked[event.job] = TrackedJob(
-                model=event.model, task=event.task, queued_ts=event.ts,
-                trace_id=trace_id_for(event.job, event.traceparent))
-            self._bound(state)
+    def _queued(self, state: MetricsState, event: JobQueued) -> bool:
+        """Track a queued job; True if that made the oldest tracked job be forgotten."""
+        if event.job in state.tracked:
+            return False
+        state.tracked[event.job] = TrackedJob(
+            model=event.model, task=event.task, queued_ts=event.ts,
+            trace_id=trace_id_for(event.job, event.traceparent))
+        return self._bound(state)
 
-    def _started(self, state: MetricsState, event: JobStarted) -> None:
+    def _started(self, state: MetricsState, event: JobStarted) -> bool:
+        """Track a started job; True if that made the oldest tracked job be forgotten."""
         tracked = state.tracked.get(event.job)
         trace_id = trace_id_for(event.job, event.traceparent)
         if tracked is None:
             state.tracked[event.job] = TrackedJob(model=event.model, task=event.task,
                                                   trace_id=trace_id, started=True)
-            self._bound(state)
-            return
+            return self._bound(state)
         if tracked.started:  # a second JobStarted for the same job: keep the first
-            return
+            return False
         if event.traceparent is not None:
             tracked.trace_id = trace_id
         tracked.model, tracked.task, tracked.started = event.model, event.task, True
@@ -352,6 +408,7 @@ class MetricsProjection(BatchFold):
             wait = max(0.0, (event.ts - tracked.queued_ts) / 1e9)
             observe(state.queue_wait, (event.model,), DURATION_BUCKETS, wait,
                     Exemplar(tracked.trace_id, wait, event.ts / 1e9))
+        return False
 
     def _ended(self, state: MetricsState, event: Event, status: str, duration_s: float) -> None:
         tracked = state.tracked.pop(event.job, None)
@@ -377,10 +434,15 @@ class MetricsProjection(BatchFold):
             temperature_celsius=event.temperature_celsius, power_watts=event.power_watts,
             throttle_reasons=event.throttle_reasons, ts=event.ts)
 
-    def _bound(self, state: MetricsState) -> None:
-        """Forget the oldest tracked jobs beyond the bound (their end was never logged)."""
-        while len(state.tracked) > self.max_tracked:
-            del state.tracked[next(iter(state.tracked))]
+    def _bound(self, state: MetricsState) -> bool:
+        """Forget the oldest tracked jobs beyond the bound (their end was never logged);
+        True if there were any."""
+        tracked = state.tracked
+        if len(tracked) <= self.max_tracked:
+            return False
+        while len(tracked) > self.max_tracked:
+            del tracked[next(iter(tracked))]
+        return True
 
 
 __all__ = [

@@ -6,6 +6,10 @@ import itertools
 import math
 from typing import Any
 
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from telemetry.engine import ProjectionEngine
 from telemetry.events import (
     DeviceInfo,
@@ -25,9 +29,12 @@ from telemetry.projections.metrics import (
     DURATION_BUCKETS,
     MEMORY_BUCKETS,
     SEP,
+    CounterSeries,
     Exemplar,
+    HistogramSeries,
     MetricsProjection,
     MetricsState,
+    observe,
 )
 from telemetry.tracing import trace_id_for
 
@@ -263,3 +270,66 @@ def test_replay_in_pieces_gives_the_same_bytes() -> None:
     assert whole.snapshot() == pieces.snapshot()
     assert math.isclose(4.5, whole.states["metrics"].job_duration[
         key("tiny-t2v", "t2v", "completed")].sum)
+
+
+#: Step durations around bucket edges, repeated values, and the odd ones (none, zero, NaN, inf).
+STEP_DURATIONS = st.one_of(
+    st.sampled_from([0.01, 0.01, 0.015, 0.02, 0.0200001, 0.3, 0.3, 7200.0, 9000.0, 0.0, -0.0,
+                     -1.0, math.inf, math.nan, None]),
+    st.floats(min_value=0.001, max_value=10.0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 2), STEP_DURATIONS,
+                                st.sampled_from([None, "high_noise", "low_noise"]),
+                                st.integers(0, 12)), max_size=60),
+       cuts=st.lists(st.integers(0, 70), max_size=5))
+def test_steps_fold_in_batches_as_observed_one_by_one(
+    steps: list[tuple[int, float | None, str | None, int]], cuts: list[int]
+) -> None:
+    """The batched step path (runs, counters in locals) equals counting each step and
+    ``observe``-ing each timed one with its exemplar, over any split into batches.
+
+    Jobs ``a`` and ``b`` share a model (one counter, shared histograms); ``c`` has its own;
+    a step may be replaced by its job's end (later steps of that job are not counted).
+    """
+    streams = [Stream("a", "m1"), Stream("b", "m1", "i2v"), Stream("c", "m2")]
+    events: list[Event] = [s.started(0) for s in streams]
+    counters: dict[str, CounterSeries] = {}
+    hists: dict[str, HistogramSeries] = {}
+    ended: set[str] = set()
+    for t, (which, duration, expert, end) in enumerate(steps, start=1):
+        stream = streams[which]
+        if end == 0:  # the job ends here
+            events.append(stream.completed(t, 1.0))
+            ended.add(stream.job)
+            continue
+        step = StepEnded(**stream.kw(t), step=t, total_steps=60, duration_s=duration,
+                         expert=expert)
+        events.append(step)
+        if stream.job in ended:
+            continue
+        counter = counters.setdefault(stream.model, CounterSeries(labels=(stream.model,)))
+        counter.value += 1
+        if step.duration_s is not None:
+            observe(hists, (stream.model, expert or "none"), DURATION_BUCKETS, step.duration_s,
+                    Exemplar(trace_id_for(stream.job), step.duration_s, step.ts / 1e9))
+    projection = MetricsProjection()
+    state = projection.initial()
+    bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})
+    for lo, hi in itertools.pairwise(bounds):
+        state = projection.apply_many(state, events[lo:hi], _no_failure)
+    assert repr(msgspec.to_builtins(counters)) == repr(msgspec.to_builtins(state.denoise_steps))
+    assert repr(msgspec.to_builtins(hists)) == repr(msgspec.to_builtins(state.step_duration))
+
+
+def _no_failure(event: Event, exc: Exception) -> None:
+    raise AssertionError(f"{type(event).__name__} raised {exc!r}")
+
+
+def test_a_sample_without_a_reading_this_fold_keeps_adds_no_peak() -> None:
+    """A CPU job's per-step sample (its RSS peak only) adds nothing; a zero reading is kept."""
+    a = Stream("a")
+    state = fold([a.started(1), a.memory(2, host_peak_rss_bytes=GIB),
+                  a.memory(3, allocated_bytes=0)])
+    assert {"torch_allocated": 0} == state.tracked["a"].peaks

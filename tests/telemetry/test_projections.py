@@ -261,3 +261,87 @@ def test_completed_events_carry_no_clock_dependence() -> None:
     events = a_job("a") + [StepEnded(job="zz", seq=0, ts=1, step=0, total_steps=1)]
     events += [JobCompleted(job="zz", seq=1, ts=2, duration_s=0.1)]
     assert fold(events).snapshot() == fold(events).snapshot()
+
+
+class TestRateAndPeakFoldsAgainstTheirDefinitions:
+    """The batched throughput and memory folds (locals, memos) against plain definitions."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(steps=st.lists(st.tuples(
+        st.integers(0, 2),
+        st.one_of(st.sampled_from([0.25, 0.25, 2.31, 2.31, 0.5, 0.0, -0.0, None, float("inf"),
+                                   float("nan")]), st.floats(0.01, 10.0)),
+        st.sampled_from([None, "high_noise", "low_noise"]),
+        st.integers(0, 15)), max_size=60), cuts=st.lists(st.integers(0, 70), max_size=5))
+    def test_throughput_is_its_definition_over_any_split(
+        self, steps: list[tuple[int, float | None, str | None, int]], cuts: list[int]
+    ) -> None:
+        """Per step of a running job: its and its model's counts, the model's count by
+        expert, and for a timed step its rate folded into both moving averages and its time
+        into the model's total, in log order."""
+        from telemetry.projections.throughput import (
+            SMOOTHING,
+            JobRate,
+            ModelRate,
+            ThroughputProjection,
+            ThroughputState,
+        )
+
+        models = {"a": "m1", "b": "m1", "c": "m2"}
+        events: list[Event] = [msgspec.structs.replace(started(job), model=model)
+                               for job, model in models.items()]
+        expected = ThroughputState(
+            jobs={job: JobRate(model=model) for job, model in models.items()},
+            models={"m1": ModelRate(), "m2": ModelRate()})
+        for t, (which, duration, expert, end) in enumerate(steps, start=1):
+            job = "abc"[which]
+            if end == 0:  # the job ends here: its later steps are not counted
+                events.append(JobCompleted(job=job, seq=t, ts=t, duration_s=1.0))
+                expected.jobs.pop(job, None)
+                continue
+            events.append(StepEnded(job=job, seq=t, ts=t, step=t, total_steps=60,
+                                    duration_s=duration, expert=expert))
+            rate = expected.jobs.get(job)
+            if rate is None:
+                continue
+            model = expected.models[models[job]]
+            rate.steps += 1
+            model.steps += 1
+            if expert is not None:
+                model.expert_steps[expert] = model.expert_steps.get(expert, 0) + 1
+            if duration:
+                steps_per_s = 1.0 / duration
+                rate.ema = steps_per_s if rate.ema is None else (
+                    SMOOTHING * steps_per_s + (1 - SMOOTHING) * rate.ema)
+                model.ema = steps_per_s if model.ema is None else (
+                    SMOOTHING * steps_per_s + (1 - SMOOTHING) * model.ema)
+                model.step_seconds += duration
+        projection = ThroughputProjection()
+        state = projection.initial()
+        bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})
+        for lo, hi in itertools.pairwise(bounds):
+            state = projection.apply_many(state, events[lo:hi], _raise)
+        assert repr(msgspec.to_builtins(expected)) == repr(msgspec.to_builtins(state))
+
+    @pytest.mark.parametrize(("current", "peak", "kept"), [
+        (None, None, None), (None, 5, 5), (None, 0, None), (None, -3, None), (0, 4, 4),
+        (7, None, 7), (7, 9, 9), (9, 7, 9), (-2, None, None), (-2, -5, -2)])
+    def test_host_rss_is_the_larger_of_current_and_peak(
+        self, current: int | None, peak: int | None, kept: int | None
+    ) -> None:
+        """A sample's host RSS is max(current, peak), each 0 when missing; 0 is no reading.
+        The device keeps it as its latest reading; the job's peak keeps it above 0."""
+        from telemetry.projections.memory import MemoryProjection
+
+        sample = MemorySampled(job="a", seq=1, ts=2, device="cpu", host_rss_bytes=current,
+                               host_peak_rss_bytes=peak)
+        state = MemoryProjection().apply_many(MemoryProjection().initial(),
+                                              [started("a"), sample], _raise)
+        assert kept == state.devices["cpu"].used.get("host_rss")
+        assert (kept if kept is not None and kept > 0 else None) == \
+            state.running["a"].peaks.get("host_rss")
+
+
+def _raise(event: Event, exc: Exception) -> None:
+    """A fold's ``failed`` where nothing may fail."""
+    raise AssertionError(f"{type(event).__name__} raised {exc!r}")
