@@ -13,6 +13,7 @@ from typing import Final
 import msgspec
 
 from telemetry.events import (
+    EVENT_TYPES,
     Event,
     JobCancelled,
     JobCompleted,
@@ -55,16 +56,15 @@ class MemoryState(msgspec.Struct, kw_only=True):
 
 
 class MemoryProjection(BatchFold):
-    """Fold memory samples into peaks.
-
-    It has no ``handles``: it takes every event and skips a step (most of a log) with its
-    first test, and any other event it does not read with one more, which costs less than
-    the engine's per-event type filter.
-    """
+    """Fold memory samples into peaks."""
 
     name = "memory"
     version = 1
     state_type = MemoryState
+    handles = frozenset({JobStarted, MemorySampled, JobCompleted, JobFailed, JobCancelled})
+    #: Every other type: skipped in the fold's own loop (a step, most of a log, by its first
+    #: test), which costs less than a filter pass over the batch.
+    passes = frozenset(EVENT_TYPES) - handles
 
     def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.keep_finished = keep_finished
