@@ -45,6 +45,26 @@ MIN_SPEED_PHASE_S: Final = 0.005
 SQUARES: Final = (2,) * 16
 
 
+def damp_rise(remaining: float, last_remaining: float | None, last_ts: int | None,
+              last_band: float, now: int) -> float:
+    """``remaining`` as issued after the previous ETA (``last_*``, issued at ``last_ts``).
+
+    A rise within the previous interval is noise and passes; beyond it, only half of the
+    excess is taken per update, so one slow step cannot throw the ETA back, while a real
+    slowdown still shows within a few updates. The one place of this rule: the ETA
+    projection's inlined estimate calls it too.
+    """
+    if last_remaining is None or last_ts is None:
+        return remaining
+    ceiling = last_remaining - (now - last_ts) / 1e9
+    if 0.0 > ceiling:  # noqa: PLR1730 - max() without the call
+        ceiling = 0.0
+    ceiling += last_band
+    if remaining > ceiling:
+        return ceiling + 0.5 * (remaining - ceiling)
+    return remaining
+
+
 def conditional_remaining(expected: float, sigma: float, elapsed: float) -> float:
     """Expected time left in a phase that has already lasted ``elapsed``.
 
@@ -370,18 +390,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
                 seconds.append(part)
                 weighted.append(part * sigma)
                 self._rest(phases[index + 1:], speed, seconds, weighted)
-        remaining = sum(seconds, 0.0)  # a float even with nothing left (checkpoints keep types)
-        last_remaining = self.last_remaining
-        if last_remaining is not None and self.last_ts is not None:
-            # A rise within the previous interval is noise and passes; beyond it, only half of
-            # the excess is taken per update, so one slow step cannot throw the ETA back,
-            # while a real slowdown still shows within a few updates.
-            ceiling = last_remaining - (now - self.last_ts) / 1e9
-            if 0.0 > ceiling:  # noqa: PLR1730 - max() without the call
-                ceiling = 0.0
-            ceiling += self.last_band
-            if remaining > ceiling:
-                remaining = ceiling + 0.5 * (remaining - ceiling)
+        remaining = damp_rise(sum(seconds, 0.0),  # a float even with nothing left
+                              self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
         progress = elapsed / total if total > 0 else 0.0
         if remaining <= 0:

@@ -28,6 +28,7 @@ from telemetry.eta.live import (
     DenoiseRest,
     LiveJob,
     PriorCache,
+    damp_rise,
 )
 from telemetry.eta.model import BUCKETS, Calibration, bucket_of
 from telemetry.events import (
@@ -298,14 +299,8 @@ class EtaProjection(BatchFold):
                         part = 0.0
                     sigma = loop_sigma / sqrt(1.0 + segment_n)
                     seconds[0] = part
-                    remaining = sum(seconds, 0.0)
-                    if last_remaining is not None and last_ts is not None:
-                        ceiling = last_remaining - (ts - last_ts) / 1e9
-                        if 0.0 > ceiling:  # noqa: PLR1730 - max() without the call
-                            ceiling = 0.0
-                        ceiling += last_band
-                        if remaining > ceiling:
-                            remaining = ceiling + 0.5 * (remaining - ceiling)
+                    remaining = damp_rise(sum(seconds, 0.0), last_remaining, last_ts,
+                                          last_band, ts)
                     total_s = elapsed + remaining
                     progress = elapsed / total_s if total_s > 0 else 0.0
                     if remaining <= 0:
