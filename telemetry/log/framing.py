@@ -28,10 +28,14 @@ promises more bytes than the file holds.
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
+
+try:  # the same CRC-32 as zlib's, ~10x faster (carry-less multiplication): replay checks every byte
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover - a platform without a zlib-ng wheel
+    from zlib import crc32
 
 MAGIC: Final = b"WTL\x01"
 HEADER: Final = struct.Struct("<4sIIIQHHI")
@@ -44,6 +48,8 @@ JSON_ARRAY: Final = 0
 MSGPACK_ARRAY: Final = 1
 LAYOUTS: Final = frozenset({JSON_ARRAY, MSGPACK_ARRAY})
 _MSGPACK_ARRAY32: Final = struct.Struct(">BI")  # 0xdd, then the element count
+_HEADER_MAGIC_AS_INT: Final = struct.Struct("<IIIIQHHI")  # HEADER, its magic read as a u32
+_MAGIC_INT: Final = int.from_bytes(MAGIC, "little")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +76,7 @@ class FrameHeader:
 
 def encode_body(records: Sequence[bytes], layout: int = MSGPACK_ARRAY) -> bytes:
     """The table and payload of a frame; computed outside the writer's lock."""
-    crc = zlib.crc32
+    crc = crc32
     table = struct.pack(
         f"<{2 * len(records)}I", *[v for r in records for v in (len(r), crc(r))]
     )
@@ -83,8 +89,8 @@ def encode_header(
     body: bytes, count: int, first: int, schema: int, layout: int = MSGPACK_ARRAY
 ) -> bytes:
     """The 32-byte header for a body; ``first`` is only known under the writer's lock."""
-    tail = HEADER.pack(MAGIC, 0, len(body), count, first, schema, layout, zlib.crc32(body))
-    head_crc = zlib.crc32(tail[_HEAD_CRC_FROM:])
+    tail = HEADER.pack(MAGIC, 0, len(body), count, first, schema, layout, crc32(body))
+    head_crc = crc32(tail[_HEAD_CRC_FROM:])
     return MAGIC + struct.pack("<I", head_crc) + tail[_HEAD_CRC_FROM:]
 
 
@@ -97,7 +103,7 @@ def parse_header(buf: bytes | memoryview, offset: int = 0) -> FrameHeader | None
     )
     if magic != MAGIC:
         return None
-    if zlib.crc32(buf[offset + _HEAD_CRC_FROM : offset + HEADER_SIZE]) != head_crc:
+    if crc32(buf[offset + _HEAD_CRC_FROM : offset + HEADER_SIZE]) != head_crc:
         return None
     if body_len > MAX_BODY or body_len < count * _ENTRY.size + 2 or layout not in LAYOUTS:
         return None
@@ -106,12 +112,56 @@ def parse_header(buf: bytes | memoryview, offset: int = 0) -> FrameHeader | None
 
 def body_is_intact(header: FrameHeader, body: bytes | memoryview) -> bool:
     """Whether the body matches the CRC its header recorded."""
-    return zlib.crc32(body) == header.body_crc
+    return crc32(body) == header.body_crc
 
 
 def payload_of(header: FrameHeader, body: memoryview) -> memoryview:
     """The array of records of an intact body (MessagePack or JSON: see ``header.layout``)."""
     return body[header.count * _ENTRY.size :]
+
+
+def scan_run(
+    buf: bytes, offset: int, first: int, schema: int, limit: int
+) -> tuple[list[memoryview], int, int]:
+    """A run of healthy frames in ``buf`` from ``offset``, to be decoded in one call.
+
+    Returns each frame's payload (a MessagePack array of its records), how many records they
+    hold, and the offset after the last frame. The run takes frames while each is whole within
+    ``buf``, its header and body check out, its layout is MessagePack, it was written with
+    ``schema`` and it starts at the position after the previous one (``first`` for the first);
+    it stops before a frame that would take it past ``limit`` records (a first frame is taken
+    whatever its size). What stopped it is then read frame by frame as before. The checks are
+    :func:`parse_header`'s and :func:`body_is_intact`'s, inlined: live emitters write a frame
+    per flush — one or two events — and per-frame overhead would cost more than decoding.
+    """
+    unpack, view, size = _HEADER_MAGIC_AS_INT.unpack_from, memoryview(buf), len(buf)
+    magic_ok, head_size, entry_size = _MAGIC_INT, HEADER_SIZE, _ENTRY.size
+    min_body = _MSGPACK_ARRAY32.size
+    payloads: list[memoryview] = []
+    count = 0
+    while size - offset >= head_size:
+        magic, head_crc, body_len, n, at, written_by, layout, body_crc = unpack(buf, offset)
+        end = offset + head_size + body_len
+        if (magic != magic_ok or at != first + count or written_by != schema
+                or layout != MSGPACK_ARRAY or end > size or (payloads and count + n > limit)
+                or crc32(buf[offset + _HEAD_CRC_FROM : offset + head_size]) != head_crc
+                or body_len < n * entry_size + min_body):
+            break
+        body = view[offset + head_size : end]
+        if crc32(body) != body_crc:
+            break
+        payloads.append(body[n * entry_size :])
+        count += n
+        offset = end
+    return payloads, count, offset
+
+
+def joined_payload(payloads: Sequence[memoryview], count: int) -> bytes | memoryview:
+    """One MessagePack array of the records of the payloads :func:`scan_run` found."""
+    if len(payloads) == 1:
+        return payloads[0]
+    skip = _MSGPACK_ARRAY32.size
+    return _MSGPACK_ARRAY32.pack(0xDD, count) + b"".join([p[skip:] for p in payloads])
 
 
 def salvage_records(header: FrameHeader, body: memoryview) -> list[memoryview | None]:
@@ -135,7 +185,7 @@ def salvage_records(header: FrameHeader, body: memoryview) -> list[memoryview | 
     offset = table_len + opening
     for length, crc in entries:
         record = body[offset : offset + length]
-        out.append(record if zlib.crc32(record) == crc else None)
+        out.append(record if crc32(record) == crc else None)
         offset += length + separator
     return out
 

@@ -14,6 +14,7 @@ import pytest
 
 from telemetry.cli import main
 from telemetry.codec import decode_one
+from telemetry.commands import replay
 from telemetry.commands.replay import job_summary, replay_streaming
 from telemetry.engine import ProjectionEngine
 from telemetry.events import MemorySampled
@@ -129,8 +130,16 @@ class TestStreamingReplay:
                 log.append(events[:-1] if k == jobs - 1 else events)
         return LocalLog(path, create=False)
 
-    def test_every_job_is_summarised_once_as_if_all_were_kept(self, tmp_path: Path) -> None:
-        """Retiring ended jobs as the log is read changes no summary and loses no job."""
+    def test_every_job_is_summarised_once_as_if_all_were_kept(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Retiring ended jobs as the log is read changes no summary and loses no job.
+
+        The reader hands over many small frames as one batch, and ``replay_streaming`` retires
+        after each slice of a batch: here a slice is one job's eight events, so the jobs held
+        are bounded as tightly as retirement allows.
+        """
+        monkeypatch.setattr(replay, "SLICE", len(a_job("any")))
         log = self.a_log(tmp_path / "log", 40)
         kept = ProjectionEngine(default_projections())
         every = {v.job: job_summary(v, kept)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from telemetry.codec import SCHEMA_FINGERPRINT, encode_many
+from telemetry.events import Event
 from telemetry.log import Batch, LocalLog, Quarantined, ReadItem, framing
 from telemetry.log.local import segment_name
 
@@ -48,23 +49,30 @@ def finish_writers(children: list) -> None:
 
 def check_whole_batches(items: list[ReadItem], jobs: list[str], *, events: int,
                         batch: int) -> None:
-    """Exactly ``events`` per job, once each, in whole batches, in order; positions contiguous."""
+    """Exactly ``events`` per job, once each, in whole batches, in order; positions contiguous.
+
+    A read may hand several appends over as one ``Batch``, so the appends are found by
+    position: every append is ``batch`` events, so each stretch of ``batch`` positions from 0
+    must be one writer's whole append, untouched by any other.
+    """
     quarantined = [item for item in items if isinstance(item, Quarantined)]
     assert quarantined == [], "interleaved or damaged bytes were found"
     position = 0
-    seqs: dict[str, list[int]] = defaultdict(list)
+    stored: list[Event] = []
     for item in items:
         assert isinstance(item, Batch)
         assert item.first == position, f"positions jump from {position} to {item.first}"
         position = item.next
-        job = item.events[0].job
-        first = item.events[0].seq
-        # Each stored batch is one writer's whole append, untouched by any other.
-        assert [e.seq for e in item.events] == list(range(first, first + batch))
+        stored.extend(item.events)
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for start in range(0, len(stored), batch):
+        append = stored[start : start + batch]
+        job, first = append[0].job, append[0].seq
+        assert [(e.job, e.seq) for e in append] == [(job, s) for s in range(first, first + batch)]
         assert first % batch == 0
-        for event in item.events:
+        for event in append:
             assert event == wp.step_event(job, event.seq, job)
-        seqs[job].extend(e.seq for e in item.events)
+        seqs[job].extend(e.seq for e in append)
     assert sorted(seqs) == sorted(jobs)
     for job in jobs:
         assert seqs[job] == list(range(events)), f"{job}: order or count wrong"

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from telemetry.codec import encode, encode_json
 from telemetry.events import StepEnded
-from telemetry.log import framing
-from telemetry.log.base import LogNotFound, Quarantined
+from telemetry.log import framing, local
+from telemetry.log.base import Batch, LogNotFound, Quarantined, ReadItem
 from telemetry.log.local import LocalLog, segment_name
 
 from .log_contract import LogContract, events_of, positions_of, steps
@@ -227,6 +230,132 @@ class TestRecordLayouts:
             positions = log.append(steps("a", 3, 3))
             assert 3 == positions.start
             assert steps("a", 0, 6) == events_of(log.read())
+
+
+class TestRunsOfSmallFrames:
+    """Live emitters write a frame per flush (one or two events); a reader checks each frame and
+    decodes a run of them in one call, with exactly what reading frame by frame would give."""
+
+    def test_small_frames_are_handed_over_as_one_batch(self, tmp_path: Path) -> None:
+        """Fifty appends of one to three events read back as one batch, positions in order."""
+        sizes = [1 + k % 3 for k in range(50)]
+        with LocalLog(tmp_path) as log:
+            for first, size in zip(_firsts(sizes), sizes, strict=True):
+                log.append(steps("a", first, size))
+            items = list(log.read())
+        assert [(0, sum(sizes))] == [(i.first, i.next) for i in items]
+        assert steps("a", 0, sum(sizes)) == events_of(items)
+
+    def test_a_run_stops_before_the_record_limit_but_takes_a_large_frame_whole(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Runs stay under ``RUN_RECORDS``; a frame larger than that is one batch of its own."""
+        monkeypatch.setattr(local, "RUN_RECORDS", 10)
+        sizes = [3, 3, 3, 3, 25, 3]
+        with LocalLog(tmp_path) as log:
+            for first, size in zip(_firsts(sizes), sizes, strict=True):
+                log.append(steps("a", first, size))
+            items = list(log.read())
+        assert [9, 3, 25, 3] == [len(i.events) for i in items if isinstance(i, Batch)]
+        assert steps("a", 0, 40) == events_of(items)
+
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+    def test_an_invalid_record_in_a_run_loses_only_itself(self, tmp_path: Path,
+                                                          layout: int) -> None:
+        """A frame whose checksums hold but whose record does not validate stops nothing:
+        the run is read again frame by frame and only that record is quarantined."""
+        good = steps("a", 0, 6)
+        enc, dump = ((encode, msgspec.msgpack.encode) if layout == framing.MSGPACK_ARRAY
+                     else (encode_json, msgspec.json.encode))
+        invalid = dump({"type": "StepEnded", "v": 2, "job": "a"})
+        _write_raw_frames(tmp_path, [[enc(good[0]), enc(good[1])],
+                                     [enc(good[2]), invalid, enc(good[3])],
+                                     [enc(good[4]), enc(good[5])]], layout=layout)
+        items = list(LocalLog(tmp_path).read())
+        assert good[:4] + good[4:] == events_of(items)
+        assert [0, 1, 2, 4, 5, 6] == positions_of(items)
+        (notice,) = [i for i in items if isinstance(i, Quarantined)]
+        assert ((3, 1), True) == ((notice.first, notice.count), "undecodable" in notice.reason)
+
+    def test_old_frames_amid_current_ones_are_upcast_in_place(self, tmp_path: Path) -> None:
+        """A run stops at a frame of another schema or layout, which is decoded as before."""
+        now = steps("a", 0, 4)
+        _write_raw_frames(tmp_path, [[encode(now[0])], [STEP_ENDED_V1], [encode_json(now[1])],
+                                     [encode(now[2]), encode(now[3])]],
+                          schemas=[None, 0x0001, None, None],
+                          layouts=[framing.MSGPACK_ARRAY, framing.JSON_ARRAY,
+                                   framing.JSON_ARRAY, framing.MSGPACK_ARRAY])
+        events = events_of(LocalLog(tmp_path).read())
+        assert [now[0], now[1], now[2], now[3]] == [events[0], *events[2:]]
+        assert isinstance(events[1], StepEnded) and (2, 2) == (events[1].v, events[1].passes)
+
+    def test_reading_from_inside_a_frame_starts_at_that_position(self, tmp_path: Path) -> None:
+        """The frame holding the start is cut; the run goes on from the next frame."""
+        with LocalLog(tmp_path) as log:
+            for first in range(0, 12, 3):
+                log.append(steps("a", first, 3))
+            items = list(log.read(4))
+        assert list(range(4, 12)) == positions_of(items)
+        assert steps("a", 4, 8) == events_of(items)
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=12),
+           flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)),
+                          max_size=3))
+    def test_runs_read_exactly_what_frame_by_frame_reads(
+        self, tmp_path_factory: pytest.TempPathFactory, sizes: list[int],
+        flips: list[tuple[float, int]],
+    ) -> None:
+        """Whatever the frames and wherever bytes are damaged, the same events at the same
+        positions and the same quarantine notices come out as from frame-by-frame reading."""
+        path = tmp_path_factory.mktemp("log")
+        with LocalLog(path) as log:
+            for first, size in zip(_firsts(sizes), sizes, strict=True):
+                log.append(steps("a", first, size))
+        segment = only_segment(path)
+        data = bytearray(segment.read_bytes())
+        for where, mask in flips:
+            data[int(where * len(data))] ^= mask
+        segment.write_bytes(bytes(data))
+
+        def flattened(items: list[ReadItem]) -> list[tuple[object, ...]]:
+            return [(p, e) for i in items if isinstance(i, Batch) for p, e in i.positioned()] + [
+                (i.first, i.count, i.next, i.reason) for i in items
+                if isinstance(i, Quarantined)]
+
+        runs = flattened(list(LocalLog(path, create=False).read()))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(local._Cursor, "_run_of_frames", lambda self: None)
+            one_by_one = flattened(list(LocalLog(path, create=False).read()))
+        assert one_by_one == runs
+
+
+@given(st.binary(max_size=4096), st.integers(0, 2**32 - 1))
+def test_frames_are_checksummed_with_zlibs_crc32(data: bytes, start: int) -> None:
+    """The checksum (zlib-ng's where installed) is zlib's CRC-32: every log stays readable."""
+    assert zlib.crc32(data, start) == framing.crc32(data, start)
+
+
+def _firsts(sizes: list[int]) -> list[int]:
+    """The first position of each of appends of these sizes."""
+    return [sum(sizes[:k]) for k in range(len(sizes))]
+
+
+def _write_raw_frames(path: Path, frames: list[list[bytes]], *, layout: int | None = None,
+                      layouts: list[int] | None = None,
+                      schemas: list[int | None] | None = None) -> None:
+    """Make a log holding these frames of exactly these record bytes, positions in order."""
+    LocalLog(path).close()
+    out, first = b"", 0
+    for k, records in enumerate(frames):
+        frame_layout = layouts[k] if layouts else (
+            framing.MSGPACK_ARRAY if layout is None else layout)
+        schema = (schemas[k] if schemas else None) or framing_schema()
+        body = framing.encode_body(records, frame_layout)
+        out += framing.encode_header(body, len(records), first, schema, frame_layout) + body
+        first += len(records)
+    (path / segment_name(0)).write_bytes(out)
 
 
 def framing_schema() -> int:
