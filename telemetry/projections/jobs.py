@@ -150,18 +150,23 @@ class JobsProjection(BatchFold):
                    failed: OnFailure) -> JobsState:
         """Update the job each event belongs to, and its worker's liveness.
 
-        Steps are three events in five of a replay and come in runs of one job's steps
-        (memory samples and stage boundaries between them). Within a run the step fields —
-        last event time, steps done, total, expert, time in steps — are kept in locals and
-        stored once when the run ends: at another job's step, a lifecycle event or heartbeat,
-        a sweep, a failure, and the end of the batch. The arithmetic is the same, in the same
-        order.
+        Steps are three events in five of a replay. Their fields — last event time, steps
+        done, total, expert, time in steps — are held back from the job's view while the batch
+        is folded and stored once: the current job's in locals, other jobs' in ``held`` (jobs
+        run side by side, so a batch alternates between them). They are stored before anything
+        that reads or replaces views (a lifecycle event or heartbeat, a sweep, a failure) and
+        at the end of the batch. The arithmetic is the same, in the same order.
         """
         jobs = state.jobs
         job_of = jobs.get
+        held: dict[str, _Held] = {}  # other jobs' step fields, not yet in their views
+        take_held = held.pop
         sweep_every = self.sweep_every_ns
-        now, swept = state.now_ts, state.swept_ts
-        run: JobView | None = None  # the view whose step fields are held below
+        now = state.now_ts
+        sweep_at = state.swept_ts + sweep_every  # ``ts >= sweep_at``: no subtraction per event
+        # The view whose step fields are held in the locals below, and its job (set together:
+        # where ``run`` is not None neither is ``run_job``, which mypy cannot see).
+        run: JobView | None = None
         run_job: str | None = None
         last_ts = done = 0
         total: int | None = None
@@ -173,13 +178,16 @@ class JobsProjection(BatchFold):
                 if type(event) is StepEnded:  # the most frequent job event: a hot path, inlined
                     if event.job != run_job:
                         if run is not None:
-                            _store_steps(run, (last_ts, done, total, expert, step_time))
-                            run = run_job = None
-                        view = job_of(event.job)
-                        if view is None:  # its start was lost: the job still exists
-                            view = jobs[event.job] = JobView(job=event.job)
-                        run, run_job = view, event.job
-                        done, step_time = view.steps_done, view.step_time_s
+                            held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
+                        entry = take_held(event.job, None)
+                        if entry is not None:
+                            run, last_ts, done, total, expert, step_time = entry
+                        else:
+                            run = job_of(event.job)
+                            if run is None:  # its start was lost: the job still exists
+                                run = jobs[event.job] = JobView(job=event.job)
+                            done, step_time = run.steps_done, run.step_time_s
+                        run_job = event.job
                     ts = last_ts = event.ts
                     step = event.step + 1
                     if step > done:  # noqa: PLR1730 - no max() on the hot path
@@ -189,13 +197,14 @@ class JobsProjection(BatchFold):
                         step_time += event.duration_s
                     if ts > now:
                         now = ts
-                        if ts - swept >= sweep_every:
+                        if ts >= sweep_at:
                             assert run is not None  # set above: this step's job
-                            _store_steps(run, (last_ts, done, total, expert, step_time))
+                            held[event.job] = (run, last_ts, done, total, expert, step_time)
+                            _store_held(held)
                             run = run_job = None  # the sweep may forget views
                             state.now_ts = now
                             self._sweep(state)
-                            swept = state.swept_ts
+                            sweep_at = state.swept_ts + sweep_every
                     continue
                 elif type(event) is MemorySampled:  # as frequent: only its job's peaks change
                     view = run if event.job == run_job else job_of(event.job)
@@ -203,26 +212,30 @@ class JobsProjection(BatchFold):
                         _raise_peaks(view, event)
                     continue
                 elif type(event) is StageStarted or type(event) is StageEnded:
-                    # A stage boundary touches no step field, so a run of the job's steps
-                    # goes on across it (the job's last event time is the run's local).
+                    # A stage boundary touches no step field but the job's last event time,
+                    # which is held with them: the job's steps stay held across it.
                     ts = event.ts
                     if ts > now:
                         now = ts
-                        if ts - swept >= sweep_every:
+                        if ts >= sweep_at:
                             if run is not None:
-                                _store_steps(run, (last_ts, done, total, expert, step_time))
+                                held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
                                 run = run_job = None
+                            _store_held(held)
                             state.now_ts = now
                             self._sweep(state)
-                            swept = state.swept_ts
+                            sweep_at = state.swept_ts + sweep_every
                     if event.job == run_job:
                         view, last_ts = run, ts
+                    elif held and (entry := held.get(event.job)) is not None:
+                        view = entry[0]
+                        held[event.job] = (view, ts, entry[2], entry[3], entry[4], entry[5])
                     else:
                         view = job_of(event.job)
                         if view is None:
                             view = jobs[event.job] = JobView(job=event.job)
                         view.last_ts = ts
-                    assert view is not None  # the run's view, or one just found or made
+                    assert view is not None  # the run's view, or one held, found or made
                     if type(event) is StageStarted:
                         view.stage = event.stage
                         view.stages.append(StageSpan(stage=event.stage, start_ts=ts))
@@ -230,23 +243,27 @@ class JobsProjection(BatchFold):
                         _stage_ended(view, event)
                     continue
                 if run is not None:
-                    _store_steps(run, (last_ts, done, total, expert, step_time))
+                    held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
                     run = run_job = None
+                if held:
+                    _store_held(held)
                 self._apply_other(state, event, now)
-                now, swept = state.now_ts, state.swept_ts
+                now, sweep_at = state.now_ts, state.swept_ts + sweep_every
             except Exception as exc:
                 if run is not None:
-                    _store_steps(run, (last_ts, done, total, expert, step_time))
+                    held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
                     run = run_job = None
+                _store_held(held)
                 # The event's time counts even though it failed, in whichever of the local and
                 # the state saw it first; the state holds it before ``failed`` (which may raise:
                 # a batch of one) so a batch and its events one by one agree.
                 if state.now_ts > now:  # noqa: PLR1730 - both only ever rise
                     now = state.now_ts
-                state.now_ts, swept = now, state.swept_ts
+                state.now_ts, sweep_at = now, state.swept_ts + sweep_every
                 failed(event, exc)
         if run is not None:
-            _store_steps(run, (last_ts, done, total, expert, step_time))
+            held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
+        _store_held(held)
         state.now_ts = now
         return state
 
@@ -365,11 +382,17 @@ def _stage_ended(view: JobView, event: Event) -> None:
         view.stage = None
 
 
-def _store_steps(view: JobView,
-                 fields: tuple[int, int, int | None, str | None, float]) -> None:
-    """Store what a run of the job's steps kept in locals: last event time, steps done,
-    total steps, expert, time in steps."""
-    view.last_ts, view.steps_done, view.total_steps, view.expert, view.step_time_s = fields
+#: A job's view and the step fields held back from it: last event time, steps done, total
+#: steps, expert, time in steps.
+_Held = tuple[JobView, int, int, int | None, str | None, float]
+
+
+def _store_held(held: dict[str, _Held]) -> None:
+    """Store the step fields held back from each job's view, and forget them."""
+    for view, last_ts, done, total, expert, step_time in held.values():
+        view.last_ts, view.steps_done, view.total_steps = last_ts, done, total
+        view.expert, view.step_time_s = expert, step_time
+    held.clear()
 
 
 def _raise_peaks(view: JobView, event: MemorySampled) -> None:
