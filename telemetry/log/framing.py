@@ -48,8 +48,10 @@ JSON_ARRAY: Final = 0
 MSGPACK_ARRAY: Final = 1
 LAYOUTS: Final = frozenset({JSON_ARRAY, MSGPACK_ARRAY})
 _MSGPACK_ARRAY32: Final = struct.Struct(">BI")  # 0xdd, then the element count
-_HEADER_MAGIC_AS_INT: Final = struct.Struct("<IIIIQHHI")  # HEADER, its magic read as a u32
+# HEADER with the magic read as a u32, and schema and layout as one u32 (layout high).
+_HEADER_FIELDS: Final = struct.Struct("<IIIIQII")
 _MAGIC_INT: Final = int.from_bytes(MAGIC, "little")
+_COPY_BELOW: Final = 4096  # a frame body this small is copied rather than viewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,48 +122,70 @@ def payload_of(header: FrameHeader, body: memoryview) -> memoryview:
     return body[header.count * _ENTRY.size :]
 
 
-def scan_run(
-    buf: bytes, offset: int, first: int, schema: int, limit: int
-) -> tuple[list[memoryview], int, int]:
-    """A run of healthy frames in ``buf`` from ``offset``, to be decoded in one call.
+@dataclass(slots=True)
+class FrameRun:
+    """Consecutive healthy frames that :func:`scan_run` found, to be decoded in one call."""
 
-    Returns each frame's payload (a MessagePack array of its records), how many records they
-    hold, and the offset after the last frame. The run takes frames while each is whole within
-    ``buf``, its header and body check out, its layout is MessagePack, it was written with
-    ``schema`` and it starts at the position after the previous one (``first`` for the first);
-    it stops before a frame that would take it past ``limit`` records (a first frame is taken
-    whatever its size). What stopped it is then read frame by frame as before. The checks are
-    :func:`parse_header`'s and :func:`body_is_intact`'s, inlined: live emitters write a frame
-    per flush — one or two events — and per-frame overhead would cost more than decoding.
+    first_payload: memoryview  # the first frame's payload: array header, then its records
+    more_records: list[bytes | memoryview]  # each further frame's records, header stripped
+    count: int  # records in all of them
+    end: int  # the offset after the last frame
+
+    def payload(self) -> bytes | memoryview:
+        """One MessagePack array of every record of the run."""
+        if not self.more_records:
+            return self.first_payload
+        first_records = self.first_payload[_MSGPACK_ARRAY32.size :]
+        return _MSGPACK_ARRAY32.pack(0xDD, self.count) + b"".join(
+            [first_records, *self.more_records])
+
+
+def scan_run(buf: bytes, offset: int, first: int, schema: int, limit: int) -> FrameRun | None:
+    """A run of healthy frames in ``buf`` from ``offset``, or ``None`` if the frame there is not.
+
+    The run takes frames while each is whole within ``buf``, its header and body check out,
+    its layout is MessagePack, it was written with ``schema`` and it starts at the position
+    after the previous one (``first`` for the first); it stops before a frame that would take
+    it past ``limit`` records (a first frame is taken whatever its size). What stopped it is
+    then read frame by frame as before. The checks are :func:`parse_header`'s and
+    :func:`body_is_intact`'s, inlined: live emitters write a frame per flush — one or two
+    events — and per-frame overhead would cost more than decoding. A small frame's records
+    are copied (cheaper than a view of them); a large one's are viewed.
     """
-    unpack, view, size = _HEADER_MAGIC_AS_INT.unpack_from, memoryview(buf), len(buf)
-    magic_ok, head_size, entry_size = _MAGIC_INT, HEADER_SIZE, _ENTRY.size
-    min_body = _MSGPACK_ARRAY32.size
-    payloads: list[memoryview] = []
+    unpack, size = _HEADER_FIELDS.unpack_from, len(buf)
+    magic_ok, kind = _MAGIC_INT, schema | MSGPACK_ARRAY << 16
+    head_size, entry_size = HEADER_SIZE, _ENTRY.size
+    min_body = skip = _MSGPACK_ARRAY32.size
+    run: FrameRun | None = None
+    more: list[bytes | memoryview] = []
     count = 0
+    expected = first
     while size - offset >= head_size:
-        magic, head_crc, body_len, n, at, written_by, layout, body_crc = unpack(buf, offset)
-        end = offset + head_size + body_len
-        if (magic != magic_ok or at != first + count or written_by != schema
-                or layout != MSGPACK_ARRAY or end > size or (payloads and count + n > limit)
-                or crc32(buf[offset + _HEAD_CRC_FROM : offset + head_size]) != head_crc
+        magic, head_crc, body_len, n, at, written_as, body_crc = unpack(buf, offset)
+        body = offset + head_size
+        end = body + body_len
+        if (magic != magic_ok or at != expected or written_as != kind or end > size
+                or crc32(buf[offset + _HEAD_CRC_FROM : body]) != head_crc
                 or body_len < n * entry_size + min_body):
             break
-        body = view[offset + head_size : end]
-        if crc32(body) != body_crc:
-            break
-        payloads.append(body[n * entry_size :])
+        if run is None:
+            view = memoryview(buf)[body:end]
+            if crc32(view) != body_crc:
+                break
+            run = FrameRun(view[n * entry_size :], more, 0, 0)
+        else:
+            if count + n > limit:
+                break
+            frame = buf[body:end] if body_len <= _COPY_BELOW else memoryview(buf)[body:end]
+            if crc32(frame) != body_crc:
+                break
+            more.append(frame[n * entry_size + skip :])
         count += n
+        expected += n
         offset = end
-    return payloads, count, offset
-
-
-def joined_payload(payloads: Sequence[memoryview], count: int) -> bytes | memoryview:
-    """One MessagePack array of the records of the payloads :func:`scan_run` found."""
-    if len(payloads) == 1:
-        return payloads[0]
-    skip = _MSGPACK_ARRAY32.size
-    return _MSGPACK_ARRAY32.pack(0xDD, count) + b"".join([p[skip:] for p in payloads])
+    if run is not None:
+        run.count, run.end = count, offset
+    return run
 
 
 def salvage_records(header: FrameHeader, body: memoryview) -> list[memoryview | None]:

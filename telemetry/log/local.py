@@ -486,19 +486,18 @@ class _Cursor:
         """
         self._bytes(self.offset, framing.HEADER_SIZE)  # a chunk from here, unless buffered
         start = self.offset - self.buf_offset
-        payloads, count, end = framing.scan_run(
-            self.buf, start, self.next, SCHEMA_FINGERPRINT, RUN_RECORDS)
-        if not payloads:
+        run = framing.scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT, RUN_RECORDS)
+        if run is None:
             return None
         try:
-            events = decode_current_batch(framing.joined_payload(payloads, count))
+            events = decode_current_batch(run.payload())
         except MalformedRecord:
             events = []
-        if len(events) != count:
-            self._one_by_one_until = self.buf_offset + end
+        if len(events) != run.count:
+            self._one_by_one_until = self.buf_offset + run.end
             return None
-        self.offset = self.buf_offset + end
-        first, self.next = self.next, self.next + count
+        self.offset = self.buf_offset + run.end
+        first, self.next = self.next, self.next + run.count
         return Batch(first, events)
 
     def _resync(self, reason: str) -> Generator[ReadItem, None, bool]:
