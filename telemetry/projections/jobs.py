@@ -159,8 +159,11 @@ class JobsProjection(BatchFold):
         """
         jobs = state.jobs
         job_of = jobs.get
-        held: dict[str, _Held] = {}  # other jobs' step fields, not yet in their views
-        take_held = held.pop
+        # Step fields not yet in their views, by job; the current job's entry is stale (its
+        # fields are in locals) and is replaced before ``held`` is read. Entries are replaced,
+        # never popped: deleting and reinserting would make the dict resize every few steps.
+        held: dict[str, _Held] = {}
+        held_of = held.get
         sweep_every = self.sweep_every_ns
         now = state.now_ts
         sweep_at = state.swept_ts + sweep_every  # ``ts >= sweep_at``: no subtraction per event
@@ -179,7 +182,7 @@ class JobsProjection(BatchFold):
                     if event.job != run_job:
                         if run is not None:
                             held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
-                        entry = take_held(event.job, None)
+                        entry = held_of(event.job)
                         if entry is not None:
                             run, last_ts, done, total, expert, step_time = entry
                         else:
