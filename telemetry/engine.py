@@ -174,8 +174,10 @@ class ProjectionEngine:
         newest ``ts`` among them (0 if none).
 
         A batch holds runs of one job's events (one emitter's flush), so the job's last seq is
-        kept in a local across its run and written back when the run ends. The newest time is
-        found in the same pass: a second one, even in C, costs more than the comparison here.
+        kept in a local across its run and written back when the run ends; where jobs
+        alternate (a run of small frames, a process running several), that is once an event.
+        The newest time is found in the same pass: a second one, even in C, costs more than
+        the comparison here.
         """
         last_seq = self.last_seq
         fresh: list[Event] = []
@@ -184,11 +186,15 @@ class ProjectionEngine:
         known = newest = -1
         newest_ts = 0
         for event in events:
-            if event.job != job:
+            event_job = event.job  # loaded once: a batch mixes types, so loads are generic
+            if event_job != job:
                 if newest != known:
                     last_seq[job] = newest  # type: ignore[index]  # set only after a job
-                job = event.job
-                known = newest = last_seq.get(job, -1)
+                job = event_job
+                try:  # a subscript, not .get(): with jobs side by side this runs per event
+                    known = newest = last_seq[job]
+                except KeyError:  # the job's first event
+                    known = newest = -1
             seq = event.seq
             if seq > newest:
                 newest = seq
