@@ -385,7 +385,8 @@ class _Cursor:
         self.buf = b""
         self.buf_offset = 0
         self._from_newest = from_newest_segment
-        self._one_by_one_until = 0  # offset before which frames are read one at a time
+        # Frames before this offset in the segment are read one at a time (see _run_of_frames).
+        self._one_by_one_until = 0
 
     def _open_first_segment(self) -> bool:
         segments = self.log.segments()
@@ -407,6 +408,7 @@ class _Cursor:
         except OSError as exc:
             raise LogError(f"cannot read {path}: {exc.strerror}") from exc
         self.base, self.offset, self.buf, self.buf_offset = base, 0, b"", 0
+        self._one_by_one_until = 0  # was an offset in the previous segment
         self.next = max(self.next, base)
 
     def _next_segment(self) -> tuple[Position, Path] | None:

@@ -277,6 +277,24 @@ class TestRunsOfSmallFrames:
         (notice,) = [i for i in items if isinstance(i, Quarantined)]
         assert ((3, 1), True) == ((notice.first, notice.count), "undecodable" in notice.reason)
 
+    def test_a_bad_record_at_a_segment_end_leaves_the_next_segment_read_in_runs(
+        self, tmp_path: Path
+    ) -> None:
+        """Frames are read one at a time only up to the bad record's frame, in its segment."""
+        good = steps("a", 0, 12)
+        invalid = msgspec.msgpack.encode({"type": "StepEnded", "v": 2, "job": "a"})
+        _write_raw_frames(tmp_path, [[encode(good[0])], [encode(good[1]), invalid]])
+        following = framing_schema()
+        out, first = b"", 3
+        for event in good[2:]:
+            body = framing.encode_body([encode(event)])
+            out += framing.encode_header(body, 1, first, following) + body
+            first += 1
+        (tmp_path / segment_name(3)).write_bytes(out)
+        items = list(LocalLog(tmp_path).read())
+        assert good == events_of(items)
+        assert [(3, 13)] == [(i.first, i.next) for i in items if isinstance(i, Batch)][-1:]
+
     def test_old_frames_amid_current_ones_are_upcast_in_place(self, tmp_path: Path) -> None:
         """A run stops at a frame of another schema or layout, which is decoded as before."""
         now = steps("a", 0, 4)
