@@ -27,7 +27,11 @@ What is measured, and why:
    (``ProjectionEngine.apply_items``) over the whole log. eventsourcing: the notification log
    read in pages (``recorder.select_notifications``), ``mapper.to_domain_event`` and a fold of
    each event into its aggregate (``event.mutate``, the library's own replay). Both read a warm
-   page cache. Read + decode without the fold is reported as well.
+   page cache. Read + decode without the fold is reported as well. wantel replays the same
+   events in three layouts: the append benchmark's log (batches of ``--batch`` in which the
+   workers' events alternate one by one), a frame per worker per batch (as emitters flushing a
+   backlog write), and a frame per live flush (each worker's events of one 50 ms flush window,
+   lifecycle events at once: what live emitters write, about one event a frame).
 3. ``emit()`` cost on the caller's thread (µs per call): each call timed alone with
    ``time.perf_counter_ns`` while the emitter's thread appends to a real ``LocalLog``
    (``fsync="always"``); the median cost of an empty timed region (two back-to-back timer reads)
