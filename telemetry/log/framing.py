@@ -152,32 +152,34 @@ def scan_run(buf: bytes, offset: int, first: int, schema: int, limit: int) -> Fr
     events — and per-frame overhead would cost more than decoding. A small frame's records
     are copied (cheaper than a view of them); a large one's are viewed.
     """
-    unpack, size = _HEADER_FIELDS.unpack_from, len(buf)
+    # Everything the loop uses is a local: a module global is a dict lookup per use here.
+    unpack, crc, view, last = _HEADER_FIELDS.unpack_from, crc32, memoryview(buf), len(buf)
     magic_ok, kind = _MAGIC_INT, schema | MSGPACK_ARRAY << 16
-    head_size, entry_size = HEADER_SIZE, _ENTRY.size
+    head_size, head_from, entry_size = HEADER_SIZE, _HEAD_CRC_FROM, _ENTRY.size
     min_body = skip = _MSGPACK_ARRAY32.size
+    copy_below = _COPY_BELOW
     run: FrameRun | None = None
     more: list[bytes | memoryview] = []
     count = 0
     expected = first
-    while size - offset >= head_size:
+    while offset + head_size <= last:
         magic, head_crc, body_len, n, at, written_as, body_crc = unpack(buf, offset)
         body = offset + head_size
         end = body + body_len
-        if (magic != magic_ok or at != expected or written_as != kind or end > size
-                or crc32(buf[offset + _HEAD_CRC_FROM : body]) != head_crc
+        if (magic != magic_ok or at != expected or written_as != kind or end > last
+                or crc(buf[offset + head_from : body]) != head_crc
                 or body_len < n * entry_size + min_body):
             break
         if run is None:
-            view = memoryview(buf)[body:end]
-            if crc32(view) != body_crc:
+            first_body = view[body:end]
+            if crc(first_body) != body_crc:
                 break
-            run = FrameRun(view[n * entry_size :], more, 0, 0)
+            run = FrameRun(first_body[n * entry_size :], more, 0, 0)
         else:
             if count + n > limit:
                 break
-            frame = buf[body:end] if body_len <= _COPY_BELOW else memoryview(buf)[body:end]
-            if crc32(frame) != body_crc:
+            frame = buf[body:end] if body_len < copy_below else view[body:end]
+            if crc(frame) != body_crc:
                 break
             more.append(frame[n * entry_size + skip :])
         count += n
