@@ -107,7 +107,8 @@ def verify(log_dir: Path, history: History, context: str) -> int:
     # append's records are. Each frame holds exactly one batch some writer tried, never a part.
     firsts = [first for _, _, segment_firsts in segments for first in segment_firsts]
     seqs, stored = [], defaultdict(list)
-    for first, after in zip(firsts, [*firsts[1:], end], strict=True):
+    ends = [*firsts[1:], end] if firsts else []  # a writer killed before its first frame
+    for first, after in zip(firsts, ends, strict=True):
         frame = events[first:after]
         run = frame[0].worker
         assert run is not None
