@@ -316,36 +316,40 @@ class TestRunsOfSmallFrames:
         assert list(range(4, 12)) == positions_of(items)
         assert steps("a", 4, 8) == events_of(items)
 
-    @settings(max_examples=60, deadline=None,
+    @settings(max_examples=80, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=12),
+    @given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=20),
            flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)),
-                          max_size=3))
+                          max_size=3),
+           segment_bytes=st.sampled_from([64 << 20, 1024]), start=st.integers(0, 60),
+           run_records=st.sampled_from([1024, 1, 3]))
     def test_runs_read_exactly_what_frame_by_frame_reads(
-        self, tmp_path_factory: pytest.TempPathFactory, sizes: list[int],
-        flips: list[tuple[float, int]],
+        self, tmp_path_factory: pytest.TempPathFactory, *, sizes: list[int],
+        flips: list[tuple[float, int]], segment_bytes: int, start: int, run_records: int,
     ) -> None:
-        """Whatever the frames and wherever bytes are damaged, the same events at the same
-        positions and the same quarantine notices come out as from frame-by-frame reading."""
+        """Whatever the frames, segments, start and record limit, and wherever bytes are
+        damaged, the same events at the same positions and the same quarantine notices come
+        out as from frame-by-frame reading."""
         path = tmp_path_factory.mktemp("log")
-        with LocalLog(path) as log:
+        with LocalLog(path, segment_bytes=segment_bytes) as log:
             for first, size in zip(_firsts(sizes), sizes, strict=True):
                 log.append(steps("a", first, size))
-        segment = only_segment(path)
-        data = bytearray(segment.read_bytes())
-        for where, mask in flips:
-            data[int(where * len(data))] ^= mask
-        segment.write_bytes(bytes(data))
+        segments = sorted(path.glob("*.wlog"))
+        for where, mask in flips:  # a place in the whole log, then its segment and byte
+            data = bytearray((segment := segments[int(where * len(segments))]).read_bytes())
+            data[int(where * len(segments) % 1 * len(data))] ^= mask
+            segment.write_bytes(bytes(data))
 
         def flattened(items: list[ReadItem]) -> list[tuple[object, ...]]:
             return [(p, e) for i in items if isinstance(i, Batch) for p, e in i.positioned()] + [
                 (i.first, i.count, i.next, i.reason) for i in items
                 if isinstance(i, Quarantined)]
 
-        runs = flattened(list(LocalLog(path, create=False).read()))
         with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(local, "RUN_RECORDS", run_records)
+            runs = flattened(list(LocalLog(path, create=False).read(start)))
             patch.setattr(local._Cursor, "_run_of_frames", lambda self: None)
-            one_by_one = flattened(list(LocalLog(path, create=False).read()))
+            one_by_one = flattened(list(LocalLog(path, create=False).read(start)))
         assert one_by_one == runs
 
 
