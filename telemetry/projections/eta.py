@@ -168,8 +168,11 @@ class EtaProjection(BatchFold):
         ``StepEnded`` is three events in four of a replay, and its path is
         ``LiveJob.step_ended`` inlined. Steps come in runs of one job's steps: within a run
         the estimator's step fields and its last ETA (what the next one is damped against)
-        are kept in locals and stored when the run ends — at another job's step, at any other
-        event, before a failure is reported and at the end of the batch (a write-behind). An
+        are kept in locals (a write-behind). Where jobs alternate, a run that another job's
+        step interrupts is held in ``held`` and resumed at its job's next step; runs are
+        stored in their estimators before an event that reads them (any other event of the
+        job; every run before a start or a calibration), before a failure is reported and at
+        the end of the batch. An
         ETA at a step of the denoise loop (nearly all of them) is ``estimate_fields``
         inlined from those locals, with the parts no step changes (``denoise_rest``: the
         speed, the phases after the loop) worked out once per job and batch and dropped when
@@ -205,26 +208,40 @@ class EtaProjection(BatchFold):
         seconds: list[float] = []
         weighted: tuple[float, ...] = ()
         squares: list[float] | None = None
+        # Other jobs' runs, held back from their estimators while jobs alternate: the
+        # estimator, its issued list, then segment_prior and expert (also on the estimator),
+        # then the fields _store_run stores. A job is popped when its run resumes, and stored
+        # before an event that reads it, a failure, and the end of the batch.
+        held: dict[object, _HeldRun] = {}
+        take_held = held.pop
         for event in events:
             try:
                 if type(event) is StepEnded:  # narrows for mypy, at no cost per event
                     if event.job != run_job:  # (run_job is _NO_RUN while live is None)
                         if live is not None:
-                            _store_run(live, (total_steps, steps_done, ts, steps_seen,
-                                              segment_sum, segment_n, last_remaining,
-                                              last_ts, last_band))
-                        running = running_of(event.job)
-                        if running is None:
-                            live, run_job = None, _NO_RUN
-                            continue
-                        run_job, live, issued = event.job, running.live, running.issued
-                        total_steps, steps_done, ts, steps_seen = (
-                            live.total_steps, live.steps_done, live.last_step_ts,
-                            live.steps_seen)
-                        segment_sum, segment_n, segment_prior, expert = (
-                            live.segment_sum, live.segment_n, live.segment_prior, live.expert)
-                        last_remaining, last_ts, last_band = (
-                            live.last_remaining, live.last_ts, live.last_band)
+                            held[run_job] = (live, issued, segment_prior, expert, total_steps,
+                                             steps_done, ts, steps_seen, segment_sum,
+                                             segment_n, last_remaining, last_ts, last_band)
+                        held_run = take_held(event.job, None)
+                        if held_run is not None:
+                            (live, issued, segment_prior, expert, total_steps, steps_done, ts,
+                             steps_seen, segment_sum, segment_n, last_remaining, last_ts,
+                             last_band) = held_run
+                            run_job = event.job
+                        else:
+                            running = running_of(event.job)
+                            if running is None:
+                                live, run_job = None, _NO_RUN
+                                continue
+                            run_job, live, issued = event.job, running.live, running.issued
+                            total_steps, steps_done, ts, steps_seen = (
+                                live.total_steps, live.steps_done, live.last_step_ts,
+                                live.steps_seen)
+                            segment_sum, segment_n, segment_prior, expert = (
+                                live.segment_sum, live.segment_n, live.segment_prior,
+                                live.expert)
+                            last_remaining, last_ts, last_band = (
+                                live.last_remaining, live.last_ts, live.last_band)
                     # LiveJob.step_ended, inlined (keep the two the same); each local changes
                     # where step_ended sets its field, so what a failure stores is the same.
                     steps = steps_done + 1
@@ -326,11 +343,16 @@ class EtaProjection(BatchFold):
                 if type(event) is MemorySampled:  # not read (see passes): the run goes on
                     continue
                 if live is not None:
-                    _store_run(live, (total_steps, steps_done, ts, steps_seen,
-                                      segment_sum, segment_n, last_remaining, last_ts,
-                                      last_band))
+                    held[run_job] = (live, issued, segment_prior, expert, total_steps,
+                                     steps_done, ts, steps_seen, segment_sum, segment_n,
+                                     last_remaining, last_ts, last_band)
                     live, run_job = None, _NO_RUN
                 kind = type(event)
+                if held:  # what this event reads of its job, or of any job, is stored first
+                    if kind is JobStarted or kind is EtaCalibrated:
+                        _store_held(held)  # a start may evict a running job
+                    elif (held_run := take_held(event.job, None)) is not None:
+                        _store_run(held_run[0], held_run[4:])
                 if kind is StageStarted or kind is StageEnded:
                     running = running_of(event.job)
                     if running is not None:
@@ -370,12 +392,14 @@ class EtaProjection(BatchFold):
                                       segment_sum, segment_n, last_remaining, last_ts,
                                       last_band))
                     live, run_job = None, _NO_RUN
+                _store_held(held)
                 rests.clear()
                 rest_of = None
                 failed(event, exc)
         if live is not None:
             _store_run(live, (total_steps, steps_done, ts, steps_seen, segment_sum,
                               segment_n, last_remaining, last_ts, last_band))
+        _store_held(held)
         return state
 
     def _completed(self, state: EtaState, event: JobCompleted) -> None:
@@ -453,6 +477,18 @@ def _store_run(live: LiveJob, fields: tuple[int, int, int | None, int, float, fl
     segment_n, last_remaining, last_ts, last_band."""
     (live.total_steps, live.steps_done, live.last_step_ts, live.steps_seen, live.segment_sum,
      live.segment_n, live.last_remaining, live.last_ts, live.last_band) = fields
+
+
+#: A run held back from its estimator (see ``EtaProjection.apply_many``).
+_HeldRun = tuple[LiveJob, list[EtaPoint], float, str | None, int, int, int | None, int, float,
+                 float, float | None, int | None, float]
+
+
+def _store_held(held: dict[object, _HeldRun]) -> None:
+    """Store every held run in its estimator, and forget them."""
+    for entry in held.values():
+        _store_run(entry[0], entry[4:])
+    held.clear()
 
 
 def _issue(running: RunningEta, ts: int) -> None:
