@@ -114,14 +114,14 @@ def write_json(views: Iterable[JobView], engine: ProjectionEngine, out: BinaryIO
         "position": engine.position,
     }))
     out.write((b"\n  ]" if separator != b"\n" else b"]") + b",\n"
-              + _indent(tail[tail.index(b"\n") + 1:], b""))
+              + tail[tail.index(b"\n") + 1:])
     out.write(b"\n")
 
 
 def _indent(text: bytes, prefix: bytes) -> bytes:
     """``text`` with ``prefix`` before each line (``msgspec.json.format`` writes no empty
     line: a newline in a string is escaped), in one pass rather than a line at a time."""
-    return prefix + text.replace(b"\n", b"\n" + prefix) if prefix else text
+    return prefix + text.replace(b"\n", b"\n" + prefix)
 
 
 def job_summary(view: JobView, engine: ProjectionEngine) -> dict[str, Any]:
