@@ -11,12 +11,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/wantel
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY telemetry ./telemetry
 COPY inference ./inference
 COPY exporters ./exporters
 COPY dashboards ./dashboards
-RUN pip install . && useradd --create-home --uid 10001 wantel \
+# gcc builds the C accelerator (telemetry/_speedups.c) and leaves in the same layer.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install . \
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 wantel \
     && mkdir -p /var/lib/wantel && chown wantel /var/lib/wantel
 
 USER wantel

@@ -90,6 +90,8 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import StoredEvent
 
+from telemetry import dedup
+from telemetry import engine as engine_module
 from telemetry.commands.replay import job_summary, replay_projections, replay_streaming
 from telemetry.emitter import DEFAULT_FLUSH_INTERVAL, Emitter
 from telemetry.engine import ProjectionEngine
@@ -124,8 +126,8 @@ FLUSH_WINDOW_NS: Final = int(DEFAULT_FLUSH_INTERVAL * 1e9)
 KEEP_FINISHED: Final = 1000
 CODE_FILES: Final = (
     "telemetry/events.py", "telemetry/codec.py", "telemetry/log/framing.py",
-    "telemetry/log/local.py", "telemetry/engine.py", "telemetry/emitter.py",
-    "telemetry/projections/jobs.py",
+    "telemetry/log/local.py", "telemetry/engine.py", "telemetry/dedup.py",
+    "telemetry/_speedups.c", "telemetry/emitter.py", "telemetry/projections/jobs.py",
 )
 
 
@@ -562,6 +564,17 @@ def fmt(value: float | None, unit: str) -> str:
 # -- 1 and 2: append and replay ----------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def pure_python_engine_pass() -> Iterator[None]:
+    """The engine's per-event pass in Python (the reference), as without the C accelerator."""
+    compiled = engine_module.fresh_events
+    engine_module.fresh_events = dedup.fresh_events_py
+    try:
+        yield
+    finally:
+        engine_module.fresh_events = compiled
+
+
 def replay_jobs(log: LocalLog, n: int) -> tuple[float, JobsState]:
     """One timed replay of ``log`` (``n`` events) into the jobs projection: events/s, state."""
     engine = ProjectionEngine([JobsProjection()])
@@ -687,6 +700,7 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
     decode_e: list[float] = []
     framed_w: list[float] = []
     flushed_w: list[float] = []
+    pure_w: list[float] = []
     summaries: set[tuple[int, int]] = set()
     statuses: Counter[str] = Counter()
     for _ in range(cfg.rounds):
@@ -720,6 +734,13 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
                 count += len(item.events)
         decode_w.append(n / (time.perf_counter() - t0))
         assert count == n
+
+        if dedup.COMPILED:
+            with pure_python_engine_pass():
+                rate, jobs_state = replay_jobs(log, n)
+            pure_w.append(rate)
+            summaries.add(jobs_summary(jobs_state.jobs.values()))
+            del jobs_state
 
         rate, jobs_state = replay_jobs(LocalLog(frames_log, create=False, fsync="never"), n)
         framed_w.append(rate)
@@ -757,6 +778,12 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
     rows[-1].passed = median(flushed_w) >= 1_000_000 and (rows[-1].ratio or 0) >= 7
     rows.append(Row("replay: read+decode only", "ev/s", median(decode_w), median(decode_e),
                     True))
+    if pure_w:
+        notes.append(f"the engine's per-event pass in C (telemetry/_speedups.c): replay "
+                     f"{w / 1e3:.0f}k ev/s against {median(pure_w) / 1e3:.0f}k with the "
+                     f"pure-Python reference in the same rounds ({w / median(pure_w):.2f}×)")
+    else:
+        notes.append(f"the engine's per-event pass: {dedup.IMPLEMENTATION}")
     notes.append("replay layouts: 'read+decode+jobs projection' reads batches in which the "
                  f"{cfg.workers} workers' events alternate one by one (the worst case: no run "
                  "of one job's steps); 'a frame per worker flush' stores the same events as "
@@ -767,6 +794,7 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
     raw["replay"] = {"wantel": replay_w, "es": replay_e, "wantel_decode_only": decode_w,
                      "es_decode_only": decode_e, "wantel_frame_per_worker": framed_w,
                      "wantel_frame_per_live_flush": flushed_w, "live_flush_frames": frames,
+                     "wantel_pure_python_engine_pass": pure_w,
                      "page": cfg.page}
     shutil.rmtree(wantel_log, ignore_errors=True)
     shutil.rmtree(frames_log, ignore_errors=True)
@@ -1120,7 +1148,8 @@ def machine() -> dict[str, Any]:
     for name in CODE_FILES:
         with contextlib.suppress(OSError):
             code[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:10]
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+    return {"engine_pass": dedup.IMPLEMENTATION, "nproc": os.cpu_count(), "cpu": model,
+            "python": platform.python_version(),
             "code_sha256": code,
             "eventsourcing": package_version("eventsourcing"),
             "msgspec": msgspec.__version__, "sqlite": sqlite3.sqlite_version,
@@ -1231,6 +1260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{info['python']}, eventsourcing {info['eventsourcing']}, SQLite {info['sqlite']}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print("code: " + ", ".join(f"{Path(k).name}@{v}" for k, v in info["code_sha256"].items()))
+    print(f"engine's per-event pass: {dedup.IMPLEMENTATION}")
     print(f"workload: {cfg.workers} workers interleaved, {cfg.steps} steps/job = "
           f"{events_per_job(cfg.steps)} events/job; {cfg.events} events/round, "
           f"{cfg.rounds} rounds; memory logs {cfg.mem_events} and {cfg.es_mem_events} events, "

@@ -20,6 +20,7 @@ import structlog
 
 from telemetry import __version__
 from telemetry.config import DEFAULT_LOG_DIR, LOG_ENV
+from telemetry.dedup import IMPLEMENTATION
 from telemetry.errors import UsageError
 from telemetry.log.base import LogError
 
@@ -94,7 +95,8 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
         epilog=f"Commands that read or write the log take --log DIR (else ${LOG_ENV}, "
         f"else ./{DEFAULT_LOG_DIR}). 'wantel COMMAND --help' explains each command.",
     )
-    parser.add_argument("--version", action="version", version=f"wantel {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"wantel {__version__} ({IMPLEMENTATION})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         child = sub.add_parser(command.name, help=command.purpose, description=command.purpose)

@@ -16,15 +16,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from itertools import compress
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 import structlog
 
+from telemetry.dedup import fresh_events
 from telemetry.events import TERMINAL_TYPES, Event
 from telemetry.log.base import Batch, EventLog, Position, Quarantined, ReadItem
 from telemetry.projections.base import Projection, as_batch_projection
@@ -118,9 +117,10 @@ class ProjectionEngine:
     def apply_batch(self, batch: Batch) -> int:
         """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``.
 
-        The batch is de-duplicated first, then each projection folds the new events of the
-        types it handles in one ``apply_many`` call: per-event work in the engine is one
-        dictionary lookup, and each fold runs its own loop with its lookups hoisted.
+        The batch is de-duplicated first (:func:`telemetry.dedup.fresh_events`, in C where it
+        was built: the engine's only per-event work), then each projection folds the new events
+        of the types it handles in one ``apply_many`` call, each fold running its own loop with
+        its lookups hoisted.
         """
         events = batch.events
         start = 0
@@ -129,23 +129,19 @@ class ProjectionEngine:
             if start >= len(events):
                 return 0
             events = events[start:]
-        fresh, newest = self._new_events(events)
+        fresh, newest, tally, ended = fresh_events(events, self.last_seq, _TERMINAL)
         self.health.duplicates += len(events) - len(fresh)
         self.position = max(self.position, batch.next)
         if not fresh:
             return 0
-        kinds = list(map(type, fresh))
-        tally = Counter(kinds)
         counts = self.health.events_by_type
         for kind, count in tally.items():
             name = kind.__name__
             counts[name] = counts.get(name, 0) + count
         if newest > (self.health.last_event_ts or 0):
             self.health.last_event_ts = newest
-        if not _TERMINAL.isdisjoint(tally):  # bound the de-duplication table
-            # Found in C: most batches end a job, and a Python loop would visit every event.
-            for event in compress(fresh, map(_TERMINAL.__contains__, kinds)):
-                self._forget_finished(event.job)
+        for event in ended:  # bound the de-duplication table
+            self._forget_finished(event.job)
         present = frozenset(tally)
         states = self.states
         for projection, name, handles, accepts in self._folds:
@@ -170,43 +166,6 @@ class ProjectionEngine:
             if new_state is not state:  # folds usually update in place
                 states[name] = new_state
         return len(fresh)
-
-    def _new_events(self, events: Sequence[Event]) -> tuple[list[Event], int]:
-        """The events whose ``seq`` is beyond their job's last applied one, in order, and the
-        newest ``ts`` among them (0 if none).
-
-        A batch holds runs of one job's events (one emitter's flush), so the job's last seq is
-        kept in a local across its run and written back when the run ends; where jobs
-        alternate (a run of small frames, a process running several), that is once an event.
-        The newest time is found in the same pass: a second one, even in C, costs more than
-        the comparison here.
-        """
-        last_seq = self.last_seq
-        fresh: list[Event] = []
-        keep = fresh.append
-        job: str | None = None
-        known = newest = -1
-        newest_ts = 0
-        for event in events:
-            event_job = event.job  # loaded once: a batch mixes types, so loads are generic
-            if event_job != job:
-                if newest != known:
-                    last_seq[job] = newest  # type: ignore[index]  # set only after a job
-                job = event_job
-                try:  # a subscript, not .get(): with jobs side by side this runs per event
-                    known = newest = last_seq[job]
-                except KeyError:  # the job's first event
-                    known = newest = -1
-            seq = event.seq
-            if seq > newest:
-                newest = seq
-                keep(event)
-                ts = event.ts
-                if ts > newest_ts:  # noqa: PLR1730 - a hot path: no max() call
-                    newest_ts = ts
-        if newest != known:
-            last_seq[job] = newest  # type: ignore[index]
-        return fresh, newest_ts
 
     @staticmethod
     def _position_of(batch: Batch, event: Event) -> int:
