@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py telemetry/_speedups.c scripts/debian-packages.txt
+$(STAMP): pyproject.toml setup.py telemetry/_speedups.c telemetry/log/_framing.c \
+          scripts/debian-packages.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
@@ -29,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# The suite fails, rather than skips, if the C accelerator did not build here.
+# The suite fails, rather than skips, if a C accelerator did not build here.
 test: install lint
 	WANTEL_REQUIRE_SPEEDUPS=1 $(PY) -m pytest $(PYTEST_ARGS)
 

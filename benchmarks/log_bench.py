@@ -90,7 +90,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import StoredEvent
 
-from telemetry import dedup
+from telemetry import accelerate, dedup
 from telemetry import engine as engine_module
 from telemetry.commands.replay import job_summary, replay_projections, replay_streaming
 from telemetry.emitter import DEFAULT_FLUSH_INTERVAL, Emitter
@@ -108,6 +108,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
+from telemetry.log import framing
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 from telemetry.projections.jobs import JobsProjection, JobsState, JobView
@@ -127,7 +128,8 @@ KEEP_FINISHED: Final = 1000
 CODE_FILES: Final = (
     "telemetry/events.py", "telemetry/codec.py", "telemetry/log/framing.py",
     "telemetry/log/local.py", "telemetry/engine.py", "telemetry/dedup.py",
-    "telemetry/_speedups.c", "telemetry/emitter.py", "telemetry/projections/jobs.py",
+    "telemetry/_speedups.c", "telemetry/log/_framing.c", "telemetry/emitter.py",
+    "telemetry/projections/jobs.py",
 )
 
 
@@ -565,14 +567,14 @@ def fmt(value: float | None, unit: str) -> str:
 
 
 @contextlib.contextmanager
-def pure_python_engine_pass() -> Iterator[None]:
-    """The engine's per-event pass in Python (the reference), as without the C accelerator."""
-    compiled = engine_module.fresh_events
-    engine_module.fresh_events = dedup.fresh_events_py
+def pure_python() -> Iterator[None]:
+    """Replay's hot loops in Python (their references), as without the C accelerators."""
+    compiled = engine_module.fresh_events, framing.scan_run
+    engine_module.fresh_events, framing.scan_run = dedup.fresh_events_py, framing.scan_run_py
     try:
         yield
     finally:
-        engine_module.fresh_events = compiled
+        engine_module.fresh_events, framing.scan_run = compiled
 
 
 def replay_jobs(log: LocalLog, n: int) -> tuple[float, JobsState]:
@@ -694,6 +696,7 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
 
     # -- replay ----------------------------------------------------------------------------
     del events, batches, stored_batches, aggs  # replay in a process holding no fixtures
+    accelerated = accelerate.describe().count(": C") == len(accelerate.CHOOSERS)
     replay_w: list[float] = []
     replay_e: list[float] = []
     decode_w: list[float] = []
@@ -701,6 +704,7 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
     framed_w: list[float] = []
     flushed_w: list[float] = []
     pure_w: list[float] = []
+    pure_flushed_w: list[float] = []
     summaries: set[tuple[int, int]] = set()
     statuses: Counter[str] = Counter()
     for _ in range(cfg.rounds):
@@ -735,11 +739,15 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
         decode_w.append(n / (time.perf_counter() - t0))
         assert count == n
 
-        if dedup.COMPILED:
-            with pure_python_engine_pass():
+        if accelerated:
+            with pure_python():
                 rate, jobs_state = replay_jobs(log, n)
-            pure_w.append(rate)
-            summaries.add(jobs_summary(jobs_state.jobs.values()))
+                pure_w.append(rate)
+                summaries.add(jobs_summary(jobs_state.jobs.values()))
+                rate, jobs_state = replay_jobs(
+                    LocalLog(flushes_log, create=False, fsync="never"), n)
+                pure_flushed_w.append(rate)
+                summaries.add(jobs_summary(jobs_state.jobs.values()))
             del jobs_state
 
         rate, jobs_state = replay_jobs(LocalLog(frames_log, create=False, fsync="never"), n)
@@ -778,12 +786,15 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
     rows[-1].passed = median(flushed_w) >= 1_000_000 and (rows[-1].ratio or 0) >= 7
     rows.append(Row("replay: read+decode only", "ev/s", median(decode_w), median(decode_e),
                     True))
-    if pure_w:
-        notes.append(f"the engine's per-event pass in C (telemetry/_speedups.c): replay "
-                     f"{w / 1e3:.0f}k ev/s against {median(pure_w) / 1e3:.0f}k with the "
-                     f"pure-Python reference in the same rounds ({w / median(pure_w):.2f}×)")
+    if accelerated:
+        flushed, pure_flushed = median(flushed_w), median(pure_flushed_w)
+        notes.append(f"C accelerators ({accelerate.describe()}): replay + jobs {w / 1e3:.0f}k "
+                     f"ev/s alternating and {flushed / 1e3:.0f}k in live flushes, against "
+                     f"{median(pure_w) / 1e3:.0f}k and {pure_flushed / 1e3:.0f}k with their "
+                     f"pure-Python references in the same rounds ({w / median(pure_w):.2f}× "
+                     f"and {flushed / pure_flushed:.2f}×)")
     else:
-        notes.append(f"the engine's per-event pass: {dedup.IMPLEMENTATION}")
+        notes.append(f"no C accelerator: {accelerate.describe()}")
     notes.append("replay layouts: 'read+decode+jobs projection' reads batches in which the "
                  f"{cfg.workers} workers' events alternate one by one (the worst case: no run "
                  "of one job's steps); 'a frame per worker flush' stores the same events as "
@@ -794,7 +805,8 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
     raw["replay"] = {"wantel": replay_w, "es": replay_e, "wantel_decode_only": decode_w,
                      "es_decode_only": decode_e, "wantel_frame_per_worker": framed_w,
                      "wantel_frame_per_live_flush": flushed_w, "live_flush_frames": frames,
-                     "wantel_pure_python_engine_pass": pure_w,
+                     "wantel_pure_python": pure_w,
+                     "wantel_frame_per_live_flush_pure_python": pure_flushed_w,
                      "page": cfg.page}
     shutil.rmtree(wantel_log, ignore_errors=True)
     shutil.rmtree(frames_log, ignore_errors=True)
@@ -1148,7 +1160,7 @@ def machine() -> dict[str, Any]:
     for name in CODE_FILES:
         with contextlib.suppress(OSError):
             code[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:10]
-    return {"engine_pass": dedup.IMPLEMENTATION, "nproc": os.cpu_count(), "cpu": model,
+    return {"accelerators": accelerate.describe(), "nproc": os.cpu_count(), "cpu": model,
             "python": platform.python_version(),
             "code_sha256": code,
             "eventsourcing": package_version("eventsourcing"),
@@ -1260,7 +1272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{info['python']}, eventsourcing {info['eventsourcing']}, SQLite {info['sqlite']}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print("code: " + ", ".join(f"{Path(k).name}@{v}" for k, v in info["code_sha256"].items()))
-    print(f"engine's per-event pass: {dedup.IMPLEMENTATION}")
+    print(f"hot loops: {accelerate.describe()}")
     print(f"workload: {cfg.workers} workers interleaved, {cfg.steps} steps/job = "
           f"{events_per_job(cfg.steps)} events/job; {cfg.events} events/round, "
           f"{cfg.rounds} rounds; memory logs {cfg.mem_events} and {cfg.es_mem_events} events, "

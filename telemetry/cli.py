@@ -18,13 +18,20 @@ from typing import NoReturn, Protocol, cast
 
 import structlog
 
-from telemetry import __version__
+from telemetry import __version__, accelerate
 from telemetry.config import DEFAULT_LOG_DIR, LOG_ENV
-from telemetry.dedup import IMPLEMENTATION
 from telemetry.errors import UsageError
 from telemetry.log.base import LogError
 
 EXIT_USAGE = 2
+
+
+class _PrintVersion(argparse.Action):
+    """``--version`` on one line, never re-wrapped (argparse's own action wraps it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(f"wantel {__version__} ({accelerate.describe()})")
+        parser.exit()
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,8 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
         epilog=f"Commands that read or write the log take --log DIR (else ${LOG_ENV}, "
         f"else ./{DEFAULT_LOG_DIR}). 'wantel COMMAND --help' explains each command.",
     )
-    parser.add_argument("--version", action="version",
-                        version=f"wantel {__version__} ({IMPLEMENTATION})")
+    parser.add_argument("--version", action=_PrintVersion, nargs=0,
+                        help="show the version, and whether replay's hot loops run in C")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         child = sub.add_parser(command.name, help=command.purpose, description=command.purpose)

@@ -8,12 +8,12 @@ those types) and which of them are of the types it watches (the terminal ones, w
 de-duplication table).
 
 Two implementations share this contract: :func:`fresh_events_py`, the reference, and
-``telemetry._speedups.fresh_events``, the same algorithm in C, used when it was built. This
+``telemetry._speedups.fresh_events``, the same algorithm in C, used when it was built
+(:mod:`telemetry.accelerate` picks). This
 pass visits every event of a replay, and in Python it cost a quarter of replaying a log of jobs
 side by side (the interpreter's attribute loads are generic where a batch mixes types); in C
 it reads the three fields from each type's slots. A contract test runs both against random
 batches and requires equal results, down to the order of the table's keys (snapshots hold it).
-``WANTEL_PURE_PYTHON=1`` in the environment selects the reference.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Sequence
 from itertools import compress
 from typing import Any, Final
 
-from telemetry.config import PURE_PYTHON_ENV, pure_python_requested
+from telemetry.accelerate import compiled_or
 
 FreshEvents = tuple[list[Any], Any, dict[type, int], list[Any]]
 """What :func:`fresh_events` returns: the new events in order, their newest ``ts`` (0 if none
@@ -76,20 +76,9 @@ def fresh_events_py(
     return fresh, newest_ts, counts, watched
 
 
-def _compiled() -> tuple[Callable[..., FreshEvents] | None, str]:
-    if pure_python_requested():
-        return None, f"pure Python: ${PURE_PYTHON_ENV} is set"
-    try:
-        from telemetry._speedups import fresh_events as compiled
-    except ImportError:  # not built (no C compiler where it was installed): the reference
-        return None, "pure Python: the C accelerator was not built"
-    return compiled, "C accelerator"
-
-
-_COMPILED, IMPLEMENTATION = _compiled()
-"""Which implementation is in use, and why (``wantel --version`` and the benchmarks say)."""
-
-COMPILED: Final = _COMPILED is not None
-
 fresh_events: Callable[[Sequence[Any], dict[str, int], Collection[type]], FreshEvents] = (
-    _COMPILED or fresh_events_py)
+    compiled_or(fresh_events_py, "telemetry._speedups", "fresh_events",
+                purpose="engine pass"))
+
+#: Whether the C version is in use.
+COMPILED: Final = fresh_events is not fresh_events_py

@@ -28,9 +28,11 @@ promises more bytes than the file holds.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+from telemetry.accelerate import compiled_or
 
 try:  # the same CRC-32 as zlib's, ~10x faster (carry-less multiplication): replay checks every byte
     from zlib_ng.zlib_ng import crc32
@@ -122,25 +124,12 @@ def payload_of(header: FrameHeader, body: memoryview) -> memoryview:
     return body[header.count * _ENTRY.size :]
 
 
-@dataclass(slots=True)
-class FrameRun:
-    """Consecutive healthy frames that :func:`scan_run` found, to be decoded in one call."""
-
-    first_payload: memoryview  # the first frame's payload: array header, then its records
-    more_records: list[bytes | memoryview]  # each further frame's records, header stripped
-    count: int  # records in all of them
-    end: int  # the offset after the last frame
-
-    def payload(self) -> bytes | memoryview:
-        """One MessagePack array of every record of the run."""
-        if not self.more_records:
-            return self.first_payload
-        first_records = self.first_payload[_MSGPACK_ARRAY32.size :]
-        return _MSGPACK_ARRAY32.pack(0xDD, self.count) + b"".join(
-            [first_records, *self.more_records])
+#: What :func:`scan_run` finds: one MessagePack array of the run's records, how many there
+#: are, and the offset in ``buf`` after the run's last frame.
+FrameRun = tuple[bytes | memoryview, int, int]
 
 
-def scan_run(buf: bytes, offset: int, first: int, schema: int, limit: int) -> FrameRun | None:
+def scan_run_py(buf: bytes, offset: int, first: int, schema: int, limit: int) -> FrameRun | None:
     """A run of healthy frames in ``buf`` from ``offset``, or ``None`` if the frame there is not.
 
     The run takes frames while each is whole within ``buf``, its header and body check out,
@@ -149,8 +138,12 @@ def scan_run(buf: bytes, offset: int, first: int, schema: int, limit: int) -> Fr
     it past ``limit`` records (a first frame is taken whatever its size). What stopped it is
     then read frame by frame as before. The checks are :func:`parse_header`'s and
     :func:`body_is_intact`'s, inlined: live emitters write a frame per flush — one or two
-    events — and per-frame overhead would cost more than decoding. A small frame's records
-    are copied (cheaper than a view of them); a large one's are viewed.
+    events — and per-frame overhead would cost more than decoding. A run of one frame is a
+    view of its payload; a longer run's records are joined under one array header (a small
+    frame's copied, cheaper than a view of them; a large one's viewed).
+
+    This is the reference; ``telemetry/log/_framing.c`` does the same checks in C and is used
+    as :func:`scan_run` where it was built (:mod:`telemetry.accelerate` picks).
     """
     # Everything the loop uses is a local: a module global is a dict lookup per use here.
     unpack, crc, view, last = _HEADER_FIELDS.unpack_from, crc32, memoryview(buf), len(buf)
@@ -158,7 +151,7 @@ def scan_run(buf: bytes, offset: int, first: int, schema: int, limit: int) -> Fr
     head_size, head_from, entry_size = HEADER_SIZE, _HEAD_CRC_FROM, _ENTRY.size
     min_body = skip = _MSGPACK_ARRAY32.size
     copy_below = _COPY_BELOW
-    run: FrameRun | None = None
+    first_payload: memoryview | None = None
     more: list[bytes | memoryview] = []
     count = 0
     expected = first
@@ -170,11 +163,11 @@ def scan_run(buf: bytes, offset: int, first: int, schema: int, limit: int) -> Fr
                 or crc(buf[offset + head_from : body]) != head_crc
                 or body_len < n * entry_size + min_body):
             break
-        if run is None:
+        if first_payload is None:
             first_body = view[body:end]
             if crc(first_body) != body_crc:
                 break
-            run = FrameRun(first_body[n * entry_size :], more, 0, 0)
+            first_payload = first_body[n * entry_size :]
         else:
             if count + n > limit:
                 break
@@ -185,9 +178,17 @@ def scan_run(buf: bytes, offset: int, first: int, schema: int, limit: int) -> Fr
         count += n
         expected += n
         offset = end
-    if run is not None:
-        run.count, run.end = count, offset
-    return run
+    if first_payload is None:
+        return None
+    if not more:
+        return first_payload, count, offset
+    payload = _MSGPACK_ARRAY32.pack(0xDD, count) + b"".join(
+        [first_payload[skip:], *more])
+    return payload, count, offset
+
+
+scan_run: Callable[[bytes, int, int, int, int], FrameRun | None] = compiled_or(
+    scan_run_py, "telemetry.log._framing", "scan_run", purpose="frame checks")
 
 
 def salvage_records(header: FrameHeader, body: memoryview) -> list[memoryview | None]:

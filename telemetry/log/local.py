@@ -491,15 +491,16 @@ class _Cursor:
         run = framing.scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT, RUN_RECORDS)
         if run is None:
             return None
+        payload, count, end = run
         try:
-            events = decode_current_batch(run.payload())
+            events = decode_current_batch(payload)
         except MalformedRecord:
             events = []
-        if len(events) != run.count:
-            self._one_by_one_until = self.buf_offset + run.end
+        if len(events) != count:
+            self._one_by_one_until = self.buf_offset + end
             return None
-        self.offset = self.buf_offset + run.end
-        first, self.next = self.next, self.next + run.count
+        self.offset = self.buf_offset + end
+        first, self.next = self.next, self.next + count
         return Batch(first, events)
 
     def _resync(self, reason: str) -> Generator[ReadItem, None, bool]:

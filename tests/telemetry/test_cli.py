@@ -208,3 +208,25 @@ class TestErrors:
                                 shell=True, capture_output=True, text=True, timeout=60)
         assert 1 == len(result.stdout.splitlines())
         assert "Traceback" not in result.stderr
+
+
+class TestVersion:
+    @pytest.mark.parametrize(("environment", "expected"), [
+        ({}, None),
+        ({"WANTEL_PURE_PYTHON": "1"},
+         "frame checks: Python ($WANTEL_PURE_PYTHON), engine pass: Python ($WANTEL_PURE_PYTHON)"),
+    ])
+    def test_says_whether_the_hot_loops_run_in_c(
+        self, environment: dict[str, str], expected: str | None
+    ) -> None:
+        """One line, the version and each accelerator's state; the switch is honoured."""
+        env = {k: v for k, v in os.environ.items() if k != "WANTEL_PURE_PYTHON"}
+        env.update(COLUMNS="40", **environment)
+        done = subprocess.run([*WANTEL, "--version"], capture_output=True, text=True, env=env,
+                              check=True)
+        line, = done.stdout.splitlines()
+        assert line.startswith("wantel 0.1.0 (")
+        if expected is not None:
+            assert line.endswith(f"({expected})")
+        elif os.environ.get("WANTEL_REQUIRE_SPEEDUPS"):  # make test: both were built
+            assert line.endswith("(frame checks: C, engine pass: C)")
