@@ -32,6 +32,9 @@ What is measured, and why:
    workers' events alternate one by one), a frame per worker per batch (as emitters flushing a
    backlog write), and a frame per live flush (each worker's events of one 50 ms flush window,
    lifecycle events at once: what live emitters write, about one event a frame).
+   Where the C accelerators were built (``wantel --version`` says), the alternating and
+   live-flush logs are also replayed with their pure-Python references in the same rounds,
+   and the ratio is printed.
 3. ``emit()`` cost on the caller's thread (µs per call): each call timed alone with
    ``time.perf_counter_ns`` while the emitter's thread appends to a real ``LocalLog``
    (``fsync="always"``); the median cost of an empty timed region (two back-to-back timer reads)
@@ -667,10 +670,11 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
     w, e, er = median(wantel_rates), median(es_rates), median(es_rec_rates)
     rows.append(Row(f"durable append, batches of {cfg.batch} [vs Application.save]", "ev/s",
                     w, e, True, "≥400k/s, ≥10×"))
+    rows[-1].passed = w >= 400_000 and (rows[-1].ratio or 0) >= 10
+    # The recorder alone, events encoded beforehand: eventsourcing's best case, for information
+    # (the goal is against Application.save, the path its users take).
     rows.append(Row(f"durable append, batches of {cfg.batch} [vs recorder.insert_events, "
-                    "pre-encoded]", "ev/s", w, er, True, "≥400k/s, ≥10×"))
-    for row in rows[-2:]:
-        row.passed = w >= 400_000 and (row.ratio or 0) >= 10
+                    "pre-encoded]", "ev/s", w, er, True))
     raw["append"] = {"wantel": wantel_rates, "es_application_save": es_rates,
                      "es_recorder_insert": es_rec_rates,
                      "es_sqlite": {"journal_mode": journal, "synchronous": synchronous}}

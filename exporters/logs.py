@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -160,7 +160,7 @@ class LifecycleLogger:
 
         self._root_role, self._queue_role, self._stage_role = ROOT_ROLE, QUEUE_ROLE, stage_role
         self._logger = logger if logger is not None else structlog.get_logger("wantel.jobs")
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: OrderedDict[str, _Job] = OrderedDict()  # oldest popped in O(1)
         self._max_jobs = max_jobs
         self._finished: deque[str] = deque(maxlen=max_jobs)
         self._finished_set: set[str] = set()
@@ -204,7 +204,7 @@ class LifecycleLogger:
         if job is None:
             job = self._jobs[job_id] = _Job(trace_id=trace_id_for(job_id))
             while len(self._jobs) > self._max_jobs:
-                del self._jobs[next(iter(self._jobs))]
+                self._jobs.popitem(last=False)
         if event.seq >= 0:
             if event.seq in job.seqs:
                 return None

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import weakref
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -107,7 +107,7 @@ class Emitter:
         self._errors: Counter[str] = Counter()
         self._pending: list[_Stamped] = []
         self._next_seq: dict[str, int] = {}
-        self._ended: dict[str, int] = {}
+        self._ended: OrderedDict[str, int] = OrderedDict()  # oldest popped in O(1)
         self._emitted = 0
         self._appended = 0
         self._idle = True
@@ -293,7 +293,7 @@ class Emitter:
                 # Remember a finished stream's next seq for a while (late samples), bounded.
                 ended[stream] = next_seq.pop(stream)
                 if len(ended) > ENDED_STREAMS_KEPT:
-                    del ended[next(iter(ended))]
+                    ended.popitem(last=False)
         return items
 
     def _add_drop_report(self) -> None:

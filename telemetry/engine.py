@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -97,7 +98,10 @@ class ProjectionEngine:
         self.last_seq: dict[str, int] = {}
         self.health = Health()
         self._folds = [(as_batch_projection(p), p.name, *_routing(p)) for p in projections]
-        self.finished_jobs: dict[str, None] = {}  # an ordered set that bounds last_seq
+        # An ordered set that bounds last_seq. An OrderedDict, not a dict: a dict whose oldest
+        # key is deleted again and again finds the next one past every earlier deletion's
+        # hole (~4 µs a finished job at 10,000), an OrderedDict pops it in O(1).
+        self.finished_jobs: OrderedDict[str, None] = OrderedDict()
 
     @property
     def fingerprint(self) -> str:
@@ -186,8 +190,7 @@ class ProjectionEngine:
         finished = self.finished_jobs
         finished[job] = None
         while len(finished) > KEEP_SEQ_OF_FINISHED:
-            oldest = next(iter(finished))
-            del finished[oldest]
+            oldest, _ = finished.popitem(last=False)
             self.last_seq.pop(oldest, None)
 
     def apply_quarantined(self, notice: Quarantined) -> None:
@@ -236,7 +239,7 @@ class ProjectionEngine:
             return False
         self.states, self.position = states, snap.position
         self.last_seq, self.health = snap.last_seq, snap.health
-        self.finished_jobs = dict.fromkeys(snap.finished_jobs)
+        self.finished_jobs = OrderedDict.fromkeys(snap.finished_jobs)
         return True
 
 

@@ -17,6 +17,7 @@ from telemetry.commands.common import open_log_for_reading, warn_quarantined
 from telemetry.engine import ProjectionEngine
 from telemetry.log.base import Batch, Quarantined, ReadItem
 from telemetry.projections import Projection, default_projections
+from telemetry.projections.base import oldest_first
 from telemetry.projections.eta import EtaState
 from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.memory import MemoryState
@@ -79,10 +80,11 @@ def replay_streaming(
 
 def _retire(jobs_state: JobsState, *, keep: int) -> Iterator[JobView]:
     """The oldest ended jobs beyond ``keep``, each taken out of the state as it is yielded."""
-    finished = jobs_state.finished
+    if len(jobs_state.finished) <= keep:
+        return
+    finished = jobs_state.finished = oldest_first(jobs_state.finished)
     while len(finished) > keep:
-        job = next(iter(finished))
-        del finished[job]
+        job, _ = finished.popitem(last=False)
         view = jobs_state.jobs.pop(job, None)
         if view is not None:
             yield view

@@ -9,6 +9,7 @@ same log always yields byte-identical snapshots.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
@@ -103,7 +104,21 @@ def as_batch_projection(projection: Projection[Any]) -> BatchProjection[Any]:
 #: event, so without a bound a long-running server would grow forever.
 MAX_RUNNING: Final = 10_000
 
+K = TypeVar("K")
 V = TypeVar("V")
+
+
+def oldest_first(table: dict[K, V]) -> OrderedDict[K, V]:
+    """``table`` as an OrderedDict (itself, or a copy the caller stores in its place), whose
+    oldest entries ``popitem(last=False)`` takes in O(1).
+
+    Folds keep ordered sets and bounded tables in dicts (checkpoints decode them as dicts), and a
+    dict whose oldest key is deleted again and again finds the next one past the hole each
+    earlier deletion left, until it resizes: ~4 µs a deletion at 10,000 entries, at every job's
+    end once a bound is reached. A fold turns its table into an OrderedDict, once, when it first
+    evicts from it; it encodes as the same map.
+    """
+    return table if type(table) is OrderedDict else OrderedDict(table)
 
 
 def bounded_insert(table: dict[str, V], key: str, value: V, limit: int = MAX_RUNNING) -> None:

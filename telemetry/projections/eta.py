@@ -43,7 +43,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
-from telemetry.projections.base import BatchFold, OnFailure, bounded_insert
+from telemetry.projections.base import BatchFold, OnFailure, bounded_insert, oldest_first
 
 #: Upper edges of the signed relative-error histogram (−1 … +1 and beyond).
 ERROR_EDGES: Final = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -467,8 +467,10 @@ class EtaProjection(BatchFold):
         finished[event.job] = FinishedEta(
             model=model, status="completed", duration_s=event.duration_s,
             before_start_error=before_start, residuals=residuals, history=history)
-        while len(finished) > self.keep_finished:
-            del finished[next(iter(finished))]
+        if len(finished) > self.keep_finished:
+            finished = state.finished = oldest_first(finished)
+            while len(finished) > self.keep_finished:
+                finished.popitem(last=False)
 
 
 def _store_run(live: LiveJob, fields: tuple[int, int, int | None, int, float, float,

@@ -24,7 +24,7 @@ from telemetry.events import (
     StepEnded,
     WorkerHeartbeat,
 )
-from telemetry.projections.base import BatchFold, OnFailure
+from telemetry.projections.base import BatchFold, OnFailure, oldest_first
 
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled", "abandoned"})
 
@@ -340,9 +340,11 @@ class JobsProjection(BatchFold):
     def _forget_old(self, state: JobsState) -> None:
         if self.keep_finished is None:
             return
-        while len(state.finished) > self.keep_finished:
-            oldest = next(iter(state.finished))
-            del state.finished[oldest]
+        if len(state.finished) <= self.keep_finished:
+            return
+        finished = state.finished = oldest_first(state.finished)
+        while len(finished) > self.keep_finished:
+            oldest, _ = finished.popitem(last=False)
             state.jobs.pop(oldest, None)
 
 

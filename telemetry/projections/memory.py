@@ -22,7 +22,7 @@ from telemetry.events import (
     MemorySampled,
     StepEnded,
 )
-from telemetry.projections.base import BatchFold, OnFailure, bounded_insert
+from telemetry.projections.base import BatchFold, OnFailure, bounded_insert, oldest_first
 
 KEEP_FINISHED: Final = 10_000
 _LIFECYCLE: Final = frozenset({JobStarted, JobCompleted, JobFailed, JobCancelled})
@@ -189,8 +189,10 @@ class MemoryProjection(BatchFold):
                     ended = running.pop(event.job, None)
                     if ended is not None:
                         finished[event.job] = ended
-                        while len(finished) > keep_finished:
-                            del finished[next(iter(finished))]
+                        if len(finished) > keep_finished:
+                            finished = state.finished = oldest_first(finished)
+                            while len(finished) > keep_finished:
+                                finished.popitem(last=False)
             except Exception as exc:
                 job_id = None
                 failed(event, exc)

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from telemetry import engine as engine_module
 from telemetry.engine import ProjectionEngine
 from telemetry.events import (
     EVENT_TYPES,
@@ -254,6 +255,28 @@ class TestWorkersAndHealth:
         for k in range(5):
             e.apply_batch(Batch(e.position, a_job(f"j{k}")))
         assert ["j3", "j4"] == list(e.states["jobs"].jobs)
+
+    def test_bounded_tables_evict_alike_across_a_restart(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Every bounded table (ended jobs in each projection, the engine's seq table) keeps
+        the same newest entries whether or not the engine was restored from a snapshot midway
+        (a restored table is a dict, a live one may have become an OrderedDict)."""
+        monkeypatch.setattr(engine_module, "KEEP_SEQ_OF_FINISHED", 3)
+        batches = [a_job(f"j{k}") for k in range(9)]
+        straight = ProjectionEngine(default_projections(keep_finished=2))
+        for events in batches:
+            straight.apply_batch(Batch(straight.position, events))
+        restarted = ProjectionEngine(default_projections(keep_finished=2))
+        for k, events in enumerate(batches):
+            if k in (3, 6):
+                snapshot = restarted.snapshot()
+                restarted = ProjectionEngine(default_projections(keep_finished=2))
+                assert restarted.restore(snapshot)
+            restarted.apply_batch(Batch(restarted.position, events))
+        assert restarted.snapshot() == straight.snapshot()
+        assert ["j7", "j8"] == list(straight.states["jobs"].jobs)
+        assert ["j6", "j7", "j8"] == list(straight.finished_jobs) == list(straight.last_seq)
 
 
 def test_completed_events_carry_no_clock_dependence() -> None:
