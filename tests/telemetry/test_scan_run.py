@@ -27,6 +27,11 @@ except ImportError:  # pragma: no cover - where the accelerator was not built
 
 Scan = Callable[..., Any]
 SCHEMA = 0x1234
+SCANS = [
+    pytest.param(framing.scan_run_py, id="python"),
+    pytest.param(compiled_scan_run, id="c", marks=pytest.mark.skipif(
+        compiled_scan_run is None, reason="telemetry.log._framing was not built")),
+]
 
 
 def test_the_accelerator_is_built_where_the_suite_requires_it() -> None:
@@ -100,11 +105,7 @@ def test_c_takes_the_same_runs_as_the_reference(
     assert _scan(compiled_scan_run, buf, offset, first, schema, limit) == expected
 
 
-@pytest.mark.parametrize("scan", [
-    pytest.param(framing.scan_run_py, id="python"),
-    pytest.param(compiled_scan_run, id="c", marks=pytest.mark.skipif(
-        compiled_scan_run is None, reason="telemetry.log._framing was not built")),
-])
+@pytest.mark.parametrize("scan", SCANS)
 def test_a_run_joins_frames_until_one_does_not_follow(scan: Scan) -> None:
     frames = [frame([b"\x01", b"\x02"], 0), frame([b"\x03"], 2), frame([b"\x04"], 4)]
     buf = b"".join(frames)
@@ -119,11 +120,7 @@ def test_a_run_joins_frames_until_one_does_not_follow(scan: Scan) -> None:
     assert scan(buf[:-1], len(frames[0]) + len(frames[1]), 3, SCHEMA, 9) is None  # cut short
 
 
-@pytest.mark.parametrize("scan", [
-    pytest.param(framing.scan_run_py, id="python"),
-    pytest.param(compiled_scan_run, id="c", marks=pytest.mark.skipif(
-        compiled_scan_run is None, reason="telemetry.log._framing was not built")),
-])
+@pytest.mark.parametrize("scan", SCANS)
 def test_a_frame_too_short_for_its_records_is_not_taken(scan: Scan) -> None:
     """Checksums intact, but the body cannot hold the table and array header it promises."""
     body = encode_body([b"\x01"])[:-2]  # table, then a cut array header
