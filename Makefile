@@ -15,12 +15,12 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py telemetry/_speedups.c telemetry/log/_framing.c \
           scripts/debian-packages.txt
+	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)  # first: the C accelerators need gcc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e '.[dev]'
-	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)
 	touch $@
 
 demo: install
