@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
@@ -600,7 +600,7 @@ class SpanExportRunner:
         self._stats_lock = threading.Lock()
         # State that the checkpoint mirrors once nothing is pending.
         self.position: Position = 0
-        self._open: dict[str, list[Event]] = {}
+        self._open: OrderedDict[str, list[Event]] = OrderedDict()  # oldest popped in O(1)
         self._open_seqs: dict[str, set[int]] = {}
         self._finished: deque[str] = deque(maxlen=remember_finished)
         self._finished_set: set[str] = set()
@@ -734,8 +734,8 @@ class SpanExportRunner:
 
     def _evict(self) -> None:
         while len(self._open) > self._max_open_jobs:
-            oldest = next(iter(self._open))
-            del self._open[oldest], self._open_seqs[oldest]
+            oldest, _ = self._open.popitem(last=False)
+            del self._open_seqs[oldest]
             _log.warning("too many open jobs; dropping the oldest's trace", job=oldest)
             self._update(evicted_jobs=self.stats.evicted_jobs + 1)
 
@@ -829,7 +829,7 @@ class SpanExportRunner:
             self._publish()
             return
         self.position = self._saved_position = snapshot.position
-        self._open = opened
+        self._open = OrderedDict(opened)
         self._open_seqs = {job: {e.seq for e in events if e.seq >= 0}
                            for job, events in opened.items()}
         for job in snapshot.finished:
