@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,24 +31,19 @@ from telemetry.events import (
     StepEnded,
 )
 
+from .accelerators import assert_built_where_required, both
+
 try:
     from telemetry._speedups import fresh_events as compiled_fresh_events
 except ImportError:  # pragma: no cover - where the accelerator was not built
     compiled_fresh_events = None
 
 Impl = Callable[..., Any]
-IMPLEMENTATIONS = [
-    pytest.param(fresh_events_py, id="python"),
-    pytest.param(compiled_fresh_events, id="c", marks=pytest.mark.skipif(
-        compiled_fresh_events is None, reason="telemetry._speedups was not built")),
-]
+IMPLEMENTATIONS = both(fresh_events_py, compiled_fresh_events, "telemetry._speedups")
 
 
 def test_the_accelerator_is_built_where_the_suite_requires_it() -> None:
-    """``make test`` sets WANTEL_REQUIRE_SPEEDUPS: there a missing build must fail, not skip."""
-    if not os.environ.get("WANTEL_REQUIRE_SPEEDUPS"):
-        pytest.skip("WANTEL_REQUIRE_SPEEDUPS is not set")
-    assert compiled_fresh_events is not None, "telemetry._speedups failed to build"
+    assert_built_where_required(compiled_fresh_events, "telemetry._speedups")
     assert dedup.COMPILED == (not pure_python_requested())
 
 

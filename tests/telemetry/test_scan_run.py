@@ -8,7 +8,6 @@ runs they find must be equal (payload bytes, record count, end offset). The read
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,8 @@ from telemetry.config import pure_python_requested
 from telemetry.log import framing
 from telemetry.log.framing import JSON_ARRAY, MSGPACK_ARRAY, encode_body, encode_header
 
+from .accelerators import assert_built_where_required, both
+
 try:
     from telemetry.log._framing import scan_run as compiled_scan_run
 except ImportError:  # pragma: no cover - where the accelerator was not built
@@ -27,18 +28,11 @@ except ImportError:  # pragma: no cover - where the accelerator was not built
 
 Scan = Callable[..., Any]
 SCHEMA = 0x1234
-SCANS = [
-    pytest.param(framing.scan_run_py, id="python"),
-    pytest.param(compiled_scan_run, id="c", marks=pytest.mark.skipif(
-        compiled_scan_run is None, reason="telemetry.log._framing was not built")),
-]
+SCANS = both(framing.scan_run_py, compiled_scan_run, "telemetry.log._framing")
 
 
 def test_the_accelerator_is_built_where_the_suite_requires_it() -> None:
-    """``make test`` sets WANTEL_REQUIRE_SPEEDUPS: there a missing build must fail, not skip."""
-    if not os.environ.get("WANTEL_REQUIRE_SPEEDUPS"):
-        pytest.skip("WANTEL_REQUIRE_SPEEDUPS is not set")
-    assert compiled_scan_run is not None, "telemetry.log._framing failed to build"
+    assert_built_where_required(compiled_scan_run, "telemetry.log._framing")
     assert (framing.scan_run is compiled_scan_run) == (not pure_python_requested())
     from telemetry.log import _framing
     assert _framing.CRC32 == "zlib-ng", "zlib_ng's crc32 was not found: zlib's is ~10x slower"
