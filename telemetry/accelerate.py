@@ -10,7 +10,7 @@ choice in words for ``wantel --version`` and the benchmarks.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from telemetry.config import PURE_PYTHON_ENV, pure_python_requested
 
@@ -22,17 +22,16 @@ CHOSEN: Final[dict[str, str]] = {}
 
 def compiled_or(reference: F, module: str, name: str, *, purpose: str) -> F:
     """``module.name`` if that accelerator is built and allowed, else ``reference``."""
-    chosen: Any = reference
     if pure_python_requested():
         CHOSEN[purpose] = f"Python (${PURE_PYTHON_ENV})"
         return reference
     try:
-        chosen = getattr(importlib.import_module(module), name)
+        compiled: F = getattr(importlib.import_module(module), name)
     except ImportError:  # not built where wantel was installed
         CHOSEN[purpose] = "Python (C not built)"
         return reference
     CHOSEN[purpose] = "C"
-    return chosen  # type: ignore[no-any-return]
+    return compiled
 
 
 #: The modules whose import makes a choice.

@@ -121,8 +121,15 @@ def oldest_first(table: dict[K, V]) -> OrderedDict[K, V]:
     return table if type(table) is OrderedDict else OrderedDict(table)
 
 
-def bounded_insert(table: dict[str, V], key: str, value: V, limit: int = MAX_RUNNING) -> None:
-    """``table[key] = value``, dropping the oldest entries beyond ``limit`` (dicts keep order)."""
+def bounded_insert(table: dict[K, V], key: K, value: V, limit: int = MAX_RUNNING) -> dict[K, V]:
+    """``table[key] = value``, dropping the oldest entries beyond ``limit``; returns the table
+    to go on with, which the caller stores in place of ``table`` (and rebinds any alias of it):
+    ``table`` itself, or, the first time it drops an entry, an OrderedDict (:func:`oldest_first`).
+    """
     table[key] = value
-    while len(table) > limit:
-        del table[next(iter(table))]
+    if len(table) <= limit:
+        return table
+    ordered = oldest_first(table)
+    while len(ordered) > limit:
+        ordered.popitem(last=False)
+    return ordered

@@ -43,7 +43,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
-from telemetry.projections.base import BatchFold, OnFailure, bounded_insert, oldest_first
+from telemetry.projections.base import BatchFold, OnFailure, bounded_insert
 
 #: Upper edges of the signed relative-error histogram (−1 … +1 and beyond).
 ERROR_EDGES: Final = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -368,7 +368,8 @@ class EtaProjection(BatchFold):
                     assert isinstance(event, JobStarted)
                     started, first = self._priors.start_estimated(event, state.calibration)
                     running = RunningEta(model=event.model, live=started)
-                    bounded_insert(state.running, event.job, running)
+                    state.running = bounded_insert(state.running, event.job, running)
+                    running_of = state.running.get
                     if first is None:
                         issue(running, event.ts)
                     else:
@@ -463,14 +464,10 @@ class EtaProjection(BatchFold):
                 histogram = histograms[bucket] = Histogram()
             histogram.add_all(errors, covered_in[bucket])
             residuals[bucket] = sum(errors) / len(errors)
-        finished = state.finished
-        finished[event.job] = FinishedEta(
+        state.finished = bounded_insert(state.finished, event.job, FinishedEta(
             model=model, status="completed", duration_s=event.duration_s,
-            before_start_error=before_start, residuals=residuals, history=history)
-        if len(finished) > self.keep_finished:
-            finished = state.finished = oldest_first(finished)
-            while len(finished) > self.keep_finished:
-                finished.popitem(last=False)
+            before_start_error=before_start, residuals=residuals, history=history),
+            self.keep_finished)
 
 
 def _store_run(live: LiveJob, fields: tuple[int, int, int | None, int, float, float,

@@ -22,7 +22,7 @@ from telemetry.events import (
     MemorySampled,
     StepEnded,
 )
-from telemetry.projections.base import BatchFold, OnFailure, bounded_insert, oldest_first
+from telemetry.projections.base import BatchFold, OnFailure, bounded_insert
 
 KEEP_FINISHED: Final = 10_000
 _LIFECYCLE: Final = frozenset({JobStarted, JobCompleted, JobFailed, JobCancelled})
@@ -182,17 +182,15 @@ class MemoryProjection(BatchFold):
                     continue
                 job_id = None  # a lifecycle event: the job's entry may change
                 if type(event) is JobStarted:
-                    bounded_insert(running, event.job, JobMemory(
+                    running = state.running = bounded_insert(running, event.job, JobMemory(
                         model=event.model, width=event.width, height=event.height))
+                    job_of = running.get
                 elif (type(event) is JobCompleted or type(event) is JobFailed
                       or type(event) is JobCancelled):
                     ended = running.pop(event.job, None)
                     if ended is not None:
-                        finished[event.job] = ended
-                        if len(finished) > keep_finished:
-                            finished = state.finished = oldest_first(finished)
-                            while len(finished) > keep_finished:
-                                finished.popitem(last=False)
+                        finished = state.finished = bounded_insert(
+                            finished, event.job, ended, keep_finished)
             except Exception as exc:
                 job_id = None
                 failed(event, exc)

@@ -151,7 +151,8 @@ class ThroughputProjection(BatchFold):
                     job.steps, job.ema = job_base + counted, job_ema
                     job = job_id = None
                 if type(event) is JobStarted:
-                    bounded_insert(jobs, event.job, JobRate(model=event.model))
+                    jobs = state.jobs = bounded_insert(jobs, event.job, JobRate(model=event.model))
+                    job_of = jobs.get
                     if event.model not in models:
                         models[event.model] = ModelRate()
                 elif (type(event) is JobCompleted or type(event) is JobFailed

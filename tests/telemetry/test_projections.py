@@ -27,7 +27,7 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch
 from telemetry.projections import default_projections
-from telemetry.projections.base import as_batch_projection
+from telemetry.projections.base import as_batch_projection, bounded_insert
 from telemetry.projections.eta import EtaState, current
 from telemetry.projections.jobs import JobsProjection, JobsState
 
@@ -277,6 +277,20 @@ class TestWorkersAndHealth:
         assert restarted.snapshot() == straight.snapshot()
         assert ["j7", "j8"] == list(straight.states["jobs"].jobs)
         assert ["j6", "j7", "j8"] == list(straight.finished_jobs) == list(straight.last_seq)
+
+
+def test_bounded_insert_keeps_the_newest_entries_in_order() -> None:
+    """Under the bound the table itself goes on; past it, the newest ``limit`` entries in
+    insertion order, in a table whose oldest entry later inserts drop one by one."""
+    table: dict[str, int] = {"a": 1}
+    assert bounded_insert(table, "b", 2, limit=3) is table
+    table = bounded_insert(table, "c", 3, limit=3)
+    table = bounded_insert(table, "d", 4, limit=3)
+    assert list(table.items()) == [("b", 2), ("c", 3), ("d", 4)]
+    table["c"] = 30  # replacing a value keeps its place
+    table = bounded_insert(table, "e", 5, limit=3)
+    assert list(table.items()) == [("c", 30), ("d", 4), ("e", 5)]
+    assert msgspec.msgpack.encode(table) == msgspec.msgpack.encode(dict(table))
 
 
 def test_completed_events_carry_no_clock_dependence() -> None:
