@@ -447,12 +447,13 @@ class _Cursor:
         if self.fd is None and not self._open_first_segment():
             return
         while True:
-            if decode and self.offset >= self._one_by_one_until:
+            head = self._bytes(self.offset, framing.HEADER_SIZE)  # a chunk from here, if need be
+            if (decode and len(head) == framing.HEADER_SIZE
+                    and self.offset >= self._one_by_one_until):
                 batch = self._run_of_frames()
                 if batch is not None:
                     yield batch
                     continue
-            head = self._bytes(self.offset, framing.HEADER_SIZE)
             if len(head) == 0:
                 following = self._next_segment()
                 if following is None:
@@ -485,8 +486,8 @@ class _Cursor:
         ``None`` when the next frame needs the frame-by-frame path: it is not wholly in the
         buffer, damaged, old, partly before the start, or (rarely) its records do not decode
         — then every frame of the run is read one at a time, so only bad records are lost.
+        The buffer holds at least the header at ``self.offset`` (the caller read it).
         """
-        self._bytes(self.offset, framing.HEADER_SIZE)  # a chunk from here, unless buffered
         start = self.offset - self.buf_offset
         run = framing.scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT, RUN_RECORDS)
         if run is None:
