@@ -404,9 +404,6 @@ fresh_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (newest != known && end_run(&jobs, run, job, newest) < 0) {
         goto done;
     }
-    if (release(&jobs) < 0) {
-        goto done;
-    }
     if (nfresh < n) {
         PyObject *cut = PyList_GetSlice(fresh, 0, nfresh);
         if (cut == NULL) {
@@ -421,7 +418,9 @@ fresh_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
 
 done:
-    if (release(&jobs) < 0) {  /* after an error: writes what the reference had written */
+    /* Write the held seqs back, on success and on error alike (the reference has written every
+     * run that ended before an error); a failed write fails the call. */
+    if (release(&jobs) < 0) {
         Py_CLEAR(result);
     }
     PyMem_Free(kinds);
