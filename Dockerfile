@@ -12,6 +12,7 @@ WORKDIR /opt/wantel
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 COPY pyproject.toml setup.py README.md ./
+COPY wantel ./wantel
 COPY telemetry ./telemetry
 COPY inference ./inference
 COPY exporters ./exporters

@@ -29,6 +29,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The suite fails, rather than skips, if a C accelerator did not build here.
 test: install lint

@@ -95,7 +95,6 @@ from eventsourcing.persistence import StoredEvent
 
 from telemetry import accelerate, dedup
 from telemetry import engine as engine_module
-from telemetry.commands.replay import job_summary, replay_projections, replay_streaming
 from telemetry.emitter import DEFAULT_FLUSH_INTERVAL, Emitter
 from telemetry.engine import ProjectionEngine
 from telemetry.events import (
@@ -115,6 +114,7 @@ from telemetry.log import framing
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 from telemetry.projections.jobs import JobsProjection, JobsState, JobView
+from wantel.commands.replay import job_summary, replay_projections, replay_streaming
 
 # -- the workload ------------------------------------------------------------------------------
 

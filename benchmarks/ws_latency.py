@@ -66,7 +66,7 @@ def start_server(log_dir: Path) -> tuple[subprocess.Popen[str], int]:
     """``wantel serve --port 0`` in a child process; the port is read from its banner."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "telemetry.cli", "serve", "--log", str(log_dir), "--port", "0"],
+        [sys.executable, "-m", "wantel", "serve", "--log", str(log_dir), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout is not None
     deadline = time.monotonic() + 30

@@ -1,9 +1,7 @@
-"""Structured logs: one structlog configuration, and a job-lifecycle log fed from the event log.
+"""Structured logs: a job-lifecycle log fed from the event log.
 
-:func:`configure_logging` is the single place wantel's processes set up logging: JSON lines when
-the output is not a terminal (a log pipeline is reading) or when asked, a readable console
-rendering on a terminal. The standard library's ``logging`` (the OpenTelemetry SDK, uvicorn)
-is routed through the same renderer, so one process writes one format.
+How lines are rendered (JSON or console) is the application's choice, made once
+(``wantel.logs.configure_logging``); this module only writes through structlog.
 
 :class:`LifecycleLogger` turns lifecycle events read from the log into one line each, carrying
 the ``trace_id`` and ``span_id`` of the matching span in the job's trace
@@ -12,16 +10,13 @@ the ``trace_id`` and ``span_id`` of the matching span in the job's trace
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
 
 from telemetry.events import (
     Event,
@@ -36,86 +31,6 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch, ReadItem
 from telemetry.tracing import span_id_for, trace_id_for
-
-LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-                 "error": logging.ERROR}
-_HANDLER_MARK: Final = "_wantel_handler"
-
-
-class _StampUnlessPresent:
-    """ISO-8601 UTC ``timestamp``, unless the caller gave one (a lifecycle line carries the
-    event's recorded time, not the time it was read)."""
-
-    def __init__(self) -> None:
-        self._stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-
-    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-        if "timestamp" in event_dict:
-            return event_dict
-        return self._stamper(logger, name, event_dict)
-
-
-def configure_logging(
-    *,
-    json: bool | None = None,
-    level: str = "info",
-    stream: TextIO | None = None,
-    stdlib: bool = True,
-) -> None:
-    """Configure structlog (and, with ``stdlib``, the root ``logging`` handler) once.
-
-    Args:
-        json: JSON lines if True; console rendering if False; if None, JSON unless ``stream``
-            is a terminal.
-        level: the lowest level written (``debug``, ``info``, ``warning``, ``error``).
-        stream: where lines go; ``sys.stderr`` by default, so stdout stays free for command
-            output (``wantel cat`` prints events there).
-        stdlib: also render standard-library log records (OpenTelemetry, uvicorn) the same way;
-            calling again replaces the handler this function installed, never stacks another.
-    """
-    out = stream if stream is not None else sys.stderr
-    as_json = json if json is not None else not _isatty(out)
-    numeric = LEVELS.get(level.lower())
-    if numeric is None:
-        raise ValueError(f"log level {level!r}: expected one of {', '.join(LEVELS)}")
-    shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        _StampUnlessPresent(),
-        structlog.processors.StackInfoRenderer(),
-    ]
-    renderer: Processor
-    if as_json:
-        shared.append(structlog.processors.dict_tracebacks)
-        renderer = structlog.processors.JSONRenderer(default=str)
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=_isatty(out))
-    structlog.configure(
-        processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
-        cache_logger_on_first_use=False,
-    )
-    if stdlib:
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            if getattr(handler, _HANDLER_MARK, False):
-                root.removeHandler(handler)
-        handler = logging.StreamHandler(out)
-        handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared]))
-        setattr(handler, _HANDLER_MARK, True)
-        root.addHandler(handler)
-        root.setLevel(numeric)
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # closed or not a real file
-        return False
-
 
 # -- lifecycle lines -------------------------------------------------------------------------
 
@@ -155,7 +70,7 @@ class LifecycleLogger:
 
     def __init__(self, logger: Any | None = None, *, max_jobs: int = 10_000) -> None:
         # Span roles come from the span exporter, so a line's span_id is its span's by
-        # construction; imported here so configure_logging() never loads the OpenTelemetry SDK.
+        # construction; imported here so configuring logging never loads the OpenTelemetry SDK.
         from exporters.otel import QUEUE_ROLE, ROOT_ROLE, stage_role
 
         self._root_role, self._queue_role, self._stage_role = ROOT_ROLE, QUEUE_ROLE, stage_role
@@ -290,4 +205,4 @@ def _iso(ts_ns: int) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-__all__ = ["LIFECYCLE", "LifecycleLogger", "configure_logging"]
+__all__ = ["LIFECYCLE", "LifecycleLogger"]

@@ -57,7 +57,7 @@ def main() -> int:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    wantel = [sys.executable, "-m", "telemetry.cli"]
+    wantel = [sys.executable, "-m", "wantel"]
     with tempfile.TemporaryDirectory() as scratch:
         image = Path(scratch) / "condition.png"
         Image.new("RGB", (64, 64), (120, 80, 200)).save(image)

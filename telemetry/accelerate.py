@@ -10,11 +10,17 @@ choice in words for ``wantel --version`` and the benchmarks.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Final, TypeVar
 
-from telemetry.config import PURE_PYTHON_ENV, pure_python_requested
-
 F = TypeVar("F")
+
+PURE_PYTHON_ENV: Final = "WANTEL_PURE_PYTHON"
+
+
+def pure_python_requested() -> bool:
+    """``$WANTEL_PURE_PYTHON`` set (to anything but empty or 0): skip the C accelerators."""
+    return os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
 
 #: What each hot loop runs as, by purpose: "C", or "Python (why)".
 CHOSEN: Final[dict[str, str]] = {}

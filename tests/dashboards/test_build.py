@@ -14,9 +14,9 @@ import pytest
 
 from dashboards import specs
 from dashboards.build import render_all
-from dashboards.command import DEFAULT_OUT, DEFAULT_RULES, build_all
+from dashboards.outputs import DEFAULT_OUT, DEFAULT_RULES, build_all
 from dashboards.rules import RuleParams, render_rules
-from telemetry.cli import main
+from wantel.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool")
@@ -60,7 +60,7 @@ def test_cli_build_writes_into_out_dir(tmp_path: Path,
     """`wantel dashboards build --out DIR` writes five dashboards and the rules, then is idle."""
     try:
         code = main(["dashboards", "build", "--out", str(tmp_path)])
-    except SystemExit as exc:  # the command is not registered in telemetry/cli.py yet
+    except SystemExit as exc:  # the command is not registered in wantel/cli.py yet
         pytest.skip(f"wantel dashboards is not registered ({exc})")
     assert 0 == code
     expected = sorted([*(f"{d.slug}.json" for d in specs.DASHBOARDS), "wantel.yml"])

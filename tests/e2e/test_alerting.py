@@ -1,7 +1,7 @@
 """A stalled job fires WantelJobStalled through a real Prometheus and Alertmanager to a webhook.
 
 The chain is the production one: a tiny real job writes events to a local log; ``wantel
-serve``'s machinery (:class:`exporters.serve.Serving`) serves ``/metrics``; a real Prometheus
+serve``'s machinery (:class:`wantel.serving.Serving`) serves ``/metrics``; a real Prometheus
 evaluates the repository's rules; a real Alertmanager routes by the repository's
 ``alertmanager.yml`` to a webhook server in this test. Only timing differs, and only as
 parameters: the rules are rendered with :meth:`dashboards.rules.RuleParams.fast` (1 s
@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from dashboards.rules import RuleParams, render_rules
-from exporters.serve import Serving
 from telemetry.log.local import LocalLog
 from tests.e2e.jobs import paused_job
 from tests.e2e.servers import (
@@ -31,6 +30,7 @@ from tests.e2e.servers import (
     run_prometheus,
     run_webhook,
 )
+from wantel.serving import Serving
 
 REPO = Path(__file__).resolve().parents[2]
 ALERTMANAGER_CONFIG = REPO / "dashboards" / "alertmanager" / "alertmanager.yml"

@@ -1,7 +1,7 @@
 """Every panel query of every generated dashboard runs on a real Prometheus and returns data.
 
 Real tiny jobs of several Wan layouts run through ``generate()`` into a local log; ``wantel
-serve``'s machinery (:class:`exporters.serve.Serving`) follows the log and serves ``/metrics``;
+serve``'s machinery (:class:`wantel.serving.Serving`) follows the log and serves ``/metrics``;
 a real Prometheus (exemplar storage on) scrapes it every second. One job is held mid-denoise
 until Prometheus has seen its per-job gauges, so the job drill-down has a running job.
 
@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from exporters.serve import Serving
 from telemetry.emitter import Emitter
 from telemetry.events import UNSEQUENCED, EventsDropped, GpuSampled, MemorySampled
 from telemetry.log.local import LocalLog
@@ -38,6 +37,7 @@ from tests.e2e.servers import (
     repo_prometheus_config,
     run_prometheus,
 )
+from wantel.serving import Serving
 
 GENERATED = Path(__file__).resolve().parents[2] / "dashboards" / "generated"
 VARIANTS = ("tiny-t2v", "tiny-t2v-a14b", "tiny-i2v", "tiny-ti2v")

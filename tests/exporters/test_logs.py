@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from exporters.logs import LIFECYCLE, LifecycleLogger, configure_logging
+from exporters.logs import LIFECYCLE, LifecycleLogger
 from exporters.otel import spans_for_job
 from telemetry.events import (
     Event,
@@ -26,6 +26,7 @@ from telemetry.events import (
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 from tests.telemetry.log_contract import events_of
+from wantel.logs import configure_logging
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "eta-corpus"
 CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -25,7 +25,6 @@ from starlette.testclient import TestClient
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from exporters.serve import BackgroundServer, bind
 from exporters.server import create_app
 from exporters.service import TelemetryService
 from telemetry.events import (
@@ -42,6 +41,7 @@ from telemetry.events import (
 )
 from telemetry.log.local import LocalLog
 from tests.polling import wait_for
+from wantel.serving import BackgroundServer, bind
 
 MIB = 2**20
 Frame = dict[str, Any]
@@ -571,7 +571,7 @@ def test_wantel_serve_prints_its_urls_and_stops_cleanly_on_sigterm(tmp_path: Pat
     log.close()
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "telemetry.cli", "serve", "--log", str(log_dir), "--port", "0"],
+        [sys.executable, "-m", "wantel", "serve", "--log", str(log_dir), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
     try:
         assert proc.stdout is not None
@@ -602,7 +602,7 @@ def test_wantel_demo_runs_n_jobs_while_serving(tmp_path: Path,
     """`wantel demo --jobs 2 --port 0` prints the URL first, runs two tiny jobs, then stops."""
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from telemetry.cli import main
+    from wantel.cli import main
 
     log_dir = tmp_path / "log"
     code = main(["demo", "--log", str(log_dir), "--port", "0", "--jobs", "2",

@@ -338,7 +338,7 @@ class TestRunner:
 def test_saved_pipeline_runs_through_wantel_run(tmp_path: Path) -> None:
     """A saved tiny pipeline loads offline from its directory via `wantel run --model PATH`."""
     build_tiny_pipeline("tiny-t2v-a14b").save_pretrained(tmp_path / "model")
-    from telemetry.cli import main
+    from wantel.cli import main
 
     code = main(["run", "--model", str(tmp_path / "model"), "--prompt", "x", "--frames", "5",
                  "--height", "32", "--width", "32", "--steps", "3", "--log", str(tmp_path / "log"),

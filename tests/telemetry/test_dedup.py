@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from telemetry import dedup
-from telemetry.config import pure_python_requested
+from telemetry.accelerate import pure_python_requested
 from telemetry.dedup import fresh_events_py
 from telemetry.events import (
     EVENT_TYPES,

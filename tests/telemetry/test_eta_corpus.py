@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from telemetry.cli import main
 from telemetry.eta.evaluate import StaticProfile, evaluate
 from telemetry.eta.fit import fit
 from telemetry.eta.jobs import job_records
 from telemetry.events import EtaCalibrated
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
+from wantel.cli import main
 
 CORPUS = Path(__file__).parents[1] / "fixtures" / "eta-corpus"
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetry.config import pure_python_requested
+from telemetry.accelerate import pure_python_requested
 from telemetry.log import framing
 from telemetry.log.framing import JSON_ARRAY, MSGPACK_ARRAY, encode_body, encode_header
 

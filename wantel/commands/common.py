@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from telemetry.config import resolve_log_dir
 from telemetry.log.base import LogNotFound, Quarantined
 from telemetry.log.local import LocalLog
+from wantel.config import resolve_log_dir
 
 
 def open_log_for_reading(args: argparse.Namespace) -> LocalLog:

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from telemetry.codec import encode_complete
-from telemetry.commands.common import open_log_for_reading, warn_quarantined
 from telemetry.log.base import Batch
+from wantel.commands.common import open_log_for_reading, warn_quarantined
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

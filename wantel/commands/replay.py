@@ -13,7 +13,6 @@ from typing import Any, BinaryIO, Final
 
 import msgspec
 
-from telemetry.commands.common import open_log_for_reading, warn_quarantined
 from telemetry.engine import ProjectionEngine
 from telemetry.log.base import Batch, Quarantined, ReadItem
 from telemetry.projections import Projection, default_projections
@@ -22,6 +21,7 @@ from telemetry.projections.eta import EtaState
 from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.memory import MemoryState
 from telemetry.projections.throughput import ThroughputState
+from wantel.commands.common import open_log_for_reading, warn_quarantined
 
 #: Ended jobs held back before their summary is printed and they are forgotten: a late event
 #: of a job (one that arrives after its end) still lands in its summary, and memory stays flat

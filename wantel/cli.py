@@ -1,9 +1,9 @@
-"""``wantel``: the command line.
+"""``wantel``: the command line, the application's entry point.
 
-Each subcommand lives in its own module with two functions, ``configure(parser)`` and
-``run(args) -> int``, and is named here by a string, so ``wantel --help`` and the light commands
-never import torch, and this package keeps no import dependency on ``inference`` or
-``exporters``. Every failure a user can cause — a missing log, an unknown flag, a bad value —
+Each subcommand lives in its own module under :mod:`wantel.commands`, with two functions,
+``configure(parser)`` and ``run(args) -> int``, and is named here by a string, so ``wantel
+--help`` and the light commands never import torch (``run`` and ``demo`` load it only when
+they run). Every failure a user can cause — a missing log, an unknown flag, a bad value —
 ends as one line on stderr and exit code 2, never a traceback.
 """
 
@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Protocol, cast
 
-import structlog
-
 from telemetry import __version__, accelerate
-from telemetry.config import DEFAULT_LOG_DIR, LOG_ENV
 from telemetry.errors import UsageError
 from telemetry.log.base import LogError
+from wantel.config import DEFAULT_LOG_DIR, LOG_ENV, VARIABLES
+from wantel.logs import configure_logging
 
 EXIT_USAGE = 2
 
@@ -47,35 +46,35 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command(
         "run",
-        "inference.cli",
+        "wantel.commands.run",
         "generate a video with a tiny offline Wan model or a local diffusers model, "
         "recording every stage",
     ),
     Command(
         "serve",
-        "exporters.serve",
+        "wantel.commands.serve",
         "follow the log; serve /metrics, the HTTP API, WebSocket progress and the live page",
     ),
     Command(
         "demo",
-        "inference.demo",
+        "wantel.commands.demo",
         "serve, and stream tiny jobs of every Wan layout into the log (no GPU needed)",
     ),
     Command(
         "eta",
-        "telemetry.commands.eta",
+        "wantel.commands.eta",
         "calibrate the ETA model from the log (fit) and score it against baselines (eval)",
     ),
     Command(
         "dashboards",
-        "dashboards.command",
+        "wantel.commands.dashboards",
         "regenerate the Grafana dashboards and Prometheus alert rules from code",
         uses_log=False,
     ),
-    Command("cat", "telemetry.commands.cat", "print the log's events as JSON Lines"),
+    Command("cat", "wantel.commands.cat", "print the log's events as JSON Lines"),
     Command(
         "replay",
-        "telemetry.commands.replay",
+        "wantel.commands.replay",
         "rebuild the projections from the log and print a per-job summary",
     ),
 )
@@ -99,8 +98,10 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="wantel",
         description="Event-sourced telemetry for Wan video-diffusion inference.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Commands that read or write the log take --log DIR (else ${LOG_ENV}, "
-        f"else ./{DEFAULT_LOG_DIR}). 'wantel COMMAND --help' explains each command.",
+        f"else ./{DEFAULT_LOG_DIR}).\n'wantel COMMAND --help' explains each command.\n\n"
+        "environment:\n" + "".join(f"  {name:<20} {what}\n" for name, what in VARIABLES.items()),
     )
     parser.add_argument("--version", action=_PrintVersion, nargs=0,
                         help="show the version, and whether replay's hot loops run in C")
@@ -123,11 +124,6 @@ def _load(command: Command) -> _CommandModule:
     return cast(_CommandModule, importlib.import_module(command.module))
 
 
-def _configure_logging() -> None:
-    """Diagnostics go to stderr, so ``wantel cat`` output stays clean JSON Lines."""
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wantel`` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -137,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    _configure_logging()
+    configure_logging()  # diagnostics on stderr: `wantel cat` output stays clean JSON Lines
     command = next(c for c in COMMANDS if c.name == args.command)
     try:
         return _load(command).run(args)

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from telemetry.cli import main
 from telemetry.codec import decode_one
-from telemetry.commands import replay
-from telemetry.commands.replay import job_summary, replay_streaming
 from telemetry.engine import ProjectionEngine
 from telemetry.events import MemorySampled
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
+from wantel.cli import main
+from wantel.commands import replay
+from wantel.commands.replay import job_summary, replay_streaming
 
-from .test_engine import SECOND, a_job
+from tests.telemetry.test_engine import SECOND, a_job
 
-WANTEL = [sys.executable, "-m", "telemetry.cli"]
+WANTEL = [sys.executable, "-m", "wantel"]
 
 
 @pytest.fixture(name="log_dir")

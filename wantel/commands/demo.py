@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 from telemetry.errors import UsageError
 
 if TYPE_CHECKING:
-    from exporters.serve import Serving
+    from wantel.serving import Serving
 
 PROMPTS: Final = ("a paper boat drifting down a rainy street", "a fox running through fresh snow",
                   "timelapse of clouds over a mountain lake", "a lighthouse in a storm at night")
@@ -33,7 +33,7 @@ SHAPES: Final = ((64, 17, 12, 5.0), (96, 13, 10, 1.0), (64, 13, 16, 4.0), (96, 1
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``wantel demo``: those of ``wantel serve`` plus how many jobs to run."""
-    from exporters import serve  # the server is an exporter: imported only when used
+    from wantel.commands import serve
 
     serve.configure(parser)
     parser.add_argument("--jobs", type=int, default=0, metavar="N",
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve, then run jobs until Ctrl-C or ``--jobs``; the URL is printed before anything."""
     if args.jobs < 0:
         raise UsageError(f"--jobs must be 0 (until Ctrl-C) or more, got {args.jobs}")
-    from exporters import serve
+    from wantel import serving as serve
 
     serving = serve.open_serving(args)
 

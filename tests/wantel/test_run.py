@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from telemetry.cli import main
 from telemetry.events import JobStarted
 from telemetry.log.local import LocalLog
 from tests.telemetry.log_contract import events_of
+from wantel.cli import main
 
 
 @pytest.fixture(name="no_model_loads")

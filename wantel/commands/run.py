@@ -17,7 +17,6 @@ import msgspec
 from inference.models import warm_imports
 from inference.runner import GenerationRequest, RequestError, generate, prepare
 from inference.tiny_models import TINY_VARIANTS
-from telemetry.config import resolve_log_dir
 from telemetry.emitter import Emitter
 from telemetry.engine import ProjectionEngine
 from telemetry.errors import UsageError
@@ -26,6 +25,7 @@ from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.eta import EtaPoint, current
 from telemetry.projections.jobs import JobView
+from wantel.config import resolve_log_dir
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 130

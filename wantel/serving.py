@@ -1,4 +1,5 @@
-"""``wantel serve``: follow the log; serve /metrics, the HTTP API, WebSocket progress, live page.
+"""The serving stack of ``wantel serve`` and ``wantel demo``: the log follower, the HTTP app and
+server, and span export, wired and started as one.
 
 The same machinery runs inside ``wantel demo`` and in tests, so it is built from two reusable
 pieces: :class:`BackgroundServer` (uvicorn on a socket this process already bound, in a thread)
@@ -10,14 +11,11 @@ error and lets tests and ``--port 0`` learn the real port without a race.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import uvicorn
@@ -25,16 +23,14 @@ from starlette.applications import Starlette
 
 from exporters.server import create_app
 from exporters.service import TelemetryService
-from telemetry.config import resolve_log_dir
 from telemetry.engine import CheckpointStore
 from telemetry.errors import UsageError
 from telemetry.log.base import LogError
 from telemetry.log.local import CHECKPOINT_DIR, LocalLog
+from wantel.config import TOKEN_ENV, otlp_configured, resolve_log_dir, resolve_token
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9464
-TOKEN_ENV: Final = "WANTEL_TOKEN"
-OTLP_ENVS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -169,26 +165,12 @@ def _start_span_export(log: LocalLog, endpoint: str | None, checkpoint_dir: Path
     return runner
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``wantel serve`` (``wantel demo`` shares them)."""
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--token", metavar="T",
-                        help=f"require this bearer token on everything but /healthz "
-                             f"(default: ${TOKEN_ENV}, else no token)")
-    parser.add_argument("--otlp", metavar="URL",
-                        help=f"export spans by OTLP to this collector (default: ${OTLP_ENVS[0]}"
-                             f" or ${OTLP_ENVS[1]}; neither: no span export)")
-
-
 def open_serving(args: argparse.Namespace) -> Serving:
     """Build (not start) the serving stack from ``serve``/``demo`` flags; creates the log."""
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    spans = bool(args.otlp) or any(os.environ.get(name) for name in OTLP_ENVS)
+    token = resolve_token(args.token)
+    spans = otlp_configured(args.otlp)
     try:
         log = LocalLog(resolve_log_dir(args.log))
     except LogError as exc:
@@ -208,31 +190,3 @@ def print_banner(serving: Serving, command: str) -> None:
     if serving.http.host not in ("127.0.0.1", "::1", "localhost") and not serving.token:
         print(f"wantel {command}: warning: listening on {serving.http.host} without a token "
               f"(set --token or ${TOKEN_ENV})", file=sys.stderr, flush=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Serve until Ctrl-C or SIGTERM, then stop cleanly (checkpoint written)."""
-    serving = open_serving(args)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        from exporters.logs import configure_logging
-
-        configure_logging()  # JSON lines on stderr when not a terminal, readable on one
-        serving.log_lifecycle()
-        serving.start()
-        print_banner(serving, "serve")
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-    finally:
-        print("wantel serve: stopping…", file=sys.stderr, flush=True)
-        serving.stop()
-        signal.signal(signal.SIGTERM, previous)
-    return 0

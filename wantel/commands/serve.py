@@ -1,0 +1,51 @@
+"""``wantel serve``: follow the log; serve /metrics, the HTTP API, WebSocket progress, live page."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from types import FrameType
+
+from wantel.config import OTLP_ENVS, TOKEN_ENV
+from wantel.serving import DEFAULT_HOST, DEFAULT_PORT, open_serving, print_banner
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``wantel serve`` (``wantel demo`` shares them)."""
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--token", metavar="T",
+                        help=f"require this bearer token on everything but /healthz "
+                             f"(default: ${TOKEN_ENV}, else no token)")
+    parser.add_argument("--otlp", metavar="URL",
+                        help=f"export spans by OTLP to this collector (default: ${OTLP_ENVS[0]}"
+                             f" or ${OTLP_ENVS[1]}; neither: no span export)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C or SIGTERM, then stop cleanly (checkpoint written)."""
+    serving = open_serving(args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        serving.log_lifecycle()
+        serving.start()
+        print_banner(serving, "serve")
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    finally:
+        print("wantel serve: stopping…", file=sys.stderr, flush=True)
+        serving.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,56 @@
+"""Configuration read in one place: every ``WANTEL_*`` variable, and the flags that override them.
+
+The libraries (``telemetry``, ``inference``, ``exporters``, ``dashboards``) read no environment
+variable of wantel's: the application reads them here, when a command starts, and passes plain
+values to the objects it builds. Each variable is documented once, in :data:`VARIABLES`, which
+``wantel --help`` prints.
+
+The OpenTelemetry SDK's own ``OTEL_*`` variables are read by the SDK, as its users expect; wantel
+only looks at whether an OTLP endpoint is set, to decide whether to export spans at all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+LOG_ENV: Final = "WANTEL_LOG"
+TOKEN_ENV: Final = "WANTEL_TOKEN"
+PURE_PYTHON_ENV: Final = "WANTEL_PURE_PYTHON"
+DEFAULT_LOG_DIR: Final = "wantel-log"
+OTLP_ENVS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+#: Every variable wantel reads, with what it does (shown by ``wantel --help``).
+VARIABLES: Final[dict[str, str]] = {
+    LOG_ENV: f"the event log directory when --log is not given (default ./{DEFAULT_LOG_DIR})",
+    TOKEN_ENV: "the bearer token `serve` and `demo` require when --token is not given",
+    PURE_PYTHON_ENV: "set to 1 to run replay's hot loops in Python even where the C "
+                     "accelerators were built",
+}
+
+
+def _environ(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+def resolve_log_dir(flag: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """``--log DIR``, else ``$WANTEL_LOG``, else ``./wantel-log``."""
+    return Path(flag or _environ(env).get(LOG_ENV) or DEFAULT_LOG_DIR)
+
+
+def resolve_token(flag: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """``--token T``, else ``$WANTEL_TOKEN``, else no token."""
+    return flag or _environ(env).get(TOKEN_ENV) or None
+
+
+def otlp_configured(flag: str | None, env: Mapping[str, str] | None = None) -> bool:
+    """Whether spans should be exported: ``--otlp URL`` or an ``OTEL_EXPORTER_OTLP_*`` endpoint."""
+    environ = _environ(env)
+    return bool(flag) or any(environ.get(name) for name in OTLP_ENVS)
+
+
+def pure_python_requested(env: Mapping[str, str] | None = None) -> bool:
+    """``$WANTEL_PURE_PYTHON`` set (to anything but empty or 0): skip the C accelerators."""
+    return _environ(env).get(PURE_PYTHON_ENV, "") not in ("", "0")
