@@ -19,7 +19,7 @@ COPY exporters ./exporters
 COPY dashboards ./dashboards
 # gcc and zlib's headers build the C accelerators (setup.py) and leave in the same layer.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev zlib1g-dev \
-    && pip install . \
+    && pip install '.[wan]' \
     && apt-get purge -y --auto-remove gcc libc6-dev zlib1g-dev && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 wantel \
     && mkdir -p /var/lib/wantel && chown wantel /var/lib/wantel

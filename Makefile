@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py telemetry/_speedups.c telemetry/log/_framing.c
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e '.[dev,wan]'
 	touch $@
 
 demo: install

@@ -3,14 +3,17 @@
 Each subcommand lives in its own module under :mod:`wantel.commands`, with two functions,
 ``configure(parser)`` and ``run(args) -> int``, and is named here by a string, so ``wantel
 --help`` and the light commands never import torch (``run`` and ``demo`` load it only when
-they run). Every failure a user can cause — a missing log, an unknown flag, a bad value —
-ends as one line on stderr and exit code 2, never a traceback.
+they run). The base install (``pip install wan-telemetry``) has no torch at all: it serves,
+replays and exports; ``run`` and ``demo`` need the ``[wan]`` extra, and say so in one line when
+it is missing. Every failure a user can cause — a missing log, an unknown flag, a bad value, a
+missing extra — ends as one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +26,9 @@ from wantel.config import DEFAULT_LOG_DIR, LOG_ENV, VARIABLES
 from wantel.logs import configure_logging
 
 EXIT_USAGE = 2
+#: What ``pip install 'wan-telemetry[wan]'`` adds that a command cannot run without.
+WAN_EXTRA_MODULES = ("torch", "diffusers")
+WAN_EXTRA_INSTALL = "pip install 'wan-telemetry[wan]'"
 
 
 class _PrintVersion(argparse.Action):
@@ -41,6 +47,8 @@ class Command:
     module: str
     purpose: str
     uses_log: bool = True
+    #: Modules it needs beyond the base install (the ``[wan]`` extra's), checked before loading.
+    needs: tuple[str, ...] = ()
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -48,7 +56,8 @@ COMMANDS: tuple[Command, ...] = (
         "run",
         "wantel.commands.run",
         "generate a video with a tiny offline Wan model or a local diffusers model, "
-        "recording every stage",
+        "recording every stage (needs the [wan] extra)",
+        needs=WAN_EXTRA_MODULES,
     ),
     Command(
         "serve",
@@ -58,7 +67,9 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "demo",
         "wantel.commands.demo",
-        "serve, and stream tiny jobs of every Wan layout into the log (no GPU needed)",
+        "serve, and stream tiny jobs of every Wan layout into the log (no GPU needed; "
+        "needs the [wan] extra)",
+        needs=WAN_EXTRA_MODULES,
     ),
     Command(
         "eta",
@@ -124,10 +135,21 @@ def _load(command: Command) -> _CommandModule:
     return cast(_CommandModule, importlib.import_module(command.module))
 
 
+def missing_modules(command: Command) -> list[str]:
+    """The modules ``command`` needs that are not installed (found without importing them)."""
+    return [name for name in command.needs if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wantel`` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in args_list if not a.startswith("-")), None)
+    chosen = next((c for c in COMMANDS if c.name == selected), None)
+    missing = missing_modules(chosen) if chosen is not None else []
+    if chosen is not None and missing:  # before its module is imported: it imports them
+        print(f"wantel {chosen.name}: error: needs {' and '.join(missing)}, which the base "
+              f"install leaves out: {WAN_EXTRA_INSTALL}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser(selected)
     args = parser.parse_args(args_list)
     if args.command is None:

@@ -17,11 +17,10 @@ from telemetry.engine import ProjectionEngine
 from telemetry.events import MemorySampled
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
+from tests.telemetry.test_engine import SECOND, a_job
 from wantel.cli import main
 from wantel.commands import replay
 from wantel.commands.replay import job_summary, replay_streaming
-
-from tests.telemetry.test_engine import SECOND, a_job
 
 WANTEL = [sys.executable, "-m", "wantel"]
 
@@ -230,3 +229,22 @@ class TestVersion:
             assert line.endswith(f"({expected})")
         elif os.environ.get("WANTEL_REQUIRE_SPEEDUPS"):  # make test: both were built
             assert line.endswith("(frame checks: C, engine pass: C)")
+
+
+class TestWanExtra:
+    @pytest.mark.parametrize("argv", [["run", "--model", "tiny-t2v", "--prompt", "x"],
+                                      ["run", "--help"], ["demo"]])
+    def test_a_command_that_needs_torch_names_the_extra(
+        self, argv: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Without torch, `run` and `demo` print one line naming the extra and exit 2."""
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "torch" else real(name, *a))
+        assert 2 == main(argv)
+        line, = capsys.readouterr().err.splitlines()
+        assert (f"wantel {argv[0]}: error: needs torch, which the base install leaves out: "
+                "pip install 'wan-telemetry[wan]'") == line
