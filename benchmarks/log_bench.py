@@ -93,8 +93,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import StoredEvent
 
-from telemetry import accelerate, dedup
-from telemetry import engine as engine_module
+from telemetry import accelerate
 from telemetry.emitter import DEFAULT_FLUSH_INTERVAL, Emitter
 from telemetry.engine import ProjectionEngine
 from telemetry.events import (
@@ -110,7 +109,6 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
-from telemetry.log import framing
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 from telemetry.projections.jobs import JobsProjection, JobsState, JobView
@@ -571,13 +569,13 @@ def fmt(value: float | None, unit: str) -> str:
 
 @contextlib.contextmanager
 def pure_python() -> Iterator[None]:
-    """Replay's hot loops in Python (their references), as without the C accelerators."""
-    compiled = engine_module.fresh_events, framing.scan_run
-    engine_module.fresh_events, framing.scan_run = dedup.fresh_events_py, framing.scan_run_py
+    """Logs and engines built inside run replay's hot loops in Python (their references), as
+    without the C accelerators."""
+    accelerate.configure(compiled=False, reason="the benchmark's reference rounds")
     try:
         yield
     finally:
-        engine_module.fresh_events, framing.scan_run = compiled
+        accelerate.reset_defaults()
 
 
 def replay_jobs(log: LocalLog, n: int) -> tuple[float, JobsState]:
@@ -700,7 +698,7 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
 
     # -- replay ----------------------------------------------------------------------------
     del events, batches, stored_batches, aggs  # replay in a process holding no fixtures
-    accelerated = accelerate.describe().count(": C") == len(accelerate.CHOOSERS)
+    accelerated = accelerate.describe().count(": C") == len(accelerate.ACCELERATORS)
     replay_w: list[float] = []
     replay_e: list[float] = []
     decode_w: list[float] = []
@@ -745,7 +743,8 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
 
         if accelerated:
             with pure_python():
-                rate, jobs_state = replay_jobs(log, n)
+                rate, jobs_state = replay_jobs(
+                    LocalLog(wantel_log, create=False, fsync="never"), n)
                 pure_w.append(rate)
                 summaries.add(jobs_summary(jobs_state.jobs.values()))
                 rate, jobs_state = replay_jobs(

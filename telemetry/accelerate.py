@@ -1,51 +1,96 @@
 """Where replay's hot loops come from: a C accelerator where it was built, else Python.
 
-Each of the two C files (``telemetry/_speedups.c``, ``telemetry/log/_framing.c``) implements a
-function that has a pure-Python reference beside it, with the same results (a contract test
-runs both). :func:`compiled_or` picks one at import, once: the C version unless it was not built
-(an install without a C compiler) or ``$WANTEL_PURE_PYTHON`` is set. :data:`CHOSEN` records each
-choice in words for ``wantel --version`` and the benchmarks.
+Each C file (``telemetry/_speedups.c``, ``telemetry/log/_framing.c``) implements one function
+that has a pure-Python reference beside it, with the same results (a contract test runs both).
+The choice is made when an object that runs the loop is built, never when a module is imported:
+:class:`~telemetry.engine.ProjectionEngine` (the engine pass) and
+:class:`~telemetry.log.local.LocalLog` (the frame checks) take ``compiled``:
+
+* ``True``: the C version, or the reference where it was not built (an install without a C
+  compiler), which :func:`choose` reports;
+* ``False``: the reference;
+* ``None`` (the default): the process-wide default, which is ``True`` until the application
+  says otherwise with :func:`configure` (``wantel`` does for ``$WANTEL_PURE_PYTHON``; the
+  library reads no environment variable).
+
+This module is the library's one piece of global state; :func:`reset_defaults` puts it back
+(the tests do before each test). :func:`describe` says in words what objects built now would
+run, for ``wantel --version`` and the benchmarks.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-from typing import Final, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 F = TypeVar("F")
 
-PURE_PYTHON_ENV: Final = "WANTEL_PURE_PYTHON"
+
+@dataclass(frozen=True)
+class Accelerator:
+    """A C function that can stand in for a Python reference: what it is for, where it is."""
+
+    purpose: str
+    module: str
+    name: str
 
 
-def pure_python_requested() -> bool:
-    """``$WANTEL_PURE_PYTHON`` set (to anything but empty or 0): skip the C accelerators."""
-    return os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
+#: The reader's check of a run of frames (reference: ``framing.scan_run_py``).
+FRAME_CHECKS: Final = Accelerator("frame checks", "telemetry.log._framing", "scan_run")
+#: The engine's pass over every event (reference: ``dedup.fresh_events_py``).
+ENGINE_PASS: Final = Accelerator("engine pass", "telemetry._speedups", "fresh_events")
+ACCELERATORS: Final = (FRAME_CHECKS, ENGINE_PASS)
 
-#: What each hot loop runs as, by purpose: "C", or "Python (why)".
-CHOSEN: Final[dict[str, str]] = {}
+
+@dataclass
+class _Defaults:
+    compiled: bool = True
+    reason: str = "compiled=False"
 
 
-def compiled_or(reference: F, module: str, name: str, *, purpose: str) -> F:
-    """``module.name`` if that accelerator is built and allowed, else ``reference``."""
-    if pure_python_requested():
-        CHOSEN[purpose] = f"Python (${PURE_PYTHON_ENV})"
-        return reference
+_DEFAULTS: Final = _Defaults()
+
+
+def configure(*, compiled: bool, reason: str = "compiled=False") -> None:
+    """Set the default for objects built from now on; ``reason`` says why C is not used.
+
+    The application calls this once, from its configuration (``wantel`` passes
+    ``reason="$WANTEL_PURE_PYTHON"``); objects already built keep what they chose.
+    """
+    _DEFAULTS.compiled, _DEFAULTS.reason = compiled, reason
+
+
+def reset_defaults() -> None:
+    """Back to the built-in default: the C versions where they were built."""
+    configure(compiled=True)
+
+
+def compiled_function(accelerator: Accelerator) -> Any | None:
+    """The C function, or ``None`` where its module was not built."""
     try:
-        compiled: F = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(accelerator.module), accelerator.name)
     except ImportError:  # not built where wantel was installed
-        CHOSEN[purpose] = "Python (C not built)"
-        return reference
-    CHOSEN[purpose] = "C"
-    return compiled
+        return None
 
 
-#: The modules whose import makes a choice.
-CHOOSERS: Final = ("telemetry.dedup", "telemetry.log.framing")
+def choose(accelerator: Accelerator, reference: F, compiled: bool | None = None) -> tuple[F, str]:
+    """The implementation an object built now uses, and what it is in words ("C", "Python (…)").
+
+    ``compiled`` as the objects take it: ``None`` is the process-wide default.
+    """
+    reason = "compiled=False"
+    if compiled is None:
+        compiled, reason = _DEFAULTS.compiled, _DEFAULTS.reason
+    if not compiled:
+        return reference, f"Python ({reason})"
+    function: F | None = compiled_function(accelerator)
+    if function is None:
+        return reference, "Python (C not built)"
+    return function, "C"
 
 
-def describe() -> str:
-    """Every choice, in one line (importing the modules that make them, if need be)."""
-    for module in CHOOSERS:
-        importlib.import_module(module)
-    return ", ".join(f"{purpose}: {how}" for purpose, how in CHOSEN.items())
+def describe(compiled: bool | None = None) -> str:
+    """What each hot loop of an object built now runs as, in one line."""
+    return ", ".join(f"{accelerator.purpose}: {choose(accelerator, None, compiled)[1]}"
+                     for accelerator in ACCELERATORS)

@@ -8,8 +8,9 @@ those types) and which of them are of the types it watches (the terminal ones, w
 de-duplication table).
 
 Two implementations share this contract: :func:`fresh_events_py`, the reference, and
-``telemetry._speedups.fresh_events``, the same algorithm in C, used when it was built
-(:mod:`telemetry.accelerate` picks). This
+``telemetry._speedups.fresh_events``, the same algorithm in C, which a
+:class:`~telemetry.engine.ProjectionEngine` uses where it was built unless it is built with
+``compiled=False`` (:mod:`telemetry.accelerate`). This
 pass visits every event of a replay, and in Python it cost a quarter of replaying a log of jobs
 side by side (the interpreter's attribute loads are generic where a batch mixes types); in C
 it reads the three fields from each type's slots. A contract test runs both against random
@@ -23,13 +24,14 @@ from collections.abc import Callable, Collection, Sequence
 from itertools import compress
 from typing import Any, Final
 
-from telemetry.accelerate import compiled_or
-
 FreshEvents = tuple[list[Any], Any, dict[type, int], list[Any]]
 """What :func:`fresh_events` returns: the new events in order, their newest ``ts`` (0 if none
 is positive), how many of each type in the order types first appear, and those of the watched
 types in order."""
 
+
+FreshEventsFunction = Callable[[Sequence[Any], dict[str, int], Collection[type]], FreshEvents]
+"""The signature both implementations share."""
 
 _BEFORE_FIRST: Final = object()
 
@@ -75,10 +77,3 @@ def fresh_events_py(
                if any(kind in watch for kind in counts) else [])  # the scan only if needed
     return fresh, newest_ts, counts, watched
 
-
-fresh_events: Callable[[Sequence[Any], dict[str, int], Collection[type]], FreshEvents] = (
-    compiled_or(fresh_events_py, "telemetry._speedups", "fresh_events",
-                purpose="engine pass"))
-
-#: Whether the C version is in use.
-COMPILED: Final = fresh_events is not fresh_events_py

@@ -22,7 +22,13 @@ from typing import NoReturn, Protocol, cast
 from telemetry import __version__, accelerate
 from telemetry.errors import UsageError
 from telemetry.log.base import LogError
-from wantel.config import DEFAULT_LOG_DIR, LOG_ENV, VARIABLES
+from wantel.config import (
+    DEFAULT_LOG_DIR,
+    LOG_ENV,
+    PURE_PYTHON_ENV,
+    VARIABLES,
+    pure_python_requested,
+)
 from wantel.logs import configure_logging
 
 EXIT_USAGE = 2
@@ -140,8 +146,18 @@ def missing_modules(command: Command) -> list[str]:
     return [name for name in command.needs if importlib.util.find_spec(name) is None]
 
 
+def configure_accelerators() -> None:
+    """Decide, once per process, whether the objects commands build run replay's hot loops in
+    C (where built) or in Python: ``$WANTEL_PURE_PYTHON`` asks for Python."""
+    if pure_python_requested():
+        accelerate.configure(compiled=False, reason=f"${PURE_PYTHON_ENV}")
+    else:
+        accelerate.configure(compiled=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wantel`` console script."""
+    configure_accelerators()  # first: --version reports it while the arguments are parsed
     args_list = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in args_list if not a.startswith("-")), None)
     chosen = next((c for c in COMMANDS if c.name == selected), None)

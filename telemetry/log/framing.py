@@ -32,8 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from telemetry.accelerate import compiled_or
-
 try:  # the same CRC-32 as zlib's, ~10x faster (carry-less multiplication): replay checks every byte
     from zlib_ng.zlib_ng import crc32
 except ImportError:  # pragma: no cover - a platform without a zlib-ng wheel
@@ -124,9 +122,11 @@ def payload_of(header: FrameHeader, body: memoryview) -> memoryview:
     return body[header.count * _ENTRY.size :]
 
 
-#: What :func:`scan_run` finds: one MessagePack array of the run's records, how many there
-#: are, and the offset in ``buf`` after the run's last frame.
+#: What :func:`scan_run_py` (and its C twin) finds: one MessagePack array of the run's records,
+#: how many there are, and the offset in ``buf`` after the run's last frame.
 FrameRun = tuple[bytes | memoryview, int, int]
+#: The signature both implementations of the run check share.
+ScanRun = Callable[[bytes, int, int, int, int], FrameRun | None]
 
 
 def scan_run_py(buf: bytes, offset: int, first: int, schema: int, limit: int) -> FrameRun | None:
@@ -142,8 +142,9 @@ def scan_run_py(buf: bytes, offset: int, first: int, schema: int, limit: int) ->
     view of its payload; a longer run's records are joined under one array header (a small
     frame's copied, cheaper than a view of them; a large one's viewed).
 
-    This is the reference; ``telemetry/log/_framing.c`` does the same checks in C and is used
-    as :func:`scan_run` where it was built (:mod:`telemetry.accelerate` picks).
+    This is the reference; ``telemetry/log/_framing.c`` does the same checks in C, and a
+    :class:`~telemetry.log.local.LocalLog` uses it where it was built unless it is built with
+    ``compiled=False`` (:mod:`telemetry.accelerate`).
     """
     # Everything the loop uses is a local: a module global is a dict lookup per use here.
     unpack, crc, view, last = _HEADER_FIELDS.unpack_from, crc32, memoryview(buf), len(buf)
@@ -186,9 +187,6 @@ def scan_run_py(buf: bytes, offset: int, first: int, schema: int, limit: int) ->
         [first_payload[skip:], *more])
     return payload, count, offset
 
-
-scan_run: Callable[[bytes, int, int, int, int], FrameRun | None] = compiled_or(
-    scan_run_py, "telemetry.log._framing", "scan_run", purpose="frame checks")
 
 
 def salvage_records(header: FrameHeader, body: memoryview) -> list[memoryview | None]:

@@ -41,6 +41,7 @@ from typing import Final
 
 import structlog
 
+from telemetry import accelerate
 from telemetry.codec import (
     SCHEMA_FINGERPRINT,
     MalformedRecord,
@@ -104,8 +105,17 @@ class LocalLog(EventLog):
         fsync: FsyncPolicy | str = FsyncPolicy.ALWAYS,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         batch_interval: float = 0.1,
+        compiled: bool | None = None,
     ) -> None:
+        """``compiled``: whether readers check runs of frames in C (``telemetry.log._framing``)
+        or with the Python reference; ``None`` is the process-wide default
+        (:mod:`telemetry.accelerate`)."""
         self.path = Path(path)
+        #: The run check readers use, and what it is in words ("C", "Python (…)").
+        self.scan_run: framing.ScanRun
+        self.frame_checks: str
+        self.scan_run, self.frame_checks = accelerate.choose(
+            accelerate.FRAME_CHECKS, framing.scan_run_py, compiled)
         self.fsync = FsyncPolicy(fsync)
         self._batch_interval = batch_interval
         self._warned: set[str] = set()
@@ -385,6 +395,7 @@ class _Cursor:
         self.buf = b""
         self.buf_offset = 0
         self._from_newest = from_newest_segment
+        self._scan_run = log.scan_run
         # Frames before this offset in the segment are read one at a time (see _run_of_frames).
         self._one_by_one_until = 0
 
@@ -489,7 +500,7 @@ class _Cursor:
         The buffer holds at least the header at ``self.offset`` (the caller read it).
         """
         start = self.offset - self.buf_offset
-        run = framing.scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT, RUN_RECORDS)
+        run = self._scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT, RUN_RECORDS)
         if run is None:
             return None
         payload, count, end = run

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetry import dedup
-from telemetry.accelerate import pure_python_requested
+from telemetry import accelerate
 from telemetry.dedup import fresh_events_py
+from telemetry.engine import ProjectionEngine
 from telemetry.events import (
     EVENT_TYPES,
     TERMINAL_TYPES,
@@ -44,7 +44,34 @@ IMPLEMENTATIONS = both(fresh_events_py, compiled_fresh_events, "telemetry._speed
 
 def test_the_accelerator_is_built_where_the_suite_requires_it() -> None:
     assert_built_where_required(compiled_fresh_events, "telemetry._speedups")
-    assert dedup.COMPILED == (not pure_python_requested())
+    assert "C" == ProjectionEngine([]).engine_pass
+
+
+class TestTheEngineChooses:
+    def test_the_c_version_where_it_was_built(self) -> None:
+        """By default an engine runs the C pass, or the reference where C was not built."""
+        engine = ProjectionEngine([])
+        if compiled_fresh_events is None:
+            assert ("Python (C not built)", fresh_events_py) == (engine.engine_pass,
+                                                                 engine.fresh_events)
+        else:
+            assert ("C", compiled_fresh_events) == (engine.engine_pass, engine.fresh_events)
+
+    def test_the_reference_when_built_with_compiled_false(self) -> None:
+        """``compiled=False`` picks the Python reference."""
+        engine = ProjectionEngine([], compiled=False)
+        assert ("Python (compiled=False)", fresh_events_py) == (engine.engine_pass,
+                                                                engine.fresh_events)
+
+    def test_the_process_default_the_application_set(self) -> None:
+        """An engine built after ``configure(compiled=False)`` runs Python; one built before,
+        or asking for C, keeps C."""
+        before = ProjectionEngine([])
+        accelerate.configure(compiled=False, reason="$WANTEL_PURE_PYTHON")
+        after = ProjectionEngine([])
+        assert ("Python ($WANTEL_PURE_PYTHON)", fresh_events_py) == (after.engine_pass,
+                                                                     after.fresh_events)
+        assert before.fresh_events is ProjectionEngine([], compiled=True).fresh_events
 
 
 def _template(cls: type) -> Any:

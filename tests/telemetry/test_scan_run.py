@@ -9,17 +9,20 @@ runs they find must be equal (payload bytes, record count, end offset). The read
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetry.accelerate import pure_python_requested
+from telemetry import accelerate
 from telemetry.log import framing
 from telemetry.log.framing import JSON_ARRAY, MSGPACK_ARRAY, encode_body, encode_header
+from telemetry.log.local import LocalLog
 
 from .accelerators import assert_built_where_required, both
+from .test_engine import a_job
 
 try:
     from telemetry.log._framing import scan_run as compiled_scan_run
@@ -31,11 +34,42 @@ SCHEMA = 0x1234
 SCANS = both(framing.scan_run_py, compiled_scan_run, "telemetry.log._framing")
 
 
-def test_the_accelerator_is_built_where_the_suite_requires_it() -> None:
+def test_the_accelerator_is_built_where_the_suite_requires_it(tmp_path: Path) -> None:
     assert_built_where_required(compiled_scan_run, "telemetry.log._framing")
-    assert (framing.scan_run is compiled_scan_run) == (not pure_python_requested())
+    assert "C" == LocalLog(tmp_path).frame_checks
     from telemetry.log import _framing
     assert _framing.CRC32 == "zlib-ng", "zlib_ng's crc32 was not found: zlib's is ~10x slower"
+
+
+class TestTheLogChooses:
+    def test_the_c_version_where_it_was_built(self, tmp_path: Path) -> None:
+        """By default a log's readers run the C check, or the reference where C was not built."""
+        log = LocalLog(tmp_path)
+        if compiled_scan_run is None:
+            assert ("Python (C not built)", framing.scan_run_py) == (log.frame_checks,
+                                                                     log.scan_run)
+        else:
+            assert ("C", compiled_scan_run) == (log.frame_checks, log.scan_run)
+
+    def test_the_reference_when_built_with_compiled_false(self, tmp_path: Path) -> None:
+        """``compiled=False`` picks the Python reference, and reads the same events."""
+        with LocalLog(tmp_path) as log:
+            for job in ("job-a", "job-b", "job-c"):  # a frame each: read as one run
+                log.append(a_job(job))
+        python = LocalLog(tmp_path, compiled=False)
+        assert ("Python (compiled=False)", framing.scan_run_py) == (python.frame_checks,
+                                                                    python.scan_run)
+        assert list(LocalLog(tmp_path).read()) == list(python.read())
+
+    def test_the_process_default_the_application_set(self, tmp_path: Path) -> None:
+        """A log built after ``configure(compiled=False)`` reads with Python; one built before
+        keeps its choice."""
+        before = LocalLog(tmp_path)
+        accelerate.configure(compiled=False, reason="$WANTEL_PURE_PYTHON")
+        after = LocalLog(tmp_path)
+        assert ("Python ($WANTEL_PURE_PYTHON)", framing.scan_run_py) == (after.frame_checks,
+                                                                         after.scan_run)
+        assert before.scan_run is LocalLog(tmp_path, compiled=True).scan_run
 
 
 def frame(records: list[bytes], first: int, schema: int = SCHEMA,

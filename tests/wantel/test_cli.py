@@ -214,21 +214,50 @@ class TestVersion:
         ({}, None),
         ({"WANTEL_PURE_PYTHON": "1"},
          "frame checks: Python ($WANTEL_PURE_PYTHON), engine pass: Python ($WANTEL_PURE_PYTHON)"),
+        ({"WANTEL_PURE_PYTHON": "0"}, None),
     ])
     def test_says_whether_the_hot_loops_run_in_c(
-        self, environment: dict[str, str], expected: str | None
+        self, environment: dict[str, str], expected: str | None,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     ) -> None:
         """One line, the version and each accelerator's state; the switch is honoured."""
-        env = {k: v for k, v in os.environ.items() if k != "WANTEL_PURE_PYTHON"}
-        env.update(COLUMNS="40", **environment)
-        done = subprocess.run([*WANTEL, "--version"], capture_output=True, text=True, env=env,
-                              check=True)
-        line, = done.stdout.splitlines()
+        monkeypatch.delenv("WANTEL_PURE_PYTHON", raising=False)
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as exited:
+            main(["--version"])
+        assert 0 == exited.value.code
+        line, = capsys.readouterr().out.splitlines()
         assert line.startswith("wantel 0.1.0 (")
         if expected is not None:
             assert line.endswith(f"({expected})")
         elif os.environ.get("WANTEL_REQUIRE_SPEEDUPS"):  # make test: both were built
             assert line.endswith("(frame checks: C, engine pass: C)")
+
+    def test_the_console_script_prints_it_on_one_line(self) -> None:
+        """The installed entry point prints the same single line, never re-wrapped."""
+        done = subprocess.run([*WANTEL, "--version"], capture_output=True, text=True,
+                              env={**os.environ, "COLUMNS": "40"}, check=True)
+        line, = done.stdout.splitlines()
+        assert line.startswith("wantel 0.1.0 (frame checks: ")
+
+    def test_the_choice_reaches_what_commands_build(
+        self, log_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """``$WANTEL_PURE_PYTHON`` makes the engine and the log a command builds run Python."""
+        built: list[ProjectionEngine] = []
+        real = replay.ProjectionEngine
+
+        def recording(*args: object, **kwargs: object) -> ProjectionEngine:
+            engine = real(*args, **kwargs)  # type: ignore[arg-type]
+            built.append(engine)
+            return engine
+
+        monkeypatch.setattr(replay, "ProjectionEngine", recording)
+        monkeypatch.setenv("WANTEL_PURE_PYTHON", "1")
+        assert 0 == main(["replay", "--log", str(log_dir)])
+        assert ["Python ($WANTEL_PURE_PYTHON)"] == [engine.engine_pass for engine in built]
+        assert "Python ($WANTEL_PURE_PYTHON)" == LocalLog(log_dir).frame_checks
 
 
 class TestWanExtra:
