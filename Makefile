@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py telemetry/_speedups.c telemetry/log/_framing.c \
+$(STAMP): pyproject.toml setup.py telemetry/log/_framing.c \
           scripts/debian-packages.txt
 	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)  # first: the C accelerators need gcc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# The suite fails, rather than skips, if a C accelerator did not build here.
+# The suite fails, rather than skips, if the C accelerator did not build here.
 test: install lint
 	WANTEL_REQUIRE_SPEEDUPS=1 $(PY) -m pytest $(PYTEST_ARGS)
 

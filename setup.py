@@ -1,9 +1,8 @@
-"""Builds the optional C accelerators; everything else is declared in pyproject.toml.
+"""Builds the optional C accelerator; everything else is declared in pyproject.toml.
 
-``telemetry._speedups`` is the engine's per-event pass, ``telemetry.log._framing`` the reader's
-check of a run of frames. Both are optional: where one cannot be compiled (no C compiler, no
-Python or zlib headers) the install still succeeds and wantel uses its pure-Python reference
-(``telemetry.dedup.fresh_events_py``, ``telemetry.log.framing.scan_run_py``), with the same
+``telemetry.log._framing`` is the reader's check of a run of frames. It is optional: where it
+cannot be compiled (no C compiler, no Python or zlib headers) the install still succeeds and
+wantel uses its pure-Python reference (``telemetry.log.framing.scan_run_py``), with the same
 results.
 """
 
@@ -13,13 +12,7 @@ WARNINGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
 setup(
     ext_modules=[
-        Extension(
-            "telemetry._speedups",
-            sources=["telemetry/_speedups.c"],
-            optional=True,
-            extra_compile_args=WARNINGS,
-        ),
-        # Its own module: it links zlib, whose headers a machine may lack.
+        # It links zlib, whose headers a machine may lack.
         Extension(
             "telemetry.log._framing",
             sources=["telemetry/log/_framing.c"],

@@ -32,8 +32,8 @@ What is measured, and why:
    workers' events alternate one by one), a frame per worker per batch (as emitters flushing a
    backlog write), and a frame per live flush (each worker's events of one 50 ms flush window,
    lifecycle events at once: what live emitters write, about one event a frame).
-   Where the C accelerators were built (``wantel --version`` says), the alternating and
-   live-flush logs are also replayed with their pure-Python references in the same rounds,
+   Where the C accelerator was built (``wantel --version`` says), the alternating and
+   live-flush logs are also replayed with its pure-Python reference in the same rounds,
    and the ratio is printed.
 3. ``emit()`` cost on the caller's thread (µs per call): each call timed alone with
    ``time.perf_counter_ns`` while the emitter's thread appends to a real ``LocalLog``
@@ -129,7 +129,7 @@ KEEP_FINISHED: Final = 1000
 CODE_FILES: Final = (
     "telemetry/events.py", "telemetry/codec.py", "telemetry/log/framing.py",
     "telemetry/log/local.py", "telemetry/engine.py", "telemetry/dedup.py",
-    "telemetry/_speedups.c", "telemetry/log/_framing.c", "telemetry/emitter.py",
+    "telemetry/log/_framing.c", "telemetry/emitter.py",
     "telemetry/projections/jobs.py",
 )
 
@@ -569,8 +569,7 @@ def fmt(value: float | None, unit: str) -> str:
 
 @contextlib.contextmanager
 def pure_python() -> Iterator[None]:
-    """Logs and engines built inside run replay's hot loops in Python (their references), as
-    without the C accelerators."""
+    """Logs built inside check frames in Python (the reference), as without the C accelerator."""
     accelerate.configure(compiled=False, reason="the benchmark's reference rounds")
     try:
         yield
@@ -791,10 +790,10 @@ def bench_append_replay(cfg: Config, rows: list[Row], notes: list[str]) -> dict[
                     True))
     if accelerated:
         flushed, pure_flushed = median(flushed_w), median(pure_flushed_w)
-        notes.append(f"C accelerators ({accelerate.describe()}): replay + jobs {w / 1e3:.0f}k "
+        notes.append(f"C accelerator ({accelerate.describe()}): replay + jobs {w / 1e3:.0f}k "
                      f"ev/s alternating and {flushed / 1e3:.0f}k in live flushes, against "
-                     f"{median(pure_w) / 1e3:.0f}k and {pure_flushed / 1e3:.0f}k with their "
-                     f"pure-Python references in the same rounds ({w / median(pure_w):.2f}× "
+                     f"{median(pure_w) / 1e3:.0f}k and {pure_flushed / 1e3:.0f}k with its "
+                     f"pure-Python reference in the same rounds ({w / median(pure_w):.2f}× "
                      f"and {flushed / pure_flushed:.2f}×)")
     else:
         notes.append(f"no C accelerator: {accelerate.describe()}")

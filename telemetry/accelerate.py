@@ -1,10 +1,9 @@
-"""Where replay's hot loops come from: a C accelerator where it was built, else Python.
+"""Where replay's hot loop comes from: a C accelerator where it was built, else Python.
 
-Each C file (``telemetry/_speedups.c``, ``telemetry/log/_framing.c``) implements one function
-that has a pure-Python reference beside it, with the same results (a contract test runs both).
-The choice is made when an object that runs the loop is built, never when a module is imported:
-:class:`~telemetry.engine.ProjectionEngine` (the engine pass) and
-:class:`~telemetry.log.local.LocalLog` (the frame checks) take ``compiled``:
+The C file (``telemetry/log/_framing.c``) implements one function that has a pure-Python
+reference beside it, with the same results (a contract test runs both). The choice is made when
+the object that runs the loop is built, never when a module is imported:
+:class:`~telemetry.log.local.LocalLog` (the frame checks) takes ``compiled``:
 
 * ``True``: the C version, or the reference where it was not built (an install without a C
   compiler), which :func:`choose` reports;
@@ -15,7 +14,9 @@ The choice is made when an object that runs the loop is built, never when a modu
 
 This module is the library's one piece of global state; :func:`reset_defaults` puts it back
 (the tests do before each test). :func:`describe` says in words what objects built now would
-run, for ``wantel --version`` and the benchmarks.
+run, for ``wantel --version`` and the benchmarks. (The engine's pass over every event had a C
+version too, ``telemetry/_speedups.c``; it won ~5 % of ``wantel replay`` and was removed: see
+``docs/design-notes.md``.)
 """
 
 from __future__ import annotations
@@ -38,9 +39,7 @@ class Accelerator:
 
 #: The reader's check of a run of frames (reference: ``framing.scan_run_py``).
 FRAME_CHECKS: Final = Accelerator("frame checks", "telemetry.log._framing", "scan_run")
-#: The engine's pass over every event (reference: ``dedup.fresh_events_py``).
-ENGINE_PASS: Final = Accelerator("engine pass", "telemetry._speedups", "fresh_events")
-ACCELERATORS: Final = (FRAME_CHECKS, ENGINE_PASS)
+ACCELERATORS: Final = (FRAME_CHECKS,)
 
 
 @dataclass

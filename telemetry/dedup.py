@@ -7,20 +7,16 @@ of each type (for the health counters and to route the batch to the projections 
 those types) and which of them are of the types it watches (the terminal ones, which bound the
 de-duplication table).
 
-Two implementations share this contract: :func:`fresh_events_py`, the reference, and
-``telemetry._speedups.fresh_events``, the same algorithm in C, which a
-:class:`~telemetry.engine.ProjectionEngine` uses where it was built unless it is built with
-``compiled=False`` (:mod:`telemetry.accelerate`). This
-pass visits every event of a replay, and in Python it cost a quarter of replaying a log of jobs
-side by side (the interpreter's attribute loads are generic where a batch mixes types); in C
-it reads the three fields from each type's slots. A contract test runs both against random
-batches and requires equal results, down to the order of the table's keys (snapshots hold it).
+This pass visits every event of a replay. It had a C twin (``telemetry/_speedups.c``), which
+cut the pass's own instructions by three quarters but ``wantel replay`` by only ~5 % (the folds
+are most of a replay), so it was removed (``docs/design-notes.md`` has the measurement). The
+table's key order is part of the contract: snapshots hold it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from itertools import compress
 from typing import Any, Final
 
@@ -29,14 +25,10 @@ FreshEvents = tuple[list[Any], Any, dict[type, int], list[Any]]
 is positive), how many of each type in the order types first appear, and those of the watched
 types in order."""
 
-
-FreshEventsFunction = Callable[[Sequence[Any], dict[str, int], Collection[type]], FreshEvents]
-"""The signature both implementations share."""
-
 _BEFORE_FIRST: Final = object()
 
 
-def fresh_events_py(
+def fresh_events(
     events: Sequence[Any], last_seq: dict[str, int], watch: Collection[type]
 ) -> FreshEvents:
     """The events whose ``seq`` is beyond their job's last one in ``last_seq`` (updated).
@@ -45,7 +37,7 @@ def fresh_events_py(
     kept in a local across its run and written back when the run ends; where jobs alternate
     (a run of small frames, a process running several), that is once an event. A job's entry
     is written only when the job had a new event, and keys are added in the order jobs are
-    first written (the C version does the same: snapshots hold the table's order).
+    first written (snapshots hold the table's order).
     """
     fresh: list[Any] = []
     keep = fresh.append
@@ -72,7 +64,7 @@ def fresh_events_py(
     if newest != known:
         last_seq[job] = newest  # type: ignore[index]
     kinds = list(map(type, fresh))
-    counts = dict(Counter(kinds))  # a plain dict, in first-seen order, as the C version's
+    counts = dict(Counter(kinds))  # a plain dict, in first-seen order
     watched = (list(compress(fresh, map(watch.__contains__, kinds)))
                if any(kind in watch for kind in counts) else [])  # the scan only if needed
     return fresh, newest_ts, counts, watched

@@ -24,8 +24,7 @@ from typing import Any, Final
 import msgspec
 import structlog
 
-from telemetry import accelerate
-from telemetry.dedup import FreshEventsFunction, fresh_events_py
+from telemetry.dedup import fresh_events
 from telemetry.events import TERMINAL_TYPES, Event
 from telemetry.log.base import Batch, EventLog, Position, Quarantined, ReadItem
 from telemetry.projections.base import Projection, as_batch_projection
@@ -89,11 +88,7 @@ def _routing(projection: Projection[Any]) -> tuple[frozenset[type] | None, froze
 class ProjectionEngine:
     """Applies log items to a set of projections; deterministic and free of I/O."""
 
-    def __init__(self, projections: Sequence[Projection[Any]], *,
-                 compiled: bool | None = None) -> None:
-        """``compiled``: whether the pass over every event runs in C (``telemetry._speedups``)
-        or as the Python reference; ``None`` is the process-wide default
-        (:mod:`telemetry.accelerate`)."""
+    def __init__(self, projections: Sequence[Projection[Any]]) -> None:
         names = [p.name for p in projections]
         if len(set(names)) != len(names):
             raise ValueError(f"projection names must be unique, got {names}")
@@ -103,11 +98,6 @@ class ProjectionEngine:
         self.last_seq: dict[str, int] = {}
         self.health = Health()
         self._folds = [(as_batch_projection(p), p.name, *_routing(p)) for p in projections]
-        #: The pass over every event, and what it is in words ("C", "Python (…)").
-        self.fresh_events: FreshEventsFunction
-        self.engine_pass: str
-        self.fresh_events, self.engine_pass = accelerate.choose(
-            accelerate.ENGINE_PASS, fresh_events_py, compiled)
         # An ordered set that bounds last_seq. An OrderedDict, not a dict: a dict whose oldest
         # key is deleted again and again finds the next one past every earlier deletion's
         # hole (~4 µs a finished job at 10,000), an OrderedDict pops it in O(1).
@@ -131,8 +121,8 @@ class ProjectionEngine:
     def apply_batch(self, batch: Batch) -> int:
         """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``.
 
-        The batch is de-duplicated first (:attr:`fresh_events`, in C where it was built: the
-        engine's only per-event work), then each projection folds the new events
+        The batch is de-duplicated first (:func:`telemetry.dedup.fresh_events`: the engine's
+        only per-event work), then each projection folds the new events
         of the types it handles in one ``apply_many`` call, each fold running its own loop with
         its lookups hoisted.
         """
@@ -143,7 +133,7 @@ class ProjectionEngine:
             if start >= len(events):
                 return 0
             events = events[start:]
-        fresh, newest, tally, ended = self.fresh_events(events, self.last_seq, _TERMINAL)
+        fresh, newest, tally, ended = fresh_events(events, self.last_seq, _TERMINAL)
         self.health.duplicates += len(events) - len(fresh)
         self.position = max(self.position, batch.next)
         if not fresh:

@@ -121,7 +121,7 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
         "environment:\n" + "".join(f"  {name:<20} {what}\n" for name, what in VARIABLES.items()),
     )
     parser.add_argument("--version", action=_PrintVersion, nargs=0,
-                        help="show the version, and whether replay's hot loops run in C")
+                        help="show the version, and whether replay's frame checks run in C")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         child = sub.add_parser(command.name, help=command.purpose, description=command.purpose)
@@ -147,7 +147,7 @@ def missing_modules(command: Command) -> list[str]:
 
 
 def configure_accelerators() -> None:
-    """Decide, once per process, whether the objects commands build run replay's hot loops in
+    """Decide, once per process, whether the objects commands build check replay's frames in
     C (where built) or in Python: ``$WANTEL_PURE_PYTHON`` asks for Python."""
     if pure_python_requested():
         accelerate.configure(compiled=False, reason=f"${PURE_PYTHON_ENV}")

@@ -26,8 +26,8 @@ OTLP_ENVS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_EN
 VARIABLES: Final[dict[str, str]] = {
     LOG_ENV: f"the event log directory when --log is not given (default ./{DEFAULT_LOG_DIR})",
     TOKEN_ENV: "the bearer token `serve` and `demo` require when --token is not given",
-    PURE_PYTHON_ENV: "set to 1 to run replay's hot loops in Python even where the C "
-                     "accelerators were built",
+    PURE_PYTHON_ENV: "set to 1 to check replay's frames in Python even where the C "
+                     "accelerator was built",
 }
 
 
@@ -52,5 +52,5 @@ def otlp_configured(flag: str | None, env: Mapping[str, str] | None = None) -> b
 
 
 def pure_python_requested(env: Mapping[str, str] | None = None) -> bool:
-    """``$WANTEL_PURE_PYTHON`` set (to anything but empty or 0): skip the C accelerators."""
+    """``$WANTEL_PURE_PYTHON`` set (to anything but empty or 0): skip the C accelerator."""
     return _environ(env).get(PURE_PYTHON_ENV, "") not in ("", "0")

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from tests.telemetry.test_engine import SECOND, a_job
 from wantel.cli import main
-from wantel.commands import replay
+from wantel.commands import common, replay
 from wantel.commands.replay import job_summary, replay_streaming
 
 WANTEL = [sys.executable, "-m", "wantel"]
@@ -213,14 +214,14 @@ class TestVersion:
     @pytest.mark.parametrize(("environment", "expected"), [
         ({}, None),
         ({"WANTEL_PURE_PYTHON": "1"},
-         "frame checks: Python ($WANTEL_PURE_PYTHON), engine pass: Python ($WANTEL_PURE_PYTHON)"),
+         "frame checks: Python ($WANTEL_PURE_PYTHON)"),
         ({"WANTEL_PURE_PYTHON": "0"}, None),
     ])
     def test_says_whether_the_hot_loops_run_in_c(
         self, environment: dict[str, str], expected: str | None,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     ) -> None:
-        """One line, the version and each accelerator's state; the switch is honoured."""
+        """One line, the version and the accelerator's state; the switch is honoured."""
         monkeypatch.delenv("WANTEL_PURE_PYTHON", raising=False)
         for name, value in environment.items():
             monkeypatch.setenv(name, value)
@@ -232,7 +233,7 @@ class TestVersion:
         if expected is not None:
             assert line.endswith(f"({expected})")
         elif os.environ.get("WANTEL_REQUIRE_SPEEDUPS"):  # make test: both were built
-            assert line.endswith("(frame checks: C, engine pass: C)")
+            assert line.endswith("(frame checks: C)")
 
     def test_the_console_script_prints_it_on_one_line(self) -> None:
         """The installed entry point prints the same single line, never re-wrapped."""
@@ -244,20 +245,19 @@ class TestVersion:
     def test_the_choice_reaches_what_commands_build(
         self, log_dir: Path, monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """``$WANTEL_PURE_PYTHON`` makes the engine and the log a command builds run Python."""
-        built: list[ProjectionEngine] = []
-        real = replay.ProjectionEngine
+        """``$WANTEL_PURE_PYTHON`` makes the log a command opens read with Python."""
+        opened: list[LocalLog] = []
+        real = common.LocalLog
 
-        def recording(*args: object, **kwargs: object) -> ProjectionEngine:
-            engine = real(*args, **kwargs)  # type: ignore[arg-type]
-            built.append(engine)
-            return engine
+        def recording(*args: Any, **kwargs: Any) -> LocalLog:
+            log = real(*args, **kwargs)
+            opened.append(log)
+            return log
 
-        monkeypatch.setattr(replay, "ProjectionEngine", recording)
+        monkeypatch.setattr(common, "LocalLog", recording)
         monkeypatch.setenv("WANTEL_PURE_PYTHON", "1")
         assert 0 == main(["replay", "--log", str(log_dir)])
-        assert ["Python ($WANTEL_PURE_PYTHON)"] == [engine.engine_pass for engine in built]
-        assert "Python ($WANTEL_PURE_PYTHON)" == LocalLog(log_dir).frame_checks
+        assert ["Python ($WANTEL_PURE_PYTHON)"] == [log.frame_checks for log in opened]
 
 
 class TestWanExtra:
