@@ -403,27 +403,47 @@ class WantelCollector(Collector):
 
 
 def make_registry(runner: ProjectionRunner, **options: Any) -> CollectorRegistry:
-    """A registry holding only a :class:`WantelCollector` over ``runner``."""
+    """A registry holding only a :class:`WantelCollector` over ``runner`` (the one place a
+    registry is built; ``options`` go to the collector)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(WantelCollector(runner, **options))
     return registry
 
 
-def render(registry: CollectorRegistry, accept_header: str | None) -> tuple[bytes, str]:
+class Exposition:
+    """``/metrics`` over one runner: its registry and its encoder, built together by the app.
+
+    The encoder keeps formatted label sets between scrapes (series are stable, so after the
+    first scrape nearly every lookup hits); that state lives here, one per served app, not in
+    the module.
+    """
+
+    def __init__(self, runner: ProjectionRunner, **options: Any) -> None:
+        self.registry = make_registry(runner, **options)
+        self.encoder = Encoder()
+
+    def render(self, accept_header: str | None) -> tuple[bytes, str]:
+        """The exposition body and its content type for a scraper's ``Accept`` header."""
+        return render(self.registry, accept_header, self.encoder)
+
+
+def render(registry: CollectorRegistry, accept_header: str | None,
+           encoder: Encoder | None = None) -> tuple[bytes, str]:
     """The exposition body and its content type for a scraper's ``Accept`` header.
 
     OpenMetrics (with exemplars) when the scraper accepts it — Prometheus does by itself — else
     the classic text format, which is what ``promtool check metrics`` and curl get. The format
     is negotiated by prometheus_client (:func:`~prometheus_client.exposition.choose_encoder`);
-    the bytes come from :func:`encode`, which writes exactly what prometheus_client's encoders
-    write, a few times faster.
+    the bytes come from ``encoder`` (:class:`Encoder`; a fresh one if not given), which writes
+    exactly what prometheus_client's encoders write, a few times faster (``docs/design-notes.md``
+    has the measurement).
     """
-    encoder, content_type = choose_encoder(accept_header or "")
+    library_encoder, content_type = choose_encoder(accept_header or "")
     openmetrics = content_type.startswith("application/openmetrics-text")
     metrics = list(registry.collect())
-    body = encode(metrics, openmetrics=openmetrics)
+    body = (encoder or Encoder()).encode(metrics, openmetrics=openmetrics)
     if body is None:  # something the fast path does not handle: the library's own encoder
-        body = encoder(_Collected(metrics))
+        body = library_encoder(_Collected(metrics))
     return body, content_type
 
 
@@ -438,10 +458,6 @@ class _Collected(Collector):
         return self.metrics
 
 
-#: Label sets already formatted (``{a="x",b="y"}``), keyed by their items in the order given.
-#: Series are stable between scrapes, so after the first scrape nearly every lookup hits.
-_LABEL_STRINGS: dict[tuple[tuple[str, str], ...], str] = {}
-_MAX_LABEL_STRINGS: Final = 100_000
 _PLAIN_TYPES: Final = frozenset({"counter", "gauge", "histogram", "unknown"})
 _LEGACY_NAME: Final = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
@@ -449,17 +465,6 @@ _LEGACY_NAME: Final = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 def _escape_value(value: str) -> str:
     """A label value as both exposition formats write it: ``\\``, newline and ``"`` escaped."""
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _label_string(items: tuple[tuple[str, str], ...]) -> str:
-    """``{k="v",…}`` sorted by name (``""`` without labels), formatted once per label set."""
-    text = _LABEL_STRINGS.get(items)
-    if text is None:
-        if len(_LABEL_STRINGS) >= _MAX_LABEL_STRINGS:
-            _LABEL_STRINGS.clear()
-        inner = ",".join(f'{name}="{_escape_value(value)}"' for name, value in sorted(items))
-        text = _LABEL_STRINGS[items] = "{" + inner + "}" if inner else ""
-    return text
 
 
 def _go_float(value: float) -> str:
@@ -471,52 +476,76 @@ def _go_float(value: float) -> str:
     return go_string(number)
 
 
-def encode(metrics: Iterable[Metric], *, openmetrics: bool) -> bytes | None:
-    """The exposition of ``metrics``, byte for byte what prometheus_client writes.
+class Encoder:
+    """prometheus_client's text and OpenMetrics encoders, byte for byte, with label sets
+    formatted once.
 
     prometheus_client re-validates and re-escapes every label name of every sample (~5-10 µs a
-    sample); with a histogram family per model and stage that alone broke the 10 ms scrape
-    budget. This writes the same bytes with label sets formatted once and cached. It covers
-    what wantel emits — counters, gauges and classic histograms with legacy-valid names,
-    exemplars, no timestamps — and returns ``None`` for anything else (the caller then uses the
-    library's encoder).
+    sample); with a histogram family per model and stage, its OpenMetrics encoder alone takes
+    longer than the 10 ms a scrape may cost at 10,000 finished jobs (measured in
+    ``docs/design-notes.md``). This writes the same bytes with each label set formatted once
+    and kept (up to ``max_label_sets``, then the cache starts over). It covers what wantel
+    emits — counters, gauges and classic histograms with legacy-valid names, exemplars, no
+    timestamps — and :meth:`encode` returns ``None`` for anything else (:func:`render` then uses
+    the library's encoder). A test holds it to the library's bytes.
     """
-    out: list[str] = []
-    append = out.append
-    for metric in metrics:
-        name, kind = metric.name, metric.type
-        if kind not in _PLAIN_TYPES or not _LEGACY_NAME.match(name):
-            return None
+
+    def __init__(self, *, max_label_sets: int = 100_000) -> None:
+        self.max_label_sets = max_label_sets
+        #: Label sets already formatted (``{a="x",b="y"}``), keyed by their items in order.
+        self._label_strings: dict[tuple[tuple[str, str], ...], str] = {}
+
+    def _label_string(self, items: tuple[tuple[str, str], ...]) -> str:
+        """``{k="v",…}`` sorted by name (``""`` without labels), formatted once per label set."""
+        cache = self._label_strings
+        text = cache.get(items)
+        if text is None:
+            if len(cache) >= self.max_label_sets:
+                cache.clear()
+            inner = ",".join(f'{name}="{_escape_value(value)}"' for name, value in sorted(items))
+            text = cache[items] = "{" + inner + "}" if inner else ""
+        return text
+
+    def encode(self, metrics: Iterable[Metric], *, openmetrics: bool) -> bytes | None:
+        """The exposition of ``metrics``, byte for byte what prometheus_client writes, or
+        ``None`` if a family or sample is of a kind this does not write."""
+        label_string = self._label_string
+        out: list[str] = []
+        append = out.append
+        for metric in metrics:
+            name, kind = metric.name, metric.type
+            if kind not in _PLAIN_TYPES or not _LEGACY_NAME.match(name):
+                return None
+            if openmetrics:
+                append(f"# HELP {name} {_escape_value(metric.documentation)}\n"
+                       f"# TYPE {name} {kind}\n")
+                if metric.unit:
+                    append(f"# UNIT {name} {metric.unit}\n")
+            else:
+                shown = name + "_total" if kind == "counter" else name
+                doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+                append(f"# HELP {shown} {doc}\n"
+                       f"# TYPE {shown} {'untyped' if kind == 'unknown' else kind}\n")
+            for sample in metric.samples:
+                if sample.timestamp is not None or sample.native_histogram is not None:
+                    return None
+                if not openmetrics and sample.name.endswith(("_created", "_gsum", "_gcount")):
+                    return None
+                labels = label_string(tuple(sample.labels.items()))
+                exemplar = sample.exemplar
+                if exemplar is None or not openmetrics:
+                    append(f"{sample.name}{labels} {_go_float(sample.value)}\n")
+                    continue
+                if not ((kind == "histogram" and sample.name.endswith("_bucket"))
+                        or (kind == "counter" and sample.name.endswith("_total"))):
+                    return None
+                stamp = "" if exemplar.timestamp is None else f" {exemplar.timestamp}"
+                append(f"{sample.name}{labels} {_go_float(sample.value)} # "
+                       f"{label_string(tuple(exemplar.labels.items())) or '{}'} "
+                       f"{_go_float(exemplar.value)}{stamp}\n")
         if openmetrics:
-            append(f"# HELP {name} {_escape_value(metric.documentation)}\n"
-                   f"# TYPE {name} {kind}\n")
-            if metric.unit:
-                append(f"# UNIT {name} {metric.unit}\n")
-        else:
-            shown = name + "_total" if kind == "counter" else name
-            doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
-            append(f"# HELP {shown} {doc}\n"
-                   f"# TYPE {shown} {'untyped' if kind == 'unknown' else kind}\n")
-        for sample in metric.samples:
-            if sample.timestamp is not None or sample.native_histogram is not None:
-                return None
-            if not openmetrics and sample.name.endswith(("_created", "_gsum", "_gcount")):
-                return None
-            labels = _label_string(tuple(sample.labels.items()))
-            exemplar = sample.exemplar
-            if exemplar is None or not openmetrics:
-                append(f"{sample.name}{labels} {_go_float(sample.value)}\n")
-                continue
-            if not ((kind == "histogram" and sample.name.endswith("_bucket"))
-                    or (kind == "counter" and sample.name.endswith("_total"))):
-                return None
-            stamp = "" if exemplar.timestamp is None else f" {exemplar.timestamp}"
-            append(f"{sample.name}{labels} {_go_float(sample.value)} # "
-                   f"{_label_string(tuple(exemplar.labels.items())) or '{}'} "
-                   f"{_go_float(exemplar.value)}{stamp}\n")
-    if openmetrics:
-        append("# EOF\n")
-    return "".join(out).encode("utf-8")
+            append("# EOF\n")
+        return "".join(out).encode("utf-8")
 
 
-__all__ = ["WantelCollector", "build_info", "encode", "make_registry", "render"]
+__all__ = ["Encoder", "Exposition", "WantelCollector", "build_info", "make_registry", "render"]

@@ -265,9 +265,7 @@ def _job_detail(states: dict[str, Any], job: str) -> dict[str, Any] | None:
 def _metrics_endpoint(service: TelemetryService) -> Callable[[Request], Awaitable[Response]]:
     """``/metrics`` through the Prometheus exporter's collector, or a JSON 503 without it."""
     try:
-        from prometheus_client import CollectorRegistry
-
-        from exporters.prometheus import WantelCollector, render
+        from exporters.prometheus import Exposition
     except ImportError as exc:
         reason = f"{type(exc).__name__}: {exc}"
 
@@ -275,12 +273,11 @@ def _metrics_endpoint(service: TelemetryService) -> Callable[[Request], Awaitabl
             return error_response(503, "metrics are not available in this build", reason)
 
         return unavailable
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(WantelCollector(service.runner))
+    exposition = Exposition(service.runner)
 
     async def metrics(request: Request) -> Response:
         body, content_type = await run_in_threadpool(
-            render, registry, request.headers.get("accept", ""))
+            exposition.render, request.headers.get("accept", ""))
         return Response(body, media_type=None, headers={"content-type": content_type})
 
     return metrics

@@ -18,7 +18,14 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from exporters.prometheus import WantelCollector, build_info, make_registry, render
+from exporters.prometheus import (
+    Encoder,
+    Exposition,
+    WantelCollector,
+    build_info,
+    make_registry,
+    render,
+)
 from telemetry.engine import CheckpointStore, ProjectionEngine, ProjectionRunner
 from telemetry.events import (
     DeviceInfo,
@@ -268,6 +275,22 @@ def test_encoder_writes_exactly_what_prometheus_client_writes(accept: str | None
     body, _ = render(registry, accept)
     stock = generate_openmetrics(registry) if accept else generate_latest(registry)
     assert stock.decode() == body.decode()
+
+
+def test_an_exposition_keeps_its_label_cache_and_its_bytes() -> None:
+    """An Exposition's encoder (its own, not the module's) writes the library's bytes on every
+    scrape, its label cache warm, in both formats and with a cache smaller than the series."""
+    runner = runner_over(a_full_history())
+    exposition = Exposition(runner, clock=lambda: T0 + 10.0)
+    tiny = Exposition(runner, clock=lambda: T0 + 10.0)
+    tiny.encoder = Encoder(max_label_sets=3)
+    for _ in range(2):
+        for accept, stock in ((None, generate_latest), (OPENMETRICS, generate_openmetrics)):
+            expected = stock(exposition.registry).decode()
+            assert expected == exposition.render(accept)[0].decode()
+            assert expected == tiny.render(accept)[0].decode()
+    assert exposition.encoder._label_strings  # filled by the scrapes above
+    assert not Exposition(runner).encoder._label_strings  # another app's starts empty
 
 
 def test_other_collectors_are_encoded_by_the_library() -> None:
