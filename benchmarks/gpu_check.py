@@ -97,6 +97,7 @@ from telemetry.events import (
     MemorySampled,
     StepEnded,
 )
+from telemetry.files import write_atomic
 from telemetry.log.local import LocalLog
 
 GOAL_OVERHEAD: Final = 0.005  # wantel − plain, and sampler on − off, as a ratio of the reference
@@ -180,10 +181,8 @@ class Report:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(self.path.suffix + ".tmp")
-        temporary.write_text(json.dumps(self.as_json(), indent=2, default=str) + "\n")
-        os.replace(temporary, self.path)
+        write_atomic(self.path,
+                     (json.dumps(self.as_json(), indent=2, default=str) + "\n").encode())
 
 
 def table(report: Report) -> str:

@@ -3,14 +3,15 @@
 The outputs are committed; ``wantel dashboards build`` (:func:`build_all`) is how they change.
 It writes ``dashboards/generated/*.json`` and ``dashboards/alerts/wantel.yml`` (or both into ``--out
 DIR``), byte for byte the same on every run, so a diff shows exactly what a code change did.
-Files are replaced atomically (a reader such as Grafana's provisioner never sees half a file).
+Files are replaced atomically (a reader such as Grafana's provisioner never sees half a file),
+by :func:`telemetry.files.write_atomic`.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from telemetry.files import write_atomic as replace_file
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = PACKAGE_DIR / "generated"
@@ -22,16 +23,7 @@ def write_atomic(path: Path, text: str) -> bool:
     data = text.encode("utf-8")
     if path.exists() and path.read_bytes() == data:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_file(path, data)
     return True
 
 

@@ -43,6 +43,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from telemetry.engine import Health, ProjectionRunner
+from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.projections.eta import ERROR_EDGES, EtaState, current
 from telemetry.projections.health import HealthState
 from telemetry.projections.jobs import JobsState, JobView
@@ -59,8 +60,6 @@ from telemetry.projections.throughput import ThroughputState
 #: Terminal statuses every (model, task) pair is exported with, at zero until one happens, so
 #: ``increase(wantel_jobs_total{status="failed"}[5m])`` sees the very first failure.
 STATUSES: Final = ("completed", "failed", "cancelled")
-#: Seconds since a worker's last event after which it no longer counts as alive.
-WORKER_TIMEOUT_S: Final = 60.0
 DIST: Final = "wan-telemetry"
 #: The projections whose state the collector reads.
 REQUIRED_PROJECTIONS: Final = ("metrics", "jobs", "eta", "throughput", "memory", "health")

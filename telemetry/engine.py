@@ -26,6 +26,7 @@ import structlog
 
 from telemetry.dedup import fresh_events
 from telemetry.events import TERMINAL_TYPES, Event
+from telemetry.files import write_atomic
 from telemetry.log.base import Batch, EventLog, Position, Quarantined, ReadItem
 from telemetry.projections.base import Projection, as_batch_projection
 
@@ -258,18 +259,7 @@ class CheckpointStore:
 
     def save(self, data: bytes) -> None:
         """Replace the checkpoint; a crash leaves either the old one or the new one."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, data)
 
 
 class ProjectionRunner:

@@ -51,6 +51,7 @@ from telemetry.codec import (
     encode_many_json,
 )
 from telemetry.events import Event
+from telemetry.files import fsync_dir
 from telemetry.log import framing
 from telemetry.log.base import (
     Batch,
@@ -148,7 +149,7 @@ class LocalLog(EventLog):
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, self.path / META_FILE)
             tmp.unlink()
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as exc:
             raise LogError(f"cannot create a log at {self.path}: {exc.strerror or exc}") from exc
 
@@ -279,7 +280,7 @@ class LocalLog(EventLog):
         path = self.path / segment_name(base)
         try:
             self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as exc:
             raise LogError(f"cannot create {path}: {exc.strerror}") from exc
         self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
@@ -635,10 +636,3 @@ def _same_file(path: str, fd: int) -> bool:
     opened = os.fstat(fd)
     return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

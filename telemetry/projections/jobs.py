@@ -24,6 +24,7 @@ from telemetry.events import (
     StepEnded,
     WorkerHeartbeat,
 )
+from telemetry.liveness import WORKER_TIMEOUT_S as TIMEOUT_S
 from telemetry.projections.base import BatchFold, OnFailure, oldest_first
 
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled", "abandoned"})
@@ -137,7 +138,7 @@ class JobsProjection(BatchFold):
         WorkerHeartbeat, JobCompleted, JobFailed, JobCancelled,
     })
 
-    def __init__(self, *, abandon_after_s: float = 60.0, keep_finished: int | None = None):
+    def __init__(self, *, abandon_after_s: float = TIMEOUT_S, keep_finished: int | None = None):
         self.abandon_after_ns = int(abandon_after_s * 1e9)
         self.sweep_every_ns = max(self.abandon_after_ns // 4, 1_000_000_000)
         self.keep_finished = keep_finished
