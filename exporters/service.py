@@ -48,10 +48,9 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch, EventLog, Position, ReadItem
 from telemetry.projections import default_projections
-from telemetry.projections.eta import EtaState, current
-from telemetry.projections.jobs import JobsState, JobView
-from telemetry.projections.memory import MemoryState
-from telemetry.projections.throughput import ThroughputState
+from telemetry.projections.eta import FinishedEta
+from telemetry.projections.jobs import JobsState
+from telemetry.projections.summary import job_summary
 
 _log = structlog.get_logger("wantel.service")
 
@@ -125,28 +124,15 @@ def _seconds(ts: int | None) -> float | None:
 def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
     """One job as the list, the snapshot and the live page show it; ``None`` if unknown.
 
-    Progress and ETA come from the ETA model (progress weighted by expected stage cost, not a
-    bare step count); steps/s is the smoothed rate while running, the measured mean after.
+    The figures are the read model's (:mod:`telemetry.projections.summary`): progress weighted
+    by expected stage cost, not a bare step count; steps/s the smoothed rate while running, the
+    measured mean after.
     """
-    jobs: JobsState = states["jobs"]
-    view = jobs.jobs.get(job)
-    if view is None:
+    summary = job_summary(states, job)
+    if summary is None:
         return None
-    eta_state: EtaState = states["eta"]
-    throughput: ThroughputState = states["throughput"]
-    memory: MemoryState = states["memory"]
-    point = current(eta_state, job)
-    mem = memory.running.get(job) or memory.finished.get(job)
-    rate = throughput.jobs.get(job)
-    steps_per_second = rate.ema if rate is not None and rate.ema else view.steps_per_second
-    if view.status == "completed":
-        progress: float | None = 1.0
-    elif point is not None:
-        progress = point.progress
-    elif view.total_steps:
-        progress = view.steps_done / view.total_steps
-    else:
-        progress = None
+    view = summary.view
+    point = summary.latest_eta
     eta = None
     if point is not None and view.status == "running":
         eta = {"remaining_s": point.remaining_s, "p10_s": point.p10_s, "p90_s": point.p90_s,
@@ -166,31 +152,22 @@ def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
         "step": view.steps_done,
         "steps": view.total_steps,
         "expert": view.expert,
-        "progress": progress,
+        "progress": summary.progress,
         "eta": eta,
-        "steps_per_second": steps_per_second,
-        "peak_memory_bytes": _peak(view, mem.peaks if mem is not None else {}),
+        "steps_per_second": summary.steps_per_second,
+        "peak_memory_bytes": summary.peak_memory_bytes,
         "queued_ts": _seconds(view.queued_ts),
         "started_ts": _seconds(view.started_ts),
         "ended_ts": _seconds(view.ended_ts),
         "duration_s": view.duration_s,
-        "eta_error": _eta_error(eta_state, job),
+        "eta_error": _eta_error(summary.finished_eta),
         "error": ({"type": view.error_type, "message": view.error_message, "oom": view.oom}
                   if view.status == "failed" else None),
     }
 
 
-def _peak(view: JobView, peaks: dict[str, int]) -> int | None:
-    """The peak that matters on the job's device: allocator on GPUs, process RSS on CPU."""
-    for kind in ("torch_allocated", "host_rss"):
-        if kind in peaks:
-            return peaks[kind]
-    return view.peak_memory_bytes
-
-
-def _eta_error(eta_state: EtaState, job: str) -> dict[str, Any] | None:
+def _eta_error(done: FinishedEta | None) -> dict[str, Any] | None:
     """How wrong the job's ETAs were (signed relative error), once it completed."""
-    done = eta_state.finished.get(job)
     if done is None:
         return None
     values = list(done.residuals.values())

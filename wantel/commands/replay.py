@@ -19,8 +19,7 @@ from telemetry.projections import Projection, default_projections
 from telemetry.projections.base import oldest_first
 from telemetry.projections.eta import EtaState
 from telemetry.projections.jobs import JobsState, JobView
-from telemetry.projections.memory import MemoryState
-from telemetry.projections.throughput import ThroughputState
+from telemetry.projections.summary import job_summary as read_summary
 from wantel.commands.common import open_log_for_reading, warn_quarantined
 
 #: Ended jobs held back before their summary is printed and they are forgotten: a late event
@@ -127,29 +126,25 @@ def _indent(text: bytes, prefix: bytes) -> bytes:
 
 
 def job_summary(view: JobView, engine: ProjectionEngine) -> dict[str, Any]:
-    """A job as builtins, with what every projection knows of it."""
+    """A job as builtins, with what every projection knows of it (the read model of
+    :mod:`telemetry.projections.summary`, in replay's JSON shape)."""
+    read = read_summary(engine.states, view)
+    assert read is not None  # a view is always summarised
     summary: dict[str, Any] = msgspec.to_builtins(view)
-    summary["steps_per_second"] = view.steps_per_second
-    summary["stage_durations"] = view.stage_durations()
-    eta: EtaState = engine.states["eta"]
-    memory: MemoryState = engine.states["memory"]
-    throughput: ThroughputState = engine.states["throughput"]
-    running = eta.running.get(view.job)
-    finished = eta.finished.get(view.job)
-    if running is not None and running.issued:
-        latest = running.issued[-1]
-        summary["progress"] = latest.progress
-        summary["eta"] = msgspec.to_builtins(latest)
-        summary["eta_history"] = [msgspec.to_builtins(p) for p in running.issued]
-    elif finished is not None:
-        summary["progress"] = 1.0
-        summary["eta_history"] = [msgspec.to_builtins(p) for p in finished.history]
-        summary["eta_residuals"] = finished.residuals
-        summary["eta_before_start_error"] = finished.before_start_error
-    job_memory = memory.running.get(view.job) or memory.finished.get(view.job)
-    summary["peak_memory_bytes_by_kind"] = dict(job_memory.peaks) if job_memory else {}
-    rate = throughput.jobs.get(view.job)
-    summary["steps_per_second_smoothed"] = rate.ema if rate else None
+    summary["steps_per_second"] = read.mean_steps_per_second
+    summary["stage_durations"] = read.stage_durations
+    history = [msgspec.to_builtins(p) for p in read.eta_history]
+    if read.latest_eta is not None:
+        summary["progress"] = read.latest_eta.progress
+        summary["eta"] = msgspec.to_builtins(read.latest_eta)
+        summary["eta_history"] = history
+    elif read.finished_eta is not None:
+        summary["progress"] = 1.0  # ended: replay's progress is the ETA model's, done
+        summary["eta_history"] = history
+        summary["eta_residuals"] = read.finished_eta.residuals
+        summary["eta_before_start_error"] = read.finished_eta.before_start_error
+    summary["peak_memory_bytes_by_kind"] = read.peaks
+    summary["steps_per_second_smoothed"] = read.smoothed_steps_per_second
     return summary
 
 

@@ -25,6 +25,7 @@ from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.eta import EtaPoint, current
 from telemetry.projections.jobs import JobView
+from telemetry.projections.summary import JobSummary, job_summary
 from wantel.config import resolve_log_dir
 
 EXIT_FAILED = 1
@@ -106,10 +107,11 @@ def run(args: argparse.Namespace) -> int:
             sampler.stop()
         emitter.close()
         view = display.stop()
+    summary = job_summary(display.engine.states, view) if view is not None else None
     if args.json:
-        print(msgspec.json.encode(_summary(view, prepared.job, str(log.path))).decode())
+        print(msgspec.json.encode(_summary(summary, prepared.job, str(log.path))).decode())
     elif status == "completed":
-        print(f"wantel run: job {prepared.job} completed -> {prepared.out} ({_figures(view)})")
+        print(f"wantel run: job {prepared.job} completed -> {prepared.out} ({_figures(summary)})")
     if status == "failed":
         print(f"wantel run: job {prepared.job} failed: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -128,24 +130,29 @@ def _gpu_sampler(emitter: Emitter, job: str, device_type: str, interval: float) 
     return GpuSampler(emitter, interval=interval, job_of=lambda: job).start()
 
 
-def _summary(view: JobView | None, job: str, log: str) -> dict[str, Any]:
-    if view is None:
+def _summary(summary: JobSummary | None, job: str, log: str) -> dict[str, Any]:
+    """``--json``: the job's read model (:mod:`telemetry.projections.summary`), ended."""
+    if summary is None:
         return {"job": job, "status": "unknown", "log": log}
+    view = summary.view
     return {
         "job": job, "status": view.status, "log": log, "model": view.model,
         "variant": view.variant, "output": view.output_path, "duration_s": view.duration_s,
         "steps": view.steps_done, "total_steps": view.total_steps,
-        "steps_per_second": view.steps_per_second, "stage_durations": view.stage_durations(),
+        "steps_per_second": summary.mean_steps_per_second,
+        "stage_durations": summary.stage_durations,
         "peak_memory_bytes": view.peak_memory_bytes, "error_type": view.error_type,
         "error": view.error_message,
     }
 
 
-def _figures(view: JobView | None) -> str:
-    if view is None or view.duration_s is None:
+def _figures(summary: JobSummary | None) -> str:
+    """The completed line's figures: duration, steps and the mean steps/s."""
+    if summary is None or summary.view.duration_s is None:
         return "no figures"
-    rate = f", {view.steps_per_second:.1f} steps/s" if view.steps_per_second else ""
-    return f"{view.duration_s:.2f}s, {view.steps_done} steps{rate}"
+    mean = summary.mean_steps_per_second
+    rate = f", {mean:.1f} steps/s" if mean else ""
+    return f"{summary.view.duration_s:.2f}s, {summary.view.steps_done} steps{rate}"
 
 
 class _Display:
