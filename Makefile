@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEBIAN_PACKAGES := $(shell cat scripts/debian-packages.txt 2>/dev/null | grep -v '^\#')
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench docs-image clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test: install lint
 
 bench: install
 	$(PY) benchmarks/log_bench.py
+
+# docs/live-page.png: the live page's screenshot, taken by its browser test (which otherwise
+# writes only to a temporary directory).
+docs-image: install
+	$(PY) -m pytest -q tests/e2e/test_live_page.py --save-live-page docs/live-page.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,12 +11,14 @@ are matched with ``=~`` / ``=``; rates use ``$__rate_interval``; windowed statis
 more history than a scrape interval use the ``$window`` variable.
 
 Gaps in the exported metrics, and what is shown instead (see ``docs/dashboards.md``):
-no metric counts pixels or frames (throughput is steps/s and jobs/min); none flags OOM
-failures apart from other failures; the ETA's p10–p90 interval, its coverage and the mean
-absolute error (MAPE) are computed by the ETA projection but not exported, so the ETA quality
-dashboard shows signed-error quantiles and the share of ETAs within ±10 % / ±25 %; stage,
-step and memory series carry no ``job`` label, so the job drill-down shows them for the job's
-model over the job's time range.
+no metric counts pixels or frames (throughput is steps/s and jobs/min); the ETA's p10–p90
+interval is exported for running jobs (``wantel_job_eta_p10_seconds`` / ``_p90_seconds``, drawn
+by the job drill-down), but how often it covered the actual time and the mean absolute error
+(MAPE) are computed by the ETA projection and not exported, so the ETA quality dashboard shows
+signed-error quantiles and the share of ETAs within ±10 % / ±25 %; stage, step and memory
+series carry no ``job`` label, so the job drill-down shows them for the job's model over the
+job's time range. Out-of-memory failures are exported apart (``wantel_jobs_oom_total``) and
+shown beside the other failures.
 """
 
 from __future__ import annotations
@@ -179,11 +181,13 @@ FLEET: Final = Dashboard(
                                    f'status="completed",{M}', "$window"), "p95 {{model}}")),
                   unit="s"),
             Panel("Failed and cancelled jobs",
-                  "Are jobs failing, and which models? (Out-of-memory failures are counted "
-                  "here: wantel does not export them apart yet.)",
+                  "Are jobs failing, and which models? (Out-of-memory failures are among the "
+                  "failed and drawn apart as oom; the WantelJobOutOfMemory alert pages on any.)",
                   (Query(f'sum by (model, status) (increase(wantel_jobs_total'
                          f'{{status=~"failed|cancelled",{M}}}[$window]))',
-                         "{{status}} {{model}}"),),
+                         "{{status}} {{model}}"),
+                   Query(f"sum by (model) (increase(wantel_jobs_oom_total{{{M}}}[$window]))",
+                         "oom {{model}}")),
                   unit="short", no_value="0"),
             Panel("Mean step time by model and expert",
                   "How long does one denoising step take, per expert of Wan 2.2 A14B?",

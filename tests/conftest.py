@@ -13,6 +13,14 @@ from telemetry import accelerate
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--save-live-page PATH``: where the live-page test also saves its screenshot
+    (``make docs-image`` regenerates ``docs/live-page.png`` with it; tests write only to
+    temporary directories otherwise)."""
+    parser.addoption("--save-live-page", metavar="PATH", default=None,
+                     help="also save the live page's screenshot here")
+
+
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> None:
     """Each test starts from structlog's defaults (some tests capture or reconfigure logs)."""
