@@ -15,7 +15,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py telemetry/log/_framing.c \
           scripts/debian-packages.txt
-	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)  # first: the C accelerators need gcc
+	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)  # first: the C accelerator needs gcc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
