@@ -17,9 +17,10 @@ import msgspec
 
 from telemetry.commands.common import open_log_for_reading
 from telemetry.errors import UsageError
-from telemetry.eta.evaluate import CHECKPOINTS, ESTIMATORS, Report, StaticProfile, evaluate
+from telemetry.eta.evaluate import ESTIMATORS, Report, StaticProfile, evaluate
 from telemetry.eta.fit import FitResult, fit
 from telemetry.eta.jobs import JobRecord, job_records
+from telemetry.eta.model import CHECKPOINTS
 from telemetry.events import ETA_STREAM, EtaCalibrated
 from telemetry.log.base import Batch, EventLog
 

@@ -27,10 +27,9 @@ from typing import Final
 
 from telemetry.eta.jobs import JobRecord
 from telemetry.eta.live import Estimate, LiveJob
-from telemetry.eta.model import Calibration
+from telemetry.eta.model import CHECKPOINTS, Calibration
 from telemetry.events import JobStarted, StageEnded, StageStarted, StepEnded
 
-CHECKPOINTS: Final = (0.05, 0.10, 0.25, 0.50, 0.75)
 ESTIMATORS: Final = ("ours", "static", "tqdm", "linear")
 TQDM_SMOOTHING: Final = 0.3
 

@@ -160,9 +160,11 @@ class TestLiveEstimator:
             if p in ("load", "save"))
 
     @pytest.mark.parametrize(("progress", "bucket"),
-                             [(0.0, "0-10"), (0.1, "10-25"), (0.49, "25-50"), (0.75, "75-100")])
+                             [(0.0, "0-10"), (0.1, "10-25"), (0.49, "25-50"), (0.75, "75-100"),
+                              (-1.0, "0-10"), (0.0999, "0-10"), (0.25, "25-50"),
+                              (0.5, "50-75"), (7.0, "75-100"), (math.nan, "75-100")])
     def test_buckets(self, progress: float, bucket: str) -> None:
-        """Progress buckets are half-open, in percent."""
+        """Progress buckets are half-open, in percent; NaN falls in the last."""
         assert bucket == bucket_of(progress)
 
 
