@@ -18,6 +18,7 @@ from typing import Final
 import msgspec
 
 from telemetry.eta.shape import JobShape
+from telemetry.events import EtaCalibrated
 
 PHASES: Final = ("load", "text_encode", "image_encode", "latent_init", "denoise", "decode",
                  "postprocess", "save")
@@ -109,6 +110,12 @@ class Calibration(msgspec.Struct, frozen=True, kw_only=True):
     warmup: dict[str, float] = {}  # step component → first-step duration ÷ later steps
     quantiles: dict[str, tuple[float, float]] = {}  # bucket → p10, p90 of actual/predicted
     jobs: int = 0
+
+    @classmethod
+    def of(cls, event: EtaCalibrated) -> Calibration:
+        """The calibration an ``EtaCalibrated`` event records."""
+        return cls(coefficients=event.coefficients, rel_sigma=event.rel_sigma,
+                   warmup=event.warmup, quantiles=event.quantiles, jobs=event.jobs)
 
 
 def _solve_prior(points: Sequence[tuple[float, float]]) -> tuple[float, ...]:
