@@ -19,6 +19,7 @@ import msgspec
 
 from telemetry.eta.shape import JobShape
 from telemetry.events import EtaCalibrated
+from telemetry.wan import uses_image_encoder
 
 PHASES: Final = ("load", "text_encode", "image_encode", "latent_init", "denoise", "decode",
                  "postprocess", "save")
@@ -94,7 +95,7 @@ def features(phase: str, shape: JobShape) -> tuple[float, ...]:
 def expected_phases(shape: JobShape, *, runner: bool) -> tuple[str, ...]:
     """The phases a job will go through: ``load``/``save`` only when ``wantel run`` drives it."""
     phases = ["text_encode"]
-    if shape.task == "i2v" and shape.family == "wan2.1":
+    if uses_image_encoder(family=shape.family, task=shape.task):
         phases.append("image_encode")
     phases += ["latent_init", "denoise", "decode", "postprocess"]
     if runner:
