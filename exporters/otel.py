@@ -54,7 +54,7 @@ from telemetry.codec import decode_one, encode
 from telemetry.engine import CheckpointStore
 from telemetry.eta.evaluate import ours_at
 from telemetry.eta.jobs import job_records
-from telemetry.eta.model import BUCKETS, bucket_of
+from telemetry.eta.model import BUCKETS, CHECKPOINTS, bucket_of
 from telemetry.events import (
     EtaCalibrated,
     Event,
@@ -79,8 +79,8 @@ SCOPE: Final = InstrumentationScope("wantel.exporters.otel", "1")
 ROOT_SPAN: Final = "video.generate"
 ROOT_ROLE: Final = "root"
 QUEUE_ROLE: Final = "queue"
-#: ETA checkpoints, as fractions of the job's actual duration (the evaluator's convention).
-ETA_FRACTIONS: Final = (0.10, 0.25, 0.50)
+#: ETA checkpoints, as fractions of the job's actual duration: the evaluator's 10, 25 and 50 %.
+ETA_FRACTIONS: Final = CHECKPOINTS[1:4]
 TERMINALS: Final = (JobCompleted, JobFailed, JobCancelled)
 #: The event types a trace is built from; the runner buffers only these.
 SPAN_SOURCES: Final = (

@@ -42,6 +42,7 @@ from inference.timing import timer_for
 from telemetry.emitter import Emitter
 from telemetry.events import DeviceInfo, Expert, Stage
 from telemetry.log.base import EventLog
+from telemetry.wan import classify
 
 #: Pipeline attributes wrapped as stages: (path to the object, method, stage).
 STAGE_METHODS: Final[tuple[tuple[str, str, Stage], ...]] = (
@@ -427,17 +428,10 @@ def describe_pipeline(pipe: Any) -> dict[str, Any]:
     config = getattr(pipe, "config", {})
     boundary = config.get("boundary_ratio") if hasattr(config, "get") else None
     expand = bool(config.get("expand_timesteps")) if hasattr(config, "get") else False
-    two_experts = getattr(pipe, "transformer_2", None) is not None
     name = type(pipe).__name__
-    is_i2v = "ImageToVideo" in name
-    family = "wan2.2" if (two_experts or expand or boundary is not None) else "wan2.1"
-    task = "ti2v" if expand else ("i2v" if is_i2v else "t2v")
-    if two_experts:
-        variant = f"{task}-A14B"
-    elif expand:
-        variant = "ti2v-5B"
-    else:
-        variant = task
+    family, task, variant = classify(
+        pipeline_class=name, two_experts=getattr(pipe, "transformer_2", None) is not None,
+        expand_timesteps=expand, boundary_ratio=boundary)
     model = str(config.get("_name_or_path") or name) if hasattr(config, "get") else name
     return {"family": family, "task": task, "variant": variant, "boundary_ratio": boundary,
             "model": model}

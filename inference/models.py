@@ -22,6 +22,7 @@ from inference.tiny_models import (
     check_request,
     variant_spec,
 )
+from telemetry.wan import classify, variant_of
 
 
 class ModelError(ValueError):
@@ -41,11 +42,7 @@ class ModelChoice:
         """The ``variant`` label: the tiny name, or Wan's own (``t2v-A14B``, ``ti2v-5B``…)."""
         if self.path is None:
             return self.name
-        if self.spec.two_experts:
-            return f"{self.spec.task}-A14B"
-        if self.spec.task == "ti2v":
-            return "ti2v-5B"
-        return self.spec.task
+        return variant_of(self.spec.task, two_experts=self.spec.two_experts)
 
     def check(self, *, height: int, width: int, num_frames: int) -> None:
         """Raise :class:`ModelError` if the model cannot produce this shape."""
@@ -111,17 +108,18 @@ def spec_from_model_index(path: Path, index: dict[str, Any]) -> VariantSpec:
         raise ModelError(f"{path} holds a {class_name or 'unknown'} pipeline; wantel runs Wan "
                          "pipelines (WanPipeline, WanImageToVideoPipeline)")
     boundary = index.get("boundary_ratio")
-    expand = bool(index.get("expand_timesteps", False))
     two_experts = _has_component(index, "transformer_2")
-    task = "ti2v" if expand else ("i2v" if "ImageToVideo" in class_name else "t2v")
+    kind = classify(pipeline_class=class_name, two_experts=two_experts,
+                    expand_timesteps=bool(index.get("expand_timesteps", False)),
+                    boundary_ratio=boundary)
     vae = _read_config(path / "vae" / "config.json")
     transformer = _read_config(path / "transformer" / "config.json") or _read_config(
         path / "transformer_2" / "config.json")
     patch = transformer.get("patch_size", [1, 2, 2])
     spatial = int(vae.get("scale_factor_spatial", 8)) * int(patch[-1] if patch else 2)
     return VariantSpec(
-        name=path.name, family="wan2.2" if (two_experts or expand or boundary) else "wan2.1",
-        task=task, pipeline_class=class_name, needs_image="ImageToVideo" in class_name,
+        name=path.name, family=kind.family, task=kind.task, pipeline_class=class_name,
+        needs_image="ImageToVideo" in class_name,
         spatial_multiple=spatial, boundary_ratio=boundary, two_experts=two_experts,
     )
 

@@ -27,10 +27,9 @@ from typing import Final
 
 from telemetry.eta.jobs import JobRecord
 from telemetry.eta.live import Estimate, LiveJob
-from telemetry.eta.model import Calibration
-from telemetry.events import JobStarted, StageEnded, StageStarted, StepEnded
+from telemetry.eta.model import CHECKPOINTS, Calibration
+from telemetry.events import JobStarted, StepEnded
 
-CHECKPOINTS: Final = (0.05, 0.10, 0.25, 0.50, 0.75)
 ESTIMATORS: Final = ("ours", "static", "tqdm", "linear")
 TQDM_SMOOTHING: Final = 0.3
 
@@ -44,15 +43,8 @@ def ours_at(record: JobRecord, calibration: Calibration, fraction: float) -> Est
             break
         if isinstance(event, JobStarted):
             live = LiveJob.start(event, calibration)
-        elif live is None:
-            continue
-        elif isinstance(event, StageStarted):
-            live.stage_started(event.stage, event.ts)
-        elif isinstance(event, StageEnded):
-            live.stage_ended(event.stage, event.duration_s)
-        elif isinstance(event, StepEnded):
-            live.step_ended(total_steps=event.total_steps, duration_s=event.duration_s,
-                            expert=event.expert, ts=event.ts)
+        elif live is not None:
+            live.observe(event)
     return None if live is None else live.estimate(now)
 
 

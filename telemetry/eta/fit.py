@@ -19,6 +19,7 @@ from typing import Final
 from telemetry.eta.jobs import JobRecord
 from telemetry.eta.model import (
     BUCKETS,
+    CHECKPOINTS,
     STEP,
     Calibration,
     bucket_of,
@@ -29,7 +30,6 @@ from telemetry.eta.model import (
 HUBER_K: Final = 2.5  # in robust standard deviations: only gross outliers are down-weighted
 IRLS_ROUNDS: Final = 20
 MIN_QUANTILE_SAMPLES: Final = 8
-CHECKPOINTS: Final = (0.05, 0.10, 0.25, 0.50, 0.75)
 
 
 @dataclass

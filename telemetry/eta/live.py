@@ -32,7 +32,7 @@ from telemetry.eta.model import (
     warmup_factor,
 )
 from telemetry.eta.shape import JobShape
-from telemetry.events import JobStarted
+from telemetry.events import Event, JobStarted, StageEnded, StageStarted, StepEnded
 
 PRIOR_STEPS: Final = 2.0  # the prior's weight, in steps, against observed step durations
 PRIOR_PHASES: Final = 1.0  # the prior's weight, in phases, against observed phase ratios
@@ -40,9 +40,6 @@ WARMUP_WEIGHT: Final = 0.3  # how much the first step counts towards the step me
 Z90: Final = 1.2816  # standard normal quantile of 0.9
 SPEED_EXCLUDED: Final = frozenset({"load", "save"})  # imports and disks say nothing of speed
 MIN_SPEED_PHASE_S: Final = 0.005
-#: ``pow``'s exponents for ``map``: squares each part as ``x ** 2`` did (same rounding, same
-#: OverflowError), without a comprehension per estimate. Longer than any job's phase list.
-SQUARES: Final = (2,) * 16
 
 
 def damp_rise(remaining: float, last_remaining: float | None, last_ts: int | None,
@@ -51,15 +48,12 @@ def damp_rise(remaining: float, last_remaining: float | None, last_ts: int | Non
 
     A rise within the previous interval is noise and passes; beyond it, only half of the
     excess is taken per update, so one slow step cannot throw the ETA back, while a real
-    slowdown still shows within a few updates. The one place of this rule: the ETA
-    projection's inlined estimate calls it too.
+    slowdown still shows within a few updates.
     """
     if last_remaining is None or last_ts is None:
         return remaining
     ceiling = last_remaining - (now - last_ts) / 1e9
-    if 0.0 > ceiling:  # noqa: PLR1730 - max() without the call
-        ceiling = 0.0
-    ceiling += last_band
+    ceiling = (0.0 if 0.0 > ceiling else ceiling) + last_band  # max(ceiling, 0.0) + last_band
     if remaining > ceiling:
         return ceiling + 0.5 * (remaining - ceiling)
     return remaining
@@ -128,20 +122,6 @@ class Prior(NamedTuple):
         return cls(phases, expected, sigma, step, warmup)
 
 
-class DenoiseRest(NamedTuple):
-    """The parts of an estimate in the running denoise loop that its steps leave unchanged.
-
-    ``seconds`` and ``squares`` start with a slot for the loop's own part, which changes with
-    every step: whoever estimates fills it in, and each sum is then over one list built once.
-    """
-
-    speed: float  # _speed()
-    seconds: list[float]  # [the loop's part, then each phase after it not done yet]: seconds
-    weighted: tuple[float, ...]  # the phases after the loop: seconds × relative sigma
-    squares: list[float] | None  # [the loop's part, *weighted]: squared as the interval does
-    sigma: float  # the loop's relative sigma, before the steps seen narrow it
-
-
 class PriorCache:
     """``LiveJob.start`` with its priors memoised per (shape, runner) for one calibration.
 
@@ -149,77 +129,42 @@ class PriorCache:
     look-ups, features) costs ~20 µs: most of a replay's per-job cost. The cache holds the
     calibration it was filled under and is emptied when another one is passed, so what it
     returns is exactly what ``LiveJob.start`` would; it is a speed-up, never part of a state.
-    With each prior it keeps the job's first estimate (``start_estimated``).
     """
 
     def __init__(self, limit: int = 256) -> None:
         self.limit = limit
         self._calibration: Calibration | None = None
-        self._priors: dict[tuple[JobShape, bool], tuple[Prior, _Memo]] = {}
+        self._priors: dict[tuple[JobShape, bool], Prior] = {}
 
     def start(self, event: JobStarted, calibration: Calibration) -> LiveJob:
         """``LiveJob.start(event, calibration)``."""
-        return self._start(event, calibration)[0]
-
-    def start_estimated(self, event: JobStarted, calibration: Calibration
-                        ) -> tuple[LiveJob, tuple[float, float, float, float, bool] | None]:
-        """``LiveJob.start(event, calibration)`` and its ``estimate_fields(event.ts)``.
-
-        At its start a job has seen nothing and no time has passed (with an integer ``ts``,
-        every elapsed time is exactly 0.0), so its first estimate depends on its prior, its
-        shape's steps and the calibration's quantiles alone: the same for every job of a cache
-        entry, worked out once. The estimator is left as that call leaves it. ``None`` instead
-        of the fields where working them out raises (a calibration with an absurd sigma) or
-        ``ts`` is no integer: the caller calls ``estimate_fields`` itself, which then raises
-        or gives what it gives.
-        """
-        live, memo = self._start(event, calibration)
-        if type(event.ts) is not int:
-            return live, None
-        first = memo.first
-        if first is None:
-            if memo.raises:
-                return live, None
-            try:
-                first = live.estimate_fields(event.ts)
-            except Exception:
-                memo.raises = True
-                return live, None
-            memo.first, memo.band = first, live.last_band
-        else:
-            live.last_remaining, live.last_ts, live.last_band = first[0], event.ts, memo.band
-        return live, first
-
-    def _start(self, event: JobStarted, calibration: Calibration) -> tuple[LiveJob, _Memo]:
-        """The estimator, and the memo of its cache entry."""
-        shape = JobShape.of(event)
-        runner = "load" in str(event.options.get("stages", ""))
+        shape, runner = JobShape.of(event), driven_by_runner(event)
         priors = self._priors
         if calibration is not self._calibration:  # identity: the cache holds a reference
             priors.clear()
             self._calibration = calibration
-        key = (shape, runner)
-        entry = priors.get(key)
-        if entry is None:
+        prior = priors.get((shape, runner))
+        if prior is None:
             if len(priors) >= self.limit:
                 priors.clear()
-            entry = priors[key] = (Prior.of(shape, runner, calibration), _Memo())
-        return LiveJob.from_prior(event, shape, runner, entry[0], calibration), entry[1]
+            prior = priors[shape, runner] = Prior.of(shape, runner, calibration)
+        return LiveJob.from_prior(event, shape, runner, prior, calibration)
 
 
-class _Memo:
-    """A ``PriorCache`` entry's first estimate, once worked out."""
-
-    __slots__ = ("band", "first", "raises")
-
-    def __init__(self) -> None:
-        self.first: tuple[float, float, float, float, bool] | None = None
-        self.band = 0.0  # the estimator's last_band after it
-        self.raises = False  # working it out raised: never memoised
+def driven_by_runner(event: JobStarted) -> bool:
+    """Whether ``wantel run`` drives the job (its plan has ``load`` and ``save`` stages)."""
+    return "load" in str(event.options.get("stages", ""))
 
 
 class LiveJob(msgspec.Struct, kw_only=True):
-    """What the estimator keeps about one running job (part of the ETA projection's state)."""
+    """What the estimator keeps about one running job (part of the ETA projection's state).
+
+    The one implementation of the live estimate: the ETA projection folds a job's events
+    through ``observe`` and issues ``estimate_fields``; ``wantel eta eval`` and the spans' ETA
+    attributes (``evaluate.ours_at``) replay a job the same way. A replay calls these a few
+    hundred thousand times, so the hot paths spell ``max(x, 0.0)`` as ``0.0 if 0.0 > x else
+    x`` (what ``max`` returns, NaN included, at a third of the cost on CPython 3.11).
+    """
 
     shape: JobShape
     runner: bool
@@ -249,8 +194,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
     @classmethod
     def start(cls, event: JobStarted, calibration: Calibration) -> LiveJob:
         """Expected phase durations at the start of a job."""
-        shape = JobShape.of(event)
-        runner = "load" in str(event.options.get("stages", ""))
+        shape, runner = JobShape.of(event), driven_by_runner(event)
         return cls.from_prior(event, shape, runner, Prior.of(shape, runner, calibration),
                               calibration)
 
@@ -269,6 +213,18 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
     # -- observations ---------------------------------------------------------------------
 
+    def observe(self, event: Event) -> None:
+        """Update the estimator with one of its job's events (after its ``JobStarted``).
+
+        Stages and steps are what it learns from; any other event changes nothing.
+        """
+        if type(event) is StepEnded:  # most of a job's events: tested first
+            self.step_ended(event.total_steps, event.duration_s, event.expert, event.ts)
+        elif type(event) is StageStarted:
+            self.stage_started(event.stage, event.ts)
+        elif type(event) is StageEnded:
+            self.stage_ended(event.stage, event.duration_s)
+
     def stage_started(self, stage: str, ts: int) -> None:
         """A phase began."""
         if stage not in self.expected and stage in ("load", "save"):
@@ -285,11 +241,15 @@ class LiveJob(msgspec.Struct, kw_only=True):
         if stage == "text_encode" and "load" in self.phases and "load" not in self.done:
             self.done["load"] = 0.0  # an embedded job: nothing was loaded after all
 
-    def step_ended(self, *, total_steps: int, duration_s: float | None, expert: str | None,
+    def step_ended(self, total_steps: int, duration_s: float | None, expert: str | None,
                    ts: int) -> None:
-        """One more denoising step."""
-        self.total_steps = max(total_steps, self.steps_done + 1)
-        self.steps_done += 1
+        """One more denoising step, of ``total_steps``, measured as ``duration_s`` (or not).
+
+        The loop has at least the steps seen; each expert is a segment of its own.
+        """
+        steps_done = self.steps_done + 1
+        self.total_steps = steps_done if steps_done > total_steps else total_steps  # max()
+        self.steps_done = steps_done
         self.last_step_ts = ts
         if expert != self.expert:
             if self.expert is not None and self.segment_n > 0:
@@ -333,11 +293,20 @@ class LiveJob(msgspec.Struct, kw_only=True):
         return (PRIOR_PHASES + total) / (PRIOR_PHASES + count)
 
     def _step_mean(self, speed: float | None = None) -> float:
-        """Seconds per step from here on; ``speed`` is ``_speed()`` where the caller has it."""
+        """Seconds per step from here on: the segment's prior (scaled by the job's ``speed``
+        until a step is measured), updated with the segment's observed steps.
+
+        ``speed`` is ``_speed()`` where the caller has it.
+        """
         prior = self.segment_prior
         if self.steps_seen == 0:
             prior *= self._speed() if speed is None else speed
         return (PRIOR_STEPS * prior + self.segment_sum) / (PRIOR_STEPS + self.segment_n)
+
+    def _steps_left(self) -> int:
+        """Denoising steps still to run."""
+        left = self.total_steps - self.steps_done
+        return 0 if 0 > left else left  # max(left, 0)
 
     def estimate(self, now: int) -> Estimate:
         """Remaining seconds at time ``now`` (ns), with its interval."""
@@ -348,114 +317,91 @@ class LiveJob(msgspec.Struct, kw_only=True):
     def estimate_fields(self, now: int) -> tuple[float, float, float, float, bool]:
         """``estimate(now)``'s fields in order: remaining, p10, p90, progress, estimating.
 
-        The reference implementation of the estimate. The ETA projection issues a dozen per
-        job, replayed by the hundred thousand: it calls this one at a job's stage boundaries,
-        takes a job's first from ``PriorCache.start_estimated`` and, at steps in the denoise
-        loop, inlines the case ``current == "denoise"`` with ``denoise_rest()`` (keep the two
-        the same). So it builds no ``Estimate``, works the speed out once, reads each attribute
-        once, and spells ``max(a, b)`` as ``b if b > a else a`` (what ``max`` does, without
-        the call). Every float is computed from the same operands in the same order as ever,
-        and sums stay ``sum()`` (its NaN propagation differs from a loop's): replayed ETAs are
-        bit-identical.
+        The remaining time is the sum of the remaining parts (``_parts``), damped against the
+        previous ETA (``damp_rise``); progress is the share of the predicted duration already
+        elapsed; the interval is ``_interval``. Issuing it is an observation too: the next
+        ETA is damped against this one. Sums stay ``sum()`` (its NaN propagation differs from
+        a loop's), so replayed ETAs are bit-identical.
         """
-        done = self.done
-        speed = self._speed() if done else 1.0  # _speed()'s own shortcut, without the call
-        start_ts = self.start_ts
-        elapsed = (now - start_ts) / 1e9
-        if 0.0 > elapsed:  # noqa: PLR1730 - max() without the call
-            elapsed = 0.0
-        phases = self.phases
-        current = self.phase
-        if current is None and not done:
-            current = phases[0] if phases else None
-            phase_start = start_ts
-        else:
-            phase_start = self.phase_start_ts or now
-        seconds: list[float] = []  # each remaining part's seconds…
-        weighted: list[float] = []  # …times its relative sigma (for the interval)
-        if current is None:  # between phases: every phase not done yet is to come
-            self._rest(phases, speed, seconds, weighted)
-        else:  # the current phase, then those after it not done yet (before it: none)
-            try:
-                index = phases.index(current)
-            except ValueError:  # a stage outside the plan: nothing is counted
-                pass
-            else:
-                if current == "denoise":
-                    part, sigma = self._denoise_left(now, speed)
-                else:
-                    sigma = self.sigma[current]
-                    part = conditional_remaining(self.expected[current] * speed, sigma,
-                                                 (now - phase_start) / 1e9)
-                seconds.append(part)
-                weighted.append(part * sigma)
-                self._rest(phases[index + 1:], speed, seconds, weighted)
+        elapsed = (now - self.start_ts) / 1e9
+        elapsed = 0.0 if 0.0 > elapsed else elapsed  # max(elapsed, 0.0)
+        seconds, weighted = self._parts(now, self._speed())
         remaining = damp_rise(sum(seconds, 0.0),  # a float even with nothing left
                               self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
         progress = elapsed / total if total > 0 else 0.0
-        if remaining <= 0:
-            low = high = 0.0
-        else:
-            quantiles = self.quantiles
-            # bucket_of only when there is a quantile to find: it cannot raise.
-            if quantiles and (bucket := bucket_of(progress)) in quantiles:
-                q10, q90 = quantiles[bucket]
-                low, high = remaining * q10, remaining * q90
-            else:
-                spread = sqrt(sum(map(pow, weighted, SQUARES))) / remaining
-                low, high = remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)
+        low, high = self._interval(remaining, progress, weighted)
         self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
         return remaining, low, high, progress, self.steps_seen < 2
 
-    def _denoise_left(self, now: int, speed: float) -> tuple[float, float]:
-        """Seconds left in the running denoise loop, and their relative sigma."""
-        steps_left = self.total_steps - self.steps_done
-        if 0 > steps_left:  # noqa: PLR1730 - max() without the call
-            steps_left = 0
-        prior = self.segment_prior  # _step_mean(speed), without the call
-        if self.steps_seen == 0:
-            prior *= speed
-        mean = (PRIOR_STEPS * prior + self.segment_sum) / (PRIOR_STEPS + self.segment_n)
-        since_step = (now - (self.last_step_ts or now)) / 1e9
-        seconds = mean * steps_left - (mean if mean < since_step else since_step)
-        if 0.0 > seconds:  # noqa: PLR1730 - max() without the call
-            seconds = 0.0
-        return seconds, self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
+    def _parts(self, now: int, speed: float) -> tuple[list[float], list[float]]:
+        """Each remaining part's seconds, and those times its relative sigma.
 
-    def _rest(self, phases: tuple[str, ...], speed: float, seconds: list[float],
-              weighted: list[float]) -> None:
-        """Append each of ``phases`` not done yet: its seconds, and those times its relative
-        sigma. The estimate's parts after the current phase (all of them between phases)."""
-        done, expected, sigma_of = self.done, self.expected, self.sigma
-        for phase in phases:
+        The current phase (before anything happened: the first, under way since the start),
+        then every phase after it not done yet; between phases, every phase not done yet. A
+        stage outside the plan counts nothing. Phases yet to start take their expected
+        duration at the job's speed; the denoise loop, its steps left at the step mean.
+        """
+        phases, current, done = self.phases, self.phase, self.done
+        seconds: list[float] = []
+        weighted: list[float] = []
+        if current is None and not done:
+            current = phases[0] if phases else None
+            phase_start = self.start_ts
+        else:
+            phase_start = self.phase_start_ts or now
+        upcoming = phases  # between phases: every phase not done yet is to come
+        if current is not None:
+            try:
+                index = phases.index(current)
+            except ValueError:  # a stage outside the plan: nothing is counted
+                return seconds, weighted
+            if current == "denoise":
+                part, sigma = self._denoise_left(now, speed)
+            else:
+                sigma = self.sigma[current]
+                part = conditional_remaining(self.expected[current] * speed, sigma,
+                                             (now - phase_start) / 1e9)
+            seconds.append(part)
+            weighted.append(part * sigma)
+            upcoming = phases[index + 1:]
+        for phase in upcoming:
             if phase in done:
                 continue
             if phase == "denoise":
-                steps_left = self.total_steps - self.steps_done
-                if 0 > steps_left:  # noqa: PLR1730 - max() without the call
-                    steps_left = 0
-                part = self._step_mean(speed) * steps_left
+                part = self._step_mean(speed) * self._steps_left()
             else:
-                part = expected[phase] * speed
+                part = self.expected[phase] * speed
             seconds.append(part)
-            weighted.append(part * sigma_of[phase])
+            weighted.append(part * self.sigma[phase])
+        return seconds, weighted
 
-    def denoise_rest(self) -> DenoiseRest | None:
-        """What an estimate in the running denoise loop takes besides the step fields.
+    def _denoise_left(self, now: int, speed: float) -> tuple[float, float]:
+        """Seconds left in the running denoise loop, and their relative sigma.
 
-        ``None`` unless the loop is running. Steps change none of it (only a phase's start or
-        end does), so the ETA projection works it out once for a run of a job's steps.
+        The steps left at the step mean, less the part of the next step already under way
+        (at most one step); the loop's sigma narrows with every step measured.
         """
-        phases = self.phases
-        if self.phase != "denoise" or "denoise" not in phases:
-            return None
-        speed = self._speed() if self.done else 1.0
-        seconds: list[float] = [0.0]  # the loop's part: filled in at each estimate
-        weighted: list[float] = []
-        self._rest(phases[phases.index("denoise") + 1:], speed, seconds, weighted)
-        try:  # pow(x, 2) as the interval does, the loop's part first: one fewer exponent
-            squares: list[float] | None = [0.0, *map(pow, weighted, SQUARES[1:])]
-        except OverflowError:  # the estimate raises it only where it needs the interval
-            squares = None
-        return DenoiseRest(speed, seconds, tuple(weighted), squares, self.sigma["denoise"])
+        mean = self._step_mean(speed)
+        since_step = (now - (self.last_step_ts or now)) / 1e9
+        seconds = mean * self._steps_left() - (mean if mean < since_step else since_step)
+        seconds = 0.0 if 0.0 > seconds else seconds  # max(seconds, 0.0)
+        return seconds, self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
+
+    def _interval(self, remaining: float, progress: float,
+                  weighted: list[float]) -> tuple[float, float]:
+        """The p10–p90 interval of ``remaining``.
+
+        The calibration's quantiles of actual/predicted for the progress bucket where it has
+        them; else a log-normal whose relative spread is the parts' errors added in
+        quadrature (``weighted``: each part's seconds × relative sigma).
+        """
+        if remaining <= 0:
+            return 0.0, 0.0
+        quantiles = self.quantiles
+        # bucket_of only when there is a quantile to find: it cannot raise.
+        if quantiles and (bucket := bucket_of(progress)) in quantiles:
+            q10, q90 = quantiles[bucket]
+            return remaining * q10, remaining * q90
+        spread = sqrt(sum([part ** 2 for part in weighted])) / remaining
+        return remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)

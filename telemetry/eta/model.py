@@ -11,31 +11,39 @@ Features are scaled (tokens in thousands, pixels in millions) so the fit stays w
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Final
 
 import msgspec
 
 from telemetry.eta.shape import JobShape
+from telemetry.events import EtaCalibrated
+from telemetry.wan import uses_image_encoder
 
 PHASES: Final = ("load", "text_encode", "image_encode", "latent_init", "denoise", "decode",
                  "postprocess", "save")
 STEP: Final = "step"  # the per-pass component of the denoise phase
-BUCKETS: Final = ("0-10", "10-25", "25-50", "50-75", "75-100")
 DEFAULT_REL_SIGMA: Final = 0.35
+
+#: Where an ETA is scored and calibrated, as fractions of a job's *actual* duration (5, 10, 25,
+#: 50 and 75 %): so no estimator is scored at a moment of its own choosing. ``wantel eta eval``
+#: scores at each, ``wantel eta fit`` calibrates the interval at each, and a trace's root span
+#: carries the ETA at some of them.
+CHECKPOINTS: Final = (0.05, 0.10, 0.25, 0.50, 0.75)
+#: The progress buckets ETAs are scored and calibrated by (percent of the job's expected
+#: duration; half-open): the ``progress_bucket`` label of ``wantel_eta_relative_error``.
+BUCKETS: Final = ("0-10", "10-25", "25-50", "50-75", "75-100")
+#: The lower edge of each bucket after the first, as a fraction.
+_BUCKET_EDGES: Final = (0.10, 0.25, 0.50, 0.75)
 
 
 def bucket_of(progress: float) -> str:
-    """The progress bucket (percent of the job's expected duration) a fraction falls in."""
-    if progress < 0.10:
-        return "0-10"
-    if progress < 0.25:
-        return "10-25"
-    if progress < 0.50:
-        return "25-50"
-    if progress < 0.75:
-        return "50-75"
-    return "75-100"
+    """The progress bucket (percent of the job's expected duration) a fraction falls in.
+
+    NaN falls in the last (no comparison with it is true).
+    """
+    return BUCKETS[bisect_right(_BUCKET_EDGES, progress)]
 
 
 def transformer_id(shape: JobShape) -> str:
@@ -87,7 +95,7 @@ def features(phase: str, shape: JobShape) -> tuple[float, ...]:
 def expected_phases(shape: JobShape, *, runner: bool) -> tuple[str, ...]:
     """The phases a job will go through: ``load``/``save`` only when ``wantel run`` drives it."""
     phases = ["text_encode"]
-    if shape.task == "i2v" and shape.family == "wan2.1":
+    if uses_image_encoder(family=shape.family, task=shape.task):
         phases.append("image_encode")
     phases += ["latent_init", "denoise", "decode", "postprocess"]
     if runner:
@@ -103,6 +111,12 @@ class Calibration(msgspec.Struct, frozen=True, kw_only=True):
     warmup: dict[str, float] = {}  # step component → first-step duration ÷ later steps
     quantiles: dict[str, tuple[float, float]] = {}  # bucket → p10, p90 of actual/predicted
     jobs: int = 0
+
+    @classmethod
+    def of(cls, event: EtaCalibrated) -> Calibration:
+        """The calibration an ``EtaCalibrated`` event records."""
+        return cls(coefficients=event.coefficients, rel_sigma=event.rel_sigma,
+                   warmup=event.warmup, quantiles=event.quantiles, jobs=event.jobs)
 
 
 def _solve_prior(points: Sequence[tuple[float, float]]) -> tuple[float, ...]:

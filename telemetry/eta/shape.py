@@ -11,6 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from telemetry.events import JobStarted
+from telemetry.wan import is_tiny, runs_two_experts
 
 
 class JobShape(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,15 +38,15 @@ class JobShape(msgspec.Struct, frozen=True, kw_only=True):
             device=device_class(event.device.kind, event.device.name),
             width=event.width, height=event.height, frames=max(event.num_frames, 1),
             steps=max(event.steps, 0), cfg=event.cfg,
-            two_experts=event.boundary_ratio is not None and event.family == "wan2.2"
-            and "a14b" in event.variant.lower(),
+            two_experts=runs_two_experts(family=event.family, variant=event.variant,
+                                         boundary_ratio=event.boundary_ratio),
             offload=bool(offload),
         )
 
     @property
     def tiny(self) -> bool:
         """A tiny random-weight variant (``tiny-…``)."""
-        return self.variant.startswith("tiny-")
+        return is_tiny(self.variant)
 
     @property
     def latent_frames(self) -> int:

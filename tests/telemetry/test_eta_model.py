@@ -8,11 +8,15 @@ import random
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from telemetry.engine import ProjectionEngine
 from telemetry.eta.fit import robust_fit, solve
 from telemetry.eta.live import LiveJob, PriorCache
 from telemetry.eta.model import (
     BUCKETS,
+    PHASES,
     STEP,
     Calibration,
     bucket_of,
@@ -25,13 +29,18 @@ from telemetry.events import (
     DeviceInfo,
     EtaCalibrated,
     Event,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
     JobStarted,
     StageEnded,
     StageStarted,
     StepEnded,
 )
-from telemetry.projections.base import reraise
+from telemetry.projections.base import as_batch_projection
 from telemetry.projections.eta import ERROR_EDGES, EtaProjection, Histogram
+
+from .test_engine import assert_pieces_equal_whole
 
 
 def started(*, variant: str = "tiny-t2v", task: str = "t2v", family: str = "wan2.1",
@@ -160,14 +169,16 @@ class TestLiveEstimator:
             if p in ("load", "save"))
 
     @pytest.mark.parametrize(("progress", "bucket"),
-                             [(0.0, "0-10"), (0.1, "10-25"), (0.49, "25-50"), (0.75, "75-100")])
+                             [(0.0, "0-10"), (0.1, "10-25"), (0.49, "25-50"), (0.75, "75-100"),
+                              (-1.0, "0-10"), (0.0999, "0-10"), (0.25, "25-50"),
+                              (0.5, "50-75"), (7.0, "75-100"), (math.nan, "75-100")])
     def test_buckets(self, progress: float, bucket: str) -> None:
-        """Progress buckets are half-open, in percent."""
+        """Progress buckets are half-open, in percent; NaN falls in the last."""
         assert bucket == bucket_of(progress)
 
 
-class TestFastPathsMatchTheModel:
-    """The ETA projection's replay fast paths give exactly what the model's public API gives."""
+class TestProjectionFoldsTheModel:
+    """The ETA projection issues exactly what the model's public API gives, event by event."""
 
     @staticmethod
     def _job(seed: int) -> list[Event]:
@@ -197,11 +208,13 @@ class TestFastPathsMatchTheModel:
 
     @pytest.mark.parametrize("seed", range(20))
     def test_projection_issues_what_the_live_job_estimates(self, seed: int) -> None:
-        """Every ETA the projection issued equals LiveJob's own estimate after the same events
-        (the projection inlines ``step_ended``: the two must not drift apart)."""
+        """Every ETA the projection issued equals LiveJob's own estimate after the same events,
+        and the projection's estimator is LiveJob's, byte for byte."""
         events = self._job(seed)
         projection = EtaProjection()
-        state = projection.apply_many(projection.initial(), events, reraise)
+        state = projection.initial()
+        for event in events:
+            state = projection.apply(state, event)
         first = events[0]
         assert isinstance(first, JobStarted)
         live = LiveJob.start(first, Calibration())
@@ -226,52 +239,12 @@ class TestFastPathsMatchTheModel:
                 for e in expected] == [(p.remaining_s, p.p10_s, p.p90_s, p.progress,
                                         p.estimating) for p in running.issued]
 
-    @staticmethod
-    def _reference(events: list[Event], calibration: Calibration
-                   ) -> tuple[dict[str, tuple[LiveJob, list[tuple[object, ...]]]],
-                              list[tuple[str, type[Exception]]]]:
-        """Each job's estimator fed through LiveJob's public methods with the ETAs the
-        projection issues (the estimate's fields), and the (job, exception type) of each
-        estimate that raised, in order."""
-        jobs: dict[str, tuple[LiveJob, list[tuple[object, ...]]]] = {}
-        failures: list[tuple[str, type[Exception]]] = []
-
-        def issue(job: str, ts: int) -> None:
-            live, issued = jobs[job]
-            try:
-                e = live.estimate(ts)
-            except Exception as exc:
-                failures.append((job, type(exc)))
-            else:
-                issued.append((e.remaining_s, e.p10_s, e.p90_s, e.progress, e.estimating))
-
-        for event in events:
-            if isinstance(event, JobStarted):
-                jobs[event.job] = (LiveJob.start(event, calibration), [])
-                issue(event.job, event.ts)
-            elif event.job in jobs:
-                live = jobs[event.job][0]
-                if isinstance(event, StepEnded):
-                    live.step_ended(total_steps=event.total_steps, duration_s=event.duration_s,
-                                    expert=event.expert, ts=event.ts)
-                    done, total = event.step + 1, event.total_steps
-                    if done <= 2 or done >= total or done % max(total // 10, 1) == 0:
-                        issue(event.job, event.ts)
-                elif isinstance(event, StageStarted):
-                    live.stage_started(event.stage, event.ts)
-                    issue(event.job, event.ts)
-                elif isinstance(event, StageEnded):
-                    live.stage_ended(event.stage, event.duration_s)
-                    issue(event.job, event.ts)
-        return jobs, failures
-
     @pytest.mark.parametrize("seed", range(30))
     def test_runs_interleaved_calibrated_and_split(self, seed: int) -> None:
-        """The step path keeps a run's fields in locals and the parts of its ETAs that steps
-        leave alone aside: two jobs interleaved in runs of steps, a calibration (quantiles for
-        some buckets; in some seeds a sigma so absurd that the interval overflows), folded in
-        random pieces, still issue exactly LiveJob's estimates, fail where it fails and leave
-        the same estimators."""
+        """Two jobs interleaved in runs of steps, a calibration (quantiles for some buckets; in
+        some seeds a sigma so absurd that the interval overflows), folded by the engine's
+        adapter in random pieces, issue exactly LiveJob's estimates, fail where it fails and
+        leave the same estimators."""
         rng = random.Random(seed)
         first = self._job(seed)
         second = [msgspec.structs.replace(e, job="k") for e in self._job(seed + 99)]
@@ -301,43 +274,20 @@ class TestFastPathsMatchTheModel:
             del stream[:take]
         cuts = sorted({0, len(events), *(rng.randint(0, len(events)) for _ in range(4))})
         projection = EtaProjection()
+        batched = as_batch_projection(projection)
         state = projection.initial()
         failures: list[tuple[str, type[Exception]]] = []
         for lo, hi in itertools.pairwise(cuts):
-            state = projection.apply_many(
+            state = batched.apply_many(
                 state, events[lo:hi],
                 lambda event, exc: failures.append((event.job, type(exc))))
-        jobs, expected_failures = self._reference(events, calibration)
+        jobs, expected_failures = running_reference(events)
         assert expected_failures == failures
         for job, (live, issued) in jobs.items():
             running = state.running[job]
             assert msgspec.msgpack.encode(live) == msgspec.msgpack.encode(running.live)
             assert repr(issued) == repr([(p.remaining_s, p.p10_s, p.p90_s, p.progress,
                                           p.estimating) for p in running.issued])
-
-    def test_first_estimate_is_memoised_exactly(self) -> None:
-        """``PriorCache.start_estimated`` is ``LiveJob.start`` then ``estimate_fields`` at the
-        start: the same fields and estimator whatever the start time, and ``None`` where that
-        estimate raises (which it then still does)."""
-        cache = PriorCache()
-        decode = component_key("decode", JobShape.of(started()))
-        calibrations = [Calibration(), Calibration(quantiles={"0-10": (0.5, 2.0)}),
-                        Calibration(rel_sigma={decode: 1e200})]
-        for calibration in calibrations * 2:
-            for steps, ts in ((40, 0), (40, 7), (4, 10**18), (40, 2**80), (4, -3)):
-                event = msgspec.structs.replace(started(steps=steps), ts=ts)
-                live, first = cache.start_estimated(event, calibration)
-                reference = LiveJob.start(event, calibration)
-                try:
-                    expected = reference.estimate_fields(ts)
-                except OverflowError:
-                    assert first is None
-                    with pytest.raises(OverflowError):
-                        live.estimate_fields(ts)
-                else:
-                    assert repr(expected) == repr(first)
-                assert repr(msgspec.to_builtins(reference)) == \
-                    repr(msgspec.to_builtins(live))
 
     def test_prior_cache_starts_what_start_starts(self) -> None:
         """Memoised priors give the same estimator as ``LiveJob.start``, calibration changes
@@ -367,3 +317,141 @@ class TestFastPathsMatchTheModel:
                 one.add(error, inside)
             many.add_all(errors, sum(covered))
             assert msgspec.msgpack.encode(one) == msgspec.msgpack.encode(many)
+
+
+@st.composite
+def eta_logs(draw: st.DrawFn) -> list[Event]:
+    """Jobs as a log delivers them to the ETA fold: interleaved, some events lost, A14B jobs
+    whose experts switch, unmeasured steps, steps past the plan, failures and cancellations,
+    and calibrations (some with a sigma so absurd that the interval overflows: the fold then
+    raises mid-batch)."""
+    streams: list[list[Event]] = []
+    for k in range(draw(st.integers(1, 3))):
+        job = f"job-{k}"
+        a14b = draw(st.booleans())
+        steps = draw(st.integers(0, 12))
+        start = started(variant="tiny-t2v-a14b" if a14b else "tiny-t2v",
+                        family="wan2.2" if a14b else "wan2.1",
+                        boundary=0.875 if a14b else None, width=64, height=64, frames=17,
+                        steps=steps, stages=draw(st.sampled_from(["", "load,save"])))
+        ts = draw(st.integers(0, 10**10))
+        events: list[Event] = [msgspec.structs.replace(start, job=job, ts=ts)]
+        switch = draw(st.integers(0, steps))
+        for stage in draw(st.lists(st.sampled_from(PHASES), max_size=6)):
+            ts += draw(st.integers(0, 10**8))
+            events.append(StageStarted(job=job, ts=ts, stage=stage))
+            if stage == "denoise":
+                for step in range(steps + draw(st.sampled_from([0, 0, 2]))):
+                    ts += draw(st.integers(0, 10**8))
+                    events.append(StepEnded(
+                        job=job, ts=ts, step=step, total_steps=steps,
+                        expert=("high_noise" if step < switch else "low_noise") if a14b
+                        else None,
+                        duration_s=draw(st.none() | st.floats(0.0, 1.0))))
+            ts += draw(st.integers(0, 10**8))
+            events.append(StageEnded(job=job, ts=ts, stage=stage,
+                                     duration_s=draw(st.floats(0.0, 2.0))))
+        ts += draw(st.integers(0, 10**8))
+        end = draw(st.sampled_from(["completed", "failed", "cancelled", "running"]))
+        if end == "completed":
+            events.append(JobCompleted(job=job, ts=ts, duration_s=1.0))
+        elif end == "failed":
+            events.append(JobFailed(job=job, ts=ts, duration_s=1.0, stage="denoise",
+                                    error_type="RuntimeError", message="boom"))
+        elif end == "cancelled":
+            events.append(JobCancelled(job=job, ts=ts, duration_s=1.0, stage="denoise",
+                                       reason="requested"))
+        numbered = [msgspec.structs.replace(e, seq=seq) for seq, e in enumerate(events)]
+        lost = draw(st.sets(st.integers(0, len(numbered) - 1), max_size=2))
+        streams.append([e for seq, e in enumerate(numbered) if seq not in lost])
+    out: list[Event] = []
+    calibrations = 0
+    while any(streams):
+        if draw(st.integers(0, 15)) == 0:
+            decode = component_key("decode", JobShape.of(started()))
+            out.append(EtaCalibrated(
+                job="wantel/eta", seq=calibrations, ts=0, coefficients={},
+                rel_sigma={decode: 1e200} if draw(st.booleans()) else {},
+                quantiles={b: (0.8, 1.3) for b in draw(st.sets(st.sampled_from(BUCKETS)))}))
+            calibrations += 1
+        stream = draw(st.sampled_from([s for s in streams if s]))
+        take = draw(st.integers(1, 6))
+        out += stream[:take]
+        del stream[:take]
+    return out
+
+
+def running_reference(events: list[Event]) -> tuple[dict[str, tuple[LiveJob, list[object]]],
+                                                     list[tuple[str, type[Exception]]]]:
+    """The running jobs' estimators fed through LiveJob's public methods, with the ETAs the
+    projection issues (as fields), and the (job, exception type) of each estimate that
+    raised: the ETA projection's rule, written out apart from it."""
+    calibration = Calibration()
+    jobs: dict[str, tuple[LiveJob, list[object]]] = {}
+    failures: list[tuple[str, type[Exception]]] = []
+
+    def issue(job: str, ts: int) -> None:
+        live, issued = jobs[job]
+        try:
+            issued.append(live.estimate_fields(ts))
+        except Exception as exc:
+            failures.append((job, type(exc)))
+
+    for event in events:
+        if isinstance(event, EtaCalibrated):
+            calibration = Calibration.of(event)
+        elif isinstance(event, JobStarted):
+            jobs[event.job] = (LiveJob.start(event, calibration), [])
+            issue(event.job, event.ts)
+        elif event.job not in jobs:
+            continue
+        elif isinstance(event, JobCompleted | JobFailed | JobCancelled):
+            del jobs[event.job]
+        elif isinstance(event, StepEnded):
+            jobs[event.job][0].step_ended(event.total_steps, event.duration_s, event.expert,
+                                          event.ts)
+            done, total = event.step + 1, event.total_steps
+            if done <= 2 or done >= total or done % max(total // 10, 1) == 0:
+                issue(event.job, event.ts)
+        elif isinstance(event, StageStarted):
+            jobs[event.job][0].stage_started(event.stage, event.ts)
+            issue(event.job, event.ts)
+        elif isinstance(event, StageEnded):
+            jobs[event.job][0].stage_ended(event.stage, event.duration_s)
+            issue(event.job, event.ts)
+    return jobs, failures
+
+
+class TestEtaFoldProperties:
+    """Properties of the ETA fold on random logs (hypothesis)."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(events=eta_logs(), cuts=st.lists(st.integers(0, 200), max_size=4))
+    def test_the_fold_is_the_models_rule(self, events: list[Event], cuts: list[int]) -> None:
+        """Folded by the engine's adapter in pieces, the running jobs' estimators and ETAs are
+        LiveJob's fed the same events, and the fold fails exactly where an estimate raises."""
+        projection = EtaProjection()
+        batched = as_batch_projection(projection)
+        state = projection.initial()
+        failures: list[tuple[str, type[Exception]]] = []
+        bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})
+        for lo, hi in itertools.pairwise(bounds):
+            state = batched.apply_many(state, events[lo:hi],
+                                       lambda event, exc: failures.append((event.job,
+                                                                           type(exc))))
+        jobs, expected_failures = running_reference(events)
+        assert expected_failures == failures
+        assert set(jobs) == set(state.running)
+        for job, (live, issued) in jobs.items():
+            running = state.running[job]
+            assert msgspec.msgpack.encode(live) == msgspec.msgpack.encode(running.live)
+            assert repr(issued) == repr([(p.remaining_s, p.p10_s, p.p90_s, p.progress,
+                                          p.estimating) for p in running.issued])
+
+    @settings(max_examples=40, deadline=None)
+    @given(events=eta_logs(), cuts=st.lists(st.integers(0, 200), max_size=4))
+    def test_pieces_with_restore_equal_the_whole(self, events: list[Event],
+                                                 cuts: list[int]) -> None:
+        """Replayed in pieces, each from the previous piece's checkpoint, the ETA state is the
+        one-go state byte for byte (completions scored, failures included)."""
+        assert_pieces_equal_whole(lambda: ProjectionEngine([EtaProjection()]), events, cuts)

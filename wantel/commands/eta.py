@@ -16,9 +16,10 @@ from typing import Any
 import msgspec
 
 from telemetry.errors import UsageError
-from telemetry.eta.evaluate import CHECKPOINTS, ESTIMATORS, Report, StaticProfile, evaluate
+from telemetry.eta.evaluate import ESTIMATORS, Report, StaticProfile, evaluate
 from telemetry.eta.fit import FitResult, fit
 from telemetry.eta.jobs import JobRecord, job_records
+from telemetry.eta.model import CHECKPOINTS
 from telemetry.events import ETA_STREAM, EtaCalibrated
 from telemetry.log.base import Batch, EventLog
 from wantel.commands.common import open_log_for_reading

@@ -1,0 +1,84 @@
+"""What a Wan pipeline is: its family, task and variant, told from facts a pipeline shows.
+
+Wan 2.1 and Wan 2.2 load through the same diffusers classes (``WanPipeline``,
+``WanImageToVideoPipeline``), so the class name gives the task and the configuration gives the
+rest (diffusers' own ``WanPipeline.__call__`` branches on the same facts):
+
+- ``expand_timesteps`` (a timestep per latent frame) is TI2V-5B's: task ``ti2v``, Wan 2.2;
+- a second transformer (``transformer_2``, the low-noise expert) is an A14B layout: Wan 2.2,
+  variant ``<task>-A14B``;
+- a ``boundary_ratio`` (where the experts hand over) is Wan 2.2's;
+- anything else is Wan 2.1, whose variant is its task (``t2v``, ``i2v``).
+
+``inference`` tells a live pipeline and a saved model directory apart with these functions;
+the ETA model reads the recorded labels back with :func:`runs_two_experts` and
+:func:`uses_image_encoder`. Pure Python: no torch, no diffusers.
+"""
+
+from __future__ import annotations
+
+from typing import Final, NamedTuple
+
+WAN21: Final = "wan2.1"
+WAN22: Final = "wan2.2"
+#: The prefix of wantel's tiny random-weight variants (``tiny-t2v``, ``tiny-t2v-a14b``, …).
+TINY_PREFIX: Final = "tiny-"
+
+
+class WanKind(NamedTuple):
+    """A Wan pipeline's ``family``, ``task`` and ``variant`` labels (as ``JobStarted`` has)."""
+
+    family: str
+    task: str
+    variant: str
+
+
+def classify(*, pipeline_class: str, two_experts: bool, expand_timesteps: bool,
+             boundary_ratio: float | None) -> WanKind:
+    """The family, task and variant of a Wan pipeline.
+
+    Args:
+        pipeline_class: the diffusers class name (``WanImageToVideoPipeline``…).
+        two_experts: whether it holds a second transformer (``transformer_2``).
+        expand_timesteps: its ``expand_timesteps`` configuration.
+        boundary_ratio: its ``boundary_ratio`` configuration (``None`` where unset).
+    """
+    task = task_of(pipeline_class, expand_timesteps=expand_timesteps)
+    wan22 = two_experts or expand_timesteps or boundary_ratio is not None
+    return WanKind(WAN22 if wan22 else WAN21, task, variant_of(task, two_experts=two_experts))
+
+
+def task_of(pipeline_class: str, *, expand_timesteps: bool) -> str:
+    """``ti2v`` with per-frame timesteps, else ``i2v`` for an image-to-video class, else ``t2v``."""
+    if expand_timesteps:
+        return "ti2v"
+    return "i2v" if "ImageToVideo" in pipeline_class else "t2v"
+
+
+def variant_of(task: str, *, two_experts: bool) -> str:
+    """Wan's own variant label: ``t2v-A14B``/``i2v-A14B``, ``ti2v-5B``, else the task."""
+    if two_experts:
+        return f"{task}-A14B"
+    if task == "ti2v":
+        return "ti2v-5B"
+    return task
+
+
+def runs_two_experts(*, family: str, variant: str, boundary_ratio: float | None) -> bool:
+    """Whether a job of these labels hands its steps from one expert to the other (A14B)."""
+    return boundary_ratio is not None and family == WAN22 and "a14b" in variant.lower()
+
+
+def uses_image_encoder(*, family: str, task: str) -> bool:
+    """Whether the pipeline encodes its input image with CLIP: Wan 2.1 I2V only (Wan 2.2's
+    I2V-A14B has no image encoder)."""
+    return task == "i2v" and family == WAN21
+
+
+def is_tiny(variant: str) -> bool:
+    """A tiny random-weight variant (``tiny-…``)."""
+    return variant.startswith(TINY_PREFIX)
+
+
+__all__ = ["WAN21", "WAN22", "WanKind", "classify", "is_tiny", "runs_two_experts", "task_of",
+           "uses_image_encoder", "variant_of"]
