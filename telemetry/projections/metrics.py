@@ -39,6 +39,7 @@ from telemetry.events import (
     StepEnded,
 )
 from telemetry.projections.base import BatchFold, OnFailure
+from telemetry.projections.readings import MEMORY_KINDS, memory_readings
 from telemetry.tracing import trace_id_for
 
 #: Upper bucket edges (seconds) of every duration histogram: a 1-2-5 series (three per decade,
@@ -51,9 +52,6 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
 #: Upper bucket edges (bytes) of peak-memory histograms: powers of two from 256 MiB to 256 GiB
 #: (tiny CPU runs to the largest accelerators).
 MEMORY_BUCKETS: Final[tuple[float, ...]] = tuple(float(2**k) for k in range(28, 39))
-#: The memory kinds a job's peak is recorded for: the caching allocator's peaks, NVML's
-#: device-wide use, and — beyond the design's three, so CPU runs have a peak too — host RSS.
-MEMORY_KINDS: Final = ("torch_allocated", "torch_reserved", "device", "host_rss")
 #: Joins label values into a map key; a control character no label value contains.
 SEP: Final = "\x1f"
 #: Jobs queued or running at once that the projection tracks; beyond it the oldest are
@@ -309,20 +307,11 @@ class MetricsProjection(BatchFold):
                     run_trace = trace
                     run_step = event
                 elif type(event) is sample_type:
-                    if (event.allocated_bytes is None and event.host_rss_bytes is None
-                            and event.device_used_bytes is None and event.reserved_bytes is None
-                            and event.peak_allocated_bytes is None
-                            and event.peak_reserved_bytes is None):
-                        continue  # no reading this fold keeps: a CPU job's per-step sample
-                    allocated = event.peak_allocated_bytes or event.allocated_bytes
-                    reserved = event.peak_reserved_bytes or event.reserved_bytes
-                    used, rss = event.device_used_bytes, event.host_rss_bytes
-                    if allocated is None and reserved is None and used is None and rss is None:
-                        continue
                     sampled = tracked_of(event.job)
                     if sampled is None:
                         continue
                     # A job's peak of each kind, in the order the kinds first appear.
+                    allocated, reserved, used, rss = memory_readings(event)
                     peaks = sampled.peaks
                     if allocated is not None and allocated > peaks.get("torch_allocated", -1):
                         peaks["torch_allocated"] = allocated
