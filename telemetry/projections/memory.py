@@ -7,8 +7,8 @@ of its samples; per-device figures are the latest reading and the highest seen.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import msgspec
 
@@ -22,7 +22,8 @@ from telemetry.events import (
     MemorySampled,
     StepEnded,
 )
-from telemetry.projections.base import BatchFold, OnFailure, bounded_insert
+from telemetry.projections.base import OnFailure, bounded_insert
+from telemetry.projections.readings import MEMORY_KINDS, highest, memory_readings
 
 KEEP_FINISHED: Final = 10_000
 _LIFECYCLE: Final = frozenset({JobStarted, JobCompleted, JobFailed, JobCancelled})
@@ -55,34 +56,105 @@ class MemoryState(msgspec.Struct, kw_only=True):
     devices: dict[str, DeviceMemory] = {}
 
 
-class MemoryProjection(BatchFold):
-    """Fold memory samples into peaks."""
+class MemoryProjection:
+    """Fold memory samples into peaks.
+
+    :meth:`apply` states the rules, one handler per event type. :meth:`apply_many` is the
+    engine's fast path over a batch, held to the same state byte for byte by
+    ``tests/telemetry/test_fold_equivalence.py``.
+    """
 
     name = "memory"
     version = 1
     state_type = MemoryState
     handles = frozenset({JobStarted, MemorySampled, JobCompleted, JobFailed, JobCancelled})
-    #: Every other type: skipped in the fold's own loop (a step, most of a log, by its first
-    #: test), which costs less than a filter pass over the batch.
+    #: Every other type: skipped in the fast path's own loop (a step, most of a log, by its
+    #: first test), which costs less than a filter pass over the batch.
     passes = frozenset(EVENT_TYPES) - handles
 
     def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.keep_finished = keep_finished
+        self._rules: dict[type[Event], Callable[[MemoryState, Any], None]] = {
+            MemorySampled: self._sampled,
+            JobStarted: self._started,
+            JobCompleted: self._ended,
+            JobFailed: self._ended,
+            JobCancelled: self._ended,
+        }
 
     def initial(self) -> MemoryState:
         """No readings yet."""
         return MemoryState()
 
+    def apply(self, state: MemoryState, event: Event) -> MemoryState:
+        """The state after ``event``: the rule for its type (other types change nothing)."""
+        rule = self._rules.get(type(event))
+        if rule is not None:
+            rule(state, event)
+        return state
+
+    # -- the rules, one per event type -----------------------------------------------------
+
+    def _sampled(self, state: MemoryState, event: MemorySampled) -> None:
+        """A sample is its device's latest reading and raises its running job's peaks.
+
+        The device's latest use comes from the best source the sample has: NVML's
+        device-wide use (whose highest the device keeps too), else the allocator's current
+        reserved bytes, else host RSS. The job's peaks rise kind by kind to the sample's
+        readings (:func:`~telemetry.projections.readings.memory_readings`), and the peak of
+        the stage it was taken in to its highest reading. Peaks start at 0: a reading of 0
+        or below raises none.
+        """
+        readings = memory_readings(event)
+        _, reserved, used, rss = readings
+        device = state.devices.get(event.device)
+        if device is None:
+            device = state.devices[event.device] = DeviceMemory()
+        if used is not None:
+            device.used["nvml"] = used
+            device.peak_used = max(device.peak_used, used)
+        elif reserved is not None:
+            device.used["torch_reserved"] = event.reserved_bytes or reserved
+        elif rss is not None:
+            device.used["host_rss"] = rss
+        if event.device_total_bytes is not None:
+            device.total = event.device_total_bytes
+        job = state.running.get(event.job)
+        if job is None:
+            return
+        job.device = event.device
+        for kind, value in zip(MEMORY_KINDS, readings, strict=True):
+            if value is not None and value > job.peaks.get(kind, 0):
+                job.peaks[kind] = value
+        if event.stage is not None:
+            top = highest(readings) or 0
+            if top > job.stage_peaks.get(event.stage, 0):
+                job.stage_peaks[event.stage] = top
+
+    def _started(self, state: MemoryState, event: JobStarted) -> None:
+        """A started job is running: its peaks start empty (the oldest running jobs beyond
+        :data:`~telemetry.projections.base.MAX_RUNNING` are forgotten: their end was lost)."""
+        state.running = bounded_insert(state.running, event.job, JobMemory(
+            model=event.model, width=event.width, height=event.height))
+
+    def _ended(self, state: MemoryState, event: Event) -> None:
+        """An ended job's peaks are final: it moves to the newest ``keep_finished`` ended
+        jobs."""
+        ended = state.running.pop(event.job, None)
+        if ended is not None:
+            state.finished = bounded_insert(state.finished, event.job, ended,
+                                            self.keep_finished)
+
+    # -- the fast path ---------------------------------------------------------------------
+
     def apply_many(self, state: MemoryState, events: Sequence[Event],
                    failed: OnFailure) -> MemoryState:
-        """Raise peaks; move a job to finished when it ends.
+        """:meth:`apply` over ``events``, each failure reported to ``failed``.
 
         Samples are nearly every event this fold reads, so their branch comes first and is
-        written out: a sample's readings by kind (allocator peaks when reported, else current
-        values; host RSS the larger of current and peak) are compared one by one, in the
-        order ``torch_allocated``, ``torch_reserved``, ``device``, ``host_rss`` — the order a
-        job's ``peaks`` gets its keys in — instead of through two dictionaries per sample.
-        The sample's highest reading is only needed for its stage, so only then is it found.
+        written out: a sample's readings (:func:`memory_readings`) are compared one by one,
+        in the order ``torch_allocated``, ``torch_reserved``, ``device``, ``host_rss`` — the
+        order a job's ``peaks`` gets its keys in. Lifecycle events go to :meth:`apply`.
 
         A batch holds runs of one job's samples on one device, so the current device's and
         job's entries stay in locals while the samples' ``device`` and ``job`` do not change
@@ -94,9 +166,9 @@ class MemoryProjection(BatchFold):
         stay equal to the dictionary), and its ``device``, written only when it differs (an
         equal string encodes the same).
         """
-        running, finished, devices = state.running, state.finished, state.devices
-        job_of, device_of = running.get, devices.get
-        keep_finished, lifecycle = self.keep_finished, _LIFECYCLE
+        devices = state.devices
+        job_of, device_of = state.running.get, devices.get
+        apply, lifecycle = self.apply, _LIFECYCLE
         step_type, sample_type = StepEnded, MemorySampled  # locals: read per event
         # The current device: its name, entry, and latest readings by source.
         device_name: str | None = None
@@ -114,18 +186,8 @@ class MemoryProjection(BatchFold):
                 if type(event) is step_type:  # most events: none of this fold's
                     continue
                 if type(event) is sample_type:
-                    allocated = event.peak_allocated_bytes or event.allocated_bytes
-                    reserved = event.peak_reserved_bytes or event.reserved_bytes
-                    used = event.device_used_bytes
-                    # Host RSS: the larger of current and peak (0 for none), None if 0. Most
-                    # samples have no current RSS (a CPU job's per-step sample has its peak).
-                    rss = event.host_peak_rss_bytes
-                    current_rss = event.host_rss_bytes
-                    if current_rss:
-                        peak_rss = rss or 0
-                        rss = (peak_rss if peak_rss > current_rss else current_rss) or None
-                    elif rss is not None and not rss > 0:
-                        rss = None
+                    readings = memory_readings(event)
+                    allocated, reserved, used, rss = readings
                     if event.device != device_name:
                         device_name = event.device
                         found = device_of(device_name)
@@ -166,31 +228,15 @@ class MemoryProjection(BatchFold):
                         peaks["host_rss"] = top_rss = rss
                     stage = event.stage
                     if stage is not None:
-                        top = allocated
-                        if reserved is not None and (top is None or reserved > top):
-                            top = reserved
-                        if used is not None and (top is None or used > top):
-                            top = used
-                        if rss is not None and (top is None or rss > top):
-                            top = rss
-                        if top is None:
-                            top = 0
+                        top = highest(readings) or 0
                         if top > stage_peaks.get(stage, 0):
                             stage_peaks[stage] = top
                     continue
                 if type(event) not in lifecycle:  # another type: nothing to do
                     continue
-                job_id = None  # a lifecycle event: the job's entry may change
-                if type(event) is JobStarted:
-                    running = state.running = bounded_insert(running, event.job, JobMemory(
-                        model=event.model, width=event.width, height=event.height))
-                    job_of = running.get
-                elif (type(event) is JobCompleted or type(event) is JobFailed
-                      or type(event) is JobCancelled):
-                    ended = running.pop(event.job, None)
-                    if ended is not None:
-                        finished = state.finished = bounded_insert(
-                            finished, event.job, ended, keep_finished)
+                job_id = None  # a lifecycle event: the job's entry may change, and the table
+                apply(state, event)
+                job_of = state.running.get
             except Exception as exc:
                 job_id = None
                 failed(event, exc)
