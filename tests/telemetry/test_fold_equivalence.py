@@ -48,7 +48,6 @@ from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.base import Projection, RulesOnly
 from telemetry.projections.jobs import JobsProjection
-from telemetry.projections.memory import MemoryProjection
 from telemetry.projections.metrics import MetricsProjection
 from telemetry.projections.throughput import ThroughputProjection
 
@@ -65,8 +64,6 @@ FOLDS = [
     pytest.param(JobsProjection, id="jobs"),
     pytest.param(lambda: JobsProjection(abandon_after_s=20, keep_finished=2), id="jobs-bounded"),
     pytest.param(ThroughputProjection, id="throughput"),
-    pytest.param(MemoryProjection, id="memory"),
-    pytest.param(lambda: MemoryProjection(keep_finished=2), id="memory-bounded"),
     pytest.param(MetricsProjection, id="metrics"),
     pytest.param(lambda: MetricsProjection(max_tracked=2), id="metrics-bounded"),
 ]
