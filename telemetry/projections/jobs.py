@@ -132,8 +132,8 @@ class JobsProjection:
 
     :meth:`apply` states the rules, one handler per event type. :meth:`apply_many` is the
     engine's fast path over a batch, held to the same state byte for byte by
-    ``tests/telemetry/test_fold_equivalence.py``: without it a replay with this projection
-    alone runs at about half the speed (``docs/design-notes.md``).
+    ``tests/telemetry/test_fold_equivalence.py``. It folds ~2.3× faster than the rules, which
+    keeps a replay with this projection above 1M events/s (``docs/design-notes.md``).
     """
 
     name = "jobs"

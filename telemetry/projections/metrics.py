@@ -191,7 +191,9 @@ class MetricsProjection:
     """
 
     name = "metrics"
-    version = 1
+    #: 2: a job's ``host_rss`` peak counts the samples' RSS high-water mark (a checkpoint of
+    #: version 1 holds lower peaks: replaying from the start observes the right ones).
+    version = 2
     state_type = MetricsState
     handles = frozenset({
         JobQueued, JobStarted, StageEnded, StepEnded, MemorySampled, GpuSampled,
