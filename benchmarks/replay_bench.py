@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Replay throughput with every projection enabled (issue 4's goal: ≥ 500k events/s).
+"""Replay throughput with every projection enabled (issue 4's goal: ≥ 500k events/s), and
+what each projection's fast path (``apply_many``) earns over its rules (``apply``) alone.
 
 Builds a log of realistic job streams (JobStarted, stages, 50 steps, a memory sample every
-other step, JobCompleted; 2600 jobs, ~205k events) and replays it, median of ``--rounds``:
-decode only, the engine with no projection, the jobs projection alone, and every projection
-``wantel serve`` runs (jobs, eta, throughput, memory, health, metrics). Prints events/s and
-the goal.
+other step, JobCompleted; 2600 jobs, ~205k events) and replays it, median of ``--rounds``
+(the cases take turns within a round, so drift affects them alike): decode only, the engine
+with no projection, each projection that has a fast path alone — with it, and folded event by
+event through its rules (:class:`~telemetry.projections.base.RulesOnly`) — and every
+projection ``wantel serve`` runs (jobs, eta, throughput, memory, health, metrics) with every
+fast path, without each one in turn, and without any. Prints events/s, the fold's own cost
+(ns per event, over the engine with no projection), the fast path's gain, and the goal.
 
     python benchmarks/replay_bench.py [--rounds 5] [--jobs 2600]
 """
@@ -13,9 +17,12 @@ the goal.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from telemetry.engine import ProjectionEngine
@@ -31,7 +38,7 @@ from telemetry.events import (
 )
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
-from telemetry.projections.jobs import JobsProjection
+from telemetry.projections.base import BatchFold, RulesOnly
 
 GOAL = 500_000
 
@@ -68,9 +75,10 @@ def _with_seq(event: Event, seq: int) -> Event:
     return event
 
 
-def rate(log: LocalLog, projections: list[Any] | None, count: int) -> float:
-    """Events per second of one replay (``None``: decode only)."""
-    start = time.perf_counter()
+def rate(log: LocalLog, projections: list[Any] | None, count: int, clock: Any) -> float:
+    """Events per second of one replay (``None``: decode only), by ``clock``."""
+    gc.collect()
+    start = clock()
     if projections is None:
         for _ in log.read(0):
             pass
@@ -78,7 +86,17 @@ def rate(log: LocalLog, projections: list[Any] | None, count: int) -> float:
         engine = ProjectionEngine(projections)
         for item in log.read(0):
             engine.apply_items((item,))
-    return count / (time.perf_counter() - start)
+    return count / (clock() - start)
+
+
+def serve_set(rules_only: frozenset[str] = frozenset()) -> list[Any]:
+    """``wantel serve``'s projections, those named in ``rules_only`` without their fast path."""
+    return [RulesOnly(p) if p.name in rules_only else p for p in default_projections()]
+
+
+def alone(name: str, *, rules_only: bool = False) -> list[Any]:
+    """The projection ``name`` of serve's set, alone; folded by its rules if ``rules_only``."""
+    return [p for p in serve_set(frozenset({name} if rules_only else ())) if p.name == name]
 
 
 def main() -> None:
@@ -87,27 +105,58 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=2600)
+    parser.add_argument("--wall", action="store_true",
+                        help="time by the wall clock, not by this process's CPU time (which "
+                        "other processes on a shared machine disturb less)")
     args = parser.parse_args()
+    clock = time.perf_counter if args.wall else time.process_time
     events = workload(args.jobs)
+    # The projections with a fast path beside their rules (the ETA fold is a batch fold only:
+    # its apply is its apply_many over one event, so it has no rules to compare with).
+    fast = [p.name for p in default_projections()
+            if hasattr(p, "apply_many") and not isinstance(p, BatchFold)]
+    every, none = "every projection (serve's set)", "engine, no projection"
+    all_rules = f"every projection, rules only ({', '.join(fast)})"
+    cases: dict[str, Callable[[], list[Any] | None]] = {
+        "read + decode only": lambda: None,
+        none: lambda: [],
+    }
+    for name in fast:
+        cases[f"{name} alone, fast path"] = partial(alone, name)
+        cases[f"{name} alone, rules only"] = partial(alone, name, rules_only=True)
+    cases[every] = serve_set
+    for name in fast:
+        cases[f"every projection, {name} rules only"] = partial(serve_set, frozenset({name}))
+    cases[all_rules] = partial(serve_set, frozenset(fast))
     with tempfile.TemporaryDirectory() as directory:
         log = LocalLog(directory, fsync="never")
         for k in range(0, len(events), 1000):
             log.append(events[k:k + 1000])
-        cases: list[tuple[str, Any]] = [
-            ("read + decode only", lambda: None),
-            ("engine, no projection", lambda: []),
-            ("jobs projection", lambda: [JobsProjection()]),
-            ("every projection (serve's set)", default_projections),
-        ]
-        print(f"replay of {len(events)} events ({args.jobs} jobs × 50 steps), "
-              f"median of {args.rounds} rounds")
-        for label, make in cases:
-            rates = [rate(log, make(), len(events)) for _ in range(args.rounds)]
-            median = statistics.median(rates)
-            verdict = ""
-            if label.startswith("every"):
-                verdict = f"   goal ≥ {GOAL // 1000}k/s  {'PASS' if median >= GOAL else 'MISS'}"
-            print(f"  {label:<32} {median / 1e3:8.0f}k events/s{verdict}")
+        rates: dict[str, list[float]] = {label: [] for label in cases}
+        for _ in range(args.rounds):  # the cases take turns: drift affects them alike
+            for label, make in cases.items():
+                rates[label].append(rate(log, make(), len(events), clock))
+    median = {label: statistics.median(r) for label, r in rates.items()}
+
+    def fold_ns(label: str) -> float:
+        """The folds' own time per event: the replay's less the engine's with no projection."""
+        return 1e9 / median[label] - 1e9 / median[none]
+
+    print(f"replay of {len(events)} events ({args.jobs} jobs × 50 steps), "
+          f"median of {args.rounds} rounds, {'wall' if args.wall else 'CPU'} time")
+    for label in cases:
+        value, note = median[label], ""
+        if label not in ("read + decode only", none):
+            note = f"  {fold_ns(label):5.0f} ns/event in folds"
+        if label.endswith("alone, rules only"):
+            with_fast = label.replace("rules only", "fast path")
+            note += (f"   fast path: replay {median[with_fast] / value:.2f}×, "
+                     f"fold {fold_ns(label) / fold_ns(with_fast):.2f}×")
+        elif label.startswith("every projection,"):
+            note += f"   fast paths: replay {median[every] / value:.2f}×"
+        if label in (every, all_rules):
+            note += f"   goal ≥ {GOAL // 1000}k/s {'PASS' if value >= GOAL else 'MISS'}"
+        print(f"  {label:<66} {value / 1e3:6.0f}k events/s{note}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from telemetry.events import (
     StageStarted,
 )
 from telemetry.log.base import Batch, ReadItem
+from telemetry.projections.readings import device_label, queue_wait_s
 from telemetry.tracing import span_id_for, trace_id_for
 
 # -- lifecycle lines -------------------------------------------------------------------------
@@ -149,10 +150,10 @@ class LifecycleLogger:
                 "variant": event.variant, "task": event.task,
                 "resolution": f"{event.width}x{event.height}", "frames": event.num_frames,
                 "steps": event.steps,
-                "device": device.kind if device.index is None else f"{device.kind}:{device.index}",
+                "device": device_label(device),
             }
             if job.queued_ts is not None:
-                fields["queue_wait_s"] = max(0.0, (event.ts - job.queued_ts) / 1e9)
+                fields["queue_wait_s"] = queue_wait_s(job.queued_ts, event.ts)
         elif isinstance(event, StageEnded):
             opened = job.open_stages.pop(event.stage, -1)
             index = opened

@@ -70,6 +70,7 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch, EventLog, Position, ReadItem
 from telemetry.projections.eta import EtaProjection, EtaState
+from telemetry.projections.readings import device_label, queue_wait_s, stage_role, stage_start
 from telemetry.tracing import parse_traceparent, span_id_for, trace_id_for
 
 _log = structlog.get_logger("wantel.otel")
@@ -87,11 +88,6 @@ SPAN_SOURCES: Final = (
     JobQueued, JobStarted, StageStarted, StageEnded, StepEnded, ExpertSwitched, *TERMINALS)
 
 _DEFAULT_RESOURCE: Resource | None = None
-
-
-def stage_role(stage: str, index: int) -> str:
-    """The role of the ``index``-th (from 0) occurrence of ``stage`` in a job, for span ids."""
-    return f"stage:{stage}:{index}"
 
 
 def job_trace_id(started: JobStarted | None, queued: JobQueued | None, job: str) -> str:
@@ -243,7 +239,7 @@ def spans_for_job(
                 index = stage_counts.get(event.stage, 0)
                 stage_counts[event.stage] = index + 1
                 opened_or_none = _OpenStage(role=stage_role(event.stage, index),
-                                            start=event.ts - int(event.duration_s * 1e9))
+                                            start=stage_start(event))
             if denoise is opened_or_none:
                 denoise = None
             children.append(child(
@@ -319,8 +315,7 @@ def _root_attributes(view: _JobView) -> tuple[dict[str, AttributeValue], Status]
             "wantel.width": started.width, "wantel.height": started.height,
             "wantel.frames": started.num_frames, "wantel.steps": started.steps,
             "wantel.cfg": started.cfg, "wantel.guidance_scale": started.guidance_scale,
-            "wantel.device": device.kind if device.index is None
-            else f"{device.kind}:{device.index}",
+            "wantel.device": device_label(device),
             "wantel.device.name": device.name,
         })
         if started.seed is not None:
@@ -328,7 +323,7 @@ def _root_attributes(view: _JobView) -> tuple[dict[str, AttributeValue], Status]
         if started.worker is not None:
             attributes["wantel.worker"] = started.worker
         if queued is not None:
-            attributes["wantel.queue_wait_s"] = max(0.0, (started.ts - queued.ts) / 1e9)
+            attributes["wantel.queue_wait_s"] = queue_wait_s(queued.ts, started.ts)
     status = Status(StatusCode.UNSET)
     if isinstance(terminal, JobCompleted):
         attributes["wantel.status"] = "completed"

@@ -46,35 +46,21 @@ class Projection(Protocol[S]):
 
 
 class BatchProjection(Projection[S], Protocol[S]):
-    """A projection that folds a run of events in one call (the engine's fast path).
+    """A projection with a fast path: it also folds a run of events in one call.
 
     ``apply_many(state, events, failed)`` must equal folding ``apply`` over ``events`` in
     order; an event it raises on is reported to ``failed`` and the loop goes on (whatever that
     event had already changed stays changed, exactly as with ``apply``). One call per batch
-    lets a fold bind its tables and constants once instead of once per event, which is most of
-    the cost of a pure-Python fold.
+    lets a fold bind its tables and constants once instead of once per event, and keep what a
+    run of events changes in locals. ``apply`` stays the statement of the rules; a fast path
+    sits beside it only where a benchmark shows it pays, and a property test holds the two to
+    the same state (``tests/telemetry/test_fold_equivalence.py``). The engine folds a
+    projection without one event by event (:func:`as_batch_projection`).
     """
 
     def apply_many(self, state: S, events: Sequence[Event], failed: OnFailure) -> S:
         """The state after every event of ``events``."""
         ...
-
-
-def reraise(event: Event, exc: Exception) -> None:
-    """The ``failed`` of a single ``apply``: the caller sees the exception."""
-    raise exc
-
-
-class BatchFold:
-    """Base of projections written as ``apply_many``: ``apply`` is a batch of one."""
-
-    def apply_many(self, state: Any, events: Sequence[Event], failed: OnFailure) -> Any:
-        """The state after every event of ``events``."""
-        raise NotImplementedError
-
-    def apply(self, state: Any, event: Event) -> Any:
-        """The state after ``event`` (an exception propagates)."""
-        return self.apply_many(state, (event,), reraise)
 
 
 class _EachEvent:
@@ -98,6 +84,24 @@ def as_batch_projection(projection: Projection[Any]) -> BatchProjection[Any]:
     if callable(getattr(projection, "apply_many", None)):
         return projection  # type: ignore[return-value]
     return _EachEvent(projection)  # type: ignore[return-value]
+
+
+class RulesOnly:
+    """``projection`` without its fast path: an engine folds it event by event through its
+    ``apply``, the rules, with the same name and version (so the same checkpoints).
+
+    What benchmarks measure a fast path against, and what tests hold it to.
+    """
+
+    def __init__(self, projection: Projection[Any]) -> None:
+        self.projection = projection
+        self.name, self.version = projection.name, projection.version
+        self.state_type = projection.state_type
+        handles = getattr(projection, "handles", None)
+        if handles is not None:  # ``passes`` is for a fast path: filtering costs less than
+            self.handles = handles  # a call of ``apply`` per event it would skip
+        self.initial = projection.initial
+        self.apply = projection.apply
 
 
 #: Jobs a projection tracks as running at most: a job whose worker died never sends its terminal

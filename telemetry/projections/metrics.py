@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import msgspec
 
@@ -38,7 +38,8 @@ from telemetry.events import (
     StageEnded,
     StepEnded,
 )
-from telemetry.projections.base import BatchFold, OnFailure
+from telemetry.projections.base import OnFailure
+from telemetry.projections.readings import MEMORY_KINDS, memory_readings, queue_wait_s
 from telemetry.tracing import trace_id_for
 
 #: Upper bucket edges (seconds) of every duration histogram: a 1-2-5 series (three per decade,
@@ -51,9 +52,6 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
 #: Upper bucket edges (bytes) of peak-memory histograms: powers of two from 256 MiB to 256 GiB
 #: (tiny CPU runs to the largest accelerators).
 MEMORY_BUCKETS: Final[tuple[float, ...]] = tuple(float(2**k) for k in range(28, 39))
-#: The memory kinds a job's peak is recorded for: the caching allocator's peaks, NVML's
-#: device-wide use, and — beyond the design's three, so CPU runs have a peak too — host RSS.
-MEMORY_KINDS: Final = ("torch_allocated", "torch_reserved", "device", "host_rss")
 #: Joins label values into a map key; a control character no label value contains.
 SEP: Final = "\x1f"
 #: Jobs queued or running at once that the projection tracks; beyond it the oldest are
@@ -184,30 +182,118 @@ def increment(series: dict[str, CounterSeries], labels: tuple[str, ...], by: int
     counter.value += by
 
 
-class MetricsProjection(BatchFold):
-    """Fold lifecycle, stage, step, memory and GPU events into Prometheus-shaped series."""
+class MetricsProjection:
+    """Fold lifecycle, stage, step, memory and GPU events into Prometheus-shaped series.
+
+    :meth:`apply` states the rules, one handler per event type. :meth:`apply_many` is the
+    engine's fast path over a batch, held to the same state byte for byte by
+    ``tests/telemetry/test_fold_equivalence.py``.
+    """
 
     name = "metrics"
-    version = 1
+    #: 2: a job's ``host_rss`` peak counts the samples' RSS high-water mark (a checkpoint of
+    #: version 1 holds lower peaks: replaying from the start observes the right ones).
+    version = 2
     state_type = MetricsState
     handles = frozenset({
         JobQueued, JobStarted, StageEnded, StepEnded, MemorySampled, GpuSampled,
         JobCompleted, JobFailed, JobCancelled,
     })
-    #: Every other type: skipped in the fold's own loop, so a batch is handed over whole (the
-    #: fold reads nearly every event, and a filter pass over the batch costs more than that).
+    #: Every other type: skipped in the fast path's own loop, so a batch is handed over whole
+    #: (the fold reads nearly every event, and a filter pass over the batch costs more).
     passes = frozenset(EVENT_TYPES) - handles
 
     def __init__(self, *, max_tracked: int = MAX_TRACKED) -> None:
         self.max_tracked = max_tracked
+        self._rules: dict[type[Event], Callable[[MetricsState, Any], object]] = {
+            StepEnded: self._step,
+            MemorySampled: self._sampled,
+            StageEnded: self._stage_ended,
+            JobQueued: self._queued,
+            JobStarted: self._started,
+            JobCompleted: self._completed,
+            JobFailed: self._failed,
+            JobCancelled: self._cancelled,
+            GpuSampled: self._gpu,
+        }
 
     def initial(self) -> MetricsState:
         """No series yet."""
         return MetricsState()
 
+    def apply(self, state: MetricsState, event: Event) -> MetricsState:
+        """The state after ``event``: the rule for its type (other types change nothing)."""
+        rule = self._rules.get(type(event))
+        if rule is not None:
+            rule(state, event)
+        return state
+
+    # -- the rules, one per event type -----------------------------------------------------
+
+    @staticmethod
+    def _step(state: MetricsState, event: StepEnded) -> None:
+        """A step of a tracked job counts for its model; a timed one is observed in the
+        step-duration histogram of its model and expert (``none`` for single-expert
+        models), with the job's trace as the bucket's exemplar. Steps of jobs not tracked
+        (their start lost) have no model to count for."""
+        job = state.tracked.get(event.job)
+        if job is None:
+            return
+        increment(state.denoise_steps, (job.model,))
+        if event.duration_s is not None:
+            observe(state.step_duration, (job.model, event.expert or "none"),
+                    DURATION_BUCKETS, event.duration_s,
+                    Exemplar(job.trace_id, event.duration_s, event.ts / 1e9))
+
+    @staticmethod
+    def _sampled(state: MetricsState, event: MemorySampled) -> None:
+        """A sample raises its tracked job's peak of each kind to the sample's reading
+        (:func:`~telemetry.projections.readings.memory_readings`); a reading of 0 counts,
+        so a job whose allocator never allocated has a peak of 0 bytes. The kinds are
+        compared in :data:`MEMORY_KINDS` order, the order a job's peaks list them."""
+        job = state.tracked.get(event.job)
+        if job is None:
+            return
+        allocated, reserved, used, rss = memory_readings(event)
+        peaks = job.peaks
+        if allocated is not None and allocated > peaks.get("torch_allocated", -1):
+            peaks["torch_allocated"] = allocated
+        if reserved is not None and reserved > peaks.get("torch_reserved", -1):
+            peaks["torch_reserved"] = reserved
+        if used is not None and used > peaks.get("device", -1):
+            peaks["device"] = used
+        if rss is not None and rss > peaks.get("host_rss", -1):
+            peaks["host_rss"] = rss
+
+    @staticmethod
+    def _stage_ended(state: MetricsState, event: StageEnded) -> None:
+        """A tracked job's stage duration is observed by model and stage."""
+        job = state.tracked.get(event.job)
+        if job is not None:
+            observe(state.stage_duration, (job.model, event.stage), DURATION_BUCKETS,
+                    event.duration_s)
+
+    def _completed(self, state: MetricsState, event: JobCompleted) -> None:
+        """A completed job is counted and observed (:meth:`_ended`)."""
+        self._ended(state, event, "completed", event.duration_s)
+
+    def _failed(self, state: MetricsState, event: JobFailed) -> None:
+        """A failed job is counted and observed (:meth:`_ended`); one that ran out of
+        memory is counted as such too, for its model (``unknown`` if its start was lost)."""
+        if event.oom:
+            job = state.tracked.get(event.job)
+            increment(state.jobs_oom, (job.model if job else UNKNOWN,))
+        self._ended(state, event, "failed", event.duration_s)
+
+    def _cancelled(self, state: MetricsState, event: JobCancelled) -> None:
+        """A cancelled job is counted and observed (:meth:`_ended`)."""
+        self._ended(state, event, "cancelled", event.duration_s)
+
+    # -- the fast path ---------------------------------------------------------------------
+
     def apply_many(self, state: MetricsState, events: Sequence[Event],
                    failed: OnFailure) -> MetricsState:
-        """Count and observe what each event tells; ignore what it does not.
+        """:meth:`apply` over ``events``, each failure reported to ``failed``.
 
         Steps and memory samples are nearly every event, so their branches come first and are
         written out. Only steps read or write the step counters and histograms, so a batch
@@ -234,6 +320,7 @@ class MetricsProjection(BatchFold):
         edges, slots, sep = DURATION_BUCKETS, len(DURATION_BUCKETS) + 1, SEP
         bounds, no_run, lifecycle = _BOUNDS, _NO_RUN, _LIFECYCLE
         step_type, sample_type = StepEnded, MemorySampled  # locals: read per event
+        sampled, apply = self._sampled, self.apply
         # Each job's model, trace, step counter, latest timed step's ``expert`` (as the event
         # has it) and step histogram for that expert.
         known_jobs: dict[str, tuple[str, str, CounterSeries, object, HistogramSeries | None]] = {}
@@ -309,64 +396,12 @@ class MetricsProjection(BatchFold):
                     run_trace = trace
                     run_step = event
                 elif type(event) is sample_type:
-                    if (event.allocated_bytes is None and event.host_rss_bytes is None
-                            and event.device_used_bytes is None and event.reserved_bytes is None
-                            and event.peak_allocated_bytes is None
-                            and event.peak_reserved_bytes is None):
-                        continue  # no reading this fold keeps: a CPU job's per-step sample
-                    allocated = event.peak_allocated_bytes or event.allocated_bytes
-                    reserved = event.peak_reserved_bytes or event.reserved_bytes
-                    used, rss = event.device_used_bytes, event.host_rss_bytes
-                    if allocated is None and reserved is None and used is None and rss is None:
-                        continue
-                    sampled = tracked_of(event.job)
-                    if sampled is None:
-                        continue
-                    # A job's peak of each kind, in the order the kinds first appear.
-                    peaks = sampled.peaks
-                    if allocated is not None and allocated > peaks.get("torch_allocated", -1):
-                        peaks["torch_allocated"] = allocated
-                    if reserved is not None and reserved > peaks.get("torch_reserved", -1):
-                        peaks["torch_reserved"] = reserved
-                    if used is not None and used > peaks.get("device", -1):
-                        peaks["device"] = used
-                    if rss is not None and rss > peaks.get("host_rss", -1):
-                        peaks["host_rss"] = rss
-                else:  # the rarer events: one type() for all their tests
-                    kind = type(event)
-                    if kind in lifecycle:  # the tracked jobs change: forget what was found
+                    sampled(state, event)
+                else:  # the rarer events go to their rules
+                    if type(event) in lifecycle:  # tracked jobs change: forget what was found
                         job = None
-                        known_jobs.pop(event.job, None)
-                        if kind is JobStarted:
-                            assert isinstance(event, JobStarted)
-                            if self._started(state, event):  # the oldest job was forgotten
-                                known_jobs.clear()
-                        elif kind is JobQueued:
-                            assert isinstance(event, JobQueued)
-                            if self._queued(state, event):
-                                known_jobs.clear()
-                        elif kind is JobCompleted:
-                            assert isinstance(event, JobCompleted)
-                            self._ended(state, event, "completed", event.duration_s)
-                        elif kind is JobFailed:
-                            assert isinstance(event, JobFailed)
-                            if event.oom:
-                                failed_job = tracked_of(event.job)
-                                increment(state.jobs_oom,
-                                          (failed_job.model if failed_job else UNKNOWN,))
-                            self._ended(state, event, "failed", event.duration_s)
-                        else:
-                            assert isinstance(event, JobCancelled)
-                            self._ended(state, event, "cancelled", event.duration_s)
-                    elif kind is StageEnded:
-                        assert isinstance(event, StageEnded)
-                        staged = tracked_of(event.job)
-                        if staged is not None:
-                            observe(state.stage_duration, (staged.model, event.stage), edges,
-                                    event.duration_s)
-                    elif kind is GpuSampled:
-                        assert isinstance(event, GpuSampled)
-                        self._gpu(state, event)
+                        known_jobs.clear()
+                    apply(state, event)
             except Exception as exc:  # store what the batch holds, as folding left it
                 job = None
                 known_jobs.clear()
@@ -386,35 +421,41 @@ class MetricsProjection(BatchFold):
                        last=run_step)
         return state
 
-    def _queued(self, state: MetricsState, event: JobQueued) -> bool:
-        """Track a queued job; True if that made the oldest tracked job be forgotten."""
+    def _queued(self, state: MetricsState, event: JobQueued) -> None:
+        """A queued job is tracked from the request: its model, task and trace, and when it
+        was queued (a job already tracked keeps what it has)."""
         if event.job in state.tracked:
-            return False
+            return
         state.tracked[event.job] = TrackedJob(
             model=event.model, task=event.task, queued_ts=event.ts,
             trace_id=trace_id_for(event.job, event.traceparent))
-        return self._bound(state)
+        self._bound(state)
 
-    def _started(self, state: MetricsState, event: JobStarted) -> bool:
-        """Track a started job; True if that made the oldest tracked job be forgotten."""
+    def _started(self, state: MetricsState, event: JobStarted) -> None:
+        """A started job is tracked with what the worker runs — the first start counts, and
+        the worker's trace context replaces the request's — and a queued job's wait is
+        observed by model (:func:`~telemetry.projections.readings.queue_wait_s`)."""
         tracked = state.tracked.get(event.job)
         trace_id = trace_id_for(event.job, event.traceparent)
         if tracked is None:
             state.tracked[event.job] = TrackedJob(model=event.model, task=event.task,
                                                   trace_id=trace_id, started=True)
-            return self._bound(state)
+            self._bound(state)
+            return
         if tracked.started:  # a second JobStarted for the same job: keep the first
-            return False
+            return
         if event.traceparent is not None:
             tracked.trace_id = trace_id
         tracked.model, tracked.task, tracked.started = event.model, event.task, True
         if tracked.queued_ts is not None:
-            wait = max(0.0, (event.ts - tracked.queued_ts) / 1e9)
+            wait = queue_wait_s(tracked.queued_ts, event.ts)
             observe(state.queue_wait, (event.model,), DURATION_BUCKETS, wait,
                     Exemplar(tracked.trace_id, wait, event.ts / 1e9))
-        return False
 
     def _ended(self, state: MetricsState, event: Event, status: str, duration_s: float) -> None:
+        """An ended job is no longer tracked: it is counted by model, task and status, its
+        duration observed with its trace as exemplar, and its peak of each kind observed
+        once. A job whose start was lost counts as ``unknown``."""
         tracked = state.tracked.pop(event.job, None)
         if tracked is None:  # its start was never seen (lost, or before a damaged region)
             tracked = TrackedJob(model=UNKNOWN, task=UNKNOWN, trace_id=trace_id_for(event.job))
@@ -428,6 +469,8 @@ class MetricsProjection(BatchFold):
                 observe(state.peak_memory, (tracked.model, kind), MEMORY_BUCKETS, float(peak))
 
     def _gpu(self, state: MetricsState, event: GpuSampled) -> None:
+        """A GPU sample is its device's latest reading; a throttle reason counts once each
+        time it newly appears (not while it stays)."""
         previous = state.gpus.get(event.device)
         before = previous.throttle_reasons if previous is not None else ()
         for reason in event.throttle_reasons:
@@ -438,15 +481,11 @@ class MetricsProjection(BatchFold):
             temperature_celsius=event.temperature_celsius, power_watts=event.power_watts,
             throttle_reasons=event.throttle_reasons, ts=event.ts)
 
-    def _bound(self, state: MetricsState) -> bool:
-        """Forget the oldest tracked jobs beyond the bound (their end was never logged);
-        True if there were any."""
+    def _bound(self, state: MetricsState) -> None:
+        """Forget the oldest tracked jobs beyond the bound (their end was never logged)."""
         tracked = state.tracked
-        if len(tracked) <= self.max_tracked:
-            return False
         while len(tracked) > self.max_tracked:
             del tracked[next(iter(tracked))]
-        return True
 
 
 __all__ = [

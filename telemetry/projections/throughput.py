@@ -7,8 +7,8 @@ the per-model figures are totals, from which Prometheus derives rates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import msgspec
 
@@ -21,7 +21,7 @@ from telemetry.events import (
     JobStarted,
     StepEnded,
 )
-from telemetry.projections.base import BatchFold, OnFailure, bounded_insert
+from telemetry.projections.base import OnFailure, bounded_insert
 
 SMOOTHING: Final = 0.3
 _LIFECYCLE: Final = frozenset({JobStarted, JobCompleted, JobFailed, JobCancelled})
@@ -51,31 +51,94 @@ class ThroughputState(msgspec.Struct, kw_only=True):
     models: dict[str, ModelRate] = {}
 
 
-class ThroughputProjection(BatchFold):
-    """Fold step events into rates."""
+class ThroughputProjection:
+    """Fold step events into rates.
+
+    :meth:`apply` states the rules, one handler per event type. :meth:`apply_many` is the
+    engine's fast path over a batch, held to the same state byte for byte by
+    ``tests/telemetry/test_fold_equivalence.py``.
+    """
 
     name = "throughput"
     version = 1
     state_type = ThroughputState
     handles = frozenset({JobStarted, StepEnded, JobCompleted, JobFailed, JobCancelled})
     #: Every other type (a third of a log: memory samples and stage events): skipped in the
-    #: fold's own loop with one test, which costs less than a filter pass over the batch.
+    #: fast path's own loop with one test, which costs less than a filter pass over the batch.
     passes = frozenset(EVENT_TYPES) - handles
+
+    def __init__(self) -> None:
+        self._rules: dict[type[Event], Callable[[ThroughputState, Any], None]] = {
+            StepEnded: self._step,
+            JobStarted: self._started,
+            JobCompleted: self._ended,
+            JobFailed: self._ended,
+            JobCancelled: self._ended,
+        }
 
     def initial(self) -> ThroughputState:
         """Nothing measured yet."""
         return ThroughputState()
 
+    def apply(self, state: ThroughputState, event: Event) -> ThroughputState:
+        """The state after ``event``: the rule for its type (other types change nothing)."""
+        rule = self._rules.get(type(event))
+        if rule is not None:
+            rule(state, event)
+        return state
+
+    # -- the rules, one per event type -----------------------------------------------------
+
+    @staticmethod
+    def _step(state: ThroughputState, event: StepEnded) -> None:
+        """A step of a running job counts for the job and its model (and, on two-expert
+        models, for the model's expert). A timed step's rate, 1 / its duration, moves both
+        moving averages and its time adds to the model's; a step without a duration, or of
+        none, has no rate. Steps of a job not running (ended, or its start lost) count for
+        nothing: no model to count them for."""
+        job = state.jobs.get(event.job)
+        if job is None:
+            return
+        model = state.models.get(job.model)
+        if model is None:  # JobStarted registers it; only an odd log lacks it
+            model = state.models[job.model] = ModelRate()
+        job.steps += 1
+        model.steps += 1
+        if event.expert is not None:
+            model.expert_steps[event.expert] = model.expert_steps.get(event.expert, 0) + 1
+        if not event.duration_s:
+            return
+        rate = 1.0 / event.duration_s
+        job.ema = _smoothed(job.ema, rate)
+        model.ema = _smoothed(model.ema, rate)
+        model.step_seconds += event.duration_s
+
+    @staticmethod
+    def _started(state: ThroughputState, event: JobStarted) -> None:
+        """A started job is running, at no rate yet; its model is known from then on (the
+        oldest running jobs beyond :data:`~telemetry.projections.base.MAX_RUNNING` are
+        forgotten: their end was lost)."""
+        state.jobs = bounded_insert(state.jobs, event.job, JobRate(model=event.model))
+        if event.model not in state.models:
+            state.models[event.model] = ModelRate()
+
+    @staticmethod
+    def _ended(state: ThroughputState, event: Event) -> None:
+        """An ended job has no rate; its model's totals stay."""
+        state.jobs.pop(event.job, None)
+
+    # -- the fast path ---------------------------------------------------------------------
+
     def apply_many(self, state: ThroughputState, events: Sequence[Event],
                    failed: OnFailure) -> ThroughputState:
-        """Count and time each step; forget jobs that ended.
+        """:meth:`apply` over ``events``, each failure reported to ``failed``.
 
         Steps are nearly every event this fold reads, so their branch comes first. A batch
         keeps the current job's and the current model's figures in locals (the same
         arithmetic, in the same order) and stores them when a step moves to another job or
-        model, on a lifecycle event (it replaces or drops jobs), when an event fails, and at
-        the end. The locals are kept so that a step costs as little as it can without
-        changing a bit:
+        model, on a lifecycle event (it goes to :meth:`apply`, and replaces or drops jobs),
+        when an event fails, and at the end. The locals are kept so that a step costs as
+        little as it can without changing a bit:
 
         * both step counts move with one counter of the batch's steps: the job's and the
           model's are kept as offsets from it (integers, so the sums are exact);
@@ -83,8 +146,8 @@ class ThroughputProjection(BatchFold):
           changes (the expert's key is inserted when it first appears, so the keys of
           ``expert_steps`` keep their order).
         """
-        jobs, models = state.jobs, state.models
-        job_of, model_of = jobs.get, models.get
+        models, apply = state.models, self.apply
+        job_of, model_of = state.jobs.get, models.get
         alpha, keep = SMOOTHING, 1 - SMOOTHING
         # Steps counted so far in this batch: the current job's and model's step counts are
         # kept as offsets from it (``steps = base + counted``), one addition per step for both.
@@ -150,14 +213,8 @@ class ThroughputProjection(BatchFold):
                 if job is not None:  # a lifecycle event: store the current job's figures
                     job.steps, job.ema = job_base + counted, job_ema
                     job = job_id = None
-                if type(event) is JobStarted:
-                    jobs = state.jobs = bounded_insert(jobs, event.job, JobRate(model=event.model))
-                    job_of = jobs.get
-                    if event.model not in models:
-                        models[event.model] = ModelRate()
-                elif (type(event) is JobCompleted or type(event) is JobFailed
-                      or type(event) is JobCancelled):
-                    jobs.pop(event.job, None)
+                apply(state, event)  # it may replace the table of jobs
+                job_of = state.jobs.get
             except Exception as exc:  # store what the batch holds, as folding left it
                 if job is not None:
                     job.steps, job.ema = job_base + counted, job_ema
@@ -178,3 +235,8 @@ class ThroughputProjection(BatchFold):
         if expert is not None:
             experts[expert] = expert_count
         return state
+
+
+def _smoothed(average: float | None, rate: float) -> float:
+    """An exponential moving average of rates moved by ``rate`` (its first value: ``rate``)."""
+    return rate if average is None else SMOOTHING * rate + (1 - SMOOTHING) * average

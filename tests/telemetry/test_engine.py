@@ -28,7 +28,7 @@ from telemetry.events import (
 from telemetry.log.base import Batch, Quarantined
 from telemetry.log.local import LocalLog
 from telemetry.log.memory import MemoryLog
-from telemetry.projections.base import BatchFold, OnFailure, Projection
+from telemetry.projections.base import OnFailure, Projection
 from telemetry.projections.jobs import JobsProjection, JobsState
 
 SECOND = 1_000_000_000
@@ -80,6 +80,19 @@ class Exploding:
         if isinstance(event, StepEnded):
             raise ZeroDivisionError("by design")
         return state + 1
+
+
+class BatchFold:
+    """A test fold written only as ``apply_many``; ``apply`` is a batch of one."""
+
+    def apply_many(self, state: Any, events: Sequence[Event], failed: OnFailure) -> Any:
+        raise NotImplementedError
+
+    def apply(self, state: Any, event: Event) -> Any:
+        def reraise(event: Event, exc: Exception) -> None:
+            raise exc
+
+        return self.apply_many(state, (event,), reraise)
 
 
 class ExplodingBatch(BatchFold):

@@ -25,6 +25,8 @@ from telemetry.events import (
     StepEnded,
 )
 from telemetry.log.base import Batch
+from telemetry.projections.jobs import JobsProjection
+from telemetry.projections.memory import MemoryProjection
 from telemetry.projections.metrics import (
     DURATION_BUCKETS,
     MEMORY_BUCKETS,
@@ -327,9 +329,29 @@ def _no_failure(event: Event, exc: Exception) -> None:
     raise AssertionError(f"{type(event).__name__} raised {exc!r}")
 
 
-def test_a_sample_without_a_reading_this_fold_keeps_adds_no_peak() -> None:
-    """A CPU job's per-step sample (its RSS peak only) adds nothing; a zero reading is kept."""
+def test_a_zero_reading_is_a_peak_of_zero_bytes() -> None:
+    """A job whose allocator reads 0 bytes has a peak of 0 bytes of that kind; a sample with
+    no reading of a kind adds no peak of it."""
     a = Stream("a")
-    state = fold([a.started(1), a.memory(2, host_peak_rss_bytes=GIB),
-                  a.memory(3, allocated_bytes=0)])
+    state = fold([a.started(1), a.memory(2, allocated_bytes=0), a.memory(3)])
     assert {"torch_allocated": 0} == state.tracked["a"].peaks
+
+
+def test_the_host_rss_peak_counts_the_samples_high_water_mark() -> None:
+    """A CPU job's per-step samples carry only the RSS high-water mark, above the current RSS
+    read at stage boundaries: the job's ``host_rss`` peak is the mark, as ``/api/jobs`` and
+    the memory projection say, not the lower current RSS."""
+    a = Stream("a")
+    events: list[Event] = [
+        a.started(1),
+        a.memory(2, host_rss_bytes=GIB, host_peak_rss_bytes=GIB + 4096),
+        a.memory(3, host_peak_rss_bytes=2 * GIB),
+        a.memory(4, host_rss_bytes=int(1.5 * GIB)),
+        a.completed(5, 4.0),
+    ]
+    engine = ProjectionEngine([MetricsProjection(), MemoryProjection(), JobsProjection()])
+    engine.apply_batch(Batch(0, events))
+    observed = engine.states["metrics"].peak_memory[key("tiny-t2v", "host_rss")]
+    assert (1, float(2 * GIB)) == (observed.count, observed.sum)
+    assert 2 * GIB == engine.states["memory"].finished["a"].peaks["host_rss"]
+    assert 2 * GIB == engine.states["jobs"].jobs["a"].peak_memory_bytes

@@ -301,7 +301,8 @@ def test_completed_events_carry_no_clock_dependence() -> None:
 
 
 class TestRateAndPeakFoldsAgainstTheirDefinitions:
-    """The batched throughput and memory folds (locals, memos) against plain definitions."""
+    """The throughput fold's fast path (locals, memos) and the memory fold's rules against
+    plain definitions."""
 
     @settings(max_examples=150, deadline=None)
     @given(steps=st.lists(st.tuples(
@@ -372,8 +373,10 @@ class TestRateAndPeakFoldsAgainstTheirDefinitions:
 
         sample = MemorySampled(job="a", seq=1, ts=2, device="cpu", host_rss_bytes=current,
                                host_peak_rss_bytes=peak)
-        state = MemoryProjection().apply_many(MemoryProjection().initial(),
-                                              [started("a"), sample], _raise)
+        projection = MemoryProjection()
+        state = projection.initial()
+        for event in (started("a"), sample):
+            state = projection.apply(state, event)
         assert kept == state.devices["cpu"].used.get("host_rss")
         assert (kept if kept is not None and kept > 0 else None) == \
             state.running["a"].peaks.get("host_rss")
