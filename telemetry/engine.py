@@ -119,7 +119,13 @@ class ProjectionEngine:
         return applied
 
     def apply_batch(self, batch: Batch) -> int:
-        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``.
+        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``;
+        returns how many events were new (see :meth:`apply_fresh`)."""
+        return len(self.apply_fresh(batch))
+
+    def apply_fresh(self, batch: Batch) -> list[Event]:
+        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``;
+        returns the new events, in log order (what a runner tells its sinks).
 
         The batch is de-duplicated first (:func:`telemetry.dedup.fresh_events`, in C where it
         was built: the engine's only per-event work), then each projection folds the new events
@@ -131,13 +137,13 @@ class ProjectionEngine:
         if batch.first < self.position:
             start = self.position - batch.first
             if start >= len(events):
-                return 0
+                return []
             events = events[start:]
         fresh, newest, tally, ended = fresh_events(events, self.last_seq, _TERMINAL)
         self.health.duplicates += len(events) - len(fresh)
         self.position = max(self.position, batch.next)
         if not fresh:
-            return 0
+            return fresh
         counts = self.health.events_by_type
         for kind, count in tally.items():
             name = kind.__name__
@@ -169,7 +175,7 @@ class ProjectionEngine:
                 continue
             if new_state is not state:  # folds usually update in place
                 states[name] = new_state
-        return len(fresh)
+        return fresh
 
     @staticmethod
     def _position_of(batch: Batch, event: Event) -> int:
