@@ -1,11 +1,19 @@
-"""The serving stack of ``wantel serve`` and ``wantel demo``: the log follower, the HTTP app and
-server, and span export, wired and started as one.
+"""The serving stack of ``wantel serve`` and ``wantel demo``: the log follower and its sinks,
+the HTTP app and server, and span export, wired and started as one.
 
 The same machinery runs inside ``wantel demo`` and in tests, so it is built from two reusable
 pieces: :class:`BackgroundServer` (uvicorn on a socket this process already bound, in a thread)
 and :class:`Serving` (service + app + server + optional OTLP span export, started and stopped
 as one). Binding the socket here, before uvicorn starts, turns "port in use" into a one-line
 error and lets tests and ``--port 0`` learn the real port without a race.
+
+What follows the log is :class:`~telemetry.runner.ProjectionRunner`, with sinks:
+
+* the service's runner (every projection; ``serve.ckpt``): the WebSocket fan-out (the
+  service's own) and, with :meth:`Serving.log_lifecycle`, the lifecycle log lines;
+* with span export, a second runner (the ETA projection only; ``otel.ckpt``) with the span
+  sink: it pauses while the collector is down and checkpoints on its acknowledgement, which
+  must not pause ``/metrics`` and the live page.
 """
 
 from __future__ import annotations
@@ -119,11 +127,11 @@ class Serving:
                 ("health", base + "healthz")]
 
     def log_lifecycle(self) -> None:
-        """Write one structured log line per lifecycle event from now on (trace ids included)."""
+        """Write one structured log line per lifecycle event once caught up (trace ids
+        included): a sink of the service's runner. Call before :meth:`start`."""
         from exporters.logs import LifecycleLogger
 
-        lifecycle = LifecycleLogger()
-        self.service.listeners.append(lambda item: lifecycle.handle((item,)))
+        self.service.add_sink(LifecycleLogger())
 
     def start(self) -> None:
         """Start following the log, serving HTTP and (if configured) exporting spans."""
