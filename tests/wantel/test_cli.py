@@ -17,11 +17,10 @@ from telemetry.engine import ProjectionEngine
 from telemetry.events import MemorySampled
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
+from tests.telemetry.test_engine import SECOND, a_job
 from wantel.cli import main
 from wantel.commands import replay
 from wantel.commands.replay import job_summary, replay_streaming
-
-from tests.telemetry.test_engine import SECOND, a_job
 
 WANTEL = [sys.executable, "-m", "wantel"]
 
