@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -129,7 +130,6 @@ def _has_prompt(kind: type[Event]) -> bool:
 
 #: Per event type that becomes a frame: its frame type, and whether it has a prompt to drop.
 _LIVE: Final = {kind: (name, _has_prompt(kind)) for kind, name in FRAME_TYPES.items()}
-_MISSING: Final = msgspec.Raw(b"")  # not yet looked up (a view is never empty)
 
 
 def _live_frame(position: Position, event: Event, view: msgspec.Raw) -> str:
@@ -272,50 +272,41 @@ class Subscriber:
     _signalled: bool = False
     closed: bool = False
 
-    def push(self, frames: list[tuple[str, Position, str]],
-             texts: list[str] | None = None) -> None:
-        """Queue frames; called by the service's runner thread.
+    def push(self, texts: list[str], positions: list[Position],
+             jobs: list[str] | None = None) -> None:
+        """Queue frames (texts, with their positions in ascending order and, for a subscriber
+        of one job, their jobs); called by the service's runner thread.
 
-        ``frames`` are ``(job, position, text)``; or, when every frame is for every
-        subscriber (no job filter, none before a subscriber's first position), ``texts``
-        alone, taken at once (``frames`` then may be empty).
+        Frames before :attr:`min_position` are left out here, under the subscriber's lock: a
+        resync may have moved it since the caller looked.
         """
         with self._lock:
-            if self.closed or self.overflowed:
+            if self.closed or self.overflowed or not texts:
+                return
+            start = 0
+            if positions[0] < self.min_position:
+                start = bisect_left(positions, self.min_position)
+            chosen = texts[start:] if start else texts
+            if self.job is not None:
+                assert jobs is not None, "a subscriber of one job needs the frames' jobs"
+                chosen = [text for text, job in zip(chosen, jobs[start:], strict=True)
+                          if job == self.job]
+            if not chosen:
                 return
             queue = self._queue
-            if texts is not None and not frames:
-                if len(queue) + len(texts) > self.capacity:  # as one at a time would overflow
-                    queue.clear()
-                    self.overflowed = True
-                    self.overflows += 1
-                else:
-                    queue.extend(texts)
-                queued = bool(texts)
+            if len(queue) + len(chosen) > self.capacity:  # as one at a time would overflow
+                queue.clear()
+                self.overflowed = True
+                self.overflows += 1
             else:
-                queued = self._push_each(frames)
-            if not queued or self._signalled:
+                queue.extend(chosen)
+            if self._signalled:
                 return
             self._signalled = True
         try:
             self.loop.call_soon_threadsafe(self._wake.set)
         except RuntimeError:  # the client's loop is gone; it will be unsubscribed
             self.closed = True
-
-    def _push_each(self, frames: list[tuple[str, Position, str]]) -> bool:
-        """Queue the frames this subscriber wants, one by one; True if anything changed."""
-        queue, queued = self._queue, False
-        for job, position, text in frames:
-            if position < self.min_position or (self.job is not None and job != self.job):
-                continue
-            if len(queue) >= self.capacity:
-                queue.clear()
-                self.overflowed = True
-                self.overflows += 1
-                return True
-            queue.append(text)
-            queued = True
-        return queued
 
     def push_control(self, text: str) -> None:
         """Queue a reply from the client's own loop (never dropped by overflow)."""
@@ -387,13 +378,16 @@ class FanOut(Sink):
         wanted: set[str] | None = None  # None: every job
         if all(s.job is not None for s in subscribers):
             wanted = {s.job for s in subscribers if s.job is not None}
-        # The (job, position) of each frame matter only to a subscriber that filters.
-        whole = all(s.job is None and s.min_position <= floor for s in subscribers)
+        by_job = any(s.job is not None for s in subscribers)  # the frames' jobs are needed
         states = applied.engine.states
         views: dict[str, msgspec.Raw | None] = {}  # None: no view of the job (yet)
-        frames: list[tuple[str, Position, str]] = []
         texts: list[str] = []
-        live, encode, missing = _LIVE, _encode, _MISSING
+        positions: list[Position] = []
+        jobs: list[str] = []
+        keep, place, name = texts.append, positions.append, jobs.append
+        live, encode = _LIVE, _encode
+        last_job: str | None = None  # a flush is a run of one job's events: its view in locals
+        view: msgspec.Raw | None = None
         for position, event in applied.positioned():
             found = live.get(type(event))
             if found is None or position < floor:
@@ -401,10 +395,15 @@ class FanOut(Sink):
             job = event.job
             if wanted is not None and job not in wanted:
                 continue
-            view = views.get(job, missing)
-            if view is missing:
-                summary = summarize(states, job)
-                view = views[job] = None if summary is None else msgspec.Raw(encode(summary))
+            if job != last_job:
+                if job in views:
+                    view = views[job]
+                else:
+                    summary = summarize(states, job)
+                    view = views[job] = (None if summary is None
+                                         else msgspec.Raw(encode(summary)))
+                last_job = job
+            kind, prompt = found
             if view is None:  # as event_frame leaves it: no view key
                 made = event_frame(position, event)
                 assert made is not None  # a type in FRAME_TYPES
@@ -412,18 +411,17 @@ class FanOut(Sink):
             else:
                 data = asdict(event)
                 del data["job"], data["ts"]
-                if found[1]:
+                if prompt:
                     del data["prompt"]
                 data["view"] = view
-                text = encode({"type": found[0], "position": position, "job": job,
+                text = encode({"type": kind, "position": position, "job": job,
                                "ts": event.ts / 1e9, "data": data}).decode()
-            texts.append(text)
-            if not whole:
-                frames.append((job, position, text))
-        if not texts:
-            return
+            keep(text)
+            place(position)
+            if by_job:
+                name(job)
         for sub in subscribers:
-            sub.push(frames, texts)
+            sub.push(texts, positions, jobs if by_job else None)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Close every subscriber (their connections end)."""

@@ -27,7 +27,13 @@ from websockets.sync.client import ClientConnection, connect
 
 from exporters import service as service_module
 from exporters.server import create_app
-from exporters.service import TelemetryService, encode_frame, event_frame, summarize
+from exporters.service import (
+    Subscriber,
+    TelemetryService,
+    encode_frame,
+    event_frame,
+    summarize,
+)
 from telemetry.events import (
     DeviceInfo,
     Event,
@@ -608,6 +614,21 @@ def test_no_frame_is_built_while_every_subscriber_overflowed(
     (text,) = loop.run_until_complete(sub.next_frames())
     assert ("job_started", "b") == (json.loads(text)["type"], json.loads(text)["job"])
     service.stop()
+    loop.close()
+
+
+def test_a_subscriber_takes_only_frames_from_its_position_and_of_its_job() -> None:
+    """push() filters under the subscriber's lock (a resync may have moved its position since
+    the fan-out looked), and a burst it cannot hold overflows it as a frame at a time would."""
+    loop = asyncio.new_event_loop()
+    texts, positions, jobs = ["a3", "b4", "a5", "b6"], [3, 4, 5, 6], ["a", "b", "a", "b"]
+    every = Subscriber(loop=loop, job=None, capacity=10, min_position=4)
+    only_a = Subscriber(loop=loop, job="a", capacity=10, min_position=0)
+    small = Subscriber(loop=loop, job=None, capacity=3, min_position=0)
+    for sub in (every, only_a, small):
+        sub.push(texts, positions, jobs)
+    assert (["b4", "a5", "b6"], ["a3", "a5"]) == (list(every._queue), list(only_a._queue))
+    assert (True, 1, []) == (small.overflowed, small.overflows, list(small._queue))
     loop.close()
 
 
