@@ -33,6 +33,10 @@ with that checkout first on ``PYTHONPATH``, e.g.::
     PYTHONPATH=/work/main /work/main/.venv/bin/python benchmarks/serve_catchup.py \\
         --events 1000000 --log /tmp/catchup-log   # the same log, the other code
 
+Each case prints wall time and events/s, and the CPU time the server process used (all its
+threads: the runner, the client's loop, uvicorn) and events per CPU-second: on a shared machine
+the wall figure moves with whatever else runs, the CPU figure much less.
+
 Goal: ≥ 300k events/s catching up with a client connected.
 """
 
@@ -176,18 +180,19 @@ class Client:
         self.loop.close()
 
 
-def catch_up(log_dir: Path, case: str) -> tuple[float, str]:
-    """Seconds for a fresh service to catch up with the log; a note on the client."""
+def catch_up(log_dir: Path, case: str) -> tuple[float, float, str]:
+    """Seconds (wall, and CPU of this process: every thread) for a fresh service to catch up
+    with the log; a note on the client."""
     with tempfile.TemporaryDirectory(prefix="wantel-catchup-") as scratch:
         log = LocalLog(log_dir, create=False)
         service = TelemetryService(log, checkpoint_dir=scratch)
         client = Client(service, stalled=case == "client stalled") if case != "no client" \
             else None
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         service.start()
         if not service.wait_ready(3600):
             raise SystemExit("the service did not catch up")
-        took = time.perf_counter() - began
+        took, cpu = time.perf_counter() - began, time.process_time() - cpu
         note = ""
         if client is not None:
             time.sleep(0.2)  # let the client drain what is queued, for the note
@@ -196,7 +201,7 @@ def catch_up(log_dir: Path, case: str) -> tuple[float, str]:
             client.close()
         service.stop()
         log.close()
-    return took, note
+    return took, cpu, note
 
 
 def start_server(log_dir: Path) -> tuple[subprocess.Popen[str], int]:
@@ -220,6 +225,12 @@ def start_server(log_dir: Path) -> tuple[subprocess.Popen[str], int]:
     raise SystemExit("wantel serve did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def served_position(port: int) -> int:
     """The last position ``/readyz`` reports (-1 before the first)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
@@ -227,7 +238,7 @@ def served_position(port: int) -> int:
     return -1 if position is None else int(position)
 
 
-def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, str]:
+def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, float, str]:
     """Seconds for a real ``wantel serve`` to apply ``total`` events that appear at once."""
     from websockets.sync.client import connect
 
@@ -260,12 +271,12 @@ def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, str]:
         if ws is not None:
             reader.start()
         try:
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), cpu_seconds(proc.pid)
             for segment in segments:
                 os.rename(served / f"{segment.name}.incoming", served / segment.name)
             while served_position(port) < total - 1:
                 time.sleep(0.05)
-            took = time.perf_counter() - began
+            took, cpu = time.perf_counter() - began, cpu_seconds(proc.pid) - cpu
             time.sleep(0.5)
         finally:
             stop.set()
@@ -276,7 +287,7 @@ def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, str]:
             proc.wait(30)
     note = (f"{counts['frames']:,} frames received ({counts['snapshots']} snapshots), "
             f"last position seen {counts['max']:,}" if client else "")
-    return took, note
+    return took, cpu, note
 
 
 def main() -> int:
@@ -309,10 +320,12 @@ def main() -> int:
                         for _ in range(args.rounds)]
             else:
                 runs = [catch_up(args.log, case) for _ in range(args.rounds)]
-            seconds = statistics.median(t for t, _ in runs)
+            seconds = statistics.median(t for t, _, _ in runs)
+            cpu = statistics.median(c for _, c, _ in runs)
             rate = args.events / seconds
-            print(f"  {case:<16} {seconds:7.2f} s  {rate / 1e3:7.0f}k events/s   {runs[-1][1]}",
-                  flush=True)
+            print(f"  {case:<26} {seconds:7.2f} s {rate / 1e3:6.0f}k events/s   "
+                  f"CPU {cpu:6.2f} s {args.events / cpu / 1e3:6.0f}k events/CPU-s   "
+                  f"{runs[-1][2]}", flush=True)
             if case in ("client reading", "wantel serve + WebSocket"):
                 verdicts.append(rate >= GOAL)
                 print(f"  goal: ≥ {GOAL // 1000}k events/s with a client connected  ->  "

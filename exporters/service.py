@@ -26,12 +26,13 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 import structlog
-from msgspec.structs import asdict
+from msgspec import structs
 
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import (
@@ -123,28 +124,50 @@ def event_frame(position: Position, event: Event,
     return frame(kind, position, event.job, event.ts / 1e9, data)
 
 
-def _has_prompt(kind: type[Event]) -> bool:
-    """Whether ``kind`` has a ``prompt`` field (dropped from frames, with ``job`` and ``ts``)."""
-    return "prompt" in kind.__struct_fields__
+class _Frame(msgspec.Struct, gc=False):
+    """A live frame: encoded as :func:`frame`'s dict is (the same keys, in the same order)."""
+
+    type: str
+    position: int
+    job: str
+    ts: float
+    data: Any
 
 
-#: Per event type that becomes a frame: its frame type, and whether it has a prompt to drop.
-_LIVE: Final = {kind: (name, _has_prompt(kind)) for kind, name in FRAME_TYPES.items()}
+def _frame_data(kind: type[Event]) -> tuple[type[msgspec.Struct], Callable[[Any], Any]]:
+    """A struct for ``kind``'s frame ``data`` but its view (the event's fields but ``job``,
+    ``ts`` and ``prompt``, in order, never omitted), and what picks those fields' values out
+    of ``astuple(event)``: building one is a few C calls, where a dict is a hash insert a
+    key."""
+    names = kind.__struct_fields__
+    kept = [index for index, name in enumerate(names) if name not in _DROPPED_FIELDS]
+    fields: list[tuple[str, Any]] = [(names[index], Any) for index in kept]
+    return msgspec.defstruct(f"{kind.__name__}Frame", fields, gc=False), itemgetter(*kept)
 
 
-def _live_frame(position: Position, event: Event, view: msgspec.Raw) -> str:
-    """:func:`event_frame` with an encoded view, encoded: the same text, without the detour
-    through builtins (``asdict`` is shallow, and msgspec encodes the nested structs and
-    tuples it leaves exactly as :func:`~telemetry.events.to_builtins` converts them).
+#: Per event type that becomes a frame: its frame type, its data struct and field picker.
+_LIVE: Final = {kind: (name, *_frame_data(kind)) for kind, name in FRAME_TYPES.items()}
+
+
+def _view_tail(view: dict[str, Any]) -> str:
+    """How a live frame ends: ``data``'s last key, the view, and the two closing braces.
+
+    A frame's ``data`` is its last key and never empty, so its text ends with ``}}``: a live
+    frame is the frame without a view, those two braces replaced by this — the view is
+    encoded once per job and batch, not once per frame.
+    """
+    return ',"view":' + _encode(view).decode() + "}}"
+
+
+def _live_frame(position: Position, event: Event, tail: str) -> str:
+    """:func:`event_frame` with a view (as :func:`_view_tail`), encoded: the same text,
+    without the detour through builtins (msgspec encodes the nested structs and tuples
+    ``astuple`` leaves exactly as :func:`~telemetry.events.to_builtins` converts them).
     :meth:`FanOut.on_applied` runs this inlined."""
-    kind, prompt = _LIVE[type(event)]
-    data = asdict(event)
-    del data["job"], data["ts"]
-    if prompt:
-        del data["prompt"]
-    data["view"] = view
-    return _encode({"type": kind, "position": position, "job": event.job,
-                    "ts": event.ts / 1e9, "data": data}).decode()
+    kind, data, pick = _LIVE[type(event)]
+    bare = _encode(_Frame(kind, position, event.job, event.ts / 1e9,
+                          data(*pick(structs.astuple(event)))))
+    return bare[:-2].decode() + tail
 
 
 def _seconds(ts: int | None) -> float | None:
@@ -380,14 +403,14 @@ class FanOut(Sink):
             wanted = {s.job for s in subscribers if s.job is not None}
         by_job = any(s.job is not None for s in subscribers)  # the frames' jobs are needed
         states = applied.engine.states
-        views: dict[str, msgspec.Raw | None] = {}  # None: no view of the job (yet)
+        tails: dict[str, str | None] = {}  # None: no view of the job (yet)
         texts: list[str] = []
         positions: list[Position] = []
         jobs: list[str] = []
         keep, place, name = texts.append, positions.append, jobs.append
-        live, encode = _LIVE, _encode
+        live, encode, frame_of, astuple = _LIVE, _encode, _Frame, structs.astuple
         last_job: str | None = None  # a flush is a run of one job's events: its view in locals
-        view: msgspec.Raw | None = None
+        tail: str | None = None
         for position, event in applied.positioned():
             found = live.get(type(event))
             if found is None or position < floor:
@@ -396,26 +419,20 @@ class FanOut(Sink):
             if wanted is not None and job not in wanted:
                 continue
             if job != last_job:
-                if job in views:
-                    view = views[job]
+                if job in tails:
+                    tail = tails[job]
                 else:
                     summary = summarize(states, job)
-                    view = views[job] = (None if summary is None
-                                         else msgspec.Raw(encode(summary)))
+                    tail = tails[job] = None if summary is None else _view_tail(summary)
                 last_job = job
-            kind, prompt = found
-            if view is None:  # as event_frame leaves it: no view key
+            if tail is None:  # as event_frame leaves it: no view key
                 made = event_frame(position, event)
                 assert made is not None  # a type in FRAME_TYPES
                 text = encode_frame(made)
-            else:
-                data = asdict(event)
-                del data["job"], data["ts"]
-                if prompt:
-                    del data["prompt"]
-                data["view"] = view
-                text = encode({"type": kind, "position": position, "job": job,
-                               "ts": event.ts / 1e9, "data": data}).decode()
+            else:  # _live_frame, inlined
+                kind, data, pick = found
+                text = encode(frame_of(kind, position, job, event.ts / 1e9,
+                                       data(*pick(astuple(event)))))[:-2].decode() + tail
             keep(text)
             place(position)
             if by_job:
