@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgspec
-import structlog
 from msgspec import structs
 
 from telemetry.engine import CheckpointStore, ProjectionEngine
@@ -57,8 +56,6 @@ from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.memory import MemoryState
 from telemetry.projections.throughput import ThroughputState
 from telemetry.runner import Applied, ProjectionRunner, Sink
-
-_log = structlog.get_logger("wantel.service")
 
 CHECKPOINT_NAME: Final = "serve.ckpt"
 #: Frames a subscriber may have waiting before it is switched to a fresh snapshot: four of the
