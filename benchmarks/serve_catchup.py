@@ -26,12 +26,13 @@ reported as events/s:
     the last position. Here the client gets what a socket can carry: it overflows and is
     resynced with snapshots, as ``docs/websocket.md`` describes.
 
-Only the service's public API is used, so the same script measures the previous code: run it
-with that checkout first on ``PYTHONPATH``, e.g.::
+Only the service's public API is used, so the same script measures other code: ``--code DIR``
+imports ``telemetry``/``exporters``/``wantel`` from a checkout at ``DIR`` (its C accelerators
+built), for the in-process cases and the ``wantel serve`` it starts, e.g.::
 
-    python benchmarks/serve_catchup.py --events 1000000
-    PYTHONPATH=/work/main /work/main/.venv/bin/python benchmarks/serve_catchup.py \\
-        --events 1000000 --log /tmp/catchup-log   # the same log, the other code
+    python benchmarks/serve_catchup.py --events 1000000 --log /tmp/catchup-log
+    git archive <base> | tar -x -C /tmp/base   # + copy the built telemetry/*.so, log/*.so
+    python benchmarks/serve_catchup.py --events 1000000 --log /tmp/catchup-log --code /tmp/base
 
 Each case prints wall time and events/s, and the CPU time the server process used (all its
 threads: the runner, the client's loop, uvicorn) and events per CPU-second: on a shared machine
@@ -59,11 +60,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-if not os.environ.get("PYTHONPATH"):  # run from a checkout: import that checkout's code
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporters.service import TelemetryService
-from telemetry.events import (
+def _code() -> str:
+    """``--code DIR``, read before anything is imported (argparse reads it again)."""
+    for index, arg in enumerate(sys.argv):
+        if arg == "--code" and index + 1 < len(sys.argv):
+            return sys.argv[index + 1]
+        if arg.startswith("--code="):
+            return arg.split("=", 1)[1]
+    return str(Path(__file__).resolve().parents[1])
+
+
+def _use_code(code: str) -> None:
+    """Import wantel from ``code``: an editable install of some checkout would win over
+    ``sys.path``, so its finder is dropped first (here, and in the ``wantel serve`` child)."""
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    sys.path.insert(0, code)
+
+
+#: How the ``wantel serve`` child starts: the same, then wantel's entry point.
+SERVE: Final = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+                "repr(f).lower()]; sys.path.insert(0, {code!r}); from wantel.cli import main; "
+                "sys.exit(main(sys.argv[1:]))")
+CODE: Final = _code()
+_use_code(CODE)
+
+from exporters.service import TelemetryService  # noqa: E402 - from CODE
+from telemetry.events import (  # noqa: E402
     DeviceInfo,
     Event,
     JobCompleted,
@@ -73,7 +96,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
-from telemetry.log.local import LocalLog
+from telemetry.log.local import LocalLog  # noqa: E402
 
 GOAL: Final = 300_000
 WORKERS: Final = 4
@@ -204,14 +227,12 @@ def catch_up(log_dir: Path, case: str) -> tuple[float, float, str]:
     return took, cpu, note
 
 
-def start_server(log_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    """``wantel serve --port 0`` in a child process (this interpreter, this ``PYTHONPATH``);
-    the port is read from its banner."""
+def start_server(log_dir: Path, wantel: list[str]) -> tuple[subprocess.Popen[str], int]:
+    """``wantel serve --port 0`` in a child process (``wantel``: the command; by default this
+    interpreter and ``PYTHONPATH``); the port is read from its banner."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wantel", "serve", "--log", str(log_dir), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH")
-             or str(Path(__file__).resolve().parents[1])})
+        [*wantel, "serve", "--log", str(log_dir), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -231,14 +252,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def readyz(port: int) -> dict[str, Any]:
+    """What ``/readyz`` reports."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=300) as response:
+        found: dict[str, Any] = json.loads(response.read())
+    return found
+
+
 def served_position(port: int) -> int:
     """The last position ``/readyz`` reports (-1 before the first)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
-        position = json.loads(response.read())["position"]
+    position = readyz(port)["position"]
     return -1 if position is None else int(position)
 
 
-def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, float, str]:
+def end_to_end(log_dir: Path, total: int, *, client: bool,
+               wantel: list[str]) -> tuple[float, float, str]:
     """Seconds for a real ``wantel serve`` to apply ``total`` events that appear at once."""
     from websockets.sync.client import connect
 
@@ -249,8 +277,8 @@ def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, float
         segments = sorted(log_dir.glob("*.wlog"))
         for segment in segments:  # copied under names the log ignores, renamed in at t0
             shutil.copy(segment, served / f"{segment.name}.incoming")
-        proc, port = start_server(served)
-        counts = {"frames": 0, "snapshots": 0, "max": -1}
+        proc, port = start_server(served, wantel)
+        counts: dict[str, Any] = {"frames": 0, "snapshots": 0, "max": -1, "ended": None}
         stop = threading.Event()
         ws = connect(f"ws://127.0.0.1:{port}/ws/progress", max_size=None) if client else None
 
@@ -261,7 +289,8 @@ def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, float
                     frame = json.loads(ws.recv(timeout=0.2))
                 except TimeoutError:
                     continue
-                except Exception:
+                except Exception as exc:  # the connection ended: say so in the note
+                    counts["ended"] = f"{type(exc).__name__}: {exc}"
                     return
                 counts["frames"] += 1
                 counts["snapshots"] += frame["type"] == "snapshot"
@@ -270,6 +299,11 @@ def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, float
         reader = threading.Thread(target=read, daemon=True)
         if ws is not None:
             reader.start()
+            deadline = time.monotonic() + 30  # the handshake ends before the subscription
+            while readyz(port)["subscribers"] < 1 or counts["frames"] < 2:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the WebSocket client was not subscribed")
+                time.sleep(0.01)
         try:
             began, cpu = time.perf_counter(), cpu_seconds(proc.pid)
             for segment in segments:
@@ -286,7 +320,9 @@ def end_to_end(log_dir: Path, total: int, *, client: bool) -> tuple[float, float
             proc.terminate()
             proc.wait(30)
     note = (f"{counts['frames']:,} frames received ({counts['snapshots']} snapshots), "
-            f"last position seen {counts['max']:,}" if client else "")
+            f"last position seen {counts['max']:,}"
+            + (f"; the connection ended early ({counts['ended']})" if counts["ended"] else "")
+            if client else "")
     return took, cpu, note
 
 
@@ -299,6 +335,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--log", type=Path, default=None,
                         help="where to keep the log between runs (default: a temporary one)")
+    parser.add_argument("--code", default=CODE,
+                        help="the checkout whose code to measure (default: this one)")
     parser.add_argument("--cases", default="no client,client reading,client stalled,"
                         "wantel serve alone,wantel serve + WebSocket")
     args = parser.parse_args()
@@ -316,7 +354,9 @@ def main() -> int:
         verdicts = []
         for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
             if case.startswith("wantel serve"):
-                runs = [end_to_end(args.log, args.events, client="WebSocket" in case)
+                wantel = [sys.executable, "-c", SERVE.format(code=CODE)]
+                runs = [end_to_end(args.log, args.events, client="WebSocket" in case,
+                                   wantel=wantel)
                         for _ in range(args.rounds)]
             else:
                 runs = [catch_up(args.log, case) for _ in range(args.rounds)]
