@@ -5,7 +5,10 @@ How lines are rendered (JSON or console) is the application's choice, made once
 
 :class:`LifecycleLogger` turns lifecycle events read from the log into one line each, carrying
 the ``trace_id`` and ``span_id`` of the matching span in the job's trace
-(:mod:`exporters.otel`), so a log line links straight to its span in Jaeger and back.
+(:mod:`exporters.otel`), so a log line links straight to its span in Jaeger and back. It is a
+sink of a :class:`~telemetry.runner.ProjectionRunner` (``wantel serve`` attaches it to the
+runner that serves the projections): the runner's engine de-duplicates, so every event it is
+handed is new.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch, ReadItem
 from telemetry.projections.readings import device_label, queue_wait_s
-from telemetry.tracing import span_id_for, trace_id_for
+from telemetry.runner import Applied, Sink
+from telemetry.tracing import job_trace_id, span_id_for
 
 # -- lifecycle lines -------------------------------------------------------------------------
 
@@ -46,17 +50,20 @@ class _Job:
     queued_traceparent: str | None = None
     stage_counts: dict[str, int] = field(default_factory=dict)
     open_stages: dict[str, int] = field(default_factory=dict)
-    seqs: set[int] = field(default_factory=set)
 
 
 LIFECYCLE: Final = (JobQueued, JobStarted, StageEnded, ExpertSwitched, JobCompleted, JobFailed,
                     JobCancelled)
 #: Events that change what later lines say, though they are not lines themselves.
 _TRACKED: Final = (*LIFECYCLE, StageStarted)
+#: The same, as a set of exact types: a runner hands this sink every event it applies, and
+#: ``type(e) in`` a set is a hash lookup where ``isinstance`` against a tuple of msgspec
+#: structs walks the tuple (the sink cost ~2 µs an event that way).
+_TRACKED_TYPES: Final = frozenset(_TRACKED)
 _TERMINAL: Final = (JobCompleted, JobFailed, JobCancelled)
 
 
-class LifecycleLogger:
+class LifecycleLogger(Sink):
     """One structured line per lifecycle event, with the ``trace_id``/``span_id`` of its span.
 
     Lines: ``job.queued``, ``job.started``, ``stage.ended``, ``expert.switched``,
@@ -64,10 +71,18 @@ class LifecycleLogger:
     ``job``, ``model``, ``seq``, ``worker``, the event's own time as ``timestamp`` (and
     ``ts_ns``), the span it belongs to — ``queue.wait`` for ``job.queued``, the stage span for
     ``stage.ended``, the denoise span for ``expert.switched``, the root otherwise — and its
-    durations. Feed it the items of a ``log.follow()`` loop; it de-duplicates by
-    ``(job, seq)`` (delivery is at-least-once) and never raises: a line that cannot be written
-    is counted in :attr:`errors` and skipped.
+    durations.
+
+    As a runner's sink it writes the lines of what the runner applies once it follows the log
+    (``live``): what was stored before the runner started was logged by whoever ran then, so
+    it only tracks those jobs (their model, trace and stage counts) without writing. A job's
+    lines end with its terminal line: anything after it is not a lifecycle step. Events are
+    not de-duplicated here (the runner's engine does that): :meth:`handle` writes the lines of
+    the events it is given. It never raises: a line that cannot be written is counted in
+    :attr:`errors` and skipped.
     """
+
+    name = "lifecycle-log"
 
     def __init__(self, logger: Any | None = None, *, max_jobs: int = 10_000) -> None:
         # Span roles come from the span exporter, so a line's span_id is its span's by
@@ -78,10 +93,17 @@ class LifecycleLogger:
         self._logger = logger if logger is not None else structlog.get_logger("wantel.jobs")
         self._jobs: OrderedDict[str, _Job] = OrderedDict()  # oldest popped in O(1)
         self._max_jobs = max_jobs
-        self._finished: deque[str] = deque(maxlen=max_jobs)
-        self._finished_set: set[str] = set()
+        self._ended: deque[str] = deque(maxlen=max_jobs)
+        self._ended_set: set[str] = set()
         self.lines = 0
         self.errors = 0
+
+    def on_applied(self, applied: Applied) -> None:
+        """Write the lines of what the runner applied (only track, while it catches up)."""
+        write, tracked, one = applied.live, _TRACKED_TYPES, self._one
+        for event in applied.events:
+            if type(event) in tracked:
+                one(event, write=write)
 
     def handle(self, items: Iterable[ReadItem | Event]) -> int:
         """Write the lines for ``items`` (log items or bare events); returns how many."""
@@ -97,12 +119,12 @@ class LifecycleLogger:
             self.errors += 1
         return written
 
-    def _one(self, event: Event) -> int:
-        if not isinstance(event, _TRACKED):
+    def _one(self, event: Event, *, write: bool = True) -> int:
+        if type(event) not in _TRACKED_TYPES:
             return 0
         try:
             line = self._line(event)
-            if line is None:
+            if line is None or not write:
                 return 0
             level, name, fields = line
             getattr(self._logger, level)(name, **fields)
@@ -114,17 +136,13 @@ class LifecycleLogger:
 
     def _line(self, event: Event) -> tuple[str, str, dict[str, Any]] | None:
         job_id = event.job
-        if job_id in self._finished_set:
-            return None  # a late duplicate of a finished job
+        if job_id in self._ended_set:
+            return None  # after the job's terminal line: no lifecycle step of it
         job = self._jobs.get(job_id)
         if job is None:
-            job = self._jobs[job_id] = _Job(trace_id=trace_id_for(job_id))
+            job = self._jobs[job_id] = _Job(trace_id=job_trace_id(job_id))
             while len(self._jobs) > self._max_jobs:
                 self._jobs.popitem(last=False)
-        if event.seq >= 0:
-            if event.seq in job.seqs:
-                return None
-            job.seqs.add(event.seq)
         role = self._root_role
         level = "info"
         fields: dict[str, Any] = {}
@@ -136,14 +154,12 @@ class LifecycleLogger:
         if isinstance(event, JobQueued):
             job.model, job.queued_ts = event.model, event.ts
             job.queued_traceparent = event.traceparent
-            job.trace_id = trace_id_for(job_id, event.traceparent)
+            job.trace_id = job_trace_id(job_id, queued=event.traceparent)
             name, role = "job.queued", self._queue_role
             fields = {"task": event.task}
         elif isinstance(event, JobStarted):
             job.model = event.model
-            traceparent = (event.traceparent if event.traceparent is not None
-                           else job.queued_traceparent)
-            job.trace_id = trace_id_for(job_id, traceparent)
+            job.trace_id = job_trace_id(job_id, event.traceparent, job.queued_traceparent)
             name = "job.started"
             device = event.device
             fields = {
@@ -188,10 +204,10 @@ class LifecycleLogger:
             return None
         if isinstance(event, _TERMINAL):
             del self._jobs[job_id]
-            if self._finished.maxlen is not None and len(self._finished) == self._finished.maxlen:
-                self._finished_set.discard(self._finished[0])
-            self._finished.append(job_id)
-            self._finished_set.add(job_id)
+            if self._ended.maxlen is not None and len(self._ended) == self._ended.maxlen:
+                self._ended_set.discard(self._ended[0])
+            self._ended.append(job_id)
+            self._ended_set.add(job_id)
         return level, name, {
             "job": job_id, "model": job.model, "trace_id": job.trace_id,
             "span_id": span_id_for(job_id, role), "seq": event.seq, "worker": event.worker,

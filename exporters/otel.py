@@ -23,10 +23,11 @@ denoise span; 50 child spans would bury the stage spans in the trace view, cost 
 parent id and resource reference each, and carry no duration the event lacks (``duration_s``
 is an attribute). See ``docs/traces.md``.
 
-:class:`SpanExportRunner` follows the log, exports each finished job through any
-:class:`~opentelemetry.sdk.trace.export.SpanExporter` and checkpoints only after the exporter
-returned ``SUCCESS``; :func:`exporter_from_config` builds the OTLP exporter from ``--otlp`` or
-the standard ``OTEL_EXPORTER_OTLP_*`` variables.
+:class:`SpanSink` is span export as a sink of a :class:`~telemetry.runner.ProjectionRunner`
+(the one loop that follows a log): it exports each finished job through any
+:class:`~opentelemetry.sdk.trace.export.SpanExporter`, and the runner checkpoints only once the
+exporter returned ``SUCCESS``; :func:`exporter_from_config` builds the OTLP exporter from
+``--otlp`` or the standard ``OTEL_EXPORTER_OTLP_*`` variables.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
@@ -50,8 +51,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import AttributeValue
 
+from telemetry import tracing
 from telemetry.codec import decode_one, encode
-from telemetry.engine import CheckpointStore
 from telemetry.eta.evaluate import ours_at
 from telemetry.eta.jobs import job_records
 from telemetry.eta.model import BUCKETS, CHECKPOINTS, bucket_of
@@ -68,10 +69,11 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
-from telemetry.log.base import Batch, EventLog, Position, ReadItem
-from telemetry.projections.eta import EtaProjection, EtaState
+from telemetry.log.base import Position
+from telemetry.projections.eta import EtaPoint, EtaProjection, EtaState
 from telemetry.projections.readings import device_label, queue_wait_s, stage_role, stage_start
-from telemetry.tracing import parse_traceparent, span_id_for, trace_id_for
+from telemetry.runner import Applied, Sink
+from telemetry.tracing import parse_traceparent, span_id_for
 
 _log = structlog.get_logger("wantel.otel")
 
@@ -91,19 +93,20 @@ _DEFAULT_RESOURCE: Resource | None = None
 
 
 def job_trace_id(started: JobStarted | None, queued: JobQueued | None, job: str) -> str:
-    """The job's trace id: ``JobStarted``'s traceparent when it has one, else ``JobQueued``'s.
-
-    The same rule as the metrics projection's exemplars, so an exemplar's trace id names the
-    trace this module exports.
-    """
-    return trace_id_for(job, traceparent_of(started, queued))
+    """The job's trace id, by the one rule in :func:`telemetry.tracing.job_trace_id` (the same
+    the metrics' exemplars and the lifecycle log lines use)."""
+    return tracing.job_trace_id(job, *_traceparents(started, queued))
 
 
 def traceparent_of(started: JobStarted | None, queued: JobQueued | None) -> str | None:
-    """The traceparent a job carries (see :func:`job_trace_id`)."""
-    if started is not None and started.traceparent is not None:
-        return started.traceparent
-    return queued.traceparent if queued is not None else None
+    """The traceparent a job carries (:func:`telemetry.tracing.job_traceparent`)."""
+    return tracing.job_traceparent(*_traceparents(started, queued))
+
+
+def _traceparents(started: JobStarted | None,
+                  queued: JobQueued | None) -> tuple[str | None, str | None]:
+    return (started.traceparent if started is not None else None,
+            queued.traceparent if queued is not None else None)
 
 
 def default_resource() -> Resource:
@@ -170,13 +173,16 @@ def _view_of(events: Iterable[Event]) -> _JobView | None:
 
 
 def spans_for_job(
-    events: Iterable[Event], *, resource: Resource | None = None
+    events: Iterable[Event], *, resource: Resource | None = None,
+    eta_issued: Sequence[EtaPoint] | None = None,
 ) -> list[ReadableSpan]:
     """The finished spans of one job, root first, built from its events alone.
 
     ``events`` are one job's events in log order (duplicates by ``seq`` are dropped; types
     spans don't use are ignored). An :class:`~telemetry.events.EtaCalibrated` among them is
     taken as the calibration in force when the job started, for the ETA attributes.
+    ``eta_issued``: the ETAs the ETA projection issued during the job, read from an engine's
+    state (see :class:`SpanSink`); ``None`` runs the projection over these events instead.
 
     ``ReadableSpan`` objects are built directly rather than through a ``TracerProvider`` with a
     custom ``IdGenerator``: every id comes from :func:`telemetry.tracing.span_id_for` by role,
@@ -267,7 +273,7 @@ def spans_for_job(
             status=Status(StatusCode.ERROR, f"stage {stage} did not end")
             if isinstance(terminal, JobFailed) else None))
 
-    attributes, status = _root_attributes(view)
+    attributes, status = _root_attributes(view, eta_issued)
     if isinstance(terminal, JobFailed):
         root_events.append(SpanEvent("exception", {
             "exception.type": terminal.error_type, "exception.message": terminal.message},
@@ -295,7 +301,8 @@ def _step_attributes(event: StepEnded) -> dict[str, AttributeValue]:
     return attributes
 
 
-def _root_attributes(view: _JobView) -> tuple[dict[str, AttributeValue], Status]:
+def _root_attributes(view: _JobView, eta_issued: Sequence[EtaPoint] | None
+                     ) -> tuple[dict[str, AttributeValue], Status]:
     attributes: dict[str, AttributeValue] = {
         "wantel.job": view.job, "gen_ai.operation.name": "generate_content",
         "gen_ai.provider.name": "diffusers"}
@@ -347,24 +354,28 @@ def _root_attributes(view: _JobView) -> tuple[dict[str, AttributeValue], Status]
     else:
         attributes["wantel.status"] = "running"
     if started is not None and terminal is not None:
-        attributes.update(eta_attributes(view.events, view.calibration))
+        attributes.update(eta_attributes(view.events, view.calibration, issued=eta_issued))
     return attributes, status
 
 
 def eta_attributes(
-    events: Sequence[Event], calibration: EtaCalibrated | None = None
+    events: Sequence[Event], calibration: EtaCalibrated | None = None, *,
+    issued: Sequence[EtaPoint] | None = None,
 ) -> dict[str, AttributeValue]:
     """The ETA story of one finished job, as root-span attributes.
 
-    Computed here, from the job's events, with the same code the ETA projection and
-    ``wantel eta eval`` use, so the trace agrees with the dashboards:
+    ``issued`` is every ETA the ETA projection issued during the job, oldest first — what
+    the dashboards showed. A :class:`SpanSink` reads it from its engine's state; without it
+    (``None``) the projection is run here over the job's events, with the same result.
 
     ``wantel.eta.prior_s`` / ``wantel.eta.prior_error``
         the ETA issued at ``JobStarted`` (before any work) and its signed relative error.
     ``wantel.eta.at_10pct_s`` (25, 50)
         the live model's remaining-time estimate at 10/25/50 % of the job's *actual*
-        duration (:func:`telemetry.eta.evaluate.ours_at`), and ``…_error`` its signed
-        relative error against the actual remaining time (completed jobs only).
+        duration (:func:`telemetry.eta.evaluate.ours_at`, as ``wantel eta eval`` scores it),
+        and ``…_error`` its signed relative error against the actual remaining time
+        (completed jobs only). No projection issues an ETA at those moments (they are known
+        only once the job has ended), so these are always computed here.
     ``wantel.eta.residual`` and ``wantel.eta.residual.<bucket>``
         the final residual: the mean signed relative error of every ETA issued during the job
         (at each stage boundary and step), overall and per progress bucket — exactly what the
@@ -379,10 +390,12 @@ def eta_attributes(
     state: EtaState = projection.initial()
     if calibration is not None:
         state = projection.apply(state, calibration)
-    for event in record.events:
-        if not isinstance(event, TERMINALS):
-            state = projection.apply(state, event)
-    running = state.running.get(record.job)
+    if issued is None:
+        for event in record.events:
+            if not isinstance(event, TERMINALS):
+                state = projection.apply(state, event)
+        running = state.running.get(record.job)
+        issued = running.issued if running is not None else ()
     attributes: dict[str, AttributeValue] = {}
     duration = record.duration_s
     for fraction in ETA_FRACTIONS:
@@ -394,14 +407,14 @@ def eta_attributes(
         actual = duration * (1 - fraction)
         if record.completed and actual > 1e-3:
             attributes[f"{key}_error"] = (estimate.remaining_s - actual) / actual
-    if running is None or not running.issued:
+    if not issued:
         return attributes
-    prior = running.issued[0]
+    prior = issued[0]
     attributes["wantel.eta.prior_s"] = prior.remaining_s
     if not record.completed:
         return attributes
     by_bucket: dict[str, list[float]] = {}
-    for index, point in enumerate(running.issued):
+    for index, point in enumerate(issued):
         actual = (end_ts - point.ts) / 1e9
         if actual <= 1e-3:
             continue
@@ -508,32 +521,28 @@ def _parse_headers(headers: Mapping[str, str] | str) -> dict[str, str]:
     return parsed
 
 
-# -- the runner ------------------------------------------------------------------------------
+# -- the sink --------------------------------------------------------------------------------
 
 
-class _Checkpoint(msgspec.Struct, kw_only=True):
-    """What the runner persists: where to read from and the jobs open at that position."""
+class _SpanState(msgspec.Struct, kw_only=True):
+    """What a :class:`SpanSink` keeps in its runner's checkpoint: the jobs open there."""
 
-    version: int = 1
-    position: int = 0
-    open: dict[str, list[bytes]] = {}  # job → its buffered events (telemetry.codec JSON)
-    finished: list[str] = []  # recently exported jobs: late duplicates of theirs are ignored
+    version: int = 2
+    open: dict[str, list[bytes]] = {}  # job → its buffered events (telemetry.codec)
+    issued: dict[str, list[EtaPoint]] = {}  # job → the ETAs issued so far (the engine's)
     calibration: bytes | None = None
 
 
 @dataclass(frozen=True)
 class ExportStats:
-    """What a :class:`SpanExportRunner` has done; a snapshot, safe to read from any thread."""
+    """What a :class:`SpanSink` has done; a snapshot, safe to read from any thread."""
 
-    position: Position = 0
     jobs_exported: int = 0
     spans_exported: int = 0
     export_failures: int = 0
-    checkpoints: int = 0
     open_jobs: int = 0
     pending_jobs: int = 0
     pending_spans: int = 0
-    quarantined_records: int = 0
     evicted_jobs: int = 0
     last_error: str | None = None
 
@@ -541,213 +550,130 @@ class ExportStats:
 @dataclass
 class _Pending:
     job: str
+    position: Position  # of the job's terminal event: what acknowledging it covers
     spans: list[ReadableSpan]
 
 
-class SpanExportRunner:
-    """Follow the log; export each job's spans when it ends; never lose or repeat a job.
+class SpanSink(Sink):
+    """Span export as a :class:`~telemetry.runner.ProjectionRunner` sink: a job's spans go to
+    ``exporter`` when its terminal event is applied; none is lost or sent twice.
 
-    Delivery. The log itself is the queue. A job's spans are built when its terminal event is
-    read and handed to ``exporter.export()``; the checkpoint (the next position, plus the
-    events of jobs still open there) is written only after ``export()`` returned ``SUCCESS``.
-    On ``FAILURE`` (or an exception) the same spans are retried with exponential backoff
-    (``retry_backoff`` = first and longest wait) and reading pauses, so nothing piles up in
-    memory while a collector is down: the events wait in the log. ``force_flush()`` is never
-    trusted — it returns True even when the receiver is down. A new runner resumes from the
-    checkpoint, so a restart neither loses nor repeats a job; only a crash between the
+    The runner de-duplicates and positions the events; this sink buffers each open job's span
+    sources and, at its terminal event, builds its spans (:func:`spans_for_job`) with the ETA
+    attributes read from the engine's ETA projection state (the ETAs it issued during the job:
+    the runner hands this sink the state just before each terminal event, see
+    ``cut_before``), and holds them as pending. The runner then calls :meth:`force_flush`,
+    which hands them to ``exporter.export()``: until that returns ``SUCCESS`` the sink
+    reports them in :meth:`pending_since`, so the runner stops reading (the events wait in the
+    log, not in memory) and retries with back-off, and writes no checkpoint past them. Once
+    the collector accepts them, the runner checkpoints at once, with the open jobs' buffers
+    (:meth:`snapshot`): a restart neither loses nor repeats a job; only a crash between the
     collector's acknowledgement and the checkpoint's fsync can repeat one, with the same span
-    ids (collectors and Jaeger de-duplicate by id).
+    ids (collectors and Jaeger de-duplicate by id). ``force_flush()`` of the exporter itself
+    is never trusted: it returns True even when the receiver is down.
 
-    The runner does not own the exporter: :meth:`stop` leaves it open, :meth:`shutdown` also
-    shuts it down.
+    Give span export a runner of its own (an engine with the ETA projection; see
+    ``wantel/serving.py``): pausing for a collector that is down must not pause the
+    projections that ``/metrics`` and the live page read. Without an ``eta`` projection in
+    the engine, the ETA attributes are computed from the job's events instead.
+
+    :meth:`shutdown` shuts the exporter down.
     """
+
+    name = "spans"
+    cut_before: frozenset[type[Event]] = frozenset(TERMINALS)
 
     def __init__(
         self,
-        log: EventLog,
         exporter: SpanExporter,
-        checkpoint: CheckpointStore,
         *,
-        retry_backoff: tuple[float, float] = (0.2, 5.0),
         max_batch_spans: int = 512,
         max_open_jobs: int = 10_000,
-        remember_finished: int = 10_000,
-        checkpoint_interval: float = 5.0,
-        poll_interval: float = 0.05,
         resource: Resource | None = None,
     ) -> None:
-        if retry_backoff[0] <= 0 or retry_backoff[1] < retry_backoff[0]:
-            raise ValueError(f"retry_backoff must be (first > 0, longest >= first), "
-                             f"got {retry_backoff}")
-        self.log = log
         self.exporter = exporter
-        self.checkpoint = checkpoint
-        self._backoff = retry_backoff
         self._max_batch_spans = max_batch_spans
         self._max_open_jobs = max_open_jobs
-        self._checkpoint_interval = checkpoint_interval
-        self._poll_interval = poll_interval
         self._resource = resource or default_resource()
-        self._pass_lock = threading.Lock()  # one reader at a time: the thread or export_pending
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stats = ExportStats()
-        self._stats_lock = threading.Lock()
-        # State that the checkpoint mirrors once nothing is pending.
-        self.position: Position = 0
         self._open: OrderedDict[str, list[Event]] = OrderedDict()  # oldest popped in O(1)
-        self._open_seqs: dict[str, set[int]] = {}
-        self._finished: deque[str] = deque(maxlen=remember_finished)
-        self._finished_set: set[str] = set()
+        self._issued: dict[str, list[EtaPoint]] = {}
         self._calibration: EtaCalibrated | None = None
         self._pending: list[_Pending] = []
-        self._saved_position: Position = -1
-        self._saved_at = time.monotonic()
-        self._restore()
-
-    # -- public ------------------------------------------------------------------------------
+        self._stats = ExportStats()
+        self._stats_lock = threading.Lock()
 
     @property
     def stats(self) -> ExportStats:
-        """Counters and the current position."""
+        """Counters, as of the last step."""
         with self._stats_lock:
             return self._stats
 
-    def start(self) -> None:
-        """Follow the log from the checkpointed position in a daemon thread."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="wantel-otel", daemon=True)
-        self._thread.start()
+    def _update(self, **changes: object) -> None:
+        with self._stats_lock:
+            self._stats = replace(self._stats, **changes)  # type: ignore[arg-type]
 
-    def stop(self, timeout: float | None = 10.0) -> bool:
-        """Stop following; checkpoint if nothing is pending. True if the thread ended in time.
+    def _publish(self) -> None:
+        self._update(open_jobs=len(self._open), pending_jobs=len(self._pending),
+                     pending_spans=sum(len(p.spans) for p in self._pending))
 
-        An ``export()`` in flight is not interrupted: it ends within the exporter's own timeout.
-        """
-        self._stop.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                return False
-            self._thread = None
-        return True
+    # -- the runner's calls ------------------------------------------------------------------
 
-    def shutdown(self, timeout: float | None = 10.0) -> bool:
-        """:meth:`stop`, then shut the exporter down."""
-        stopped = self.stop(timeout)
-        self.exporter.shutdown()
-        return stopped
-
-    def export_pending(self) -> int:
-        """One synchronous pass: export what is pending and everything stored now.
-
-        Tries each export once (no backoff): on failure it returns, leaving the spans pending
-        for the next pass. Returns how many spans were exported. Not while :meth:`start`'s
-        thread runs (it owns the reading position): that raises ``RuntimeError``.
-        """
-        if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError("export_pending() while the runner's thread is following the log")
-        with self._pass_lock:
-            before = self.stats.spans_exported
-            if self._flush(block=False):
-                for item in self.log.read(self.position):
-                    if not self._process(item, block=False):
-                        break
-                else:
-                    self._maybe_checkpoint(force=True)
-            return self.stats.spans_exported - before
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            with self._pass_lock:
-                if not self._flush(block=True):
-                    return
-                for item in self.log.follow(self.position, stop=self._stop,
-                                            poll_interval=self._poll_interval):
-                    if not self._process(item, block=True):
-                        return
-                    self._maybe_checkpoint(force=False)
-                self._maybe_checkpoint(force=True)
-        except Exception as exc:  # a broken log must not kill the process that serves metrics
-            _log.exception("span export runner stopped", error=f"{type(exc).__name__}: {exc}")
-            self._update(last_error=f"{type(exc).__name__}: {exc}")
-
-    def _process(self, item: ReadItem, *, block: bool) -> bool:
-        """Apply one log item; False if an export failed (non-blocking) or a stop came."""
-        if not isinstance(item, Batch):
-            if item.next > self.position:
-                self.position = item.next
-                self._update(quarantined_records=self.stats.quarantined_records
-                             + (item.count or 1))
-            return True
-        for position, event in item.positioned():
-            if position < self.position:
+    def on_applied(self, applied: Applied) -> None:
+        """Buffer span sources; at a terminal event, build the job's spans (pending)."""
+        eta: EtaState | None = applied.engine.states.get("eta")
+        finished = applied.engine.finished_jobs
+        touched: set[str] = set()
+        for position, event in applied.positioned():
+            if isinstance(event, EtaCalibrated):
+                self._calibration = event
                 continue
-            self._apply(event)
-            self.position = position + 1
-            if (self._pending_spans() >= self._max_batch_spans
-                    and not self._flush(block=block)):
-                return False
-        return self._flush(block=block)
+            if not isinstance(event, SPAN_SOURCES):
+                continue
+            job = event.job
+            terminal = isinstance(event, TERMINALS)
+            # The runner cut before this terminal, so a job already finished here ended
+            # earlier: what follows its terminal is no part of its trace.
+            if not terminal and job in finished:
+                continue
+            events = self._open.get(job)
+            if events is None:
+                events = self._open[job] = []
+                if self._calibration is not None:
+                    events.append(self._calibration)
+                self._evict()
+            events.append(event)
+            if terminal:
+                del self._open[job]
+                issued = self._issued.pop(job, ()) if eta is not None else None
+                try:
+                    spans = spans_for_job(events, resource=self._resource, eta_issued=issued)
+                except Exception as exc:  # one malformed job must not stop every other trace
+                    _log.warning("cannot build spans", job=job,
+                                 error=f"{type(exc).__name__}: {exc}")
+                    continue
+                self._pending.append(_Pending(job, position, spans))
+            elif eta is not None:
+                touched.add(job)
+        if eta is not None:  # the ETAs issued so far, read before any terminal is applied
+            running = eta.running
+            for job in touched:
+                live = running.get(job)
+                if live is not None and live.issued:
+                    self._issued[job] = list(live.issued)
+        self._publish()
 
-    def _apply(self, event: Event) -> None:
-        if isinstance(event, EtaCalibrated):
-            self._calibration = event
-            return
-        if not isinstance(event, SPAN_SOURCES):
-            return
-        job = event.job
-        if job in self._finished_set:
-            return  # a late duplicate of a job already exported
-        events = self._open.get(job)
-        if events is None:
-            events = self._open[job] = []
-            self._open_seqs[job] = set()
-            if self._calibration is not None:
-                events.append(self._calibration)
-            self._evict()
-        seqs = self._open_seqs[job]
-        if event.seq >= 0:
-            if event.seq in seqs:
-                return
-            seqs.add(event.seq)
-        events.append(event)
-        if isinstance(event, TERMINALS):
-            del self._open[job], self._open_seqs[job]
-            self._remember(job)
-            try:
-                spans = spans_for_job(events, resource=self._resource)
-            except Exception as exc:  # one malformed job must not stop every other trace
-                _log.warning("cannot build spans", job=job, error=f"{type(exc).__name__}: {exc}")
-                return
-            self._pending.append(_Pending(job, spans))
+    def pending_since(self) -> Position | None:
+        """The position of the oldest terminal event whose spans the collector has not
+        accepted yet."""
+        return self._pending[0].position if self._pending else None
 
-    def _evict(self) -> None:
-        while len(self._open) > self._max_open_jobs:
-            oldest, _ = self._open.popitem(last=False)
-            del self._open_seqs[oldest]
-            _log.warning("too many open jobs; dropping the oldest's trace", job=oldest)
-            self._update(evicted_jobs=self.stats.evicted_jobs + 1)
-
-    def _remember(self, job: str) -> None:
-        if self._finished.maxlen is not None and len(self._finished) == self._finished.maxlen:
-            self._finished_set.discard(self._finished[0])
-        self._finished.append(job)
-        self._finished_set.add(job)
-
-    def _pending_spans(self) -> int:
-        return sum(len(p.spans) for p in self._pending)
-
-    def _flush(self, *, block: bool) -> bool:
-        """Export every pending job; True when none is left. Blocking mode retries until stop."""
-        delay = self._backoff[0]
-        exported = False
+    def force_flush(self, timeout: float | None = None) -> bool:
+        """Export every pending job, ``max_batch_spans`` at a time, each batch tried once;
+        True when none is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self._pending:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
             batch: list[_Pending] = []
             count = 0
             for pending in self._pending:
@@ -763,82 +689,46 @@ class SpanExportRunner:
                     error = f"exporter returned {result.name}"
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-            if error is None:
-                del self._pending[:len(batch)]
-                stats = self.stats
-                self._update(jobs_exported=stats.jobs_exported + len(batch),
-                             spans_exported=stats.spans_exported + len(spans), last_error=None)
-                delay = self._backoff[0]
-                exported = True
-                continue
-            self._update(export_failures=self.stats.export_failures + 1, last_error=error)
-            self._publish()
-            _log.warning("span export failed; will retry", error=error, spans=len(spans),
-                         retry_in_s=delay if block else None)
-            if not block or self._stop.wait(delay):
+            if error is not None:
+                self._update(export_failures=self.stats.export_failures + 1, last_error=error)
+                self._publish()
+                _log.warning("span export failed; will retry", error=error, spans=len(spans))
                 return False
-            delay = min(delay * 2, self._backoff[1])
-        self._maybe_checkpoint(force=exported)
+            del self._pending[:len(batch)]
+            stats = self.stats
+            self._update(jobs_exported=stats.jobs_exported + len(batch),
+                         spans_exported=stats.spans_exported + len(spans), last_error=None)
+        self._publish()
         return True
 
-    # -- checkpoints -------------------------------------------------------------------------
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Shut the exporter down."""
+        self.exporter.shutdown()
 
-    def _maybe_checkpoint(self, *, force: bool) -> None:
-        """Save when nothing is pending and the position moved (now, or every interval)."""
-        if self._pending or self.position == self._saved_position:
-            self._publish()
-            return
-        if not force and time.monotonic() - self._saved_at < self._checkpoint_interval:
-            self._publish()
-            return
-        snapshot = _Checkpoint(
-            position=self.position,
+    def snapshot(self) -> bytes:
+        """The open jobs' buffered events and ETAs (checkpoints are written only when nothing
+        is pending, so there are no spans to keep)."""
+        return msgspec.msgpack.encode(_SpanState(
             open={job: [encode(e) for e in events] for job, events in self._open.items()},
-            finished=list(self._finished),
-            calibration=encode(self._calibration) if self._calibration is not None else None)
-        try:
-            self.checkpoint.save(msgspec.msgpack.encode(snapshot))
-        except OSError as exc:  # a full disk must not stop export; the next save retries
-            _log.warning("cannot write checkpoint", path=str(self.checkpoint.path),
-                         error=exc.strerror or str(exc))
-            self._publish()
-            return
-        self._saved_position, self._saved_at = self.position, time.monotonic()
-        self._update(checkpoints=self.stats.checkpoints + 1)
-        self._publish()
+            issued={job: points for job, points in self._issued.items() if job in self._open},
+            calibration=encode(self._calibration) if self._calibration is not None else None))
 
-    def _restore(self) -> None:
-        data = self.checkpoint.load()
-        if data is None:
-            self._publish()
-            return
-        try:
-            snapshot = msgspec.msgpack.decode(data, type=_Checkpoint)
-            opened = {job: [decode_one(raw) for raw in events]
-                      for job, events in snapshot.open.items()}
-            calibration = (decode_one(snapshot.calibration)
-                           if snapshot.calibration is not None else None)
-        except Exception as exc:  # any damage: start over rather than refuse to run
-            _log.warning("unreadable span-export checkpoint; exporting from the start",
-                         path=str(self.checkpoint.path), error=str(exc))
-            self._publish()
-            return
-        self.position = self._saved_position = snapshot.position
-        self._open = OrderedDict(opened)
-        self._open_seqs = {job: {e.seq for e in events if e.seq >= 0}
-                           for job, events in opened.items()}
-        for job in snapshot.finished:
-            self._remember(job)
+    def restore(self, data: bytes) -> None:
+        """Take back the open jobs of a checkpoint."""
+        state = msgspec.msgpack.decode(data, type=_SpanState)
+        self._open = OrderedDict((job, [decode_one(raw) for raw in events])
+                                 for job, events in state.open.items())
+        self._issued = dict(state.issued)
+        calibration = decode_one(state.calibration) if state.calibration is not None else None
         self._calibration = calibration if isinstance(calibration, EtaCalibrated) else None
         self._publish()
 
-    def _update(self, **changes: object) -> None:
-        with self._stats_lock:
-            self._stats = replace(self._stats, **changes)  # type: ignore[arg-type]
-
-    def _publish(self) -> None:
-        self._update(position=self.position, open_jobs=len(self._open),
-                     pending_jobs=len(self._pending), pending_spans=self._pending_spans())
+    def _evict(self) -> None:
+        while len(self._open) > self._max_open_jobs:
+            oldest, _ = self._open.popitem(last=False)
+            self._issued.pop(oldest, None)
+            _log.warning("too many open jobs; dropping the oldest's trace", job=oldest)
+            self._update(evicted_jobs=self.stats.evicted_jobs + 1)
 
 
 __all__ = [
@@ -848,7 +738,7 @@ __all__ = [
     "ROOT_SPAN",
     "SERVICE_NAME",
     "ExportStats",
-    "SpanExportRunner",
+    "SpanSink",
     "default_resource",
     "eta_attributes",
     "exporter_from_config",

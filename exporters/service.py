@@ -1,36 +1,39 @@
 """The live side of ``wantel serve``: one projection runner following the log, fanned out.
 
-:class:`TelemetryService` owns a single :class:`~telemetry.engine.ProjectionRunner` over every
+:class:`TelemetryService` owns a single :class:`~telemetry.runner.ProjectionRunner` over every
 default projection, so ``/metrics``, ``/api`` and ``/ws/progress`` all read the same state at the
 same position, and a checkpoint (``<checkpoint_dir>/serve.ckpt``) lets a restart resume without
-double counting. A background thread catches up with the log, marks the service ready, then
-follows it.
+double counting. The runner's thread catches up with the log, marks the service ready, then
+follows it; other sinks (the lifecycle log lines) are attached with :meth:`add_sink`.
 
-While WebSocket subscribers are connected, each log item is applied one event at a time and every
-event that matters to a viewer becomes one protocol frame (see ``docs/websocket.md``), encoded
-once and pushed to each subscriber's bounded queue. Applying and pushing happen under the
-runner's lock, which is also what a new subscriber takes to read its snapshot: the snapshot and
-the first live frame it will receive can never overlap or leave a gap. A subscriber that stops
-reading never slows the thread or the other subscribers: when its queue overflows it is emptied
-and the subscriber is marked for a fresh snapshot instead.
+The WebSocket fan-out is one of the runner's sinks (:class:`FanOut`). For each batch the runner
+applies, it frames every event that matters to a viewer (see ``docs/websocket.md``), each with
+its job's view as of that batch (computed and encoded once per job and batch), encodes each
+frame once and pushes the batch's frames to each subscriber's bounded queue. The batch was
+applied under the runner's lock, which is also what a new subscriber takes to read its
+snapshot and record the position its live frames start at: the snapshot and the first live
+frame it receives can never overlap or leave a gap. A subscriber that stops reading never
+slows the thread or the other subscribers: when its queue overflows it is emptied and marked
+for a fresh snapshot instead, and no frame is built while no subscriber can take one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
-import structlog
+from msgspec import structs
 
-from telemetry.engine import CheckpointStore, ProjectionEngine, ProjectionRunner
+from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import (
     Event,
     ExpertSwitched,
@@ -46,13 +49,12 @@ from telemetry.events import (
     StepEnded,
     to_builtins,
 )
-from telemetry.log.base import Batch, EventLog, Position, ReadItem
+from telemetry.log.base import Batch, EventLog, Position
 from telemetry.projections import default_projections
 from telemetry.projections.eta import FinishedEta
 from telemetry.projections.jobs import JobsState
 from telemetry.projections.summary import job_summary
-
-_log = structlog.get_logger("wantel.service")
+from telemetry.runner import Applied, ProjectionRunner, Sink
 
 CHECKPOINT_NAME: Final = "serve.ckpt"
 #: Frames a subscriber may have waiting before it is switched to a fresh snapshot: four of the
@@ -96,15 +98,16 @@ def encode_frame(value: dict[str, Any]) -> str:
 
 
 def event_frame(position: Position, event: Event,
-                view: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                view: dict[str, Any] | msgspec.Raw | None = None) -> dict[str, Any] | None:
     """The frame an event becomes, or ``None`` for events no viewer needs.
 
     ``data`` holds the event's own fields (``ts`` moves to the header, in seconds, because
     nanoseconds since the epoch do not fit a JavaScript number; an opted-in ``prompt`` is left
-    out). Live frames also carry
-    ``view``: the job's summary right after this event. Frames replayed from the log for a
-    ``since`` resume have no view — the projections' past states are not kept — and the
-    snapshot sent before ``caught_up`` brings the client up to date.
+    out). Live frames also carry ``view``: the job's summary as of the batch that applied the
+    event (a live emitter's flush: the event and its neighbours), possibly already encoded
+    (``msgspec.Raw``). Frames replayed from the log for a ``since`` resume have no view — the
+    projections' past states are not kept — and the snapshot sent before ``caught_up`` brings
+    the client up to date.
     """
     kind = FRAME_TYPES.get(type(event))
     if kind is None:
@@ -115,6 +118,52 @@ def event_frame(position: Position, event: Event,
     if view is not None:
         data["view"] = view
     return frame(kind, position, event.job, event.ts / 1e9, data)
+
+
+class _Frame(msgspec.Struct, gc=False):
+    """A live frame: encoded as :func:`frame`'s dict is (the same keys, in the same order)."""
+
+    type: str
+    position: int
+    job: str
+    ts: float
+    data: Any
+
+
+def _frame_data(kind: type[Event]) -> tuple[type[msgspec.Struct], Callable[[Any], Any]]:
+    """A struct for ``kind``'s frame ``data`` but its view (the event's fields but ``job``,
+    ``ts`` and ``prompt``, in order, never omitted), and what picks those fields' values out
+    of ``astuple(event)``: building one is a few C calls, where a dict is a hash insert a
+    key."""
+    names = kind.__struct_fields__
+    kept = [index for index, name in enumerate(names) if name not in _DROPPED_FIELDS]
+    fields: list[tuple[str, Any]] = [(names[index], Any) for index in kept]
+    return msgspec.defstruct(f"{kind.__name__}Frame", fields, gc=False), itemgetter(*kept)
+
+
+#: Per event type that becomes a frame: its frame type, its data struct and field picker.
+_LIVE: Final = {kind: (name, *_frame_data(kind)) for kind, name in FRAME_TYPES.items()}
+
+
+def _view_tail(view: dict[str, Any]) -> str:
+    """How a live frame ends: ``data``'s last key, the view, and the two closing braces.
+
+    A frame's ``data`` is its last key and never empty, so its text ends with ``}}``: a live
+    frame is the frame without a view, those two braces replaced by this — the view is
+    encoded once per job and batch, not once per frame.
+    """
+    return ',"view":' + _encode(view).decode() + "}}"
+
+
+def _live_frame(position: Position, event: Event, tail: str) -> str:
+    """:func:`event_frame` with a view (as :func:`_view_tail`), encoded: the same text,
+    without the detour through builtins (msgspec encodes the nested structs and tuples
+    ``astuple`` leaves exactly as :func:`~telemetry.events.to_builtins` converts them).
+    :meth:`FanOut.on_applied` runs this inlined."""
+    kind, data, pick = _LIVE[type(event)]
+    bare = _encode(_Frame(kind, position, event.job, event.ts / 1e9,
+                          data(*pick(structs.astuple(event)))))
+    return bare[:-2].decode() + tail
 
 
 def _seconds(ts: int | None) -> float | None:
@@ -220,24 +269,35 @@ class Subscriber:
     _signalled: bool = False
     closed: bool = False
 
-    def push(self, frames: list[tuple[str, Position, str]]) -> None:
-        """Queue ``(job, position, text)`` frames; called by the service thread."""
+    def push(self, texts: list[str], positions: list[Position],
+             jobs: list[str] | None = None) -> None:
+        """Queue frames (texts, with their positions in ascending order and, for a subscriber
+        of one job, their jobs); called by the service's runner thread.
+
+        Frames before :attr:`min_position` are left out here, under the subscriber's lock: a
+        resync may have moved it since the caller looked.
+        """
         with self._lock:
-            if self.closed or self.overflowed:
+            if self.closed or self.overflowed or not texts:
                 return
-            queued = False
-            for job, position, text in frames:
-                if position < self.min_position or (self.job is not None and job != self.job):
-                    continue
-                if len(self._queue) >= self.capacity:
-                    self._queue.clear()
-                    self.overflowed = True
-                    self.overflows += 1
-                    queued = True
-                    break
-                self._queue.append(text)
-                queued = True
-            if not queued or self._signalled:
+            start = 0
+            if positions[0] < self.min_position:
+                start = bisect_left(positions, self.min_position)
+            chosen = texts[start:] if start else texts
+            if self.job is not None:
+                assert jobs is not None, "a subscriber of one job needs the frames' jobs"
+                chosen = [text for text, job in zip(chosen, jobs[start:], strict=True)
+                          if job == self.job]
+            if not chosen:
+                return
+            queue = self._queue
+            if len(queue) + len(chosen) > self.capacity:  # as one at a time would overflow
+                queue.clear()
+                self.overflowed = True
+                self.overflows += 1
+            else:
+                queue.extend(chosen)
+            if self._signalled:
                 return
             self._signalled = True
         try:
@@ -288,6 +348,79 @@ class Subscription:
     live_from: Position
 
 
+class FanOut(Sink):
+    """The WebSocket fan-out, as a sink of the service's runner: frames to each subscriber.
+
+    Subscribers are added and removed by :class:`TelemetryService` under the runner's lock;
+    the tuple is replaced, never mutated, so a step in flight keeps the one it read.
+    """
+
+    name = "websocket"
+
+    def __init__(self) -> None:
+        self.subscribers: tuple[Subscriber, ...] = ()
+
+    def on_applied(self, applied: Applied) -> None:
+        """Frame the batch's events for everyone who can take them, and push.
+
+        The per-event work is :func:`_live_frame` inlined (this loop runs for every event
+        while a client is connected); a job's view is summarised and encoded once per batch.
+        """
+        subscribers = [s for s in self.subscribers if not s.closed and not s.overflowed]
+        if not subscribers or not applied.events:
+            return
+        floor = min(s.min_position for s in subscribers)
+        if applied.next <= floor:
+            return
+        wanted: set[str] | None = None  # None: every job
+        if all(s.job is not None for s in subscribers):
+            wanted = {s.job for s in subscribers if s.job is not None}
+        by_job = any(s.job is not None for s in subscribers)  # the frames' jobs are needed
+        states = applied.engine.states
+        tails: dict[str, str | None] = {}  # None: no view of the job (yet)
+        texts: list[str] = []
+        positions: list[Position] = []
+        jobs: list[str] = []
+        keep, place, name = texts.append, positions.append, jobs.append
+        live, encode, frame_of, astuple = _LIVE, _encode, _Frame, structs.astuple
+        last_job: str | None = None  # a flush is a run of one job's events: its view in locals
+        tail: str | None = None
+        for position, event in applied.positioned():
+            found = live.get(type(event))
+            if found is None or position < floor:
+                continue
+            job = event.job
+            if wanted is not None and job not in wanted:
+                continue
+            if job != last_job:
+                if job in tails:
+                    tail = tails[job]
+                else:
+                    summary = summarize(states, job)
+                    tail = tails[job] = None if summary is None else _view_tail(summary)
+                last_job = job
+            if tail is None:  # as event_frame leaves it: no view key
+                made = event_frame(position, event)
+                assert made is not None  # a type in FRAME_TYPES
+                text = encode_frame(made)
+            else:  # _live_frame, inlined
+                kind, data, pick = found
+                text = encode(frame_of(kind, position, job, event.ts / 1e9,
+                                       data(*pick(astuple(event)))))[:-2].decode() + tail
+            keep(text)
+            place(position)
+            if by_job:
+                name(job)
+        for sub in subscribers:
+            sub.push(texts, positions, jobs if by_job else None)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Close every subscriber (their connections end)."""
+        for sub in self.subscribers:
+            sub.closed = True
+        self.subscribers = ()
+
+
 class TelemetryService:
     """Follows a log with every projection; serves consistent reads and live frames."""
 
@@ -304,20 +437,15 @@ class TelemetryService:
     ) -> None:
         self.log = log
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+        self.fanout = FanOut()
         engine = ProjectionEngine(default_projections(keep_finished=keep_finished))
         self.runner = ProjectionRunner(log, engine, CheckpointStore(self.checkpoint_path),
-                                       checkpoint_interval=checkpoint_interval)
+                                       sinks=[self.fanout], checkpoint_interval=checkpoint_interval,
+                                       poll_interval=poll_interval, name="wantel-serve")
         self.poll_interval = poll_interval
         self.subscriber_buffer = subscriber_buffer
         self.recent = recent
         self.started_at = time.time()
-        self._subscribers: list[Subscriber] = []
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        #: Called with each log item applied after catching up (structured logs, for one).
-        self.listeners: list[Callable[[ReadItem], object]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -332,13 +460,18 @@ class TelemetryService:
         return self.runner.lock
 
     @property
+    def error(self) -> BaseException | None:
+        """What stopped the runner's thread, if something did (``/readyz`` reports it)."""
+        return self.runner.error
+
+    @property
     def ready(self) -> bool:
         """True once everything stored at start-up has been applied."""
-        return self._ready.is_set()
+        return self.runner.caught_up.is_set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until caught up (for scripts and tests); returns ``ready``."""
-        return self._ready.wait(timeout)
+        return self.runner.caught_up.wait(timeout)
 
     @property
     def position(self) -> Position | None:
@@ -346,23 +479,20 @@ class TelemetryService:
         next_position = self.engine.position
         return next_position - 1 if next_position > 0 else None
 
+    def add_sink(self, sink: Sink) -> None:
+        """Tell ``sink`` what the service's runner applies (before :meth:`start`)."""
+        self.runner.add_sink(sink)
+
     def start(self) -> None:
-        """Start catching up and following in a background thread."""
-        if self._thread is not None:
-            raise RuntimeError("TelemetryService.start() called twice")
-        self._thread = threading.Thread(target=self._run, name="wantel-serve", daemon=True)
-        self._thread.start()
+        """Start catching up and following in the runner's background thread."""
+        self.runner.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop following and write a checkpoint, so a restart resumes where this left off."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.runner.checkpoint()
+        """Stop following and write a checkpoint, so a restart resumes where this left off;
+        shut the sinks down (subscribers are closed)."""
+        self.runner.shutdown(timeout)
         with self.lock:
-            for sub in self._subscribers:
-                sub.closed = True
-            self._subscribers.clear()
+            self.fanout.shutdown()
 
     def __enter__(self) -> TelemetryService:
         self.start()
@@ -371,51 +501,7 @@ class TelemetryService:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _run(self) -> None:
-        try:
-            for item in self.log.read(self.engine.position):
-                if self._stop.is_set():
-                    return
-                self._apply(item)
-            self.runner.checkpoint()
-            self._ready.set()
-            last_checkpoint = time.monotonic()
-            for item in self.log.follow(self.engine.position, stop=self._stop,
-                                        poll_interval=self.poll_interval):
-                self._apply(item)
-                for listener in self.listeners:
-                    listener(item)
-                if time.monotonic() - last_checkpoint >= self.runner.checkpoint_interval:
-                    self.runner.checkpoint()
-                    last_checkpoint = time.monotonic()
-        except Exception as exc:  # reported by /readyz and the log; never a silent stop
-            self.error = exc
-            _log.exception("the serve thread stopped", error=f"{type(exc).__name__}: {exc}")
-
-    # -- applying and fanning out -------------------------------------------------------------
-
-    def _apply(self, item: ReadItem) -> None:
-        """Apply one log item; while anyone listens, frame each event as it is applied."""
-        engine = self.engine
-        with self.lock:
-            subscribers = [s for s in self._subscribers if not s.closed]
-            if not subscribers or not isinstance(item, Batch):
-                engine.apply_items((item,))
-                return
-            frames: list[tuple[str, Position, str]] = []
-            for position, event in item.positioned():
-                if position < engine.position:
-                    continue
-                if not engine.apply_batch(Batch(position, [event])):
-                    continue  # a duplicate: already shown
-                if type(event) not in FRAME_TYPES:
-                    continue
-                made = event_frame(position, event, summarize(engine.states, event.job))
-                if made is not None:
-                    frames.append((event.job, position, encode_frame(made)))
-            if frames:
-                for sub in subscribers:
-                    sub.push(frames)
+    # -- subscribers ---------------------------------------------------------------------------
 
     def subscribe(self, loop: asyncio.AbstractEventLoop, *, job: str | None = None,
                   since: Position | None = None) -> Subscription:
@@ -425,7 +511,7 @@ class TelemetryService:
             min_position = max(live_from, since + 1) if since is not None else live_from
             sub = Subscriber(loop=loop, job=job, capacity=self.subscriber_buffer,
                              min_position=min_position)
-            self._subscribers.append(sub)
+            self.fanout.subscribers = (*self.fanout.subscribers, sub)
             snap = snapshot_data(self.engine.states, job=job, recent=self.recent)
             return Subscription(subscriber=sub, snapshot=snap, position=self.position,
                                 live_from=live_from)
@@ -441,13 +527,12 @@ class TelemetryService:
         """Forget a subscriber (its connection ended)."""
         with self.lock:
             sub.closed = True
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(sub)
+            self.fanout.subscribers = tuple(s for s in self.fanout.subscribers if s is not sub)
 
     @property
     def subscriber_count(self) -> int:
         """How many WebSocket clients are connected."""
-        return len(self._subscribers)
+        return len(self.fanout.subscribers)
 
     # -- reading -------------------------------------------------------------------------------
 

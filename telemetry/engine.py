@@ -1,4 +1,4 @@
-"""The projection engine (a pure core) and its runner (the thin imperative shell around it).
+"""The projection engine (a pure core) and its checkpoint file.
 
 :class:`ProjectionEngine` folds log items into every projection's state. It de-duplicates by
 ``(job, seq)`` — delivery is at-least-once — and isolates failures: a projection that raises on
@@ -6,31 +6,28 @@ an event has the event and error recorded and counted, and the other projections
 also keeps the telemetry-health counters that belong to the log rather than to any job (events by
 type, duplicates, quarantined records, projection errors). It does no I/O.
 
-:class:`ProjectionRunner` is the shell: it restores the engine from a checkpoint (position +
-snapshot, written atomically), reads the log from there, follows it live, and checkpoints again,
-so a restart resumes without double counting.
+:class:`~telemetry.runner.ProjectionRunner` is the shell (in :mod:`telemetry.runner`, and
+importable from here too): it restores the engine from a checkpoint (position + snapshot, written
+atomically by :class:`CheckpointStore`), reads the log from there, follows it live, tells its
+sinks what it applied, and checkpoints again, so a restart resumes without double counting.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
-import structlog
 
 from telemetry.dedup import fresh_events
 from telemetry.events import TERMINAL_TYPES, Event
 from telemetry.files import write_atomic
-from telemetry.log.base import Batch, EventLog, Position, Quarantined, ReadItem
+from telemetry.log.base import Batch, Position, Quarantined, ReadItem
 from telemetry.projections.base import Projection, as_batch_projection
-
-_log = structlog.get_logger("wantel.engine")
+from telemetry.runner import ProjectionRunner  # the shell, re-exported (see __all__)
 
 _TERMINAL: Final = frozenset(TERMINAL_TYPES)
 
@@ -120,7 +117,13 @@ class ProjectionEngine:
         return applied
 
     def apply_batch(self, batch: Batch) -> int:
-        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``.
+        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``;
+        returns how many events were new (see :meth:`apply_fresh`)."""
+        return len(self.apply_fresh(batch))
+
+    def apply_fresh(self, batch: Batch) -> list[Event]:
+        """Apply a batch, skipping positions already applied and duplicate ``(job, seq)``;
+        returns the new events, in log order (what a runner tells its sinks).
 
         The batch is de-duplicated first (:func:`telemetry.dedup.fresh_events`: the engine's
         only per-event work), then each projection folds the new events
@@ -132,13 +135,13 @@ class ProjectionEngine:
         if batch.first < self.position:
             start = self.position - batch.first
             if start >= len(events):
-                return 0
+                return []
             events = events[start:]
         fresh, newest, tally, ended = fresh_events(events, self.last_seq, _TERMINAL)
         self.health.duplicates += len(events) - len(fresh)
         self.position = max(self.position, batch.next)
         if not fresh:
-            return 0
+            return fresh
         counts = self.health.events_by_type
         for kind, count in tally.items():
             name = kind.__name__
@@ -170,7 +173,7 @@ class ProjectionEngine:
                 continue
             if new_state is not state:  # folds usually update in place
                 states[name] = new_state
-        return len(fresh)
+        return fresh
 
     @staticmethod
     def _position_of(batch: Batch, event: Event) -> int:
@@ -262,69 +265,12 @@ class CheckpointStore:
         write_atomic(self.path, data)
 
 
-class ProjectionRunner:
-    """Keeps an engine up to date with a log: restore, catch up, follow, checkpoint."""
-
-    def __init__(
-        self,
-        log: EventLog,
-        engine: ProjectionEngine,
-        checkpoints: CheckpointStore | None = None,
-        *,
-        checkpoint_interval: float = 5.0,
-    ) -> None:
-        self.log = log
-        self.engine = engine
-        self.checkpoints = checkpoints
-        self.checkpoint_interval = checkpoint_interval
-        #: Held while the engine changes; readers of ``engine.states`` take it too.
-        self.lock = threading.RLock()
-        self._checkpointed_at = self.engine.position
-        self._last_checkpoint_time = time.monotonic()
-        if checkpoints is not None:
-            data = checkpoints.load()
-            if data is not None and not engine.restore(data):
-                _log.warning("checkpoint is for other projections; replaying from the start",
-                             checkpoint=str(checkpoints.path))
-            self._checkpointed_at = engine.position
-
-    def catch_up(self) -> int:
-        """Apply everything stored now; checkpoint; return how many events were new."""
-        applied = 0
-        for item in self.log.read(self.engine.position):
-            with self.lock:
-                applied += self.engine.apply_items((item,))
-        self.checkpoint()
-        return applied
-
-    def follow(self, stop: threading.Event, *, poll_interval: float = 0.01) -> None:
-        """Apply new events as they arrive until ``stop`` is set, checkpointing periodically."""
-        for item in self.log.follow(self.engine.position, stop=stop, poll_interval=poll_interval):
-            with self.lock:
-                self.engine.apply_items((item,))
-            if time.monotonic() - self._last_checkpoint_time >= self.checkpoint_interval:
-                self.checkpoint()
-        self.checkpoint()
-
-    def checkpoint(self) -> None:
-        """Write a checkpoint if anything changed since the last one."""
-        if self.checkpoints is None or self.engine.position == self._checkpointed_at:
-            return
-        self._last_checkpoint_time = time.monotonic()
-        with self.lock:
-            try:
-                data, position = self.engine.snapshot(), self.engine.position
-            except (OverflowError, msgspec.EncodeError) as exc:
-                # A state msgpack cannot hold (an event with absurd values pushed an integer
-                # past 64 bits): keep folding from memory; a restart replays from the last
-                # checkpoint that could be written.
-                _log.warning("cannot encode checkpoint; keeping the previous one",
-                             path=str(self.checkpoints.path), error=f"{type(exc).__name__}: {exc}")
-                return
-        try:
-            self.checkpoints.save(data)
-        except OSError as exc:  # a read-only or full disk must not stop the projections
-            _log.warning("cannot write checkpoint", path=str(self.checkpoints.path),
-                         error=exc.strerror or str(exc))
-            return
-        self._checkpointed_at = position
+__all__ = [
+    "KEEP_SEQ_OF_FINISHED",
+    "MAX_RECORDED_FAILURES",
+    "CheckpointStore",
+    "Health",
+    "ProjectionEngine",
+    "ProjectionFailure",
+    "ProjectionRunner",
+]

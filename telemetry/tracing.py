@@ -1,7 +1,10 @@
 """Trace and span ids derived from the log, so traces can be rebuilt and re-exported by replay.
 
 A job's trace id is the caller's, when the job carries a W3C ``traceparent`` (the trace joins
-theirs); otherwise it is derived from the job id. Span ids are derived from the job id and the
+theirs): ``JobStarted``'s when it has one, else ``JobQueued``'s (:func:`job_traceparent`);
+otherwise it is derived from the job id. This module is the one place that rule is written
+(:func:`job_trace_id`): span export and the lifecycle log lines name a job's trace through it,
+and the metrics' exemplars must agree with them. Span ids are derived from the job id and the
 span's role, so exporting the same job twice produces the same spans (a collector can
 de-duplicate), and Prometheus exemplars can name the trace before any span is exported.
 """
@@ -31,6 +34,18 @@ def trace_id_for(job: str, traceparent: str | None = None) -> str:
     if parsed is not None:
         return parsed[0]
     return hashlib.sha256(f"wantel-trace:{job}".encode()).hexdigest()[:32]
+
+
+def job_traceparent(started: str | None, queued: str | None) -> str | None:
+    """The traceparent a job carries: its ``JobStarted``'s (``started``) when that has one,
+    else its ``JobQueued``'s (``queued``)."""
+    return started if started is not None else queued
+
+
+def job_trace_id(job: str, started: str | None = None, queued: str | None = None) -> str:
+    """The trace id of ``job``, given the traceparents of its ``JobStarted`` and ``JobQueued``
+    (``None`` where the event is absent or carries none)."""
+    return trace_id_for(job, job_traceparent(started, queued))
 
 
 def span_id_for(job: str, role: str) -> str:

@@ -1,11 +1,19 @@
-"""The serving stack of ``wantel serve`` and ``wantel demo``: the log follower, the HTTP app and
-server, and span export, wired and started as one.
+"""The serving stack of ``wantel serve`` and ``wantel demo``: the log follower and its sinks,
+the HTTP app and server, and span export, wired and started as one.
 
 The same machinery runs inside ``wantel demo`` and in tests, so it is built from two reusable
 pieces: :class:`BackgroundServer` (uvicorn on a socket this process already bound, in a thread)
 and :class:`Serving` (service + app + server + optional OTLP span export, started and stopped
 as one). Binding the socket here, before uvicorn starts, turns "port in use" into a one-line
 error and lets tests and ``--port 0`` learn the real port without a race.
+
+What follows the log is :class:`~telemetry.runner.ProjectionRunner`, with sinks:
+
+* the service's runner (every projection; ``serve.ckpt``): the WebSocket fan-out (the
+  service's own) and, with :meth:`Serving.log_lifecycle`, the lifecycle log lines;
+* with span export, a second runner (the ETA projection only; ``otel.ckpt``) with the span
+  sink: it pauses while the collector is down and checkpoints on its acknowledgement, which
+  must not pause ``/metrics`` and the live page.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from starlette.applications import Starlette
 
 from exporters.server import create_app
 from exporters.service import TelemetryService
-from telemetry.engine import CheckpointStore
+from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.errors import UsageError
-from telemetry.log.base import LogError
+from telemetry.log.base import EventLog, LogError
 from telemetry.log.local import CHECKPOINT_DIR, LocalLog
+from telemetry.projections.eta import EtaProjection
+from telemetry.runner import ProjectionRunner
 from wantel.config import TOKEN_ENV, otlp_configured, resolve_log_dir, resolve_token
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -101,7 +111,7 @@ class Serving:
         self.http = BackgroundServer(self.app, bind(host, port))
         self.otlp = otlp
         self.export_spans = export_spans or otlp is not None
-        self._spans: Any = None
+        self._spans: ProjectionRunner | None = None
 
     @property
     def url(self) -> str:
@@ -119,11 +129,11 @@ class Serving:
                 ("health", base + "healthz")]
 
     def log_lifecycle(self) -> None:
-        """Write one structured log line per lifecycle event from now on (trace ids included)."""
+        """Write one structured log line per lifecycle event once caught up (trace ids
+        included): a sink of the service's runner. Call before :meth:`start`."""
         from exporters.logs import LifecycleLogger
 
-        lifecycle = LifecycleLogger()
-        self.service.listeners.append(lambda item: lifecycle.handle((item,)))
+        self.service.add_sink(LifecycleLogger())
 
     def start(self) -> None:
         """Start following the log, serving HTTP and (if configured) exporting spans."""
@@ -147,12 +157,26 @@ class Serving:
         self.stop()
 
 
-def _start_span_export(log: LocalLog, endpoint: str | None, checkpoint_dir: Path) -> Any:
+SPANS_CHECKPOINT: Final = "otel.ckpt"
+
+
+def span_export_runner(log: EventLog, exporter: Any, checkpoint_dir: Path) -> ProjectionRunner:
+    """A runner of its own for span export: the ETA projection (the span sink reads the ETAs
+    each job was issued from it) and the span sink, checkpointed in ``otel.ckpt``."""
+    from exporters.otel import SpanSink
+
+    return ProjectionRunner(log, ProjectionEngine([EtaProjection()]),
+                            CheckpointStore(checkpoint_dir / SPANS_CHECKPOINT),
+                            sinks=[SpanSink(exporter)], poll_interval=0.05, name="wantel-otel")
+
+
+def _start_span_export(log: LocalLog, endpoint: str | None,
+                       checkpoint_dir: Path) -> ProjectionRunner | None:
     """OTLP span export from the log (imported here: the OpenTelemetry SDK is slow to load).
 
     ``endpoint`` ``None`` lets the exporter read the ``OTEL_EXPORTER_OTLP_*`` environment.
     """
-    from exporters.otel import SpanExportRunner, exporter_from_config
+    from exporters.otel import exporter_from_config
 
     try:
         exporter = exporter_from_config(endpoint)
@@ -160,7 +184,7 @@ def _start_span_export(log: LocalLog, endpoint: str | None, checkpoint_dir: Path
         raise UsageError(f"OTLP export: {exc}") from None
     if exporter is None:
         return None
-    runner = SpanExportRunner(log, exporter, CheckpointStore(checkpoint_dir / "otel.ckpt"))
+    runner = span_export_runner(log, exporter, checkpoint_dir)
     runner.start()
     return runner
 

@@ -17,6 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from telemetry.events import Event
 
@@ -66,6 +67,18 @@ class Quarantined:
 ReadItem = Batch | Quarantined
 
 
+class Cursor(Protocol):
+    """A reader's place in a log (see :meth:`EventLog.cursor`)."""
+
+    def poll(self) -> Iterator[ReadItem]:
+        """Everything stored after the last item this cursor yielded, as of now."""
+        ...  # pragma: no cover - a protocol
+
+    def close(self) -> None:
+        """Release what the cursor holds open."""
+        ...  # pragma: no cover - a protocol
+
+
 class EventLog(ABC):
     """Append a batch, read from a position, follow live, ask for the last position, close."""
 
@@ -84,6 +97,12 @@ class EventLog(ABC):
     def last_position(self) -> Position | None:
         """The position of the last stored event, or ``None`` if the log is empty."""
 
+    def cursor(self, start: Position = 0) -> Cursor:
+        """A reader that keeps its place: each :meth:`Cursor.poll` yields what is new since the
+        last. Backends that can resume cheaply (an open file and an offset) override this; the
+        default re-reads from the next position."""
+        return _ReadingCursor(self, start)
+
     def follow(
         self,
         start: Position = 0,
@@ -95,25 +114,29 @@ class EventLog(ABC):
         """Read from ``start``, then keep yielding new events as they are appended.
 
         Ends when ``stop`` is set, or when nothing new has arrived for ``idle_timeout`` seconds.
-        Backends with a push feed override this; the default polls ``read``.
+        This is the log's only polling loop; every backend follows through it with its own
+        :meth:`cursor`. Applications follow through :class:`telemetry.runner.ProjectionRunner`,
+        which applies what it reads and tells its sinks.
         """
-        position = start
-        idle_since = time.monotonic()
-        while stop is None or not stop.is_set():
-            got_any = False
-            for item in self.read(position):
-                position = item.next
-                got_any = True
-                yield item
-            now = time.monotonic()
-            if got_any:
-                idle_since = now
-            elif idle_timeout is not None and now - idle_since >= idle_timeout:
-                return
-            elif stop is not None:
-                stop.wait(poll_interval)
-            else:
-                time.sleep(poll_interval)
+        cursor = self.cursor(start)
+        try:
+            idle_since = time.monotonic()
+            while stop is None or not stop.is_set():
+                got_any = False
+                for item in cursor.poll():
+                    got_any = True
+                    yield item
+                now = time.monotonic()
+                if got_any:
+                    idle_since = now
+                elif idle_timeout is not None and now - idle_since >= idle_timeout:
+                    return
+                elif stop is not None:
+                    stop.wait(poll_interval)
+                else:
+                    time.sleep(poll_interval)
+        finally:
+            cursor.close()
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release files and connections; the log may not be used afterwards."""
@@ -123,3 +146,19 @@ class EventLog(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ReadingCursor:
+    """The default cursor: :meth:`EventLog.read` from the position after the last item."""
+
+    def __init__(self, log: EventLog, start: Position) -> None:
+        self.log = log
+        self.position = start
+
+    def poll(self) -> Iterator[ReadItem]:
+        for item in self.log.read(self.position):
+            self.position = item.next
+            yield item
+
+    def close(self) -> None:
+        pass

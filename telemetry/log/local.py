@@ -339,31 +339,10 @@ class LocalLog(EventLog):
         cursor = _Cursor(self, start)
         yield from cursor.poll()
 
-    def follow(
-        self,
-        start: Position = 0,
-        *,
-        idle_timeout: float | None = None,
-        stop: threading.Event | None = None,
-        poll_interval: float = 0.01,
-    ) -> Iterator[ReadItem]:
-        """Like :meth:`read`, then new appends from any process, polled every ``poll_interval``."""
-        cursor = _Cursor(self, start)
-        idle_since = time.monotonic()
-        while stop is None or not stop.is_set():
-            got_any = False
-            for item in cursor.poll():
-                got_any = True
-                yield item
-            now = time.monotonic()
-            if got_any:
-                idle_since = now
-            elif idle_timeout is not None and now - idle_since >= idle_timeout:
-                return
-            elif stop is not None:
-                stop.wait(poll_interval)
-            else:
-                time.sleep(poll_interval)
+    def cursor(self, start: Position = 0) -> _Cursor:
+        """A reader that keeps its segment open and its byte offset between polls, so
+        :meth:`~telemetry.log.base.EventLog.follow` sees new appends from any process."""
+        return _Cursor(self, start)
 
     def last_position(self) -> Position | None:
         """The last stored position: the end of the newest segment's last complete frame."""

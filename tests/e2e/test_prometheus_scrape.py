@@ -15,9 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from exporters.prometheus import make_registry, render
-from telemetry.engine import ProjectionEngine, ProjectionRunner
+from telemetry.engine import ProjectionEngine
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
+from telemetry.runner import ProjectionRunner
 from telemetry.tracing import trace_id_for
 from tests.e2e.servers import PROMETHEUS, get_json, poll, prometheus_config, run_prometheus
 
@@ -35,18 +36,15 @@ def log_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def runner(log_dir: Path) -> Iterator[ProjectionRunner]:
-    """A runner following the log live in a thread, as `wantel serve` does."""
+    """A runner following the log live in its thread (``ProjectionRunner.follow``), as
+    `wantel serve`'s TelemetryService runs it."""
     runner = ProjectionRunner(LocalLog(log_dir, create=False),
-                              ProjectionEngine(default_projections()))
-    stop = threading.Event()
-    thread = threading.Thread(target=runner.follow, args=(stop,),
-                              kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+                              ProjectionEngine(default_projections()), poll_interval=0.05)
+    runner.start()
     try:
         yield runner
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        assert runner.stop(timeout=10)
 
 
 @pytest.fixture

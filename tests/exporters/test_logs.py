@@ -13,6 +13,7 @@ import pytest
 
 from exporters.logs import LIFECYCLE, LifecycleLogger
 from exporters.otel import spans_for_job
+from telemetry.engine import ProjectionEngine
 from telemetry.events import (
     Event,
     JobCancelled,
@@ -25,6 +26,8 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
+from telemetry.runner import ProjectionRunner
+from tests.polling import wait_for
 from tests.telemetry.log_contract import events_of
 from wantel.logs import configure_logging
 
@@ -142,8 +145,10 @@ class TestLifecycleLogger:
         assert 2.0 == started["queue_wait_s"]
         assert started["timestamp"].endswith("Z")
 
-    def test_duplicates_are_written_once(self, events: list[Event], stream: io.StringIO) -> None:
-        """At-least-once delivery: a repeated (job, seq), even after the job ended, adds nothing."""
+    def test_nothing_after_a_jobs_terminal_line(
+        self, events: list[Event], stream: io.StringIO
+    ) -> None:
+        """A job's lines end with its terminal line: its events read again add nothing."""
         configure_logging(json=True, stream=stream, stdlib=False)
         logger = LifecycleLogger()
         first = logger.handle([Batch(0, events)])
@@ -201,3 +206,46 @@ class TestConfigureLogging:
         """A typo in the level is a ValueError naming the choices."""
         with pytest.raises(ValueError, match="debug, info"):
             configure_logging(level="verbose")
+
+
+class TestAsARunnersSink:
+    """``wantel serve`` attaches the logger to its runner, which de-duplicates and follows."""
+
+    def test_live_lines_once_each_and_the_catch_up_only_tracked(
+        self, events: list[Event], stream: io.StringIO, tmp_path: Path
+    ) -> None:
+        """What was stored before the runner started writes no line, but what it said (a
+        queued traceparent) is kept; what follows is written once per lifecycle event, a
+        redelivery (same job and seq) adds nothing."""
+        configure_logging(json=True, stream=stream, stdlib=False)
+        job = events[1:]  # the recorded jobs, failed-1 and cancelled-1, seq from 0
+        queued = JobQueued(job="late-1", seq=0, ts=job[0].ts, model="tiny-t2v", task="t2v",
+                           traceparent=CALLER)
+        late = [JobStarted(**{**_fields(job[0]), "job": "late-1", "seq": 1,
+                              "traceparent": None}),
+                JobCancelled(job="late-1", seq=2, ts=job[0].ts + 1, duration_s=0.0,
+                             reason="user")]
+        log = LocalLog(tmp_path / "log")
+        log.append([queued])
+        runner = ProjectionRunner(log, ProjectionEngine([]), sinks=[LifecycleLogger()],
+                                  poll_interval=0.005)
+        runner.start()
+        try:
+            assert runner.caught_up.wait(10)
+            log.append(job)
+            log.append(job[:20])  # redelivered
+            log.append(late)
+            expected = [(type(e).__name__, e.job, e.seq) for e in job + late
+                        if isinstance(e, LIFECYCLE)]
+            wait_for(lambda: len(lines_of(stream)) >= len(expected), "every line")
+        finally:
+            runner.stop()
+            log.close()
+        lines = lines_of(stream)
+        names = {"job.queued": "JobQueued", "job.started": "JobStarted",
+                 "stage.ended": "StageEnded", "expert.switched": "ExpertSwitched",
+                 "job.completed": "JobCompleted", "job.failed": "JobFailed",
+                 "job.cancelled": "JobCancelled"}
+        assert expected == [(names[line["event"]], line["job"], line["seq"]) for line in lines]
+        assert {"4bf92f3577b34da6a3ce929d0e0e4736"} == {
+            line["trace_id"] for line in lines if line["job"] == "late-1"}

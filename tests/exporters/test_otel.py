@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from exporters.otel import (
-    SpanExportRunner,
+    SpanSink,
     exporter_from_config,
     spans_for_job,
     stage_role,
@@ -22,7 +23,7 @@ from inference.instrument import instrument
 from inference.runner import GenerationRequest, generate, prepare
 from inference.tiny_models import build_tiny_pipeline
 from telemetry.emitter import Emitter
-from telemetry.engine import CheckpointStore
+from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import (
     Event,
     ExpertSwitched,
@@ -34,6 +35,7 @@ from telemetry.events import (
 )
 from telemetry.log.local import LocalLog
 from telemetry.projections.eta import EtaProjection
+from telemetry.runner import ProjectionRunner
 from telemetry.tracing import span_id_for
 from tests.exporters.otlp_receiver import RECEIVERS, OtlpReceiver, ReceivedSpan
 from tests.polling import wait_for as wait_until
@@ -212,6 +214,40 @@ class TestSpansForJob:
         assert key(spans_for_job(recorded.a14b)) == key(spans_for_job(noisy))
 
 
+class TestSpanSink:
+    @pytest.mark.parametrize("with_eta", [True, False])
+    def test_the_spans_are_those_rebuilt_from_the_events(
+        self, recorded: Recorded, tmp_path: Path, with_eta: bool
+    ) -> None:
+        """Through a runner, each job's spans — ETA attributes included, read from the ETA
+        projection's state, or computed from the events without it — are spans_for_job's."""
+        exporter = InMemorySpanExporter()
+        sink = SpanSink(exporter)
+        log = make_log(tmp_path / "log", recorded.all)
+        projections = [EtaProjection()] if with_eta else []
+        ProjectionRunner(log, ProjectionEngine(projections), sinks=[sink]).catch_up()
+        exported = exporter.get_finished_spans()
+        expected = spans_for_job(recorded.a14b) + spans_for_job(recorded.failed)
+        assert [(s.name, s.context.span_id, s.start_time, s.end_time, dict(s.attributes))
+                for s in expected] == [
+            (s.name, s.context.span_id, s.start_time, s.end_time, dict(s.attributes))
+            for s in exported]
+        root = exported[0].attributes
+        assert {"wantel.eta.prior_s", "wantel.eta.prior_error",
+                "wantel.eta.residual"} <= set(root)
+
+    def test_a_late_event_after_the_terminal_opens_no_job(
+        self, recorded: Recorded, tmp_path: Path
+    ) -> None:
+        """A stage that ends after its job's terminal event is no part of the exported trace."""
+        late = StageEnded(job="a14b-1", seq=recorded.a14b[-1].seq + 1,
+                          ts=recorded.a14b[-1].ts + 1, stage="save", duration_s=0.1)
+        sink = SpanSink(InMemorySpanExporter())
+        log = make_log(tmp_path / "log", recorded.a14b + [late])
+        ProjectionRunner(log, ProjectionEngine([EtaProjection()]), sinks=[sink]).catch_up()
+        assert (1, 0) == (sink.stats.jobs_exported, sink.stats.open_jobs)
+
+
 # -- over the wire ---------------------------------------------------------------------------
 
 
@@ -239,6 +275,22 @@ def make_log(path: Path, events: list[Event]) -> LocalLog:
     return log
 
 
+def span_runner(log: LocalLog, exporter: Any, checkpoint: Path,
+                **options: Any) -> tuple[ProjectionRunner, SpanSink]:
+    """Span export as ``wantel serve`` wires it: a runner with the ETA projection and the sink."""
+    sink = SpanSink(exporter)
+    runner = ProjectionRunner(log, ProjectionEngine([EtaProjection()]),
+                              CheckpointStore(checkpoint), sinks=[sink], **options)
+    return runner, sink
+
+
+def export_pending(runner: ProjectionRunner, sink: SpanSink) -> int:
+    """One non-blocking pass over what is stored; how many spans it exported."""
+    before = sink.stats.spans_exported
+    runner.catch_up()
+    return sink.stats.spans_exported - before
+
+
 def wire_view(span: Any) -> tuple[Any, ...]:
     """What of a ReadableSpan must survive the wire: ids, parent, name, times, events."""
     parent = format(span.parent.span_id, "016x") if span.parent is not None else ""
@@ -261,9 +313,9 @@ class TestOtlpExport:
         receiver.start()
         log = make_log(tmp_path / "log", recorded.all)
         exporter = exporter_for(receiver)
-        runner = SpanExportRunner(log, exporter, CheckpointStore(tmp_path / "otel.ckpt"))
+        runner, sink = span_runner(log, exporter, tmp_path / "otel.ckpt")
         expected = spans_for_job(recorded.a14b) + spans_for_job(recorded.failed)
-        assert len(expected) == runner.export_pending()
+        assert len(expected) == export_pending(runner, sink)
         received = receiver.spans
         assert sorted(wire_view(s) for s in expected) == sorted(
             received_view(s) for s in received)
@@ -351,20 +403,21 @@ class TestDelivery:
         """Spans wait while the receiver is down and arrive exactly once when it is back."""
         log = make_log(tmp_path / "log", recorded.all)
         exporter = exporter_for(receiver)
-        runner = SpanExportRunner(log, exporter, CheckpointStore(tmp_path / "otel.ckpt"),
-                                  retry_backoff=(0.05, 0.2))
+        runner, sink = span_runner(log, exporter, tmp_path / "otel.ckpt",
+                                   retry_backoff=(0.05, 0.2))
         runner.start()
         try:
-            wait_until(lambda: runner.stats.export_failures >= 2)
-            assert (0, 0) == (runner.stats.spans_exported, len(receiver.spans))
+            wait_until(lambda: sink.stats.export_failures >= 2)
+            assert (0, 0) == (sink.stats.spans_exported, len(receiver.spans))
             receiver.start()
             expected = {hex_span(s) for s in
                         spans_for_job(recorded.a14b) + spans_for_job(recorded.failed)}
-            wait_until(lambda: runner.stats.spans_exported == len(expected))
+            wait_until(lambda: sink.stats.spans_exported == len(expected))
         finally:
             assert runner.stop(timeout=10)
-        restarted = SpanExportRunner(log, exporter, CheckpointStore(tmp_path / "otel.ckpt"))
-        assert 0 == restarted.export_pending()  # the stopped thread's checkpoint covers them
+        restarted, restarted_sink = span_runner(log, exporter, tmp_path / "otel.ckpt")
+        # the stopped runner's checkpoint covers them
+        assert 0 == export_pending(restarted, restarted_sink)
         assert {span_id: 1 for span_id in expected} == dict(receiver.span_counts())
         exporter.shutdown()
 
@@ -378,24 +431,24 @@ class TestDelivery:
         ckpt = CheckpointStore(tmp_path / "otel.ckpt")
         receiver.start()
         exporter = exporter_for(receiver)
-        runner = SpanExportRunner(log, exporter, ckpt)
-        assert len(spans_for_job(first)) == runner.export_pending()
+        runner, sink = span_runner(log, exporter, ckpt.path)
+        assert len(spans_for_job(first)) == export_pending(runner, sink)
         log.append(failed[:half])
-        assert 0 == runner.export_pending()  # fail-1 is open: nothing to send yet
-        assert 1 == runner.stats.open_jobs
+        assert 0 == export_pending(runner, sink)  # fail-1 is open: nothing to send yet
+        assert 1 == sink.stats.open_jobs
         receiver.stop()
         log.append(failed[half:])
-        assert 0 == runner.export_pending()  # the receiver is down: fail-1's spans wait
-        assert (1, 1) == (runner.stats.export_failures, runner.stats.pending_jobs)
-        del runner  # a crash or restart here: what it held in memory is gone
+        assert 0 == export_pending(runner, sink)  # the receiver is down: fail-1's spans wait
+        assert (1, 1) == (sink.stats.export_failures, sink.stats.pending_jobs)
+        del runner, sink  # a crash or restart here: what it held in memory is gone
         exporter.shutdown()
         receiver.start()
         exporter = exporter_for(receiver)  # a restarted process builds a new exporter
-        restarted = SpanExportRunner(log, exporter, ckpt)
-        assert 1 == restarted.stats.open_jobs
+        restarted, restarted_sink = span_runner(log, exporter, ckpt.path)
+        assert 1 == restarted_sink.stats.open_jobs
         expected = spans_for_job(first) + spans_for_job(failed)
-        assert len(spans_for_job(failed)) == restarted.export_pending()
-        assert 0 == SpanExportRunner(log, exporter, ckpt).export_pending()
+        assert len(spans_for_job(failed)) == export_pending(restarted, restarted_sink)
+        assert 0 == export_pending(*span_runner(log, exporter, ckpt.path))
         assert {hex_span(s): 1 for s in expected} == dict(receiver.span_counts())
         got = {s.span_id: received_view(s) for s in receiver.spans}
         assert sorted(wire_view(s) for s in expected) == sorted(got.values())

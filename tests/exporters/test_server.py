@@ -25,8 +25,15 @@ from starlette.testclient import TestClient
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from exporters import service as service_module
 from exporters.server import create_app
-from exporters.service import TelemetryService
+from exporters.service import (
+    Subscriber,
+    TelemetryService,
+    encode_frame,
+    event_frame,
+    summarize,
+)
 from telemetry.events import (
     DeviceInfo,
     Event,
@@ -40,6 +47,7 @@ from telemetry.events import (
     StepEnded,
 )
 from telemetry.log.local import LocalLog
+from telemetry.log.memory import MemoryLog
 from tests.polling import wait_for
 from wantel.serving import BackgroundServer, bind
 
@@ -543,6 +551,85 @@ def test_restart_mid_job_resumes_from_checkpoint_without_double_counting(
     series = [line for line in metrics.text.splitlines()
               if line.startswith("wantel_denoise_steps_total{")]
     assert ['wantel_denoise_steps_total{model="tiny-t2v"} 6.0'] == series
+
+
+def test_live_frames_come_from_the_batch_with_the_jobs_view_as_of_it(tmp_path: Path) -> None:
+    """The runner's fan-out sink frames a whole batch: each frame is event_frame's text, with
+    its job's view as of the batch (no prompt, no view for a job nobody started)."""
+    log = MemoryLog()
+    service = TelemetryService(log, checkpoint_dir=tmp_path / "c")
+    loop = asyncio.new_event_loop()
+    sub = service.subscribe(loop).subscriber
+    a, b = JobScript("a", steps=3), JobScript("b", steps=2)
+    started = a.start()
+    secret = JobStarted(**{**{n: getattr(started[0], n) for n in JobStarted.__struct_fields__},
+                           "prompt": "a private idea"})
+    ghost = MemorySampled(job="ghost", seq=0, ts=started[0].ts, device="cpu",
+                          host_rss_bytes=MIB)
+    events = ([secret, started[1]] + b.whole() + a.step_range(0, 3) + [ghost]
+              + a.finish("failed"))
+    log.append(events)
+    assert len(events) == service.runner.catch_up()
+    texts = loop.run_until_complete(sub.next_frames())
+    states = service.engine.states
+    expected = [encode_frame(made) for position, event in enumerate(events)
+                if (made := event_frame(position, event, summarize(states, event.job)))]
+    assert expected == texts
+    assert "a private idea" not in "".join(texts)
+    assert [None] == [json.loads(t)["data"].get("view") for t in texts if '"ghost"' in t]
+    service.stop()
+    loop.close()
+
+
+def test_no_frame_is_built_while_every_subscriber_overflowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber that stopped reading overflows once; then frames are no longer built
+    (catching up runs at full speed) until it resyncs, and it gets frames from there."""
+    log = MemoryLog()
+    service = TelemetryService(log, checkpoint_dir=tmp_path / "c", subscriber_buffer=4)
+    loop = asyncio.new_event_loop()
+    sub = service.subscribe(loop).subscriber
+    job = JobScript("a", steps=4)
+    log.append(job.start() + job.step_range(0, 4))
+    service.runner.catch_up()
+    assert (True, 1) == (sub.overflowed, sub.overflows)
+    built: list[object] = []
+    encode = service_module._encode
+
+    def counting(value: object) -> bytes:
+        built.append(value)
+        return encode(value)
+
+    monkeypatch.setattr(service_module, "_encode", counting)
+    log.append(job.finish())
+    service.runner.catch_up()
+    assert ([], None) == (built, loop.run_until_complete(sub.next_frames()))
+    snapshot, position = service.resync(sub)
+    assert (position, ["a"]) == (len(log.read().__next__().events) - 1,
+                                 [j["job"] for j in snapshot["finished"]])
+    log.append([JobScript("b").start()[0]])
+    service.runner.catch_up()
+    assert built  # a subscriber can take frames again
+    (text,) = loop.run_until_complete(sub.next_frames())
+    assert ("job_started", "b") == (json.loads(text)["type"], json.loads(text)["job"])
+    service.stop()
+    loop.close()
+
+
+def test_a_subscriber_takes_only_frames_from_its_position_and_of_its_job() -> None:
+    """push() filters under the subscriber's lock (a resync may have moved its position since
+    the fan-out looked), and a burst it cannot hold overflows it as a frame at a time would."""
+    loop = asyncio.new_event_loop()
+    texts, positions, jobs = ["a3", "b4", "a5", "b6"], [3, 4, 5, 6], ["a", "b", "a", "b"]
+    every = Subscriber(loop=loop, job=None, capacity=10, min_position=4)
+    only_a = Subscriber(loop=loop, job="a", capacity=10, min_position=0)
+    small = Subscriber(loop=loop, job=None, capacity=3, min_position=0)
+    for sub in (every, only_a, small):
+        sub.push(texts, positions, jobs)
+    assert (["b4", "a5", "b6"], ["a3", "a5"]) == (list(every._queue), list(only_a._queue))
+    assert (True, 1, []) == (small.overflowed, small.overflows, list(small._queue))
+    loop.close()
 
 
 def test_service_forgets_a_closed_subscriber(tmp_path: Path) -> None:

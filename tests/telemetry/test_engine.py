@@ -1,4 +1,4 @@
-"""The projection engine and runner: determinism, de-duplication, isolation, checkpoints."""
+"""The projection engine: determinism, de-duplication, isolation, snapshots and checkpoint files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetry.engine import CheckpointStore, ProjectionEngine, ProjectionRunner
+from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import (
     DeviceInfo,
     Event,
@@ -26,8 +26,6 @@ from telemetry.events import (
     StepEnded,
 )
 from telemetry.log.base import Batch, Quarantined
-from telemetry.log.local import LocalLog
-from telemetry.log.memory import MemoryLog
 from telemetry.projections.base import OnFailure, Projection
 from telemetry.projections.jobs import JobsProjection, JobsState
 
@@ -288,45 +286,8 @@ class TestJobsProjection:
             view.status, view.error_type, view.error_message, view.failed_step)
 
 
-class TestRunner:
-    def test_restart_resumes_without_double_counting(self, tmp_path: Path) -> None:
-        """A runner restarted from its checkpoint ends where a fresh full replay does."""
-        log = LocalLog(tmp_path / "log")
-        store = CheckpointStore(tmp_path / "log" / "checkpoints" / "jobs.ckpt")
-        log.append(a_job("a"))
-        first = ProjectionRunner(log, engine(), store)
-        assert len(a_job("a")) == first.catch_up()
-
-        log.append(a_job("b", fail_at=1))
-        second = ProjectionRunner(log, engine(), store)
-        assert len(a_job("b", fail_at=1)) == second.catch_up()
-
-        fresh = engine()
-        fresh.apply_items(log.read())
-        assert fresh.snapshot() == second.engine.snapshot()
-
-    def test_checkpoint_of_other_projections_is_ignored(self, tmp_path: Path) -> None:
-        """A checkpoint written for another projection set leads to a full replay."""
-        log = MemoryLog()
-        log.append(a_job("a"))
-        store = CheckpointStore(tmp_path / "x.ckpt")
-        ProjectionRunner(log, ProjectionEngine([Exploding()]), store).catch_up()
-        runner = ProjectionRunner(log, engine(), store)
-        assert 0 == runner.engine.position
-        runner.catch_up()
-        assert "completed" == jobs(runner.engine).jobs["a"].status
-
-    def test_a_state_msgpack_cannot_hold_does_not_stop_the_runner(self, tmp_path: Path) -> None:
-        """A stage that claims to have lasted 292 years makes an integer past 64 bits: the
-        checkpoint is skipped with a warning, and the projections keep folding."""
-        log = MemoryLog()
-        runner = ProjectionRunner(log, engine(), CheckpointStore(tmp_path / "jobs.ckpt"))
-        log.append([StageEnded(job="a", seq=0, ts=0, stage="decode", duration_s=9.3e9)])
-        runner.catch_up()
-        assert not (tmp_path / "jobs.ckpt").exists()
-        log.append(a_job("b"))
-        runner.catch_up()
-        assert "completed" == jobs(runner.engine).jobs["b"].status
+class TestCheckpoints:
+    """The runner's own tests are in ``test_runner.py``."""
 
     def test_checkpoint_is_replaced_atomically(self, tmp_path: Path) -> None:
         """Saving leaves exactly the checkpoint file, no temporary files."""

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from telemetry.tracing import parse_traceparent, span_id_for, trace_id_for
+from telemetry.tracing import (
+    job_trace_id,
+    job_traceparent,
+    parse_traceparent,
+    span_id_for,
+    trace_id_for,
+)
 
 CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -31,3 +37,12 @@ def test_span_ids_are_per_role() -> None:
     assert span_id_for("j", "root") == span_id_for("j", "root")
     assert span_id_for("j", "root") != span_id_for("j", "stage:decode:0")
     assert 16 == len(span_id_for("j", "root"))
+
+
+def test_a_jobs_traceparent_is_its_starts_else_its_queueds() -> None:
+    """JobStarted's traceparent wins; JobQueued's is used when the start carries none."""
+    other = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-00f067aa0ba902b7-01"
+    assert "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" == job_trace_id("j", other, CALLER)
+    assert "4bf92f3577b34da6a3ce929d0e0e4736" == job_trace_id("j", None, CALLER)
+    assert trace_id_for("j") == job_trace_id("j")
+    assert job_traceparent(None, None) is None

@@ -11,6 +11,7 @@ from PIL import Image
 
 from telemetry.events import JobStarted
 from telemetry.log.local import LocalLog
+from tests.polling import wait_for
 from tests.telemetry.log_contract import events_of
 from wantel.cli import main
 
@@ -122,3 +123,33 @@ def test_help_teaches_the_models(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "tiny-t2v-a14b" in out and "4k+1" in out
     assert sys.executable  # the help needs no model and no GPU
+
+
+def test_the_progress_line_is_a_sink_of_a_runner(tmp_path: Path) -> None:
+    """`wantel run`'s display follows the log through a runner: a line per step that touched
+    its job (other jobs' events draw nothing), and the job's final view once stopped."""
+    from tests.telemetry.test_engine import a_job
+    from wantel.commands.run import _Display
+
+    log = LocalLog(tmp_path / "log")
+    log.append(a_job("before"))
+    lines: list[str] = []
+    display = _Display(log, "mine", (log.last_position() or 0) + 1, live=True,
+                       draw=lines.append)
+    display.start()
+    try:
+        assert display.runner.caught_up.wait(10)
+        events = a_job("mine")
+        for event in events[:4]:
+            log.append([event])
+        log.append(a_job("other"))
+        end = (log.last_position() or 0) + 1
+        wait_for(lambda: display.runner.engine.position == end, "the other job applied")
+        drawn = len(lines)
+        log.append(events[4:])
+    finally:
+        view = display.stop()
+    assert view is not None and ("completed", 4) == (view.status, view.steps_done)
+    assert 1 <= drawn and "step 2/4" in lines[drawn - 1]  # the other job drew nothing
+    assert all(line.startswith("tiny-t2v") for line in lines)
+    assert "before" not in display.runner.engine.states["jobs"].jobs

@@ -37,7 +37,13 @@ def _position(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print events; with ``--follow`` keep going until interrupted."""
+    """Print events; with ``--follow`` keep going until interrupted.
+
+    ``--follow`` reads the log with a plain :meth:`~telemetry.log.base.EventLog.follow`, not a
+    :class:`~telemetry.runner.ProjectionRunner`: ``cat`` prints the raw records, duplicates
+    and all, and applies nothing, so it has no engine to de-duplicate, no state to checkpoint
+    and no sink to tell.
+    """
     log = open_log_for_reading(args)
     items = log.follow(args.start) if args.follow else log.read(args.start)
     out = sys.stdout.buffer

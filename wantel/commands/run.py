@@ -1,15 +1,16 @@
 """``wantel run``: generate a video with a tiny offline Wan model or a local diffusers model.
 
-The progress line is itself a projection of the log: a thread follows the events this job
-appends and folds them with the same jobs projection that ``wantel replay`` and the server use,
-so what the terminal shows is exactly what every other view will show.
+The progress line is itself a projection of the log: a :class:`~telemetry.runner.ProjectionRunner`
+follows the events this job appends and folds them with the same projections that
+``wantel replay`` and the server use, and its :class:`ProgressDisplay` sink draws the line, so
+what the terminal shows is exactly what every other view will show.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -26,6 +27,7 @@ from telemetry.projections import default_projections
 from telemetry.projections.eta import EtaPoint, current
 from telemetry.projections.jobs import JobView
 from telemetry.projections.summary import JobSummary, job_summary
+from telemetry.runner import Applied, ProjectionRunner, Sink
 from wantel.config import resolve_log_dir
 
 EXIT_FAILED = 1
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             sampler.stop()
         emitter.close()
         view = display.stop()
-    summary = job_summary(display.engine.states, view) if view is not None else None
+    summary = job_summary(display.runner.engine.states, view) if view is not None else None
     if args.json:
         print(msgspec.json.encode(_summary(summary, prepared.job, str(log.path))).decode())
     elif status == "completed":
@@ -155,42 +157,81 @@ def _figures(summary: JobSummary | None) -> str:
     return f"{summary.view.duration_s:.2f}s, {summary.view.steps_done} steps{rate}"
 
 
-class _Display:
-    """Follows this job's events in the log and draws a one-line live status (on a TTY)."""
+class ProgressDisplay(Sink):
+    """A runner's sink that draws one job's status line (:func:`render`) after each step.
 
-    def __init__(self, log: EventLog, job: str, start: int, *, live: bool) -> None:
-        self.log, self.job, self.start_position, self.live = log, job, start, live
-        self.engine = ProjectionEngine(default_projections())
-        self.engine.position = start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="wantel-progress", daemon=True)
+    ``draw`` receives the line; by default a ``rich`` live display on stderr, opened at the
+    first line and closed by :meth:`shutdown`.
+    """
 
-    def start(self) -> None:
-        self._thread.start()
+    name = "progress"
 
-    def view(self) -> JobView | None:
-        view: JobView | None = self.engine.states["jobs"].jobs.get(self.job)
-        return view
+    def __init__(self, job: str, draw: Callable[[str], object] | None = None) -> None:
+        self.job = job
+        self.lines = 0
+        self._draw = draw
+        self._live: Any = None
 
-    def stop(self) -> JobView | None:
-        """Read to the end of the log, stop following, return the job's final view."""
-        self._stop.set()
-        self._thread.join(10)
-        self.engine.apply_items(self.log.read(self.engine.position))
-        return self.view()
-
-    def _follow(self) -> None:
-        if not self.live:
+    def on_applied(self, applied: Applied) -> None:
+        """Draw the job's line, if this step changed it."""
+        if not any(event.job == self.job for event in applied.events):
             return
+        states = applied.engine.states
+        view: JobView | None = states["jobs"].jobs.get(self.job)
+        if view is None:
+            return
+        line = render(view, current(states["eta"], self.job))
+        if self._draw is None:
+            self._draw = self._rich()
+        self._draw(line)
+        self.lines += 1
+
+    def _rich(self) -> Callable[[str], object]:
         from rich.console import Console
         from rich.live import Live
 
-        with Live(console=Console(stderr=True), refresh_per_second=8, transient=True) as live:
-            for item in self.log.follow(self.start_position, stop=self._stop, poll_interval=0.05):
-                self.engine.apply_items((item,))
-                view = self.view()
-                if view is not None:
-                    live.update(render(view, current(self.engine.states["eta"], self.job)))
+        self._live = Live(console=Console(stderr=True), refresh_per_second=8, transient=True)
+        self._live.start()
+        update: Callable[[str], object] = self._live.update
+        return update
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Close the live display (it is transient: the line disappears)."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+class _Display:
+    """``wantel run``'s view of its job: a runner from where the job starts, drawing the
+    status line on a TTY (``live``), and the job's final view once it ends."""
+
+    def __init__(self, log: EventLog, job: str, start: int, *, live: bool,
+                 draw: Callable[[str], object] | None = None) -> None:
+        self.job, self.live = job, live
+        engine = ProjectionEngine(default_projections())
+        engine.position = start
+        sinks = [ProgressDisplay(job, draw)] if live else []
+        self.runner = ProjectionRunner(log, engine, sinks=sinks, poll_interval=0.05,
+                                       name="wantel-progress")
+
+    def start(self) -> None:
+        """Follow the log in the runner's thread (only when the line is drawn)."""
+        if self.live:
+            self.runner.start()
+
+    def view(self) -> JobView | None:
+        """The job as the jobs projection has it now."""
+        with self.runner.lock:
+            view: JobView | None = self.runner.engine.states["jobs"].jobs.get(self.job)
+        return view
+
+    def stop(self) -> JobView | None:
+        """Stop following, read to the end of the log, close the display; the final view."""
+        self.runner.stop()
+        self.runner.catch_up()
+        self.runner.shutdown()
+        return self.view()
 
 
 def render(view: JobView, eta: EtaPoint | None) -> str:

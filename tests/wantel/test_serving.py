@@ -1,0 +1,59 @@
+"""``wantel serve``'s wiring: one runner with the fan-out and the lifecycle lines, and span export
+on a runner of its own that keeps serving while the collector is down."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from websockets.sync.client import connect
+
+from exporters.logs import LifecycleLogger
+from exporters.otel import SpanSink, spans_for_job
+from exporters.service import FanOut
+from telemetry.log.local import LocalLog
+from tests.exporters.otlp_receiver import HttpReceiver
+from tests.exporters.test_server import JobScript, recv_until
+from tests.polling import wait_for
+from wantel.logs import configure_logging
+from wantel.serving import Serving
+
+
+def test_serve_wires_every_follower_as_a_sink_of_a_runner(tmp_path: Path) -> None:
+    """The service's runner tells the fan-out and the lifecycle log; span export has its own
+    runner, which waits for a collector that is down while /ws/progress and the projections
+    carry on, then exports each job once."""
+    stream = io.StringIO()
+    configure_logging(json=True, stream=stream, stdlib=False)
+    receiver = HttpReceiver()  # not started yet: the collector is down
+    log = LocalLog(tmp_path / "log")
+    serving = Serving(log, port=0, otlp=receiver.endpoint)
+    serving.log_lifecycle()
+    serving.start()
+    try:
+        assert serving.service.wait_ready(20)
+        service_sinks = [type(s) for s in serving.service.runner.sinks]
+        assert [FanOut, LifecycleLogger] == service_sinks
+        spans = serving._spans
+        assert spans is not None and [SpanSink] == [type(s) for s in spans.sinks]
+        with connect(f"ws://127.0.0.1:{serving.http.port}/ws/progress") as ws:
+            recv_until(ws, lambda f: f["type"] == "caught_up")
+            job = JobScript("served-1", steps=3).whole()
+            last = log.append(job)[-1]
+            frames = recv_until(ws, lambda f: f["type"] == "job_completed")
+        assert last == frames[-1]["position"]
+        wait_for(lambda: spans.held_back() is not None, "span export waiting for the collector")
+        receiver.start()
+        expected = spans_for_job(job)
+        got = receiver.wait_for(lambda received: len(received) >= len(expected))
+        assert sorted(s.name for s in expected) == sorted(s.name for s in got)
+    finally:
+        serving.stop()
+        receiver.stop()
+        log.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()
+             if '"job": "served-1"' in line or '"job":"served-1"' in line]
+    assert ["job.started", "stage.ended", "job.completed"] == [line["event"] for line in lines]
+    assert (tmp_path / "log" / "checkpoints" / "otel.ckpt").exists()
+    assert (tmp_path / "log" / "checkpoints" / "serve.ckpt").exists()
