@@ -38,7 +38,7 @@ from telemetry.events import (
 )
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
-from telemetry.projections.base import BatchFold, RulesOnly
+from telemetry.projections.base import RulesOnly
 
 GOAL = 500_000
 
@@ -111,10 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     clock = time.perf_counter if args.wall else time.process_time
     events = workload(args.jobs)
-    # The projections with a fast path beside their rules (the ETA fold is a batch fold only:
-    # its apply is its apply_many over one event, so it has no rules to compare with).
-    fast = [p.name for p in default_projections()
-            if hasattr(p, "apply_many") and not isinstance(p, BatchFold)]
+    # The projections with a fast path beside their rules.
+    fast = [p.name for p in default_projections() if hasattr(p, "apply_many")]
     every, none = "every projection (serve's set)", "engine, no projection"
     all_rules = f"every projection, rules only ({', '.join(fast)})"
     cases: dict[str, Callable[[], list[Any] | None]] = {

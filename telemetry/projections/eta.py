@@ -168,27 +168,30 @@ class EtaProjection:
         Events of a job that is not running (never started here, or already ended) change
         nothing.
         """
-        match event:
-            case StepEnded():
-                if (running := state.running.get(event.job)) is not None:
-                    running.live.observe(event)
-                    if issues_eta_at(event.step, event.total_steps):
-                        _issue(running, event.ts)
-            case StageStarted() | StageEnded():
-                if (running := state.running.get(event.job)) is not None:
-                    running.live.observe(event)
+        # ``type(event) is X``: the cheapest test (a fold runs it per event), and mypy narrows.
+        if type(event) is StepEnded:  # most of a job's events: tested first
+            running = state.running.get(event.job)
+            if running is not None:
+                running.live.step_ended(event.total_steps, event.duration_s, event.expert,
+                                        event.ts)
+                if issues_eta_at(event.step, event.total_steps):
                     _issue(running, event.ts)
-            case JobStarted():
-                started = RunningEta(model=event.model,
-                                     live=self._priors.start(event, state.calibration))
-                state.running = bounded_insert(state.running, event.job, started)
-                _issue(started, event.ts)
-            case JobCompleted():
-                self._completed(state, event)
-            case JobFailed() | JobCancelled():
-                state.running.pop(event.job, None)
-            case EtaCalibrated():
-                state.calibration = Calibration.of(event)
+        elif type(event) is StageStarted or type(event) is StageEnded:
+            running = state.running.get(event.job)
+            if running is not None:
+                running.live.observe(event)
+                _issue(running, event.ts)
+        elif type(event) is JobStarted:
+            started = RunningEta(model=event.model,
+                                 live=self._priors.start(event, state.calibration))
+            state.running = bounded_insert(state.running, event.job, started)
+            _issue(started, event.ts)
+        elif type(event) is JobCompleted:
+            self._completed(state, event)
+        elif type(event) is JobFailed or type(event) is JobCancelled:
+            state.running.pop(event.job, None)
+        elif type(event) is EtaCalibrated:
+            state.calibration = Calibration.of(event)
         return state
 
     def _completed(self, state: EtaState, event: JobCompleted) -> None:
