@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from telemetry.wan import uses_image_encoder, uses_wan22_vae
+
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
@@ -417,11 +419,10 @@ def build_tiny_pipeline(
     the progress bar disabled.
     """
     spec = variant_spec(name)
-    wan22_vae = spec.task == "ti2v"
+    wan22_vae = uses_wan22_vae(spec.task)
     latent_channels = _WAN22_LATENT_CHANNELS if wan22_vae else _WAN21_LATENT_CHANNELS
     in_channels = _I2V_IN_CHANNELS if spec.task == "i2v" else latent_channels
-    # Only Wan 2.1 I2V conditions on CLIP image embeddings; Wan 2.2 I2V-A14B has no image encoder.
-    uses_clip = spec.task == "i2v" and spec.family == "wan2.1"
+    uses_clip = uses_image_encoder(family=spec.family, task=spec.task)
 
     with _seeded(seed):
         vae = _vae(wan22=wan22_vae)

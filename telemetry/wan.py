@@ -75,10 +75,16 @@ def uses_image_encoder(*, family: str, task: str) -> bool:
     return task == "i2v" and family == WAN21
 
 
+def uses_wan22_vae(task: str) -> bool:
+    """Whether the pipeline's VAE is Wan 2.2's 48-channel one (16× spatial, TI2V-5B only);
+    every other layout, Wan 2.2's A14B ones too, runs Wan 2.1's."""
+    return task == "ti2v"
+
+
 def is_tiny(variant: str) -> bool:
     """A tiny random-weight variant (``tiny-…``)."""
     return variant.startswith(TINY_PREFIX)
 
 
 __all__ = ["WAN21", "WAN22", "WanKind", "classify", "is_tiny", "runs_two_experts", "task_of",
-           "uses_image_encoder", "variant_of"]
+           "uses_image_encoder", "uses_wan22_vae", "variant_of"]

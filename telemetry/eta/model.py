@@ -19,7 +19,7 @@ import msgspec
 
 from telemetry.eta.shape import JobShape
 from telemetry.events import EtaCalibrated
-from telemetry.wan import uses_image_encoder
+from telemetry.wan import uses_image_encoder, uses_wan22_vae
 
 PHASES: Final = ("load", "text_encode", "image_encode", "latent_init", "denoise", "decode",
                  "postprocess", "save")
@@ -60,7 +60,7 @@ def transformer_id(shape: JobShape) -> str:
 
 def vae_id(shape: JobShape) -> str:
     """Which VAE encodes and decodes: Wan 2.2's 48-channel one serves only TI2V-5B."""
-    base = "vae-2.2" if shape.task == "ti2v" else "vae-2.1"
+    base = "vae-2.2" if uses_wan22_vae(shape.task) else "vae-2.1"
     return f"{base}-tiny" if shape.tiny else base
 
 
