@@ -213,8 +213,10 @@ class EtaProjection:
             actual = (end_ts - first.ts) / 1e9
             if actual > MIN_SCORED_S:
                 before_start = (first.remaining_s - actual) / actual
-                state.before_start.setdefault(model, Histogram()).add(
-                    before_start, first.p10_s <= actual <= first.p90_s)
+                histogram = state.before_start.get(model)
+                if histogram is None:
+                    histogram = state.before_start[model] = Histogram()
+                histogram.add(before_start, first.p10_s <= actual <= first.p90_s)
         errors_in: dict[str, list[float]] = {}  # bucket → its errors, in the order reached
         covered_in: dict[str, int] = {}
         history: list[EtaPoint] = []  # the first ETA of each bucket
@@ -233,7 +235,10 @@ class EtaProjection:
         histograms = state.residuals.setdefault(model, {})
         residuals: dict[str, float] = {}
         for bucket, errors in errors_in.items():
-            histograms.setdefault(bucket, Histogram()).add_all(errors, covered_in[bucket])
+            histogram = histograms.get(bucket)
+            if histogram is None:  # not setdefault: it would build a Histogram every time
+                histogram = histograms[bucket] = Histogram()
+            histogram.add_all(errors, covered_in[bucket])
             residuals[bucket] = sum(errors) / len(errors)
         state.finished = bounded_insert(state.finished, event.job, FinishedEta(
             model=model, status="completed", duration_s=event.duration_s,
