@@ -81,7 +81,9 @@ TERMINAL_FRAMES: Final = frozenset({"job_completed", "job_failed", "job_cancelle
 #: time) never broadcast to viewers: ``prompt_sha256`` identifies a prompt well enough.
 _DROPPED_FIELDS: Final = ("type", "job", "ts", "prompt")
 
-_encode = msgspec.json.Encoder().encode
+_encoder = msgspec.json.Encoder()
+_encode = _encoder.encode
+_encode_into = _encoder.encode_into
 
 
 def frame(type_: str, position: Position | None, job: str | None, ts: float,
@@ -128,10 +130,11 @@ class _Frame(msgspec.Struct, gc=False):
     data: Any
 
 
-def _frame_builder(kind: type[Event], name: str) -> Callable[[Event, Position], _Frame]:
-    """What builds ``kind``'s live frame but its view: ``build(event, position)`` -> a
-    :class:`_Frame` whose ``data`` is a struct of the event's fields but ``job``, ``ts`` and
-    ``prompt`` (in order, never omitted).
+def _frame_builder(kind: type[Event],
+                   name: str) -> Callable[[Event, Position, msgspec.Raw], _Frame]:
+    """What builds ``kind``'s live frame: ``build(event, position, view)`` -> a :class:`_Frame`
+    whose ``data`` is a struct of the event's fields but ``job``, ``ts`` and ``prompt`` (in
+    order, never omitted), then ``view`` (the job's view, already encoded: :func:`_view`).
 
     Generated per type, as :mod:`dataclasses` generates ``__init__``: the fields are read by
     name (a slot load each) straight into the struct's constructor, ~70 ns an event less than
@@ -140,39 +143,35 @@ def _frame_builder(kind: type[Event], name: str) -> Callable[[Event, Position], 
     hash insert a key.
     """
     names = [field for field in kind.__struct_fields__ if field not in _DROPPED_FIELDS]
-    data = msgspec.defstruct(f"{kind.__name__}Frame", [(n, Any) for n in names], gc=False)
     for n in names:
-        if not n.isidentifier():  # the generated code names each field
-            raise ValueError(f"{kind.__name__}.{n}: not an identifier")
-    source = (f"def build(event, position):\n"
+        if not n.isidentifier() or n == "view":  # the generated code names each field
+            raise ValueError(f"{kind.__name__}.{n}: cannot be a live frame's data field")
+    data = msgspec.defstruct(f"{kind.__name__}Frame", [(n, Any) for n in (*names, "view")],
+                             gc=False)
+    source = (f"def build(event, position, view):\n"
               f"    return Frame(NAME, position, event.job, event.ts / 1e9, "
-              f"Data({', '.join(f'event.{n}' for n in names)}))\n")
+              f"Data({''.join(f'event.{n}, ' for n in names)}view))\n")
     namespace: dict[str, Any] = {"Frame": _Frame, "Data": data, "NAME": name}
     exec(compile(source, f"<frame builder {kind.__name__}>", "exec"), namespace)
-    build: Callable[[Event, Position], _Frame] = namespace["build"]
+    build: Callable[[Event, Position, msgspec.Raw], _Frame] = namespace["build"]
     return build
 
 
-#: Per event type that becomes a frame: what builds its frame (but the view).
+#: Per event type that becomes a frame: what builds its live frame.
 _LIVE: Final = {kind: _frame_builder(kind, name) for kind, name in FRAME_TYPES.items()}
 
 
-def _view_tail(view: dict[str, Any]) -> str:
-    """How a live frame ends: ``data``'s last key, the view, and the two closing braces.
-
-    A frame's ``data`` is its last key and never empty, so its text ends with ``}}``: a live
-    frame is the frame without a view, those two braces replaced by this — the view is
-    encoded once per job and batch, not once per frame.
-    """
-    return ',"view":' + _encode(view).decode() + "}}"
+def _view(view: dict[str, Any]) -> msgspec.Raw:
+    """A job's view, encoded once per job and batch (not once per frame)."""
+    return msgspec.Raw(_encode(view))
 
 
-def _live_frame(position: Position, event: Event, tail: str) -> str:
-    """:func:`event_frame` with a view (as :func:`_view_tail`), encoded: the same text,
-    without the detour through builtins (msgspec encodes the nested structs and tuples the
-    event's fields hold exactly as :func:`~telemetry.events.to_builtins` converts them).
-    :meth:`FanOut.on_applied` runs this inlined."""
-    return _encode(_LIVE[type(event)](event, position))[:-2].decode() + tail
+def _live_frame(position: Position, event: Event, view: msgspec.Raw) -> str:
+    """:func:`event_frame` with a view (as :func:`_view`), encoded: the same text, without the
+    detour through builtins (msgspec encodes the nested structs and tuples the event's fields
+    hold exactly as :func:`~telemetry.events.to_builtins` converts them).
+    :meth:`FanOut.on_applied` runs this inlined, encoding into one reused buffer."""
+    return _encode(_LIVE[type(event)](event, position, view)).decode()
 
 
 def _seconds(ts: int | None) -> float | None:
@@ -386,14 +385,15 @@ class FanOut(Sink):
             wanted = {s.job for s in subscribers if s.job is not None}
         by_job = any(s.job is not None for s in subscribers)  # the frames' jobs are needed
         states = applied.engine.states
-        views: dict[str, str | None] = {}  # None: no view of the job (yet)
+        views: dict[str, msgspec.Raw | None] = {}  # None: no view of the job (yet)
         texts: list[str] = []
         positions: list[Position] = []
         jobs: list[str] = []
         keep, place, name = texts.append, positions.append, jobs.append
-        live, encode = _LIVE, _encode
+        live, into = _LIVE, _encode_into
+        buffer = bytearray()  # each frame is encoded into it: it keeps its memory, grown once
         last_job: str | None = None  # a flush is a run of one job's events: its view in locals
-        tail: str | None = None
+        view: msgspec.Raw | None = None
         for position, event in applied.positioned():
             build = live.get(type(event))
             if build is None or position < floor:
@@ -403,17 +403,18 @@ class FanOut(Sink):
                 continue
             if job != last_job:
                 if job in views:
-                    tail = views[job]
+                    view = views[job]
                 else:
                     summary = summarize(states, job)
-                    tail = views[job] = None if summary is None else _view_tail(summary)
+                    view = views[job] = None if summary is None else _view(summary)
                 last_job = job
-            if tail is None:  # as event_frame leaves it: no view key
+            if view is None:  # as event_frame leaves it: no view key
                 made = event_frame(position, event)
                 assert made is not None  # a type in FRAME_TYPES
                 keep(encode_frame(made))
-            else:  # _live_frame, inlined
-                keep(encode(build(event, position))[:-2].decode() + tail)
+            else:  # _live_frame, inlined: encode_into a reused buffer saves ~0.1 us a frame
+                into(build(event, position, view), buffer)
+                keep(buffer.decode())
             place(position)
             if by_job:
                 name(job)
