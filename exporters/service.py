@@ -26,6 +26,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import dropwhile
 from pathlib import Path
 from typing import Any, Final
 
@@ -394,13 +395,14 @@ class FanOut(Sink):
         buffer = bytearray()  # each frame is encoded into it: it keeps its memory, grown once
         last_job: str | None = None  # a flush is a run of one job's events: its view in locals
         view: msgspec.Raw | None = None
-        for position, event in applied.positioned():
+        items: Iterator[tuple[Position, Event]] = applied.positioned()
+        if wanted is not None:  # checks out of the loop that runs for every event
+            items = ((position, event) for position, event in items if event.job in wanted)
+        for position, event in dropwhile(lambda item: item[0] < floor, items):
             build = live.get(type(event))
-            if build is None or position < floor:
+            if build is None:
                 continue
             job = event.job
-            if wanted is not None and job not in wanted:
-                continue
             if job != last_job:
                 if job in views:
                     view = views[job]
