@@ -47,10 +47,8 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -84,6 +82,8 @@ SERVE: Final = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'ed
                 "sys.exit(main(sys.argv[1:]))")
 CODE: Final = _code()
 _use_code(CODE)
+
+from serve_child import start_server  # noqa: E402 - beside this script
 
 from exporters.service import TelemetryService  # noqa: E402 - from CODE
 from telemetry.events import (  # noqa: E402
@@ -225,25 +225,6 @@ def catch_up(log_dir: Path, case: str) -> tuple[float, float, str]:
         service.stop()
         log.close()
     return took, cpu, note
-
-
-def start_server(log_dir: Path, wantel: list[str]) -> tuple[subprocess.Popen[str], int]:
-    """``wantel serve --port 0`` in a child process (``wantel``: the command; by default this
-    interpreter and ``PYTHONPATH``); the port is read from its banner."""
-    proc = subprocess.Popen(
-        [*wantel, "serve", "--log", str(log_dir), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        found = re.search(r"WebSocket\s+ws://127\.0\.0\.1:(\d+)/", line)
-        if found:
-            return proc, int(found.group(1))
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise SystemExit("wantel serve did not start")
 
 
 def cpu_seconds(pid: int) -> float:

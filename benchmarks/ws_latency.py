@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Final
 
+import serve_child  # beside this script
 from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,22 +63,10 @@ def step(i: int, steps: int) -> Event:
 
 
 def start_server(log_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    """``wantel serve --port 0`` in a child process; the port is read from its banner."""
+    """``wantel serve --port 0`` in a child process running this checkout's code."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wantel", "serve", "--log", str(log_dir), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        found = re.search(r"WebSocket\s+ws://127\.0\.0\.1:(\d+)/", line)
-        if found:
-            return proc, int(found.group(1))
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise SystemExit("wantel serve did not start")
+    return serve_child.start_server(log_dir, [sys.executable, "-m", "wantel"], env=env,
+                                    timeout=30)
 
 
 def measure_ws(port: int, log: LocalLog, events: int, interval: float) -> list[float]:
