@@ -319,9 +319,12 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
         The remaining time is the sum of the remaining parts (``_parts``), damped against the
         previous ETA (``damp_rise``); progress is the share of the predicted duration already
-        elapsed; the interval is ``_interval``. Issuing it is an observation too: the next
-        ETA is damped against this one. Sums stay ``sum()`` (its NaN propagation differs from
-        a loop's), so replayed ETAs are bit-identical.
+        elapsed. The p10–p90 interval is the calibration's quantiles of actual/predicted for
+        the progress bucket where it has them; else a log-normal whose relative spread is the
+        parts' errors added in quadrature (written here, not in a helper of its own: one call
+        fewer per ETA). Issuing it is an observation too: the next ETA is damped against this
+        one. Sums stay ``sum()`` (its NaN propagation differs from a loop's), so replayed ETAs
+        are bit-identical.
         """
         elapsed = (now - self.start_ts) / 1e9
         elapsed = 0.0 if 0.0 > elapsed else elapsed  # max(elapsed, 0.0)
@@ -330,13 +333,21 @@ class LiveJob(msgspec.Struct, kw_only=True):
                               self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
         progress = elapsed / total if total > 0 else 0.0
-        low, high = self._interval(remaining, progress, variances)
+        if remaining <= 0:
+            low = high = 0.0
+        # bucket_of only when there is a quantile to find: it cannot raise.
+        elif (quantiles := self.quantiles) and (bucket := bucket_of(progress)) in quantiles:
+            q10, q90 = quantiles[bucket]
+            low, high = remaining * q10, remaining * q90
+        else:
+            spread = sqrt(sum(variances)) / remaining
+            low, high = remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)
         self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
         return remaining, low, high, progress, self.steps_seen < 2
 
     def _parts(self, now: int, speed: float) -> tuple[list[float], list[float]]:
         """Each remaining part's seconds, and the square of those times its relative sigma
-        (the part's variance, in s², which ``_interval`` adds up: squared here, where each is
+        (the part's variance, in s², which the interval adds up: squared here, where each is
         made, rather than in a comprehension of its own, which costs a frame per ETA).
 
         The current phase (before anything happened: the first, under way since the start),
@@ -359,7 +370,14 @@ class LiveJob(msgspec.Struct, kw_only=True):
             except ValueError:  # a stage outside the plan: nothing is counted
                 return seconds, variances
             if current == "denoise":
-                part, sigma = self._denoise_left(now, speed)
+                # The steps left at the step mean, less the part of the next step already
+                # under way (at most one step); the loop's sigma narrows with every step
+                # measured.
+                mean = self._step_mean(speed)
+                since_step = (now - (self.last_step_ts or now)) / 1e9
+                part = mean * self._steps_left() - (mean if mean < since_step else since_step)
+                part = 0.0 if 0.0 > part else part  # max(part, 0.0)
+                sigma = self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
             else:
                 sigma = self.sigma[current]
                 part = conditional_remaining(self.expected[current] * speed, sigma,
@@ -377,33 +395,3 @@ class LiveJob(msgspec.Struct, kw_only=True):
             seconds.append(part)
             variances.append((part * self.sigma[phase]) ** 2)
         return seconds, variances
-
-    def _denoise_left(self, now: int, speed: float) -> tuple[float, float]:
-        """Seconds left in the running denoise loop, and their relative sigma.
-
-        The steps left at the step mean, less the part of the next step already under way
-        (at most one step); the loop's sigma narrows with every step measured.
-        """
-        mean = self._step_mean(speed)
-        since_step = (now - (self.last_step_ts or now)) / 1e9
-        seconds = mean * self._steps_left() - (mean if mean < since_step else since_step)
-        seconds = 0.0 if 0.0 > seconds else seconds  # max(seconds, 0.0)
-        return seconds, self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
-
-    def _interval(self, remaining: float, progress: float,
-                  variances: list[float]) -> tuple[float, float]:
-        """The p10–p90 interval of ``remaining``.
-
-        The calibration's quantiles of actual/predicted for the progress bucket where it has
-        them; else a log-normal whose relative spread is the parts' errors added in
-        quadrature (``variances``: the square of each part's seconds × relative sigma).
-        """
-        if remaining <= 0:
-            return 0.0, 0.0
-        quantiles = self.quantiles
-        # bucket_of only when there is a quantile to find: it cannot raise.
-        if quantiles and (bucket := bucket_of(progress)) in quantiles:
-            q10, q90 = quantiles[bucket]
-            return remaining * q10, remaining * q90
-        spread = sqrt(sum(variances)) / remaining
-        return remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)
