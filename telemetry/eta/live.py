@@ -247,9 +247,10 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
         The loop has at least the steps seen; each expert is a segment of its own.
         """
-        steps_done = self.steps_done + 1
-        self.total_steps = steps_done if steps_done > total_steps else total_steps  # max()
-        self.steps_done = steps_done
+        steps_done = self.steps_done = self.steps_done + 1
+        total_steps = steps_done if steps_done > total_steps else total_steps  # max()
+        if total_steps != self.total_steps:  # written only when it changes: a write to a
+            self.total_steps = total_steps  # Struct's field costs four times a read
         self.last_step_ts = ts
         if expert != self.expert:
             if self.expert is not None and self.segment_n > 0:
@@ -259,8 +260,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
             self.segment_sum, self.segment_n = 0.0, 0.0
         if duration_s is None:
             return
-        self.steps_seen += 1
-        if self.steps_seen == 1:
+        steps_seen = self.steps_seen = self.steps_seen + 1
+        if steps_seen == 1:
             self.first_step_s = duration_s
             weight, value = WARMUP_WEIGHT, duration_s / max(self.warmup, 1e-6)
         else:
