@@ -247,9 +247,10 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
         The loop has at least the steps seen; each expert is a segment of its own.
         """
-        steps_done = self.steps_done + 1
-        self.total_steps = steps_done if steps_done > total_steps else total_steps  # max()
-        self.steps_done = steps_done
+        steps_done = self.steps_done = self.steps_done + 1
+        total_steps = steps_done if steps_done > total_steps else total_steps  # max()
+        if total_steps != self.total_steps:  # written only when it changes: a write to a
+            self.total_steps = total_steps  # Struct's field costs four times a read
         self.last_step_ts = ts
         if expert != self.expert:
             if self.expert is not None and self.segment_n > 0:
@@ -259,8 +260,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
             self.segment_sum, self.segment_n = 0.0, 0.0
         if duration_s is None:
             return
-        self.steps_seen += 1
-        if self.steps_seen == 1:
+        steps_seen = self.steps_seen = self.steps_seen + 1
+        if steps_seen == 1:
             self.first_step_s = duration_s
             weight, value = WARMUP_WEIGHT, duration_s / max(self.warmup, 1e-6)
         else:
@@ -319,23 +320,36 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
         The remaining time is the sum of the remaining parts (``_parts``), damped against the
         previous ETA (``damp_rise``); progress is the share of the predicted duration already
-        elapsed; the interval is ``_interval``. Issuing it is an observation too: the next
-        ETA is damped against this one. Sums stay ``sum()`` (its NaN propagation differs from
-        a loop's), so replayed ETAs are bit-identical.
+        elapsed. The p10–p90 interval is the calibration's quantiles of actual/predicted for
+        the progress bucket where it has them; else a log-normal whose relative spread is the
+        parts' errors added in quadrature (written here, not in a helper of its own: one call
+        fewer per ETA). Issuing it is an observation too: the next ETA is damped against this
+        one. Sums stay ``sum()`` (its NaN propagation differs from a loop's), so replayed ETAs
+        are bit-identical.
         """
         elapsed = (now - self.start_ts) / 1e9
         elapsed = 0.0 if 0.0 > elapsed else elapsed  # max(elapsed, 0.0)
-        seconds, weighted = self._parts(now, self._speed())
+        seconds, variances = self._parts(now, self._speed())
         remaining = damp_rise(sum(seconds, 0.0),  # a float even with nothing left
                               self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
         progress = elapsed / total if total > 0 else 0.0
-        low, high = self._interval(remaining, progress, weighted)
+        if remaining <= 0:
+            low = high = 0.0
+        # bucket_of only when there is a quantile to find: it cannot raise.
+        elif (quantiles := self.quantiles) and (bucket := bucket_of(progress)) in quantiles:
+            q10, q90 = quantiles[bucket]
+            low, high = remaining * q10, remaining * q90
+        else:
+            spread = sqrt(sum(variances)) / remaining
+            low, high = remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)
         self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
         return remaining, low, high, progress, self.steps_seen < 2
 
     def _parts(self, now: int, speed: float) -> tuple[list[float], list[float]]:
-        """Each remaining part's seconds, and those times its relative sigma.
+        """Each remaining part's seconds, and the square of those times its relative sigma
+        (the part's variance, in s², which the interval adds up: squared here, where each is
+        made, rather than in a comprehension of its own, which costs a frame per ETA).
 
         The current phase (before anything happened: the first, under way since the start),
         then every phase after it not done yet; between phases, every phase not done yet. A
@@ -344,7 +358,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
         """
         phases, current, done = self.phases, self.phase, self.done
         seconds: list[float] = []
-        weighted: list[float] = []
+        variances: list[float] = []
         if current is None and not done:
             current = phases[0] if phases else None
             phase_start = self.start_ts
@@ -355,15 +369,22 @@ class LiveJob(msgspec.Struct, kw_only=True):
             try:
                 index = phases.index(current)
             except ValueError:  # a stage outside the plan: nothing is counted
-                return seconds, weighted
+                return seconds, variances
             if current == "denoise":
-                part, sigma = self._denoise_left(now, speed)
+                # The steps left at the step mean, less the part of the next step already
+                # under way (at most one step); the loop's sigma narrows with every step
+                # measured.
+                mean = self._step_mean(speed)
+                since_step = (now - (self.last_step_ts or now)) / 1e9
+                part = mean * self._steps_left() - (mean if mean < since_step else since_step)
+                part = 0.0 if 0.0 > part else part  # max(part, 0.0)
+                sigma = self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
             else:
                 sigma = self.sigma[current]
                 part = conditional_remaining(self.expected[current] * speed, sigma,
                                              (now - phase_start) / 1e9)
             seconds.append(part)
-            weighted.append(part * sigma)
+            variances.append((part * sigma) ** 2)
             upcoming = phases[index + 1:]
         for phase in upcoming:
             if phase in done:
@@ -373,35 +394,5 @@ class LiveJob(msgspec.Struct, kw_only=True):
             else:
                 part = self.expected[phase] * speed
             seconds.append(part)
-            weighted.append(part * self.sigma[phase])
-        return seconds, weighted
-
-    def _denoise_left(self, now: int, speed: float) -> tuple[float, float]:
-        """Seconds left in the running denoise loop, and their relative sigma.
-
-        The steps left at the step mean, less the part of the next step already under way
-        (at most one step); the loop's sigma narrows with every step measured.
-        """
-        mean = self._step_mean(speed)
-        since_step = (now - (self.last_step_ts or now)) / 1e9
-        seconds = mean * self._steps_left() - (mean if mean < since_step else since_step)
-        seconds = 0.0 if 0.0 > seconds else seconds  # max(seconds, 0.0)
-        return seconds, self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
-
-    def _interval(self, remaining: float, progress: float,
-                  weighted: list[float]) -> tuple[float, float]:
-        """The p10–p90 interval of ``remaining``.
-
-        The calibration's quantiles of actual/predicted for the progress bucket where it has
-        them; else a log-normal whose relative spread is the parts' errors added in
-        quadrature (``weighted``: each part's seconds × relative sigma).
-        """
-        if remaining <= 0:
-            return 0.0, 0.0
-        quantiles = self.quantiles
-        # bucket_of only when there is a quantile to find: it cannot raise.
-        if quantiles and (bucket := bucket_of(progress)) in quantiles:
-            q10, q90 = quantiles[bucket]
-            return remaining * q10, remaining * q90
-        spread = sqrt(sum([part ** 2 for part in weighted])) / remaining
-        return remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)
+            variances.append((part * self.sigma[phase]) ** 2)
+        return seconds, variances
