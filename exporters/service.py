@@ -14,7 +14,9 @@ applied under the runner's lock, which is also what a new subscriber takes to re
 snapshot and record the position its live frames start at: the snapshot and the first live
 frame it receives can never overlap or leave a gap. A subscriber that stops reading never
 slows the thread or the other subscribers: when its queue overflows it is emptied and marked
-for a fresh snapshot instead, and no frame is built while no subscriber can take one.
+for a fresh snapshot instead, and no frame is built while no subscriber can take one. Nor while
+the server itself is far behind the log (a burst, a backlog after a restart): the frames would
+be stale before any client read them, so clients sleep and get one snapshot near the end.
 """
 
 from __future__ import annotations
@@ -314,6 +316,27 @@ class Subscriber:
         except RuntimeError:  # the client's loop is gone; it will be unsubscribed
             self.closed = True
 
+    def fall_behind(self) -> None:
+        """The server is far behind the log: drop what is queued and owe a fresh snapshot, but
+        let the client sleep until :meth:`wake` (a snapshot now would be stale at once)."""
+        with self._lock:
+            if self.closed or self.overflowed:
+                return
+            self._queue.clear()
+            self.overflowed = True
+            self.overflows += 1
+
+    def wake(self) -> None:
+        """Wake the client if it owes a snapshot and is not woken yet (the server is live)."""
+        with self._lock:
+            if self.closed or not self.overflowed or self._signalled:
+                return
+            self._signalled = True
+        try:
+            self.loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the client's loop is gone; it will be unsubscribed
+            self.closed = True
+
     def push_control(self, text: str) -> None:
         """Queue a reply from the client's own loop (never dropped by overflow)."""
         with self._lock:
@@ -366,8 +389,14 @@ class FanOut(Sink):
 
     name = "websocket"
 
-    def __init__(self) -> None:
+    def __init__(self, *, coalesce_behind: int = DEFAULT_SUBSCRIBER_BUFFER) -> None:
         self.subscribers: tuple[Subscriber, ...] = ()
+        #: While at least this many events are stored beyond the step being applied (a burst,
+        #: a fleet's backlog), frames are not built: no client could read them before they were
+        #: stale, and building them costs the catch-up more than the projections do. Clients
+        #: get one ``overflow`` snapshot once the server is within this of the log's end.
+        self.coalesce_behind = coalesce_behind
+        self._sleeping: list[Subscriber] = []
 
     def on_applied(self, applied: Applied) -> None:
         """Frame the batch's events for everyone who can take them, and push.
@@ -375,6 +404,16 @@ class FanOut(Sink):
         The per-event work is :func:`_live_frame` inlined (this loop runs for every event
         while a client is connected); a job's view is summarised and encoded once per batch.
         """
+        if applied.behind >= self.coalesce_behind:
+            for sub in self.subscribers:
+                if not sub.closed and not sub.overflowed:
+                    sub.fall_behind()
+                    self._sleeping.append(sub)
+            return
+        if self._sleeping:  # near the end again: the snapshot they owe is current now
+            for sub in self._sleeping:
+                sub.wake()
+            self._sleeping = []
         subscribers = [s for s in self.subscribers if not s.closed and not s.overflowed]
         if not subscribers or not applied.events:
             return

@@ -1,11 +1,23 @@
 #!/usr/bin/env python3
-"""Record the ETA corpus: real `wantel run` jobs of every tiny variant, sizes, frames, steps, CFG.
+"""Record an ETA corpus: real `wantel run` jobs of every tiny variant, sizes, frames, steps, CFG.
 
 Each job is a separate `wantel run` process, as a user would run it, so the load stage includes
 what it really costs (importing diffusers, building the model). The parameters are drawn from a
 seeded generator, so the set of jobs is reproducible; their timings are what this machine did.
 
+Three plans:
+
+- ``fixture`` (default): the corpus in ``tests/fixtures/eta-corpus``, 32–256 px in steps of 32,
+  9–49 frames, 4–30 steps, CFG on or off.
+- ``wide``: sizes, frame counts, steps and guidance the fixture never uses (48–272 px off the
+  32 grid, 5–53 frames, 3–40 steps, guidance 3.5 and 6.0): a held-out corpus for generalisation.
+- ``repeat``: a few shape families, each run several times, interleaved — what a service that
+  gets the same requests sees; the online-learning acceptance is measured on it.
+
+``--busy N`` runs N busy-loop processes for the whole recording: a noisy neighbour.
+
     python scripts/record_eta_corpus.py --out tests/fixtures/eta-corpus --jobs 64
+    python scripts/record_eta_corpus.py --plan wide --out /tmp/wide --jobs 40 --seed 7
 """
 
 from __future__ import annotations
@@ -25,6 +37,40 @@ VARIANTS = ("tiny-t2v", "tiny-i2v", "tiny-ti2v", "tiny-t2v-a14b", "tiny-i2v-a14b
 SIZES = (32, 64, 96, 128, 160, 192, 224, 256)
 FRAMES = (9, 13, 17, 25, 33, 41, 49)
 MAX_PIXELS = 256 * 256 * 49  # the biggest jobs take several seconds on one CPU thread
+WIDE_SIZES = (48, 80, 112, 144, 176, 208, 240, 272)
+WIDE_FRAMES = (5, 21, 29, 37, 45, 53)
+TI2V_SIZES = (96, 160, 224, 288)  # TI2V-5B's VAE needs multiples of 32: ones the fixture skips
+
+
+def _wide_job(index: int, rng: random.Random) -> dict[str, object]:
+    variant = VARIANTS[index % len(VARIANTS)]
+    sizes = TI2V_SIZES if variant == "tiny-ti2v" else WIDE_SIZES
+    while True:
+        height, width = rng.choice(sizes), rng.choice(sizes)
+        frames = rng.choice(WIDE_FRAMES)
+        if height * width * frames <= MAX_PIXELS:
+            break
+    return {"job": f"wide-{index:03d}", "variant": variant, "height": height, "width": width,
+            "frames": frames, "steps": rng.randint(3, 40),
+            "guidance": rng.choice((1.0, 3.5, 6.0)), "seed": index}
+
+
+def repeat_plan(count: int, seed: int) -> list[dict[str, object]]:
+    """Six shape families drawn like ``wide``, run round-robin until ``count`` jobs."""
+    rng = random.Random(seed)
+    families = [_wide_job(index, rng) for index in range(6)]
+    jobs = []
+    for index in range(count):
+        family = families[index % len(families)]
+        jobs.append({**family, "job": f"repeat-{index:03d}-f{index % len(families)}",
+                     "seed": index})
+    return jobs
+
+
+def wide_plan(count: int, seed: int) -> list[dict[str, object]]:
+    """Jobs at sizes, frames, steps and guidance the fixture corpus does not use."""
+    rng = random.Random(seed)
+    return [_wide_job(index, rng) for index in range(count)]
 
 
 def plan(count: int, seed: int) -> list[dict[str, object]]:
@@ -53,15 +99,29 @@ def main() -> int:
     parser.add_argument("--out", default="tests/fixtures/eta-corpus", help="the log directory")
     parser.add_argument("--jobs", type=int, default=64, help="how many jobs (default 64)")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the plan")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="fixture",
+                        help="which jobs to run (default fixture)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="busy-loop processes to run alongside: a noisy neighbour")
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
     wantel = [sys.executable, "-m", "wantel"]
+    neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                  for _ in range(args.busy)]
+    try:
+        return _record(PLANS[args.plan](args.jobs, args.seed), wantel, out)
+    finally:
+        for neighbour in neighbours:
+            neighbour.kill()
+
+
+def _record(jobs: list[dict[str, object]], wantel: list[str], out: Path) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         image = Path(scratch) / "condition.png"
         Image.new("RGB", (64, 64), (120, 80, 200)).save(image)
-        for spec in plan(args.jobs, args.seed):
+        for spec in jobs:
             command = [*wantel, "run", "--model", str(spec["variant"]), "--prompt",
                        f"corpus prompt {spec['seed']}", "--height", str(spec["height"]),
                        "--width", str(spec["width"]), "--frames", str(spec["frames"]),
@@ -77,6 +137,8 @@ def main() -> int:
                 return result.returncode
     return 0
 
+
+PLANS = {"fixture": plan, "wide": wide_plan, "repeat": repeat_plan}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -67,6 +67,13 @@ class Applied:
         quarantined: the notice, when the step was a damaged region of the log (no events).
     """
 
+    @property
+    def behind(self) -> int:
+        """About how many events were already stored after this step when it was read (0:
+        none, or the log cannot tell): a sink whose work only matters live may skip it while
+        this is large."""
+        return 0 if self._batch is None else self._batch.behind
+
     __slots__ = ("_batch", "_start", "engine", "events", "live", "next", "quarantined")
 
     def __init__(self, events: list[Event], next: Position, *, live: bool,
@@ -311,9 +318,10 @@ class ProjectionRunner:
         events, first, begin = batch.events, batch.first, 0
         for index in range(1, len(events)):
             if type(events[index]) in cut:
-                yield Batch(first + begin, events[begin:index])
+                yield Batch(first + begin, events[begin:index],
+                            batch.behind + len(events) - index)
                 begin = index
-        yield Batch(first + begin, events[begin:]) if begin else batch
+        yield Batch(first + begin, events[begin:], batch.behind) if begin else batch
 
     def _tell(self, applied: Applied) -> None:
         for sink in self._sinks:

@@ -34,10 +34,17 @@ class LogNotFound(LogError):
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Events at consecutive positions ``first``, ``first + 1``, …"""
+    """Events at consecutive positions ``first``, ``first + 1``, …
+
+    ``behind`` is the backend's estimate of how many events were already stored after this
+    batch when it was read (0: none, or the backend cannot tell). A reader far behind the log
+    can skip work that only matters live (the WebSocket fan-out builds no frames a client
+    would only read once they are stale).
+    """
 
     first: Position
     events: list[Event]
+    behind: int = 0
 
     @property
     def next(self) -> Position:

@@ -378,6 +378,7 @@ class _Cursor:
         self._scan_run = log.scan_run
         # Frames before this offset in the segment are read one at a time (see _run_of_frames).
         self._one_by_one_until = 0
+        self._size = 0  # the segment's size when the buffer was last filled: what is behind
 
     def _open_first_segment(self) -> bool:
         segments = self.log.segments()
@@ -415,6 +416,8 @@ class _Cursor:
             assert self.fd is not None
             self.buf = os.pread(self.fd, max(READ_CHUNK, length), offset)
             self.buf_offset = offset
+            self._size = (os.fstat(self.fd).st_size if len(self.buf) == READ_CHUNK
+                          else offset + len(self.buf))
         start = offset - self.buf_offset
         return memoryview(self.buf)[start : start + length]
 
@@ -493,7 +496,8 @@ class _Cursor:
             return None
         self.offset = self.buf_offset + end
         first, self.next = self.next, self.next + count
-        return Batch(first, events)
+        behind = max(0, self._size - self.offset) * count // max(1, end - start)
+        return Batch(first, events, behind)
 
     def _resync(self, reason: str) -> Generator[ReadItem, None, bool]:
         """Skip damage to the next valid frame. Returns False to wait (damage at the live tail)."""

@@ -724,3 +724,40 @@ def test_wantel_demo_runs_n_jobs_while_serving(tmp_path: Path,
     assert 2 == len([line for line in lines if line.endswith(" s") and "completed" in line])
     assert ["completed", "completed"] == list(statuses.values())
     assert (log_dir / "checkpoints" / "serve.ckpt").is_file()
+
+
+def test_no_frame_is_built_while_the_server_is_far_behind_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst lands while a client is connected: frames the client could only read once stale
+    are not built; the client sleeps, then owes one snapshot, taken near the log's end."""
+    log = LocalLog(tmp_path / "log")
+    service = TelemetryService(log, checkpoint_dir=tmp_path / "c")
+    service.fanout.coalesce_behind = 500
+    loop = asyncio.new_event_loop()
+    sub = service.subscribe(loop).subscriber
+    jobs = [JobScript(f"j{i}", steps=100) for i in range(20)]
+    for job in jobs:  # 20 jobs of ~105 events, flushed three at a time as emitters do
+        events = job.start() + job.step_range(0, 100) + job.finish()
+        for i in range(0, len(events), 3):
+            log.append(events[i:i + 3])
+    total = log.last_position()
+    assert total is not None and total > 2000
+    built: list[object] = []
+    into = service_module._encode_into
+
+    def counting(value: object, buffer: bytearray) -> None:
+        built.append(value)
+        into(value, buffer)
+
+    monkeypatch.setattr(service_module, "_encode_into", counting)
+    service.runner.catch_up()
+    assert (True, 1) == (sub.overflowed, sub.overflows)
+    assert len(built) < 1100  # only the last batch or so: within coalesce_behind of the end
+    assert sub._signalled  # woken near the end, to take its snapshot
+    assert loop.run_until_complete(sub.next_frames()) is None
+    snapshot, position = service.resync(sub)
+    assert (position, 20) == (total, len(snapshot["finished"][:20]))
+    service.stop()
+    log.close()
+    loop.close()

@@ -405,3 +405,17 @@ def frame_headers(segment: Path) -> list[framing.FrameHeader]:
         headers.append(header)
         offset += header.frame_len
     return headers
+
+
+def test_a_reader_far_behind_knows_about_how_far(tmp_path: Path) -> None:
+    """Each batch says about how many events were stored after it when it was read (what lets
+    the WebSocket fan-out skip frames a client would only read once stale); the last says 0."""
+    log = LocalLog(tmp_path / "log")
+    for start in range(0, 3000, 3):  # as live emitters flush: a frame of three events
+        log.append(steps("a", start, 3))
+    batches = [item for item in log.read() if isinstance(item, Batch)]
+    log.close()
+    assert len(batches) >= 3
+    assert batches[-1].behind == 0
+    for batch in batches:  # an estimate from bytes (frames differ in size): close enough
+        assert abs(batch.behind - (3000 - batch.next)) <= 0.05 * (3000 - batch.next) + 3
