@@ -416,10 +416,22 @@ class _Cursor:
             assert self.fd is not None
             self.buf = os.pread(self.fd, max(READ_CHUNK, length), offset)
             self.buf_offset = offset
-            self._size = (os.fstat(self.fd).st_size if len(self.buf) == READ_CHUNK
-                          else offset + len(self.buf))
+            size = os.fstat(self.fd).st_size
+            if self.buf and size - offset <= 4 * READ_CHUNK:  # near the end: count the next one
+                size += self._later_bytes()
+            self._size = size
         start = offset - self.buf_offset
         return memoryview(self.buf)[start : start + length]
+
+    def _later_bytes(self) -> int:
+        """The size of the next segment, if one exists (a reader far behind is behind by it)."""
+        following = self._next_segment()
+        if following is None:
+            return 0
+        try:
+            return following[1].stat().st_size
+        except OSError:
+            return 0
 
     def poll(self, *, decode: bool = True) -> Iterator[ReadItem]:
         """Yield everything readable now; stop at the end, or at an unfinished frame."""
@@ -558,7 +570,8 @@ class _Cursor:
             except MalformedRecord:
                 pass
             else:
-                yield Batch(header.first + skip, events[skip:] if skip else events)
+                behind = max(0, self._size - self.offset) * len(events) // header.frame_len
+                yield Batch(header.first + skip, events[skip:] if skip else events, behind)
                 return
         yield from self._salvage(header, body, skip)
 

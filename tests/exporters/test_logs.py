@@ -202,6 +202,17 @@ class TestConfigureLogging:
         assert ("export failed: refused", "warning", "opentelemetry.exporter") == (
             line["event"], line["level"], line["logger"])
 
+    def test_lines_are_json_whatever_the_values(self, stream: io.StringIO) -> None:
+        """NaN and infinity become null (``NaN`` is not JSON: a log pipeline would drop the
+        line), and a value JSON has no type for is written as its ``str``."""
+        import structlog
+
+        configure_logging(json=True, stream=stream, stdlib=False)
+        structlog.get_logger().info("odd", ratio=float("nan"), big=float("inf"),
+                                    where=Path("/tmp/x"))
+        (line,) = lines_of(stream)
+        assert (None, None, "/tmp/x") == (line["ratio"], line["big"], line["where"])
+
     def test_an_unknown_level_fails_early(self) -> None:
         """A typo in the level is a ValueError naming the choices."""
         with pytest.raises(ValueError, match="debug, info"):

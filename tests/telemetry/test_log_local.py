@@ -419,3 +419,16 @@ def test_a_reader_far_behind_knows_about_how_far(tmp_path: Path) -> None:
     assert batches[-1].behind == 0
     for batch in batches:  # an estimate from bytes (frames differ in size): close enough
         assert abs(batch.behind - (3000 - batch.next)) <= 0.05 * (3000 - batch.next) + 3
+
+
+def test_a_reader_far_behind_counts_the_segments_after_its_own(tmp_path: Path) -> None:
+    """Near the end of a segment, a reader with newer segments ahead is still far behind."""
+    log = LocalLog(tmp_path / "log", segment_bytes=4096)
+    for start in range(0, 3000, 3):
+        log.append(steps("a", start, 3))
+    assert len(log.segments()) > 3
+    batches = [item for item in log.read() if isinstance(item, Batch)]
+    log.close()
+    assert batches[-1].behind == 0
+    # A segment's last batch too knows a newer segment follows (segments hold ~60 events).
+    assert all(batch.behind > 0 for batch in batches if batch.next < 3000 - 200)
