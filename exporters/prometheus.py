@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 from importlib import metadata
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -63,6 +63,8 @@ STATUSES: Final = ("completed", "failed", "cancelled")
 DIST: Final = "wan-telemetry"
 #: The projections whose state the collector reads.
 REQUIRED_PROJECTIONS: Final = ("metrics", "jobs", "eta", "throughput", "memory", "health")
+#: ``progress_bucket`` of the ETA issued at job start, beside the live buckets (``0-10`` …).
+BEFORE_START: Final = "before_start"
 
 
 @cache
@@ -116,6 +118,33 @@ def _histogram(name: str, doc: str, labels: list[str], edges: tuple[float, ...],
         _add_histogram(family, dict(zip(labels, hist.labels, strict=True)), edges, hist.counts,
                        exemplars=hist.exemplars, sum_value=hist.sum)
     return family
+
+
+class _Scored(Protocol):
+    """What the exporter reads of an ETA residual histogram (``telemetry.projections.eta``)."""
+
+    @property
+    def counts(self) -> list[int]: ...
+    @property
+    def covered(self) -> int: ...
+    @property
+    def sum_abs(self) -> float: ...
+
+
+def _eta_series(eta: EtaState) -> Iterator[tuple[dict[str, str], _Scored]]:
+    """Each scored (model, progress bucket) of the ETA projection and its histogram.
+
+    The live buckets (``0-10`` … ``75-100``) from ``EtaState.residuals``, then the estimate
+    issued at job start as ``progress_bucket="before_start"`` (``EtaState.before_start``);
+    a histogram with nothing counted yet is left out.
+    """
+    for model in dict.fromkeys([*eta.residuals, *eta.before_start]):
+        for bucket, hist in eta.residuals.get(model, {}).items():
+            if hist.counts:
+                yield {"model": model, "progress_bucket": bucket}, hist
+        first = eta.before_start.get(model)
+        if first is not None and first.counts:
+            yield {"model": model, "progress_bucket": BEFORE_START}, first
 
 
 def _heard_from(view: JobView, jobs: JobsState, horizon_ns: float) -> bool:
@@ -186,7 +215,7 @@ class WantelCollector(Collector):
         out.extend(self._job_families(metrics, jobs, throughput, horizon_ns))
         out.extend(self._running_job_families(jobs, eta, horizon_ns))
         out.extend(self._step_families(metrics, throughput))
-        out.append(self._eta_error(eta))
+        out.extend(self._eta_families(eta))
         out.extend(self._memory_families(metrics, memory))
         out.extend(self._gpu_families(metrics))
         out.extend(self._health_families(health, drops, now))
@@ -318,18 +347,34 @@ class WantelCollector(Collector):
             rate,
         ]
 
-    def _eta_error(self, eta: EtaState) -> Metric:
-        """Signed relative ETA error by progress bucket; no ``_sum`` (buckets go negative)."""
-        family = HistogramMetricFamily(
+    def _eta_families(self, eta: EtaState) -> list[Metric]:
+        """How good past ETAs were, per model and progress bucket (``before_start`` too).
+
+        The signed error histogram (no ``_sum``: its buckets go negative), and two counters
+        beside it so PromQL can window what the histogram cannot give: ETAs whose actual
+        remaining time fell inside their p10–p90 interval, and the sum of |relative error|.
+        Divided by the increase of the histogram's ``le="+Inf"`` bucket (its count), they give
+        interval coverage and mean absolute relative error over any window. All three carry
+        the same series, which appear together with a (model, bucket)'s first scored ETA.
+        """
+        errors = HistogramMetricFamily(
             "wantel_eta_relative_error",
             "Signed relative error of issued ETAs vs the actual remaining time, by progress.",
             labels=["model", "progress_bucket"])
-        for model, by_bucket in eta.residuals.items():
-            for bucket, hist in by_bucket.items():
-                if hist.counts:
-                    _add_histogram(family, {"model": model, "progress_bucket": bucket},
-                                   ERROR_EDGES, hist.counts, exemplars=None, sum_value=None)
-        return family
+        covered = CounterMetricFamily(
+            "wantel_eta_interval_covered",
+            "Scored ETAs whose actual remaining time fell inside their p10-p90 interval.",
+            labels=["model", "progress_bucket"])
+        absolute = CounterMetricFamily(
+            "wantel_eta_absolute_relative_error",
+            "Sum of the absolute relative errors of scored ETAs.",
+            labels=["model", "progress_bucket"])
+        for labels, hist in _eta_series(eta):
+            _add_histogram(errors, labels, ERROR_EDGES, hist.counts, exemplars=None,
+                           sum_value=None)
+            covered.samples.append(Sample(covered.name + "_total", labels, hist.covered))
+            absolute.samples.append(Sample(absolute.name + "_total", labels, hist.sum_abs))
+        return [errors, covered, absolute]
 
     def _memory_families(self, metrics: MetricsState, memory: MemoryState) -> list[Metric]:
         used = GaugeMetricFamily("wantel_device_memory_used_bytes",

@@ -45,6 +45,7 @@ from telemetry.events import (
 from telemetry.log.local import LocalLog
 from telemetry.log.memory import MemoryLog
 from telemetry.projections import default_projections
+from telemetry.projections.eta import Histogram
 from telemetry.tracing import trace_id_for
 
 SECOND = 1_000_000_000
@@ -207,6 +208,86 @@ def test_eta_error_histogram_has_buckets_but_no_sum() -> None:
             if k[0] == "wantel_eta_relative_error_bucket" and "le=+Inf" in k}
     assert all(k[2] == "model=tiny-t2v-a14b" for k in infs)
     assert 0 < sum(infs.values())
+
+
+ETA_COUNTERS = ("wantel_eta_interval_covered_total", "wantel_eta_absolute_relative_error_total")
+ODD_MODEL = 'we"ird\\model\nname'
+
+
+def _eta_figures(got: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
+    """The ETA counters and the histogram's count (its ``le="+Inf"`` bucket), from samples."""
+    return {k: v for k, v in got.items()
+            if k[0] in ETA_COUNTERS or (k[0] == "wantel_eta_relative_error_bucket"
+                                        and "le=+Inf" in k)}
+
+
+@pytest.mark.parametrize("accept", [None, OPENMETRICS])
+def test_eta_coverage_and_absolute_error_are_exported_as_counters(accept: str | None) -> None:
+    """Per model and progress bucket (and before_start): ETAs inside their p10-p90 interval and
+    the sum of |relative error|, beside the histogram's count, exactly as the projection holds
+    them, in both formats (parsed back by prometheus_client's parsers), label values escaped."""
+    runner = runner_over(a_full_history())
+    eta = runner.engine.states["eta"]
+    live, late, first = Histogram(), Histogram(), Histogram()
+    live.add_all([-0.5, 0.25, 0.75], 2)  # dyadic: the sums are exact
+    late.add_all([0.125], 0)
+    first.add(-0.375, True)
+    eta.residuals = {"tiny-t2v": {"10-25": live}, ODD_MODEL: {"75-100": late}}
+    eta.before_start = {"tiny-t2v": first}
+    got = samples(registry_of(runner), accept)
+    count = "wantel_eta_relative_error_bucket"
+    covered, absolute = ETA_COUNTERS
+    m, odd = "model=tiny-t2v", f"model={ODD_MODEL}"
+    assert {
+        (covered, m, "progress_bucket=10-25"): 2.0,
+        (absolute, m, "progress_bucket=10-25"): 1.5,
+        (count, "le=+Inf", m, "progress_bucket=10-25"): 3.0,
+        (covered, m, "progress_bucket=before_start"): 1.0,
+        (absolute, m, "progress_bucket=before_start"): 0.375,
+        (count, "le=+Inf", m, "progress_bucket=before_start"): 1.0,
+        (covered, odd, "progress_bucket=75-100"): 0.0,
+        (absolute, odd, "progress_bucket=75-100"): 0.125,
+        (count, "le=+Inf", odd, "progress_bucket=75-100"): 1.0,
+    } == _eta_figures(got)
+    # The before-start histogram has its buckets too: -0.375 is in (-0.5, -0.25].
+    assert (0.0, 1.0) == (got[(count, "le=-0.5", m, "progress_bucket=before_start")],
+                          got[(count, "le=-0.25", m, "progress_bucket=before_start")])
+    body, _ = render(registry_of(runner), accept)
+    stock = generate_openmetrics if accept else generate_latest
+    assert stock(registry_of(runner)).decode() == body.decode()
+    if accept:
+        kinds = {f.name: f.type for f in parse_openmetrics(body.decode())}
+        assert ("counter", "counter") == (kinds["wantel_eta_interval_covered"],
+                                          kinds["wantel_eta_absolute_relative_error"])
+
+
+def test_eta_counters_follow_scored_jobs() -> None:
+    """After real folds of completed jobs, every scored (model, bucket), before_start included,
+    has both counters, equal to the projection's covered count and |error| sum; a running job
+    adds nothing until it completes."""
+    b, c = Stream("b"), Stream("c")
+    b.seq = itertools.count(4)  # a_full_history has b's start, its denoise stage, two steps
+    events = [*a_full_history(),
+              *(StepEnded(**b.kw(6.5 + i / 4), step=i, total_steps=4, duration_s=0.25)
+                for i in (2, 3)),
+              *b.completed(8, 3.0), c.started(9), *c.steps(9.1, 3)]
+    runner = runner_over(events)
+    eta = runner.engine.states["eta"]
+    assert ({"a", "b"}, {"c"}) == (set(eta.finished), set(eta.running))
+    expected: dict[tuple[str, ...], float] = {}
+    series = [(model, bucket, hist) for model, by in eta.residuals.items()
+              for bucket, hist in by.items()]
+    series += [(model, "before_start", hist) for model, hist in eta.before_start.items()]
+    for model, bucket, hist in series:
+        labels = (f"model={model}", f"progress_bucket={bucket}")
+        expected[(ETA_COUNTERS[0], *labels)] = float(hist.covered)
+        expected[(ETA_COUNTERS[1], *labels)] = hist.sum_abs
+        expected[("wantel_eta_relative_error_bucket", "le=+Inf", *labels)] = float(hist.total)
+    assert {"tiny-t2v", "tiny-t2v-a14b"} == {model for model, _, _ in series}
+    assert {"before_start"} < {bucket for _, bucket, _ in series}
+    assert 0 < sum(v for k, v in expected.items() if k[0] == ETA_COUNTERS[1])
+    for accept in (None, OPENMETRICS):
+        assert expected == _eta_figures(samples(registry_of(runner), accept))
 
 
 def test_per_job_gauges_vanish_when_the_job_ends() -> None:
