@@ -24,6 +24,8 @@ from typing import Final
 #: Severities: ``page`` wakes someone (work is failing or stuck now), ``ticket`` can wait.
 SEVERITY_PAGE: Final = "page"
 SEVERITY_TICKET: Final = "ticket"
+#: ``warning``: something to look at soon, short of a page (``WantelEtaUnreliable``).
+SEVERITY_WARNING: Final = "warning"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,15 @@ class RuleParams:
     eta_bad_share: float = 0.5
     eta_min_samples: int = 20
     eta_for: str = "10m"
+    #: ETA reliability (``WantelEtaUnreliable``): p10-p90 coverage and mean absolute relative
+    #: error per model over ``eta_quality_window``, pooled over every progress bucket but
+    #: ``eta_unpooled_bucket``, judged from ``eta_quality_min_scored`` scored ETAs on.
+    eta_quality_window: str = "1h"
+    eta_unpooled_bucket: str = "75-100"
+    eta_min_coverage: float = 0.6
+    eta_max_abs_error: float = 0.5
+    eta_quality_min_scored: int = 100
+    eta_quality_for: str = "15m"
     throughput_ratio: float = 0.7
     throughput_min_steps: int = 50
     throughput_for: str = "15m"
@@ -87,8 +98,21 @@ def _pct(ratio: float) -> str:
     return f"{ratio * 100:g} %"
 
 
+def eta_quality_records(p: RuleParams) -> tuple[str, str, str]:
+    """Names of the recording rules of ETA quality: scored ETAs, coverage, mean |error|."""
+    w = p.eta_quality_window
+    return (f"wantel:eta_scored:increase{w}", f"wantel:eta_interval_coverage:ratio{w}",
+            f"wantel:eta_absolute_relative_error:mean{w}")
+
+
 def recording_rules(p: RuleParams) -> list[Rule]:
-    """The recording rules the stall alert needs (also handy in dashboards)."""
+    """The recording rules the stall and ETA reliability alerts need (also handy elsewhere)."""
+    scored, coverage, abs_error = eta_quality_records(p)
+    pooled = f'progress_bucket!="{p.eta_unpooled_bucket}"'
+
+    def per_model(counter: str) -> str:
+        return f"sum by (model) (increase({counter}{{{pooled}}}[{p.eta_quality_window}]))"
+
     return [
         # Counters live as long as the log, so an idle model's rates are 0/0: keep only models
         # that stepped in the last day (the others fall back to the floor below).
@@ -113,6 +137,18 @@ def recording_rules(p: RuleParams) -> list[Rule]:
             f"{p.stall_resolution}]))\n"
             ")\n"
             "and on (job) wantel_job_progress_ratio")),
+        # ETAs scored per model over the window (the histogram's count is its +Inf bucket),
+        # every progress bucket but the last: near the end the actual remaining time is a
+        # fraction of a second, and relative errors there are large whatever the model.
+        Rule(scored, alert=False, expr=(
+            f"sum by (model) (increase(wantel_eta_relative_error_bucket"
+            f'{{le="+Inf",{pooled}}}[{p.eta_quality_window}]))')),
+        # Share of those whose actual remaining time fell inside their p10-p90 interval, and
+        # their mean absolute relative error; models with no scored ETA in the window drop out.
+        Rule(coverage, alert=False, expr=(
+            f"{per_model('wantel_eta_interval_covered_total')}\n/ ({scored} > 0)")),
+        Rule(abs_error, alert=False, expr=(
+            f"{per_model('wantel_eta_absolute_relative_error_total')}\n/ ({scored} > 0)")),
     ]
 
 
@@ -125,6 +161,7 @@ def alert_rules(p: RuleParams) -> list[Rule]:
              "/ sum by (model) (rate(wantel_denoise_step_duration_seconds_sum[1h]{off}))")
     ended = f"sum by (model) (increase(wantel_jobs_total[{p.failure_window}]))"
     target = f'up{{job="{p.target_job}"}}'
+    scored, coverage, abs_error = eta_quality_records(p)
     return [
         Rule("WantelJobStalled", for_=p.stall_for, severity=SEVERITY_PAGE, expr=(
             "time() - wantel:job_progress_changed_timestamp_seconds\n"
@@ -145,6 +182,18 @@ def alert_rules(p: RuleParams) -> list[Rule]:
                          f"issued at 10-25 % progress missed the actual remaining time by more "
                          f"than {_pct(p.eta_tolerance)} (share now {{{{ $value | "
                          f"humanizePercentage }}}})."),
+        Rule("WantelEtaUnreliable", for_=p.eta_quality_for, severity=SEVERITY_WARNING, expr=(
+            f"(\n  {coverage} < {p.eta_min_coverage:g}\n"
+            f"  or {abs_error} > {p.eta_max_abs_error:g}\n)\n"
+            f"and on (model) {scored} >= {p.eta_quality_min_scored}"),
+             summary="ETAs of {{ $labels.model }} are unreliable",
+             description=(
+                 f"Over {p.eta_quality_window}, of the {_query(scored, 'humanize')} ETAs scored "
+                 f"(every progress bucket but {p.eta_unpooled_bucket}), "
+                 f"{_query(coverage, 'humanizePercentage')} had the actual remaining time "
+                 f"inside their p10-p90 interval (alert below {_pct(p.eta_min_coverage)}) and "
+                 f"the mean absolute error was {_query(abs_error, 'humanizePercentage')} "
+                 f"(alert above {_pct(p.eta_max_abs_error)}).")),
         Rule("WantelThroughputDrop", for_=p.throughput_for, severity=SEVERITY_TICKET, expr=(
             f"(\n{_indent(speed.format(off=''))}\n)\n"
             f"< {p.throughput_ratio:g} * (\n{_indent(speed.format(off=' offset 1d'))}\n)\n"
@@ -203,6 +252,12 @@ def alert_rules(p: RuleParams) -> list[Rule]:
     ]
 
 
+def _query(record: str, humanize: str) -> str:
+    """An annotation template: ``record``'s value for the alert's model, humanized."""
+    return (f'{{{{ with printf "{record}{{model=%q}}" $labels.model | query }}}}'
+            f"{{{{ . | first | value | {humanize} }}}}{{{{ end }}}}")
+
+
 def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line for line in text.splitlines())
 
@@ -252,4 +307,5 @@ def render_rules(params: RuleParams | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Rule", "RuleParams", "alert_rules", "anchor", "recording_rules", "render_rules"]
+__all__ = ["Rule", "RuleParams", "alert_rules", "anchor", "eta_quality_records",
+           "recording_rules", "render_rules"]
