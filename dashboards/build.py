@@ -54,6 +54,13 @@ def _panel(spec: specs.Panel) -> Any:
                             .sort(cm.SortOrder.DESCENDING)))
         if spec.stack:
             builder = builder.stacking(common.StackingConfig().mode(cm.StackingMode.NORMAL))
+        if spec.line_at is not None:  # the base step (-Infinity) draws nothing
+            builder = (builder
+                       .thresholds(gd.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE)
+                                   .steps([dm.Threshold(None, "transparent"),
+                                           dm.Threshold(spec.line_at, "green")]))
+                       .thresholds_style(common.GraphThresholdsStyleConfig()
+                                         .mode(cm.GraphThresholdsStyleMode.DASHED)))
     builder = (builder.title(spec.title).description(spec.question).unit(spec.unit)
                .datasource(DATASOURCE_REF).height(spec.height).span(spec.width))
     if spec.minimum is not None:

@@ -13,11 +13,11 @@ more history than a scrape interval use the ``$window`` variable.
 Gaps in the exported metrics, and what is shown instead (see ``docs/dashboards.md``):
 no metric counts pixels or frames (throughput is steps/s and jobs/min); the ETA's p10–p90
 interval is exported for running jobs (``wantel_job_eta_p10_seconds`` / ``_p90_seconds``, drawn
-by the job drill-down), but how often it covered the actual time and the mean absolute error
-(MAPE) are computed by the ETA projection and not exported, so the ETA quality dashboard shows
-signed-error quantiles and the share of ETAs within ±10 % / ±25 %; stage, step and memory
-series carry no ``job`` label, so the job drill-down shows them for the job's model over the
-job's time range. Out-of-memory failures are exported apart (``wantel_jobs_oom_total``) and
+by the job drill-down), and how often it covered the actual time and the sum of absolute errors
+are counters beside the signed-error histogram, so the ETA quality dashboard shows interval
+coverage and mean absolute error per bucket over the hour its alert watches; stage, step and
+memory series carry no ``job`` label, so the job drill-down shows them for the job's model over
+the job's time range. Out-of-memory failures are exported apart (``wantel_jobs_oom_total``) and
 shown beside the other failures.
 """
 
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Final, Literal
+
+from dashboards.rules import RuleParams
 
 PanelKind = Literal["timeseries", "stat", "bargauge"]
 
@@ -69,6 +71,9 @@ class Panel:
     no_value: str | None = None
     links: tuple[Link, ...] = ()
     stack: bool = False
+    #: A dashed horizontal line at this value (a goal, or an alert's threshold); time series
+    #: only. Drawn by Grafana from the panel's thresholds, so it needs no query of its own.
+    line_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -328,6 +333,20 @@ def _within(tolerance: str) -> str:
             f"\n/ {inc.format(m=ETA_M, le='+Inf')}")
 
 
+#: The window of the coverage and absolute-error panels and the buckets the alert pools: those
+#: ``WantelEtaUnreliable`` judges (``dashboards.rules``), so the panels show what the alert sees.
+_RULES: Final = RuleParams()
+ETA_ALERT_WINDOW: Final = _RULES.eta_quality_window
+ETA_UNPOOLED: Final = _RULES.eta_unpooled_bucket
+ETA_POOLED: Final = f'progress_bucket!="{ETA_UNPOOLED}"'
+
+
+def _per_scored_eta(counter: str, by: str, selector: str = ETA_M) -> str:
+    """``counter``'s increase per scored ETA (the histogram's ``+Inf`` bucket) over the hour."""
+    return (f"sum by ({by}) (increase({counter}{{{selector}}}[{ETA_ALERT_WINDOW}]))\n"
+            f'/ sum by ({by}) (increase({_ETA}{{{selector},le="+Inf"}}[{ETA_ALERT_WINDOW}]))')
+
+
 ETA: Final = Dashboard(
     slug="eta-quality", uid="wantel-eta", title="wantel / ETA quality",
     description="How far to trust the ETA at each point of a job: signed relative error of "
@@ -359,10 +378,8 @@ ETA: Final = Dashboard(
                   kind="bargauge", unit="short"),
         )),
         Row("Accuracy over time", (
-            Panel("ETAs within ±10 % (coverage proxy)",
-                  "What share of ETAs landed within 10 % of the actual remaining time? (The "
-                  "p10-p90 interval coverage and MAPE are not exported yet; this share is "
-                  "what the histogram supports.)",
+            Panel("ETAs within ±10 %",
+                  "What share of ETAs landed within 10 % of the actual remaining time?",
                   (Query(_within("0.1"), "{{progress_bucket}}"),),
                   unit="percentunit", minimum=0, maximum=1),
             Panel("ETAs within ±25 %",
@@ -370,6 +387,34 @@ ETA: Final = Dashboard(
                   "share at 10-25 % progress.)",
                   (Query(_within("0.25"), "{{progress_bucket}}"),),
                   unit="percentunit", minimum=0, maximum=1),
+        )),
+        Row("Interval coverage and absolute error (what WantelEtaUnreliable watches)", (
+            Panel(f"Interval coverage ({ETA_ALERT_WINDOW}), by bucket",
+                  "How often did the actual remaining time fall inside the ETA's p10-p90 "
+                  "interval, per model and progress bucket? The dashed line is the 80 % an "
+                  "honest p10-p90 interval covers. The alert series pools every bucket but "
+                  f"{ETA_UNPOOLED}; WantelEtaUnreliable fires below "
+                  f"{_RULES.eta_min_coverage * 100:g} %.",
+                  (Query(_per_scored_eta("wantel_eta_interval_covered_total",
+                                         "model, progress_bucket"),
+                         "{{model}} {{progress_bucket}}"),
+                   Query(_per_scored_eta("wantel_eta_interval_covered_total", "model",
+                                         f"{ETA_M},{ETA_POOLED}"),
+                         "{{model}} alert (all but " + ETA_UNPOOLED + ")")),
+                  unit="percentunit", minimum=0, maximum=1, line_at=0.8),
+            Panel(f"Mean absolute error ({ETA_ALERT_WINDOW}), by bucket",
+                  "How far off were ETAs on average (|predicted - actual| / actual remaining "
+                  f"time), per model and progress bucket? The dashed line is the "
+                  f"{_RULES.eta_max_abs_error * 100:g} % above which WantelEtaUnreliable "
+                  f"fires (on the alert series: every bucket but {ETA_UNPOOLED}, where a short "
+                  "remaining time makes relative errors large).",
+                  (Query(_per_scored_eta("wantel_eta_absolute_relative_error_total",
+                                         "model, progress_bucket"),
+                         "{{model}} {{progress_bucket}}"),
+                   Query(_per_scored_eta("wantel_eta_absolute_relative_error_total", "model",
+                                         f"{ETA_M},{ETA_POOLED}"),
+                         "{{model}} alert (all but " + ETA_UNPOOLED + ")")),
+                  unit="percentunit", minimum=0, line_at=_RULES.eta_max_abs_error),
         )),
     ),
 )
