@@ -554,7 +554,7 @@ def _reply(service: TelemetryService, message: Mapping[str, Any], job: str | Non
     text = message.get("text")
     try:
         parsed = None if text is None else _decode_message(text)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # deep nesting
         parsed = None
     if parsed is None or parsed.type != "ping":
         detail = "send JSON text frames, not binary" if text is None else _PING_ONLY

@@ -348,6 +348,13 @@ class LocalLog(EventLog):
         cursor = _Cursor(self, start)
         yield from cursor.poll()
 
+    def read_near(self, start: Position, records: int = 32) -> Iterator[ReadItem]:
+        """:meth:`read`, decoding at most ``records`` records at a time (not
+        :data:`RUN_RECORDS`): for a reader that wants a few events at ``start`` and will stop
+        soon after (a job's events, position by position)."""
+        cursor = _Cursor(self, start, run_records=records)
+        yield from cursor.poll()
+
     def cursor(self, start: Position = 0) -> _Cursor:
         """A reader that keeps its segment open and its byte offset between polls, so
         :meth:`~telemetry.log.base.EventLog.follow` sees new appends from any process."""
@@ -374,8 +381,10 @@ class LocalLog(EventLog):
 class _Cursor:
     """A reader's place in the log: segment, byte offset and next position."""
 
-    def __init__(self, log: LocalLog, start: Position, *, from_newest_segment: bool = False):
+    def __init__(self, log: LocalLog, start: Position, *, from_newest_segment: bool = False,
+                 run_records: int | None = None):
         self.log = log
+        self._run_records = run_records  # None: RUN_RECORDS
         self.skip_before = start
         self.base: Position | None = None
         self.fd: int | None = None
@@ -540,7 +549,8 @@ class _Cursor:
         The buffer holds at least the header at ``self.offset`` (the caller read it).
         """
         start = self.offset - self.buf_offset
-        run = self._scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT, RUN_RECORDS)
+        run = self._scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT,
+                              self._run_records or RUN_RECORDS)
         if run is None:
             return None
         payload, count, end = run
