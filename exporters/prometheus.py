@@ -147,6 +147,25 @@ def _eta_series(eta: EtaState) -> Iterator[tuple[dict[str, str], _Scored]]:
             yield {"model": model, "progress_bucket": BEFORE_START}, first
 
 
+def _non_finite(metrics: MetricsState) -> Metric:
+    """``wantel_observations_skipped_total{metric}``: NaN or infinite values an event recorded,
+    left out of a histogram (one would make its ``_sum`` NaN for good)."""
+    family = CounterMetricFamily(
+        "wantel_observations_skipped",
+        "Values left out of a histogram because they were NaN or infinite, by histogram.",
+        labels=["metric", "reason"])
+    skipped = {"wantel_job_duration_seconds": metrics.job_duration,
+               "wantel_queue_wait_seconds": metrics.queue_wait,
+               "wantel_stage_duration_seconds": metrics.stage_duration,
+               "wantel_denoise_step_duration_seconds": metrics.step_duration,
+               "wantel_job_peak_memory_bytes": metrics.peak_memory}
+    for name, series in skipped.items():
+        count = sum(hist.non_finite for hist in series.values())
+        if count:
+            family.add_metric([name, "non_finite"], count)
+    return family
+
+
 def _heard_from(view: JobView, jobs: JobsState, horizon_ns: float) -> bool:
     """Whether a running job, or its worker, spoke since ``horizon_ns`` (wall clock).
 
@@ -219,6 +238,7 @@ class WantelCollector(Collector):
         out.extend(self._memory_families(metrics, memory))
         out.extend(self._gpu_families(metrics))
         out.extend(self._health_families(health, drops, now))
+        out.append(_non_finite(metrics))
         alive = GaugeMetricFamily("wantel_workers_alive",
                                   "Workers heard from within the liveness timeout.")
         # The projection's horizon is the newest event's time, which stops advancing when every

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
@@ -34,7 +36,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from exporters.service import (
+    FLOODED,
     TelemetryService,
+    UnknownJob,
     encode_frame,
     frame,
     snapshot_data,
@@ -48,38 +52,114 @@ from telemetry.projections.jobs import JobsState
 WS_POLICY_VIOLATION: Final = 1008
 WS_TRY_AGAIN_LATER: Final = 1013
 OPEN_PATHS: Final = frozenset({"/healthz"})
+#: The longest ``id`` a ping may carry to be echoed, as JSON bytes.
+MAX_PING_ID_BYTES: Final = 64
+#: How long a closing handshake may wait for a client that does not read.
+CLOSE_WAIT_S: Final = 1.0
 QUERY_TOKEN_PATHS: Final = frozenset({"/", "/ws/progress"})
 DEFAULT_LIST_LIMIT: Final = 50
 MAX_LIST_LIMIT: Final = 10_000
+#: The largest log position a parameter may name: 2**53 - 1, the largest integer a JavaScript
+#: client holds exactly (a log of a million events a second takes 285 years to reach it).
+MAX_POSITION: Final = 2**53 - 1
+#: How many requests to the expensive routes (``/metrics``, ``/api/jobs``,
+#: ``/api/jobs/{id}/events``) may be in flight at once; more get 503 with ``Retry-After``, so
+#: a burst of them never starves ``/healthz``, the WebSocket feed or the log follower.
+DEFAULT_MAX_EXPENSIVE: Final = 4
+RETRY_AFTER_S: Final = 1
+#: An integer parameter: ASCII digits with an optional minus sign, at most 18 digits (``int()``
+#: also takes ``" 1_0 "`` and other scripts' digits, and 4,300 of them before it gives up).
+_INTEGER: Final = re.compile(r"-?[0-9]{1,18}")
 
 
 class ApiError(Exception):
     """An error answered as JSON ``{"error", "detail"}`` with ``status``."""
 
-    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+    def __init__(self, status: int, error: str, detail: Any = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(error)
-        self.status, self.error, self.detail = status, error, detail
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+_json_encoder: Final = msgspec.json.Encoder(enc_hook=str)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (the fallback path only)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode_json(content: Any) -> bytes:
+    """JSON for a response body, whatever an event put in it: NaN and infinities become
+    ``null`` (``json.dumps`` refuses them, so one recorded NaN made every list a 500), and a
+    string that is not valid Unicode (a lone surrogate) is escaped rather than refused."""
+    try:
+        return _json_encoder.encode(content)
+    except UnicodeEncodeError:
+        return json.dumps(_finite(content), ensure_ascii=True, default=str).encode()
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON response whose body never fails to encode (:func:`encode_json`)."""
+
+    def render(self, content: Any) -> bytes:
+        return encode_json(content)
 
 
 def error_response(status: int, error: str, detail: Any = None,
                    headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The one error shape every endpoint uses."""
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+    return SafeJSONResponse({"error": error, "detail": detail}, status_code=status,
+                            headers=headers)
 
 
 def _int_param(request: HTTPConnection, name: str, default: int, *, minimum: int,
-               maximum: int | None = None) -> int:
+               maximum: int) -> int:
+    """An integer query parameter within ``[minimum, maximum]``, else a 400."""
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"bad {name}", f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise ApiError(400, f"bad {name}", f"{name} must be {bound}, got {value}")
+    if _INTEGER.fullmatch(raw) is None:
+        shown = raw if len(raw) <= 40 else raw[:40] + "…"
+        raise ApiError(400, f"bad {name}", f"{name} must be an integer between {minimum} and "
+                                           f"{maximum}, got {shown!r}")
+    value = int(raw)
+    if not minimum <= value <= maximum:
+        raise ApiError(400, f"bad {name}",
+                       f"{name} must be an integer between {minimum} and {maximum}, got {value}")
     return value
+
+
+class Busy:
+    """At most ``limit`` requests to the expensive routes at once (on the app's event loop:
+    a plain counter); one more is refused at once with 503 and ``Retry-After``, never queued:
+    a queue of them is what kept a server busy for minutes."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the concurrency limit must be at least 1, got {limit}")
+        self.limit = limit
+        self.in_flight = 0
+        self.refused = 0
+
+    @contextlib.contextmanager
+    def slot(self, what: str) -> Any:
+        if self.in_flight >= self.limit:
+            self.refused += 1
+            raise ApiError(503, "busy", {"route": what, "limit": self.limit,
+                                         "retry_after_s": RETRY_AFTER_S},
+                           headers={"retry-after": str(RETRY_AFTER_S)})
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
 
 def _authorized(conn: HTTPConnection, token: str, path: str) -> bool:
@@ -109,27 +189,69 @@ def _live_page() -> str:
     return html.replace('<script src="live.js"></script>', f"<script>\n{js}</script>")
 
 
-def create_app(service: TelemetryService, *, token: str | None = None) -> Starlette:
+def check_token(token: str) -> str:
+    """``token`` if a client can send it as a bearer token, else ``ValueError`` saying why.
+
+    An empty token would mean "no auth" by accident; one with spaces around it, or a character
+    outside visible ASCII, can never match what an HTTP client sends (header values are
+    stripped and Latin-1), so the server would refuse everyone — say so at start instead.
+    """
+    if token == "":
+        raise ValueError("the token is empty: give a non-empty token, or none to serve "
+                         "without one")
+    if token != token.strip():
+        raise ValueError("the token starts or ends with whitespace, which no HTTP client "
+                         "sends: remove it")
+    bad = sorted({c for c in token if not "!" <= c <= "~"})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad[:5])
+        raise ValueError(f"the token may hold only visible ASCII characters (no spaces): "
+                         f"it has {shown}")
+    return token
+
+
+def create_app(service: TelemetryService, *, token: str | None = None,
+               max_expensive: int = DEFAULT_MAX_EXPENSIVE) -> Starlette:
     """The ASGI app: ``/metrics``, ``/api/jobs…``, ``/ws/progress``, ``/``, probes.
 
-    ``token``: when set, every route but ``/healthz`` requires it. The Prometheus collector is
-    imported here, not at module load, so the rest of the server works without it.
+    ``token``: when set, every route but ``/healthz`` requires it (:func:`check_token` says
+    which tokens can work). ``max_expensive``: how many requests to the expensive routes may
+    be in flight at once (:class:`Busy`). The Prometheus collector is imported here, not at
+    module load, so the rest of the server works without it.
     """
-    metrics = _metrics_endpoint(service)
+    if token is not None:
+        check_token(token)
+    busy = Busy(max_expensive)
+    metrics = _metrics_endpoint(service, busy)
     page = _live_page()
 
+    def follower() -> dict[str, Any] | None:
+        """The follower's failure, while it is failing (it retries with a back-off)."""
+        failure = service.failure
+        if failure is None:
+            return None
+        return {"reason": failure.reason, "failing_since": failure.since,
+                "retries": failure.retries, "next_retry_s": failure.next_retry_s}
+
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        failing = follower()
+        if failing is not None:
+            return error_response(503, "the log follower is failing", failing)
+        return SafeJSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        detail = {"position": service.position, "subscribers": service.subscriber_count}
+        detail: dict[str, Any] = {"position": service.position,
+                                  "subscribers": service.subscriber_count}
+        failing = follower()
+        if failing is not None:
+            return error_response(503, "the log follower is failing", {**detail, **failing})
         if service.error is not None:
             return error_response(503, "the log follower stopped",
                                   {**detail, "reason": f"{type(service.error).__name__}: "
                                                        f"{service.error}"})
         if not service.ready:
             return error_response(503, "catching up with the log", detail)
-        return JSONResponse({"ready": True, **detail})
+        return SafeJSONResponse({"ready": True, **detail})
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page, headers={"cache-control": "no-store"})
@@ -142,25 +264,30 @@ def create_app(service: TelemetryService, *, token: str | None = None) -> Starle
             snap = snapshot_data(states, recent=limit)
             return {"position": service.position, "ready": service.ready, **snap}
 
-        return JSONResponse(service.read_states(read))
+        with busy.slot("/api/jobs"):
+            return SafeJSONResponse(await run_in_threadpool(service.read_states, read))
 
     async def get_job(request: Request) -> Response:
         job = request.path_params["job"]
         found = service.read_states(lambda states: _job_detail(states, job))
         if found is None:
             raise ApiError(404, "no such job", {"job": job})
-        return JSONResponse(found)
+        return SafeJSONResponse(found)
 
     async def job_events(request: Request) -> Response:
         job = request.path_params["job"]
-        since = _int_param(request, "since", -1, minimum=-1)
+        since = _int_param(request, "since", -1, minimum=-1, maximum=MAX_POSITION)
         limit = _int_param(request, "limit", 1000, minimum=1, maximum=MAX_LIST_LIMIT)
-        events, last, more = await run_in_threadpool(service.job_events, job, since=since,
-                                                      limit=limit)
-        known = service.read_states(lambda states: job in states["jobs"].jobs)
-        if not events and not known and since == -1:
+        if not service.knows_job(job):  # answered from memory: no log read for a stranger
             raise ApiError(404, "no such job", {"job": job})
-        return JSONResponse({"job": job, "events": events, "next_since": last, "more": more})
+        with busy.slot("/api/jobs/{id}/events"):
+            try:
+                events, last, more = await run_in_threadpool(service.job_events, job,
+                                                              since=since, limit=limit)
+            except UnknownJob:  # forgotten since (the index keeps as many as the jobs list)
+                raise ApiError(404, "no such job", {"job": job}) from None
+        return SafeJSONResponse({"job": job, "events": events, "next_since": last,
+                                 "more": more})
 
     routes = [
         Route("/", index, name="live_page"),
@@ -175,7 +302,7 @@ def create_app(service: TelemetryService, *, token: str | None = None) -> Starle
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.error, exc.detail)
+        return error_response(exc.status, exc.error, exc.detail, exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -191,6 +318,7 @@ def create_app(service: TelemetryService, *, token: str | None = None) -> Starle
                     exception_handlers={ApiError: api_error, HTTPException: http_error,
                                         Exception: internal_error})
     app.state.service = service
+    app.state.busy = busy
     return app
 
 
@@ -262,7 +390,8 @@ def _job_detail(states: dict[str, Any], job: str) -> dict[str, Any] | None:
     }
 
 
-def _metrics_endpoint(service: TelemetryService) -> Callable[[Request], Awaitable[Response]]:
+def _metrics_endpoint(service: TelemetryService,
+                      busy: Busy) -> Callable[[Request], Awaitable[Response]]:
     """``/metrics`` through the Prometheus exporter's collector, or a JSON 503 without it."""
     try:
         from exporters.prometheus import Exposition
@@ -276,8 +405,9 @@ def _metrics_endpoint(service: TelemetryService) -> Callable[[Request], Awaitabl
     exposition = Exposition(service.runner)
 
     async def metrics(request: Request) -> Response:
-        body, content_type = await run_in_threadpool(
-            exposition.render, request.headers.get("accept", ""))
+        with busy.slot("/metrics"):
+            body, content_type = await run_in_threadpool(
+                exposition.render, request.headers.get("accept", ""))
         return Response(body, media_type=None, headers={"content-type": content_type})
 
     return metrics
@@ -318,8 +448,8 @@ def _progress_endpoint(service: TelemetryService) -> Callable[[WebSocket], Await
         sender = asyncio.create_task(_send_loop(websocket, service, subscription, since, job))
         receiver = asyncio.create_task(_receive_loop(websocket, service, sub, job))
         try:
-            _done, pending = await asyncio.wait({sender, receiver},
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait({sender, receiver},
+                                              return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
             for task in pending:
@@ -327,18 +457,34 @@ def _progress_endpoint(service: TelemetryService) -> Callable[[WebSocket], Await
                     await task
         finally:
             service.unsubscribe(sub)
+        if (receiver in done and not receiver.cancelled() and receiver.exception() is None
+                and receiver.result() is FLOODED):
+            # It sent more than it read: tell it why, and close. A client that reads nothing
+            # gets neither (each send is given a second), and its connection holds no more
+            # than the transport's buffer until the kernel gives up on it.
+            service.count_flood()
+            detail = (f"more than {sub.control_capacity} replies waiting: read the replies "
+                      f"before sending more")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(websocket.send_text(_control(
+                    "error", service, {"error": "too_many_messages", "detail": detail}, job)),
+                    CLOSE_WAIT_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(websocket.close(code=WS_POLICY_VIOLATION,
+                                                       reason="too_many_messages"),
+                                       CLOSE_WAIT_S)
+            return
         with contextlib.suppress(Exception):
-            await websocket.close()
+            await asyncio.wait_for(websocket.close(), CLOSE_WAIT_S)
 
     return endpoint
 
 
 async def _check_since(service: TelemetryService, raw: str) -> int | None:
     """``since`` must name a position the log has (or -1 for "from the start")."""
-    try:
-        value = int(raw)
-    except ValueError:
+    if _INTEGER.fullmatch(raw) is None:
         return None
+    value = int(raw)
     if value < -1:
         return None
     if value == -1:
@@ -390,26 +536,51 @@ async def _send_loop(websocket: WebSocket, service: TelemetryService, subscripti
         return
 
 
+class _ClientMessage(msgspec.Struct):
+    """What a client may send: ``{"type": "ping"}``, with an optional scalar ``id`` to echo.
+    Other fields are ignored; decoding is msgspec's, which refuses deep nesting and
+    non-finite numbers rather than raising something unexpected."""
+
+    type: str
+    id: str | int | float | bool | msgspec.UnsetType | None = msgspec.UNSET
+
+
+_decode_message: Final = msgspec.json.Decoder(_ClientMessage).decode
+_PING_ONLY: Final = 'the only client message is {"type": "ping"} with an optional "id"'
+
+
+def _reply(service: TelemetryService, message: Mapping[str, Any], job: str | None) -> str:
+    """The reply to one client message: a pong, or a ``bad_message`` error frame."""
+    text = message.get("text")
+    try:
+        parsed = None if text is None else _decode_message(text)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # deep nesting
+        parsed = None
+    if parsed is None or parsed.type != "ping":
+        detail = "send JSON text frames, not binary" if text is None else _PING_ONLY
+        return _control("error", service, {"error": "bad_message", "detail": detail}, job)
+    if parsed.id is msgspec.UNSET:
+        return _control("pong", service, {}, job)
+    try:
+        fits = len(_json_encoder.encode(parsed.id)) <= MAX_PING_ID_BYTES
+    except UnicodeEncodeError:  # a lone surrogate, escaped in the JSON it came in
+        fits = False
+    if not fits:
+        return _control("error", service, {
+            "error": "bad_message",
+            "detail": f"a ping's id must be a JSON scalar of at most {MAX_PING_ID_BYTES} "
+                      f"bytes (valid Unicode)"}, job)
+    return _control("pong", service, {"id": parsed.id}, job)
+
+
 async def _receive_loop(websocket: WebSocket, service: TelemetryService, sub: Any,
-                        job: str | None) -> None:
-    """Answer pings; report malformed messages (the connection stays open)."""
+                        job: str | None) -> object:
+    """Answer pings; report malformed messages (the connection stays open). Returns
+    :data:`FLOODED` when the client has sent more than it reads: its replies would pile up
+    (the caller closes the connection)."""
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
-            return
-        text = message.get("text")
-        if text is None:
-            sub.push_control(_control("error", service, {
-                "error": "bad_message", "detail": "send JSON text frames, not binary"}, job))
-            continue
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict) and parsed.get("type") == "ping":
-            data = {"id": parsed["id"]} if "id" in parsed else {}
-            sub.push_control(_control("pong", service, data, job))
-        else:
-            sub.push_control(_control("error", service, {
-                "error": "bad_message", "detail": 'the only client message is {"type":"ping"}'},
-                job))
+            return None
+        if not sub.push_control(_reply(service, message, job)):
+            return FLOODED

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from array import array
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -63,6 +64,14 @@ CHECKPOINT_NAME: Final = "serve.ckpt"
 DEFAULT_SUBSCRIBER_BUFFER: Final = 16_384
 #: How many finished jobs a snapshot lists (newest first).
 DEFAULT_RECENT: Final = 20
+#: Replies (pongs, error frames) a subscriber may have waiting: a client that sends this many
+#: messages more than it reads is closed (1008, ``too_many_messages``).
+DEFAULT_CONTROL_BUFFER: Final = 64
+#: What a WebSocket's receive loop returns when its client flooded it (see above).
+FLOODED: Final = object()
+#: Reading a job's events, a gap of more than this many positions to the next one is crossed
+#: by a fresh read from the log (which seeks) rather than by reading through the gap.
+_READ_THROUGH: Final = 256
 
 #: Which events become frames, and the frame type each becomes. Worker heartbeats, drop reports
 #: and calibrations are the server's business, not a viewer's: they advance positions silently.
@@ -264,7 +273,9 @@ class Subscriber:
 
     The service thread pushes under ``_lock`` and wakes the client's event loop at most once
     per wait; the client's coroutine drains everything at once. Control frames (pong, errors)
-    go in a separate, unbounded-in-practice queue so overflow never eats a reply.
+    go in a separate queue so overflow never eats a reply; it holds at most
+    ``control_capacity`` replies (:meth:`push_control` refuses one more: the client sends
+    faster than it reads, and is closed).
     """
 
     loop: asyncio.AbstractEventLoop
@@ -273,6 +284,9 @@ class Subscriber:
     min_position: Position = 0
     overflowed: bool = False
     overflows: int = 0
+    control_capacity: int = DEFAULT_CONTROL_BUFFER
+    #: The most replies that were ever waiting at once.
+    control_peak: int = 0
     _queue: deque[str] = field(default_factory=deque)
     _control: deque[str] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -337,11 +351,16 @@ class Subscriber:
         except RuntimeError:  # the client's loop is gone; it will be unsubscribed
             self.closed = True
 
-    def push_control(self, text: str) -> None:
-        """Queue a reply from the client's own loop (never dropped by overflow)."""
+    def push_control(self, text: str) -> bool:
+        """Queue a reply from the client's own loop (never dropped by the frames' overflow);
+        False, and nothing queued, when ``control_capacity`` replies are waiting already."""
         with self._lock:
+            if len(self._control) >= self.control_capacity:
+                return False
             self._control.append(text)
+            self.control_peak = max(self.control_peak, len(self._control))
         self._wake.set()
+        return True
 
     async def next_frames(self) -> list[str] | None:
         """Wait for frames; ``None`` means the queue overflowed and a snapshot is due."""
@@ -469,6 +488,94 @@ class FanOut(Sink):
         self.subscribers = ()
 
 
+class UnknownJob(LookupError):
+    """A job the service does not know (never seen, or forgotten as finished jobs are)."""
+
+
+class _IndexState(msgspec.Struct, array_like=True):
+    """:class:`JobIndex` in a checkpoint: each job's positions (int64, native order), and the
+    finished jobs, oldest first."""
+
+    positions: dict[str, bytes]
+    finished: list[str]
+
+
+class JobIndex(Sink):
+    """Where each job's events are in the log: their positions, kept as the runner applies
+    them, so ``/api/jobs/{id}/events`` reads those positions and nothing else.
+
+    Only jobs the jobs projection tracks are indexed (worker streams are not jobs), and only
+    as many finished ones as it keeps: the oldest finished job is forgotten first, and any the
+    projection forgot (an abandoned job) go at the next sweep. 8 bytes a position. The index
+    is kept in the runner's checkpoint, so a restart does not lose what came before it;
+    a checkpoint written before the index existed leaves it knowing only what follows
+    (:attr:`covers_from`: earlier events are found by reading the log, as before).
+    """
+
+    name = "job-index"
+
+    def __init__(self, *, keep_finished: int) -> None:
+        self.keep_finished = keep_finished
+        self.positions: dict[str, array[int]] = {}
+        self.finished: dict[str, None] = {}  # oldest first
+        #: Events before this position may be missing from the index (see above).
+        self.covers_from: Position = 0
+        self.restored = False
+
+    def on_applied(self, applied: Applied) -> None:
+        jobs = applied.engine.states["jobs"].jobs
+        positions = self.positions
+        get, terminal = positions.get, _TERMINAL_EVENTS
+        last_job: str | None = None
+        found: array[int] | None = None
+        for position, event in applied.positioned():
+            job = event.job
+            if job != last_job:  # a batch is mostly runs of one job's events
+                last_job = job
+                found = get(job)
+                if found is None and job in jobs:
+                    found = positions[job] = array("q")
+            if found is None:
+                continue
+            found.append(position)
+            if type(event) in terminal:
+                self._finished(job)
+        if len(positions) > len(jobs) + 1024:  # jobs the projection forgot without an end
+            self.positions = {j: p for j, p in positions.items() if j in jobs}
+            self.finished = {j: None for j in self.finished if j in self.positions}
+
+    def _finished(self, job: str) -> None:
+        finished = self.finished
+        finished.pop(job, None)
+        finished[job] = None
+        while len(finished) > self.keep_finished:
+            oldest = next(iter(finished))
+            del finished[oldest]
+            self.positions.pop(oldest, None)
+
+    def get(self, job: str) -> array[int] | None:
+        """The job's positions (growing while it runs), or ``None``."""
+        return self.positions.get(job)
+
+    def snapshot(self) -> bytes | None:
+        return msgspec.msgpack.encode(_IndexState(
+            positions={job: found.tobytes() for job, found in self.positions.items()},
+            finished=list(self.finished)))
+
+    def restore(self, data: bytes) -> None:
+        state = msgspec.msgpack.decode(data, type=_IndexState)
+        positions: dict[str, array[int]] = {}
+        for job, raw in state.positions.items():
+            found = positions[job] = array("q")
+            found.frombytes(raw)
+        self.positions = positions
+        self.finished = {job: None for job in state.finished}
+        self.restored = True
+
+
+_TERMINAL_EVENTS: Final = frozenset({JobCompleted, JobFailed, JobCancelled})
+
+
 class TelemetryService:
     """Follows a log with every projection; serves consistent reads and live frames."""
 
@@ -481,19 +588,29 @@ class TelemetryService:
         poll_interval: float = 0.01,
         checkpoint_interval: float = 5.0,
         subscriber_buffer: int = DEFAULT_SUBSCRIBER_BUFFER,
+        control_buffer: int = DEFAULT_CONTROL_BUFFER,
         recent: int = DEFAULT_RECENT,
     ) -> None:
         self.log = log
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
         self.fanout = FanOut()
+        self.index = JobIndex(keep_finished=keep_finished)
         engine = ProjectionEngine(default_projections(keep_finished=keep_finished))
         self.runner = ProjectionRunner(log, engine, CheckpointStore(self.checkpoint_path),
-                                       sinks=[self.fanout], checkpoint_interval=checkpoint_interval,
+                                       sinks=[self.fanout, self.index],
+                                       checkpoint_interval=checkpoint_interval,
                                        poll_interval=poll_interval, name="wantel-serve")
+        if not self.index.restored:  # a checkpoint from before the index: it misses these
+            self.index.covers_from = engine.position
         self.poll_interval = poll_interval
         self.subscriber_buffer = subscriber_buffer
+        self.control_buffer = control_buffer
         self.recent = recent
         self.started_at = time.time()
+        #: WebSocket clients closed for sending more than they read.
+        self.flood_closes = 0
+        #: The most replies any WebSocket client has had waiting at once.
+        self.control_peak = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -511,6 +628,11 @@ class TelemetryService:
     def error(self) -> BaseException | None:
         """What stopped the runner's thread, if something did (``/readyz`` reports it)."""
         return self.runner.error
+
+    @property
+    def failure(self) -> Any:
+        """The follower's current failure while it retries (``None`` when it is well)."""
+        return self.runner.failure
 
     @property
     def ready(self) -> bool:
@@ -558,7 +680,7 @@ class TelemetryService:
             live_from = self.engine.position
             min_position = max(live_from, since + 1) if since is not None else live_from
             sub = Subscriber(loop=loop, job=job, capacity=self.subscriber_buffer,
-                             min_position=min_position)
+                             min_position=min_position, control_capacity=self.control_buffer)
             self.fanout.subscribers = (*self.fanout.subscribers, sub)
             snap = snapshot_data(self.engine.states, job=job, recent=self.recent)
             return Subscription(subscriber=sub, snapshot=snap, position=self.position,
@@ -576,6 +698,11 @@ class TelemetryService:
         with self.lock:
             sub.closed = True
             self.fanout.subscribers = tuple(s for s in self.fanout.subscribers if s is not sub)
+            self.control_peak = max(self.control_peak, sub.control_peak)
+
+    def count_flood(self) -> None:
+        """A WebSocket client was closed for sending more than it read."""
+        self.flood_closes += 1
 
     @property
     def subscriber_count(self) -> int:
@@ -617,20 +744,96 @@ class TelemetryService:
         if out:
             yield out
 
+    def knows_job(self, job: str) -> bool:
+        """Whether ``job`` is one the service can list events of (tracked, or still indexed):
+        answered from memory."""
+        if self.index.get(job) is not None:
+            return True
+        return bool(self.read_states(lambda states: job in states["jobs"].jobs))
+
     def job_events(self, job: str, *, since: Position = -1,
                    limit: int = 1000) -> tuple[list[dict[str, Any]], Position | None, bool]:
-        """The job's events after ``since`` from the log: ``(events, last position, more)``."""
+        """The job's events after ``since``: ``(events, last position, more)``.
+
+        Only the job's own positions are read (:class:`JobIndex`); a run of them close
+        together is read in one pass, a gap of more than a few hundred positions by a fresh
+        read (the local log seeks to it). :class:`UnknownJob` if the job is not indexed.
+        """
         found: list[dict[str, Any]] = []
         last: Position | None = None
-        for item in self.log.read(since + 1):
+        start = since + 1
+        covers_from = self.index.covers_from
+        if start < covers_from:  # before the index: the log scan it replaced, for those
+            found, last, more = self._scan_job_events(job, start, covers_from, limit)
+            if more:
+                return found, last, True
+            start = covers_from
+        positions = self.index.get(job)
+        if positions is None:  # not indexed: told of no event yet, or forgotten
+            if found or covers_from or self.read_states(lambda st: job in st["jobs"].jobs):
+                return found, last, False
+            raise UnknownJob(job)
+        first = bisect_left(positions, start)
+        wanted = list(positions[first:first + limit - len(found) + 1])
+        more = len(wanted) > limit - len(found)
+        if more:
+            wanted.pop()
+        for position, event in self._read_positions(wanted):
+            if event.job != job:  # positions never change hands; if they did, say nothing
+                continue
+            found.append({"position": position, "event": to_builtins(event)})
+            last = position
+        return found, last, more
+
+    def _read_positions(self, wanted: list[Position]) -> Iterator[tuple[Position, Event]]:
+        """The events at ``wanted`` (ascending), reading through short gaps and seeking over
+        long ones."""
+        at = 0
+        read = getattr(self.log, "read_near", self.log.read)  # a local log decodes less
+        while at < len(wanted):
+            items = read(wanted[at])
+            try:
+                for item in items:
+                    if not isinstance(item, Batch):
+                        while at < len(wanted) and wanted[at] < item.next:
+                            at += 1  # quarantined since it was indexed
+                        if at == len(wanted) or wanted[at] - item.next > _READ_THROUGH:
+                            break
+                        continue
+                    events, first = item.events, item.first
+                    while at < len(wanted) and wanted[at] < item.next:
+                        position = wanted[at]
+                        if position >= first:
+                            yield position, events[position - first]
+                        at += 1
+                    if at == len(wanted) or wanted[at] - item.next > _READ_THROUGH:
+                        break
+                else:
+                    at = len(wanted)  # the log ends before them (it cannot, but never loop)
+            finally:
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
+
+    def _scan_job_events(self, job: str, start: Position, end: Position,
+                         limit: int) -> tuple[list[dict[str, Any]], Position | None, bool]:
+        """The job's events in ``[start, end)`` by reading the log through."""
+        found: list[dict[str, Any]] = []
+        last: Position | None = None
+        for item in self.log.read(start):
             if not isinstance(item, Batch):
+                if item.next >= end:
+                    break
                 continue
             for position, event in item.positioned():
+                if position >= end:
+                    return found, last, False
                 if event.job != job:
                     continue
                 if len(found) >= limit:
                     return found, last, True
-                record: dict[str, Any] = to_builtins(event)
-                found.append({"position": position, "event": record})
+                found.append({"position": position, "event": to_builtins(event)})
                 last = position
+            if item.next >= end:
+                break
         return found, last, False

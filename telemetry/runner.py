@@ -51,6 +51,18 @@ _log = structlog.get_logger("wantel.runner")
 
 #: The first and the longest wait between tries of a sink that holds work back.
 DEFAULT_RETRY_BACKOFF: Final = (0.2, 5.0)
+#: The first and the longest wait before :meth:`ProjectionRunner.start`'s thread follows
+#: again after reading the log failed (an unreadable segment, a full or missing disk).
+DEFAULT_FOLLOW_BACKOFF: Final = (0.5, 30.0)
+
+
+class Failure(msgspec.Struct, frozen=True):
+    """Why :meth:`ProjectionRunner.start`'s thread is not following, while it retries."""
+
+    reason: str  # "ExceptionType: message"
+    since: float  # when it began failing, seconds since the epoch
+    retries: int  # tries since then that failed too
+    next_retry_s: float  # the wait before the next try
 
 
 class Applied:
@@ -182,6 +194,7 @@ class ProjectionRunner:
         checkpoint_interval: float = 5.0,
         poll_interval: float = 0.01,
         retry_backoff: tuple[float, float] = DEFAULT_RETRY_BACKOFF,
+        follow_backoff: tuple[float, float] = DEFAULT_FOLLOW_BACKOFF,
         name: str = "wantel-runner",
     ) -> None:
         if retry_backoff[0] <= 0 or retry_backoff[1] < retry_backoff[0]:
@@ -193,6 +206,7 @@ class ProjectionRunner:
         self.checkpoint_interval = checkpoint_interval
         self.poll_interval = poll_interval
         self.retry_backoff = retry_backoff
+        self.follow_backoff = follow_backoff
         self.name = name
         #: Held while the engine changes; readers of ``engine.states`` on other threads take it.
         self.lock = threading.RLock()
@@ -200,6 +214,8 @@ class ProjectionRunner:
         self.caught_up = threading.Event()
         #: What stopped :meth:`start`'s thread, if something did.
         self.error: BaseException | None = None
+        #: While :meth:`start`'s thread cannot read the log and retries: why, since when.
+        self.failure: Failure | None = None
         #: Exceptions raised by each sink (by name), caught and logged by the runner.
         self.sink_errors: dict[str, int] = {}
         #: Checkpoints written.
@@ -262,6 +278,7 @@ class ProjectionRunner:
             self._pass(self.log.read(self.engine.position), stop, live=False, block=True)
             if stop.is_set():
                 return
+            self.failure = None  # the log reads again
             self.checkpoint()
             self.caught_up.set()
             self._pass(self.log.follow(self.engine.position, stop=stop, poll_interval=interval),
@@ -443,12 +460,28 @@ class ProjectionRunner:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            self.follow(self._stop)
-        except Exception as exc:  # reported (/readyz, the log); never a silent stop
-            self.error = exc
-            _log.exception("the runner stopped", runner=self.name,
-                           error=f"{type(exc).__name__}: {exc}")
+        """:meth:`follow` until stopped; when reading fails, try again after a doubling
+        back-off (the cause may be fixed: a disk remounted, a permission restored), with the
+        failure in :attr:`failure` meanwhile. Log lines back off too: the 1st, 2nd, 4th…"""
+        delay, longest = self.follow_backoff
+        while not self._stop.is_set():
+            try:
+                self.follow(self._stop)
+                return
+            except Exception as exc:  # reported (/healthz, /readyz, the log); retried
+                reason = f"{type(exc).__name__}: {exc}"
+                before = self.failure
+                retries = 0 if before is None else before.retries + 1
+                self.failure = Failure(reason=reason,
+                                       since=time.time() if before is None else before.since,
+                                       retries=retries, next_retry_s=delay)
+                if retries & (retries + 1) == 0:  # 0, 1, 3, 7…: tries 1, 2, 4, 8…
+                    _log.error("reading the log failed; retrying", runner=self.name,
+                               error=reason, retries=retries, retry_in_s=delay,
+                               exc_info=retries == 0)
+            if self._stop.wait(delay):
+                return
+            delay = min(delay * 2, longest)
 
     @property
     def running(self) -> bool:
@@ -483,4 +516,5 @@ class ProjectionRunner:
         return stopped
 
 
-__all__ = ["DEFAULT_RETRY_BACKOFF", "Applied", "ProjectionRunner", "Sink"]
+__all__ = ["DEFAULT_FOLLOW_BACKOFF", "DEFAULT_RETRY_BACKOFF", "Applied", "Failure",
+           "ProjectionRunner", "Sink"]

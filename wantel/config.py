@@ -41,8 +41,14 @@ def resolve_log_dir(flag: str | None, env: Mapping[str, str] | None = None) -> P
 
 
 def resolve_token(flag: str | None, env: Mapping[str, str] | None = None) -> str | None:
-    """``--token T``, else ``$WANTEL_TOKEN``, else no token."""
-    return flag or _environ(env).get(TOKEN_ENV) or None
+    """``--token T``, else ``$WANTEL_TOKEN``, else no token.
+
+    An empty ``--token ""`` (or ``WANTEL_TOKEN=``) is returned as given, not taken for "no
+    token": the server refuses it at start rather than serving without auth by accident.
+    """
+    if flag is not None:
+        return flag
+    return _environ(env).get(TOKEN_ENV)
 
 
 def otlp_configured(flag: str | None, env: Mapping[str, str] | None = None) -> bool:

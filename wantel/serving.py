@@ -19,6 +19,7 @@ What follows the log is :class:`~telemetry.runner.ProjectionRunner`, with sinks:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
 import sys
 import threading
@@ -26,10 +27,12 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from exporters.server import create_app
+from exporters.server import check_token, create_app
 from exporters.service import TelemetryService
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.errors import UsageError
@@ -41,6 +44,70 @@ from wantel.config import TOKEN_ENV, otlp_configured, resolve_log_dir, resolve_t
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9464
+
+#: The HTTP server's limits (``docs/server.md``, ``docs/security.md``).
+#: Seconds a client has to send a request's line and headers, from connecting or from the end
+#: of its previous response; then the connection is closed (uvicorn has no such timeout: a
+#: thousand half-sent requests were held for good).
+HEADER_TIMEOUT_S: Final = 10.0
+#: Seconds an idle keep-alive connection is kept (uvicorn's default, stated).
+KEEP_ALIVE_S: Final = 5
+#: Connections (HTTP and WebSocket) plus requests in flight: beyond it, a request gets 503.
+MAX_CONNECTIONS: Final = 1000
+#: The longest request line plus headers, in bytes (h11's default, stated): 431 beyond.
+MAX_HEADER_BYTES: Final = 16 * 1024
+#: The largest WebSocket message a client may send (a ping is tens of bytes): beyond it the
+#: connection is closed with 1009. uvicorn's default was 16 MiB.
+WS_MAX_MESSAGE_BYTES: Final = 64 * 1024
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers: a client
+    that connects, or finishes a response, and then sends less than a whole request head
+    within :data:`HEADER_TIMEOUT_S` is disconnected (a slow-loris defence). Bodies and
+    responses are not timed: wantel's routes take no body."""
+
+    header_timeout: float = HEADER_TIMEOUT_S
+    #: Connections closed for it, by every instance (for tests and ``/readyz``-style checks).
+    timed_out = 0
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.header_timeout, self._header_timed_out)
+
+    def _cancel_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # a whole request head arrived
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()  # the next request's head is timed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered
+        type(self).timed_out += 1
+        self.transport.close()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -61,8 +128,15 @@ class BackgroundServer:
 
     def __init__(self, app: Any, sock: socket.socket, *, log_level: str = "warning") -> None:
         self.sock = sock
-        config = uvicorn.Config(app, log_level=log_level, lifespan="off",
-                                timeout_graceful_shutdown=2, ws_ping_interval=None)
+        # log_config=None: uvicorn's loggers propagate to the root logger, which
+        # wantel.logs.configure_logging renders as JSON lines like every other line (uvicorn's
+        # own configuration gave them plain-text handlers of their own).
+        config = uvicorn.Config(app, log_level=log_level, lifespan="off", log_config=None,
+                                timeout_graceful_shutdown=2, ws_ping_interval=None,
+                                http=HeaderTimeoutProtocol, timeout_keep_alive=KEEP_ALIVE_S,
+                                limit_concurrency=MAX_CONNECTIONS,
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                                ws_max_size=WS_MAX_MESSAGE_BYTES)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="wantel-http", daemon=True)
 
@@ -194,6 +268,11 @@ def open_serving(args: argparse.Namespace) -> Serving:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     token = resolve_token(args.token)
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as exc:
+            raise UsageError(f"--token (or ${TOKEN_ENV}): {exc}") from None
     spans = otlp_configured(args.otlp)
     try:
         log = LocalLog(resolve_log_dir(args.log))

@@ -34,6 +34,8 @@ import json
 import os
 import threading
 import time
+from array import array
+from bisect import bisect_right
 from collections.abc import Generator, Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -72,6 +74,9 @@ DEFAULT_SEGMENT_BYTES: Final = 64 << 20
 READ_CHUNK: Final = 1 << 20
 RUN_RECORDS: Final = 1024  # the most records of small frames the reader decodes in one call
 FORMAT_VERSION: Final = 1
+#: Readers note where a frame starts about every this many bytes of a segment (a seek hint),
+#: so a read from a position starts near it rather than at its segment's first byte.
+SEEK_HINT_BYTES: Final = 16 << 10
 
 _log = structlog.get_logger("wantel.log")
 
@@ -133,6 +138,10 @@ class LocalLog(EventLog):
         self._wnext: Position = 0  # position the next record will get
         self._last_fsync = time.monotonic()
         self._closed = False
+        #: Seek hints, per segment base: positions and byte offsets of frame starts, both
+        #: ascending (offsets appended first: a reader bounds itself by ``len(positions)``).
+        #: 16 bytes per :data:`SEEK_HINT_BYTES` read: 1 MiB per GiB of log.
+        self._hints: dict[Position, tuple[array[int], array[int]]] = {}
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -339,6 +348,13 @@ class LocalLog(EventLog):
         cursor = _Cursor(self, start)
         yield from cursor.poll()
 
+    def read_near(self, start: Position, records: int = 32) -> Iterator[ReadItem]:
+        """:meth:`read`, decoding at most ``records`` records at a time (not
+        :data:`RUN_RECORDS`): for a reader that wants a few events at ``start`` and will stop
+        soon after (a job's events, position by position)."""
+        cursor = _Cursor(self, start, run_records=records)
+        yield from cursor.poll()
+
     def cursor(self, start: Position = 0) -> _Cursor:
         """A reader that keeps its segment open and its byte offset between polls, so
         :meth:`~telemetry.log.base.EventLog.follow` sees new appends from any process."""
@@ -365,8 +381,10 @@ class LocalLog(EventLog):
 class _Cursor:
     """A reader's place in the log: segment, byte offset and next position."""
 
-    def __init__(self, log: LocalLog, start: Position, *, from_newest_segment: bool = False):
+    def __init__(self, log: LocalLog, start: Position, *, from_newest_segment: bool = False,
+                 run_records: int | None = None):
         self.log = log
+        self._run_records = run_records  # None: RUN_RECORDS
         self.skip_before = start
         self.base: Position | None = None
         self.fd: int | None = None
@@ -379,6 +397,7 @@ class _Cursor:
         # Frames before this offset in the segment are read one at a time (see _run_of_frames).
         self._one_by_one_until = 0
         self._size = 0  # the segment's size when the buffer was last filled: what is behind
+        self._hinted = -SEEK_HINT_BYTES
 
     def _open_first_segment(self) -> bool:
         segments = self.log.segments()
@@ -390,7 +409,40 @@ class _Cursor:
             candidates = [s for s in segments if s[0] <= self.skip_before] or segments[:1]
             base, path = candidates[-1]
         self._open(base, path)
+        self._seek(base, None if self._from_newest else self.skip_before)
         return True
+
+    def _seek(self, base: Position, before: Position | None) -> None:
+        """Start at the last frame a reader noted in this segment at or before ``before``
+        (``None``: the last one noted), if its header there still says so; else at 0."""
+        hints = self.log._hints.get(base)
+        if hints is None:
+            return
+        offsets, positions = hints
+        count = len(positions)
+        index = count if before is None else bisect_right(positions, before, 0, count)
+        if index == 0:
+            return
+        offset, position = offsets[index - 1], positions[index - 1]
+        assert self.fd is not None
+        header = framing.parse_header(os.pread(self.fd, framing.HEADER_SIZE, offset))
+        if header is not None and header.first == position:
+            self.offset = offset
+            self._hinted = offset
+
+    def _hint(self, offset: int, first: Position) -> None:
+        """Note that a healthy frame holding ``first`` first starts at ``offset``."""
+        if offset < self._hinted + SEEK_HINT_BYTES or self.base is None:
+            return
+        self._hinted = offset
+        hints = self.log._hints.get(self.base)
+        if hints is None:
+            hints = self.log._hints.setdefault(self.base, (array("q"), array("q")))
+        offsets, positions = hints
+        if positions and (positions[-1] >= first or offsets[-1] >= offset):
+            return  # another reader noted past here already
+        offsets.append(offset)
+        positions.append(first)
 
     def _open(self, base: Position, path: Path) -> None:
         if self.fd is not None:
@@ -401,6 +453,7 @@ class _Cursor:
             raise LogError(f"cannot read {path}: {exc.strerror}") from exc
         self.base, self.offset, self.buf, self.buf_offset = base, 0, b"", 0
         self._one_by_one_until = 0  # was an offset in the previous segment
+        self._hinted = -SEEK_HINT_BYTES  # the offset of the last hint noted or used here
         self.next = max(self.next, base)
 
     def _next_segment(self) -> tuple[Position, Path] | None:
@@ -480,6 +533,7 @@ class _Cursor:
                 if not (yield from self._resync("frame cut short")):
                     return
                 continue
+            self._hint(self.offset, header.first)
             self.offset += header.frame_len
             if header.end_position <= self.skip_before:
                 self.next = max(self.next, header.end_position)
@@ -495,7 +549,8 @@ class _Cursor:
         The buffer holds at least the header at ``self.offset`` (the caller read it).
         """
         start = self.offset - self.buf_offset
-        run = self._scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT, RUN_RECORDS)
+        run = self._scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT,
+                              self._run_records or RUN_RECORDS)
         if run is None:
             return None
         payload, count, end = run
@@ -506,6 +561,7 @@ class _Cursor:
         if len(events) != count:
             self._one_by_one_until = self.buf_offset + end
             return None
+        self._hint(self.offset, self.next)
         self.offset = self.buf_offset + end
         first, self.next = self.next, self.next + count
         behind = max(0, self._size - self.offset) * count // max(1, end - start)

@@ -19,6 +19,7 @@ scalars); each series also stores its label tuple so rendering never splits stri
 from __future__ import annotations
 
 import math
+import sys
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -75,6 +76,9 @@ class HistogramSeries(msgspec.Struct, kw_only=True):
     counts: list[int]
     sum: float = 0.0
     exemplars: dict[int, Exemplar] = {}
+    #: Values left out because they were NaN or infinite (an event recorded one): counted
+    #: here, never observed — one would make ``sum`` NaN for good.
+    non_finite: int = 0
 
     @property
     def count(self) -> int:
@@ -133,11 +137,15 @@ def observe(
     value: float,
     exemplar: Exemplar | None = None,
 ) -> None:
-    """Count ``value`` in its bucket (first edge ≥ value); keep it as that bucket's exemplar."""
+    """Count ``value`` in its bucket (first edge ≥ value); keep it as that bucket's exemplar.
+    A NaN or infinite value is counted in ``non_finite`` instead."""
     key = SEP.join(labels)
     hist = series.get(key)
     if hist is None:
         hist = series[key] = HistogramSeries(labels=labels, counts=[0] * (len(edges) + 1))
+    if not -math.inf < value < math.inf:  # NaN fails every comparison
+        hist.non_finite += 1
+        return
     index = bisect_left(edges, value)
     hist.counts[index] += 1
     hist.sum += value
@@ -147,9 +155,10 @@ def observe(
 
 #: Bucket ``i`` holds the values ``v`` with ``lo < v <= hi`` for ``(lo, hi) = _BOUNDS[i]`` (what
 #: ``bisect_left`` finds), so a step in its predecessor's bucket needs two comparisons, not a
-#: search. NaN is in none of them, and is left to ``bisect_left``.
-_BOUNDS: Final = tuple(zip((-math.inf, *DURATION_BUCKETS), (*DURATION_BUCKETS, math.inf),
-                           strict=True))
+#: search. NaN and the infinities are in none of them (the last bound is the largest finite
+#: float), and are left to the slow path, which counts them in ``non_finite``.
+_BOUNDS: Final = tuple(zip((-math.inf, *DURATION_BUCKETS),
+                           (*DURATION_BUCKETS, sys.float_info.max), strict=True))
 #: Bounds no value is within (``inf < v`` is never true): used while no run can go on.
 _NO_RUN: Final = (math.inf, -math.inf)
 #: Lifecycle events: they add, change or forget tracked jobs.
@@ -193,7 +202,9 @@ class MetricsProjection:
     name = "metrics"
     #: 2: a job's ``host_rss`` peak counts the samples' RSS high-water mark (a checkpoint of
     #: version 1 holds lower peaks: replaying from the start observes the right ones).
-    version = 2
+    #: 3: NaN and infinite durations are counted in ``non_finite``, not observed (a version 2
+    #: checkpoint may hold a NaN sum: replaying leaves it out).
+    version = 3
     state_type = MetricsState
     handles = frozenset({
         JobQueued, JobStarted, StageEnded, StepEnded, MemorySampled, GpuSampled,
@@ -319,6 +330,7 @@ class MetricsProjection:
         counter_of, hist_of = denoise.get, step_hists.get
         edges, slots, sep = DURATION_BUCKETS, len(DURATION_BUCKETS) + 1, SEP
         bounds, no_run, lifecycle = _BOUNDS, _NO_RUN, _LIFECYCLE
+        inf = math.inf
         step_type, sample_type = StepEnded, MemorySampled  # locals: read per event
         sampled, apply = self._sampled, self.apply
         # Each job's model, trace, step counter, latest timed step's ``expert`` (as the event
@@ -386,6 +398,10 @@ class MetricsProjection:
                         run_step = event
                         continue
                     assert hist is not None  # set with ``expert`` (never ``_UNSEEN`` here)
+                    if not -inf < value < inf:  # NaN or infinite: counted, not observed
+                        hist.non_finite += 1
+                        untimed += 1  # the step itself counts
+                        continue
                     index = bisect_left(edges, value)
                     if run is not None:
                         _store_run(run, run_counter, run_index, run_count, total=run_sum,

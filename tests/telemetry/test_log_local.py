@@ -432,3 +432,28 @@ def test_a_reader_far_behind_counts_the_segments_after_its_own(tmp_path: Path) -
     assert batches[-1].behind == 0
     # A segment's last batch too knows a newer segment follows (segments hold ~60 events).
     assert all(batch.behind > 0 for batch in batches if batch.next < 3000 - 200)
+
+
+def test_a_read_from_a_position_starts_at_a_noted_frame_and_reads_the_same(
+        tmp_path: Path) -> None:
+    """Readers note a frame start every SEEK_HINT_BYTES; a later read from a position starts
+    at the last one before it (not the segment's first byte) and yields exactly what a read
+    from the start yields from there. A hint whose frame no longer says so is ignored."""
+    log = LocalLog(tmp_path / "log")
+    for first in range(0, 3000, 3):
+        log.append(steps("j", first, 3))
+    everything = events_of(log.read(0))  # notes the hints
+    ((_base, (offsets, positions)),) = log._hints.items()
+    assert len(positions) >= 3 and list(positions) == sorted(positions)
+    for start in (0, 1, positions[2], positions[2] + 1, 1500, 2999, 3000):
+        cursor = local._Cursor(log, start)
+        items = list(cursor.poll())
+        assert everything[start:] == events_of(items), start
+        assert (positions_of(items) or [start])[0] == start
+        noted = [o for o, p in zip(offsets, positions, strict=True) if p <= start]
+        if start >= positions[0]:
+            assert cursor._hinted >= noted[-1]
+        cursor.close()
+    positions[2] += 1  # a hint that lies: its frame's header names another position
+    assert everything[positions[2]:] == events_of(log.read(positions[2]))
+    assert everything[10:40] == events_of(log.read_near(10, records=4))[:30]

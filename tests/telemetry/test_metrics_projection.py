@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -355,3 +356,25 @@ def test_the_host_rss_peak_counts_the_samples_high_water_mark() -> None:
     assert (1, float(2 * GIB)) == (observed.count, observed.sum)
     assert 2 * GIB == engine.states["memory"].finished["a"].peaks["host_rss"]
     assert 2 * GIB == engine.states["jobs"].jobs["a"].peak_memory_bytes
+
+
+def test_non_finite_durations_are_counted_not_observed_on_both_paths() -> None:
+    """NaN and infinite durations are left out of every histogram (a NaN made the sum NaN for
+    good) and counted in ``non_finite``; the steps still count. The batch fast path and the
+    per-event rules agree."""
+    job = Stream("j")
+    values = [0.1, math.nan, math.inf, -math.inf, 0.2, 9000.0, math.inf]
+    events: list[Event] = [job.started(0.0)]
+    events += [job.step(1.0 + i, i, value) for i, value in enumerate(values)]
+    events += [job.completed(20.0, math.nan)]
+    fast = fold(events)
+    projection = MetricsProjection()
+    slow = projection.initial()
+    for event in events:
+        slow = projection.apply(slow, event)
+    assert msgspec.msgpack.encode(slow) == msgspec.msgpack.encode(fast)
+    steps = fast.step_duration[key("tiny-t2v", "none")]
+    assert (3, 4, 9000.3) == (steps.count, steps.non_finite, pytest.approx(steps.sum))
+    assert 7 == fast.denoise_steps[key("tiny-t2v")].value
+    done = fast.job_duration[key("tiny-t2v", "t2v", "completed")]
+    assert (0, 1, 0.0) == (done.count, done.non_finite, done.sum)

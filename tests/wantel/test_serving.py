@@ -11,7 +11,7 @@ from websockets.sync.client import connect
 
 from exporters.logs import LifecycleLogger
 from exporters.otel import SpanSink, spans_for_job
-from exporters.service import FanOut
+from exporters.service import FanOut, JobIndex
 from telemetry.log.local import LocalLog
 from tests.exporters.otlp_receiver import HttpReceiver
 from tests.exporters.test_server import JobScript, recv_until
@@ -34,7 +34,7 @@ def test_serve_wires_every_follower_as_a_sink_of_a_runner(tmp_path: Path) -> Non
     try:
         assert serving.service.wait_ready(20)
         service_sinks = [type(s) for s in serving.service.runner.sinks]
-        assert [FanOut, LifecycleLogger] == service_sinks
+        assert [FanOut, JobIndex, LifecycleLogger] == service_sinks
         spans = serving._spans
         assert spans is not None and [SpanSink] == [type(s) for s in spans.sinks]
         with connect(f"ws://127.0.0.1:{serving.http.port}/ws/progress") as ws:
