@@ -180,6 +180,7 @@ class TestErrors:
             (["replay", "--log", "/"], "not a wantel log directory"),
             (["cat", "--bogus"], "unrecognized arguments: --bogus"),
             (["cat", "--from", "-3", "--log", "/tmp"], "a log position is >= 0"),
+            (["cat", "--from", str(10**30), "--log", "/tmp"], "a log position is at most"),
             (["frobnicate"], "invalid choice: 'frobnicate'"),
         ],
     )
@@ -188,6 +189,31 @@ class TestErrors:
         result = subprocess.run([*WANTEL, *argv], capture_output=True, text=True, timeout=60,
                                 env={**os.environ, "WANTEL_LOG": ""})
         assert 2 == result.returncode
+        assert message in result.stderr
+        assert 1 == len(result.stderr.strip().splitlines())
+        assert "Traceback" not in result.stderr
+
+    @pytest.mark.parametrize(("damage", "message"), [
+        ("meta", "wantel-log.json: expected a JSON object"),
+        ("segment_bytes_0", "segment_bytes must be an integer from 256"),
+        ("directory_segment", "is not a regular file"),
+    ])
+    @pytest.mark.parametrize("command", ["cat", "replay"])
+    def test_a_broken_log_is_one_line_and_exit_1(
+        self, log_dir: Path, damage: str, message: str, command: str
+    ) -> None:
+        """Malformed metadata or a segment that is a directory: one line naming the file,
+        exit 1 (the log needs fixing), never a traceback."""
+        meta = log_dir / "wantel-log.json"
+        if damage == "meta":
+            meta.write_text('["not", "an", "object"]')
+        elif damage == "segment_bytes_0":
+            meta.write_text('{"format": "wantel-log", "version": 1, "segment_bytes": 0}')
+        else:
+            (log_dir / "00000000000000099999.wlog").mkdir()
+        result = subprocess.run([*WANTEL, command, "--log", str(log_dir)], capture_output=True,
+                                text=True, timeout=60)
+        assert 1 == result.returncode
         assert message in result.stderr
         assert 1 == len(result.stderr.strip().splitlines())
         assert "Traceback" not in result.stderr
