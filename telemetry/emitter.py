@@ -217,6 +217,22 @@ class Emitter:
             errors=dict(self._errors),
         )
 
+    def has_stream(self, stream: str) -> bool:
+        """Whether ``stream`` (a job id) has events queued here, being written, written by this
+        emitter, or already in its log — so a new job must not take that id (its events would
+        collide on ``(job, seq)`` with the old ones). Events move queue → writer → log and
+        are looked for in that order. The log's part reads the log
+        (:meth:`~telemetry.log.base.EventLog.has_stream`): a job-start cost, never an
+        emit's."""
+        for queue in self._queues:
+            if any(event.job == stream for _, event in list(queue)):
+                return True
+        if stream in self._next_seq or stream in self._ended:
+            return True
+        if any(event.job == stream for _, event in list(self._pending)):
+            return True
+        return self.log.has_stream(stream)
+
     def __enter__(self) -> Emitter:
         return self
 
