@@ -341,7 +341,7 @@ class TestDetach:
                                      "bad \udc80 id"])
     def test_reserved_and_unencodable_ids_are_refused(self, job: str) -> None:
         """The log's own streams cannot be taken by a job; nor can an id no encoder takes."""
-        with pytest.raises(ValueError, match="reserved|non-empty|surrogate"), instrument(
+        with pytest.raises(ValueError, match=r"reserved|non-empty|surrogate"), instrument(
             build_tiny_pipeline("tiny-t2v"), log=MemoryLog(), job=job
         ):
             pass
