@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from telemetry.codec import decode_one
@@ -107,6 +108,23 @@ class TestReplay:
         out = capsys.readouterr().out
         assert "job-a" in out and "completed" in out and "job-b" in out and "failed" in out
         assert "2 job(s) (1 completed, 1 failed)" in out
+
+    def test_control_characters_in_ids_are_escaped_in_the_table(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A newline, a terminal escape or a bidi override in a job id or model name cannot
+        break the table or drive the terminal: they are printed as escapes."""
+        evil = "evil\x1b[2J\nfake row\u202e"
+        with LocalLog(tmp_path / "log") as log:
+            events = a_job(evil)
+            events[0] = msgspec.structs.replace(events[0], variant="m\rx")
+            log.append(events)
+        assert 0 == main(["replay", "--log", str(tmp_path / "log")])
+        out = capsys.readouterr().out
+        _, row, footer = out.splitlines()
+        assert row.startswith("evil\\x1b[2J\\nfake row\\u202e ") and " m\\rx " in row
+        assert footer.startswith("1 job(s) (1 completed)")
+        assert "\x1b" not in out and "\u202e" not in out and "\r" not in out
 
     def test_a_log_without_jobs_is_an_empty_json_list(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
