@@ -11,6 +11,12 @@ events; every drop is counted by reason and reported into the log as an ``Events
 When the log fails (disk full, permission denied, directory removed) the batch is kept and
 retried with backoff; the failure is counted and logged once per kind, and the caller never
 sees it. ``close()`` (also run at interpreter exit) flushes what it can.
+
+Clock skew is bounded here, on the writer thread: an event whose ``ts`` is negative or beyond
+:data:`MAX_TS` (a clock set to 2^70 would hold every checkpoint back), or whose
+``duration_s`` is negative, is kept with the value clamped into range, counted under
+``clock_skew_ts`` / ``negative_duration`` in the ``EventsDropped`` counts (the events were
+corrected, not dropped), and logged once per kind.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ DEFAULT_MAX_BATCH: Final = 4_096
 DEFAULT_FLUSH_INTERVAL: Final = 0.05
 IDLE_INTERVAL: Final = 0.5  # the writer sleeps this long when idle; a new event wakes it
 ENDED_STREAMS_KEPT: Final = 4096
+#: The latest ``ts`` an event may carry (ns since the epoch; 2^62 is in the year 2116).
+MAX_TS: Final = 2**62
 _Stamped = tuple[int, Event]
 
 
@@ -296,6 +304,11 @@ class Emitter:
         items.sort(key=_stamp_of)
         next_seq, ended = self._next_seq, self._ended
         for _, event in items:
+            if not 0 <= event.ts <= MAX_TS:
+                self._correct(event, "ts", min(max(event.ts, 0), MAX_TS), "clock_skew_ts")
+            duration = getattr(event, "duration_s", None)
+            if duration is not None and not duration >= 0:  # negative, or NaN
+                self._correct(event, "duration_s", 0.0, "negative_duration")
             stream = event.job
             if event.seq == UNSEQUENCED:
                 seq = next_seq.get(stream)
@@ -311,6 +324,16 @@ class Emitter:
                 if len(ended) > ENDED_STREAMS_KEPT:
                     ended.popitem(last=False)
         return items
+
+    def _correct(self, event: Event, name: str, value: object, reason: str) -> None:
+        """Clamp an out-of-range field of ``event``, count it, and say so once per reason."""
+        was = getattr(event, name)
+        force_setattr(event, name, value)
+        self._count_drop(reason)
+        if self._dropped[reason] == 1:
+            with contextlib.suppress(Exception):
+                _log.warning("event field out of range: clamped (clock skew?)", field=name,
+                             value=repr(was)[:40], type=type(event).__name__, reason=reason)
 
     def _add_drop_report(self) -> None:
         """Append an ``EventsDropped`` with the cumulative counts whenever they changed."""
