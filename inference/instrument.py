@@ -438,7 +438,7 @@ def _in_use(emitter: Emitter, job: str) -> bool:
     """Whether ``job`` is taken; a log that cannot be read answers no (telemetry never
     stops a generation), and the append will say what is wrong with the log."""
     try:
-        return emitter.has_stream(job)
+        return emitter.has_job(job)
     except Exception:
         return False
 

@@ -44,6 +44,7 @@ from telemetry.events import (
     UNSEQUENCED,
     Event,
     EventsDropped,
+    JobQueued,
     Priority,
     WorkerHeartbeat,
     stream_of_worker,
@@ -116,6 +117,7 @@ class Emitter:
         self._pending: list[_Stamped] = []
         self._next_seq: dict[str, int] = {}
         self._ended: OrderedDict[str, int] = OrderedDict()  # oldest popped in O(1)
+        self._queued_only: set[str] = set()  # streams with nothing but a JobQueued so far
         self._emitted = 0
         self._appended = 0
         self._idle = True
@@ -225,21 +227,23 @@ class Emitter:
             errors=dict(self._errors),
         )
 
-    def has_stream(self, stream: str) -> bool:
-        """Whether ``stream`` (a job id) has events queued here, being written, written by this
-        emitter, or already in its log — so a new job must not take that id (its events would
-        collide on ``(job, seq)`` with the old ones). Events move queue → writer → log and
-        are looked for in that order. The log's part reads the log
-        (:meth:`~telemetry.log.base.EventLog.has_stream`): a job-start cost, never an
-        emit's."""
+    def has_job(self, job: str) -> bool:
+        """Whether ``job`` has begun — events other than ``JobQueued`` queued here, being
+        written, written by this emitter, or already in its log — so a new job must not take
+        that id (its events would collide on ``(job, seq)`` with the old ones). Events move
+        queue → writer → log and are looked for in that order. The log's part reads the log
+        (:meth:`~telemetry.log.base.EventLog.has_job`): a job-start cost, never an emit's."""
+        def begun(item: _Stamped) -> bool:
+            return item[1].job == job and not isinstance(item[1], JobQueued)
+
         for queue in self._queues:
-            if any(event.job == stream for _, event in list(queue)):
+            if any(begun(item) for item in list(queue)):
                 return True
-        if stream in self._next_seq or stream in self._ended:
+        if (job in self._next_seq and job not in self._queued_only) or job in self._ended:
             return True
-        if any(event.job == stream for _, event in list(self._pending)):
+        if any(begun(item) for item in list(self._pending)):
             return True
-        return self.log.has_stream(stream)
+        return self.log.has_job(job)
 
     def __enter__(self) -> Emitter:
         return self
@@ -310,6 +314,11 @@ class Emitter:
             if duration is not None and not duration >= 0:  # negative, or NaN
                 self._correct(event, "duration_s", 0.0, "negative_duration")
             stream = event.job
+            if isinstance(event, JobQueued):
+                if stream not in next_seq:
+                    self._queued_only.add(stream)
+            elif self._queued_only:
+                self._queued_only.discard(stream)
             if event.seq == UNSEQUENCED:
                 seq = next_seq.get(stream)
                 if seq is None:

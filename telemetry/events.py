@@ -335,7 +335,7 @@ def job_id_problem(job: str) -> str | None:
     surrogate is not), that does not start with a reserved stream prefix
     (:data:`RESERVED_STREAM_PREFIXES`) — a job there would be folded as a worker's or
     wantel's own events. Whether the id is already in a log is the log's to answer
-    (:meth:`telemetry.log.base.EventLog.has_stream`).
+    (:meth:`telemetry.log.base.EventLog.has_job`).
     """
     if not isinstance(job, str) or not job:
         return "a job id is a non-empty string"

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from telemetry.events import Event
+from telemetry.events import Event, JobQueued
 
 Position = int
 #: No log position is beyond this (a signed 64-bit integer): readers asked to start past it
@@ -155,11 +155,13 @@ class EventLog(ABC):
         finally:
             cursor.close()
 
-    def has_stream(self, stream: str) -> bool:
-        """Whether any stored event belongs to ``stream`` (a job id). This reads the whole
-        log; backends that can search faster override it."""
+    def has_job(self, job: str) -> bool:
+        """Whether ``job`` has begun here: any stored event of that stream other than
+        ``JobQueued`` (a queued job is started under the id it was queued with). A new job
+        must not take such an id: its ``(job, seq)`` would collide with the old events. This
+        reads the whole log; backends that can search faster override it."""
         return any(
-            any(event.job == stream for event in item.events)
+            any(event.job == job and not isinstance(event, JobQueued) for event in item.events)
             for item in self.read(0) if isinstance(item, Batch))
 
     def prompt_key(self) -> bytes:

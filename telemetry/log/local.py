@@ -59,7 +59,7 @@ from telemetry.codec import (
     encode_many,
     encode_many_json,
 )
-from telemetry.events import Event
+from telemetry.events import Event, JobQueued
 from telemetry.files import fsync_dir
 from telemetry.log import framing
 from telemetry.log.base import (
@@ -228,16 +228,16 @@ class LocalLog(EventLog):
             self._prompt_key = _load_or_create_key(self.path / PROMPT_KEY_FILE)
         return self._prompt_key
 
-    def has_stream(self, stream: str) -> bool:
-        """Whether any stored event belongs to ``stream`` (a job id).
+    def has_job(self, job: str) -> bool:
+        """Whether ``job`` has begun here (see :meth:`EventLog.has_job`).
 
         A byte search of each segment for the stream's encoded ``job`` field (gigabytes per
         second), then a decode of only the segments where it was found, to confirm.
         """
         import msgspec
 
-        needles = (b"\xa3job" + msgspec.msgpack.encode(stream),
-                   b'"job":' + msgspec.json.encode(stream))
+        needles = (b"\xa3job" + msgspec.msgpack.encode(job),
+                   b'"job":' + msgspec.json.encode(job))
         segments = self.segments()
         for index, (base, path) in enumerate(segments):
             if not _file_contains(path, needles):
@@ -246,7 +246,8 @@ class LocalLog(EventLog):
             for item in self.read(base):
                 if isinstance(item, Quarantined):
                     continue
-                if any(event.job == stream for event in item.events):
+                if any(event.job == job and not isinstance(event, JobQueued)
+                       for event in item.events):
                     return True
                 if end is not None and item.next >= end:
                     break

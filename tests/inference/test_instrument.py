@@ -326,6 +326,24 @@ class TestDetach:
             with pytest.raises(JobIdInUse), instrument(pipe, emitter=emitter, job="same"):
                 pass
 
+    def test_a_queued_job_starts_under_the_id_it_was_queued_with(self, tmp_path: Path) -> None:
+        """Only a JobQueued of the id (docs/api.md's flow) does not make it in use, whether
+        it is still in the emitter or already in the log."""
+        from telemetry.events import JobQueued
+
+        pipe = build_tiny_pipeline("tiny-t2v")
+        log = LocalLog(tmp_path / "log")
+        with Emitter(log, heartbeat_interval=None) as emitter:
+            emitter.emit(JobQueued(job="req-1", ts=1, model="m", task="t2v"))
+            with instrument(pipe, emitter=emitter, job="req-1"):
+                pipe(**call_kwargs("tiny-t2v", steps=2))
+            emitter.emit(JobQueued(job="req-2", ts=1, model="m", task="t2v"))
+            assert emitter.flush(10)
+            with instrument(pipe, emitter=emitter, job="req-2"):
+                pipe(**call_kwargs("tiny-t2v", steps=2))
+        completed = [e.job for e in of_type(events_of(log.read()), JobCompleted)]
+        assert ["req-1", "req-2"] == completed
+
     def test_later_calls_take_the_next_free_number(self, tmp_path: Path) -> None:
         """When ``clip-2`` is taken, the context's second call becomes ``clip-3``."""
         pipe = build_tiny_pipeline("tiny-t2v")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from telemetry.codec import encode, encode_json
-from telemetry.events import StepEnded
+from telemetry.events import JobQueued, StepEnded
 from telemetry.log import framing, local
 from telemetry.log.base import MAX_POSITION, Batch, BrokenLog, LogNotFound, Quarantined, ReadItem
 from telemetry.log.local import LocalLog, segment_name
@@ -212,7 +212,7 @@ class TestKeysAndStreams:
             LocalLog(tmp_path / "log").prompt_key()
 
     @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-    def test_has_stream_finds_a_job_in_any_segment_and_no_other(
+    def test_has_job_finds_a_job_in_any_segment_and_no_other(
         self, tmp_path: Path, layout: int, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Found in either record layout and in a later segment; a prefix or a job named in
@@ -224,10 +224,12 @@ class TestKeysAndStreams:
             for k in range(30):
                 log.append(steps(f"job-{k}", 0, 2))
             assert 2 < len(log.segments())
-            assert log.has_stream("job-0") and log.has_stream("job-29")
-            assert not log.has_stream("job-")
-            assert not log.has_stream("job-30")
-            assert not log.has_stream("StepEnded")
+            assert log.has_job("job-0") and log.has_job("job-29")
+            assert not log.has_job("job-")
+            assert not log.has_job("job-30")
+            assert not log.has_job("StepEnded")
+            log.append([JobQueued(job="queued", seq=0, ts=1, model="m", task="t2v")])
+            assert not log.has_job("queued")  # queued, not begun: it starts under this id
 
 
 class TestDamage:

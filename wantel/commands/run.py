@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     except RequestError as exc:
         raise UsageError(str(exc)) from None
     log = LocalLog(log_dir)
-    if args.job is not None and log.has_stream(args.job):
+    if args.job is not None and log.has_job(args.job):
         raise UsageError(
             f"job {args.job!r} is already in the log {log.path} (a second run under that id "
             "would be dropped by every view as a duplicate): pass another --job, or leave "
