@@ -22,6 +22,15 @@ What is hooked, and why there (diffusers facts, checked on 0.42):
 
 Nothing here synchronises the device (see :mod:`inference.timing`), and nothing changes what
 the pipeline computes. Leaving the context restores the pipeline exactly.
+
+Job ids. A job id the log already holds would make a second job whose events every view drops
+as duplicates (their ``(job, seq)`` are the first job's), so ``instrument(job="X")`` raises
+:class:`JobIdInUse` (a ``ValueError``) when entered, before the pipeline runs, if ``X`` is
+in the log or in this process's emitter; the later calls of one context, which wantel names
+``X-2``, ``X-3``…, take the next free number instead. A reserved or unencodable id (see
+:func:`telemetry.events.job_id_problem`) is a ``ValueError`` too. Random ids (no ``job=``)
+are never looked up. The lookup reads the log (a byte search of its segments, ~GB/s);
+``check_job=False`` skips it where ids are unique by construction.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from inference.memory import MemoryReader
 from inference.recorder import JobRecorder
 from inference.timing import timer_for
 from telemetry.emitter import Emitter
-from telemetry.events import DeviceInfo, Expert, Stage
+from telemetry.events import DeviceInfo, Expert, Stage, job_id_problem
 from telemetry.log.base import EventLog
 from telemetry.wan import classify
 
@@ -59,6 +68,10 @@ _ABSENT: Final = object()  # "no instance attribute was there before we wrapped"
 
 class JobCancelledError(Exception):
     """Raised out of ``pipe(...)`` when :meth:`Instrumented.cancel` stopped the job."""
+
+
+class JobIdInUse(ValueError):
+    """``instrument(job=...)`` named a job the log (or this process's emitter) already has."""
 
 
 @dataclass
@@ -105,6 +118,7 @@ class _Session:
         traceparent: str | None,
         options: dict[str, Any] | None,
         record_prompt: bool,
+        check_job: bool = True,
     ) -> None:
         if "callback_on_step_end" not in inspect.signature(type(pipe).__call__).parameters:
             raise TypeError(
@@ -120,6 +134,7 @@ class _Session:
         self.traceparent = traceparent
         self.options = options or {}
         self.record_prompt = record_prompt
+        self.check_job = check_job
         self.recorder: JobRecorder | None = None
         self.step = _StepState()
         self.previous_expert: Expert | None = None
@@ -291,8 +306,7 @@ class _Session:
         request = _Request(signature, bound.arguments)
         recorder = self._new_recorder(pipe)
         owns_lifecycle = not recorder.started
-        self.secrets = tuple(p for p in (request.get("prompt"), request.get("negative_prompt"))
-                             if isinstance(p, str))
+        self.secrets = _secrets(request.get("prompt"), request.get("negative_prompt"))
         if owns_lifecycle:
             self._emit_job_started(recorder, pipe, request)
         total = int(request.get("num_inference_steps") or 0)
@@ -340,14 +354,24 @@ class _Session:
         else:
             if self.job is None:
                 job = uuid.uuid4().hex
+            elif self._calls == 1:
+                job = self.job  # checked when the context was entered
             else:
-                job = self.job if self._calls == 1 else f"{self.job}-{self._calls}"
+                job = self._next_free(self._calls)
             device = self.device(pipe)
             recorder = JobRecorder(self.emitter, job, timer=timer_for(device),
                                    memory=self.memory_reader(device))
         self.handle.jobs.append(recorder.job)
         self.recorders.append(recorder)
         return recorder
+
+    def _next_free(self, number: int) -> str:
+        """``job-N`` for the smallest N >= ``number`` that no job has taken yet."""
+        while True:
+            job = f"{self.job}-{number}"
+            if not self.check_job or not _in_use(self.emitter, job):
+                return job
+            number += 1
 
     def device(self, pipe: Any) -> torch.device:
         """The pipeline's execution device, looked up once per context (it costs ms)."""
@@ -397,6 +421,26 @@ class _Request:
         if parameter is None or parameter.default is inspect.Parameter.empty:
             return None
         return parameter.default
+
+
+def _secrets(*prompts: Any) -> tuple[str, ...]:
+    """The prompt texts a failure message must not quote (strings, or lists of them)."""
+    found: list[str] = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            found.append(prompt)
+        elif isinstance(prompt, list | tuple):
+            found.extend(p for p in prompt if isinstance(p, str))
+    return tuple(found)
+
+
+def _in_use(emitter: Emitter, job: str) -> bool:
+    """Whether ``job`` is taken; a log that cannot be read answers no (telemetry never
+    stops a generation), and the append will say what is wrong with the log."""
+    try:
+        return emitter.has_job(job)
+    except Exception:
+        return False
 
 
 def _at(values: list[float], index: int) -> float | None:
@@ -450,22 +494,35 @@ def instrument(
     variant: str | None = None,
     options: dict[str, Any] | None = None,
     record_prompt: bool = False,
+    check_job: bool = True,
 ) -> Iterator[Instrumented]:
     """Record every ``pipe(...)`` call in this context as a job.
 
     Give ``log`` (an emitter is made and flushed on exit) or a shared ``emitter``. ``job``
-    names the first job (later calls get ``job-2``, …; a random id without it). ``recorder``
-    continues a job whose ``JobStarted`` the caller already emitted (the job runner does this to
-    include model loading). ``traceparent`` joins the caller's trace.
+    names the first job (later calls get ``job-2``, …, the next number no job has; a random id
+    without it). A ``job`` the log or the emitter already has raises :class:`JobIdInUse`
+    here, before any pipeline call (``check_job=False`` skips that lookup, which reads the
+    log); a reserved or unencodable one raises ``ValueError``. ``recorder`` continues a job
+    whose ``JobStarted`` the caller already emitted (the job runner does this to include model
+    loading; its caller checked the id). ``traceparent`` joins the caller's trace.
     """
     if (log is None) == (emitter is None):
         raise ValueError("give exactly one of log= or emitter=")
+    if job is not None and (problem := job_id_problem(job)) is not None:
+        raise ValueError(f"job={job!r}: {problem}")
     own_emitter = emitter is None
     active = emitter if emitter is not None else Emitter(log)  # type: ignore[arg-type]
+    if job is not None and recorder is None and check_job and _in_use(active, job):
+        if own_emitter:
+            active.close()
+        raise JobIdInUse(
+            f"job {job!r} is already in the log: a second job under that id would be dropped "
+            "by every view as a duplicate; give each job its own id (or leave job= out for a "
+            "random one)")
     handle = Instrumented()
     session = _Session(pipe, active, handle, job=job, recorder=recorder, model=model,
                        variant=variant, traceparent=traceparent, options=options,
-                       record_prompt=record_prompt)
+                       record_prompt=record_prompt, check_job=check_job)
     session.attach()
     try:
         yield handle

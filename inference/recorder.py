@@ -6,15 +6,21 @@ resolves only once the GPU has reached it, so events wait in an ordered queue an
 :meth:`JobRecorder.pump` emits the prefix that is ready — the job's events stay in order and the
 host never waits for the device. Whatever is still unresolved when the job ends is handed to a
 background thread that keeps polling, so the caller's thread returns at once.
+
+User text — the prompt, error messages, reasons — passes through :func:`prompt_digest`,
+:func:`sanitise` and :func:`storable`, which never raise: a prompt that works in plain
+diffusers (a lone surrogate, an object whose ``str`` fails) must work with wantel too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import re
 import threading
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,30 +47,117 @@ from telemetry.events import (
 
 MAX_MESSAGE: Final = 500
 RESOLVE_TIMEOUT_S: Final = 120.0
+#: What a failure message is stored as when it quotes any part of the prompt.
+WITHHELD: Final = "(message withheld: it quoted the prompt)"
+#: A run of this many letters, digits and symbols of the prompt (compared case-folded, with
+#: escapes decoded and punctuation and spaces dropped) found in a message withholds it.
+QUOTE_WINDOW: Final = 12
+#: Prompts shorter than this (in the same compared form) are not looked for: "fox" in a
+#: message says nothing about whose prompt it was.
+MIN_SECRET: Final = 4
 
 
-def prompt_digest(prompt: object) -> str | None:
-    """SHA-256 of the prompt (a string, or a list of them): lets runs be grouped, not read."""
-    if prompt is None:
+def prompt_digest(prompt: object, key: bytes | None) -> str | None:
+    """HMAC-SHA256 of the prompt (a string, or a list of them) under the log's secret ``key``:
+    runs of one prompt can be grouped within a log, but a guessed prompt cannot be confirmed
+    from the digest without the key. ``None`` without a key or a prompt; never raises."""
+    if prompt is None or key is None:
         return None
-    if isinstance(prompt, str):
-        text = prompt
-    elif isinstance(prompt, list | tuple):
-        text = "\x1f".join(str(p) for p in prompt)
-    else:
-        text = str(prompt)
-    return hashlib.sha256(text.encode()).hexdigest()
+    try:
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, list | tuple):
+            text = "\x1f".join(str(p) for p in prompt)
+        else:
+            text = str(prompt)
+        # surrogatepass: a lone surrogate is a valid Python str and diffusers accepts it.
+        return hmac.new(key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+    except Exception:
+        return None
 
 
-def sanitise(message: str, secrets: tuple[str, ...] = ()) -> str:
-    """An error message safe to store: no prompt text, one line, bounded length."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            message = message.replace(secret, "<redacted>")
-    message = re.sub(r"\s+", " ", message).strip()
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 1] + "…"
-    return message
+def storable(text: object, limit: int | None = None) -> str:
+    """``text`` as a string every encoder takes (lone surrogates escaped as ``\\udXXX``),
+    cut to ``limit`` characters; never raises."""
+    try:
+        value = text if isinstance(text, str) else str(text)
+    except Exception:
+        value = f"<unprintable {type(text).__name__}>"
+    if limit is not None and len(value) > limit:
+        value = value[: limit - 1] + "…"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def sanitise(message: object, secrets: tuple[str, ...] = ()) -> str:
+    """An error message safe to store: one line, bounded length, encodable — and nothing of
+    the prompt: a message that quotes any part of a secret (:func:`quotes`), in any of the
+    usual forms (repr, JSON-escaped, unicode-escaped, truncated, case-changed, with its
+    newlines) is replaced by :data:`WITHHELD` whole. Never raises."""
+    try:
+        text = " ".join(storable(message, 16 * MAX_MESSAGE).split())
+        if len(text) > MAX_MESSAGE:
+            text = text[: MAX_MESSAGE - 1] + "…"
+        if any(quotes(text, secret) for secret in secrets):
+            return WITHHELD
+        return text
+    except Exception:
+        return WITHHELD if secrets else "<unprintable message>"
+
+
+def quotes(message: str, secret: object) -> bool:
+    """Whether ``message`` holds any part of ``secret`` (a string, or a list of strings): a
+    run of :data:`QUOTE_WINDOW` of its characters (the whole secret when shorter), or, at the
+    message's end, its first characters (a quote cut short)."""
+    if isinstance(secret, list | tuple):
+        return any(quotes(message, part) for part in secret)
+    if not isinstance(secret, str):
+        return False
+    folded_secret = _fold(secret)
+    if len(folded_secret) < MIN_SECRET:
+        return False
+    folded = _fold(message)
+    window = min(QUOTE_WINDOW, len(folded_secret))
+    pieces = {folded_secret[i : i + window] for i in range(len(folded_secret) - window + 1)}
+    if any(folded[i : i + window] in pieces for i in range(len(folded) - window + 1)):
+        return True
+    cut = message.rstrip().endswith(("…", "..."))
+    return cut and any(folded.endswith(folded_secret[:k])
+                       for k in range(MIN_SECRET, window + 1))
+
+
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|x([0-9a-fA-F]{2})|(.))",
+                     re.DOTALL)
+
+
+def _unescape_one(match: re.Match[str]) -> str:
+    code = match.group(1) or match.group(2) or match.group(3)
+    if code is not None:
+        value = int(code, 16)
+        return chr(value) if value <= 0x10FFFF else ""
+    return {"n": "\n", "t": "\t", "r": "\r"}.get(match.group(4), match.group(4))
+
+
+def _fold(text: str) -> str:
+    """The form in which a prompt and a message are compared: escapes decoded (twice: a JSON
+    document of a repr), surrogate pairs joined, NFKC, case-folded, and only letters, digits
+    and symbols kept (quotes, backslashes, spaces and newlines dropped)."""
+    for _ in range(2):
+        text = _ESCAPE.sub(_unescape_one, text)
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(c for c in text if unicodedata.category(c)[0] in "LNS")
+
+
+def _text_of(exc: BaseException) -> str:
+    """``str(exc)``, or the exception's type where that is empty or itself fails."""
+    try:
+        return str(exc) or type(exc).__name__
+    except Exception:
+        return type(exc).__name__
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -76,7 +169,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover - torch is a dependency of inference/
         pass
-    return "out of memory" in str(exc).lower()
+    return "out of memory" in _text_of(exc).lower()
 
 
 @dataclass
@@ -192,13 +285,21 @@ class JobRecorder:
             width=width, height=height, num_frames=num_frames, steps=steps,
             guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, cfg=cfg,
             boundary_ratio=boundary_ratio, seed=seed, device=device, options=options or {},
-            prompt_sha256=prompt_digest(prompt),
-            prompt=prompt if record_prompt and isinstance(prompt, str) else None,
+            prompt_sha256=prompt_digest(prompt, self._prompt_key()),
+            prompt=storable(prompt) if record_prompt and isinstance(prompt, str) else None,
             traceparent=traceparent,
         )
         self._defer((), lambda _: event)
         self.started = True
         self.pump()
+
+    def _prompt_key(self) -> bytes | None:
+        """The log's key for prompt digests; ``None`` (no digest) if the log cannot give one,
+        never an unkeyed digest and never an exception."""
+        try:
+            return self.emitter.log.prompt_key()
+        except Exception:
+            return None
 
     def stage_started(self, stage: Stage) -> Any:
         """Open a stage now; returns its start mark for :meth:`stage_ended`."""
@@ -297,7 +398,7 @@ class JobRecorder:
         end, job = self.timer.mark(), self.job
         stage = stage or self.stage or self.failed_in_stage
         step = self.steps_done if stage == "denoise" else None
-        message = sanitise(str(exc) or type(exc).__name__, secrets)
+        message = sanitise(_text_of(exc), secrets)
         oom = is_out_of_memory(exc)
         self._defer((end,), lambda t: JobFailed(
             job=job, ts=self._ts(t[0]), duration_s=t[0] / 1e9, stage=stage, step=step,
@@ -309,6 +410,7 @@ class JobRecorder:
         end, job = self.timer.mark(), self.job
         stage = stage or self.stage or self.failed_in_stage
         step = self.steps_done if stage == "denoise" else None
+        reason = sanitise(reason)
         self._defer((end,), lambda t: JobCancelled(
             job=job, ts=self._ts(t[0]), duration_s=t[0] / 1e9, stage=stage, step=step,
             reason=reason))

@@ -8,8 +8,11 @@ including ``load`` and ``save``, which happen outside the pipeline call — thro
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -22,10 +25,21 @@ from inference.models import ModelChoice, ModelError, resolve_model
 from inference.recorder import JobRecorder
 from inference.timing import timer_for
 from telemetry.emitter import Emitter
+from telemetry.events import job_id_problem
 
 VIDEO_SUFFIXES: Final = (".mp4", ".mov", ".mkv")
 FPS: Final = 16  # Wan's native frame rate
 DTYPES: Final = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Upper bounds of a request, far beyond any Wan model's use (81 frames at 720p, 40–50
+#: steps), low enough that a typo fails in milliseconds instead of filling memory for minutes.
+MAX_STEPS: Final = 1000
+MAX_FRAMES: Final = 1025
+MAX_SIDE: Final = 4096
+MAX_GUIDANCE: Final = 100.0
+MAX_SEED: Final = 2**64 - 1  # what torch.Generator.manual_seed takes
+#: The largest conditioning image read (pixels): 8192 × 8192. PIL's own decompression-bomb
+#: limit is higher; an image this large is resized down to at most MAX_SIDE anyway.
+MAX_IMAGE_PIXELS: Final = 8192 * 8192
 
 
 class RequestError(ValueError):
@@ -83,8 +97,16 @@ class Outcome:
     error: str | None = None
 
 
-def prepare(request: GenerationRequest) -> PreparedRequest:
-    """Check everything that can be checked without loading the model."""
+def prepare(request: GenerationRequest, *, creates: Sequence[str | os.PathLike[str]] = ()
+            ) -> PreparedRequest:
+    """Check everything that can be checked without loading the model.
+
+    ``creates``: directories the caller will create before the job runs (``wantel run``'s
+    log), so an ``--out`` inside one of them is not refused for a folder that does not
+    exist yet.
+    """
+    if request.job is not None and (problem := job_id_problem(request.job)) is not None:
+        raise RequestError(f"--job {request.job!r}: {problem}")
     try:
         model = resolve_model(request.model)
     except ModelError as exc:
@@ -94,22 +116,43 @@ def prepare(request: GenerationRequest) -> PreparedRequest:
     width = _or_default(request.width, 64 if tiny else 832)
     frames = _or_default(request.frames, 17 if tiny else 81)
     steps = _or_default(request.steps, 8 if tiny else 40)
+    _check_bounds(request, height=height, width=width, frames=frames, steps=steps)
     try:
         model.check(height=height, width=width, num_frames=frames)
     except ModelError as exc:
         raise RequestError(str(exc)) from None
-    if steps < 1:
-        raise RequestError(f"--steps must be at least 1, got {steps}")
-    if request.guidance < 0:
-        raise RequestError(f"--guidance must be >= 0, got {request.guidance}")
     image = _load_image(model, request.image)
     device = _device(request.device)
     job = request.job or uuid.uuid4().hex[:12]
     return PreparedRequest(
         request=request, model=model, job=job, height=height, width=width, frames=frames,
         steps=steps, device=device, dtype=_dtype(request.dtype, device),
-        out=_output_path(request.out, job), image=image,
+        out=_output_path(request.out, job, creates), image=image,
     )
+
+
+def _check_bounds(request: GenerationRequest, *, height: int, width: int, frames: int,
+                  steps: int) -> None:
+    """Each number within its range (and finite), named with the range that would work."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise RequestError(f"--steps must be at least 1 and at most {MAX_STEPS}, got {steps}")
+    if not frames <= MAX_FRAMES:
+        raise RequestError(f"--frames must be at most {MAX_FRAMES}, got {frames}")
+    for flag, value in (("--height", height), ("--width", width)):
+        if not value <= MAX_SIDE:
+            raise RequestError(f"{flag} must be at most {MAX_SIDE} pixels, got {value}")
+    guidance = request.guidance
+    if not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise RequestError(f"--guidance must be a number from 0 to {MAX_GUIDANCE:g}, "
+                           f"got {guidance}")
+    if not 0 <= request.seed <= MAX_SEED:
+        raise RequestError(f"--seed must be from 0 to 2**64-1, got "
+                           f"{_bounded_repr(request.seed)}")
+
+
+def _bounded_repr(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 30 else f"{text[:12]}…{text[-6:]} ({len(text)} digits)"
 
 
 def _or_default(value: int | None, default: int) -> int:
@@ -127,12 +170,29 @@ def _load_image(model: ModelChoice, image: str | None) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL warns (on stderr) past its own limit; ours, lower, refuses such an image.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(image) as opened:
+                width, height = opened.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise RequestError(
+                        f"--image {image}: {width}x{height} is too large (at most "
+                        f"{MAX_IMAGE_PIXELS:,} pixels, e.g. 8192x8192); resize it first")
+                return opened.convert("RGB")
+    except RequestError:
+        raise
     except FileNotFoundError:
         raise RequestError(f"--image {image}: no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise RequestError(f"--image {image}: not a readable image ({exc})") from None
+    except IsADirectoryError:
+        raise RequestError(f"--image {image}: is a directory, not an image") from None
+    except Image.DecompressionBombError:
+        raise RequestError(f"--image {image}: too large to decode safely (PIL refused it "
+                           "as a possible decompression bomb); resize it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+            MemoryError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise RequestError(f"--image {image}: not a readable image ({detail})") from None
 
 
 def _device(name: str) -> torch.device:
@@ -155,12 +215,15 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _output_path(out: str | None, job: str) -> Path:
+def _output_path(out: str | None, job: str,
+                 creates: Sequence[str | os.PathLike[str]] = ()) -> Path:
     path = Path(out) if out else Path(f"wantel-{job}.mp4")
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise RequestError(f"--out {path}: the video must end in {', '.join(VIDEO_SUFFIXES)}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
+        if any(parent.absolute() == Path(d).absolute() for d in creates):
+            return path  # created before the job runs (by whoever creates it, with its checks)
         raise RequestError(f"--out {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise RequestError(f"--out {path}: not writable")
@@ -217,7 +280,8 @@ def _generate(prepared: PreparedRequest, emitter: Emitter, memory: MemoryReader,
         raise
     except BaseException as exc:
         if not recorder.finished:
-            recorder.failed(exc, secrets=(request.prompt,))
+            recorder.failed(exc, secrets=tuple(
+                p for p in (request.prompt, request.negative_prompt) if p is not None))
         raise
     recorder.completed(output_path=str(prepared.out), frames=len(frames),
                        size_bytes=prepared.out.stat().st_size)

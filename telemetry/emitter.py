@@ -11,6 +11,12 @@ events; every drop is counted by reason and reported into the log as an ``Events
 When the log fails (disk full, permission denied, directory removed) the batch is kept and
 retried with backoff; the failure is counted and logged once per kind, and the caller never
 sees it. ``close()`` (also run at interpreter exit) flushes what it can.
+
+Clock skew is bounded here, on the writer thread: an event whose ``ts`` is negative or beyond
+:data:`MAX_TS` (a clock set to 2^70 would hold every checkpoint back), or whose
+``duration_s`` is negative, is kept with the value clamped into range, counted under
+``clock_skew_ts`` / ``negative_duration`` in the ``EventsDropped`` counts (the events were
+corrected, not dropped), and logged once per kind.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from telemetry.events import (
     UNSEQUENCED,
     Event,
     EventsDropped,
+    JobQueued,
     Priority,
     WorkerHeartbeat,
     stream_of_worker,
@@ -51,6 +58,8 @@ DEFAULT_MAX_BATCH: Final = 4_096
 DEFAULT_FLUSH_INTERVAL: Final = 0.05
 IDLE_INTERVAL: Final = 0.5  # the writer sleeps this long when idle; a new event wakes it
 ENDED_STREAMS_KEPT: Final = 4096
+#: The latest ``ts`` an event may carry (ns since the epoch; 2^62 is in the year 2116).
+MAX_TS: Final = 2**62
 _Stamped = tuple[int, Event]
 
 
@@ -108,6 +117,7 @@ class Emitter:
         self._pending: list[_Stamped] = []
         self._next_seq: dict[str, int] = {}
         self._ended: OrderedDict[str, int] = OrderedDict()  # oldest popped in O(1)
+        self._queued_only: set[str] = set()  # streams with nothing but a JobQueued so far
         self._emitted = 0
         self._appended = 0
         self._idle = True
@@ -217,6 +227,24 @@ class Emitter:
             errors=dict(self._errors),
         )
 
+    def has_job(self, job: str) -> bool:
+        """Whether ``job`` has begun — events other than ``JobQueued`` queued here, being
+        written, written by this emitter, or already in its log — so a new job must not take
+        that id (its events would collide on ``(job, seq)`` with the old ones). Events move
+        queue → writer → log and are looked for in that order. The log's part reads the log
+        (:meth:`~telemetry.log.base.EventLog.has_job`): a job-start cost, never an emit's."""
+        def begun(item: _Stamped) -> bool:
+            return item[1].job == job and not isinstance(item[1], JobQueued)
+
+        for queue in self._queues:
+            if any(begun(item) for item in list(queue)):
+                return True
+        if (job in self._next_seq and job not in self._queued_only) or job in self._ended:
+            return True
+        if any(begun(item) for item in list(self._pending)):
+            return True
+        return self.log.has_job(job)
+
     def __enter__(self) -> Emitter:
         return self
 
@@ -280,7 +308,17 @@ class Emitter:
         items.sort(key=_stamp_of)
         next_seq, ended = self._next_seq, self._ended
         for _, event in items:
+            if not 0 <= event.ts <= MAX_TS:
+                self._correct(event, "ts", min(max(event.ts, 0), MAX_TS), "clock_skew_ts")
+            duration = getattr(event, "duration_s", None)
+            if duration is not None and not duration >= 0:  # negative, or NaN
+                self._correct(event, "duration_s", 0.0, "negative_duration")
             stream = event.job
+            if isinstance(event, JobQueued):
+                if stream not in next_seq:
+                    self._queued_only.add(stream)
+            elif self._queued_only:
+                self._queued_only.discard(stream)
             if event.seq == UNSEQUENCED:
                 seq = next_seq.get(stream)
                 if seq is None:
@@ -295,6 +333,16 @@ class Emitter:
                 if len(ended) > ENDED_STREAMS_KEPT:
                     ended.popitem(last=False)
         return items
+
+    def _correct(self, event: Event, name: str, value: object, reason: str) -> None:
+        """Clamp an out-of-range field of ``event``, count it, and say so once per reason."""
+        was = getattr(event, name)
+        force_setattr(event, name, value)
+        self._count_drop(reason)
+        if self._dropped[reason] == 1:
+            with contextlib.suppress(Exception):
+                _log.warning("event field out of range: clamped (clock skew?)", field=name,
+                             value=repr(was)[:40], type=type(event).__name__, reason=reason)
 
     def _add_drop_report(self) -> None:
         """Append an ``EventsDropped`` with the cumulative counts whenever they changed."""

@@ -318,11 +318,36 @@ PRIORITY: Final[dict[type[Event], int]] = {
 
 #: The stream calibrations are recorded in.
 ETA_STREAM: Final = "wantel/eta"
+#: Prefixes of the streams the log keeps for itself: a worker's own events
+#: (:func:`stream_of_worker`) and wantel's (:data:`ETA_STREAM`, and any later ``wantel/…``).
+RESERVED_STREAM_PREFIXES: Final = ("worker/", "wantel/")
 
 
 def stream_of_worker(worker: str) -> str:
     """The ``job`` field used for a worker's own events (heartbeats, drop counts)."""
     return f"worker/{worker}"
+
+
+def job_id_problem(job: str) -> str | None:
+    """Why ``job`` cannot name a job, in a phrase, or ``None`` when it can.
+
+    This module owns the rule: a job id is a non-empty string, encodable as UTF-8 (a lone
+    surrogate is not), that does not start with a reserved stream prefix
+    (:data:`RESERVED_STREAM_PREFIXES`) — a job there would be folded as a worker's or
+    wantel's own events. Whether the id is already in a log is the log's to answer
+    (:meth:`telemetry.log.base.EventLog.has_job`).
+    """
+    if not isinstance(job, str) or not job:
+        return "a job id is a non-empty string"
+    reserved = next((p for p in RESERVED_STREAM_PREFIXES if job.startswith(p)), None)
+    if reserved is not None:
+        return (f"job ids starting with {reserved!r} are reserved for the log's own streams "
+                "(worker/<name>, wantel/eta)")
+    try:
+        job.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a job id must be valid Unicode text (it holds a lone surrogate)"
+    return None
 
 
 def to_builtins(event: Event) -> dict[str, Any]:

@@ -6,7 +6,9 @@ Each subcommand lives in its own module under :mod:`wantel.commands`, with two f
 they run). The base install (``pip install wan-telemetry``) has no torch at all: it serves,
 replays and exports; ``run`` and ``demo`` need the ``[wan]`` extra, and say so in one line when
 it is missing. Every failure a user can cause — a missing log, an unknown flag, a bad value, a
-missing extra — ends as one line on stderr and exit code 2, never a traceback.
+missing extra — ends as one line on stderr and exit code 2, never a traceback. A log that is
+there but broken (malformed metadata, a segment that is not a regular file) is one line and
+exit code 1: the input was right, the log needs fixing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import NoReturn, Protocol, cast
 
 from telemetry import __version__, accelerate
 from telemetry.errors import UsageError
-from telemetry.log.base import LogError
+from telemetry.log.base import BrokenLog, LogError
 from wantel.config import (
     DEFAULT_LOG_DIR,
     LOG_ENV,
@@ -32,6 +34,7 @@ from wantel.config import (
 from wantel.logs import configure_logging
 
 EXIT_USAGE = 2
+EXIT_BROKEN_LOG = 1
 #: What ``pip install 'wan-telemetry[wan]'`` adds that a command cannot run without.
 WAN_EXTRA_MODULES = ("torch", "diffusers")
 WAN_EXTRA_INSTALL = "pip install 'wan-telemetry[wan]'"
@@ -175,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next(c for c in COMMANDS if c.name == args.command)
     try:
         return _load(command).run(args)
+    except BrokenLog as exc:
+        print(f"wantel {command.name}: error: {exc}", file=sys.stderr)
+        return EXIT_BROKEN_LOG
     except (UsageError, LogError) as exc:
         print(f"wantel {command.name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -36,7 +36,7 @@ from exporters.server import check_token, create_app
 from exporters.service import TelemetryService
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.errors import UsageError
-from telemetry.log.base import EventLog, LogError
+from telemetry.log.base import BrokenLog, EventLog, LogError
 from telemetry.log.local import CHECKPOINT_DIR, LocalLog
 from telemetry.projections.eta import EtaProjection
 from telemetry.runner import ProjectionRunner
@@ -276,6 +276,8 @@ def open_serving(args: argparse.Namespace) -> Serving:
     spans = otlp_configured(args.otlp)
     try:
         log = LocalLog(resolve_log_dir(args.log))
+    except BrokenLog:
+        raise  # exit 1: the log needs fixing, the flags were right
     except LogError as exc:
         raise UsageError(str(exc)) from None
     return Serving(log, host=args.host, port=args.port, token=token, otlp=args.otlp or None,

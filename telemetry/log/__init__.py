@@ -7,6 +7,7 @@ from pathlib import Path
 
 from telemetry.log.base import (
     Batch,
+    BrokenLog,
     EventLog,
     LogError,
     LogNotFound,
@@ -19,6 +20,7 @@ from telemetry.log.memory import MemoryLog
 
 __all__ = [
     "Batch",
+    "BrokenLog",
     "EventLog",
     "FsyncPolicy",
     "LocalLog",

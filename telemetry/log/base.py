@@ -12,16 +12,20 @@ The contract is pinned by ``tests/telemetry/log_contract.py``, run against every
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
-from telemetry.events import Event
+from telemetry.events import Event, JobQueued
 
 Position = int
+#: No log position is beyond this (a signed 64-bit integer): readers asked to start past it
+#: start there, and interfaces that take a position from a user refuse a larger one.
+MAX_POSITION: Final = 2**63 - 1
 
 
 class LogError(Exception):
@@ -30,6 +34,12 @@ class LogError(Exception):
 
 class LogNotFound(LogError):
     """There is no log where one was asked for."""
+
+
+class BrokenLog(LogError):
+    """A log is there but cannot be used as it is: its metadata is malformed or out of range,
+    or a file named like a segment is not a regular file. Nothing is changed on disk; the
+    message names the file to fix or move away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +154,22 @@ class EventLog(ABC):
                     time.sleep(poll_interval)
         finally:
             cursor.close()
+
+    def has_job(self, job: str) -> bool:
+        """Whether ``job`` has begun here: any stored event of that stream other than
+        ``JobQueued`` (a queued job is started under the id it was queued with). A new job
+        must not take such an id: its ``(job, seq)`` would collide with the old events. This
+        reads the whole log; backends that can search faster override it."""
+        return any(
+            any(event.job == job and not isinstance(event, JobQueued) for event in item.events)
+            for item in self.read(0) if isinstance(item, Batch))
+
+    def prompt_key(self) -> bytes:
+        """The secret key prompt digests are keyed with (HMAC-SHA256), kept with the log so
+        every writer of one log digests a prompt alike. This default is a random key held in
+        memory for the object's life; a durable backend keeps one beside its data."""
+        key: bytes = self.__dict__.setdefault("_memory_prompt_key", secrets.token_bytes(32))
+        return key
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release files and connections; the log may not be used afterwards."""

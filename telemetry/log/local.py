@@ -4,6 +4,7 @@ Layout of a log directory::
 
     wantel-log.json                  format marker and the segment size every writer must use
     LOCK                             flock(2) target that serialises appends across processes
+    prompt-key                       the secret key of prompt digests (mode 0600, made on first use)
     00000000000000000000.wlog        segments, named by the position of their first record
     00000000000000131072.wlog
     checkpoints/                     projection checkpoints (see telemetry.engine)
@@ -20,6 +21,12 @@ append to a segment another has rotated away from.
 Readers take no lock. They only ever advance past a frame whose header and body check out, wait
 at a frame cut short at the end of the newest segment (a writer may still be writing it), and
 quarantine — counting and reporting, never raising — damage anywhere else.
+
+Only a directory whose ``wantel-log.json`` says so is a log: files named like segments in a
+directory without it are someone else's, and the log refuses to start there rather than
+"repair" (truncate) them. Segments are opened with ``O_NOFOLLOW`` and must be regular files,
+so a symbolic link named like a segment is never written through. The metadata is validated
+when the log is opened (a ``segment_bytes`` of 0 would rotate forever).
 Consecutive healthy frames are decoded together (up to :data:`RUN_RECORDS` records in one
 msgspec call): live emitters write a frame per flush, one or two events, and frame by frame the
 per-frame work would cost more than the decoding.
@@ -31,7 +38,9 @@ import contextlib
 import errno
 import fcntl
 import json
+import mmap
 import os
+import secrets
 import threading
 import time
 from array import array
@@ -52,11 +61,13 @@ from telemetry.codec import (
     encode_many,
     encode_many_json,
 )
-from telemetry.events import Event
+from telemetry.events import Event, JobQueued
 from telemetry.files import fsync_dir
 from telemetry.log import framing
 from telemetry.log.base import (
+    MAX_POSITION,
     Batch,
+    BrokenLog,
     EventLog,
     LogError,
     LogNotFound,
@@ -69,8 +80,14 @@ SEGMENT_SUFFIX: Final = ".wlog"
 META_FILE: Final = "wantel-log.json"
 LOCK_FILE: Final = "LOCK"
 CHECKPOINT_DIR: Final = "checkpoints"
-KNOWN_NAMES: Final = frozenset({META_FILE, LOCK_FILE, CHECKPOINT_DIR})
+PROMPT_KEY_FILE: Final = "prompt-key"
+KNOWN_NAMES: Final = frozenset({META_FILE, LOCK_FILE, CHECKPOINT_DIR, PROMPT_KEY_FILE})
 DEFAULT_SEGMENT_BYTES: Final = 64 << 20
+#: The range a log's ``segment_bytes`` must lie in (0 would rotate forever; more than 1 TiB
+#: is a typo, not a plan).
+MIN_SEGMENT_BYTES: Final = 256
+MAX_SEGMENT_BYTES: Final = 1 << 40
+PROMPT_KEY_BYTES: Final = 32
 READ_CHUNK: Final = 1 << 20
 RUN_RECORDS: Final = 1024  # the most records of small frames the reader decodes in one call
 FORMAT_VERSION: Final = 1
@@ -125,7 +142,11 @@ class LocalLog(EventLog):
         self.fsync = FsyncPolicy(fsync)
         self._batch_interval = batch_interval
         self._warned: set[str] = set()
+        self._prompt_key: bytes | None = None
         if create:
+            if not _segment_bytes_ok(segment_bytes):
+                raise ValueError(f"segment_bytes must be an integer from {MIN_SEGMENT_BYTES} "
+                                 f"to {MAX_SEGMENT_BYTES}, got {segment_bytes!r}")
             self._create(segment_bytes)
         self.segment_bytes = self._read_meta()
         self._thread_lock = threading.Lock()
@@ -150,6 +171,13 @@ class LocalLog(EventLog):
             self.path.mkdir(parents=True, exist_ok=True)
             if (self.path / META_FILE).exists():
                 return
+            strays = sorted(name for name in os.listdir(self.path) if _segment_named(name))
+            if strays:
+                # Not ours: a writer would "repair" (truncate) them as torn segments.
+                raise BrokenLog(
+                    f"{self.path} is not a wantel log (no {META_FILE}) but holds files named "
+                    f"like its segments ({strays[0]}{', …' if len(strays) > 1 else ''}); "
+                    "refusing to write there: use an empty or new directory")
             tmp = self.path / f".{META_FILE}.{os.getpid()}.tmp"
             meta = {"format": "wantel-log", "version": FORMAT_VERSION,
                     "segment_bytes": segment_bytes}
@@ -167,31 +195,72 @@ class LocalLog(EventLog):
         if not self.path.is_dir():
             raise LogNotFound(f"no event log at {self.path} (directory does not exist)")
         try:
-            meta = json.loads(meta_path.read_text())
+            text = meta_path.read_bytes()
         except FileNotFoundError:
             raise LogNotFound(
                 f"no event log at {self.path} (no {META_FILE}: not a wantel log directory)"
             ) from None
-        except (OSError, ValueError) as exc:
-            raise LogError(f"cannot read {meta_path}: {exc}") from exc
-        if meta.get("format") != "wantel-log" or meta.get("version") != FORMAT_VERSION:
-            raise LogError(f"{meta_path} describes an unsupported log format: {meta}")
-        return int(meta["segment_bytes"])
+        except OSError as exc:
+            raise BrokenLog(f"cannot read {meta_path}: {exc.strerror or exc}") from exc
+        return validate_meta(text, meta_path)
 
     def segments(self) -> list[tuple[Position, Path]]:
-        """Segment files in position order; unknown files are ignored with one warning each."""
+        """Segment files in position order; unknown files are ignored with one warning each.
+
+        A name that looks like a segment but is not a regular file (a directory, a symbolic
+        link) is a broken log (:class:`BrokenLog`): it is never read or written through.
+        """
         try:
-            names = os.listdir(self.path)
+            entries = list(os.scandir(self.path))
         except OSError as exc:
             raise LogError(f"cannot list {self.path}: {exc.strerror or exc}") from exc
         found = []
-        for name in names:
-            if name.endswith(SEGMENT_SUFFIX) and name[: -len(SEGMENT_SUFFIX)].isdigit():
+        for entry in entries:
+            name = entry.name
+            if _segment_named(name):
+                if not entry.is_file(follow_symlinks=False):
+                    kind = "a symbolic link" if entry.is_symlink() else "not a regular file"
+                    raise BrokenLog(f"{self.path / name} is {kind}: a segment must be a "
+                                    "regular file (move it out of the log directory)")
                 found.append((int(name[: -len(SEGMENT_SUFFIX)]), self.path / name))
             elif name not in KNOWN_NAMES and not name.startswith("."):
                 self._warn_once(name)
         found.sort()
         return found
+
+    def prompt_key(self) -> bytes:
+        """The log's secret key for prompt digests: ``prompt-key`` in the log directory, 32
+        random bytes, created with mode 0600 on first use (by whichever process gets there
+        first; every process then reads the same key). Raises :class:`LogError` if it can be
+        neither read nor created."""
+        if self._prompt_key is None:
+            self._prompt_key = _load_or_create_key(self.path / PROMPT_KEY_FILE)
+        return self._prompt_key
+
+    def has_job(self, job: str) -> bool:
+        """Whether ``job`` has begun here (see :meth:`EventLog.has_job`).
+
+        A byte search of each segment for the stream's encoded ``job`` field (gigabytes per
+        second), then a decode of only the segments where it was found, to confirm.
+        """
+        import msgspec
+
+        needles = (b"\xa3job" + msgspec.msgpack.encode(job),
+                   b'"job":' + msgspec.json.encode(job))
+        segments = self.segments()
+        for index, (base, path) in enumerate(segments):
+            if not _file_contains(path, needles):
+                continue
+            end = segments[index + 1][0] if index + 1 < len(segments) else None
+            for item in self.read(base):
+                if isinstance(item, Quarantined):
+                    continue
+                if any(event.job == job and not isinstance(event, JobQueued)
+                       for event in item.events):
+                    return True
+                if end is not None and item.next >= end:
+                    break
+        return False
 
     def _warn_once(self, name: str) -> None:
         if name not in self._warned:
@@ -230,7 +299,8 @@ class LocalLog(EventLog):
         while True:
             if self._lock_fd is None:
                 try:
-                    self._lock_fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                    self._lock_fd = os.open(self.path / LOCK_FILE,
+                                            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 except OSError as exc:
                     raise LogError(
                         f"cannot open {self.path / LOCK_FILE}: {exc.strerror}") from exc
@@ -279,19 +349,20 @@ class LocalLog(EventLog):
     def _open_segment(self, base: Position, path: Path) -> None:
         self._close_writer_fd()
         try:
-            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND)
+            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
         except OSError as exc:
-            raise LogError(f"cannot open {path}: {exc.strerror}") from exc
+            raise _open_error(path, exc) from exc
         self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
 
     def _new_segment(self, base: Position) -> None:
         self._close_writer_fd()
         path = self.path / segment_name(base)
         try:
-            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                                0o644)
             fsync_dir(self.path)
         except OSError as exc:
-            raise LogError(f"cannot create {path}: {exc.strerror}") from exc
+            raise _open_error(path, exc, "create") from exc
         self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
 
     def _validate_tail(self, size: int) -> None:
@@ -345,7 +416,7 @@ class LocalLog(EventLog):
 
     def read(self, start: Position = 0) -> Iterator[ReadItem]:
         """Everything stored at or after ``start`` now, in order, with damage quarantined."""
-        cursor = _Cursor(self, start)
+        cursor = _Cursor(self, min(start, MAX_POSITION))
         yield from cursor.poll()
 
     def read_near(self, start: Position, records: int = 32) -> Iterator[ReadItem]:
@@ -357,8 +428,10 @@ class LocalLog(EventLog):
 
     def cursor(self, start: Position = 0) -> _Cursor:
         """A reader that keeps its segment open and its byte offset between polls, so
-        :meth:`~telemetry.log.base.EventLog.follow` sees new appends from any process."""
-        return _Cursor(self, start)
+        :meth:`~telemetry.log.base.EventLog.follow` sees new appends from any process.
+        A ``start`` past :data:`~telemetry.log.base.MAX_POSITION` waits there: nothing
+        will ever be stored beyond it."""
+        return _Cursor(self, min(start, MAX_POSITION))
 
     def last_position(self) -> Position | None:
         """The last stored position: the end of the newest segment's last complete frame."""
@@ -448,9 +521,9 @@ class _Cursor:
         if self.fd is not None:
             os.close(self.fd)
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
-            raise LogError(f"cannot read {path}: {exc.strerror}") from exc
+            raise _open_error(path, exc, "read") from exc
         self.base, self.offset, self.buf, self.buf_offset = base, 0, b"", 0
         self._one_by_one_until = 0  # was an offset in the previous segment
         self._hinted = -SEEK_HINT_BYTES  # the offset of the last hint noted or used here
@@ -668,6 +741,115 @@ def _encode_records(events: Sequence[Event]) -> tuple[list[bytes], int]:
         return encode_many(events), framing.MSGPACK_ARRAY
     except OverflowError:
         return encode_many_json(events), framing.JSON_ARRAY
+
+
+def _segment_named(name: str) -> bool:
+    return name.endswith(SEGMENT_SUFFIX) and name[: -len(SEGMENT_SUFFIX)].isdigit()
+
+
+def _segment_bytes_ok(value: object) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and MIN_SEGMENT_BYTES <= value <= MAX_SEGMENT_BYTES)
+
+
+def validate_meta(text: bytes, path: str | os.PathLike[str] = META_FILE) -> int:
+    """The ``segment_bytes`` of a log's metadata (``wantel-log.json``), checked: a JSON object
+    with ``format`` ``"wantel-log"``, ``version`` 1 and ``segment_bytes`` an integer in
+    range. Raises :class:`BrokenLog`, one line naming ``path``, for anything else."""
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise BrokenLog(f"{path}: not valid JSON ({_one_line(exc)}); it should read "
+                        '{"format": "wantel-log", "version": 1, "segment_bytes": N}') from None
+    if not isinstance(meta, dict):
+        raise BrokenLog(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    if meta.get("format") != "wantel-log":
+        raise BrokenLog(f"{path}: not a wantel log (format {_shown(meta.get('format'))}, "
+                        "expected \"wantel-log\")")
+    version = meta.get("version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise BrokenLog(f"{path}: unsupported log format version {_shown(version)} (this "
+                        f"wantel reads version {FORMAT_VERSION}; a newer log needs a newer "
+                        "wantel)")
+    segment_bytes = meta.get("segment_bytes")
+    if not _segment_bytes_ok(segment_bytes):
+        raise BrokenLog(f"{path}: segment_bytes must be an integer from {MIN_SEGMENT_BYTES} to "
+                        f"{MAX_SEGMENT_BYTES}, got {_shown(segment_bytes)}")
+    assert isinstance(segment_bytes, int)
+    return segment_bytes
+
+
+def _shown(value: object) -> str:
+    """A metadata value as it would be in JSON, bounded (it is printed in one line)."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def _open_error(path: Path, exc: OSError, doing: str = "open") -> LogError:
+    """The error for a segment that could not be opened; a symbolic link is a broken log."""
+    if exc.errno == errno.ELOOP:
+        return BrokenLog(f"{path} is a symbolic link: a segment must be a regular file "
+                         "(move it out of the log directory)")
+    if exc.errno == errno.EISDIR:
+        return BrokenLog(f"{path} is a directory: a segment must be a regular file "
+                         "(move it out of the log directory)")
+    return LogError(f"cannot {doing} {path}: {exc.strerror or exc}")
+
+
+def _load_or_create_key(path: Path) -> bytes:
+    """Read the key at ``path``, or create it (0600) if there is none; first creator wins."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _open_error(path, exc, "read") from exc
+        else:
+            with os.fdopen(fd, "rb") as file:
+                key = file.read(PROMPT_KEY_BYTES + 1)
+            if len(key) != PROMPT_KEY_BYTES:
+                raise BrokenLog(f"{path}: a prompt key is {PROMPT_KEY_BYTES} bytes, this one "
+                                f"has {len(key)}{'+' if len(key) > PROMPT_KEY_BYTES else ''} "
+                                "(remove it to start a new key; digests made with the old "
+                                "one will no longer match)")
+            return key
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                _write_all(fd, secrets.token_bytes(PROMPT_KEY_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process was first: theirs
+                os.link(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise LogError(f"cannot create {path}: {exc.strerror or exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    raise LogError(f"cannot read or create {path}")
+
+
+def _file_contains(path: Path, needles: Sequence[bytes]) -> bool:
+    """Whether any of ``needles`` occurs in the file (memory-mapped, never read whole)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise _open_error(path, exc, "read") from exc
+    try:
+        if os.fstat(fd).st_size == 0:
+            return False
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            return any(mapped.find(needle) != -1 for needle in needles)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

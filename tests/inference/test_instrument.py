@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from inference.instrument import JobCancelledError, instrument
+from inference.instrument import JobCancelledError, JobIdInUse, instrument
+from inference.recorder import WITHHELD
 from inference.runner import GenerationRequest, generate, prepare
 from inference.tiny_models import TINY_VARIANTS, build_tiny_pipeline, variant_spec
 from telemetry.emitter import Emitter
@@ -170,7 +171,7 @@ class TestFailureAndCancellation:
         assert k == len(of_type(events, StepEnded))
 
     def test_failure_message_never_holds_the_prompt(self) -> None:
-        """A prompt echoed in an error message is redacted before it is stored."""
+        """An error message that echoes the prompt is withheld before it is stored."""
         pipe = build_tiny_pipeline("tiny-t2v")
         prompt = "my secret storyboard prompt"
 
@@ -185,9 +186,39 @@ class TestFailureAndCancellation:
         finally:
             hook.remove()
         (failed,) = of_type(events_of(log.read()), JobFailed)
-        assert prompt not in failed.message and "<redacted>" in failed.message
+        assert WITHHELD == failed.message
         (started,) = of_type(events_of(log.read()), JobStarted)
         assert started.prompt is None and started.prompt_sha256 is not None
+
+    def test_a_prompt_quoted_with_its_newlines_escaped_is_withheld(self) -> None:
+        """The repr of a multi-line prompt (newline escaped) used to pass exact-substring
+        redaction; the message is now withheld whole."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        prompt = "scene one: a lighthouse\nscene two: the storm arrives"
+
+        def explode(module: Any, args: Any) -> None:
+            raise ValueError(f"cannot schedule {prompt!r}")
+
+        hook = pipe.transformer.register_forward_pre_hook(explode)
+        log = MemoryLog()
+        try:
+            with pytest.raises(ValueError), instrument(pipe, log=log):
+                pipe(**{**call_kwargs("tiny-t2v", steps=2), "prompt": prompt})
+        finally:
+            hook.remove()
+        (failed,) = of_type(events_of(log.read()), JobFailed)
+        assert (WITHHELD, "ValueError") == (failed.message, failed.error_type)
+
+    def test_a_prompt_with_a_lone_surrogate_is_recorded_like_any_other(self) -> None:
+        """Plain diffusers accepts it; with wantel the call used to raise UnicodeEncodeError in
+        the prompt digest. Now the job runs and is recorded whole, with a digest."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        prompt = "a fox \ud800 in snow"
+        plain = pipe(**{**call_kwargs("tiny-t2v", steps=2), "prompt": prompt}).frames
+        events, output = recorded(pipe, "tiny-t2v", prompt=prompt, num_inference_steps=2)
+        assert np.array_equal(plain, output)
+        assert isinstance(events[-1], JobCompleted)
+        assert 64 == len(events[0].prompt_sha256 or "")
 
     def test_cancel_stops_at_the_next_step_boundary(self) -> None:
         """cancel() during step k: JobCancelled with k+1 steps done, no decode, and it raises."""
@@ -263,6 +294,75 @@ class TestDetach:
         assert ["clip", "clip-2"] == handle.jobs
         completed = [e.job for e in of_type(events_of(log.read()), JobCompleted)]
         assert ["clip", "clip-2"] == completed
+
+    def test_a_job_id_the_log_already_has_is_refused_before_the_pipeline_runs(
+        self, tmp_path: Path
+    ) -> None:
+        """A second ``instrument(job="clip")`` on one log raises JobIdInUse on entry (its
+        events would all be dropped as duplicates); the pipeline is not called."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        with instrument(pipe, log=LocalLog(tmp_path / "log"), job="clip"):
+            pipe(**call_kwargs("tiny-t2v", steps=2))
+        calls: list[int] = []
+        hook = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            with pytest.raises(JobIdInUse, match="'clip' is already in the log"), instrument(
+                pipe, log=LocalLog(tmp_path / "log"), job="clip"
+            ):
+                pipe(**call_kwargs("tiny-t2v", steps=2))
+        finally:
+            hook.remove()
+        assert [] == calls
+        assert type(pipe).__name__ == "WanPipeline" and "_wantel_instrumented" not in vars(
+            type(pipe))
+
+    def test_an_id_still_queued_in_a_shared_emitter_is_in_use_too(self) -> None:
+        """The emitter's own events count, not only what reached the log."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        log = MemoryLog()
+        with Emitter(log, heartbeat_interval=None) as emitter:
+            with instrument(pipe, emitter=emitter, job="same"):
+                pipe(**call_kwargs("tiny-t2v", steps=2))
+            with pytest.raises(JobIdInUse), instrument(pipe, emitter=emitter, job="same"):
+                pass
+
+    def test_a_queued_job_starts_under_the_id_it_was_queued_with(self, tmp_path: Path) -> None:
+        """Only a JobQueued of the id (docs/api.md's flow) does not make it in use, whether
+        it is still in the emitter or already in the log."""
+        from telemetry.events import JobQueued
+
+        pipe = build_tiny_pipeline("tiny-t2v")
+        log = LocalLog(tmp_path / "log")
+        with Emitter(log, heartbeat_interval=None) as emitter:
+            emitter.emit(JobQueued(job="req-1", ts=1, model="m", task="t2v"))
+            with instrument(pipe, emitter=emitter, job="req-1"):
+                pipe(**call_kwargs("tiny-t2v", steps=2))
+            emitter.emit(JobQueued(job="req-2", ts=1, model="m", task="t2v"))
+            assert emitter.flush(10)
+            with instrument(pipe, emitter=emitter, job="req-2"):
+                pipe(**call_kwargs("tiny-t2v", steps=2))
+        completed = [e.job for e in of_type(events_of(log.read()), JobCompleted)]
+        assert ["req-1", "req-2"] == completed
+
+    def test_later_calls_take_the_next_free_number(self, tmp_path: Path) -> None:
+        """When ``clip-2`` is taken, the context's second call becomes ``clip-3``."""
+        pipe = build_tiny_pipeline("tiny-t2v")
+        log = LocalLog(tmp_path / "log")
+        with instrument(pipe, log=log, job="clip-2"):
+            pipe(**call_kwargs("tiny-t2v", steps=2))
+        with instrument(pipe, log=LocalLog(tmp_path / "log"), job="clip") as handle:
+            pipe(**call_kwargs("tiny-t2v", steps=2))
+            pipe(**call_kwargs("tiny-t2v", steps=2))
+        assert ["clip", "clip-3"] == handle.jobs
+
+    @pytest.mark.parametrize("job", ["worker/host:1", "wantel/eta", "wantel/anything", "",
+                                     "bad \udc80 id"])
+    def test_reserved_and_unencodable_ids_are_refused(self, job: str) -> None:
+        """The log's own streams cannot be taken by a job; nor can an id no encoder takes."""
+        with pytest.raises(ValueError, match=r"reserved|non-empty|surrogate"), instrument(
+            build_tiny_pipeline("tiny-t2v"), log=MemoryLog(), job=job
+        ):
+            pass
 
     def test_pipeline_without_step_callback_is_refused(self) -> None:
         """wantel says plainly when a pipeline offers no way to see its steps."""

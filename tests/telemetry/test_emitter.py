@@ -148,7 +148,7 @@ class TestNeverBlocksNeverRaises:
         kept = job_events(log, "j")
         assert ["MemorySampled"] + ["StepEnded"] * 8 == [type(e).__name__ for e in kept]
         assert list(range(9)) == [e.seq for e in kept]  # drops leave no holes
-        (report,) = [e for e in events_of(log.read()) if isinstance(e, EventsDropped)]
+        report = [e for e in events_of(log.read()) if isinstance(e, EventsDropped)][-1]
         assert {"queue_full_sample": 5} == report.counts
 
     def test_when_only_lifecycle_events_remain_the_newest_is_dropped(self) -> None:
@@ -205,3 +205,28 @@ class TestFailingLog:
             emitter.emit(step("j", i))
         emitter.close(timeout=0.2)
         assert 7 <= emitter.stats().dropped["log_unavailable"]
+
+
+class TestClockSkew:
+    def test_absurd_timestamps_and_negative_durations_are_clamped_and_counted(self) -> None:
+        """A ts of 2**70 (which held every checkpoint back) or below 0, and a negative or NaN
+        duration, are stored clamped into range; each kind is counted in EventsDropped and
+        logged once."""
+        from telemetry.emitter import MAX_TS
+        from telemetry.events import StageEnded
+
+        log = MemoryLog()
+        with capture_logs() as logs, Emitter(log, heartbeat_interval=None) as emitter:
+            emitter.emit(StageEnded(job="j", ts=2**70, stage="decode", duration_s=-3.0))
+            emitter.emit(StageEnded(job="j", ts=-5, stage="decode", duration_s=float("nan")))
+            emitter.emit(JobCompleted(job="j", ts=10**18, duration_s=2.0))
+            assert emitter.flush(10)
+        first, second, done = job_events(log, "j")
+        assert (MAX_TS, 0.0) == (first.ts, first.duration_s)  # type: ignore[attr-defined]
+        assert (0, 0.0) == (second.ts, second.duration_s)  # type: ignore[attr-defined]
+        assert (10**18, 2.0) == (done.ts, done.duration_s)  # type: ignore[attr-defined]
+        report = [e for e in events_of(log.read()) if isinstance(e, EventsDropped)][-1]
+        assert {"clock_skew_ts": 2, "negative_duration": 2} == report.counts
+        warned = [entry for entry in logs if "clamped" in entry["event"]]
+        assert {"clock_skew_ts", "negative_duration"} == {entry["reason"] for entry in warned}
+        assert 2 == len(warned)

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from telemetry.codec import encode, encode_json
-from telemetry.events import StepEnded
+from telemetry.events import JobQueued, StepEnded
 from telemetry.log import framing, local
-from telemetry.log.base import Batch, LogNotFound, Quarantined, ReadItem
+from telemetry.log.base import MAX_POSITION, Batch, BrokenLog, LogNotFound, Quarantined, ReadItem
 from telemetry.log.local import LocalLog, segment_name
 
 from .log_contract import LogContract, events_of, positions_of, steps
@@ -106,6 +106,130 @@ class TestRotation:
         """Every writer uses the segment size recorded when the log was made."""
         LocalLog(tmp_path, segment_bytes=2048).close()
         assert 2048 == LocalLog(tmp_path, segment_bytes=10**9).segment_bytes
+
+
+class TestHostileDirectories:
+    """What a log directory holds is validated before it is trusted, and nothing that is not
+    the log's own is ever written through or truncated."""
+
+    @pytest.mark.parametrize(("meta", "message"), [
+        (b"garbage{", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object, found list"),
+        (b'{"format": "other", "version": 1, "segment_bytes": 4096}', "not a wantel log"),
+        (b'{"format": "wantel-log", "version": 99, "segment_bytes": 4096}',
+         "unsupported log format version 99"),
+        (b'{"format": "wantel-log", "version": true, "segment_bytes": 4096}',
+         "unsupported log format version true"),
+        (b'{"format": "wantel-log", "version": 1}', "segment_bytes must be an integer"),
+        (b'{"format": "wantel-log", "version": 1, "segment_bytes": 0}', "got 0"),
+        (b'{"format": "wantel-log", "version": 1, "segment_bytes": -5}', "got -5"),
+        (b'{"format": "wantel-log", "version": 1, "segment_bytes": "64"}', 'got "64"'),
+        (b'{"format": "wantel-log", "version": 1, "segment_bytes": 1e400}', "got Infinity"),
+        (b'{"format": "wantel-log", "version": 1, "segment_bytes": 4096.5}', "got 4096.5"),
+        (b"[" * 100_000, "not valid JSON"),
+    ])
+    def test_malformed_metadata_is_one_error_naming_the_file(
+        self, tmp_path: Path, meta: bytes, message: str
+    ) -> None:
+        """Readers and writers refuse a bad ``wantel-log.json`` with one line that names it;
+        ``segment_bytes: 0`` used to make the first append rotate forever."""
+        LocalLog(tmp_path / "log").close()
+        (tmp_path / "log" / local.META_FILE).write_bytes(meta)
+        for create in (False, True):
+            with pytest.raises(BrokenLog, match=message) as raised:
+                LocalLog(tmp_path / "log", create=create)
+            assert str(tmp_path / "log" / local.META_FILE) in str(raised.value)
+            assert "\n" not in str(raised.value)
+
+    def test_segment_size_out_of_range_is_refused_at_creation(self, tmp_path: Path) -> None:
+        """A caller cannot create a log that would rotate forever either."""
+        with pytest.raises(ValueError, match="segment_bytes must be an integer from 256"):
+            LocalLog(tmp_path / "log", segment_bytes=0)
+        assert not (tmp_path / "log").exists()
+
+    def test_a_symlink_named_like_a_segment_is_never_written_through(
+        self, tmp_path: Path
+    ) -> None:
+        """The writer refuses, and the link's target keeps every byte."""
+        LocalLog(tmp_path / "log").close()
+        target = tmp_path / "precious.txt"
+        target.write_bytes(b"someone else's data")
+        (tmp_path / "log" / segment_name(0)).symlink_to(target)
+        log = LocalLog(tmp_path / "log")
+        with pytest.raises(BrokenLog, match="is a symbolic link"):
+            log.append(steps("a", 0, 2))
+        with pytest.raises(BrokenLog, match="is a symbolic link"):
+            list(log.read())
+        assert b"someone else's data" == target.read_bytes()
+
+    def test_a_directory_named_like_a_segment_is_a_broken_log(self, tmp_path: Path) -> None:
+        """Readers and writers name it, rather than fail on EISDIR mid-read."""
+        with LocalLog(tmp_path / "log") as log:
+            log.append(steps("a", 0, 2))
+        (tmp_path / "log" / segment_name(99)).mkdir()
+        with pytest.raises(BrokenLog, match="not a regular file"):
+            list(LocalLog(tmp_path / "log", create=False).read())
+        with pytest.raises(BrokenLog, match="not a regular file"):
+            LocalLog(tmp_path / "log").append(steps("a", 2, 1))
+
+    def test_stray_segment_names_in_a_directory_that_is_no_log_are_left_alone(
+        self, tmp_path: Path
+    ) -> None:
+        """Without ``wantel-log.json`` a directory is not a log: its files named like
+        segments are not "repaired" (truncated), and no metadata is written there."""
+        stray = tmp_path / "photos" / segment_name(0)
+        stray.parent.mkdir()
+        stray.write_bytes(b"not a wantel frame at all")
+        with pytest.raises(BrokenLog, match="is not a wantel log"):
+            LocalLog(stray.parent).append(steps("a", 0, 1))
+        assert b"not a wantel frame at all" == stray.read_bytes()
+        assert [stray.name] == os.listdir(stray.parent)
+
+    def test_a_start_past_the_largest_position_reads_nothing(self, tmp_path: Path) -> None:
+        """``read(10**30)`` is empty, not an OverflowError from the frame scanner."""
+        with LocalLog(tmp_path / "log") as log:
+            log.append(steps("a", 0, 3))
+            assert [] == list(log.read(10**30))
+            assert [] == list(log.read(MAX_POSITION))
+
+
+class TestKeysAndStreams:
+    def test_the_prompt_key_is_made_once_private_and_shared(self, tmp_path: Path) -> None:
+        """32 random bytes, mode 0600, the same for every instance on the log; another log
+        has another key."""
+        first = LocalLog(tmp_path / "log").prompt_key()
+        key_file = tmp_path / "log" / local.PROMPT_KEY_FILE
+        assert 0o600 == key_file.stat().st_mode & 0o777
+        assert first == LocalLog(tmp_path / "log").prompt_key() == key_file.read_bytes()
+        assert 32 == len(first)
+        assert first != LocalLog(tmp_path / "other").prompt_key()
+
+    def test_a_damaged_prompt_key_is_reported_not_replaced(self, tmp_path: Path) -> None:
+        """A key of the wrong size is a broken log; it is not silently re-made."""
+        (tmp_path / "log").mkdir()
+        (tmp_path / "log" / local.PROMPT_KEY_FILE).write_bytes(b"short")
+        with pytest.raises(BrokenLog, match="has 5"):
+            LocalLog(tmp_path / "log").prompt_key()
+
+    @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+    def test_has_job_finds_a_job_in_any_segment_and_no_other(
+        self, tmp_path: Path, layout: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Found in either record layout and in a later segment; a prefix or a job named in
+        some other field is not a match."""
+        if layout == framing.JSON_ARRAY:
+            monkeypatch.setattr(local, "encode_many",
+                                lambda events: (_ for _ in ()).throw(OverflowError()))
+        with LocalLog(tmp_path / "log", segment_bytes=1024) as log:
+            for k in range(30):
+                log.append(steps(f"job-{k}", 0, 2))
+            assert 2 < len(log.segments())
+            assert log.has_job("job-0") and log.has_job("job-29")
+            assert not log.has_job("job-")
+            assert not log.has_job("job-30")
+            assert not log.has_job("StepEnded")
+            log.append([JobQueued(job="queued", seq=0, ts=1, model="m", task="t2v")])
+            assert not log.has_job("queued")  # queued, not begun: it starts under this id
 
 
 class TestDamage:

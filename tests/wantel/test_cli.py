@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from telemetry.codec import decode_one
@@ -108,6 +109,23 @@ class TestReplay:
         assert "job-a" in out and "completed" in out and "job-b" in out and "failed" in out
         assert "2 job(s) (1 completed, 1 failed)" in out
 
+    def test_control_characters_in_ids_are_escaped_in_the_table(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A newline, a terminal escape or a bidi override in a job id or model name cannot
+        break the table or drive the terminal: they are printed as escapes."""
+        evil = "evil\x1b[2J\nfake row\u202e"
+        with LocalLog(tmp_path / "log") as log:
+            events = a_job(evil)
+            events[0] = msgspec.structs.replace(events[0], variant="m\rx")
+            log.append(events)
+        assert 0 == main(["replay", "--log", str(tmp_path / "log")])
+        out = capsys.readouterr().out
+        _, row, footer = out.splitlines()
+        assert row.startswith("evil\\x1b[2J\\nfake row\\u202e ") and " m\\rx " in row
+        assert footer.startswith("1 job(s) (1 completed)")
+        assert "\x1b" not in out and "\u202e" not in out and "\r" not in out
+
     def test_a_log_without_jobs_is_an_empty_json_list(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -180,6 +198,7 @@ class TestErrors:
             (["replay", "--log", "/"], "not a wantel log directory"),
             (["cat", "--bogus"], "unrecognized arguments: --bogus"),
             (["cat", "--from", "-3", "--log", "/tmp"], "a log position is >= 0"),
+            (["cat", "--from", str(10**30), "--log", "/tmp"], "a log position is at most"),
             (["frobnicate"], "invalid choice: 'frobnicate'"),
         ],
     )
@@ -188,6 +207,31 @@ class TestErrors:
         result = subprocess.run([*WANTEL, *argv], capture_output=True, text=True, timeout=60,
                                 env={**os.environ, "WANTEL_LOG": ""})
         assert 2 == result.returncode
+        assert message in result.stderr
+        assert 1 == len(result.stderr.strip().splitlines())
+        assert "Traceback" not in result.stderr
+
+    @pytest.mark.parametrize(("damage", "message"), [
+        ("meta", "wantel-log.json: expected a JSON object"),
+        ("segment_bytes_0", "segment_bytes must be an integer from 256"),
+        ("directory_segment", "is not a regular file"),
+    ])
+    @pytest.mark.parametrize("command", ["cat", "replay"])
+    def test_a_broken_log_is_one_line_and_exit_1(
+        self, log_dir: Path, damage: str, message: str, command: str
+    ) -> None:
+        """Malformed metadata or a segment that is a directory: one line naming the file,
+        exit 1 (the log needs fixing), never a traceback."""
+        meta = log_dir / "wantel-log.json"
+        if damage == "meta":
+            meta.write_text('["not", "an", "object"]')
+        elif damage == "segment_bytes_0":
+            meta.write_text('{"format": "wantel-log", "version": 1, "segment_bytes": 0}')
+        else:
+            (log_dir / "00000000000000099999.wlog").mkdir()
+        result = subprocess.run([*WANTEL, command, "--log", str(log_dir)], capture_output=True,
+                                text=True, timeout=60)
+        assert 1 == result.returncode
         assert message in result.stderr
         assert 1 == len(result.stderr.strip().splitlines())
         assert "Traceback" not in result.stderr

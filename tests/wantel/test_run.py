@@ -45,6 +45,21 @@ class TestBadInput:
             (["--model", "tiny-t2v", "--device", "cuda"], "no CUDA device"),
             (["--model", "tiny-t2v", "--steps", "0"], "--steps must be at least 1"),
             (["--model", "tiny-t2v", "--dtype", "int8"], "--dtype int8"),
+            (["--model", "tiny-t2v", "--steps", "1000000000"], "at most 1000, got 1000000000"),
+            (["--model", "tiny-t2v", "--seed", str(2**70)], "--seed must be from 0 to 2**64-1"),
+            (["--model", "tiny-t2v", "--seed", "-1"], "--seed must be from 0 to 2**64-1"),
+            (["--model", "tiny-t2v", "--frames", "100001"], "--frames must be at most 1025"),
+            (["--model", "tiny-t2v", "--height", "65536"], "--height must be at most 4096"),
+            (["--model", "tiny-t2v", "--width", "8192"], "--width must be at most 4096"),
+            (["--model", "tiny-t2v", "--guidance", "nan"], "--guidance must be a number from 0"),
+            (["--model", "tiny-t2v", "--guidance", "inf"], "--guidance must be a number from 0"),
+            (["--model", "tiny-t2v", "--guidance", "1000"], "--guidance must be a number from 0"),
+            (["--model", "tiny-t2v", "--sample-interval", "1e9"], "--sample-interval must be"),
+            (["--model", "tiny-t2v", "--sample-interval", "nan"], "--sample-interval must be"),
+            (["--model", "tiny-t2v", "--sample-interval", "0.0001"], "--sample-interval must"),
+            (["--model", "tiny-t2v", "--job", "worker/me"], "reserved for the log's own"),
+            (["--model", "tiny-t2v", "--job", "wantel/eta"], "reserved for the log's own"),
+            (["--model", "tiny-t2v", "--job", "x\udc80"], "lone surrogate"),
         ],
     )
     def test_one_clear_line_and_exit_2(
@@ -56,6 +71,37 @@ class TestBadInput:
         assert 2 == code
         assert message in err
         assert 1 == len(err.strip().splitlines())
+
+    def test_a_decompression_bomb_image_is_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A tiny PNG claiming 100,000 × 100,000 pixels (PIL's DecompressionBombError, a
+        traceback before) and one merely too large are refused by size, in one line."""
+        for side, message in ((100_000, "too large to decode safely"),
+                              (9_000, "9000x9000 is too large")):
+            bomb = tmp_path / f"bomb-{side}.png"
+            bomb.write_bytes(_png_header(side, side))
+            code = main(["run", "--model", "tiny-i2v", "--prompt", "p", "--image", str(bomb),
+                         "--log", str(tmp_path / "log")])
+            err = capsys.readouterr().err
+            assert 2 == code
+            assert message in err and 1 == len(err.strip().splitlines())
+
+    def test_a_job_id_the_log_already_has_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The second `wantel run --job X` on a log used to "complete" while every view dropped
+        its events as duplicates; now it is one line and exit 2, before any model loads."""
+        from tests.telemetry.test_engine import a_job
+
+        with LocalLog(tmp_path / "log") as log:
+            log.append(a_job("taken"))
+        code = main(["run", "--model", "tiny-t2v", "--prompt", "p", "--job", "taken",
+                     "--log", str(tmp_path / "log"), "--out", str(tmp_path / "v.mp4")])
+        err = capsys.readouterr().err
+        assert 2 == code
+        assert ("wantel run: error: job 'taken' is already in the log" in err
+                and "pass another --job" in err and 1 == len(err.strip().splitlines()))
 
     def test_not_a_model_directory(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -81,6 +127,21 @@ class TestBadInput:
         assert "--model" in capsys.readouterr().err
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` × ``height`` and holds almost nothing (PIL reads the size
+    from the header without decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
+
+
 class TestGoodRun:
     def test_json_summary_and_prompt_privacy(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -104,6 +165,16 @@ class TestGoodRun:
         assert len(started.prompt_sha256 or "") == 64
         raw = b"".join(p.read_bytes() for p in (tmp_path / "log").glob("*.wlog"))
         assert b"a private idea" not in raw
+
+    def test_the_output_may_go_inside_the_log_it_creates(self, tmp_path: Path) -> None:
+        """`--log DIR --out DIR/o.mp4` on a new DIR used to fail ("directory DIR does not
+        exist"): the output folder was checked before the log created it."""
+        log_dir = tmp_path / "new-log"
+        code = main(["run", "--model", "tiny-t2v", "--prompt", "p", "--height", "32",
+                     "--width", "32", "--frames", "5", "--steps", "1", "--log", str(log_dir),
+                     "--out", str(log_dir / "o.mp4"), "--json"])
+        assert 0 == code
+        assert (log_dir / "o.mp4").stat().st_size > 0
 
     def test_record_prompt_opt_in(self, tmp_path: Path) -> None:
         """--record-prompt stores the prompt text."""

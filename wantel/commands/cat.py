@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from telemetry.codec import encode_complete
-from telemetry.log.base import Batch
+from telemetry.log.base import MAX_POSITION, Batch
 from wantel.commands.common import open_log_for_reading, warn_quarantined
 
 
@@ -33,6 +33,10 @@ def _position(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a log position: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"a log position is >= 0, got {value}")
+    if value > MAX_POSITION:
+        raise argparse.ArgumentTypeError(
+            f"a log position is at most {MAX_POSITION} (2**63-1), got {text[:40]}"
+            f"{'…' if len(text) > 40 else ''}")
     return value
 
 

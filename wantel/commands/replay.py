@@ -148,8 +148,19 @@ def job_summary(view: JobView, engine: ProjectionEngine) -> dict[str, Any]:
     return summary
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on or not show (controls such as
+    newline and ESC, bidi overrides, lone surrogates) written as its escape (``\\x1b``,
+    ``\\u202e``), so an id cannot break a table's rows or drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def print_table(views: Iterable[JobView], engine: ProjectionEngine) -> None:
-    """A line per job as it is summarised, then a footer with totals and telemetry health."""
+    """A line per job as it is summarised, then a footer with totals and telemetry health.
+    Text from the log (ids, model names) is shown through :func:`printable`."""
     eta: EtaState = engine.states["eta"]
     print(f"{'JOB':<24} {'STATUS':<10} {'MODEL':<16} {'STEPS':>7} {'TIME':>8} "
           f"{'STEP/S':>7} {'ETA ERR@25-50%':>15}  STAGES", flush=True)
@@ -162,10 +173,11 @@ def print_table(views: Iterable[JobView], engine: ProjectionEngine) -> None:
         error = finished.residuals.get("25-50") if finished else None
         error_text = f"{100 * error:+.1f}%" if error is not None else "-"
         stages = " ".join(f"{k}={d:.3f}s" for k, d in v.stage_durations().items())
-        print(f"{v.job:<24} {v.status:<10} {(v.variant or v.model or '?'):<16} "
+        model = printable(v.variant or v.model or "?")
+        print(f"{printable(v.job):<24} {printable(v.status):<10} {model:<16} "
               f"{steps:>7} {duration:>8} {rate:>7} {error_text:>15}  {stages}")
         by_status[v.status] = by_status.get(v.status, 0) + 1
-    statuses = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none"
+    statuses = ", ".join(f"{n} {printable(s)}" for s, n in sorted(by_status.items())) or "none"
     health = engine.health
     print(f"{sum(by_status.values())} job(s) ({statuses}); "
           f"{sum(health.events_by_type.values())} events; "

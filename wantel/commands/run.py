@@ -17,7 +17,17 @@ from typing import Any
 import msgspec
 
 from inference.models import warm_imports
-from inference.runner import GenerationRequest, RequestError, generate, prepare
+from inference.recorder import sanitise
+from inference.runner import (
+    MAX_FRAMES,
+    MAX_GUIDANCE,
+    MAX_SIDE,
+    MAX_STEPS,
+    GenerationRequest,
+    RequestError,
+    generate,
+    prepare,
+)
 from inference.tiny_models import TINY_VARIANTS
 from telemetry.emitter import Emitter
 from telemetry.engine import ProjectionEngine
@@ -33,6 +43,9 @@ from wantel.config import resolve_log_dir
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 130
+#: ``--sample-interval``: 0 (off), else between these (seconds).
+MIN_SAMPLE_INTERVAL = 0.01
+MAX_SAMPLE_INTERVAL = 3600.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,35 +58,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="M",
                         help="a tiny variant or a local diffusers model directory")
     parser.add_argument("--prompt", required=True, metavar="P",
-                        help="the text prompt (stored only as its SHA-256 unless --record-prompt)")
+                        help="the text prompt (stored only as a digest keyed with the log's "
+                        "secret key, unless --record-prompt)")
     parser.add_argument("--negative-prompt", metavar="P", help="the negative prompt")
     parser.add_argument("--image", metavar="IMG", help="the conditioning image (i2v models)")
     parser.add_argument("--frames", type=int, metavar="F",
-                        help="frames, 4k+1 (default: 17 tiny, 81 otherwise)")
+                        help=f"frames, 4k+1, at most {MAX_FRAMES} (default: 17 tiny, 81 "
+                        "otherwise)")
     parser.add_argument("--height", type=int, metavar="H",
-                        help="height in pixels (multiple of 16; 32 for ti2v; default 64 tiny, 480)")
+                        help=f"height in pixels (multiple of 16; 32 for ti2v; at most {MAX_SIDE}; "
+                        "default 64 tiny, 480)")
     parser.add_argument("--width", type=int, metavar="W",
-                        help="width in pixels (multiple of 16; 32 for ti2v; default 64 tiny, 832)")
+                        help=f"width in pixels (multiple of 16; 32 for ti2v; at most {MAX_SIDE}; "
+                        "default 64 tiny, 832)")
     parser.add_argument("--steps", type=int, metavar="S",
-                        help="denoising steps (default: 8 tiny, 40 otherwise)")
+                        help=f"denoising steps, 1 to {MAX_STEPS} (default: 8 tiny, 40 otherwise)")
     parser.add_argument("--guidance", type=float, default=5.0, metavar="G",
-                        help="classifier-free guidance scale; > 1 runs two passes per step "
-                        "(default 5.0)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+                        help="classifier-free guidance scale, 0 to "
+                        f"{MAX_GUIDANCE:g}; > 1 runs two passes per step (default 5.0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="random seed, 0 to 2**64-1 (default 0)")
     parser.add_argument("--device", default="auto", metavar="D",
                         help="auto, cpu or cuda[:N] (default auto: cuda when available)")
     parser.add_argument("--dtype", default="auto", metavar="T",
                         help="auto, float32, bfloat16 or float16 (auto: bfloat16 on cuda)")
     parser.add_argument("--out", metavar="FILE",
                         help="where to write the video (.mp4; default wantel-<job>.mp4)")
-    parser.add_argument("--job", metavar="ID", help="the job id (default: a random one)")
+    parser.add_argument("--job", metavar="ID",
+                        help="the job id (default: a random one); refused if the log already "
+                        "has it, or if it starts with worker/ or wantel/ (the log's own streams)")
     parser.add_argument("--record-prompt", action="store_true",
-                        help="store the prompt text in the log (default: only its SHA-256)")
+                        help="store the prompt text in the log (default: only its keyed digest)")
     parser.add_argument("--json", action="store_true",
                         help="print the job's summary as JSON instead of a progress display")
     parser.add_argument("--sample-interval", type=float, default=1.0, metavar="S",
                         help="seconds between NVML GPU samples (utilisation, temperature, power, "
-                        "throttling, device memory) on CUDA; 0 turns sampling off (default 1)")
+                        "throttling, device memory) on CUDA, from "
+                        f"{MIN_SAMPLE_INTERVAL:g} to {MAX_SAMPLE_INTERVAL:g}; 0 turns sampling "
+                        "off (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,15 +110,23 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, out=args.out, job=args.job,
         record_prompt=args.record_prompt,
     )
+    interval = args.sample_interval
+    if not (interval == 0 or MIN_SAMPLE_INTERVAL <= interval <= MAX_SAMPLE_INTERVAL):
+        raise UsageError(f"--sample-interval must be 0 (off) or from {MIN_SAMPLE_INTERVAL:g} "
+                         f"to {MAX_SAMPLE_INTERVAL:g} seconds, got {interval}")
+    log_dir = resolve_log_dir(args.log)
     try:
-        prepared = prepare(request)
+        prepared = prepare(request, creates=(log_dir,))
     except RequestError as exc:
         raise UsageError(str(exc)) from None
+    log = LocalLog(log_dir)
+    if args.job is not None and log.has_job(args.job):
+        raise UsageError(
+            f"job {args.job!r} is already in the log {log.path} (a second run under that id "
+            "would be dropped by every view as a duplicate): pass another --job, or leave "
+            "--job out for a random id")
     warm_imports()
-    log = LocalLog(resolve_log_dir(args.log))
     start = (log.last_position() or -1) + 1
-    if args.sample_interval < 0:
-        raise UsageError(f"--sample-interval must be >= 0, got {args.sample_interval}")
     emitter = Emitter(log)
     display = _Display(log, prepared.job, start, live=sys.stdout.isatty() and not args.json)
     display.start()
@@ -107,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         status = "cancelled"
     except Exception as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        status, error = "failed", f"{type(exc).__name__}: {sanitise(exc)}"
     finally:
         if sampler is not None:
             sampler.stop()
