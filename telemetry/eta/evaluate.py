@@ -61,8 +61,7 @@ def ours_at(record: JobRecord, calibration: Calibration, fraction: float,
         if isinstance(event, JobStarted):
             live = (LiveJob.start(event, calibration) if start is None
                     else msgspec.structs.replace(start, expected=dict(start.expected),
-                                                 sigma=dict(start.sigma), done={},
-                                                 offsets=dict(start.offsets)))
+                                                 sigma=dict(start.sigma), done={}))
         elif live is not None:
             live.observe(event)
     return None if live is None else live.estimate(now)
@@ -98,7 +97,6 @@ def online_starts(events: Iterable[Event], calibration: Calibration | None = Non
                 live = running.live
                 starts[event.job] = msgspec.structs.replace(
                     live, expected=dict(live.expected), sigma=dict(live.sigma),
-                    offsets={k: list(v) for k, v in live.offsets.items()},
                     last_remaining=None, last_ts=None, last_band=0.0, last_progress=0.0)
     return starts
 

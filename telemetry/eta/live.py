@@ -238,7 +238,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
     base_step: float = 0.0
     keys: dict[str, PhaseKeys] = {}
     speed_tau: float = SPEED_TAU  # the prior spread of this device's job speeds (log units)
-    offsets: dict[str, list[float]] = {}  # bucket → conformal [p10, p90] log offsets
+    offsets: dict[str, tuple[float, float]] = {}  # bucket → conformal p10, p90 log offsets
     done: dict[str, float] = {}
     phase: str | None = None
     phase_start_ts: int | None = None
@@ -281,11 +281,14 @@ class LiveJob(msgspec.Struct, kw_only=True):
         step, expected, sigma, warmup = prior.step, dict(prior.expected), dict(prior.sigma), \
             prior.warmup
         tau = calibration.rel_sigma.get(speed_key(shape.device), SPEED_TAU)
-        offsets: dict[str, list[float]] = {}
+        offsets: dict[str, tuple[float, float]] = {}
         if learned is not None and learned.jobs:
             keys = prior.keys
             step_keys = keys[STEP]
-            step *= exp(online.correction(learned, step_keys))
+            correction, predictive_sigma = online.correction, online.predictive_sigma
+            device = online.shrunk(learned.levels.get(step_keys.device),
+                                   online.SHRINK["device"])
+            step *= exp(correction(learned, step_keys, device))
             warmup = online.warmup(learned, step_keys.component, warmup)
             for phase in prior.phases:
                 if phase == "denoise":
@@ -293,11 +296,10 @@ class LiveJob(msgspec.Struct, kw_only=True):
                     phase_keys_ = step_keys
                 else:
                     phase_keys_ = keys[phase]
-                    expected[phase] *= exp(online.correction(learned, phase_keys_))
-                sigma[phase] = online.predictive_sigma(learned, phase_keys_.component,
-                                                       sigma[phase])
+                    expected[phase] *= exp(correction(learned, phase_keys_, device))
+                sigma[phase] = predictive_sigma(learned, phase_keys_.component, sigma[phase])
             tau = online.speed_spread(learned, step_keys.device, tau)
-            offsets = {bucket: list(pair) for bucket, pair in learned.offsets.items()}
+            offsets = learned.offsets  # replaced, never changed, when it moves: shared
         return cls(shape=shape, runner=runner, start_ts=event.ts, phases=prior.phases,
                    expected=expected, sigma=sigma, step_prior=step, warmup=warmup,
                    base=prior.expected, base_step=prior.step, keys=prior.keys,

@@ -87,7 +87,9 @@ class Learned(msgspec.Struct, kw_only=True):
     :func:`speed_spread`); ``families`` the same as levels for exact shapes
     (bounded); ``error``: component key → [mean |predictive log error|, weight];
     ``warmup``: step component → [mean log(first step ÷ later steps), spread, weight];
-    ``offsets``: bucket → [p10 offset, p90 offset] (log units, adaptive conformal);
+    ``offsets``: bucket → (p10 offset, p90 offset) (log units, adaptive conformal), a dict
+    replaced, never changed, when it moves: a running job's estimator holds the one it
+    started with;
     ``jobs``: completed jobs learned from.
     """
 
@@ -97,7 +99,7 @@ class Learned(msgspec.Struct, kw_only=True):
     families: dict[str, Stats] = {}
     error: dict[str, list[float]] = {}
     warmup: dict[str, Stats] = {}
-    offsets: dict[str, list[float]] = {}
+    offsets: dict[str, tuple[float, float]] = {}
     jobs: int = 0
 
 
@@ -131,14 +133,16 @@ def on_line(sums: list[float] | None, size: float) -> float:
     return mean_y + slope * (size - mean_x)
 
 
-def correction(learned: Learned, keys: PhaseKeys) -> float:
-    """The log factor the levels apply to a base expectation with these keys."""
-    levels = learned.levels
+def correction(learned: Learned, keys: PhaseKeys, device: float | None = None) -> float:
+    """The log factor the levels apply to a base expectation with these keys (``device``:
+    the device level's share, where the caller has it already)."""
+    if device is None:
+        device = shrunk(learned.levels.get(keys.device), SHRINK["device"])
     sums = learned.components.get(keys.component)
     component = 0.0 if sums is None else (
         on_line(sums, keys.size) * sums[0] / (sums[0] + SHRINK["component"]))
-    return (shrunk(levels.get(keys.device), SHRINK["device"]) + component
-            + shrunk(learned.families.get(keys.family), SHRINK["family"]))
+    family = learned.families.get(keys.family)
+    return device + component + (0.0 if family is None else shrunk(family, SHRINK["family"]))
 
 
 def update_line(sums: list[float] | None, size: float, value: float,
@@ -263,25 +267,18 @@ def learn(learned: Learned, observations: list[Observation], warmup_key: str | N
     learned.jobs += 1
 
 
-def offsets(learned: Learned, bucket: str) -> tuple[float, float]:
-    """The p10 and p90 log offsets of a progress bucket (0, 0 before anything was scored)."""
-    found = learned.offsets.get(bucket)
-    return (0.0, 0.0) if found is None else (found[0], found[1])
-
-
 def score_interval(learned: Learned, bucket: str, below: float, above: float) -> None:
     """A completed job's intervals in a bucket missed below (the actual remaining time was
     under the p10) and above (over the p90) these shares of the time: move the bucket's
     offsets so each side misses ``MISS`` of the time (adaptive conformal inference, one step
-    per job: a job's ETAs in one bucket share their errors)."""
-    found = learned.offsets.get(bucket)
-    if found is None:
-        found = learned.offsets[bucket] = [0.0, 0.0]
+    per job: a job's ETAs in one bucket share their errors). The offsets dict is replaced."""
+    low, high = learned.offsets.get(bucket, (0.0, 0.0))
     lowest, highest = OFFSET_RANGE
-    below = found[0] + GAMMA * (below - MISS)
-    above = found[1] + GAMMA * (above - MISS)
-    found[0] = lowest if below < lowest else (highest if below > highest else below)
-    found[1] = lowest if above < lowest else (highest if above > highest else above)
+    low += GAMMA * (below - MISS)
+    high += GAMMA * (above - MISS)
+    learned.offsets = {**learned.offsets, bucket: (
+        lowest if low < lowest else (highest if low > highest else low),
+        lowest if high < lowest else (highest if high > highest else high))}
 
 
 def clamp_ratio(ratio: float) -> float:
@@ -304,5 +301,5 @@ def _median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-__all__ = ["Learned", "Observation", "PhaseKeys", "clamp_ratio", "correction", "learn", "offsets",
+__all__ = ["Learned", "Observation", "PhaseKeys", "clamp_ratio", "correction", "learn",
            "predictive_sigma", "score_interval", "speed_spread", "warmup"]

@@ -97,6 +97,8 @@ _DEFAULTS: Final = (None, False, "none", "", 0)
 
 def speed_options(options: Mapping[str, object]) -> str:
     """The options of :data:`SPEED_OPTIONS` a job set (not at their defaults), as one key."""
+    if not options:
+        return ""
     return ",".join(f"{key}={value}" for key in SPEED_OPTIONS
                     if (value := options.get(key)) not in _DEFAULTS)
 
