@@ -15,37 +15,90 @@ events that happened before the checkpoint:
     knows nothing of the decode.
 ``linear``
     ``elapsed / progress`` with progress = steps done / steps.
+
+The before-start estimate (at 0 %: only the ``JobStarted``) is scored too; tqdm and the
+linear rule have nothing to say then.
+
+Two ways to get "ours": :func:`evaluate` with a calibration fitted on a train split (each job
+starts from it), or :func:`online_starts` — the ETA projection folding the log in order with
+online learning only, each job scored from the estimator the projection started it with: what
+a user who never runs ``wantel eta fit`` sees.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
+
+import msgspec
 
 from telemetry.eta.jobs import JobRecord
 from telemetry.eta.live import Estimate, LiveJob
 from telemetry.eta.model import CHECKPOINTS, Calibration
-from telemetry.events import JobStarted, StepEnded
+from telemetry.events import EtaCalibrated, Event, JobStarted, StepEnded
 
 ESTIMATORS: Final = ("ours", "static", "tqdm", "linear")
 TQDM_SMOOTHING: Final = 0.3
+#: Where estimates are scored: before the start (0) and at each checkpoint.
+POINTS: Final = (0.0, *CHECKPOINTS)
 
 
-def ours_at(record: JobRecord, calibration: Calibration, fraction: float) -> Estimate | None:
-    """The live model's estimate at ``fraction`` of the job's actual duration."""
+def ours_at(record: JobRecord, calibration: Calibration, fraction: float,
+            start: LiveJob | None = None) -> Estimate | None:
+    """The live model's estimate at ``fraction`` of the job's actual duration.
+
+    ``start``: the estimator the job started with (online learning included), copied; else
+    one started from ``calibration`` alone.
+    """
     now = record.started.ts + int(record.duration_s * fraction * 1e9)
     live: LiveJob | None = None
     for event in record.events:
         if event.ts > now:
             break
         if isinstance(event, JobStarted):
-            live = LiveJob.start(event, calibration)
+            live = (LiveJob.start(event, calibration) if start is None
+                    else msgspec.structs.replace(start, expected=dict(start.expected),
+                                                 sigma=dict(start.sigma), done={}))
         elif live is not None:
             live.observe(event)
     return None if live is None else live.estimate(now)
+
+
+def online_starts(events: Iterable[Event], calibration: Calibration | None = None,
+                  *, explicit: bool = False) -> dict[str, LiveJob]:
+    """Each job's estimator as the ETA projection started it, folding ``events`` in order.
+
+    ``calibration`` replaces the priors as the base (an experiment: a prior off by 5×);
+    ``explicit``: also apply the log's ``EtaCalibrated`` events (by default they are skipped:
+    online learning only, what a user who never runs ``fit`` sees).
+    """
+    from telemetry.projections.eta import EtaProjection, EtaState
+
+    projection = EtaProjection()
+    state = EtaState(calibration=calibration or Calibration())
+    starts: dict[str, LiveJob] = {}
+    seen: set[tuple[str, int]] = set()
+    for event in events:
+        if type(event) not in projection.handles:
+            continue
+        if type(event) is EtaCalibrated and not explicit:
+            continue
+        key = (event.job, event.seq)
+        if key in seen:
+            continue
+        seen.add(key)
+        state = projection.apply(state, event)
+        if type(event) is JobStarted:
+            running = state.running.get(event.job)
+            if running is not None:
+                live = running.live
+                starts[event.job] = msgspec.structs.replace(
+                    live, expected=dict(live.expected), sigma=dict(live.sigma),
+                    last_remaining=None, last_ts=None, last_band=0.0, last_progress=0.0)
+    return starts
 
 
 @dataclass
@@ -135,33 +188,41 @@ class Score:
 
 @dataclass
 class Report:
-    """Scores by checkpoint and estimator."""
+    """Scores by point (0 = before the start, then each checkpoint) and estimator, and each
+    job's own errors (ours, by point) so a bad case can be found."""
 
     jobs: int
     scores: dict[tuple[float, str], Score]
+    per_job: dict[str, dict[float, float]] = field(default_factory=dict)
 
     def coverage(self) -> float | None:
-        """Share of our intervals that contained the actual remaining time (all checkpoints)."""
+        """Share of our intervals that contained the actual remaining time (at the
+        checkpoints; the before-start interval is reported on its own)."""
         covered = sum(self.scores[(c, "ours")].covered for c in CHECKPOINTS)
         total = sum(len(self.scores[(c, "ours")].errors) for c in CHECKPOINTS)
         return covered / total if total else None
 
 
 def evaluate(test: Sequence[JobRecord], calibration: Calibration,
-             static: StaticProfile) -> Report:
-    """Score the four estimators on the completed jobs of ``test``."""
+             static: StaticProfile, starts: dict[str, LiveJob] | None = None) -> Report:
+    """Score the four estimators on the completed jobs of ``test``, before the start and at
+    each checkpoint. ``starts``: each job's estimator as the projection started it (online);
+    else each starts from ``calibration``."""
     jobs = [r for r in test if r.completed and r.duration_s > 0]
-    scores = {(c, e): Score() for c in CHECKPOINTS for e in ESTIMATORS}
+    scores = {(c, e): Score() for c in POINTS for e in ESTIMATORS}
+    per_job: dict[str, dict[float, float]] = {}
     for record in jobs:
         actual = record.duration_s
-        for fraction in CHECKPOINTS:
+        start = None if starts is None else starts.get(record.job)
+        mine = per_job[record.job] = {}
+        for fraction in POINTS:
             elapsed = actual * fraction
-            estimate = ours_at(record, calibration, fraction)
+            estimate = ours_at(record, calibration, fraction, start)
             predictions = {
                 "ours": None if estimate is None else elapsed + estimate.remaining_s,
                 "static": static.total(record),
-                "tqdm": tqdm_total(record, fraction),
-                "linear": linear_total(record, fraction),
+                "tqdm": tqdm_total(record, fraction) if fraction else None,
+                "linear": linear_total(record, fraction) if fraction else None,
             }
             for name, predicted in predictions.items():
                 score = scores[(fraction, name)]
@@ -169,8 +230,10 @@ def evaluate(test: Sequence[JobRecord], calibration: Calibration,
                     score.missing += 1
                     continue
                 score.errors.append((predicted - actual) / actual)
+                if name == "ours":
+                    mine[fraction] = (predicted - actual) / actual
             if estimate is not None:
                 remaining = actual - elapsed
                 if estimate.p10_s <= remaining <= estimate.p90_s:
                     scores[(fraction, "ours")].covered += 1
-    return Report(jobs=len(jobs), scores=scores)
+    return Report(jobs=len(jobs), scores=scores, per_job=per_job)

@@ -25,7 +25,9 @@ from telemetry.eta.model import (
     bucket_of,
     component_key,
     features,
+    speed_key,
 )
+from telemetry.eta.online import MIN_SPEED_VARIANCE, SPEED_PHASES
 
 HUBER_K: Final = 2.5  # in robust standard deviations: only gross outliers are down-weighted
 IRLS_ROUNDS: Final = 20
@@ -145,6 +147,37 @@ def warmups(records: Iterable[JobRecord]) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in ratios.items()}
 
 
+def speed_spreads(records: Iterable[JobRecord],
+                  coefficients: dict[str, tuple[float, ...]]) -> dict[str, float]:
+    """Per device class, how much a job's phases run faster or slower *together* (log units):
+    the square root of the mean product of two compute phases' log errors within a job, over
+    the jobs (a covariance: independent errors cancel out of it). Stored in ``rel_sigma``
+    under :func:`~telemetry.eta.model.speed_key`; the live model weighs a job's own evidence
+    of its speed against it."""
+    products: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        shape = record.shape
+        errors = []
+        for phase, seconds in record.stage_durations.items():
+            if phase in SPEED_PHASES and seconds > 0:
+                predicted = _dot(coefficients.get(component_key(phase, shape), ()),
+                                 features(phase, shape))
+                if predicted > 0:
+                    errors.append(math.log(seconds / predicted))
+        later = record.step_durations[1:]
+        if later:
+            predicted = _dot(coefficients.get(component_key(STEP, shape), ()),
+                             features(STEP, shape)) * shape.passes
+            if predicted > 0 and statistics.fmean(later) > 0:
+                errors.append(math.log(statistics.fmean(later) / predicted))
+        if len(errors) > 1:
+            total, square = sum(errors), sum(e * e for e in errors)
+            pairs = len(errors) * (len(errors) - 1) / 2
+            products[shape.device].append((total * total - square) / 2 / pairs)
+    return {speed_key(device): math.sqrt(max(statistics.fmean(values), MIN_SPEED_VARIANCE))
+            for device, values in products.items()}
+
+
 def fit(records: Sequence[JobRecord]) -> FitResult:
     """Fit every component seen in ``records``, then the interval quantiles."""
     completed = [r for r in records if r.completed]
@@ -162,6 +195,7 @@ def fit(records: Sequence[JobRecord]) -> FitResult:
         result.components.append(ComponentFit(
             key=key, samples=len(samples), coefficients=fitted,
             rel_mae=statistics.fmean(abs(r) for r in relative), rel_sigma=sigma))
+    sigmas.update(speed_spreads(completed, coefficients))
     base = Calibration(coefficients=coefficients, rel_sigma=sigmas,
                        warmup=warmups(completed), jobs=len(completed))
     result.calibration = Calibration(
@@ -172,7 +206,11 @@ def fit(records: Sequence[JobRecord]) -> FitResult:
 
 def interval_quantiles(records: Sequence[JobRecord],
                        calibration: Calibration) -> dict[str, tuple[float, float]]:
-    """p10/p90 of actual ÷ predicted remaining time, by progress bucket, on ``records``.
+    """p10/p90 of actual ÷ predicted remaining time, by progress bucket, on ``records``: how
+    the estimator errs on the jobs it was fitted on, printed by ``wantel eta fit`` and kept in
+    the calibration as a record. The live interval does not use them (in-sample quantiles
+    covered 64–69 % out of sample late in jobs); it is calibrated online
+    (:func:`telemetry.eta.online.score_interval`).
 
     Measured at the same duration fractions the evaluation uses, so the interval is calibrated
     on how this estimator actually errs. In-sample errors understate out-of-sample ones, so the

@@ -1,45 +1,71 @@
 """The live estimate of a running job's remaining time: the prior, corrected by what is seen.
 
-At ``JobStarted`` every phase gets its calibrated expected duration. As phases end, their
-observed/expected ratio becomes a job-level speed factor for the phases still to come (shrunk
-towards 1: one fast text encode says little). In the denoise loop the per-step mean is a
-conjugate-style update of the prior with the observed step durations, the first step
-down-weighted (warm-up), and each A14B expert is its own segment: a new expert starts from the
-prior scaled by what the previous one showed. The interval comes from the calibration's
-empirical quantiles of actual/predicted by progress bucket, or, before any calibration, from a
-log-normal whose width is each remaining part's relative error, narrowed for parts already
-observed. A rise beyond the previous interval is damped: half the excess per update.
+At ``JobStarted`` every phase gets its expected duration: the base (published priors, or the
+latest explicit calibration) times what completed jobs taught online
+(:mod:`telemetry.eta.online`). As the job runs, what it shows becomes a job-level speed: each
+finished phase and the measured steps give a log ratio of observed to expected, weighted by
+how precise each is (the component's spread), against a prior weight that is the spread of
+job speeds this device has shown — one anomalous phase is down-weighted against the others
+(Huber), and nothing is clipped: a job ten times slower than its prior is corrected as far
+as its evidence says. Phases still to come run at that speed. In the denoise loop the
+per-step mean is a conjugate-style update of the (speed-scaled) prior with the observed step
+durations; the first step is a warm-up phase of its own (its expected length is the learned
+warm-up factor times a step), and each A14B expert is its own segment. The interval is a
+log-normal over the remaining parts plus the job speed's own uncertainty, shifted by the
+online conformal offsets (:mod:`telemetry.eta.online`). A rise beyond the
+previous interval is damped: half the excess per update. Progress never goes backwards.
 
-Everything here is a pure function of the job's events and ``now`` (nanoseconds, taken from an
-event or an evaluation checkpoint, never from a clock).
+Everything here is a pure function of the job's events, its start state and ``now``
+(nanoseconds, taken from an event or an evaluation checkpoint, never from a clock).
 """
 
 from __future__ import annotations
 
 import math
-from math import exp, sqrt
+from math import exp, log, sqrt
 from typing import Final, NamedTuple
 
 import msgspec
 
+from telemetry.eta import online
 from telemetry.eta.model import (
     STEP,
     Calibration,
     bucket_of,
+    component_key,
     expected_phases,
+    features,
     predict,
     rel_sigma,
+    speed_key,
     warmup_factor,
+)
+from telemetry.eta.online import (
+    SPEED_PHASES,
+    Learned,
+    Observation,
+    PhaseKeys,
+    clamp_ratio,
 )
 from telemetry.eta.shape import JobShape
 from telemetry.events import Event, JobStarted, StageEnded, StageStarted, StepEnded
 
 PRIOR_STEPS: Final = 2.0  # the prior's weight, in steps, against observed step durations
-PRIOR_PHASES: Final = 1.0  # the prior's weight, in phases, against observed phase ratios
 WARMUP_WEIGHT: Final = 0.3  # how much the first step counts towards the step mean
 Z90: Final = 1.2816  # standard normal quantile of 0.9
-SPEED_EXCLUDED: Final = frozenset({"load", "save"})  # imports and disks say nothing of speed
 MIN_SPEED_PHASE_S: Final = 0.005
+#: How far a job's speed may be from its expectation before anything is seen (log units),
+#: while neither the device's history nor a calibration says: a factor of ~2.7 either way —
+#: published figures for another GPU, or a busy node, can be that far off, and the job's own
+#: phases must be able to say so.
+SPEED_TAU: Final = 1.0
+#: The scatter of one step's duration around the job's step mean (log units): step evidence
+#: counts as ``1 / (sigma_component² + STEP_NOISE² / steps)``.
+STEP_NOISE: Final = 0.15
+#: A phase ratio this many standard deviations from the job's consensus counts only that far
+#: (Huber), in ``SPEED_ROUNDS`` reweighting rounds.
+SPEED_HUBER: Final = 1.5
+SPEED_ROUNDS: Final = 3
 
 
 def damp_rise(remaining: float, last_remaining: float | None, last_ts: int | None,
@@ -81,6 +107,16 @@ def conditional_remaining(expected: float, sigma: float, elapsed: float) -> floa
     return max(expected * upper / tail - elapsed, 0.0)
 
 
+def own_variance(sigma: float, shared: float) -> float:
+    """A phase's own error variance, beyond the job speed it shares with the job's other
+    phases (``shared``: τ²): σ² − τ², but never under half of σ² (nor 1e-4): one phase is
+    never taken as more precise than that, whatever the spreads' estimates say."""
+    total = sigma * sigma
+    own = total - shared
+    floor = 0.5 * total if total > 2e-4 else 1e-4
+    return own if own > floor else floor
+
+
 class Estimate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Seconds remaining with a p10–p90 interval, and progress as a fraction of time."""
 
@@ -95,31 +131,53 @@ class Estimate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
         return elapsed_s + self.remaining_s
 
 
+#: Phases whose cost scales with the number of videos generated per prompt.
+_PER_VIDEO: Final = frozenset({STEP, "latent_init", "decode", "postprocess", "save"})
+
+
 class Prior(NamedTuple):
-    """What a job's estimator starts from: a function of its shape, runner and calibration."""
+    """What a job's estimator starts from, before online learning: a function of its shape,
+    runner and the base calibration (the priors, or the latest explicit one)."""
 
     phases: tuple[str, ...]
-    expected: dict[str, float]  # seconds per phase
+    expected: dict[str, float]  # seconds per phase ("denoise": all its steps, the warm-up too)
     sigma: dict[str, float]  # relative error per phase
     step: float  # seconds per step (all passes)
     warmup: float
+    keys: dict[str, PhaseKeys]  # what each phase (and STEP) is learned under
 
     @classmethod
     def of(cls, shape: JobShape, runner: bool, calibration: Calibration) -> Prior:
-        """Expected phase durations, and how wrong each tends to be."""
+        """Expected phase durations, how wrong each tends to be, and their learning keys."""
         phases = expected_phases(shape, runner=runner)
         expected: dict[str, float] = {}
         sigma: dict[str, float] = {}
-        step = predict(STEP, shape, calibration) * shape.passes
+        videos = shape.videos
+        step = predict(STEP, shape, calibration) * shape.passes * videos
         warmup = warmup_factor(shape, calibration)
+        keys = {STEP: phase_keys(STEP, shape)}
         for phase in phases:
             if phase == "denoise":
                 expected[phase] = step * (max(shape.steps - 1, 0) + warmup)
                 sigma[phase] = rel_sigma(STEP, shape, calibration)
             else:
-                expected[phase] = predict(phase, shape, calibration)
+                scale = videos if phase in _PER_VIDEO else 1
+                expected[phase] = predict(phase, shape, calibration) * scale
                 sigma[phase] = rel_sigma(phase, shape, calibration)
-        return cls(phases, expected, sigma, step, warmup)
+                keys[phase] = phase_keys(phase, shape)
+        return cls(phases, expected, sigma, step, warmup, keys)
+
+
+def phase_keys(phase: str, shape: JobShape) -> PhaseKeys:
+    """The keys a phase's cost is learned under online: the device, the component under the
+    job's speed options, and the exact shape (its features and videos per prompt)."""
+    component = f"{component_key(phase, shape)}|{shape.speed}"
+    shape_features = features(phase, shape)
+    size = shape_features[1] if len(shape_features) > 1 else 0.0
+    return PhaseKeys(device=f"device|{shape.device}", component=f"component|{component}",
+                     family=f"{component}|{','.join(f'{x:.6g}' for x in shape_features)}"
+                            f"|x{shape.videos}",
+                     size=log(size) if size > 0 else 0.0)
 
 
 class PriorCache:
@@ -136,8 +194,9 @@ class PriorCache:
         self._calibration: Calibration | None = None
         self._priors: dict[tuple[JobShape, bool], Prior] = {}
 
-    def start(self, event: JobStarted, calibration: Calibration) -> LiveJob:
-        """``LiveJob.start(event, calibration)``."""
+    def start(self, event: JobStarted, calibration: Calibration,
+              learned: Learned | None = None) -> LiveJob:
+        """``LiveJob.start(event, calibration, learned)``."""
         shape, runner = JobShape.of(event), driven_by_runner(event)
         priors = self._priors
         if calibration is not self._calibration:  # identity: the cache holds a reference
@@ -148,7 +207,7 @@ class PriorCache:
             if len(priors) >= self.limit:
                 priors.clear()
             prior = priors[shape, runner] = Prior.of(shape, runner, calibration)
-        return LiveJob.from_prior(event, shape, runner, prior, calibration)
+        return LiveJob.from_prior(event, shape, runner, prior, calibration, learned)
 
 
 def driven_by_runner(event: JobStarted) -> bool:
@@ -161,26 +220,32 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
     The one implementation of the live estimate: the ETA projection folds a job's events
     through ``observe`` and issues ``estimate_fields``; ``wantel eta eval`` and the spans' ETA
-    attributes (``evaluate.ours_at``) replay a job the same way. A replay calls these a few
-    hundred thousand times, so the hot paths spell ``max(x, 0.0)`` as ``0.0 if 0.0 > x else
-    x`` (what ``max`` returns, NaN included, at a third of the cost on CPython 3.11).
+    attributes replay a job the same way, from the estimator the projection started it with.
+    A replay calls these a few hundred thousand times, so the hot paths spell ``max(x, 0.0)``
+    as ``0.0 if 0.0 > x else x`` (what ``max`` returns, NaN included, at a third of the cost
+    on CPython 3.11).
     """
 
     shape: JobShape
     runner: bool
     start_ts: int
     phases: tuple[str, ...]
-    expected: dict[str, float]
+    expected: dict[str, float]  # corrected by what was learned online
     sigma: dict[str, float]
-    step_prior: float  # seconds per step (all passes)
+    step_prior: float  # seconds per step (all passes), corrected
     warmup: float
-    quantiles: dict[str, tuple[float, float]] = {}
+    base: dict[str, float] = {}  # the base expectations (before online learning)
+    base_step: float = 0.0
+    keys: dict[str, PhaseKeys] = {}
+    speed_tau: float = SPEED_TAU  # the prior spread of this device's job speeds (log units)
+    offsets: dict[str, tuple[float, float]] = {}  # bucket → conformal p10, p90 log offsets
     done: dict[str, float] = {}
     phase: str | None = None
     phase_start_ts: int | None = None
     total_steps: int = 0
     steps_done: int = 0
     first_step_s: float | None = None
+    later_sum: float = 0.0  # measured steps after the first (steps_seen - 1 of them): sum
     expert: str | None = None
     segment_sum: float = 0.0  # observed seconds in the current expert's segment
     segment_n: float = 0.0  # weighted count of those steps
@@ -190,25 +255,55 @@ class LiveJob(msgspec.Struct, kw_only=True):
     last_remaining: float | None = None
     last_ts: int | None = None
     last_band: float = 0.0
+    last_progress: float = 0.0
+    speed_key: int = -1  # what _log_speed memoised (the job speed, log, and its variance)
+    speed_cache: tuple[float, float] = (0.0, 0.0)
+    ahead_key: int = -1  # what _ahead memoised, and for which position
+    ahead: tuple[float, float, bool] = (0.0, 0.0, False)
 
     @classmethod
-    def start(cls, event: JobStarted, calibration: Calibration) -> LiveJob:
+    def start(cls, event: JobStarted, calibration: Calibration,
+              learned: Learned | None = None) -> LiveJob:
         """Expected phase durations at the start of a job."""
         shape, runner = JobShape.of(event), driven_by_runner(event)
         return cls.from_prior(event, shape, runner, Prior.of(shape, runner, calibration),
-                              calibration)
+                              calibration, learned)
 
     @classmethod
-    def from_prior(cls, event: JobStarted, shape: JobShape, runner: bool, prior: Prior,
-                   calibration: Calibration) -> LiveJob:
-        """The estimator of the job ``event`` starts, from its (possibly shared) ``prior``.
+    def from_prior(cls, event: JobStarted, shape: JobShape, runner: bool, prior: Prior,  # noqa: PLR0917 - the cache's one caller
+                   calibration: Calibration, learned: Learned | None = None) -> LiveJob:
+        """The estimator of the job ``event`` starts, from its (possibly shared) ``prior``
+        corrected by what was ``learned`` online.
 
-        The dictionaries are copied: a job's estimator is its own, whoever else got the prior.
+        The dictionaries it changes are copied: a job's estimator is its own, whoever else got
+        the prior; the base expectations and keys are shared (never changed).
         """
-        step = prior.step
+        step, expected, sigma, warmup = prior.step, dict(prior.expected), dict(prior.sigma), \
+            prior.warmup
+        tau = calibration.rel_sigma.get(speed_key(shape.device), SPEED_TAU)
+        offsets: dict[str, tuple[float, float]] = {}
+        if learned is not None and learned.jobs:
+            keys = prior.keys
+            step_keys = keys[STEP]
+            correction, predictive_sigma = online.correction, online.predictive_sigma
+            device = online.shrunk(learned.levels.get(step_keys.device),
+                                   online.SHRINK["device"])
+            step *= exp(correction(learned, step_keys, device))
+            warmup = online.warmup(learned, step_keys.component, warmup)
+            for phase in prior.phases:
+                if phase == "denoise":
+                    expected[phase] = step * (max(shape.steps - 1, 0) + warmup)
+                    phase_keys_ = step_keys
+                else:
+                    phase_keys_ = keys[phase]
+                    expected[phase] *= exp(correction(learned, phase_keys_, device))
+                sigma[phase] = predictive_sigma(learned, phase_keys_.component, sigma[phase])
+            tau = online.speed_spread(learned, step_keys.device, tau)
+            offsets = learned.offsets  # replaced, never changed, when it moves: shared
         return cls(shape=shape, runner=runner, start_ts=event.ts, phases=prior.phases,
-                   expected=dict(prior.expected), sigma=dict(prior.sigma), step_prior=step,
-                   warmup=prior.warmup, quantiles=dict(calibration.quantiles),
+                   expected=expected, sigma=sigma, step_prior=step, warmup=warmup,
+                   base=prior.expected, base_step=prior.step, keys=prior.keys,
+                   speed_tau=tau, offsets=offsets,
                    total_steps=shape.steps, segment_prior=step)
 
     # -- observations ---------------------------------------------------------------------
@@ -236,6 +331,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
     def stage_ended(self, stage: str, duration_s: float) -> None:
         """A phase ended after ``duration_s``."""
         self.done[stage] = self.done.get(stage, 0.0) + duration_s
+        self.speed_key = -1
         if self.phase == stage:
             self.phase, self.phase_start_ts = None, None
         if stage == "text_encode" and "load" in self.phases and "load" not in self.done:
@@ -265,37 +361,100 @@ class LiveJob(msgspec.Struct, kw_only=True):
             self.first_step_s = duration_s
             weight, value = WARMUP_WEIGHT, duration_s / max(self.warmup, 1e-6)
         else:
+            self.later_sum += duration_s
             weight, value = 1.0, duration_s
         self.segment_sum += weight * value
         self.segment_n += weight
 
+    # -- what a completed job teaches -----------------------------------------------------
+
+    def observations(self) -> list[Observation]:
+        """Each finished phase (and the measured steps, per step) against its base and
+        corrected expectation: what online learning takes from this job once it completes."""
+        made: list[Observation] = []
+        keys, base, expected = self.keys, self.base, self.expected
+        for phase, seconds in self.done.items():
+            if phase == "denoise" or phase not in keys or phase not in base:
+                continue
+            made.append(Observation(phase, keys[phase], base[phase], expected[phase],
+                                    seconds))
+        later = self.steps_seen - 1
+        if later > 0 and STEP in keys:
+            made.append(Observation(STEP, keys[STEP], self.base_step, self.step_prior,
+                                    self.later_sum / later))
+        return made
+
+    def warmup_ratio(self) -> float | None:
+        """The first step's duration ÷ the later steps' mean, when both were measured."""
+        later = self.steps_seen - 1
+        if self.first_step_s is None or later <= 0 or self.later_sum <= 0:
+            return None
+        return self.first_step_s * later / self.later_sum
+
     # -- the estimate ---------------------------------------------------------------------
 
-    def _speed(self) -> float:
-        """How fast this job runs against its prior, from finished phases, shrunk towards 1.
+    def _log_speed(self) -> tuple[float, float]:
+        """How fast this job runs against its expectation (a factor on durations, 1 = as
+        expected: the exponential of the log ratio estimated here), and the variance of the
+        log ratio.
 
-        Each phase's observed/expected ratio is clipped to [1/3, 3] and phases expected to
-        take under 5 ms are ignored: a 100 µs phase that took 1 ms says nothing about how
-        long the decode will take. Load and save (imports, disks) are left out.
+        Evidence: each finished phase of :data:`~telemetry.eta.online.SPEED_PHASES` expected
+        to take ≥ 5 ms, weighing 1/(its own variance: its component's σ² less the shared
+        τ²); and the measured steps after the first, weighing 1/(own variance +
+        STEP_NOISE²/n). Against a prior weight 1/τ², τ the spread of this device's job
+        speeds. A second pass down-weights any piece of evidence more than ``SPEED_HUBER``
+        standard deviations from the consensus, so one anomalous phase does not move every
+        later one. Memoised until a phase ends or a step is measured.
         """
-        done = self.done
-        if not done:  # what the loop gives for no phase: (1.0 + 0.0) / (1.0 + 0), exactly
-            return 1.0
-        expected_of = self.expected.get
-        total, count = 0.0, 0
-        for phase, seconds in done.items():
-            if phase in SPEED_EXCLUDED or phase == "denoise":
-                continue
-            expected = expected_of(phase, 0.0)
-            if expected < MIN_SPEED_PHASE_S:
-                continue
-            total += min(max(seconds / expected, 1 / 3), 3.0)
-            count += 1
-        return (PRIOR_PHASES + total) / (PRIOR_PHASES + count)
+        key = self.steps_seen * 64 + len(self.done)
+        if key == self.speed_key:
+            return self.speed_cache
+        tau = self.speed_tau
+        shared = tau * tau
+        ratios: list[float] = []
+        weights: list[float] = []
+        sigma_of = self.sigma.get
+        if self.done:
+            expected_of = self.expected.get
+            for phase, seconds in self.done.items():
+                if phase not in SPEED_PHASES or seconds <= 0:
+                    continue
+                expected = expected_of(phase, 0.0)
+                if expected < MIN_SPEED_PHASE_S:
+                    continue
+                ratios.append(clamp_ratio(log(seconds / expected)))
+                weights.append(1.0 / own_variance(sigma_of(phase, 0.35), shared))
+        later = self.steps_seen - 1
+        if later > 0 and self.step_prior > 0 and self.later_sum > 0:
+            ratios.append(clamp_ratio(log(self.later_sum / later / self.step_prior)))
+            weights.append(1.0 / (own_variance(sigma_of("denoise", 0.35), shared)
+                                  + STEP_NOISE * STEP_NOISE / later))
+        prior_weight = 1.0 / (shared if shared > 1e-4 else 1e-4)
+        total, weighted = prior_weight, 0.0
+        for ratio, weight in zip(ratios, weights, strict=True):
+            total += weight
+            weighted += ratio * weight
+        mean = weighted / total
+        if len(ratios) > 1:
+            for _ in range(SPEED_ROUNDS):
+                total, weighted = prior_weight, 0.0
+                for ratio, weight in zip(ratios, weights, strict=True):
+                    distance = abs(ratio - mean) * sqrt(weight)
+                    counted = weight * SPEED_HUBER / distance if distance > SPEED_HUBER \
+                        else weight
+                    total += counted
+                    weighted += ratio * counted
+                mean = weighted / total
+        self.speed_key, self.speed_cache = key, (exp(mean), 1.0 / total)
+        return self.speed_cache
+
+    def _speed(self) -> float:
+        """The job's speed factor on durations still to come (1 = as expected)."""
+        return self._log_speed()[0]
 
     def _step_mean(self, speed: float | None = None) -> float:
-        """Seconds per step from here on: the segment's prior (scaled by the job's ``speed``
-        until a step is measured), updated with the segment's observed steps.
+        """Seconds per step from here on: the segment's prior scaled by the job's ``speed``,
+        updated with the segment's observed steps.
 
         ``speed`` is ``_speed()`` where the caller has it.
         """
@@ -318,81 +477,114 @@ class LiveJob(msgspec.Struct, kw_only=True):
     def estimate_fields(self, now: int) -> tuple[float, float, float, float, bool]:
         """``estimate(now)``'s fields in order: remaining, p10, p90, progress, estimating.
 
-        The remaining time is the sum of the remaining parts (``_parts``), damped against the
-        previous ETA (``damp_rise``); progress is the share of the predicted duration already
-        elapsed. The p10–p90 interval is the calibration's quantiles of actual/predicted for
-        the progress bucket where it has them; else a log-normal whose relative spread is the
-        parts' errors added in quadrature (written here, not in a helper of its own: one call
-        fewer per ETA). Issuing it is an observation too: the next ETA is damped against this
-        one. Sums stay ``sum()`` (its NaN propagation differs from a loop's), so replayed ETAs
-        are bit-identical.
+        The remaining time is the sum of the remaining parts (:meth:`_remaining`), damped
+        against the previous ETA (``damp_rise``); progress is the share of the predicted
+        duration already elapsed, and never less than the progress issued before (when the
+        estimate grows, progress holds until the job overtakes it). The p10–p90 interval is
+        a log-normal whose relative spread adds the parts' errors and the job speed's
+        uncertainty, shifted by the progress bucket's conformal offsets.
+        Issuing it is an observation too: the next ETA is damped against this one.
         """
         elapsed = (now - self.start_ts) / 1e9
         elapsed = 0.0 if 0.0 > elapsed else elapsed  # max(elapsed, 0.0)
-        seconds, variances = self._parts(now, self._speed())
-        remaining = damp_rise(sum(seconds, 0.0),  # a float even with nothing left
-                              self.last_remaining, self.last_ts, self.last_band, now)
+        speed, speed_var = self._log_speed()
+        seconds, variance = self._remaining(now, speed)
+        remaining = damp_rise(seconds, self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
         progress = elapsed / total if total > 0 else 0.0
+        progress = max(progress, self.last_progress)
         if remaining <= 0:
             low = high = 0.0
-        # bucket_of only when there is a quantile to find: it cannot raise.
-        elif (quantiles := self.quantiles) and (bucket := bucket_of(progress)) in quantiles:
-            q10, q90 = quantiles[bucket]
-            low, high = remaining * q10, remaining * q90
         else:
-            spread = sqrt(sum(variances)) / remaining
-            low, high = remaining * exp(-Z90 * spread), remaining * exp(Z90 * spread)
+            spread = sqrt(variance / (remaining * remaining) + speed_var) * Z90
+            low, high = remaining * exp(-spread), remaining * exp(spread)
+            offsets = self.offsets
+            # bucket_of only when there are offsets to find: it cannot raise.
+            if offsets and (shift := offsets.get(bucket_of(progress))) is not None:
+                low, high = low * exp(-shift[0]), high * exp(shift[1])
         self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
+        self.last_progress = progress
         return remaining, low, high, progress, self.steps_seen < 2
 
-    def _parts(self, now: int, speed: float) -> tuple[list[float], list[float]]:
-        """Each remaining part's seconds, and the square of those times its relative sigma
-        (the part's variance, in s², which the interval adds up: squared here, where each is
-        made, rather than in a comprehension of its own, which costs a frame per ETA).
+    def _remaining(self, now: int, speed: float) -> tuple[float, float]:
+        """Seconds left, and their variance (s²: each part's seconds times its relative
+        sigma, squared, added up).
 
         The current phase (before anything happened: the first, under way since the start),
         then every phase after it not done yet; between phases, every phase not done yet. A
         stage outside the plan counts nothing. Phases yet to start take their expected
-        duration at the job's speed; the denoise loop, its steps left at the step mean.
+        duration at the job's speed; the denoise loop, its steps left at the step mean, the
+        first of them the warm-up.
         """
         phases, current, done = self.phases, self.phase, self.done
-        seconds: list[float] = []
-        variances: list[float] = []
+        seconds = variance = 0.0
         if current is None and not done:
             current = phases[0] if phases else None
             phase_start = self.start_ts
         else:
             phase_start = self.phase_start_ts or now
-        upcoming = phases  # between phases: every phase not done yet is to come
+        upcoming = 0  # between phases: every phase not done yet is to come
         if current is not None:
             try:
                 index = phases.index(current)
             except ValueError:  # a stage outside the plan: nothing is counted
-                return seconds, variances
+                return 0.0, 0.0
             if current == "denoise":
                 # The steps left at the step mean, less the part of the next step already
                 # under way (at most one step); the loop's sigma narrows with every step
                 # measured.
                 mean = self._step_mean(speed)
                 since_step = (now - (self.last_step_ts or now)) / 1e9
-                part = mean * self._steps_left() - (mean if mean < since_step else since_step)
+                part = self._loop_left(mean) - (mean if mean < since_step else since_step)
                 part = 0.0 if 0.0 > part else part  # max(part, 0.0)
                 sigma = self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
             else:
+                expected = self.expected[current] * speed
+                in_phase = (now - phase_start) / 1e9
                 sigma = self.sigma[current]
-                part = conditional_remaining(self.expected[current] * speed, sigma,
-                                             (now - phase_start) / 1e9)
-            seconds.append(part)
-            variances.append((part * sigma) ** 2)
-            upcoming = phases[index + 1:]
-        for phase in upcoming:
+                part = conditional_remaining(expected, sigma, in_phase)
+                # What is left of a phase under way is less certain, relative to itself, the
+                # further it has got: a phase past its expectation may end now or much later.
+                sigma *= 1.0 + in_phase / expected if expected > 0 else 1.0
+            seconds, variance = part, (part * sigma) ** 2
+            upcoming = index + 1
+        fixed, fixed_variance, denoise_ahead = self._ahead(upcoming)
+        seconds += fixed * speed
+        variance += fixed_variance * speed * speed
+        if denoise_ahead:
+            part = self._loop_left(self._step_mean(speed))
+            sigma = self.sigma["denoise"]
+            seconds += part
+            variance += (part * sigma) ** 2
+        return seconds, variance
+
+    def _loop_left(self, mean: float) -> float:
+        """The denoising steps left at ``mean`` seconds each, the first a warm-up if none
+        has ended yet."""
+        left = self._steps_left()
+        if self.steps_done == 0 and left:
+            return mean * (left - 1 + self.warmup)
+        return mean * left
+
+    def _ahead(self, upcoming: int) -> tuple[float, float, bool]:
+        """The phases from index ``upcoming`` on not done yet, but the denoise loop: their
+        expected seconds (at speed 1) and variance, and whether the loop is among those to
+        come. Memoised until a phase ends or the position changes (most ETAs are issued
+        between steps, where neither does)."""
+        key = upcoming * 64 + len(self.done)
+        if key == self.ahead_key:
+            return self.ahead
+        seconds = variance = 0.0
+        denoise_ahead = False
+        done, expected, sigma = self.done, self.expected, self.sigma
+        for phase in self.phases[upcoming:]:
             if phase in done:
                 continue
             if phase == "denoise":
-                part = self._step_mean(speed) * self._steps_left()
-            else:
-                part = self.expected[phase] * speed
-            seconds.append(part)
-            variances.append((part * self.sigma[phase]) ** 2)
-        return seconds, variances
+                denoise_ahead = True
+                continue
+            part = expected[phase]
+            seconds += part
+            variance += (part * sigma[phase]) ** 2
+        self.ahead_key, self.ahead = key, (seconds, variance, denoise_ahead)
+        return self.ahead

@@ -80,6 +80,13 @@ def component_key(phase: str, shape: JobShape) -> str:
     return f"{phase}|{part}|{shape.device}"
 
 
+def speed_key(device: str) -> str:
+    """Where a calibration keeps the spread of job speeds on a device class (in
+    ``rel_sigma``, beside the components' spreads): how much one job's phases run faster or
+    slower together."""
+    return f"speed|{device}"
+
+
 def features(phase: str, shape: JobShape) -> tuple[float, ...]:
     """The regressors of a phase's duration (of one pass, for ``step``)."""
     if phase == STEP:
@@ -111,6 +118,9 @@ class Calibration(msgspec.Struct, frozen=True, kw_only=True):
     warmup: dict[str, float] = {}  # step component → first-step duration ÷ later steps
     quantiles: dict[str, tuple[float, float]] = {}  # bucket → p10, p90 of actual/predicted
     jobs: int = 0
+    #: Multiplies every prior (never recorded: ``wantel eta eval --prior-scale``'s experiment
+    #: of a prior that is off, as on hardware the priors do not describe).
+    prior_scale: float = 1.0
 
     @classmethod
     def of(cls, event: EtaCalibrated) -> Calibration:
@@ -190,10 +200,12 @@ def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
 def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:
     """Expected seconds of a phase (of one transformer pass, for ``step``); never negative."""
     coefficients = calibration.coefficients.get(component_key(phase, shape))
+    scale = 1.0
     if coefficients is None:
         coefficients = prior_coefficients(phase, shape)
+        scale = calibration.prior_scale
     value = sum(c * x for c, x in zip(coefficients, features(phase, shape), strict=False))
-    return max(value, 1e-4)
+    return max(value * scale, 1e-4)
 
 
 def rel_sigma(phase: str, shape: JobShape, calibration: Calibration) -> float:

@@ -8,6 +8,9 @@ runs two passes. Decoding and post-processing scale with output pixels (frames Ã
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Final
+
 import msgspec
 
 from telemetry.events import JobStarted
@@ -28,11 +31,18 @@ class JobShape(msgspec.Struct, frozen=True, kw_only=True):
     cfg: bool
     two_experts: bool
     offload: bool = False
+    #: The options that change speed, as ``key=value`` pairs (``offload=model,dtype=bfloat16``):
+    #: costs are learned per set of options (see :data:`SPEED_OPTIONS`).
+    speed: str = ""
+    #: Videos generated per prompt: the transformer, the VAE and saving each do that many.
+    videos: int = 1
 
     @classmethod
     def of(cls, event: JobStarted) -> JobShape:
         """The shape of the job a ``JobStarted`` describes."""
-        offload = event.options.get("offload")
+        options = event.options
+        offload = options.get("offload")
+        videos = options.get("num_videos")
         return cls(
             variant=event.variant, family=event.family, task=event.task,
             device=device_class(event.device.kind, event.device.name),
@@ -40,7 +50,9 @@ class JobShape(msgspec.Struct, frozen=True, kw_only=True):
             steps=max(event.steps, 0), cfg=event.cfg,
             two_experts=runs_two_experts(family=event.family, variant=event.variant,
                                          boundary_ratio=event.boundary_ratio),
-            offload=bool(offload),
+            offload=offload not in (None, False, "none", ""),
+            speed=speed_options(options),
+            videos=videos if type(videos) is int and 1 <= videos <= 64 else 1,
         )
 
     @property
@@ -73,6 +85,22 @@ class JobShape(msgspec.Struct, frozen=True, kw_only=True):
     def passes(self) -> int:
         """Transformer passes per step: 2 with classifier-free guidance."""
         return 2 if self.cfg else 1
+
+
+#: ``JobStarted.options`` keys that change how fast a job runs (docs/events.md): offloading,
+#: quantization, ``torch.compile``, the attention backend, the weights' dtype, LoRA adapters
+#: (fused or not, they add work to every pass) and VAE tiling (the decode runs in tiles).
+SPEED_OPTIONS: Final = ("offload", "quantization", "compiled", "attention_backend", "dtype",
+                        "lora_count", "vae_tiling")
+_DEFAULTS: Final = (None, False, "none", "", 0)
+
+
+def speed_options(options: Mapping[str, object]) -> str:
+    """The options of :data:`SPEED_OPTIONS` a job set (not at their defaults), as one key."""
+    if not options:
+        return ""
+    return ",".join(f"{key}={value}" for key in SPEED_OPTIONS
+                    if (value := options.get(key)) not in _DEFAULTS)
 
 
 def device_class(kind: str, name: str) -> str:

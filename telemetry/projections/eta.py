@@ -7,8 +7,11 @@ remaining time — by the progress bucket it was
 issued in, and the before-start estimate separately. Those residuals are the feature no peer
 has: a dashboard of how much to trust the ETA.
 
-The calibration in force is the latest ``EtaCalibrated`` event before the job started, so a
-replay reproduces every ETA exactly.
+Completed jobs also teach the next ones (:mod:`telemetry.eta.online`): what each phase took
+against what was expected is learned at once, and every scored ETA moves its bucket's interval
+offsets, so the ETA adapts to the machine without anyone running a command. The base is the
+latest ``EtaCalibrated`` event before the job started (which replaces what was learned online
+before it); the learning is part of the state, so a replay reproduces every ETA exactly.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Final
 
 import msgspec
 
+from telemetry.eta import online
 from telemetry.eta.live import LiveJob, PriorCache
-from telemetry.eta.model import BUCKETS, Calibration, bucket_of
+from telemetry.eta.model import BUCKETS, STEP, Calibration, bucket_of
 from telemetry.events import (
     EtaCalibrated,
     Event,
@@ -121,6 +125,7 @@ class EtaState(msgspec.Struct, kw_only=True):
     """Calibration in force, running estimators, finished jobs' residuals, aggregates."""
 
     calibration: Calibration = Calibration()
+    learned: online.Learned = msgspec.field(default_factory=online.Learned)
     running: dict[str, RunningEta] = {}
     finished: dict[str, FinishedEta] = {}
     residuals: dict[str, dict[str, Histogram]] = {}  # model → bucket → histogram
@@ -136,7 +141,7 @@ class EtaProjection:
     """
 
     name = "eta"
-    version = 1
+    version = 2
     state_type = EtaState
     handles = frozenset({
         JobStarted, StageStarted, StageEnded, StepEnded, EtaCalibrated, JobCompleted,
@@ -156,13 +161,15 @@ class EtaProjection:
         """The rule: start, update and score each job's estimator.
 
         - ``EtaCalibrated``: the calibration in force for jobs that start after it.
-        - ``JobStarted``: the job's estimator starts from its prior under that calibration
-          (:meth:`PriorCache.start`, which is :meth:`LiveJob.start` memoised) and
-          issues the job's first ETA, the before-start one.
+        - ``EtaCalibrated`` also forgets what was learned online (the fit saw those jobs).
+        - ``JobStarted``: the job's estimator starts from its prior under that calibration,
+          corrected by what was learned online (:meth:`PriorCache.start`, which is
+          :meth:`LiveJob.start` memoised) and issues the job's first ETA, the before-start one.
         - a stage's start or end, a step: the estimator observes it
           (:meth:`LiveJob.observe`); then, at every stage boundary and at the steps
           :func:`issues_eta_at` names, it issues an ETA (:meth:`LiveJob.estimate_fields`).
-        - ``JobCompleted``: every ETA the job was issued is scored (:meth:`_completed`).
+        - ``JobCompleted``: every ETA the job was issued is scored (:meth:`_completed`), and
+          what the job took is learned (:func:`telemetry.eta.online.learn`).
         - ``JobFailed``, ``JobCancelled``: the job is dropped unscored (no actual duration).
 
         Events of a job that is not running (never started here, or already ended) change
@@ -182,8 +189,8 @@ class EtaProjection:
                 running.live.observe(event)
                 _issue(running, event.ts)
         elif type(event) is JobStarted:
-            started = RunningEta(model=event.model,
-                                 live=self._priors.start(event, state.calibration))
+            started = RunningEta(model=event.model, live=self._priors.start(
+                event, state.calibration, state.learned))
             state.running = bounded_insert(state.running, event.job, started)
             _issue(started, event.ts)
         elif type(event) is JobCompleted:
@@ -192,6 +199,8 @@ class EtaProjection:
             state.running.pop(event.job, None)
         elif type(event) is EtaCalibrated:
             state.calibration = Calibration.of(event)
+            # The fit saw what was learned: that starts over; the interval's calibration stays.
+            state.learned = online.Learned(offsets=state.learned.offsets)
         return state
 
     def _completed(self, state: EtaState, event: JobCompleted) -> None:
@@ -206,6 +215,10 @@ class EtaProjection:
         running = state.running.pop(event.job, None)
         if running is None:
             return
+        live, learned = running.live, state.learned
+        online.learn(learned, live.observations(), live.keys[STEP].component
+                     if STEP in live.keys else None, live.warmup_ratio())
+        score_interval = online.score_interval
         model, end_ts = running.model, event.ts
         before_start: float | None = None
         if running.issued:
@@ -219,6 +232,7 @@ class EtaProjection:
                 histogram.add(before_start, first.p10_s <= actual <= first.p90_s)
         errors_in: dict[str, list[float]] = {}  # bucket → its errors, in the order reached
         covered_in: dict[str, int] = {}
+        missed_in: dict[str, list[int]] = {}  # bucket → [below the p10, above the p90]
         history: list[EtaPoint] = []  # the first ETA of each bucket
         for point in running.issued[1:]:
             actual = (end_ts - point.ts) / 1e9
@@ -229,9 +243,13 @@ class EtaProjection:
             if errors is None:
                 errors = errors_in[bucket] = []
                 covered_in[bucket] = 0
+                missed_in[bucket] = [0, 0]
                 history.append(point)
             errors.append((point.remaining_s - actual) / actual)
             covered_in[bucket] += point.p10_s <= actual <= point.p90_s
+            missed = missed_in[bucket]
+            missed[0] += actual < point.p10_s
+            missed[1] += actual > point.p90_s
         histograms = state.residuals.setdefault(model, {})
         residuals: dict[str, float] = {}
         for bucket, errors in errors_in.items():
@@ -240,6 +258,8 @@ class EtaProjection:
                 histogram = histograms[bucket] = Histogram()
             histogram.add_all(errors, covered_in[bucket])
             residuals[bucket] = sum(errors) / len(errors)
+            below, above = missed_in[bucket]
+            score_interval(learned, bucket, below / len(errors), above / len(errors))
         state.finished = bounded_insert(state.finished, event.job, FinishedEta(
             model=model, status="completed", duration_s=event.duration_s,
             before_start_error=before_start, residuals=residuals, history=history),

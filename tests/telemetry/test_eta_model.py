@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from telemetry.engine import ProjectionEngine
+from telemetry.eta import online
 from telemetry.eta.fit import robust_fit, solve
 from telemetry.eta.live import LiveJob, PriorCache
 from telemetry.eta.model import (
@@ -156,7 +157,7 @@ class TestLiveEstimator:
         since = (ts - (live.last_ts or 0)) / 1e9
         after = live.estimate(ts)
         ceiling = before.remaining_s - since + band
-        raw = live._step_mean() * 39 + sum(
+        raw = live._step_mean() * 39 + live._speed() * sum(
             live.expected[p] for p in live.phases[live.phases.index("denoise") + 1:])
         assert raw > ceiling  # the slowdown alone would lift the ETA past the band
         assert after.remaining_s == pytest.approx(ceiling + 0.5 * (raw - ceiling), rel=1e-6)
@@ -385,27 +386,50 @@ def running_reference(events: list[Event]) -> tuple[dict[str, tuple[LiveJob, lis
                                                      list[tuple[str, type[Exception]]]]:
     """The running jobs' estimators fed through LiveJob's public methods, with the ETAs the
     projection issues (as fields), and the (job, exception type) of each estimate that
-    raised: the ETA projection's rule, written out apart from it."""
+    raised: the ETA projection's rule, written out apart from it — online learning included
+    (each completion is learned, and its scored intervals move their buckets' offsets; a
+    calibration starts the learning over, but for the offsets)."""
     calibration = Calibration()
+    learned = online.Learned()
     jobs: dict[str, tuple[LiveJob, list[object]]] = {}
     failures: list[tuple[str, type[Exception]]] = []
+
+    def complete(job: str, end_ts: int) -> None:
+        live, issued = jobs.pop(job)
+        online.learn(learned, live.observations(), live.keys[STEP].component,
+                     live.warmup_ratio())
+        missed: dict[str, list[float]] = {}
+        for fields, ts in issued[1:]:  # type: ignore[misc]
+            _remaining, low, high, progress, _estimating = fields
+            actual = (end_ts - ts) / 1e9
+            if actual <= 1e-3:
+                continue
+            counts = missed.setdefault(bucket_of(progress), [0, 0, 0])
+            counts[0] += actual < low
+            counts[1] += actual > high
+            counts[2] += 1
+        for bucket, (below, above, count) in missed.items():
+            online.score_interval(learned, bucket, below / count, above / count)
 
     def issue(job: str, ts: int) -> None:
         live, issued = jobs[job]
         try:
-            issued.append(live.estimate_fields(ts))
+            issued.append((live.estimate_fields(ts), ts))
         except Exception as exc:
             failures.append((job, type(exc)))
 
     for event in events:
         if isinstance(event, EtaCalibrated):
             calibration = Calibration.of(event)
+            learned = online.Learned(offsets=learned.offsets)
         elif isinstance(event, JobStarted):
-            jobs[event.job] = (LiveJob.start(event, calibration), [])
+            jobs[event.job] = (LiveJob.start(event, calibration, learned), [])
             issue(event.job, event.ts)
         elif event.job not in jobs:
             continue
-        elif isinstance(event, JobCompleted | JobFailed | JobCancelled):
+        elif isinstance(event, JobCompleted):
+            complete(event.job, event.ts)
+        elif isinstance(event, JobFailed | JobCancelled):
             del jobs[event.job]
         elif isinstance(event, StepEnded):
             jobs[event.job][0].step_ended(event.total_steps, event.duration_s, event.expert,
@@ -419,7 +443,8 @@ def running_reference(events: list[Event]) -> tuple[dict[str, tuple[LiveJob, lis
         elif isinstance(event, StageEnded):
             jobs[event.job][0].stage_ended(event.stage, event.duration_s)
             issue(event.job, event.ts)
-    return jobs, failures
+    return {job: (live, [fields for fields, _ts in issued])
+            for job, (live, issued) in jobs.items()}, failures
 
 
 class TestEtaFoldProperties:

@@ -9,6 +9,7 @@ calibration is never scored on the runs it was fitted on.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Any
@@ -16,10 +17,17 @@ from typing import Any
 import msgspec
 
 from telemetry.errors import UsageError
-from telemetry.eta.evaluate import ESTIMATORS, Report, StaticProfile, evaluate
+from telemetry.eta.evaluate import (
+    ESTIMATORS,
+    POINTS,
+    Report,
+    StaticProfile,
+    evaluate,
+    online_starts,
+)
 from telemetry.eta.fit import FitResult, fit
 from telemetry.eta.jobs import JobRecord, job_records
-from telemetry.eta.model import CHECKPOINTS
+from telemetry.eta.model import CHECKPOINTS, Calibration
 from telemetry.events import ETA_STREAM, EtaCalibrated
 from telemetry.log.base import Batch, EventLog
 from wantel.commands.common import open_log_for_reading
@@ -41,6 +49,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     eval_parser.add_argument("--train", type=_fraction, default=0.5, metavar="FRACTION",
                              help="share of jobs (split by job id) to calibrate on; the rest "
                              "is scored (default 0.5)")
+    eval_parser.add_argument("--online", action="store_true",
+                             help="no split: replay the log in order with online learning "
+                             "only, each job scored from what the jobs before it taught (what "
+                             "a user who never runs fit sees)")
+    eval_parser.add_argument("--prior-scale", type=_positive, default=1.0, metavar="X",
+                             help="with --online: multiply every prior by X, to see the "
+                             "estimate recover from a prior that is off (default 1)")
+    eval_parser.add_argument("--jobs", action="store_true",
+                             help="also print each scored job's errors, worst first")
     eval_parser.add_argument("--json", action="store_true", help="print the scores as JSON")
     for child in (fit_parser, eval_parser):
         # SUPPRESS: an absent flag must not overwrite a --log given before the action.
@@ -56,6 +73,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"a fraction in (0, 1], got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and 1e-3 <= value <= 1e3):
+        raise argparse.ArgumentTypeError(f"a factor from 0.001 to 1000, got {text}")
     return value
 
 
@@ -128,52 +155,96 @@ def _print_fit(result: FitResult) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """Fit on the train split, then print MAPE per checkpoint per estimator, and coverage."""
+    """Score the ETA against the baselines: fitted on a train split and scored on the rest,
+    or (``--online``) replaying the log in order with online learning only."""
     log = open_log_for_reading(args)
-    records = [r for r in _records(log) if r.completed]
-    train = [r for r in records if r.in_split("train", args.train)]
-    test = [r for r in records if r.in_split("test", args.train)]
-    if not train or not test:
-        raise UsageError(f"need completed jobs in both splits (train {len(train)}, test "
-                         f"{len(test)}); record more jobs or change --train")
-    report = evaluate(test, fit(train).calibration, StaticProfile.fit(train))
-    if args.json:
-        sys.stdout.buffer.write(msgspec.json.encode(report_document(report, len(train))) + b"\n")
+    if args.prior_scale != 1.0 and not args.online:
+        raise UsageError("--prior-scale needs --online (a fit replaces the priors)")
+    events = [e for item in log.read(0) if isinstance(item, Batch) for e in item.events]
+    records = [r for r in job_records(events) if r.completed]
+    if args.online:
+        if not records:
+            raise UsageError("no completed jobs in the log to score; run some jobs first")
+        starts = online_starts(events, Calibration(prior_scale=args.prior_scale))
+        report = evaluate(records, Calibration(), StaticProfile.fit(records), starts)
+        heading = (f"online, in log order, never fitted: {report.jobs} job(s), each scored "
+                   "from what the jobs before it taught"
+                   + (f" (priors × {args.prior_scale:g})" if args.prior_scale != 1.0 else "")
+                   + "; static is fitted on the whole log (it sees the future)")
+        train_jobs = 0
     else:
-        print(format_report(report, len(train)))
+        train = [r for r in records if r.in_split("train", args.train)]
+        test = [r for r in records if r.in_split("test", args.train)]
+        if not train or not test:
+            raise UsageError(f"need completed jobs in both splits (train {len(train)}, test "
+                             f"{len(test)}); record more jobs or change --train")
+        calibration = fit(train).calibration
+        report = evaluate(test, calibration, StaticProfile.fit(train),
+                          online_starts(events, calibration))
+        heading = (f"calibrated on {len(train)} job(s), scored on {report.jobs} other job(s) "
+                   "(each from the calibration and what the jobs before it taught online)")
+        train_jobs = len(train)
+    if args.json:
+        document = report_document(report, train_jobs)
+        document["mode"] = "online" if args.online else "split"
+        sys.stdout.buffer.write(msgspec.json.encode(document) + b"\n")
+    else:
+        print(format_report(report, heading))
+        if args.jobs:
+            print()
+            print(format_jobs(report))
     return 0
 
 
+def _point(fraction: float) -> str:
+    return "before" if fraction == 0 else str(int(fraction * 100))
+
+
 def report_document(report: Report, train_jobs: int) -> dict[str, Any]:
-    """The evaluation as builtins."""
+    """The evaluation as builtins (``before`` is the estimate issued at the job's start)."""
     return {
         "train_jobs": train_jobs,
         "test_jobs": report.jobs,
-        "checkpoints": [int(c * 100) for c in CHECKPOINTS],
-        "mape": {name: {str(int(c * 100)): report.scores[(c, name)].mape for c in CHECKPOINTS}
+        "checkpoints": [_point(c) for c in POINTS],
+        "mape": {name: {_point(c): report.scores[(c, name)].mape for c in POINTS}
                  for name in ESTIMATORS},
-        "missing": {name: {str(int(c * 100)): report.scores[(c, name)].missing
-                           for c in CHECKPOINTS} for name in ESTIMATORS},
+        "missing": {name: {_point(c): report.scores[(c, name)].missing for c in POINTS}
+                    for name in ESTIMATORS},
         "coverage_p10_p90": report.coverage(),
+        "jobs": {job: {_point(c): error for c, error in errors.items()}
+                 for job, errors in report.per_job.items()},
     }
 
 
-def format_report(report: Report, train_jobs: int) -> str:
-    """A Markdown table: MAPE (%) of the predicted total, per checkpoint and estimator."""
-    head = "| estimator | " + " | ".join(f"at {int(c * 100)} %" for c in CHECKPOINTS) + " |"
-    lines = [f"calibrated on {train_jobs} job(s), scored on {report.jobs} other job(s); "
-             "MAPE of the predicted total duration (missing = no estimate yet)", "",
-             head, "|" + "---|" * (len(CHECKPOINTS) + 1)]
+def format_report(report: Report, heading: str) -> str:
+    """A Markdown table: MAPE (%) of the predicted total, per point and estimator."""
+    head = "| estimator | before start | " + " | ".join(
+        f"at {int(c * 100)} %" for c in CHECKPOINTS) + " |"
+    lines = [f"{heading}; MAPE of the predicted total duration (missing = no estimate yet)",
+             "", head, "|" + "---|" * (len(POINTS) + 1)]
     for name in ESTIMATORS:
         cells = []
-        for c in CHECKPOINTS:
+        for c in POINTS:
             score = report.scores[(c, name)]
             text = "–" if score.mape is None else f"{score.mape:.1f}"
-            if score.missing:
+            if score.missing and score.mape is not None:
                 text += f" ({score.missing} missing)"
             cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     coverage = report.coverage()
     lines += ["", "ours: p10–p90 interval coverage "
-              + ("–" if coverage is None else f"{100 * coverage:.0f} %") + " (goal 70–90 %)"]
+              + ("–" if coverage is None else f"{100 * coverage:.0f} %") + " (goal 75–85 %)"]
+    return "\n".join(lines)
+
+
+def format_jobs(report: Report) -> str:
+    """Each scored job's signed error (%, + = predicted too long) by point, worst first."""
+    head = "| job | before start | " + " | ".join(
+        f"at {int(c * 100)} %" for c in CHECKPOINTS) + " |"
+    lines = [head, "|" + "---|" * (len(POINTS) + 1)]
+    worst = sorted(report.per_job.items(),
+                   key=lambda item: -max((abs(e) for e in item[1].values()), default=0.0))
+    for job, errors in worst:
+        cells = ["–" if c not in errors else f"{100 * errors[c]:+.1f}" for c in POINTS]
+        lines.append(f"| {job} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,339 @@
+"""The ETA learns by itself: online calibration, robust live updates, monotone progress.
+
+Jobs here are synthetic but honest: each phase takes what the prior expects times the
+machine's speed factor (and, where a test says so, seeded noise), written as the events a real
+``wantel run`` emits, then folded by the real ETA projection and scored by the real evaluation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import time
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from telemetry.engine import ProjectionEngine
+from telemetry.eta import online
+from telemetry.eta.evaluate import StaticProfile, evaluate, online_starts
+from telemetry.eta.fit import fit
+from telemetry.eta.jobs import job_records
+from telemetry.eta.live import LiveJob, Prior
+from telemetry.eta.model import Calibration, speed_key
+from telemetry.eta.shape import JobShape
+from telemetry.events import (
+    DeviceInfo,
+    EtaCalibrated,
+    Event,
+    JobCompleted,
+    JobStarted,
+    StageEnded,
+    StageStarted,
+    StepEnded,
+)
+from telemetry.log.base import Batch
+from telemetry.projections import default_projections
+from telemetry.projections.eta import EtaProjection
+
+from .test_eta_model import eta_logs
+
+SECOND = 10**9
+
+
+def job_events(job: str, start_ts: int, *, factor: float = 1.0, noise: float = 0.0,
+               rng: random.Random | None = None, size: int = 64, steps: int = 8,
+               slow_phase: tuple[str, float] | None = None, first_step: float = 1.0,
+               options: dict[str, str | int | bool] | None = None) -> list[Event]:
+    """One tiny T2V job's events, each phase taking its prior expectation × ``factor`` (×
+    log-normal ``noise``; ``slow_phase``: that phase × its own factor more; the first step ×
+    ``first_step``)."""
+    rng = rng or random.Random(0)
+    started = JobStarted(job=job, seq=0, ts=start_ts, model="tiny-t2v", family="wan2.1",
+                         variant="tiny-t2v", task="t2v", width=size, height=size,
+                         num_frames=17, steps=steps, guidance_scale=5.0, cfg=True,
+                         device=DeviceInfo(kind="cpu", name="cpu"),
+                         options={"stages": "", **(options or {})})
+    shape = JobShape.of(started)
+    prior = Prior.of(shape, False, Calibration())
+    events: list[Event] = [started]
+    ts = start_ts
+
+    def took(seconds: float, phase: str) -> float:
+        jitter = rng.lognormvariate(0.0, noise) if noise else 1.0
+        extra = slow_phase[1] if slow_phase and slow_phase[0] == phase else 1.0
+        return seconds * factor * jitter * extra
+
+    for phase in prior.phases:
+        events.append(StageStarted(job=job, ts=ts, stage=phase))
+        if phase == "denoise":
+            begin = ts
+            for step in range(steps):
+                duration = took(prior.step, "step") * (first_step if step == 0 else 1.0)
+                ts += int(duration * SECOND)
+                events.append(StepEnded(job=job, ts=ts, step=step, total_steps=steps,
+                                        duration_s=duration))
+            duration = (ts - begin) / SECOND
+        else:
+            duration = took(prior.expected[phase], phase)
+            ts += int(duration * SECOND)
+        events.append(StageEnded(job=job, ts=ts, stage=phase, duration_s=duration))
+    events.append(JobCompleted(job=job, ts=ts + 1, duration_s=(ts + 1 - start_ts) / SECOND))
+    return [msgspec.structs.replace(e, seq=seq) for seq, e in enumerate(events)]
+
+
+def series(count: int, **kwargs: object) -> list[Event]:
+    """``count`` jobs one after the other."""
+    events: list[Event] = []
+    ts = 0
+    for index in range(count):
+        job = job_events(f"job-{index:03d}", ts, rng=random.Random(index), **kwargs)  # type: ignore[arg-type]
+        events += job
+        ts = job[-1].ts + SECOND
+    return events
+
+
+def online_errors(events: list[Event], calibration: Calibration | None = None
+                  ) -> dict[str, dict[float, float]]:
+    """Each job's signed error of the predicted total, by point, scored online."""
+    records = [r for r in job_records(events) if r.completed]
+    starts = online_starts(events, calibration)
+    report = evaluate(records, Calibration(), StaticProfile.fit(records), starts)
+    return report.per_job
+
+
+class TestOnlineCalibration:
+    def test_a_machine_ten_times_slower_is_learned_from_its_first_jobs(self) -> None:
+        """Six identical jobs ten times slower than the prior: the first job's before-start
+        estimate is far off, and from the 4th job on it is within 25 %; the first job's ETA at
+        half its duration is already within 20 %, from its own phases and steps."""
+        errors = online_errors(series(6, factor=10.0))
+        jobs = sorted(errors)
+        assert errors[jobs[0]][0.0] < -0.8
+        assert all(abs(errors[job][0.0]) <= 0.25 for job in jobs[3:])
+        assert abs(errors[jobs[0]][0.5]) <= 0.20
+        assert all(abs(errors[job][0.5]) <= 0.10 for job in jobs[1:])
+
+    @pytest.mark.parametrize("scale", [5.0, 0.2])
+    def test_a_prior_five_times_off_recovers(self, scale: float) -> None:
+        """Priors 5× too slow or too fast: within 4 jobs the before-start estimate is within
+        25 %, and at half the duration within 15 % from the first job on."""
+        errors = online_errors(series(6, noise=0.05), Calibration(prior_scale=scale))
+        jobs = sorted(errors)
+        assert all(abs(errors[job][0.0]) <= 0.25 for job in jobs[3:])
+        assert all(abs(errors[job][0.5]) <= 0.15 for job in jobs)
+
+    def test_what_was_learned_is_part_of_the_state_and_a_calibration_resets_it(self) -> None:
+        """Completed jobs leave statistics in the state; an explicit calibration (which saw
+        those jobs) starts the learning over."""
+        projection = EtaProjection()
+        state = projection.initial()
+        for event in series(3, factor=3.0):
+            state = projection.apply(state, event)
+        assert state.learned.jobs == 3
+        assert state.learned.levels["device|cpu"][0] == pytest.approx(
+            __import__("math").log(3.0), abs=0.05)
+        state = projection.apply(state, EtaCalibrated(job="wantel/eta", ts=0,
+                                                      coefficients={}))
+        assert state.learned.jobs == 0
+
+    def test_the_first_step_is_a_warm_up_learned_from_history(self) -> None:
+        """Jobs whose first step takes 8× the others teach a warm-up of ~8, which the next
+        job's expected denoise time includes."""
+        projection = EtaProjection()
+        state = projection.initial()
+        for event in series(5, first_step=8.0, steps=10):
+            state = projection.apply(state, event)
+        nxt = job_events("next", 10**12, steps=10)[0]
+        assert isinstance(nxt, JobStarted)
+        live = LiveJob.start(nxt, state.calibration, state.learned)
+        assert live.warmup == pytest.approx(8.0, rel=0.1)
+        assert live.expected["denoise"] == pytest.approx(live.step_prior * (9 + 8.0), rel=0.1)
+
+    def test_state_stays_bounded_however_many_shapes(self) -> None:
+        """Per-shape statistics are capped (oldest forgotten); per-component ones are one per
+        component: the cost of learning stays flat as history grows."""
+        learned = online.Learned()
+        observation = job_observations(job_events("x", 0))
+        for index in range(online.MAX_FAMILIES + 50):
+            shifted = [msgspec.structs.replace(o, keys=msgspec.structs.replace(
+                o.keys, family=f"{o.keys.family}#{index}")) for o in observation]
+            online.learn(learned, shifted, None, None)
+        assert len(learned.families) == online.MAX_FAMILIES
+        assert len(learned.components) == len(observation)
+
+
+def job_observations(events: list[Event]) -> list[online.Observation]:
+    """What a completed job's estimator hands to online learning."""
+    started = events[0]
+    assert isinstance(started, JobStarted)
+    live = LiveJob.start(started, Calibration())
+    for event in events[1:]:
+        live.observe(event)
+    return live.observations()
+
+
+class TestRobustLiveUpdates:
+    def _live_at(self, events: list[Event], until: int) -> LiveJob:
+        started = events[0]
+        assert isinstance(started, JobStarted)
+        live = LiveJob.start(started, Calibration())
+        for event in events[1:until]:
+            live.observe(event)
+        return live
+
+    def test_a_ten_times_slower_job_is_not_clipped(self) -> None:
+        """What the job shows moves its speed as far as the evidence says: ~10, not 3."""
+        events = job_events("slow", 0, factor=10.0, steps=20)
+        live = self._live_at(events, len(events) - 6)  # in the loop, phases and steps seen
+        assert live._speed() == pytest.approx(10.0, rel=0.25)
+
+    def test_one_anomalous_phase_does_not_scale_every_later_one(self) -> None:
+        """A text encode 8× its expectation, everything else as expected: once the steps
+        show the job's real speed, the phases to come are expected at ~their prior."""
+        events = job_events("odd", 0, slow_phase=("text_encode", 8.0), steps=20)
+        live = self._live_at(events, len(events) - 6)
+        assert 0.8 <= live._speed() <= 1.3
+
+    def test_the_interval_widens_when_the_job_disagrees_and_narrows_with_steps(self) -> None:
+        """Relative width of the interval: wider for a job far from its prior than for one
+        on it, at the same point; narrower after many steps than after two."""
+        def width(factor: float, until: int, *, slow: str = "step") -> float:
+            events = job_events("w", 0, steps=200, slow_phase=(slow, factor))
+            live = self._live_at(events, until)
+            estimate = live.estimate(events[until - 1].ts)
+            return (estimate.p90_s - estimate.p10_s) / estimate.remaining_s
+
+        loop_start = 6  # JobStarted, text_encode and latent_init started and ended, denoise
+        assert width(1.0, loop_start + 3) < width(1.0, 2)  # steps seen vs nothing yet
+        assert width(1.0, loop_start + 150) < width(1.0, loop_start + 3)
+        # Phases far from their prior: the job's speed is less certain, the interval wider.
+        assert width(4.0, loop_start, slow="latent_init") > width(1.0, loop_start)
+
+
+class TestIntervalCalibration:
+    def test_coverage_is_made_to_be_about_80_percent(self) -> None:
+        """Noisy jobs (±35 % a phase, log-normal) on a machine 2× slower than the prior: the
+        online conformal offsets bring p10–p90 coverage of the later jobs near 80 %."""
+        events = series(80, factor=2.0, noise=0.35)
+        records = [r for r in job_records(events) if r.completed]
+        starts = online_starts(events)
+        late = records[40:]
+        report = evaluate(late, Calibration(), StaticProfile.fit(records), starts)
+        coverage = report.coverage()
+        assert coverage is not None and 0.70 <= coverage <= 0.90
+
+
+class TestFit:
+    def test_fit_records_how_much_job_speeds_vary(self) -> None:
+        """A calibration keeps the spread of job speeds its jobs showed (under
+        ``speed|<device>`` in rel_sigma): large for a machine whose jobs all slow together."""
+        rng = random.Random(5)
+        events: list[Event] = []
+        ts = 0
+        for index in range(30):
+            job = job_events(f"j{index}", ts, factor=rng.choice([1.0, 3.0]), noise=0.02,
+                             rng=rng, size=rng.choice([32, 64, 96]))
+            events += job
+            ts = job[-1].ts + SECOND
+        calibration = fit(job_records(events)).calibration
+        assert calibration.rel_sigma[speed_key("cpu")] > 0.3
+
+
+class TestProgress:
+    @settings(max_examples=60, deadline=None)
+    @given(events=eta_logs())
+    def test_progress_never_decreases(self, events: list[Event]) -> None:
+        """Within a job, every ETA's progress is at least the one before it."""
+        projection = EtaProjection()
+        state = projection.initial()
+        for event in events:
+            try:
+                state = projection.apply(state, event)
+            except (OverflowError, ValueError):  # an absurd calibration's overflow
+                continue
+        for running in state.running.values():
+            progress = [point.progress for point in running.issued]
+            assert progress == sorted(progress)
+
+    def test_progress_holds_when_a_job_turns_out_longer(self) -> None:
+        """Steps suddenly 5× slower: the remaining time grows, progress does not go back."""
+        events = job_events("p", 0, steps=20)
+        slow = []
+        for event in events:
+            if isinstance(event, StepEnded) and event.step >= 10:
+                slow.append(msgspec.structs.replace(event, duration_s=event.duration_s * 5))
+            else:
+                slow.append(event)
+        projection = EtaProjection()
+        state = projection.initial()
+        issued = []
+        for event in slow[:-1]:
+            state = projection.apply(state, event)
+            issued = list(state.running["p"].issued)
+        progress = [point.progress for point in issued]
+        assert progress == sorted(progress)
+
+
+class TestPurity:
+    @settings(max_examples=30, deadline=None)
+    @given(events=eta_logs())
+    def test_projections_never_read_the_clock(self, events: list[Event]) -> None:
+        """Every default projection folds a log with every clock of the standard library
+        unplugged: what they compute comes from the events alone."""
+        reads: list[str] = []  # the engine records a fold's exception: count them here
+
+        def no_clock(*_: object) -> float:
+            reads.append("clock")
+            raise AssertionError("a projection read the clock")
+
+        engine = ProjectionEngine(default_projections())
+        saved = (time.time, time.time_ns, time.monotonic, time.monotonic_ns,
+                 time.perf_counter, time.perf_counter_ns)
+        original_datetime = datetime.datetime
+        try:
+            for name in ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter",
+                         "perf_counter_ns"):
+                setattr(time, name, no_clock)
+
+            class NoNow(original_datetime):
+                @classmethod
+                def now(cls, tz: datetime.tzinfo | None = None) -> NoNow:
+                    reads.append("datetime.now")
+                    raise AssertionError("a projection read the clock")
+
+            datetime.datetime = NoNow  # type: ignore[misc]
+            for position, event in enumerate(events):  # event by event: every rule runs
+                engine.apply_batch(Batch(position, [event]))
+        finally:
+            (time.time, time.time_ns, time.monotonic, time.monotonic_ns, time.perf_counter,
+             time.perf_counter_ns) = saved
+            datetime.datetime = original_datetime  # type: ignore[misc]
+        assert reads == []
+
+
+@pytest.mark.parametrize("cuts", [[5], [40, 80], [1, 2, 3]])
+def test_replay_equals_incremental_with_online_learning(cuts: list[int]) -> None:
+    """Folded in pieces, each restored from the previous checkpoint, a log of completed jobs
+    leaves exactly the state of one fold: what was learned, and every ETA issued."""
+    from .test_engine import assert_pieces_equal_whole
+
+    events = series(12, factor=2.5, noise=0.2)
+    assert_pieces_equal_whole(lambda: ProjectionEngine([EtaProjection()]), events, cuts)
+
+
+@given(st.integers(0, 2**31))
+@settings(max_examples=10, deadline=None)
+def test_online_learning_is_deterministic(seed: int) -> None:
+    """Two folds of the same log learn byte-identical states."""
+    events = series(4, factor=random.Random(seed).uniform(0.2, 5.0), noise=0.3)
+    states = []
+    for _ in range(2):
+        projection = EtaProjection()
+        state = projection.initial()
+        for event in events:
+            state = projection.apply(state, event)
+        states.append(msgspec.msgpack.encode(state))
+    assert states[0] == states[1]
