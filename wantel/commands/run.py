@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     emitter = Emitter(log)
     display = _Display(log, prepared.job, start, live=sys.stdout.isatty() and not args.json)
     display.start()
+    if display.live:  # the job's line appears once the pipeline is loaded (its options read)
+        print(f"wantel run: loading {prepared.model.name}…", file=sys.stderr)
     sampler = _gpu_sampler(emitter, prepared.job, prepared.device.type, args.sample_interval)
     status, error = "completed", None
     outputs: tuple[Path, ...] = ()
