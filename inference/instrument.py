@@ -47,6 +47,7 @@ import torch
 
 from inference.memory import MemoryReader
 from inference.recorder import JobRecorder
+from inference.speed_options import speed_options
 from inference.timing import timer_for
 from telemetry.emitter import Emitter
 from telemetry.events import DeviceInfo, Expert, Stage, job_id_problem
@@ -391,6 +392,9 @@ class _Session:
         guidance = float(request.get("guidance_scale") or 1.0)
         guidance_2 = request.get("guidance_scale_2")
         generator = request.get("generator")
+        videos = request.get("num_videos_per_prompt")
+        options = {**speed_options(pipe, num_videos=1 if videos is None else videos),
+                   **self.options}
         recorder.job_started(
             model=self.model or facts["model"], family=facts["family"],
             variant=self.variant or facts["variant"], task=facts["task"],
@@ -401,7 +405,7 @@ class _Session:
             guidance_scale_2=float(guidance_2) if guidance_2 is not None else None,
             cfg=guidance > 1.0, boundary_ratio=facts["boundary_ratio"],
             seed=generator.initial_seed() if isinstance(generator, torch.Generator) else None,
-            device=device_info(self.device(pipe)), options=self.options,
+            device=device_info(self.device(pipe)), options=options,
             prompt=request.get("prompt"), record_prompt=self.record_prompt,
             traceparent=self.traceparent,
         )
@@ -502,9 +506,12 @@ def instrument(
     names the first job (later calls get ``job-2``, …, the next number no job has; a random id
     without it). A ``job`` the log or the emitter already has raises :class:`JobIdInUse`
     here, before any pipeline call (``check_job=False`` skips that lookup, which reads the
-    log); a reserved or unencodable one raises ``ValueError``. ``recorder`` continues a job
-    whose ``JobStarted`` the caller already emitted (the job runner does this to include model
-    loading; its caller checked the id). ``traceparent`` joins the caller's trace.
+    log); a reserved or unencodable one raises ``ValueError``. Each job's
+    ``JobStarted.options`` holds what :func:`~inference.speed_options.speed_options` reads from
+    the pipeline at that call (offload, dtype, quantization, LoRAs, attention backend, compile,
+    VAE tiling/slicing, videos per prompt), with ``options`` given here over them. ``recorder``
+    continues a job whose ``JobStarted`` the caller already emitted (the job runner does this to
+    include model loading; its caller checked the id). ``traceparent`` joins the caller's trace.
     """
     if (log is None) == (emitter is None):
         raise ValueError("give exactly one of log= or emitter=")

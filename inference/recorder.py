@@ -10,6 +10,10 @@ background thread that keeps polling, so the caller's thread returns at once.
 User text — the prompt, error messages, reasons — passes through :func:`prompt_digest`,
 :func:`sanitise` and :func:`storable`, which never raise: a prompt that works in plain
 diffusers (a lone surrogate, an object whose ``str`` fails) must work with wantel too.
+
+A job's first event is always its ``JobStarted``: whatever is recorded before it (``wantel
+run`` measures ``load`` before the pipeline whose options ``JobStarted`` carries exists) waits
+in the queue and follows it.
 """
 
 from __future__ import annotations
@@ -180,6 +184,17 @@ class _Deferred:
     build: Callable[[list[int]], Event]  # receives each mark's ns since the job's origin
 
 
+def _unbuildable(offsets: list[int]) -> Event:
+    raise AssertionError("the not-started placeholder is never emitted")
+
+
+#: Heads a recorder's queue until its ``JobStarted`` is recorded, so that a job's first event is
+#: always its ``JobStarted`` even when something was recorded before it (``wantel run`` records
+#: ``load`` before the pipeline its options are read from exists); it also keeps every fast
+#: path, which emits only when the queue is empty, off until then.
+_NOT_STARTED: Final = _Deferred((), _unbuildable)
+
+
 class JobRecorder:
     """Builds and emits one job's events; used by the instrumentation and the job runner."""
 
@@ -203,9 +218,11 @@ class JobRecorder:
         self.stage: Stage | None = None
         self.failed_in_stage: Stage | None = None
         self.steps_done = 0
-        self._queue: deque[_Deferred] = deque()
+        self._queue: deque[_Deferred] = deque((_NOT_STARTED,))
         self._lock = threading.Lock()
         self._immediate = isinstance(timer, HostTimer)
+        if memory is not None:
+            memory.reset_peak()  # the job's peak-memory window opens at its origin
 
     # -- ordering and resolution ----------------------------------------------------------
 
@@ -228,6 +245,8 @@ class JobRecorder:
         with self._lock:
             while self._queue:
                 head = self._queue[0]
+                if head is _NOT_STARTED:
+                    return False
                 offsets = []
                 for mark in head.marks:
                     offset = self.timer.elapsed_ns(self.origin, mark)
@@ -276,9 +295,7 @@ class JobRecorder:
         record_prompt: bool = False,
         traceparent: str | None = None,
     ) -> None:
-        """Emit ``JobStarted`` (at the origin) and start the job's peak-memory window."""
-        if self.memory is not None:
-            self.memory.reset_peak()
+        """Emit ``JobStarted``, stamped at the origin, then whatever was recorded before it."""
         event = JobStarted(
             job=self.job, ts=self.origin_wall_ns, model=model, family=family, variant=variant,
             task=task,  # type: ignore[arg-type]
@@ -289,7 +306,10 @@ class JobRecorder:
             prompt=storable(prompt) if record_prompt and isinstance(prompt, str) else None,
             traceparent=traceparent,
         )
-        self._defer((), lambda _: event)
+        with self._lock:
+            if self._queue and self._queue[0] is _NOT_STARTED:
+                self._queue.popleft()
+            self._queue.appendleft(_Deferred((), lambda _: event))
         self.started = True
         self.pump()
 

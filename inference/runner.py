@@ -4,6 +4,14 @@ Everything a user can get wrong is checked by :func:`prepare` before any model i
 typo costs milliseconds, not a model load. :func:`generate` then records the whole job —
 including ``load`` and ``save``, which happen outside the pipeline call — through one
 :class:`~inference.recorder.JobRecorder`.
+
+The options that change a job's speed (offload, compile, VAE tiling, videos per prompt…) are
+applied while loading and then read back from the pipeline by
+:func:`~inference.speed_options.speed_options`, so ``JobStarted.options`` says what the pipeline
+really does, not what was asked for. That is why ``JobStarted`` is written once the pipeline is
+loaded: it is still stamped at the job's start and still the job's first event (the ``load``
+stage, measured before it, follows it in the log), but live views see a ``wantel run`` job only
+from then on.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from inference.instrument import Instrumented, JobCancelledError, device_info, i
 from inference.memory import MemoryReader
 from inference.models import ModelChoice, ModelError, resolve_model
 from inference.recorder import JobRecorder
+from inference.speed_options import speed_options
 from inference.timing import timer_for
 from telemetry.emitter import Emitter
 from telemetry.events import job_id_problem
@@ -40,6 +49,10 @@ MAX_SEED: Final = 2**64 - 1  # what torch.Generator.manual_seed takes
 #: The largest conditioning image read (pixels): 8192 × 8192. PIL's own decompression-bomb
 #: limit is higher; an image this large is resized down to at most MAX_SIDE anyway.
 MAX_IMAGE_PIXELS: Final = 8192 * 8192
+#: ``--offload``: none, or diffusers' ``enable_model_cpu_offload`` /
+#: ``enable_sequential_cpu_offload``.
+OFFLOAD_MODES: Final = ("none", "model", "sequential")
+MAX_VIDEOS: Final = 16  # videos per prompt: each is a full batch row through every step
 
 
 class RequestError(ValueError):
@@ -67,6 +80,10 @@ class GenerationRequest:
     record_prompt: bool = False
     traceparent: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    offload: str = "none"
+    vae_tiling: bool = False
+    compile: bool = False
+    num_videos: int = 1
 
 
 @dataclass(frozen=True)
@@ -93,8 +110,9 @@ class Outcome:
     job: str
     status: str  # completed | failed | cancelled
     output: Path | None = None
-    frames: int | None = None
+    frames: int | None = None  # over all its videos
     error: str | None = None
+    outputs: tuple[Path, ...] = ()  # every video written: ``output`` first
 
 
 def prepare(request: GenerationRequest, *, creates: Sequence[str | os.PathLike[str]] = ()
@@ -121,8 +139,11 @@ def prepare(request: GenerationRequest, *, creates: Sequence[str | os.PathLike[s
         model.check(height=height, width=width, num_frames=frames)
     except ModelError as exc:
         raise RequestError(str(exc)) from None
+    if not 1 <= request.num_videos <= MAX_VIDEOS:
+        raise RequestError(f"--num-videos must be 1 to {MAX_VIDEOS}, got {request.num_videos}")
     image = _load_image(model, request.image)
     device = _device(request.device)
+    _check_offload(request.offload, device, asked=request.device)
     job = request.job or uuid.uuid4().hex[:12]
     return PreparedRequest(
         request=request, model=model, job=job, height=height, width=width, frames=frames,
@@ -207,6 +228,22 @@ def _device(name: str) -> torch.device:
         raise RequestError(f"--device {name}: expected auto, cpu or cuda[:N]") from None
 
 
+def _check_offload(offload: str, device: torch.device, *, asked: str) -> None:
+    if offload not in OFFLOAD_MODES:
+        raise RequestError(f"--offload {offload}: expected {', '.join(OFFLOAD_MODES)}")
+    if offload != "none" and device.type == "cpu":
+        why = "--device cpu" if asked == "cpu" else "no CUDA device is available here"
+        raise RequestError(
+            f"--offload {offload} needs an accelerator: it keeps weights in host memory and "
+            f"moves them to the GPU as they run, and this job runs on the CPU ({why}); "
+            "drop --offload")
+
+
+def _output_paths(out: Path, count: int) -> tuple[Path, ...]:
+    """``out`` for the first video, ``<stem>-2<suffix>``… beside it for the others."""
+    return (out, *(out.with_name(f"{out.stem}-{n}{out.suffix}") for n in range(2, count + 1)))
+
+
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -253,39 +290,87 @@ def _generate(prepared: PreparedRequest, emitter: Emitter, memory: MemoryReader,
     request, model = prepared.request, prepared.model
     recorder = JobRecorder(emitter, prepared.job, timer=timer_for(prepared.device),
                            memory=memory)
+    try:
+        with recorder.stage_span("load"):
+            pipe = _load(prepared)
+        # Read back from the pipeline: what the flags did, and what the model brought.
+        _job_started(recorder, prepared,
+                     speed_options(pipe, num_videos=request.num_videos))
+        with instrument(pipe, emitter=emitter, recorder=recorder, model=model.name,
+                        variant=model.variant) as handle:
+            if on_instrumented is not None:
+                on_instrumented(handle)
+            videos = _call(pipe, prepared)
+        with recorder.stage_span("save"):
+            outputs = _save(videos, prepared.out)
+    except (KeyboardInterrupt, JobCancelledError) as exc:
+        if not recorder.started:
+            _job_started(recorder, prepared, _requested(prepared))
+        if not recorder.finished:
+            recorder.cancelled(str(exc) or type(exc).__name__)
+        raise
+    except BaseException as exc:
+        if not recorder.started:
+            _job_started(recorder, prepared, _requested(prepared))
+        if not recorder.finished:
+            recorder.failed(exc, secrets=tuple(
+                p for p in (request.prompt, request.negative_prompt) if p is not None))
+        raise
+    frames = sum(len(video) for video in videos)
+    recorder.completed(output_path=str(prepared.out), frames=frames,
+                       size_bytes=sum(path.stat().st_size for path in outputs))
+    return Outcome(job=prepared.job, status="completed", output=prepared.out, frames=frames,
+                   outputs=outputs)
+
+
+def _job_started(recorder: JobRecorder, prepared: PreparedRequest,
+                 options: dict[str, Any]) -> None:
+    request, model = prepared.request, prepared.model
     recorder.job_started(
         model=model.name, family=model.spec.family, variant=model.variant, task=model.spec.task,
         width=prepared.width, height=prepared.height, num_frames=prepared.frames,
         steps=prepared.steps, guidance_scale=request.guidance, cfg=request.guidance > 1.0,
         boundary_ratio=model.spec.boundary_ratio, seed=request.seed,
         device=device_info(prepared.device),
-        options={"dtype": str(prepared.dtype).removeprefix("torch."), "offload": False,
-                 "stages": "load,save", **request.options},
+        options={**options, "stages": "load,save", **request.options},
         prompt=request.prompt, record_prompt=request.record_prompt,
         traceparent=request.traceparent,
     )
-    try:
-        with recorder.stage_span("load"):
-            pipe = model.load(device=prepared.device, dtype=prepared.dtype, seed=request.seed)
-        with instrument(pipe, emitter=emitter, recorder=recorder, model=model.name,
-                        variant=model.variant) as handle:
-            if on_instrumented is not None:
-                on_instrumented(handle)
-            frames = _call(pipe, prepared)
-        with recorder.stage_span("save"):
-            _save(frames, prepared.out)
-    except (KeyboardInterrupt, JobCancelledError) as exc:
-        if not recorder.finished:
-            recorder.cancelled(str(exc) or type(exc).__name__)
-        raise
-    except BaseException as exc:
-        if not recorder.finished:
-            recorder.failed(exc, secrets=tuple(
-                p for p in (request.prompt, request.negative_prompt) if p is not None))
-        raise
-    recorder.completed(output_path=str(prepared.out), frames=len(frames),
-                       size_bytes=prepared.out.stat().st_size)
-    return Outcome(job=prepared.job, status="completed", output=prepared.out, frames=len(frames))
+
+
+def _requested(prepared: PreparedRequest) -> dict[str, Any]:
+    """The options a job asked for: what a job whose pipeline never loaded records."""
+    request = prepared.request
+    return {"offload": request.offload, "dtype": str(prepared.dtype).removeprefix("torch."),
+            "compiled": request.compile, "vae_tiling": request.vae_tiling,
+            "num_videos": request.num_videos}
+
+
+def _load(prepared: PreparedRequest) -> Any:
+    """Load the pipeline and apply the request's speed options to it.
+
+    An offloaded pipeline is loaded into host memory: diffusers' offloading moves each part to
+    the device as it runs (loading it all onto the device first is what offloading avoids).
+    ``--compile`` wraps the transformers in ``torch.compile``; they compile at their first call,
+    so the first denoising step pays for it.
+    """
+    request = prepared.request
+    offload = request.offload
+    pipe = prepared.model.load(
+        device=prepared.device if offload == "none" else torch.device("cpu"),
+        dtype=prepared.dtype, seed=request.seed)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=prepared.device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=prepared.device)
+    if request.vae_tiling:
+        pipe.vae.enable_tiling()
+    if request.compile:
+        for name in ("transformer", "transformer_2"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                setattr(pipe, name, torch.compile(module))
+    return pipe
 
 
 def _call(pipe: Any, prepared: PreparedRequest) -> Any:
@@ -299,19 +384,24 @@ def _call(pipe: Any, prepared: PreparedRequest) -> Any:
         "num_inference_steps": prepared.steps,
         "guidance_scale": request.guidance,
         "generator": torch.Generator(device=generator_device).manual_seed(request.seed),
+        "num_videos_per_prompt": request.num_videos,
         "output_type": "np",
     }
     if request.negative_prompt is not None:
         kwargs["negative_prompt"] = request.negative_prompt
     if prepared.image is not None:
         kwargs["image"] = prepared.image
-    return pipe(**kwargs).frames[0]
+    return pipe(**kwargs).frames
 
 
-def _save(frames: Any, path: Path) -> None:
+def _save(videos: Any, path: Path) -> tuple[Path, ...]:
+    """Write each video (``path``, then ``<stem>-2<suffix>``…); the paths written."""
     from diffusers.utils.export_utils import export_to_video
 
-    export_to_video(list(frames), str(path), fps=FPS)
+    paths = _output_paths(path, len(videos))
+    for video, video_path in zip(videos, paths, strict=True):
+        export_to_video(list(video), str(video_path), fps=FPS)
+    return paths
 
 
 __all__ = [

@@ -401,6 +401,47 @@ class TestRunner:
         assert 13 == outcome.frames
         assert 13 == len(list(iio.imiter(tmp_path / "out.mp4")))
 
+    def test_job_started_comes_first_and_carries_the_loaded_pipelines_options(
+        self, tmp_path: Path
+    ) -> None:
+        """JobStarted is written once the pipeline is loaded (its options are read from it) but
+        is stamped at the job's start and stays the job's first event, before ``load``."""
+        request = GenerationRequest(model="tiny-t2v", prompt="p", frames=5, height=32, width=32,
+                                    steps=2, out=str(tmp_path / "out.mp4"), job="first",
+                                    dtype="bfloat16")
+        log = MemoryLog()
+        with Emitter(log) as emitter:
+            generate(prepare(request), emitter)
+        events = [e for e in events_of(log.read()) if e.job == "first"]
+        started, load = events[0], events[1]
+        assert isinstance(started, JobStarted) and isinstance(load, StageStarted)
+        assert ("load", 0) == (load.stage, started.seq)
+        assert started.ts <= load.ts
+        assert ("bfloat16", "none", False, 1, "load,save") == tuple(
+            started.options[k] for k in ("dtype", "offload", "compiled", "num_videos", "stages"))
+
+    def test_a_failed_load_still_starts_the_job_with_what_it_asked_for(
+        self, tmp_path: Path
+    ) -> None:
+        """A model directory whose weights are corrupt fails in ``load``: the job still has its
+        JobStarted (with the options it asked for: no pipeline exists to read them from),
+        then the failed stage."""
+        build_tiny_pipeline("tiny-t2v").save_pretrained(tmp_path / "model")
+        for weights in (tmp_path / "model" / "transformer").glob("*.safetensors"):
+            weights.write_bytes(b"not safetensors")
+        request = GenerationRequest(model=str(tmp_path / "model"), prompt="p", frames=5,
+                                    height=32, width=32, steps=2, vae_tiling=True,
+                                    num_videos=3, out=str(tmp_path / "out.mp4"), job="bad")
+        log = MemoryLog()
+        with Emitter(log) as emitter, pytest.raises(OSError, match="Unable to load weights"):
+            generate(prepare(request), emitter)
+        events = [e for e in events_of(log.read()) if e.job == "bad"]
+        assert [JobStarted, StageStarted, StageEnded] == [type(e) for e in events[:3]]
+        assert {"offload": "none", "dtype": "float32", "compiled": False, "vae_tiling": True,
+                "num_videos": 3, "stages": "load,save"} == events[0].options
+        failed = events[-1]
+        assert isinstance(failed, JobFailed) and "load" == failed.stage
+
     def test_a_killed_writer_leaves_a_job_that_is_not_completed(self, tmp_path: Path) -> None:
         """SIGKILL mid-denoise: the log replays, and the job is not shown as completed."""
         script = textwrap.dedent(f"""

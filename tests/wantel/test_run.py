@@ -6,10 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+import imageio.v3 as iio
 import pytest
+import torch
 from PIL import Image
 
-from telemetry.events import JobStarted
+from telemetry.events import JobCompleted, JobStarted
 from telemetry.log.local import LocalLog
 from tests.polling import wait_for
 from tests.telemetry.log_contract import events_of
@@ -60,6 +62,12 @@ class TestBadInput:
             (["--model", "tiny-t2v", "--job", "worker/me"], "reserved for the log's own"),
             (["--model", "tiny-t2v", "--job", "wantel/eta"], "reserved for the log's own"),
             (["--model", "tiny-t2v", "--job", "x\udc80"], "lone surrogate"),
+            (["--model", "tiny-t2v", "--device", "cpu", "--offload", "model"],
+             "--offload model needs an accelerator"),
+            (["--model", "tiny-t2v", "--device", "cpu", "--offload", "sequential"],
+             "this job runs on the CPU (--device cpu); drop --offload"),
+            (["--model", "tiny-t2v", "--num-videos", "0"], "--num-videos must be 1 to 16, got 0"),
+            (["--model", "tiny-t2v", "--num-videos", "17"], "--num-videos must be 1 to 16"),
         ],
     )
     def test_one_clear_line_and_exit_2(
@@ -118,6 +126,24 @@ class TestBadInput:
         code = main(["run", "--model", "tiny-i2v", "--prompt", "p", "--image", str(fake)])
         assert 2 == code
         assert "not a readable image" in capsys.readouterr().err
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present here")
+    def test_offload_without_an_accelerator(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--offload model with --device auto on a machine without CUDA: one line, exit 2,
+        saying why."""
+        code = main(["run", "--model", "tiny-t2v", "--prompt", "p", "--offload", "model"])
+        err = capsys.readouterr().err
+        assert 2 == code
+        assert "--offload model needs an accelerator" in err
+        assert "(no CUDA device is available here)" in err
+        assert 1 == len(err.strip().splitlines())
+
+    def test_unknown_offload_mode(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """argparse names the offload modes there are."""
+        with pytest.raises(SystemExit) as exited:
+            main(["run", "--model", "tiny-t2v", "--prompt", "p", "--offload", "group"])
+        assert 2 == exited.value.code
+        assert "'none', 'model', 'sequential'" in capsys.readouterr().err
 
     def test_missing_required_flag(self, capsys: pytest.CaptureFixture[str]) -> None:
         """--model and --prompt are required; argparse says so in one line."""
@@ -187,12 +213,52 @@ class TestGoodRun:
         assert "keep me" == started.prompt
 
 
+    def test_speed_flags_are_applied_and_recorded(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--vae-tiling and --num-videos 2: the pipeline is changed, JobStarted's options say so
+        (read back from the pipeline), and both videos are written."""
+        code = main(["run", "--model", "tiny-t2v", "--prompt", "p", "--height", "32",
+                     "--width", "32", "--frames", "5", "--steps", "2", "--vae-tiling",
+                     "--num-videos", "2", "--log", str(tmp_path / "log"),
+                     "--out", str(tmp_path / "v.mp4"), "--job", "two"])
+        assert 0 == code
+        assert "and 1 more beside it" in capsys.readouterr().out
+        events = events_of(LocalLog(tmp_path / "log").read())
+        started = next(e for e in events if e.job == "two")
+        assert isinstance(started, JobStarted)
+        assert {"offload": "none", "dtype": "float32", "quantization": "none",
+                "lora_count": 0, "lora_names": "", "attention_backend": "WanAttnProcessor",
+                "compiled": False, "vae_tiling": True, "vae_slicing": False,
+                "num_videos": 2, "stages": "load,save"} == started.options
+        completed = [e for e in events if isinstance(e, JobCompleted)]
+        assert [(str(tmp_path / "v.mp4"), 10)] == [(e.output_path, e.frames) for e in completed]
+        for name in ("v.mp4", "v-2.mp4"):
+            assert 5 == len(list(iio.imiter(tmp_path / name)))
+
+    @pytest.mark.slow
+    def test_compile_runs_on_the_cpu(self, tmp_path: Path) -> None:
+        """--compile: the transformer runs through torch.compile (a minute of compiling on a
+        CPU), and the job records it."""
+        code = main(["run", "--model", "tiny-t2v", "--prompt", "p", "--height", "32",
+                     "--width", "32", "--frames", "5", "--steps", "2", "--compile",
+                     "--device", "cpu", "--log", str(tmp_path / "log"),
+                     "--out", str(tmp_path / "v.mp4"), "--json"])
+        assert 0 == code
+        (started,) = [e for e in events_of(LocalLog(tmp_path / "log").read())
+                      if isinstance(e, JobStarted)]
+        assert started.options["compiled"] is True
+
+
 def test_help_teaches_the_models(capsys: pytest.CaptureFixture[str]) -> None:
     """`wantel run --help` lists the tiny variants and the size rules."""
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = capsys.readouterr().out
     assert "tiny-t2v-a14b" in out and "4k+1" in out
+    for flag in ("--offload {none,model,sequential}", "--vae-tiling", "--compile",
+                 "--num-videos N"):
+        assert flag in out
     assert sys.executable  # the help needs no model and no GPU
 
 

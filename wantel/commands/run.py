@@ -12,6 +12,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,6 +24,8 @@ from inference.runner import (
     MAX_GUIDANCE,
     MAX_SIDE,
     MAX_STEPS,
+    MAX_VIDEOS,
+    OFFLOAD_MODES,
     GenerationRequest,
     RequestError,
     generate,
@@ -82,6 +85,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="auto, cpu or cuda[:N] (default auto: cuda when available)")
     parser.add_argument("--dtype", default="auto", metavar="T",
                         help="auto, float32, bfloat16 or float16 (auto: bfloat16 on cuda)")
+    parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
+                        help="keep weights in host memory and move them to the GPU as they run: "
+                        "'model' moves one whole model at a time (text encoder, transformer, "
+                        "VAE; a little slower, much less GPU memory), 'sequential' one layer at "
+                        "a time (least GPU memory, many times slower); needs a GPU "
+                        "(default none)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode the video in overlapping tiles: less memory for the VAE "
+                        "decode at large sizes, at some cost in time")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the transformer through torch.compile: the first step pays "
+                        "for compiling (seconds to minutes), later steps may run faster; works "
+                        "on the CPU too, slowly")
+    parser.add_argument("--num-videos", type=int, default=1, metavar="N",
+                        help=f"videos per prompt, 1 to {MAX_VIDEOS}: one batch, so each step "
+                        "costs about N times as much; written as v.mp4, v-2.mp4, … (default 1)")
     parser.add_argument("--out", metavar="FILE",
                         help="where to write the video (.mp4; default wantel-<job>.mp4)")
     parser.add_argument("--job", metavar="ID",
@@ -108,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
         width=args.width, steps=args.steps, guidance=args.guidance, seed=args.seed,
         device=args.device, dtype=args.dtype, out=args.out, job=args.job,
-        record_prompt=args.record_prompt,
+        record_prompt=args.record_prompt, offload=args.offload, vae_tiling=args.vae_tiling,
+        compile=args.compile, num_videos=args.num_videos,
     )
     interval = args.sample_interval
     if not (interval == 0 or MIN_SAMPLE_INTERVAL <= interval <= MAX_SAMPLE_INTERVAL):
@@ -130,10 +150,13 @@ def run(args: argparse.Namespace) -> int:
     emitter = Emitter(log)
     display = _Display(log, prepared.job, start, live=sys.stdout.isatty() and not args.json)
     display.start()
+    if display.live:  # the job's line appears once the pipeline is loaded (its options read)
+        print(f"wantel run: loading {prepared.model.name}…", file=sys.stderr)
     sampler = _gpu_sampler(emitter, prepared.job, prepared.device.type, args.sample_interval)
     status, error = "completed", None
+    outputs: tuple[Path, ...] = ()
     try:
-        generate(prepared, emitter)
+        outputs = generate(prepared, emitter).outputs
     except KeyboardInterrupt:
         status = "cancelled"
     except Exception as exc:
@@ -147,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.encode(_summary(summary, prepared.job, str(log.path))).decode())
     elif status == "completed":
-        print(f"wantel run: job {prepared.job} completed -> {prepared.out} ({_figures(summary)})")
+        more = f" and {len(outputs) - 1} more beside it" if len(outputs) > 1 else ""
+        print(f"wantel run: job {prepared.job} completed -> {prepared.out}{more} "
+              f"({_figures(summary)})")
     if status == "failed":
         print(f"wantel run: job {prepared.job} failed: {error}", file=sys.stderr)
         return EXIT_FAILED
