@@ -332,7 +332,7 @@ def test_wantel_run_refuses_a_non_finite_guidance() -> None:
                                  f"--guidance={value}", "--log", "/nonexistent/x"],
                                 capture_output=True, text=True, timeout=60)
         assert 2 == result.returncode, result.stderr
-        assert "--guidance must be a finite number" in result.stderr
+        assert "--guidance must be a number from 0" in result.stderr
         assert 1 == len(result.stderr.strip().splitlines())
 
 

@@ -141,7 +141,12 @@ class TestFailureMessages:
 
         log = MemoryLog()
         with Emitter(log, heartbeat_interval=None) as emitter:
-            JobRecorder(emitter, "j", timer=HostTimer()).failed(Weird(), secrets=(PROMPT,))
+            recorder = JobRecorder(emitter, "j", timer=HostTimer())
+            recorder.job_started(
+                model="m", family="wan2.1", variant="v", task="t2v", width=32, height=32,
+                num_frames=5, steps=2, guidance_scale=5.0, cfg=True,
+                device=DeviceInfo(kind="cpu", name="cpu"))
+            recorder.failed(Weird(), secrets=(PROMPT,))
         (failed,) = [e for e in events_of(log.read()) if isinstance(e, JobFailed)]
         assert ("Weird", "Weird") == (failed.error_type, failed.message)
 

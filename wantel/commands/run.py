@@ -9,7 +9,6 @@ what the terminal shows is exactly what every other view will show.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -119,9 +118,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, then generate while showing progress; exit 0, 1 (failed) or 130 (cancelled)."""
-    for flag, value in (("--guidance", args.guidance), ("--sample-interval", args.sample_interval)):
-        if not math.isfinite(value):  # float() takes "nan" and "inf"; no event should hold them
-            raise UsageError(f"{flag} must be a finite number, got {value}")
     request = GenerationRequest(
         model=args.model, prompt=args.prompt, image=args.image,
         negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
