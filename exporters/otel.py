@@ -55,6 +55,7 @@ from telemetry import tracing
 from telemetry.codec import decode_one, encode
 from telemetry.eta.evaluate import ours_at
 from telemetry.eta.jobs import job_records
+from telemetry.eta.live import LiveJob
 from telemetry.eta.model import BUCKETS, CHECKPOINTS, bucket_of
 from telemetry.events import (
     EtaCalibrated,
@@ -174,7 +175,7 @@ def _view_of(events: Iterable[Event]) -> _JobView | None:
 
 def spans_for_job(
     events: Iterable[Event], *, resource: Resource | None = None,
-    eta_issued: Sequence[EtaPoint] | None = None,
+    eta_issued: Sequence[EtaPoint] | None = None, eta_start: LiveJob | None = None,
 ) -> list[ReadableSpan]:
     """The finished spans of one job, root first, built from its events alone.
 
@@ -183,6 +184,9 @@ def spans_for_job(
     taken as the calibration in force when the job started, for the ETA attributes.
     ``eta_issued``: the ETAs the ETA projection issued during the job, read from an engine's
     state (see :class:`SpanSink`); ``None`` runs the projection over these events instead.
+    ``eta_start``: the job's estimator as the projection started it (online learning
+    included), for the ETAs at 10/25/50 % of the duration; ``None``: one started from the
+    calibration alone.
 
     ``ReadableSpan`` objects are built directly rather than through a ``TracerProvider`` with a
     custom ``IdGenerator``: every id comes from :func:`telemetry.tracing.span_id_for` by role,
@@ -273,7 +277,7 @@ def spans_for_job(
             status=Status(StatusCode.ERROR, f"stage {stage} did not end")
             if isinstance(terminal, JobFailed) else None))
 
-    attributes, status = _root_attributes(view, eta_issued)
+    attributes, status = _root_attributes(view, eta_issued, eta_start)
     if isinstance(terminal, JobFailed):
         root_events.append(SpanEvent("exception", {
             "exception.type": terminal.error_type, "exception.message": terminal.message},
@@ -301,7 +305,8 @@ def _step_attributes(event: StepEnded) -> dict[str, AttributeValue]:
     return attributes
 
 
-def _root_attributes(view: _JobView, eta_issued: Sequence[EtaPoint] | None
+def _root_attributes(view: _JobView, eta_issued: Sequence[EtaPoint] | None,
+                     eta_start: LiveJob | None = None
                      ) -> tuple[dict[str, AttributeValue], Status]:
     attributes: dict[str, AttributeValue] = {
         "wantel.job": view.job, "gen_ai.operation.name": "generate_content",
@@ -354,13 +359,14 @@ def _root_attributes(view: _JobView, eta_issued: Sequence[EtaPoint] | None
     else:
         attributes["wantel.status"] = "running"
     if started is not None and terminal is not None:
-        attributes.update(eta_attributes(view.events, view.calibration, issued=eta_issued))
+        attributes.update(eta_attributes(view.events, view.calibration, issued=eta_issued,
+                                         start=eta_start))
     return attributes, status
 
 
 def eta_attributes(
     events: Sequence[Event], calibration: EtaCalibrated | None = None, *,
-    issued: Sequence[EtaPoint] | None = None,
+    issued: Sequence[EtaPoint] | None = None, start: LiveJob | None = None,
 ) -> dict[str, AttributeValue]:
     """The ETA story of one finished job, as root-span attributes.
 
@@ -372,7 +378,9 @@ def eta_attributes(
         the ETA issued at ``JobStarted`` (before any work) and its signed relative error.
     ``wantel.eta.at_10pct_s`` (25, 50)
         the live model's remaining-time estimate at 10/25/50 % of the job's *actual*
-        duration (:func:`telemetry.eta.evaluate.ours_at`, as ``wantel eta eval`` scores it),
+        duration (:func:`telemetry.eta.evaluate.ours_at`, as ``wantel eta eval`` scores it,
+        from ``start``: the estimator the projection started the job with, online learning
+        included — else one started from the calibration alone),
         and ``…_error`` its signed relative error against the actual remaining time
         (completed jobs only). No projection issues an ETA at those moments (they are known
         only once the job has ended), so these are always computed here.
@@ -399,7 +407,7 @@ def eta_attributes(
     attributes: dict[str, AttributeValue] = {}
     duration = record.duration_s
     for fraction in ETA_FRACTIONS:
-        estimate = ours_at(record, state.calibration, fraction)
+        estimate = ours_at(record, state.calibration, fraction, start)
         if estimate is None:
             continue
         key = f"wantel.eta.at_{round(fraction * 100)}pct"
@@ -530,6 +538,7 @@ class _SpanState(msgspec.Struct, kw_only=True):
     version: int = 2
     open: dict[str, list[bytes]] = {}  # job → its buffered events (telemetry.codec)
     issued: dict[str, list[EtaPoint]] = {}  # job → the ETAs issued so far (the engine's)
+    starts: dict[str, LiveJob] = {}  # job → its estimator as the projection started it
     calibration: bytes | None = None
 
 
@@ -597,6 +606,7 @@ class SpanSink(Sink):
         self._resource = resource or default_resource()
         self._open: OrderedDict[str, list[Event]] = OrderedDict()  # oldest popped in O(1)
         self._issued: dict[str, list[EtaPoint]] = {}
+        self._starts: dict[str, LiveJob] = {}
         self._calibration: EtaCalibrated | None = None
         self._pending: list[_Pending] = []
         self._stats = ExportStats()
@@ -645,8 +655,10 @@ class SpanSink(Sink):
             if terminal:
                 del self._open[job]
                 issued = self._issued.pop(job, ()) if eta is not None else None
+                start = self._starts.pop(job, None)
                 try:
-                    spans = spans_for_job(events, resource=self._resource, eta_issued=issued)
+                    spans = spans_for_job(events, resource=self._resource, eta_issued=issued,
+                                          eta_start=start)
                 except Exception as exc:  # one malformed job must not stop every other trace
                     _log.warning("cannot build spans", job=job,
                                  error=f"{type(exc).__name__}: {exc}")
@@ -660,6 +672,8 @@ class SpanSink(Sink):
                 live = running.get(job)
                 if live is not None and live.issued:
                     self._issued[job] = list(live.issued)
+                    if job not in self._starts:  # first seen: its estimator as it started
+                        self._starts[job] = live.live.restart()
         self._publish()
 
     def pending_since(self) -> Position | None:
@@ -711,6 +725,7 @@ class SpanSink(Sink):
         return msgspec.msgpack.encode(_SpanState(
             open={job: [encode(e) for e in events] for job, events in self._open.items()},
             issued={job: points for job, points in self._issued.items() if job in self._open},
+            starts={job: live for job, live in self._starts.items() if job in self._open},
             calibration=encode(self._calibration) if self._calibration is not None else None))
 
     def restore(self, data: bytes) -> None:
@@ -719,6 +734,7 @@ class SpanSink(Sink):
         self._open = OrderedDict((job, [decode_one(raw) for raw in events])
                                  for job, events in state.open.items())
         self._issued = dict(state.issued)
+        self._starts = dict(state.starts)
         calibration = decode_one(state.calibration) if state.calibration is not None else None
         self._calibration = calibration if isinstance(calibration, EtaCalibrated) else None
         self._publish()
@@ -727,6 +743,7 @@ class SpanSink(Sink):
         while len(self._open) > self._max_open_jobs:
             oldest, _ = self._open.popitem(last=False)
             self._issued.pop(oldest, None)
+            self._starts.pop(oldest, None)
             _log.warning("too many open jobs; dropping the oldest's trace", job=oldest)
             self._update(evicted_jobs=self.stats.evicted_jobs + 1)
 

@@ -33,8 +33,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-import msgspec
-
 from telemetry.eta.jobs import JobRecord
 from telemetry.eta.live import Estimate, LiveJob
 from telemetry.eta.model import CHECKPOINTS, Calibration
@@ -59,9 +57,7 @@ def ours_at(record: JobRecord, calibration: Calibration, fraction: float,
         if event.ts > now:
             break
         if isinstance(event, JobStarted):
-            live = (LiveJob.start(event, calibration) if start is None
-                    else msgspec.structs.replace(start, expected=dict(start.expected),
-                                                 sigma=dict(start.sigma), done={}))
+            live = LiveJob.start(event, calibration) if start is None else start.restart()
         elif live is not None:
             live.observe(event)
     return None if live is None else live.estimate(now)
@@ -94,10 +90,7 @@ def online_starts(events: Iterable[Event], calibration: Calibration | None = Non
         if type(event) is JobStarted:
             running = state.running.get(event.job)
             if running is not None:
-                live = running.live
-                starts[event.job] = msgspec.structs.replace(
-                    live, expected=dict(live.expected), sigma=dict(live.sigma),
-                    last_remaining=None, last_ts=None, last_band=0.0, last_progress=0.0)
+                starts[event.job] = running.live.restart()
     return starts
 
 

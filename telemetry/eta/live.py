@@ -306,6 +306,18 @@ class LiveJob(msgspec.Struct, kw_only=True):
                    speed_tau=tau, offsets=offsets,
                    total_steps=shape.steps, segment_prior=step)
 
+    def restart(self) -> LiveJob:
+        """A copy of this estimator as it was when its job started (what it learned online at
+        the start included, nothing the job showed since): to replay the job's events onto it,
+        as ``wantel eta eval`` and the spans' ETA attributes do."""
+        return msgspec.structs.replace(
+            self, expected=dict(self.expected), sigma=dict(self.sigma), done={}, phase=None,
+            phase_start_ts=None, total_steps=self.shape.steps, steps_done=0,
+            first_step_s=None, later_sum=0.0, expert=None, segment_sum=0.0, segment_n=0.0,
+            segment_prior=self.step_prior, steps_seen=0, last_step_ts=None,
+            last_remaining=None, last_ts=None, last_band=0.0, last_progress=0.0,
+            speed_key=-1, speed_cache=(0.0, 0.0), ahead_key=-1, ahead=(0.0, 0.0, False))
+
     # -- observations ---------------------------------------------------------------------
 
     def observe(self, event: Event) -> None:

@@ -25,10 +25,14 @@ from inference.tiny_models import build_tiny_pipeline
 from telemetry.emitter import Emitter
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import (
+    TERMINAL_TYPES as TERMINALS,
+)
+from telemetry.events import (
     Event,
     ExpertSwitched,
     JobFailed,
     JobQueued,
+    JobStarted,
     StageEnded,
     StageStarted,
     StepEnded,
@@ -214,6 +218,23 @@ class TestSpansForJob:
         assert key(spans_for_job(recorded.a14b)) == key(spans_for_job(noisy))
 
 
+def folded_eta(events: list[Event], job: str) -> dict[str, Any]:
+    """What the ETA projection, folding ``events`` in order, holds for ``job`` just before its
+    terminal event: the ETAs it issued, and its estimator as it started."""
+    projection = EtaProjection()
+    state = projection.initial()
+    start = None
+    issued: list[Any] = []
+    for event in events:
+        if event.job == job and isinstance(event, TERMINALS):
+            issued = list(state.running[job].issued)
+        if type(event) in projection.handles:
+            state = projection.apply(state, event)
+        if event.job == job and isinstance(event, JobStarted):
+            start = state.running[job].live.restart()
+    return {"eta_issued": issued, "eta_start": start}
+
+
 class TestSpanSink:
     @pytest.mark.parametrize("with_eta", [True, False])
     def test_the_spans_are_those_rebuilt_from_the_events(
@@ -227,7 +248,11 @@ class TestSpanSink:
         projections = [EtaProjection()] if with_eta else []
         ProjectionRunner(log, ProjectionEngine(projections), sinks=[sink]).catch_up()
         exported = exporter.get_finished_spans()
-        expected = spans_for_job(recorded.a14b) + spans_for_job(recorded.failed)
+        if with_eta:  # the second job starts from what the first taught the projection
+            expected = [span for job in (recorded.a14b, recorded.failed)
+                        for span in spans_for_job(job, **folded_eta(recorded.all, job[0].job))]
+        else:
+            expected = spans_for_job(recorded.a14b) + spans_for_job(recorded.failed)
         assert [(s.name, s.context.span_id, s.start_time, s.end_time, dict(s.attributes))
                 for s in expected] == [
             (s.name, s.context.span_id, s.start_time, s.end_time, dict(s.attributes))
