@@ -256,7 +256,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
     last_ts: int | None = None
     last_band: float = 0.0
     last_progress: float = 0.0
-    speed_key: int = -1  # what _log_speed memoised (the job speed, log, and its variance)
+    speed_key: int = -1  # what _speed_and_variance memoised, and for which evidence
     speed_cache: tuple[float, float] = (0.0, 0.0)
     ahead_key: int = -1  # what _ahead memoised, and for which position
     ahead: tuple[float, float, bool] = (0.0, 0.0, False)
@@ -405,7 +405,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
     # -- the estimate ---------------------------------------------------------------------
 
-    def _log_speed(self) -> tuple[float, float]:
+    def _speed_and_variance(self) -> tuple[float, float]:
         """How fast this job runs against its expectation (a factor on durations, 1 = as
         expected: the exponential of the log ratio estimated here), and the variance of the
         log ratio.
@@ -414,9 +414,10 @@ class LiveJob(msgspec.Struct, kw_only=True):
         to take ≥ 5 ms, weighing 1/(its own variance: its component's σ² less the shared
         τ²); and the measured steps after the first, weighing 1/(own variance +
         STEP_NOISE²/n). Against a prior weight 1/τ², τ the spread of this device's job
-        speeds. A second pass down-weights any piece of evidence more than ``SPEED_HUBER``
-        standard deviations from the consensus, so one anomalous phase does not move every
-        later one. Memoised until a phase ends or a step is measured.
+        speeds. ``SPEED_ROUNDS`` reweighting rounds down-weight any piece of evidence more than
+        ``SPEED_HUBER`` standard deviations from the consensus (Huber), so one anomalous
+        phase does not move every later one. Memoised until a phase ends or a step is
+        measured.
         """
         key = self.steps_seen * 64 + len(self.done)
         if key == self.speed_key:
@@ -462,7 +463,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
     def _speed(self) -> float:
         """The job's speed factor on durations still to come (1 = as expected)."""
-        return self._log_speed()[0]
+        return self._speed_and_variance()[0]
 
     def _step_mean(self, speed: float | None = None) -> float:
         """Seconds per step from here on: the segment's prior scaled by the job's ``speed``,
@@ -499,7 +500,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
         """
         elapsed = (now - self.start_ts) / 1e9
         elapsed = 0.0 if 0.0 > elapsed else elapsed  # max(elapsed, 0.0)
-        speed, speed_var = self._log_speed()
+        speed, speed_var = self._speed_and_variance()
         seconds, variance = self._remaining(now, speed)
         remaining = damp_rise(seconds, self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
