@@ -259,6 +259,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
     speed_key: int = -1  # what _speed_and_variance memoised, and for which evidence
     speed_cache: tuple[float, float] = (0.0, 0.0)
     ahead_key: int = -1  # what _ahead memoised, and for which position
+    evidence_key: int = -1  # what _phase_evidence memoised, and for how many phases done
+    evidence: tuple[list[float], list[float]] = ([], [])
     ahead: tuple[float, float, bool] = (0.0, 0.0, False)
 
     @classmethod
@@ -316,7 +318,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
             first_step_s=None, later_sum=0.0, expert=None, segment_sum=0.0, segment_n=0.0,
             segment_prior=self.step_prior, steps_seen=0, last_step_ts=None,
             last_remaining=None, last_ts=None, last_band=0.0, last_progress=0.0,
-            speed_key=-1, speed_cache=(0.0, 0.0), ahead_key=-1, ahead=(0.0, 0.0, False))
+            speed_key=-1, speed_cache=(0.0, 0.0), ahead_key=-1, ahead=(0.0, 0.0, False),
+            evidence_key=-1, evidence=([], []))
 
     # -- observations ---------------------------------------------------------------------
 
@@ -343,7 +346,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
     def stage_ended(self, stage: str, duration_s: float) -> None:
         """A phase ended after ``duration_s``."""
         self.done[stage] = self.done.get(stage, 0.0) + duration_s
-        self.speed_key = -1
+        self.speed_key = self.evidence_key = -1
         if self.phase == stage:
             self.phase, self.phase_start_ts = None, None
         if stage == "text_encode" and "load" in self.phases and "load" not in self.done:
@@ -424,25 +427,20 @@ class LiveJob(msgspec.Struct, kw_only=True):
             return self.speed_cache
         tau = self.speed_tau
         shared = tau * tau
-        ratios: list[float] = []
-        weights: list[float] = []
-        sigma_of = self.sigma.get
-        if self.done:
-            expected_of = self.expected.get
-            for phase, seconds in self.done.items():
-                if phase not in SPEED_PHASES or seconds <= 0:
-                    continue
-                expected = expected_of(phase, 0.0)
-                if expected < MIN_SPEED_PHASE_S:
-                    continue
-                ratios.append(clamp_ratio(log(seconds / expected)))
-                weights.append(1.0 / own_variance(sigma_of(phase, 0.35), shared))
+        prior_weight = 1.0 / (shared if shared > 1e-4 else 1e-4)
+        ratios, weights = self._phase_evidence(shared)
         later = self.steps_seen - 1
         if later > 0 and self.step_prior > 0 and self.later_sum > 0:
-            ratios.append(clamp_ratio(log(self.later_sum / later / self.step_prior)))
-            weights.append(1.0 / (own_variance(sigma_of("denoise", 0.35), shared)
-                                  + STEP_NOISE * STEP_NOISE / later))
-        prior_weight = 1.0 / (shared if shared > 1e-4 else 1e-4)
+            step_ratio = clamp_ratio(log(self.later_sum / later / self.step_prior))
+            step_weight = 1.0 / (own_variance(self.sigma.get("denoise", 0.35), shared)
+                                 + STEP_NOISE * STEP_NOISE / later)
+            if not ratios:  # the loop's usual case before any phase ended: one piece
+                total = prior_weight + step_weight
+                self.speed_key = key
+                self.speed_cache = (exp(step_ratio * step_weight / total), 1.0 / total)
+                return self.speed_cache
+            ratios = [*ratios, step_ratio]
+            weights = [*weights, step_weight]
         total, weighted = prior_weight, 0.0
         for ratio, weight in zip(ratios, weights, strict=True):
             total += weight
@@ -460,6 +458,24 @@ class LiveJob(msgspec.Struct, kw_only=True):
                 mean = weighted / total
         self.speed_key, self.speed_cache = key, (exp(mean), 1.0 / total)
         return self.speed_cache
+
+    def _phase_evidence(self, shared: float) -> tuple[list[float], list[float]]:
+        """The finished phases' log ratios and weights (memoised until another phase ends)."""
+        if self.evidence_key == len(self.done):
+            return self.evidence
+        ratios: list[float] = []
+        weights: list[float] = []
+        expected_of, sigma_of = self.expected.get, self.sigma.get
+        for phase, seconds in self.done.items():
+            if phase not in SPEED_PHASES or seconds <= 0:
+                continue
+            expected = expected_of(phase, 0.0)
+            if expected < MIN_SPEED_PHASE_S:
+                continue
+            ratios.append(clamp_ratio(log(seconds / expected)))
+            weights.append(1.0 / own_variance(sigma_of(phase, 0.35), shared))
+        self.evidence_key, self.evidence = len(self.done), (ratios, weights)
+        return self.evidence
 
     def _speed(self) -> float:
         """The job's speed factor on durations still to come (1 = as expected)."""
@@ -510,11 +526,12 @@ class LiveJob(msgspec.Struct, kw_only=True):
             low = high = 0.0
         else:
             spread = sqrt(variance / (remaining * remaining) + speed_var) * Z90
-            low, high = remaining * exp(-spread), remaining * exp(spread)
+            below = above = spread
             offsets = self.offsets
             # bucket_of only when there are offsets to find: it cannot raise.
             if offsets and (shift := offsets.get(bucket_of(progress))) is not None:
-                low, high = low * exp(-shift[0]), high * exp(shift[1])
+                below, above = spread + shift[0], spread + shift[1]
+            low, high = remaining * exp(-below), remaining * exp(above)
         self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
         self.last_progress = progress
         return remaining, low, high, progress, self.steps_seen < 2

@@ -17,6 +17,7 @@ before it); the learning is part of the state, so a replay reproduces every ETA 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -35,7 +36,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
-from telemetry.projections.base import bounded_insert
+from telemetry.projections.base import OnFailure, bounded_insert
 
 #: Upper edges of the signed relative-error histogram (−1 … +1 and beyond).
 ERROR_EDGES: Final = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -201,6 +202,40 @@ class EtaProjection:
             state.calibration = Calibration.of(event)
             # The fit saw what was learned: that starts over; the interval's calibration stays.
             state.learned = online.Learned(offsets=state.learned.offsets)
+        return state
+
+    def apply_many(self, state: EtaState, events: Sequence[Event],
+                   failed: OnFailure) -> EtaState:
+        """:meth:`apply` over ``events``, each failure reported to ``failed``.
+
+        Steps are most of a job's events: a run of one job's steps keeps the job's estimator
+        in a local, and each step calls the model as :meth:`apply` does (the same calls, in
+        the same order); every other event goes to :meth:`apply`, after which the local is
+        looked up again (a start or an end changes the running jobs).
+        """
+        apply, step_type = self.apply, StepEnded
+        job_id: str | None = None
+        running: RunningEta | None = None
+        for event in events:
+            try:
+                if type(event) is step_type:
+                    if event.job != job_id:
+                        job_id = event.job
+                        running = state.running.get(job_id)
+                    if running is None:
+                        continue
+                    total = event.total_steps
+                    running.live.step_ended(total, event.duration_s, event.expert, event.ts)
+                    done = event.step + 1  # issues_eta_at, inlined
+                    if (done <= 2 or done >= total
+                            or done % (total // ISSUES_PER_DENOISE or 1) == 0):
+                        _issue(running, event.ts)
+                else:
+                    job_id = None
+                    state = apply(state, event)
+            except Exception as exc:
+                job_id = None
+                failed(event, exc)
         return state
 
     def _completed(self, state: EtaState, event: JobCompleted) -> None:

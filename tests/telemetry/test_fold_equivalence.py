@@ -47,6 +47,7 @@ from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.base import Projection, RulesOnly
+from telemetry.projections.eta import EtaProjection
 from telemetry.projections.jobs import JobsProjection
 from telemetry.projections.metrics import MetricsProjection
 from telemetry.projections.throughput import ThroughputProjection
@@ -66,6 +67,8 @@ FOLDS = [
     pytest.param(ThroughputProjection, id="throughput"),
     pytest.param(MetricsProjection, id="metrics"),
     pytest.param(lambda: MetricsProjection(max_tracked=2), id="metrics-bounded"),
+    pytest.param(EtaProjection, id="eta"),
+    pytest.param(lambda: EtaProjection(keep_finished=2), id="eta-bounded"),
 ]
 
 Fold = Callable[[], Any]
