@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from math import isfinite
 from typing import Final
 
 import msgspec
@@ -243,7 +244,8 @@ class EtaProjection:
 
         An ETA's error is signed and relative, (predicted − actual) ÷ actual remaining time,
         and its interval covers when the actual remaining time lies in it; ETAs issued less
-        than ``MIN_SCORED_S`` before the end are not scored. The first ETA (issued at the
+        than ``MIN_SCORED_S`` before the end are not scored, nor a non-finite one (a NaN
+        duration in the log makes one; it would make every sum NaN for good). The first ETA (issued at the
         start) is scored on its own; the others by the bucket of the progress they were issued
         at, buckets in the order the job first reached them.
         """
@@ -259,7 +261,7 @@ class EtaProjection:
         if running.issued:
             first = running.issued[0]
             actual = (end_ts - first.ts) / 1e9
-            if actual > MIN_SCORED_S:
+            if actual > MIN_SCORED_S and isfinite(first.remaining_s):
                 before_start = (first.remaining_s - actual) / actual
                 histogram = state.before_start.get(model)
                 if histogram is None:
@@ -271,7 +273,7 @@ class EtaProjection:
         history: list[EtaPoint] = []  # the first ETA of each bucket
         for point in running.issued[1:]:
             actual = (end_ts - point.ts) / 1e9
-            if actual <= MIN_SCORED_S:
+            if actual <= MIN_SCORED_S or not isfinite(point.remaining_s):
                 continue
             bucket = bucket_of(point.progress)
             errors = errors_in.get(bucket)

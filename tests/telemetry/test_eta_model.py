@@ -400,9 +400,9 @@ def running_reference(events: list[Event]) -> tuple[dict[str, tuple[LiveJob, lis
                      live.warmup_ratio())
         missed: dict[str, list[float]] = {}
         for fields, ts in issued[1:]:  # type: ignore[misc]
-            _remaining, low, high, progress, _estimating = fields
+            remaining, low, high, progress, _estimating = fields
             actual = (end_ts - ts) / 1e9
-            if actual <= 1e-3:
+            if actual <= 1e-3 or not math.isfinite(remaining):
                 continue
             counts = missed.setdefault(bucket_of(progress), [0, 0, 0])
             counts[0] += actual < low
