@@ -245,9 +245,9 @@ class EtaProjection:
         An ETA's error is signed and relative, (predicted − actual) ÷ actual remaining time,
         and its interval covers when the actual remaining time lies in it; ETAs issued less
         than ``MIN_SCORED_S`` before the end are not scored, nor a non-finite one (a NaN
-        duration in the log makes one; it would make every sum NaN for good). The first ETA (issued at the
-        start) is scored on its own; the others by the bucket of the progress they were issued
-        at, buckets in the order the job first reached them.
+        duration in the log makes one; it would make every sum NaN for good). The first ETA
+        (issued at the start) is scored on its own; the others by the bucket of the progress
+        they were issued at, buckets in the order the job first reached them.
         """
         running = state.running.pop(event.job, None)
         if running is None:
