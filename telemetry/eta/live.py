@@ -66,6 +66,9 @@ STEP_NOISE: Final = 0.15
 #: (Huber), in ``SPEED_ROUNDS`` reweighting rounds.
 SPEED_HUBER: Final = 1.5
 SPEED_ROUNDS: Final = 3
+#: The share of a job's surprising speed (its log speed² beyond τ²) added to the speed's
+#: variance: the interval widens when the job disagrees with its prior.
+SURPRISE: Final = 0.25
 
 
 def damp_rise(remaining: float, last_remaining: float | None, last_ts: int | None,
@@ -105,6 +108,14 @@ def conditional_remaining(expected: float, sigma: float, elapsed: float) -> floa
         return expected * s * 0.1  # far past any plausible end: a small, steady remainder
     upper = 0.5 * math.erfc((z - s) / math.sqrt(2))  # Φ(s − z)
     return max(expected * upper / tail - elapsed, 0.0)
+
+
+def _surprise(mean: float, shared: float) -> float:
+    """Extra variance of the job's speed when it departs from its expectation by more than
+    this device's jobs usually do (``shared``: τ²): a job that disagrees with its prior is
+    doing something unusual, and its interval widens (``SURPRISE`` of the excess)."""
+    excess = mean * mean - shared
+    return SURPRISE * excess if excess > 0.0 else 0.0
 
 
 def own_variance(sigma: float, shared: float) -> float:
@@ -250,6 +261,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
     segment_sum: float = 0.0  # observed seconds in the current expert's segment
     segment_n: float = 0.0  # weighted count of those steps
     segment_prior: float = 0.0  # the current segment's prior step mean
+    segment_observed: bool = False  # that prior is a previous expert's observed mean
     steps_seen: int = 0
     last_step_ts: int | None = None
     last_remaining: float | None = None
@@ -316,7 +328,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
             self, expected=dict(self.expected), sigma=dict(self.sigma), done={}, phase=None,
             phase_start_ts=None, total_steps=self.shape.steps, steps_done=0,
             first_step_s=None, later_sum=0.0, expert=None, segment_sum=0.0, segment_n=0.0,
-            segment_prior=self.step_prior, steps_seen=0, last_step_ts=None,
+            segment_prior=self.step_prior, segment_observed=False, steps_seen=0, last_step_ts=None,
             last_remaining=None, last_ts=None, last_band=0.0, last_progress=0.0,
             speed_key=-1, speed_cache=(0.0, 0.0), ahead_key=-1, ahead=(0.0, 0.0, False),
             evidence_key=-1, evidence=([], []))
@@ -367,6 +379,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
             if self.expert is not None and self.segment_n > 0:
                 # A new expert: same size, so start from the prior scaled by what we saw.
                 self.segment_prior = self._step_mean()
+                self.segment_observed = True
             self.expert = expert
             self.segment_sum, self.segment_n = 0.0, 0.0
         if duration_s is None:
@@ -419,8 +432,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
         STEP_NOISE²/n). Against a prior weight 1/τ², τ the spread of this device's job
         speeds. ``SPEED_ROUNDS`` reweighting rounds down-weight any piece of evidence more than
         ``SPEED_HUBER`` standard deviations from the consensus (Huber), so one anomalous
-        phase does not move every later one. Memoised until a phase ends or a step is
-        measured.
+        phase does not move every later one. The variance adds :func:`_surprise`.
+        Memoised until a phase ends or a step is measured.
         """
         key = self.steps_seen * 64 + len(self.done)
         if key == self.speed_key:
@@ -436,8 +449,9 @@ class LiveJob(msgspec.Struct, kw_only=True):
                                  + STEP_NOISE * STEP_NOISE / later)
             if not ratios:  # the loop's usual case before any phase ended: one piece
                 total = prior_weight + step_weight
+                mean = step_ratio * step_weight / total
                 self.speed_key = key
-                self.speed_cache = (exp(step_ratio * step_weight / total), 1.0 / total)
+                self.speed_cache = (exp(mean), 1.0 / total + _surprise(mean, shared))
                 return self.speed_cache
             ratios = [*ratios, step_ratio]
             weights = [*weights, step_weight]
@@ -456,7 +470,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
                     total += counted
                     weighted += ratio * counted
                 mean = weighted / total
-        self.speed_key, self.speed_cache = key, (exp(mean), 1.0 / total)
+        self.speed_key = key
+        self.speed_cache = (exp(mean), 1.0 / total + _surprise(mean, shared))
         return self.speed_cache
 
     def _phase_evidence(self, shared: float) -> tuple[list[float], list[float]]:
@@ -482,13 +497,14 @@ class LiveJob(msgspec.Struct, kw_only=True):
         return self._speed_and_variance()[0]
 
     def _step_mean(self, speed: float | None = None) -> float:
-        """Seconds per step from here on: the segment's prior scaled by the job's ``speed``,
+        """Seconds per step from here on: the segment's prior — the job's prior scaled by the
+        job's ``speed``, or, for a later A14B expert, the step mean the previous one showed —
         updated with the segment's observed steps.
 
         ``speed`` is ``_speed()`` where the caller has it.
         """
         prior = self.segment_prior
-        if self.steps_seen == 0:
+        if not self.segment_observed:  # the job's prior: at the job's speed
             prior *= self._speed() if speed is None else speed
         return (PRIOR_STEPS * prior + self.segment_sum) / (PRIOR_STEPS + self.segment_n)
 

@@ -187,12 +187,19 @@ _GENERIC: Final[dict[str, tuple[float, ...]]] = {
 }
 
 
+_NOISE_LATENTS: Final = (0.002, 0.0)
+
+
 def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
     """The best figure available before any calibration."""
     if phase == STEP and not shape.tiny:
         for (part, device), coefficients in PUBLISHED_STEP_PRIORS.items():
             if part == transformer_id(shape) and device.lower() in shape.device.lower():
                 return coefficients
+    if phase == "latent_init" and shape.task != "i2v":
+        # Drawing noise latents (T2V, TI2V's text mode) is a few milliseconds at any size;
+        # only I2V encodes its image with the VAE here (the pixel term).
+        return _NOISE_LATENTS
     table = _TINY_CPU if shape.tiny else _GENERIC
     return table[phase]
 

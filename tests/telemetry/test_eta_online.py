@@ -191,11 +191,17 @@ class TestRobustLiveUpdates:
         assert live._speed() == pytest.approx(10.0, rel=0.25)
 
     def test_one_anomalous_phase_does_not_scale_every_later_one(self) -> None:
-        """A text encode 8× its expectation, everything else as expected: once the steps
-        show the job's real speed, the phases to come are expected at ~their prior."""
-        events = job_events("odd", 0, slow_phase=("text_encode", 8.0), steps=20)
-        live = self._live_at(events, len(events) - 6)
-        assert 0.8 <= live._speed() <= 1.3
+        """On a machine whose jobs ran as expected, a text encode 8× its expectation: once
+        the steps show the job's real speed, the phases to come are expected at ~their prior
+        (before: every later phase was scaled, +144 % at half the job)."""
+        projection = EtaProjection()
+        state = projection.initial()
+        for event in series(6, noise=0.05):
+            state = projection.apply(state, event)
+        events = job_events("odd", 10**13, slow_phase=("text_encode", 8.0), steps=20)
+        for event in events[:-6]:  # in the loop: text encode and steps seen
+            state = projection.apply(state, event)
+        assert 0.8 <= state.running["odd"].live._speed() <= 1.3
 
     def test_the_interval_widens_when_the_job_disagrees_and_narrows_with_steps(self) -> None:
         """Relative width of the interval: wider for a job far from its prior than for one
@@ -209,8 +215,8 @@ class TestRobustLiveUpdates:
         loop_start = 6  # JobStarted, text_encode and latent_init started and ended, denoise
         assert width(1.0, loop_start + 3) < width(1.0, 2)  # steps seen vs nothing yet
         assert width(1.0, loop_start + 150) < width(1.0, loop_start + 3)
-        # Phases far from their prior: the job's speed is less certain, the interval wider.
-        assert width(4.0, loop_start, slow="latent_init") > width(1.0, loop_start)
+        # A phase far from its prior: the job's speed is less certain, the interval wider.
+        assert width(4.0, loop_start, slow="text_encode") > width(1.0, loop_start)
 
 
 class TestIntervalCalibration:
