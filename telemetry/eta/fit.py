@@ -210,7 +210,7 @@ def interval_quantiles(records: Sequence[JobRecord],
     the estimator errs on the jobs it was fitted on, printed by ``wantel eta fit`` and kept in
     the calibration as a record. The live interval does not use them (in-sample quantiles
     covered 64–69 % out of sample late in jobs); it is calibrated online
-    (:func:`telemetry.eta.online.score_interval`).
+    (:func:`telemetry.eta.online.score_intervals`).
 
     Measured at the same duration fractions the evaluation uses, so the interval is calibrated
     on how this estimator actually errs. In-sample errors understate out-of-sample ones, so the

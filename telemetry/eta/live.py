@@ -249,6 +249,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
     base_step: float = 0.0
     keys: dict[str, PhaseKeys] = {}
     speed_tau: float = SPEED_TAU  # the prior spread of this device's job speeds (log units)
+    speed_weight: float = 1.0  # the prior's weight against a job's evidence of its speed: 1/τ²
+    step_variance: float = 0.06  # the loop's own variance, beyond what it shares (no noise)
     offsets: dict[str, tuple[float, float]] = {}  # bucket → conformal p10, p90 log offsets
     done: dict[str, float] = {}
     phase: str | None = None
@@ -314,10 +316,13 @@ class LiveJob(msgspec.Struct, kw_only=True):
                 sigma[phase] = predictive_sigma(learned, phase_keys_.component, sigma[phase])
             tau = online.speed_spread(learned, step_keys.device, tau)
             offsets = learned.offsets  # replaced, never changed, when it moves: shared
+        shared = tau * tau
         return cls(shape=shape, runner=runner, start_ts=event.ts, phases=prior.phases,
                    expected=expected, sigma=sigma, step_prior=step, warmup=warmup,
                    base=prior.expected, base_step=prior.step, keys=prior.keys,
-                   speed_tau=tau, offsets=offsets,
+                   speed_tau=tau, speed_weight=1.0 / (shared if shared > 1e-4 else 1e-4),
+                   step_variance=own_variance(sigma.get("denoise", 0.35), shared),
+                   offsets=offsets,
                    total_steps=shape.steps, segment_prior=step)
 
     def restart(self) -> LiveJob:
@@ -440,13 +445,12 @@ class LiveJob(msgspec.Struct, kw_only=True):
             return self.speed_cache
         tau = self.speed_tau
         shared = tau * tau
-        prior_weight = 1.0 / (shared if shared > 1e-4 else 1e-4)
+        prior_weight = self.speed_weight
         ratios, weights = self._phase_evidence(shared)
         later = self.steps_seen - 1
         if later > 0 and self.step_prior > 0 and self.later_sum > 0:
             step_ratio = clamp_ratio(log(self.later_sum / later / self.step_prior))
-            step_weight = 1.0 / (own_variance(self.sigma.get("denoise", 0.35), shared)
-                                 + STEP_NOISE * STEP_NOISE / later)
+            step_weight = 1.0 / (self.step_variance + STEP_NOISE * STEP_NOISE / later)
             if not ratios:  # the loop's usual case before any phase ended: one piece
                 total = prior_weight + step_weight
                 mean = step_ratio * step_weight / total

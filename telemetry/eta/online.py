@@ -40,6 +40,7 @@ those jobs too); online learning goes on on top of it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Final
 
 import msgspec
@@ -267,18 +268,21 @@ def learn(learned: Learned, observations: list[Observation], warmup_key: str | N
     learned.jobs += 1
 
 
-def score_interval(learned: Learned, bucket: str, below: float, above: float) -> None:
-    """A completed job's intervals in a bucket missed below (the actual remaining time was
-    under the p10) and above (over the p90) these shares of the time: move the bucket's
+def score_intervals(learned: Learned, misses: Iterable[tuple[str, float, float]]) -> None:
+    """A completed job's intervals in each bucket missed below (the actual remaining time
+    was under the p10) and above (over the p90) these shares of the time: move each bucket's
     offsets so each side misses ``MISS`` of the time (adaptive conformal inference, one step
-    per job: a job's ETAs in one bucket share their errors). The offsets dict is replaced."""
-    low, high = learned.offsets.get(bucket, (0.0, 0.0))
+    per job and bucket: a job's ETAs in one bucket share their errors). The offsets dict is
+    replaced, never changed (running jobs hold the one they started with)."""
+    offsets = dict(learned.offsets)
     lowest, highest = OFFSET_RANGE
-    low += GAMMA * (below - MISS)
-    high += GAMMA * (above - MISS)
-    learned.offsets = {**learned.offsets, bucket: (
-        lowest if low < lowest else (highest if low > highest else low),
-        lowest if high < lowest else (highest if high > highest else high))}
+    for bucket, below, above in misses:
+        low, high = offsets.get(bucket, (0.0, 0.0))
+        low += GAMMA * (below - MISS)
+        high += GAMMA * (above - MISS)
+        offsets[bucket] = (lowest if low < lowest else (highest if low > highest else low),
+                           lowest if high < lowest else (highest if high > highest else high))
+    learned.offsets = offsets
 
 
 def clamp_ratio(ratio: float) -> float:
@@ -302,4 +306,4 @@ def _median(values: list[float]) -> float:
 
 
 __all__ = ["Learned", "Observation", "PhaseKeys", "clamp_ratio", "correction", "learn",
-           "predictive_sigma", "score_interval", "speed_spread", "warmup"]
+           "predictive_sigma", "score_intervals", "speed_spread", "warmup"]

@@ -255,7 +255,6 @@ class EtaProjection:
         live, learned = running.live, state.learned
         online.learn(learned, live.observations(), live.keys[STEP].component
                      if STEP in live.keys else None, live.warmup_ratio())
-        score_interval = online.score_interval
         model, end_ts = running.model, event.ts
         before_start: float | None = None
         if running.issued:
@@ -295,8 +294,9 @@ class EtaProjection:
                 histogram = histograms[bucket] = Histogram()
             histogram.add_all(errors, covered_in[bucket])
             residuals[bucket] = sum(errors) / len(errors)
-            below, above = missed_in[bucket]
-            score_interval(learned, bucket, below / len(errors), above / len(errors))
+        online.score_intervals(learned, [
+            (bucket, below / len(errors_in[bucket]), above / len(errors_in[bucket]))
+            for bucket, (below, above) in missed_in.items()])
         state.finished = bounded_insert(state.finished, event.job, FinishedEta(
             model=model, status="completed", duration_s=event.duration_s,
             before_start_error=before_start, residuals=residuals, history=history),

@@ -408,8 +408,8 @@ def running_reference(events: list[Event]) -> tuple[dict[str, tuple[LiveJob, lis
             counts[0] += actual < low
             counts[1] += actual > high
             counts[2] += 1
-        for bucket, (below, above, count) in missed.items():
-            online.score_interval(learned, bucket, below / count, above / count)
+        online.score_intervals(learned, [(bucket, below / count, above / count)
+                                         for bucket, (below, above, count) in missed.items()])
 
     def issue(job: str, ts: int) -> None:
         live, issued = jobs[job]
