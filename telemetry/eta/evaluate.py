@@ -230,3 +230,40 @@ def evaluate(test: Sequence[JobRecord], calibration: Calibration,
                 if estimate.p10_s <= remaining <= estimate.p90_s:
                     scores[(fraction, "ours")].covered += 1
     return Report(jobs=len(jobs), scores=scores, per_job=per_job)
+
+
+def shape_occurrence(records: Sequence[JobRecord]) -> dict[str, int]:
+    """For each job, the how-manieth of its shape it is in log order (1: the first job of a
+    shape): "from the 4th job of a shape family on" is ``occurrence >= 4``."""
+    seen: dict[tuple[object, bool], int] = {}
+    out: dict[str, int] = {}
+    for record in records:
+        key = (record.shape, "load" in str(record.started.options.get("stages", "")))
+        seen[key] = seen.get(key, 0) + 1
+        out[record.job] = seen[key]
+    return out
+
+
+@dataclass
+class Learning:
+    """How fast online learning pays, from a report scored online: MAPE (%) before the
+    start for jobs from the 4th of their shape on, at 50 % for jobs from the 2nd of their
+    shape on, and at 50 % for the log's very first job."""
+
+    before_from_4th: float | None
+    half_from_2nd: float | None
+    first_at_half: float | None
+
+    @classmethod
+    def of(cls, records: Sequence[JobRecord], report: Report) -> Learning:
+        """The figures of ``report`` (scored online, in ``records``' order)."""
+        occurrence = shape_occurrence(records)
+
+        def mape(point: float, least: int) -> float | None:
+            errors = [abs(report.per_job[r.job][point]) for r in records
+                      if occurrence[r.job] >= least and point in report.per_job.get(r.job, {})]
+            return 100 * statistics.fmean(errors) if errors else None
+
+        first = report.per_job.get(records[0].job, {}) if records else {}
+        return cls(mape(0.0, 4), mape(0.5, 2),
+                   100 * abs(first[0.5]) if 0.5 in first else None)

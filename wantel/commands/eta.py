@@ -20,6 +20,7 @@ from telemetry.errors import UsageError
 from telemetry.eta.evaluate import (
     ESTIMATORS,
     POINTS,
+    Learning,
     Report,
     StaticProfile,
     evaluate,
@@ -184,12 +185,17 @@ def eval_command(args: argparse.Namespace) -> int:
         heading = (f"calibrated on {len(train)} job(s), scored on {report.jobs} other job(s) "
                    "(each from the calibration and what the jobs before it taught online)")
         train_jobs = len(train)
+    learning = Learning.of(records, report) if args.online else None
     if args.json:
         document = report_document(report, train_jobs)
         document["mode"] = "online" if args.online else "split"
+        if learning is not None:
+            document["learning"] = msgspec.to_builtins(learning.__dict__)
         sys.stdout.buffer.write(msgspec.json.encode(document) + b"\n")
     else:
         print(format_report(report, heading))
+        if learning is not None:
+            print(format_learning(learning))
         if args.jobs:
             print()
             print(format_jobs(report))
@@ -235,6 +241,17 @@ def format_report(report: Report, heading: str) -> str:
     lines += ["", "ours: p10–p90 interval coverage "
               + ("–" if coverage is None else f"{100 * coverage:.0f} %") + " (goal 75–85 %)"]
     return "\n".join(lines)
+
+
+def format_learning(learning: Learning) -> str:
+    """How fast online learning paid, in one line."""
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f} %"
+
+    return (f"learning: before the start, from the 4th job of a shape on "
+            f"{cell(learning.before_from_4th)}; at 50 %, from the 2nd job of a shape on "
+            f"{cell(learning.half_from_2nd)}; the log's first job at 50 % "
+            f"{cell(learning.first_at_half)}")
 
 
 def format_jobs(report: Report) -> str:
