@@ -325,6 +325,10 @@ class Subscriber:
             if self._signalled:
                 return
             self._signalled = True
+        self._signal()
+
+    def _signal(self) -> None:
+        """Wake the client's loop (once ``_signalled`` was set under the lock)."""
         try:
             self.loop.call_soon_threadsafe(self._wake.set)
         except RuntimeError:  # the client's loop is gone; it will be unsubscribed
@@ -346,10 +350,7 @@ class Subscriber:
             if self.closed or not self.overflowed or self._signalled:
                 return
             self._signalled = True
-        try:
-            self.loop.call_soon_threadsafe(self._wake.set)
-        except RuntimeError:  # the client's loop is gone; it will be unsubscribed
-            self.closed = True
+        self._signal()
 
     def push_control(self, text: str) -> bool:
         """Queue a reply from the client's own loop (never dropped by the frames' overflow);

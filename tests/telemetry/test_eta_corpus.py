@@ -122,3 +122,29 @@ def test_eta_fit_on_an_empty_log_is_a_clear_error(
     LocalLog(tmp_path / "log").close()
     assert 2 == main(["eta", "fit", "--log", str(tmp_path / "log")])
     assert "no completed jobs" in capsys.readouterr().err
+
+
+def test_eta_eval_online_and_jobs(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--online` scores what a user who never fits sees and says how fast learning pays;
+    `--jobs` lists every scored job's errors, worst first."""
+    assert 0 == main(["eta", "eval", "--log", str(CORPUS), "--online", "--jobs"])
+    out = capsys.readouterr().out
+    assert "online, in log order, never fitted: 64 job(s)" in out
+    assert "learning: before the start, from the 4th job of a shape on" in out
+    rows = [line for line in out.splitlines() if line.startswith("| corpus-")]
+    assert len(rows) == 64
+    worst = [max(abs(float(cell)) for cell in row.split("|")[2:-1] if cell.strip() != "–")
+             for row in rows]
+    assert worst == sorted(worst, reverse=True)
+
+
+def test_eta_eval_online_json_and_the_prior_scale(capsys: pytest.CaptureFixture[str]) -> None:
+    """A prior five times off, online: the JSON has the mode, the learning figures and each
+    job's errors; --prior-scale without --online is a usage error."""
+    assert 0 == main(["eta", "eval", "--log", str(CORPUS), "--online", "--prior-scale", "5",
+                      "--json"])
+    document = json.loads(capsys.readouterr().out)
+    assert ("online", 64) == (document["mode"], len(document["jobs"]))
+    assert {"before_from_4th", "half_from_2nd", "first_at_half"} == set(document["learning"])
+    assert 2 == main(["eta", "eval", "--log", str(CORPUS), "--prior-scale", "5"])
+    assert "--prior-scale needs --online" in capsys.readouterr().err

@@ -67,24 +67,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            "./wantel-log)")
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a fraction: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"a fraction in (0, 1], got {value}")
-    return value
-
-
-def _positive(text: str) -> float:
+def _number(text: str, *, low: float, high: float, low_open: bool, what: str) -> float:
+    """``text`` as a finite number within [low, high] (``low_open``: (low, high]), else the
+    argparse error that names the range."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and 1e-3 <= value <= 1e3):
-        raise argparse.ArgumentTypeError(f"a factor from 0.001 to 1000, got {text}")
+    above_low = low < value if low_open else low <= value
+    if not (math.isfinite(value) and above_low and value <= high):
+        raise argparse.ArgumentTypeError(f"{what}, got {text}")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _number(text, low=0.0, high=1.0, low_open=True, what="a fraction in (0, 1]")
+
+
+def _positive(text: str) -> float:
+    return _number(text, low=1e-3, high=1e3, low_open=False, what="a factor from 0.001 to 1000")
 
 
 def run(args: argparse.Namespace) -> int:
