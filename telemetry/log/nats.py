@@ -192,7 +192,6 @@ class NatsLog(EventLog):
             "servers": [u.strip() for u in opts.url.split(",")],
             "connect_timeout": opts.timeout,
             "allow_reconnect": True,
-            "max_reconnect_attempts": -1 if opts.reconnect else 3,
             "reconnect_time_wait": 0.5,
             "name": "wantel",
         }
@@ -206,11 +205,17 @@ class NatsLog(EventLog):
         if opts.ca:
             context = ssl.create_default_context(cafile=opts.ca)
             kwargs["tls"] = context
+        # The first connection is tried a few times, never forever (nats-py retries a refused
+        # first connect without end when asked to reconnect forever); once connected, a
+        # shipper's connection reconnects without end.
+        kwargs["max_reconnect_attempts"] = 2
         try:
-            self._nc = await nats.connect(**kwargs)
+            self._nc = await asyncio.wait_for(nats.connect(**kwargs), opts.timeout * 3)
         except (TimeoutError, NatsError, OSError) as exc:
             raise LogError(f"cannot connect to NATS at {redact(opts.url)}: "
                            f"{_describe(exc)}") from None
+        if opts.reconnect:
+            self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=opts.timeout)
         await self._ensure_stream(create)
 
@@ -324,6 +329,11 @@ class NatsLog(EventLog):
                 yield from items
         finally:
             cursor.close()
+
+    @property
+    def usable(self) -> bool:
+        """Whether the connection is open (or reconnecting): False once it gave up or closed."""
+        return not self._closed and self._nc is not None and not self._nc.is_closed
 
     def cursor(self, start: Position = 0) -> _NatsCursor:
         """A reader holding one pull consumer open, from ``start`` on."""
