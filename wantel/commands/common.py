@@ -66,8 +66,9 @@ def nats_options(args: argparse.Namespace, *, reconnect: bool = False,
 
 
 def fleet_requested(args: argparse.Namespace) -> bool:
-    """Whether ``--nats``/``$WANTEL_NATS`` asks to read the fleet stream."""
-    return resolve_nats(getattr(args, "nats", None)) is not None
+    """Whether ``--nats``/``$WANTEL_NATS`` asks to read the fleet stream (only for a command
+    that has the flag: ``wantel demo`` serves its own local log whatever the variable says)."""
+    return hasattr(args, "nats") and resolve_nats(args.nats) is not None
 
 
 def open_log_for_reading(args: argparse.Namespace) -> EventLog:
