@@ -49,7 +49,7 @@ from inference.memory import MemoryReader
 from inference.recorder import JobRecorder
 from inference.speed_options import speed_options
 from inference.timing import timer_for
-from telemetry.emitter import Emitter
+from telemetry.emitter import Emitter, process_emitter
 from telemetry.events import DeviceInfo, Expert, Stage, job_id_problem
 from telemetry.log.base import EventLog
 from telemetry.wan import classify
@@ -502,7 +502,8 @@ def instrument(
 ) -> Iterator[Instrumented]:
     """Record every ``pipe(...)`` call in this context as a job.
 
-    Give ``log`` (an emitter is made and flushed on exit) or a shared ``emitter``. ``job``
+    Give ``log`` (the process's one emitter for it is used and flushed on exit) or an
+    ``emitter``. ``job``
     names the first job (later calls get ``job-2``, …, the next number no job has; a random id
     without it). A ``job`` the log or the emitter already has raises :class:`JobIdInUse`
     here, before any pipeline call (``check_job=False`` skips that lookup, which reads the
@@ -518,10 +519,10 @@ def instrument(
     if job is not None and (problem := job_id_problem(job)) is not None:
         raise ValueError(f"job={job!r}: {problem}")
     own_emitter = emitter is None
-    active = emitter if emitter is not None else Emitter(log)  # type: ignore[arg-type]
+    # log=: the process's one emitter for that log (telemetry.emitter.process_emitter), so
+    # every instrument() call in a process shares one worker stream and its seq.
+    active = emitter if emitter is not None else process_emitter(log)  # type: ignore[arg-type]
     if job is not None and recorder is None and check_job and _in_use(active, job):
-        if own_emitter:
-            active.close()
         raise JobIdInUse(
             f"job {job!r} is already in the log: a second job under that id would be dropped "
             "by every view as a duplicate; give each job its own id (or leave job= out for a "
@@ -536,7 +537,9 @@ def instrument(
     finally:
         session.detach()
         if own_emitter:
-            # The emitter is ours to close: let device marks still in flight resolve first.
+            # The process's shared emitter: let device marks still in flight resolve, then
+            # flush (the job's events are in the log when the block ends); it stays open for
+            # the next call and is closed at exit.
             for job_recorder in session.recorders:
                 job_recorder.wait_resolved(timeout=30.0)
-            active.close()
+            active.flush()

@@ -63,9 +63,42 @@ MAX_TS: Final = 2**62
 _Stamped = tuple[int, Event]
 
 
+_started: list[int] = []  # [pid, start second] of this process, filled on first use
+
+
 def default_worker_name() -> str:
-    """``host:pid``: unique per process on a host, readable in dashboards."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid:start``: unique across a fleet's hosts and across restarts (a pid is reused,
+    a pid with its start second is not), readable in dashboards. ``start`` is the second this
+    process first asked (a forked child asks anew)."""
+    pid = os.getpid()
+    if not _started or _started[0] != pid:
+        _started[:] = [pid, int(time.time())]
+    return f"{socket.gethostname()}:{pid}:{_started[1]}"
+
+
+_shared: dict[object, Emitter] = {}
+_shared_lock = threading.Lock()
+
+
+def process_emitter(log: EventLog, *, worker: str | None = None) -> Emitter:
+    """The process's one emitter for ``log``, made on first use and shared by every later
+    caller (every ``instrument(log=...)``), until it is closed.
+
+    One per process matters: each emitter numbers its worker's own stream
+    (``worker/<name>``: heartbeats, drop reports) from 0, so a second emitter of the same
+    worker would restart that ``seq`` and every view would drop its events as duplicates
+    ("3 heartbeats written, 1 applied"). Logs are told apart by their directory where they have
+    one (two ``LocalLog`` objects of one directory share an emitter), else by identity.
+    ``worker`` names the worker when the emitter is made (later callers share that name).
+    """
+    path = getattr(log, "path", None)
+    key: object = ("path", os.path.realpath(path)) if path is not None else ("log", id(log))
+    with _shared_lock:
+        emitter = _shared.get(key)
+        if emitter is None or emitter.closing:
+            emitter = Emitter(log, worker=worker)
+            _shared[key] = emitter
+        return emitter
 
 
 @dataclass(frozen=True)
@@ -213,6 +246,11 @@ class Emitter:
             with contextlib.suppress(Exception):
                 _log.error("telemetry events lost at shutdown: the log stayed unwritable",
                            events=leftover, worker=self.worker)
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called (the emitter takes no more events)."""
+        return self._closing
 
     def stats(self) -> EmitterStats:
         """Counts so far, for the telemetry-health exports."""

@@ -31,3 +31,6 @@ def _reset_structlog() -> None:
 def _reset_accelerators() -> None:
     """Each test starts with the C accelerators as the default (some tests choose otherwise)."""
     accelerate.reset_defaults()
+
+
+pytest_plugins = ["tests.nats_server"]  # the `nats_server` fixture: a real JetStream node

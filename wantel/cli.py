@@ -93,6 +93,11 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("cat", "wantel.commands.cat", "print the log's events as JSON Lines"),
     Command(
+        "ship",
+        "wantel.commands.ship",
+        "follow the local log and ship it to the fleet's NATS JetStream stream",
+    ),
+    Command(
         "replay",
         "wantel.commands.replay",
         "rebuild the projections from the log and print a per-job summary",

@@ -19,6 +19,10 @@ from typing import Final
 LOG_ENV: Final = "WANTEL_LOG"
 TOKEN_ENV: Final = "WANTEL_TOKEN"
 PURE_PYTHON_ENV: Final = "WANTEL_PURE_PYTHON"
+NATS_ENV: Final = "WANTEL_NATS"
+NATS_CREDS_ENV: Final = "WANTEL_NATS_CREDS"
+NATS_CA_ENV: Final = "WANTEL_NATS_CA"
+WORKER_ENV: Final = "WANTEL_WORKER"
 DEFAULT_LOG_DIR: Final = "wantel-log"
 OTLP_ENVS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -28,6 +32,12 @@ VARIABLES: Final[dict[str, str]] = {
     TOKEN_ENV: "the bearer token `serve` and `demo` require when --token is not given",
     PURE_PYTHON_ENV: "set to 1 to check replay's frames in Python even where the C "
                      "accelerator was built",
+    NATS_ENV: "the fleet's NATS server(s) when --nats is not given: `ship` ships to it, and "
+              "`serve`, `replay` and `cat` read the fleet stream instead of a local log",
+    NATS_CREDS_ENV: "a NATS credentials file when --nats-creds is not given (never printed)",
+    NATS_CA_ENV: "a CA bundle for the NATS server's TLS certificate when --nats-ca is not given",
+    WORKER_ENV: "this worker's id in the fleet when --worker is not given "
+                "(default: host:pid:start)",
 }
 
 
@@ -60,3 +70,20 @@ def otlp_configured(flag: str | None, env: Mapping[str, str] | None = None) -> b
 def pure_python_requested(env: Mapping[str, str] | None = None) -> bool:
     """``$WANTEL_PURE_PYTHON`` set (to anything but empty or 0): skip the C accelerator."""
     return _environ(env).get(PURE_PYTHON_ENV, "") not in ("", "0")
+
+
+def resolve_nats(flag: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """``--nats URL``, else ``$WANTEL_NATS``, else ``None`` (the local log)."""
+    return flag or _environ(env).get(NATS_ENV) or None
+
+
+def resolve_nats_file(flag: str | None, name: str,
+                      env: Mapping[str, str] | None = None) -> str | None:
+    """A credentials or CA file: the flag, else the variable ``name``, else ``None``."""
+    return flag or _environ(env).get(name) or None
+
+
+def resolve_worker(flag: str | None, env: Mapping[str, str] | None = None, *,
+                   default: str) -> str:
+    """``--worker ID``, else ``$WANTEL_WORKER``, else ``default``."""
+    return flag or _environ(env).get(WORKER_ENV) or default

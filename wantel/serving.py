@@ -40,7 +40,11 @@ from telemetry.log.base import BrokenLog, EventLog, LogError
 from telemetry.log.local import CHECKPOINT_DIR, LocalLog
 from telemetry.projections.eta import EtaProjection
 from telemetry.runner import ProjectionRunner
+from wantel.commands.common import fleet_requested, nats_options
 from wantel.config import TOKEN_ENV, otlp_configured, resolve_log_dir, resolve_token
+
+#: Where ``serve --nats`` keeps its checkpoints when ``--state`` is not given.
+DEFAULT_FLEET_STATE: Final = "wantel-fleet-state"
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9464
@@ -173,13 +177,22 @@ class BackgroundServer:
 class Serving:
     """Service + ASGI app + HTTP server (+ OTLP span export): what ``serve`` and ``demo`` run."""
 
-    def __init__(self, log: LocalLog, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+    def __init__(self, log: EventLog, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  token: str | None = None, otlp: str | None = None,
                  export_spans: bool = False,
                  checkpoint_dir: str | Path | None = None) -> None:
+        """``checkpoint_dir`` defaults to a local log's ``checkpoints/``; any other log (the
+        fleet stream) needs one named."""
         self.log = log
         self.token = token
-        self.checkpoint_dir = Path(checkpoint_dir or log.path / CHECKPOINT_DIR)
+        if checkpoint_dir is None:
+            if not isinstance(log, LocalLog):
+                raise ValueError("a log that is not a local directory needs a checkpoint_dir")
+            checkpoint_dir = log.path / CHECKPOINT_DIR
+        self.checkpoint_dir = Path(checkpoint_dir)
+        #: What is followed, for people: a directory, or the fleet stream's address.
+        self.location = (f"{log.path}/" if isinstance(log, LocalLog)
+                         else str(getattr(log, "location", type(log).__name__)))
         self.service = TelemetryService(log, checkpoint_dir=self.checkpoint_dir)
         self.app: Starlette = create_app(self.service, token=token)
         self.http = BackgroundServer(self.app, bind(host, port))
@@ -244,7 +257,7 @@ def span_export_runner(log: EventLog, exporter: Any, checkpoint_dir: Path) -> Pr
                             sinks=[SpanSink(exporter)], poll_interval=0.05, name="wantel-otel")
 
 
-def _start_span_export(log: LocalLog, endpoint: str | None,
+def _start_span_export(log: EventLog, endpoint: str | None,
                        checkpoint_dir: Path) -> ProjectionRunner | None:
     """OTLP span export from the log (imported here: the OpenTelemetry SDK is slow to load).
 
@@ -274,6 +287,17 @@ def open_serving(args: argparse.Namespace) -> Serving:
         except ValueError as exc:
             raise UsageError(f"--token (or ${TOKEN_ENV}): {exc}") from None
     spans = otlp_configured(args.otlp)
+    if fleet_requested(args):
+        from telemetry.log.nats import NatsLog
+
+        options = nats_options(args, reconnect=True)
+        try:
+            fleet = NatsLog(options)
+        except LogError as exc:
+            raise UsageError(str(exc)) from None
+        state = Path(args.state or DEFAULT_FLEET_STATE) / CHECKPOINT_DIR
+        return Serving(fleet, host=args.host, port=args.port, token=token,
+                       otlp=args.otlp or None, export_spans=spans, checkpoint_dir=state)
     try:
         log = LocalLog(resolve_log_dir(args.log))
     except BrokenLog:
@@ -286,7 +310,7 @@ def open_serving(args: argparse.Namespace) -> Serving:
 
 def print_banner(serving: Serving, command: str) -> None:
     """The URLs, first thing, so a user can open the page while the rest starts."""
-    print(f"wantel {command}: following {serving.log.path}/", flush=True)
+    print(f"wantel {command}: following {serving.location}", flush=True)
     for name, url in serving.urls():
         print(f"  {name:<10} {url}", flush=True)
     if serving.export_spans:

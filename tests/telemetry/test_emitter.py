@@ -6,6 +6,7 @@ import errno
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from structlog.testing import capture_logs
 
@@ -20,8 +21,10 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
-from telemetry.log.base import EventLog
+from telemetry.log.base import Batch, EventLog
+from telemetry.log.local import LocalLog
 from telemetry.log.memory import MemoryLog
+from tests.polling import wait_for
 
 from .log_contract import events_of
 
@@ -230,3 +233,50 @@ class TestClockSkew:
         warned = [entry for entry in logs if "clamped" in entry["event"]]
         assert {"clock_skew_ts", "negative_duration"} == {entry["reason"] for entry in warned}
         assert 2 == len(warned)
+
+
+class TestProcessEmitter:
+    """One emitter per process and log: the worker stream's seq never restarts."""
+
+    def test_every_caller_shares_one_emitter_and_every_heartbeat_counts(
+            self, tmp_path: Path) -> None:
+        """Three uses in one process (as three instrument() calls) write three heartbeats,
+        and replaying applies all three: none is dropped as a duplicate."""
+        from telemetry.emitter import process_emitter
+        from telemetry.engine import ProjectionEngine
+        from telemetry.events import WorkerHeartbeat
+
+        log = LocalLog(tmp_path / "log")
+        first = process_emitter(log)
+        try:
+            for _ in range(3):
+                emitter = process_emitter(LocalLog(tmp_path / "log"))
+                assert emitter is first
+                emitter._next_heartbeat = 0.0  # a heartbeat is due now (the interval is 10 s)
+                emitter._wake.set()
+                assert emitter.flush(5)
+                wait_for(lambda: first._next_heartbeat > 0.0, "the heartbeat")
+                assert emitter.flush(5)
+        finally:
+            first.close()
+        written = [e for item in log.read() if isinstance(item, Batch) for e in item.events
+                   if isinstance(e, WorkerHeartbeat)]
+        engine = ProjectionEngine([])
+        engine.apply_items(log.read())
+        assert len(written) >= 3
+        assert len(written) == engine.health.events_by_type["WorkerHeartbeat"]
+        assert 0 == engine.health.duplicates
+        assert process_emitter(log) is not first  # a closed one is replaced
+        process_emitter(log).close()
+
+    def test_the_default_worker_name_is_host_pid_start(self) -> None:
+        """host:pid:start — unique across hosts, processes and restarts."""
+        import os
+        import socket
+
+        from telemetry.emitter import default_worker_name
+
+        host, pid, start = default_worker_name().rsplit(":", 2)
+        assert (socket.gethostname(), str(os.getpid())) == (host, pid)
+        assert int(start) > 1_700_000_000
+        assert default_worker_name() == default_worker_name()

@@ -7,12 +7,13 @@ import sys
 
 from telemetry.codec import encode_complete
 from telemetry.log.base import MAX_POSITION, Batch
-from wantel.commands.common import open_log_for_reading, warn_quarantined
+from wantel.commands.common import add_nats_flags, open_log_for_reading, warn_quarantined
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``wantel cat``."""
     parser.add_argument("--job", help="only this job's events")
+    add_nats_flags(parser, reading=True)
     parser.add_argument(
         "--follow", "-f", action="store_true", help="keep printing new events until Ctrl-C"
     )

@@ -4,14 +4,85 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from telemetry.log.base import LogNotFound, Quarantined
+from telemetry.errors import UsageError
+from telemetry.log.base import EventLog, LogNotFound, Quarantined
 from telemetry.log.local import LocalLog
-from wantel.config import resolve_log_dir
+from wantel.config import (
+    NATS_CA_ENV,
+    NATS_CREDS_ENV,
+    NATS_ENV,
+    resolve_log_dir,
+    resolve_nats,
+    resolve_nats_file,
+)
+
+if TYPE_CHECKING:
+    from telemetry.log.nats import NatsOptions
 
 
-def open_log_for_reading(args: argparse.Namespace) -> LocalLog:
-    """The log named by ``--log``/``$WANTEL_LOG``/default; a clear error if there is none."""
+def add_nats_flags(parser: argparse.ArgumentParser, *, reading: bool = False) -> None:
+    """``--nats URL``, ``--nats-creds FILE``, ``--nats-ca FILE``."""
+    what = ("read the fleet's stream there instead of the local log" if reading
+            else "the fleet's NATS server(s), comma-separated")
+    parser.add_argument("--nats", metavar="URL",
+                        help=f"{what} (default: ${NATS_ENV})")
+    parser.add_argument("--nats-creds", metavar="FILE",
+                        help=f"a NATS credentials file (default: ${NATS_CREDS_ENV}; never "
+                             "printed)")
+    parser.add_argument("--nats-ca", metavar="FILE",
+                        help=f"a CA bundle for the server's TLS certificate (default: "
+                             f"${NATS_CA_ENV})")
+
+
+def nats_options(args: argparse.Namespace, *, reconnect: bool = False,
+                 required: str | None = None) -> NatsOptions:
+    """The connection options the flags and variables give; a usage error if a command that
+    ``required`` them has no URL or the [nats] extra is missing."""
+    url = resolve_nats(getattr(args, "nats", None))
+    if url is None:
+        raise UsageError(f"{required or 'this command'} needs --nats URL (or ${NATS_ENV})")
+    try:
+        import nats  # noqa: F401
+
+        from telemetry.log.nats import NatsOptions
+    except ImportError:
+        raise UsageError("--nats needs nats-py, which the base install leaves out: "
+                         "pip install 'wan-telemetry[nats]'") from None
+    for flag, name in (("nats_creds", NATS_CREDS_ENV), ("nats_ca", NATS_CA_ENV)):
+        path = resolve_nats_file(getattr(args, flag, None), name)
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"--{flag.replace('_', '-')}: cannot read {path}: "
+                                 f"{exc.strerror}") from None
+    return NatsOptions(url, creds=resolve_nats_file(getattr(args, "nats_creds", None),
+                                                    NATS_CREDS_ENV),
+                       ca=resolve_nats_file(getattr(args, "nats_ca", None), NATS_CA_ENV),
+                       reconnect=reconnect)
+
+
+def fleet_requested(args: argparse.Namespace) -> bool:
+    """Whether ``--nats``/``$WANTEL_NATS`` asks to read the fleet stream (only for a command
+    that has the flag: ``wantel demo`` serves its own local log whatever the variable says)."""
+    return hasattr(args, "nats") and resolve_nats(args.nats) is not None
+
+
+def open_log_for_reading(args: argparse.Namespace) -> EventLog:
+    """The fleet stream with ``--nats``/``$WANTEL_NATS``, else the local log named by
+    ``--log``/``$WANTEL_LOG``/default; a clear error if there is none."""
+    if fleet_requested(args):
+        from telemetry.log.nats import NatsLog
+
+        return NatsLog(nats_options(args), create=False)
+    return open_local_for_reading(args)
+
+
+def open_local_for_reading(args: argparse.Namespace) -> LocalLog:
+    """The local log named by ``--log``/``$WANTEL_LOG``/default; a clear error if none."""
     path = resolve_log_dir(args.log)
     try:
         return LocalLog(path, create=False)

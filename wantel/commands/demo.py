@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``wantel demo``: those of ``wantel serve`` plus how many jobs to run."""
     from wantel.commands import serve
 
-    serve.configure(parser)
+    serve.configure_serving(parser)
     parser.add_argument("--jobs", type=int, default=0, metavar="N",
                         help="stop after N jobs (default: run until Ctrl-C)")
     parser.add_argument("--out-dir", metavar="DIR",
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         serving.stop()
         signal.signal(signal.SIGTERM, previous)
-    path = serving.log.path
+    path = serving.location.rstrip("/")  # demo serves its own local log, never the fleet's
     print(f"\nwantel demo: {'stopped' if done < 0 else f'{done} job(s) done'}. The log is in "
           f"{path}/: wantel replay --log {path}   or   wantel serve --log {path}")
     return 0

@@ -20,7 +20,7 @@ from telemetry.projections.base import oldest_first
 from telemetry.projections.eta import EtaState
 from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.summary import job_summary as read_summary
-from wantel.commands.common import open_log_for_reading, warn_quarantined
+from wantel.commands.common import add_nats_flags, open_log_for_reading, warn_quarantined
 
 #: Ended jobs held back before their summary is printed and they are forgotten: a late event
 #: of a job (one that arrives after its end) still lands in its summary, and memory stays flat
@@ -42,6 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON document: per job status, stages, steps, steps/s, "
                         "peak memory by kind, progress, ETA history and residuals")
     parser.add_argument("--job", help="only this job")
+    add_nats_flags(parser, reading=True)
 
 
 def replay_projections() -> list[Projection[Any]]:

@@ -31,7 +31,7 @@ from inference.runner import (
     prepare,
 )
 from inference.tiny_models import TINY_VARIANTS
-from telemetry.emitter import Emitter
+from telemetry.emitter import Emitter, default_worker_name
 from telemetry.engine import ProjectionEngine
 from telemetry.errors import UsageError
 from telemetry.log.base import EventLog
@@ -41,7 +41,7 @@ from telemetry.projections.eta import EtaPoint, current
 from telemetry.projections.jobs import JobView
 from telemetry.projections.summary import JobSummary, job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
-from wantel.config import resolve_log_dir
+from wantel.config import resolve_log_dir, resolve_worker
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 130
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             "--job out for a random id")
     warm_imports()
     start = (log.last_position() or -1) + 1
-    emitter = Emitter(log)
+    emitter = Emitter(log, worker=resolve_worker(None, default=default_worker_name()))
     display = _Display(log, prepared.job, start, live=sys.stdout.isatty() and not args.json)
     display.start()
     if display.live:  # the job's line appears once the pipeline is loaded (its options read)

@@ -8,12 +8,25 @@ import sys
 import threading
 from types import FrameType
 
+from wantel.commands.common import add_nats_flags
 from wantel.config import OTLP_ENVS, TOKEN_ENV
-from wantel.serving import DEFAULT_HOST, DEFAULT_PORT, open_serving, print_banner
+from wantel.serving import (
+    DEFAULT_FLEET_STATE,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    open_serving,
+    print_banner,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``wantel serve`` (``wantel demo`` shares them)."""
+    """Flags of ``wantel serve``: the serving ones and the fleet's."""
+    configure_serving(parser)
+    configure_fleet(parser)
+
+
+def configure_serving(parser: argparse.ArgumentParser) -> None:
+    """The serving flags (``wantel demo`` shares them)."""
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -24,6 +37,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--otlp", metavar="URL",
                         help=f"export spans by OTLP to this collector (default: ${OTLP_ENVS[0]}"
                              f" or ${OTLP_ENVS[1]}; neither: no span export)")
+
+
+def configure_fleet(parser: argparse.ArgumentParser) -> None:
+    """``serve``'s own flags for following the fleet stream."""
+    add_nats_flags(parser, reading=True)
+    parser.add_argument("--state", metavar="DIR",
+                        help="with --nats: where to keep the projections' checkpoints "
+                             f"(default ./{DEFAULT_FLEET_STATE}); two aggregators of one "
+                             "stream each need their own")
 
 
 def run(args: argparse.Namespace) -> int:

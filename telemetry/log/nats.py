@@ -1,0 +1,457 @@
+"""The NATS JetStream backend: the fleet's one stream behind the same :class:`EventLog` interface.
+
+A fleet shares one JetStream stream, :data:`STREAM` (``WANTEL_EVENTS``), bound to the subjects
+``wantel.events.>``. Each worker publishes on ``wantel.events.<worker>`` (see
+:func:`subject_for`), one message per event, its payload the event as the local log stores it
+(MessagePack, or JSON for an event MessagePack cannot hold).
+
+Positions. A stream numbers its messages from 1; a log position here is the stream sequence
+minus one, so an empty stream's first event is at position 0 as in every backend. Positions
+are totally ordered and never reused; a message the stream's limits removed leaves a gap,
+which readers step over (the next :class:`Batch` starts after it).
+
+Appends. :meth:`NatsLog.append` publishes the batch pipelined (every message is sent before
+the first acknowledgement is awaited) and returns once the server acknowledged each one. Every
+message carries ``Nats-Msg-Id = <job>:<seq>`` (a worker's own events have the job
+``worker/<name>``, so theirs is ``worker/<name>:<seq>``): the server drops a retried message
+within its duplicate window (:data:`DUPLICATE_WINDOW_S`) and acknowledges it with the original's
+sequence, and projections de-duplicate by ``(job, seq)`` anyway, so a re-ship after the window
+still counts once. The messages of one batch are stored in order, each atomically; a batch is
+not one atomic unit, and with several publishers on the stream (a fleet) its positions may
+interleave with theirs: the returned range then spans from its first to its last position.
+
+When an event counts as shipped: when its publish is acknowledged. The server acknowledges a
+message once it is written to its stream store; with ``sync_interval: always`` in the server's
+``jetstream`` block (every configuration wantel ships, ``deploy/nats/nats-server.conf``), it is
+also flushed to disk first, so an acknowledged event survives a power cut. With the default
+(a flush every two minutes) a power cut can lose acknowledged messages — a published Jepsen
+analysis of NATS 2.12.1 found exactly that.
+
+Reads use an ephemeral pull consumer created at the reader's position (no acknowledgements:
+the reader's own checkpoint, written atomically with the state it belongs to, is its durable
+place in the stream; a server-side durable consumer's ack floor could not be written together
+with the projections it fed).
+
+The client (``nats-py``) is asynchronous; this class runs it on an event loop in a daemon
+thread of its own and waits for each call, so the interface stays the synchronous one every
+backend has. Connection failures, refusals and timeouts are raised as :class:`LogError` (a
+missing stream as :class:`LogNotFound`), with the server's address but never its credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from telemetry.codec import MalformedRecord, decode_one, encode_many, encode_many_json
+from telemetry.events import Event
+from telemetry.log.base import (
+    Batch,
+    EventLog,
+    LogError,
+    LogNotFound,
+    Position,
+    Quarantined,
+    ReadItem,
+)
+
+#: The fleet's stream, and the subjects it is bound to.
+STREAM: Final = "WANTEL_EVENTS"
+SUBJECT_PREFIX: Final = "wantel.events"
+SUBJECTS: Final = f"{SUBJECT_PREFIX}.>"
+#: How long the server remembers a ``Nats-Msg-Id`` to drop a retried publish (seconds).
+DUPLICATE_WINDOW_S: Final = 120.0
+#: Messages fetched per request when reading, and published per pipelined round.
+READ_BATCH: Final = 1024
+PUBLISH_WINDOW: Final = 4096
+#: How long a cursor's poll waits for something new before it says "nothing yet" (seconds).
+POLL_WAIT_S: Final = 0.05
+
+_SUBJECT_TOKEN: Final = re.compile(r"[^A-Za-z0-9_:\-]")
+T = TypeVar("T")
+
+
+def subject_for(worker: str) -> str:
+    """The subject ``worker`` publishes on: ``wantel.events.<worker>``, with every character a
+    subject token may not hold (``.``, ``*``, ``>``, spaces…) written as ``_``."""
+    token = _SUBJECT_TOKEN.sub("_", worker) or "_"
+    return f"{SUBJECT_PREFIX}.{token}"
+
+
+def redact(url: str) -> str:
+    """``url`` without the user and password it may carry (never print credentials)."""
+    parts = []
+    for one in url.split(","):
+        split = urlsplit(one.strip())
+        if split.username is not None or split.password is not None:
+            host = split.hostname or ""
+            if split.port is not None:
+                host = f"{host}:{split.port}"
+            split = split._replace(netloc=f"***@{host}")
+        parts.append(urlunsplit(split))
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class NatsOptions:
+    """How to reach the stream.
+
+    Attributes:
+        url: one server URL or several separated by commas (``nats://host:4222``; ``tls://``
+            for TLS).
+        creds: a NATS credentials file (JWT + NKey seed), never printed.
+        ca: a CA bundle that signs the server's certificate (TLS).
+        stream: the stream's name.
+        replicas: the stream's replicas when this creates it (3 in a 3-node cluster).
+        timeout: seconds to wait for a connection, an acknowledgement or a reply.
+        reconnect: keep reconnecting forever after a lost connection (a shipper), rather than
+            failing the next call (a command).
+    """
+
+    url: str
+    creds: str | None = None
+    ca: str | None = None
+    stream: str = STREAM
+    replicas: int = 1
+    timeout: float = 5.0
+    reconnect: bool = False
+
+
+class _Loop:
+    """An asyncio event loop in a daemon thread; :meth:`call` runs a coroutine on it and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="wantel-nats",
+                                       daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        """Cancel what the client left running (its flusher, a reconnect), then stop."""
+
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):  # a task that would not end: stop regardless
+            self.call(cancel_the_rest(), 5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class NatsLog(EventLog):
+    """An :class:`EventLog` on a NATS JetStream stream (see the module's docstring).
+
+    Args:
+        options: where the stream is and how to reach it.
+        worker: the worker whose subject appends publish on (readers need none).
+        create: make the stream if it is missing (writers); ``False`` raises
+            :class:`LogNotFound` instead (readers).
+    """
+
+    def __init__(self, options: NatsOptions, *, worker: str | None = None,
+                 create: bool = True) -> None:
+        import nats  # noqa: F401 - the [nats] extra: a clear error below if it is missing
+
+        self.options = options
+        self.subject = subject_for(worker or "_")
+        self.location = f"{redact(options.url)} stream {options.stream}"
+        self._closed = False
+        self._loop = _Loop()
+        self._nc: Any = None
+        self._js: Any = None
+        try:
+            self._loop.call(self._connect(create))
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    # -- connection --------------------------------------------------------------------------
+
+    async def _connect(self, create: bool) -> None:
+        import nats
+        from nats.errors import Error as NatsError
+
+        opts = self.options
+        kwargs: dict[str, Any] = {
+            "servers": [u.strip() for u in opts.url.split(",")],
+            "connect_timeout": opts.timeout,
+            "allow_reconnect": True,
+            "reconnect_time_wait": 0.5,
+            "name": "wantel",
+        }
+
+        async def quiet(exc: Exception) -> None:  # the client's default prints to stderr
+            return None
+
+        kwargs["error_cb"] = quiet
+        if opts.creds:
+            kwargs["user_credentials"] = opts.creds
+        if opts.ca:
+            context = ssl.create_default_context(cafile=opts.ca)
+            kwargs["tls"] = context
+        # The first connection is tried a few times, never forever (nats-py retries a refused
+        # first connect without end when asked to reconnect forever); once connected, a
+        # shipper's connection reconnects without end.
+        kwargs["max_reconnect_attempts"] = 2
+        try:
+            self._nc = await asyncio.wait_for(nats.connect(**kwargs), opts.timeout * 3)
+        except (TimeoutError, NatsError, OSError) as exc:
+            raise LogError(f"cannot connect to NATS at {redact(opts.url)}: "
+                           f"{_describe(exc)}") from None
+        if opts.reconnect:
+            self._nc.options["max_reconnect_attempts"] = -1
+        self._js = self._nc.jetstream(timeout=opts.timeout)
+        await self._ensure_stream(create)
+
+    async def _ensure_stream(self, create: bool) -> None:
+        from nats.errors import Error as NatsError
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        opts = self.options
+        try:
+            info = await self._js.stream_info(opts.stream)
+        except NotFoundError:
+            if not create:
+                raise LogNotFound(f"no stream {opts.stream} at {redact(opts.url)}; ship a "
+                                  f"worker's log to it first (wantel ship)") from None
+            config = StreamConfig(name=opts.stream, subjects=[SUBJECTS],
+                                  storage=StorageType.FILE, num_replicas=opts.replicas,
+                                  duplicate_window=DUPLICATE_WINDOW_S)
+            try:
+                await self._js.add_stream(config)
+            except NatsError as exc:
+                raise LogError(f"cannot create stream {opts.stream} at {redact(opts.url)}: "
+                               f"{_describe(exc)}") from None
+            return
+        except (TimeoutError, NatsError) as exc:
+            raise LogError(f"NATS at {redact(opts.url)} did not describe stream "
+                           f"{opts.stream} (is JetStream enabled?): {_describe(exc)}") from None
+        config = info.config
+        if SUBJECTS not in (config.subjects or []):
+            raise LogError(f"stream {opts.stream} at {redact(opts.url)} exists with subjects "
+                           f"{config.subjects}, not {SUBJECTS}: it is not a wantel stream")
+        if config.storage is not None and config.storage != StorageType.FILE:
+            raise LogError(f"stream {opts.stream} at {redact(opts.url)} keeps messages in "
+                           f"{config.storage.value}, not file storage: events would not "
+                           "survive a server restart")
+
+    def _call(self, coro: Coroutine[Any, Any, T], what: str) -> T:
+        from nats.errors import Error as NatsError
+
+        if self._closed:
+            coro.close()
+            raise LogError(f"{what} on a closed log")
+        try:
+            return self._loop.call(coro, self.options.timeout * 4 + 5)
+        except (LogError, LogNotFound):
+            raise
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise LogError(f"{what} at {self.location}: {_describe(exc)}") from None
+
+    # -- the interface -----------------------------------------------------------------------
+
+    def append(self, events: Sequence[Event]) -> range:
+        """Publish ``events`` pipelined and return once every one is acknowledged."""
+        if self._closed:
+            raise LogError("append to a closed log")
+        if not events:
+            return range(0)
+        return self._call(self._publish(events), "publishing")
+
+    async def _publish(self, events: Sequence[Event]) -> range:
+        try:
+            payloads = encode_many(events)
+        except OverflowError:
+            payloads = encode_many_json(events)
+        js, subject, stream = self._js, self.subject, self.options.stream
+        low: int | None = None
+        high = 0
+        for begin in range(0, len(events), PUBLISH_WINDOW):
+            futures = []
+            try:
+                for event, payload in zip(events[begin:begin + PUBLISH_WINDOW],
+                                          payloads[begin:begin + PUBLISH_WINDOW], strict=True):
+                    futures.append(await js.publish_async(
+                        subject, payload, stream=stream,
+                        headers={"Nats-Msg-Id": f"{event.job}:{event.seq}"},
+                        wait_stall=self.options.timeout))
+                acks = await asyncio.wait_for(asyncio.gather(*futures),
+                                              self.options.timeout)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+            for ack in acks:
+                low = ack.seq if low is None else min(low, ack.seq)
+                high = max(high, ack.seq)
+        assert low is not None
+        return range(low - 1, high)
+
+    def last_position(self) -> Position | None:
+        """The last message's position (stream sequence − 1), or ``None`` if there is none."""
+        state = self._call(self._state(), "reading the stream's state")
+        messages, last = state
+        return None if messages == 0 else last - 1
+
+    async def _state(self) -> tuple[int, int]:
+        info = await self._js.stream_info(self.options.stream)
+        return int(info.state.messages), int(info.state.last_seq)
+
+    def read(self, start: Position = 0) -> Iterator[ReadItem]:
+        """Everything stored at or after ``start`` when called, in batches of consecutive
+        positions (a gap in the stream's sequences starts a new batch)."""
+        _messages, last = self._call(self._state(), "reading the stream's state")
+        if last - 1 < start:
+            return
+        cursor = _NatsCursor(self, start)
+        try:
+            while cursor.position <= last - 1:
+                items = cursor.fetch(wait=self.options.timeout, upto=last)
+                if not items:
+                    break  # the rest was removed by the stream's limits meanwhile
+                yield from items
+        finally:
+            cursor.close()
+
+    @property
+    def usable(self) -> bool:
+        """Whether the connection is open (or reconnecting): False once it gave up or closed."""
+        return not self._closed and self._nc is not None and not self._nc.is_closed
+
+    def cursor(self, start: Position = 0) -> _NatsCursor:
+        """A reader holding one pull consumer open, from ``start`` on."""
+        return _NatsCursor(self, start)
+
+    def close(self) -> None:
+        """Drain and close the connection; the log may not be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._nc is not None:
+            with contextlib.suppress(Exception):  # a connection to a server that is gone
+                self._loop.call(self._nc.close(), self.options.timeout + 1)
+        self._loop.stop()
+
+    # -- for cursors -------------------------------------------------------------------------
+
+    async def _subscribe(self, start: Position) -> Any:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                opt_start_seq=start + 1, ack_policy=AckPolicy.NONE,
+                                inactive_threshold=60.0, mem_storage=True)
+        return await self._js.pull_subscribe(SUBJECTS, stream=self.options.stream,
+                                             config=config)
+
+
+class _NatsCursor:
+    """A pull consumer from a position; :meth:`poll` yields what the stream holds beyond it."""
+
+    def __init__(self, log: NatsLog, start: Position) -> None:
+        self.log = log
+        self.position = max(start, 0)
+        self._sub: Any = None
+
+    def _ensure(self) -> Any:
+        if self._sub is None:
+            self._sub = self.log._call(self.log._subscribe(self.position), "reading")
+        return self._sub
+
+    def fetch(self, *, wait: float, upto: int | None = None) -> list[ReadItem]:
+        """One round of messages (waiting up to ``wait`` for the first), as read items."""
+        sub = self._ensure()
+        messages = self.log._call(_fetch(sub, wait), "reading")
+        items: list[ReadItem] = []
+        events: list[Event] = []
+        first = self.position
+        behind = 0
+        for message in messages:
+            meta = message.metadata
+            seq = int(meta.sequence.stream)
+            if upto is not None and seq > upto:
+                continue  # read(): only what was stored when it began (the cursor moves on)
+            position = seq - 1
+            if position < self.position:
+                continue  # a redelivery after a reconnect
+            if position != first + len(events):  # a gap: the stream's limits removed some
+                if events:
+                    items.append(Batch(first, events))
+                events, first = [], position
+            try:
+                events.append(decode_one(message.data))
+            except MalformedRecord as exc:
+                if events:
+                    items.append(Batch(first, events))
+                items.append(Quarantined(first=position, count=1, next=position + 1,
+                                         where=f"{self.log.location} seq {seq}",
+                                         reason=str(exc)))
+                events, first = [], position + 1
+            self.position = position + 1
+            behind = int(meta.num_pending or 0)
+        if events:
+            items.append(Batch(first, events, behind))
+        return items
+
+    def poll(self) -> Iterator[ReadItem]:
+        """What is new since the last poll (waiting briefly when nothing is)."""
+        wait = POLL_WAIT_S
+        while True:
+            items = self.fetch(wait=wait)
+            if not items:
+                return
+            yield from items
+            wait = 0.001
+
+    def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is None or self.log._closed:
+            return
+        with contextlib.suppress(Exception):  # else it expires on its own (inactive_threshold)
+            self.log._loop.call(_unsubscribe(sub), self.log.options.timeout + 1)
+
+
+async def _fetch(sub: Any, wait: float) -> list[Any]:
+    from nats.errors import TimeoutError as NatsTimeout
+
+    try:
+        messages: list[Any] = await sub.fetch(batch=READ_BATCH, timeout=wait)
+    except (TimeoutError, NatsTimeout):
+        return []
+    return messages
+
+
+async def _unsubscribe(sub: Any) -> None:
+    consumer = getattr(sub, "_consumer", None)
+    stream = getattr(sub, "_stream", None)
+    js = getattr(sub, "_js", None)
+    await sub.unsubscribe()
+    if consumer and stream and js is not None:
+        with contextlib.suppress(Exception):  # already gone
+            await js.delete_consumer(stream, consumer)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text and text != name else name
+
+
+__all__ = ["DUPLICATE_WINDOW_S", "STREAM", "SUBJECTS", "NatsLog", "NatsOptions", "redact",
+           "subject_for"]
