@@ -20,9 +20,9 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from starlette.applications import Starlette
@@ -46,6 +46,9 @@ from exporters.service import (
 )
 from telemetry.projections.eta import EtaState
 from telemetry.projections.jobs import JobsState
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 #: WebSocket close codes (RFC 6455): policy violation for bad requests and refused tokens,
 #: "try again later" while the server is still catching up with the log.
@@ -211,18 +214,20 @@ def check_token(token: str) -> str:
 
 
 def create_app(service: TelemetryService, *, token: str | None = None,
-               max_expensive: int = DEFAULT_MAX_EXPENSIVE) -> Starlette:
+               max_expensive: int = DEFAULT_MAX_EXPENSIVE,
+               collectors: Iterable[Collector] = ()) -> Starlette:
     """The ASGI app: ``/metrics``, ``/api/jobs…``, ``/ws/progress``, ``/``, probes.
 
     ``token``: when set, every route but ``/healthz`` requires it (:func:`check_token` says
     which tokens can work). ``max_expensive``: how many requests to the expensive routes may
-    be in flight at once (:class:`Busy`). The Prometheus collector is imported here, not at
-    module load, so the rest of the server works without it.
+    be in flight at once (:class:`Busy`). ``collectors``: more metric families for
+    ``/metrics`` (the webhook sinks' counts). The Prometheus collector is imported here, not
+    at module load, so the rest of the server works without it.
     """
     if token is not None:
         check_token(token)
     busy = Busy(max_expensive)
-    metrics = _metrics_endpoint(service, busy)
+    metrics = _metrics_endpoint(service, busy, collectors)
     page = _live_page()
 
     def follower() -> dict[str, Any] | None:
@@ -390,8 +395,9 @@ def _job_detail(states: dict[str, Any], job: str) -> dict[str, Any] | None:
     }
 
 
-def _metrics_endpoint(service: TelemetryService,
-                      busy: Busy) -> Callable[[Request], Awaitable[Response]]:
+def _metrics_endpoint(service: TelemetryService, busy: Busy,
+                      collectors: Iterable[Collector] = ()
+                      ) -> Callable[[Request], Awaitable[Response]]:
     """``/metrics`` through the Prometheus exporter's collector, or a JSON 503 without it."""
     try:
         from exporters.prometheus import Exposition
@@ -403,6 +409,8 @@ def _metrics_endpoint(service: TelemetryService,
 
         return unavailable
     exposition = Exposition(service.runner)
+    for collector in collectors:
+        exposition.registry.register(collector)
 
     async def metrics(request: Request) -> Response:
         with busy.slot("/metrics"):
