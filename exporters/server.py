@@ -44,6 +44,9 @@ from exporters.service import (
     snapshot_data,
     summarize,
 )
+from exporters.videos import DEFAULT_LIMIT as VIDEOS_DEFAULT_LIMIT
+from exporters.videos import MAX_LIMIT as VIDEOS_MAX_LIMIT
+from exporters.videos import list_videos, video_object
 from telemetry.projections.eta import EtaState
 from telemetry.projections.jobs import JobsState
 
@@ -120,6 +123,13 @@ def error_response(status: int, error: str, detail: Any = None,
     """The one error shape every endpoint uses."""
     return SafeJSONResponse({"error": error, "detail": detail}, status_code=status,
                             headers=headers)
+
+
+def openai_error(status: int, message: str, code: str, param: str | None = None) -> Response:
+    """An error in the OpenAI API's shape, for the ``/v1`` routes (what an OpenAI client
+    parses): ``{"error": {"message", "type", "param", "code"}}``."""
+    return SafeJSONResponse({"error": {"message": message, "type": "invalid_request_error",
+                                       "param": param, "code": code}}, status_code=status)
 
 
 def _int_param(request: HTTPConnection, name: str, default: int, *, minimum: int,
@@ -294,6 +304,31 @@ def create_app(service: TelemetryService, *, token: str | None = None,
         return SafeJSONResponse({"job": job, "events": events, "next_since": last,
                                  "more": more})
 
+    async def get_video(request: Request) -> Response:
+        job = request.path_params["job"]
+        found = service.read_states(lambda states: video_object(states, job))
+        if found is None:
+            return openai_error(404, f"no video (job) with id {job!r}", "not_found", "id")
+        return SafeJSONResponse(found)
+
+    async def list_video_objects(request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", VIDEOS_DEFAULT_LIMIT, minimum=1,
+                               maximum=VIDEOS_MAX_LIMIT)
+        except ApiError as exc:
+            return openai_error(400, str(exc.detail), "invalid_value", "limit")
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            return openai_error(400, f"order must be 'asc' or 'desc', got {order[:40]!r}",
+                                "invalid_value", "order")
+        after = request.query_params.get("after") or None
+        page = service.read_states(lambda states: list_videos(states, limit=limit,
+                                                              after=after, order=order))
+        if page is None:
+            return openai_error(404, f"after: no video (job) with id {after!r}", "not_found",
+                                "after")
+        return SafeJSONResponse(page)
+
     routes = [
         Route("/", index, name="live_page"),
         Route("/healthz", healthz),
@@ -303,6 +338,8 @@ def create_app(service: TelemetryService, *, token: str | None = None,
         Route("/api/jobs/{job:str}", get_job),
         Route("/api/jobs/{job:str}/events", job_events),
         WebSocketRoute("/ws/progress", _progress_endpoint(service)),
+        Route("/v1/videos", list_video_objects),
+        Route("/v1/videos/{job:str}", get_video),
     ]
 
     async def api_error(request: Request, exc: Exception) -> Response:
