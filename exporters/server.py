@@ -47,8 +47,10 @@ from exporters.service import (
 from exporters.videos import DEFAULT_LIMIT as VIDEOS_DEFAULT_LIMIT
 from exporters.videos import MAX_LIMIT as VIDEOS_MAX_LIMIT
 from exporters.videos import list_videos, video_object
+from telemetry.control import MAX_REASON, channel_of
+from telemetry.events import CONTROL_STREAM, CancelRequested
 from telemetry.projections.eta import EtaState
-from telemetry.projections.jobs import JobsState
+from telemetry.projections.jobs import TERMINAL_STATUSES, JobsState
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -329,6 +331,40 @@ def create_app(service: TelemetryService, *, token: str | None = None,
                                 "after")
         return SafeJSONResponse(page)
 
+    cancel_seq = _Counter()
+
+    async def cancel_job(request: Request) -> Response:
+        job = request.path_params["job"]
+        if token is None and not _loopback(request):
+            raise ApiError(403, "cancel needs a token", "without --token, only clients on "
+                           "this machine (loopback) may cancel jobs: set a token to cancel "
+                           "from elsewhere")
+        reason = await _cancel_reason(request)
+        channel = channel_of(service.log)
+        if channel is None:
+            raise ApiError(501, "cancel needs a local log", "the worker learns of a cancel "
+                           "through a file in the log directory (docs/api.md, 'Cancel')")
+
+        def check(states: dict[str, Any]) -> tuple[str | None, int]:
+            view = states["jobs"].jobs.get(job)
+            return (None if view is None else view.status,
+                    service.engine.last_seq.get(CONTROL_STREAM, -1) + 1)
+
+        status, seq = service.read_states(check)
+        if status is None:
+            raise ApiError(404, "no such job", {"job": job})
+        if status in TERMINAL_STATUSES:
+            raise ApiError(409, "the job has already ended", {"job": job, "status": status})
+        by = "token" if token is not None else "api"
+        event = CancelRequested(job=CONTROL_STREAM, seq=cancel_seq.next(seq),
+                                ts=time.time_ns(), target=job, by=by, reason=reason)
+        positions = await run_in_threadpool(service.log.append, [event])
+        await run_in_threadpool(lambda: channel.request(job, by=by, reason=reason,
+                                                        ts=event.ts))
+        return SafeJSONResponse({"job": job, "status": "cancel_requested",
+                                 "position": positions[-1], "reason": reason},
+                                status_code=202)
+
     routes = [
         Route("/", index, name="live_page"),
         Route("/healthz", healthz),
@@ -337,6 +373,7 @@ def create_app(service: TelemetryService, *, token: str | None = None,
         Route("/api/jobs", list_jobs),
         Route("/api/jobs/{job:str}", get_job),
         Route("/api/jobs/{job:str}/events", job_events),
+        Route("/api/jobs/{job:str}/cancel", cancel_job, methods=["POST"]),
         WebSocketRoute("/ws/progress", _progress_endpoint(service)),
         Route("/v1/videos", list_video_objects),
         Route("/v1/videos/{job:str}", get_video),
@@ -362,6 +399,54 @@ def create_app(service: TelemetryService, *, token: str | None = None,
     app.state.service = service
     app.state.busy = busy
     return app
+
+
+#: The largest body ``POST /api/jobs/{id}/cancel`` reads (``{"reason": "..."}``).
+MAX_CANCEL_BODY: Final = 4096
+
+
+class _Counter:
+    """The control stream's next ``seq``: the engine's last plus one, never one handed out
+    before (two cancels in a row, before the first is applied, must not share a ``seq``: the
+    second would be dropped as a duplicate)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def next(self, at_least: int) -> int:
+        value = self._next = max(self._next, at_least)
+        self._next += 1
+        return value
+
+
+def _loopback(request: Request) -> bool:
+    host = request.client.host if request.client is not None else ""
+    return host == "::1" or host.startswith("127.") or host == "localhost"
+
+
+async def _cancel_reason(request: Request) -> str:
+    """The optional ``{"reason": "..."}`` body of a cancel; ``"requested"`` without one."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_CANCEL_BODY:
+        raise ApiError(413, "body too large", f"a cancel's body is at most {MAX_CANCEL_BODY} "
+                                              f"bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_CANCEL_BODY:
+            raise ApiError(413, "body too large",
+                           f"a cancel's body is at most {MAX_CANCEL_BODY} bytes")
+    if not body.strip():
+        return "requested"
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiError(400, "bad body", 'send no body, or JSON {"reason": "<text>"}') from None
+    reason = data.get("reason", "requested") if isinstance(data, dict) else None
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
+        raise ApiError(400, "bad reason", f"reason must be a non-empty string of at most "
+                                          f"{MAX_REASON} characters")
+    return reason
 
 
 class TokenGuard:

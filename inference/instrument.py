@@ -49,6 +49,7 @@ from inference.memory import MemoryReader
 from inference.recorder import JobRecorder
 from inference.speed_options import speed_options
 from inference.timing import timer_for
+from telemetry.control import CancelChannel, channel_of
 from telemetry.emitter import Emitter
 from telemetry.events import DeviceInfo, Expert, Stage, job_id_problem
 from telemetry.log.base import EventLog
@@ -67,8 +68,13 @@ STAGE_METHODS: Final[tuple[tuple[str, str, Stage], ...]] = (
 _ABSENT: Final = object()  # "no instance attribute was there before we wrapped"
 
 
+#: ``JobCancelled.reason`` of a job stopped by ``POST /api/jobs/{id}/cancel``.
+REQUESTED: Final = "requested"
+
+
 class JobCancelledError(Exception):
-    """Raised out of ``pipe(...)`` when :meth:`Instrumented.cancel` stopped the job."""
+    """Raised out of ``pipe(...)`` when :meth:`Instrumented.cancel`, or a cancel requested
+    over HTTP (``str(exc)`` is then ``"requested"``), stopped the job."""
 
 
 class JobIdInUse(ValueError):
@@ -150,6 +156,10 @@ class _Session:
         self.recorders: list[JobRecorder] = []
         self._device: torch.device | None = None
         self._readers: dict[str, MemoryReader] = {}
+        #: ``POST /api/jobs/{id}/cancel``'s files, where the log is a local directory.
+        self.control: CancelChannel | None = channel_of(emitter.log)
+        #: Set when a requested cancel was seen: the loop is interrupted, decode is skipped.
+        self.cancel_requested = False
 
     # -- attach / detach ------------------------------------------------------------------
 
@@ -211,6 +221,10 @@ class _Session:
             recorder = self.recorder
             if recorder is None or recorder.stage == stage:
                 return original(*args, **kwargs)
+            if self.cancel_requested and stage in ("decode", "postprocess"):
+                # diffusers' interrupt flag skipped the remaining steps; decoding the
+                # half-denoised latents would cost the most of the job for nothing.
+                raise JobCancelledError(REQUESTED)
             if stage in ("decode", "postprocess"):
                 self._close_denoise(recorder)
             with recorder.stage_span(stage):
@@ -293,6 +307,20 @@ class _Session:
         if self.handle._cancel.is_set():
             raise JobCancelledError(self.handle._reason)
 
+    def _check_requested(self, pipe: Any, job: str) -> None:
+        """A cancel requested over HTTP (the control channel): stop through diffusers' own
+        interrupt flag, which skips the remaining steps; the decode wrapper then ends the job.
+        Never raises for a channel it cannot read (telemetry never breaks a generation)."""
+        if self.control is None or self.cancel_requested:
+            return
+        try:
+            notice = self.control.pending(job)
+        except Exception:
+            return
+        if notice is not None:
+            self.cancel_requested = True
+            pipe._interrupt = True
+
     def _close_denoise(self, recorder: JobRecorder, end: Any = None, *, ok: bool = True) -> None:
         if self.denoise_start is not None:
             recorder.stage_ended("denoise", self.denoise_start, end=end, ok=ok)
@@ -317,6 +345,7 @@ class _Session:
             self._on_step_end(pipe, index, len(self.cpu_timesteps) or total)
             result = {} if user_callback is None else user_callback(pipe, index, timestep, tensors)
             self._check_cancelled()  # after the caller's callback, which may itself cancel
+            self._check_requested(pipe, recorder.job)
             return result
 
         bound.arguments["callback_on_step_end"] = on_step_end
@@ -324,8 +353,14 @@ class _Session:
             bound.arguments["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
         self.recorder, self.step, self.previous_expert = recorder, _StepState(), None
         self.denoise_start, self.cpu_timesteps, self.cpu_sigmas = None, [], []
+        self.cancel_requested = False
         try:
+            self._check_requested(pipe, recorder.job)  # cancelled while it was queued
+            if self.cancel_requested:
+                raise JobCancelledError(REQUESTED)
             output = original(*bound.args, **bound.kwargs)
+            if self.cancel_requested:  # output_type="latent": nothing was left to skip
+                raise JobCancelledError(REQUESTED)
         except (JobCancelledError, KeyboardInterrupt) as exc:
             stage = recorder.stage
             self._close_denoise(recorder, ok=False)
@@ -339,6 +374,8 @@ class _Session:
         finally:
             self.recorder = None
             self.handle._cancel.clear()
+            if self.cancel_requested and self.control is not None:
+                self.control.clear(recorder.job)  # acted on
         self._close_denoise(recorder)
         if getattr(pipe, "_interrupt", False):
             recorder.cancelled("interrupted")
