@@ -39,6 +39,7 @@ import contextlib
 import inspect
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -75,6 +76,38 @@ REQUESTED: Final = "requested"
 class JobCancelledError(Exception):
     """Raised out of ``pipe(...)`` when :meth:`Instrumented.cancel`, or a cancel requested
     over HTTP (``str(exc)`` is then ``"requested"``), stopped the job."""
+
+
+class PipelineInUse(RuntimeError):
+    """``instrument()`` was entered on a pipeline this thread is already instrumenting."""
+
+
+#: One lock per pipeline object: concurrent ``instrument()`` contexts on one pipeline run one
+#: after the other (see :func:`instrument`). Weak keys: a pipeline's lock goes with it.
+_PIPELINE_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_PIPELINE_OWNERS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK: Final = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(pipe: Any) -> Iterator[None]:
+    """Hold ``pipe`` for this thread: another thread waits; this thread again is an error."""
+    me = threading.get_ident()
+    with _REGISTRY_LOCK:
+        lock = _PIPELINE_LOCKS.get(pipe)
+        if lock is None:
+            lock = _PIPELINE_LOCKS[pipe] = threading.Lock()
+        if _PIPELINE_OWNERS.get(pipe) == me:
+            raise PipelineInUse(
+                f"this thread is already inside instrument() on this {type(pipe).__name__}: "
+                "nest the pipe(...) calls in the one context (each call is a job) instead of "
+                "entering instrument() again")
+    with lock:
+        _PIPELINE_OWNERS[pipe] = me
+        try:
+            yield
+        finally:
+            _PIPELINE_OWNERS.pop(pipe, None)
 
 
 class JobIdInUse(ValueError):
@@ -549,6 +582,15 @@ def instrument(
     VAE tiling/slicing, videos per prompt), with ``options`` given here over them. ``recorder``
     continues a job whose ``JobStarted`` the caller already emitted (the job runner does this to
     include model loading; its caller checked the id). ``traceparent`` joins the caller's trace.
+
+    One pipeline, several threads: a diffusers pipeline keeps each call's state on itself and
+    its scheduler (timesteps, step index, guidance, the interrupt flag), so two calls of one
+    pipeline object at once corrupt each other with or without wantel. Contexts on one pipeline
+    therefore run one after the other: a second thread's ``instrument()`` waits until the
+    first context exits, then records its own job. Run one pipeline per thread (sharing the
+    weights: ``type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))``) for
+    calls that truly overlap. Entering ``instrument()`` again on the same pipeline from the
+    same thread raises :class:`PipelineInUse` (it would wait for itself).
     """
     if (log is None) == (emitter is None):
         raise ValueError("give exactly one of log= or emitter=")
@@ -564,16 +606,20 @@ def instrument(
             "by every view as a duplicate; give each job its own id (or leave job= out for a "
             "random one)")
     handle = Instrumented()
-    session = _Session(pipe, active, handle, job=job, recorder=recorder, model=model,
-                       variant=variant, traceparent=traceparent, options=options,
-                       record_prompt=record_prompt, check_job=check_job)
-    session.attach()
+    session: _Session | None = None
     try:
-        yield handle
+        with _exclusive(pipe):
+            session = _Session(pipe, active, handle, job=job, recorder=recorder, model=model,
+                               variant=variant, traceparent=traceparent, options=options,
+                               record_prompt=record_prompt, check_job=check_job)
+            session.attach()
+            try:
+                yield handle
+            finally:
+                session.detach()
     finally:
-        session.detach()
         if own_emitter:
             # The emitter is ours to close: let device marks still in flight resolve first.
-            for job_recorder in session.recorders:
+            for job_recorder in session.recorders if session is not None else ():
                 job_recorder.wait_resolved(timeout=30.0)
             active.close()
