@@ -20,9 +20,9 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from starlette.applications import Starlette
@@ -44,8 +44,16 @@ from exporters.service import (
     snapshot_data,
     summarize,
 )
+from exporters.videos import DEFAULT_LIMIT as VIDEOS_DEFAULT_LIMIT
+from exporters.videos import MAX_LIMIT as VIDEOS_MAX_LIMIT
+from exporters.videos import list_videos, video_object
+from telemetry.control import MAX_REASON, channel_of
+from telemetry.events import CONTROL_STREAM, CancelRequested
 from telemetry.projections.eta import EtaState
-from telemetry.projections.jobs import JobsState
+from telemetry.projections.jobs import TERMINAL_STATUSES, JobsState
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 #: WebSocket close codes (RFC 6455): policy violation for bad requests and refused tokens,
 #: "try again later" while the server is still catching up with the log.
@@ -117,6 +125,13 @@ def error_response(status: int, error: str, detail: Any = None,
     """The one error shape every endpoint uses."""
     return SafeJSONResponse({"error": error, "detail": detail}, status_code=status,
                             headers=headers)
+
+
+def openai_error(status: int, message: str, code: str, param: str | None = None) -> Response:
+    """An error in the OpenAI API's shape, for the ``/v1`` routes (what an OpenAI client
+    parses): ``{"error": {"message", "type", "param", "code"}}``."""
+    return SafeJSONResponse({"error": {"message": message, "type": "invalid_request_error",
+                                       "param": param, "code": code}}, status_code=status)
 
 
 def _int_param(request: HTTPConnection, name: str, default: int, *, minimum: int,
@@ -211,18 +226,20 @@ def check_token(token: str) -> str:
 
 
 def create_app(service: TelemetryService, *, token: str | None = None,
-               max_expensive: int = DEFAULT_MAX_EXPENSIVE) -> Starlette:
+               max_expensive: int = DEFAULT_MAX_EXPENSIVE,
+               collectors: Iterable[Collector] = ()) -> Starlette:
     """The ASGI app: ``/metrics``, ``/api/jobs…``, ``/ws/progress``, ``/``, probes.
 
     ``token``: when set, every route but ``/healthz`` requires it (:func:`check_token` says
     which tokens can work). ``max_expensive``: how many requests to the expensive routes may
-    be in flight at once (:class:`Busy`). The Prometheus collector is imported here, not at
-    module load, so the rest of the server works without it.
+    be in flight at once (:class:`Busy`). ``collectors``: more metric families for
+    ``/metrics`` (the webhook sinks' counts). The Prometheus collector is imported here, not
+    at module load, so the rest of the server works without it.
     """
     if token is not None:
         check_token(token)
     busy = Busy(max_expensive)
-    metrics = _metrics_endpoint(service, busy)
+    metrics = _metrics_endpoint(service, busy, collectors)
     page = _live_page()
 
     def follower() -> dict[str, Any] | None:
@@ -289,6 +306,65 @@ def create_app(service: TelemetryService, *, token: str | None = None,
         return SafeJSONResponse({"job": job, "events": events, "next_since": last,
                                  "more": more})
 
+    async def get_video(request: Request) -> Response:
+        job = request.path_params["job"]
+        found = service.read_states(lambda states: video_object(states, job))
+        if found is None:
+            return openai_error(404, f"no video (job) with id {job!r}", "not_found", "id")
+        return SafeJSONResponse(found)
+
+    async def list_video_objects(request: Request) -> Response:
+        try:
+            limit = _int_param(request, "limit", VIDEOS_DEFAULT_LIMIT, minimum=1,
+                               maximum=VIDEOS_MAX_LIMIT)
+        except ApiError as exc:
+            return openai_error(400, str(exc.detail), "invalid_value", "limit")
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            return openai_error(400, f"order must be 'asc' or 'desc', got {order[:40]!r}",
+                                "invalid_value", "order")
+        after = request.query_params.get("after") or None
+        page = service.read_states(lambda states: list_videos(states, limit=limit,
+                                                              after=after, order=order))
+        if page is None:
+            return openai_error(404, f"after: no video (job) with id {after!r}", "not_found",
+                                "after")
+        return SafeJSONResponse(page)
+
+    cancel_seq = _Counter()
+
+    async def cancel_job(request: Request) -> Response:
+        job = request.path_params["job"]
+        if token is None and not _loopback(request):
+            raise ApiError(403, "cancel needs a token", "without --token, only clients on "
+                           "this machine (loopback) may cancel jobs: set a token to cancel "
+                           "from elsewhere")
+        reason = await _cancel_reason(request)
+        channel = channel_of(service.log)
+        if channel is None:
+            raise ApiError(501, "cancel needs a local log", "the worker learns of a cancel "
+                           "through a file in the log directory (docs/api.md, 'Cancel')")
+
+        def check(states: dict[str, Any]) -> tuple[str | None, int]:
+            view = states["jobs"].jobs.get(job)
+            return (None if view is None else view.status,
+                    service.engine.last_seq.get(CONTROL_STREAM, -1) + 1)
+
+        status, seq = service.read_states(check)
+        if status is None:
+            raise ApiError(404, "no such job", {"job": job})
+        if status in TERMINAL_STATUSES:
+            raise ApiError(409, "the job has already ended", {"job": job, "status": status})
+        by = "token" if token is not None else "api"
+        event = CancelRequested(job=CONTROL_STREAM, seq=cancel_seq.next(seq),
+                                ts=time.time_ns(), target=job, by=by, reason=reason)
+        positions = await run_in_threadpool(service.log.append, [event])
+        await run_in_threadpool(lambda: channel.request(job, by=by, reason=reason,
+                                                        ts=event.ts))
+        return SafeJSONResponse({"job": job, "status": "cancel_requested",
+                                 "position": positions[-1], "reason": reason},
+                                status_code=202)
+
     routes = [
         Route("/", index, name="live_page"),
         Route("/healthz", healthz),
@@ -297,7 +373,10 @@ def create_app(service: TelemetryService, *, token: str | None = None,
         Route("/api/jobs", list_jobs),
         Route("/api/jobs/{job:str}", get_job),
         Route("/api/jobs/{job:str}/events", job_events),
+        Route("/api/jobs/{job:str}/cancel", cancel_job, methods=["POST"]),
         WebSocketRoute("/ws/progress", _progress_endpoint(service)),
+        Route("/v1/videos", list_video_objects),
+        Route("/v1/videos/{job:str}", get_video),
     ]
 
     async def api_error(request: Request, exc: Exception) -> Response:
@@ -320,6 +399,54 @@ def create_app(service: TelemetryService, *, token: str | None = None,
     app.state.service = service
     app.state.busy = busy
     return app
+
+
+#: The largest body ``POST /api/jobs/{id}/cancel`` reads (``{"reason": "..."}``).
+MAX_CANCEL_BODY: Final = 4096
+
+
+class _Counter:
+    """The control stream's next ``seq``: the engine's last plus one, never one handed out
+    before (two cancels in a row, before the first is applied, must not share a ``seq``: the
+    second would be dropped as a duplicate)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def next(self, at_least: int) -> int:
+        value = self._next = max(self._next, at_least)
+        self._next += 1
+        return value
+
+
+def _loopback(request: Request) -> bool:
+    host = request.client.host if request.client is not None else ""
+    return host == "::1" or host.startswith("127.") or host == "localhost"
+
+
+async def _cancel_reason(request: Request) -> str:
+    """The optional ``{"reason": "..."}`` body of a cancel; ``"requested"`` without one."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_CANCEL_BODY:
+        raise ApiError(413, "body too large", f"a cancel's body is at most {MAX_CANCEL_BODY} "
+                                              f"bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_CANCEL_BODY:
+            raise ApiError(413, "body too large",
+                           f"a cancel's body is at most {MAX_CANCEL_BODY} bytes")
+    if not body.strip():
+        return "requested"
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiError(400, "bad body", 'send no body, or JSON {"reason": "<text>"}') from None
+    reason = data.get("reason", "requested") if isinstance(data, dict) else None
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
+        raise ApiError(400, "bad reason", f"reason must be a non-empty string of at most "
+                                          f"{MAX_REASON} characters")
+    return reason
 
 
 class TokenGuard:
@@ -390,8 +517,9 @@ def _job_detail(states: dict[str, Any], job: str) -> dict[str, Any] | None:
     }
 
 
-def _metrics_endpoint(service: TelemetryService,
-                      busy: Busy) -> Callable[[Request], Awaitable[Response]]:
+def _metrics_endpoint(service: TelemetryService, busy: Busy,
+                      collectors: Iterable[Collector] = ()
+                      ) -> Callable[[Request], Awaitable[Response]]:
     """``/metrics`` through the Prometheus exporter's collector, or a JSON 503 without it."""
     try:
         from exporters.prometheus import Exposition
@@ -403,6 +531,8 @@ def _metrics_endpoint(service: TelemetryService,
 
         return unavailable
     exposition = Exposition(service.runner)
+    for collector in collectors:
+        exposition.registry.register(collector)
 
     async def metrics(request: Request) -> Response:
         with busy.slot("/metrics"):

@@ -39,6 +39,7 @@ import contextlib
 import inspect
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -49,6 +50,7 @@ from inference.memory import MemoryReader
 from inference.recorder import JobRecorder
 from inference.speed_options import speed_options
 from inference.timing import timer_for
+from telemetry.control import CancelChannel, channel_of
 from telemetry.emitter import Emitter, process_emitter
 from telemetry.events import DeviceInfo, Expert, Stage, job_id_problem
 from telemetry.log.base import EventLog
@@ -67,8 +69,45 @@ STAGE_METHODS: Final[tuple[tuple[str, str, Stage], ...]] = (
 _ABSENT: Final = object()  # "no instance attribute was there before we wrapped"
 
 
+#: ``JobCancelled.reason`` of a job stopped by ``POST /api/jobs/{id}/cancel``.
+REQUESTED: Final = "requested"
+
+
 class JobCancelledError(Exception):
-    """Raised out of ``pipe(...)`` when :meth:`Instrumented.cancel` stopped the job."""
+    """Raised out of ``pipe(...)`` when :meth:`Instrumented.cancel`, or a cancel requested
+    over HTTP (``str(exc)`` is then ``"requested"``), stopped the job."""
+
+
+class PipelineInUse(RuntimeError):
+    """``instrument()`` was entered on a pipeline this thread is already instrumenting."""
+
+
+#: One lock per pipeline object: concurrent ``instrument()`` contexts on one pipeline run one
+#: after the other (see :func:`instrument`). Weak keys: a pipeline's lock goes with it.
+_PIPELINE_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_PIPELINE_OWNERS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK: Final = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(pipe: Any) -> Iterator[None]:
+    """Hold ``pipe`` for this thread: another thread waits; this thread again is an error."""
+    me = threading.get_ident()
+    with _REGISTRY_LOCK:
+        lock = _PIPELINE_LOCKS.get(pipe)
+        if lock is None:
+            lock = _PIPELINE_LOCKS[pipe] = threading.Lock()
+        if _PIPELINE_OWNERS.get(pipe) == me:
+            raise PipelineInUse(
+                f"this thread is already inside instrument() on this {type(pipe).__name__}: "
+                "nest the pipe(...) calls in the one context (each call is a job) instead of "
+                "entering instrument() again")
+    with lock:
+        _PIPELINE_OWNERS[pipe] = me
+        try:
+            yield
+        finally:
+            _PIPELINE_OWNERS.pop(pipe, None)
 
 
 class JobIdInUse(ValueError):
@@ -150,6 +189,10 @@ class _Session:
         self.recorders: list[JobRecorder] = []
         self._device: torch.device | None = None
         self._readers: dict[str, MemoryReader] = {}
+        #: ``POST /api/jobs/{id}/cancel``'s files, where the log is a local directory.
+        self.control: CancelChannel | None = channel_of(emitter.log)
+        #: Set when a requested cancel was seen: the loop is interrupted, decode is skipped.
+        self.cancel_requested = False
 
     # -- attach / detach ------------------------------------------------------------------
 
@@ -211,6 +254,10 @@ class _Session:
             recorder = self.recorder
             if recorder is None or recorder.stage == stage:
                 return original(*args, **kwargs)
+            if self.cancel_requested and stage in ("decode", "postprocess"):
+                # diffusers' interrupt flag skipped the remaining steps; decoding the
+                # half-denoised latents would cost the most of the job for nothing.
+                raise JobCancelledError(REQUESTED)
             if stage in ("decode", "postprocess"):
                 self._close_denoise(recorder)
             with recorder.stage_span(stage):
@@ -293,6 +340,20 @@ class _Session:
         if self.handle._cancel.is_set():
             raise JobCancelledError(self.handle._reason)
 
+    def _check_requested(self, pipe: Any, job: str) -> None:
+        """A cancel requested over HTTP (the control channel): stop through diffusers' own
+        interrupt flag, which skips the remaining steps; the decode wrapper then ends the job.
+        Never raises for a channel it cannot read (telemetry never breaks a generation)."""
+        if self.control is None or self.cancel_requested:
+            return
+        try:
+            notice = self.control.pending(job)
+        except Exception:
+            return
+        if notice is not None:
+            self.cancel_requested = True
+            pipe._interrupt = True
+
     def _close_denoise(self, recorder: JobRecorder, end: Any = None, *, ok: bool = True) -> None:
         if self.denoise_start is not None:
             recorder.stage_ended("denoise", self.denoise_start, end=end, ok=ok)
@@ -317,6 +378,7 @@ class _Session:
             self._on_step_end(pipe, index, len(self.cpu_timesteps) or total)
             result = {} if user_callback is None else user_callback(pipe, index, timestep, tensors)
             self._check_cancelled()  # after the caller's callback, which may itself cancel
+            self._check_requested(pipe, recorder.job)
             return result
 
         bound.arguments["callback_on_step_end"] = on_step_end
@@ -324,8 +386,14 @@ class _Session:
             bound.arguments["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
         self.recorder, self.step, self.previous_expert = recorder, _StepState(), None
         self.denoise_start, self.cpu_timesteps, self.cpu_sigmas = None, [], []
+        self.cancel_requested = False
         try:
+            self._check_requested(pipe, recorder.job)  # cancelled while it was queued
+            if self.cancel_requested:
+                raise JobCancelledError(REQUESTED)
             output = original(*bound.args, **bound.kwargs)
+            if self.cancel_requested:  # output_type="latent": nothing was left to skip
+                raise JobCancelledError(REQUESTED)
         except (JobCancelledError, KeyboardInterrupt) as exc:
             stage = recorder.stage
             self._close_denoise(recorder, ok=False)
@@ -339,6 +407,8 @@ class _Session:
         finally:
             self.recorder = None
             self.handle._cancel.clear()
+            if self.cancel_requested and self.control is not None:
+                self.control.clear(recorder.job)  # acted on
         self._close_denoise(recorder)
         if getattr(pipe, "_interrupt", False):
             recorder.cancelled("interrupted")
@@ -513,6 +583,15 @@ def instrument(
     VAE tiling/slicing, videos per prompt), with ``options`` given here over them. ``recorder``
     continues a job whose ``JobStarted`` the caller already emitted (the job runner does this to
     include model loading; its caller checked the id). ``traceparent`` joins the caller's trace.
+
+    One pipeline, several threads: a diffusers pipeline keeps each call's state on itself and
+    its scheduler (timesteps, step index, guidance, the interrupt flag), so two calls of one
+    pipeline object at once corrupt each other with or without wantel. Contexts on one pipeline
+    therefore run one after the other: a second thread's ``instrument()`` waits until the
+    first context exits, then records its own job. Run one pipeline per thread (sharing the
+    weights: ``type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))``) for
+    calls that truly overlap. Entering ``instrument()`` again on the same pipeline from the
+    same thread raises :class:`PipelineInUse` (it would wait for itself).
     """
     if (log is None) == (emitter is None):
         raise ValueError("give exactly one of log= or emitter=")
@@ -528,18 +607,22 @@ def instrument(
             "by every view as a duplicate; give each job its own id (or leave job= out for a "
             "random one)")
     handle = Instrumented()
-    session = _Session(pipe, active, handle, job=job, recorder=recorder, model=model,
-                       variant=variant, traceparent=traceparent, options=options,
-                       record_prompt=record_prompt, check_job=check_job)
-    session.attach()
+    session: _Session | None = None
     try:
-        yield handle
+        with _exclusive(pipe):
+            session = _Session(pipe, active, handle, job=job, recorder=recorder, model=model,
+                               variant=variant, traceparent=traceparent, options=options,
+                               record_prompt=record_prompt, check_job=check_job)
+            session.attach()
+            try:
+                yield handle
+            finally:
+                session.detach()
     finally:
-        session.detach()
         if own_emitter:
             # The process's shared emitter: let device marks still in flight resolve, then
             # flush (the job's events are in the log when the block ends); it stays open for
             # the next call and is closed at exit.
-            for job_recorder in session.recorders:
+            for job_recorder in session.recorders if session is not None else ():
                 job_recorder.wait_resolved(timeout=30.0)
             active.flush()

@@ -259,6 +259,21 @@ class EtaCalibrated(Event, frozen=True, kw_only=True):
     jobs: int = 0
 
 
+class CancelRequested(Event, frozen=True, kw_only=True):
+    """Someone asked for a job to stop (``POST /api/jobs/{id}/cancel``).
+
+    It lives in wantel's control stream (``job`` is :data:`CONTROL_STREAM`), not in the job's
+    own: the job's worker owns that stream's ``seq`` numbers, and a second writer would collide
+    with them (``(job, seq)`` is the de-duplication key). ``target`` names the job. The worker
+    learns of it through the control channel (:mod:`telemetry.control`), stops at its next step
+    boundary and records ``JobCancelled(reason="requested")``.
+    """
+
+    target: str
+    by: str = "api"
+    reason: str = "requested"
+
+
 AnyEvent = (
     JobQueued
     | JobStarted
@@ -274,6 +289,7 @@ AnyEvent = (
     | WorkerHeartbeat
     | EventsDropped
     | EtaCalibrated
+    | CancelRequested
 )
 
 EVENT_TYPES: Final[tuple[type[Event], ...]] = (
@@ -291,6 +307,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     WorkerHeartbeat,
     EventsDropped,
     EtaCalibrated,
+    CancelRequested,
 )
 EVENT_TYPES_BY_NAME: Final[dict[str, type[Event]]] = {cls.__name__: cls for cls in EVENT_TYPES}
 
@@ -318,6 +335,8 @@ PRIORITY: Final[dict[type[Event], int]] = {
 
 #: The stream calibrations are recorded in.
 ETA_STREAM: Final = "wantel/eta"
+#: The stream of wantel's requests to workers (:class:`CancelRequested`).
+CONTROL_STREAM: Final = "wantel/control"
 #: Prefixes of the streams the log keeps for itself: a worker's own events
 #: (:func:`stream_of_worker`) and wantel's (:data:`ETA_STREAM`, and any later ``wantel/…``).
 RESERVED_STREAM_PREFIXES: Final = ("worker/", "wantel/")

@@ -385,14 +385,18 @@ class ProjectionRunner:
         held = self._pending()
         return min(since for since, _sink in held) if held else None
 
-    def checkpoint(self) -> bool:
-        """Write a checkpoint if anything changed and no sink holds work back; True if written.
+    def checkpoint(self, *, force: bool = False) -> bool:
+        """Write a checkpoint if anything changed (or ``force``) and no sink holds work back;
+        True if written. ``force`` writes one even at the position of the last: a sink whose
+        state must outlive a restart before anything is applied (where a webhook receiver
+        starts) writes it so.
 
         A snapshot the engine cannot encode (an event pushed an integer past 64 bits) or a
         disk that refuses the write is logged, and the previous checkpoint stands: the
         projections carry on from memory, and a restart replays from the last good one.
         """
-        if self.checkpoints is None or self.engine.position == self._checkpointed_at:
+        if self.checkpoints is None or (not force
+                                        and self.engine.position == self._checkpointed_at):
             self._acknowledged = False
             return False
         if self.held_back() is not None:

@@ -23,6 +23,15 @@ WAN21: Final = "wan2.1"
 WAN22: Final = "wan2.2"
 #: The prefix of wantel's tiny random-weight variants (``tiny-t2v``, ``tiny-t2v-a14b``, …).
 TINY_PREFIX: Final = "tiny-"
+#: Frames per second of Wan's videos (the model cards): 16 for Wan 2.1 and the A14B layouts,
+#: 24 for TI2V-5B. Events do not record a rate; views that turn frames into seconds use these.
+FPS: Final = 16
+TI2V_FPS: Final = 24
+
+
+def native_fps(task: str | None) -> int:
+    """The frame rate a Wan model of ``task`` generates for (:data:`FPS`, :data:`TI2V_FPS`)."""
+    return TI2V_FPS if task == "ti2v" else FPS
 
 
 class WanKind(NamedTuple):

@@ -23,6 +23,7 @@ NATS_ENV: Final = "WANTEL_NATS"
 NATS_CREDS_ENV: Final = "WANTEL_NATS_CREDS"
 NATS_CA_ENV: Final = "WANTEL_NATS_CA"
 WORKER_ENV: Final = "WANTEL_WORKER"
+WEBHOOK_SECRET_ENV: Final = "WANTEL_WEBHOOK_SECRET"
 DEFAULT_LOG_DIR: Final = "wantel-log"
 OTLP_ENVS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -30,6 +31,8 @@ OTLP_ENVS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_EN
 VARIABLES: Final[dict[str, str]] = {
     LOG_ENV: f"the event log directory when --log is not given (default ./{DEFAULT_LOG_DIR})",
     TOKEN_ENV: "the bearer token `serve` and `demo` require when --token is not given",
+    WEBHOOK_SECRET_ENV: "the key `serve` signs webhooks with when --webhook-secret is not "
+                        "given",
     PURE_PYTHON_ENV: "set to 1 to check replay's frames in Python even where the C "
                      "accelerator was built",
     NATS_ENV: "the fleet's NATS server(s) when --nats is not given: `ship` ships to it, and "
@@ -59,6 +62,14 @@ def resolve_token(flag: str | None, env: Mapping[str, str] | None = None) -> str
     if flag is not None:
         return flag
     return _environ(env).get(TOKEN_ENV)
+
+
+def resolve_webhook_secret(flag: str | None,
+                           env: Mapping[str, str] | None = None) -> str | None:
+    """``--webhook-secret S``, else ``$WANTEL_WEBHOOK_SECRET``, else none (unsigned)."""
+    if flag is not None:
+        return flag
+    return _environ(env).get(WEBHOOK_SECRET_ENV)
 
 
 def otlp_configured(flag: str | None, env: Mapping[str, str] | None = None) -> bool:

@@ -14,16 +14,21 @@ What follows the log is :class:`~telemetry.runner.ProjectionRunner`, with sinks:
 * with span export, a second runner (the ETA projection only; ``otel.ckpt``) with the span
   sink: it pauses while the collector is down and checkpoints on its acknowledgement, which
   must not pause ``/metrics`` and the live page.
+* with ``--webhook URL``, one runner per receiver (the jobs projection only;
+  ``webhook-<digest of the URL>.ckpt``) with its webhook sink, for the same reason: a receiver
+  that is down delays its own deliveries and nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,14 +39,24 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from exporters.server import check_token, create_app
 from exporters.service import TelemetryService
+from exporters.webhooks import DEFAULT_RETRY_BACKOFF as WEBHOOK_BACKOFF
+from exporters.webhooks import WebhookCollector, WebhookSink, check_url
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.errors import UsageError
 from telemetry.log.base import BrokenLog, EventLog, LogError
 from telemetry.log.local import CHECKPOINT_DIR, LocalLog
 from telemetry.projections.eta import EtaProjection
+from telemetry.projections.jobs import JobsProjection
 from telemetry.runner import ProjectionRunner
 from wantel.commands.common import fleet_requested, nats_options
-from wantel.config import TOKEN_ENV, otlp_configured, resolve_log_dir, resolve_token
+from wantel.config import (
+    TOKEN_ENV,
+    WEBHOOK_SECRET_ENV,
+    otlp_configured,
+    resolve_log_dir,
+    resolve_token,
+    resolve_webhook_secret,
+)
 
 #: Where ``serve --nats`` keeps its checkpoints when ``--state`` is not given.
 DEFAULT_FLEET_STATE: Final = "wantel-fleet-state"
@@ -180,7 +195,9 @@ class Serving:
     def __init__(self, log: EventLog, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  token: str | None = None, otlp: str | None = None,
                  export_spans: bool = False,
-                 checkpoint_dir: str | Path | None = None) -> None:
+                 checkpoint_dir: str | Path | None = None,
+                 webhooks: Sequence[str] = (), webhook_secret: str | None = None,
+                 webhook_backoff: tuple[float, float] = WEBHOOK_BACKOFF) -> None:
         """``checkpoint_dir`` defaults to a local log's ``checkpoints/``; any other log (the
         fleet stream) needs one named."""
         self.log = log
@@ -194,7 +211,14 @@ class Serving:
         self.location = (f"{log.path}/" if isinstance(log, LocalLog)
                          else str(getattr(log, "location", type(log).__name__)))
         self.service = TelemetryService(log, checkpoint_dir=self.checkpoint_dir)
-        self.app: Starlette = create_app(self.service, token=token)
+        #: One sink per receiver (a URL given twice is one receiver).
+        self.webhooks = [WebhookSink(url, secret=webhook_secret, name="webhook")
+                         for url in dict.fromkeys(webhooks)]
+        self.webhook_backoff = webhook_backoff
+        self._webhook_runners: list[ProjectionRunner] = []
+        self.app: Starlette = create_app(
+            self.service, token=token,
+            collectors=[WebhookCollector(self.webhooks)] if self.webhooks else ())
         self.http = BackgroundServer(self.app, bind(host, port))
         self.otlp = otlp
         self.export_spans = export_spans or otlp is not None
@@ -228,10 +252,20 @@ class Serving:
         self.http.start()
         if self.export_spans:
             self._spans = _start_span_export(self.log, self.otlp, self.checkpoint_dir)
+        for sink in self.webhooks:
+            runner = webhook_runner(self.log, sink, self.checkpoint_dir,
+                                    retry_backoff=self.webhook_backoff)
+            runner.start()
+            self._webhook_runners.append(runner)
 
     def stop(self) -> None:
-        """Stop everything; the projection checkpoint is written last."""
+        """Stop everything; the projection checkpoint is written last. Webhook runners stop
+        without a last try: what a receiver has not acknowledged waits in the log for the
+        next start."""
         self.http.stop()
+        for runner in self._webhook_runners:
+            runner.stop()
+        self._webhook_runners.clear()
         if self._spans is not None:
             self._spans.shutdown()
         self.service.stop()
@@ -255,6 +289,29 @@ def span_export_runner(log: EventLog, exporter: Any, checkpoint_dir: Path) -> Pr
     return ProjectionRunner(log, ProjectionEngine([EtaProjection()]),
                             CheckpointStore(checkpoint_dir / SPANS_CHECKPOINT),
                             sinks=[SpanSink(exporter)], poll_interval=0.05, name="wantel-otel")
+
+
+def webhook_checkpoint(checkpoint_dir: Path, url: str) -> Path:
+    """Where the runner of the receiver at ``url`` keeps its checkpoint."""
+    return checkpoint_dir / f"webhook-{hashlib.sha256(url.encode()).hexdigest()[:16]}.ckpt"
+
+
+def webhook_runner(log: EventLog, sink: WebhookSink, checkpoint_dir: Path, *,
+                   retry_backoff: tuple[float, float] = WEBHOOK_BACKOFF) -> ProjectionRunner:
+    """A runner of its own for one webhook receiver: the jobs projection (a body's job
+    fields) and the sink, checkpointed per URL. A receiver seen for the first time (no
+    checkpoint) gets the transitions from the log's end on, not its history."""
+    store = CheckpointStore(webhook_checkpoint(checkpoint_dir, sink.url))
+    first = store.load() is None
+    if first:
+        last = log.last_position()
+        sink.deliver_from = 0 if last is None else last + 1
+    runner = ProjectionRunner(log, ProjectionEngine([JobsProjection(keep_finished=1000)]),
+                              store, sinks=[sink], poll_interval=0.05,
+                              retry_backoff=retry_backoff, name="wantel-webhook")
+    if first:  # where delivery starts must survive a restart before anything happens
+        runner.checkpoint(force=True)
+    return runner
 
 
 def _start_span_export(log: EventLog, endpoint: str | None,
@@ -287,6 +344,18 @@ def open_serving(args: argparse.Namespace) -> Serving:
         except ValueError as exc:
             raise UsageError(f"--token (or ${TOKEN_ENV}): {exc}") from None
     spans = otlp_configured(args.otlp)
+    webhooks: list[str] = list(getattr(args, "webhook", None) or [])
+    for url in webhooks:
+        try:
+            check_url(url)
+        except ValueError as exc:
+            raise UsageError(f"--webhook: {exc}") from None
+    secret = resolve_webhook_secret(getattr(args, "webhook_secret", None))
+    if not webhooks:
+        secret = None  # nothing to sign
+    elif secret is not None and not secret:
+        raise UsageError(f"--webhook-secret (or ${WEBHOOK_SECRET_ENV}) is empty: give a "
+                         "non-empty secret, or none to send unsigned webhooks")
     if fleet_requested(args):
         from telemetry.log.nats import NatsLog
 
@@ -297,7 +366,8 @@ def open_serving(args: argparse.Namespace) -> Serving:
             raise UsageError(str(exc)) from None
         state = Path(args.state or DEFAULT_FLEET_STATE) / CHECKPOINT_DIR
         return Serving(fleet, host=args.host, port=args.port, token=token,
-                       otlp=args.otlp or None, export_spans=spans, checkpoint_dir=state)
+                       otlp=args.otlp or None, export_spans=spans, checkpoint_dir=state,
+                       webhooks=webhooks, webhook_secret=secret)
     try:
         log = LocalLog(resolve_log_dir(args.log))
     except BrokenLog:
@@ -305,7 +375,7 @@ def open_serving(args: argparse.Namespace) -> Serving:
     except LogError as exc:
         raise UsageError(str(exc)) from None
     return Serving(log, host=args.host, port=args.port, token=token, otlp=args.otlp or None,
-                   export_spans=spans)
+                   export_spans=spans, webhooks=webhooks, webhook_secret=secret)
 
 
 def print_banner(serving: Serving, command: str) -> None:
@@ -313,6 +383,9 @@ def print_banner(serving: Serving, command: str) -> None:
     print(f"wantel {command}: following {serving.location}", flush=True)
     for name, url in serving.urls():
         print(f"  {name:<10} {url}", flush=True)
+    for sink in serving.webhooks:
+        signed = "signed" if sink.secret is not None else "UNSIGNED: set --webhook-secret"
+        print(f"  {'webhook':<10} {sink.url} ({signed})", flush=True)
     if serving.export_spans:
         print(f"  {'spans':<10} OTLP to {serving.otlp or 'the OTEL_EXPORTER_OTLP_* endpoint'}",
               flush=True)

@@ -9,7 +9,7 @@ import threading
 from types import FrameType
 
 from wantel.commands.common import add_nats_flags
-from wantel.config import OTLP_ENVS, TOKEN_ENV
+from wantel.config import OTLP_ENVS, TOKEN_ENV, WEBHOOK_SECRET_ENV
 from wantel.serving import (
     DEFAULT_FLEET_STATE,
     DEFAULT_HOST,
@@ -37,6 +37,15 @@ def configure_serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--otlp", metavar="URL",
                         help=f"export spans by OTLP to this collector (default: ${OTLP_ENVS[0]}"
                              f" or ${OTLP_ENVS[1]}; neither: no span export)")
+    parser.add_argument("--webhook", metavar="URL", action="append",
+                        help="POST a signed JSON body to this http(s) URL on every job state "
+                             "change (queued, started, completed, failed, cancelled), at least "
+                             "once, resumed after restarts; repeat for more receivers "
+                             "(docs/api.md, 'Webhooks')")
+    parser.add_argument("--webhook-secret", metavar="S",
+                        help=f"sign webhooks with HMAC-SHA256 under this key, in the "
+                             f"Wantel-Signature header (default: ${WEBHOOK_SECRET_ENV}, else "
+                             f"unsigned)")
 
 
 def configure_fleet(parser: argparse.ArgumentParser) -> None:
