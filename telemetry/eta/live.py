@@ -446,7 +446,10 @@ class LiveJob(msgspec.Struct, kw_only=True):
         tau = self.speed_tau
         shared = tau * tau
         prior_weight = self.speed_weight
-        ratios, weights = self._phase_evidence(shared)
+        if self.evidence_key == len(self.done):  # _phase_evidence, memoised: checked here
+            ratios, weights = self.evidence
+        else:
+            ratios, weights = self._phase_evidence(shared)
         later = self.steps_seen - 1
         if later > 0 and self.step_prior > 0 and self.later_sum > 0:
             step_ratio = clamp_ratio(log(self.later_sum / later / self.step_prior))
@@ -479,9 +482,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
         return self.speed_cache
 
     def _phase_evidence(self, shared: float) -> tuple[list[float], list[float]]:
-        """The finished phases' log ratios and weights (memoised until another phase ends)."""
-        if self.evidence_key == len(self.done):
-            return self.evidence
+        """The finished phases' log ratios and weights (memoised until another phase ends:
+        :meth:`_speed_and_variance` checks ``evidence_key`` before calling)."""
         ratios: list[float] = []
         weights: list[float] = []
         expected_of, sigma_of = self.expected.get, self.sigma.get
@@ -541,7 +543,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
         remaining = damp_rise(seconds, self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
         progress = elapsed / total if total > 0 else 0.0
-        progress = max(progress, self.last_progress)
+        if progress < self.last_progress:  # never backwards
+            progress = self.last_progress
         if remaining <= 0:
             low = high = 0.0
         else:
