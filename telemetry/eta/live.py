@@ -543,8 +543,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
         remaining = damp_rise(seconds, self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
         progress = elapsed / total if total > 0 else 0.0
-        if progress < self.last_progress:  # never backwards
-            progress = self.last_progress
+        last = self.last_progress  # never backwards: max(), spelled out (a hot path)
+        progress = last if last > progress else progress
         if remaining <= 0:
             low = high = 0.0
         else:
