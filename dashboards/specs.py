@@ -210,8 +210,8 @@ FLEET: Final = Dashboard(
                   kind="stat", unit="none", width=6, height=4, minimum=0),
             Panel("Jobs lost mid-run", "How many jobs were lost in the last hour because their "
                   "worker went silent while they ran (WantelJobLost pages on any)?",
-                  (Query(f"sum(wantel_jobs_lost{{{M}}})", "lost"),),
-                  kind="stat", unit="none", width=6, height=4, minimum=0, no_value="0",
+                  (Query(f"sum(wantel_jobs_lost{{{M}}}) or vector(0)", "lost"),),
+                  kind="stat", unit="none", width=6, height=4, minimum=0,
                   thresholds=((1, "red"),)),
             Panel("Jobs ended in range", "How many jobs ended in the time range, by outcome?",
                   (Query(f"sum by (status) (increase(wantel_jobs_total{{{M}}}[$__range]))",
