@@ -36,7 +36,15 @@ def _target(query: specs.Query, ref_id: str) -> prometheus.Dataquery:
     return target
 
 
-def _panel(spec: specs.Panel) -> Any:
+def _thresholds(spec: specs.Panel) -> Any:
+    """The panel's threshold steps: its base colour, then its own steps (never Grafana's
+    default red at 80, which means nothing for ratios of 0-1 or for counts)."""
+    return (gd.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE)
+            .steps([dm.Threshold(None, spec.base_color),
+                    *(dm.Threshold(value, color) for value, color in spec.thresholds)]))
+
+
+def _panel(spec: specs.Panel, options: specs.BuildOptions) -> Any:
     """The SDK builder for one panel spec."""
     builder: Any
     if spec.kind == "stat":
@@ -61,6 +69,8 @@ def _panel(spec: specs.Panel) -> Any:
                                            dm.Threshold(spec.line_at, "green")]))
                        .thresholds_style(common.GraphThresholdsStyleConfig()
                                          .mode(cm.GraphThresholdsStyleMode.DASHED)))
+    if spec.kind != "timeseries" or spec.line_at is None:
+        builder = builder.thresholds(_thresholds(spec))
     builder = (builder.title(spec.title).description(spec.question).unit(spec.unit)
                .datasource(DATASOURCE_REF).height(spec.height).span(spec.width))
     if spec.minimum is not None:
@@ -71,16 +81,27 @@ def _panel(spec: specs.Panel) -> Any:
         builder = builder.no_value(spec.no_value)
     if spec.links:
         builder = builder.links([gd.DashboardLink(link.title).type(dm.DashboardLinkType.LINK)
-                                 .url(link.url).target_blank(True) for link in spec.links])
+                                 .url(_url(link, options)).target_blank(True)
+                                 for link in spec.links])
     for index, query in enumerate(spec.queries):
         builder = builder.with_target(_target(query, string.ascii_uppercase[index]))
     return builder
 
 
-def _variable(spec: specs.Variable) -> Any:
+def _url(link: specs.Link, options: specs.BuildOptions) -> str:
+    """A link's URL, the trace link resolved for the configured trace backend."""
+    return specs.trace_link(options.trace_url) if link.url == specs.TRACE_LINK else link.url
+
+
+def _current(value: str) -> dm.VariableOption:
+    return dm.VariableOption(selected=True, text=value, value=value)
+
+
+def _variable(spec: specs.Variable, options: specs.BuildOptions) -> Any:
     """The SDK builder for one template variable."""
     if spec.kind == "datasource":
-        return gd.DatasourceVariable(spec.name).label(spec.label).type(spec.query)
+        return (gd.DatasourceVariable(spec.name).label(spec.label).type(spec.query)
+                .current(_current(options.datasource)))
     if spec.kind == "custom":
         default = spec.default or spec.choices[0]
         return (gd.CustomVariable(spec.name).label(spec.label).values(",".join(spec.choices))
@@ -96,27 +117,33 @@ def _variable(spec: specs.Variable) -> Any:
         builder = builder.include_all(True).all_value(".*")
     if spec.hidden:
         builder = builder.hide(dm.VariableHide.HIDE_VARIABLE)
+    if spec is specs.SCRAPE_JOB:
+        builder = builder.current(
+            _current(options.scrape_job) if options.scrape_job
+            else dm.VariableOption(selected=True, text="All", value="$__all"))
     return builder
 
 
-def build(spec: specs.Dashboard) -> dm.Dashboard:
-    """The SDK's dashboard model for one spec."""
+def build(spec: specs.Dashboard, options: specs.BuildOptions | None = None) -> dm.Dashboard:
+    """The SDK's dashboard model for one spec, for a deployment's ``options``."""
+    options = options or specs.BuildOptions()
     builder = (gd.Dashboard(spec.title).uid(spec.uid).description(spec.description)
                .tags(list(spec.tags)).editable().refresh("10s")
                .time(spec.time_from, "now").timezone("browser")
                .tooltip(dm.DashboardCursorSync.CROSSHAIR))
     for variable in spec.variables:
-        builder = builder.with_variable(_variable(variable))
+        builder = builder.with_variable(_variable(variable, options))
     for link in spec.links:
         builder = builder.link(gd.DashboardLink(link.title).type(dm.DashboardLinkType.LINK)
-                               .url(link.url).target_blank(True).include_vars(False)
+                               .url(_url(link, options)).target_blank(True)
+                               .include_vars(False)
                                .keep_time(False))
     next_id = 1  # Grafana keys panel state (links, fullscreen) by id: stable, unique, from 1
     for row in spec.rows:
         builder = builder.with_row(gd.Row(row.title).id(next_id))
         next_id += 1
         for panel in row.panels:
-            builder = builder.with_panel(_panel(panel).id(next_id))
+            builder = builder.with_panel(_panel(panel, options).id(next_id))
             next_id += 1
     return builder.build()
 
@@ -141,9 +168,9 @@ def to_json(model: dm.Dashboard) -> str:
     return json.dumps(to_dict(model), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
-def render_all() -> dict[str, str]:
-    """``{file name: JSON text}`` of every dashboard."""
-    return {f"{spec.slug}.json": to_json(build(spec)) for spec in specs.DASHBOARDS}
+def render_all(options: specs.BuildOptions | None = None) -> dict[str, str]:
+    """``{file name: JSON text}`` of every dashboard, for a deployment's ``options``."""
+    return {f"{spec.slug}.json": to_json(build(spec, options)) for spec in specs.DASHBOARDS}
 
 
 __all__ = ["build", "render_all", "to_dict", "to_json"]

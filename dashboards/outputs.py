@@ -10,8 +10,13 @@ by :func:`telemetry.files.write_atomic`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from telemetry.files import write_atomic as replace_file
+
+if TYPE_CHECKING:
+    from dashboards.rules import RuleParams
+    from dashboards.specs import BuildOptions
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = PACKAGE_DIR / "generated"
@@ -27,14 +32,15 @@ def write_atomic(path: Path, text: str) -> bool:
     return True
 
 
-def build_all(out: Path | None = None, *, runbook_base: str | None = None) -> list[Path]:
-    """Write every dashboard and the rule file; returns the paths that changed."""
+def build_all(out: Path | None = None, *, params: RuleParams | None = None,
+              options: BuildOptions | None = None) -> list[Path]:
+    """Write every dashboard (for ``options``) and the rule file (for ``params``); returns
+    the paths that changed."""
     from dashboards.build import render_all
-    from dashboards.rules import RuleParams, render_rules
+    from dashboards.rules import render_rules
 
     dash_dir = out or DEFAULT_OUT
     rules_path = (out / DEFAULT_RULES.name) if out else DEFAULT_RULES
-    params = RuleParams() if runbook_base is None else RuleParams(runbook_base=runbook_base)
-    outputs = {dash_dir / name: text for name, text in render_all().items()}
+    outputs = {dash_dir / name: text for name, text in render_all(options).items()}
     outputs[rules_path] = render_rules(params)
     return [path for path, text in outputs.items() if write_atomic(path, text)]

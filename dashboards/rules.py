@@ -21,11 +21,28 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Final
 
-#: Severities: ``page`` wakes someone (work is failing or stuck now), ``ticket`` can wait.
-SEVERITY_PAGE: Final = "page"
-SEVERITY_TICKET: Final = "ticket"
-#: ``warning``: something to look at soon, short of a page (``WantelEtaUnreliable``).
+#: Severities, as kube-prometheus names them: ``critical`` wakes someone (work is failing,
+#: stuck or lost now), ``warning`` is looked at in working hours.
+SEVERITY_CRITICAL: Final = "critical"
 SEVERITY_WARNING: Final = "warning"
+#: Where the runbooks are unless ``--runbook-url`` says: an absolute URL (Alertmanager's
+#: receivers cannot resolve a relative one). ``.invalid`` is reserved and never resolves, so
+#: a deployment that forgot ``--runbook-url`` shows a link that plainly needs setting; the
+#: anchors are those of ``docs/runbooks.md`` wherever it is served.
+DEFAULT_RUNBOOK_URL: Final = "https://wantel.invalid/docs/runbooks.md"
+
+
+def selector(*matchers: str) -> str:
+    """``{a,b}`` of the non-empty matchers, or "" (PromQL refuses ``{}``)."""
+    inner = ",".join(m for m in matchers if m)
+    return "{" + inner + "}" if inner else ""
+
+
+def scrape_job_matcher(scrape_job: str | None) -> str:
+    """The matcher that picks wantel's targets by scrape job (``job="…"``), "" for any."""
+    if not scrape_job:
+        return ""
+    return 'job="' + scrape_job.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass(frozen=True)
@@ -69,16 +86,27 @@ class RuleParams:
     lag_for: str = "5m"
     worker_window: str = "1h"
     worker_for: str = "5m"
-    target_job: str = "wantel"
+    lost_for: str = "0s"
+    #: Label matchers every rule adds to wantel's series (and to ``up``), e.g. ``job="gpu"``
+    #: (``wantel dashboards build --scrape-job gpu``); "" matches wantel's series wherever
+    #: they are scraped: the rules key on wantel's own series, never on a scrape-job name.
+    matchers: str = ""
+    #: A target counts as wantel's while it exported ``wantel_build_info`` within this.
+    target_lookback: str = "1d"
     target_for: str = "2m"
-    runbook_base: str = "docs/runbooks.md"
+    runbook_base: str = DEFAULT_RUNBOOK_URL
 
     @classmethod
     def fast(cls, **overrides: object) -> RuleParams:
         """Second-scale timing for a test that scrapes and evaluates every second."""
         fast = cls(interval="1s", stall_resolution="1s", stall_changes_window="3s",
-                   stall_lookback="10m", stall_floor_s=3, stall_for="0s")
+                   stall_lookback="10m", stall_floor_s=3, stall_for="0s", target_for="0s",
+                   lag_for="0s")
         return replace(fast, **overrides)  # type: ignore[arg-type]
+
+    def of(self, metric: str, *matchers: str) -> str:
+        """``metric`` with :attr:`matchers` and ``matchers``: wantel's series, selected."""
+        return metric + selector(self.matchers, *matchers)
 
 
 @dataclass(frozen=True)
@@ -105,44 +133,60 @@ def eta_quality_records(p: RuleParams) -> tuple[str, str, str]:
             f"wantel:eta_absolute_relative_error:mean{w}")
 
 
+INF_BUCKET: Final = 'le="+Inf"'
+FAILED: Final = 'status="failed"'
+#: The memory sources that fill a device (NVML's whole-device use, torch's reservations).
+DEVICE_SOURCES: Final = 'source=~"nvml|torch_reserved"'
+#: The labels a running job's series keep through the stall rules: where it runs and what.
+JOB_KEY: Final = "instance, job_id, model, worker"
+#: The labels of a device's series (``exporters.prometheus.DEVICE_LABELS``) and its target.
+DEVICE_KEY: Final = "instance, device, gpu, UUID, Hostname"
+
+
 def recording_rules(p: RuleParams) -> list[Rule]:
     """The recording rules the stall and ETA reliability alerts need (also handy elsewhere)."""
     scored, coverage, abs_error = eta_quality_records(p)
     pooled = f'progress_bucket!="{p.eta_unpooled_bucket}"'
 
     def per_model(counter: str) -> str:
-        return f"sum by (model) (increase({counter}{{{pooled}}}[{p.eta_quality_window}]))"
+        return (f"sum by (model) (increase({p.of(counter, pooled)}"
+                f"[{p.eta_quality_window}]))")
 
+    progress = p.of("wantel_job_progress_ratio")
     return [
         # Counters live as long as the log, so an idle model's rates are 0/0: keep only models
         # that stepped in the last day (the others fall back to the floor below).
         Rule("wantel:denoise_step_seconds:mean1d", alert=False, expr=(
-            "sum by (model) (rate(wantel_denoise_step_duration_seconds_sum[1d]))\n"
-            "/ (sum by (model) (rate(wantel_denoise_step_duration_seconds_count[1d])) > 0)")),
+            f"sum by (model) (rate({p.of('wantel_denoise_step_duration_seconds_sum')}[1d]))\n"
+            f"/ (sum by (model) (rate({p.of('wantel_denoise_step_duration_seconds_count')}"
+            f"[1d])) > 0)")),
         # Several expected step times, never under the floor; the floor alone for a model with
         # no step in the last day.
         Rule("wantel:job_stall_threshold_seconds", alert=False, expr=(
             f"clamp_min({p.stall_steps} * wantel:denoise_step_seconds:mean1d, "
             f"{p.stall_floor_s})\n"
-            f"or on (model) (0 * max by (model) (wantel_jobs_running) + {p.stall_floor_s})")),
-        # When each running job's progress last moved (its first appearance if it never has).
+            f"or on (model) (0 * max by (model) ({p.of('wantel_jobs_running')}) "
+            f"+ {p.stall_floor_s})")),
+        # When each running job's progress last moved (its first appearance if it never has),
+        # keeping where it runs: the scrape target (instance) and the worker.
         Rule("wantel:job_progress_changed_timestamp_seconds", alert=False, expr=(
             "(\n"
-            "  max by (job, model) (max_over_time(\n"
-            f"    timestamp(changes(wantel_job_progress_ratio[{p.stall_changes_window}]) > 0)"
+            f"  max by ({JOB_KEY}) (max_over_time(\n"
+            f"    timestamp(changes({progress}[{p.stall_changes_window}]) > 0)"
             f"[{p.stall_lookback}:{p.stall_resolution}]))\n"
             "  or\n"
-            "  max by (job, model) (min_over_time(\n"
-            f"    timestamp(wantel_job_progress_ratio)[{p.stall_lookback}:"
+            f"  max by ({JOB_KEY}) (min_over_time(\n"
+            f"    timestamp({progress})[{p.stall_lookback}:"
             f"{p.stall_resolution}]))\n"
             ")\n"
-            "and on (job) wantel_job_progress_ratio")),
+            f"and on (instance, job_id) {progress}")),
         # ETAs scored per model over the window (the histogram's count is its +Inf bucket),
         # every progress bucket but the last: near the end the actual remaining time is a
         # fraction of a second, and relative errors there are large whatever the model.
         Rule(scored, alert=False, expr=(
-            f"sum by (model) (increase(wantel_eta_relative_error_bucket"
-            f'{{le="+Inf",{pooled}}}[{p.eta_quality_window}]))')),
+            f"sum by (model) (increase("
+            f"{p.of('wantel_eta_relative_error_bucket', INF_BUCKET, pooled)}"
+            f"[{p.eta_quality_window}]))")),
         # Share of those whose actual remaining time fell inside their p10-p90 interval, and
         # their mean absolute relative error; models with no scored ETA in the window drop out.
         Rule(coverage, alert=False, expr=(
@@ -153,27 +197,47 @@ def recording_rules(p: RuleParams) -> list[Rule]:
 
 
 def alert_rules(p: RuleParams) -> list[Rule]:
-    """The alerts, each with a runbook section in ``docs/runbooks.md``."""
+    """The alerts, each with a runbook section in ``docs/runbooks.md``.
+
+    Every alert keeps the labels that say where to look — ``instance`` (the scrape target),
+    ``worker``, ``device`` and its DCGM labels, ``model``, ``job_id`` — wherever its series
+    have them; the ETA and throughput alerts judge a model over the fleet.
+    """
     tol = f"{p.eta_tolerance:g}"
-    eta = f'wantel_eta_relative_error_bucket{{progress_bucket="10-25",le="%s"}}[{p.eta_window}]'
-    eta_count = f"sum by (model) (increase({eta % '+Inf'}))"
-    speed = ("sum by (model) (rate(wantel_denoise_step_duration_seconds_count[1h]{off}))\n"
-             "/ sum by (model) (rate(wantel_denoise_step_duration_seconds_sum[1h]{off}))")
-    ended = f"sum by (model) (increase(wantel_jobs_total[{p.failure_window}]))"
-    target = f'up{{job="{p.target_job}"}}'
+
+    def eta(le: str) -> str:
+        return (p.of("wantel_eta_relative_error_bucket", 'progress_bucket="10-25"', f'le="{le}"')
+                + f"[{p.eta_window}]")
+
+    eta_count = f"sum by (model) (increase({eta('+Inf')}))"
+    step_count = p.of("wantel_denoise_step_duration_seconds_count")
+    step_sum = p.of("wantel_denoise_step_duration_seconds_sum")
+    speed = (f"sum by (model) (rate({step_count}[1h]{{off}}))\n"
+             f"/ sum by (model) (rate({step_sum}[1h]{{off}}))")
+    by_model = "instance, model"
+    ended = f"sum by ({by_model}) (increase({p.of('wantel_jobs_total')}[{p.failure_window}]))"
     scored, coverage, abs_error = eta_quality_records(p)
+    up = "up" + selector(p.matchers)
     return [
-        Rule("WantelJobStalled", for_=p.stall_for, severity=SEVERITY_PAGE, expr=(
+        Rule("WantelJobStalled", for_=p.stall_for, severity=SEVERITY_CRITICAL, expr=(
             "time() - wantel:job_progress_changed_timestamp_seconds\n"
             "> on (model) group_left () wantel:job_stall_threshold_seconds"),
-             summary="Job {{ $labels.job }} ({{ $labels.model }}) has made no progress for "
+             summary="Job {{ $labels.job_id }} ({{ $labels.model }}) on {{ $labels.worker }} "
+                     "({{ $labels.instance }}) has made no progress for "
                      "{{ $value | humanizeDuration }}",
              description=f"No step (or stage) of a running job for more than {p.stall_steps} "
                          f"expected step times of its model (at least {p.stall_floor_s} s)."),
-        Rule("WantelEtaDrift", for_=p.eta_for, severity=SEVERITY_TICKET, expr=(
+        Rule("WantelJobLost", for_=p.lost_for, severity=SEVERITY_CRITICAL, expr=(
+            f"max by (instance, model, worker) ({p.of('wantel_jobs_lost')}) > 0"),
+             summary="{{ $value }} {{ $labels.model }} job(s) of worker {{ $labels.worker }} "
+                     "were lost mid-run ({{ $labels.instance }})",
+             description="A worker went silent while its jobs were running: it crashed, was "
+                         "killed or lost its node. A worker that stops after its jobs ended "
+                         "(a clean scale-down) loses none and raises nothing here."),
+        Rule("WantelEtaDrift", for_=p.eta_for, severity=SEVERITY_WARNING, expr=(
             f"1 - (\n"
-            f"  sum by (model) (increase({eta % tol}))\n"
-            f"  - sum by (model) (increase({eta % ('-' + tol)}))\n"
+            f"  sum by (model) (increase({eta(tol)}))\n"
+            f"  - sum by (model) (increase({eta('-' + tol)}))\n"
             f") / {eta_count}\n"
             f"> {p.eta_bad_share:g}\n"
             f"and on (model) {eta_count} >= {p.eta_min_samples}"),
@@ -194,61 +258,82 @@ def alert_rules(p: RuleParams) -> list[Rule]:
                  f"inside their p10-p90 interval (alert below {_pct(p.eta_min_coverage)}) and "
                  f"the mean absolute error was {_query(abs_error, 'humanizePercentage')} "
                  f"(alert above {_pct(p.eta_max_abs_error)}).")),
-        Rule("WantelThroughputDrop", for_=p.throughput_for, severity=SEVERITY_TICKET, expr=(
-            f"(\n{_indent(speed.format(off=''))}\n)\n"
-            f"< {p.throughput_ratio:g} * (\n{_indent(speed.format(off=' offset 1d'))}\n)\n"
+        Rule("WantelThroughputDrop", for_=p.throughput_for, severity=SEVERITY_WARNING, expr=(
+            f"(\n{_indent(speed.replace('{off}', ''))}\n)\n"
+            f"< {p.throughput_ratio:g} * (\n{_indent(speed.replace('{off}', ' offset 1d'))}\n)\n"
             f"and on (model) sum by (model) "
-            f"(increase(wantel_denoise_step_duration_seconds_count[1h])) "
+            f"(increase({step_count}[1h])) "
             f">= {p.throughput_min_steps}"),
              summary="Denoising of {{ $labels.model }} is slower than this hour yesterday",
              description=f"Steps per second of denoising time fell below "
                          f"{_pct(p.throughput_ratio)} of the same hour yesterday (now "
                          f"{{{{ $value | humanize }}}} steps/s). Demand does not move this "
                          f"figure; the device, its clocks or the software do."),
-        Rule("WantelGpuMemoryNearLimit", for_=p.memory_for, severity=SEVERITY_TICKET, expr=(
-            'max by (device) (wantel_device_memory_used_bytes{source=~"nvml|torch_reserved"})\n'
-            "/ on (device) max by (device) (wantel_device_memory_total_bytes)\n"
+        Rule("WantelGpuMemoryNearLimit", for_=p.memory_for, severity=SEVERITY_WARNING, expr=(
+            f"max by ({DEVICE_KEY}) "
+            f"({p.of('wantel_device_memory_used_bytes', DEVICE_SOURCES)})\n"
+            f"/ on ({DEVICE_KEY}) max by ({DEVICE_KEY}) "
+            f"({p.of('wantel_device_memory_total_bytes')})\n"
             f"> {p.memory_ratio:g}"),
-             summary="{{ $labels.device }} memory is {{ $value | humanizePercentage }} full",
+             summary="{{ $labels.device }} of {{ $labels.instance }} memory is "
+                     "{{ $value | humanizePercentage }} full",
              description=f"Device memory above {_pct(p.memory_ratio)} of its total: the next "
                          f"larger request may run out of memory."),
-        Rule("WantelJobFailureRatioHigh", for_=p.failure_for, severity=SEVERITY_PAGE, expr=(
-            f'sum by (model) (increase(wantel_jobs_total{{status="failed"}}'
+        Rule("WantelJobFailureRatioHigh", for_=p.failure_for, severity=SEVERITY_CRITICAL, expr=(
+            f"sum by ({by_model}) (increase({p.of('wantel_jobs_total', FAILED)}"
             f"[{p.failure_window}]))\n"
             f"/ {ended}\n"
             f"> {p.failure_ratio:g}\n"
-            f"and on (model) {ended} >= {p.failure_min_jobs}"),
-             summary="{{ $value | humanizePercentage }} of {{ $labels.model }} jobs failed",
+            f"and on ({by_model}) {ended} >= {p.failure_min_jobs}"),
+             summary="{{ $value | humanizePercentage }} of {{ $labels.model }} jobs failed "
+                     "({{ $labels.instance }})",
              description=f"More than {_pct(p.failure_ratio)} of the jobs that ended in the "
                          f"last {p.failure_window} failed."),
-        Rule("WantelJobOutOfMemory", for_="0s", severity=SEVERITY_PAGE, expr=(
-            f"sum by (model) (increase(wantel_jobs_oom_total[{p.failure_window}])) > 0"),
-             summary="A {{ $labels.model }} job ran out of memory",
+        Rule("WantelJobOutOfMemory", for_="0s", severity=SEVERITY_CRITICAL, expr=(
+            f"sum by ({by_model}) (increase({p.of('wantel_jobs_oom_total')}"
+            f"[{p.failure_window}])) > 0"),
+             summary="A {{ $labels.model }} job ran out of memory ({{ $labels.instance }})",
              description="A job failed with an out-of-memory error (JobFailed.oom)."),
-        Rule("WantelEventsDropped", for_="0s", severity=SEVERITY_TICKET, expr=(
-            f"sum by (reason) (increase(wantel_events_dropped_total[{p.drop_window}])) > 0"),
-             summary="Emitters dropped telemetry events ({{ $labels.reason }})",
+        Rule("WantelEventsDropped", for_="0s", severity=SEVERITY_WARNING, expr=(
+            f"sum by (instance, reason) (increase({p.of('wantel_events_dropped_total')}"
+            f"[{p.drop_window}])) > 0"),
+             summary="Emitters dropped telemetry events ({{ $labels.reason }}, "
+                     "{{ $labels.instance }})",
              description="An emitter's queue overflowed and it dropped events: dashboards and "
                          "ETAs miss data."),
-        Rule("WantelLogQuarantined", for_="0s", severity=SEVERITY_TICKET, expr=(
-            f"increase(wantel_log_quarantined_total[{p.drop_window}]) > 0"),
-             summary="Damaged log records were quarantined",
+        Rule("WantelLogQuarantined", for_="0s", severity=SEVERITY_WARNING, expr=(
+            f"sum by (instance) (increase({p.of('wantel_log_quarantined_total')}"
+            f"[{p.drop_window}])) > 0"),
+             summary="Damaged log records were quarantined ({{ $labels.instance }})",
              description="The projector skipped records it could not decode."),
-        Rule("WantelProjectionLag", for_=p.lag_for, severity=SEVERITY_TICKET, expr=(
-            f"max(wantel_projection_lag_seconds) > {p.lag_threshold_s}"),
-             summary="Projections are {{ $value | humanizeDuration }} behind the log",
-             description=f"The newest event applied is more than {p.lag_threshold_s} s old "
-                         f"although workers heartbeat every 10 s."),
-        Rule("WantelWorkerDown", for_=p.worker_for, severity=SEVERITY_PAGE, expr=(
-            f"max(max_over_time(wantel_workers_alive[{p.worker_window}])) "
-            f"- max(wantel_workers_alive) > 0"),
-             summary="{{ $value }} worker(s) stopped heartbeating",
+        Rule("WantelProjectionLag", for_=p.lag_for, severity=SEVERITY_WARNING, expr=(
+            f"max by (instance) ({p.of('wantel_projection_lag_seconds')}) "
+            f"> {p.lag_threshold_s}\n"
+            f"and on (instance) max by (instance) ({p.of('wantel_projection_backlog_events')}) "
+            f"> 0"),
+             summary="Projections of {{ $labels.instance }} are {{ $value | humanizeDuration }} "
+                     "behind the log",
+             description=f"The newest event applied is more than {p.lag_threshold_s} s old and "
+                         f"the log holds events not yet read. (An idle or scaled-to-zero fleet "
+                         f"writes nothing: its lag grows with nothing to read, and stays "
+                         f"silent here.)"),
+        Rule("WantelWorkerDown", for_=p.worker_for, severity=SEVERITY_WARNING, expr=(
+            f"max by (instance) (max_over_time({p.of('wantel_workers_alive')}"
+            f"[{p.worker_window}]))\n"
+            f"- max by (instance) ({p.of('wantel_workers_alive')}) > 0"),
+             summary="{{ $value }} worker(s) stopped heartbeating ({{ $labels.instance }})",
              description=f"Fewer workers are alive than at some point in the last "
-                         f"{p.worker_window}."),
-        Rule("WantelTargetDown", for_=p.target_for, severity=SEVERITY_PAGE, expr=(
-            f"{target} == 0 or absent({target})"),
-             summary="Prometheus cannot scrape wantel ({{ $labels.instance }})",
-             description="The /metrics endpoint is down or unreachable: no wantel data."),
+                         f"{p.worker_window}. A heartbeat gap alone cannot tell a crash from a "
+                         f"planned scale-down, so this is a warning; a worker lost with jobs "
+                         f"running raises WantelJobLost."),
+        Rule("WantelTargetDown", for_=p.target_for, severity=SEVERITY_CRITICAL, expr=(
+            f"{up} == 0\n"
+            f"and on (job, instance) max by (job, instance) "
+            f"(max_over_time({p.of('wantel_build_info')}[{p.target_lookback}]))"),
+             summary="Prometheus cannot scrape wantel at {{ $labels.instance }}",
+             description=f"A target that served wantel's /metrics within "
+                         f"{p.target_lookback} is still discovered but down or unreachable. A "
+                         f"target removed from discovery (a scale-down) is not down."),
     ]
 
 
@@ -284,7 +369,7 @@ def render_rules(params: RuleParams | None = None) -> str:
     p = params or RuleParams()
     lines = [
         "# Generated by `wantel dashboards build` from dashboards/rules.py: edit that, not this.",
-        "# Runbooks: docs/runbooks.md. Tests: dashboards/alerts/tests/ (promtool test rules).",
+        f"# Runbooks: {p.runbook_base}. Tests: dashboards/alerts/tests/ (promtool test rules).",
         "groups:",
     ]
     for group, rules in (("wantel.records", recording_rules(p)), ("wantel.alerts",
@@ -307,5 +392,6 @@ def render_rules(params: RuleParams | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Rule", "RuleParams", "alert_rules", "anchor", "eta_quality_records",
-           "recording_rules", "render_rules"]
+__all__ = ["DEFAULT_RUNBOOK_URL", "Rule", "RuleParams", "alert_rules", "anchor",
+           "eta_quality_records", "recording_rules", "render_rules", "scrape_job_matcher",
+           "selector"]

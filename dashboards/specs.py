@@ -10,14 +10,20 @@ are substituted (the end-to-end test does exactly that): ``$model``, ``$device``
 are matched with ``=~`` / ``=``; rates use ``$__rate_interval``; windowed statistics that need
 more history than a scrape interval use the ``$window`` variable.
 
+Every dashboard filters by the scrape target (``$instance``) as well as by model, so one
+Grafana serves a fleet of wantel servers; per-job series carry ``job_id`` and ``worker``.
+Thresholds are set on every panel (:attr:`Panel.thresholds`, base green unless said): Grafana's
+own default (red at 80) means nothing for ratios of 0-1 or for counts.
+
 Gaps in the exported metrics, and what is shown instead (see ``docs/dashboards.md``):
-no metric counts pixels or frames (throughput is steps/s and jobs/min); the ETA's p10–p90
+throughput is steps/s, frames/s and jobs/min (frames and seconds of video are counted when a
+job completes); the ETA's p10–p90
 interval is exported for running jobs (``wantel_job_eta_p10_seconds`` / ``_p90_seconds``, drawn
 by the job drill-down), and how often it covered the actual time and the sum of absolute errors
 are counters beside the signed-error histogram, so the ETA quality dashboard shows interval
 coverage and mean absolute error per bucket over the hour its alert watches; stage, step and
-memory series carry no ``job`` label, so the job drill-down shows them for the job's model over
-the job's time range. Out-of-memory failures are exported apart (``wantel_jobs_oom_total``) and
+memory series carry no ``job_id`` label, so the job drill-down shows them for the job's model
+over the job's time range. Out-of-memory failures are exported apart (``wantel_jobs_oom_total``) and
 shown beside the other failures.
 """
 
@@ -30,10 +36,41 @@ from dashboards.rules import RuleParams
 
 PanelKind = Literal["timeseries", "stat", "bargauge"]
 
-#: Jaeger's UI as compose publishes it; the job drill-down links a job to its trace search.
+#: Jaeger's UI as compose publishes it: the default trace backend of the job drill-down.
 JAEGER_URL: Final = "http://localhost:16686"
 #: Span attribute that carries the job id (``exporters/otel.py``).
 JOB_ATTRIBUTE: Final = "wantel.job"
+#: Stands for the trace link in specs; :func:`trace_link` resolves it at build time.
+TRACE_LINK: Final = "wantel:trace-link"
+#: Where a trace link puts the job id, in a ``--trace-url`` template.
+JOB_ID_FIELD: Final = "{job_id}"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a deployment sets at ``wantel dashboards build`` time.
+
+    ``trace_url``: Jaeger's UI base URL (the link searches its traces by the job's
+    ``wantel.job`` tag), or any URL template holding ``{job_id}`` — Grafana Explore over a
+    Tempo data source, Tempo's or another UI (see ``docs/dashboards.md``). ``datasource``: the
+    Prometheus data source the ``datasource`` variable selects by default (its name in Grafana).
+    ``scrape_job``: the scrape job the telemetry-health dashboard selects by default; ``None``
+    selects all of them (the variable lists every job that scrapes wantel, from
+    ``wantel_build_info``).
+    """
+
+    trace_url: str = JAEGER_URL
+    datasource: str = "Prometheus"
+    scrape_job: str | None = None
+
+
+def trace_link(trace_url: str, job_id: str = "${job_id}") -> str:
+    """The link to a job's traces: Jaeger's search by tag, or ``trace_url`` with ``{job_id}``
+    replaced (by the Grafana variable, URL-encoded by Grafana)."""
+    if JOB_ID_FIELD in trace_url:
+        return trace_url.replace(JOB_ID_FIELD, job_id)
+    return (trace_url.rstrip("/") + "/search?service=wantel&tags=%7B%22" + JOB_ATTRIBUTE
+            + "%22%3A%22" + job_id + "%22%7D")
 
 
 @dataclass(frozen=True)
@@ -74,6 +111,11 @@ class Panel:
     #: A dashed horizontal line at this value (a goal, or an alert's threshold); time series
     #: only. Drawn by Grafana from the panel's thresholds, so it needs no query of its own.
     line_at: float | None = None
+    #: Threshold steps above the base colour, as (value, colour): what colours a stat or bar
+    #: gauge. Empty: the base colour everywhere (never Grafana's default red at 80).
+    thresholds: tuple[tuple[float, str], ...] = ()
+    #: The colour below the first step (red where a high value is the good one).
+    base_color: str = "green"
 
 
 @dataclass(frozen=True)
@@ -120,15 +162,28 @@ class Dashboard:
 
 
 DATASOURCE: Final = Variable("datasource", "Prometheus", "datasource", query="prometheus")
+#: The wantel servers scraped (any scrape job): every dashboard filters by them.
+INSTANCE: Final = Variable("instance", "Instance", "query",
+                           query="label_values(wantel_build_info, instance)",
+                           multi=True, include_all=True)
 MODEL: Final = Variable("model", "Model", "query",
                         query="label_values(wantel_jobs_running, model)",
                         multi=True, include_all=True)
+WORKER: Final = Variable("worker", "Worker", "query",
+                         query="label_values(wantel_job_progress_ratio, worker)",
+                         multi=True, include_all=True)
 #: Window of statistics that need more than a scrape interval of history (quantiles of rare
 #: events, counts): a variable, so a user widens it on a quiet fleet.
 WINDOW: Final = Variable("window", "Window", "custom", choices=("15m", "1h", "6h", "1d", "7d"),
                          default="1h")
-M: Final = 'model=~"$model"'
+INST: Final = 'instance=~"$instance"'
+M: Final = 'model=~"$model",' + INST
 RATE: Final = "$__rate_interval"
+#: Units Grafana has no id for, written as its custom ``suffix:`` units.
+STEPS_PER_S: Final = "suffix: steps/s"
+FRAMES_PER_S: Final = "suffix: frames/s"
+JOBS_PER_MIN: Final = "suffix: jobs/min"
+EVENTS_PER_S: Final = "suffix: events/s"
 
 
 def _quantile(q: float, metric: str, by: str, selector: str, window: str = RATE) -> str:
@@ -139,43 +194,60 @@ def _quantile(q: float, metric: str, by: str, selector: str, window: str = RATE)
 FLEET: Final = Dashboard(
     slug="fleet-overview", uid="wantel-fleet", title="wantel / Fleet overview",
     description="Throughput, jobs, durations and failures of every model the fleet runs.",
-    variables=(DATASOURCE, MODEL, WINDOW),
+    variables=(DATASOURCE, INSTANCE, MODEL, WORKER, WINDOW),
     rows=(
         Row("Now", (
-            Panel("Steps per second", "How fast is the fleet denoising right now?",
+            Panel("Steps per second", "How fast is the fleet denoising right now (rate of "
+                  "wantel_denoise_steps_total over the selected instances and models)?",
                   (Query(f"sum(rate(wantel_denoise_steps_total{{{M}}}[{RATE}]))", "steps/s"),),
-                  kind="stat", unit="short", width=6, height=4),
+                  kind="stat", unit=STEPS_PER_S, width=6, height=4, minimum=0),
             Panel("Running jobs", "How many jobs are running right now?",
                   (Query(f"sum(wantel_jobs_running{{{M}}})", "running"),),
-                  kind="stat", width=6, height=4),
-            Panel("Workers alive", "How many workers heartbeat (heard from within 60 s)?",
-                  (Query("max(wantel_workers_alive)", "workers"),),
-                  kind="stat", width=6, height=4),
+                  kind="stat", unit="none", width=6, height=4, minimum=0),
+            Panel("Workers alive", "How many workers heartbeat (heard from within 60 s)? "
+                  "Each wantel server counts the workers writing to its log.",
+                  (Query(f"sum(wantel_workers_alive{{{INST}}})", "workers"),),
+                  kind="stat", unit="none", width=6, height=4, minimum=0),
+            Panel("Jobs lost mid-run", "How many jobs were lost in the last hour because their "
+                  "worker went silent while they ran (WantelJobLost pages on any)?",
+                  (Query(f"sum(wantel_jobs_lost{{{M}}}) or vector(0)", "lost"),),
+                  kind="stat", unit="none", width=6, height=4, minimum=0,
+                  thresholds=((1, "red"),)),
             Panel("Jobs ended in range", "How many jobs ended in the time range, by outcome?",
                   (Query(f"sum by (status) (increase(wantel_jobs_total{{{M}}}[$__range]))",
                          "{{status}}"),),
-                  kind="stat", width=6, height=4),
+                  kind="stat", unit="none", width=24, height=4, minimum=0),
         )),
         Row("Throughput", (
             Panel("Steps per second by model",
-                  "Which models is the fleet spending its denoising on? (wantel exports no "
-                  "pixel or frame counter, so steps/s is the throughput measure.)",
+                  "Which models is the fleet spending its denoising on?",
                   (Query(f"sum by (model) (rate(wantel_denoise_steps_total{{{M}}}[{RATE}]))",
                          "{{model}}"),),
-                  unit="short", stack=True),
+                  unit=STEPS_PER_S, stack=True, minimum=0),
+            Panel("Frames per second by model",
+                  "How many video frames does the fleet produce per second (frames of "
+                  "completed jobs, counted when each job completes)?",
+                  (Query(f"sum by (model) (rate(wantel_frames_total{{{M}}}[{RATE}]))",
+                         "{{model}}"),),
+                  unit=FRAMES_PER_S, stack=True, minimum=0),
             Panel("Jobs per minute by status",
                   "How many jobs complete, fail or are cancelled per minute?",
                   (Query(f"sum by (status) (rate(wantel_jobs_total{{{M}}}[{RATE}])) * 60",
                          "{{status}}"),),
-                  unit="short", stack=True),
+                  unit=JOBS_PER_MIN, stack=True, minimum=0),
             Panel("Running jobs by model", "Which models are busy, and since when?",
                   (Query(f"sum by (model) (wantel_jobs_running{{{M}}})", "{{model}}"),),
-                  unit="short", stack=True),
+                  unit="none", stack=True, minimum=0),
             Panel("Smoothed steps per second by model",
-                  "What step rate does each model reach while it runs (EMA of measured "
-                  "steps; keeps its last value when idle)?",
+                  "What step rate does each model reach while it runs (EMA of measured step "
+                  "times; 0 while none of its jobs runs)?",
                   (Query(f"max by (model) (wantel_steps_per_second{{{M}}})", "{{model}}"),),
-                  unit="short"),
+                  unit=STEPS_PER_S, minimum=0),
+            Panel("Progress of running jobs",
+                  "How far is each running job, on which worker (filter with $worker)?",
+                  (Query(f'max by (job_id, worker) (wantel_job_progress_ratio{{{M},'
+                         f'worker=~"$worker"}})', "{{job_id}} ({{worker}})"),),
+                  unit="percentunit", minimum=0, maximum=1),
         )),
         Row("Latency and failures", (
             Panel("Job duration p50 / p95 by model",
@@ -184,7 +256,7 @@ FLEET: Final = Dashboard(
                                    f'status="completed",{M}', "$window"), "p50 {{model}}"),
                    Query(_quantile(0.95, "wantel_job_duration_seconds", "model",
                                    f'status="completed",{M}', "$window"), "p95 {{model}}")),
-                  unit="s"),
+                  unit="s", minimum=0),
             Panel("Failed and cancelled jobs",
                   "Are jobs failing, and which models? (Out-of-memory failures are among the "
                   "failed and drawn apart as oom; the WantelJobOutOfMemory alert pages on any.)",
@@ -193,136 +265,153 @@ FLEET: Final = Dashboard(
                          "{{status}} {{model}}"),
                    Query(f"sum by (model) (increase(wantel_jobs_oom_total{{{M}}}[$window]))",
                          "oom {{model}}")),
-                  unit="short", no_value="0"),
+                  unit="none", no_value="0", minimum=0),
             Panel("Mean step time by model and expert",
                   "How long does one denoising step take, per expert of Wan 2.2 A14B?",
                   (Query(f"sum by (model, expert) (rate(wantel_denoise_step_duration_seconds_sum"
                          f"{{{M}}}[{RATE}]))\n/ sum by (model, expert) (rate("
                          f"wantel_denoise_step_duration_seconds_count{{{M}}}[{RATE}]))",
                          "{{model}} {{expert}}"),),
-                  unit="s"),
+                  unit="s", minimum=0),
             Panel("Stage time p50 by stage",
                   "Where does a job's time go: load, encode, denoise, decode or save?",
                   (Query(_quantile(0.5, "wantel_stage_duration_seconds", "stage", M,
                                    "$window"), "{{stage}}"),),
-                  unit="s"),
+                  unit="s", minimum=0),
         )),
     ),
 )
 
-JOB_VAR: Final = Variable("job", "Job", "query",
-                          query="label_values(wantel_job_progress_ratio, job)")
+JOB_VAR: Final = Variable("job_id", "Job", "query",
+                          query=f"label_values(wantel_job_progress_ratio{{{INST}}}, job_id)")
 JOB_MODEL: Final = Variable("model", "Model", "query",
-                            query='label_values(wantel_job_progress_ratio{job="$job"}, model)',
-                            hidden=True)
-J: Final = 'job="$job"'
-JAEGER_SEARCH: Final = (JAEGER_URL + "/search?service=wantel&tags=%7B%22" + JOB_ATTRIBUTE
-                        + "%22%3A%22${job}%22%7D")
+                            query='label_values(wantel_job_progress_ratio{job_id="$job_id"}, '
+                                  'model)', hidden=True)
+J: Final = 'job_id="$job_id"'
 
 JOB: Final = Dashboard(
     slug="job-drilldown", uid="wantel-job", title="wantel / Job drill-down",
-    description="One job: progress, ETA, and its model's stage, step and memory figures over "
-                "the job's time range; its trace in Jaeger.",
-    variables=(DATASOURCE, JOB_VAR, JOB_MODEL),
+    description="One running job: progress, ETA, and its model's stage, step and memory "
+                "figures over the job's time range; its trace in the trace backend.",
+    variables=(DATASOURCE, INSTANCE, JOB_VAR, JOB_MODEL),
     time_from="now-15m",
-    links=(Link("Trace of this job in Jaeger", JAEGER_SEARCH),),
+    links=(Link("Traces of this job", TRACE_LINK),),
     rows=(
         Row("Progress", (
             Panel("Progress", "How far is the job (weighted by each stage's expected cost)?",
-                  (Query(f"max by (job) (wantel_job_progress_ratio{{{J}}})", "progress"),),
+                  (Query(f"max by (job_id) (wantel_job_progress_ratio{{{J}}})", "progress"),),
                   unit="percentunit", minimum=0, maximum=1,
-                  links=(Link("Trace in Jaeger", JAEGER_SEARCH),)),
+                  links=(Link("Traces of this job", TRACE_LINK),)),
             Panel("ETA with its p10-p90 interval (remaining seconds)",
                   "When will the job finish, how sure is the estimate, and how did it move as "
                   "the job ran?",
-                  (Query(f"max by (job) (wantel_job_eta_seconds{{{J}}})", "ETA"),
-                   Query(f"max by (job) (wantel_job_eta_p10_seconds{{{J}}})", "p10"),
-                   Query(f"max by (job) (wantel_job_eta_p90_seconds{{{J}}})", "p90")),
+                  (Query(f"max by (job_id) (wantel_job_eta_seconds{{{J}}})", "ETA"),
+                   Query(f"max by (job_id) (wantel_job_eta_p10_seconds{{{J}}})", "p10"),
+                   Query(f"max by (job_id) (wantel_job_eta_p90_seconds{{{J}}})", "p90")),
                   unit="s", minimum=0),
         )),
         Row("The job's model over the job's time range", (
             Panel("Stage durations (p50, model)",
-                  "How long do this model's stages take? (Stage series carry no job label: "
+                  "How long do this model's stages take? (Stage series carry no job_id label: "
                   "the figures are the model's over the time range.)",
                   (Query(_quantile(0.5, "wantel_stage_duration_seconds", "stage",
-                                   'model="$model"', "$__range"), "{{stage}}"),),
-                  kind="bargauge", unit="s"),
+                                   f'model="$model",{INST}', "$__range"), "{{stage}}"),),
+                  kind="bargauge", unit="s", minimum=0),
             Panel("Step duration (model, with trace exemplars)",
                   "How long do this model's steps take, per expert? Exemplar dots carry "
-                  "trace_id: click one to open that job's trace in Jaeger.",
+                  "trace_id: click one to open that job's trace (the data source's exemplar "
+                  "link).",
                   (Query(_quantile(0.5, "wantel_denoise_step_duration_seconds", "expert",
-                                   'model="$model"'), "p50 {{expert}}", exemplar=True),
+                                   f'model="$model",{INST}'), "p50 {{expert}}", exemplar=True),
                    Query(_quantile(0.95, "wantel_denoise_step_duration_seconds", "expert",
-                                   'model="$model"'), "p95 {{expert}}")),
-                  unit="s"),
+                                   f'model="$model",{INST}'), "p95 {{expert}}")),
+                  unit="s", minimum=0),
             Panel("Device memory over the job",
-                  "How much memory did the devices use while the job ran?",
-                  (Query("max by (device, source) (wantel_device_memory_used_bytes)",
-                         "{{device}} {{source}}"),),
-                  unit="bytes"),
+                  "How much memory did the devices of the selected instances use while the "
+                  "job ran?",
+                  (Query(f"max by (instance, device, source) "
+                         f"(wantel_device_memory_used_bytes{{{INST}}})",
+                         "{{instance}} {{device}} {{source}}"),),
+                  unit="bytes", minimum=0),
             Panel("Peak memory per job (p95, model)",
                   "How much memory do jobs of this model peak at?",
                   (Query(_quantile(0.95, "wantel_job_peak_memory_bytes", "kind",
-                                   'model="$model"', "$__range"), "{{kind}}"),),
-                  kind="bargauge", unit="bytes"),
+                                   f'model="$model",{INST}', "$__range"), "{{kind}}"),),
+                  kind="bargauge", unit="bytes", minimum=0),
         )),
     ),
 )
 
 DEVICE: Final = Variable("device", "Device", "query",
-                         query="label_values(wantel_device_memory_used_bytes, device)",
+                         query=f"label_values(wantel_device_memory_used_bytes{{{INST}}}, device)",
                          multi=True, include_all=True)
-D: Final = 'device=~"$device"'
+D: Final = 'device=~"$device",' + INST
+#: The labels a device's series carry (wantel's name, and DCGM exporter's for the same GPU).
+BY_DEVICE: Final = "instance, device, gpu, UUID, Hostname"
+DEVICE_LEGEND: Final = "{{instance}} {{device}}"
 
 GPU: Final = Dashboard(
     slug="gpu-memory", uid="wantel-gpu", title="wantel / GPU and memory",
-    description="Device memory, per-job peaks, headroom, and NVML utilisation, temperature and "
-                "throttling.",
-    variables=(DATASOURCE, DEVICE, MODEL, WINDOW),
+    description="Device memory, per-job peaks, headroom, and NVML utilisation, temperature, "
+                "power and throttling. Device series carry DCGM exporter's gpu, UUID and "
+                "Hostname labels, so DCGM panels can be joined on them.",
+    variables=(DATASOURCE, INSTANCE, DEVICE, MODEL, WINDOW),
     rows=(
         Row("Memory", (
             Panel("Device memory used vs total", "How full is each device's memory?",
-                  (Query(f"max by (device, source) (wantel_device_memory_used_bytes{{{D}}})",
-                         "used {{device}} ({{source}})"),
-                   Query(f"max by (device) (wantel_device_memory_total_bytes{{{D}}})",
-                         "total {{device}}")),
-                  unit="bytes"),
+                  (Query(f"max by ({BY_DEVICE}, source) "
+                         f"(wantel_device_memory_used_bytes{{{D}}})",
+                         f"used {DEVICE_LEGEND} ({{{{source}}}})"),
+                   Query(f"max by ({BY_DEVICE}) (wantel_device_memory_total_bytes{{{D}}})",
+                         f"total {DEVICE_LEGEND}")),
+                  unit="bytes", minimum=0),
             Panel("Headroom", "How much device memory is left for the next, larger job?",
-                  (Query(f"max by (device) (wantel_device_memory_total_bytes{{{D}}})\n"
-                         f"- max by (device) (wantel_device_memory_used_bytes"
-                         f'{{{D},source=~"nvml|torch_reserved"}})', "{{device}}"),),
-                  unit="bytes"),
+                  (Query(f"max by ({BY_DEVICE}) (wantel_device_memory_total_bytes{{{D}}})\n"
+                         f"- on ({BY_DEVICE}) max by ({BY_DEVICE}) "
+                         f'(wantel_device_memory_used_bytes{{{D},source=~"nvml|torch_reserved"}})',
+                         DEVICE_LEGEND),),
+                  unit="bytes", minimum=0),
             Panel("Peak memory per job by model (p95)",
                   "How much memory do jobs of each model peak at (torch allocated and reserved, "
                   "whole device, or host RSS on CPU)?",
                   (Query(_quantile(0.95, "wantel_job_peak_memory_bytes", "model, kind", M,
                                    "$window"), "{{model}} {{kind}}"),),
-                  unit="bytes"),
+                  unit="bytes", minimum=0),
             Panel("Memory used, share of total",
-                  "Which device is closest to its limit (the GPU memory alert fires at 95 %)?",
-                  (Query(f'max by (device) (wantel_device_memory_used_bytes{{{D},'
-                         f'source=~"nvml|torch_reserved"}})\n/ max by (device) '
-                         f"(wantel_device_memory_total_bytes{{{D}}})", "{{device}}"),),
-                  kind="bargauge", unit="percentunit", minimum=0, maximum=1),
+                  "Which device is closest to its limit? Orange from 90 %; red from 95 %, where "
+                  "WantelGpuMemoryNearLimit fires.",
+                  (Query(f'max by ({BY_DEVICE}) (wantel_device_memory_used_bytes{{{D},'
+                         f'source=~"nvml|torch_reserved"}})\n/ on ({BY_DEVICE}) '
+                         f"max by ({BY_DEVICE}) (wantel_device_memory_total_bytes{{{D}}})",
+                         DEVICE_LEGEND),),
+                  kind="bargauge", unit="percentunit", minimum=0, maximum=1,
+                  thresholds=((0.9, "orange"), (RuleParams().memory_ratio, "red"))),
         )),
         Row("GPU (NVML)", (
             Panel("Utilisation", "Is the GPU busy, or waiting on the CPU, the disk or offload?",
-                  (Query(f"max by (device) (wantel_gpu_utilization_ratio{{{D}}})",
-                         "{{device}}"),),
-                  unit="percentunit", minimum=0, maximum=1, width=8),
-            Panel("Temperature", "Is a GPU running hot enough to throttle?",
-                  (Query(f"max by (device) (wantel_gpu_temperature_celsius{{{D}}})",
-                         "{{device}}"),),
-                  unit="celsius", width=8),
+                  (Query(f"max by ({BY_DEVICE}) (wantel_gpu_utilization_ratio{{{D}}})",
+                         DEVICE_LEGEND),),
+                  unit="percentunit", minimum=0, maximum=1, width=6),
+            Panel("Temperature", "Is a GPU running hot enough to throttle (orange from 80 °C, "
+                  "red from 87 °C, where data-centre GPUs begin to slow down)?",
+                  (Query(f"max by ({BY_DEVICE}) (wantel_gpu_temperature_celsius{{{D}}})",
+                         DEVICE_LEGEND),),
+                  unit="celsius", width=6, minimum=0, thresholds=((80, "orange"), (87, "red"))),
+            Panel("Power", "How much power does each GPU draw (NVML's reading at the latest "
+                  "sample)?",
+                  (Query(f"max by ({BY_DEVICE}) (wantel_gpu_power_watts{{{D}}})",
+                         DEVICE_LEGEND),),
+                  unit="watt", width=6, minimum=0),
             Panel("Throttle events", "Are clocks being throttled, and why (power, thermal)?",
-                  (Query(f"sum by (device, reason) (increase(wantel_gpu_throttle_events_total"
-                         f"{{{D}}}[$window]))", "{{device}} {{reason}}"),),
-                  unit="short", width=8, no_value="0"),
+                  (Query(f"sum by (instance, device, reason) (increase("
+                         f"wantel_gpu_throttle_events_total{{{D}}}[$window]))",
+                         "{{instance}} {{device}} {{reason}}"),),
+                  unit="none", width=6, no_value="0", minimum=0),
         )),
     ),
 )
 
-ETA_M: Final = 'model=~"$model"'
+ETA_M: Final = M
 _ETA: Final = "wantel_eta_relative_error_bucket"
 
 
@@ -351,7 +440,7 @@ ETA: Final = Dashboard(
     slug="eta-quality", uid="wantel-eta", title="wantel / ETA quality",
     description="How far to trust the ETA at each point of a job: signed relative error of "
                 "every ETA issued during completed jobs, by progress bucket.",
-    variables=(DATASOURCE, MODEL, WINDOW),
+    variables=(DATASOURCE, INSTANCE, MODEL, WINDOW),
     time_from="now-6h",
     rows=(
         Row("Residuals", (
@@ -370,12 +459,12 @@ ETA: Final = Dashboard(
             Panel("Error distribution (all progress)",
                   "How many ETAs fell in each error bucket (cumulative, ≤ le)?",
                   (Query(f"sum by (le) (increase({_ETA}{{{ETA_M}}}[$window]))", "≤ {{le}}"),),
-                  kind="bargauge", unit="short"),
+                  kind="bargauge", unit="none", minimum=0),
             Panel("ETAs scored per progress bucket",
                   "How much evidence stands behind each bucket's figures?",
                   (Query(f'sum by (progress_bucket) (increase({_ETA}{{{ETA_M},le="+Inf"}}'
                          "[$window]))", "{{progress_bucket}}"),),
-                  kind="bargauge", unit="short"),
+                  kind="bargauge", unit="none", minimum=0),
         )),
         Row("Accuracy over time", (
             Panel("ETAs within ±10 %",
@@ -419,50 +508,68 @@ ETA: Final = Dashboard(
     ),
 )
 
-SCRAPE_JOB: Final = Variable("scrape_job", "Scrape job", "custom", choices=("wantel",),
-                             default="wantel")
+#: The scrape jobs that scrape wantel, whatever they are named (a kube-prometheus
+#: ServiceMonitor names its own); ``--scrape-job`` picks the default.
+SCRAPE_JOB: Final = Variable("scrape_job", "Scrape job", "query",
+                             query="label_values(wantel_build_info, job)", multi=True,
+                             include_all=True)
+S: Final = 'job=~"$scrape_job",' + INST
 
 HEALTH: Final = Dashboard(
     slug="telemetry-health", uid="wantel-health", title="wantel / Telemetry health",
     description="Is the telemetry itself working: events flowing, nothing dropped or "
-                "quarantined, projections current, the target scraped.",
-    variables=(DATASOURCE, SCRAPE_JOB),
+                "quarantined, projections current, every target scraped.",
+    variables=(DATASOURCE, SCRAPE_JOB, INSTANCE),
     rows=(
         Row("Flow", (
             Panel("Events per second by type", "What is the log receiving, and at what rate?",
-                  (Query(f"sum by (type) (rate(wantel_events_total[{RATE}]))", "{{type}}"),),
-                  unit="short", stack=True),
+                  (Query(f"sum by (type) (rate(wantel_events_total{{{S}}}[{RATE}]))",
+                         "{{type}}"),),
+                  unit=EVENTS_PER_S, stack=True, minimum=0),
             Panel("Dropped events by reason",
                   "Did an emitter drop events because its queue was full?",
-                  (Query(f"sum by (reason) (increase(wantel_events_dropped_total[{RATE}]))",
-                         "{{reason}}"),),
-                  unit="short", no_value="0"),
-            Panel("Quarantined log records", "Did the projector skip damaged records?",
-                  (Query("max(wantel_log_quarantined_total)", "quarantined"),),
-                  kind="stat", width=8, height=4),
+                  (Query(f"sum by (instance, reason) (increase(wantel_events_dropped_total"
+                         f"{{{S}}}[{RATE}]))", "{{instance}} {{reason}}"),),
+                  unit="none", no_value="0", minimum=0),
+            Panel("Quarantined log records", "Did the projector skip damaged records (any is "
+                  "red)?",
+                  (Query(f"sum(wantel_log_quarantined_total{{{S}}})", "quarantined"),),
+                  kind="stat", unit="none", width=6, height=4, thresholds=((1, "red"),)),
             Panel("Running jobs without per-job series",
-                  "Did the per-job series cap leave running jobs out of /metrics?",
-                  (Query("max(wantel_series_folded_total)", "folded"),),
-                  kind="stat", width=8, height=4),
-            Panel("Workers alive", "How many workers heartbeat?",
-                  (Query("max(wantel_workers_alive)", "workers"),),
-                  kind="stat", width=8, height=4),
+                  "Did the per-job series cap leave running jobs out of /metrics (any is "
+                  "orange)?",
+                  (Query(f"sum(wantel_series_folded_total{{{S}}})", "folded"),),
+                  kind="stat", unit="none", width=6, height=4, thresholds=((1, "orange"),)),
+            Panel("Workers alive", "How many workers heartbeat (each server counts the workers "
+                  "writing to its log)?",
+                  (Query(f"sum(wantel_workers_alive{{{S}}})", "workers"),),
+                  kind="stat", unit="none", width=6, height=4),
+            Panel("Projection backlog", "How many stored events had the projections not read "
+                  "at their last read (0: caught up)?",
+                  (Query(f"max(wantel_projection_backlog_events{{{S}}})", "backlog"),),
+                  kind="stat", unit="none", width=6, height=4, thresholds=((1, "orange"),)),
         )),
         Row("Freshness and scraping", (
-            Panel("Projection lag", "How far behind the newest event are the projections?",
-                  (Query("max(wantel_projection_lag_seconds)", "lag"),),
-                  unit="s", width=8),
-            Panel("Scrape health (up)", "Can Prometheus scrape every wantel target?",
-                  (Query('min by (instance) (up{job="$scrape_job"})', "{{instance}}"),),
-                  unit="short", minimum=0, maximum=1, width=8),
-            Panel("Scrape duration", "How long does a /metrics scrape take?",
-                  (Query('max by (instance) (scrape_duration_seconds{job="$scrape_job"})',
+            Panel("Projection lag", "How long ago was the newest event applied? It grows "
+                  "while the fleet is idle; it matters (WantelProjectionLag) only with a "
+                  "backlog.",
+                  (Query(f"max by (instance) (wantel_projection_lag_seconds{{{S}}})",
                          "{{instance}}"),),
-                  unit="s", width=8),
+                  unit="s", width=8, minimum=0),
+            Panel("Scrape health (up)", "Can Prometheus scrape every wantel target (1 up, "
+                  "0 down)?",
+                  (Query(f"min by (instance) (up{{{S}}})", "{{instance}}"),),
+                  unit="none", minimum=0, maximum=1, width=8, base_color="red",
+                  thresholds=((1, "green"),)),
+            Panel("Scrape duration", "How long does a /metrics scrape take?",
+                  (Query(f"max by (instance) (scrape_duration_seconds{{{S}}})",
+                         "{{instance}}"),),
+                  unit="s", width=8, minimum=0),
         )),
     ),
 )
 
 DASHBOARDS: Final[tuple[Dashboard, ...]] = (FLEET, JOB, GPU, ETA, HEALTH)
 
-__all__ = ["DASHBOARDS", "Dashboard", "Link", "Panel", "Query", "Row", "Variable"]
+__all__ = ["DASHBOARDS", "BuildOptions", "Dashboard", "Link", "Panel", "Query", "Row",
+           "Variable", "trace_link"]

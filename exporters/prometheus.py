@@ -21,6 +21,7 @@ classic text format otherwise.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -51,11 +52,13 @@ from telemetry.projections.memory import MemoryState
 from telemetry.projections.metrics import (
     DURATION_BUCKETS,
     MEMORY_BUCKETS,
+    VIDEO_FPS,
     Exemplar,
     HistogramSeries,
     MetricsState,
 )
 from telemetry.projections.throughput import ThroughputState
+from telemetry.runner import Applied, Sink
 
 #: Terminal statuses every (model, task) pair is exported with, at zero until one happens, so
 #: ``increase(wantel_jobs_total{status="failed"}[5m])`` sees the very first failure.
@@ -65,6 +68,16 @@ DIST: Final = "wan-telemetry"
 REQUIRED_PROJECTIONS: Final = ("metrics", "jobs", "eta", "throughput", "memory", "health")
 #: ``progress_bucket`` of the ETA issued at job start, beside the live buckets (``0-10`` …).
 BEFORE_START: Final = "before_start"
+#: Labels of the per-job gauges. The job id is ``job_id``, never ``job``: that is the target
+#: label Prometheus sets itself, and keeping ours would need ``honor_labels``.
+JOB_LABELS: Final = ("job_id", "model", "worker")
+#: Labels of device series: wantel's ``device`` (``cuda:0``) and the labels DCGM exporter puts
+#: on the same GPU — ``gpu`` (NVML index), ``UUID`` and ``Hostname`` — so its series join ours
+#: with ``on (UUID)`` or ``on (Hostname, gpu)``. Empty where unknown (CPU, no NVML).
+DEVICE_LABELS: Final = ("device", "gpu", "UUID", "Hostname")
+#: How long a lost job (running per the log, nobody heard from it within the liveness timeout)
+#: stays in ``wantel_jobs_lost``, in seconds after it was last heard from.
+LOST_WINDOW_S: Final = 3600.0
 
 
 @cache
@@ -179,6 +192,74 @@ def _heard_from(view: JobView, jobs: JobsState, horizon_ns: float) -> bool:
     return worker is not None and worker.last_ts >= horizon_ns
 
 
+def _device_labels(device: str, metrics: MetricsState, jobs: JobsState) -> list[str]:
+    """:data:`DEVICE_LABELS` values of ``device``: its NVML index and UUID from its latest GPU
+    sample, and the host its sampling worker heartbeats from ("" where unknown)."""
+    reading = metrics.gpus.get(device)
+    if reading is None:
+        return [device, "", "", ""]
+    worker = jobs.workers.get(reading.worker) if reading.worker is not None else None
+    return [device, "" if reading.gpu is None else str(reading.gpu), reading.uuid or "",
+            (worker.host or "") if worker is not None else ""]
+
+
+def _running_by_model(jobs: JobsState, horizon_ns: float) -> dict[str, int]:
+    """Running jobs heard from since ``horizon_ns``, by model."""
+    running: dict[str, int] = {}
+    for job in jobs.active:
+        view = jobs.jobs[job]
+        if (view.status == "running" and view.model is not None
+                and _heard_from(view, jobs, horizon_ns)):
+            running[view.model] = running.get(view.model, 0) + 1
+    return running
+
+
+def _lost_jobs(jobs: JobsState, horizon_ns: float, since_ns: float) -> dict[tuple[str, str], int]:
+    """Lost jobs by (model, worker): running per the log, yet neither they nor their worker
+    spoke since ``horizon_ns`` (or already marked ``abandoned`` by the projection), last heard
+    from after ``since_ns``. A worker that stopped after its jobs ended loses none."""
+    lost: dict[tuple[str, str], int] = {}
+
+    def count(view: JobView) -> None:
+        key = (view.model or "unknown", view.worker or "")
+        lost[key] = lost.get(key, 0) + 1
+
+    for job in jobs.active:
+        view = jobs.jobs[job]
+        if (view.status == "running" and (view.last_ts or 0) >= since_ns
+                and not _heard_from(view, jobs, horizon_ns)):
+            count(view)
+    # Abandoned jobs were moved to the newest end of ``finished`` by a sweep: walk back from
+    # there until jobs last heard from well before the window (the order is the end order).
+    slack_ns = 2 * (horizon_ns - since_ns)
+    for job in reversed(jobs.finished):
+        ended = jobs.jobs.get(job)
+        if ended is None:
+            continue
+        if (ended.last_ts or 0) < since_ns - slack_ns:
+            break
+        if ended.status == "abandoned" and (ended.last_ts or 0) >= since_ns:
+            count(ended)
+    return lost
+
+
+#: Numbers the collectors' backlog sinks: a runner refuses two sinks of one name.
+_COLLECTORS: Final = itertools.count(1)
+
+
+class _Backlog(Sink):
+    """Remembers how many events were stored beyond the runner's last step when it read it
+    (:attr:`Applied.behind`): 0 once it has read everything there was."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.behind = 0
+
+    def on_applied(self, applied: Applied) -> None:
+        """Keep the step's backlog."""
+        self.behind = applied.behind
+
+
 class WantelCollector(Collector):
     """Renders every ``wantel_*`` metric from a runner's projection state at scrape time.
 
@@ -207,6 +288,8 @@ class WantelCollector(Collector):
         self._fold_lock = threading.Lock()
         self._folded_now: set[str] = set()
         self._folded_total = 0
+        self._backlog = _Backlog(f"prometheus-backlog-{next(_COLLECTORS)}")
+        runner.add_sink(self._backlog)
 
     def describe(self) -> Iterable[Metric]:
         """Nothing up front: families depend on the log, and describing must not fold it."""
@@ -231,12 +314,13 @@ class WantelCollector(Collector):
         drops: HealthState = states["health"]
         out: list[Metric] = []
         horizon_ns = (now - self.worker_timeout_s) * 1e9
-        out.extend(self._job_families(metrics, jobs, throughput, horizon_ns))
+        running = _running_by_model(jobs, horizon_ns)
+        out.extend(self._job_families(metrics, jobs, throughput, running, now))
         out.extend(self._running_job_families(jobs, eta, horizon_ns))
-        out.extend(self._step_families(metrics, throughput))
+        out.extend(self._step_families(metrics, throughput, running))
         out.extend(self._eta_families(eta))
-        out.extend(self._memory_families(metrics, memory))
-        out.extend(self._gpu_families(metrics))
+        out.extend(self._memory_families(metrics, memory, jobs))
+        out.extend(self._gpu_families(metrics, jobs))
         out.extend(self._health_families(health, drops, now))
         out.append(_non_finite(metrics))
         alive = GaugeMetricFamily("wantel_workers_alive",
@@ -253,7 +337,8 @@ class WantelCollector(Collector):
         return out
 
     def _job_families(self, metrics: MetricsState, jobs: JobsState,
-                      throughput: ThroughputState, horizon_ns: float) -> list[Metric]:
+                      throughput: ThroughputState, running_now: Mapping[str, int],
+                      now: float) -> list[Metric]:
         total = CounterMetricFamily("wantel_jobs_total", "Jobs that ended, by outcome.",
                                     labels=["model", "task", "status"])
         values: dict[tuple[str, ...], int] = {}
@@ -274,19 +359,37 @@ class WantelCollector(Collector):
         running_by_model: dict[str, int] = dict.fromkeys(throughput.models, 0)
         for model, _, _ in values:
             running_by_model.setdefault(model, 0)
-        for job in jobs.active:
-            view = jobs.jobs[job]
-            if (view.status == "running" and view.model is not None
-                    and _heard_from(view, jobs, horizon_ns)):
-                running_by_model[view.model] = running_by_model.get(view.model, 0) + 1
+        running_by_model.update(running_now)
         running = GaugeMetricFamily("wantel_jobs_running", "Jobs running now.",
                                     labels=["model"])
         for model, count in running_by_model.items():
             running.add_metric([model], count)
+        lost = GaugeMetricFamily(
+            "wantel_jobs_lost",
+            "Jobs running per the log whose worker, and the job, went silent past the liveness "
+            f"timeout (lost mid-run), by worker; each counts for {LOST_WINDOW_S:g} s after it "
+            "was last heard from.", labels=["model", "worker"])
+        horizon_ns = (now - self.worker_timeout_s) * 1e9
+        for (model, worker), count in sorted(
+                _lost_jobs(jobs, horizon_ns, (now - LOST_WINDOW_S) * 1e9).items()):
+            lost.add_metric([model, worker], count)
+        frames = CounterMetricFamily("wantel_frames", "Video frames of completed jobs.",
+                                     labels=["model"])
+        seconds = CounterMetricFamily(
+            "wantel_video_seconds",
+            f"Seconds of video of completed jobs (frames at {VIDEO_FPS:g} fps).",
+            labels=["model"], unit="seconds")
+        for model in running_by_model:  # every model known, from 0
+            made = metrics.frames.get(model)
+            frames.add_metric([model], made.value if made is not None else 0)
+            seconds.add_metric([model], metrics.video_seconds.get(model, 0.0))
         return [
             total,
             oom,
             running,
+            lost,
+            frames,
+            seconds,
             _histogram("wantel_job_duration_seconds",
                        "Duration of ended jobs, from start to end; exemplars name the trace.",
                        ["model", "task", "status"], DURATION_BUCKETS,
@@ -302,18 +405,19 @@ class WantelCollector(Collector):
 
     def _running_job_families(self, jobs: JobsState, eta: EtaState,
                               horizon_ns: float) -> list[Metric]:
+        labels = list(JOB_LABELS)
         progress = GaugeMetricFamily("wantel_job_progress_ratio",
                                      "Cost-weighted progress of a running job (0-1).",
-                                     labels=["job", "model"], unit="ratio")
+                                     labels=labels, unit="ratio")
         remaining = GaugeMetricFamily("wantel_job_eta_seconds",
                                       "Expected remaining seconds of a running job.",
-                                      labels=["job", "model"], unit="seconds")
+                                      labels=labels, unit="seconds")
         low = GaugeMetricFamily("wantel_job_eta_p10_seconds",
                                 "The ETA's 10th percentile: the job is unlikely to end sooner.",
-                                labels=["job", "model"], unit="seconds")
+                                labels=labels, unit="seconds")
         high = GaugeMetricFamily("wantel_job_eta_p90_seconds",
                                  "The ETA's 90th percentile: the job is unlikely to end later.",
-                                 labels=["job", "model"], unit="seconds")
+                                 labels=labels, unit="seconds")
         shown = 0
         folded: list[str] = []
         for job in jobs.active:
@@ -327,11 +431,11 @@ class WantelCollector(Collector):
                 folded.append(job)
                 continue
             shown += 1
-            model = eta.running[job].model
-            progress.add_metric([job, model], point.progress)
-            remaining.add_metric([job, model], point.remaining_s)
-            low.add_metric([job, model], point.p10_s)
-            high.add_metric([job, model], point.p90_s)
+            values = [job, eta.running[job].model, view.worker or ""]
+            progress.add_metric(values, point.progress)
+            remaining.add_metric(values, point.remaining_s)
+            low.add_metric(values, point.p10_s)
+            high.add_metric(values, point.p90_s)
         folded_total = CounterMetricFamily(
             "wantel_series_folded",
             "Running jobs left without per-job series by the cardinality cap.")
@@ -346,18 +450,19 @@ class WantelCollector(Collector):
             self._folded_now = now
             return self._folded_total
 
-    def _step_families(self, metrics: MetricsState,
-                       throughput: ThroughputState) -> list[Metric]:
+    def _step_families(self, metrics: MetricsState, throughput: ThroughputState,
+                       running: Mapping[str, int]) -> list[Metric]:
         steps = CounterMetricFamily("wantel_denoise_steps_total", "Denoising steps completed.",
                                     labels=["model"])
         for series in metrics.denoise_steps.values():
             steps.add_metric(list(series.labels), series.value)
         rate = GaugeMetricFamily("wantel_steps_per_second",
-                                 "Smoothed denoising steps per second (EMA of measured steps; "
-                                 "keeps its last value while idle).", labels=["model"])
+                                 "Smoothed denoising steps per second while the model has a "
+                                 "running job (EMA of measured steps); 0 while none runs.",
+                                 labels=["model"])
         for model, figures in throughput.models.items():
             if figures.ema is not None:
-                rate.add_metric([model], figures.ema)
+                rate.add_metric([model], figures.ema if running.get(model) else 0.0)
         return [
             steps,
             _histogram("wantel_denoise_step_duration_seconds",
@@ -396,17 +501,20 @@ class WantelCollector(Collector):
             absolute.samples.append(Sample(absolute.name + "_total", labels, hist.sum_abs))
         return [errors, covered, absolute]
 
-    def _memory_families(self, metrics: MetricsState, memory: MemoryState) -> list[Metric]:
+    def _memory_families(self, metrics: MetricsState, memory: MemoryState,
+                         jobs: JobsState) -> list[Metric]:
         used = GaugeMetricFamily("wantel_device_memory_used_bytes",
                                  "Latest memory reading of a device, by source.",
-                                 labels=["device", "source"], unit="bytes")
+                                 labels=[*DEVICE_LABELS, "source"], unit="bytes")
         total = GaugeMetricFamily("wantel_device_memory_total_bytes",
-                                  "Total memory of a device.", labels=["device"], unit="bytes")
+                                  "Total memory of a device.", labels=list(DEVICE_LABELS),
+                                  unit="bytes")
         for device, readings in memory.devices.items():
+            labels = _device_labels(device, metrics, jobs)
             for source, value in readings.used.items():
-                used.add_metric([device, source], value)
+                used.add_metric([*labels, source], value)
             if readings.total is not None:
-                total.add_metric([device], readings.total)
+                total.add_metric(labels, readings.total)
         return [
             _histogram("wantel_job_peak_memory_bytes", "Peak memory of ended jobs, by kind.",
                        ["model", "kind"], MEMORY_BUCKETS,
@@ -415,28 +523,37 @@ class WantelCollector(Collector):
             total,
         ]
 
-    def _gpu_families(self, metrics: MetricsState) -> list[Metric]:
+    def _gpu_families(self, metrics: MetricsState, jobs: JobsState) -> list[Metric]:
         """GPU gauges and throttle counts, only where NVML reported something."""
         out: list[Metric] = []
+        labels = list(DEVICE_LABELS)
         utilization = GaugeMetricFamily("wantel_gpu_utilization_ratio",
                                         "GPU utilization (0-1) at the latest NVML sample.",
-                                        labels=["device"], unit="ratio")
+                                        labels=labels, unit="ratio")
         temperature = GaugeMetricFamily("wantel_gpu_temperature_celsius",
                                         "GPU temperature at the latest NVML sample.",
-                                        labels=["device"], unit="celsius")
+                                        labels=labels, unit="celsius")
+        power = GaugeMetricFamily("wantel_gpu_power_watts",
+                                  "GPU power draw at the latest NVML sample.",
+                                  labels=labels, unit="watts")
         for device, reading in metrics.gpus.items():
+            values = _device_labels(device, metrics, jobs)
             if reading.utilization_ratio is not None:
-                utilization.add_metric([device], reading.utilization_ratio)
+                utilization.add_metric(values, reading.utilization_ratio)
             if reading.temperature_celsius is not None:
-                temperature.add_metric([device], reading.temperature_celsius)
-        out.extend(f for f in (utilization, temperature) if f.samples)
+                temperature.add_metric(values, reading.temperature_celsius)
+            if reading.power_watts is not None:
+                power.add_metric(values, reading.power_watts)
+        out.extend(f for f in (utilization, temperature, power) if f.samples)
         if metrics.throttle_events:
             throttles = CounterMetricFamily(
                 "wantel_gpu_throttle_events_total",
                 "Times a clock-throttle reason newly appeared in a device's samples.",
-                labels=["device", "reason"])
+                labels=[*labels, "reason"])
             for series in metrics.throttle_events.values():
-                throttles.add_metric(list(series.labels), series.value)
+                device, reason = series.labels
+                throttles.add_metric([*_device_labels(device, metrics, jobs), reason],
+                                     series.value)
             out.append(throttles)
         return out
 
@@ -463,7 +580,12 @@ class WantelCollector(Collector):
                                 unit="seconds")
         if health.last_event_ts is not None:
             lag.add_metric([], max(0.0, now - health.last_event_ts / 1e9))
-        return [events, dropped, quarantined, errors, lag]
+        backlog = GaugeMetricFamily(
+            "wantel_projection_backlog_events",
+            "About how many events the log held beyond the projections' last read (0: they "
+            "had read everything stored; an idle fleet's lag grows, its backlog stays 0).")
+        backlog.add_metric([], self._backlog.behind)
+        return [events, dropped, quarantined, errors, lag, backlog]
 
 
 def make_registry(runner: ProjectionRunner, **options: Any) -> CollectorRegistry:

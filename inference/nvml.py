@@ -53,7 +53,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final
 
@@ -122,6 +122,8 @@ class SampledDevice:
 
     name: str  # "cuda:N"
     device: NvmlDevice
+    #: NVML's ``GPU-…`` id (DCGM exporter's ``UUID`` label), where NVML gives one.
+    uuid: str | None = None
 
 
 def visible_devices(
@@ -301,9 +303,9 @@ class GpuSampler:
                 return None
             return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
 
-        mapped = visible_devices(devices, cuda_pci=cuda_pci,
-                                 cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                                 uuid_of=uuid_of)
+        mapped = [replace(sampled, uuid=uuid_of(sampled.device)) for sampled in visible_devices(
+            devices, cuda_pci=cuda_pci, cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            uuid_of=uuid_of)]
         if cuda_pci is not None and len(mapped) < len(cuda_pci):
             _log.info("some CUDA devices have no NVML counterpart and are not sampled",
                       cuda_devices=len(cuda_pci), sampled=len(mapped))
@@ -422,6 +424,7 @@ class GpuSampler:
         if (utilization, temperature, power_mw) != (None, None, None) or mask is not None:
             events.append(GpuSampled(
                 job=job, ts=ts, worker=self.worker, device=name,
+                gpu=sampled.device.nvml_index, uuid=sampled.uuid,
                 utilization_ratio=utilization,
                 temperature_celsius=float(temperature) if temperature is not None else None,
                 power_watts=float(power_mw) / 1000.0 if power_mw is not None else None,

@@ -193,9 +193,16 @@ class MemorySampled(Event, frozen=True, kw_only=True):
 
 
 class GpuSampled(Event, frozen=True, kw_only=True):
-    """NVML readings of one device; only emitted where NVML is present."""
+    """NVML readings of one device; only emitted where NVML is present.
+
+    ``gpu`` (NVML's index, which DCGM exporter's ``gpu`` label is) and ``uuid`` (``GPU-…``,
+    DCGM's ``UUID``) name the physical device, so ``/metrics`` can join DCGM's series; both
+    are optional (records written before they existed decode with ``None``).
+    """
 
     device: str
+    gpu: int | None = None
+    uuid: str | None = None
     utilization_ratio: float | None = None
     temperature_celsius: float | None = None
     power_watts: float | None = None

@@ -59,6 +59,9 @@ SEP: Final = "\x1f"
 #: forgotten (jobs whose end was never logged must not grow the state forever).
 MAX_TRACKED: Final = 10_000
 UNKNOWN: Final = "unknown"
+#: Frame rate of the videos counted in ``wantel_video_seconds_total``: Wan's native 16 fps,
+#: the rate ``wantel run`` writes (events record frames, not a frame rate).
+VIDEO_FPS: Final = 16.0
 
 
 class Exemplar(msgspec.Struct, frozen=True, array_like=True):
@@ -102,6 +105,9 @@ class TrackedJob(msgspec.Struct, kw_only=True):
     queued_ts: int | None = None
     started: bool = False
     peaks: dict[str, int] = {}
+    #: Frames the job was started to make (``JobStarted.num_frames``), for a completion
+    #: that does not say how many it made.
+    num_frames: int | None = None
 
 
 class GpuReading(msgspec.Struct, kw_only=True):
@@ -112,6 +118,11 @@ class GpuReading(msgspec.Struct, kw_only=True):
     power_watts: float | None = None
     throttle_reasons: tuple[str, ...] = ()
     ts: int = 0
+    #: NVML index and ``GPU-…`` id of the device (DCGM exporter's ``gpu`` and ``UUID``).
+    gpu: int | None = None
+    uuid: str | None = None
+    #: The worker that sampled it (its heartbeat names the host: DCGM's ``Hostname``).
+    worker: str | None = None
 
 
 class MetricsState(msgspec.Struct, kw_only=True):
@@ -123,6 +134,8 @@ class MetricsState(msgspec.Struct, kw_only=True):
     queue_wait: dict[str, HistogramSeries] = {}  # model
     stage_duration: dict[str, HistogramSeries] = {}  # model, stage
     denoise_steps: dict[str, CounterSeries] = {}  # model
+    frames: dict[str, CounterSeries] = {}  # model: frames of completed jobs
+    video_seconds: dict[str, float] = {}  # model: seconds of video of completed jobs
     step_duration: dict[str, HistogramSeries] = {}  # model, expert
     peak_memory: dict[str, HistogramSeries] = {}  # model, kind
     gpus: dict[str, GpuReading] = {}  # device
@@ -204,7 +217,9 @@ class MetricsProjection:
     #: version 1 holds lower peaks: replaying from the start observes the right ones).
     #: 3: NaN and infinite durations are counted in ``non_finite``, not observed (a version 2
     #: checkpoint may hold a NaN sum: replaying leaves it out).
-    version = 3
+    #: 4: frames and seconds of video produced; a GPU reading keeps its NVML index, UUID and
+    #: worker (a version 3 checkpoint has none of them: replaying counts them).
+    version = 4
     state_type = MetricsState
     handles = frozenset({
         JobQueued, JobStarted, StageEnded, StepEnded, MemorySampled, GpuSampled,
@@ -285,7 +300,16 @@ class MetricsProjection:
                     event.duration_s)
 
     def _completed(self, state: MetricsState, event: JobCompleted) -> None:
-        """A completed job is counted and observed (:meth:`_ended`)."""
+        """A completed job is counted and observed (:meth:`_ended`); the frames it made (as
+        it says, else as it was started to make) count for its model, and as seconds of video
+        at :data:`VIDEO_FPS`."""
+        tracked = state.tracked.get(event.job)
+        frames = event.frames if event.frames is not None else (
+            tracked.num_frames if tracked is not None else None)
+        if frames is not None and frames > 0:
+            model = tracked.model if tracked is not None else UNKNOWN
+            increment(state.frames, (model,), frames)
+            state.video_seconds[model] = state.video_seconds.get(model, 0.0) + frames / VIDEO_FPS
         self._ended(state, event, "completed", event.duration_s)
 
     def _failed(self, state: MetricsState, event: JobFailed) -> None:
@@ -455,7 +479,8 @@ class MetricsProjection:
         trace_id = trace_id_for(event.job, event.traceparent)
         if tracked is None:
             state.tracked[event.job] = TrackedJob(model=event.model, task=event.task,
-                                                  trace_id=trace_id, started=True)
+                                                  trace_id=trace_id, started=True,
+                                                  num_frames=event.num_frames)
             self._bound(state)
             return
         if tracked.started:  # a second JobStarted for the same job: keep the first
@@ -463,6 +488,7 @@ class MetricsProjection:
         if event.traceparent is not None:
             tracked.trace_id = trace_id
         tracked.model, tracked.task, tracked.started = event.model, event.task, True
+        tracked.num_frames = event.num_frames
         if tracked.queued_ts is not None:
             wait = queue_wait_s(tracked.queued_ts, event.ts)
             observe(state.queue_wait, (event.model,), DURATION_BUCKETS, wait,
@@ -495,7 +521,8 @@ class MetricsProjection:
         state.gpus[event.device] = GpuReading(
             utilization_ratio=event.utilization_ratio,
             temperature_celsius=event.temperature_celsius, power_watts=event.power_watts,
-            throttle_reasons=event.throttle_reasons, ts=event.ts)
+            throttle_reasons=event.throttle_reasons, ts=event.ts, gpu=event.gpu,
+            uuid=event.uuid, worker=event.worker)
 
     def _bound(self, state: MetricsState) -> None:
         """Forget the oldest tracked jobs beyond the bound (their end was never logged)."""
@@ -508,6 +535,7 @@ __all__ = [
     "DURATION_BUCKETS",
     "MEMORY_BUCKETS",
     "MEMORY_KINDS",
+    "VIDEO_FPS",
     "CounterSeries",
     "Exemplar",
     "HistogramSeries",

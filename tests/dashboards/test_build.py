@@ -25,7 +25,9 @@ PANEL_TYPES = {"timeseries", "stat", "bargauge", "row"}
 BUILTINS = {"__rate_interval", "__range", "__interval"}
 VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
 #: Grafana unit ids the dashboards use (from Grafana's valueFormats registry).
-UNITS = {"short", "s", "bytes", "percentunit", "celsius"}
+UNITS = {"short", "none", "s", "bytes", "percentunit", "celsius", "watt"}
+#: Grafana's custom units (``suffix:…``) the dashboards use where it has no id.
+CUSTOM_UNITS = {specs.STEPS_PER_S, specs.FRAMES_PER_S, specs.JOBS_PER_MIN, specs.EVENTS_PER_S}
 #: Top-level keys of a schemaVersion 41 dashboard as the SDK writes them; anything else is a
 #: typo in our builder calls, not something Grafana would read.
 DASHBOARD_KEYS = {"annotations", "description", "editable", "fiscalYearStartMonth",
@@ -128,7 +130,7 @@ def test_panels_are_complete_and_consistent() -> None:
             where = (name, panel["title"])
             assert panel["description"].strip(), where
             assert {"type": "prometheus", "uid": "${datasource}"} == panel["datasource"], where
-            assert panel["fieldConfig"]["defaults"]["unit"] in UNITS, where
+            assert panel["fieldConfig"]["defaults"]["unit"] in UNITS | CUSTOM_UNITS, where
             targets = panel["targets"]
             assert targets, where
             refs = [t["refId"] for t in targets]
@@ -162,8 +164,8 @@ def test_docs_describe_every_panel() -> None:
 def test_every_panel_query_parses_as_promql(tmp_path: Path) -> None:
     """promtool parses every panel query (variables substituted) as a recording rule."""
     values = {"__rate_interval": "1m", "__range": "1h", "__interval": "15s", "model": ".*",
-              "device": ".*", "job": "some-job", "window": "1h", "scrape_job": "wantel",
-              "datasource": "prometheus"}
+              "device": ".*", "job_id": "some-job", "window": "1h", "scrape_job": "wantel",
+              "datasource": "prometheus", "instance": ".*", "worker": ".*"}
     rules: list[dict[str, str]] = []
     for _, dashboard in _dashboards():
         for panel in dashboard["panels"]:
@@ -175,3 +177,98 @@ def test_every_panel_query_parses_as_promql(tmp_path: Path) -> None:
     done = subprocess.run([str(PROMTOOL), "check", "rules", str(path)], capture_output=True,
                           text=True, timeout=60)
     assert 0 == done.returncode, done.stdout + done.stderr
+
+
+def test_every_panel_has_thresholds_and_none_is_red_at_80() -> None:
+    """Every panel sets its thresholds: never Grafana's default red at 80, which would paint a
+    0-1 ratio or a small count; a ratio panel's steps lie within 0-1."""
+    for name, dashboard in _dashboards():
+        for panel in dashboard["panels"]:
+            if panel["type"] == "row":
+                continue
+            defaults = panel["fieldConfig"]["defaults"]
+            steps = defaults["thresholds"]["steps"]
+            where = (name, panel["title"])
+            assert steps[0]["value"] is None, where
+            assert {"color": "red", "value": 80} not in steps, where
+            if defaults["unit"] == "percentunit":
+                assert all(0 <= s["value"] <= 1 for s in steps[1:]), where
+
+
+def test_no_query_or_variable_uses_a_job_label_for_wantel_jobs() -> None:
+    """Per-job series are selected by job_id; job is only ever the scrape job."""
+    for name, dashboard in _dashboards():
+        text = json.dumps(dashboard)
+        assert 'job=\\"$job\\"' not in text and "(job," not in text, name
+        assert "honor_labels" not in text, name
+
+
+def test_every_dashboard_filters_by_instance() -> None:
+    """Each dashboard has an instance variable, and every query with a wantel series uses it."""
+    for name, dashboard in _dashboards():
+        names = {v["name"] for v in dashboard["templating"]["list"]}
+        assert "instance" in names, name
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                assert "$instance" in target["expr"] or '"$job_id"' in target["expr"], (
+                    name, panel["title"])
+
+
+@pytest.mark.parametrize(("trace_url", "expected"), [
+    (None, "http://localhost:16686/search?service=wantel&tags=%7B%22wantel.job%22%3A%22"
+           "${job_id}%22%7D"),
+    ("https://jaeger.example.com/", "https://jaeger.example.com/search?service=wantel&tags="
+                                    "%7B%22wantel.job%22%3A%22${job_id}%22%7D"),
+    ("/explore?q={job_id}", "/explore?q=${job_id}"),
+])
+def test_trace_links_follow_the_configured_backend(trace_url: str | None,
+                                                   expected: str) -> None:
+    """The job drill-down links traces through the configured backend (Jaeger's search, or
+    a template such as Grafana Explore over Tempo)."""
+    options = specs.BuildOptions() if trace_url is None else specs.BuildOptions(
+        trace_url=trace_url)
+    job = json.loads(render_all(options)["job-drilldown.json"])
+    urls = [link["url"] for link in job["links"]]
+    urls += [link["url"] for panel in job["panels"] for link in panel.get("links", [])]
+    assert urls and {expected} == set(urls)
+
+
+def test_datasource_and_scrape_job_defaults_are_the_options() -> None:
+    """``--datasource`` and ``--scrape-job`` become the variables' default selections."""
+    options = specs.BuildOptions(datasource="Mimir", scrape_job="gpu-nodes")
+    for name, text in render_all(options).items():
+        variables = {v["name"]: v for v in json.loads(text)["templating"]["list"]}
+        assert "Mimir" == variables["datasource"]["current"]["value"], name
+        if "scrape_job" in variables:
+            assert "gpu-nodes" == variables["scrape_job"]["current"]["value"], name
+
+
+def test_cli_takes_the_deployment_flags(tmp_path: Path) -> None:
+    """`wantel dashboards build` writes rules for the scrape job with absolute runbook links,
+    and dashboards for the trace backend and data source given."""
+    assert 0 == main(["dashboards", "build", "--out", str(tmp_path), "--scrape-job", "gpu",
+                      "--runbook-url", "https://wiki.example.com/runbooks.md",
+                      "--trace-url", "https://tempo-ui.example.com/t?job={job_id}",
+                      "--datasource", "Mimir"])
+    rules = (tmp_path / "wantel.yml").read_text()
+    assert 'up{job=\\"gpu\\"}' in rules or 'up{job="gpu"}' in rules
+    assert "https://wiki.example.com/runbooks.md#wanteltargetdown" in rules
+    job = (tmp_path / "job-drilldown.json").read_text()
+    assert "https://tempo-ui.example.com/t?job=${job_id}" in job and '"Mimir"' in job
+
+
+@pytest.mark.parametrize("argv", [
+    ["--runbook-url", "docs/runbooks.md"],
+    ["--trace-url", "jaeger:16686"],
+    ["--selector", "namespace=gpu"],
+    ["--scrape-job", " "],
+    ["--datasource", ""],
+])
+def test_cli_refuses_bad_deployment_flags(tmp_path: Path, argv: list[str],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A relative runbook URL, a trace URL that is no URL, a selector that is no matcher, an
+    empty scrape job or data source: one clear line and exit 2, nothing written."""
+    assert 2 == main(["dashboards", "build", "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert 1 == len(err.strip().splitlines()) and argv[0] in err
+    assert [] == list(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
-from dashboards.rules import RuleParams, alert_rules, anchor, render_rules
+from dashboards.rules import (
+    DEFAULT_RUNBOOK_URL,
+    RuleParams,
+    alert_rules,
+    anchor,
+    recording_rules,
+    render_rules,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "dashboards" / "alerts" / "wantel.yml"
@@ -78,8 +86,35 @@ def test_every_alert_has_a_runbook_section() -> None:
     assert len(alerts) == len(alert_rules(RuleParams()))
     for alert in alerts:
         url = alert["annotations"]["runbook_url"]
-        assert url == f"docs/runbooks.md#{anchor(alert['alert'])}"
+        assert url == f"{DEFAULT_RUNBOOK_URL}#{anchor(alert['alert'])}"
+        assert url.startswith("https://")
         assert url.split("#")[1] in headings
+
+
+def test_alerts_use_kube_prometheus_severities() -> None:
+    """Severities are critical or warning only (kube-prometheus' convention)."""
+    assert {"critical", "warning"} == {rule.severity for rule in alert_rules(RuleParams())}
+
+
+def test_no_rule_depends_on_a_scrape_job_name_unless_asked() -> None:
+    """The default rules name no scrape job; with matchers, every selector of a wantel series
+    and of ``up`` carries them (and promtool accepts the result)."""
+    assert 'job="' not in render_rules(RuleParams())
+    params = RuleParams(matchers='job="gpu-nodes",namespace="ml"')
+    text = "\n".join(rule.expr for rule in [*recording_rules(params), *alert_rules(params)])
+    selectors = re.findall(r"\b(wantel_[a-z_]+|up)\b(\{[^}]*\})?", text)
+    assert selectors
+    missing = [name for name, labels in selectors
+               if 'job="gpu-nodes",namespace="ml"' not in labels]
+    assert [] == missing
+
+
+def test_no_per_job_label_is_called_job() -> None:
+    """Running jobs are keyed by job_id; ``job`` appears only as the scrape job, beside
+    ``instance``, in the target-down rule."""
+    text = render_rules(RuleParams())
+    assert "on (job)" not in text and "$labels.job " not in text and "job, model" not in text
+    assert ["(job, instance)", "(job, instance)"] == re.findall(r"\(job\b[^)]*\)", text)
 
 
 @needs_promtool
@@ -88,6 +123,21 @@ def test_prometheus_config_passes_promtool() -> None:
     done = _run(str(PROMTOOL), "check", "config", str(PROMETHEUS_CONFIG))
     assert 0 == done.returncode, done.stdout + done.stderr
     assert "SUCCESS: 1 rule files found" in done.stdout + done.stderr
+
+
+def test_prometheus_config_needs_no_honor_labels() -> None:
+    """The shipped scrape config keeps Prometheus' own target labels (no honor_labels)."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert [] == [job["job_name"] for job in config["scrape_configs"] if "honor_labels" in job]
+    assert "honor_labels" not in PROMETHEUS_CONFIG.read_text().replace("No honor_labels", "")
+
+
+def test_inhibition_is_scoped_by_instance() -> None:
+    """A target that is down mutes only its own alerts: every inhibit rule is equal on
+    instance."""
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert config["inhibit_rules"]
+    assert all(["instance"] == rule["equal"] for rule in config["inhibit_rules"])
 
 
 @pytest.mark.skipif(AMTOOL is None, reason="no amtool (Debian prometheus-alertmanager)")

@@ -148,8 +148,8 @@ def repo_prometheus_config(targets: str, *, rule_files: Sequence[Path] = (),
                            alertmanager: str | None = None, interval: str = "1s") -> str:
     """The repository's ``dashboards/prometheus/prometheus.yml`` pointed at loopback servers.
 
-    Everything else (``honor_labels``, relabelling, the job name the dashboards and alerts
-    expect) stays as compose runs it; only addresses and intervals change.
+    Everything else (relabelling, the scrape job's name and settings) stays as compose runs
+    it; only addresses and intervals change.
     """
     config: dict[str, Any] = yaml.safe_load(REPO_PROMETHEUS_CONFIG.read_text())
     config["global"].update(scrape_interval=interval, scrape_timeout=interval,

@@ -57,7 +57,8 @@ def _gpu_samples(emitter: Emitter, *, throttled: bool) -> None:
                                reserved_bytes=24 << 30, device_used_bytes=26 << 30,
                                device_total_bytes=80 << 30))
     emitter.emit(GpuSampled(job=stream, seq=UNSEQUENCED, ts=now, worker="synthetic-gpu",
-                            device="cuda:0", utilization_ratio=0.93, temperature_celsius=71.0,
+                            device="cuda:0", gpu=0, uuid="GPU-00000000-e2e0-0000-0000-000000000000",
+                            utilization_ratio=0.93, temperature_celsius=71.0,
                             power_watts=640.0,
                             throttle_reasons=("sw_thermal",) if throttled else ()))
 
@@ -90,7 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus
                     assert held.paused.wait(120), "the held job never reached its pause"
                     assert [] == held.errors
                     poll("held job's progress scraped",
-                         lambda: prometheus.query('wantel_job_progress_ratio{job="held-job"}')
+                         lambda: prometheus.query('wantel_job_progress_ratio{job_id="held-job"}')
                          or None, detail=prometheus.targets_detail)
                 assert [] == held.errors
                 jobs.append("held-job")

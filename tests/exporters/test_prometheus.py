@@ -53,6 +53,9 @@ GIB = 2**30
 T0 = 1_700_000_000  # event times are seconds after this
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+#: A GPU as NVML names it, and the labels its series carry to join DCGM exporter's.
+UUID = "GPU-5fb4f1f2-0d5e-a1c4-1e3b-0123456789ab"
+DCGM = ("Hostname=h", f"UUID={UUID}", "device=cuda:0", "gpu=2")
 
 #: Every metric of DESIGN.md's table (family names as OpenMetrics reports them).
 DESIGN_METRICS = {
@@ -62,7 +65,8 @@ DESIGN_METRICS = {
     "wantel_job_progress_ratio", "wantel_job_eta_seconds", "wantel_eta_relative_error",
     "wantel_job_peak_memory_bytes", "wantel_device_memory_used_bytes",
     "wantel_device_memory_total_bytes", "wantel_gpu_utilization_ratio",
-    "wantel_gpu_temperature_celsius", "wantel_gpu_throttle_events", "wantel_events",
+    "wantel_gpu_temperature_celsius", "wantel_gpu_power_watts", "wantel_gpu_throttle_events",
+    "wantel_frames", "wantel_video_seconds", "wantel_events",
     "wantel_events_dropped", "wantel_log_quarantined", "wantel_projection_lag_seconds",
     "wantel_workers_alive", "wantel_build_info",
 }
@@ -109,8 +113,8 @@ def a_full_history() -> list[Event]:
         MemorySampled(**a.kw(2.1), device="cuda:0", allocated_bytes=GIB, reserved_bytes=2 * GIB,
                       device_used_bytes=3 * GIB, device_total_bytes=80 * GIB),
         *a.steps(2.2, 4, expert="high_noise"),
-        GpuSampled(**w.kw(3), device="cuda:0", utilization_ratio=0.9, temperature_celsius=70,
-                   throttle_reasons=("sw_power_cap",)),
+        GpuSampled(**w.kw(3), device="cuda:0", gpu=2, uuid=UUID, utilization_ratio=0.9,
+                   temperature_celsius=70, power_watts=250.5, throttle_reasons=("sw_power_cap",)),
         *a.completed(4, 2.0),
         b.started(5),
         *b.steps(5.1, 2),
@@ -180,11 +184,15 @@ def test_values_come_from_the_projections() -> None:
         ("wantel_denoise_step_duration_seconds_count", "expert=high_noise",
          "model=tiny-t2v-a14b"): 4.0,
         ("wantel_job_peak_memory_bytes_sum", "kind=device", "model=tiny-t2v-a14b"): 3.0 * GIB,
-        ("wantel_device_memory_used_bytes", "device=cuda:0", "source=nvml"): 3.0 * GIB,
-        ("wantel_device_memory_total_bytes", "device=cuda:0"): 80.0 * GIB,
-        ("wantel_gpu_utilization_ratio", "device=cuda:0"): 0.9,
-        ("wantel_gpu_temperature_celsius", "device=cuda:0"): 70.0,
-        ("wantel_gpu_throttle_events_total", "device=cuda:0", "reason=sw_power_cap"): 1.0,
+        ("wantel_device_memory_used_bytes", *DCGM, "source=nvml"): 3.0 * GIB,
+        ("wantel_device_memory_total_bytes", *DCGM): 80.0 * GIB,
+        ("wantel_gpu_utilization_ratio", *DCGM): 0.9,
+        ("wantel_gpu_temperature_celsius", *DCGM): 70.0,
+        ("wantel_gpu_power_watts", *DCGM): 250.5,
+        ("wantel_gpu_throttle_events_total", *DCGM, "reason=sw_power_cap"): 1.0,
+        ("wantel_frames_total", "model=tiny-t2v-a14b"): 5.0,
+        ("wantel_frames_total", "model=tiny-t2v"): 0.0,
+        ("wantel_video_seconds_total", "model=tiny-t2v-a14b"): 5 / 16,
         ("wantel_events_total", "type=StepEnded"): 6.0,
         ("wantel_events_dropped_total", "reason=queue_full"): 3.0,
         ("wantel_log_quarantined_total",): 0.0,
@@ -195,8 +203,9 @@ def test_values_come_from_the_projections() -> None:
         ("wantel_series_folded_total",): 0.0,
     }
     assert expected == {k: got.get(k) for k in expected}
-    assert 0 < got[("wantel_job_progress_ratio", "job=b", "model=tiny-t2v")] < 1
-    assert 0 < got[("wantel_job_eta_seconds", "job=b", "model=tiny-t2v")]
+    assert 0 < got[("wantel_job_progress_ratio", "job_id=b", "model=tiny-t2v", "worker=w1")] < 1
+    assert 0 < got[("wantel_job_eta_seconds", "job_id=b", "model=tiny-t2v", "worker=w1")]
+    assert [] == [key for key in got if any(part.startswith("job=") for part in key)]
 
 
 def test_eta_error_histogram_has_buckets_but_no_sum() -> None:
@@ -297,8 +306,8 @@ def test_per_job_gauges_vanish_when_the_job_ends() -> None:
     before = samples(registry_of(runner_over(running)))
     after = samples(registry_of(runner_over(running + b.completed(3, 2.0))))
     per_job = ("wantel_job_progress_ratio", "wantel_job_eta_seconds")
-    assert [("wantel_job_eta_seconds", "job=b", "model=tiny-t2v"),
-            ("wantel_job_progress_ratio", "job=b", "model=tiny-t2v")] == sorted(
+    assert [("wantel_job_eta_seconds", "job_id=b", "model=tiny-t2v", "worker=w1"),
+            ("wantel_job_progress_ratio", "job_id=b", "model=tiny-t2v", "worker=w1")] == sorted(
         k for k in before if k[0] in per_job)
     assert [] == [k for k in after if k[0] in per_job]
 
@@ -317,7 +326,7 @@ def test_per_job_series_are_capped_and_the_rest_counted() -> None:
     first = samples(registry)
     again = samples(registry)  # a second scrape folds the same jobs: not counted again
     shown = sorted(k[1] for k in again if k[0] == "wantel_job_progress_ratio")
-    assert (["job=j0", "job=j1"], 3.0, 3.0) == (
+    assert (["job_id=j0", "job_id=j1"], 3.0, 3.0) == (
         shown, first[("wantel_series_folded_total",)], again[("wantel_series_folded_total",)])
     j0, j5 = Stream("j0"), Stream("j5")
     j0.seq = itertools.count(4)  # after started, stage started and two steps
@@ -325,7 +334,7 @@ def test_per_job_series_are_capped_and_the_rest_counted() -> None:
     runner.catch_up()
     third = samples(registry)
     shown = sorted(k[1] for k in third if k[0] == "wantel_job_progress_ratio")
-    assert (["job=j1", "job=j2"], 4.0) == (shown, third[("wantel_series_folded_total",)])
+    assert (["job_id=j1", "job_id=j2"], 4.0) == (shown, third[("wantel_series_folded_total",)])
 
 
 def test_openmetrics_is_served_when_asked_and_carries_exemplars() -> None:
@@ -413,8 +422,9 @@ def test_collector_reads_state_under_the_runner_lock() -> None:
         def __exit__(self, *exc: object) -> None:
             pass
 
+    collector = WantelCollector(runner)  # attaching its backlog sink takes the lock too
     runner.lock = Spy()  # type: ignore[assignment]
-    list(WantelCollector(runner).collect())
+    list(collector.collect())
     assert [True] == seen
 
 
@@ -550,3 +560,47 @@ def test_a_silent_fleet_leaves_no_job_running() -> None:
     assert 1.0 == soon[("wantel_jobs_running", "model=tiny-t2v")]
     assert 0.0 == later[("wantel_jobs_running", "model=tiny-t2v")]
     assert not [k for k in later if k[0] == "wantel_job_eta_seconds"]
+
+
+def test_a_job_lost_mid_run_is_counted_by_worker_and_a_clean_stop_is_not() -> None:
+    """A worker silent past the timeout while its job runs loses that job (by model and
+    worker, for an hour); a worker that went silent after its job ended loses nothing."""
+    done, stuck = Stream("done"), Stream("stuck")
+    events: list[Event] = [done.started(0), *done.steps(0.1, 4), *done.completed(2, 2.0)]
+    clean = samples(make_registry(runner_over(events), clock=lambda: T0 + 1_000.0))
+    assert [] == [k for k in clean if k[0] == "wantel_jobs_lost"]
+    runner = runner_over([*events, stuck.started(3), *stuck.steps(3.1, 2)])
+    lost = {now: samples(make_registry(runner, clock=lambda now=now: T0 + now))
+            for now in (10.0, 1_000.0, 5_000.0)}
+    key = ("wantel_jobs_lost", "model=tiny-t2v", "worker=w1")
+    assert [None, 1.0, None] == [lost[now].get(key) for now in (10.0, 1_000.0, 5_000.0)]
+
+
+def test_a_job_the_projection_abandoned_still_counts_as_lost() -> None:
+    """Once newer events from another worker make the projection mark the silent worker's job
+    abandoned, it stays lost (the page does not resolve itself at the sweep)."""
+    stuck, other = Stream("stuck"), Stream("other")
+    events: list[Event] = [stuck.started(0), *stuck.steps(0.1, 2)]
+    later = [WorkerHeartbeat(**{**other.kw(t), "worker": "w2"}, host="h2", pid=2)
+             for t in range(10, 200, 10)]
+    runner = runner_over(events + later)
+    assert "abandoned" == runner.engine.states["jobs"].jobs["stuck"].status
+    got = samples(make_registry(runner, clock=lambda: T0 + 200.0))
+    assert 1.0 == got[("wantel_jobs_lost", "model=tiny-t2v", "worker=w1")]
+
+
+def test_smoothed_steps_per_second_is_zero_while_the_model_is_idle() -> None:
+    """The EMA is shown while a job of the model runs, and 0 once none does."""
+    a = Stream("a")
+    running = [a.started(0), *a.steps(0.1, 2)]
+    busy = samples(registry_of(runner_over(running)))
+    idle = samples(registry_of(runner_over([*running, *a.completed(1, 1.0)])))
+    assert (4.0, 0.0) == (busy[("wantel_steps_per_second", "model=tiny-t2v")],
+                          idle[("wantel_steps_per_second", "model=tiny-t2v")])
+
+
+def test_backlog_is_zero_once_the_projections_have_read_the_log() -> None:
+    """``wantel_projection_backlog_events`` is what the last read left unread: 0 when caught up
+    (so an idle fleet's growing lag is told from a projection falling behind)."""
+    got = samples(registry_of(runner_over(a_full_history())))
+    assert 0.0 == got[("wantel_projection_backlog_events",)]

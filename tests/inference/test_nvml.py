@@ -295,7 +295,8 @@ def test_one_round_reads_every_device(nvml: FakeNvml, emitter: Emitter) -> None:
     memory = {e.device: e for e in events if isinstance(e, MemorySampled)}
     # cuda:0 is the lower PCI bus, i.e. NVML index 1
     assert GpuSampled(job="worker/w1", seq=gpu["cuda:0"].seq, ts=1234, worker="w1",
-                      device="cuda:0", utilization_ratio=0.97, temperature_celsius=71.0,
+                      device="cuda:0", gpu=1, uuid="GPU-aaaa-1111",  # NVML's index and id
+                      utilization_ratio=0.97, temperature_celsius=71.0,
                       power_watts=612.345,
                       throttle_reasons=("sw_power_cap", "hw_thermal_slowdown")) == gpu["cuda:0"]
     assert (0.12, 40.0, 90.0, ("gpu_idle",)) == (
