@@ -32,15 +32,24 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from exporters.server import check_token, create_app
+from exporters.server import check_token, check_trace_url, create_app
 from exporters.service import TelemetryService
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.errors import UsageError
+from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.log.base import BrokenLog, EventLog, LogError
 from telemetry.log.local import CHECKPOINT_DIR, LocalLog
 from telemetry.projections.eta import EtaProjection
 from telemetry.runner import ProjectionRunner
-from wantel.config import TOKEN_ENV, otlp_configured, resolve_log_dir, resolve_token
+from wantel.config import (
+    TOKEN_ENV,
+    TRACE_URL_ENV,
+    otlp_configured,
+    resolve_log_dir,
+    resolve_token,
+    resolve_trace_url,
+    resolve_worker_timeout,
+)
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9464
@@ -176,12 +185,16 @@ class Serving:
     def __init__(self, log: LocalLog, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  token: str | None = None, otlp: str | None = None,
                  export_spans: bool = False,
-                 checkpoint_dir: str | Path | None = None) -> None:
+                 checkpoint_dir: str | Path | None = None,
+                 worker_timeout_s: float = WORKER_TIMEOUT_S,
+                 trace_url: str | None = None) -> None:
         self.log = log
         self.token = token
+        self.worker_timeout_s = worker_timeout_s
         self.checkpoint_dir = Path(checkpoint_dir or log.path / CHECKPOINT_DIR)
-        self.service = TelemetryService(log, checkpoint_dir=self.checkpoint_dir)
-        self.app: Starlette = create_app(self.service, token=token)
+        self.service = TelemetryService(log, checkpoint_dir=self.checkpoint_dir,
+                                        worker_timeout_s=worker_timeout_s)
+        self.app: Starlette = create_app(self.service, token=token, trace_url=trace_url)
         self.http = BackgroundServer(self.app, bind(host, port))
         self.otlp = otlp
         self.export_spans = export_spans or otlp is not None
@@ -214,7 +227,8 @@ class Serving:
         self.service.start()
         self.http.start()
         if self.export_spans:
-            self._spans = _start_span_export(self.log, self.otlp, self.checkpoint_dir)
+            self._spans = _start_span_export(self.log, self.otlp, self.checkpoint_dir,
+                                             self.worker_timeout_s)
 
     def stop(self) -> None:
         """Stop everything; the projection checkpoint is written last."""
@@ -234,18 +248,21 @@ class Serving:
 SPANS_CHECKPOINT: Final = "otel.ckpt"
 
 
-def span_export_runner(log: EventLog, exporter: Any, checkpoint_dir: Path) -> ProjectionRunner:
+def span_export_runner(log: EventLog, exporter: Any, checkpoint_dir: Path,
+                       worker_timeout_s: float = WORKER_TIMEOUT_S) -> ProjectionRunner:
     """A runner of its own for span export: the ETA projection (the span sink reads the ETAs
-    each job was issued from it) and the span sink, checkpointed in ``otel.ckpt``."""
+    each job was issued from it) and the span sink, checkpointed in ``otel.ckpt``; a job
+    silent for ``worker_timeout_s`` (its worker too) is exported as abandoned."""
     from exporters.otel import SpanSink
 
     return ProjectionRunner(log, ProjectionEngine([EtaProjection()]),
                             CheckpointStore(checkpoint_dir / SPANS_CHECKPOINT),
-                            sinks=[SpanSink(exporter)], poll_interval=0.05, name="wantel-otel")
+                            sinks=[SpanSink(exporter, abandon_after_s=worker_timeout_s)],
+                            poll_interval=0.05, name="wantel-otel")
 
 
-def _start_span_export(log: LocalLog, endpoint: str | None,
-                       checkpoint_dir: Path) -> ProjectionRunner | None:
+def _start_span_export(log: LocalLog, endpoint: str | None, checkpoint_dir: Path,
+                       worker_timeout_s: float = WORKER_TIMEOUT_S) -> ProjectionRunner | None:
     """OTLP span export from the log (imported here: the OpenTelemetry SDK is slow to load).
 
     ``endpoint`` ``None`` lets the exporter read the ``OTEL_EXPORTER_OTLP_*`` environment.
@@ -258,7 +275,7 @@ def _start_span_export(log: LocalLog, endpoint: str | None,
         raise UsageError(f"OTLP export: {exc}") from None
     if exporter is None:
         return None
-    runner = span_export_runner(log, exporter, checkpoint_dir)
+    runner = span_export_runner(log, exporter, checkpoint_dir, worker_timeout_s)
     runner.start()
     return runner
 
@@ -274,6 +291,13 @@ def open_serving(args: argparse.Namespace) -> Serving:
         except ValueError as exc:
             raise UsageError(f"--token (or ${TOKEN_ENV}): {exc}") from None
     spans = otlp_configured(args.otlp)
+    worker_timeout = resolve_worker_timeout(getattr(args, "worker_timeout", None))
+    trace_url = resolve_trace_url(getattr(args, "trace_url", None))
+    if trace_url is not None:
+        try:
+            check_trace_url(trace_url)
+        except ValueError as exc:
+            raise UsageError(f"--trace-url (or ${TRACE_URL_ENV}): {exc}") from None
     try:
         log = LocalLog(resolve_log_dir(args.log))
     except BrokenLog:
@@ -281,7 +305,7 @@ def open_serving(args: argparse.Namespace) -> Serving:
     except LogError as exc:
         raise UsageError(str(exc)) from None
     return Serving(log, host=args.host, port=args.port, token=token, otlp=args.otlp or None,
-                   export_spans=spans)
+                   export_spans=spans, worker_timeout_s=worker_timeout, trace_url=trace_url)
 
 
 def print_banner(serving: Serving, command: str) -> None:

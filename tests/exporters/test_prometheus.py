@@ -344,7 +344,8 @@ def test_openmetrics_is_served_when_asked_and_carries_exemplars() -> None:
     assert {("wantel_job_duration_seconds", caller),
             ("wantel_queue_wait_seconds", caller),
             ("wantel_denoise_step_duration_seconds", caller),
-            ("wantel_denoise_step_duration_seconds", trace_id_for("b"))} == exemplars
+            ("wantel_denoise_step_duration_seconds", run_trace(a_full_history(), "b"))
+            } == exemplars
 
 
 @pytest.mark.parametrize("accept", [None, OPENMETRICS])
@@ -500,7 +501,9 @@ def test_real_jobs_are_counted_and_timed(real_log: Path) -> None:
     body, _ = render(registry, OPENMETRICS)
     traces = {s.exemplar.labels["trace_id"] for f in parse_openmetrics(body.decode())
               for s in f.samples if s.exemplar and f.name == "wantel_job_duration_seconds"}
-    assert {trace_id_for(job) for job, _ in TINY_JOBS} == traces
+    events = [e for item in LocalLog(real_log, create=False).read()
+              for e in getattr(item, "events", ())]
+    assert {run_trace(events, job) for job, _ in TINY_JOBS} == traces
 
 
 def test_counters_survive_a_restart(real_log: Path, tmp_path: Path) -> None:
@@ -550,3 +553,10 @@ def test_a_silent_fleet_leaves_no_job_running() -> None:
     assert 1.0 == soon[("wantel_jobs_running", "model=tiny-t2v")]
     assert 0.0 == later[("wantel_jobs_running", "model=tiny-t2v")]
     assert not [k for k in later if k[0] == "wantel_job_eta_seconds"]
+
+
+def run_trace(events: list[Event] | Any, job: str) -> str:
+    """The trace id of ``job``'s run in ``events``: keyed by its opening event's ``ts`` (its
+    JobQueued, else its JobStarted; :func:`telemetry.tracing.job_trace_id`)."""
+    opening = next(e for e in events if e.job == job and isinstance(e, (JobQueued, JobStarted)))
+    return trace_id_for(job, None, opening.ts)

@@ -8,7 +8,7 @@ import sys
 import threading
 from types import FrameType
 
-from wantel.config import OTLP_ENVS, TOKEN_ENV
+from wantel.config import OTLP_ENVS, TOKEN_ENV, TRACE_URL_ENV, WORKER_TIMEOUT_ENV
 from wantel.serving import DEFAULT_HOST, DEFAULT_PORT, open_serving, print_banner
 
 
@@ -24,6 +24,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--otlp", metavar="URL",
                         help=f"export spans by OTLP to this collector (default: ${OTLP_ENVS[0]}"
                              f" or ${OTLP_ENVS[1]}; neither: no span export)")
+    parser.add_argument("--worker-timeout", type=float, metavar="S",
+                        help="seconds a worker may go unheard (no event from it or its jobs) "
+                             "before its running jobs are declared abandoned: on the live "
+                             "page, in /metrics, and in traces, whose root span then ends "
+                             f"with an error (default: ${WORKER_TIMEOUT_ENV}, else 60)")
+    parser.add_argument("--trace-url", metavar="TEMPLATE",
+                        help="link each job on the live page to its trace: a URL with "
+                             "{trace_id}, e.g. http://jaeger:16686/trace/{trace_id} (Jaeger) "
+                             "or a Grafana Explore URL for Tempo "
+                             f"(default: ${TRACE_URL_ENV}, else no link)")
 
 
 def run(args: argparse.Namespace) -> int:
