@@ -48,6 +48,7 @@ class _Job:
     model: str | None = None
     queued_ts: int | None = None
     queued_traceparent: str | None = None
+    opened_ts: int | None = None  # the run's JobQueued's, else JobStarted's (its ids' key)
     stage_counts: dict[str, int] = field(default_factory=dict)
     open_stages: dict[str, int] = field(default_factory=dict)
 
@@ -158,12 +159,18 @@ class LifecycleLogger(Sink):
         if isinstance(event, JobQueued):
             job.model, job.queued_ts = event.model, event.ts
             job.queued_traceparent = event.traceparent
-            job.trace_id = job_trace_id(job_id, queued=event.traceparent)
+            if job.opened_ts is None:
+                job.opened_ts = event.ts
+            job.trace_id = job_trace_id(job_id, queued=event.traceparent,
+                                        opened_ts=job.opened_ts)
             name, role = "job.queued", self._queue_role
             fields = {"task": event.task}
         elif isinstance(event, JobStarted):
             job.model = event.model
-            job.trace_id = job_trace_id(job_id, event.traceparent, job.queued_traceparent)
+            if job.opened_ts is None:
+                job.opened_ts = event.ts
+            job.trace_id = job_trace_id(job_id, event.traceparent, job.queued_traceparent,
+                                        opened_ts=job.opened_ts)
             name = "job.started"
             device = event.device
             fields = {
@@ -216,7 +223,8 @@ class LifecycleLogger(Sink):
             return None
         return level, name, {
             "job": job_id, "model": job.model, "trace_id": job.trace_id,
-            "span_id": span_id_for(job_id, role), "seq": event.seq, "worker": event.worker,
+            "span_id": span_id_for(job_id, role, job.opened_ts), "seq": event.seq,
+            "worker": event.worker,
             "timestamp": _iso(event.ts), "ts_ns": event.ts,
             **{k: v for k, v in fields.items() if v is not None},
         }

@@ -36,10 +36,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 import structlog
@@ -70,6 +70,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
+from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.log.base import Position
 from telemetry.projections.eta import EtaPoint, EtaProjection, EtaState
 from telemetry.projections.readings import device_label, queue_wait_s, stage_role, stage_start
@@ -90,13 +91,19 @@ TERMINALS: Final = (JobCompleted, JobFailed, JobCancelled)
 SPAN_SOURCES: Final = (
     JobQueued, JobStarted, StageStarted, StageEnded, StepEnded, ExpertSwitched, *TERMINALS)
 
-_DEFAULT_RESOURCE: Resource | None = None
+_DEFAULT_RESOURCE: tuple[tuple[str | None, str | None], Resource] | None = None
 
 
 def job_trace_id(started: JobStarted | None, queued: JobQueued | None, job: str) -> str:
     """The job's trace id, by the one rule in :func:`telemetry.tracing.job_trace_id` (the same
     the metrics' exemplars and the lifecycle log lines use)."""
-    return tracing.job_trace_id(job, *_traceparents(started, queued))
+    return tracing.job_trace_id(job, *_traceparents(started, queued),
+                                opened_ts=_opened_ts(started, queued))
+
+
+def _opened_ts(started: JobStarted | None, queued: JobQueued | None) -> int | None:
+    """The ``ts`` of the run's opening event: its ``JobQueued``, else its ``JobStarted``."""
+    return queued.ts if queued is not None else started.ts if started is not None else None
 
 
 def traceparent_of(started: JobStarted | None, queued: JobQueued | None) -> str | None:
@@ -110,12 +117,29 @@ def _traceparents(started: JobStarted | None,
             queued.traceparent if queued is not None else None)
 
 
-def default_resource() -> Resource:
-    """``service.name=wantel`` merged with ``OTEL_RESOURCE_ATTRIBUTES``; built once, lazily."""
-    global _DEFAULT_RESOURCE  # noqa: PLW0603 - a cache, not configuration
-    if _DEFAULT_RESOURCE is None:
-        _DEFAULT_RESOURCE = Resource.create({"service.name": SERVICE_NAME})
-    return _DEFAULT_RESOURCE
+def default_resource(environ: Mapping[str, str] | None = None) -> Resource:
+    """The SDK's resource (``telemetry.sdk.*``) with ``OTEL_RESOURCE_ATTRIBUTES`` and
+    ``OTEL_SERVICE_NAME`` as the OpenTelemetry specification reads them — the service name is
+    ``OTEL_SERVICE_NAME``, else ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES``, else
+    ``wantel`` (never the SDK's ``unknown_service``). Read when called (a sink reads it once,
+    when it is built); the last result is kept for the same variables.
+    """
+    global _DEFAULT_RESOURCE  # noqa: PLW0603 - a cache keyed by what it was built from
+    env = os.environ if environ is None else environ
+    key = (env.get("OTEL_SERVICE_NAME"), env.get("OTEL_RESOURCE_ATTRIBUTES"))
+    if _DEFAULT_RESOURCE is None or _DEFAULT_RESOURCE[0] != key:
+        attributes: dict[str, AttributeValue] = {}
+        for pair in (key[1] or "").split(","):
+            name, sep, value = pair.partition("=")
+            if sep and name.strip():
+                attributes[name.strip()] = unquote(value.strip())
+        if key[0] and key[0].strip():
+            attributes["service.name"] = key[0].strip()
+        if not str(attributes.get("service.name", "")).strip():
+            attributes["service.name"] = SERVICE_NAME
+        # Resource.create would read os.environ itself; these attributes win over it.
+        _DEFAULT_RESOURCE = (key, Resource.create(attributes))
+    return _DEFAULT_RESOURCE[1]
 
 
 # -- events → spans (pure) -------------------------------------------------------------------
@@ -138,6 +162,11 @@ class _JobView:
     queued: JobQueued | None = None
     started: JobStarted | None = None
     terminal: Event | None = None
+
+    @property
+    def opened_ts(self) -> int | None:
+        """The run's key in its ids (:func:`telemetry.tracing.run_key`)."""
+        return _opened_ts(self.started, self.queued)
 
 
 def _view_of(events: Iterable[Event]) -> _JobView | None:
@@ -176,8 +205,9 @@ def _view_of(events: Iterable[Event]) -> _JobView | None:
 def spans_for_job(
     events: Iterable[Event], *, resource: Resource | None = None,
     eta_issued: Sequence[EtaPoint] | None = None, eta_start: LiveJob | None = None,
+    final: bool = True, abandoned_after_s: float | None = None,
 ) -> list[ReadableSpan]:
-    """The finished spans of one job, root first, built from its events alone.
+    """The spans of one job, root first, built from its events alone.
 
     ``events`` are one job's events in log order (duplicates by ``seq`` are dropped; types
     spans don't use are ignored). An :class:`~telemetry.events.EtaCalibrated` among them is
@@ -187,6 +217,17 @@ def spans_for_job(
     ``eta_start``: the job's estimator as the projection started it (online learning
     included), for the ETAs at 10/25/50 % of the duration; ``None``: one started from the
     calibration alone.
+
+    ``final`` False: only the spans already finished in a job still running — each stage
+    that ended, and ``queue.wait`` once the job started — as a :class:`SpanSink` exports them
+    while the job runs; the root and the stages still open come with ``final``.
+    ``abandoned_after_s``: the job has no terminal event and is declared abandoned (its worker
+    and the job were silent that long): the root and the open stages end at its last event,
+    with an ``ERROR`` status.
+
+    A job whose traceparent is not sampled (:func:`telemetry.tracing.traceparent_sampled`)
+    has no spans. Ids come from :mod:`telemetry.tracing` (the job id and the ``ts`` of the
+    run's opening event), so a rebuilt span has the id it was exported with.
 
     ``ReadableSpan`` objects are built directly rather than through a ``TracerProvider`` with a
     custom ``IdGenerator``: every id comes from :func:`telemetry.tracing.span_id_for` by role,
@@ -198,14 +239,19 @@ def spans_for_job(
     view = _view_of(events)
     if view is None:
         return []
+    traceparent = traceparent_of(view.started, view.queued)
+    if not tracing.traceparent_sampled(traceparent):
+        return []
     resource = resource or default_resource()
     job = view.job
+    opened = view.opened_ts
     trace_id = job_trace_id(view.started, view.queued, job)
     trace_id_int = int(trace_id, 16)
     flags = TraceFlags(TraceFlags.SAMPLED)
-    root_ctx = SpanContext(trace_id_int, int(span_id_for(job, ROOT_ROLE), 16), False, flags)
+    root_ctx = SpanContext(trace_id_int, int(span_id_for(job, ROOT_ROLE, opened), 16), False,
+                           flags)
     parent: SpanContext | None = None
-    caller = parse_traceparent(traceparent_of(view.started, view.queued))
+    caller = parse_traceparent(traceparent)
     if caller is not None:
         parent = SpanContext(trace_id_int, int(caller[1], 16), True, flags)
 
@@ -213,12 +259,13 @@ def spans_for_job(
     # another process's clock stamped an event a little earlier.
     root_start = min(e.ts for e in view.events)
     terminal = view.terminal
+    abandoned = terminal is None and abandoned_after_s is not None
     root_end = terminal.ts if terminal is not None else max(e.ts for e in view.events)
 
     def child(name: str, role: str, start: int, end: int, *,
               attributes: dict[str, AttributeValue] | None = None,
               span_events: Sequence[SpanEvent] = (), status: Status | None = None) -> ReadableSpan:
-        ctx = SpanContext(trace_id_int, int(span_id_for(job, role), 16), False, flags)
+        ctx = SpanContext(trace_id_int, int(span_id_for(job, role, opened), 16), False, flags)
         return ReadableSpan(
             name=name, context=ctx, parent=root_ctx, resource=resource,
             attributes={"wantel.job": job, **(attributes or {})}, events=tuple(span_events),
@@ -231,7 +278,7 @@ def spans_for_job(
     stage_counts: dict[str, int] = {}
     denoise: _OpenStage | None = None
 
-    if view.queued is not None:
+    if view.queued is not None and (final or view.started is not None):
         wait_end = view.started.ts if view.started is not None else root_end
         children.append(child("queue.wait", QUEUE_ROLE, view.queued.ts, wait_end))
 
@@ -239,10 +286,10 @@ def spans_for_job(
         if isinstance(event, StageStarted):
             index = stage_counts.get(event.stage, 0)
             stage_counts[event.stage] = index + 1
-            opened = _OpenStage(role=stage_role(event.stage, index), start=event.ts)
-            open_stages[event.stage] = opened
+            opened_stage = _OpenStage(role=stage_role(event.stage, index), start=event.ts)
+            open_stages[event.stage] = opened_stage
             if event.stage == "denoise":
-                denoise = opened
+                denoise = opened_stage
         elif isinstance(event, StageEnded):
             opened_or_none = open_stages.pop(event.stage, None)
             if opened_or_none is None:  # its start was lost: infer it from the duration
@@ -266,22 +313,34 @@ def spans_for_job(
             target.append(SpanEvent("expert.switched", {
                 "wantel.step": event.step, "wantel.expert.from": event.from_expert,
                 "wantel.expert.to": event.to_expert}, event.ts))
+    if not final:
+        return children
 
-    # Stages still open when the job ended (it failed or was cancelled inside them).
-    closed_by = type(terminal).__name__ if terminal is not None else "end of events"
-    for stage, opened in open_stages.items():
+    # Stages still open when the job ended (it failed or was cancelled inside them, or its
+    # worker went silent).
+    closed_by = (type(terminal).__name__ if terminal is not None
+                 else "abandoned" if abandoned else "end of events")
+    for stage, opened_stage in open_stages.items():
         children.append(child(
-            f"stage.{stage}", opened.role, opened.start, root_end,
+            f"stage.{stage}", opened_stage.role, opened_stage.start, root_end,
             attributes={"wantel.stage": stage, "wantel.stage.closed_by": closed_by},
-            span_events=opened.events,
+            span_events=opened_stage.events,
             status=Status(StatusCode.ERROR, f"stage {stage} did not end")
-            if isinstance(terminal, JobFailed) else None))
+            if isinstance(terminal, JobFailed) or abandoned else None))
 
     attributes, status = _root_attributes(view, eta_issued, eta_start)
     if isinstance(terminal, JobFailed):
         root_events.append(SpanEvent("exception", {
             "exception.type": terminal.error_type, "exception.message": terminal.message},
             terminal.ts))
+    elif abandoned:
+        assert abandoned_after_s is not None
+        message = (f"abandoned: no event from the job or its worker for "
+                   f"{abandoned_after_s:g} s after its last one")
+        attributes["wantel.status"] = "abandoned"
+        attributes["wantel.abandoned_after_s"] = abandoned_after_s
+        attributes["error.type"] = "abandoned"
+        status = Status(StatusCode.ERROR, message)
     root = ReadableSpan(
         name=ROOT_SPAN, context=root_ctx, parent=parent, resource=resource,
         attributes=attributes, events=tuple(root_events), kind=SpanKind.INTERNAL,
@@ -535,11 +594,16 @@ def _parse_headers(headers: Mapping[str, str] | str) -> dict[str, str]:
 class _SpanState(msgspec.Struct, kw_only=True):
     """What a :class:`SpanSink` keeps in its runner's checkpoint: the jobs open there."""
 
-    version: int = 2
+    version: int = 3
     open: dict[str, list[bytes]] = {}  # job → its buffered events (telemetry.codec)
     issued: dict[str, list[EtaPoint]] = {}  # job → the ETAs issued so far (the engine's)
     starts: dict[str, LiveJob] = {}  # job → its estimator as the projection started it
     calibration: bytes | None = None
+    exported: dict[str, list[str]] = {}  # job → ids of its spans already exported
+    heard: dict[str, int] = {}  # job → when it was last heard from (ns since the epoch)
+    workers: dict[str, int] = {}  # worker → when it was last heard from
+    closed: list[str] = []  # jobs declared abandoned, oldest first: their later events wait
+    # for a new run (a JobQueued or JobStarted)
 
 
 @dataclass(frozen=True)
@@ -553,33 +617,64 @@ class ExportStats:
     pending_jobs: int = 0
     pending_spans: int = 0
     evicted_jobs: int = 0
+    abandoned_jobs: int = 0
     last_error: str | None = None
 
 
 @dataclass
 class _Pending:
     job: str
-    position: Position  # of the job's terminal event: what acknowledging it covers
+    position: Position  # of the event that made the spans known: what acknowledging covers
     spans: list[ReadableSpan]
+    final: bool  # the job's root is among them
+
+
+@dataclass
+class _Run:
+    """One open job (a run of it: a reused id opens a run per JobQueued/JobStarted)."""
+
+    events: list[Event]
+    position: Position  # of its last event
+    heard: int  # when it was last heard from, ns since the epoch
+    worker: str | None = None
+    started: bool = False
+    exported: set[str] = field(default_factory=set)  # span ids handed to the exporter
+
+
+#: How many abandoned jobs a sink remembers, to ignore their late events.
+MAX_CLOSED: Final = 10_000
 
 
 class SpanSink(Sink):
     """Span export as a :class:`~telemetry.runner.ProjectionRunner` sink: a job's spans go to
-    ``exporter`` when its terminal event is applied; none is lost or sent twice.
+    ``exporter`` as soon as they are known; none is lost or sent twice.
 
     The runner de-duplicates and positions the events; this sink buffers each open job's span
-    sources and, at its terminal event, builds its spans (:func:`spans_for_job`) with the ETA
-    attributes read from the engine's ETA projection state (the ETAs it issued during the job:
-    the runner hands this sink the state just before each terminal event, see
-    ``cut_before``), and holds them as pending. The runner then calls :meth:`force_flush`,
-    which hands them to ``exporter.export()``: until that returns ``SUCCESS`` the sink
-    reports them in :meth:`pending_since`, so the runner stops reading (the events wait in the
-    log, not in memory) and retries with back-off, and writes no checkpoint past them. Once
-    the collector accepts them, the runner checkpoints at once, with the open jobs' buffers
-    (:meth:`snapshot`): a restart neither loses nor repeats a job; only a crash between the
-    collector's acknowledgement and the checkpoint's fsync can repeat one, with the same span
-    ids (collectors and Jaeger de-duplicate by id). ``force_flush()`` of the exporter itself
-    is never trusted: it returns True even when the receiver is down.
+    sources. A span is exported once it has ended: ``queue.wait`` at ``JobStarted``, each
+    stage at its ``StageEnded``, and the root ``video.generate`` (with the stages still open)
+    at the job's terminal event — or, for a job that never gets one (its process was killed,
+    its host lost), when the job is **declared abandoned**: neither it nor its worker was heard
+    from for ``abandon_after_s`` (the wall clock here, as the jobs projection does in event
+    time: :data:`telemetry.liveness.WORKER_TIMEOUT_S` by default). Its root then ends at its
+    last event with an ``ERROR`` status (``wantel.status="abandoned"``). The sink checks that
+    while the runner follows live and is caught up: at each step and, through
+    :attr:`tick_interval`, while the log is idle. A job that speaks again after that is not
+    reopened; a new ``JobQueued``/``JobStarted`` under its id opens a new run (a new trace).
+
+    The root carries the ETA attributes read from the engine's ETA projection state (the ETAs
+    it issued during the job: the runner hands this sink the state just before each terminal
+    event, see ``cut_before``). Built spans are held as pending; the runner then calls
+    :meth:`force_flush`, which hands them to ``exporter.export()``: until that returns
+    ``SUCCESS`` the sink reports them in :meth:`pending_since`, so the runner stops reading
+    (the events wait in the log, not in memory) and retries with back-off, and writes no
+    checkpoint past them. Once the collector accepts them, the runner checkpoints at once,
+    with the open jobs' buffers and the ids of their spans already exported (:meth:`snapshot`):
+    a restart neither loses nor repeats a span; only a crash between the collector's
+    acknowledgement and the checkpoint's fsync can repeat one, with the same span id
+    (collectors and Jaeger de-duplicate by id). ``force_flush()`` of the exporter itself is
+    never trusted: it returns True even when the receiver is down.
+
+    A job whose traceparent says its caller did not sample it exports nothing.
 
     Give span export a runner of its own (an engine with the ETA projection; see
     ``wantel/serving.py``): pausing for a collector that is down must not pause the
@@ -599,16 +694,28 @@ class SpanSink(Sink):
         max_batch_spans: int = 512,
         max_open_jobs: int = 10_000,
         resource: Resource | None = None,
+        abandon_after_s: float = WORKER_TIMEOUT_S,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
+        if not abandon_after_s > 0:
+            raise ValueError(f"abandon_after_s must be > 0, got {abandon_after_s}")
         self.exporter = exporter
+        self.abandon_after_s = abandon_after_s
+        #: Seconds between the runner's idle calls of :meth:`on_tick`.
+        self.tick_interval = min(1.0, abandon_after_s / 4)
+        self._abandon_after_ns = int(abandon_after_s * 1e9)
+        self._clock = clock
         self._max_batch_spans = max_batch_spans
         self._max_open_jobs = max_open_jobs
         self._resource = resource or default_resource()
-        self._open: OrderedDict[str, list[Event]] = OrderedDict()  # oldest popped in O(1)
+        self._open: OrderedDict[str, _Run] = OrderedDict()  # oldest popped in O(1)
+        self._workers: dict[str, int] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self._issued: dict[str, list[EtaPoint]] = {}
         self._starts: dict[str, LiveJob] = {}
         self._calibration: EtaCalibrated | None = None
         self._pending: list[_Pending] = []
+        self._last_sweep = 0
         self._stats = ExportStats()
         self._stats_lock = threading.Lock()
 
@@ -629,60 +736,128 @@ class SpanSink(Sink):
     # -- the runner's calls ------------------------------------------------------------------
 
     def on_applied(self, applied: Applied) -> None:
-        """Buffer span sources; at a terminal event, build the job's spans (pending)."""
+        """Buffer span sources; hold the spans each event finishes as pending."""
         eta: EtaState | None = applied.engine.states.get("eta")
         finished = applied.engine.finished_jobs
+        # Live, a job was heard from when its event was read (the clocks of other hosts may
+        # be off); while catching up, at its own time.
+        now = self._clock() if applied.live else None
         touched: set[str] = set()
         for position, event in applied.positioned():
             if isinstance(event, EtaCalibrated):
                 self._calibration = event
                 continue
+            heard = now if now is not None else event.ts
+            worker = event.worker
+            if worker is not None and heard > self._workers.get(worker, 0):
+                self._workers[worker] = heard
             if not isinstance(event, SPAN_SOURCES):
                 continue
             job = event.job
-            terminal = isinstance(event, TERMINALS)
-            # The runner cut before this terminal, so a job already finished here ended
-            # earlier: what follows its terminal is no part of its trace.
-            if not terminal and job in finished:
+            run = self._run_for(job, event, position, heard, finished)
+            if run is None:
                 continue
-            events = self._open.get(job)
-            if events is None:
-                events = self._open[job] = []
-                if self._calibration is not None:
-                    events.append(self._calibration)
-                self._evict()
-            events.append(event)
-            if terminal:
-                del self._open[job]
-                issued = self._issued.pop(job, ()) if eta is not None else None
-                start = self._starts.pop(job, None)
-                try:
-                    spans = spans_for_job(events, resource=self._resource, eta_issued=issued,
-                                          eta_start=start)
-                except Exception as exc:  # one malformed job must not stop every other trace
-                    _log.warning("cannot build spans", job=job,
-                                 error=f"{type(exc).__name__}: {exc}")
-                    continue
-                self._pending.append(_Pending(job, position, spans))
-            elif eta is not None:
+            run.events.append(event)
+            run.position = max(run.position, position)
+            run.heard = max(run.heard, heard)
+            if isinstance(event, JobStarted):
+                run.started, run.worker = True, event.worker
+            if isinstance(event, TERMINALS):
+                self._close(job, run, position, eta_issued=(
+                    self._issued.pop(job, ()) if eta is not None else None))
+                continue
+            if isinstance(event, (StageEnded, JobStarted)):
+                self._hold(job, run, position, final=False)
+            if eta is not None:
                 touched.add(job)
         if eta is not None:  # the ETAs issued so far, read before any terminal is applied
             running = eta.running
             for job in touched:
                 live = running.get(job)
-                if live is not None and live.issued:
+                if live is not None and live.issued and job in self._open:
                     self._issued[job] = list(live.issued)
                     if job not in self._starts:  # first seen: its estimator as it started
                         self._starts[job] = live.live.restart()
+        if now is not None and applied.behind == 0 and now - self._last_sweep >= 1e9:
+            self._sweep(now)
         self._publish()
 
+    def on_tick(self) -> None:
+        """The runner follows live and the log is idle: declare the silent jobs abandoned."""
+        self._sweep(self._clock())
+        self._publish()
+
+    def _run_for(self, job: str, event: Event, position: Position, heard: int,
+                 finished: Mapping[str, None]) -> _Run | None:
+        """The open run ``event`` belongs to (opened if it begins one), or ``None``: the event
+        follows its job's end and opens nothing."""
+        run = self._open.get(job)
+        opening = isinstance(event, (JobQueued, JobStarted))
+        if run is not None:
+            if not (opening and run.started):
+                return run
+            # A reused id began again without ending: the earlier run is over.
+            self._close(job, run, run.position, abandoned=True)
+        elif not opening and (job in finished or job in self._closed):
+            # The runner cut before each terminal, so a job already finished here ended
+            # earlier: what follows its end is no part of its trace.
+            return None
+        self._closed.pop(job, None)
+        run = self._open[job] = _Run(
+            events=[self._calibration] if self._calibration is not None else [],
+            position=position, heard=heard)
+        self._evict()
+        return run
+
+    def _hold(self, job: str, run: _Run, position: Position, *, final: bool,
+              eta_issued: Sequence[EtaPoint] | None = None, abandoned: bool = False) -> None:
+        """Build the run's spans and hold the ones not handed over yet as pending."""
+        try:
+            spans = spans_for_job(
+                run.events, resource=self._resource, final=final,
+                eta_issued=eta_issued, eta_start=self._starts.get(job) if final else None,
+                abandoned_after_s=self.abandon_after_s if abandoned else None)
+        except Exception as exc:  # one malformed job must not stop every other trace
+            _log.warning("cannot build spans", job=job, error=f"{type(exc).__name__}: {exc}")
+            return
+        fresh = [span for span in spans if _span_hex(span) not in run.exported]
+        if fresh:  # none: nothing new, or a job its caller did not sample
+            run.exported.update(_span_hex(span) for span in fresh)
+            self._pending.append(_Pending(job, position, fresh, final))
+
+    def _close(self, job: str, run: _Run, position: Position, *, abandoned: bool = False,
+               eta_issued: Sequence[EtaPoint] | None = None) -> None:
+        """The run ended (or was declared abandoned): its last spans, root included."""
+        self._hold(job, run, position, final=True, eta_issued=eta_issued, abandoned=abandoned)
+        del self._open[job]
+        self._issued.pop(job, None)
+        self._starts.pop(job, None)
+        if abandoned:
+            self._closed[job] = None
+            while len(self._closed) > MAX_CLOSED:
+                self._closed.popitem(last=False)
+            self._update(abandoned_jobs=self.stats.abandoned_jobs + 1)
+
+    def _sweep(self, now: int) -> None:
+        """Declare abandoned each started job not heard from, nor its worker, for
+        ``abandon_after_s`` (a queued job waits as long as its queue holds it)."""
+        self._last_sweep = now
+        horizon = now - self._abandon_after_ns
+        for job, run in list(self._open.items()):
+            if not run.started or run.heard >= horizon:
+                continue
+            if run.worker is not None and self._workers.get(run.worker, 0) >= horizon:
+                continue
+            _log.warning("job declared abandoned; its trace ends with an error", job=job,
+                         worker=run.worker, silent_s=round((now - run.heard) / 1e9, 1))
+            self._close(job, run, run.position, abandoned=True)
+
     def pending_since(self) -> Position | None:
-        """The position of the oldest terminal event whose spans the collector has not
-        accepted yet."""
-        return self._pending[0].position if self._pending else None
+        """The position of the oldest event whose spans the collector has not accepted yet."""
+        return min(p.position for p in self._pending) if self._pending else None
 
     def force_flush(self, timeout: float | None = None) -> bool:
-        """Export every pending job, ``max_batch_spans`` at a time, each batch tried once;
+        """Export every pending span, ``max_batch_spans`` at a time, each batch tried once;
         True when none is left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._pending:
@@ -697,12 +872,13 @@ class SpanSink(Sink):
                 count += len(pending.spans)
             spans = [span for pending in batch for span in pending.spans]
             error: str | None = None
-            try:
-                result = self.exporter.export(spans)
-                if result is not SpanExportResult.SUCCESS:
-                    error = f"exporter returned {result.name}"
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
+            if spans:
+                try:
+                    result = self.exporter.export(spans)
+                    if result is not SpanExportResult.SUCCESS:
+                        error = f"exporter returned {result.name}"
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
             if error is not None:
                 self._update(export_failures=self.stats.export_failures + 1, last_error=error)
                 self._publish()
@@ -710,7 +886,7 @@ class SpanSink(Sink):
                 return False
             del self._pending[:len(batch)]
             stats = self.stats
-            self._update(jobs_exported=stats.jobs_exported + len(batch),
+            self._update(jobs_exported=stats.jobs_exported + sum(p.final for p in batch),
                          spans_exported=stats.spans_exported + len(spans), last_error=None)
         self._publish()
         return True
@@ -720,21 +896,34 @@ class SpanSink(Sink):
         self.exporter.shutdown()
 
     def snapshot(self) -> bytes:
-        """The open jobs' buffered events and ETAs (checkpoints are written only when nothing
-        is pending, so there are no spans to keep)."""
+        """The open jobs' buffered events, ETAs and exported span ids (checkpoints are written
+        only when nothing is pending, so there are no spans to keep)."""
+        runs = self._open
         return msgspec.msgpack.encode(_SpanState(
-            open={job: [encode(e) for e in events] for job, events in self._open.items()},
-            issued={job: points for job, points in self._issued.items() if job in self._open},
-            starts={job: live for job, live in self._starts.items() if job in self._open},
-            calibration=encode(self._calibration) if self._calibration is not None else None))
+            open={job: [encode(e) for e in run.events] for job, run in runs.items()},
+            issued={job: points for job, points in self._issued.items() if job in runs},
+            starts={job: live for job, live in self._starts.items() if job in runs},
+            calibration=encode(self._calibration) if self._calibration is not None else None,
+            exported={job: sorted(run.exported) for job, run in runs.items() if run.exported},
+            heard={job: run.heard for job, run in runs.items()},
+            workers=dict(self._workers), closed=list(self._closed)))
 
     def restore(self, data: bytes) -> None:
         """Take back the open jobs of a checkpoint."""
         state = msgspec.msgpack.decode(data, type=_SpanState)
-        self._open = OrderedDict((job, [decode_one(raw) for raw in events])
-                                 for job, events in state.open.items())
+        self._open = OrderedDict()
+        for job, raw_events in state.open.items():
+            events = [decode_one(raw) for raw in raw_events]
+            started = next((e for e in events if isinstance(e, JobStarted)), None)
+            heard = state.heard.get(job, max((e.ts for e in events), default=0))
+            self._open[job] = _Run(
+                events=events, position=0, heard=heard, started=started is not None,
+                worker=started.worker if started is not None else None,
+                exported=set(state.exported.get(job, ())))
         self._issued = dict(state.issued)
         self._starts = dict(state.starts)
+        self._workers = dict(state.workers)
+        self._closed = OrderedDict.fromkeys(state.closed)
         calibration = decode_one(state.calibration) if state.calibration is not None else None
         self._calibration = calibration if isinstance(calibration, EtaCalibrated) else None
         self._publish()
@@ -748,8 +937,15 @@ class SpanSink(Sink):
             self._update(evicted_jobs=self.stats.evicted_jobs + 1)
 
 
+def _span_hex(span: ReadableSpan) -> str:
+    context = span.context
+    assert context is not None
+    return f"{context.span_id:016x}"
+
+
 __all__ = [
     "ETA_FRACTIONS",
+    "MAX_CLOSED",
     "QUEUE_ROLE",
     "ROOT_ROLE",
     "ROOT_SPAN",

@@ -21,6 +21,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from html import escape
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
@@ -194,10 +195,31 @@ _UNAUTHORIZED: Final = (
 )
 
 
-def _live_page() -> str:
-    """index.html with its stylesheet and script inlined, so the page is one authorized load."""
+#: The placeholder the trace link's URL template replaces in ``index.html``.
+TRACE_URL_META: Final = '<meta name="wantel-trace-url" content="">'
+#: What a trace URL template must hold: where the trace id goes.
+TRACE_ID_FIELD: Final = "{trace_id}"
+
+
+def check_trace_url(template: str) -> str:
+    """``template`` if it can link a trace (an http(s) URL holding ``{trace_id}``), else
+    ``ValueError`` saying why."""
+    if TRACE_ID_FIELD not in template:
+        raise ValueError(f"the trace URL template must hold {TRACE_ID_FIELD} (e.g. "
+                         f"http://jaeger:16686/trace/{TRACE_ID_FIELD}), got {template!r}")
+    if not template.startswith(("http://", "https://")):
+        raise ValueError(f"the trace URL template must be an http(s):// URL, got {template!r}")
+    return template
+
+
+def _live_page(trace_url: str | None = None) -> str:
+    """index.html with its stylesheet and script inlined, so the page is one authorized load;
+    ``trace_url`` (a template with ``{trace_id}``) makes each job link to its trace."""
     static = resources.files("exporters") / "static"
     html = (static / "index.html").read_text(encoding="utf-8")
+    if trace_url:
+        html = html.replace(TRACE_URL_META, TRACE_URL_META.replace(
+            'content=""', f'content="{escape(trace_url, quote=True)}"'))
     css = (static / "live.css").read_text(encoding="utf-8")
     js = (static / "live.js").read_text(encoding="utf-8")
     html = html.replace('<link rel="stylesheet" href="live.css">', f"<style>\n{css}</style>")
@@ -227,20 +249,25 @@ def check_token(token: str) -> str:
 
 def create_app(service: TelemetryService, *, token: str | None = None,
                max_expensive: int = DEFAULT_MAX_EXPENSIVE,
-               collectors: Iterable[Collector] = ()) -> Starlette:
+               collectors: Iterable[Collector] = (),
+               trace_url: str | None = None) -> Starlette:
     """The ASGI app: ``/metrics``, ``/api/jobs…``, ``/ws/progress``, ``/``, probes.
 
     ``token``: when set, every route but ``/healthz`` requires it (:func:`check_token` says
     which tokens can work). ``max_expensive``: how many requests to the expensive routes may
     be in flight at once (:class:`Busy`). ``collectors``: more metric families for
-    ``/metrics`` (the webhook sinks' counts). The Prometheus collector is imported here, not
+    ``/metrics`` (the webhook sinks' counts). ``trace_url``: a URL template with ``{trace_id}``
+    (:func:`check_trace_url`), where the live page links each job's trace (Jaeger:
+    ``http://jaeger:16686/trace/{trace_id}``). The Prometheus collector is imported here, not
     at module load, so the rest of the server works without it.
     """
     if token is not None:
         check_token(token)
+    if trace_url is not None:
+        check_trace_url(trace_url)
     busy = Busy(max_expensive)
     metrics = _metrics_endpoint(service, busy, collectors)
-    page = _live_page()
+    page = _live_page(trace_url)
 
     def follower() -> dict[str, Any] | None:
         """The follower's failure, while it is failing (it retries with a back-off)."""
@@ -530,7 +557,7 @@ def _metrics_endpoint(service: TelemetryService, busy: Busy,
             return error_response(503, "metrics are not available in this build", reason)
 
         return unavailable
-    exposition = Exposition(service.runner)
+    exposition = Exposition(service.runner, worker_timeout_s=service.worker_timeout_s)
     for collector in collectors:
         exposition.registry.register(collector)
 

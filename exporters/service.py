@@ -51,12 +51,14 @@ from telemetry.events import (
     StepEnded,
     to_builtins,
 )
+from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.log.base import Batch, EventLog, Position
 from telemetry.projections import default_projections
 from telemetry.projections.eta import FinishedEta
-from telemetry.projections.jobs import JobsState
+from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.summary import job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
+from telemetry.tracing import job_trace_id, traceparent_sampled
 
 CHECKPOINT_NAME: Final = "serve.ckpt"
 #: Frames a subscriber may have waiting before it is switched to a fresh snapshot: four of the
@@ -230,9 +232,21 @@ def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
         "ended_ts": _seconds(view.ended_ts),
         "duration_s": view.duration_s,
         "eta_error": _eta_error(summary.finished_eta),
-        "error": ({"type": view.error_type, "message": view.error_message, "oom": view.oom}
+        "error": ({"type": view.error_type, "message": view.error_message, "oom": view.oom,
+                   "stage": view.failed_stage, "step": view.failed_step}
                   if view.status == "failed" else None),
+        "cancel_reason": view.error_message if view.status == "cancelled" else None,
+        "trace_id": _trace_id(view),
     }
+
+
+def _trace_id(view: JobView) -> str | None:
+    """The job's trace (:func:`telemetry.tracing.job_trace_id`, the span exporter's rule),
+    ``None`` when its caller did not sample it: no span of it is exported."""
+    if not traceparent_sampled(view.traceparent):
+        return None
+    opened = view.queued_ts if view.queued_ts is not None else view.started_ts
+    return job_trace_id(view.job, view.traceparent, opened_ts=opened)
 
 
 def _eta_error(done: FinishedEta | None) -> dict[str, Any] | None:
@@ -591,12 +605,16 @@ class TelemetryService:
         subscriber_buffer: int = DEFAULT_SUBSCRIBER_BUFFER,
         control_buffer: int = DEFAULT_CONTROL_BUFFER,
         recent: int = DEFAULT_RECENT,
+        worker_timeout_s: float = WORKER_TIMEOUT_S,
     ) -> None:
         self.log = log
+        #: Seconds a silent worker's running jobs wait before they count as abandoned.
+        self.worker_timeout_s = worker_timeout_s
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
         self.fanout = FanOut()
         self.index = JobIndex(keep_finished=keep_finished)
-        engine = ProjectionEngine(default_projections(keep_finished=keep_finished))
+        engine = ProjectionEngine(default_projections(keep_finished=keep_finished,
+                                                      worker_timeout_s=worker_timeout_s))
         self.runner = ProjectionRunner(log, engine, CheckpointStore(self.checkpoint_path),
                                        sinks=[self.fanout, self.index],
                                        checkpoint_interval=checkpoint_interval,

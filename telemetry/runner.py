@@ -138,9 +138,17 @@ class Sink:
     #: job's ETA history just before its terminal event, after which the ETA projection drops
     #: it): the runner applies a batch in pieces that end before each of them.
     cut_before: frozenset[type[Event]] = frozenset()
+    #: Seconds between calls of :meth:`on_tick` while the runner follows live and the log is
+    #: idle (``None``: never). For work that time alone brings due (the span sink declares a
+    #: silent job abandoned) — projections never read the clock; a sink may.
+    tick_interval: float | None = None
 
     def on_applied(self, applied: Applied) -> None:
         """Handle what the runner just applied; keep it short: the loop waits for it."""
+
+    def on_tick(self) -> None:
+        """Called every :attr:`tick_interval` seconds of an idle live log; work it makes
+        pending is delivered (and checkpointed) as an applied step's would be."""
 
     def pending_since(self) -> Position | None:
         """The position of the oldest applied event whose work is not delivered yet, or
@@ -281,8 +289,15 @@ class ProjectionRunner:
             self.failure = None  # the log reads again
             self.checkpoint()
             self.caught_up.set()
-            self._pass(self.log.follow(self.engine.position, stop=stop, poll_interval=interval),
-                       stop, live=True, block=True)
+            tick = min((s.tick_interval for s in self._sinks if s.tick_interval is not None),
+                       default=None)
+            while True:
+                self._pass(self.log.follow(self.engine.position, stop=stop,
+                                           poll_interval=interval, idle_timeout=tick),
+                           stop, live=True, block=True)
+                if tick is None or stop.is_set():
+                    break
+                self._tick()  # the log was idle for `tick` seconds
         finally:
             self.checkpoint()
 
@@ -347,6 +362,14 @@ class ProjectionRunner:
             except Exception as exc:
                 self._failed(sink, "on_applied", exc)
 
+    def _tick(self) -> None:
+        for sink in self._sinks:
+            if sink.tick_interval is not None:
+                try:
+                    sink.on_tick()
+                except Exception as exc:
+                    self._failed(sink, "on_tick", exc)
+
     def _pending(self) -> list[tuple[Position, Sink]]:
         held: list[tuple[Position, Sink]] = []
         for sink in self._sinks:
@@ -396,7 +419,10 @@ class ProjectionRunner:
         projections carry on from memory, and a restart replays from the last good one.
         """
         if self.checkpoints is None or (not force
-                                        and self.engine.position == self._checkpointed_at):
+                                        and self.engine.position == self._checkpointed_at
+                                        and not self._acknowledged):
+            # (acknowledged work with no new position: a tick's, e.g. an abandoned job's
+            # spans, changes the sinks' state, which the checkpoint must hold)
             self._acknowledged = False
             return False
         if self.held_back() is not None:

@@ -2,11 +2,18 @@
 
 A job's trace id is the caller's, when the job carries a W3C ``traceparent`` (the trace joins
 theirs): ``JobStarted``'s when it has one, else ``JobQueued``'s (:func:`job_traceparent`);
-otherwise it is derived from the job id. This module is the one place that rule is written
-(:func:`job_trace_id`): span export and the lifecycle log lines name a job's trace through it,
-and the metrics' exemplars must agree with them. Span ids are derived from the job id and the
-span's role, so exporting the same job twice produces the same spans (a collector can
-de-duplicate), and Prometheus exemplars can name the trace before any span is exported.
+otherwise it is derived from the job id and the ``ts`` of the run's opening event — its
+``JobQueued`` when it was queued, else its ``JobStarted`` (``opened_ts``) — so a job id that
+an older log reuses still gets a trace per run. This module is the one place that rule is
+written (:func:`job_trace_id`): span export, the lifecycle log lines, the live page's trace
+link and the metrics' exemplars all name a job's trace through it. Span ids are derived from
+the same run key and the span's role, so exporting the same job twice produces the same
+spans (a collector can de-duplicate), and Prometheus exemplars can name the trace before any
+span is exported. A run whose opening event was lost (``opened_ts`` unknown) falls back to
+ids from the job id alone.
+
+The caller's sampled flag is respected: a job whose traceparent says "not sampled"
+(:func:`traceparent_sampled`) is not exported at all.
 """
 
 from __future__ import annotations
@@ -28,12 +35,29 @@ def parse_traceparent(traceparent: str | None) -> tuple[str, str] | None:
     return match.group(1), match.group(2)
 
 
-def trace_id_for(job: str, traceparent: str | None = None) -> str:
-    """32 hex digits: the caller's trace id, or one derived from the job id."""
+def traceparent_sampled(traceparent: str | None) -> bool:
+    """Whether a job carrying ``traceparent`` is to be traced: True unless it is a valid W3C
+    traceparent whose ``sampled`` flag (bit 0 of the trace flags) is off. A job without one
+    (or with an invalid one) starts a trace of its own, sampled."""
+    if parse_traceparent(traceparent) is None:
+        return True
+    assert traceparent is not None
+    return bool(int(traceparent.strip()[-2:], 16) & 0x01)
+
+
+def run_key(job: str, opened_ts: int | None = None) -> str:
+    """What a run's ids are derived from: the job id, and the ``ts`` of the run's opening
+    event (``JobQueued``, else ``JobStarted``) where known."""
+    return job if opened_ts is None else f"{job}@{opened_ts}"
+
+
+def trace_id_for(job: str, traceparent: str | None = None, opened_ts: int | None = None) -> str:
+    """32 hex digits: the caller's trace id, or one derived from the job id and the ``ts`` of
+    the run's opening event (:func:`run_key`)."""
     parsed = parse_traceparent(traceparent)
     if parsed is not None:
         return parsed[0]
-    return hashlib.sha256(f"wantel-trace:{job}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"wantel-trace:{run_key(job, opened_ts)}".encode()).hexdigest()[:32]
 
 
 def job_traceparent(started: str | None, queued: str | None) -> str | None:
@@ -42,13 +66,17 @@ def job_traceparent(started: str | None, queued: str | None) -> str | None:
     return started if started is not None else queued
 
 
-def job_trace_id(job: str, started: str | None = None, queued: str | None = None) -> str:
+def job_trace_id(job: str, started: str | None = None, queued: str | None = None, *,
+                 opened_ts: int | None = None) -> str:
     """The trace id of ``job``, given the traceparents of its ``JobStarted`` and ``JobQueued``
-    (``None`` where the event is absent or carries none)."""
-    return trace_id_for(job, job_traceparent(started, queued))
+    (``None`` where the event is absent or carries none) and the ``ts`` of the run's opening
+    event (``JobQueued``, else ``JobStarted``; ``None`` if neither was seen)."""
+    return trace_id_for(job, job_traceparent(started, queued), opened_ts)
 
 
-def span_id_for(job: str, role: str) -> str:
-    """16 hex digits for the span playing ``role`` in ``job`` (``root``, ``stage:decode:0``…)."""
-    digest = hashlib.sha256(f"wantel-span:{job}:{role}".encode()).hexdigest()[:16]
+def span_id_for(job: str, role: str, opened_ts: int | None = None) -> str:
+    """16 hex digits for the span playing ``role`` in ``job``'s run opened at ``opened_ts``
+    (roles: ``root``, ``queue``, ``stage:decode:0``…)."""
+    key = run_key(job, opened_ts)
+    digest = hashlib.sha256(f"wantel-span:{key}:{role}".encode()).hexdigest()[:16]
     return digest if set(digest) != {"0"} else "0000000000000001"

@@ -11,10 +11,14 @@ only looks at whether an OTLP endpoint is set, to decide whether to export spans
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
+
+from telemetry.errors import UsageError
+from telemetry.liveness import WORKER_TIMEOUT_S
 
 LOG_ENV: Final = "WANTEL_LOG"
 TOKEN_ENV: Final = "WANTEL_TOKEN"
@@ -24,6 +28,8 @@ NATS_CREDS_ENV: Final = "WANTEL_NATS_CREDS"
 NATS_CA_ENV: Final = "WANTEL_NATS_CA"
 WORKER_ENV: Final = "WANTEL_WORKER"
 WEBHOOK_SECRET_ENV: Final = "WANTEL_WEBHOOK_SECRET"
+WORKER_TIMEOUT_ENV: Final = "WANTEL_WORKER_TIMEOUT"
+TRACE_URL_ENV: Final = "WANTEL_TRACE_URL"
 DEFAULT_LOG_DIR: Final = "wantel-log"
 OTLP_ENVS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -41,6 +47,11 @@ VARIABLES: Final[dict[str, str]] = {
     NATS_CA_ENV: "a CA bundle for the NATS server's TLS certificate when --nats-ca is not given",
     WORKER_ENV: "this worker's id in the fleet when --worker is not given "
                 "(default: host:pid:start)",
+    WORKER_TIMEOUT_ENV: "seconds a silent worker's running jobs wait before `serve` and "
+                        "`demo` declare them abandoned, when --worker-timeout is not given "
+                        "(default 60)",
+    TRACE_URL_ENV: "the live page's trace link, a URL template with {trace_id}, when "
+                   "--trace-url is not given",
 }
 
 
@@ -76,6 +87,31 @@ def otlp_configured(flag: str | None, env: Mapping[str, str] | None = None) -> b
     """Whether spans should be exported: ``--otlp URL`` or an ``OTEL_EXPORTER_OTLP_*`` endpoint."""
     environ = _environ(env)
     return bool(flag) or any(environ.get(name) for name in OTLP_ENVS)
+
+
+def resolve_worker_timeout(flag: float | None, env: Mapping[str, str] | None = None) -> float:
+    """``--worker-timeout S``, else ``$WANTEL_WORKER_TIMEOUT``, else 60 seconds; a
+    :class:`~telemetry.errors.UsageError` (exit 2) unless a finite number above 0."""
+    source, raw = "--worker-timeout", flag
+    if raw is None:
+        text = _environ(env).get(WORKER_TIMEOUT_ENV, "").strip()
+        if not text:
+            return WORKER_TIMEOUT_S
+        source = f"${WORKER_TIMEOUT_ENV}"
+        try:
+            raw = float(text)
+        except ValueError:
+            raise UsageError(f"{source} must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(raw) and raw > 0):
+        raise UsageError(f"{source} must be a number of seconds above 0, got {raw:g}")
+    return raw
+
+
+def resolve_trace_url(flag: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """``--trace-url TEMPLATE``, else ``$WANTEL_TRACE_URL``, else none (no trace links)."""
+    if flag is not None:
+        return flag
+    return _environ(env).get(TRACE_URL_ENV) or None
 
 
 def pure_python_requested(env: Mapping[str, str] | None = None) -> bool:

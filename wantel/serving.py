@@ -37,12 +37,13 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from exporters.server import check_token, create_app
+from exporters.server import check_token, check_trace_url, create_app
 from exporters.service import TelemetryService
 from exporters.webhooks import DEFAULT_RETRY_BACKOFF as WEBHOOK_BACKOFF
 from exporters.webhooks import WebhookCollector, WebhookSink, check_url
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.errors import UsageError
+from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.log.base import BrokenLog, EventLog, LogError
 from telemetry.log.local import CHECKPOINT_DIR, LocalLog
 from telemetry.projections.eta import EtaProjection
@@ -51,11 +52,14 @@ from telemetry.runner import ProjectionRunner
 from wantel.commands.common import fleet_requested, nats_options
 from wantel.config import (
     TOKEN_ENV,
+    TRACE_URL_ENV,
     WEBHOOK_SECRET_ENV,
     otlp_configured,
     resolve_log_dir,
     resolve_token,
+    resolve_trace_url,
     resolve_webhook_secret,
+    resolve_worker_timeout,
 )
 
 #: Where ``serve --nats`` keeps its checkpoints when ``--state`` is not given.
@@ -197,11 +201,14 @@ class Serving:
                  export_spans: bool = False,
                  checkpoint_dir: str | Path | None = None,
                  webhooks: Sequence[str] = (), webhook_secret: str | None = None,
-                 webhook_backoff: tuple[float, float] = WEBHOOK_BACKOFF) -> None:
+                 webhook_backoff: tuple[float, float] = WEBHOOK_BACKOFF,
+                 worker_timeout_s: float = WORKER_TIMEOUT_S,
+                 trace_url: str | None = None) -> None:
         """``checkpoint_dir`` defaults to a local log's ``checkpoints/``; any other log (the
         fleet stream) needs one named."""
         self.log = log
         self.token = token
+        self.worker_timeout_s = worker_timeout_s
         if checkpoint_dir is None:
             if not isinstance(log, LocalLog):
                 raise ValueError("a log that is not a local directory needs a checkpoint_dir")
@@ -210,14 +217,15 @@ class Serving:
         #: What is followed, for people: a directory, or the fleet stream's address.
         self.location = (f"{log.path}/" if isinstance(log, LocalLog)
                          else str(getattr(log, "location", type(log).__name__)))
-        self.service = TelemetryService(log, checkpoint_dir=self.checkpoint_dir)
+        self.service = TelemetryService(log, checkpoint_dir=self.checkpoint_dir,
+                                        worker_timeout_s=worker_timeout_s)
         #: One sink per receiver (a URL given twice is one receiver).
         self.webhooks = [WebhookSink(url, secret=webhook_secret, name="webhook")
                          for url in dict.fromkeys(webhooks)]
         self.webhook_backoff = webhook_backoff
         self._webhook_runners: list[ProjectionRunner] = []
         self.app: Starlette = create_app(
-            self.service, token=token,
+            self.service, token=token, trace_url=trace_url,
             collectors=[WebhookCollector(self.webhooks)] if self.webhooks else ())
         self.http = BackgroundServer(self.app, bind(host, port))
         self.otlp = otlp
@@ -251,7 +259,8 @@ class Serving:
         self.service.start()
         self.http.start()
         if self.export_spans:
-            self._spans = _start_span_export(self.log, self.otlp, self.checkpoint_dir)
+            self._spans = _start_span_export(self.log, self.otlp, self.checkpoint_dir,
+                                             self.worker_timeout_s)
         for sink in self.webhooks:
             runner = webhook_runner(self.log, sink, self.checkpoint_dir,
                                     retry_backoff=self.webhook_backoff)
@@ -281,14 +290,17 @@ class Serving:
 SPANS_CHECKPOINT: Final = "otel.ckpt"
 
 
-def span_export_runner(log: EventLog, exporter: Any, checkpoint_dir: Path) -> ProjectionRunner:
+def span_export_runner(log: EventLog, exporter: Any, checkpoint_dir: Path,
+                       worker_timeout_s: float = WORKER_TIMEOUT_S) -> ProjectionRunner:
     """A runner of its own for span export: the ETA projection (the span sink reads the ETAs
-    each job was issued from it) and the span sink, checkpointed in ``otel.ckpt``."""
+    each job was issued from it) and the span sink, checkpointed in ``otel.ckpt``; a job
+    silent for ``worker_timeout_s`` (its worker too) is exported as abandoned."""
     from exporters.otel import SpanSink
 
     return ProjectionRunner(log, ProjectionEngine([EtaProjection()]),
                             CheckpointStore(checkpoint_dir / SPANS_CHECKPOINT),
-                            sinks=[SpanSink(exporter)], poll_interval=0.05, name="wantel-otel")
+                            sinks=[SpanSink(exporter, abandon_after_s=worker_timeout_s)],
+                            poll_interval=0.05, name="wantel-otel")
 
 
 def webhook_checkpoint(checkpoint_dir: Path, url: str) -> Path:
@@ -314,8 +326,8 @@ def webhook_runner(log: EventLog, sink: WebhookSink, checkpoint_dir: Path, *,
     return runner
 
 
-def _start_span_export(log: EventLog, endpoint: str | None,
-                       checkpoint_dir: Path) -> ProjectionRunner | None:
+def _start_span_export(log: EventLog, endpoint: str | None, checkpoint_dir: Path,
+                       worker_timeout_s: float = WORKER_TIMEOUT_S) -> ProjectionRunner | None:
     """OTLP span export from the log (imported here: the OpenTelemetry SDK is slow to load).
 
     ``endpoint`` ``None`` lets the exporter read the ``OTEL_EXPORTER_OTLP_*`` environment.
@@ -328,7 +340,7 @@ def _start_span_export(log: EventLog, endpoint: str | None,
         raise UsageError(f"OTLP export: {exc}") from None
     if exporter is None:
         return None
-    runner = span_export_runner(log, exporter, checkpoint_dir)
+    runner = span_export_runner(log, exporter, checkpoint_dir, worker_timeout_s)
     runner.start()
     return runner
 
@@ -356,6 +368,13 @@ def open_serving(args: argparse.Namespace) -> Serving:
     elif secret is not None and not secret:
         raise UsageError(f"--webhook-secret (or ${WEBHOOK_SECRET_ENV}) is empty: give a "
                          "non-empty secret, or none to send unsigned webhooks")
+    worker_timeout = resolve_worker_timeout(getattr(args, "worker_timeout", None))
+    trace_url = resolve_trace_url(getattr(args, "trace_url", None))
+    if trace_url is not None:
+        try:
+            check_trace_url(trace_url)
+        except ValueError as exc:
+            raise UsageError(f"--trace-url (or ${TRACE_URL_ENV}): {exc}") from None
     if fleet_requested(args):
         from telemetry.log.nats import NatsLog
 
@@ -367,7 +386,8 @@ def open_serving(args: argparse.Namespace) -> Serving:
         state = Path(args.state or DEFAULT_FLEET_STATE) / CHECKPOINT_DIR
         return Serving(fleet, host=args.host, port=args.port, token=token,
                        otlp=args.otlp or None, export_spans=spans, checkpoint_dir=state,
-                       webhooks=webhooks, webhook_secret=secret)
+                       webhooks=webhooks, webhook_secret=secret,
+                       worker_timeout_s=worker_timeout, trace_url=trace_url)
     try:
         log = LocalLog(resolve_log_dir(args.log))
     except BrokenLog:
@@ -375,7 +395,8 @@ def open_serving(args: argparse.Namespace) -> Serving:
     except LogError as exc:
         raise UsageError(str(exc)) from None
     return Serving(log, host=args.host, port=args.port, token=token, otlp=args.otlp or None,
-                   export_spans=spans, webhooks=webhooks, webhook_secret=secret)
+                   export_spans=spans, webhooks=webhooks, webhook_secret=secret,
+                   worker_timeout_s=worker_timeout, trace_url=trace_url)
 
 
 def print_banner(serving: Serving, command: str) -> None:

@@ -74,6 +74,7 @@ class JobView(msgspec.Struct, kw_only=True):
     error_message: str | None = None
     oom: bool | None = None
     failed_step: int | None = None
+    failed_stage: str | None = None
     output_path: str | None = None
     traceparent: str | None = None
 
@@ -489,7 +490,7 @@ def _failed(view: JobView, event: JobFailed) -> None:
     """Failed: the error, whether it ran out of memory, and at which step."""
     _ended(view, event, "failed", event.duration_s)
     view.error_type, view.error_message, view.oom = event.error_type, event.message, event.oom
-    view.failed_step = event.step
+    view.failed_step, view.failed_stage = event.step, event.stage
 
 
 def _cancelled(view: JobView, event: JobCancelled) -> None:

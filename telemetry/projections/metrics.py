@@ -468,7 +468,7 @@ class MetricsProjection:
             return
         state.tracked[event.job] = TrackedJob(
             model=event.model, task=event.task, queued_ts=event.ts,
-            trace_id=trace_id_for(event.job, event.traceparent))
+            trace_id=trace_id_for(event.job, event.traceparent, event.ts))
         self._bound(state)
 
     def _started(self, state: MetricsState, event: JobStarted) -> None:
@@ -476,7 +476,9 @@ class MetricsProjection:
         the worker's trace context replaces the request's — and a queued job's wait is
         observed by model (:func:`~telemetry.projections.readings.queue_wait_s`)."""
         tracked = state.tracked.get(event.job)
-        trace_id = trace_id_for(event.job, event.traceparent)
+        # The run opens here unless it was queued (telemetry.tracing.job_trace_id's rule).
+        trace_id = trace_id_for(event.job, event.traceparent,
+                                event.ts if tracked is None else tracked.queued_ts)
         if tracked is None:
             state.tracked[event.job] = TrackedJob(model=event.model, task=event.task,
                                                   trace_id=trace_id, started=True,

@@ -103,3 +103,75 @@ def test_a_tiny_job_goes_from_estimating_to_completed(page: Any, tmp_path: Path,
     save_to = pytestconfig.getoption("--save-live-page")
     if save_to:
         shutil.copyfile(screenshot, save_to)
+
+
+TRACE_URL = "http://jaeger.example:16686/trace/{trace_id}"
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_selection_progressbar_details_and_width(page: Any, tmp_path: Path, width: int) -> None:
+    """At 1280 and 390 px: no horizontal overflow; each running job has an accessible
+    progressbar whose value never goes back; a job's selected text and the picked job survive
+    the updates that keep arriving; the picked job shows its worker, expert and a trace link
+    through the configured template; a failed job shows its error, stage and step."""
+    import msgspec
+
+    from exporters.service import summarize
+    from telemetry.events import Event, StepEnded
+
+    def low_noise(events: list[Event]) -> list[Event]:
+        """Steps of a Wan 2.2 A14B job past its boundary: the low-noise expert's."""
+        return [msgspec.structs.replace(e, expert="low_noise") if isinstance(e, StepEnded)
+                else e for e in events]
+
+    page.set_viewport_size({"width": width, "height": 900})
+    log_dir = tmp_path / "log"
+    busy = JobScript("t2v-busy-with-a-long-job-id", steps=400, gap_s=0.05, worker="gpu-node-1:77")
+    failed = JobScript("oom-1", steps=4, worker="gpu-node-2:9")
+    with served(log_dir, trace_url=TRACE_URL) as s:
+        s.append(failed.whole("failed") + busy.start() + low_noise(busy.step_range(0, 3)))
+        page.goto(s.base)
+        wait_for(lambda: page.inner_text("#conn") == "live", "the page to connect")
+        cell = f'#running tr[data-job="{busy.job}"] td.job'
+        wait_for(lambda: page.query_selector(cell), "the running row")
+        # a user picks the job, then selects its id's text (to copy it)
+        page.click(f'#running tr[data-job="{busy.job}"] td.size')
+        page.eval_on_selector(cell, "td => getSelection().selectAllChildren(td)")
+        values: list[int] = []
+        for first in range(3, 60, 3):  # updates keep coming, and the page redraws every 500 ms
+            s.append(low_noise(busy.step_range(first, first + 3)))
+            now = page.get_attribute(f'#running tr[data-job="{busy.job}"] [role=progressbar]',
+                                     "aria-valuenow")
+            values.append(int(now))
+        wait_for(lambda: int(page.get_attribute(
+            f'#running tr[data-job="{busy.job}"] [role=progressbar]', "aria-valuenow"))
+            > values[0] or None, "the bar to move", timeout=20)
+        page.wait_for_timeout(1200)  # two redraws of the countdown, at least
+        selection = page.evaluate("getSelection().toString()")
+        picked = page.get_attribute(f'#running tr[data-job="{busy.job}"]', "aria-selected")
+        details = page.inner_text("#details")
+        link = page.get_attribute("#details a", "href")
+        bar = page.query_selector(f'#running tr[data-job="{busy.job}"] [role=progressbar]')
+        assert bar is not None
+        aria = {name: bar.get_attribute(name) for name in
+                ("aria-valuemin", "aria-valuemax", "aria-label")}
+        overflow = page.evaluate(
+            "[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        page.screenshot(path=str(tmp_path / f"live-{width}.png"), full_page=True)
+        with s.service.lock:
+            view = summarize(s.service.engine.states, busy.job)
+        page.click('#finished tr[data-job="oom-1"] td.size')
+        failure = wait_for(lambda: "OutOfMemoryError" in page.inner_text("#details")
+                           and page.inner_text("#details"), "the failure details")
+        page.screenshot(path=str(tmp_path / f"live-{width}-failed.png"), full_page=True)
+    assert busy.job == selection.strip()
+    assert "true" == picked
+    assert values == sorted(values)
+    assert {"aria-valuemin": "0", "aria-valuemax": "100",
+            "aria-label": f"progress of job {busy.job}"} == aria
+    assert overflow[0] <= overflow[1] <= width  # nothing wider than the window
+    assert "gpu-node-1:77" in details and "low noise" in details
+    assert view is not None and view["trace_id"]
+    assert TRACE_URL.replace("{trace_id}", view["trace_id"]) == link
+    assert "out of memory" in failure and "denoise" in failure
+    assert (tmp_path / f"live-{width}.png").stat().st_size > 0

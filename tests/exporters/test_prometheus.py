@@ -353,7 +353,8 @@ def test_openmetrics_is_served_when_asked_and_carries_exemplars() -> None:
     assert {("wantel_job_duration_seconds", caller),
             ("wantel_queue_wait_seconds", caller),
             ("wantel_denoise_step_duration_seconds", caller),
-            ("wantel_denoise_step_duration_seconds", trace_id_for("b"))} == exemplars
+            ("wantel_denoise_step_duration_seconds", run_trace(a_full_history(), "b"))
+            } == exemplars
 
 
 @pytest.mark.parametrize("accept", [None, OPENMETRICS])
@@ -510,7 +511,9 @@ def test_real_jobs_are_counted_and_timed(real_log: Path) -> None:
     body, _ = render(registry, OPENMETRICS)
     traces = {s.exemplar.labels["trace_id"] for f in parse_openmetrics(body.decode())
               for s in f.samples if s.exemplar and f.name == "wantel_job_duration_seconds"}
-    assert {trace_id_for(job) for job, _ in TINY_JOBS} == traces
+    events = [e for item in LocalLog(real_log, create=False).read()
+              for e in getattr(item, "events", ())]
+    assert {run_trace(events, job) for job, _ in TINY_JOBS} == traces
 
 
 def test_counters_survive_a_restart(real_log: Path, tmp_path: Path) -> None:
@@ -604,3 +607,10 @@ def test_backlog_is_zero_once_the_projections_have_read_the_log() -> None:
     (so an idle fleet's growing lag is told from a projection falling behind)."""
     got = samples(registry_of(runner_over(a_full_history())))
     assert 0.0 == got[("wantel_projection_backlog_events",)]
+
+
+def run_trace(events: list[Event] | Any, job: str) -> str:
+    """The trace id of ``job``'s run in ``events``: keyed by its opening event's ``ts`` (its
+    JobQueued, else its JobStarted; :func:`telemetry.tracing.job_trace_id`)."""
+    opening = next(e for e in events if e.job == job and isinstance(e, (JobQueued, JobStarted)))
+    return trace_id_for(job, None, opening.ts)

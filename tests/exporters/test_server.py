@@ -141,7 +141,8 @@ class Served:
 
 @contextmanager
 def served(log_dir: Path, *, token: str | None = None, checkpoint_dir: Path | None = None,
-           sndbuf: int | None = None, **service_options: Any) -> Iterator[Served]:
+           sndbuf: int | None = None, trace_url: str | None = None,
+           **service_options: Any) -> Iterator[Served]:
     """A service over ``log_dir`` served by uvicorn on a port the kernel picked.
 
     ``sndbuf`` fixes the send buffer of accepted sockets (Linux inherits it from the listening
@@ -153,7 +154,7 @@ def served(log_dir: Path, *, token: str | None = None, checkpoint_dir: Path | No
     sock = bind("127.0.0.1", 0)
     if sndbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    http = BackgroundServer(create_app(service, token=token), sock)
+    http = BackgroundServer(create_app(service, token=token, trace_url=trace_url), sock)
     service.start()
     http.start()
     try:
@@ -289,8 +290,8 @@ def test_terminal_frames_for_completed_failed_and_cancelled_jobs(log_dir: Path) 
         {job: f["type"] for job, f in got.items()}
     assert {job: status for job, status in endings.items()} == \
         {job: f["data"]["view"]["status"] for job, f in got.items()}
-    assert {"type": "OutOfMemoryError", "message": "out of memory", "oom": True} == \
-        got["oom"]["data"]["view"]["error"]
+    assert {"type": "OutOfMemoryError", "message": "out of memory", "oom": True,
+            "stage": "denoise", "step": None} == got["oom"]["data"]["view"]["error"]
     assert "user asked" == got["stop"]["data"]["reason"]
 
 

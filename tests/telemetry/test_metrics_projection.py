@@ -143,11 +143,12 @@ def test_redelivered_terminal_event_is_counted_once() -> None:
 def test_job_duration_lands_in_its_bucket_with_a_trace_exemplar() -> None:
     """The job's duration is observed once; its bucket's exemplar names the job's trace."""
     a = Stream("a")
-    state = fold([a.started(1), a.completed(4.5, 3.5)])
+    started = a.started(1)
+    state = fold([started, a.completed(4.5, 3.5)])
     hist = state.job_duration[key("tiny-t2v", "t2v", "completed")]
     index = bucket_index(DURATION_BUCKETS, 3.5)
     assert (1, 3.5, 1) == (hist.count, hist.sum, hist.counts[index])
-    assert {index: Exemplar(trace_id_for("a"), 3.5, 4.5)} == hist.exemplars
+    assert {index: Exemplar(trace_id_for("a", None, started.ts), 3.5, 4.5)} == hist.exemplars
 
 
 def test_exemplar_uses_the_callers_trace_when_the_job_has_a_traceparent() -> None:
@@ -193,7 +194,8 @@ def test_steps_are_counted_and_timed_by_model_and_expert() -> None:
         key("tiny-t2v-a14b", "low_noise"): 2,
     } == {k: v.count for k, v in state.step_duration.items()}
     latest = state.step_duration[key("tiny-t2v-a14b", "low_noise")].exemplars
-    assert [Exemplar(trace_id_for("b"), 0.5, 4.0)] == list(latest.values())
+    assert [Exemplar(trace_id_for("b", None, int(1 * SECOND)), 0.5, 4.0)] == list(
+        latest.values())  # b's run opened at its JobStarted, at 1 s
 
 
 def test_peak_memory_is_observed_per_kind_when_the_job_ends() -> None:
@@ -316,7 +318,8 @@ def test_steps_fold_in_batches_as_observed_one_by_one(
         counter.value += 1
         if step.duration_s is not None:
             observe(hists, (stream.model, expert or "none"), DURATION_BUCKETS, step.duration_s,
-                    Exemplar(trace_id_for(stream.job), step.duration_s, step.ts / 1e9))
+                    Exemplar(trace_id_for(stream.job, None, 0), step.duration_s,
+                             step.ts / 1e9))  # each run opened at its JobStarted, at 0
     projection = MetricsProjection()
     state = projection.initial()
     bounds = sorted({min(c, len(events)) for c in cuts} | {0, len(events)})

@@ -8,6 +8,7 @@ from telemetry.tracing import (
     parse_traceparent,
     span_id_for,
     trace_id_for,
+    traceparent_sampled,
 )
 
 CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -46,3 +47,22 @@ def test_a_jobs_traceparent_is_its_starts_else_its_queueds() -> None:
     assert "4bf92f3577b34da6a3ce929d0e0e4736" == job_trace_id("j", None, CALLER)
     assert trace_id_for("j") == job_trace_id("j")
     assert job_traceparent(None, None) is None
+
+
+def test_a_run_key_gives_a_reused_job_id_a_trace_per_run() -> None:
+    """Two runs under one job id (opened at different times) have different trace and span
+    ids; a run whose opening was lost keeps the job-only ids; a caller's trace id wins."""
+    first, second = job_trace_id("j", opened_ts=1), job_trace_id("j", opened_ts=2)
+    assert first != second
+    assert trace_id_for("j") == job_trace_id("j", opened_ts=None)
+    assert span_id_for("j", "root", 1) != span_id_for("j", "root", 2)
+    assert "4bf92f3577b34da6a3ce929d0e0e4736" == job_trace_id("j", CALLER, opened_ts=1)
+
+
+def test_the_callers_sampled_flag_is_read() -> None:
+    """Flags 01 sample, 00 do not; a job without (or with a broken) traceparent is sampled."""
+    assert traceparent_sampled(CALLER)
+    assert not traceparent_sampled(CALLER[:-2] + "00")
+    assert traceparent_sampled(CALLER[:-2] + "03")  # other flag bits do not matter
+    assert traceparent_sampled(None)
+    assert traceparent_sampled("garbage-00")

@@ -262,17 +262,20 @@ def test_help_teaches_the_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert sys.executable  # the help needs no model and no GPU
 
 
-def test_the_progress_line_is_a_sink_of_a_runner(tmp_path: Path) -> None:
-    """`wantel run`'s display follows the log through a runner: a line per step that touched
-    its job (other jobs' events draw nothing), and the job's final view once stopped."""
+def test_the_progress_lines_are_a_sink_of_a_runner(tmp_path: Path) -> None:
+    """`wantel run`'s display follows the log through a runner: a line at each stage or status
+    change of its job (other jobs' events print nothing), and the job's final view once
+    stopped."""
+    import io
+
     from tests.telemetry.test_engine import a_job
-    from wantel.commands.run import _Display
+    from wantel.commands.run import ProgressLines, _Display
 
     log = LocalLog(tmp_path / "log")
     log.append(a_job("before"))
-    lines: list[str] = []
-    display = _Display(log, "mine", (log.last_position() or 0) + 1, live=True,
-                       draw=lines.append)
+    out = io.StringIO()
+    display = _Display(log, "mine", (log.last_position() or 0) + 1, live=False,
+                       sink=ProgressLines("mine", interval=3600, stream=out))
     display.start()
     try:
         assert display.runner.caught_up.wait(10)
@@ -282,11 +285,16 @@ def test_the_progress_line_is_a_sink_of_a_runner(tmp_path: Path) -> None:
         log.append(a_job("other"))
         end = (log.last_position() or 0) + 1
         wait_for(lambda: display.runner.engine.position == end, "the other job applied")
-        drawn = len(lines)
+        drawn = out.getvalue().splitlines()
         log.append(events[4:])
     finally:
         view = display.stop()
+    lines = out.getvalue().splitlines()
     assert view is not None and ("completed", 4) == (view.status, view.steps_done)
-    assert 1 <= drawn and "step 2/4" in lines[drawn - 1]  # the other job drew nothing
-    assert all(line.startswith("tiny-t2v") for line in lines)
+    # its start (unless read with the stage's start), then the stage; no line per step, none
+    # for the other job
+    assert [line.split()[5] for line in drawn] in (["stage=-", "stage=denoise"],
+                                                   ["stage=denoise"])
+    assert "status=completed" in lines[-1] and "progress=100%" in lines[-1]
+    assert all(line.startswith("wantel run: job=mine model=tiny-t2v") for line in lines)
     assert "before" not in display.runner.engine.states["jobs"].jobs

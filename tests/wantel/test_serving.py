@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from websockets.sync.client import connect
 
 from exporters import prometheus
@@ -59,3 +60,21 @@ def test_serve_wires_every_follower_as_a_sink_of_a_runner(tmp_path: Path) -> Non
     assert ["job.started", "stage.ended", "job.completed"] == [line["event"] for line in lines]
     assert (tmp_path / "log" / "checkpoints" / "otel.ckpt").exists()
     assert (tmp_path / "log" / "checkpoints" / "serve.ckpt").exists()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--worker-timeout", "0"], "--worker-timeout"),
+    (["--worker-timeout", "inf"], "--worker-timeout"),
+    (["--trace-url", "http://jaeger:16686/trace/"], "{trace_id}"),
+    (["--trace-url", "jaeger/{trace_id}"], "http(s)://"),
+])
+def test_bad_worker_timeout_or_trace_url_is_one_line_and_exit_2(
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`wantel serve` refuses a timeout that is not a number of seconds above 0, and a trace
+    URL template without {trace_id} or not http(s), before it binds anything."""
+    from wantel.cli import main
+
+    assert 2 == main(["serve", "--log", str(tmp_path / "log"), "--port", "0", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 1 == len(err) and needle in err[0]

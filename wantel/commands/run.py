@@ -1,18 +1,23 @@
 """``wantel run``: generate a video with a tiny offline Wan model or a local diffusers model.
 
-The progress line is itself a projection of the log: a :class:`~telemetry.runner.ProjectionRunner`
+The display is itself a projection of the log: a :class:`~telemetry.runner.ProjectionRunner`
 follows the events this job appends and folds them with the same projections that
-``wantel replay`` and the server use, and its :class:`ProgressDisplay` sink draws the line, so
-what the terminal shows is exactly what every other view will show.
+``wantel replay`` and the server use, and its sink shows them, so what the terminal shows is
+exactly what every other view will show: on a terminal, :class:`ProgressDisplay` (a
+``rich.progress`` bar); without one (a container log, ``> file``), :class:`ProgressLines`
+(one structured line every ``--progress-interval`` seconds and at each stage change).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
@@ -34,6 +39,7 @@ from inference.tiny_models import TINY_VARIANTS
 from telemetry.emitter import Emitter, default_worker_name
 from telemetry.engine import ProjectionEngine
 from telemetry.errors import UsageError
+from telemetry.events import StageStarted
 from telemetry.log.base import EventLog
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
@@ -109,6 +115,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="store the prompt text in the log (default: only its keyed digest)")
     parser.add_argument("--json", action="store_true",
                         help="print the job's summary as JSON instead of a progress display")
+    parser.add_argument("--progress-interval", type=float, default=10.0, metavar="S",
+                        help="without a terminal (a container log, `> file`), print one "
+                        "progress line every S seconds and at each stage change "
+                        "(default 10)")
     parser.add_argument("--sample-interval", type=float, default=1.0, metavar="S",
                         help="seconds between NVML GPU samples (utilisation, temperature, power, "
                         "throttling, device memory) on CUDA, from "
@@ -130,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     if not (interval == 0 or MIN_SAMPLE_INTERVAL <= interval <= MAX_SAMPLE_INTERVAL):
         raise UsageError(f"--sample-interval must be 0 (off) or from {MIN_SAMPLE_INTERVAL:g} "
                          f"to {MAX_SAMPLE_INTERVAL:g} seconds, got {interval}")
+    every = args.progress_interval
+    if not (math.isfinite(every) and every > 0):
+        raise UsageError(f"--progress-interval must be a number of seconds above 0, got {every}")
     log_dir = resolve_log_dir(args.log)
     try:
         prepared = prepare(request, creates=(log_dir,))
@@ -144,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     warm_imports()
     start = (log.last_position() or -1) + 1
     emitter = Emitter(log, worker=resolve_worker(None, default=default_worker_name()))
-    display = _Display(log, prepared.job, start, live=sys.stdout.isatty() and not args.json)
+    interactive = sys.stderr.isatty() and sys.stdout.isatty() and not args.json
+    sink: Sink = (ProgressDisplay(prepared.job) if interactive else ProgressLines(
+        prepared.job, interval=every, stream=sys.stderr if args.json else sys.stdout))
+    display = _Display(log, prepared.job, start, live=interactive, sink=sink)
     display.start()
     if display.live:  # the job's line appears once the pipeline is loaded (its options read)
         print(f"wantel run: loading {prepared.model.name}…", file=sys.stderr)
@@ -207,72 +223,275 @@ def _figures(summary: JobSummary | None) -> str:
     """The completed line's figures: duration, steps and the mean steps/s."""
     if summary is None or summary.view.duration_s is None:
         return "no figures"
-    mean = summary.mean_steps_per_second
-    rate = f", {mean:.1f} steps/s" if mean else ""
-    return f"{summary.view.duration_s:.2f}s, {summary.view.steps_done} steps{rate}"
+    rate = format_rate(summary.mean_steps_per_second)
+    seconds = summary.view.duration_s
+    took = f"{seconds:.2f}s" if seconds < 60 else format_hms(seconds)
+    return (f"{took}, {summary.view.steps_done} steps"
+            + (f", {rate}" if rate else ""))
 
 
-class ProgressDisplay(Sink):
-    """A runner's sink that draws one job's status line (:func:`render`) after each step.
+def format_rate(steps_per_second: float | None) -> str | None:
+    """Denoising speed as it reads best (tqdm's rule): ``2.50 it/s`` at a step a second or
+    faster, ``37.4 s/it`` when slower (``0.0 steps/s`` said nothing at 14B speeds)."""
+    if steps_per_second is None or not math.isfinite(steps_per_second) or steps_per_second <= 0:
+        return None
+    if steps_per_second >= 1:
+        return f"{steps_per_second:.2f} it/s"
+    per_step = 1 / steps_per_second
+    return f"{per_step:.2f} s/it" if per_step < 10 else f"{per_step:.1f} s/it"
 
-    ``draw`` receives the line; by default a ``rich`` live display on stderr, opened at the
-    first line and closed by :meth:`shutdown`.
-    """
 
-    name = "progress"
+def format_hms(seconds: float | None) -> str:
+    """``h:mm:ss`` (``0:00:07``, ``1:02:03``), as tqdm and ``time`` print durations."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
-    def __init__(self, job: str, draw: Callable[[str], object] | None = None) -> None:
+
+def format_bytes(count: int | None) -> str | None:
+    """``315 MiB``, ``12.4 GiB``."""
+    if not count:
+        return None
+    if count >= 2**30:
+        return f"{count / 2**30:.1f} GiB"
+    return f"{count / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One moment of the job as ``wantel run`` shows it (both displays read it)."""
+
+    job: str
+    model: str
+    status: str
+    stage: str | None
+    step: int
+    total_steps: int
+    fraction: float  # 0…1, never lower than an earlier reading's
+    rate: str | None
+    eta: EtaPoint | None
+    remaining_s: float | None  # the ETA counted down to now
+    peak: str | None
+
+    @property
+    def where(self) -> str:
+        """The stage, or the status once the job is in none."""
+        return self.stage or self.status
+
+    def eta_text(self) -> str:
+        """``ETA 0:01:23 (0:01:10–0:01:40)`` or ``ETA estimating``."""
+        eta = self.eta
+        if eta is None or eta.estimating or self.remaining_s is None:
+            return "ETA estimating" if self.status in ("running", "queued") else ""
+        gone = eta.remaining_s - self.remaining_s
+        return (f"ETA {format_hms(self.remaining_s)} "
+                f"({format_hms(eta.p10_s - gone)}–{format_hms(eta.p90_s - gone)})")
+
+    def line(self) -> str:
+        """The structured line a log without a terminal gets (logfmt: ``key=value``)."""
+        fields = {"job": self.job, "model": self.model, "status": self.status,
+                  "stage": self.stage or "-", "step": f"{self.step}/{self.total_steps}",
+                  "progress": f"{100 * self.fraction:.0f}%"}
+        if self.rate:
+            fields["rate"] = self.rate.replace(" ", "")
+        eta = self.eta
+        if self.status == "running":
+            if eta is None or eta.estimating or self.remaining_s is None:
+                fields["eta"] = "estimating"
+            else:
+                gone = eta.remaining_s - self.remaining_s
+                fields["eta"] = format_hms(self.remaining_s)
+                fields["eta_p10"] = format_hms(eta.p10_s - gone)
+                fields["eta_p90"] = format_hms(eta.p90_s - gone)
+        if self.peak:
+            fields["peak"] = self.peak.replace(" ", "")
+        return "wantel run: " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
+
+
+def _logfmt(value: str) -> str:
+    return value if value and not any(c in value for c in ' "=') else msgspec.json.encode(
+        value).decode()
+
+
+class _JobReader(Sink):
+    """What both displays share: the job's reading after each step that touched it, with a
+    percentage that never goes down (the ETA projection's progress never does; the floor
+    holds it across anything else too) and the ETA counted down between events."""
+
+    def __init__(self, job: str, clock: Callable[[], int] = time.time_ns) -> None:
         self.job = job
+        self.fraction = 0.0
         self.lines = 0
-        self._draw = draw
-        self._live: Any = None
+        self._clock = clock
+        self._view: JobView | None = None
+        self._eta: EtaPoint | None = None
 
     def on_applied(self, applied: Applied) -> None:
-        """Draw the job's line, if this step changed it."""
+        """Read the job again, if this step touched it; then :meth:`show`."""
         if not any(event.job == self.job for event in applied.events):
             return
         states = applied.engine.states
         view: JobView | None = states["jobs"].jobs.get(self.job)
         if view is None:
             return
-        line = render(view, current(states["eta"], self.job))
-        if self._draw is None:
-            self._draw = self._rich()
-        self._draw(line)
+        self._view, self._eta = view, current(states["eta"], self.job)
+        self.show(self.reading(), ticked=False)
+
+    def on_tick(self) -> None:
+        """The log was idle: show the ETA counting down."""
+        if self._view is not None:
+            self.show(self.reading(), ticked=True)
+
+    def reading(self) -> Reading:
+        """The job now."""
+        view, eta = self._view, self._eta
+        assert view is not None
+        done = view.status == "completed"
+        fraction = 1.0 if done else eta.progress if eta is not None else 0.0
+        self.fraction = max(self.fraction, min(1.0, fraction))
+        remaining = None
+        if eta is not None and not eta.estimating and view.status == "running":
+            remaining = max(0.0, eta.remaining_s - max(0, self._clock() - eta.ts) / 1e9)
+        rate = view.steps_per_second if view.steps_done >= 2 else None
+        return Reading(job=self.job, model=view.variant or view.model or "?",
+                       status=view.status, stage=view.stage, step=view.steps_done,
+                       total_steps=view.total_steps or 0, fraction=self.fraction,
+                       rate=format_rate(rate), eta=eta if view.status == "running" else None,
+                       remaining_s=remaining, peak=format_bytes(view.peak_memory_bytes))
+
+    def show(self, reading: Reading, *, ticked: bool) -> None:
+        """Draw ``reading``."""
+
+
+class ProgressDisplay(_JobReader):
+    """``wantel run``'s display on a terminal: a ``rich.progress`` bar with one monotone
+    percentage, the stage, the step, s/it or it/s, the ETA as h:mm:ss with its p10–p90
+    interval, and the peak memory. ``console``: where to draw (default: stderr; tests pass a
+    recording console). The bar is redrawn after each step and, through the runner's idle
+    ticks, every second while a long stage sends nothing.
+    """
+
+    name = "progress"
+    tick_interval: float | None = 1.0
+
+    def __init__(self, job: str, console: Any = None,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        super().__init__(job, clock)
+        self._console = console
+        self._progress: Any = None
+        self._task: Any = None
+        #: Every percentage drawn, in order (whole numbers, as shown).
+        self.drawn: list[int] = []
+
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        console = self._console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]{task.fields[model]}[/] {task.fields[where]:<12}"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[detail]}"),
+            console=console, auto_refresh=False, transient=self._console is None)
+        self._progress.start()
+        self._task = self._progress.add_task("job", total=1000, model="", where="",
+                                             detail="")
+
+    def show(self, reading: Reading, *, ticked: bool) -> None:
+        """Redraw the bar."""
+        if self._progress is None:
+            self._start()
+        detail = [f"step {reading.step}/{reading.total_steps}"]
+        if reading.rate:
+            detail.append(reading.rate)
+        eta = reading.eta_text()
+        if eta:
+            detail.append(eta)
+        if reading.peak:
+            detail.append(f"peak {reading.peak}")
+        self._progress.update(self._task, completed=round(1000 * reading.fraction),
+                              model=reading.model, where=reading.where,
+                              detail="  ".join(detail))
+        self._progress.refresh()
+        self.drawn.append(int(f"{100 * reading.fraction:.0f}"))
         self.lines += 1
 
-    def _rich(self) -> Callable[[str], object]:
-        from rich.console import Console
-        from rich.live import Live
-
-        self._live = Live(console=Console(stderr=True), refresh_per_second=8, transient=True)
-        self._live.start()
-        update: Callable[[str], object] = self._live.update
-        return update
-
     def shutdown(self, timeout: float | None = None) -> None:
-        """Close the live display (it is transient: the line disappears)."""
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
+        """Close the display (on a terminal it is transient: the final line replaces it)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class ProgressLines(_JobReader):
+    """``wantel run``'s display without a terminal: one structured line (:meth:`Reading.line`)
+    at each stage or status change and at least every ``interval`` seconds while the job runs,
+    so a container log is never silent for long."""
+
+    name = "progress"
+
+    def __init__(self, job: str, *, interval: float = 10.0, stream: TextIO | None = None,
+                 clock: Callable[[], int] = time.time_ns,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(job, clock)
+        self.interval = interval
+        self.tick_interval = min(1.0, interval)
+        self._stream = stream
+        self._monotonic = monotonic
+        self._last_at: float | None = None
+        self._last_where: tuple[str, str | None] | None = None
+        self._started: list[str] = []
+
+    def on_applied(self, applied: Applied) -> None:
+        """As :class:`_JobReader`, with a line for each stage the step started, even one that
+        also ended within it (a fast stage's events come in one flush)."""
+        self._started = [event.stage for event in applied.events
+                         if isinstance(event, StageStarted) and event.job == self.job]
+        super().on_applied(applied)
+
+    def show(self, reading: Reading, *, ticked: bool) -> None:
+        """Print a line if the stage changed or ``interval`` passed since the last one."""
+        started, self._started = self._started, []
+        for stage in started:
+            if stage != reading.stage:  # begun and over within the step
+                self._print(replace(reading, stage=stage, status="running"), force=True)
+        self._print(reading, ticked=ticked)
+
+    def _print(self, reading: Reading, *, ticked: bool = False, force: bool = False) -> None:
+        now = self._monotonic()
+        where = (reading.status, reading.stage)
+        due = self._last_at is None or now - self._last_at >= self.interval
+        if where == self._last_where and not due and not force:
+            return
+        if ticked and reading.status not in ("running", "queued"):
+            return
+        self._last_at, self._last_where = now, where
+        stream = self._stream or sys.stdout
+        print(reading.line(), file=stream, flush=True)
+        self.lines += 1
 
 
 class _Display:
-    """``wantel run``'s view of its job: a runner from where the job starts, drawing the
-    status line on a TTY (``live``), and the job's final view once it ends."""
+    """``wantel run``'s view of its job: a runner from where the job starts, with ``sink``
+    (:class:`ProgressDisplay` on a terminal, else :class:`ProgressLines`: on stdout, or on
+    stderr with ``--json``), and the job's final view once it ends."""
 
     def __init__(self, log: EventLog, job: str, start: int, *, live: bool,
-                 draw: Callable[[str], object] | None = None) -> None:
+                 sink: Sink | None = None) -> None:
         self.job, self.live = job, live
         engine = ProjectionEngine(default_projections())
         engine.position = start
-        sinks = [ProgressDisplay(job, draw)] if live else []
-        self.runner = ProjectionRunner(log, engine, sinks=sinks, poll_interval=0.05,
-                                       name="wantel-progress")
+        self.sink = sink
+        self.runner = ProjectionRunner(log, engine, sinks=[sink] if sink is not None else [],
+                                       poll_interval=0.05, name="wantel-progress")
 
     def start(self) -> None:
-        """Follow the log in the runner's thread (only when the line is drawn)."""
-        if self.live:
+        """Follow the log in the runner's thread (when there is a display)."""
+        if self.sink is not None:
             self.runner.start()
 
     def view(self) -> JobView | None:
@@ -287,26 +506,3 @@ class _Display:
         self.runner.catch_up()
         self.runner.shutdown()
         return self.view()
-
-
-def render(view: JobView, eta: EtaPoint | None) -> str:
-    """One status line: stage, step, progress bar, steps/s, ETA with its interval, peak memory.
-
-    Progress is the ETA model's (time-weighted by each stage's expected cost, so the VAE
-    decode counts), not the bare step fraction.
-    """
-    total = view.total_steps or 0
-    fraction = eta.progress if eta is not None else 0.0
-    bar = "█" * int(fraction * 20) + "░" * (20 - int(fraction * 20))
-    rate = view.steps_per_second
-    parts = [f"{view.variant or view.model}", f"{view.stage or view.status:<12}",
-             f"step {view.steps_done}/{total}", f"{bar} {100 * fraction:3.0f}%"]
-    if rate and view.steps_done >= 2:
-        parts.append(f"{rate:.1f} steps/s")
-    if eta is None or eta.estimating:
-        parts.append("ETA estimating")
-    else:
-        parts.append(f"ETA {eta.remaining_s:.1f}s ({eta.p10_s:.1f}–{eta.p90_s:.1f})")
-    if view.peak_memory_bytes:
-        parts.append(f"peak {view.peak_memory_bytes / 2**20:.0f} MiB")
-    return "  ".join(parts)

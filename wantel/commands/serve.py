@@ -9,7 +9,13 @@ import threading
 from types import FrameType
 
 from wantel.commands.common import add_nats_flags
-from wantel.config import OTLP_ENVS, TOKEN_ENV, WEBHOOK_SECRET_ENV
+from wantel.config import (
+    OTLP_ENVS,
+    TOKEN_ENV,
+    TRACE_URL_ENV,
+    WEBHOOK_SECRET_ENV,
+    WORKER_TIMEOUT_ENV,
+)
 from wantel.serving import (
     DEFAULT_FLEET_STATE,
     DEFAULT_HOST,
@@ -46,6 +52,16 @@ def configure_serving(parser: argparse.ArgumentParser) -> None:
                         help=f"sign webhooks with HMAC-SHA256 under this key, in the "
                              f"Wantel-Signature header (default: ${WEBHOOK_SECRET_ENV}, else "
                              f"unsigned)")
+    parser.add_argument("--worker-timeout", type=float, metavar="S",
+                        help="seconds a worker may go unheard (no event from it or its jobs) "
+                             "before its running jobs are declared abandoned: on the live "
+                             "page, in /metrics, and in traces, whose root span then ends "
+                             f"with an error (default: ${WORKER_TIMEOUT_ENV}, else 60)")
+    parser.add_argument("--trace-url", metavar="TEMPLATE",
+                        help="link each job on the live page to its trace: a URL with "
+                             "{trace_id}, e.g. http://jaeger:16686/trace/{trace_id} (Jaeger) "
+                             "or a Grafana Explore URL for Tempo "
+                             f"(default: ${TRACE_URL_ENV}, else no link)")
 
 
 def configure_fleet(parser: argparse.ArgumentParser) -> None:
