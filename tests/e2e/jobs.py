@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from telemetry.emitter import Emitter
+from telemetry.events import JobQueued, JobStarted
 from telemetry.log.local import LocalLog
+from telemetry.tracing import trace_id_for
 
 HOLD_S = 120.0  # the longest a paused job waits for its release (a failed test never hangs)
 
@@ -108,3 +110,15 @@ def paused_job(log_dir: Path, job: str, *, steps: int = 6, pause_at: int = 2,
     finally:
         handle.release.set()
         thread.join(timeout=60)
+
+
+def run_traces(log_dir: Path, jobs: list[str]) -> set[str]:
+    """The trace ids of ``jobs``' runs in the log: keyed by the ``ts`` of each run's opening
+    event (its JobQueued, else its JobStarted: :func:`telemetry.tracing.trace_id_for`)."""
+    opened: dict[str, int] = {}
+    for item in LocalLog(log_dir, create=False).read():
+        for event in getattr(item, "events", ()):
+            if event.job in jobs and event.job not in opened and isinstance(
+                    event, JobQueued | JobStarted):
+                opened[event.job] = event.ts
+    return {trace_id_for(job, None, ts) for job, ts in opened.items()}

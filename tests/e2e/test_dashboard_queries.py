@@ -27,8 +27,7 @@ import pytest
 from telemetry.emitter import Emitter
 from telemetry.events import UNSEQUENCED, EventsDropped, GpuSampled, MemorySampled
 from telemetry.log.local import LocalLog
-from telemetry.tracing import trace_id_for
-from tests.e2e.jobs import paused_job, run_tiny_jobs
+from tests.e2e.jobs import paused_job, run_tiny_jobs, run_traces
 from tests.e2e.servers import (
     PROMETHEUS,
     Prometheus,
@@ -65,8 +64,9 @@ def _gpu_samples(emitter: Emitter, *, throttled: bool) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, float,
-                                                                       list[str]]]:
-    """Serving + Prometheus after a real run; yields (prometheus, start time, job ids)."""
+                                                                       list[str], Path]]:
+    """Serving + Prometheus after a real run; yields (prometheus, start time, job ids, the
+    log's directory)."""
     tmp = tmp_path_factory.mktemp("dashboards-e2e")
     log = LocalLog(tmp / "log", fsync="never")
     serving = Serving(log, port=0)
@@ -109,7 +109,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus
                      or None, detail=prometheus.targets_detail)
             finally:
                 emitter.close()
-            yield prometheus, start, jobs
+            yield prometheus, start, jobs, tmp / "log"
     finally:
         serving.stop()
         log.close()
@@ -164,9 +164,10 @@ def _has_data(result: list[dict[str, Any]]) -> bool:
                for _, value in series.get("values", []))
 
 
-def test_every_panel_query_returns_data(stack: tuple[Prometheus, float, list[str]]) -> None:
+def test_every_panel_query_returns_data(
+        stack: tuple[Prometheus, float, list[str], Path]) -> None:
     """Each target of each panel, variables substituted, is valid PromQL with data."""
-    prometheus, start, _ = stack
+    prometheus, start, _, _ = stack
     end = time.time()
     empty: list[str] = []
     checked = 0
@@ -192,9 +193,10 @@ def test_every_panel_query_returns_data(stack: tuple[Prometheus, float, list[str
     assert checked >= 30
 
 
-def test_exemplar_panels_link_real_traces(stack: tuple[Prometheus, float, list[str]]) -> None:
+def test_exemplar_panels_link_real_traces(
+        stack: tuple[Prometheus, float, list[str], Path]) -> None:
     """Panels with exemplars get trace ids of the jobs that ran (the Jaeger links' targets)."""
-    prometheus, start, jobs = stack
+    prometheus, start, jobs, log_dir = stack
     end = time.time()
     exemplar_targets = [
         (dashboard, target) for dashboard in _dashboards() for panel in dashboard["panels"]
@@ -207,4 +209,4 @@ def test_exemplar_panels_link_real_traces(stack: tuple[Prometheus, float, list[s
                      start=f"{start:.3f}", end=f"{end + 60:.3f}")
         traces = {e["labels"]["trace_id"] for s in series for e in s["exemplars"]}
         assert traces, f"{dashboard['uid']}: no exemplar for {target['expr']}"
-        assert set() == traces - {trace_id_for(job) for job in jobs}
+        assert set() == traces - run_traces(log_dir, jobs)

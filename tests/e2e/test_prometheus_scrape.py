@@ -19,7 +19,7 @@ from telemetry.engine import ProjectionEngine
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.runner import ProjectionRunner
-from telemetry.tracing import trace_id_for
+from tests.e2e.jobs import run_traces
 from tests.e2e.servers import PROMETHEUS, get_json, poll, prometheus_config, run_prometheus
 
 MAX_JOBS = 500  # a safety bound: jobs run back to back until the test ends
@@ -124,7 +124,7 @@ def running_jobs(log_dir: Path, tmp_path: Path) -> Iterator[list[str]]:
 
 
 def test_prometheus_scrapes_steps_and_exemplars(
-    prometheus: tuple[str, Path], running_jobs: list[str]
+    prometheus: tuple[str, Path], running_jobs: list[str], log_dir: Path
 ) -> None:
     """Prometheus sees the step counter rise while jobs run; exemplars carry their trace ids."""
     base, output = prometheus
@@ -158,5 +158,5 @@ def test_prometheus_scrapes_steps_and_exemplars(
         return traces or None
 
     traces = poll("exemplars with trace_id", exemplar_traces, detail=detail)
-    expected = {trace_id_for(job) for job in list(running_jobs)}
+    expected = run_traces(log_dir, list(running_jobs))
     assert set() == traces - expected  # every exemplar names the trace of a job that ran
