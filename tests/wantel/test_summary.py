@@ -52,7 +52,7 @@ class TestJobSummary:
         run = _summary(summary, "a", "log")
         assert 4.0 == api["steps_per_second"] == replayed["steps_per_second"]
         assert 4.0 == run["steps_per_second"]
-        assert "4 steps, 4.0 steps/s" in _figures(summary)
+        assert "4 steps, 4.00 it/s" in _figures(summary)
         assert 1.0 == summary.progress == api["progress"] == replayed["progress"]
 
     def test_a_running_job_shows_its_smoothed_rate_live(self) -> None:
