@@ -24,7 +24,7 @@ import msgspec
 
 from telemetry.dedup import fresh_events
 from telemetry.events import TERMINAL_TYPES, Event
-from telemetry.files import write_atomic
+from telemetry.files import REAL_OPS, FileOps, write_atomic
 from telemetry.log.base import Batch, Position, Quarantined, ReadItem
 from telemetry.projections.base import Projection, as_batch_projection
 from telemetry.runner import ProjectionRunner  # the shell, re-exported (see __all__)
@@ -250,8 +250,10 @@ class ProjectionEngine:
 class CheckpointStore:
     """One engine's checkpoint file, replaced atomically (write, fsync, rename, fsync dir)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, ops: FileOps = REAL_OPS) -> None:
+        """``ops``: the file operations saves go through (a recorder in crash tests)."""
         self.path = Path(path)
+        self.ops = ops
 
     def load(self) -> bytes | None:
         """The last checkpoint written, or ``None``."""
@@ -262,7 +264,7 @@ class CheckpointStore:
 
     def save(self, data: bytes) -> None:
         """Replace the checkpoint; a crash leaves either the old one or the new one."""
-        write_atomic(self.path, data)
+        write_atomic(self.path, data, ops=self.ops)
 
 
 __all__ = [

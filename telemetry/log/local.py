@@ -62,7 +62,7 @@ from telemetry.codec import (
     encode_many_json,
 )
 from telemetry.events import Event, JobQueued
-from telemetry.files import fsync_dir
+from telemetry.files import REAL_OPS, FileOps
 from telemetry.log import framing
 from telemetry.log.base import (
     MAX_POSITION,
@@ -129,11 +129,14 @@ class LocalLog(EventLog):
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         batch_interval: float = 0.1,
         compiled: bool | None = None,
+        ops: FileOps = REAL_OPS,
     ) -> None:
         """``compiled``: whether readers check runs of frames in C (``telemetry.log._framing``)
         or with the Python reference; ``None`` is the process-wide default
-        (:mod:`telemetry.accelerate`)."""
+        (:mod:`telemetry.accelerate`). ``ops``: the file operations every write, truncate,
+        rename and sync goes through (the operating system's; a recorder in crash tests)."""
         self.path = Path(path)
+        self.ops = ops
         #: The run check readers use, and what it is in words ("C", "Python (…)").
         self.scan_run: framing.ScanRun
         self.frame_checks: str
@@ -168,7 +171,8 @@ class LocalLog(EventLog):
 
     def _create(self, segment_bytes: int) -> None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            ops = self.ops
+            ops.mkdir(self.path)
             if (self.path / META_FILE).exists():
                 return
             strays = sorted(name for name in os.listdir(self.path) if _segment_named(name))
@@ -181,12 +185,17 @@ class LocalLog(EventLog):
             tmp = self.path / f".{META_FILE}.{os.getpid()}.tmp"
             meta = {"format": "wantel-log", "version": FORMAT_VERSION,
                     "segment_bytes": segment_bytes}
-            tmp.write_text(json.dumps(meta) + "\n")
+            fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            try:
+                ops.write_all(fd, (json.dumps(meta) + "\n").encode())
+                ops.fsync(fd)
+            finally:
+                ops.close(fd)
             # link() fails if another process created the file first; theirs wins.
             with contextlib.suppress(FileExistsError):
-                os.link(tmp, self.path / META_FILE)
-            tmp.unlink()
-            fsync_dir(self.path)
+                ops.link(tmp, self.path / META_FILE)
+            ops.unlink(tmp)
+            ops.fsync_dir(self.path)
         except OSError as exc:
             raise LogError(f"cannot create a log at {self.path}: {exc.strerror or exc}") from exc
 
@@ -234,7 +243,7 @@ class LocalLog(EventLog):
         first; every process then reads the same key). Raises :class:`LogError` if it can be
         neither read nor created."""
         if self._prompt_key is None:
-            self._prompt_key = _load_or_create_key(self.path / PROMPT_KEY_FILE)
+            self._prompt_key = _load_or_create_key(self.path / PROMPT_KEY_FILE, self.ops)
         return self._prompt_key
 
     def has_job(self, job: str) -> bool:
@@ -284,7 +293,7 @@ class LocalLog(EventLog):
             frame = framing.encode_header(
                 body, len(records), first, SCHEMA_FINGERPRINT, layout) + body
             try:
-                _write_all(self._wfd, frame)
+                self.ops.write_all(self._wfd, frame)
                 self._fsync_after_write()
             except OSError as exc:
                 self._undo_partial_write()
@@ -299,8 +308,8 @@ class LocalLog(EventLog):
         while True:
             if self._lock_fd is None:
                 try:
-                    self._lock_fd = os.open(self.path / LOCK_FILE,
-                                            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                    self._lock_fd = self.ops.open(self.path / LOCK_FILE,
+                                                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 except OSError as exc:
                     raise LogError(
                         f"cannot open {self.path / LOCK_FILE}: {exc.strerror}") from exc
@@ -308,7 +317,7 @@ class LocalLog(EventLog):
             if _same_file(self._lock_path, self._lock_fd):
                 break
             # Locking a file nobody else can open any more excludes no one: start over.
-            os.close(self._lock_fd)
+            self.ops.close(self._lock_fd)
             self._lock_fd = None
             self._close_writer_fd()
         try:
@@ -349,7 +358,7 @@ class LocalLog(EventLog):
     def _open_segment(self, base: Position, path: Path) -> None:
         self._close_writer_fd()
         try:
-            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+            self._wfd = self.ops.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
         except OSError as exc:
             raise _open_error(path, exc) from exc
         self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
@@ -358,9 +367,9 @@ class LocalLog(EventLog):
         self._close_writer_fd()
         path = self.path / segment_name(base)
         try:
-            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                                0o644)
-            fsync_dir(self.path)
+            self._wfd = self.ops.open(
+                path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self.ops.fsync_dir(self.path)
         except OSError as exc:
             raise _open_error(path, exc, "create") from exc
         self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
@@ -380,8 +389,8 @@ class LocalLog(EventLog):
             if resume == -1:
                 _log.warning("truncating torn tail", segment=str(self._wbase),
                              offset=offset, bytes=size - offset)
-                os.ftruncate(self._wfd, offset)
-                os.fsync(self._wfd)
+                self.ops.ftruncate(self._wfd, offset)
+                self.ops.fsync(self._wfd)
                 size = offset
                 break
             offset += resume  # damage in the middle: readers quarantine it
@@ -390,11 +399,11 @@ class LocalLog(EventLog):
     def _fsync_after_write(self) -> None:
         assert self._wfd is not None
         if self.fsync is FsyncPolicy.ALWAYS:
-            os.fdatasync(self._wfd)
+            self.ops.fdatasync(self._wfd)
         elif self.fsync is FsyncPolicy.BATCH:
             now = time.monotonic()
             if now - self._last_fsync >= self._batch_interval:
-                os.fdatasync(self._wfd)
+                self.ops.fdatasync(self._wfd)
                 self._last_fsync = now
 
     def _undo_partial_write(self) -> None:
@@ -402,14 +411,14 @@ class LocalLog(EventLog):
         if self._wfd is None:
             return
         with contextlib.suppress(OSError):
-            os.ftruncate(self._wfd, self._wend)
+            self.ops.ftruncate(self._wfd, self._wend)
 
     def _close_writer_fd(self) -> None:
         if self._wfd is not None:
             with contextlib.suppress(OSError):
                 if self.fsync is not FsyncPolicy.NEVER:
-                    os.fdatasync(self._wfd)
-                os.close(self._wfd)
+                    self.ops.fdatasync(self._wfd)
+                self.ops.close(self._wfd)
             self._wfd = None
 
     # -- reading ----------------------------------------------------------------------------
@@ -447,7 +456,7 @@ class LocalLog(EventLog):
             self._closed = True
             self._close_writer_fd()
             if self._lock_fd is not None:
-                os.close(self._lock_fd)
+                self.ops.close(self._lock_fd)
                 self._lock_fd = None
 
 
@@ -800,7 +809,7 @@ def _open_error(path: Path, exc: OSError, doing: str = "open") -> LogError:
     return LogError(f"cannot {doing} {path}: {exc.strerror or exc}")
 
 
-def _load_or_create_key(path: Path) -> bytes:
+def _load_or_create_key(path: Path, ops: FileOps) -> bytes:
     """Read the key at ``path``, or create it (0600) if there is none; first creator wins."""
     for _ in range(3):
         try:
@@ -820,20 +829,20 @@ def _load_or_create_key(path: Path) -> bytes:
             return key
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
-                _write_all(fd, secrets.token_bytes(PROMPT_KEY_BYTES))
-                os.fsync(fd)
+                ops.write_all(fd, secrets.token_bytes(PROMPT_KEY_BYTES))
+                ops.fsync(fd)
             finally:
-                os.close(fd)
+                ops.close(fd)
             with contextlib.suppress(FileExistsError):  # another process was first: theirs
-                os.link(tmp, path)
-            fsync_dir(path.parent)
+                ops.link(tmp, path)
+            ops.fsync_dir(path.parent)
         except OSError as exc:
             raise LogError(f"cannot create {path}: {exc.strerror or exc}") from exc
         finally:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                ops.unlink(tmp)
     raise LogError(f"cannot read or create {path}")
 
 
@@ -850,15 +859,6 @@ def _file_contains(path: Path, needles: Sequence[bytes]) -> bool:
             return any(mapped.find(needle) != -1 for needle in needles)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written == 0:
-            raise OSError(errno.EIO, "write returned 0")
-        view = view[written:]
 
 
 def _same_file(path: str, fd: int) -> bool:
