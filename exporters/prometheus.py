@@ -453,6 +453,14 @@ class WantelCollector(Collector):
         quarantined = CounterMetricFamily("wantel_log_quarantined",
                                           "Damaged log records skipped (quarantined).")
         quarantined.add_metric([], health.quarantined_records)
+        gaps = CounterMetricFamily(
+            "wantel_log_gaps", "Holes in the log's positions (a deleted or emptied segment, a "
+            "lost tail): positions it gave out and no longer holds.")
+        gaps.add_metric([], health.gaps)
+        gap_positions = CounterMetricFamily(
+            "wantel_log_gap_positions", "Positions inside the log's holes (events lost, or "
+            "reserved and never written before a power cut).")
+        gap_positions.add_metric([], health.gap_positions)
         errors = CounterMetricFamily("wantel_projection_errors_total",
                                      "Events a projection raised on (the others carried on).",
                                      labels=["projection"])
@@ -463,7 +471,7 @@ class WantelCollector(Collector):
                                 unit="seconds")
         if health.last_event_ts is not None:
             lag.add_metric([], max(0.0, now - health.last_event_ts / 1e9))
-        return [events, dropped, quarantined, errors, lag]
+        return [events, dropped, quarantined, gaps, gap_positions, errors, lag]
 
 
 def make_registry(runner: ProjectionRunner, **options: Any) -> CollectorRegistry:

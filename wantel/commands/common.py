@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from telemetry.log.base import LogNotFound, Quarantined
+from telemetry.log.base import Gap, LogNotFound, Quarantined
 from telemetry.log.local import LocalLog
 from wantel.config import resolve_log_dir
 
@@ -22,7 +22,12 @@ def open_log_for_reading(args: argparse.Namespace) -> LocalLog:
 
 
 def warn_quarantined(command: str, notice: Quarantined) -> None:
-    """One line on stderr for records the log had to skip."""
+    """One line on stderr for records the log had to skip, or positions it lost."""
+    if isinstance(notice, Gap):
+        print(f"wantel {command}: warning: gap: positions {notice.first}-{notice.next - 1} "
+              f"({notice.count}) are missing at {notice.where}: {notice.reason}",
+              file=sys.stderr)
+        return
     count = f"{notice.count} record(s)" if notice.count else "records"
     print(
         f"wantel {command}: warning: skipped {count} at {notice.where}: {notice.reason}",
