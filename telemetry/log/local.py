@@ -647,7 +647,10 @@ class LocalLog(EventLog):
                         self.ops.pwrite(self._pos_fd, _pack_marks(clean), 0)
                         self.ops.fdatasync(self._pos_fd)
             self._close_writer_fd()
-            self.close_writer()
+            if self._marker is not None:  # no clean close_writer(): the next writer reports it
+                with contextlib.suppress(OSError):
+                    self.ops.close(self._marker[0])
+                self._marker = None
             for fd in (self._pos_fd, self._pos_rfd):
                 if fd is not None:
                     with contextlib.suppress(OSError):
