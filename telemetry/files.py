@@ -74,9 +74,24 @@ class FileOps:
         """``os.unlink``."""
         os.unlink(path)
 
-    def mkdir(self, path: StrPath) -> None:
-        """Create ``path`` and its missing parents; nothing if it is already a directory."""
-        Path(path).mkdir(parents=True, exist_ok=True)
+    def mkdir(self, path: StrPath) -> list[Path]:
+        """Create ``path`` and its missing parents (nothing if it is already a directory);
+        the directories created, outermost first."""
+        missing = []
+        target = Path(os.path.abspath(path))
+        while not target.exists():
+            missing.append(target)
+            target = target.parent
+        for directory in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another process was first
+                directory.mkdir()
+        return missing[::-1]
+
+    def makedirs_durable(self, path: StrPath) -> None:
+        """:meth:`mkdir`, then flush each new directory's parent, so the new names survive a
+        power cut (a directory's own ``fsync`` does not make its name durable)."""
+        for directory in self.mkdir(path):
+            self.fsync_dir(directory.parent)
 
     def fsync_dir(self, path: StrPath) -> None:
         """Flush a directory's entries (a created, renamed or removed name) to disk."""
@@ -124,7 +139,7 @@ def write_atomic(path: StrPath, data: bytes, *, mode: int = 0o644,
     file's permission bits, less the umask. ``ops``: the file operations to use.
     """
     target = Path(path)
-    ops.mkdir(target.parent)
+    ops.makedirs_durable(target.parent)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:

@@ -5,7 +5,6 @@ Layout of a log directory::
     wantel-log.json                  format marker and the segment size every writer must use
     LOCK                             flock(2) target that serialises appends across processes
     positions                        the high-water mark: no position below it is given twice
-    holes                            positions a writer skipped past (lost), "first next" a line
     writers/                         one mark per open writer (emitter): a crashed one's stays
     prompt-key                       the secret key of prompt digests (mode 0600, made on first use)
     00000000000000000000.wlog        segments, named by the position of their first record
@@ -98,10 +97,9 @@ LOCK_FILE: Final = "LOCK"
 CHECKPOINT_DIR: Final = "checkpoints"
 PROMPT_KEY_FILE: Final = "prompt-key"
 POSITIONS_FILE: Final = "positions"
-HOLES_FILE: Final = "holes"
 WRITERS_DIR: Final = "writers"
 KNOWN_NAMES: Final = frozenset({META_FILE, LOCK_FILE, CHECKPOINT_DIR, PROMPT_KEY_FILE,
-                                POSITIONS_FILE, HOLES_FILE, WRITERS_DIR})
+                                POSITIONS_FILE, WRITERS_DIR})
 #: How far past the high-water mark a writer reserves positions (one ``fdatasync`` of the
 #: small ``positions`` file per this many positions): the most a reader may see reported as a
 #: gap after a power cut that left no events lost.
@@ -201,7 +199,7 @@ class LocalLog(EventLog):
     def _create(self, segment_bytes: int) -> None:
         try:
             ops = self.ops
-            ops.mkdir(self.path)
+            ops.makedirs_durable(self.path)
             if (self.path / META_FILE).exists():
                 return
             strays = sorted(name for name in os.listdir(self.path) if _segment_named(name))
@@ -400,7 +398,6 @@ class LocalLog(EventLog):
                          "segment starts at the mark, so no position is given twice",
                          log=str(self.path), end=self._wnext, mark=floor,
                          missing=floor - self._wnext)
-            self._record_hole(self._wnext, floor)
             self._new_segment(floor)
 
     # -- the high-water mark ------------------------------------------------------------------
@@ -451,39 +448,10 @@ class LocalLog(EventLog):
         self._marks = _Marks(end, self._marks.reserved, self._marks.boot)
         self.ops.pwrite(self._pos_fd, _pack_marks(self._marks), 0)
 
-    def _record_hole(self, first: Position, after: Position) -> None:
-        """Note, durably, that positions ``first`` to ``after`` are lost: a reader that starts
-        at ``after`` (a checkpoint taken before the loss) is told, though it reads none of
-        them. Best effort: the hole is still seen by readers that cross it."""
-        path = self.path / HOLES_FILE
-        try:
-            fd = self.ops.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                               0o644)
-            try:
-                self.ops.write_all(fd, f"{first} {after}\n".encode())
-                self.ops.fsync(fd)
-            finally:
-                self.ops.close(fd)
-            self.ops.fsync_dir(self.path)
-        except OSError as exc:
-            _log.warning("cannot record a hole in the log", path=str(path), error=str(exc))
-
-    def holes(self) -> list[tuple[Position, Position]]:
-        """The holes writers recorded (``holes``), as ``(first, next)``."""
-        try:
-            text = (self.path / HOLES_FILE).read_bytes()[: 1 << 20]
-        except OSError:
-            return []
-        found = []
-        for line in text.decode("ascii", "replace").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-                found.append((int(parts[0]), int(parts[1])))
-        return found
-
     def high_water(self) -> Position | None:
         """The position after the last frame any writer wrote (``None``: unknown, no
-        ``positions`` file). A log whose frames end before it has lost positions."""
+        ``positions`` file); after a reboot that followed an unclean stop, the reservation
+        (the next writer starts there). A log whose frames end before it lost positions."""
         path = self.path / POSITIONS_FILE
         if self._pos_rfd is not None and not _same_file(str(path), self._pos_rfd):
             os.close(self._pos_rfd)
@@ -494,7 +462,13 @@ class LocalLog(EventLog):
             except OSError:
                 return None
         marks = _read_marks(self._pos_rfd)
-        return None if marks is None else marks.end
+        if marks is None:
+            return None
+        if marks.boot != self._boot_id():
+            # The machine restarted since a writer that did not close: it may have written
+            # (and readers seen) up to its reservation, which its next writer will skip.
+            return max(marks.end, marks.reserved)
+        return marks.end
 
     # -- writer marks ---------------------------------------------------------------------------
 
@@ -503,7 +477,7 @@ class LocalLog(EventLog):
         locked with ``flock``), and claim the marks of writers that died with theirs: returns their
         worker names. See :meth:`EventLog.open_writer`."""
         directory = self.path / WRITERS_DIR
-        self.ops.mkdir(directory)
+        self.ops.makedirs_durable(directory)
         crashed = []
         for entry in sorted(os.scandir(directory), key=lambda e: e.name):
             if not entry.name.endswith(".mark") or (
@@ -638,7 +612,8 @@ class LocalLog(EventLog):
             if self._closed:
                 return
             self._closed = True
-            if self._wfd is not None and self._pos_fd is not None:
+            if (self._wfd is not None and self._pos_fd is not None
+                    and self.fsync is not FsyncPolicy.NEVER):  # else unsynced frames may go
                 with contextlib.suppress(OSError, LogError), self._exclusive():
                     self._close_writer_fd()
                     marks = _read_marks(self._pos_fd)
@@ -665,7 +640,8 @@ class _Cursor:
     """A reader's place in the log: segment, byte offset and next position."""
 
     def __init__(self, log: LocalLog, start: Position, *, from_newest_segment: bool = False,
-                 run_records: int | None = None):
+                 run_records: int | None = None, only: Path | None = None):
+        """``only``: read just that segment (whose base is ``start``), reporting no gaps."""
         self.log = log
         self._run_records = run_records  # None: RUN_RECORDS
         self.skip_before = start
@@ -676,6 +652,8 @@ class _Cursor:
         self.buf = b""
         self.buf_offset = 0
         self._from_newest = from_newest_segment
+        self._only = only
+        self._plain = from_newest_segment or only is not None  # no gap reports
         self._scan_run = log.scan_run
         # Frames before this offset in the segment are read one at a time (see _run_of_frames).
         self._one_by_one_until = 0
@@ -691,18 +669,20 @@ class _Cursor:
         segments = self.log.segments()
         if not segments:
             return False
-        if self._from_newest:
+        if self._only is not None:
+            base, path = self.skip_before, self._only
+        elif self._from_newest:
             base, path = segments[-1]
         else:
             candidates = [s for s in segments if s[0] <= self.skip_before] or segments[:1]
             base, path = candidates[-1]
-            if base == self.skip_before and len(candidates) > 1:
-                # Starting exactly where a writer resumed after a hole (a checkpoint taken
-                # before the loss): say so, though none of it would be read.
-                for first, after in self.log.holes():
-                    if after == base and first < base:
-                        self._gap_from = (first, "lost before this reader's start (it read "
-                                          "them before the loss: a checkpoint past the end)")
+            if base == self.skip_before and len(candidates) > 1 and self._only is None:
+                # Starting exactly at a segment (a checkpoint taken at the end): if the one
+                # before ends short of it, positions this reader read are lost. Say so.
+                end = _segment_end(self.log, *candidates[-2])
+                if end < base:
+                    self._gap_from = (end, "lost before this reader's start (it read them "
+                                      "before the loss: a checkpoint past the end)")
         self._open(base, path)
         self._seek(base, None if self._from_newest else self.skip_before)
         return True
@@ -749,7 +729,7 @@ class _Cursor:
         self.base, self.offset, self.buf, self.buf_offset = base, 0, b"", 0
         self._one_by_one_until = 0  # was an offset in the previous segment
         self._hinted = -SEEK_HINT_BYTES  # the offset of the last hint noted or used here
-        if base > self.next and not self._from_newest:
+        if base > self.next and not self._plain:
             # Positions no segment holds: a deleted or emptied one.
             self._gap_from = (self.next, "no segment holds these positions (a deleted or "
                               "emptied segment)")
@@ -757,6 +737,8 @@ class _Cursor:
         self.data_end = max(self.data_end, base)
 
     def _next_segment(self) -> tuple[Position, Path] | None:
+        if self._only is not None:
+            return None
         for base, path in self.log.segments():
             if self.base is not None and base > self.base:
                 return base, path
@@ -841,7 +823,7 @@ class _Cursor:
                 continue
             self._hint(self.offset, header.first)
             self.offset += header.frame_len
-            if header.first > self.next and not self._from_newest:
+            if header.first > self.next and not self._plain:
                 yield self._gap(self.next, header.first, "positions missing inside a segment")
             self.data_end = max(self.data_end, header.end_position)
             if header.end_position <= self.skip_before:
@@ -891,7 +873,7 @@ class _Cursor:
         """At the end of what is stored: report what the log's high-water mark says was written
         but is not here (a truncated, emptied or deleted tail; a checkpoint past the end).
         Returns True if there is more to read after all (a writer appended meanwhile)."""
-        if self._from_newest:
+        if self._plain:
             return False
         mark = self.log.high_water()  # read before looking again: marks follow their frames
         if mark is None or mark <= self.data_end or mark <= self._tail_reported:
@@ -924,7 +906,7 @@ class _Cursor:
         rest = os.pread(self.fd, size - self.offset, self.offset)
         resume = framing.find_next_header(rest, 1)
         if resume == -1 and following is None:
-            mark = self.log.high_water()
+            mark = None if self._plain else self.log.high_water()
             if mark is None or mark <= self.next or mark <= self._tail_reported:
                 return False  # the newest segment's tail: a writer may be mid-write, or will cut
             # A frame past here was written whole (the mark follows frames): this is damage.
@@ -1010,6 +992,17 @@ class _Cursor:
             run_first, run = position + 1, []
         if run:
             yield Batch(run_first, run)
+
+
+def _segment_end(log: LocalLog, base: Position, path: Path) -> Position:
+    """The position after the last whole frame of one segment (frames checked, not decoded)."""
+    cursor = _Cursor(log, base, only=path)
+    try:
+        for _ in cursor.poll(decode=False):
+            pass
+    finally:
+        cursor.close()
+    return cursor.data_end
 
 
 def _encode_records(events: Sequence[Event]) -> tuple[list[bytes], int]:
