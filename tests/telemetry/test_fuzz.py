@@ -32,7 +32,6 @@ from telemetry.log import Batch, LocalLog, Quarantined
 from telemetry.log.base import BrokenLog
 from telemetry.log.local import (
     MAX_SEGMENT_BYTES,
-    META_FILE,
     MIN_SEGMENT_BYTES,
     POSITIONS_FILE,
     _parse_marks,
