@@ -234,6 +234,12 @@ def alert_rules(p: RuleParams) -> list[Rule]:
             f"increase(wantel_log_quarantined_total[{p.drop_window}]) > 0"),
              summary="Damaged log records were quarantined",
              description="The projector skipped records it could not decode."),
+        Rule("WantelLogGap", for_="0s", severity=SEVERITY_TICKET, expr=(
+            f"increase(wantel_log_gaps_total[{p.drop_window}]) > 0"),
+             summary="The event log lost positions",
+             description="A reader found positions the log gave out and no longer holds: a "
+                         "deleted or emptied segment, a cut tail, or events lost in a power "
+                         "cut."),
         Rule("WantelProjectionLag", for_=p.lag_for, severity=SEVERITY_TICKET, expr=(
             f"max(wantel_projection_lag_seconds) > {p.lag_threshold_s}"),
              summary="Projections are {{ $value | humanizeDuration }} behind the log",
