@@ -20,7 +20,9 @@ reason ``writer_crashed`` (so the next ``EventsDropped`` report carries it, and
 ``wantel_events_dropped_total{reason="writer_crashed"}`` shows it) and logged with the dead
 writer's name: what it held in memory — at most ``capacity`` events, and at most
 ``flush_interval`` seconds of them (lifecycle events go out at once) — is lost, and the loss is
-visible. A clean :meth:`Emitter.close` that wrote everything removes the mark; one that could
+visible. The dead writers' marks are removed only once the report is in the log (until then
+this writer holds them locked: if it dies too, the next writer reports them). A clean
+:meth:`Emitter.close` that wrote everything removes the mark; one that could
 not (the log stayed unwritable) leaves it, so the next writer reports the loss.
 
 Clock skew is bounded here, on the writer thread: an event whose ``ts`` is negative or beyond
@@ -136,6 +138,7 @@ class Emitter:
         self._closing = False
         self._closed = False
         self._marked = False  # this writer's mark is in the log (see _open_writer)
+        self._crash_report = ""  # "due", then "pending" (in a batch being written), then ""
         self._mark_failed = False
         self._thread = threading.Thread(target=self._run, name="wantel-emitter", daemon=True)
         self._thread.start()
@@ -284,12 +287,20 @@ class Emitter:
                                  error=_error_kind(exc), detail=str(exc), worker=self.worker)
             return
         self._marked = True
+        if crashed:
+            self._crash_report = "due"  # forget the marks once a report of them is written
         for name in crashed:
             self._count_drop("writer_crashed")
             with contextlib.suppress(Exception):
                 _log.warning("a writer of this log died without closing: the events it held "
                              "in memory are lost (counted as writer_crashed)",
                              crashed_worker=name, worker=self.worker)
+
+    def _forget_crashed(self) -> None:
+        """The report of dead writers is in the log: their marks can go."""
+        self._crash_report = ""
+        with contextlib.suppress(Exception):
+            self.log.forget_crashed()
 
     def _run(self) -> None:
         """The writer loop; it must outlive any error, or telemetry would silently stop."""
@@ -326,6 +337,8 @@ class Emitter:
                 self._writing = False
                 if written:
                     backoff = self._backoff_min
+                    if self._crash_report == "pending":
+                        self._forget_crashed()
                     if not self._marked:
                         self._open_writer()
                 else:
@@ -392,6 +405,8 @@ class Emitter:
                 return
             counts = dict(self._dropped)
         self._reported_drops = counts
+        if self._crash_report == "due":
+            self._crash_report = "pending"
         stream = stream_of_worker(self.worker)
         seq = self._next_seq.get(stream, 0)
         self._next_seq[stream] = seq + 1

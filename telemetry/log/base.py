@@ -184,8 +184,13 @@ class EventLog(ABC):
     def open_writer(self, worker: str) -> list[str]:
         """Say that ``worker`` (an emitter) begins writing here, and claim the marks of
         writers that died without :meth:`close_writer`; returns their names (each may have
-        lost what it held in memory: the caller reports it). This default keeps no marks."""
+        lost what it held in memory: the caller reports it in the log, then calls
+        :meth:`forget_crashed`). This default keeps no marks."""
         return []
+
+    def forget_crashed(self) -> None:  # noqa: B027 - optional for backends that keep no marks
+        """Remove the marks :meth:`open_writer` claimed: their report is in the log. Until
+        then they stay, held by this writer, so if it dies too the next writer reports them."""
 
     def close_writer(self) -> None:  # noqa: B027 - optional for backends that keep no marks
         """Say that the writer of :meth:`open_writer` closed cleanly, with nothing unwritten."""

@@ -193,6 +193,7 @@ class LocalLog(EventLog):
         self._pos_rfd: int | None = None  # positions, open for reading (readers)
         self._marks = _Marks(0, 0, "")  # positions as read under the lock by this writer
         self._marker: tuple[int, Path] | None = None  # this process's writer mark
+        self._claimed: list[tuple[int, Path]] = []  # dead writers' marks, held until reported
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -479,15 +480,16 @@ class LocalLog(EventLog):
         directory = self.path / WRITERS_DIR
         self.ops.makedirs_durable(directory)
         crashed = []
+        held = {path for _, path in self._claimed}
         for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-            if not entry.name.endswith(".mark") or (
-                    self._marker is not None and Path(entry.path) == self._marker[1]):
+            path = Path(entry.path)
+            if not entry.name.endswith(".mark") or path in held or (
+                    self._marker is not None and path == self._marker[1]):
                 continue
-            name = _claim_mark(Path(entry.path), self.ops)
-            if name is not None:
-                crashed.append(name)
-        if crashed:
-            self.ops.fsync_dir(directory)
+            claimed = _claim_mark(path)
+            if claimed is not None:
+                self._claimed.append((claimed[0], path))
+                crashed.append(claimed[1])
         if self._marker is None:
             path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.mark"
             fd = self.ops.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -497,6 +499,18 @@ class LocalLog(EventLog):
             self.ops.fsync_dir(directory)
             self._marker = (fd, path)
         return crashed
+
+    def forget_crashed(self) -> None:
+        """Remove the dead writers' marks :meth:`open_writer` claimed (they are reported)."""
+        claimed, self._claimed = self._claimed, []
+        for fd, path in claimed:
+            with contextlib.suppress(OSError):
+                self.ops.unlink(path)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if claimed:
+            with contextlib.suppress(OSError):
+                self.ops.fsync_dir(self.path / WRITERS_DIR)
 
     def close_writer(self) -> None:
         """Remove this writer's mark: it closed with nothing unwritten."""
@@ -626,6 +640,10 @@ class LocalLog(EventLog):
                 with contextlib.suppress(OSError):
                     self.ops.close(self._marker[0])
                 self._marker = None
+            for claimed_fd, _ in self._claimed:  # claimed, never reported: the next writer will
+                with contextlib.suppress(OSError):
+                    os.close(claimed_fd)
+            self._claimed = []
             for fd in (self._pos_fd, self._pos_rfd):
                 if fd is not None:
                     with contextlib.suppress(OSError):
@@ -1173,24 +1191,20 @@ def _parse_marks(data: bytes) -> _Marks | None:
     return _Marks(end, reserved, boot.rstrip(b"\x00").decode("ascii", "replace"))
 
 
-def _claim_mark(path: Path, ops: FileOps) -> str | None:
-    """If the writer that left ``path`` is gone (its ``flock`` released), remove the mark and
-    return the worker it names; ``None`` if it is alive, or another process claimed it."""
+def _claim_mark(path: Path) -> tuple[int, str] | None:
+    """If the writer that left ``path`` is gone (its ``flock`` released), lock the mark and
+    return the descriptor holding the lock and the worker it names; ``None`` if it is alive,
+    or another live writer holds it (claimed, not yet reported), or it was removed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return None  # alive
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not _same_file(str(path), fd):
-            return None  # another process claimed it first
+            raise OSError(errno.ENOENT, "claimed and removed by another writer")
         name = os.pread(fd, 1024, 0).decode("utf-8", "replace") or path.stem
-        ops.unlink(path)
-        return name
     except OSError:
-        return None
-    finally:
         os.close(fd)
+        return None
+    return fd, name

@@ -19,6 +19,7 @@ from telemetry.engine import ProjectionEngine
 from telemetry.events import EventsDropped, StageStarted
 from telemetry.log import Batch, LocalLog
 from telemetry.projections import default_projections
+from tests.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,4 +118,31 @@ def test_two_killed_writers_are_both_counted(tmp_path: Path) -> None:
         assert {} == emitter.stats().dropped
     reports = drop_reports(log_dir)
     assert 2 == sum(report.counts["writer_crashed"] for report in reports)
+    assert [] == marks(log_dir)
+
+
+CLAIM_THEN_DIE = textwrap.dedent("""
+    import os, signal, sys
+    from telemetry.log import LocalLog
+
+    log = LocalLog(sys.argv[1])
+    assert ["doomed"] == log.open_writer("claimer")  # claims the dead mark, then dies too
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_claimed_mark_is_reported_even_if_its_claimer_dies(tmp_path: Path) -> None:
+    """A writer that claimed a dead mark and died before reporting it leaves it to the next:
+    both dead writers are reported, neither is lost."""
+    log_dir = tmp_path / "log"
+    kill_a_writer(log_dir)
+    result = subprocess.run([sys.executable, "-c", CLAIM_THEN_DIE, str(log_dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert -signal.SIGKILL == result.returncode, result.stderr
+    assert 2 == len(marks(log_dir))
+    with Emitter(LocalLog(log_dir), heartbeat_interval=None) as emitter:
+        assert emitter.flush(10.0)
+        assert wait_for(lambda: [] != drop_reports(log_dir), "the report")
+        assert {"writer_crashed": 2} == emitter.stats().dropped
+    assert [{"writer_crashed": 2}] == [report.counts for report in drop_reports(log_dir)]
     assert [] == marks(log_dir)
