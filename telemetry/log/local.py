@@ -190,6 +190,7 @@ class LocalLog(EventLog):
         self._hints: dict[Position, tuple[array[int], array[int]]] = {}
         self._boot: str | None = None  # the machine's boot id, read once
         self._pos_fd: int | None = None  # positions, open for writing (writers)
+        self._pos_verified = False  # _pos_fd checked to be the file at its path
         self._pos_rfd: int | None = None  # positions, open for reading (readers)
         self._marks = _Marks(0, 0, "")  # positions as read under the lock by this writer
         self._marker: tuple[int, Path] | None = None  # this process's writer mark
@@ -413,9 +414,11 @@ class LocalLog(EventLog):
         after a reboot the reservation (unsynced frames up to it may have been seen, then
         lost). Reads ``positions`` into ``self._marks``."""
         path = self.path / POSITIONS_FILE
-        if self._pos_fd is not None and not _same_file(str(path), self._pos_fd):
+        if (self._pos_fd is not None and not self._pos_verified
+                and not _same_file(str(path), self._pos_fd)):
             self.ops.close(self._pos_fd)  # removed or replaced (a log recreated): start over
             self._pos_fd = None
+        self._pos_verified = True  # until the writer reopens its segment
         if self._pos_fd is None:
             try:
                 existed = path.exists()
@@ -583,6 +586,7 @@ class LocalLog(EventLog):
             self.ops.ftruncate(self._wfd, self._wend)
 
     def _close_writer_fd(self) -> None:
+        self._pos_verified = False  # the segment changes: look at positions' path again
         if self._wfd is not None:
             with contextlib.suppress(OSError):
                 if self.fsync is not FsyncPolicy.NEVER:
