@@ -306,6 +306,13 @@ def alert_rules(p: RuleParams) -> list[Rule]:
             f"[{p.drop_window}])) > 0"),
              summary="Damaged log records were quarantined ({{ $labels.instance }})",
              description="The projector skipped records it could not decode."),
+        Rule("WantelLogGap", for_="0s", severity=SEVERITY_WARNING, expr=(
+            f"sum by (instance) (increase({p.of('wantel_log_gaps_total')}"
+            f"[{p.drop_window}])) > 0"),
+             summary="The event log of {{ $labels.instance }} lost positions",
+             description="A reader found positions the log gave out and no longer holds: a "
+                         "deleted or emptied segment, a cut tail, or events lost in a power "
+                         "cut."),
         Rule("WantelProjectionLag", for_=p.lag_for, severity=SEVERITY_WARNING, expr=(
             f"max by (instance) ({p.of('wantel_projection_lag_seconds')}) "
             f"> {p.lag_threshold_s}\n"

@@ -570,6 +570,14 @@ class WantelCollector(Collector):
         quarantined = CounterMetricFamily("wantel_log_quarantined",
                                           "Damaged log records skipped (quarantined).")
         quarantined.add_metric([], health.quarantined_records)
+        gaps = CounterMetricFamily(
+            "wantel_log_gaps", "Holes in the log's positions (a deleted or emptied segment, a "
+            "lost tail): positions it gave out and no longer holds.")
+        gaps.add_metric([], health.gaps)
+        gap_positions = CounterMetricFamily(
+            "wantel_log_gap_positions", "Positions inside the log's holes (events lost, or "
+            "reserved and never written before a power cut).")
+        gap_positions.add_metric([], health.gap_positions)
         errors = CounterMetricFamily("wantel_projection_errors_total",
                                      "Events a projection raised on (the others carried on).",
                                      labels=["projection"])
@@ -585,7 +593,7 @@ class WantelCollector(Collector):
             "About how many events the log held beyond the projections' last read (0: they "
             "had read everything stored; an idle fleet's lag grows, its backlog stays 0).")
         backlog.add_metric([], self._backlog.behind)
-        return [events, dropped, quarantined, errors, lag, backlog]
+        return [events, dropped, quarantined, gaps, gap_positions, errors, lag, backlog]
 
 
 def make_registry(runner: ProjectionRunner, **options: Any) -> CollectorRegistry:

@@ -12,6 +12,19 @@ When the log fails (disk full, permission denied, directory removed) the batch i
 retried with backoff; the failure is counted and logged once per kind, and the caller never
 sees it. ``close()`` (also run at interpreter exit) flushes what it can.
 
+A writer that dies leaves a mark. The writer thread calls :meth:`EventLog.open_writer
+<telemetry.log.base.EventLog.open_writer>` first: the local log keeps a file in ``writers/``,
+locked for the emitter's life, and hands back the names of writers whose marks are there
+unlocked (their process died without :meth:`Emitter.close`). Each is counted as a drop with
+reason ``writer_crashed`` (so the next ``EventsDropped`` report carries it, and
+``wantel_events_dropped_total{reason="writer_crashed"}`` shows it) and logged with the dead
+writer's name: what it held in memory — at most ``capacity`` events, and at most
+``flush_interval`` seconds of them (lifecycle events go out at once) — is lost, and the loss is
+visible. The dead writers' marks are removed only once the report is in the log (until then
+this writer holds them locked: if it dies too, the next writer reports them). A clean
+:meth:`Emitter.close` that wrote everything removes the mark; one that could
+not (the log stayed unwritable) leaves it, so the next writer reports the loss.
+
 Clock skew is bounded here, on the writer thread: an event whose ``ts`` is negative or beyond
 :data:`MAX_TS` (a clock set to 2^70 would hold every checkpoint back), or whose
 ``duration_s`` is negative, is kept with the value clamped into range, counted under
@@ -157,6 +170,9 @@ class Emitter:
         self._writing = False  # the writer took events off the queues and has not finished
         self._closing = False
         self._closed = False
+        self._marked = False  # this writer's mark is in the log (see _open_writer)
+        self._crash_report = ""  # "due", then "pending" (in a batch being written), then ""
+        self._mark_failed = False
         self._thread = threading.Thread(target=self._run, name="wantel-emitter", daemon=True)
         self._thread.start()
         _close_at_exit(self)
@@ -240,6 +256,9 @@ class Emitter:
         self._wake.set()
         self._thread.join(timeout)
         leftover = len(self._pending) + sum(len(q) for q in self._queues)
+        if not leftover and not self._thread.is_alive() and self._marked:
+            with contextlib.suppress(Exception):
+                self.log.close_writer()  # everything written: no loss to report
         if leftover:
             with self._drop_lock:
                 self._dropped["log_unavailable"] += leftover
@@ -291,8 +310,39 @@ class Emitter:
 
     # -- the background thread ------------------------------------------------------------
 
+    def _open_writer(self) -> None:
+        """Leave this writer's mark in the log; count the writers that died with theirs.
+
+        Tried when the thread starts and after each write until it works (a log that is
+        unwritable now gets the mark once it is writable again)."""
+        try:
+            crashed = self.log.open_writer(self.worker)
+        except Exception as exc:  # no mark yet: a crash of ours would go unreported
+            if not self._mark_failed:
+                self._mark_failed = True
+                with contextlib.suppress(Exception):
+                    _log.warning("cannot leave a writer mark in the log; will retry",
+                                 error=_error_kind(exc), detail=str(exc), worker=self.worker)
+            return
+        self._marked = True
+        if crashed:
+            self._crash_report = "due"  # forget the marks once a report of them is written
+        for name in crashed:
+            self._count_drop("writer_crashed")
+            with contextlib.suppress(Exception):
+                _log.warning("a writer of this log died without closing: the events it held "
+                             "in memory are lost (counted as writer_crashed)",
+                             crashed_worker=name, worker=self.worker)
+
+    def _forget_crashed(self) -> None:
+        """The report of dead writers is in the log: their marks can go."""
+        self._crash_report = ""
+        with contextlib.suppress(Exception):
+            self.log.forget_crashed()
+
     def _run(self) -> None:
         """The writer loop; it must outlive any error, or telemetry would silently stop."""
+        self._open_writer()
         while True:
             try:
                 self._loop()
@@ -325,6 +375,10 @@ class Emitter:
                 self._writing = False
                 if written:
                     backoff = self._backoff_min
+                    if self._crash_report == "pending":
+                        self._forget_crashed()
+                    if not self._marked:
+                        self._open_writer()
                 else:
                     self._notify_done()
                     if self._closed:
@@ -389,6 +443,8 @@ class Emitter:
                 return
             counts = dict(self._dropped)
         self._reported_drops = counts
+        if self._crash_report == "due":
+            self._crash_report = "pending"
         stream = stream_of_worker(self.worker)
         seq = self._next_seq.get(stream, 0)
         self._next_seq[stream] = seq + 1

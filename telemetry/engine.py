@@ -24,14 +24,15 @@ import msgspec
 
 from telemetry.dedup import fresh_events
 from telemetry.events import TERMINAL_TYPES, Event
-from telemetry.files import write_atomic
-from telemetry.log.base import Batch, Position, Quarantined, ReadItem
+from telemetry.files import REAL_OPS, FileOps, write_atomic
+from telemetry.log.base import Batch, Gap, Position, Quarantined, ReadItem
 from telemetry.projections.base import Projection, as_batch_projection
 from telemetry.runner import ProjectionRunner  # the shell, re-exported (see __all__)
 
 _TERMINAL: Final = frozenset(TERMINAL_TYPES)
 
 MAX_RECORDED_FAILURES: Final = 100
+MAX_RECORDED_GAPS: Final = 100
 KEEP_SEQ_OF_FINISHED: Final = 10_000
 
 
@@ -53,6 +54,12 @@ class Health(msgspec.Struct, kw_only=True):
     duplicates: int = 0
     quarantined_records: int = 0
     quarantined_regions: int = 0
+    #: Holes in the log's positions (:class:`~telemetry.log.base.Gap`): how many, and how
+    #: many positions they cover; the latest few as ``[first, next]``, so a hole read again
+    #: (a restart from a checkpoint past the log's end) is counted once.
+    gaps: int = 0
+    gap_positions: int = 0
+    recent_gaps: list[tuple[int, int]] = []
     projection_errors: dict[str, int] = {}
     recent_failures: list[ProjectionFailure] = []
     last_event_ts: int | None = None
@@ -198,7 +205,20 @@ class ProjectionEngine:
             self.last_seq.pop(oldest, None)
 
     def apply_quarantined(self, notice: Quarantined) -> None:
-        """Count damaged records the log skipped and move past them."""
+        """Count damaged records the log skipped, or positions it lost, and move past them.
+
+        A :class:`~telemetry.log.base.Gap` is counted even when it lies before the engine's
+        position (the log lost events this engine had applied: a checkpoint past the end),
+        once per hole."""
+        if isinstance(notice, Gap):
+            hole = (notice.first or 0, notice.next)
+            if hole not in self.health.recent_gaps:
+                self.health.gaps += 1
+                self.health.gap_positions += notice.count or 0
+                self.health.recent_gaps.append(hole)
+                del self.health.recent_gaps[:-MAX_RECORDED_GAPS]
+            self.position = max(self.position, notice.next)
+            return
         if notice.next <= self.position:
             return
         self.health.quarantined_regions += 1
@@ -250,8 +270,10 @@ class ProjectionEngine:
 class CheckpointStore:
     """One engine's checkpoint file, replaced atomically (write, fsync, rename, fsync dir)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, ops: FileOps = REAL_OPS) -> None:
+        """``ops``: the file operations saves go through (a recorder in crash tests)."""
         self.path = Path(path)
+        self.ops = ops
 
     def load(self) -> bytes | None:
         """The last checkpoint written, or ``None``."""
@@ -262,7 +284,7 @@ class CheckpointStore:
 
     def save(self, data: bytes) -> None:
         """Replace the checkpoint; a crash leaves either the old one or the new one."""
-        write_atomic(self.path, data)
+        write_atomic(self.path, data, ops=self.ops)
 
 
 __all__ = [

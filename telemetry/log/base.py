@@ -81,6 +81,16 @@ class Quarantined:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Gap(Quarantined):
+    """Positions the log once gave out that it no longer holds: a deleted or emptied segment,
+    a lost tail (the log ends before its high-water mark, or before the position a reader
+    starts from — a checkpoint past the end), events lost in a power cut. Never silent: the
+    reader yields it where the positions would have been, the engine counts it
+    (``wantel_log_gaps_total``) and ``wantel cat``/``replay`` print it. A writer never gives
+    these positions out again."""
+
+
 ReadItem = Batch | Quarantined
 
 
@@ -170,6 +180,20 @@ class EventLog(ABC):
         memory for the object's life; a durable backend keeps one beside its data."""
         key: bytes = self.__dict__.setdefault("_memory_prompt_key", secrets.token_bytes(32))
         return key
+
+    def open_writer(self, worker: str) -> list[str]:
+        """Say that ``worker`` (an emitter) begins writing here, and claim the marks of
+        writers that died without :meth:`close_writer`; returns their names (each may have
+        lost what it held in memory: the caller reports it in the log, then calls
+        :meth:`forget_crashed`). This default keeps no marks."""
+        return []
+
+    def forget_crashed(self) -> None:  # noqa: B027 - optional for backends that keep no marks
+        """Remove the marks :meth:`open_writer` claimed: their report is in the log. Until
+        then they stay, held by this writer, so if it dies too the next writer reports them."""
+
+    def close_writer(self) -> None:  # noqa: B027 - optional for backends that keep no marks
+        """Say that the writer of :meth:`open_writer` closed cleanly, with nothing unwritten."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release files and connections; the log may not be used afterwards."""

@@ -4,6 +4,8 @@ Layout of a log directory::
 
     wantel-log.json                  format marker and the segment size every writer must use
     LOCK                             flock(2) target that serialises appends across processes
+    positions                        the high-water mark: no position below it is given twice
+    writers/                         one mark per open writer (emitter): a crashed one's stays
     prompt-key                       the secret key of prompt digests (mode 0600, made on first use)
     00000000000000000000.wlog        segments, named by the position of their first record
     00000000000000131072.wlog
@@ -17,6 +19,16 @@ the lock. So several processes can share one log with no interleaved bytes, an a
 batch survives a crash, and positions stay totally ordered. A segment whose size has reached
 ``segment_bytes`` is closed: the next writer to see that starts a new one, so no process can
 append to a segment another has rotated away from.
+
+Positions are never given twice. ``positions`` holds the log's high-water mark — the end of
+the last frame written (updated after each append, in the page cache: exact after a process
+crash) — and a *reservation*, made durable (``fdatasync``) before any frame goes past it, each
+time :data:`RESERVE_AHEAD` positions further, with the machine's boot id. A writer whose log
+ends before the mark (a truncated, emptied or deleted segment; or, after a reboot, before the
+reservation: a power cut may have taken unsynced frames readers had seen) starts a new segment
+at the mark, so a reader that saw the lost positions never sees them reused, and every reader
+sees the hole as a :class:`~telemetry.log.base.Gap`. A clean :meth:`LocalLog.close` lowers the
+reservation to the mark, so a reboot after it costs no gap.
 
 Readers take no lock. They only ever advance past a frame whose header and body check out, wait
 at a frame cut short at the end of the newest segment (a writer may still be writing it), and
@@ -41,14 +53,16 @@ import json
 import mmap
 import os
 import secrets
+import struct
 import threading
 import time
+import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Generator, Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 import structlog
 
@@ -62,13 +76,14 @@ from telemetry.codec import (
     encode_many_json,
 )
 from telemetry.events import Event, JobQueued
-from telemetry.files import fsync_dir
+from telemetry.files import REAL_OPS, FileOps
 from telemetry.log import framing
 from telemetry.log.base import (
     MAX_POSITION,
     Batch,
     BrokenLog,
     EventLog,
+    Gap,
     LogError,
     LogNotFound,
     Position,
@@ -81,7 +96,14 @@ META_FILE: Final = "wantel-log.json"
 LOCK_FILE: Final = "LOCK"
 CHECKPOINT_DIR: Final = "checkpoints"
 PROMPT_KEY_FILE: Final = "prompt-key"
-KNOWN_NAMES: Final = frozenset({META_FILE, LOCK_FILE, CHECKPOINT_DIR, PROMPT_KEY_FILE})
+POSITIONS_FILE: Final = "positions"
+WRITERS_DIR: Final = "writers"
+KNOWN_NAMES: Final = frozenset({META_FILE, LOCK_FILE, CHECKPOINT_DIR, PROMPT_KEY_FILE,
+                                POSITIONS_FILE, WRITERS_DIR})
+#: How far past the high-water mark a writer reserves positions (one ``fdatasync`` of the
+#: small ``positions`` file per this many positions): the most a reader may see reported as a
+#: gap after a power cut that left no events lost.
+RESERVE_AHEAD: Final = 4096
 DEFAULT_SEGMENT_BYTES: Final = 64 << 20
 #: The range a log's ``segment_bytes`` must lie in (0 would rotate forever; more than 1 TiB
 #: is a typo, not a plan).
@@ -129,11 +151,14 @@ class LocalLog(EventLog):
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         batch_interval: float = 0.1,
         compiled: bool | None = None,
+        ops: FileOps = REAL_OPS,
     ) -> None:
         """``compiled``: whether readers check runs of frames in C (``telemetry.log._framing``)
         or with the Python reference; ``None`` is the process-wide default
-        (:mod:`telemetry.accelerate`)."""
+        (:mod:`telemetry.accelerate`). ``ops``: the file operations every write, truncate,
+        rename and sync goes through (the operating system's; a recorder in crash tests)."""
         self.path = Path(path)
+        self.ops = ops
         #: The run check readers use, and what it is in words ("C", "Python (…)").
         self.scan_run: framing.ScanRun
         self.frame_checks: str
@@ -163,12 +188,20 @@ class LocalLog(EventLog):
         #: ascending (offsets appended first: a reader bounds itself by ``len(positions)``).
         #: 16 bytes per :data:`SEEK_HINT_BYTES` read: 1 MiB per GiB of log.
         self._hints: dict[Position, tuple[array[int], array[int]]] = {}
+        self._boot: str | None = None  # the machine's boot id, read once
+        self._pos_fd: int | None = None  # positions, open for writing (writers)
+        self._pos_verified = False  # _pos_fd checked to be the file at its path
+        self._pos_rfd: int | None = None  # positions, open for reading (readers)
+        self._marks = _Marks(0, 0, "")  # positions as read under the lock by this writer
+        self._marker: tuple[int, Path] | None = None  # this process's writer mark
+        self._claimed: list[tuple[int, Path]] = []  # dead writers' marks, held until reported
 
     # -- opening ----------------------------------------------------------------------------
 
     def _create(self, segment_bytes: int) -> None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            ops = self.ops
+            ops.makedirs_durable(self.path)
             if (self.path / META_FILE).exists():
                 return
             strays = sorted(name for name in os.listdir(self.path) if _segment_named(name))
@@ -181,12 +214,17 @@ class LocalLog(EventLog):
             tmp = self.path / f".{META_FILE}.{os.getpid()}.tmp"
             meta = {"format": "wantel-log", "version": FORMAT_VERSION,
                     "segment_bytes": segment_bytes}
-            tmp.write_text(json.dumps(meta) + "\n")
+            fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            try:
+                ops.write_all(fd, (json.dumps(meta) + "\n").encode())
+                ops.fsync(fd)
+            finally:
+                ops.close(fd)
             # link() fails if another process created the file first; theirs wins.
             with contextlib.suppress(FileExistsError):
-                os.link(tmp, self.path / META_FILE)
-            tmp.unlink()
-            fsync_dir(self.path)
+                ops.link(tmp, self.path / META_FILE)
+            ops.unlink(tmp)
+            ops.fsync_dir(self.path)
         except OSError as exc:
             raise LogError(f"cannot create a log at {self.path}: {exc.strerror or exc}") from exc
 
@@ -234,7 +272,7 @@ class LocalLog(EventLog):
         first; every process then reads the same key). Raises :class:`LogError` if it can be
         neither read nor created."""
         if self._prompt_key is None:
-            self._prompt_key = _load_or_create_key(self.path / PROMPT_KEY_FILE)
+            self._prompt_key = _load_or_create_key(self.path / PROMPT_KEY_FILE, self.ops)
         return self._prompt_key
 
     def has_job(self, job: str) -> bool:
@@ -283,15 +321,19 @@ class LocalLog(EventLog):
             assert self._wfd is not None
             frame = framing.encode_header(
                 body, len(records), first, SCHEMA_FINGERPRINT, layout) + body
+            end = first + len(records)
             try:
-                _write_all(self._wfd, frame)
+                self._reserve(end)
+                self.ops.write_all(self._wfd, frame)
                 self._fsync_after_write()
             except OSError as exc:
                 self._undo_partial_write()
                 raise LogError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
             self._wend += len(frame)
-            self._wnext += len(records)
-        return range(first, first + len(records))
+            self._wnext = end
+            with contextlib.suppress(OSError):  # the reservation already covers ``end``
+                self._note_end(end)
+        return range(first, end)
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -299,8 +341,8 @@ class LocalLog(EventLog):
         while True:
             if self._lock_fd is None:
                 try:
-                    self._lock_fd = os.open(self.path / LOCK_FILE,
-                                            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                    self._lock_fd = self.ops.open(self.path / LOCK_FILE,
+                                                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 except OSError as exc:
                     raise LogError(
                         f"cannot open {self.path / LOCK_FILE}: {exc.strerror}") from exc
@@ -308,7 +350,7 @@ class LocalLog(EventLog):
             if _same_file(self._lock_path, self._lock_fd):
                 break
             # Locking a file nobody else can open any more excludes no one: start over.
-            os.close(self._lock_fd)
+            self.ops.close(self._lock_fd)
             self._lock_fd = None
             self._close_writer_fd()
         try:
@@ -332,10 +374,16 @@ class LocalLog(EventLog):
             if segments:
                 self._open_segment(*segments[-1])
             else:
-                self._new_segment(0)
+                self._new_segment(self._floor())
         assert self._wfd is not None
         size = os.fstat(self._wfd).st_size
-        if size != self._wend:
+        if size < self._wend:
+            # Cut below what this writer wrote (by hand, or by a disk): its next position is
+            # still right, but not at this offset of this segment.
+            _log.warning("segment shrank under the writer", segment=self._wpath,
+                         bytes=size, expected=self._wend)
+            self._new_segment(self._wnext)
+        elif size != self._wend:
             self._validate_tail(size)
         while self._wend >= self.segment_bytes:
             segments = self.segments()
@@ -345,11 +393,144 @@ class LocalLog(EventLog):
             else:
                 self._open_segment(latest_base, latest_path)
                 self._validate_tail(os.fstat(self._wfd).st_size)
+        floor = self._floor()
+        if self._wnext < floor:
+            _log.warning("the log ends before its high-water mark: positions missing (a "
+                         "truncated, emptied or deleted segment, or a power cut); the next "
+                         "segment starts at the mark, so no position is given twice",
+                         log=str(self.path), end=self._wnext, mark=floor,
+                         missing=floor - self._wnext)
+            self._new_segment(floor)
+
+    # -- the high-water mark ------------------------------------------------------------------
+
+    def _boot_id(self) -> str:
+        if self._boot is None:
+            self._boot = self.ops.boot_id()
+        return self._boot
+
+    def _floor(self) -> Position:
+        """The first position this writer may give (under the lock): the high-water mark, or
+        after a reboot the reservation (unsynced frames up to it may have been seen, then
+        lost). Reads ``positions`` into ``self._marks``."""
+        path = self.path / POSITIONS_FILE
+        if (self._pos_fd is not None and not self._pos_verified
+                and not _same_file(str(path), self._pos_fd)):
+            self.ops.close(self._pos_fd)  # removed or replaced (a log recreated): start over
+            self._pos_fd = None
+        self._pos_verified = True  # until the writer reopens its segment
+        if self._pos_fd is None:
+            try:
+                existed = path.exists()
+                self._pos_fd = self.ops.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                if not existed:
+                    self.ops.fsync_dir(self.path)  # the reservation must be findable
+            except OSError as exc:
+                raise _open_error(path, exc) from exc
+        marks = _read_marks(self._pos_fd)
+        if marks is None:
+            self._marks = _Marks(0, 0, "")
+            return 0
+        self._marks = marks
+        if marks.boot != self._boot_id():
+            return max(marks.end, marks.reserved)
+        return marks.end
+
+    def _reserve(self, end: Position) -> None:
+        """Make positions up to ``end`` durable in the reservation before a frame uses them."""
+        marks = self._marks
+        if end <= marks.reserved and marks.boot == self._boot_id():
+            return
+        assert self._pos_fd is not None
+        self._marks = _Marks(max(marks.end, self._wnext), end + RESERVE_AHEAD, self._boot_id())
+        self.ops.pwrite(self._pos_fd, _pack_marks(self._marks), 0)
+        self.ops.fdatasync(self._pos_fd)
+
+    def _note_end(self, end: Position) -> None:
+        """Raise the high-water mark to ``end`` (page cache only: the reservation covers it)."""
+        assert self._pos_fd is not None
+        self._marks = _Marks(end, self._marks.reserved, self._marks.boot)
+        self.ops.pwrite(self._pos_fd, _pack_marks(self._marks), 0)
+
+    def high_water(self) -> Position | None:
+        """The position after the last frame any writer wrote (``None``: unknown, no
+        ``positions`` file); after a reboot that followed an unclean stop, the reservation
+        (the next writer starts there). A log whose frames end before it lost positions."""
+        path = self.path / POSITIONS_FILE
+        if self._pos_rfd is not None and not _same_file(str(path), self._pos_rfd):
+            os.close(self._pos_rfd)
+            self._pos_rfd = None
+        if self._pos_rfd is None:
+            try:
+                self._pos_rfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                return None
+        marks = _read_marks(self._pos_rfd)
+        if marks is None:
+            return None
+        if marks.boot != self._boot_id():
+            # The machine restarted since a writer that did not close: it may have written
+            # (and readers seen) up to its reservation, which its next writer will skip.
+            return max(marks.end, marks.reserved)
+        return marks.end
+
+    # -- writer marks ---------------------------------------------------------------------------
+
+    def open_writer(self, worker: str) -> list[str]:
+        """Leave a mark in ``writers/`` for as long as this writer is open (a file it holds
+        locked with ``flock``), and claim the marks of writers that died with theirs: returns their
+        worker names. See :meth:`EventLog.open_writer`."""
+        directory = self.path / WRITERS_DIR
+        self.ops.makedirs_durable(directory)
+        crashed = []
+        held = {path for _, path in self._claimed}
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            path = Path(entry.path)
+            if not entry.name.endswith(".mark") or path in held or (
+                    self._marker is not None and path == self._marker[1]):
+                continue
+            claimed = _claim_mark(path)
+            if claimed is not None:
+                self._claimed.append((claimed[0], path))
+                crashed.append(claimed[1])
+        if self._marker is None:
+            path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.mark"
+            fd = self.ops.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held until close: a live writer's mark is locked
+            self.ops.write_all(fd, worker.encode("utf-8", "replace")[:1024])
+            self.ops.fsync(fd)
+            self.ops.fsync_dir(directory)
+            self._marker = (fd, path)
+        return crashed
+
+    def forget_crashed(self) -> None:
+        """Remove the dead writers' marks :meth:`open_writer` claimed (they are reported)."""
+        claimed, self._claimed = self._claimed, []
+        for fd, path in claimed:
+            with contextlib.suppress(OSError):
+                self.ops.unlink(path)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if claimed:
+            with contextlib.suppress(OSError):
+                self.ops.fsync_dir(self.path / WRITERS_DIR)
+
+    def close_writer(self) -> None:
+        """Remove this writer's mark: it closed with nothing unwritten."""
+        if self._marker is None:
+            return
+        fd, path = self._marker
+        self._marker = None
+        with contextlib.suppress(OSError):
+            self.ops.unlink(path)
+            self.ops.fsync_dir(path.parent)
+        with contextlib.suppress(OSError):
+            self.ops.close(fd)
 
     def _open_segment(self, base: Position, path: Path) -> None:
         self._close_writer_fd()
         try:
-            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+            self._wfd = self.ops.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
         except OSError as exc:
             raise _open_error(path, exc) from exc
         self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
@@ -358,9 +539,9 @@ class LocalLog(EventLog):
         self._close_writer_fd()
         path = self.path / segment_name(base)
         try:
-            self._wfd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                                0o644)
-            fsync_dir(self.path)
+            self._wfd = self.ops.open(
+                path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self.ops.fsync_dir(self.path)
         except OSError as exc:
             raise _open_error(path, exc, "create") from exc
         self._wbase, self._wend, self._wnext, self._wpath = base, 0, base, str(path)
@@ -380,8 +561,8 @@ class LocalLog(EventLog):
             if resume == -1:
                 _log.warning("truncating torn tail", segment=str(self._wbase),
                              offset=offset, bytes=size - offset)
-                os.ftruncate(self._wfd, offset)
-                os.fsync(self._wfd)
+                self.ops.ftruncate(self._wfd, offset)
+                self.ops.fsync(self._wfd)
                 size = offset
                 break
             offset += resume  # damage in the middle: readers quarantine it
@@ -390,11 +571,11 @@ class LocalLog(EventLog):
     def _fsync_after_write(self) -> None:
         assert self._wfd is not None
         if self.fsync is FsyncPolicy.ALWAYS:
-            os.fdatasync(self._wfd)
+            self.ops.fdatasync(self._wfd)
         elif self.fsync is FsyncPolicy.BATCH:
             now = time.monotonic()
             if now - self._last_fsync >= self._batch_interval:
-                os.fdatasync(self._wfd)
+                self.ops.fdatasync(self._wfd)
                 self._last_fsync = now
 
     def _undo_partial_write(self) -> None:
@@ -402,14 +583,15 @@ class LocalLog(EventLog):
         if self._wfd is None:
             return
         with contextlib.suppress(OSError):
-            os.ftruncate(self._wfd, self._wend)
+            self.ops.ftruncate(self._wfd, self._wend)
 
     def _close_writer_fd(self) -> None:
+        self._pos_verified = False  # the segment changes: look at positions' path again
         if self._wfd is not None:
             with contextlib.suppress(OSError):
                 if self.fsync is not FsyncPolicy.NEVER:
-                    os.fdatasync(self._wfd)
-                os.close(self._wfd)
+                    self.ops.fdatasync(self._wfd)
+                self.ops.close(self._wfd)
             self._wfd = None
 
     # -- reading ----------------------------------------------------------------------------
@@ -442,12 +624,37 @@ class LocalLog(EventLog):
         return cursor.next - 1 if cursor.next > 0 else None
 
     def close(self) -> None:
-        """Flush (per the fsync policy) and release file descriptors."""
+        """Flush (per the fsync policy), lower the reservation to the high-water mark (a
+        clean close: a reboot after it reports no gap), release file descriptors."""
         with self._thread_lock:
+            if self._closed:
+                return
             self._closed = True
+            if (self._wfd is not None and self._pos_fd is not None
+                    and self.fsync is not FsyncPolicy.NEVER):  # else unsynced frames may go
+                with contextlib.suppress(OSError, LogError), self._exclusive():
+                    self._close_writer_fd()
+                    marks = _read_marks(self._pos_fd)
+                    if marks is not None and marks.reserved > marks.end:
+                        clean = _Marks(marks.end, marks.end, self._boot_id())
+                        self.ops.pwrite(self._pos_fd, _pack_marks(clean), 0)
+                        self.ops.fdatasync(self._pos_fd)
             self._close_writer_fd()
+            if self._marker is not None:  # no clean close_writer(): the next writer reports it
+                with contextlib.suppress(OSError):
+                    self.ops.close(self._marker[0])
+                self._marker = None
+            for claimed_fd, _ in self._claimed:  # claimed, never reported: the next writer will
+                with contextlib.suppress(OSError):
+                    os.close(claimed_fd)
+            self._claimed = []
+            for fd in (self._pos_fd, self._pos_rfd):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._pos_fd = self._pos_rfd = None
             if self._lock_fd is not None:
-                os.close(self._lock_fd)
+                self.ops.close(self._lock_fd)
                 self._lock_fd = None
 
 
@@ -455,7 +662,8 @@ class _Cursor:
     """A reader's place in the log: segment, byte offset and next position."""
 
     def __init__(self, log: LocalLog, start: Position, *, from_newest_segment: bool = False,
-                 run_records: int | None = None):
+                 run_records: int | None = None, only: Path | None = None):
+        """``only``: read just that segment (whose base is ``start``), reporting no gaps."""
         self.log = log
         self._run_records = run_records  # None: RUN_RECORDS
         self.skip_before = start
@@ -466,21 +674,37 @@ class _Cursor:
         self.buf = b""
         self.buf_offset = 0
         self._from_newest = from_newest_segment
+        self._only = only
+        self._plain = from_newest_segment or only is not None  # no gap reports
         self._scan_run = log.scan_run
         # Frames before this offset in the segment are read one at a time (see _run_of_frames).
         self._one_by_one_until = 0
         self._size = 0  # the segment's size when the buffer was last filled: what is behind
         self._hinted = -SEEK_HINT_BYTES
+        #: The position after the last record stored here that this cursor has passed (read,
+        #: skipped or quarantined); below ``next`` when it started past the log's end.
+        self.data_end: Position = 0
+        self._gap_from: tuple[Position, str] | None = None  # a hole found opening a segment
+        self._tail_reported: Position = 0  # the high-water mark a lost tail was reported to
 
     def _open_first_segment(self) -> bool:
         segments = self.log.segments()
         if not segments:
             return False
-        if self._from_newest:
+        if self._only is not None:
+            base, path = self.skip_before, self._only
+        elif self._from_newest:
             base, path = segments[-1]
         else:
             candidates = [s for s in segments if s[0] <= self.skip_before] or segments[:1]
             base, path = candidates[-1]
+            if base == self.skip_before and len(candidates) > 1 and self._only is None:
+                # Starting exactly at a segment (a checkpoint taken at the end): if the one
+                # before ends short of it, positions this reader read are lost. Say so.
+                end = _segment_end(self.log, *candidates[-2])
+                if end < base:
+                    self._gap_from = (end, "lost before this reader's start (it read them "
+                                      "before the loss: a checkpoint past the end)")
         self._open(base, path)
         self._seek(base, None if self._from_newest else self.skip_before)
         return True
@@ -527,9 +751,16 @@ class _Cursor:
         self.base, self.offset, self.buf, self.buf_offset = base, 0, b"", 0
         self._one_by_one_until = 0  # was an offset in the previous segment
         self._hinted = -SEEK_HINT_BYTES  # the offset of the last hint noted or used here
+        if base > self.next and not self._plain:
+            # Positions no segment holds: a deleted or emptied one.
+            self._gap_from = (self.next, "no segment holds these positions (a deleted or "
+                              "emptied segment)")
         self.next = max(self.next, base)
+        self.data_end = max(self.data_end, base)
 
     def _next_segment(self) -> tuple[Position, Path] | None:
+        if self._only is not None:
+            return None
         for base, path in self.log.segments():
             if self.base is not None and base > self.base:
                 return base, path
@@ -577,8 +808,12 @@ class _Cursor:
 
     def _poll(self, decode: bool) -> Iterator[ReadItem]:
         if self.fd is None and not self._open_first_segment():
+            yield from self._lost_tail()
             return
         while True:
+            if self._gap_from is not None:
+                (first, reason), self._gap_from = self._gap_from, None
+                yield self._gap(first, self.next, reason)
             head = self._bytes(self.offset, framing.HEADER_SIZE)  # a chunk from here, if need be
             if (decode and len(head) == framing.HEADER_SIZE
                     and self.offset >= self._one_by_one_until):
@@ -589,6 +824,8 @@ class _Cursor:
             if len(head) == 0:
                 following = self._next_segment()
                 if following is None:
+                    if (yield from self._lost_tail()):
+                        continue
                     return
                 # A newer segment exists, so this one is final — but it may have grown between
                 # our last read and the rotation: look once more before moving on.
@@ -608,6 +845,9 @@ class _Cursor:
                 continue
             self._hint(self.offset, header.first)
             self.offset += header.frame_len
+            if header.first > self.next and not self._plain:
+                yield self._gap(self.next, header.first, "positions missing inside a segment")
+            self.data_end = max(self.data_end, header.end_position)
             if header.end_position <= self.skip_before:
                 self.next = max(self.next, header.end_position)
                 continue
@@ -637,8 +877,43 @@ class _Cursor:
         self._hint(self.offset, self.next)
         self.offset = self.buf_offset + end
         first, self.next = self.next, self.next + count
+        self.data_end = self.next
         behind = max(0, self._size - self.offset) * count // max(1, end - start)
         return Batch(first, events, behind)
+
+    def _gap(self, first: Position, after: Position, reason: str) -> Gap:
+        """Report positions ``first`` to ``after`` as lost, and move past them."""
+        where = segment_name(self.base or 0) if self.base is not None else "(no segment)"
+        gap = Gap(first, after - first, after, where, reason)
+        self.next = max(self.next, after)
+        self.data_end = max(self.data_end, after)
+        _log.warning("positions missing from the log", where=where, first=first,
+                     count=after - first, reason=reason)
+        return gap
+
+    def _lost_tail(self) -> Generator[ReadItem, None, bool]:
+        """At the end of what is stored: report what the log's high-water mark says was written
+        but is not here (a truncated, emptied or deleted tail; a checkpoint past the end).
+        Returns True if there is more to read after all (a writer appended meanwhile)."""
+        if self._plain:
+            return False
+        mark = self.log.high_water()  # read before looking again: marks follow their frames
+        if mark is None or mark <= self.data_end or mark <= self._tail_reported:
+            return False
+        if self.fd is not None:
+            self.buf = b""
+            if len(self._bytes(self.offset, framing.HEADER_SIZE)) or self._next_segment():
+                return True
+        elif self.log.segments():
+            return True
+        self._tail_reported = mark
+        if self.data_end < self.skip_before:
+            reason = (f"the log ends at position {self.data_end}, before this reader's start "
+                      f"{self.skip_before} (a checkpoint past the end): the log lost its tail")
+        else:
+            reason = "the log ends before its high-water mark: a lost tail"
+        yield self._gap(self.data_end, mark, reason)
+        return False
 
     def _resync(self, reason: str) -> Generator[ReadItem, None, bool]:
         """Skip damage to the next valid frame. Returns False to wait (damage at the live tail)."""
@@ -653,13 +928,22 @@ class _Cursor:
         rest = os.pread(self.fd, size - self.offset, self.offset)
         resume = framing.find_next_header(rest, 1)
         if resume == -1 and following is None:
-            return False  # the newest segment's tail: a writer may be mid-write, or will truncate
+            mark = None if self._plain else self.log.high_water()
+            if mark is None or mark <= self.next or mark <= self._tail_reported:
+                return False  # the newest segment's tail: a writer may be mid-write, or will cut
+            # A frame past here was written whole (the mark follows frames): this is damage.
+            self._tail_reported = mark
+            self.offset = size
+            yield self._gap(self.next, mark, f"{reason} at the log's end, before its "
+                            "high-water mark: a lost tail")
+            return True
         where = f"{segment_name(self.base or 0)} offset {self.offset}"
         expected = self.next
         if resume == -1:
             assert following is not None
             lost_until = following[0]
             self._open(*following)
+            self._gap_from = None  # reported below, as damage
         else:
             self.offset += resume
             header = framing.parse_header(self._bytes(self.offset, framing.HEADER_SIZE))
@@ -669,6 +953,7 @@ class _Cursor:
         notice = Quarantined(expected if lost else None, lost, max(lost_until, expected),
                              where, reason)
         self.next = notice.next
+        self.data_end = max(self.data_end, notice.next)
         self._quarantine(notice)
         if notice.next > self.skip_before:
             yield notice
@@ -729,6 +1014,17 @@ class _Cursor:
             run_first, run = position + 1, []
         if run:
             yield Batch(run_first, run)
+
+
+def _segment_end(log: LocalLog, base: Position, path: Path) -> Position:
+    """The position after the last whole frame of one segment (frames checked, not decoded)."""
+    cursor = _Cursor(log, base, only=path)
+    try:
+        for _ in cursor.poll(decode=False):
+            pass
+    finally:
+        cursor.close()
+    return cursor.data_end
 
 
 def _encode_records(events: Sequence[Event]) -> tuple[list[bytes], int]:
@@ -800,7 +1096,7 @@ def _open_error(path: Path, exc: OSError, doing: str = "open") -> LogError:
     return LogError(f"cannot {doing} {path}: {exc.strerror or exc}")
 
 
-def _load_or_create_key(path: Path) -> bytes:
+def _load_or_create_key(path: Path, ops: FileOps) -> bytes:
     """Read the key at ``path``, or create it (0600) if there is none; first creator wins."""
     for _ in range(3):
         try:
@@ -820,20 +1116,20 @@ def _load_or_create_key(path: Path) -> bytes:
             return key
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
-                _write_all(fd, secrets.token_bytes(PROMPT_KEY_BYTES))
-                os.fsync(fd)
+                ops.write_all(fd, secrets.token_bytes(PROMPT_KEY_BYTES))
+                ops.fsync(fd)
             finally:
-                os.close(fd)
+                ops.close(fd)
             with contextlib.suppress(FileExistsError):  # another process was first: theirs
-                os.link(tmp, path)
-            fsync_dir(path.parent)
+                ops.link(tmp, path)
+            ops.fsync_dir(path.parent)
         except OSError as exc:
             raise LogError(f"cannot create {path}: {exc.strerror or exc}") from exc
         finally:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                ops.unlink(tmp)
     raise LogError(f"cannot read or create {path}")
 
 
@@ -852,15 +1148,6 @@ def _file_contains(path: Path, needles: Sequence[bytes]) -> bool:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written == 0:
-            raise OSError(errno.EIO, "write returned 0")
-        view = view[written:]
-
-
 def _same_file(path: str, fd: int) -> bool:
     """Whether ``path`` still names the file open as ``fd``."""
     try:
@@ -870,3 +1157,58 @@ def _same_file(path: str, fd: int) -> bool:
     opened = os.fstat(fd)
     return (named.st_ino, named.st_dev) == (opened.st_ino, opened.st_dev)
 
+
+
+class _Marks(NamedTuple):
+    """The ``positions`` file: high-water mark, durable reservation, boot id of the writer."""
+
+    end: Position
+    reserved: Position
+    boot: str
+
+
+_MARKS = struct.Struct("<8sQQ36s")  # + CRC-32 of these 60 bytes: 64 bytes, within one sector
+_MARKS_MAGIC: Final = b"WPOS\x00\x00\x00\x01"
+
+
+def _pack_marks(marks: _Marks) -> bytes:
+    body = _MARKS.pack(_MARKS_MAGIC, min(marks.end, MAX_POSITION),
+                       min(marks.reserved, MAX_POSITION), marks.boot.encode()[:36])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _read_marks(fd: int) -> _Marks | None:
+    """The marks at the start of ``fd``; ``None`` if it is empty or not a valid record."""
+    data = os.pread(fd, _MARKS.size + 4, 0)
+    return _parse_marks(data)
+
+
+def _parse_marks(data: bytes) -> _Marks | None:
+    if len(data) != _MARKS.size + 4:
+        return None
+    body = data[: _MARKS.size]
+    if struct.unpack("<I", data[_MARKS.size:])[0] != zlib.crc32(body):
+        return None
+    magic, end, reserved, boot = _MARKS.unpack(body)
+    if magic != _MARKS_MAGIC or end > MAX_POSITION or reserved > MAX_POSITION:
+        return None
+    return _Marks(end, reserved, boot.rstrip(b"\x00").decode("ascii", "replace"))
+
+
+def _claim_mark(path: Path) -> tuple[int, str] | None:
+    """If the writer that left ``path`` is gone (its ``flock`` released), lock the mark and
+    return the descriptor holding the lock and the worker it names; ``None`` if it is alive,
+    or another live writer holds it (claimed, not yet reported), or it was removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _same_file(str(path), fd):
+            raise OSError(errno.ENOENT, "claimed and removed by another writer")
+        name = os.pread(fd, 1024, 0).decode("utf-8", "replace") or path.stem
+    except OSError:
+        os.close(fd)
+        return None
+    return fd, name

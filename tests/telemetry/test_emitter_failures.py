@@ -28,7 +28,8 @@ import pytest
 
 from telemetry.engine import ProjectionEngine
 from telemetry.events import EventsDropped, StageStarted
-from telemetry.log import Batch, LocalLog, Quarantined
+from telemetry.log import Batch, Gap, LocalLog, Quarantined
+from telemetry.log.local import segment_name
 from telemetry.projections.jobs import JobsProjection
 
 from . import writer_proc as wp
@@ -72,11 +73,13 @@ def check_logged_once(stderr: str, kinds: list[str]) -> None:
     assert "lost at shutdown" not in stderr
 
 
-def check_delivered(log_dir: Path, final: dict[str, Any], *, removed_with_dir: int = 0) -> None:
+def check_delivered(log_dir: Path, final: dict[str, Any], *, removed_with_dir: int = 0,
+                    gaps: tuple[Gap, ...] = ()) -> None:
     """Everything the emitter kept arrived once, in order, seq gap-free; drops were reported.
 
     ``removed_with_dir`` events were appended before the test removed the log directory: they
-    went with it, so the surviving stream of ``job-emit`` starts at that seq.
+    went with it, so the surviving stream of ``job-emit`` starts at that seq. ``gaps``: the
+    holes the test made (segments it deleted), reported as such.
     """
     assert final["flushed"] is True, final
     assert final["queued"] == 0 and final["in_flight"] == 0, final
@@ -86,7 +89,7 @@ def check_delivered(log_dir: Path, final: dict[str, Any], *, removed_with_dir: i
         items = list(log.read())
     finally:
         log.close()
-    assert not [item for item in items if isinstance(item, Quarantined)]
+    assert list(gaps) == [item for item in items if isinstance(item, Quarantined)]
     events = [e for item in items if isinstance(item, Batch) for e in item.events]
     assert len(events) == final["appended"] - removed_with_dir
     by_job: dict[str, list[Any]] = defaultdict(list)
@@ -221,7 +224,9 @@ def test_read_only_directory_counts_eacces_and_delivers_once_writable():
         finally:
             child.close()
         check_logged_once(child.stderr(), ["EACCES"])
-        check_delivered(log_dir, final)
+        deleted = Gap(0, 1, 1, segment_name(1), "no segment holds these positions (a deleted "
+                      "or emptied segment)")
+        check_delivered(log_dir, final, gaps=(deleted,))
 
 
 def start_rmdir_child(log_dir: Path, *extra: object) -> Any:

@@ -276,13 +276,12 @@ def _append_after(log_dir: Path, first_seq: int, count: int) -> range:
 def test_torn_tail_is_invisible_to_readers_and_truncated_by_next_writer(tmp_path, cut):
     """A frame cut short at the end is never read, never quarantined; the next writer cuts it."""
     log_dir = tmp_path / "log"
-    _append_frames(log_dir, [3, 5, 7, 9])
+    _append_frames(log_dir, [3, 5, 7])
     segment = log_dir / segment_name(0)
-    data = segment.read_bytes()
     (_, tail, firsts), = frames_on_disk(log_dir)[0]
-    assert firsts == [0, 3, 8, 15] and tail == 0
-    intact_end = len(data) - _frame_len_at_end(data)
-    frame_len = len(data) - intact_end
+    assert firsts == [0, 3, 8] and tail == 0
+    frame = _frame(range(15, 24), first=15)  # a writer died while writing this one
+    frame_len = len(frame)
     offset = {
         "1 byte": 1,
         "half header": framing.HEADER_SIZE // 2,
@@ -290,7 +289,8 @@ def test_torn_tail_is_invisible_to_readers_and_truncated_by_next_writer(tmp_path
         "mid body": framing.HEADER_SIZE + (frame_len - framing.HEADER_SIZE) // 2,
         "last byte": frame_len - 1,
     }[cut]
-    os.truncate(segment, intact_end + offset)
+    with open(segment, "ab") as file:
+        file.write(frame[:offset])
 
     seqs, quarantined, last = _read_all(log_dir)
     assert seqs == list(range(15)), "a reader must stop before the torn frame"
@@ -314,6 +314,13 @@ def test_torn_tail_is_invisible_to_readers_and_truncated_by_next_writer(tmp_path
     assert last == 18
 
 
+def _frame(seqs: range, *, first: int) -> bytes:
+    """A whole frame of step events ``seqs`` at position ``first``."""
+    events = [wp.step_event(JOB, seq, "run-0") for seq in seqs]
+    body = framing.encode_body(encode_many(events))
+    return framing.encode_header(body, len(events), first, SCHEMA_FINGERPRINT) + body
+
+
 def _frame_len_at_end(data: bytes) -> int:
     """The length of the last frame of a segment with no torn tail."""
     offset, length = 0, 0
@@ -327,13 +334,13 @@ def _frame_len_at_end(data: bytes) -> int:
 def test_torn_tail_after_rotation_is_truncated_in_the_newest_segment(tmp_path):
     """With small segments, a torn frame in the newest segment is cut there; older ones stay."""
     log_dir = tmp_path / "log"
-    _append_frames(log_dir, [10] * 20, segment_bytes=4096)
+    _append_frames(log_dir, [10] * 21, segment_bytes=4096)
     segments, end = frames_on_disk(log_dir)
-    assert len(segments) >= 3 and end == 200
-    newest = log_dir / segment_name(segments[-1][0])
-    data = newest.read_bytes()
-    torn_first = segments[-1][2][-1]
-    os.truncate(newest, len(data) - _frame_len_at_end(data) // 2)
+    assert len(segments) >= 3 and end == 210
+    torn_first = 210
+    frame = _frame(range(torn_first, torn_first + 10), first=torn_first)
+    with open(log_dir / segment_name(segments[-1][0]), "ab") as newest:  # died mid-write
+        newest.write(frame[: len(frame) // 2])
 
     seqs, quarantined, last = _read_all(log_dir)
     assert seqs == list(range(torn_first))

@@ -339,12 +339,13 @@ class TestRecordLayouts:
         assert [framing.MSGPACK_ARRAY, framing.JSON_ARRAY] == layouts
 
     def test_torn_tail_waits_then_is_truncated_by_the_next_writer(self, tmp_path: Path) -> None:
-        """A frame cut short at the end is invisible to readers and replaced by the next append."""
+        """A frame cut short at the end (a writer died mid-``write``) is invisible to readers
+        and replaced by the next append."""
         with LocalLog(tmp_path) as log:
             log.append(steps("a", 0, 3))
-            log.append(steps("a", 3, 3))
-        segment = only_segment(tmp_path)
-        os.truncate(segment, segment.stat().st_size - 7)
+        frame = frame_bytes(steps("a", 3, 3), first=3)
+        with open(only_segment(tmp_path), "ab") as segment:
+            segment.write(frame[:-7])
 
         items = list(LocalLog(tmp_path).read())
         assert steps("a", 0, 3) == events_of(items)
@@ -581,3 +582,11 @@ def test_a_read_from_a_position_starts_at_a_noted_frame_and_reads_the_same(
     positions[2] += 1  # a hint that lies: its frame's header names another position
     assert everything[positions[2]:] == events_of(log.read(positions[2]))
     assert everything[10:40] == events_of(log.read_near(10, records=4))[:30]
+
+
+def frame_bytes(events: list[StepEnded], *, first: int) -> bytes:
+    """A whole frame of ``events`` at position ``first``, as a writer would write it."""
+    from telemetry.codec import SCHEMA_FINGERPRINT, encode_many
+
+    body = framing.encode_body(encode_many(events))
+    return framing.encode_header(body, len(events), first, SCHEMA_FINGERPRINT) + body

@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from telemetry.errors import UsageError
-from telemetry.log.base import EventLog, LogNotFound, Quarantined
+from telemetry.log.base import EventLog, Gap, LogNotFound, Quarantined
 from telemetry.log.local import LocalLog
 from wantel.config import (
     NATS_CA_ENV,
@@ -93,7 +93,12 @@ def open_local_for_reading(args: argparse.Namespace) -> LocalLog:
 
 
 def warn_quarantined(command: str, notice: Quarantined) -> None:
-    """One line on stderr for records the log had to skip."""
+    """One line on stderr for records the log had to skip, or positions it lost."""
+    if isinstance(notice, Gap):
+        print(f"wantel {command}: warning: gap: positions {notice.first}-{notice.next - 1} "
+              f"({notice.count}) are missing at {notice.where}: {notice.reason}",
+              file=sys.stderr)
+        return
     count = f"{notice.count} record(s)" if notice.count else "records"
     print(
         f"wantel {command}: warning: skipped {count} at {notice.where}: {notice.reason}",

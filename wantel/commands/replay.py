@@ -182,4 +182,6 @@ def print_table(views: Iterable[JobView], engine: ProjectionEngine) -> None:
     health = engine.health
     print(f"{sum(by_status.values())} job(s) ({statuses}); "
           f"{sum(health.events_by_type.values())} events; "
-          f"{health.duplicates} duplicate(s); {health.quarantined_records} quarantined record(s)")
+          f"{health.duplicates} duplicate(s); {health.quarantined_records} quarantined record(s)"
+          + (f"; {health.gaps} gap(s) in the log ({health.gap_positions} position(s) missing)"
+             if health.gaps else ""))

@@ -1,0 +1,158 @@
+"""``kill -9`` of ``wantel run`` on one shared log (issue 16, item 5).
+
+Waves of real ``wantel run`` processes (the tiny T2V model) write one log at once; each is
+SIGKILLed at a random moment of its run (some finish first). Then one more run closes cleanly,
+and the log must be clean:
+
+* a fresh reader sees no quarantined record and no gap, positions from 0 without a hole;
+* every stream's ``seq`` is gap-free from 0, no ``(job, seq)`` twice;
+* every run that exited 0 is ``completed``; the projections replay without error;
+* the writers that were killed after writing are reported: ``writer_crashed`` counts at least
+  those, and at most the kills.
+
+Under ``-m slow`` only (each run loads torch): at least 500 kills (``WANTEL_RUN_KILLS`` sets
+another number; a SIGKILL of ``wantel run`` mid-denoise is in the default suite too:
+``tests/inference/test_instrument.py``). ``WANTEL_CRASH_SEED`` replays a seed's choices
+(the moments still depend on scheduling).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from telemetry.engine import ProjectionEngine
+from telemetry.events import EventsDropped
+from telemetry.log import Batch, LocalLog, Quarantined
+from telemetry.projections import default_projections
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_DEADLINE = 120.0  # a stuck child, not a latency expectation
+
+
+@dataclass
+class Trial:
+    """One ``wantel run``: its job id, process, and how it ended."""
+
+    job: str
+    process: subprocess.Popen[bytes]
+    kill_at: float
+    killed: bool = False
+    returncode: int | None = None
+
+
+def start_run(log_dir: Path, out_dir: Path, job: str, steps: int) -> subprocess.Popen[bytes]:
+    """A real ``wantel run`` of the tiny T2V model writing ``log_dir``."""
+    command = [sys.executable, "-m", "wantel", "run", "--model", "tiny-t2v", "--prompt", "p",
+               "--height", "32", "--width", "32", "--frames", "5", "--steps", str(steps),
+               "--log", str(log_dir), "--out", str(out_dir / f"{job}.mp4"), "--job", job,
+               "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def run_wave(log_dir: Path, out_dir: Path, rng: random.Random, *, first: int, parallel: int,
+             span: float) -> list[Trial]:
+    """``parallel`` runs at once, each killed ``0..span`` seconds after it started."""
+    trials = []
+    for number in range(first, first + parallel):
+        job = f"run-{number}"
+        process = start_run(log_dir, out_dir, job, rng.choice([2, 4, 8]))
+        trials.append(Trial(job, process, time.monotonic() + rng.random() * span))
+    deadline = time.monotonic() + RUN_DEADLINE
+    for trial in sorted(trials, key=lambda t: t.kill_at):
+        while time.monotonic() < trial.kill_at and trial.process.poll() is None:
+            time.sleep(min(0.01, max(0.0, trial.kill_at - time.monotonic())))
+        if trial.process.poll() is None:
+            trial.process.send_signal(signal.SIGKILL)
+            trial.killed = True
+    for trial in trials:
+        trial.returncode = trial.process.wait(max(1.0, deadline - time.monotonic()))
+        trial.killed = trial.killed and trial.returncode == -signal.SIGKILL
+    return trials
+
+
+def check_clean(log_dir: Path, trials: list[Trial], context: str) -> dict[str, int]:
+    """Every invariant of the module docstring; some figures."""
+    with LocalLog(log_dir, create=False) as log:
+        items = list(log.read())
+    notices = [item for item in items if isinstance(item, Quarantined)]
+    assert not notices, f"{context}: {notices[:3]}"
+    position, events = 0, []
+    for item in items:
+        assert isinstance(item, Batch) and item.first == position, f"{context}: hole at {position}"
+        position = item.next
+        events.extend(item.events)
+    streams: dict[str, list[int]] = {}
+    for event in events:
+        streams.setdefault(event.job, []).append(event.seq)
+    for job, seqs in streams.items():
+        assert seqs == list(range(len(seqs))), f"{context}: {job} seqs {seqs[:20]}"
+    engine = ProjectionEngine(default_projections())
+    engine.apply_items(items)
+    assert not engine.health.projection_errors, context
+    assert 0 == engine.health.duplicates, context
+    jobs = engine.states["jobs"].jobs
+    for trial in trials:
+        if trial.returncode == 0:
+            assert "completed" == jobs[trial.job].status, f"{context}: {trial.job}"
+    host = socket.gethostname()
+    killed_workers = {f"{host}:{trial.process.pid}" for trial in trials if trial.killed}
+    wrote = {event.worker for event in events} & killed_workers
+    crashed = sum(event.counts.get("writer_crashed", 0) for event in events
+                  if isinstance(event, EventsDropped)
+                  and event.seq == _last_report_seq(events, event.job))
+    kills = len(killed_workers)
+    assert len(wrote) <= crashed <= kills, (
+        f"{context}: writer_crashed {crashed}, kills {kills}, killed writers that wrote "
+        f"{len(wrote)}")
+    return {"kills": kills, "events": len(events), "writer_crashed": crashed}
+
+
+def _last_report_seq(events: list[object], stream: str) -> int:
+    """The seq of the last ``EventsDropped`` of a worker's stream (reports are cumulative)."""
+    return max(event.seq for event in events  # type: ignore[attr-defined]
+               if isinstance(event, EventsDropped) and event.job == stream)
+
+
+def kill_trials(tmp_path: Path, kills_wanted: int, parallel: int) -> dict[str, int]:
+    """Waves until ``kills_wanted`` runs were killed mid-run, one clean run, the checks."""
+    env_seed = os.environ.get("WANTEL_CRASH_SEED")
+    seed = int(env_seed) if env_seed else random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    log_dir, out_dir = tmp_path / "log", tmp_path / "out"
+    out_dir.mkdir()
+    started = time.monotonic()
+    clean = start_run(log_dir, out_dir, "calibrate", 4)
+    assert 0 == clean.wait(RUN_DEADLINE)
+    # Kill moments spread over a whole run, slower when several share the CPUs.
+    span = (time.monotonic() - started) * max(1.2, parallel / (os.cpu_count() or 1))
+    trials: list[Trial] = []
+    while sum(trial.killed for trial in trials) < kills_wanted:
+        trials += run_wave(log_dir, out_dir, rng, first=len(trials), parallel=parallel,
+                           span=span)
+    final = start_run(log_dir, out_dir, "final", 2)
+    assert 0 == final.wait(RUN_DEADLINE)
+    assert [] == list((log_dir / "writers").iterdir()), "marks left after a clean run"
+    figures = check_clean(log_dir, trials, f"seed={seed} (WANTEL_CRASH_SEED)")
+    print(f"\nwantel run kill trials: {figures['kills']} SIGKILLs in {len(trials)} runs, "
+          f"{figures['events']} events, writer_crashed {figures['writer_crashed']}, "
+          f"0 gaps, 0 duplicates, seed={seed}, {time.monotonic() - started:.0f} s")
+    return figures
+
+
+@pytest.mark.slow
+def test_killed_runs_leave_a_clean_shared_log(tmp_path: Path) -> None:
+    """At least 500 SIGKILLs of concurrent runs on one log: still clean."""
+    wanted = int(os.environ.get("WANTEL_RUN_KILLS", "500"))
+    assert kill_trials(tmp_path, kills_wanted=wanted, parallel=4)["kills"] >= wanted
