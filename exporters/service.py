@@ -230,7 +230,8 @@ def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
         "ended_ts": _seconds(view.ended_ts),
         "duration_s": view.duration_s,
         "eta_error": _eta_error(summary.finished_eta),
-        "error": ({"type": view.error_type, "message": view.error_message, "oom": view.oom}
+        "error": ({"type": view.error_type, "message": view.error_message, "oom": view.oom,
+                   "category": view.failure_category, "suggestions": list(view.suggestions)}
                   if view.status == "failed" else None),
     }
 

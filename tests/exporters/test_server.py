@@ -289,8 +289,8 @@ def test_terminal_frames_for_completed_failed_and_cancelled_jobs(log_dir: Path) 
         {job: f["type"] for job, f in got.items()}
     assert {job: status for job, status in endings.items()} == \
         {job: f["data"]["view"]["status"] for job, f in got.items()}
-    assert {"type": "OutOfMemoryError", "message": "out of memory", "oom": True} == \
-        got["oom"]["data"]["view"]["error"]
+    assert {"type": "OutOfMemoryError", "message": "out of memory", "oom": True,
+            "category": "internal", "suggestions": []} == got["oom"]["data"]["view"]["error"]
     assert "user asked" == got["stop"]["data"]["reason"]
 
 

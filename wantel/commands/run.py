@@ -34,6 +34,7 @@ from inference.tiny_models import TINY_VARIANTS
 from telemetry.emitter import Emitter, default_worker_name
 from telemetry.engine import ProjectionEngine
 from telemetry.errors import UsageError
+from telemetry.guidance import describe_failure
 from telemetry.log.base import EventLog
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
@@ -170,6 +171,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wantel run: job {prepared.job} completed -> {prepared.out}{more} "
               f"({_figures(summary)})")
     if status == "failed":
+        ended = summary.view if summary is not None else None
+        if ended is not None and ended.status == "failed":
+            # What the log recorded: the category and suggestions every view shows.
+            error = describe_failure(ended.error_type, ended.error_message,
+                                     ended.failure_category, ended.suggestions)
         print(f"wantel run: job {prepared.job} failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     if status == "cancelled":
@@ -199,7 +205,8 @@ def _summary(summary: JobSummary | None, job: str, log: str) -> dict[str, Any]:
         "steps_per_second": summary.mean_steps_per_second,
         "stage_durations": summary.stage_durations,
         "peak_memory_bytes": view.peak_memory_bytes, "error_type": view.error_type,
-        "error": view.error_message,
+        "error": view.error_message, "category": view.failure_category,
+        "suggestions": list(view.suggestions),
     }
 
 
