@@ -471,6 +471,8 @@ class _Session:
         videos = request.get("num_videos_per_prompt")
         options = {**speed_options(pipe, num_videos=1 if videos is None else videos),
                    **self.options}
+        if facts["task"] == "ti2v" and request.get("image") is not None:
+            options.setdefault("image", True)  # TI2V's image mode: the first frame is given
         recorder.job_started(
             model=self.model or facts["model"], family=facts["family"],
             variant=self.variant or facts["variant"], task=facts["task"],

@@ -64,7 +64,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the text prompt (stored only as a digest keyed with the log's "
                         "secret key, unless --record-prompt)")
     parser.add_argument("--negative-prompt", metavar="P", help="the negative prompt")
-    parser.add_argument("--image", metavar="IMG", help="the conditioning image (i2v models)")
+    parser.add_argument("--image", metavar="IMG",
+                        help="the conditioning image: required by i2v models; optional for "
+                        "ti2v (its image mode: the video starts from the image)")
     parser.add_argument("--frames", type=int, metavar="F",
                         help=f"frames, 4k+1, at most {MAX_FRAMES} (default: 17 tiny, 81 "
                         "otherwise)")
