@@ -206,7 +206,8 @@ class LifecycleLogger(Sink):
             name, level = "job.failed", "error"
             fields = {"status": "failed", "duration_s": event.duration_s, "stage": event.stage,
                       "step": event.step, "error_type": event.error_type,
-                      "error": event.message, "oom": event.oom}
+                      "error": event.message, "oom": event.oom,
+                      "category": event.category, "suggestions": list(event.suggestions)}
         elif isinstance(event, JobCancelled):
             name, level = "job.cancelled", "warning"
             fields = {"status": "cancelled", "duration_s": event.duration_s,

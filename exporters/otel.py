@@ -70,6 +70,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
+from telemetry.guidance import describe_failure
 from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.log.base import Position
 from telemetry.projections.eta import EtaPoint, EtaProjection, EtaState
@@ -410,7 +411,8 @@ def _root_attributes(view: _JobView, eta_issued: Sequence[EtaPoint] | None,
             attributes["wantel.failed.stage"] = terminal.stage
         if terminal.step is not None:
             attributes["wantel.failed.step"] = terminal.step
-        status = Status(StatusCode.ERROR, f"{terminal.error_type}: {terminal.message}")
+        status = Status(StatusCode.ERROR, describe_failure(
+            terminal.error_type, terminal.message, terminal.category, terminal.suggestions))
     elif isinstance(terminal, JobCancelled):
         attributes.update({"wantel.status": "cancelled",
                            "wantel.duration_s": terminal.duration_s,

@@ -233,7 +233,8 @@ def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
         "duration_s": view.duration_s,
         "eta_error": _eta_error(summary.finished_eta),
         "error": ({"type": view.error_type, "message": view.error_message, "oom": view.oom,
-                   "stage": view.failed_stage, "step": view.failed_step}
+                   "stage": view.failed_stage, "step": view.failed_step,
+                   "category": view.failure_category, "suggestions": list(view.suggestions)}
                   if view.status == "failed" else None),
         "cancel_reason": view.error_message if view.status == "cancelled" else None,
         "trace_id": _trace_id(view),

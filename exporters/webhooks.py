@@ -187,7 +187,9 @@ def body_of(event: Event, position: Position, view: JobView | None) -> dict[str,
                         bytes=event.bytes)
         elif isinstance(event, JobFailed):
             data["error"] = {"type": event.error_type, "message": event.message,
-                             "oom": event.oom, "stage": event.stage, "step": event.step}
+                             "oom": event.oom, "stage": event.stage, "step": event.step,
+                             "category": event.category,
+                             "suggestions": list(event.suggestions)}
         else:
             data.update(reason=event.reason, stage=event.stage, step=event.step)
     return {"id": delivery_id(event, position), "type": EVENT_TYPES[kind],

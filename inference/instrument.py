@@ -20,8 +20,11 @@ What is hooked, and why there (diffusers facts, checked on 0.42):
 * ``scheduler.set_timesteps``: a CPU copy of the schedule is computed from the scheduler's
   config, so each step's timestep and sigma are known without reading a device tensor.
 
-Nothing here synchronises the device (see :mod:`inference.timing`), and nothing changes what
-the pipeline computes. Leaving the context restores the pipeline exactly.
+Nothing here synchronises the device (see :mod:`inference.timing`) but one check, once per
+job, that the latents about to be decoded are finite (the decode waits for the device anyway):
+NaN or infinite latents fail the job as ``numerical`` (:class:`~inference.failures.
+NonFiniteLatents`) instead of decoding a black video. Nothing else changes what the pipeline
+computes. Leaving the context restores the pipeline exactly.
 
 Job ids. A job id the log already holds would make a second job whose events every view drops
 as duplicates (their ``(job, seq)`` are the first job's), so ``instrument(job="X")`` raises
@@ -46,6 +49,7 @@ from typing import Any, Final
 
 import torch
 
+from inference.failures import NonFiniteLatents
 from inference.memory import MemoryReader
 from inference.recorder import JobRecorder
 from inference.speed_options import speed_options
@@ -261,6 +265,8 @@ class _Session:
             if stage in ("decode", "postprocess"):
                 self._close_denoise(recorder)
             with recorder.stage_span(stage):
+                if stage == "decode" and args:
+                    _check_finite(args[0])
                 result = original(*args, **kwargs)
             if stage == "latent_init" and self.denoise_start is None:
                 # The loop starts right after the latents exist; a failure before the first
@@ -465,6 +471,8 @@ class _Session:
         videos = request.get("num_videos_per_prompt")
         options = {**speed_options(pipe, num_videos=1 if videos is None else videos),
                    **self.options}
+        if facts["task"] == "ti2v" and request.get("image") is not None:
+            options.setdefault("image", True)  # TI2V's image mode: the first frame is given
         recorder.job_started(
             model=self.model or facts["model"], family=facts["family"],
             variant=self.variant or facts["variant"], task=facts["task"],
@@ -515,6 +523,24 @@ def _in_use(emitter: Emitter, job: str) -> bool:
         return emitter.has_job(job)
     except Exception:
         return False
+
+
+def _check_finite(latents: Any) -> None:
+    """Raise :class:`NonFiniteLatents` if the latents about to be decoded hold NaN or inf.
+
+    Decoding them costs the most of a job and writes a black video; failing here says why
+    (category ``numerical``). One reduction over the latents, once per job: it waits for the
+    device, as the decode that follows does anyway.
+    """
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        return
+    finite = torch.isfinite(latents)
+    if bool(finite.all()):
+        return
+    bad = int(finite.numel() - int(finite.sum()))
+    raise NonFiniteLatents(
+        f"the denoised latents hold NaN or infinity ({bad} of {finite.numel()} values); "
+        "decoding them would write a black video")
 
 
 def _at(values: list[float], index: int) -> float | None:

@@ -51,14 +51,23 @@ class ModelChoice:
         except ValueError as exc:
             raise ModelError(str(exc)) from None
 
-    def load(self, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
-        """Build or load the pipeline onto ``device``."""
-        if self.path is None:
-            return build_tiny_pipeline(self.name, seed=seed, dtype=dtype).to(device)
-        from diffusers import DiffusionPipeline
+    def load(self, *, device: torch.device, dtype: torch.dtype, seed: int = 0,
+             image: bool = False) -> Any:
+        """Build or load the pipeline onto ``device``.
 
-        pipe = DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-            self.path, dtype=dtype, local_files_only=True)
+        ``image``: a TI2V model's image mode — its weights in diffusers'
+        ``WanImageToVideoPipeline`` (``expand_timesteps``), as diffusers runs Wan 2.2 TI2V-5B
+        from an image; without it, the class its directory names (``WanPipeline``).
+        """
+        if self.path is None:
+            return build_tiny_pipeline(self.name, seed=seed, dtype=dtype,
+                                       image=image and self.spec.takes_image).to(device)
+        import diffusers
+
+        loader: Any = diffusers.DiffusionPipeline
+        if image and self.spec.takes_image:
+            loader = diffusers.WanImageToVideoPipeline
+        pipe = loader.from_pretrained(self.path, dtype=dtype, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 
@@ -119,7 +128,7 @@ def spec_from_model_index(path: Path, index: dict[str, Any]) -> VariantSpec:
     spatial = int(vae.get("scale_factor_spatial", 8)) * int(patch[-1] if patch else 2)
     return VariantSpec(
         name=path.name, family=kind.family, task=kind.task, pipeline_class=class_name,
-        needs_image="ImageToVideo" in class_name,
+        needs_image="ImageToVideo" in class_name, takes_image=kind.task == "ti2v",
         spatial_multiple=spatial, boundary_ratio=boundary, two_experts=two_experts,
     )
 

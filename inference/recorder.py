@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+from inference.failures import category_of
 from inference.memory import MemoryReader
 from inference.timing import HostTimer, Timer
 from telemetry.emitter import Emitter
@@ -48,6 +49,7 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
 )
+from telemetry.guidance import PredictPeak, shape_of, suggest
 
 MAX_MESSAGE: Final = 500
 RESOLVE_TIMEOUT_S: Final = 120.0
@@ -218,6 +220,10 @@ class JobRecorder:
         self.stage: Stage | None = None
         self.failed_in_stage: Stage | None = None
         self.steps_done = 0
+        #: The job's ``JobStarted`` once emitted: its shape and options feed the suggestions.
+        self.started_event: JobStarted | None = None
+        #: The VRAM model's predictor, where one is wired in (memory-based suggestions).
+        self.predict_peak: PredictPeak | None = None
         self._queue: deque[_Deferred] = deque((_NOT_STARTED,))
         self._lock = threading.Lock()
         self._immediate = isinstance(timer, HostTimer)
@@ -306,6 +312,7 @@ class JobRecorder:
             prompt=storable(prompt) if record_prompt and isinstance(prompt, str) else None,
             traceparent=traceparent,
         )
+        self.started_event = event
         with self._lock:
             if self._queue and self._queue[0] is _NOT_STARTED:
                 self._queue.popleft()
@@ -420,10 +427,31 @@ class JobRecorder:
         step = self.steps_done if stage == "denoise" else None
         message = sanitise(_text_of(exc), secrets)
         oom = is_out_of_memory(exc)
+        category, suggestions = self.guidance(exc, stage=stage, step=step, message=message)
         self._defer((end,), lambda t: JobFailed(
             job=job, ts=self._ts(t[0]), duration_s=t[0] / 1e9, stage=stage, step=step,
-            error_type=type(exc).__name__, message=message, oom=oom))
+            error_type=type(exc).__name__, message=message, oom=oom, category=category,
+            suggestions=suggestions))
         self._finish()
+
+    def guidance(self, exc: BaseException, *, stage: Stage | None, step: int | None,
+                 message: str) -> tuple[str, tuple[str, ...]]:
+        """The failure's category and suggestions (never raises: a failure to advise must not
+        hide the failure itself)."""
+        try:
+            category = category_of(exc, stage=stage, message=message)
+        except Exception:
+            category = "internal"
+        try:
+            started = self.started_event
+            shape = shape_of(started) if started is not None else None
+            capacity = started.device.total_memory_bytes if started is not None else None
+            options = started.options if started is not None else {}
+            found = suggest(category, shape, options, capacity, self.predict_peak,
+                            stage=stage, step=step, message=message)
+            return category, tuple(sanitise(line) for line in found)
+        except Exception:
+            return category, ()
 
     def cancelled(self, reason: str, *, stage: Stage | None = None) -> None:
         """The job was interrupted at a step boundary (or by Ctrl-C) in ``stage``."""

@@ -183,9 +183,9 @@ def _or_default(value: int | None, default: int) -> int:
 def _load_image(model: ModelChoice, image: str | None) -> Any:
     if model.spec.needs_image and image is None:
         raise RequestError(f"{model.name} generates from an image: pass --image IMG")
-    if not model.spec.needs_image and image is not None:
+    if not (model.spec.needs_image or model.spec.takes_image) and image is not None:
         raise RequestError(f"{model.name} does not take an image ({model.spec.task}); "
-                           "drop --image or pick an i2v model")
+                           "drop --image or pick an i2v or ti2v model")
     if image is None:
         return None
     from PIL import Image, UnidentifiedImageError
@@ -332,7 +332,10 @@ def _job_started(recorder: JobRecorder, prepared: PreparedRequest,
         steps=prepared.steps, guidance_scale=request.guidance, cfg=request.guidance > 1.0,
         boundary_ratio=model.spec.boundary_ratio, seed=request.seed,
         device=device_info(prepared.device),
-        options={**options, "stages": "load,save", **request.options},
+        options={**options, "stages": "load,save",
+                 **({"image": True} if model.spec.takes_image and prepared.image is not None
+                    else {}),
+                 **request.options},
         prompt=request.prompt, record_prompt=request.record_prompt,
         traceparent=request.traceparent,
     )
@@ -358,7 +361,7 @@ def _load(prepared: PreparedRequest) -> Any:
     offload = request.offload
     pipe = prepared.model.load(
         device=prepared.device if offload == "none" else torch.device("cpu"),
-        dtype=prepared.dtype, seed=request.seed)
+        dtype=prepared.dtype, seed=request.seed, image=prepared.image is not None)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=prepared.device)
     elif offload == "sequential":

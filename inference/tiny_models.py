@@ -136,6 +136,9 @@ class VariantSpec:
     spatial_multiple: int  # height and width must be multiples of this (VAE factor x patch size)
     boundary_ratio: float | None  # two-expert switch point, as a fraction of train timesteps
     two_experts: bool  # True when the pipeline holds transformer (high noise) and transformer_2
+    #: True when an image is optional: TI2V-5B generates from text, or from text and an image
+    #: (its image mode runs through ``WanImageToVideoPipeline`` with ``expand_timesteps``).
+    takes_image: bool = False
 
 
 _SPECS: dict[str, VariantSpec] = {
@@ -168,6 +171,7 @@ _SPECS: dict[str, VariantSpec] = {
         spatial_multiple=32,
         boundary_ratio=None,
         two_experts=False,
+        takes_image=True,
     ),
     "tiny-t2v-a14b": VariantSpec(
         name="tiny-t2v-a14b",
@@ -407,7 +411,7 @@ def _scheduler() -> Any:
 
 
 def build_tiny_pipeline(
-    name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, image: bool = False
 ) -> DiffusionPipeline:
     """Build tiny variant ``name`` as a real diffusers ``DiffusionPipeline`` with random weights.
 
@@ -417,8 +421,16 @@ def build_tiny_pipeline(
     encoder stay in float32, as in the reference Wan recipes. The result is a ``WanPipeline`` or
     ``WanImageToVideoPipeline`` (see ``variant_spec(name).pipeline_class``), in eval mode, with
     the progress bar disabled.
+
+    ``image``: the image mode of a variant that takes an optional image (``tiny-ti2v``): the
+    same weights in a ``WanImageToVideoPipeline`` with ``expand_timesteps``, as diffusers runs
+    Wan 2.2 TI2V-5B from an image — no CLIP encoder; the image is VAE-encoded into the first
+    latent frame, which keeps timestep 0 while the others are denoised.
     """
     spec = variant_spec(name)
+    if image and not (spec.needs_image or spec.takes_image):
+        raise ValueError(f"{name} does not take an image ({spec.task})")
+    pipeline_class = "WanImageToVideoPipeline" if image else spec.pipeline_class
     wan22_vae = uses_wan22_vae(spec.task)
     latent_channels = _WAN22_LATENT_CHANNELS if wan22_vae else _WAN21_LATENT_CHANNELS
     in_channels = _I2V_IN_CHANNELS if spec.task == "i2v" else latent_channels
@@ -455,7 +467,7 @@ def build_tiny_pipeline(
         "boundary_ratio": spec.boundary_ratio,
         "expand_timesteps": spec.task == "ti2v",
     }
-    if spec.pipeline_class == "WanImageToVideoPipeline":
+    if pipeline_class == "WanImageToVideoPipeline":
         image_encoder = None
         image_processor = None
         if uses_clip:
@@ -465,7 +477,7 @@ def build_tiny_pipeline(
         common["image_encoder"] = image_encoder
         common["image_processor"] = image_processor
     # Any: diffusers leaves several pipeline methods unannotated (set_progress_bar_config, ...).
-    pipe: Any = getattr(_diffusers(), spec.pipeline_class)(**common)
+    pipe: Any = getattr(_diffusers(), pipeline_class)(**common)
     # Directly constructed models start in training mode, while from_pretrained returns them in
     # eval mode; match the checkpoints so any mode-dependent code behaves as in production.
     for component in pipe.components.values():

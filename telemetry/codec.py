@@ -25,6 +25,7 @@ from typing import Any, Final
 import msgspec
 
 from telemetry.events import EVENT_TYPES, EVENT_TYPES_BY_NAME, AnyEvent, Event, to_builtins
+from telemetry.guidance import classify
 
 Builtins = dict[str, Any]
 Upcaster = Callable[[Builtins], Builtins]
@@ -178,4 +179,14 @@ def _step_ended_v1_to_v2(raw: Builtins) -> Builtins:
     raw["passes"] = raw.pop("cfg_passes", 1)
     raw.setdefault("sigma", None)
     raw.setdefault("expert", None)
+    return raw
+
+
+@upcaster("JobFailed", 1)
+def _job_failed_v1_to_v2(raw: Builtins) -> Builtins:
+    """v1 had no category (told now from what it recorded) and no suggestions."""
+    raw["category"] = classify(
+        error_type=str(raw.get("error_type") or ""), message=str(raw.get("message") or ""),
+        stage=raw.get("stage"), oom=bool(raw.get("oom", False)))
+    raw.setdefault("suggestions", [])
     return raw

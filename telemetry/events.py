@@ -219,14 +219,25 @@ class JobCompleted(Event, frozen=True, kw_only=True):
 
 
 class JobFailed(Event, frozen=True, kw_only=True):
-    """The job raised; the message is sanitised (no prompt, bounded length)."""
+    """The job raised; the message is sanitised (no prompt, bounded length).
 
+    v2 (current): ``category`` (one of :data:`telemetry.guidance.CATEGORIES`) and
+    ``suggestions`` (short, concrete, with numbers from the job's own shape) were added; v1
+    records are upcast with the category told from their type, message, stage and ``oom``
+    flag, and no suggestions.
+    """
+
+    VERSION: ClassVar[int] = 2
+
+    v: int = msgspec.field(default_factory=_version(2))
     duration_s: float
     stage: Stage | None = None
     step: int | None = None
     error_type: str
     message: str
     oom: bool = False
+    category: str = "internal"
+    suggestions: tuple[str, ...] = ()
 
 
 class JobCancelled(Event, frozen=True, kw_only=True):

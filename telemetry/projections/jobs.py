@@ -73,6 +73,9 @@ class JobView(msgspec.Struct, kw_only=True):
     error_type: str | None = None
     error_message: str | None = None
     oom: bool | None = None
+    #: Why it failed (``telemetry.guidance.CATEGORIES``) and what to try, as ``JobFailed`` says.
+    failure_category: str | None = None
+    suggestions: tuple[str, ...] = ()
     failed_step: int | None = None
     failed_stage: str | None = None
     output_path: str | None = None
@@ -490,6 +493,7 @@ def _failed(view: JobView, event: JobFailed) -> None:
     """Failed: the error, whether it ran out of memory, and at which step."""
     _ended(view, event, "failed", event.duration_s)
     view.error_type, view.error_message, view.oom = event.error_type, event.message, event.oom
+    view.failure_category, view.suggestions = event.category, event.suggestions
     view.failed_step, view.failed_stage = event.step, event.stage
 
 

@@ -291,7 +291,8 @@ def test_terminal_frames_for_completed_failed_and_cancelled_jobs(log_dir: Path) 
     assert {job: status for job, status in endings.items()} == \
         {job: f["data"]["view"]["status"] for job, f in got.items()}
     assert {"type": "OutOfMemoryError", "message": "out of memory", "oom": True,
-            "stage": "denoise", "step": None} == got["oom"]["data"]["view"]["error"]
+            "stage": "denoise", "step": None, "category": "internal",
+            "suggestions": []} == got["oom"]["data"]["view"]["error"]
     assert "user asked" == got["stop"]["data"]["reason"]
 
 

@@ -149,7 +149,8 @@ def test_every_transition_arrives_signed_and_in_order(tmp_path: Path,
     assert 9 == len({b["id"] for b in bodies})
     failed = next(b for b in bodies if b["type"] == "job.failed")["data"]
     assert {"type": "OutOfMemoryError", "message": "out of memory", "oom": True,
-            "stage": "denoise", "step": None} == failed["error"]
+            "stage": "denoise", "step": None, "category": "internal",
+            "suggestions": []} == failed["error"]
     assert "failed" == failed["status"] and "tiny-t2v" == failed["model"]
     started = next(b for b in bodies if b["type"] == "job.started")["data"]
     assert ("running", 32, 32, 2) == (started["status"], started["width"], started["height"],

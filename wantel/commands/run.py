@@ -40,6 +40,7 @@ from telemetry.emitter import Emitter, default_worker_name
 from telemetry.engine import ProjectionEngine
 from telemetry.errors import UsageError
 from telemetry.events import StageStarted
+from telemetry.guidance import describe_failure
 from telemetry.log.base import EventLog
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
@@ -69,7 +70,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the text prompt (stored only as a digest keyed with the log's "
                         "secret key, unless --record-prompt)")
     parser.add_argument("--negative-prompt", metavar="P", help="the negative prompt")
-    parser.add_argument("--image", metavar="IMG", help="the conditioning image (i2v models)")
+    parser.add_argument("--image", metavar="IMG",
+                        help="the conditioning image: required by i2v models; optional for "
+                        "ti2v (its image mode: the video starts from the image)")
     parser.add_argument("--frames", type=int, metavar="F",
                         help=f"frames, 4k+1, at most {MAX_FRAMES} (default: 17 tiny, 81 "
                         "otherwise)")
@@ -186,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wantel run: job {prepared.job} completed -> {prepared.out}{more} "
               f"({_figures(summary)})")
     if status == "failed":
+        ended = summary.view if summary is not None else None
+        if ended is not None and ended.status == "failed":
+            # What the log recorded: the category and suggestions every view shows.
+            error = describe_failure(ended.error_type, ended.error_message,
+                                     ended.failure_category, ended.suggestions)
         print(f"wantel run: job {prepared.job} failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     if status == "cancelled":
@@ -215,7 +223,8 @@ def _summary(summary: JobSummary | None, job: str, log: str) -> dict[str, Any]:
         "steps_per_second": summary.mean_steps_per_second,
         "stage_durations": summary.stage_durations,
         "peak_memory_bytes": view.peak_memory_bytes, "error_type": view.error_type,
-        "error": view.error_message,
+        "error": view.error_message, "category": view.failure_category,
+        "suggestions": list(view.suggestions),
     }
 
 
