@@ -515,12 +515,30 @@ class WantelCollector(Collector):
                 used.add_metric([*labels, source], value)
             if readings.total is not None:
                 total.add_metric(labels, readings.total)
+        errors = HistogramMetricFamily(
+            "wantel_memory_prediction_relative_error",
+            "Signed relative error of completed jobs' predicted peak memory vs the observed "
+            "peak, by the kind predicted.", labels=["model", "kind"])
+        absolute = CounterMetricFamily(
+            "wantel_memory_prediction_absolute_relative_error",
+            "Sum of the absolute relative errors of scored peak-memory predictions.",
+            labels=["model", "kind"])
+        for model, by_kind in memory.errors.items():
+            for kind, hist in by_kind.items():
+                if hist.counts:
+                    series = {"model": model, "kind": kind}
+                    _add_histogram(errors, series, ERROR_EDGES, hist.counts, exemplars=None,
+                                   sum_value=None)
+                    absolute.samples.append(Sample(absolute.name + "_total", series,
+                                                   hist.sum_abs))
         return [
             _histogram("wantel_job_peak_memory_bytes", "Peak memory of ended jobs, by kind.",
                        ["model", "kind"], MEMORY_BUCKETS,
                        series=metrics.peak_memory.values(), unit="bytes"),
             used,
             total,
+            errors,
+            absolute,
         ]
 
     def _gpu_families(self, metrics: MetricsState, jobs: JobsState) -> list[Metric]:

@@ -540,7 +540,10 @@ def _job_detail(states: dict[str, Any], job: str) -> dict[str, Any] | None:
             "before_start_error": finished.before_start_error if finished is not None else None,
         },
         "memory": ({"peaks": dict(mem.peaks), "stage_peaks": dict(mem.stage_peaks),
-                    "device": mem.device} if mem is not None else None),
+                    "device": mem.device, "predicted_kind": mem.predicted_kind,
+                    "predicted_peak_bytes": mem.predicted_bytes,
+                    "prediction_error": mem.prediction_error} if mem is not None else None),
+        "predicted_peak_memory_bytes": mem.predicted_bytes if mem is not None else None,
     }
 
 

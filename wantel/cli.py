@@ -98,6 +98,16 @@ COMMANDS: tuple[Command, ...] = (
         "follow the local log and ship it to the fleet's NATS JetStream stream",
     ),
     Command(
+        "advise",
+        "wantel.commands.advise",
+        "predict a job's duration and peak memory from the log's history, and what would fit",
+    ),
+    Command(
+        "compare",
+        "wantel.commands.compare",
+        "compare models, variants, configurations, workers or devices side by side",
+    ),
+    Command(
         "replay",
         "wantel.commands.replay",
         "rebuild the projections from the log and print a per-job summary",

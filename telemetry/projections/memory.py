@@ -3,15 +3,24 @@
 Kinds: ``torch_allocated`` and ``torch_reserved`` (the caching allocator's peaks), ``device``
 (NVML's whole-device used) and ``host_rss`` (the process on CPU). A job's peak is the maximum
 of its samples; per-device figures are the latest reading and the highest seen.
+
+Each job's peak is also predicted when it starts (:mod:`telemetry.eta.memory`: the prior from
+its shape, corrected by what completed jobs taught) and the prediction scored when it
+completes — the signed relative error, by model and kind — after which the job's peak is
+learned from. Learning is part of the state, so a replay reproduces every prediction.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
 
+from telemetry.eta import memory as memory_model
+from telemetry.eta import online
+from telemetry.eta.shape import JobShape
 from telemetry.events import (
     Event,
     JobCancelled,
@@ -21,6 +30,7 @@ from telemetry.events import (
     MemorySampled,
 )
 from telemetry.projections.base import bounded_insert
+from telemetry.projections.eta import Histogram
 from telemetry.projections.readings import highest, memory_readings
 
 KEEP_FINISHED: Final = 10_000
@@ -35,6 +45,15 @@ class JobMemory(msgspec.Struct, kw_only=True):
     height: int = 0
     peaks: dict[str, int] = {}
     stage_peaks: dict[str, int] = {}
+    #: The kind of peak predicted (``torch_allocated`` on CUDA, ``host_rss`` on a CPU), the
+    #: prior's bytes and the calibrated prediction, made when the job started.
+    predicted_kind: str | None = None
+    prior_bytes: float | None = None
+    predicted_bytes: int | None = None
+    #: (predicted − observed) ÷ observed, once the job completed with a peak of that kind.
+    prediction_error: float | None = None
+    #: The job's shape while it runs (what its peak is learned under); dropped at its end.
+    shape: JobShape | None = None
 
 
 class DeviceMemory(msgspec.Struct, kw_only=True):
@@ -51,6 +70,10 @@ class MemoryState(msgspec.Struct, kw_only=True):
     running: dict[str, JobMemory] = {}
     finished: dict[str, JobMemory] = {}
     devices: dict[str, DeviceMemory] = {}
+    #: What completed jobs' peaks taught the memory model (:mod:`telemetry.eta.memory`).
+    learned: online.Learned = msgspec.field(default_factory=online.Learned)
+    #: model → kind → signed relative errors of scored predictions.
+    errors: dict[str, dict[str, Histogram]] = {}
 
 
 class MemoryProjection:
@@ -63,7 +86,8 @@ class MemoryProjection:
     """
 
     name = "memory"
-    version = 1
+    #: 2: predictions of each job's peak, their errors and what the model learned.
+    version = 2
     state_type = MemoryState
     handles = frozenset({JobStarted, MemorySampled, JobCompleted, JobFailed, JobCancelled})
 
@@ -72,7 +96,7 @@ class MemoryProjection:
         self._rules: dict[type[Event], Callable[[MemoryState, Any], None]] = {
             MemorySampled: self._sampled,
             JobStarted: self._started,
-            JobCompleted: self._ended,
+            JobCompleted: self._completed,
             JobFailed: self._ended,
             JobCancelled: self._ended,
         }
@@ -136,13 +160,43 @@ class MemoryProjection:
     def _started(self, state: MemoryState, event: JobStarted) -> None:
         """A started job is running: its peaks start empty (the oldest running jobs beyond
         :data:`~telemetry.projections.base.MAX_RUNNING` are forgotten: their end was lost)."""
-        state.running = bounded_insert(state.running, event.job, JobMemory(
-            model=event.model, width=event.width, height=event.height))
+        job = JobMemory(model=event.model, width=event.width, height=event.height)
+        try:
+            shape = JobShape.of(event)
+            kind = memory_model.peak_kind(event.device.kind)
+            prior, predicted = memory_model.predict(shape, kind, state.learned)
+        except (KeyError, ValueError, OverflowError):  # a shape no prior describes
+            pass
+        else:
+            if math.isfinite(predicted):
+                job.shape, job.predicted_kind, job.prior_bytes = shape, kind, prior
+                job.predicted_bytes = int(predicted)
+        state.running = bounded_insert(state.running, event.job, job)
+
+    def _completed(self, state: MemoryState, event: JobCompleted) -> None:
+        """A completed job's prediction is scored against its peak of the predicted kind,
+        and the model learns from it (a failed or cancelled job's peak is no measure of what
+        the job needed: it is not learned from)."""
+        job = state.running.get(event.job)
+        if job is not None and job.shape is not None and job.predicted_kind is not None:
+            observed = job.peaks.get(job.predicted_kind, 0)
+            if observed > 0 and job.predicted_bytes is not None and job.prior_bytes:
+                error = (job.predicted_bytes - observed) / observed
+                job.prediction_error = error
+                by_kind = state.errors.setdefault(job.model, {})
+                histogram = by_kind.get(job.predicted_kind)
+                if histogram is None:
+                    histogram = by_kind[job.predicted_kind] = Histogram()
+                histogram.add(error, False)
+                memory_model.learn(state.learned, job.shape, job.predicted_kind,
+                                   job.prior_bytes, float(observed))
+        self._ended(state, event)
 
     def _ended(self, state: MemoryState, event: Event) -> None:
         """An ended job's peaks are final: it moves to the newest ``keep_finished`` ended
         jobs."""
         ended = state.running.pop(event.job, None)
         if ended is not None:
+            ended.shape = None
             state.finished = bounded_insert(state.finished, event.job, ended,
                                             self.keep_finished)

@@ -614,3 +614,22 @@ def run_trace(events: list[Event] | Any, job: str) -> str:
     JobQueued, else its JobStarted; :func:`telemetry.tracing.job_trace_id`)."""
     opening = next(e for e in events if e.job == job and isinstance(e, (JobQueued, JobStarted)))
     return trace_id_for(job, None, opening.ts)
+
+
+def test_memory_prediction_error_is_exported_per_model_and_kind() -> None:
+    """A completed GPU job's predicted peak is scored against its recorded peak: the signed
+    error histogram (no _sum: buckets go negative) and the sum of |error| beside it, as the
+    memory projection holds them."""
+    runner = runner_over(a_full_history())
+    memory = runner.engine.states["memory"]
+    got = samples(registry_of(runner))
+    scored = {(model, kind): hist for model, kinds in memory.errors.items()
+              for kind, hist in kinds.items()}
+    assert scored
+    for (model, kind), hist in scored.items():
+        count = got[("wantel_memory_prediction_relative_error_bucket", f"kind={kind}", "le=+Inf",
+                     f"model={model}")]
+        assert hist.total == count
+        assert got[("wantel_memory_prediction_absolute_relative_error_total", f"kind={kind}",
+                    f"model={model}")] == pytest.approx(hist.sum_abs)
+    assert not any(k[0] == "wantel_memory_prediction_relative_error_sum" for k in got)

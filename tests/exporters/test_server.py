@@ -488,6 +488,21 @@ def test_job_detail_has_timeline_and_eta_history(service: TelemetryService) -> N
     assert running["eta"]["history"][0]["estimating"]
 
 
+def test_job_detail_has_the_predicted_peak_and_its_error(service: TelemetryService) -> None:
+    """/api/jobs/{id}: the peak predicted at the start (host RSS on a CPU) and, once the job
+    completed, (predicted − observed) ÷ observed against its recorded peak."""
+    client = TestClient(create_app(service))
+    done = client.get("/api/jobs/done-1").json()
+    running = client.get("/api/jobs/run-1").json()
+    predicted = done["predicted_peak_memory_bytes"]
+    assert predicted > 100 * MIB
+    assert "host_rss" == done["memory"]["predicted_kind"]
+    observed = done["memory"]["peaks"]["host_rss"]
+    assert (predicted - observed) / observed == pytest.approx(done["memory"]["prediction_error"])
+    assert running["predicted_peak_memory_bytes"] > 100 * MIB
+    assert None is running["memory"]["prediction_error"]
+
+
 def test_job_events_from_the_log_with_positions_and_since(service: TelemetryService) -> None:
     """/api/jobs/{id}/events returns the job's events with positions; ?since= is exclusive."""
     client = TestClient(create_app(service))

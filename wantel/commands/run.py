@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             f"job {args.job!r} is already in the log {log.path} (a second run under that id "
             "would be dropped by every view as a duplicate): pass another --job, or leave "
             "--job out for a random id")
+    warn_if_too_big(prepared, log)
     warm_imports()
     start = (log.last_position() or -1) + 1
     emitter = Emitter(log, worker=resolve_worker(None, default=default_worker_name()))
@@ -200,6 +202,62 @@ def run(args: argparse.Namespace) -> int:
         print(f"wantel run: job {prepared.job} cancelled", file=sys.stderr)
         return EXIT_CANCELLED
     return 0
+
+
+def warn_if_too_big(prepared: Any, log: LocalLog) -> str | None:
+    """Before loading: one line on stderr when the memory model (calibrated by the log's
+    history) predicts a peak beyond the device's capacity, with the offload mode that would
+    fit; the line, or ``None``. Never fails the run."""
+    try:
+        from telemetry.eta import memory as memory_model
+        from telemetry.eta.shape import JobShape, device_class, speed_options
+        from telemetry.log.base import Batch
+        from telemetry.projections.memory import MemoryProjection
+        from wantel.commands.advise import FIT_SHARE, OFFLOAD_MODES
+
+        device = prepared.device
+        if device.type == "cuda":
+            import torch
+
+            name = torch.cuda.get_device_name(device)
+            capacity = torch.cuda.get_device_properties(device).total_memory
+        elif device.type == "cpu":
+            name = "cpu"
+            capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        else:
+            return None
+        request, spec = prepared.request, prepared.model.spec
+        shape = JobShape(
+            variant=prepared.model.variant, family=spec.family, task=spec.task,
+            device=device_class(device.type, name), width=prepared.width,
+            height=prepared.height, frames=prepared.frames, steps=prepared.steps,
+            cfg=request.guidance > 1.0, two_experts=spec.two_experts,
+            speed=speed_options({"offload": request.offload,
+                                 "dtype": str(prepared.dtype).removeprefix("torch."),
+                                 "vae_tiling": request.vae_tiling}),
+            videos=request.num_videos)
+        projection = MemoryProjection()
+        state = projection.initial()
+        for item in log.read():
+            if isinstance(item, Batch):
+                for event in item.events:
+                    state = projection.apply(state, event)
+        kind = memory_model.peak_kind(device.type)
+        _, peak = memory_model.predict(shape, kind, state.learned)
+        if peak <= capacity * FIT_SHARE:
+            return None
+        gib = 2**30
+        fitting = [(mode, p) for mode in OFFLOAD_MODES
+                   if (p := memory_model.predict(shape, kind, state.learned, offload=mode)[1])
+                   <= capacity * FIT_SHARE]
+        hint = (f"; --offload {fitting[0][0]} predicts {fitting[0][1] / gib:.1f} GiB"
+                if fitting else "; fewer frames or a lower resolution (wantel advise)")
+        line = (f"wantel run: warning: predicted peak memory {peak / gib:.1f} GiB exceeds "
+                f"{FIT_SHARE:.0%} of {capacity / gib:.1f} GiB on {shape.device}{hint}")
+    except Exception:  # advice must never stop a run
+        return None
+    print(line, file=sys.stderr)
+    return line
 
 
 def _gpu_sampler(emitter: Emitter, job: str, device_type: str, interval: float) -> Any:
