@@ -41,11 +41,12 @@ RUN_DEADLINE = 120.0  # a stuck child, not a latency expectation
 
 @dataclass
 class Trial:
-    """One ``wantel run``: its job id, process, and how it ended."""
+    """One ``wantel run``: its job id, process, when to kill it, and how it ended."""
 
     job: str
     process: subprocess.Popen[bytes]
-    kill_at: float
+    kill_at: float | None  # None: a moment after its first event reaches the log
+    delay: float
     killed: bool = False
     returncode: int | None = None
 
@@ -62,20 +63,37 @@ def start_run(log_dir: Path, out_dir: Path, job: str, steps: int) -> subprocess.
 
 
 def run_wave(log_dir: Path, out_dir: Path, rng: random.Random, *, first: int, parallel: int,
-             span: float) -> list[Trial]:
-    """``parallel`` runs at once, each killed ``0..span`` seconds after it started."""
+             spans: tuple[float, float]) -> list[Trial]:
+    """``parallel`` runs at once. Most are killed a random moment after their first event
+    reaches the log (``0..spans[1]`` s: while they write), some a random moment after they
+    start (``0..spans[0]`` s: while they load, or not yet writing)."""
+    startup, writing = spans
     trials = []
     for number in range(first, first + parallel):
         job = f"run-{number}"
         process = start_run(log_dir, out_dir, job, rng.choice([2, 4, 8]))
-        trials.append(Trial(job, process, time.monotonic() + rng.random() * span))
+        early = rng.random() < 0.2
+        trials.append(Trial(job, process, time.monotonic() + rng.random() * startup
+                            if early else None, rng.random() * writing))
     deadline = time.monotonic() + RUN_DEADLINE
-    for trial in sorted(trials, key=lambda t: t.kill_at):
-        while time.monotonic() < trial.kill_at and trial.process.poll() is None:
-            time.sleep(min(0.01, max(0.0, trial.kill_at - time.monotonic())))
-        if trial.process.poll() is None:
-            trial.process.send_signal(signal.SIGKILL)
-            trial.killed = True
+    waiting = {trial.job: trial for trial in trials if trial.kill_at is None}
+    with LocalLog(log_dir, create=False) as log:
+        cursor = log.cursor(log.last_position() or 0)
+        while any(trial.process.poll() is None and not trial.killed for trial in trials):
+            assert time.monotonic() < deadline, "a wantel run is stuck"
+            now = time.monotonic()
+            for item in cursor.poll():
+                for event in item.events if isinstance(item, Batch) else ():
+                    trial = waiting.pop(event.job, None)
+                    if trial is not None:
+                        trial.kill_at = now + trial.delay
+            for trial in trials:
+                if (trial.kill_at is not None and now >= trial.kill_at and not trial.killed
+                        and trial.process.poll() is None):
+                    trial.process.send_signal(signal.SIGKILL)
+                    trial.killed = True
+            time.sleep(0.005)  # the poll interval of this watcher, not a wait for an outcome
+        cursor.close()
     for trial in trials:
         trial.returncode = trial.process.wait(max(1.0, deadline - time.monotonic()))
         trial.killed = trial.killed and trial.returncode == -signal.SIGKILL
@@ -135,12 +153,17 @@ def kill_trials(tmp_path: Path, kills_wanted: int, parallel: int) -> dict[str, i
     started = time.monotonic()
     clean = start_run(log_dir, out_dir, "calibrate", 4)
     assert 0 == clean.wait(RUN_DEADLINE)
+    startup = time.monotonic() - started
+    with LocalLog(log_dir, create=False) as log:
+        stamps = [event.ts for item in log.read() if isinstance(item, Batch)
+                  for event in item.events if event.job == "calibrate"]
     # Kill moments spread over a whole run, slower when several share the CPUs.
-    span = (time.monotonic() - started) * max(1.2, parallel / (os.cpu_count() or 1))
+    slower = max(1.5, parallel / (os.cpu_count() or 1))
+    spans = (startup * slower, (max(stamps) - min(stamps)) / 1e9 * slower * 2)
     trials: list[Trial] = []
     while sum(trial.killed for trial in trials) < kills_wanted:
         trials += run_wave(log_dir, out_dir, rng, first=len(trials), parallel=parallel,
-                           span=span)
+                           spans=spans)
     final = start_run(log_dir, out_dir, "final", 2)
     assert 0 == final.wait(RUN_DEADLINE)
     assert [] == list((log_dir / "writers").iterdir()), "marks left after a clean run"
