@@ -539,7 +539,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
         elapsed = (now - self.start_ts) / 1e9
         elapsed = 0.0 if 0.0 > elapsed else elapsed  # max(elapsed, 0.0)
         speed, speed_var = self._speed_and_variance()
-        seconds, variance = self._remaining(now, speed)
+        seconds, variance, scaled = self._remaining(now, speed)
         remaining = damp_rise(seconds, self.last_remaining, self.last_ts, self.last_band, now)
         total = elapsed + remaining
         progress = elapsed / total if total > 0 else 0.0
@@ -548,7 +548,10 @@ class LiveJob(msgspec.Struct, kw_only=True):
         if remaining <= 0:
             low = high = 0.0
         else:
-            spread = sqrt(variance / (remaining * remaining) + speed_var) * Z90
+            # The job speed's uncertainty weighs on the seconds that scale with it, not on
+            # the steps left at the speed the loop has shown.
+            spread = sqrt((variance + scaled * scaled * speed_var)
+                          / (remaining * remaining)) * Z90
             below = above = spread
             offsets = self.offsets
             # bucket_of only when there are offsets to find: it cannot raise.
@@ -559,9 +562,10 @@ class LiveJob(msgspec.Struct, kw_only=True):
         self.last_progress = progress
         return remaining, low, high, progress, self.steps_seen < 2
 
-    def _remaining(self, now: int, speed: float) -> tuple[float, float]:
-        """Seconds left, and their variance (s²: each part's seconds times its relative
-        sigma, squared, added up).
+    def _remaining(self, now: int, speed: float) -> tuple[float, float, float]:
+        """Seconds left, their variance (s²: each part's seconds times its relative sigma,
+        squared, added up), and how many of them scale with the job's speed (what is left of
+        phases at their expectation × speed, and the prior's share of the step mean).
 
         The current phase (before anything happened: the first, under way since the start),
         then every phase after it not done yet; between phases, every phase not done yet. A
@@ -570,7 +574,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
         first of them the warm-up.
         """
         phases, current, done = self.phases, self.phase, self.done
-        seconds = variance = 0.0
+        seconds = variance = scaled = 0.0
         if current is None and not done:
             current = phases[0] if phases else None
             phase_start = self.start_ts
@@ -581,7 +585,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
             try:
                 index = phases.index(current)
             except ValueError:  # a stage outside the plan: nothing is counted
-                return 0.0, 0.0
+                return 0.0, 0.0, 0.0
             if current == "denoise":
                 # The steps left at the step mean, less the part of the next step already
                 # under way (at most one step); the loop's sigma narrows with every step
@@ -591,6 +595,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
                 part = self._loop_left(mean) - (mean if mean < since_step else since_step)
                 part = 0.0 if 0.0 > part else part  # max(part, 0.0)
                 sigma = self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
+                scaled = part * self._prior_share(mean)
             else:
                 expected = self.expected[current] * speed
                 in_phase = (now - phase_start) / 1e9
@@ -599,17 +604,30 @@ class LiveJob(msgspec.Struct, kw_only=True):
                 # What is left of a phase under way is less certain, relative to itself, the
                 # further it has got: a phase past its expectation may end now or much later.
                 sigma *= 1.0 + in_phase / expected if expected > 0 else 1.0
+                scaled = part
             seconds, variance = part, (part * sigma) ** 2
             upcoming = index + 1
         fixed, fixed_variance, denoise_ahead = self._ahead(upcoming)
         seconds += fixed * speed
+        scaled += fixed * speed
         variance += fixed_variance * speed * speed
         if denoise_ahead:
-            part = self._loop_left(self._step_mean(speed))
+            mean = self._step_mean(speed)
+            part = self._loop_left(mean)
             sigma = self.sigma["denoise"]
             seconds += part
+            scaled += part * self._prior_share(mean)
             variance += (part * sigma) ** 2
-        return seconds, variance
+        return seconds, variance, scaled
+
+    def _prior_share(self, mean: float) -> float:
+        """The share of the step mean ``mean`` that is the job's prior at its speed (1 before
+        any step; it falls as steps are measured; 0 for a later expert, whose prior is what
+        the previous one showed)."""
+        if self.segment_observed or mean <= 0:
+            return 0.0 if self.segment_observed else 1.0
+        share = 1.0 - self.segment_sum / (PRIOR_STEPS + self.segment_n) / mean
+        return 0.0 if share < 0.0 else share
 
     def _loop_left(self, mean: float) -> float:
         """The denoising steps left at ``mean`` seconds each, the first a warm-up if none

@@ -218,6 +218,21 @@ class TestRobustLiveUpdates:
         # A phase far from its prior: the job's speed is less certain, the interval wider.
         assert width(4.0, loop_start, slow="text_encode") > width(1.0, loop_start)
 
+    def test_the_steps_a_slow_job_has_shown_are_not_as_uncertain_as_its_speed(self) -> None:
+        """A job 30× slower than its prior, steady over 14 of 40 steps: its speed's surprise
+        widens what scales with that speed (the decode to come), not the 26 steps left at the
+        pace it has shown, so the p10 is not below half of them (before: the whole remaining
+        time was spread by the speed's variance, p10 ≈ 0 s on the live page)."""
+        events = job_events("slow", 0, factor=30.0, steps=40)
+        loop_start = 6
+        live = self._live_at(events, loop_start + 14)
+        estimate = live.estimate(events[loop_start + 13].ts)
+        step = next(e for e in events if isinstance(e, StepEnded) and e.step == 5).duration_s
+        assert step is not None
+        steps_left = 26 * step
+        assert estimate.p10_s >= 0.5 * steps_left
+        assert estimate.p10_s <= estimate.remaining_s <= estimate.p90_s
+
 
 class TestIntervalCalibration:
     def test_coverage_is_made_to_be_about_80_percent(self) -> None:
