@@ -164,6 +164,8 @@ def kill_trials(tmp_path: Path, kills_wanted: int, parallel: int) -> dict[str, i
     while sum(trial.killed for trial in trials) < kills_wanted:
         trials += run_wave(log_dir, out_dir, rng, first=len(trials), parallel=parallel,
                            spans=spans)
+        print(f"\r{sum(trial.killed for trial in trials)} kills in {len(trials)} runs, "
+              f"{time.monotonic() - started:.0f} s", end="", flush=True)
     final = start_run(log_dir, out_dir, "final", 2)
     assert 0 == final.wait(RUN_DEADLINE)
     assert [] == list((log_dir / "writers").iterdir()), "marks left after a clean run"
@@ -175,6 +177,7 @@ def kill_trials(tmp_path: Path, kills_wanted: int, parallel: int) -> dict[str, i
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)  # a campaign of ≥ 500 runs on 2 cores: the bound of a stuck one
 def test_killed_runs_leave_a_clean_shared_log(tmp_path: Path) -> None:
     """At least 500 SIGKILLs of concurrent runs on one log: still clean."""
     wanted = int(os.environ.get("WANTEL_RUN_KILLS", "500"))
