@@ -66,9 +66,9 @@ def test_a_broker_outage_costs_delay_not_data(nats_server: NatsServer, tmp_path:
         wait_for(lambda: stream_count(nats_server.url) == total,
                  f"{total} events in the stream", timeout=120, every=0.1)
     finally:
-        for proc in shippers:
-            proc.terminate()
-        codes = [proc.wait(30) for proc in shippers]
+        for ship in shippers:
+            ship.terminate()
+        codes = [ship.wait(30) for ship in shippers]
         for proc in emitters:
             if proc.poll() is None:
                 proc.kill()

@@ -68,6 +68,7 @@ def test_killing_the_stream_leader_pauses_shipping_and_loses_nothing(
     every local event once — among them every event acknowledged before the kill."""
     wait_for(lambda: create_r3(cluster.url), "an R3 stream", timeout=60, every=0.2)
     placement = wait_for(lambda: cluster.stream_cluster(STREAM), "the stream's leader")
+    assert placement is not None
     assert 2 == len(placement.get("replicas") or [])  # the leader and two followers
 
     log_dir = tmp_path / "log"
@@ -82,12 +83,15 @@ def test_killing_the_stream_leader_pauses_shipping_and_loses_nothing(
         acked = acknowledged(log_dir)
         acked_events = local_events(log_dir)[:acked]
 
-        new = wait_for(lambda: (c := cluster.stream_cluster(STREAM)) and
-                       c["leader"] != leader and c, "a new stream leader", timeout=60)
+        def new_leader() -> str | None:
+            now = cluster.stream_cluster(STREAM)
+            return None if now is None or now["leader"] == leader else str(now["leader"])
+
+        new = wait_for(new_leader, "a new stream leader", timeout=60)
         wait_for(lambda: acknowledged(log_dir) > acked, "shipping to resume", timeout=60,
                  every=0.05)
         resumed_after = time.monotonic() - killed_at
-        print(f"leader {leader} killed; {new['leader']} leads; shipping resumed after "
+        print(f"leader {leader} killed; {new} leads; shipping resumed after "
               f"{resumed_after:.2f} s")
 
         out, _ = worker.communicate(timeout=120)

@@ -53,9 +53,9 @@ def test_the_fleet_view_is_the_union_of_the_workers_logs(nats_server: NatsServer
         wait_for(lambda: stream_count(nats_server.url) == total,
                  f"{total} events in the stream", timeout=60, every=0.1)
     finally:
-        for proc in shippers:
-            proc.terminate()
-        codes = [proc.wait(30) for proc in shippers]
+        for ship in shippers:
+            ship.terminate()
+        codes = [ship.wait(30) for ship in shippers]
     assert [0] * WORKERS == codes  # a clean stop with nothing held back
 
     merged = union(logs, tmp_path / "union")
