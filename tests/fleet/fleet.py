@@ -28,6 +28,14 @@ def start_emitter(log_dir: Path, worker: str, jobs: int, pace: float = 0.002
                              worker, str(jobs), str(pace)], stdout=subprocess.PIPE, text=True)
 
 
+def wait_for_log(log_dir: Path) -> None:
+    """Until the worker process has created its log (``wantel ship`` refuses a directory that
+    is not one yet, with exit 2: a shipper starts after its worker's log exists)."""
+    from tests.polling import wait_for
+
+    wait_for((log_dir / "wantel-log.json").exists, f"the log {log_dir}", timeout=60)
+
+
 def start_shipper(log_dir: Path, url: str, worker: str, *, stderr: Path | None = None
                   ) -> subprocess.Popen[bytes]:
     """``wantel ship --log DIR --nats URL --worker ID``, a process of its own."""

@@ -22,6 +22,7 @@ from .fleet import (
     stream_count,
     stream_events,
     union,
+    wait_for_log,
 )
 
 pytest.importorskip("nats")
@@ -30,7 +31,7 @@ WORKERS = 3
 
 
 @pytest.mark.parametrize(("outage_s", "jobs", "pace"), [
-    pytest.param(3.0, 2, 0.06, id="3s"),
+    pytest.param(3.0, 3, 0.06, id="3s"),
     pytest.param(20.0, 6, 0.2, id="20s", marks=pytest.mark.slow),
 ])
 def test_a_broker_outage_costs_delay_not_data(nats_server: NatsServer, tmp_path: Path,
@@ -40,10 +41,12 @@ def test_a_broker_outage_costs_delay_not_data(nats_server: NatsServer, tmp_path:
     every worker once."""
     logs = [tmp_path / f"w{n}" for n in range(WORKERS)]
     workers = [f"node-{n}" for n in range(WORKERS)]
-    shippers = [start_shipper(log, nats_server.url, worker, stderr=tmp_path / f"ship{n}.err")
-                for n, (log, worker) in enumerate(zip(logs, workers, strict=True))]
     emitters = [start_emitter(log, worker, jobs, pace)
                 for log, worker in zip(logs, workers, strict=True)]
+    for log in logs:
+        wait_for_log(log)
+    shippers = [start_shipper(log, nats_server.url, worker, stderr=tmp_path / f"ship{n}.err")
+                for n, (log, worker) in enumerate(zip(logs, workers, strict=True))]
     try:
         wait_for(lambda: stream_count(nats_server.url) > 0, "the first events shipped",
                  timeout=60, every=0.05)

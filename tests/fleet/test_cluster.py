@@ -25,6 +25,7 @@ from .fleet import (
     start_shipper,
     stream_count,
     stream_events,
+    wait_for_log,
 )
 
 pytest.importorskip("nats")
@@ -73,6 +74,7 @@ def test_killing_the_stream_leader_pauses_shipping_and_loses_nothing(
 
     log_dir = tmp_path / "log"
     worker = start_emitter(log_dir, WORKER, jobs=8, pace=0.05)
+    wait_for_log(log_dir)
     shipper = start_shipper(log_dir, cluster.url, WORKER, stderr=tmp_path / "ship.err")
     try:
         wait_for(lambda: acknowledged(log_dir) > 50, "the first events acknowledged",

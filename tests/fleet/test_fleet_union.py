@@ -28,6 +28,7 @@ from .fleet import (
     stream_count,
     stream_events,
     union,
+    wait_for_log,
 )
 
 pytest.importorskip("nats")
@@ -43,6 +44,8 @@ def test_the_fleet_view_is_the_union_of_the_workers_logs(nats_server: NatsServer
     logs = [tmp_path / f"w{n}" for n in range(WORKERS)]
     workers = [f"gpu-node-{n}.example:{100 + n}" for n in range(WORKERS)]
     emitters = [start_emitter(log, worker, JOBS) for log, worker in zip(logs, workers, strict=True)]
+    for log in logs:
+        wait_for_log(log)
     shippers = [start_shipper(log, nats_server.url, worker, stderr=tmp_path / f"ship{n}.err")
                 for n, (log, worker) in enumerate(zip(logs, workers, strict=True))]
     try:

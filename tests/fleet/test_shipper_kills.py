@@ -25,6 +25,7 @@ from .fleet import (
     start_shipper,
     stream_count,
     stream_events,
+    wait_for_log,
 )
 
 pytest.importorskip("nats")
@@ -45,6 +46,7 @@ def test_a_shipper_killed_at_random_loses_nothing_and_counts_nothing_twice(
     log_dir = tmp_path / "log"
     # About one job per trial, so the worker writes through most of them.
     worker = start_emitter(log_dir, WORKER, jobs=trials, pace=0.05)
+    wait_for_log(log_dir)
     progressed = 0
     before = 0
     try:
