@@ -3,9 +3,10 @@
 # into this container's local log and serves its own /metrics for Prometheus, and `wantel ship`
 # ships that log to the fleet's NATS stream ($WANTEL_NATS, as $WANTEL_WORKER). The local log
 # stays the source of truth: a shipper that stops (the broker away at start, a crash) is
-# started again, and resumes from its checkpoint in the log directory.
+# started again, and resumes from its checkpoint in the log directory. $WANTEL_DEMO_PORT: the
+# demo's port (default 9464); SIGTERM stops both cleanly.
 set -u
-wantel demo --host 0.0.0.0 --port 9464 &
+wantel demo --host 0.0.0.0 --port "${WANTEL_DEMO_PORT:-9464}" &
 demo=$!
 ship=
 trap 'kill -TERM $demo $ship 2>/dev/null; wait; exit 0' TERM INT
