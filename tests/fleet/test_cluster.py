@@ -114,3 +114,18 @@ def test_killing_the_stream_leader_pauses_shipping_and_loses_nothing(
     assert_exactly_once(local_events(log_dir), shipped)
     keys = {(e.job, e.seq) for e in shipped}
     assert [e for e in acked_events if (e.job, e.seq) not in keys] == []
+
+
+@pytest.mark.parametrize("bad", ["0", "6", "three"])
+def test_replicas_out_of_range_is_one_line_and_exit_2(
+        bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """JetStream allows 1 to 5 replicas; anything else is refused before connecting."""
+    from wantel.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["ship", "--once", "--log", str(tmp_path), "--nats", "nats://127.0.0.1:1",
+              "--replicas", bad])
+    assert 2 == caught.value.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 1 == len(err), err
+    assert f"--replicas: must be a whole number from 1 to 5, not '{bad}'" in err[0]
