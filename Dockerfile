@@ -1,4 +1,5 @@
-# wantel in a container: `wantel demo` by default (tiny offline Wan jobs, no GPU, no download).
+# wantel in a container: `wantel demo` by default (tiny offline Wan jobs, no GPU, no download);
+# with the [nats] extra, the same image ships (`wantel ship`) and aggregates (`serve --nats`).
 # The CPU wheel of torch is installed first so pip never pulls a multi-GB CUDA build; for a GPU
 # image start from an nvidia/cuda base and drop the index URL.
 FROM python:3.11.11-slim-bookworm
@@ -19,7 +20,7 @@ COPY exporters ./exporters
 COPY dashboards ./dashboards
 # gcc and zlib's headers build the C accelerators (setup.py) and leave in the same layer.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev zlib1g-dev \
-    && pip install '.[wan]' \
+    && pip install '.[wan,nats]' \
     && apt-get purge -y --auto-remove gcc libc6-dev zlib1g-dev && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 wantel \
     && mkdir -p /var/lib/wantel && chown wantel /var/lib/wantel

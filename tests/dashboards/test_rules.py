@@ -152,8 +152,8 @@ def test_compose_file_is_valid(tmp_path: Path) -> None:
     """Debian's docker-compose (v1) accepts docker-compose.yml and resolves every service."""
     done = _run(str(DOCKER_COMPOSE), "-f", str(COMPOSE), "config", "--services")
     assert 0 == done.returncode, done.stdout + done.stderr
-    assert ["alertmanager", "grafana", "jaeger", "prometheus", "wantel"] == sorted(
-        done.stdout.split())
+    assert ["alertmanager", "grafana", "jaeger", "nats", "prometheus", "wantel", "worker-a",
+            "worker-b"] == sorted(done.stdout.split())
 
 
 def test_compose_mounts_the_tested_files() -> None:
@@ -168,7 +168,9 @@ def test_compose_mounts_the_tested_files() -> None:
                 assert path.exists(), volume
                 mounted.add(path)
     expected = {PROMETHEUS_CONFIG, RULES.parent, ALERTMANAGER_CONFIG,
-                REPO / "dashboards" / "generated"}
+                REPO / "dashboards" / "generated",
+                REPO / "deploy" / "nats" / "nats-server.conf",  # what tests/nats_server.py runs
+                REPO / "deploy" / "fleet" / "worker.sh"}
     assert set() == expected - mounted
     for service in compose["services"].values():
         image = service.get("image", "")

@@ -10,6 +10,7 @@ back-off; the events wait in the local log. See :mod:`telemetry.ship` and ``docs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import socket
 import sys
@@ -31,9 +32,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", metavar="ID",
                         help="the subject's worker token (default: $WANTEL_WORKER, else this "
                              "host's name)")
+    parser.add_argument("--replicas", type=_replicas, default=1, metavar="N",
+                        help="the stream's replicas if this shipper creates it: 1 (default) on "
+                             "a single server, 3 on a 3-node JetStream cluster so the stream "
+                             "survives losing a node; a stream that exists keeps its own")
     parser.add_argument("--once", action="store_true",
                         help="ship what the log holds now, then exit; an unreachable broker at "
                              "the start is an error (without --once the shipper waits for it)")
+
+
+def _replicas(text: str) -> int:
+    """``--replicas``: 1 to 5, JetStream's bounds."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 5, not {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from telemetry.log.nats import NatsLog, redact
     from telemetry.ship import shipper
 
-    options = nats_options(args, reconnect=True, required="ship")
+    options = dataclasses.replace(nats_options(args, reconnect=True, required="ship"),
+                                  replicas=args.replicas)
     worker = resolve_worker(args.worker, default=socket.gethostname())
     local = open_local_for_reading(args)
     log_dir = resolve_log_dir(args.log)
