@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import threading
 import uuid
 import weakref
@@ -52,7 +53,7 @@ import torch
 from inference.failures import NonFiniteLatents
 from inference.memory import MemoryReader
 from inference.recorder import JobRecorder
-from inference.speed_options import speed_options
+from inference.speed_options import each_module, speed_options
 from inference.timing import timer_for
 from telemetry.control import CancelChannel, channel_of
 from telemetry.emitter import Emitter, process_emitter
@@ -303,8 +304,9 @@ class _Session:
                 self.cpu_timesteps, self.cpu_sigmas = [], []
                 return
             timesteps, sigmas = scheduler.timesteps, getattr(scheduler, "sigmas", None)
-        self.cpu_timesteps = [float(t) for t in timesteps]
-        self.cpu_sigmas = [float(s) for s in sigmas] if sigmas is not None else []
+        # tolist(): one conversion, not a 0-d tensor per element (the same Python floats)
+        self.cpu_timesteps = [float(t) for t in timesteps.tolist()]
+        self.cpu_sigmas = [float(s) for s in sigmas.tolist()] if sigmas is not None else []
 
     # -- per step ---------------------------------------------------------------------------
 
@@ -369,7 +371,7 @@ class _Session:
 
     def call(self, original: Callable[..., Any], pipe: Any, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
-        signature = inspect.signature(original)
+        signature = _signature(original)
         bound = signature.bind(pipe, *args, **kwargs)
         request = _Request(signature, bound.arguments)
         recorder = self._new_recorder(pipe)
@@ -505,6 +507,20 @@ class _Request:
         return parameter.default
 
 
+#: ``inspect.signature`` of each pipeline class's ``__call__`` (tens of µs a call to rebuild).
+_SIGNATURES: weakref.WeakKeyDictionary[Any, inspect.Signature] = weakref.WeakKeyDictionary()
+
+
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
+    try:
+        found = _SIGNATURES.get(function)
+    except TypeError:  # not weakly referenceable
+        return inspect.signature(function)
+    if found is None:
+        found = _SIGNATURES[function] = inspect.signature(function)
+    return found
+
+
 def _secrets(*prompts: Any) -> tuple[str, ...]:
     """The prompt texts a failure message must not quote (strings, or lists of them)."""
     found: list[str] = []
@@ -549,10 +565,90 @@ def _at(values: list[float], index: int) -> float | None:
 
 def _execution_device(pipe: Any) -> torch.device:
     try:
-        device = pipe._execution_device
+        device = _fast_execution_device(pipe)
+        if device is None:
+            device = pipe._execution_device
     except Exception:
         device = torch.device("cpu")
     return device if isinstance(device, torch.device) else torch.device(str(device))
+
+
+def _fast_execution_device(pipe: Any) -> Any:
+    """diffusers' ``DiffusionPipeline._execution_device``, answered in one pass; ``None`` where
+    the pipeline's class overrides that property (or ``device``) or this diffusers lacks what
+    it reads.
+
+    diffusers walks every module of every component with ``hasattr`` (which raises and catches
+    an ``AttributeError`` on each module without the attribute), and ``pipe.device`` walks each
+    model again for the same hooks: several ms a call at the Wan 1.3B shape, on the caller's
+    thread before the device has any work. The same rules, reading each module's ``__dict__``
+    once: the first group-offloading hook's onload device; else, for the first component
+    outside ``_exclude_from_cpu_offload``, ``pipe.device`` if it has no accelerate hook, else
+    the first submodule hook's ``execution_device``; else ``pipe.device`` (the first component
+    not on the CPU or meta, else the first; with no group hook anywhere a diffusers model's
+    device is its first parameter's or buffer's). ``tests/inference/test_instrument.py`` holds
+    it equal to diffusers' on plain, model-, sequentially- and group-offloaded pipelines.
+    """
+    try:
+        from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+        from diffusers.models.modeling_utils import ModelMixin
+        from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    except ImportError:
+        return None
+    if not (_defined_by(type(pipe), "_execution_device", DiffusionPipeline)
+            and _defined_by(type(pipe), "device", DiffusionPipeline)):
+        return None
+    models = [(name, model) for name, model in pipe.components.items()
+              if isinstance(model, torch.nn.Module)]
+    for _, model in models:
+        for module in each_module(model):
+            registry = module.__dict__.get("_diffusers_hook")
+            if registry is not None:
+                hook = registry.get_hook(_GROUP_OFFLOADING)
+                if hook is not None:
+                    return hook.config.onload_device
+
+    def pipeline_device() -> torch.device:  # DiffusionPipeline.device, no group hook anywhere
+        names = _SIGNATURE_MODULES.get(type(pipe))
+        if names is None:
+            names = _SIGNATURE_MODULES[type(pipe)] = tuple(pipe._get_signature_keys(pipe)[0])
+        devices: list[torch.device] = []
+        for name in names:
+            module = getattr(pipe, name, None)
+            if not isinstance(module, torch.nn.Module):
+                continue
+            device: torch.device
+            if _defined_by(type(module), "device", ModelMixin):
+                first = next(itertools.chain(module.parameters(), module.buffers()), None)
+                device = first.device if first is not None else module.device  # type: ignore[assignment]
+            else:
+                device = module.device  # type: ignore[assignment]
+            if device.type not in ("cpu", "meta"):
+                return device
+            devices.append(device)
+        return devices[0] if devices else torch.device("cpu")
+
+    for name, model in models:
+        if name in pipe._exclude_from_cpu_offload:
+            continue
+        if not hasattr(model, "_hf_hook"):
+            return pipeline_device()
+        for module in each_module(model):
+            hook = module.__dict__.get("_hf_hook")
+            if hook is not None and getattr(hook, "execution_device", None) is not None:
+                return torch.device(hook.execution_device)
+    return pipeline_device()
+
+
+#: A pipeline class's module names as ``DiffusionPipeline.device`` lists them (its
+#: ``__init__`` signature and ``_optional_components``: fixed per class).
+_SIGNATURE_MODULES: weakref.WeakKeyDictionary[type, tuple[str, ...]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _defined_by(kind: type, name: str, owner: type) -> bool:
+    """Whether ``kind`` gets attribute ``name`` from ``owner`` (no subclass overrides it)."""
+    return next((k for k in kind.__mro__ if name in k.__dict__), None) is owner
 
 
 def device_info(device: torch.device) -> DeviceInfo:

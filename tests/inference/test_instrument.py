@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from inference import instrument as instrument_module
 from inference.instrument import JobCancelledError, JobIdInUse, instrument
 from inference.recorder import WITHHELD
 from inference.runner import GenerationRequest, generate, prepare
@@ -491,3 +492,43 @@ def test_saved_pipeline_runs_through_wantel_run(tmp_path: Path) -> None:
                                              started.boundary_ratio)
     assert 1 == len(of_type(events, ExpertSwitched))
     assert isinstance(events[-1], JobCompleted)
+
+
+class TestExecutionDevice:
+    """wantel answers diffusers' ``_execution_device`` itself, in one pass over the modules
+    (diffusers' walks cost milliseconds a call at real shapes): the answer must be diffusers'."""
+
+    @pytest.mark.parametrize("variant", TINY_VARIANTS)
+    def test_plain_pipelines(self, variant: str) -> None:
+        pipe = build_tiny_pipeline(variant)
+        assert pipe._execution_device == instrument_module._fast_execution_device(pipe)
+
+    @pytest.mark.parametrize("enable", ["enable_model_cpu_offload",
+                                        "enable_sequential_cpu_offload"])
+    def test_accelerate_offload(self, enable: str) -> None:
+        pipe = build_tiny_pipeline("tiny-t2v-a14b")
+        getattr(pipe, enable)(device="cpu")
+        assert pipe._execution_device == instrument_module._fast_execution_device(pipe)
+
+    def test_group_offload(self) -> None:
+        pipe = build_tiny_pipeline("tiny-t2v")
+        pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"),
+                                              offload_type="leaf_level")
+        assert pipe._execution_device == instrument_module._fast_execution_device(pipe)
+
+    def test_meta_components_fall_back_to_the_first(self) -> None:
+        pipe = build_tiny_pipeline("tiny-t2v")
+        pipe.vae.to("meta")
+        assert pipe._execution_device == instrument_module._fast_execution_device(pipe)
+
+    def test_a_class_that_overrides_it_is_asked(self) -> None:
+        pipe = build_tiny_pipeline("tiny-t2v")
+
+        class Elsewhere(type(pipe)):  # type: ignore[misc]
+            @property
+            def _execution_device(self) -> torch.device:
+                return torch.device("meta")
+
+        pipe.__class__ = Elsewhere
+        assert instrument_module._fast_execution_device(pipe) is None
+        assert torch.device("meta") == instrument_module._execution_device(pipe)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inference.instrument import instrument
-from inference.speed_options import SPEED_OPTION_KEYS, speed_options
+from inference.speed_options import SPEED_OPTION_KEYS, each_module, speed_options
 from inference.tiny_models import TINY_VARIANTS, build_tiny_pipeline
 from telemetry.events import JobStarted
 from telemetry.log.memory import MemoryLog
@@ -209,3 +209,47 @@ def _vae(options: dict[str, Any]) -> tuple[Any, Any]:
 
 def _lora(options: dict[str, Any]) -> tuple[Any, Any]:
     return options["lora_count"], options["lora_names"]
+
+
+class TestOnePass:
+    """The probes read one shared pass over the modules (``each_module`` and ``__dict__``
+    lookups) instead of four ``modules()`` walks through ``hasattr``: the answers must be the
+    ones diffusers and torch give."""
+
+    @pytest.mark.parametrize("variant", TINY_VARIANTS)
+    def test_each_module_is_modules_in_order(self, variant: str) -> None:
+        pipe = build_tiny_pipeline(variant)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                assert [id(m) for m in component.modules()] == \
+                    [id(m) for m in each_module(component)]
+
+    def test_a_shared_submodule_is_listed_once_where_modules_lists_it(self) -> None:
+        shared = torch.nn.Linear(2, 2)
+        root = torch.nn.Sequential(shared, torch.nn.Sequential(shared, torch.nn.ReLU()))
+        assert [id(m) for m in root.modules()] == [id(m) for m in each_module(root)]
+
+    def test_dtype_is_diffusers_compute_dtype_with_layerwise_casting(self, pipe: Any) -> None:
+        """Layerwise casting stores float8 weights and computes in float32: diffusers' ``dtype``
+        says float32 and so does the walk."""
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                                  compute_dtype=torch.float32)
+        assert str(pipe.transformer.dtype).removeprefix("torch.") == \
+            speed_options(pipe)["dtype"] == "float32"
+
+    def test_dtype_skips_keep_in_fp32_modules_as_diffusers_does(self) -> None:
+        pipe = build_tiny_pipeline("tiny-t2v", dtype=torch.bfloat16)
+        assert str(pipe.transformer.dtype).removeprefix("torch.") == \
+            speed_options(pipe)["dtype"] == "bfloat16"
+
+    def test_a_processor_defined_by_the_class_is_seen(self, pipe: Any) -> None:
+        """``processor`` as a class attribute (not in the instance's ``__dict__``)."""
+
+        class Backend:
+            _attention_backend = "flash"
+
+        class WithProcessor(torch.nn.Module):
+            processor = Backend()
+
+        pipe.transformer.add_module("extra", WithProcessor())
+        assert "WanAttnProcessor+flash" == speed_options(pipe)["attention_backend"]
