@@ -535,18 +535,20 @@ class WantelCollector(Collector):
                 free.add_metric([name], max(worker.free.at - now, 0.0))
         errors = HistogramMetricFamily(
             "wantel_queue_start_relative_error",
-            "Signed relative error of a queued job's first predicted wait vs its actual wait.",
-            labels=["queue"])
+            "Signed relative error of a queued job's predicted wait vs its actual wait, by "
+            "checkpoint (first: its first prediction; half: the one in effect halfway "
+            "through its wait).", labels=["queue", "checkpoint"])
         covered = CounterMetricFamily(
             "wantel_queue_start_interval_covered",
-            "Scored queued jobs whose actual start fell inside the predicted p10-p90 interval.",
-            labels=["queue"])
+            "Scored predicted starts whose actual start fell inside their p10-p90 interval.",
+            labels=["queue", "checkpoint"])
         absolute = CounterMetricFamily(
             "wantel_queue_start_absolute_relative_error",
-            "Sum of the absolute relative errors of scored predicted starts.", labels=["queue"])
+            "Sum of the absolute relative errors of scored predicted starts.",
+            labels=["queue", "checkpoint"])
         scores = self._queue_scores.read() if self._queue_scores is not None else {}
-        for queue, hist in sorted(scores.items()):
-            labels = {"queue": queue}
+        for (queue, checkpoint), hist in sorted(scores.items()):
+            labels = {"queue": queue, "checkpoint": checkpoint}
             _add_histogram(errors, labels, ERROR_EDGES, hist.counts, exemplars=None,
                            sum_value=None)
             covered.samples.append(Sample(covered.name + "_total", labels, hist.covered))

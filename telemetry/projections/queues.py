@@ -15,6 +15,7 @@ ETA state at a ``now`` the caller gives (the server's wall clock, or an event's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -27,6 +28,14 @@ from telemetry.projections.jobs import JobsState
 
 #: Completed durations kept per model: the prior of a waiting job's duration.
 HISTORY: Final = 32
+#: The log spread a model's job durations are assumed to have before many are seen: repeated
+#: identical runs vary by ~5-6 % on a quiet machine, but jobs that share a process (worker
+#: threads, the service's own HTTP serving) and a busy CPU vary by ±30 % from one minute to
+#: the next (measured: tiny jobs beside the example service of docs/api.md).
+PRIOR_SIGMA: Final = 0.25
+#: How many jobs' worth of weight that assumption has against the observed spread.
+PRIOR_WEIGHT: Final = 4.0
+Z90: Final = 1.2816  # the standard normal's 90th percentile
 
 
 class Waiting(msgspec.Struct, kw_only=True, array_like=True, gc=False):
@@ -55,6 +64,7 @@ class WorkerSlots(msgspec.Struct, kw_only=True):
     queues: dict[str, None] = {}
     running: dict[str, None] = {}
     slots: int = 1
+    last_end_ts: int | None = None  # when its latest job ended
 
 
 class QueuesState(msgspec.Struct, kw_only=True):
@@ -64,6 +74,10 @@ class QueuesState(msgspec.Struct, kw_only=True):
     running: dict[str, Running] = {}
     workers: dict[str, WorkerSlots] = {}
     durations: dict[str, list[float]] = {}
+    #: The newest :data:`HISTORY` hand-overs: seconds from a worker's job ending to its next
+    #: job starting, for jobs that were already waiting when it ended (the service's own
+    #: dispatch, and the pipeline call's set-up before ``JobStarted``).
+    handovers: list[float] = []
     arrivals: int = 0
 
     def order(self, queue: str) -> list[str]:
@@ -95,8 +109,9 @@ class QueuesProjection:
     def apply(self, state: QueuesState, event: Event) -> QueuesState:
         """A queued job joins its queue (unless it already started); a started one leaves it,
         runs on its worker (who now serves that queue and has at least as many slots as jobs
-        it runs); an ended one leaves wherever it is, a completed one's duration joins its
-        model's history."""
+        it runs; if it waited for the slot the worker's latest end freed, that hand-over's
+        length joins the hand-overs); an ended one leaves wherever it is, a completed one's
+        duration joins its model's history."""
         if isinstance(event, JobQueued):
             _queued(state, event)
         elif isinstance(event, JobStarted):
@@ -129,6 +144,13 @@ def _started(state: QueuesState, event: JobStarted) -> None:
     worker = state.workers.get(event.worker)
     if worker is None:
         worker = state.workers[event.worker] = WorkerSlots()
+    ended = worker.last_end_ts
+    if (waiting is not None and ended is not None and waiting.queued_ts <= ended <= event.ts
+            and len(worker.running) < worker.slots):
+        # It waited for this worker's slot, which the latest end freed.
+        state.handovers.append((event.ts - ended) / 1e9)
+        del state.handovers[:-HISTORY]
+        worker.last_end_ts = None  # one hand-over per end
     worker.running[event.job] = None
     if queue is not None:
         worker.queues[queue] = None
@@ -143,6 +165,7 @@ def _ended(state: QueuesState, event: Event) -> None:
         return
     if running.worker is not None and (worker := state.workers.get(running.worker)) is not None:
         worker.running.pop(event.job, None)
+        worker.last_end_ts = event.ts
     if isinstance(event, JobCompleted):
         history = state.durations.setdefault(running.model, [])
         history.append(event.duration_s)
@@ -205,14 +228,13 @@ class Forecast:
 
 
 def expected_duration(states: dict[str, Any], model: str, now_s: float) -> Interval | None:
-    """How long a job of ``model`` should take once started: the median and the 10th/90th
-    percentiles of its model's recent completed jobs (two or more), else the mean predicted
-    total of its model's running jobs (their ETAs), else unknown."""
+    """How long a job of ``model`` should take once started: from its model's recent
+    completed jobs (two or more) taken as log-normal (:func:`_log_normal`), else the mean
+    predicted total of its model's running jobs (their ETAs), else unknown."""
     queues: QueuesState = states["queues"]
-    history = sorted(queues.durations.get(model, ()))
+    history = queues.durations.get(model, [])
     if len(history) >= 2:
-        return Interval(_quantile(history, 0.5), _quantile(history, 0.1),
-                        _quantile(history, 0.9))
+        return _log_normal(history)
     eta: EtaState = states["eta"]
     totals: list[Interval] = []
     for job, running in queues.running.items():
@@ -231,6 +253,27 @@ def expected_duration(states: dict[str, Any], model: str, now_s: float) -> Inter
                     sum(t.p90 for t in totals) / n)
 
 
+def _log_normal(values: list[float]) -> Interval:
+    """The predictive median and 10th/90th percentiles of the next value, taking ``values``
+    as log-normal: the log spread shrunk towards :data:`PRIOR_SIGMA` with
+    :data:`PRIOR_WEIGHT` pseudo-observations (a few jobs say little about their spread), and
+    widened by ``sqrt(1 + 1/n)`` for the unknown mean."""
+    logs = [math.log(max(v, 1e-6)) for v in values]
+    n = len(logs)
+    mean = sum(logs) / n
+    sample = sum((x - mean) ** 2 for x in logs) / (n - 1) if n > 1 else 0.0
+    variance = ((n - 1) * sample + PRIOR_WEIGHT * PRIOR_SIGMA ** 2) / (n - 1 + PRIOR_WEIGHT)
+    spread = Z90 * math.sqrt(variance * (1 + 1 / n))
+    return Interval(math.exp(mean), math.exp(mean - spread), math.exp(mean + spread))
+
+
+def _spread(ordered: list[float]) -> Interval | None:
+    """The median and 10th/90th percentiles of sorted values; ``None`` for none."""
+    if not ordered:
+        return None
+    return Interval(_quantile(ordered, 0.5), _quantile(ordered, 0.1), _quantile(ordered, 0.9))
+
+
 def _quantile(ordered: list[float], q: float) -> float:
     """The ``q`` quantile of sorted values, linearly interpolated."""
     position = q * (len(ordered) - 1)
@@ -242,9 +285,13 @@ def _quantile(ordered: list[float], q: float) -> float:
 def _running_end(states: dict[str, Any], job: str, running: Running,
                  now_s: float) -> Interval | None:
     """When a running job should end: its latest ETA moved on to ``now`` (never before
-    ``now``), else its model's expected duration after its start."""
+    ``now``); while that ETA is still only its prior ("estimating": under two steps seen) and
+    the model has a history, or without an ETA, the model's expected duration after its
+    start (:func:`expected_duration`)."""
     point = current(states["eta"], job)
-    if point is not None:
+    queues: QueuesState = states["queues"]
+    if point is not None and (not point.estimating
+                              or len(queues.durations.get(running.model, ())) < 2):
         age = now_s - point.ts / 1e9
         return Interval(now_s + max(point.remaining_s - age, 0.0),
                         now_s + max(point.p10_s - age, 0.0),
@@ -262,9 +309,11 @@ def forecast(states: dict[str, Any], now_s: float, *,
     """The queues at ``now_s`` (unix seconds): a read of folded state, never a fold.
 
     Each queue is simulated on its own, as list scheduling: the slots of the live workers that
-    serve it become free when their running jobs should end (a free slot: now); each waiting
-    job, in order, starts on the slot free first and holds it for its model's expected
-    duration (:func:`expected_duration`). The p10 and p90 bounds are carried through the same
+    serve it become free when their running jobs should end, plus a hand-over (the median and
+    p10/p90 of the recent ones: the service's dispatch and the call's set-up before
+    ``JobStarted``); a free slot, now. Each waiting job, in order, starts on the slot free
+    first and holds it for its model's expected duration (:func:`expected_duration`) and a
+    hand-over. The p10 and p90 bounds are carried through the same
     assignment, each from its own bounds. A slot whose end is unknown (a running job with no
     estimate yet) is left out; a job whose duration is unknown, and everything behind it on
     its slot, gets no prediction. Jobs of other queues that a shared worker will take first
@@ -274,6 +323,7 @@ def forecast(states: dict[str, Any], now_s: float, *,
     jobs: JobsState = states["jobs"]
     result = Forecast(now=now_s)
     horizon = jobs.now_ts - int(worker_timeout_s * 1e9)
+    handover = _spread(sorted(queues.handovers)) or Interval(0.0, 0.0, 0.0)
     live: dict[str, list[Interval | None]] = {}
     for name, worker in queues.workers.items():
         seen = jobs.workers.get(name)
@@ -291,6 +341,7 @@ def forecast(states: dict[str, Any], now_s: float, *,
                 result.finishes[job] = end
             ends.append(end)
             running.append(job)
+        ends = [end.plus(handover) if end is not None else None for end in ends]
         idle = Interval(now_s, now_s, now_s)
         ends.extend(idle for _ in range(max(worker.slots - len(ends), 0)))
         live[name] = ends
@@ -319,7 +370,7 @@ def forecast(states: dict[str, Any], now_s: float, *,
                 duration = durations[model]
                 start = first_free
                 finish = first_free.plus(duration) if duration is not None else None
-                slots[index] = finish
+                slots[index] = finish.plus(handover) if finish is not None else None
             result.jobs[job] = JobForecast(queue=queue, position=position, start=start,
                                            finish=finish)
     return result

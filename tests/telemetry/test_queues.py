@@ -98,7 +98,8 @@ def test_forecast_list_schedules_over_the_serving_workers() -> None:
     states = engine.states
     now = (T0 + 22 * S) / 1e9
     expected = expected_duration(states, "m", now)
-    assert expected is not None and expected.at == pytest.approx(10.0)
+    assert expected is not None and expected.at == pytest.approx(10.0, rel=0.01)
+    assert expected.p10 < 9.0 and expected.p90 > 11.0  # three jobs say little of the spread
     ahead = forecast(states, now)
     assert [ahead.jobs[j].position for j in ("a", "b", "c")] == [1, 2, 3]
     end_r1 = ahead.finishes["r1"].at
@@ -106,11 +107,11 @@ def test_forecast_list_schedules_over_the_serving_workers() -> None:
     assert end_r1 <= end_r2
     a, b, c = (ahead.jobs[j] for j in ("a", "b", "c"))
     assert a.start is not None and a.start.at == pytest.approx(end_r1)
-    assert b.start is not None and b.start.at == pytest.approx(min(end_r2, end_r1 + 10.0))
+    assert b.start is not None and b.start.at == pytest.approx(min(end_r2, end_r1 + expected.at))
     assert c.start is not None and c.finish is not None
     assert c.start.at >= b.start.at
     assert c.start.p10 <= c.start.at <= c.start.p90
-    assert a.finish is not None and a.finish.at == pytest.approx(a.start.at + 10.0)
+    assert a.finish is not None and a.finish.at == pytest.approx(a.start.at + expected.at)
     assert ahead.depth == {("default", "m"): 3}
     assert ahead.workers["w1"].free is not None
     assert ahead.workers["w1"].free.at == pytest.approx(end_r1)
