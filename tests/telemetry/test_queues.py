@@ -128,3 +128,24 @@ def test_replay_is_deterministic_and_snapshots_round_trip() -> None:
                            done("a", 3, 1.0)]
     one = fold(events).snapshot()
     assert fold(events).snapshot() == one
+
+
+def test_hand_overs_are_learned_and_added_to_freed_slots() -> None:
+    """A job that waited for the slot a worker's end freed: the gap from that end to its
+    start is a hand-over; a job that started on an idle slot is not one."""
+    projection = QueuesProjection()
+    state = projection.initial()
+    for event in [q("a", 0), q("b", 0), start("a", 1, "w"), done("a", 3, 2.0),
+                  start("b", 3.5, "w", seq=1), q("c", 4), start("c", 9, "w", seq=1)]:
+        state = projection.apply(state, event)
+    assert state.handovers == [pytest.approx(0.5)]  # c came after b's slot was free: none
+    events: list[Event] = [q("h1", 0), start("h1", 1, "w"), done("h1", 2, 1.0),
+                           q("h2", 0), start("h2", 2.5, "w", seq=1), done("h2", 3.5, 1.0),
+                           q("r", 4), start("r", 4, "w", seq=1), q("x", 5)]
+    engine = fold(events)
+    assert engine.states["queues"].handovers == [pytest.approx(0.5)]
+    now = (T0 + 5 * S) / 1e9
+    ahead = forecast(engine.states, now)
+    end = ahead.finishes["r"]
+    start_x = ahead.jobs["x"].start
+    assert start_x is not None and start_x.at == pytest.approx(end.at + 0.5)
