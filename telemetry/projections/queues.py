@@ -46,6 +46,7 @@ class Waiting(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     arrival: int  # the fold's count of JobQueued records: ties in priority go by it
     model: str
     queued_ts: int
+    worker: str | None = None  # who queued it (the service's emitter)
 
 
 class Running(msgspec.Struct, kw_only=True, array_like=True, gc=False):
@@ -129,7 +130,7 @@ def _queued(state: QueuesState, event: JobQueued) -> None:
     state.arrivals += 1
     state.waiting[event.job] = Waiting(queue=event.queue, priority=event.priority,
                                        arrival=state.arrivals, model=event.model,
-                                       queued_ts=event.ts)
+                                       queued_ts=event.ts, worker=event.worker)
 
 
 def _started(state: QueuesState, event: JobStarted) -> None:
@@ -304,6 +305,19 @@ def _running_end(states: dict[str, Any], job: str, running: Running,
                     max(started + expected.p90, now_s))
 
 
+def _lost(queues: QueuesState, jobs: JobsState, horizon: int) -> set[str]:
+    """Waiting jobs whose queue went with its process: the worker that queued them has been
+    silent past the liveness timeout (its in-memory queue is gone; they will not start)."""
+    lost: set[str] = set()
+    for job, waiting in queues.waiting.items():
+        if waiting.worker is None:
+            continue
+        seen = jobs.workers.get(waiting.worker)
+        if seen is not None and seen.last_ts < horizon:
+            lost.add(job)
+    return lost
+
+
 def forecast(states: dict[str, Any], now_s: float, *,
              worker_timeout_s: float = WORKER_TIMEOUT_S) -> Forecast:
     """The queues at ``now_s`` (unix seconds): a read of folded state, never a fold.
@@ -317,7 +331,8 @@ def forecast(states: dict[str, Any], now_s: float, *,
     assignment, each from its own bounds. A slot whose end is unknown (a running job with no
     estimate yet) is left out; a job whose duration is unknown, and everything behind it on
     its slot, gets no prediction. Jobs of other queues that a shared worker will take first
-    are not foreseen.
+    are not foreseen. Jobs queued by a process that has been silent past the liveness timeout
+    are left out (its queue went with it): they have no place and count in no depth.
     """
     queues: QueuesState = states["queues"]
     jobs: JobsState = states["jobs"]
@@ -350,7 +365,10 @@ def forecast(states: dict[str, Any], now_s: float, *,
         result.workers[name] = WorkerForecast(worker=name, queues=tuple(worker.queues),
                                               slots=worker.slots, running=tuple(running),
                                               free=free)
-    for waiting in queues.waiting.values():
+    lost = _lost(queues, jobs, horizon)
+    for job, waiting in queues.waiting.items():
+        if job in lost:
+            continue
         key = (waiting.queue, waiting.model)
         result.depth[key] = result.depth.get(key, 0) + 1
     durations: dict[str, Interval | None] = {}
@@ -358,7 +376,8 @@ def forecast(states: dict[str, Any], now_s: float, *,
         slots: list[Interval | None] = [
             end for name, worker in queues.workers.items()
             if queue in worker.queues and name in live for end in live[name]]
-        for position, job in enumerate(queues.order(queue), start=1):
+        order = [job for job in queues.order(queue) if job not in lost]
+        for position, job in enumerate(order, start=1):
             model = queues.waiting[job].model
             if model not in durations:
                 durations[model] = expected_duration(states, model, now_s)

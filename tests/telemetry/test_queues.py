@@ -149,3 +149,18 @@ def test_hand_overs_are_learned_and_added_to_freed_slots() -> None:
     end = ahead.finishes["r"]
     start_x = ahead.jobs["x"].start
     assert start_x is not None and start_x.at == pytest.approx(end.at + 0.5)
+
+
+def test_jobs_queued_by_a_silent_service_leave_the_queue() -> None:
+    """The service that queued "a" went silent past the liveness timeout (its in-memory queue
+    went with it); "b", queued by a live one, moves up to first place."""
+    from telemetry.liveness import WORKER_TIMEOUT_S
+
+    later = WORKER_TIMEOUT_S + 5
+    events: list[Event] = [q("a", 0), msgspec.structs.replace(q("b", 1), worker="svc2"),
+                           WorkerHeartbeat(job="worker/svc2", seq=0, ts=T0 + int(later * S),
+                                           worker="svc2", host="h", pid=2)]
+    ahead = forecast(fold(events).states, T0 / 1e9 + later)
+    assert "a" not in ahead.jobs
+    assert ahead.jobs["b"].position == 1
+    assert ahead.depth == {("default", "m"): 1}
