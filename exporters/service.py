@@ -56,7 +56,7 @@ from telemetry.log.base import Batch, EventLog, Position
 from telemetry.projections import default_projections
 from telemetry.projections.eta import FinishedEta
 from telemetry.projections.jobs import JobsState, JobView
-from telemetry.projections.queues import Forecast, forecast
+from telemetry.projections.queues import Forecast, forecast, running_finish
 from telemetry.projections.summary import job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
 from telemetry.tracing import job_trace_id, traceparent_sampled
@@ -201,40 +201,62 @@ def queue_forecast(states: dict[str, Any], now: float | None = None) -> Forecast
     return forecast(states, time.time() if now is None else now)
 
 
+class Forecaster:
+    """The queues' forecast for many views read at one moment: worked out once, on the first
+    view of a queued job that needs it (a running job's predicted finish needs no
+    simulation of the queues: :func:`~telemetry.projections.queues.running_finish`)."""
+
+    __slots__ = ("_forecast", "now", "states")
+
+    def __init__(self, states: dict[str, Any], now: float | None = None) -> None:
+        self.states = states
+        self.now = time.time() if now is None else now
+        self._forecast: Forecast | bool | None = False  # False: not worked out yet
+
+    def forecast(self) -> Forecast | None:
+        """The forecast (``None`` for an engine without the queues projection)."""
+        if self._forecast is False:
+            self._forecast = queue_forecast(self.states, self.now)
+        return self._forecast  # type: ignore[return-value]
+
+
 def _queue_fields(states: dict[str, Any], view: JobView,
-                  ahead: Forecast | None) -> dict[str, Any]:
+                  ahead: Forecaster | None) -> dict[str, Any]:
     """``queue``, ``priority``, ``queue_position`` (1 = next; ``None`` once started),
     ``predicted_start`` and ``predicted_finish`` (``{"at", "p10", "p90"}``, unix seconds)."""
     fields: dict[str, Any] = {"queue": view.queue, "priority": view.priority,
                               "queue_position": None, "predicted_start": None,
                               "predicted_finish": None}
-    if ahead is None:
+    if ahead is None or "queues" not in states:
         return fields
-    waiting = ahead.jobs.get(view.job)
-    if waiting is not None and view.status == "queued":
-        fields["queue_position"] = waiting.position
-        fields["predicted_start"] = waiting.start.as_json() if waiting.start else None
-        fields["predicted_finish"] = waiting.finish.as_json() if waiting.finish else None
-    elif view.status == "running" and (end := ahead.finishes.get(view.job)) is not None:
-        fields["predicted_finish"] = end.as_json()
+    if view.status == "queued":
+        found = ahead.forecast()
+        waiting = found.jobs.get(view.job) if found is not None else None
+        if waiting is not None:
+            fields["queue_position"] = waiting.position
+            fields["predicted_start"] = waiting.start.as_json() if waiting.start else None
+            fields["predicted_finish"] = waiting.finish.as_json() if waiting.finish else None
+    elif view.status == "running":
+        end = running_finish(states, view.job, ahead.now)
+        fields["predicted_finish"] = end.as_json() if end is not None else None
     return fields
 
 
 def summarize(states: dict[str, Any], job: str, *,
-              ahead: Forecast | bool | None = True) -> dict[str, Any] | None:
+              ahead: Forecaster | bool | None = True) -> dict[str, Any] | None:
     """One job as the list, the snapshot and the live page show it; ``None`` if unknown.
 
     The figures are the read model's (:mod:`telemetry.projections.summary`): progress weighted
     by expected stage cost, not a bare step count; steps/s the smoothed rate while running, the
-    measured mean after. ``ahead``: the queues' forecast to read the job's place and predicted
-    start and finish from (:func:`queue_forecast`, computed once for many jobs); ``True``
-    computes one for this job alone.
+    measured mean after. ``ahead``: the :class:`Forecaster` shared by the views read at one
+    moment (the job's place, predicted start and finish); ``True`` makes one for this job
+    alone, ``False`` leaves those fields ``None``.
     """
     summary = job_summary(states, job)
     if summary is None:
         return None
     if ahead is True:
-        ahead = queue_forecast(states) if summary.view.status in ("queued", "running") else None
+        ahead = Forecaster(states)
     elif ahead is False:
         ahead = None
     view = summary.view
@@ -329,7 +351,7 @@ def snapshot_data(states: dict[str, Any], *, job: str | None = None,
                   recent: int = DEFAULT_RECENT) -> dict[str, Any]:
     """Running jobs (oldest first) and recently finished ones (newest first)."""
     jobs: JobsState = states["jobs"]
-    ahead = queue_forecast(states)
+    ahead = Forecaster(states)
     if job is not None:
         summary = summarize(states, job, ahead=ahead)
         ended = summary is not None and job in jobs.finished
@@ -533,7 +555,7 @@ class FanOut(Sink):
         buffer = bytearray()  # each frame is encoded into it: it keeps its memory, grown once
         last_job: str | None = None  # a flush is a run of one job's events: its view in locals
         view: msgspec.Raw | None = None
-        ahead: Forecast | None = None
+        ahead: Forecaster | None = None
         items: Iterator[tuple[Position, Event]] = applied.positioned()
         if wanted is not None:  # checks out of the loop that runs for every event
             items = ((position, event) for position, event in items if event.job in wanted)
@@ -546,8 +568,8 @@ class FanOut(Sink):
                 if job in views:
                     view = views[job]
                 else:
-                    if ahead is None and states.get("queues") is not None:
-                        ahead = queue_forecast(states)  # once per batch, for every view
+                    if ahead is None:
+                        ahead = Forecaster(states)  # one per batch, for every view
                     summary = summarize(states, job, ahead=ahead)
                     view = views[job] = None if summary is None else _view(summary)
                 last_job = job

@@ -15,9 +15,10 @@ ETA state at a ``now`` the caller gives (the server's wall clock, or an event's 
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -176,8 +177,7 @@ def _ended(state: QueuesState, event: Event) -> None:
 # -- the read model: what needs a clock ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Interval:
+class Interval(NamedTuple):
     """A predicted moment (unix seconds) or duration (seconds), with its p10–p90 interval."""
 
     at: float
@@ -193,8 +193,7 @@ class Interval:
         return {"at": self.at, "p10": self.p10, "p90": self.p90}
 
 
-@dataclass(frozen=True, slots=True)
-class JobForecast:
+class JobForecast(NamedTuple):
     """A waiting job: its queue, its place (1 = next), and when it should start and end
     (``None`` while no live worker serves its queue or a duration ahead is unknown)."""
 
@@ -283,12 +282,12 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _running_end(states: dict[str, Any], job: str, running: Running,
-                 now_s: float) -> Interval | None:
+def _running_end(states: dict[str, Any], job: str, running: Running, now_s: float,
+                 durations: dict[str, Interval | None]) -> Interval | None:
     """When a running job should end: its latest ETA moved on to ``now`` (never before
     ``now``); while that ETA is still only its prior ("estimating": under two steps seen) and
     the model has a history, or without an ETA, the model's expected duration after its
-    start (:func:`expected_duration`)."""
+    start (:func:`expected_duration`, memoised in ``durations``)."""
     point = current(states["eta"], job)
     queues: QueuesState = states["queues"]
     if point is not None and (not point.estimating
@@ -297,12 +296,21 @@ def _running_end(states: dict[str, Any], job: str, running: Running,
         return Interval(now_s + max(point.remaining_s - age, 0.0),
                         now_s + max(point.p10_s - age, 0.0),
                         now_s + max(point.p90_s - age, 0.0))
-    expected = expected_duration(states, running.model, now_s)
+    if running.model not in durations:
+        durations[running.model] = expected_duration(states, running.model, now_s)
+    expected = durations[running.model]
     if expected is None:
         return None
     started = running.started_ts / 1e9
     return Interval(max(started + expected.at, now_s), max(started + expected.p10, now_s),
                     max(started + expected.p90, now_s))
+
+
+def running_finish(states: dict[str, Any], job: str, now_s: float) -> Interval | None:
+    """When the running ``job`` should end, as :func:`forecast` reckons it (without
+    simulating the queues: what a running job's view needs)."""
+    entry = states["queues"].running.get(job)
+    return None if entry is None else _running_end(states, job, entry, now_s, {})
 
 
 def _lost(queues: QueuesState, jobs: JobsState, horizon: int) -> set[str]:
@@ -339,6 +347,7 @@ def forecast(states: dict[str, Any], now_s: float, *,
     result = Forecast(now=now_s)
     horizon = jobs.now_ts - int(worker_timeout_s * 1e9)
     handover = _spread(sorted(queues.handovers)) or Interval(0.0, 0.0, 0.0)
+    durations: dict[str, Interval | None] = {}  # by model, worked out once
     live: dict[str, list[Interval | None]] = {}
     for name, worker in queues.workers.items():
         seen = jobs.workers.get(name)
@@ -351,49 +360,49 @@ def forecast(states: dict[str, Any], now_s: float, *,
             entry = queues.running.get(job)
             if entry is None or (view is not None and view.status != "running"):
                 continue
-            end = _running_end(states, job, entry, now_s)
+            end = _running_end(states, job, entry, now_s, durations)
             if end is not None:
                 result.finishes[job] = end
-            ends.append(end)
+            ends.append(end.plus(handover) if end is not None else None)
             running.append(job)
-        ends = [end.plus(handover) if end is not None else None for end in ends]
         idle = Interval(now_s, now_s, now_s)
         ends.extend(idle for _ in range(max(worker.slots - len(ends), 0)))
         live[name] = ends
         known = [end for end in ends if end is not None]
-        free = min(known, key=lambda i: i.at) if len(known) == len(ends) and known else None
+        free = min(known) if len(known) == len(ends) and known else None
         result.workers[name] = WorkerForecast(worker=name, queues=tuple(worker.queues),
                                               slots=worker.slots, running=tuple(running),
                                               free=free)
     lost = _lost(queues, jobs, horizon)
+    by_queue: dict[str, list[tuple[int, int, str, str]]] = {}
     for job, waiting in queues.waiting.items():
         if job in lost:
             continue
         key = (waiting.queue, waiting.model)
         result.depth[key] = result.depth.get(key, 0) + 1
-    durations: dict[str, Interval | None] = {}
-    for queue in queues.queues():
-        slots: list[Interval | None] = [
-            end for name, worker in queues.workers.items()
-            if queue in worker.queues and name in live for end in live[name]]
-        order = [job for job in queues.order(queue) if job not in lost]
-        for position, job in enumerate(order, start=1):
-            model = queues.waiting[job].model
-            if model not in durations:
-                durations[model] = expected_duration(states, model, now_s)
+        by_queue.setdefault(waiting.queue, []).append(
+            (-waiting.priority, waiting.arrival, job, waiting.model))
+    for queue, waiting_jobs in by_queue.items():
+        waiting_jobs.sort()
+        # The free times of the slots serving the queue, earliest first (unknown ones out).
+        free_at = [end for name, worker in queues.workers.items()
+                   if queue in worker.queues and name in live
+                   for end in live[name] if end is not None]
+        heapq.heapify(free_at)
+        for position, (_, _, job, model) in enumerate(waiting_jobs, start=1):
             start: Interval | None = None
             finish: Interval | None = None
-            open_slots = [(i, s) for i, s in enumerate(slots) if s is not None]
-            if open_slots:
-                index, first_free = min(open_slots, key=lambda item: item[1].at)
+            if free_at:
+                start = heapq.heappop(free_at)
+                if model not in durations:
+                    durations[model] = expected_duration(states, model, now_s)
                 duration = durations[model]
-                start = first_free
-                finish = first_free.plus(duration) if duration is not None else None
-                slots[index] = finish.plus(handover) if finish is not None else None
-            result.jobs[job] = JobForecast(queue=queue, position=position, start=start,
-                                           finish=finish)
+                if duration is not None:
+                    finish = start.plus(duration)
+                    heapq.heappush(free_at, finish.plus(handover))
+            result.jobs[job] = JobForecast(queue, position, start, finish)
     return result
 
 
 __all__ = ["HISTORY", "Forecast", "Interval", "JobForecast", "QueuesProjection", "QueuesState",
-           "WorkerForecast", "expected_duration", "forecast"]
+           "WorkerForecast", "expected_duration", "forecast", "running_finish"]
