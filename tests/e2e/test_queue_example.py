@@ -208,6 +208,9 @@ def test_queue_service_example(tmp_path: Path, warmup: int) -> None:
         for job in earlier + jobs:
             types = [b["type"] for b in receiver.bodies() if b["data"]["job"] == job]
             assert types == ["job.queued", "job.started", "job.completed"], (job, types)
+        (jumped,) = [b["data"] for b in receiver.bodies()
+                     if b["type"] == "job.queued" and b["data"]["job"] == jobs[-1]]
+        assert (jumped["queue"], jumped["priority"]) == ("default", PRIORITIES[-1])
     finally:
         server.terminate()
         try:
