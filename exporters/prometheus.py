@@ -43,6 +43,7 @@ from prometheus_client.samples import Exemplar as PromExemplar
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from exporters.queue_scores import QueueStartScorer
 from telemetry.engine import Health, ProjectionRunner
 from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.projections.eta import ERROR_EDGES, EtaState, current
@@ -57,6 +58,7 @@ from telemetry.projections.metrics import (
     HistogramSeries,
     MetricsState,
 )
+from telemetry.projections.queues import forecast
 from telemetry.projections.throughput import ThroughputState
 from telemetry.runner import Applied, Sink
 
@@ -288,8 +290,14 @@ class WantelCollector(Collector):
         self._fold_lock = threading.Lock()
         self._folded_now: set[str] = set()
         self._folded_total = 0
-        self._backlog = _Backlog(f"prometheus-backlog-{next(_COLLECTORS)}")
+        number = next(_COLLECTORS)
+        self._backlog = _Backlog(f"prometheus-backlog-{number}")
         runner.add_sink(self._backlog)
+        self._queue_scores: QueueStartScorer | None = None
+        if "queues" in runner.engine.states:
+            self._queue_scores = QueueStartScorer()
+            self._queue_scores.name = f"queue-start-scores-{number}"
+            runner.add_sink(self._queue_scores)
 
     def describe(self) -> Iterable[Metric]:
         """Nothing up front: families depend on the log, and describing must not fold it."""
@@ -323,6 +331,8 @@ class WantelCollector(Collector):
         out.extend(self._gpu_families(metrics, jobs))
         out.extend(self._health_families(health, drops, now))
         out.append(_non_finite(metrics))
+        if "queues" in states:
+            out.extend(self._queue_families(states, now))
         alive = GaugeMetricFamily("wantel_workers_alive",
                                   "Workers heard from within the liveness timeout.")
         # The projection's horizon is the newest event's time, which stops advancing when every
@@ -500,6 +510,50 @@ class WantelCollector(Collector):
             covered.samples.append(Sample(covered.name + "_total", labels, hist.covered))
             absolute.samples.append(Sample(absolute.name + "_total", labels, hist.sum_abs))
         return [errors, covered, absolute]
+
+    def _queue_families(self, states: Mapping[str, Any], now: float) -> list[Metric]:
+        """Queue depth by queue and model, each live worker's predicted free time (seconds
+        from now; 0 with a free slot), and how good past predicted starts were.
+
+        The forecast is read at the scrape's wall clock
+        (:func:`telemetry.projections.queues.forecast`); the start scores are the
+        :class:`~exporters.queue_scores.QueueStartScorer`'s, in the ETA error's shape: the
+        signed histogram, and counters of starts inside their p10-p90 interval and of
+        |relative error|.
+        """
+        ahead = forecast(dict(states), now, worker_timeout_s=self.worker_timeout_s)
+        depth = GaugeMetricFamily("wantel_queue_depth", "Jobs waiting in a queue.",
+                                  labels=["queue", "model"])
+        for (queue, model), count in sorted(ahead.depth.items()):
+            depth.add_metric([queue, model], count)
+        free = GaugeMetricFamily(
+            "wantel_worker_predicted_free_seconds",
+            "Seconds until a worker can take its next job (its earliest running job's "
+            "predicted end; 0 with a free slot).", labels=["worker"], unit="seconds")
+        for name, worker in sorted(ahead.workers.items()):
+            if worker.free is not None:
+                free.add_metric([name], max(worker.free.at - now, 0.0))
+        errors = HistogramMetricFamily(
+            "wantel_queue_start_relative_error",
+            "Signed relative error of a queued job's predicted wait vs its actual wait, by "
+            "checkpoint (first: its first prediction; half: the one in effect halfway "
+            "through its wait).", labels=["queue", "checkpoint"])
+        covered = CounterMetricFamily(
+            "wantel_queue_start_interval_covered",
+            "Scored predicted starts whose actual start fell inside their p10-p90 interval.",
+            labels=["queue", "checkpoint"])
+        absolute = CounterMetricFamily(
+            "wantel_queue_start_absolute_relative_error",
+            "Sum of the absolute relative errors of scored predicted starts.",
+            labels=["queue", "checkpoint"])
+        scores = self._queue_scores.read() if self._queue_scores is not None else {}
+        for (queue, checkpoint), hist in sorted(scores.items()):
+            labels = {"queue": queue, "checkpoint": checkpoint}
+            _add_histogram(errors, labels, ERROR_EDGES, hist.counts, exemplars=None,
+                           sum_value=None)
+            covered.samples.append(Sample(covered.name + "_total", labels, hist.covered))
+            absolute.samples.append(Sample(absolute.name + "_total", labels, hist.sum_abs))
+        return [depth, free, errors, covered, absolute]
 
     def _memory_families(self, metrics: MetricsState, memory: MemoryState,
                          jobs: JobsState) -> list[Metric]:

@@ -42,6 +42,8 @@ from exporters.service import (
     UnknownJob,
     encode_frame,
     frame,
+    queue_forecast,
+    queues_data,
     snapshot_data,
     summarize,
 )
@@ -306,7 +308,8 @@ def create_app(service: TelemetryService, *, token: str | None = None,
 
         def read(states: dict[str, Any]) -> dict[str, Any]:
             snap = snapshot_data(states, recent=limit)
-            return {"position": service.position, "ready": service.ready, **snap}
+            return {"position": service.position, "ready": service.ready, **snap,
+                    **queues_data(queue_forecast(states))}
 
         with busy.slot("/api/jobs"):
             return SafeJSONResponse(await run_in_threadpool(service.read_states, read))

@@ -56,6 +56,7 @@ from telemetry.log.base import Batch, EventLog, Position
 from telemetry.projections import default_projections
 from telemetry.projections.eta import FinishedEta
 from telemetry.projections.jobs import JobsState, JobView
+from telemetry.projections.queues import Forecast, forecast, running_finish
 from telemetry.projections.summary import job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
 from telemetry.tracing import job_trace_id, traceparent_sampled
@@ -192,16 +193,72 @@ def _seconds(ts: int | None) -> float | None:
     return None if ts is None else ts / 1e9
 
 
-def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
+def queue_forecast(states: dict[str, Any], now: float | None = None) -> Forecast | None:
+    """The queues' forecast at ``now`` (the wall clock by default): the exporter reads the
+    clock, the fold never does. ``None`` for an engine without the queues projection."""
+    if "queues" not in states:
+        return None
+    return forecast(states, time.time() if now is None else now)
+
+
+class Forecaster:
+    """The queues' forecast for many views read at one moment: worked out once, on the first
+    view of a queued job that needs it (a running job's predicted finish needs no
+    simulation of the queues: :func:`~telemetry.projections.queues.running_finish`)."""
+
+    __slots__ = ("_forecast", "now", "states")
+
+    def __init__(self, states: dict[str, Any], now: float | None = None) -> None:
+        self.states = states
+        self.now = time.time() if now is None else now
+        self._forecast: Forecast | bool | None = False  # False: not worked out yet
+
+    def forecast(self) -> Forecast | None:
+        """The forecast (``None`` for an engine without the queues projection)."""
+        if self._forecast is False:
+            self._forecast = queue_forecast(self.states, self.now)
+        return self._forecast  # type: ignore[return-value]
+
+
+def _queue_fields(states: dict[str, Any], view: JobView,
+                  ahead: Forecaster | None) -> dict[str, Any]:
+    """``queue``, ``priority``, ``queue_position`` (1 = next; ``None`` once started),
+    ``predicted_start`` and ``predicted_finish`` (``{"at", "p10", "p90"}``, unix seconds)."""
+    fields: dict[str, Any] = {"queue": view.queue, "priority": view.priority,
+                              "queue_position": None, "predicted_start": None,
+                              "predicted_finish": None}
+    if ahead is None or "queues" not in states:
+        return fields
+    if view.status == "queued":
+        found = ahead.forecast()
+        waiting = found.jobs.get(view.job) if found is not None else None
+        if waiting is not None:
+            fields["queue_position"] = waiting.position
+            fields["predicted_start"] = waiting.start.as_json() if waiting.start else None
+            fields["predicted_finish"] = waiting.finish.as_json() if waiting.finish else None
+    elif view.status == "running":
+        end = running_finish(states, view.job, ahead.now)
+        fields["predicted_finish"] = end.as_json() if end is not None else None
+    return fields
+
+
+def summarize(states: dict[str, Any], job: str, *,
+              ahead: Forecaster | bool | None = True) -> dict[str, Any] | None:
     """One job as the list, the snapshot and the live page show it; ``None`` if unknown.
 
     The figures are the read model's (:mod:`telemetry.projections.summary`): progress weighted
     by expected stage cost, not a bare step count; steps/s the smoothed rate while running, the
-    measured mean after.
+    measured mean after. ``ahead``: the :class:`Forecaster` shared by the views read at one
+    moment (the job's place, predicted start and finish); ``True`` makes one for this job
+    alone, ``False`` leaves those fields ``None``.
     """
     summary = job_summary(states, job)
     if summary is None:
         return None
+    if ahead is True:
+        ahead = Forecaster(states)
+    elif ahead is False:
+        ahead = None
     view = summary.view
     point = summary.latest_eta
     eta = None
@@ -238,6 +295,7 @@ def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
                   if view.status == "failed" else None),
         "cancel_reason": view.error_message if view.status == "cancelled" else None,
         "trace_id": _trace_id(view),
+        **_queue_fields(states, view, ahead),
     }
 
 
@@ -262,21 +320,49 @@ def _eta_error(done: FinishedEta | None) -> dict[str, Any] | None:
     }
 
 
+def queues_data(ahead: Forecast | None) -> dict[str, Any]:
+    """The queues and the workers serving them, as ``/api/jobs``' envelope shows them: each
+    queue's depth (by model) and waiting jobs in order; each live worker's queues, slots,
+    running jobs and predicted free time (``{"at", "p10", "p90"}`` unix seconds, and
+    ``predicted_free_in_s`` from now; ``None`` while a running job has no estimate)."""
+    if ahead is None:
+        return {"queues": [], "workers": []}
+    waiting: dict[str, list[str]] = {}
+    for job, place in sorted(ahead.jobs.items(), key=lambda item: item[1].position):
+        waiting.setdefault(place.queue, []).append(job)
+    by_model: dict[str, dict[str, int]] = {}
+    for (queue, model), depth in ahead.depth.items():
+        by_model.setdefault(queue, {})[model] = depth
+    names = sorted(set(waiting) | {q for w in ahead.workers.values() for q in w.queues})
+    queues = [{"queue": name, "depth": len(waiting.get(name, ())),
+               "by_model": by_model.get(name, {}), "waiting": waiting.get(name, []),
+               "workers": sorted(w.worker for w in ahead.workers.values() if name in w.queues)}
+              for name in names]
+    workers = [{"worker": w.worker, "queues": list(w.queues), "slots": w.slots,
+                "running": list(w.running),
+                "predicted_free": w.free.as_json() if w.free is not None else None,
+                "predicted_free_in_s": (max(w.free.at - ahead.now, 0.0)
+                                        if w.free is not None else None)}
+               for w in sorted(ahead.workers.values(), key=lambda w: w.worker)]
+    return {"queues": queues, "workers": workers}
+
+
 def snapshot_data(states: dict[str, Any], *, job: str | None = None,
                   recent: int = DEFAULT_RECENT) -> dict[str, Any]:
     """Running jobs (oldest first) and recently finished ones (newest first)."""
     jobs: JobsState = states["jobs"]
+    ahead = Forecaster(states)
     if job is not None:
-        summary = summarize(states, job)
+        summary = summarize(states, job, ahead=ahead)
         ended = summary is not None and job in jobs.finished
         running = [summary] if summary is not None and not ended else []
         return {"running": running, "finished": [summary] if ended else []}
-    running_list = [s for j in jobs.active if (s := summarize(states, j)) is not None]
+    running_list = [s for j in jobs.active if (s := summarize(states, j, ahead=ahead)) is not None]
     finished_list: list[dict[str, Any]] = []
     for j in reversed(jobs.finished):
         if len(finished_list) >= recent:
             break
-        summary = summarize(states, j)
+        summary = summarize(states, j, ahead=False)
         if summary is not None:
             finished_list.append(summary)
     return {"running": running_list, "finished": finished_list}
@@ -469,6 +555,7 @@ class FanOut(Sink):
         buffer = bytearray()  # each frame is encoded into it: it keeps its memory, grown once
         last_job: str | None = None  # a flush is a run of one job's events: its view in locals
         view: msgspec.Raw | None = None
+        ahead: Forecaster | None = None
         items: Iterator[tuple[Position, Event]] = applied.positioned()
         if wanted is not None:  # checks out of the loop that runs for every event
             items = ((position, event) for position, event in items if event.job in wanted)
@@ -481,7 +568,9 @@ class FanOut(Sink):
                 if job in views:
                     view = views[job]
                 else:
-                    summary = summarize(states, job)
+                    if ahead is None:
+                        ahead = Forecaster(states)  # one per batch, for every view
+                    summary = summarize(states, job, ahead=ahead)
                     view = views[job] = None if summary is None else _view(summary)
                 last_job = job
             if view is None:  # as event_frame leaves it: no view key

@@ -172,10 +172,11 @@ def body_of(event: Event, position: Position, view: JobView | None) -> dict[str,
             "width": view.width, "height": view.height, "num_frames": view.num_frames,
             "steps": view.total_steps, "steps_done": view.steps_done,
             "queued_at": _seconds(view.queued_ts), "started_at": _seconds(view.started_ts),
-            "traceparent": view.traceparent})
+            "traceparent": view.traceparent, "queue": view.queue, "priority": view.priority})
         data["worker"] = event.worker or view.worker
     if isinstance(event, JobQueued):
-        data.update(model=event.model, task=event.task, queued_at=event.ts / 1e9)
+        data.update(model=event.model, task=event.task, queued_at=event.ts / 1e9,
+                    queue=event.queue, priority=event.priority)
     elif isinstance(event, JobStarted):
         data.update(model=event.model, variant=event.variant, task=event.task,
                     width=event.width, height=event.height, num_frames=event.num_frames,

@@ -52,6 +52,7 @@ import torch
 
 from inference.failures import NonFiniteLatents
 from inference.memory import MemoryReader
+from inference.progress import EventTap, LiveView, Progress
 from inference.recorder import JobRecorder
 from inference.speed_options import each_module, speed_options
 from inference.timing import timer_for
@@ -130,16 +131,25 @@ class _StepState:
 
 @dataclass
 class Instrumented:
-    """The handle ``instrument()`` yields: job ids, and cancellation."""
+    """The handle ``instrument()`` yields: job ids, the live view, and cancellation."""
 
     jobs: list[str] = field(default_factory=list)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _reason: str = "cancelled"
+    _live: LiveView = field(default_factory=LiveView)
 
     @property
     def job(self) -> str | None:
         """The id of the latest job run in this context."""
         return self.jobs[-1] if self.jobs else None
+
+    def progress(self, job: str | None = None) -> Progress | None:
+        """The job's live view (default: the latest job of this context), folded in-process
+        from its own events by wantel's projections: status, stage, step/steps, progress 0–1,
+        ETA seconds with p10/p90, steps/s, peak memory (:class:`~inference.progress.Progress`).
+        ``None`` before the job started. Safe from any thread; costs a fold of the events
+        since the last call (microseconds each)."""
+        return self._live.progress(job)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop the running job at its next step boundary (``JobCancelled``, then it raises)."""
@@ -191,6 +201,7 @@ class _Session:
         self._hooks: list[Any] = []
         self._wrapped: list[tuple[Any, str, Any]] = []
         self._calls = 0
+        self._given_emitter: Emitter | None = None
         self.recorders: list[JobRecorder] = []
         self._device: torch.device | None = None
         self._readers: dict[str, MemoryReader] = {}
@@ -228,6 +239,8 @@ class _Session:
 
     def detach(self) -> None:
         self.pipe.__class__ = self._original_class
+        if self.given_recorder is not None and self._given_emitter is not None:
+            self.given_recorder.emitter = self._given_emitter
         for hook in self._hooks:
             hook.remove()
         for owner, method, previous in reversed(self._wrapped):
@@ -430,6 +443,11 @@ class _Session:
         self._calls += 1
         if self.given_recorder is not None and self._calls == 1:
             recorder = self.given_recorder
+            # Its events go to the live view too (its JobStarted was emitted before).
+            self._given_emitter = recorder.emitter
+            recorder.emitter = EventTap(recorder.emitter, self.handle._live)  # type: ignore[assignment]
+            if recorder.started_event is not None:
+                self.handle._live.push(recorder.started_event)
         else:
             if self.job is None:
                 job = uuid.uuid4().hex
@@ -438,7 +456,8 @@ class _Session:
             else:
                 job = self._next_free(self._calls)
             device = self.device(pipe)
-            recorder = JobRecorder(self.emitter, job, timer=timer_for(device),
+            recorder = JobRecorder(EventTap(self.emitter, self.handle._live),  # type: ignore[arg-type]
+                                   job, timer=timer_for(device),
                                    memory=self.memory_reader(device))
         self.handle.jobs.append(recorder.job)
         self.recorders.append(recorder)
@@ -691,6 +710,7 @@ def instrument(
     options: dict[str, Any] | None = None,
     record_prompt: bool = False,
     check_job: bool = True,
+    on_progress: Callable[[Progress], Any] | None = None,
 ) -> Iterator[Instrumented]:
     """Record every ``pipe(...)`` call in this context as a job.
 
@@ -714,6 +734,13 @@ def instrument(
     weights: ``type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))``) for
     calls that truly overlap. Entering ``instrument()`` again on the same pipeline from the
     same thread raises :class:`PipelineInUse` (it would wait for itself).
+
+    The handle's :meth:`Instrumented.progress` is the job's live view, folded in-process from
+    its own events by wantel's projections (:mod:`inference.progress`). ``on_progress`` is
+    called with that view after each step and stage change, on a daemon thread (the step only
+    appends its events to a list; a slow callback skips views, the latest wins), and once more
+    with the final view when the context exits (waiting at most 5 s). An exception it raises
+    is logged once and never reaches the generation.
     """
     if (log is None) == (emitter is None):
         raise ValueError("give exactly one of log= or emitter=")
@@ -728,7 +755,7 @@ def instrument(
             f"job {job!r} is already in the log: a second job under that id would be dropped "
             "by every view as a duplicate; give each job its own id (or leave job= out for a "
             "random one)")
-    handle = Instrumented()
+    handle = Instrumented(_live=LiveView(on_progress))
     session: _Session | None = None
     try:
         with _exclusive(pipe):
@@ -748,3 +775,4 @@ def instrument(
             for job_recorder in session.recorders if session is not None else ():
                 job_recorder.wait_resolved(timeout=30.0)
             active.flush()
+        handle._live.close()  # the final view to on_progress, every event of the job seen

@@ -101,12 +101,21 @@ class DeviceInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 class JobQueued(Event, frozen=True, kw_only=True):
-    """A service accepted a request; lets projections measure queue wait apart from execution."""
+    """A service accepted a request; lets projections measure queue wait apart from execution
+    and keep each queue's order.
+
+    ``queue`` names the queue the job waits in and ``priority`` orders it there (higher runs
+    first; equal priorities in arrival order). Both were added later with defaults, so a record
+    written before them decodes as the ``"default"`` queue at priority 0 (no version bump: a
+    missing field is the default, which is exactly what those records meant).
+    """
 
     model: str
     task: Task
     request: dict[str, OptionValue] = {}
     traceparent: str | None = None
+    queue: str = "default"
+    priority: int = 0
 
 
 class JobStarted(Event, frozen=True, kw_only=True):

@@ -188,6 +188,16 @@
       + `${fmtS(left(v.eta.p90_s))})`;
   }
 
+  // A waiting job: its place in its queue and, once predicted, when it should start
+  // (unix seconds from the server, counted down on this clock).
+  function queuedText(v) {
+    let text = v.queue_position ? `queued #${v.queue_position}` : "queued";
+    if (v.queue && v.queue !== "default") text += ` in ${v.queue}`;
+    const start = v.predicted_start;
+    if (start) text += ` · starts in ~${fmtS(Math.max(0, start.at - Date.now() / 1000))}`;
+    return text;
+  }
+
   function render() {
     const rb = document.querySelector("#running tbody");
     const rows = [];
@@ -198,7 +208,7 @@
       setText(td[0], job);
       setText(td[1], v.model || "–");
       setText(td[2], size(v));
-      setText(td[3], v.status === "queued" ? "queued"
+      setText(td[3], v.status === "queued" ? queuedText(v)
         : (v.stage || "–") + (v.expert ? ` · ${v.expert.replace("_", " ")}` : ""));
       setText(td[4], v.steps ? `${v.step}/${v.steps}` : "–");
       progressCell(td[5], v);

@@ -13,6 +13,7 @@ from telemetry.projections.jobs import JobsProjection
 from telemetry.projections.memory import KEEP_FINISHED as MEMORY_KEEP_FINISHED
 from telemetry.projections.memory import MemoryProjection
 from telemetry.projections.metrics import MetricsProjection
+from telemetry.projections.queues import QueuesProjection
 from telemetry.projections.throughput import ThroughputProjection
 
 
@@ -35,6 +36,7 @@ def default_projections(*, keep_finished: int | None = None,
         MemoryProjection(keep_finished=memory_keep),
         HealthProjection(),
         MetricsProjection(),
+        QueuesProjection(),
     ]
 
 

@@ -80,6 +80,9 @@ class JobView(msgspec.Struct, kw_only=True):
     failed_stage: str | None = None
     output_path: str | None = None
     traceparent: str | None = None
+    #: The queue it was queued in and its priority there (``None`` if never queued).
+    queue: str | None = None
+    priority: int | None = None
 
     @property
     def steps_per_second(self) -> float | None:
@@ -142,7 +145,7 @@ class JobsProjection:
     """
 
     name = "jobs"
-    version = 2
+    version = 3
     state_type = JobsState
     handles = frozenset({
         JobQueued, JobStarted, StageStarted, StageEnded, StepEnded, MemorySampled,
@@ -456,9 +459,10 @@ def _raise_peaks(view: JobView, event: MemorySampled) -> None:
 
 
 def _queued(view: JobView, event: JobQueued) -> None:
-    """Queued at the event's time; the model, task and trace context the request names,
-    unless the job's start already said them."""
+    """Queued at the event's time, in its queue at its priority; the model, task and trace
+    context the request names, unless the job's start already said them."""
     view.queued_ts = event.ts
+    view.queue, view.priority = event.queue, event.priority
     view.model = view.model or event.model
     view.task = view.task or event.task
     view.traceparent = view.traceparent or event.traceparent

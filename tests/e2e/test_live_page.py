@@ -175,3 +175,27 @@ def test_selection_progressbar_details_and_width(page: Any, tmp_path: Path, widt
     assert TRACE_URL.replace("{trace_id}", view["trace_id"]) == link
     assert "out of memory" in failure and "denoise" in failure
     assert (tmp_path / f"live-{width}.png").stat().st_size > 0
+
+
+def test_a_queued_job_shows_its_place_and_when_it_starts(page: Any, tmp_path: Path) -> None:
+    """A job waiting behind a running one: 'queued #1 in gpu · starts in ~…'."""
+    import time
+
+    from telemetry.events import JobQueued
+
+    def queued(job: str) -> JobQueued:
+        return JobQueued(job=job, seq=0, ts=time.time_ns(), model="tiny-t2v", task="t2v",
+                         queue="gpu", worker="svc")
+
+    history = [JobScript(f"h{i}", worker="w", ago_s=30.0) for i in range(2)]
+    busy = JobScript("busy", worker="w", steps=40, gap_s=0.5)
+    busy.seq = 1  # its JobQueued took seq 0
+    with served(tmp_path / "log") as s:
+        s.append([e for h in history for e in h.whole()] + [queued("busy"), *busy.start(),
+                                                            *busy.step_range(0, 3),
+                                                            queued("next")])
+        page.goto(s.base)
+        wait_for(lambda: page.inner_text("#conn") == "live", "the page to connect")
+        row = wait_for(lambda: row_with(page, "running", "next", "starts in ~"),
+                       "the queued row with its predicted start")
+    assert "queued #1 in gpu" in row

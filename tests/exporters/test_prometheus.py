@@ -633,3 +633,41 @@ def test_memory_prediction_error_is_exported_per_model_and_kind() -> None:
         assert got[("wantel_memory_prediction_absolute_relative_error_total", f"kind={kind}",
                     f"model={model}")] == pytest.approx(hist.sum_abs)
     assert not any(k[0] == "wantel_memory_prediction_relative_error_sum" for k in got)
+
+
+# -- queues ----------------------------------------------------------------------------------
+
+def test_queue_depth_worker_free_time_and_start_scores() -> None:
+    """Two jobs wait behind a running one: the depth by queue and model, the worker's
+    predicted free time, and, once the next job starts, its predicted start scored."""
+    import msgspec
+
+    from tests.telemetry.test_queues import T0 as QUEUES_T0
+    from tests.telemetry.test_queues import done, q, start
+
+    def at(event: Event, seconds: float) -> Event:  # the scenario at T0 (the clock's base)
+        return msgspec.structs.replace(event, ts=int((T0 + seconds) * 1e9))
+
+    history: list[Event] = []
+    for i, job in enumerate(["h1", "h2"]):
+        history += [q(job, 0), start(job, 1, "w"), done(job, 2, 2.0 + i * 0.1)]
+    waiting = [q("r", 3), start("r", 3, "w"), q("x", 4), q("y", 4)]
+    events = [at(e, (e.ts - QUEUES_T0) / 1e9) for e in history + waiting]
+    beat = WorkerHeartbeat(job="worker/w", seq=0, ts=int((T0 + 4) * 1e9), worker="w",
+                           host="h", pid=1)
+    runner = runner_over([*events, beat])
+    registry = registry_of(runner)
+    got = samples(registry)
+    assert got[("wantel_queue_depth", "model=m", "queue=default")] == 2.0
+    free = got[("wantel_worker_predicted_free_seconds", "worker=w")]
+    assert 0.0 <= free < 3.0
+    assert not any(k[0].startswith("wantel_queue_start_relative_error") for k in got)
+    runner.log.append([at(done("r", 0, 2.0, seq=2), 5.0), at(start("x", 0, "w", seq=1), 5.1)])
+    runner.catch_up()
+    got = samples(registry)
+    scored = got[("wantel_queue_start_relative_error_bucket", "checkpoint=first", "le=+Inf",
+                  "queue=default")]
+    assert scored == 1.0
+    assert ("wantel_queue_start_interval_covered_total", "checkpoint=first",
+            "queue=default") in got
+    assert got[("wantel_queue_depth", "model=m", "queue=default")] == 1.0

@@ -778,3 +778,40 @@ def test_no_frame_is_built_while_the_server_is_far_behind_the_log(
     service.stop()
     log.close()
     loop.close()
+
+
+def test_queued_jobs_carry_their_place_and_predicted_start_over_websocket(
+        log_dir: Path) -> None:
+    """A worker runs one job while two wait: the snapshot shows each waiting job's place and
+    predicted start and finish; the running one its predicted finish; a job_queued frame
+    arriving later carries its own place behind them."""
+    from telemetry.events import JobQueued
+
+    def queued(job: str, priority: int = 0) -> JobQueued:
+        return JobQueued(job=job, seq=0, ts=time.time_ns(), model="tiny-t2v", task="t2v",
+                         queue="gpu", priority=priority, worker="svc")
+
+    history = [JobScript(f"h{i}", worker="w", ago_s=30.0) for i in range(2)]
+    running = JobScript("r", worker="w")
+    running.seq = 1  # its JobQueued took seq 0
+    with served(log_dir) as s:
+        events: list[Event] = [e for h in history for e in h.whole()]
+        events += [queued("r"), *running.start(), *running.step_range(0, 2)]
+        events += [queued("a"), queued("b", priority=1)]
+        s.applied(s.append(events))
+        with connect(s.ws_url()) as ws:
+            snapshot, _ = opening(ws)
+            s.append([queued("c")])
+            frame = recv_until(ws, lambda f: f["type"] == "job_queued")[-1]
+    views = {v["job"]: v for v in snapshot["data"]["running"]}
+    assert (views["b"]["queue"], views["b"]["queue_position"]) == ("gpu", 1)  # priority first
+    assert views["a"]["queue_position"] == 2
+    for job in ("a", "b"):
+        start, finish = views[job]["predicted_start"], views[job]["predicted_finish"]
+        assert start is not None and finish is not None
+        assert start["p10"] <= start["at"] <= start["p90"] and finish["at"] > start["at"]
+    assert views["b"]["predicted_start"]["at"] <= views["a"]["predicted_start"]["at"]
+    assert views["r"]["queue_position"] is None and views["r"]["predicted_start"] is None
+    assert views["r"]["predicted_finish"] is not None
+    assert (frame["job"], frame["data"]["view"]["queue_position"]) == ("c", 3)
+    assert frame["data"]["queue"] == "gpu"

@@ -68,6 +68,10 @@ class TestBadInput:
              "this job runs on the CPU (--device cpu); drop --offload"),
             (["--model", "tiny-t2v", "--num-videos", "0"], "--num-videos must be 1 to 16, got 0"),
             (["--model", "tiny-t2v", "--num-videos", "17"], "--num-videos must be 1 to 16"),
+            (["--model", "tiny-t2v", "--priority", "3"], "--priority needs --queue NAME"),
+            (["--model", "tiny-t2v", "--queue", ""], "a queue name is a non-empty string"),
+            (["--model", "tiny-t2v", "--queue", "q" * 65], "at most 64 characters"),
+            (["--model", "tiny-t2v", "--queue", "a\nb"], "only printable characters"),
         ],
     )
     def test_one_clear_line_and_exit_2(
@@ -201,6 +205,28 @@ class TestGoodRun:
                      "--out", str(log_dir / "o.mp4"), "--json"])
         assert 0 == code
         assert (log_dir / "o.mp4").stat().st_size > 0
+
+    def test_queue_is_recorded_before_loading(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--queue NAME --priority N: a JobQueued in that queue, before the load stage, and
+        the job's view names its queue and has no place in it once started."""
+        from telemetry.events import JobQueued
+
+        code = main(["run", "--model", "tiny-t2v", "--prompt", "p", "--height", "32",
+                     "--width", "32", "--frames", "5", "--steps", "1", "--queue", "hd",
+                     "--priority", "7", "--log", str(tmp_path / "log"), "--job", "qj",
+                     "--out", str(tmp_path / "v.mp4"), "--json"])
+        assert 0 == code
+        events = list(events_of(LocalLog(tmp_path / "log").read()))
+        mine = [e for e in events if e.job == "qj"]
+        assert isinstance(mine[0], JobQueued)
+        assert (mine[0].queue, mine[0].priority, mine[0].model) == ("hd", 7, "tiny-t2v")
+        loads = [i for i, e in enumerate(mine) if getattr(e, "stage", None) == "load"]
+        assert loads and loads[0] > 0  # queued first, then loaded
+        assert 0 == mine[0].seq
+        summary = json.loads(capsys.readouterr().out)
+        assert "completed" == summary["status"]
 
     def test_record_prompt_opt_in(self, tmp_path: Path) -> None:
         """--record-prompt stores the prompt text."""

@@ -13,6 +13,7 @@ from websockets.sync.client import connect
 from exporters import prometheus
 from exporters.logs import LifecycleLogger
 from exporters.otel import SpanSink, spans_for_job
+from exporters.queue_scores import QueueStartScorer
 from exporters.service import FanOut, JobIndex
 from telemetry.log.local import LocalLog
 from tests.exporters.otlp_receiver import HttpReceiver
@@ -36,8 +37,10 @@ def test_serve_wires_every_follower_as_a_sink_of_a_runner(tmp_path: Path) -> Non
     try:
         assert serving.service.wait_ready(20)
         service_sinks = [type(s) for s in serving.service.runner.sinks]
-        # /metrics' backlog gauge reads what each step says was stored beyond it.
-        assert [FanOut, JobIndex, prometheus._Backlog, LifecycleLogger] == service_sinks
+        # /metrics' backlog gauge reads what each step says was stored beyond it; its queue
+        # start scores are kept as the jobs start.
+        assert [FanOut, JobIndex, prometheus._Backlog, QueueStartScorer,
+                LifecycleLogger] == service_sinks
         spans = serving._spans
         assert spans is not None and [SpanSink] == [type(s) for s in spans.sinks]
         with connect(f"ws://127.0.0.1:{serving.http.port}/ws/progress") as ws:

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import msgspec
 
 from inference.models import warm_imports
+from inference.queueing import MAX_QUEUE_NAME, queue_name_problem, queued
 from inference.recorder import sanitise
 from inference.runner import (
     MAX_FRAMES,
@@ -115,6 +116,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", metavar="ID",
                         help="the job id (default: a random one); refused if the log already "
                         "has it, or if it starts with worker/ or wantel/ (the log's own streams)")
+    parser.add_argument("--queue", metavar="NAME",
+                        help="record that the job was queued in NAME (JobQueued, before "
+                        "loading), so its wait, its place and the queue's depth show in every "
+                        f"view; at most {MAX_QUEUE_NAME} printable characters")
+    parser.add_argument("--priority", type=int, metavar="N",
+                        help="the job's priority in --queue: higher starts first, equal ones "
+                        "in arrival order (default 0)")
     parser.add_argument("--record-prompt", action="store_true",
                         help="store the prompt text in the log (default: only its keyed digest)")
     parser.add_argument("--json", action="store_true",
@@ -147,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     every = args.progress_interval
     if not (math.isfinite(every) and every > 0):
         raise UsageError(f"--progress-interval must be a number of seconds above 0, got {every}")
+    if args.priority is not None and args.queue is None:
+        raise UsageError("--priority needs --queue NAME (the queue the priority is in)")
+    if args.queue is not None and (problem := queue_name_problem(args.queue)) is not None:
+        raise UsageError(f"--queue {args.queue!r}: {problem}")
     log_dir = resolve_log_dir(args.log)
     try:
         prepared = prepare(request, creates=(log_dir,))
@@ -162,6 +174,11 @@ def run(args: argparse.Namespace) -> int:
     warm_imports()
     start = (log.last_position() or -1) + 1
     emitter = Emitter(log, worker=resolve_worker(None, default=default_worker_name()))
+    if args.queue is not None:  # before loading: the wait is what comes before JobStarted
+        queued(emitter, prepared.job, model=prepared.model.name,
+               task=prepared.model.spec.task, queue=args.queue, priority=args.priority or 0,
+               request={"width": prepared.width, "height": prepared.height,
+                        "frames": prepared.frames, "steps": prepared.steps})
     interactive = sys.stderr.isatty() and sys.stdout.isatty() and not args.json
     sink: Sink = (ProgressDisplay(prepared.job) if interactive else ProgressLines(
         prepared.job, interval=every, stream=sys.stderr if args.json else sys.stdout))
