@@ -237,6 +237,7 @@ def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
                    "category": view.failure_category, "suggestions": list(view.suggestions)}
                   if view.status == "failed" else None),
         "cancel_reason": view.error_message if view.status == "cancelled" else None,
+        "abandon_reason": view.abandon_reason if view.status == "abandoned" else None,
         "trace_id": _trace_id(view),
     }
 
