@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import msgspec
 
+from exporters.liveness import LivenessSink
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import (
     Event,
@@ -49,6 +50,8 @@ from telemetry.events import (
     StageEnded,
     StageStarted,
     StepEnded,
+    WorkerLost,
+    WorkerStopped,
     to_builtins,
 )
 from telemetry.liveness import WORKER_TIMEOUT_S
@@ -90,7 +93,40 @@ FRAME_TYPES: Final[dict[type[Event], str]] = {
     JobFailed: "job_failed",
     JobCancelled: "job_cancelled",
 }
-TERMINAL_FRAMES: Final = frozenset({"job_completed", "job_failed", "job_cancelled"})
+TERMINAL_FRAMES: Final = frozenset({"job_completed", "job_failed", "job_cancelled",
+                                    "job_abandoned"})
+#: Events that end other streams' jobs: each job they abandon gets a ``job_abandoned`` frame.
+_LIVENESS: Final = (WorkerLost, WorkerStopped)
+
+
+def abandoned_frames(position: Position, event: Event,
+                     states: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(job, frame)`` for each job ``event`` (a ``WorkerLost`` or ``WorkerStopped``, just
+    applied) abandoned: its ``job_abandoned`` terminal frame, with the reason, the worker, who
+    declared it (``WorkerLost``) and the job's view."""
+    jobs: JobsState = states["jobs"]
+    worker = event.worker
+    frames: list[tuple[str, dict[str, Any]]] = []
+    if worker is None:
+        return frames
+    for job in reversed(jobs.finished):  # abandoned now: at the newest end, in end order
+        view = jobs.jobs.get(job)
+        if view is None or view.ended_ts is None:
+            continue
+        if view.ended_ts < event.ts:
+            break  # ended before the event: so did every older one
+        if (view.status != "abandoned" or view.worker != worker
+                or view.ended_ts != event.ts):
+            continue
+        summary = summarize(states, job)
+        data: dict[str, Any] = {"reason": view.abandon_reason, "worker": worker,
+                                "declared_by": getattr(event, "declared_by", None),
+                                "last_seen_ts": _seconds(getattr(event, "last_seen_ts", None))}
+        if summary is not None:
+            data["view"] = summary
+        frames.append((job, frame("job_abandoned", position, job, event.ts / 1e9, data)))
+    frames.reverse()
+    return frames
 #: Moved to the frame header, or (``prompt``, present only with an explicit opt-in at record
 #: time) never broadcast to viewers: ``prompt_sha256`` identifies a prompt well enough.
 _DROPPED_FIELDS: Final = ("type", "job", "ts", "prompt")
@@ -472,10 +508,20 @@ class FanOut(Sink):
         view: msgspec.Raw | None = None
         items: Iterator[tuple[Position, Event]] = applied.positioned()
         if wanted is not None:  # checks out of the loop that runs for every event
-            items = ((position, event) for position, event in items if event.job in wanted)
+            items = ((position, event) for position, event in items
+                     if event.job in wanted or isinstance(event, _LIVENESS))
         for position, event in dropwhile(lambda item: item[0] < floor, items):
             build = live.get(type(event))
             if build is None:
+                if isinstance(event, _LIVENESS):  # the jobs it abandoned end: terminal frames
+                    for job, ending in abandoned_frames(position, event, states):
+                        if wanted is None or job in wanted:
+                            keep(encode_frame(ending))
+                            place(position)
+                            if by_job:
+                                name(job)
+                    last_job = None  # views changed
+                    views.clear()
                 continue
             job = event.job
             if job != last_job:
@@ -608,7 +654,11 @@ class TelemetryService:
         control_buffer: int = DEFAULT_CONTROL_BUFFER,
         recent: int = DEFAULT_RECENT,
         worker_timeout_s: float = WORKER_TIMEOUT_S,
+        declare_lost_as: str | None = None,
     ) -> None:
+        """``declare_lost_as``: declare workers silent past ``worker_timeout_s`` lost, by
+        appending ``WorkerLost`` under this name (:class:`exporters.liveness.LivenessSink`);
+        ``None``: only read (the projections still sweep silent jobs, in event time)."""
         self.log = log
         #: Seconds a silent worker's running jobs wait before they count as abandoned.
         self.worker_timeout_s = worker_timeout_s
@@ -623,6 +673,11 @@ class TelemetryService:
                                        poll_interval=poll_interval, name="wantel-serve")
         if not self.index.restored:  # a checkpoint from before the index: it misses these
             self.index.covers_from = engine.position
+        self.liveness: LivenessSink | None = None
+        if declare_lost_as is not None:
+            self.liveness = LivenessSink(log, engine, timeout_s=worker_timeout_s,
+                                         declared_by=declare_lost_as)
+            self.runner.add_sink(self.liveness)
         self.poll_interval = poll_interval
         self.subscriber_buffer = subscriber_buffer
         self.control_buffer = control_buffer

@@ -246,21 +246,26 @@ class JobsProjection:
 
     def _stopped(self, state: JobsState, event: WorkerStopped) -> None:
         """The worker shut down cleanly: not alive from here, never "lost"; a job of it still
-        running (the process exited mid-job) is abandoned at once, ``worker stopped``."""
-        self._tick(state, event.ts)
+        running (the process exited mid-job) is abandoned at once, ``worker stopped`` (before
+        the clock moves: a sweep then must not call it silent)."""
         seen = self._seen_worker(state, event.worker, event.ts)
-        if seen is None:
-            return
-        seen.host, seen.pid, seen.gone = event.host, event.pid, "stopped"
-        self._abandon_jobs_of(state, seen.worker, event.ts, "worker stopped")
+        if seen is not None:
+            seen.host, seen.pid, seen.gone = event.host, event.pid, "stopped"
+            self._abandon_jobs_of(state, seen.worker, event.ts, "worker stopped")
+        self._tick(state, event.ts)
 
     def _lost(self, state: JobsState, event: WorkerLost) -> None:
         """An aggregator declared the worker lost. Applied once per ``(worker,
         last_seen_ts)``, and not at all when the log already holds a later word of the worker
         or of one of its running jobs (the declaration is refuted: the worker spoke after the
         silence it was declared lost for). Then the worker is not alive, and its running jobs
-        are abandoned, ``worker lost``. The clock moves to the declaration's time."""
+        are abandoned, ``worker lost``. Then the clock moves to the declaration's time (after:
+        the sweep that may start must not call the worker's jobs merely silent)."""
+        self._declared(state, event)
         self._tick(state, event.ts)
+
+    def _declared(self, state: JobsState, event: WorkerLost) -> None:
+        """:meth:`_lost`'s rule, before the clock moves."""
         worker = event.worker
         if worker is None:
             return
@@ -314,8 +319,7 @@ class JobsProjection:
         if seen is None:
             seen = state.workers[worker] = WorkerView(worker=worker, last_ts=ts)
         else:
-            if ts > seen.last_ts:
-                seen.last_ts = ts
+            seen.last_ts = max(seen.last_ts, ts)
             seen.gone = None
         return seen
 

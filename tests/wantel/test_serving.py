@@ -11,6 +11,7 @@ import pytest
 from websockets.sync.client import connect
 
 from exporters import prometheus
+from exporters.liveness import LivenessSink
 from exporters.logs import LifecycleLogger
 from exporters.otel import SpanSink, spans_for_job
 from exporters.service import FanOut, JobIndex
@@ -36,8 +37,10 @@ def test_serve_wires_every_follower_as_a_sink_of_a_runner(tmp_path: Path) -> Non
     try:
         assert serving.service.wait_ready(20)
         service_sinks = [type(s) for s in serving.service.runner.sinks]
-        # /metrics' backlog gauge reads what each step says was stored beyond it.
-        assert [FanOut, JobIndex, prometheus._Backlog, LifecycleLogger] == service_sinks
+        # /metrics' backlog gauge reads what each step says was stored beyond it; the
+        # liveness sink declares silent workers lost.
+        assert [FanOut, JobIndex, LivenessSink, prometheus._Backlog,
+                LifecycleLogger] == service_sinks
         spans = serving._spans
         assert spans is not None and [SpanSink] == [type(s) for s in spans.sinks]
         with connect(f"ws://127.0.0.1:{serving.http.port}/ws/progress") as ws:
