@@ -116,6 +116,17 @@ def process_emitter(log: EventLog, *, worker: str | None = None) -> Emitter:
         return emitter
 
 
+def close_process_emitter(log: EventLog, timeout: float = 2.0) -> None:
+    """Close the process's emitter for ``log``, if there is one (at exit, before a shipper of
+    that log drains, so its ``WorkerStopped`` is shipped too)."""
+    path = getattr(log, "path", None)
+    key: object = ("path", os.path.realpath(path)) if path is not None else ("log", id(log))
+    with _shared_lock:
+        emitter = _shared.get(key)
+    if emitter is not None:
+        emitter.close(timeout=timeout)
+
+
 @dataclass(frozen=True)
 class EmitterStats:
     """A snapshot of what the emitter has done; exported as telemetry-health metrics."""

@@ -22,10 +22,12 @@ if TYPE_CHECKING:
     from telemetry.log.nats import NatsOptions
 
 
-def add_nats_flags(parser: argparse.ArgumentParser, *, reading: bool = False) -> None:
-    """``--nats URL``, ``--nats-creds FILE``, ``--nats-ca FILE``."""
-    what = ("read the fleet's stream there instead of the local log" if reading
-            else "the fleet's NATS server(s), comma-separated")
+def add_nats_flags(parser: argparse.ArgumentParser, *, reading: bool = False,
+                   what: str | None = None) -> None:
+    """``--nats URL`` (its help starting with ``what``), ``--nats-creds FILE``,
+    ``--nats-ca FILE``."""
+    what = what or ("read the fleet's stream there instead of the local log" if reading
+                    else "the fleet's NATS server(s), comma-separated")
     parser.add_argument("--nats", metavar="URL",
                         help=f"{what} (default: ${NATS_ENV})")
     parser.add_argument("--nats-creds", metavar="FILE",

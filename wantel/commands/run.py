@@ -49,7 +49,9 @@ from telemetry.projections.eta import EtaPoint, current
 from telemetry.projections.jobs import JobView
 from telemetry.projections.summary import JobSummary, job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
-from wantel.config import resolve_log_dir, resolve_worker
+from telemetry.ship import DRAIN_S, BackgroundShipper
+from wantel.commands.common import add_nats_flags, nats_options
+from wantel.config import resolve_log_dir, resolve_nats, resolve_worker
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 130
@@ -128,6 +130,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "throttling, device memory) on CUDA, from "
                         f"{MIN_SAMPLE_INTERVAL:g} to {MAX_SAMPLE_INTERVAL:g}; 0 turns sampling "
                         "off (default 1)")
+    add_nats_flags(parser, what=(
+        "also ship this run's events to the fleet's NATS JetStream stream (comma-separated "
+        "servers) while it runs: a background thread follows the local log, which stays the "
+        "source of truth; the generation never waits for the broker. At the end it ships for "
+        f"up to {DRAIN_S:g} s more, then leaves the rest to `wantel ship` (one warning line "
+        "says so)"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(every) and every > 0):
         raise UsageError(f"--progress-interval must be a number of seconds above 0, got {every}")
     log_dir = resolve_log_dir(args.log)
+    ship_to = (nats_options(args, reconnect=True)
+               if resolve_nats(getattr(args, "nats", None)) is not None else None)
     try:
         prepared = prepare(request, creates=(log_dir,))
     except RequestError as exc:
@@ -162,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     warm_imports()
     start = (log.last_position() or -1) + 1
     emitter = Emitter(log, worker=resolve_worker(None, default=default_worker_name()))
+    shipping = (BackgroundShipper.to_nats(log, log.path, ship_to, worker=emitter.worker).start()
+                if ship_to is not None else None)
     interactive = sys.stderr.isatty() and sys.stdout.isatty() and not args.json
     sink: Sink = (ProgressDisplay(prepared.job) if interactive else ProgressLines(
         prepared.job, interval=every, stream=sys.stderr if args.json else sys.stdout))
@@ -183,6 +195,13 @@ def run(args: argparse.Namespace) -> int:
             sampler.stop()
         emitter.close()
         view = display.stop()
+        if shipping is not None:  # after close(): its WorkerStopped is shipped too
+            report = shipping.stop(DRAIN_S)
+            if report.unshipped:
+                reason = f" ({report.error})" if report.error else ""
+                print(f"wantel run: warning: {report.unshipped} event(s) not shipped to "
+                      f"{report.target}{reason}; they wait in {log.path}/: wantel ship --log "
+                      f"{log.path} --nats {report.url} --once ships them", file=sys.stderr)
     summary = job_summary(display.runner.engine.states, view) if view is not None else None
     if args.json:
         print(msgspec.json.encode(_summary(summary, prepared.job, str(log.path))).decode())
