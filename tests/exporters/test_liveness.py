@@ -165,6 +165,9 @@ def test_every_view_agrees_once_a_worker_is_declared_lost(tmp_path: Path) -> Non
             listed = {j["job"]: j for j in jobs["finished"]}
             assert ("abandoned", "worker lost") == (listed["j1"]["status"],
                                                     listed["j1"]["abandon_reason"])
+            video = httpx.get(s.base + "v1/videos/j1", timeout=10).json()
+            assert ("failed", "abandoned") == (video["status"], video["error"]["code"])
+            assert video["error"]["message"].startswith("worker lost")
             metrics = httpx.get(s.base + "metrics", timeout=10).text
             assert 'wantel_jobs_lost{model="tiny-t2v",worker="w1"} 1.0' in metrics
             assert "wantel_workers_alive 0.0" in metrics
