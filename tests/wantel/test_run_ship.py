@@ -140,3 +140,14 @@ def test_a_stopped_shipper_ships_the_stop_of_a_worker_that_stopped_just_before(
     local = local_events(log_dir)
     assert isinstance(local[-1], WorkerStopped)
     assert_exactly_once(local, stream_events(nats_server.url))
+
+
+def test_ship_needs_a_log_in_a_directory() -> None:
+    """`instrument(..., ship=URL)` on a log with no directory (its checkpoint has nowhere to
+    go) is refused on entry, before the pipeline is touched."""
+    from inference.instrument import instrument
+    from telemetry.log.memory import MemoryLog
+
+    with pytest.raises(ValueError, match="local log in a directory"), \
+            instrument(object(), log=MemoryLog(), ship="nats://127.0.0.1:1"):
+        pass
