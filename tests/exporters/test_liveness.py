@@ -308,3 +308,87 @@ def test_append_new_on_nats_is_one_message_even_when_both_publish(tmp_path: Path
         a.close()
         b.close()
         server.stop()
+
+
+WORKER = """
+import sys, time
+from telemetry.emitter import Emitter
+from telemetry.events import DeviceInfo, JobStarted, StepEnded
+from telemetry.log.local import LocalLog
+
+log_dir, worker, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+emitter = Emitter(LocalLog(log_dir), worker=worker, heartbeat_interval=0.1)
+job = f"{worker}-job"
+emitter.emit(JobStarted(job=job, ts=time.time_ns(), model="tiny-t2v", family="wan2.1",
+                        variant="tiny-t2v", task="t2v", width=32, height=32, num_frames=5,
+                        steps=1000, guidance_scale=5.0, cfg=True,
+                        device=DeviceInfo(kind="cpu", name="cpu")))
+for step in range(1000):
+    emitter.emit(StepEnded(job=job, ts=time.time_ns(), step=step, total_steps=1000,
+                           duration_s=0.01))
+    emitter.flush(5)
+    if step == 2:
+        print("running", flush=True)
+        if mode == "stop":
+            break
+    time.sleep(0.01)
+emitter.close()
+"""
+
+
+def test_a_killed_worker_is_declared_lost_once_and_a_stopped_one_never(tmp_path: Path) -> None:
+    """Real worker processes on one local log, two aggregators following it: the worker
+    killed with SIGKILL mid-job is declared lost exactly once; the one that exits cleanly
+    mid-job (WorkerStopped) never is, its job abandoned 'worker stopped'."""
+    import signal
+    import subprocess
+    import sys
+
+    log_dir = tmp_path / "log"
+    LocalLog(log_dir).close()
+    with aggregators([LocalLog(log_dir), LocalLog(log_dir)], tmp_path) as services:
+        procs = {mode: subprocess.Popen([sys.executable, "-c", WORKER, str(log_dir), mode,
+                                         mode], stdout=subprocess.PIPE, text=True)
+                 for mode in ("killed", "stop")}
+        try:
+            for proc in procs.values():
+                assert proc.stdout is not None
+                assert "running" == proc.stdout.readline().strip()
+            procs["killed"].send_signal(signal.SIGKILL)
+            for proc in procs.values():
+                proc.wait(30)
+            for service in services:
+                wait_for(lambda s=service: job_status(s, "killed-job")
+                         == ("abandoned", "worker lost"), "the killed worker's job lost",
+                         timeout=30)
+                wait_for(lambda s=service: job_status(s, "stop-job")
+                         == ("abandoned", "worker stopped"), "the stopped worker's job",
+                         timeout=30)
+            stopped_at = next(e.ts for e in all_events(LocalLog(log_dir))
+                              if isinstance(e, WorkerStopped))
+            for service in services:  # well past the stopped worker's timeout, checked again
+                wait_for(lambda s=service: s.liveness._last_check
+                         > stopped_at + 3 * TIMEOUT_S * 1e9, "a check past the timeout",
+                         timeout=30)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+    lost = declarations(LocalLog(log_dir))
+    assert ["killed"] == [e.worker for e in lost]
+
+
+def test_a_stop_mid_job_ends_its_trace_with_worker_stopped() -> None:
+    """Span export over a log where the worker's WorkerStopped comes while its job runs: the
+    root span ends at once, ERROR 'worker stopped' (no waiting out the timeout)."""
+    log = MemoryLog()
+    events = a_running_job("j1", "w1", 1_800_000_000 * 10**9)
+    log.append([*events, WorkerStopped(job="worker/w1", seq=1, ts=events[-1].ts + 5,
+                                       worker="w1", host="gpu-1", pid=42)])
+    exporter = InMemorySpanExporter()
+    runner = ProjectionRunner(log, ProjectionEngine([EtaProjection()]),
+                              sinks=[SpanSink(exporter, abandon_after_s=600)])
+    runner.catch_up()
+    (root,) = [sp for sp in exporter.get_finished_spans() if sp.name == "video.generate"]
+    assert (StatusCode.ERROR, "worker stopped") == (root.status.status_code,
+                                                   root.status.description)
