@@ -58,7 +58,7 @@ from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.log.base import Batch, EventLog, Position
 from telemetry.projections import default_projections
 from telemetry.projections.eta import FinishedEta
-from telemetry.projections.jobs import JobsState, JobView
+from telemetry.projections.jobs import JobsState, JobView, abandoned_by
 from telemetry.projections.summary import job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
 from telemetry.tracing import job_trace_id, traceparent_sampled
@@ -104,29 +104,19 @@ def abandoned_frames(position: Position, event: Event,
     """``(job, frame)`` for each job ``event`` (a ``WorkerLost`` or ``WorkerStopped``, just
     applied) abandoned: its ``job_abandoned`` terminal frame, with the reason, the worker, who
     declared it (``WorkerLost``) and the job's view."""
-    jobs: JobsState = states["jobs"]
-    worker = event.worker
     frames: list[tuple[str, dict[str, Any]]] = []
-    if worker is None:
-        return frames
-    for job in reversed(jobs.finished):  # abandoned now: at the newest end, in end order
-        view = jobs.jobs.get(job)
-        if view is None or view.ended_ts is None:
-            continue
-        if view.ended_ts < event.ts:
-            break  # ended before the event: so did every older one
-        if (view.status != "abandoned" or view.worker != worker
-                or view.ended_ts != event.ts):
-            continue
+    for view in abandoned_by(states["jobs"], event):
+        job = view.job
         summary = summarize(states, job)
-        data: dict[str, Any] = {"reason": view.abandon_reason, "worker": worker,
+        data: dict[str, Any] = {"reason": view.abandon_reason, "worker": event.worker,
                                 "declared_by": getattr(event, "declared_by", None),
                                 "last_seen_ts": _seconds(getattr(event, "last_seen_ts", None))}
         if summary is not None:
             data["view"] = summary
         frames.append((job, frame("job_abandoned", position, job, event.ts / 1e9, data)))
-    frames.reverse()
     return frames
+
+
 #: Moved to the frame header, or (``prompt``, present only with an explicit opt-in at record
 #: time) never broadcast to viewers: ``prompt_sha256`` identifies a prompt well enough.
 _DROPPED_FIELDS: Final = ("type", "job", "ts", "prompt")

@@ -480,6 +480,26 @@ class JobsProjection:
         return state
 
 
+def abandoned_by(state: JobsState, event: Event) -> list[JobView]:
+    """The jobs ``event`` (a ``WorkerLost`` or ``WorkerStopped`` just applied) abandoned,
+    oldest first: its worker's jobs ``abandoned`` at the event's time. For sinks that announce
+    each of them (the WebSocket's ``job_abandoned`` frames, ``job.abandoned`` webhooks)."""
+    worker = event.worker
+    found: list[JobView] = []
+    if worker is None or not isinstance(event, (WorkerLost, WorkerStopped)):
+        return found
+    for job in reversed(state.finished):  # abandoned now: at the newest end, in end order
+        view = state.jobs.get(job)
+        if view is None or view.ended_ts is None:
+            continue
+        if view.ended_ts < event.ts:
+            break  # ended before the event: so did every older one
+        if view.status == "abandoned" and view.worker == worker and view.ended_ts == event.ts:
+            found.append(view)
+    found.reverse()
+    return found
+
+
 def _heard(state: JobsState, event: Event) -> JobView:
     """The event's job, heard from at the event's time; made if its start was lost."""
     view = state.jobs.get(event.job)

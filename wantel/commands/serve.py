@@ -45,7 +45,8 @@ def configure_serving(parser: argparse.ArgumentParser) -> None:
                              f" or ${OTLP_ENVS[1]}; neither: no span export)")
     parser.add_argument("--webhook", metavar="URL", action="append",
                         help="POST a signed JSON body to this http(s) URL on every job state "
-                             "change (queued, started, completed, failed, cancelled), at least "
+                             "change (queued, started, completed, failed, cancelled, "
+                             "abandoned), at least "
                              "once, resumed after restarts; repeat for more receivers "
                              "(docs/api.md, 'Webhooks')")
     parser.add_argument("--webhook-secret", metavar="S",
