@@ -392,3 +392,42 @@ def test_a_stop_mid_job_ends_its_trace_with_worker_stopped() -> None:
     (root,) = [sp for sp in exporter.get_finished_spans() if sp.name == "video.generate"]
     assert (StatusCode.ERROR, "worker stopped") == (root.status.status_code,
                                                    root.status.description)
+
+
+class _Lines:
+    """A logger that keeps each line as (level, name, fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, object]]] = []
+
+    def __getattr__(self, level: str) -> object:
+        return lambda name, **fields: self.lines.append((level, name, fields))
+
+
+def test_the_lifecycle_log_says_job_abandoned(tmp_path: Path) -> None:
+    """The lifecycle log (wantel serve's job lines) writes job.abandoned, a warning with the
+    reason and the job's trace id, once the worker is declared lost, and nothing more."""
+    from exporters.logs import LifecycleLogger
+    from telemetry.tracing import job_trace_id
+
+    log = MemoryLog()
+    lines = _Lines()
+    service = TelemetryService(log, checkpoint_dir=tmp_path / "c", worker_timeout_s=TIMEOUT_S,
+                               declare_lost_as="agg", poll_interval=0.02)
+    service.add_sink(LifecycleLogger(lines))
+    with service:
+        assert service.wait_ready(20)
+        log.append(a_running_job("j1", "w1", time.time_ns()))
+        wait_for(lambda: [n for _, n, _ in lines.lines if n == "job.abandoned"],
+                 "the job.abandoned line", timeout=30)
+        checked = time.time_ns()
+        assert service.liveness is not None
+        wait_for(lambda: service.liveness._last_check > checked, "another check")
+    abandoned = [(level, fields) for level, name, fields in lines.lines
+                 if name == "job.abandoned"]
+    assert 1 == len(abandoned)
+    level, fields = abandoned[0]
+    assert ("warning", "j1", "worker lost", "agg", "w1") == (
+        level, fields["job"], fields["reason"], fields["declared_by"], fields["worker"])
+    started = next(f for _, n, f in lines.lines if n == "job.started")
+    assert started["trace_id"] == fields["trace_id"] != job_trace_id("other")
