@@ -151,3 +151,22 @@ def test_ship_needs_a_log_in_a_directory() -> None:
     with pytest.raises(ValueError, match="local log in a directory"), \
             instrument(object(), log=MemoryLog(), ship="nats://127.0.0.1:1"):
         pass
+
+
+@pytest.mark.parametrize(("command", "url"), [
+    (["run", *TINY], "http://127.0.0.1:4222"),
+    (["ship", "--once"], "nats://127.0.0.1:99999"),
+    (["replay"], "nats://a:1,ftp://user:secret@b"),
+])
+def test_a_url_that_cannot_name_nats_servers_is_one_line_and_exit_2(
+        command: list[str], url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Another scheme or a port out of range is bad input: one line, exit 2, before anything
+    runs or connects; a password in it is not repeated."""
+    (tmp_path / "log").mkdir()
+    code = main([*command, "--log", str(tmp_path / "log"), "--nats", url])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 2 == code
+    assert 1 == len(err) and "--nats" in err[0]
+    assert "secret" not in err[0]
+    assert not (tmp_path / "log" / "wantel-log.json").exists()  # no run began
