@@ -170,3 +170,42 @@ def test_a_url_that_cannot_name_nats_servers_is_one_line_and_exit_2(
     assert 1 == len(err) and "--nats" in err[0]
     assert "secret" not in err[0]
     assert not (tmp_path / "log" / "wantel-log.json").exists()  # no run began
+
+
+def test_sigterm_mid_run_is_a_clean_stop_that_reaches_the_fleet(nats_server: NatsServer,
+                                                                 tmp_path: Path) -> None:
+    """`docker stop` / a scale-down sends SIGTERM: `wantel run --nats` cancels the job at once
+    (exit 130), its emitter closes with WorkerStopped, and both reach the stream before it
+    exits; an aggregator then has nothing to declare lost."""
+    import signal
+
+    from telemetry.events import JobCancelled, StepEnded
+    from telemetry.log.base import LogNotFound
+    from tests.polling import wait_for
+
+    log_dir = tmp_path / "log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wantel", "run", "--model", "tiny-t2v", "--prompt", "p",
+         "--height", "32", "--width", "32", "--frames", "5", "--steps", "200", "--job",
+         "stopped-1", "--log", str(log_dir), "--out", str(tmp_path / "v.mp4"), "--json",
+         "--nats", nats_server.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def stepping() -> bool:
+            try:
+                return any(isinstance(e, StepEnded) for e in local_events(log_dir))
+            except LogNotFound:
+                return False
+
+        wait_for(stepping, "the job's first step", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert 130 == proc.returncode, err
+    assert "cancelled" == json.loads(out)["status"]
+    local = local_events(log_dir)
+    assert isinstance(local[-1], WorkerStopped)
+    assert any(isinstance(e, JobCancelled) and e.job == "stopped-1" for e in local)
+    assert_exactly_once(local, stream_events(nats_server.url))

@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 import msgspec
@@ -65,7 +68,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Generate a video and record every stage of the job in the event log. Models: "
         f"{', '.join(TINY_VARIANTS)} (tiny random weights, built offline in a fraction of a "
-        "second), or the path of a local diffusers Wan model directory."
+        "second), or the path of a local diffusers Wan model directory. Ctrl-C or SIGTERM "
+        "cancels the job at once (exit 130) and stops the worker cleanly (WorkerStopped: a "
+        "scale-down, never a lost worker)."
     )
     parser.add_argument("--model", required=True, metavar="M",
                         help="a tiny variant or a local diffusers model directory")
@@ -184,6 +189,14 @@ def run(args: argparse.Namespace) -> int:
     sampler = _gpu_sampler(emitter, prepared.job, prepared.device.type, args.sample_interval)
     status, error = "completed", None
     outputs: tuple[Path, ...] = ()
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        # SIGTERM (a scale-down, docker stop) stops like Ctrl-C: the job is cancelled at its
+        # next step, the emitter's close says WorkerStopped, and shipping drains.
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go there
+    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
     try:
         outputs = generate(prepared, emitter).outputs
     except KeyboardInterrupt:
@@ -191,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {sanitise(exc)}"
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if sampler is not None:
             sampler.stop()
         emitter.close()
