@@ -31,8 +31,11 @@ from telemetry.events import (
     JobStarted,
     StageEnded,
     StageStarted,
+    WorkerLost,
+    WorkerStopped,
 )
 from telemetry.log.base import Batch, ReadItem
+from telemetry.projections.jobs import JobView, abandoned_by
 from telemetry.projections.readings import device_label, queue_wait_s
 from telemetry.runner import Applied, Sink
 from telemetry.tracing import job_trace_id, span_id_for
@@ -62,13 +65,16 @@ _TRACKED: Final = (*LIFECYCLE, StageStarted)
 #: structs walks the tuple (the sink cost ~2 µs an event that way).
 _TRACKED_TYPES: Final = frozenset(_TRACKED)
 _TERMINAL: Final = (JobCompleted, JobFailed, JobCancelled)
+#: Events that end their worker's running jobs (``job.abandoned`` lines).
+_ABANDONING: Final = frozenset({WorkerLost, WorkerStopped})
 
 
 class LifecycleLogger(Sink):
     """One structured line per lifecycle event, with the ``trace_id``/``span_id`` of its span.
 
     Lines: ``job.queued``, ``job.started``, ``stage.ended``, ``expert.switched``,
-    ``job.completed`` (info), ``job.cancelled`` (warning), ``job.failed`` (error). Each carries
+    ``job.completed`` (info), ``job.cancelled`` and ``job.abandoned`` (warning: its worker
+    declared lost, or stopped mid-job), ``job.failed`` (error). Each carries
     ``job``, ``model``, ``seq``, ``worker``, the event's own time as ``timestamp`` (and
     ``ts_ns``), the span it belongs to — ``queue.wait`` for ``job.queued``, the stage span for
     ``stage.ended``, the denoise span for ``expert.switched``, the root otherwise — and its
@@ -100,11 +106,42 @@ class LifecycleLogger(Sink):
         self.errors = 0
 
     def on_applied(self, applied: Applied) -> None:
-        """Write the lines of what the runner applied (only track, while it catches up)."""
+        """Write the lines of what the runner applied (only track, while it catches up);
+        a ``job.abandoned`` warning for each job a ``WorkerLost``/``WorkerStopped`` ended
+        (read from the runner's jobs projection, when it has one)."""
         write, tracked, one = applied.live, _TRACKED_TYPES, self._one
         for event in applied.events:
             if type(event) in tracked:
                 one(event, write=write)
+            elif type(event) in _ABANDONING:
+                jobs = applied.engine.states.get("jobs")
+                for view in abandoned_by(jobs, event) if jobs is not None else ():
+                    self._abandoned(view, event, write=write)
+
+    def _abandoned(self, view: JobView, event: Event, *, write: bool) -> None:
+        """The job's ``job.abandoned`` line (its root span's ids), and its lines end."""
+        try:
+            job = self._jobs.pop(view.job, None)
+            if view.job in self._ended_set:
+                return
+            if self._ended.maxlen is not None and len(self._ended) == self._ended.maxlen:
+                self._ended_set.discard(self._ended[0])
+            self._ended.append(view.job)
+            self._ended_set.add(view.job)
+            if not write:
+                return
+            trace_id = job.trace_id if job is not None else job_trace_id(view.job)
+            opened = job.opened_ts if job is not None else None
+            self._logger.warning(
+                "job.abandoned", job=view.job, model=view.model, trace_id=trace_id,
+                span_id=span_id_for(view.job, self._root_role, opened), status="abandoned",
+                reason=view.abandon_reason, worker=view.worker,
+                declared_by=getattr(event, "declared_by", None),
+                timestamp=_iso(event.ts), ts_ns=event.ts)
+        except Exception:
+            self.errors += 1
+            return
+        self.lines += 1
 
     def handle(self, items: Iterable[ReadItem | Event]) -> int:
         """Write the lines for ``items`` (log items or bare events); returns how many."""

@@ -69,6 +69,8 @@ from telemetry.events import (
     StageEnded,
     StageStarted,
     StepEnded,
+    WorkerLost,
+    WorkerStopped,
 )
 from telemetry.guidance import describe_failure
 from telemetry.liveness import WORKER_TIMEOUT_S
@@ -207,6 +209,7 @@ def spans_for_job(
     events: Iterable[Event], *, resource: Resource | None = None,
     eta_issued: Sequence[EtaPoint] | None = None, eta_start: LiveJob | None = None,
     final: bool = True, abandoned_after_s: float | None = None,
+    abandon_reason: str | None = None,
 ) -> list[ReadableSpan]:
     """The spans of one job, root first, built from its events alone.
 
@@ -224,7 +227,9 @@ def spans_for_job(
     while the job runs; the root and the stages still open come with ``final``.
     ``abandoned_after_s``: the job has no terminal event and is declared abandoned (its worker
     and the job were silent that long): the root and the open stages end at its last event,
-    with an ``ERROR`` status.
+    with an ``ERROR`` status. ``abandon_reason``: the job was abandoned by an event instead —
+    its worker declared lost (``WorkerLost``: ``worker lost``) or stopped mid-job
+    (``WorkerStopped``: ``worker stopped``) — which the status description says.
 
     A job whose traceparent is not sampled (:func:`telemetry.tracing.traceparent_sampled`)
     has no spans. Ids come from :mod:`telemetry.tracing` (the job id and the ``ts`` of the
@@ -260,7 +265,8 @@ def spans_for_job(
     # another process's clock stamped an event a little earlier.
     root_start = min(e.ts for e in view.events)
     terminal = view.terminal
-    abandoned = terminal is None and abandoned_after_s is not None
+    abandoned = terminal is None and (abandoned_after_s is not None
+                                      or abandon_reason is not None)
     root_end = terminal.ts if terminal is not None else max(e.ts for e in view.events)
 
     def child(name: str, role: str, start: int, end: int, *,
@@ -335,11 +341,15 @@ def spans_for_job(
             "exception.type": terminal.error_type, "exception.message": terminal.message},
             terminal.ts))
     elif abandoned:
-        assert abandoned_after_s is not None
-        message = (f"abandoned: no event from the job or its worker for "
-                   f"{abandoned_after_s:g} s after its last one")
+        if abandon_reason is not None:
+            message = abandon_reason
+            attributes["wantel.abandon_reason"] = abandon_reason
+        else:
+            assert abandoned_after_s is not None
+            message = (f"abandoned: no event from the job or its worker for "
+                       f"{abandoned_after_s:g} s after its last one")
+            attributes["wantel.abandoned_after_s"] = abandoned_after_s
         attributes["wantel.status"] = "abandoned"
-        attributes["wantel.abandoned_after_s"] = abandoned_after_s
         attributes["error.type"] = "abandoned"
         status = Status(StatusCode.ERROR, message)
     root = ReadableSpan(
@@ -749,6 +759,10 @@ class SpanSink(Sink):
             if isinstance(event, EtaCalibrated):
                 self._calibration = event
                 continue
+            if isinstance(event, (WorkerLost, WorkerStopped)):
+                self._worker_gone(event)
+                if isinstance(event, WorkerLost):
+                    continue  # its ``worker`` is the lost one, not who wrote it
             heard = now if now is not None else event.ts
             worker = event.worker
             if worker is not None and heard > self._workers.get(worker, 0):
@@ -789,6 +803,23 @@ class SpanSink(Sink):
         self._sweep(self._clock())
         self._publish()
 
+    def _worker_gone(self, event: WorkerLost | WorkerStopped) -> None:
+        """The worker was declared lost, or stopped: each started run of it ends now, its
+        root with an ``ERROR`` status saying which (``worker lost`` / ``worker stopped``),
+        as the jobs projection abandons them. A declaration that one of its runs refutes (an
+        event of it after ``last_seen_ts``) ends nothing, as there."""
+        lost = isinstance(event, WorkerLost)
+        runs = [(job, run) for job, run in self._open.items()
+                if run.started and run.worker == event.worker]
+        if isinstance(event, WorkerLost) and any(
+                max(e.ts for e in run.events) > event.last_seen_ts for _, run in runs):
+            return
+        reason = "worker lost" if lost else "worker stopped"
+        for job, run in runs:
+            _log.warning("job abandoned; its trace ends with an error", job=job,
+                         worker=run.worker, reason=reason)
+            self._close(job, run, run.position, abandoned=True, reason=reason)
+
     def _run_for(self, job: str, event: Event, position: Position, heard: int,
                  finished: Mapping[str, None]) -> _Run | None:
         """The open run ``event`` belongs to (opened if it begins one), or ``None``: the event
@@ -812,13 +843,15 @@ class SpanSink(Sink):
         return run
 
     def _hold(self, job: str, run: _Run, position: Position, *, final: bool,
-              eta_issued: Sequence[EtaPoint] | None = None, abandoned: bool = False) -> None:
+              eta_issued: Sequence[EtaPoint] | None = None, abandoned: bool = False,
+              reason: str | None = None) -> None:
         """Build the run's spans and hold the ones not handed over yet as pending."""
         try:
             spans = spans_for_job(
                 run.events, resource=self._resource, final=final,
                 eta_issued=eta_issued, eta_start=self._starts.get(job) if final else None,
-                abandoned_after_s=self.abandon_after_s if abandoned else None)
+                abandoned_after_s=self.abandon_after_s if abandoned else None,
+                abandon_reason=reason)
         except Exception as exc:  # one malformed job must not stop every other trace
             _log.warning("cannot build spans", job=job, error=f"{type(exc).__name__}: {exc}")
             return
@@ -828,9 +861,10 @@ class SpanSink(Sink):
             self._pending.append(_Pending(job, position, fresh, final))
 
     def _close(self, job: str, run: _Run, position: Position, *, abandoned: bool = False,
-               eta_issued: Sequence[EtaPoint] | None = None) -> None:
+               eta_issued: Sequence[EtaPoint] | None = None, reason: str | None = None) -> None:
         """The run ended (or was declared abandoned): its last spans, root included."""
-        self._hold(job, run, position, final=True, eta_issued=eta_issued, abandoned=abandoned)
+        self._hold(job, run, position, final=True, eta_issued=eta_issued, abandoned=abandoned,
+                   reason=reason)
         del self._open[job]
         self._issued.pop(job, None)
         self._starts.pop(job, None)

@@ -218,8 +218,9 @@ def _running_by_model(jobs: JobsState, horizon_ns: float) -> dict[str, int]:
 
 def _lost_jobs(jobs: JobsState, horizon_ns: float, since_ns: float) -> dict[tuple[str, str], int]:
     """Lost jobs by (model, worker): running per the log, yet neither they nor their worker
-    spoke since ``horizon_ns`` (or already marked ``abandoned`` by the projection), last heard
-    from after ``since_ns``. A worker that stopped after its jobs ended loses none."""
+    spoke since ``horizon_ns`` (or already marked ``abandoned`` by the projection: its worker
+    declared lost, or silent), last heard from after ``since_ns``. A worker that stopped
+    (``WorkerStopped``) loses none, not even a job it stopped in the middle of."""
     lost: dict[tuple[str, str], int] = {}
 
     def count(view: JobView) -> None:
@@ -240,8 +241,9 @@ def _lost_jobs(jobs: JobsState, horizon_ns: float, since_ns: float) -> dict[tupl
             continue
         if (ended.last_ts or 0) < since_ns - slack_ns:
             break
-        if ended.status == "abandoned" and (ended.last_ts or 0) >= since_ns:
-            count(ended)
+        if (ended.status == "abandoned" and ended.abandon_reason != "worker stopped"
+                and (ended.last_ts or 0) >= since_ns):
+            count(ended)  # a worker that stopped mid-job was scaled down, not lost
     return lost
 
 

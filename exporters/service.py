@@ -35,6 +35,7 @@ from typing import Any, Final
 
 import msgspec
 
+from exporters.liveness import LivenessSink
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import (
     Event,
@@ -49,13 +50,15 @@ from telemetry.events import (
     StageEnded,
     StageStarted,
     StepEnded,
+    WorkerLost,
+    WorkerStopped,
     to_builtins,
 )
 from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.log.base import Batch, EventLog, Position
 from telemetry.projections import default_projections
 from telemetry.projections.eta import FinishedEta
-from telemetry.projections.jobs import JobsState, JobView
+from telemetry.projections.jobs import JobsState, JobView, abandoned_by
 from telemetry.projections.queues import Forecast, forecast, running_finish
 from telemetry.projections.summary import job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
@@ -91,7 +94,30 @@ FRAME_TYPES: Final[dict[type[Event], str]] = {
     JobFailed: "job_failed",
     JobCancelled: "job_cancelled",
 }
-TERMINAL_FRAMES: Final = frozenset({"job_completed", "job_failed", "job_cancelled"})
+TERMINAL_FRAMES: Final = frozenset({"job_completed", "job_failed", "job_cancelled",
+                                    "job_abandoned"})
+#: Events that end other streams' jobs: each job they abandon gets a ``job_abandoned`` frame.
+_LIVENESS: Final = (WorkerLost, WorkerStopped)
+
+
+def abandoned_frames(position: Position, event: Event,
+                     states: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(job, frame)`` for each job ``event`` (a ``WorkerLost`` or ``WorkerStopped``, just
+    applied) abandoned: its ``job_abandoned`` terminal frame, with the reason, the worker, who
+    declared it (``WorkerLost``) and the job's view."""
+    frames: list[tuple[str, dict[str, Any]]] = []
+    for view in abandoned_by(states["jobs"], event):
+        job = view.job
+        summary = summarize(states, job)
+        data: dict[str, Any] = {"reason": view.abandon_reason, "worker": event.worker,
+                                "declared_by": getattr(event, "declared_by", None),
+                                "last_seen_ts": _seconds(getattr(event, "last_seen_ts", None))}
+        if summary is not None:
+            data["view"] = summary
+        frames.append((job, frame("job_abandoned", position, job, event.ts / 1e9, data)))
+    return frames
+
+
 #: Moved to the frame header, or (``prompt``, present only with an explicit opt-in at record
 #: time) never broadcast to viewers: ``prompt_sha256`` identifies a prompt well enough.
 _DROPPED_FIELDS: Final = ("type", "job", "ts", "prompt")
@@ -294,6 +320,7 @@ def summarize(states: dict[str, Any], job: str, *,
                    "category": view.failure_category, "suggestions": list(view.suggestions)}
                   if view.status == "failed" else None),
         "cancel_reason": view.error_message if view.status == "cancelled" else None,
+        "abandon_reason": view.abandon_reason if view.status == "abandoned" else None,
         "trace_id": _trace_id(view),
         **_queue_fields(states, view, ahead),
     }
@@ -558,10 +585,20 @@ class FanOut(Sink):
         ahead: Forecaster | None = None
         items: Iterator[tuple[Position, Event]] = applied.positioned()
         if wanted is not None:  # checks out of the loop that runs for every event
-            items = ((position, event) for position, event in items if event.job in wanted)
+            items = ((position, event) for position, event in items
+                     if event.job in wanted or isinstance(event, _LIVENESS))
         for position, event in dropwhile(lambda item: item[0] < floor, items):
             build = live.get(type(event))
             if build is None:
+                if isinstance(event, _LIVENESS):  # the jobs it abandoned end: terminal frames
+                    for job, ending in abandoned_frames(position, event, states):
+                        if wanted is None or job in wanted:
+                            keep(encode_frame(ending))
+                            place(position)
+                            if by_job:
+                                name(job)
+                    last_job = None  # views changed
+                    views.clear()
                 continue
             job = event.job
             if job != last_job:
@@ -696,7 +733,11 @@ class TelemetryService:
         control_buffer: int = DEFAULT_CONTROL_BUFFER,
         recent: int = DEFAULT_RECENT,
         worker_timeout_s: float = WORKER_TIMEOUT_S,
+        declare_lost_as: str | None = None,
     ) -> None:
+        """``declare_lost_as``: declare workers silent past ``worker_timeout_s`` lost, by
+        appending ``WorkerLost`` under this name (:class:`exporters.liveness.LivenessSink`);
+        ``None``: only read (the projections still sweep silent jobs, in event time)."""
         self.log = log
         #: Seconds a silent worker's running jobs wait before they count as abandoned.
         self.worker_timeout_s = worker_timeout_s
@@ -711,6 +752,11 @@ class TelemetryService:
                                        poll_interval=poll_interval, name="wantel-serve")
         if not self.index.restored:  # a checkpoint from before the index: it misses these
             self.index.covers_from = engine.position
+        self.liveness: LivenessSink | None = None
+        if declare_lost_as is not None:
+            self.liveness = LivenessSink(log, engine, timeout_s=worker_timeout_s,
+                                         declared_by=declare_lost_as)
+            self.runner.add_sink(self.liveness)
         self.poll_interval = poll_interval
         self.subscriber_buffer = subscriber_buffer
         self.control_buffer = control_buffer

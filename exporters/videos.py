@@ -55,6 +55,14 @@ def _whole_seconds(ts: int | None) -> int | None:
     return None if ts is None else ts // 1_000_000_000
 
 
+#: The message of an abandoned job's error, by its ``abandon_reason``.
+_ABANDONED: Final = {
+    "worker lost": "worker lost: the worker running the job was declared lost (silent past "
+                   "the liveness timeout)",
+    "worker stopped": "worker stopped: the worker running the job shut down before it ended",
+}
+
+
 def _error(view: JobView) -> dict[str, str] | None:
     if view.status == "failed":
         code = "out_of_memory" if view.oom else (view.error_type or "error")
@@ -62,8 +70,8 @@ def _error(view: JobView) -> dict[str, str] | None:
     if view.status == "cancelled":
         return {"code": "cancelled", "message": view.error_message or "cancelled"}
     if view.status == "abandoned":
-        return {"code": "abandoned",
-                "message": "the worker running the job stopped being heard from"}
+        return {"code": "abandoned", "message": _ABANDONED.get(
+            view.abandon_reason or "", "the worker running the job stopped being heard from")}
     return None
 
 

@@ -51,9 +51,11 @@ from telemetry.events import (
     JobFailed,
     JobQueued,
     JobStarted,
+    WorkerLost,
+    WorkerStopped,
 )
 from telemetry.log.base import Position
-from telemetry.projections.jobs import JobsState, JobView
+from telemetry.projections.jobs import JobsState, JobView, abandoned_by
 from telemetry.runner import Applied, Sink
 
 _log = structlog.get_logger("wantel.webhooks")
@@ -74,6 +76,8 @@ STATUS_AFTER: Final[dict[type[Event], str]] = {
     JobFailed: "failed",
     JobCancelled: "cancelled",
 }
+#: Events that abandon their worker's running jobs: a ``job.abandoned`` body per such job.
+ABANDONING: Final = (WorkerLost, WorkerStopped)
 SIGNATURE_HEADER: Final = "Wantel-Signature"
 ID_HEADER: Final = "Wantel-Webhook-Id"
 EVENT_HEADER: Final = "Wantel-Event"
@@ -197,6 +201,24 @@ def body_of(event: Event, position: Position, view: JobView | None) -> dict[str,
             "created_at": event.ts / 1e9, "position": position, "data": data}
 
 
+def abandoned_body(event: Event, position: Position, view: JobView) -> dict[str, Any]:
+    """The body announcing that ``event`` (a ``WorkerLost`` or ``WorkerStopped``) abandoned
+    the job of ``view``: ``job.abandoned``, with the reason, the worker and who declared it.
+    Its id is ``<job>:abandoned:<the event's stream>:<seq>``: stable, one per job."""
+    data: dict[str, Any] = {
+        "job": view.job, "status": "abandoned", "worker": view.worker, "model": view.model,
+        "variant": view.variant, "task": view.task, "width": view.width,
+        "height": view.height, "num_frames": view.num_frames, "steps": view.total_steps,
+        "steps_done": view.steps_done, "queued_at": _seconds(view.queued_ts),
+        "started_at": _seconds(view.started_ts), "traceparent": view.traceparent,
+        "ended_at": event.ts / 1e9, "reason": view.abandon_reason,
+        "declared_by": getattr(event, "declared_by", None),
+        "last_seen_at": _seconds(getattr(event, "last_seen_ts", None))}
+    return {"id": f"{view.job}:abandoned:{delivery_id(event, position)}",
+            "type": "job.abandoned", "created_at": event.ts / 1e9, "position": position,
+            "data": data}
+
+
 def encode_body(body: dict[str, Any]) -> bytes:
     """``body`` as JSON, at most :data:`MAX_BODY_BYTES` (cut to the identifying fields)."""
     raw = _encode(body)
@@ -253,7 +275,7 @@ class WebhookSink(Sink):
         name: the sink's name (unique per runner).
     """
 
-    cut_before: frozenset[type[Event]] = frozenset(EVENT_TYPES)
+    cut_before: frozenset[type[Event]] = frozenset((*EVENT_TYPES, *ABANDONING))
 
     def __init__(self, url: str, *, secret: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, deliver_from: Position = 0,
@@ -284,6 +306,12 @@ class WebhookSink(Sink):
         """Hold a body for each transition applied (at or after :attr:`deliver_from`)."""
         jobs: JobsState | None = applied.engine.states.get("jobs")
         for position, event in applied.positioned():
+            if isinstance(event, ABANDONING) and position >= self.deliver_from:
+                for ended in abandoned_by(jobs, event) if jobs is not None else ():
+                    announced = abandoned_body(event, position, ended)
+                    self._pending.append(_Pending(position, announced["id"], announced["type"],
+                                                  encode_body(announced)))
+                continue
             kind = EVENT_TYPES.get(type(event))
             if kind is None or position < self.deliver_from:
                 continue

@@ -46,7 +46,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
@@ -58,6 +58,10 @@ from inference.speed_options import each_module, speed_options
 from inference.timing import timer_for
 from telemetry.control import CancelChannel, channel_of
 from telemetry.emitter import Emitter, process_emitter
+from telemetry.ship import process_shipper
+
+if TYPE_CHECKING:
+    from telemetry.log.nats import NatsOptions
 from telemetry.events import DeviceInfo, Expert, Stage, job_id_problem
 from telemetry.log.base import EventLog
 from telemetry.wan import classify
@@ -711,6 +715,7 @@ def instrument(
     record_prompt: bool = False,
     check_job: bool = True,
     on_progress: Callable[[Progress], Any] | None = None,
+    ship: NatsOptions | str | None = None,
 ) -> Iterator[Instrumented]:
     """Record every ``pipe(...)`` call in this context as a job.
 
@@ -741,6 +746,14 @@ def instrument(
     appends its events to a list; a slow callback skips views, the latest wins), and once more
     with the final view when the context exits (waiting at most 5 s). An exception it raises
     is logged once and never reaches the generation.
+
+    ``ship`` (a NATS URL, or :class:`~telemetry.log.nats.NatsOptions`): also ship the log to
+    the fleet's JetStream stream, from the process's one background shipper of that log and
+    stream (:func:`telemetry.ship.process_shipper`), started here on first use: the local log
+    stays the source of truth, the pipeline never waits for the broker, and at interpreter
+    exit the shipper ships for up to 2 s after the emitter's ``WorkerStopped``, leaving the
+    rest to ``wantel ship``. It needs a log in a directory (``log=LocalLog(DIR)``, or an
+    emitter of one) and the ``[nats]`` extra.
     """
     if (log is None) == (emitter is None):
         raise ValueError("give exactly one of log= or emitter=")
@@ -750,6 +763,8 @@ def instrument(
     # log=: the process's one emitter for that log (telemetry.emitter.process_emitter), so
     # every instrument() call in a process shares one worker stream and its seq.
     active = emitter if emitter is not None else process_emitter(log)  # type: ignore[arg-type]
+    if ship is not None:
+        process_shipper(active.log, ship, worker=active.worker)
     if job is not None and recorder is None and check_job and _in_use(active, job):
         raise JobIdInUse(
             f"job {job!r} is already in the log: a second job under that id would be dropped "

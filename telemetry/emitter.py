@@ -10,7 +10,8 @@ When the queues are full, the lowest-value events go first: samples, then steps,
 events; every drop is counted by reason and reported into the log as an ``EventsDropped`` event.
 When the log fails (disk full, permission denied, directory removed) the batch is kept and
 retried with backoff; the failure is counted and logged once per kind, and the caller never
-sees it. ``close()`` (also run at interpreter exit) flushes what it can.
+sees it. ``close()`` (also run at interpreter exit) appends ``WorkerStopped`` (a clean shutdown, not
+a lost worker) and flushes what it can.
 
 A writer that dies leaves a mark. The writer thread calls :meth:`EventLog.open_writer
 <telemetry.log.base.EventLog.open_writer>` first: the local log keeps a file in ``writers/``,
@@ -60,6 +61,7 @@ from telemetry.events import (
     JobQueued,
     Priority,
     WorkerHeartbeat,
+    WorkerStopped,
     stream_of_worker,
 )
 from telemetry.log.base import EventLog
@@ -112,6 +114,17 @@ def process_emitter(log: EventLog, *, worker: str | None = None) -> Emitter:
             emitter = Emitter(log, worker=worker)
             _shared[key] = emitter
         return emitter
+
+
+def close_process_emitter(log: EventLog, timeout: float = 2.0) -> None:
+    """Close the process's emitter for ``log``, if there is one (at exit, before a shipper of
+    that log drains, so its ``WorkerStopped`` is shipped too)."""
+    path = getattr(log, "path", None)
+    key: object = ("path", os.path.realpath(path)) if path is not None else ("log", id(log))
+    with _shared_lock:
+        emitter = _shared.get(key)
+    if emitter is not None:
+        emitter.close(timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -247,10 +260,21 @@ class Emitter:
         return not self._writing and not self._pending
 
     def close(self, timeout: float = 5.0) -> None:
-        """Flush within ``timeout``, stop the thread, and count what could not be written."""
+        """Say the worker stopped, flush within ``timeout``, stop the thread, and count what
+        could not be written.
+
+        A clean shutdown is not a failure: an emitter whose worker is in the log (it wrote or
+        queued anything) appends ``WorkerStopped`` as its worker stream's last event, so no
+        view declares the worker lost (heartbeats stop from here)."""
         if self._closing:
             return
         self._closing = True
+        if self._appended or self._emitted or self._pending:
+            # Beyond the queues' capacity (one event, once): the stop must not cost a sample.
+            self._queues[Priority.LIFECYCLE].append((next(self._stamps), WorkerStopped(
+                job=stream_of_worker(self.worker), ts=self._clock_ns(), worker=self.worker,
+                host=socket.gethostname(), pid=os.getpid())))
+            self._wake.set()
         self.flush(timeout)
         self._closed = True
         self._wake.set()
@@ -454,8 +478,9 @@ class Emitter:
 
     def _add_heartbeat(self) -> None:
         """A ``WorkerHeartbeat`` every ``heartbeat_interval`` s, so dead workers can be told."""
-        if self._heartbeat_interval is None or time.monotonic() < self._next_heartbeat:
-            return
+        if (self._heartbeat_interval is None or self._closing
+                or time.monotonic() < self._next_heartbeat):
+            return  # none once closing: WorkerStopped is the worker stream's last event
         self._next_heartbeat = time.monotonic() + self._heartbeat_interval
         stream = stream_of_worker(self.worker)
         seq = self._next_seq.get(stream, 0)

@@ -266,6 +266,40 @@ class WorkerHeartbeat(Event, frozen=True, kw_only=True):
     devices: tuple[str, ...] = ()
 
 
+class WorkerStopped(Event, frozen=True, kw_only=True):
+    """A worker shut down cleanly (its emitter closed: ``wantel run`` ending, a process
+    exiting, ``wantel ship`` stopping): scale-down, not a failure.
+
+    It is the last event of the worker's own stream (``worker/<name>``). The worker is no
+    longer alive from here, and no view raises "lost" for it; a job of it still running here
+    (the process exited mid-job) is ``abandoned`` at once with the reason ``worker stopped``.
+    A later event of the same worker makes it alive again.
+    """
+
+    host: str
+    pid: int
+
+
+class WorkerLost(Event, frozen=True, kw_only=True):
+    """An aggregator declared a worker lost: nothing from it or its jobs for longer than the
+    liveness timeout, by the aggregator's clock (``wantel serve``; the projections never read
+    a clock, so the decision is recorded as this event).
+
+    ``worker`` names the lost worker (not the writer: that is ``declared_by``), and ``job`` is
+    :func:`stream_of_lost` of it, with ``seq`` the number of earlier declarations of that
+    worker the aggregator had applied: two aggregators that notice the same silence write
+    the same ``(job, seq)``, which the log de-duplicates (NATS ``Nats-Msg-Id``) and every view
+    drops anyway. ``last_seen_ts`` is the newest event time the aggregator had from the worker
+    and its running jobs: projections apply only the first declaration per
+    ``(worker, last_seen_ts)``, and none that the worker's own later events refute. The
+    worker's running jobs become ``abandoned`` (reason ``worker lost``); a new heartbeat makes
+    the worker alive again.
+    """
+
+    last_seen_ts: int
+    declared_by: str
+
+
 class EventsDropped(Event, frozen=True, kw_only=True):
     """The emitter dropped events; ``counts`` are cumulative per reason since it started."""
 
@@ -314,6 +348,8 @@ AnyEvent = (
     | JobFailed
     | JobCancelled
     | WorkerHeartbeat
+    | WorkerStopped
+    | WorkerLost
     | EventsDropped
     | EtaCalibrated
     | CancelRequested
@@ -335,6 +371,8 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     EventsDropped,
     EtaCalibrated,
     CancelRequested,
+    WorkerStopped,
+    WorkerLost,
 )
 EVENT_TYPES_BY_NAME: Final[dict[str, type[Event]]] = {cls.__name__: cls for cls in EVENT_TYPES}
 
@@ -370,8 +408,18 @@ RESERVED_STREAM_PREFIXES: Final = ("worker/", "wantel/")
 
 
 def stream_of_worker(worker: str) -> str:
-    """The ``job`` field used for a worker's own events (heartbeats, drop counts)."""
+    """The ``job`` field used for a worker's own events (heartbeats, drop counts, its stop)."""
     return f"worker/{worker}"
+
+
+#: The prefix of the streams aggregators declare lost workers in (:class:`WorkerLost`).
+LOST_STREAM_PREFIX: Final = "wantel/lost/"
+
+
+def stream_of_lost(worker: str) -> str:
+    """The ``job`` field of :class:`WorkerLost` declarations of ``worker``: a stream of their
+    own (``wantel/lost/<worker>``), since the worker owns the ``seq`` of its stream."""
+    return f"{LOST_STREAM_PREFIX}{worker}"
 
 
 def job_id_problem(job: str) -> str | None:

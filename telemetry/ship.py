@@ -24,10 +24,15 @@ acknowledgement is awaited), one batch in flight at a time.
 
 from __future__ import annotations
 
+import atexit
+import os
 import threading
+import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
@@ -35,6 +40,9 @@ from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import Event
 from telemetry.log.base import EventLog, LogError, Position
 from telemetry.runner import Applied, ProjectionRunner, Sink
+
+if TYPE_CHECKING:
+    from telemetry.log.nats import NatsOptions
 
 _log = structlog.get_logger("wantel.ship")
 
@@ -53,12 +61,15 @@ class ShipperSink(Sink):
     Args:
         connect: opens the target (a :class:`~telemetry.log.nats.NatsLog`); called again
             after a failure left the target unusable, so a shipper may start before its broker.
+        warn: log failed tries (1st, 2nd, 4th…); a shipper inside a worker process reports
+            once, at its end, instead (:class:`BackgroundShipper`).
     """
 
     name = "ship"
 
-    def __init__(self, connect: Callable[[], EventLog]) -> None:
+    def __init__(self, connect: Callable[[], EventLog], *, warn: bool = True) -> None:
         self._connect = connect
+        self.warn = warn
         self._target: EventLog | None = None
         self._first: Position | None = None
         self._events: list[Event] = []
@@ -112,7 +123,7 @@ class ShipperSink(Sink):
         if target is not None and not getattr(target, "usable", True):
             self._target = None  # gave up or closed: open a new one next time
             target.close()
-        if failures & (failures - 1) == 0:  # the 1st, 2nd, 4th…: a doubling back-off
+        if self.warn and failures & (failures - 1) == 0:  # the 1st, 2nd, 4th…: backing off
             _log.warning("shipping failed; the events wait in the local log and are retried",
                          error=reason, failures=failures, held=len(self._events))
 
@@ -126,10 +137,10 @@ class ShipperSink(Sink):
 def shipper(local: EventLog, log_dir: str | Path, stream: str,
             connect: Callable[[], EventLog], *,
             backoff: tuple[float, float] = SHIP_BACKOFF,
-            poll_interval: float = 0.02) -> tuple[ProjectionRunner, ShipperSink]:
+            poll_interval: float = 0.02, warn: bool = True) -> tuple[ProjectionRunner, ShipperSink]:
     """A runner that follows ``local`` and ships it through a :class:`ShipperSink`,
     resuming from the checkpoint of ``log_dir`` for ``stream`` (see the module's docstring)."""
-    sink = ShipperSink(connect)
+    sink = ShipperSink(connect, warn=warn)
     runner = ProjectionRunner(local, ProjectionEngine([]),
                               CheckpointStore(checkpoint_path(log_dir, stream)),
                               sinks=[sink], retry_backoff=backoff,
@@ -137,4 +148,146 @@ def shipper(local: EventLog, log_dir: str | Path, stream: str,
     return runner, sink
 
 
-__all__ = ["SHIP_BACKOFF", "ShipperSink", "checkpoint_path", "shipper"]
+#: Seconds a stopping worker keeps shipping what its log holds (its last events, its
+#: ``WorkerStopped``) before it leaves the rest to the next shipper.
+DRAIN_S: Final = 2.0
+
+
+@dataclass(frozen=True)
+class ShipReport:
+    """How a :class:`BackgroundShipper` left things when it stopped."""
+
+    #: Events the stream acknowledged while it ran.
+    shipped: int
+    #: About how many events the local log held that were not acknowledged (0: all shipped).
+    unshipped: int
+    #: Why the last try failed, if the last one did.
+    error: str | None
+    #: Where the stream was (redacted), for messages.
+    target: str
+    #: The server's URL (redacted), for a ``wantel ship`` command line.
+    url: str = ""
+
+
+class BackgroundShipper:
+    """Ships a worker's local log to the fleet stream from a daemon thread, beside the work.
+
+    The same runner and sink as ``wantel ship`` (:func:`shipper`), started with
+    :meth:`start`: the generation writes its local log as always and never waits for the
+    broker; the shipper follows that log, publishes, and checkpoints what was acknowledged in
+    the log directory. A broker that is down or unreachable costs retries with back-off on
+    the shipper's thread, and nothing else. :meth:`stop` ships what the log holds for at most
+    ``drain_s`` seconds (the process's last events, its ``WorkerStopped``), then stops and
+    reports; what it could not ship stays in the log for the next shipper or ``wantel ship``,
+    which resumes from the checkpoint (``Nats-Msg-Id`` and ``(job, seq)`` make a re-ship
+    count once).
+    """
+
+    def __init__(self, local: EventLog, log_dir: str | Path, stream: str,
+                 connect: Callable[[], EventLog], *, target: str = "the fleet stream",
+                 url: str = "", backoff: tuple[float, float] = SHIP_BACKOFF,
+                 warn: bool = False) -> None:
+        self.local = local
+        self.target = target
+        self.url = url
+        self.runner, self.sink = shipper(local, log_dir, stream, connect, backoff=backoff,
+                                         warn=warn)
+        self.report: ShipReport | None = None
+
+    @classmethod
+    def to_nats(cls, local: EventLog, log_dir: str | Path, options: NatsOptions | str, *,
+                worker: str) -> BackgroundShipper:
+        """A shipper of ``local`` to the JetStream stream ``options`` names (a URL: the
+        defaults), publishing on ``worker``'s subject, reconnecting without end."""
+        from dataclasses import replace
+
+        from telemetry.log.nats import NatsLog, NatsOptions, redact
+
+        opts = NatsOptions(options) if isinstance(options, str) else options
+        opts = replace(opts, reconnect=True)
+        return cls(local, log_dir, opts.stream, lambda: NatsLog(opts, worker=worker),
+                   target=f"{redact(opts.url)} stream {opts.stream}", url=redact(opts.url))
+
+    def start(self) -> BackgroundShipper:
+        """Begin shipping (a daemon thread); returns self."""
+        self.runner.start()
+        return self
+
+    def stop(self, drain_s: float = DRAIN_S) -> ShipReport:
+        """Ship what the log holds now for at most ``drain_s`` seconds, then stop (once)."""
+        if self.report is not None:
+            return self.report
+        runner = self.runner
+        deadline = time.monotonic() + drain_s
+        try:
+            last = self.local.last_position()
+        except Exception:  # the local log is unreadable now: stop with what was shipped
+            last = None
+        end = 0 if last is None else last + 1
+        while runner.running and time.monotonic() < deadline:
+            if runner.engine.position >= end and runner.held_back() is None:
+                break
+            time.sleep(0.01)
+        # A thread stuck on an unreachable broker is left behind (a daemon): the checkpoint
+        # only ever covers what was acknowledged.
+        if runner.stop(max(0.05, deadline - time.monotonic())):
+            runner.checkpoint()
+            self.sink.shutdown()
+        held = runner.held_back()
+        acknowledged = runner.engine.position if held is None else held
+        with self.sink.lock:
+            shipped, error = self.sink.shipped, self.sink.last_error
+        self.report = ShipReport(shipped=shipped, unshipped=max(0, end - acknowledged),
+                                 error=error, target=self.target, url=self.url)
+        return self.report
+
+
+_shippers: dict[tuple[str, str], BackgroundShipper] = {}
+_shippers_lock = threading.Lock()
+
+
+def process_shipper(local: EventLog, options: NatsOptions | str, *,
+                    worker: str) -> BackgroundShipper:
+    """The process's one :class:`BackgroundShipper` of ``local`` (a log with a directory) to
+    the stream ``options`` names, started on first use and shared by every later caller
+    (every ``instrument(..., ship=...)``); at interpreter exit it closes the process emitter
+    of that log (its ``WorkerStopped`` goes in), ships for up to :data:`DRAIN_S` seconds, and
+    logs one warning if anything is left for ``wantel ship``."""
+    path = getattr(local, "path", None)
+    if path is None:
+        raise ValueError("shipping needs a local log in a directory (its checkpoint is kept "
+                         "there): give log=LocalLog(DIR)")
+    url = options if isinstance(options, str) else options.url
+    key = (os.path.realpath(path), url)
+    with _shippers_lock:
+        found = _shippers.get(key)
+        if found is None or found.report is not None:
+            found = _shippers[key] = BackgroundShipper.to_nats(local, path, options,
+                                                               worker=worker).start()
+            _stop_at_exit(found)
+        return found
+
+
+def _stop_at_exit(shipped: BackgroundShipper) -> None:
+    """At exit: the process emitter of the log closes first (whichever exit hook runs
+    first), then the shipper drains; one warning if events are left."""
+    ref = weakref.ref(shipped)
+
+    def stop() -> None:
+        instance = ref()
+        if instance is None or instance.report is not None:
+            return
+        from telemetry.emitter import close_process_emitter
+
+        close_process_emitter(instance.local)
+        report = instance.stop()
+        if report.unshipped:
+            _log.warning("events not shipped at exit; they wait in the local log for the next "
+                         "shipper (wantel ship --log DIR --nats URL)", target=report.target,
+                         unshipped=report.unshipped, error=report.error)
+
+    atexit.register(stop)
+
+
+__all__ = ["DRAIN_S", "SHIP_BACKOFF", "BackgroundShipper", "ShipReport", "ShipperSink",
+           "checkpoint_path", "process_shipper", "shipper"]

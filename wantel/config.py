@@ -41,8 +41,8 @@ VARIABLES: Final[dict[str, str]] = {
                         "given",
     PURE_PYTHON_ENV: "set to 1 to check replay's frames in Python even where the C "
                      "accelerator was built",
-    NATS_ENV: "the fleet's NATS server(s) when --nats is not given: `ship` ships to it, and "
-              "`serve`, `replay` and `cat` read the fleet stream instead of a local log",
+    NATS_ENV: "the fleet's NATS server(s) when --nats is not given: `ship` and `run` ship to "
+              "it, and `serve`, `replay` and `cat` read the fleet stream instead of a local log",
     NATS_CREDS_ENV: "a NATS credentials file when --nats-creds is not given (never printed)",
     NATS_CA_ENV: "a CA bundle for the NATS server's TLS certificate when --nats-ca is not given",
     WORKER_ENV: "this worker's id in the fleet when --worker is not given "

@@ -37,6 +37,7 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from exporters.liveness import default_declarer
 from exporters.server import check_token, check_trace_url, create_app
 from exporters.service import TelemetryService
 from exporters.webhooks import DEFAULT_RETRY_BACKOFF as WEBHOOK_BACKOFF
@@ -203,9 +204,10 @@ class Serving:
                  webhooks: Sequence[str] = (), webhook_secret: str | None = None,
                  webhook_backoff: tuple[float, float] = WEBHOOK_BACKOFF,
                  worker_timeout_s: float = WORKER_TIMEOUT_S,
-                 trace_url: str | None = None) -> None:
+                 trace_url: str | None = None, declare_lost: bool = True) -> None:
         """``checkpoint_dir`` defaults to a local log's ``checkpoints/``; any other log (the
-        fleet stream) needs one named."""
+        fleet stream) needs one named. ``declare_lost``: append ``WorkerLost`` for workers
+        silent past ``worker_timeout_s`` (:mod:`exporters.liveness`)."""
         self.log = log
         self.token = token
         self.worker_timeout_s = worker_timeout_s
@@ -217,8 +219,10 @@ class Serving:
         #: What is followed, for people: a directory, or the fleet stream's address.
         self.location = (f"{log.path}/" if isinstance(log, LocalLog)
                          else str(getattr(log, "location", type(log).__name__)))
-        self.service = TelemetryService(log, checkpoint_dir=self.checkpoint_dir,
-                                        worker_timeout_s=worker_timeout_s)
+        self.declare_lost = declare_lost
+        self.service = TelemetryService(
+            log, checkpoint_dir=self.checkpoint_dir, worker_timeout_s=worker_timeout_s,
+            declare_lost_as=default_declarer() if declare_lost else None)
         #: One sink per receiver (a URL given twice is one receiver).
         self.webhooks = [WebhookSink(url, secret=webhook_secret, name="webhook")
                          for url in dict.fromkeys(webhooks)]
@@ -259,8 +263,11 @@ class Serving:
         self.service.start()
         self.http.start()
         if self.export_spans:
-            self._spans = _start_span_export(self.log, self.otlp, self.checkpoint_dir,
-                                             self.worker_timeout_s)
+            # Declaring lost workers, WorkerLost ends their jobs' traces ("worker lost"); the
+            # span sink's own silence rule is the fallback, given twice as long.
+            self._spans = _start_span_export(
+                self.log, self.otlp, self.checkpoint_dir,
+                self.worker_timeout_s * (2 if self.declare_lost else 1))
         for sink in self.webhooks:
             runner = webhook_runner(self.log, sink, self.checkpoint_dir,
                                     retry_backoff=self.webhook_backoff)
@@ -369,6 +376,7 @@ def open_serving(args: argparse.Namespace) -> Serving:
         raise UsageError(f"--webhook-secret (or ${WEBHOOK_SECRET_ENV}) is empty: give a "
                          "non-empty secret, or none to send unsigned webhooks")
     worker_timeout = resolve_worker_timeout(getattr(args, "worker_timeout", None))
+    declare_lost = not getattr(args, "no_declare_lost", False)
     trace_url = resolve_trace_url(getattr(args, "trace_url", None))
     if trace_url is not None:
         try:
@@ -387,7 +395,8 @@ def open_serving(args: argparse.Namespace) -> Serving:
         return Serving(fleet, host=args.host, port=args.port, token=token,
                        otlp=args.otlp or None, export_spans=spans, checkpoint_dir=state,
                        webhooks=webhooks, webhook_secret=secret,
-                       worker_timeout_s=worker_timeout, trace_url=trace_url)
+                       worker_timeout_s=worker_timeout, trace_url=trace_url,
+                       declare_lost=declare_lost)
     try:
         log = LocalLog(resolve_log_dir(args.log))
     except BrokenLog:
@@ -396,7 +405,8 @@ def open_serving(args: argparse.Namespace) -> Serving:
         raise UsageError(str(exc)) from None
     return Serving(log, host=args.host, port=args.port, token=token, otlp=args.otlp or None,
                    export_spans=spans, webhooks=webhooks, webhook_secret=secret,
-                   worker_timeout_s=worker_timeout, trace_url=trace_url)
+                   worker_timeout_s=worker_timeout, trace_url=trace_url,
+                   declare_lost=declare_lost)
 
 
 def print_banner(serving: Serving, command: str) -> None:

@@ -78,7 +78,7 @@
         const v = f.data && f.data.view;
         if (!v) return; // replayed frames carry no view; the snapshot before caught_up does
         if (f.type === "job_completed" || f.type === "job_failed" || f.type === "job_cancelled"
-            || !["running", "queued"].includes(v.status)) {
+            || f.type === "job_abandoned" || !["running", "queued"].includes(v.status)) {
           running.delete(v.job);
           addFinished(v);
         } else {
@@ -313,6 +313,7 @@
       for (const s of e.suggestions || []) field(dl, "suggestion", s);
     }
     if (v.cancel_reason) field(dl, "cancelled", v.cancel_reason);
+    if (v.abandon_reason) field(dl, "abandoned", v.abandon_reason);
   }
 
   $("details-close").addEventListener("click", () => select(selected));

@@ -165,6 +165,37 @@ class EventLog(ABC):
         finally:
             cursor.close()
 
+    def append_new(self, events: Sequence[Event], since: Position) -> list[Event]:
+        """Append those of ``events`` whose ``(job, seq)`` the log does not hold at or after
+        ``since``, and return them (empty when every one was there already).
+
+        For records that several writers may write alike (two aggregators declaring one
+        worker lost: :class:`~telemetry.events.WorkerLost`), so that the log holds one. The
+        caller knows the log before ``since`` (it applied it). This default reads from
+        ``since`` then appends, which another writer can race; a backend that can check and
+        append under one lock (the local log) or that de-duplicates by ``(job, seq)`` itself
+        (JetStream's ``Nats-Msg-Id``) closes that race.
+        """
+        return self._append_missing(events, since)
+
+    def _append_missing(self, events: Sequence[Event], since: Position) -> list[Event]:
+        """:meth:`append_new`'s check and append (a backend calls it under its own lock)."""
+        wanted = {(event.job, event.seq) for event in events}
+        for item in self.read(since):
+            if isinstance(item, Batch):
+                for event in item.events:
+                    wanted.discard((event.job, event.seq))
+            if not wanted:
+                return []
+        fresh = [event for event in events if (event.job, event.seq) in wanted]
+        if fresh:
+            self._append_unlocked(fresh)
+        return fresh
+
+    def _append_unlocked(self, events: Sequence[Event]) -> range:
+        """:meth:`append`, for a caller already holding the backend's append lock."""
+        return self.append(events)
+
     def has_job(self, job: str) -> bool:
         """Whether ``job`` has begun here: any stored event of that stream other than
         ``JobQueued`` (a queued job is started under the id it was queued with). A new job

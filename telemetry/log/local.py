@@ -311,28 +311,44 @@ class LocalLog(EventLog):
         """Write ``events`` as one frame; see the module docstring for the protocol."""
         if self._closed:
             raise LogError("append to a closed log")
-        records, layout = _encode_records(events)
-        body = framing.encode_body(records, layout) if records else b""
+        records, layout = _encode_records(events)  # outside the lock: other writers wait less
         with self._thread_lock, self._exclusive():
-            self._sync_writer()
-            first = self._wnext
-            if not records:
-                return range(first, first)
-            assert self._wfd is not None
-            frame = framing.encode_header(
-                body, len(records), first, SCHEMA_FINGERPRINT, layout) + body
-            end = first + len(records)
-            try:
-                self._reserve(end)
-                self.ops.write_all(self._wfd, frame)
-                self._fsync_after_write()
-            except OSError as exc:
-                self._undo_partial_write()
-                raise LogError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
-            self._wend += len(frame)
-            self._wnext = end
-            with contextlib.suppress(OSError):  # the reservation already covers ``end``
-                self._note_end(end)
+            return self._write_frame(records, layout)
+
+    def append_new(self, events: Sequence[Event], since: Position) -> list[Event]:
+        """:meth:`EventLog.append_new` with the check and the append under the log's lock
+        (``flock`` on ``LOCK``): of several processes writing the same records, one does."""
+        if self._closed:
+            raise LogError("append to a closed log")
+        with self._thread_lock, self._exclusive():
+            return self._append_missing(events, since)
+
+    def _append_unlocked(self, events: Sequence[Event]) -> range:
+        """:meth:`append` for a caller holding its locks."""
+        return self._write_frame(*_encode_records(events))
+
+    def _write_frame(self, records: list[bytes], layout: int) -> range:
+        """Write ``records`` as one frame (the caller holds the locks)."""
+        body = framing.encode_body(records, layout) if records else b""
+        self._sync_writer()
+        first = self._wnext
+        if not records:
+            return range(first, first)
+        assert self._wfd is not None
+        frame = framing.encode_header(
+            body, len(records), first, SCHEMA_FINGERPRINT, layout) + body
+        end = first + len(records)
+        try:
+            self._reserve(end)
+            self.ops.write_all(self._wfd, frame)
+            self._fsync_after_write()
+        except OSError as exc:
+            self._undo_partial_write()
+            raise LogError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
+        self._wend += len(frame)
+        self._wnext = end
+        with contextlib.suppress(OSError):  # the reservation already covers ``end``
+            self._note_end(end)
         return range(first, end)
 
     @contextlib.contextmanager

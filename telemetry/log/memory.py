@@ -23,12 +23,26 @@ class MemoryLog(EventLog):
 
     def append(self, events: Sequence[Event]) -> range:
         """Store the batch; positions are list indexes."""
+        with self._lock:
+            return self._append_unlocked(events)
+
+    def _append_unlocked(self, events: Sequence[Event]) -> range:
         if self._closed:
             raise LogError("append to a closed log")
+        first = len(self._events)
+        self._events.extend(events)
+        return range(first, len(self._events))
+
+    def append_new(self, events: Sequence[Event], since: Position) -> list[Event]:
+        """Check and append under the list's lock: two writers store one copy."""
         with self._lock:
-            first = len(self._events)
-            self._events.extend(events)
-            return range(first, len(self._events))
+            stored = self._events[max(since, 0):]
+            wanted = {(event.job, event.seq) for event in events}
+            wanted -= {(event.job, event.seq) for event in stored}
+            fresh = [event for event in events if (event.job, event.seq) in wanted]
+            if fresh:
+                self._append_unlocked(fresh)
+            return fresh
 
     def read(self, start: Position = 0) -> Iterator[ReadItem]:
         """One batch with everything from ``start`` that is stored now."""

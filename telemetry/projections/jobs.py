@@ -24,6 +24,8 @@ from telemetry.events import (
     StageStarted,
     StepEnded,
     WorkerHeartbeat,
+    WorkerLost,
+    WorkerStopped,
 )
 from telemetry.liveness import WORKER_TIMEOUT_S as TIMEOUT_S
 from telemetry.projections.base import OnFailure, oldest_first
@@ -83,6 +85,10 @@ class JobView(msgspec.Struct, kw_only=True):
     #: The queue it was queued in and its priority there (``None`` if never queued).
     queue: str | None = None
     priority: int | None = None
+    #: Why an ``abandoned`` job was: ``worker lost`` (a ``WorkerLost`` declaration),
+    #: ``worker stopped`` (its worker shut down mid-job), ``worker silent`` (the projection's
+    #: own sweep, in event time, where no aggregator declared anything).
+    abandon_reason: str | None = None
 
     @property
     def steps_per_second(self) -> float | None:
@@ -113,6 +119,13 @@ class WorkerView(msgspec.Struct, kw_only=True):
     host: str | None = None
     pid: int | None = None
     devices: tuple[str, ...] = ()
+    #: ``stopped`` (its ``WorkerStopped`` is its latest word) or ``lost`` (declared lost, and
+    #: nothing from it since); ``None`` while it may be alive. Any later heartbeat or
+    #: lifecycle event of the worker clears it.
+    gone: str | None = None
+    #: ``last_seen_ts`` of the latest ``WorkerLost`` applied to it: a second declaration of
+    #: the same silence counts once.
+    lost_seen_ts: int | None = None
 
 
 class JobsState(msgspec.Struct, kw_only=True):
@@ -126,9 +139,10 @@ class JobsState(msgspec.Struct, kw_only=True):
     swept_ts: int = 0
 
     def alive_workers(self, timeout_s: float) -> list[WorkerView]:
-        """Workers heard from within ``timeout_s`` of the newest event."""
+        """Workers heard from within ``timeout_s`` of the newest event that have neither
+        stopped nor been declared lost since."""
         horizon = self.now_ts - int(timeout_s * 1e9)
-        return [w for w in self.workers.values() if w.last_ts >= horizon]
+        return [w for w in self.workers.values() if w.last_ts >= horizon and w.gone is None]
 
 
 class JobsProjection:
@@ -149,7 +163,7 @@ class JobsProjection:
     state_type = JobsState
     handles = frozenset({
         JobQueued, JobStarted, StageStarted, StageEnded, StepEnded, MemorySampled,
-        WorkerHeartbeat, JobCompleted, JobFailed, JobCancelled,
+        WorkerHeartbeat, JobCompleted, JobFailed, JobCancelled, WorkerStopped, WorkerLost,
     })
 
     def __init__(self, *, abandon_after_s: float = TIMEOUT_S, keep_finished: int | None = None):
@@ -162,6 +176,8 @@ class JobsProjection:
             StageStarted: self._stage_started,
             StageEnded: self._stage_ended,
             WorkerHeartbeat: self._heartbeat,
+            WorkerStopped: self._stopped,
+            WorkerLost: self._lost,
             **{kind: partial(self._lifecycle, change) for kind, change in _LIFECYCLE.items()},
         }
 
@@ -231,6 +247,56 @@ class JobsProjection:
         if seen is not None:
             seen.host, seen.pid, seen.devices = event.host, event.pid, event.devices
 
+    def _stopped(self, state: JobsState, event: WorkerStopped) -> None:
+        """The worker shut down cleanly: not alive from here, never "lost"; a job of it still
+        running (the process exited mid-job) is abandoned at once, ``worker stopped`` (before
+        the clock moves: a sweep then must not call it silent)."""
+        seen = self._seen_worker(state, event.worker, event.ts)
+        if seen is not None:
+            seen.host, seen.pid, seen.gone = event.host, event.pid, "stopped"
+            self._abandon_jobs_of(state, seen.worker, event.ts, "worker stopped")
+        self._tick(state, event.ts)
+
+    def _lost(self, state: JobsState, event: WorkerLost) -> None:
+        """An aggregator declared the worker lost. Applied once per ``(worker,
+        last_seen_ts)``, and not at all when the log already holds a later word of the worker
+        or of one of its running jobs (the declaration is refuted: the worker spoke after the
+        silence it was declared lost for). Then the worker is not alive, and its running jobs
+        are abandoned, ``worker lost``. Then the clock moves to the declaration's time (after:
+        the sweep that may start must not call the worker's jobs merely silent)."""
+        self._declared(state, event)
+        self._tick(state, event.ts)
+
+    def _declared(self, state: JobsState, event: WorkerLost) -> None:
+        """:meth:`_lost`'s rule, before the clock moves."""
+        worker = event.worker
+        if worker is None:
+            return
+        seen = state.workers.get(worker)
+        if seen is None:  # declared lost on what this state never saw (forgotten, or none)
+            seen = state.workers[worker] = WorkerView(worker=worker, last_ts=event.last_seen_ts)
+        if seen.lost_seen_ts == event.last_seen_ts or seen.last_ts > event.last_seen_ts:
+            return
+        for job in state.active:
+            view = state.jobs.get(job)
+            if (view is not None and view.worker == worker and view.status == "running"
+                    and (view.last_ts or 0) > event.last_seen_ts):
+                return
+        seen.gone, seen.lost_seen_ts = "lost", event.last_seen_ts
+        self._abandon_jobs_of(state, worker, event.ts, "worker lost")
+
+    def _abandon_jobs_of(self, state: JobsState, worker: str, ts: int, reason: str) -> None:
+        """Mark abandoned, ended at ``ts`` for ``reason``, every running job of ``worker``."""
+        for job in list(state.active):
+            view = state.jobs.get(job)
+            if view is None or view.status != "running" or view.worker != worker:
+                continue
+            view.status, view.stage = "abandoned", None
+            view.ended_ts, view.abandon_reason = ts, reason
+            state.active.pop(job)
+            state.finished[job] = None
+        self._forget_old(state)
+
     # -- time, workers, and what is kept ---------------------------------------------------
 
     def _tick(self, state: JobsState, ts: int) -> None:
@@ -248,14 +314,16 @@ class JobsProjection:
 
     @staticmethod
     def _seen_worker(state: JobsState, worker: str | None, ts: int) -> WorkerView | None:
-        """The worker was heard from at ``ts`` (a late event never makes it younger)."""
+        """The worker was heard from at ``ts`` (a late event never makes it younger): alive
+        again if it had stopped or was declared lost."""
         if worker is None:
             return None
         seen = state.workers.get(worker)
         if seen is None:
             seen = state.workers[worker] = WorkerView(worker=worker, last_ts=ts)
-        elif ts > seen.last_ts:
-            seen.last_ts = ts
+        else:
+            seen.last_ts = max(seen.last_ts, ts)
+            seen.gone = None
         return seen
 
     def _sweep(self, state: JobsState) -> None:
@@ -272,6 +340,7 @@ class JobsProjection:
             if worker is not None and worker.last_ts < horizon:
                 view.status = "abandoned"
                 view.stage = None
+                view.abandon_reason = "worker silent"
                 state.active.pop(job)
                 state.finished[job] = None
         self._forget_old(state)
@@ -412,6 +481,26 @@ class JobsProjection:
         _store_held(held)
         state.now_ts = now
         return state
+
+
+def abandoned_by(state: JobsState, event: Event) -> list[JobView]:
+    """The jobs ``event`` (a ``WorkerLost`` or ``WorkerStopped`` just applied) abandoned,
+    oldest first: its worker's jobs ``abandoned`` at the event's time. For sinks that announce
+    each of them (the WebSocket's ``job_abandoned`` frames, ``job.abandoned`` webhooks)."""
+    worker = event.worker
+    found: list[JobView] = []
+    if worker is None or not isinstance(event, (WorkerLost, WorkerStopped)):
+        return found
+    for job in reversed(state.finished):  # abandoned now: at the newest end, in end order
+        view = state.jobs.get(job)
+        if view is None or view.ended_ts is None:
+            continue
+        if view.ended_ts < event.ts:
+            break  # ended before the event: so did every older one
+        if view.status == "abandoned" and view.worker == worker and view.ended_ts == event.ts:
+            found.append(view)
+    found.reverse()
+    return found
 
 
 def _heard(state: JobsState, event: Event) -> JobView:

@@ -199,3 +199,34 @@ def test_a_queued_job_shows_its_place_and_when_it_starts(page: Any, tmp_path: Pa
         row = wait_for(lambda: row_with(page, "running", "next", "starts in ~"),
                        "the queued row with its predicted start")
     assert "queued #1 in gpu" in row
+
+
+def test_a_job_of_a_worker_declared_lost_leaves_the_running_table(page: Any,
+                                                                  tmp_path: Path) -> None:
+    """A worker goes silent mid-job; the server declares it lost (WorkerLost): the page moves
+    the job from running to finished, status 'abandoned', its details saying why."""
+    import time
+
+    from tests.exporters.test_liveness import a_running_job
+
+    log_dir = tmp_path / "log"
+    with served(log_dir, worker_timeout_s=1.0, declare_lost_as="agg") as s:
+        page.goto(s.base)
+        wait_for(lambda: page.inner_text("#conn") == "live", "the page to connect")
+        s.append(a_running_job("silent-1", "w1", time.time_ns()))
+        wait_for(lambda: row_text(page, "running", "silent-1"), "the running row")
+        wait_for(lambda: row_text(page, "finished", "silent-1"), "the job to leave running",
+                 timeout=30)
+        status = page.inner_text('#finished tr[data-job="silent-1"] td.status')
+        page.click('#finished tr[data-job="silent-1"]')
+        details = wait_for(lambda: row_with_details(page, "worker lost"), "the reason shown")
+        still_running = row_text(page, "running", "silent-1")
+    assert "abandoned" == status
+    assert "" == still_running
+    assert "worker lost" in details
+
+
+def row_with_details(page: Any, needle: str) -> str:
+    """The details panel's text if it contains ``needle``, else ''."""
+    text = str(page.inner_text("body"))
+    return text if needle in text else ""

@@ -671,3 +671,39 @@ def test_queue_depth_worker_free_time_and_start_scores() -> None:
     assert ("wantel_queue_start_interval_covered_total", "checkpoint=first",
             "queue=default") in got
     assert got[("wantel_queue_depth", "model=m", "queue=default")] == 1.0
+
+
+def test_a_stopped_worker_is_not_alive_and_raises_no_lost_job() -> None:
+    """WorkerStopped: wantel_workers_alive drops at once (well within the timeout), and no
+    wantel_jobs_lost ever, not even for a job it stopped in the middle of (scale-down)."""
+    from telemetry.events import WorkerStopped
+
+    done, cut, w = Stream("done"), Stream("cut"), Stream("worker/w1")
+    events: list[Event] = [done.started(0), *done.steps(0.1, 4), *done.completed(2, 2.0),
+                           WorkerHeartbeat(**w.kw(3), host="h", pid=1)]
+    runner = runner_over(events)
+    assert 1.0 == samples(registry_of(runner))[("wantel_workers_alive",)]
+    stopped = runner_over([*events, cut.started(4), *cut.steps(4.1, 2),
+                           WorkerStopped(**w.kw(5), host="h", pid=1)])
+    for now in (T0 + 10.0, T0 + 1_000.0):
+        got = samples(make_registry(stopped, clock=lambda now=now: now))
+        assert 0.0 == got[("wantel_workers_alive",)]
+        assert [] == [k for k in got if k[0] == "wantel_jobs_lost"]
+        assert 0.0 == got[("wantel_jobs_running", "model=tiny-t2v")]
+    assert "abandoned" == stopped.engine.states["jobs"].jobs["cut"].status
+
+
+def test_a_declared_loss_counts_its_running_jobs_lost_at_once() -> None:
+    """WorkerLost: the worker's running job is lost (abandoned by the event), counted in
+    wantel_jobs_lost, and the worker is not alive."""
+    from telemetry.events import WorkerLost
+
+    stuck = Stream("stuck")
+    events: list[Event] = [stuck.started(0), *stuck.steps(0.1, 2)]
+    last = events[-1].ts
+    runner = runner_over([*events, WorkerLost(job="wantel/lost/w1", seq=0,
+                                              ts=last + 61 * SECOND, worker="w1",
+                                              last_seen_ts=last, declared_by="agg")])
+    got = samples(make_registry(runner, clock=lambda: T0 + 70.0))
+    assert 1.0 == got[("wantel_jobs_lost", "model=tiny-t2v", "worker=w1")]
+    assert 0.0 == got[("wantel_workers_alive",)]

@@ -350,3 +350,37 @@ def test_the_docs_verification_snippet_verifies_what_wantel_signs() -> None:
     assert namespace["verify"](SECRET, header, body)
     assert not namespace["verify"](SECRET, header, body.replace(b"queued", b"started"))
     assert not namespace["verify"]("wrong", header, body)
+
+
+def test_a_job_of_a_lost_worker_is_announced_abandoned(tmp_path: Path,
+                                                       receiver: Receiver) -> None:
+    """A running job whose worker is then declared lost (WorkerLost in the log) reaches the
+    receiver as job.started, then job.abandoned with the reason and who declared it; a
+    second declaration of the same silence (another seq) announces nothing more."""
+    from telemetry.events import WorkerLost
+
+    log = LocalLog(tmp_path / "log")
+    with serving(log, receiver.url):
+        script = JobScript("stuck", steps=4, worker="w1")
+        running = script.start()
+        log.append(running)
+        wait_for(lambda: len(receiver.received) >= 1, "job.started")
+        for n in range(2):
+            log.append([WorkerLost(job="wantel/lost/w1", seq=n, ts=running[-1].ts + 10**9 + n,
+                                   worker="w1", last_seen_ts=running[-1].ts,
+                                   declared_by="agg")])
+        wait_for(lambda: len(receiver.received) >= 2, "job.abandoned")
+        later = JobScript("next", steps=1, worker="w2").whole()
+        log.append(later)  # a later job's deliveries: the queue went past both declarations
+        wait_for(lambda: "job.completed" in transitions(receiver.bodies(), "next"),
+                 "the later job")
+    log.close()
+    bodies = receiver.bodies()
+    assert ["job.started", "job.abandoned"] == transitions(bodies, "stuck")
+    abandoned = next(b for b in bodies if b["type"] == "job.abandoned")
+    assert ("abandoned", "worker lost", "agg", "w1") == (
+        abandoned["data"]["status"], abandoned["data"]["reason"],
+        abandoned["data"]["declared_by"], abandoned["data"]["worker"])
+    assert "stuck:abandoned:wantel/lost/w1:0" == abandoned["id"]
+    got = next(r for r in receiver.received if r.body["type"] == "job.abandoned")
+    assert verify(SECRET, got.headers[SIGNATURE_HEADER], got.raw)

@@ -280,3 +280,55 @@ class TestProcessEmitter:
         assert (socket.gethostname(), str(os.getpid())) == (host, pid)
         assert int(start) > 1_700_000_000
         assert default_worker_name() == default_worker_name()
+
+
+class TestWorkerStopped:
+    """A clean shutdown says so: the worker stream's last event is WorkerStopped."""
+
+    def test_close_appends_worker_stopped_last(self, tmp_path: Path) -> None:
+        """After a job and a heartbeat, close() writes WorkerStopped (host, pid) as the last
+        event of worker/<name>, after every event of the worker, and no heartbeat after it."""
+        import os
+        import socket
+
+        from telemetry.events import WorkerHeartbeat, WorkerStopped
+
+        log = LocalLog(tmp_path / "log")
+        emitter = Emitter(log, worker="w-1", heartbeat_interval=0.01)
+        emitter.emit(step("a", 0))
+        wait_for(lambda: emitter.stats().appended >= 2, "the step and a heartbeat")
+        emitter.close()
+        events = events_of(list(log.read()))
+        assert isinstance(events[-1], WorkerStopped)
+        stopped = events[-1]
+        assert ("worker/w-1", "w-1", socket.gethostname(), os.getpid()) == (
+            stopped.job, stopped.worker, stopped.host, stopped.pid)
+        own = [e for e in events if e.job == "worker/w-1"]
+        assert list(range(len(own))) == [e.seq for e in own]  # the stream's next seq
+        assert any(isinstance(e, WorkerHeartbeat) for e in own)
+
+    def test_an_emitter_that_wrote_nothing_writes_no_stop(self) -> None:
+        """An emitter without heartbeats that never emitted leaves the log as it was."""
+        log = MemoryLog()
+        Emitter(log, heartbeat_interval=None).close()
+        assert [] == events_of(list(log.read()))
+
+    def test_a_process_exiting_writes_worker_stopped(self, tmp_path: Path) -> None:
+        """The process emitter (every instrument(log=...) call's) is closed at interpreter
+        exit, which writes WorkerStopped: a real child process, exiting normally."""
+        import subprocess
+        import sys
+
+        from telemetry.events import WorkerStopped
+
+        code = ("import sys\n"
+                "from telemetry.emitter import process_emitter\n"
+                "from telemetry.events import StepEnded\n"
+                "from telemetry.log.local import LocalLog\n"
+                "e = process_emitter(LocalLog(sys.argv[1]), worker='child')\n"
+                "e.emit(StepEnded(job='j', ts=1, step=0, total_steps=1))\n")
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "log")], check=True,
+                       timeout=60)
+        events = events_of(list(LocalLog(tmp_path / "log").read()))
+        assert ["child"] == [e.worker for e in events if isinstance(e, WorkerStopped)]
+        assert isinstance(events[-1], WorkerStopped)

@@ -385,3 +385,83 @@ class TestRateAndPeakFoldsAgainstTheirDefinitions:
 def _raise(event: Event, exc: Exception) -> None:
     """A fold's ``failed`` where nothing may fail."""
     raise AssertionError(f"{type(event).__name__} raised {exc!r}")
+
+
+def _on(worker: str, events: list[Event]) -> list[Event]:
+    """``events`` as sent by ``worker``."""
+    return [type(e)(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "worker": worker})
+            for e in events]
+
+
+class TestWorkerStoppedAndLost:
+    """Liveness as events: a clean stop is not a loss; a declared loss abandons, once."""
+
+    def test_a_stopped_worker_is_not_alive_and_its_ended_jobs_stay(self) -> None:
+        """WorkerStopped after the worker's job completed: not alive at once (long before the
+        timeout), the job stays completed, nothing is abandoned."""
+        from telemetry.events import WorkerStopped
+
+        job = _on("w1", a_job("a"))
+        beat = WorkerHeartbeat(job="worker/w1", seq=0, ts=job[-1].ts, worker="w1", host="h",
+                               pid=1)
+        stop = WorkerStopped(job="worker/w1", seq=1, ts=job[-1].ts + 1, worker="w1", host="h",
+                             pid=1)
+        e = ProjectionEngine([JobsProjection(abandon_after_s=60)])
+        e.apply_batch(Batch(0, [*job, beat]))
+        assert ["w1"] == [w.worker for w in e.states["jobs"].alive_workers(60)]
+        e.apply_batch(Batch(len(job) + 1, [stop]))
+        state: JobsState = e.states["jobs"]
+        assert [] == state.alive_workers(60)
+        assert "completed" == state.jobs["a"].status
+        assert ("stopped", None) == (state.workers["w1"].gone, state.jobs["a"].abandon_reason)
+
+    def test_a_worker_stopped_mid_job_abandons_it_at_once(self) -> None:
+        """A job still running at its worker's WorkerStopped is abandoned then, ``worker
+        stopped``, ended at the stop's time."""
+        from telemetry.events import WorkerStopped
+
+        job = _on("w1", a_job("a")[:4])
+        stop = WorkerStopped(job="worker/w1", seq=0, ts=job[-1].ts + 5, worker="w1", host="h",
+                             pid=1)
+        state: JobsState = fold([*job, stop]).states["jobs"]
+        view = state.jobs["a"]
+        assert ("abandoned", "worker stopped", stop.ts) == (
+            view.status, view.abandon_reason, view.ended_ts)
+        assert "a" in state.finished and "a" not in state.active
+
+    def test_worker_lost_abandons_running_jobs_once_per_silence(self) -> None:
+        """WorkerLost abandons the worker's running jobs (``worker lost``); a duplicate with
+        another seq but the same last_seen_ts changes nothing; a later heartbeat makes the
+        worker alive again."""
+        from telemetry.events import WorkerLost
+
+        job = _on("w1", a_job("a")[:4])
+        last = job[-1].ts
+        lost = [WorkerLost(job="wantel/lost/w1", seq=n, ts=last + 61 * 10**9 + n, worker="w1",
+                           last_seen_ts=last, declared_by=f"agg-{n}") for n in range(2)]
+        e = ProjectionEngine([JobsProjection(abandon_after_s=600)])
+        e.apply_batch(Batch(0, [*job, lost[0]]))
+        state: JobsState = e.states["jobs"]
+        view = state.jobs["a"]
+        assert ("abandoned", "worker lost") == (view.status, view.abandon_reason)
+        assert ("lost", last) == (state.workers["w1"].gone, state.workers["w1"].lost_seen_ts)
+        before = msgspec.msgpack.encode((state.jobs, state.workers))
+        e.apply_batch(Batch(len(job) + 1, [lost[1]]))
+        after: JobsState = e.states["jobs"]
+        assert before == msgspec.msgpack.encode((after.jobs, after.workers))
+        beat = WorkerHeartbeat(job="worker/w1", seq=0, ts=last + 70 * 10**9, worker="w1",
+                               host="h", pid=1)
+        e.apply_batch(Batch(len(job) + 2, [beat]))
+        assert ["w1"] == [w.worker for w in e.states["jobs"].alive_workers(600)]
+
+    def test_a_declaration_the_log_refutes_is_not_applied(self) -> None:
+        """A WorkerLost whose last_seen_ts is older than an event of the worker's running job
+        that the log holds before it (the worker spoke since) abandons nothing."""
+        from telemetry.events import WorkerLost
+
+        job = _on("w1", a_job("a")[:5])
+        stale = WorkerLost(job="wantel/lost/w1", seq=0, ts=job[-1].ts + 1, worker="w1",
+                           last_seen_ts=job[-2].ts, declared_by="agg")
+        state: JobsState = fold([*job, stale]).states["jobs"]
+        assert "running" == state.jobs["a"].status
+        assert state.workers["w1"].gone is None

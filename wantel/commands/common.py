@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from telemetry.errors import UsageError
 from telemetry.log.base import EventLog, Gap, LogNotFound, Quarantined
@@ -22,10 +22,12 @@ if TYPE_CHECKING:
     from telemetry.log.nats import NatsOptions
 
 
-def add_nats_flags(parser: argparse.ArgumentParser, *, reading: bool = False) -> None:
-    """``--nats URL``, ``--nats-creds FILE``, ``--nats-ca FILE``."""
-    what = ("read the fleet's stream there instead of the local log" if reading
-            else "the fleet's NATS server(s), comma-separated")
+def add_nats_flags(parser: argparse.ArgumentParser, *, reading: bool = False,
+                   what: str | None = None) -> None:
+    """``--nats URL`` (its help starting with ``what``), ``--nats-creds FILE``,
+    ``--nats-ca FILE``."""
+    what = what or ("read the fleet's stream there instead of the local log" if reading
+                    else "the fleet's NATS server(s), comma-separated")
     parser.add_argument("--nats", metavar="URL",
                         help=f"{what} (default: ${NATS_ENV})")
     parser.add_argument("--nats-creds", metavar="FILE",
@@ -43,6 +45,9 @@ def nats_options(args: argparse.Namespace, *, reconnect: bool = False,
     url = resolve_nats(getattr(args, "nats", None))
     if url is None:
         raise UsageError(f"{required or 'this command'} needs --nats URL (or ${NATS_ENV})")
+    problem = nats_url_problem(url)
+    if problem is not None:
+        raise UsageError(f"--nats (or ${NATS_ENV}): {problem}")
     try:
         import nats  # noqa: F401
 
@@ -63,6 +68,32 @@ def nats_options(args: argparse.Namespace, *, reconnect: bool = False,
                                                     NATS_CREDS_ENV),
                        ca=resolve_nats_file(getattr(args, "nats_ca", None), NATS_CA_ENV),
                        reconnect=reconnect)
+
+
+#: The schemes a NATS server URL may have (nats-py's).
+NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+
+
+def nats_url_problem(url: str) -> str | None:
+    """Why ``url`` (one server URL or several, comma-separated) cannot name NATS servers, in
+    a phrase (credentials in it are never repeated), or ``None``. As the client reads them,
+    ``HOST`` and ``HOST:PORT`` without a scheme mean ``nats://``; another scheme (``http://``)
+    is refused here rather than tried."""
+    from urllib.parse import urlsplit
+
+    from telemetry.log.nats import redact
+
+    for given in url.split(","):
+        one = given.strip()
+        try:
+            parts = urlsplit(one if "://" in one else f"nats://{one}")
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            return f"{redact(one)!r} has a malformed host or port"
+        if parts.scheme not in NATS_SCHEMES or not parts.hostname:
+            return (f"expected nats://HOST[:PORT] or tls://HOST[:PORT] (ws://, wss:// too; "
+                    f"comma-separated for several servers), got {redact(one)!r}")
+    return None
 
 
 def fleet_requested(args: argparse.Namespace) -> bool:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 import msgspec
@@ -50,7 +53,9 @@ from telemetry.projections.eta import EtaPoint, current
 from telemetry.projections.jobs import JobView
 from telemetry.projections.summary import JobSummary, job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
-from wantel.config import resolve_log_dir, resolve_worker
+from telemetry.ship import DRAIN_S, BackgroundShipper
+from wantel.commands.common import add_nats_flags, nats_options
+from wantel.config import resolve_log_dir, resolve_nats, resolve_worker
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 130
@@ -64,7 +69,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Generate a video and record every stage of the job in the event log. Models: "
         f"{', '.join(TINY_VARIANTS)} (tiny random weights, built offline in a fraction of a "
-        "second), or the path of a local diffusers Wan model directory."
+        "second), or the path of a local diffusers Wan model directory. Ctrl-C or SIGTERM "
+        "cancels the job at once (exit 130) and stops the worker cleanly (WorkerStopped: a "
+        "scale-down, never a lost worker)."
     )
     parser.add_argument("--model", required=True, metavar="M",
                         help="a tiny variant or a local diffusers model directory")
@@ -136,6 +143,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "throttling, device memory) on CUDA, from "
                         f"{MIN_SAMPLE_INTERVAL:g} to {MAX_SAMPLE_INTERVAL:g}; 0 turns sampling "
                         "off (default 1)")
+    add_nats_flags(parser, what=(
+        "also ship this run's events to the fleet's NATS JetStream stream (comma-separated "
+        "servers) while it runs: a background thread follows the local log, which stays the "
+        "source of truth; the generation never waits for the broker. At the end it ships for "
+        f"up to {DRAIN_S:g} s more, then leaves the rest to `wantel ship` (one warning line "
+        "says so)"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     if args.queue is not None and (problem := queue_name_problem(args.queue)) is not None:
         raise UsageError(f"--queue {args.queue!r}: {problem}")
     log_dir = resolve_log_dir(args.log)
+    ship_to = (nats_options(args, reconnect=True)
+               if resolve_nats(getattr(args, "nats", None)) is not None else None)
     try:
         prepared = prepare(request, creates=(log_dir,))
     except RequestError as exc:
@@ -179,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
                task=prepared.model.spec.task, queue=args.queue, priority=args.priority or 0,
                request={"width": prepared.width, "height": prepared.height,
                         "frames": prepared.frames, "steps": prepared.steps})
+    shipping = (BackgroundShipper.to_nats(log, log.path, ship_to, worker=emitter.worker).start()
+                if ship_to is not None else None)
     interactive = sys.stderr.isatty() and sys.stdout.isatty() and not args.json
     sink: Sink = (ProgressDisplay(prepared.job) if interactive else ProgressLines(
         prepared.job, interval=every, stream=sys.stderr if args.json else sys.stdout))
@@ -189,6 +206,14 @@ def run(args: argparse.Namespace) -> int:
     sampler = _gpu_sampler(emitter, prepared.job, prepared.device.type, args.sample_interval)
     status, error = "completed", None
     outputs: tuple[Path, ...] = ()
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        # SIGTERM (a scale-down, docker stop) stops like Ctrl-C: the job is cancelled at its
+        # next step, the emitter's close says WorkerStopped, and shipping drains.
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go there
+    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
     try:
         outputs = generate(prepared, emitter).outputs
     except KeyboardInterrupt:
@@ -196,10 +221,19 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {sanitise(exc)}"
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if sampler is not None:
             sampler.stop()
         emitter.close()
         view = display.stop()
+        if shipping is not None:  # after close(): its WorkerStopped is shipped too
+            report = shipping.stop(DRAIN_S)
+            if report.unshipped:
+                reason = f" ({report.error})" if report.error else ""
+                print(f"wantel run: warning: {report.unshipped} event(s) not shipped to "
+                      f"{report.target}{reason}; they wait in {log.path}/: wantel ship --log "
+                      f"{log.path} --nats {report.url} --once ships them", file=sys.stderr)
     summary = job_summary(display.runner.engine.states, view) if view is not None else None
     if args.json:
         print(msgspec.json.encode(_summary(summary, prepared.job, str(log.path))).decode())

@@ -45,7 +45,8 @@ def configure_serving(parser: argparse.ArgumentParser) -> None:
                              f" or ${OTLP_ENVS[1]}; neither: no span export)")
     parser.add_argument("--webhook", metavar="URL", action="append",
                         help="POST a signed JSON body to this http(s) URL on every job state "
-                             "change (queued, started, completed, failed, cancelled), at least "
+                             "change (queued, started, completed, failed, cancelled, "
+                             "abandoned), at least "
                              "once, resumed after restarts; repeat for more receivers "
                              "(docs/api.md, 'Webhooks')")
     parser.add_argument("--webhook-secret", metavar="S",
@@ -57,6 +58,12 @@ def configure_serving(parser: argparse.ArgumentParser) -> None:
                              "before its running jobs are declared abandoned: on the live "
                              "page, in /metrics, and in traces, whose root span then ends "
                              f"with an error (default: ${WORKER_TIMEOUT_ENV}, else 60)")
+    parser.add_argument("--no-declare-lost", action="store_true",
+                        help="only read the log: do not append WorkerLost for workers silent "
+                             "past --worker-timeout (by default this aggregator declares them "
+                             "lost, once however many aggregators follow the log, and their "
+                             "running jobs become abandoned, reason 'worker lost', in every "
+                             "view; docs/fleet.md, 'Liveness')")
     parser.add_argument("--trace-url", metavar="TEMPLATE",
                         help="link each job on the live page to its trace: a URL with "
                              "{trace_id}, e.g. http://jaeger:16686/trace/{trace_id} (Jaeger) "

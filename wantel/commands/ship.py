@@ -36,6 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the stream's replicas if this shipper creates it: 1 (default) on "
                              "a single server, 3 on a 3-node JetStream cluster so the stream "
                              "survives losing a node; a stream that exists keeps its own")
+    parser.description += (
+        " Stopped (Ctrl-C, SIGTERM), it ships what the log holds for up to 2 s more — the "
+        "last events of workers that stopped before it, their WorkerStopped — and leaves the "
+        "rest for its next run.")
     parser.add_argument("--once", action="store_true",
                         help="ship what the log holds now, then exit; an unreachable broker at "
                              "the start is an error (without --once the shipper waits for it)")
@@ -55,15 +59,16 @@ def _replicas(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     """Ship until Ctrl-C or SIGTERM (or, with ``--once``, until caught up)."""
     from telemetry.log.nats import NatsLog, redact
-    from telemetry.ship import shipper
+    from telemetry.ship import DRAIN_S, BackgroundShipper
 
     options = dataclasses.replace(nats_options(args, reconnect=True, required="ship"),
                                   replicas=args.replicas)
     worker = resolve_worker(args.worker, default=socket.gethostname())
     local = open_local_for_reading(args)
     log_dir = resolve_log_dir(args.log)
-    runner, sink = shipper(local, log_dir, options.stream,
-                           lambda: NatsLog(options, worker=worker))
+    shipping = BackgroundShipper(local, log_dir, options.stream,
+                                 lambda: NatsLog(options, worker=worker), warn=True)
+    runner, sink = shipping.runner, shipping.sink
     if args.once:  # a wrong URL or bad credentials: one line and exit 2, before anything
         sink.connect_now()
     stop = threading.Event()
@@ -78,15 +83,18 @@ def run(args: argparse.Namespace) -> int:
         if args.once:
             runner.catch_up(stop, block=True)
         else:
-            runner.start()
+            shipping.start()
             while not stop.wait(0.5):
                 if not runner.running:
                     break
     except KeyboardInterrupt:
         pass
     finally:
-        stop.set()
-        runner.shutdown()
+        if args.once:
+            stop.set()
+            runner.shutdown()
+        else:  # what the workers wrote as they stopped (their WorkerStopped) goes out too
+            shipping.stop(DRAIN_S)
         signal.signal(signal.SIGTERM, previous)
         local.close()
     held = runner.held_back()
