@@ -212,6 +212,7 @@ def summarize(states: dict[str, Any], job: str) -> dict[str, Any] | None:
         "job": view.job,
         "status": view.status,
         "model": view.model,
+        "family": view.family,
         "variant": view.variant,
         "task": view.task,
         "worker": view.worker,

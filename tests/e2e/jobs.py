@@ -55,10 +55,10 @@ def run_tiny_jobs(log_dir: Path, out_dir: Path, variants: Sequence[str], *,
                 size = 32 if spec.spatial_multiple <= 32 else spec.spatial_multiple
                 job = f"{prefix}-{index}-{variant}"
                 request = GenerationRequest(
-                    model=variant, prompt="waves at dusk", frames=5, height=size, width=size,
-                    steps=3, guidance=4.0 if index % 2 else 1.0, job=job, device="cpu",
-                    image=str(image) if spec.needs_image else None,
-                    out=str(out_dir / f"{job}.mp4"))
+                    model=variant, prompt="waves at dusk", frames=5 if spec.video else 1,
+                    height=size, width=size, steps=3, guidance=4.0 if index % 2 else 1.0,
+                    job=job, device="cpu", image=str(image) if spec.needs_image else None,
+                    out=str(out_dir / f"{job}{'.mp4' if spec.video else '.png'}"))
                 generate(prepare(request), emitter)
                 jobs.append(job)
     finally:
