@@ -7,6 +7,7 @@ that has learned from the jobs before it, and those labels on ``/metrics`` and `
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,3 +239,21 @@ def test_a_saved_cogvideox_directory_runs_with_its_own_labels(
     log.close()
     assert (str(directory), "cogvideox", "t2v", "t2v") == (
         started.model, started.family, started.variant, started.task)
+
+
+def test_advise_knows_an_image_model_makes_one_frame(
+        runs: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """``wantel advise`` on the tiny-sd history: frames other than 1 are one line and exit 2;
+    one frame is advised with no "most frames" line and the job's own task in ``--json``."""
+    log_dir, _ = runs
+    base = ["advise", "--log", str(log_dir), "--model", "tiny-sd", "--height", "32",
+            "--width", "32", "--device", "cpu"]
+    assert 2 == main([*base, "--frames", "17"])
+    assert "--frames must be 1 for tiny-sd, an image model (t2i), got 17" in \
+        capsys.readouterr().err
+    assert 0 == main([*base, "--frames", "1"])
+    assert "most frames" not in capsys.readouterr().out
+    assert 0 == main([*base, "--frames", "1", "--json"])
+    advice = json.loads(capsys.readouterr().out)
+    assert ("t2i", None) == (advice["task"], advice["max_frames"])
+    assert advice["calibrated_on_jobs"]["memory"] >= 2  # the two tiny-sd jobs taught it

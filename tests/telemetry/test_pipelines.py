@@ -186,3 +186,24 @@ class TestNeutralPriorAndOnlineLearning:
         learned = LiveJob.start(wan, Calibration(), eta.learned)
         fresh = LiveJob.start(wan, Calibration())
         assert fresh.expected == learned.expected
+
+
+def test_failure_suggestions_follow_the_familys_own_rules() -> None:
+    """An out-of-memory CogVideoX job is offered a valid 4k+1 frame count and a smaller size
+    of its own aspect (not Wan's 832x480); an image model is offered no fewer frames."""
+    from telemetry.guidance import shape_of, suggest
+
+    def oom(family: str, task: str, frames: int, width: int, height: int) -> tuple[str, ...]:
+        started = msgspec.structs.replace(
+            _started("j", 0, family=family, model="m", task=task, frames=frames),
+            width=width, height=height,
+            device=DeviceInfo(kind="cuda", name="H100", total_memory_bytes=80 << 30))
+        return suggest("oom_device", shape_of(started), {}, 80 << 30)
+
+    cog = oom("cogvideox", "t2v", 49, 720, 480)
+    assert "49 → 29 frames" in cog
+    assert "720x480 (480P) → 528x352" in cog
+    image = oom("sd", "t2i", 1, 1024, 1024)
+    assert not any("frames" in line for line in image)
+    assert "1024x1024 → 768x768" in image
+    assert "1280x720 (720P) → 832x480 (480P)" in oom("wan2.1", "t2v", 81, 1280, 720)
