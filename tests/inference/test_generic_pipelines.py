@@ -257,3 +257,22 @@ def test_advise_knows_an_image_model_makes_one_frame(
     advice = json.loads(capsys.readouterr().out)
     assert ("t2i", None) == (advice["task"], advice["max_frames"])
     assert advice["calibrated_on_jobs"]["memory"] >= 2  # the two tiny-sd jobs taught it
+
+
+def test_wantel_demo_runs_every_tiny_variant(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``wantel demo --jobs 7`` runs one job of each tiny variant — CogVideoX and the Stable
+    Diffusion image model among them (one frame, a PNG) — every one completed."""
+    log_dir = tmp_path / "log"
+    assert 0 == main(["demo", "--log", str(log_dir), "--port", "0", "--jobs", "7",
+                      "--out-dir", str(tmp_path / "out")])
+    capsys.readouterr()
+    log = LocalLog(log_dir, create=False)
+    events = events_of(log.read(0))
+    log.close()
+    started = {e.job: e for e in events if isinstance(e, JobStarted)}
+    completed = {e.job for e in events if isinstance(e, JobCompleted)}
+    assert set(started) == completed
+    assert {"tiny-cogvideox", "tiny-sd"} <= {e.model for e in started.values()}
+    assert [1] == [e.num_frames for e in started.values() if e.model == "tiny-sd"]
+    assert (tmp_path / "out" / "demo-6.png").is_file()
