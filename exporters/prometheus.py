@@ -437,7 +437,8 @@ class WantelCollector(Collector):
                                      labels=["model"])
         seconds = CounterMetricFamily(
             "wantel_video_seconds",
-            f"Seconds of video of completed jobs (frames at {VIDEO_FPS:g} fps).",
+            "Seconds of video of completed jobs (frames at their family's native rate: Wan "
+            f"{VIDEO_FPS:g} fps, TI2V-5B 24, CogVideoX 8; none for images).",
             labels=["model"], unit="seconds")
         for model in running_by_model:  # every model known, from 0
             made = metrics.frames.get(model)

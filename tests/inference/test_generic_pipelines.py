@@ -179,6 +179,10 @@ def test_labels_reach_metrics_and_the_api(runs: tuple[Path, list[str]]) -> None:
             in metrics
         assert 'wantel_jobs_total{model="tiny-sd",status="completed",task="t2i"} 2.0' in metrics
         assert 'wantel_denoise_steps_total{model="tiny-sd"} 6.0' in metrics
+        # Seconds of video at CogVideoX's 8 fps (3 jobs × 9 frames); an image is none.
+        assert 'wantel_video_seconds_total{model="tiny-cogvideox"} 3.375' in metrics
+        assert 'wantel_frames_total{model="tiny-sd"} 2.0' in metrics
+        assert 'wantel_video_seconds_total{model="tiny-sd"} 0.0' in metrics
         assert "wan2.1" not in metrics
         listed = {job["job"]: job for job in client.get("/api/jobs").json()["finished"]}
         assert set(jobs) <= set(listed)
