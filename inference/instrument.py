@@ -503,7 +503,8 @@ class _Session:
         recorder.job_started(
             model=self.model or facts["model"], family=facts["family"],
             variant=self.variant or facts["variant"], task=facts["task"],
-            width=int(request.get("width") or 0), height=int(request.get("height") or 0),
+            width=int(request.get("width") or default_size(pipe)[1]),
+            height=int(request.get("height") or default_size(pipe)[0]),
             num_frames=int(request.get("num_frames") or 1),
             steps=int(request.get("num_inference_steps") or 0),
             guidance_scale=guidance,
@@ -592,6 +593,29 @@ def device_info(device: torch.device) -> DeviceInfo:
     import platform
 
     return DeviceInfo(kind=device.type, name=platform.processor() or platform.machine())
+
+
+def default_size(pipe: Any) -> tuple[int, int]:
+    """(height, width) a pipeline generates when the call names none, as diffusers works it
+    out: a UNet's ``sample_size`` (Stable Diffusion), a transformer's ``sample_height`` /
+    ``sample_width`` (CogVideoX), or the pipeline's ``default_sample_size`` (SD3, Flux),
+    times the VAE's spatial factor; (0, 0) where it shows none (the job's size is unknown)."""
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(
+        pipe, "vae_scale_factor", None)
+    if not isinstance(factor, int) or factor <= 0:
+        return (0, 0)
+    unet = getattr(pipe, "unet", None)
+    sample = getattr(getattr(unet, "config", None), "sample_size", None)
+    if isinstance(sample, int):
+        return (sample * factor, sample * factor)
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    height, width = (getattr(config, "sample_height", None), getattr(config, "sample_width", None))
+    if isinstance(height, int) and isinstance(width, int):
+        return (height * factor, width * factor)
+    sample = getattr(pipe, "default_sample_size", None)
+    if isinstance(sample, int):
+        return (sample * factor, sample * factor)
+    return (0, 0)
 
 
 def describe_pipeline(pipe: Any) -> dict[str, Any]:

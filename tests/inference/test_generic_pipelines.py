@@ -280,3 +280,22 @@ def test_wantel_demo_runs_every_tiny_variant(tmp_path: Path,
     assert {"tiny-cogvideox", "tiny-sd"} <= {e.model for e in started.values()}
     assert [1] == [e.num_frames for e in started.values() if e.model == "tiny-sd"]
     assert (tmp_path / "out" / "demo-6.png").is_file()
+
+
+@pytest.mark.parametrize("variant", sorted(EXPECTED))
+def test_a_call_without_a_size_records_the_size_the_pipeline_makes(variant: str,
+                                                                   tmp_path: Path) -> None:
+    """No height/width in the call: the job records the size diffusers derives (the denoiser's
+    sample size × the VAE's factor), which is the size of what comes out."""
+    pipe = build_tiny_pipeline(variant)
+    log = LocalLog(tmp_path / "log")
+    kwargs: dict[str, object] = {"prompt": "a cat", "num_inference_steps": 1,
+                                 "output_type": "np"}
+    if variant == "tiny-cogvideox":
+        kwargs["num_frames"] = 5
+    with instrument(pipe, log=log):
+        result = pipe(**kwargs)
+    started = next(e for e in events_of(log.read(0)) if isinstance(e, JobStarted))
+    log.close()
+    made = result.frames[0][0] if variant == "tiny-cogvideox" else result.images[0]
+    assert (started.height, started.width) == made.shape[:2] == (64, 64)
