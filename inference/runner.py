@@ -397,6 +397,8 @@ def _call(pipe: Any, prepared: PreparedRequest) -> Any:
         kwargs["num_images_per_prompt"] = request.num_videos
         if request.negative_prompt is not None:
             kwargs["negative_prompt"] = request.negative_prompt
+        if prepared.image is not None:  # an image-to-image model's input
+            kwargs["image"] = prepared.image
         return pipe(**kwargs).images[:, None]  # each image a one-frame "video"
     kwargs["num_frames"] = prepared.frames
     kwargs["num_videos_per_prompt"] = request.num_videos
