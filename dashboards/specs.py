@@ -1,4 +1,4 @@
-"""What wantel's five dashboards show: panels as plain data, one question each.
+"""What wantel's six dashboards show: panels as plain data, one question each.
 
 Kept apart from :mod:`dashboards.build` (which turns them into Grafana JSON with the official
 ``grafana-foundation-sdk``) so the panels read as a list of questions and PromQL, and so
@@ -569,7 +569,93 @@ HEALTH: Final = Dashboard(
     ),
 )
 
-DASHBOARDS: Final[tuple[Dashboard, ...]] = (FLEET, JOB, GPU, ETA, HEALTH)
+#: The dimension the Compare dashboard groups by: one of the labels every
+#: ``wantel_compare_*`` series carries (``telemetry/projections/compare.py``), as
+#: ``wantel compare --by`` offers them (but ``config``, which no label carries).
+BY: Final = Variable("by", "Compare by", "custom",
+                     choices=("model", "variant", "worker", "device"), default="model")
+COMPARE_MODEL: Final = Variable("model", "Model", "query",
+                                query=f"label_values(wantel_compare_jobs_total{{{INST}}}, model)",
+                                multi=True, include_all=True)
+#: How far back the comparison reaches (``wantel compare --since``).
+COMPARE_WINDOW: Final = Variable("window", "Window", "custom",
+                                 choices=("1h", "6h", "1d", "7d", "30d"), default="1d")
+C: Final = M
+_BY: Final = "$by"
+BY_LEGEND: Final = "{{$by}}"
+
+
+def _per(numerator: str, denominator: str, by: str = _BY) -> str:
+    """``numerator``'s increase over ``denominator``'s, per ``by``, over the window."""
+    return (f"sum by ({by}) (increase({numerator}{{{C}}}[$window]))\n"
+            f"/ sum by ({by}) (increase({denominator}{{{C}}}[$window]))")
+
+
+COMPARE: Final = Dashboard(
+    slug="compare", uid="wantel-compare", title="wantel / Compare",
+    description="Models, variants, workers or devices side by side over a window: the figures "
+                "of `wantel compare --by …` (jobs, p50/p90 duration, steps/s, seconds per "
+                "frame, peak memory, ETA error, failure rate by category), grouped by the "
+                "dimension $by picks.",
+    variables=(DATASOURCE, INSTANCE, BY, COMPARE_MODEL, COMPARE_WINDOW),
+    time_from="now-24h",
+    rows=(
+        Row("Volume and speed", (
+            Panel("Jobs", "How many jobs ended in the window, per $by (any outcome)?",
+                  (Query(f"sum by ({_BY}) (increase(wantel_compare_jobs_total{{{C}}}"
+                         "[$window]))", BY_LEGEND),),
+                  kind="bargauge", unit="none", width=8, minimum=0),
+            Panel("Duration p50 / p90", "How long does a completed job take, typically and at "
+                  "worst, per $by?",
+                  (Query(_quantile(0.5, "wantel_compare_job_duration_seconds", _BY, C,
+                                   "$window"), "p50 " + BY_LEGEND),
+                   Query(_quantile(0.9, "wantel_compare_job_duration_seconds", _BY, C,
+                                   "$window"), "p90 " + BY_LEGEND)),
+                  kind="bargauge", unit="s", width=8, minimum=0),
+            Panel("Steps per second", "How fast does each $by denoise (measured steps of "
+                  "completed jobs over the seconds they took)?",
+                  (Query(_per("wantel_compare_denoise_steps_total",
+                              "wantel_compare_denoise_step_seconds_total"), BY_LEGEND),),
+                  kind="bargauge", unit=STEPS_PER_S, width=8, minimum=0),
+            Panel("Seconds per frame", "What does one generated frame cost, per $by (the "
+                  "completed jobs' durations over their frames)?",
+                  (Query(_per("wantel_compare_job_duration_seconds_sum",
+                              "wantel_compare_frames_total"), BY_LEGEND),),
+                  kind="bargauge", unit="s", width=8, minimum=0),
+            Panel("Peak memory p50", "How much memory does a job peak at, per $by (host RSS on "
+                  "a CPU, torch allocated on CUDA: the kind each device predicts)?",
+                  (Query(_quantile(0.5, "wantel_compare_job_peak_memory_bytes",
+                                   f"{_BY}, kind", C, "$window"),
+                         BY_LEGEND + " {{kind}}"),),
+                  kind="bargauge", unit="bytes", width=8, minimum=0),
+            Panel("ETA error before start (p50)", "How far off was the ETA issued as each "
+                  "completed job started (|predicted - actual| / actual), per $by?",
+                  (Query(_quantile(0.5, "wantel_compare_eta_absolute_error_ratio", _BY, C,
+                                   "$window"), BY_LEGEND),),
+                  kind="bargauge", unit="percentunit", width=8, minimum=0,
+                  thresholds=((0.25, "orange"), (0.5, "red"))),
+        )),
+        Row("Failures", (
+            Panel("Failure rate", "What share of the jobs that ended failed, per $by?",
+                  (Query(f'sum by ({_BY}) (increase(wantel_compare_jobs_total{{status="failed",'
+                         f"{C}}}[$window]))\n/ sum by ({_BY}) (increase("
+                         f"wantel_compare_jobs_total{{{C}}}[$window]))", BY_LEGEND),),
+                  kind="bargauge", unit="percentunit", width=12, minimum=0, maximum=1,
+                  thresholds=((0.05, "orange"), (0.2, "red"))),
+            Panel("Failure rate by category", "Why do jobs fail, per $by: the share of its "
+                  "ended jobs that failed in each category (oom_device, oom_host, "
+                  "invalid_input, model_load, numerical, io, interrupted, internal)?",
+                  (Query(f"sum by ({_BY}, category) (increase(wantel_compare_failures_total"
+                         f"{{{C}}}[$window]))\n/ ignoring (category) group_left sum by "
+                         f"({_BY}) (increase(wantel_compare_jobs_total{{{C}}}[$window]))",
+                         BY_LEGEND + " {{category}}"),),
+                  kind="bargauge", unit="percentunit", width=12, minimum=0, maximum=1,
+                  no_value="0", thresholds=((0.05, "orange"), (0.2, "red"))),
+        )),
+    ),
+)
+
+DASHBOARDS: Final[tuple[Dashboard, ...]] = (FLEET, JOB, GPU, ETA, HEALTH, COMPARE)
 
 __all__ = ["DASHBOARDS", "BuildOptions", "Dashboard", "Link", "Panel", "Query", "Row",
            "Variable", "trace_link"]

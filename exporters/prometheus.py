@@ -45,7 +45,9 @@ from prometheus_client.utils import floatToGoString
 
 from exporters.queue_scores import QueueStartScorer
 from telemetry.engine import Health, ProjectionRunner
+from telemetry.guidance import CATEGORIES
 from telemetry.liveness import WORKER_TIMEOUT_S
+from telemetry.projections.compare import ABS_ERROR_BUCKETS, LABELS, CompareState
 from telemetry.projections.eta import ERROR_EDGES, EtaState, current
 from telemetry.projections.health import HealthState
 from telemetry.projections.jobs import JobsState, JobView
@@ -53,6 +55,7 @@ from telemetry.projections.memory import MemoryState
 from telemetry.projections.metrics import (
     DURATION_BUCKETS,
     MEMORY_BUCKETS,
+    SEP,
     VIDEO_FPS,
     Exemplar,
     HistogramSeries,
@@ -133,6 +136,60 @@ def _histogram(name: str, doc: str, labels: list[str], edges: tuple[float, ...],
         _add_histogram(family, dict(zip(labels, hist.labels, strict=True)), edges, hist.counts,
                        exemplars=hist.exemplars, sum_value=hist.sum)
     return family
+
+
+def _compare_families(compare: CompareState, eta: EtaState) -> list[Metric]:
+    """``wantel compare``'s figures as series labelled by every dimension it groups by
+    (:data:`~telemetry.projections.compare.LABELS`: model, variant, worker, device), for the
+    Compare dashboard's ``sum by ($by)`` (:mod:`telemetry.projections.compare`)."""
+    labels = list(LABELS)
+    jobs = CounterMetricFamily("wantel_compare_jobs", "Ended jobs by outcome, labelled by "
+                               "every dimension the Compare dashboard groups by.",
+                               labels=[*labels, "status"])
+    counts: dict[tuple[str, ...], int] = {}
+    for series in compare.jobs.values():  # every outcome of a group, from 0 (a failure rate
+        for status in STATUSES:           # of 0 is a figure, not a missing series)
+            counts.setdefault((*series.labels[:-1], status), 0)
+        counts[series.labels] = series.value
+    for key, value in counts.items():
+        jobs.add_metric(list(key), value)
+    failures = CounterMetricFamily("wantel_compare_failures", "Failed jobs by failure "
+                                   "category (else error type).", labels=[*labels, "category"])
+    failed: dict[tuple[str, ...], int] = {}
+    for group in dict.fromkeys(key[:-1] for key in counts):  # every category, from 0: a
+        for category in CATEGORIES:                          # failure's first increase shows
+            failed[(*group, category)] = 0
+    for series in compare.failures.values():
+        failed[series.labels] = series.value
+    for key, value in failed.items():
+        failures.add_metric(list(key), value)
+    steps = CounterMetricFamily("wantel_compare_denoise_steps", "Measured denoising steps of "
+                                "completed jobs.", labels=labels)
+    seconds = CounterMetricFamily("wantel_compare_denoise_step", "Seconds those steps took "
+                                  "(steps/s = steps ÷ seconds).", labels=labels,
+                                  unit="seconds")
+    for series in compare.steps.values():
+        steps.add_metric(list(series.labels), series.value)
+        seconds.add_metric(list(series.labels),
+                           compare.step_seconds.get(SEP.join(series.labels), 0.0))
+    frames = CounterMetricFamily("wantel_compare_frames", "Frames of completed jobs "
+                                 "(seconds per frame = duration sum ÷ frames).", labels=labels)
+    for series in compare.frames.values():
+        frames.add_metric(list(series.labels), series.value)
+    return [
+        jobs, failures, steps, seconds, frames,
+        _histogram("wantel_compare_job_duration_seconds", "Duration of completed jobs.",
+                   labels, DURATION_BUCKETS, series=compare.duration.values(),
+                   unit="seconds"),
+        _histogram("wantel_compare_job_peak_memory_bytes", "Peak memory of ended jobs, of the "
+                   "kind their device predicts (host_rss on a CPU, torch_allocated on CUDA).",
+                   [*labels, "kind"], MEMORY_BUCKETS, series=compare.peak_memory.values(),
+                   unit="bytes"),
+        _histogram("wantel_compare_eta_absolute_error_ratio", "|error| of the ETA issued "
+                   "before each completed job started, as a share of its actual duration.",
+                   labels, ABS_ERROR_BUCKETS, series=eta.before_start_by.values(),
+                   unit="ratio"),
+    ]
 
 
 class _Scored(Protocol):
@@ -331,6 +388,9 @@ class WantelCollector(Collector):
         out.extend(self._eta_families(eta))
         out.extend(self._memory_families(metrics, memory, jobs))
         out.extend(self._gpu_families(metrics, jobs))
+        compare: CompareState | None = states.get("compare")
+        if compare is not None:
+            out.extend(_compare_families(compare, eta))
         out.extend(self._health_families(health, drops, now))
         out.append(_non_finite(metrics))
         if "queues" in states:
@@ -389,7 +449,8 @@ class WantelCollector(Collector):
                                      labels=["model"])
         seconds = CounterMetricFamily(
             "wantel_video_seconds",
-            f"Seconds of video of completed jobs (frames at {VIDEO_FPS:g} fps).",
+            "Seconds of video of completed jobs (frames at their family's native rate: Wan "
+            f"{VIDEO_FPS:g} fps, TI2V-5B 24, CogVideoX 8; none for images).",
             labels=["model"], unit="seconds")
         for model in running_by_model:  # every model known, from 0
             made = metrics.frames.get(model)

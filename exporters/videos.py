@@ -21,8 +21,8 @@ field              from
 ``completed_at``   integer seconds when the job ended (any ending), else ``null``
 ``expires_at``     ``null`` (wantel does not delete outputs)
 ``size``           ``"<width>x<height>"`` once the job started, else ``null``
-``seconds``        the video's length as a string, frames ÷ Wan's native rate (16 fps; 24
-                   for TI2V-5B), once the job started, else ``null``
+``seconds``        the video's length as a string, frames ÷ the family's native rate (Wan 16
+                   fps, 24 for TI2V-5B; CogVideoX 8…), once the job started, else ``null``
 ``error``          ``{"code", "message"}`` when ``status`` is ``failed``, else ``null``;
                    ``code``: ``out_of_memory``, the exception's type (``ValueError``…),
                    ``cancelled`` or ``abandoned``
@@ -34,9 +34,9 @@ from __future__ import annotations
 import math
 from typing import Any, Final
 
+from telemetry.pipelines import native_fps
 from telemetry.projections.jobs import JobsState, JobView
 from telemetry.projections.summary import job_summary
-from telemetry.wan import native_fps
 
 OBJECT: Final = "video"
 STATUS: Final[dict[str, str]] = {
@@ -86,7 +86,7 @@ def _progress(view: JobView, progress: float | None) -> int:
 def _seconds(view: JobView) -> str | None:
     if not view.num_frames:
         return None
-    return f"{view.num_frames / native_fps(view.task):g}"
+    return f"{view.num_frames / native_fps(view.family, view.task):g}"
 
 
 def video_object(states: dict[str, Any], job: str) -> dict[str, Any] | None:

@@ -12,11 +12,15 @@ What is hooked, and why there (diffusers facts, checked on 0.42):
   be overridden per instance) — for the job's lifecycle, its request, and to inject
   ``callback_on_step_end``, which runs once per step after the transformer passes and the
   scheduler step. A caller's own callback still runs, after ours.
-* forward pre-hooks on ``transformer`` / ``transformer_2``: the first pass of a step marks its
-  start and tells which expert runs it; the count of passes is 2 with classifier-free guidance.
+* forward pre-hooks on ``transformer`` / ``transformer_2`` (or a UNet's ``unet``): the first
+  pass of a step marks its start and tells which expert runs it; the count of passes is 2 with
+  classifier-free guidance where the pipeline runs cond and uncond apart (Wan), 1 where it
+  batches them (CogVideoX, Stable Diffusion).
 * ``encode_prompt``, ``encode_image``, ``prepare_latents``, ``vae.decode`` and
-  ``video_processor.postprocess_video``, wrapped as instance attributes: torch hooks never fire
-  on ``pipe.vae`` (the pipeline calls ``decode``, not ``forward``).
+  ``video_processor.postprocess_video`` (an image pipeline's ``image_processor.postprocess``),
+  wrapped as instance attributes: torch hooks never fire on ``pipe.vae`` (the pipeline calls
+  ``decode``, not ``forward``). Any diffusers pipeline with a denoising loop and
+  ``callback_on_step_end`` has most of these: the stages it lacks are simply not recorded.
 * ``scheduler.set_timesteps``: a CPU copy of the schedule is computed from the scheduler's
   config, so each step's timestep and sigma are known without reading a device tensor.
 
@@ -64,7 +68,7 @@ if TYPE_CHECKING:
     from telemetry.log.nats import NatsOptions
 from telemetry.events import DeviceInfo, Expert, Stage, job_id_problem
 from telemetry.log.base import EventLog
-from telemetry.wan import classify
+from telemetry.pipelines import classify_pipeline
 
 #: Pipeline attributes wrapped as stages: (path to the object, method, stage).
 STAGE_METHODS: Final[tuple[tuple[str, str, Stage], ...]] = (
@@ -73,7 +77,13 @@ STAGE_METHODS: Final[tuple[tuple[str, str, Stage], ...]] = (
     ("", "prepare_latents", "latent_init"),
     ("vae", "decode", "decode"),
     ("video_processor", "postprocess_video", "postprocess"),
+    # An image pipeline's (Stable Diffusion, Flux, PixArt…): wrapped only where the pipeline
+    # has no video processor (Wan's I2V ``image_processor`` is CLIP's, which has none).
+    ("image_processor", "postprocess", "postprocess"),
 )
+#: The denoiser modules whose forward passes mark a step: a DiT (``transformer``, and Wan 2.2
+#: A14B's ``transformer_2``) or a UNet (Stable Diffusion, AnimateDiff…).
+DENOISERS: Final = ("transformer", "unet")
 
 
 _ABSENT: Final = object()  # "no instance attribute was there before we wrapped"
@@ -233,8 +243,11 @@ class _Session:
             hook = self._pre_forward_hook(expert)
             # Prepended: the step starts before any other hook (offloading, caching) runs.
             self._hooks.append(module.register_forward_pre_hook(hook, prepend=True))
+        has_video_processor = getattr(self.pipe, "video_processor", None) is not None
         for path, method, stage in STAGE_METHODS:
-            owner = getattr(self.pipe, path) if path else self.pipe
+            if path == "image_processor" and has_video_processor:
+                continue
+            owner = getattr(self.pipe, path, None) if path else self.pipe
             if owner is not None and callable(getattr(owner, method, None)):
                 self._wrap(owner, method, stage)
         scheduler = getattr(self.pipe, "scheduler", None)
@@ -260,11 +273,14 @@ class _Session:
         self._readers.clear()
 
     def _experts(self) -> dict[str, Expert | None]:
-        """``transformer`` → high_noise and ``transformer_2`` → low_noise when both exist."""
+        """``transformer`` → high_noise and ``transformer_2`` → low_noise when both exist;
+        a single denoiser (a transformer, or a UNet) runs every step as no expert."""
         has_second = getattr(self.pipe, "transformer_2", None) is not None
         experts: dict[str, Expert | None] = {}
-        if getattr(self.pipe, "transformer", None) is not None:
-            experts["transformer"] = "high_noise" if has_second else None
+        for name in DENOISERS:
+            if isinstance(getattr(self.pipe, name, None), torch.nn.Module):
+                experts[name] = "high_noise" if has_second and name == "transformer" else None
+                break
         if has_second:
             experts["transformer_2"] = "low_noise"
         return experts
@@ -324,6 +340,15 @@ class _Session:
         # tolist(): one conversion, not a 0-d tensor per element (the same Python floats)
         self.cpu_timesteps = [float(t) for t in timesteps.tolist()]
         self.cpu_sigmas = [float(s) for s in sigmas.tolist()] if sigmas is not None else []
+        alphas = getattr(scheduler, "alphas_cumprod", None)
+        if sigmas is None and isinstance(alphas, torch.Tensor) and alphas.device.type == "cpu":
+            # A DDPM-family scheduler (DDIM: CogVideoX, Stable Diffusion) keeps no sigmas; its
+            # noise level at timestep t is sqrt((1 - ᾱ_t) / ᾱ_t), the k-diffusion sigma.
+            try:
+                cumprod = alphas[timesteps.to("cpu").long()].double()
+                self.cpu_sigmas = [float(x) for x in ((1 - cumprod) / cumprod).sqrt().tolist()]
+            except (IndexError, RuntimeError):
+                self.cpu_sigmas = []
 
     # -- per step ---------------------------------------------------------------------------
 
@@ -494,6 +519,8 @@ class _Session:
         guidance_2 = request.get("guidance_scale_2")
         generator = request.get("generator")
         videos = request.get("num_videos_per_prompt")
+        if videos is None:  # an image pipeline's batch
+            videos = request.get("num_images_per_prompt")
         options = {**speed_options(pipe, num_videos=1 if videos is None else videos),
                    **self.options}
         if facts["task"] == "ti2v" and request.get("image") is not None:
@@ -501,7 +528,8 @@ class _Session:
         recorder.job_started(
             model=self.model or facts["model"], family=facts["family"],
             variant=self.variant or facts["variant"], task=facts["task"],
-            width=int(request.get("width") or 0), height=int(request.get("height") or 0),
+            width=int(request.get("width") or default_size(pipe)[1]),
+            height=int(request.get("height") or default_size(pipe)[0]),
             num_frames=int(request.get("num_frames") or 1),
             steps=int(request.get("num_inference_steps") or 0),
             guidance_scale=guidance,
@@ -686,14 +714,39 @@ def device_info(device: torch.device) -> DeviceInfo:
     return DeviceInfo(kind=device.type, name=platform.processor() or platform.machine())
 
 
+def default_size(pipe: Any) -> tuple[int, int]:
+    """(height, width) a pipeline generates when the call names none, as diffusers works it
+    out: a UNet's ``sample_size`` (Stable Diffusion), a transformer's ``sample_height`` /
+    ``sample_width`` (CogVideoX), or the pipeline's ``default_sample_size`` (SD3, Flux),
+    times the VAE's spatial factor; (0, 0) where it shows none (the job's size is unknown)."""
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(
+        pipe, "vae_scale_factor", None)
+    if not isinstance(factor, int) or factor <= 0:
+        return (0, 0)
+    unet = getattr(pipe, "unet", None)
+    sample = getattr(getattr(unet, "config", None), "sample_size", None)
+    if isinstance(sample, int):
+        return (sample * factor, sample * factor)
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    height, width = (getattr(config, "sample_height", None), getattr(config, "sample_width", None))
+    if isinstance(height, int) and isinstance(width, int):
+        return (height * factor, width * factor)
+    sample = getattr(pipe, "default_sample_size", None)
+    if isinstance(sample, int):
+        return (sample * factor, sample * factor)
+    return (0, 0)
+
+
 def describe_pipeline(pipe: Any) -> dict[str, Any]:
-    """Facts read from a Wan pipeline (detected, not assumed): family, task, variant, boundary."""
+    """Facts read from any diffusers pipeline (detected, not assumed): family, task, variant
+    (:func:`telemetry.pipelines.classify_pipeline`: Wan's rules for a Wan class, the class
+    name's for any other), boundary."""
     config = getattr(pipe, "config", {})
     boundary = config.get("boundary_ratio") if hasattr(config, "get") else None
     expand = bool(config.get("expand_timesteps")) if hasattr(config, "get") else False
     name = type(pipe).__name__
-    family, task, variant = classify(
-        pipeline_class=name, two_experts=getattr(pipe, "transformer_2", None) is not None,
+    family, task, variant = classify_pipeline(
+        name, two_experts=getattr(pipe, "transformer_2", None) is not None,
         expand_timesteps=expand, boundary_ratio=boundary)
     model = str(config.get("_name_or_path") or name) if hasattr(config, "get") else name
     return {"family": family, "task": task, "variant": variant, "boundary_ratio": boundary,

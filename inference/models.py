@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 
@@ -22,7 +22,8 @@ from inference.tiny_models import (
     check_request,
     variant_spec,
 )
-from telemetry.wan import classify, variant_of
+from telemetry.pipelines import classify_pipeline, is_video
+from telemetry.wan import variant_of
 
 
 class ModelError(ValueError):
@@ -42,7 +43,9 @@ class ModelChoice:
         """The ``variant`` label: the tiny name, or Wan's own (``t2v-A14B``, ``ti2v-5B``…)."""
         if self.path is None:
             return self.name
-        return variant_of(self.spec.task, two_experts=self.spec.two_experts)
+        if self.spec.pipeline_class.startswith("Wan"):
+            return variant_of(self.spec.task, two_experts=self.spec.two_experts)
+        return self.spec.task  # a class tells no size: the task, as for Wan 2.1
 
     def check(self, *, height: int, width: int, num_frames: int) -> None:
         """Raise :class:`ModelError` if the model cannot produce this shape."""
@@ -72,22 +75,38 @@ class ModelChoice:
         return pipe.to(device)
 
 
-def warm_imports() -> None:
+#: What a pipeline class needs imported (beyond itself) before its job's clock starts.
+_WARM: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "Wan": (("WanPipeline", "WanImageToVideoPipeline", "WanTransformer3DModel",
+             "AutoencoderKLWan", "UniPCMultistepScheduler"),
+            ("UMT5EncoderModel", "T5Tokenizer", "CLIPVisionModel")),
+    "CogVideoX": (("CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX",
+                   "CogVideoXDDIMScheduler"), ("T5EncoderModel", "T5Tokenizer")),
+    "StableDiffusion": (("UNet2DConditionModel", "AutoencoderKL", "DDIMScheduler"),
+                        ("CLIPTextModel", "T5Tokenizer")),
+}
+
+
+def warm_imports(pipeline_class: str = "WanPipeline") -> None:
     """Import diffusers and transformers now (seconds), before a job's clock starts.
 
     Importing libraries is process start-up, not model loading: a job's ``load`` stage should
     measure what a server pays per model (reading or building weights), or every ETA of a
-    one-shot ``wantel run`` would be dominated by import time.
+    one-shot ``wantel run`` would be dominated by import time. ``pipeline_class``: the class
+    about to be loaded (its parts are imported too, where wantel knows them).
     """
     import diffusers
     import transformers
 
     # Both packages import lazily: touching the classes is what actually loads their modules.
-    for name in ("WanPipeline", "WanImageToVideoPipeline", "WanTransformer3DModel",
-                 "AutoencoderKLWan", "UniPCMultistepScheduler"):
-        getattr(diffusers, name)
-    for name in ("UMT5EncoderModel", "T5Tokenizer", "CLIPVisionModel"):
-        getattr(transformers, name)
+    parts: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    for prefix, known in _WARM.items():
+        if pipeline_class.startswith(prefix):
+            parts = known
+    for name in (pipeline_class, *parts[0]):
+        getattr(diffusers, name, None)
+    for name in parts[1]:
+        getattr(transformers, name, None)
 
 
 def resolve_model(name: str) -> ModelChoice:
@@ -111,16 +130,26 @@ def resolve_model(name: str) -> ModelChoice:
 
 
 def spec_from_model_index(path: Path, index: dict[str, Any]) -> VariantSpec:
-    """The facts of a saved Wan pipeline, read from its configs (no weights loaded)."""
+    """The facts of a saved pipeline, read from its configs (no weights loaded).
+
+    A Wan pipeline's task and expert layout come from its configuration; those of any other
+    diffusers pipeline with a denoising loop (CogVideoX, Stable Diffusion…) from its class
+    (:func:`telemetry.pipelines.classify_pipeline`), with its size rule read from its VAE
+    and denoiser configs.
+    """
     class_name = str(index.get("_class_name", ""))
+    if not class_name.endswith("Pipeline") or not (
+            _has_component(index, "transformer") or _has_component(index, "unet")):
+        raise ModelError(f"{path} holds a {class_name or 'unknown'} pipeline; wantel runs "
+                         "diffusers pipelines with a denoising transformer or UNet (WanPipeline, "
+                         "CogVideoXPipeline, StableDiffusionPipeline…)")
     if not class_name.startswith("Wan"):
-        raise ModelError(f"{path} holds a {class_name or 'unknown'} pipeline; wantel runs Wan "
-                         "pipelines (WanPipeline, WanImageToVideoPipeline)")
+        return _generic_spec(path, class_name)
     boundary = index.get("boundary_ratio")
     two_experts = _has_component(index, "transformer_2")
-    kind = classify(pipeline_class=class_name, two_experts=two_experts,
-                    expand_timesteps=bool(index.get("expand_timesteps", False)),
-                    boundary_ratio=boundary)
+    kind = classify_pipeline(class_name, two_experts=two_experts,
+                             expand_timesteps=bool(index.get("expand_timesteps", False)),
+                             boundary_ratio=boundary)
     vae = _read_config(path / "vae" / "config.json")
     transformer = _read_config(path / "transformer" / "config.json") or _read_config(
         path / "transformer_2" / "config.json")
@@ -130,6 +159,23 @@ def spec_from_model_index(path: Path, index: dict[str, Any]) -> VariantSpec:
         name=path.name, family=kind.family, task=kind.task, pipeline_class=class_name,
         needs_image="ImageToVideo" in class_name, takes_image=kind.task == "ti2v",
         spatial_multiple=spatial, boundary_ratio=boundary, two_experts=two_experts,
+    )
+
+
+def _generic_spec(path: Path, class_name: str) -> VariantSpec:
+    """A non-Wan pipeline's facts: family and task from its class; sides in multiples of the
+    VAE's spatial factor (2 ** (levels − 1)) times the denoiser's patch (1 for a UNet)."""
+    kind = classify_pipeline(class_name)
+    vae = _read_config(path / "vae" / "config.json")
+    levels = len(vae.get("block_out_channels") or [0, 0, 0, 0])
+    factor = int(vae.get("spatial_compression_ratio") or 2 ** max(levels - 1, 0))
+    denoiser = _read_config(path / "transformer" / "config.json")
+    patch = denoiser.get("patch_size") or 1
+    patch = int(patch[-1] if isinstance(patch, list) else patch)
+    return VariantSpec(
+        name=path.name, family=kind.family, task=kind.task, pipeline_class=class_name,
+        needs_image=kind.task in ("i2v", "i2i", "inpaint"), spatial_multiple=factor * patch,
+        boundary_ratio=None, two_experts=False, video=is_video(kind.task),
     )
 
 

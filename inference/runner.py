@@ -35,9 +35,11 @@ from inference.speed_options import speed_options
 from inference.timing import timer_for
 from telemetry.emitter import Emitter
 from telemetry.events import job_id_problem
+from telemetry.pipelines import native_fps
 
 VIDEO_SUFFIXES: Final = (".mp4", ".mov", ".mkv")
-FPS: Final = 16  # Wan's native frame rate
+#: What an image model's (``tiny-sd``, a Stable Diffusion directory) output may be saved as.
+IMAGE_SUFFIXES: Final = (".png", ".jpg", ".jpeg", ".webp")
 DTYPES: Final = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Upper bounds of a request, far beyond any Wan model's use (81 frames at 720p, 40–50
 #: steps), low enough that a typo fails in milliseconds instead of filling memory for minutes.
@@ -132,7 +134,8 @@ def prepare(request: GenerationRequest, *, creates: Sequence[str | os.PathLike[s
     tiny = model.path is None
     height = _or_default(request.height, 64 if tiny else 480)
     width = _or_default(request.width, 64 if tiny else 832)
-    frames = _or_default(request.frames, 17 if tiny else 81)
+    video = model.spec.video
+    frames = _or_default(request.frames, (17 if tiny else 81) if video else 1)
     steps = _or_default(request.steps, 8 if tiny else 40)
     _check_bounds(request, height=height, width=width, frames=frames, steps=steps)
     try:
@@ -148,7 +151,7 @@ def prepare(request: GenerationRequest, *, creates: Sequence[str | os.PathLike[s
     return PreparedRequest(
         request=request, model=model, job=job, height=height, width=width, frames=frames,
         steps=steps, device=device, dtype=_dtype(request.dtype, device),
-        out=_output_path(request.out, job, creates), image=image,
+        out=_output_path(request.out, job, creates, video=video), image=image,
     )
 
 
@@ -253,10 +256,11 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _output_path(out: str | None, job: str,
-                 creates: Sequence[str | os.PathLike[str]] = ()) -> Path:
-    path = Path(out) if out else Path(f"wantel-{job}.mp4")
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise RequestError(f"--out {path}: the video must end in {', '.join(VIDEO_SUFFIXES)}")
+                 creates: Sequence[str | os.PathLike[str]] = (), *, video: bool = True) -> Path:
+    suffixes, what = (VIDEO_SUFFIXES, "video") if video else (IMAGE_SUFFIXES, "image")
+    path = Path(out) if out else Path(f"wantel-{job}{suffixes[0]}")
+    if path.suffix.lower() not in suffixes:
+        raise RequestError(f"--out {path}: the {what} must end in {', '.join(suffixes)}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         if any(parent.absolute() == Path(d).absolute() for d in creates):
@@ -302,7 +306,8 @@ def _generate(prepared: PreparedRequest, emitter: Emitter, memory: MemoryReader,
                 on_instrumented(handle)
             videos = _call(pipe, prepared)
         with recorder.stage_span("save"):
-            outputs = _save(videos, prepared.out)
+            outputs = _save(videos, prepared.out,
+                            fps=native_fps(model.spec.family, model.spec.task))
     except (KeyboardInterrupt, JobCancelledError) as exc:
         if not recorder.started:
             _job_started(recorder, prepared, _requested(prepared))
@@ -369,7 +374,7 @@ def _load(prepared: PreparedRequest) -> Any:
     if request.vae_tiling:
         pipe.vae.enable_tiling()
     if request.compile:
-        for name in ("transformer", "transformer_2"):
+        for name in ("transformer", "transformer_2", "unet"):
             module = getattr(pipe, name, None)
             if module is not None:
                 setattr(pipe, name, torch.compile(module))
@@ -383,13 +388,20 @@ def _call(pipe: Any, prepared: PreparedRequest) -> Any:
         "prompt": request.prompt,
         "height": prepared.height,
         "width": prepared.width,
-        "num_frames": prepared.frames,
         "num_inference_steps": prepared.steps,
         "guidance_scale": request.guidance,
         "generator": torch.Generator(device=generator_device).manual_seed(request.seed),
-        "num_videos_per_prompt": request.num_videos,
         "output_type": "np",
     }
+    if not prepared.model.spec.video:  # an image model: its batch is images, its output too
+        kwargs["num_images_per_prompt"] = request.num_videos
+        if request.negative_prompt is not None:
+            kwargs["negative_prompt"] = request.negative_prompt
+        if prepared.image is not None:  # an image-to-image model's input
+            kwargs["image"] = prepared.image
+        return pipe(**kwargs).images[:, None]  # each image a one-frame "video"
+    kwargs["num_frames"] = prepared.frames
+    kwargs["num_videos_per_prompt"] = request.num_videos
     if request.negative_prompt is not None:
         kwargs["negative_prompt"] = request.negative_prompt
     if prepared.image is not None:
@@ -397,13 +409,21 @@ def _call(pipe: Any, prepared: PreparedRequest) -> Any:
     return pipe(**kwargs).frames
 
 
-def _save(videos: Any, path: Path) -> tuple[Path, ...]:
-    """Write each video (``path``, then ``<stem>-2<suffix>``…); the paths written."""
+def _save(videos: Any, path: Path, *, fps: int) -> tuple[Path, ...]:
+    """Write each video at ``fps`` (``path``, then ``<stem>-2<suffix>``…), or, where ``path``
+    names an image, each one-frame video's frame; the paths written."""
     from diffusers.utils.export_utils import export_to_video
 
     paths = _output_paths(path, len(videos))
+    image = path.suffix.lower() in IMAGE_SUFFIXES
     for video, video_path in zip(videos, paths, strict=True):
-        export_to_video(list(video), str(video_path), fps=FPS)
+        if image:
+            from PIL import Image
+
+            Image.fromarray((video[0] * 255).round().clip(0, 255).astype("uint8")).save(
+                video_path)
+        else:
+            export_to_video(list(video), str(video_path), fps=fps)
     return paths
 
 

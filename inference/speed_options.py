@@ -52,7 +52,7 @@ SPEED_OPTION_KEYS: Final[tuple[str, ...]] = (
 )
 
 #: The diffusers components a transformer-based video pipeline denoises with.
-_TRANSFORMERS: Final = ("transformer", "transformer_2")
+_TRANSFORMERS: Final = ("transformer", "transformer_2", "unet")  # the denoisers
 
 
 def speed_options(pipe: Any, *, num_videos: int | None = 1) -> dict[str, OptionValue]:
@@ -97,7 +97,8 @@ def _unwrap(module: Any) -> Any:
 
 
 def _transformers(pipe: Any) -> list[Any]:
-    """``transformer`` and ``transformer_2`` (Wan 2.2 A14B), where present, unwrapped."""
+    """The denoisers: ``transformer`` and ``transformer_2`` (Wan 2.2 A14B), or a UNet
+    (``unet``), where present, unwrapped."""
     found = [getattr(pipe, name, None) for name in _TRANSFORMERS]
     return [_unwrap(module) for module in found if module is not None]
 

@@ -1,4 +1,5 @@
-"""Tiny, offline Wan pipelines built in memory from the real diffusers classes.
+"""Tiny, offline Wan (and CogVideoX, Stable Diffusion) pipelines built in memory from the real
+diffusers classes.
 
 Why this exists: the telemetry stack instruments Wan video-diffusion inference (text encoding,
 the denoising loop, expert switches, VAE decode, ...). Exercising those code paths with real
@@ -11,6 +12,11 @@ classes as the production checkpoints (``WanPipeline``, ``WanImageToVideoPipelin
 few tens of kilobytes in size. A full call at 64x64, 17 frames, 8 steps takes a fraction of a
 second on one CPU thread, so every branch of the instrumented pipeline runs in unit tests, with no
 network access and no downloaded files.
+
+Beyond Wan, ``tiny-cogvideox`` (``CogVideoXPipeline``) and ``tiny-sd``
+(``StableDiffusionPipeline``, an image model) are built the same way, so wantel's handling of
+any diffusers pipeline with a denoising loop (its own family and task labels, generic stages,
+an ETA that learns) is exercised end to end too.
 
 The outputs are noise, by design: the point is shapes, control flow and timing structure, not
 pictures. Weights are a pure function of ``seed`` so tests can compare runs bit for bit.
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TINY_VARIANTS",
+    "WAN_VARIANTS",
     "VariantSpec",
     "build_tiny_pipeline",
     "check_request",
@@ -44,13 +51,17 @@ __all__ = [
     "variant_spec",
 ]
 
-TINY_VARIANTS: tuple[str, ...] = (
+#: The tiny Wan layouts.
+WAN_VARIANTS: tuple[str, ...] = (
     "tiny-t2v",
     "tiny-i2v",
     "tiny-ti2v",
     "tiny-t2v-a14b",
     "tiny-i2v-a14b",
 )
+#: Every tiny variant: Wan's, then pipelines beyond Wan (a CogVideoX video model, a Stable
+#: Diffusion image model).
+TINY_VARIANTS: tuple[str, ...] = (*WAN_VARIANTS, "tiny-cogvideox", "tiny-sd")
 
 # Wan VAEs compress time by 4: a clip of 4k+1 frames becomes k+1 latent frames (the first frame is
 # encoded on its own). The pipelines silently round other frame counts, which would make the
@@ -139,6 +150,8 @@ class VariantSpec:
     #: True when an image is optional: TI2V-5B generates from text, or from text and an image
     #: (its image mode runs through ``WanImageToVideoPipeline`` with ``expand_timesteps``).
     takes_image: bool = False
+    #: False for an image model (``tiny-sd``): it makes one frame, saved as an image.
+    video: bool = True
 
 
 _SPECS: dict[str, VariantSpec] = {
@@ -193,6 +206,30 @@ _SPECS: dict[str, VariantSpec] = {
         boundary_ratio=0.9,
         two_experts=True,
     ),
+    # Beyond Wan: a CogVideoX text-to-video pipeline (its VAE: 8x in space, 4x in time; its
+    # transformer patches 2x2) and a Stable Diffusion text-to-image one (VAE 8x, a UNet of two
+    # levels: sides in multiples of 16).
+    "tiny-cogvideox": VariantSpec(
+        name="tiny-cogvideox",
+        family="cogvideox",
+        task="t2v",
+        pipeline_class="CogVideoXPipeline",
+        needs_image=False,
+        spatial_multiple=16,
+        boundary_ratio=None,
+        two_experts=False,
+    ),
+    "tiny-sd": VariantSpec(
+        name="tiny-sd",
+        family="sd",
+        task="t2i",
+        pipeline_class="StableDiffusionPipeline",
+        needs_image=False,
+        spatial_multiple=16,
+        boundary_ratio=None,
+        two_experts=False,
+        video=False,
+    ),
 }
 
 
@@ -210,10 +247,9 @@ def variant_spec(name: str) -> VariantSpec:
 
 def valid_sizes_message(spec: VariantSpec) -> str:
     """Return a one-line hint of the sizes a variant accepts, for error messages and --help."""
-    return (
-        f"height and width must be positive multiples of {spec.spatial_multiple}; "
-        f"frames must be {TEMPORAL_FACTOR}k+1 (1, 5, 9, 13, 17, ...)"
-    )
+    frames = (f"frames must be {TEMPORAL_FACTOR}k+1 (1, 5, 9, 13, 17, ...)" if spec.video
+              else "frames must be 1 (an image model)")
+    return f"height and width must be positive multiples of {spec.spatial_multiple}; {frames}"
 
 
 def _nearest_multiples(value: int, multiple: int) -> list[int]:
@@ -243,7 +279,10 @@ def check_request(spec: VariantSpec, *, height: int, width: int, num_frames: int
                 f"{label}={value} is not a positive multiple of {spec.spatial_multiple} "
                 f"(try {options})"
             )
-    if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR != 0:
+    if not spec.video:
+        if num_frames != 1:
+            problems.append(f"num_frames={num_frames}: {spec.name} makes one image (try 1)")
+    elif num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR != 0:
         options = " or ".join(str(v) for v in _nearest_frame_counts(num_frames))
         problems.append(f"num_frames={num_frames} is not {TEMPORAL_FACTOR}k+1 (try {options})")
     if problems:
@@ -430,6 +469,10 @@ def build_tiny_pipeline(
     spec = variant_spec(name)
     if image and not (spec.needs_image or spec.takes_image):
         raise ValueError(f"{name} does not take an image ({spec.task})")
+    if spec.family == "cogvideox":
+        return _finish(_cogvideox(seed, dtype))
+    if spec.family == "sd":
+        return _finish(_stable_diffusion(seed, dtype))
     pipeline_class = "WanImageToVideoPipeline" if image else spec.pipeline_class
     wan22_vae = uses_wan22_vae(spec.task)
     latent_channels = _WAN22_LATENT_CHANNELS if wan22_vae else _WAN21_LATENT_CHANNELS
@@ -476,13 +519,98 @@ def build_tiny_pipeline(
             image_processor = _image_processor()
         common["image_encoder"] = image_encoder
         common["image_processor"] = image_processor
-    # Any: diffusers leaves several pipeline methods unannotated (set_progress_bar_config, ...).
-    pipe: Any = getattr(_diffusers(), pipeline_class)(**common)
-    # Directly constructed models start in training mode, while from_pretrained returns them in
-    # eval mode; match the checkpoints so any mode-dependent code behaves as in production.
+    return _finish(getattr(_diffusers(), pipeline_class)(**common))
+
+
+def _finish(pipe: Any) -> DiffusionPipeline:
+    """Eval mode and no progress bar, as ``from_pretrained`` and wantel leave a pipeline.
+
+    ``pipe`` is ``Any``: diffusers leaves several pipeline methods unannotated
+    (``set_progress_bar_config``, ...). Directly constructed models start in training mode,
+    while ``from_pretrained`` returns them in eval mode; match the checkpoints so any
+    mode-dependent code behaves as in production.
+    """
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     pipe.set_progress_bar_config(disable=True)
     built: DiffusionPipeline = pipe
     return built
+
+
+def _t5_encoder() -> Any:
+    """A tiny ``T5EncoderModel`` (CogVideoX encodes its prompt with T5-XXL), on the same
+    in-memory vocabulary as the UMT5 one."""
+    config = _transformers().T5Config(
+        vocab_size=len(_tokenizer_vocab()), d_model=_TEXT_DIM, d_kv=8, d_ff=32, num_layers=1,
+        num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    )
+    return _transformers().T5EncoderModel(config).eval()
+
+
+def _cogvideox(seed: int, dtype: torch.dtype) -> Any:
+    """A tiny ``CogVideoXPipeline`` (sizes after diffusers' own fast tests,
+    tests/pipelines/cogvideo/test_cogvideox.py): a one-layer ``CogVideoXTransformer3DModel``
+    (its text length the real 226 tokens, so the pipeline's default ``max_sequence_length``
+    works), a four-level ``AutoencoderKLCogVideoX`` (8x spatial, 4x temporal), a T5 encoder
+    and CogVideoX's DDIM scheduler. Classifier-free guidance runs as one batched pass."""
+    diffusers = _diffusers()
+    with _seeded(seed):
+        vae = diffusers.AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+            latent_channels=4, layers_per_block=1, norm_num_groups=2,
+            temporal_compression_ratio=TEMPORAL_FACTOR,
+        )
+    with _seeded(seed + 1):
+        text_encoder = _cast(_t5_encoder(), dtype)
+    with _seeded(seed + 2):
+        transformer = _cast(diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            time_embed_dim=2, text_embed_dim=_TEXT_DIM, num_layers=1, sample_width=8,
+            sample_height=8, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=TEMPORAL_FACTOR, max_text_seq_length=226,
+        ), dtype)
+    return diffusers.CogVideoXPipeline(
+        tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+        scheduler=diffusers.CogVideoXDDIMScheduler(),
+    )
+
+
+def _stable_diffusion(seed: int, dtype: torch.dtype) -> Any:
+    """A tiny ``StableDiffusionPipeline`` (sizes after diffusers' fast tests,
+    tests/pipelines/stable_diffusion/test_stable_diffusion.py): a two-level
+    ``UNet2DConditionModel``, a four-level ``AutoencoderKL`` (8x, as SD's), a CLIP text
+    encoder over the in-memory vocabulary (no CLIP BPE files: nothing is downloaded), DDIM;
+    no safety checker. Classifier-free guidance runs as one batched pass of the UNet."""
+    diffusers, transformers = _diffusers(), _transformers()
+    with _seeded(seed):
+        vae = diffusers.AutoencoderKL(
+            block_out_channels=[4, 4, 4, 4], in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            latent_channels=4, norm_num_groups=2, sample_size=64,
+        )
+    with _seeded(seed + 1):
+        text_encoder = _cast(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=0, hidden_size=_TEXT_DIM,
+            intermediate_size=37, num_attention_heads=2, num_hidden_layers=2,
+            vocab_size=len(_tokenizer_vocab()), max_position_embeddings=77,
+        )).eval(), dtype)
+    with _seeded(seed + 2):
+        unet = _cast(diffusers.UNet2DConditionModel(
+            block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+            out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=_TEXT_DIM,
+            norm_num_groups=2, attention_head_dim=2,
+        ), dtype)
+    tokenizer = _tokenizer()
+    tokenizer.model_max_length = 77  # CLIP's context: the pipeline pads prompts to it
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

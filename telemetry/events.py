@@ -57,7 +57,9 @@ STAGES: Final[tuple[str, ...]] = (
 )
 
 Expert = Literal["high_noise", "low_noise"]
-Task = Literal["t2v", "i2v", "ti2v"]
+#: Wan's tasks (``t2v``, ``i2v``, ``ti2v``) and those of other diffusers pipelines
+#: (:mod:`telemetry.pipelines`): video to video, text to image, image to image, inpainting.
+Task = Literal["t2v", "i2v", "ti2v", "v2v", "t2i", "i2i", "inpaint"]
 
 OptionValue = str | int | float | bool | None
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 from telemetry.events import JobStarted
+from telemetry.pipelines import geometry, is_video, is_wan
 
 FailureCategory = Literal[
     "oom_device", "oom_host", "invalid_input", "model_load", "numerical", "io", "interrupted",
@@ -186,10 +187,12 @@ def fewer_frames(frames: int, temporal: int = 4, share: float = 0.6) -> int | No
     return fewer if fewer < frames else None
 
 
-def smaller_size(width: int, height: int, multiple: int = 16) -> tuple[int, int] | None:
-    """The next smaller size: 480P from 720P and above (the orientation kept), else both sides
-    ×0.75 rounded down to ``multiple``; ``None`` at the smallest."""
-    if min(width, height) >= 720:
+def smaller_size(width: int, height: int, multiple: int = 16, *,
+                 published: bool = True) -> tuple[int, int] | None:
+    """The next smaller size: 480P from 720P and above (the orientation kept) where the model
+    publishes those sizes (``published``: Wan), else both sides ×0.75 rounded down to
+    ``multiple``; ``None`` at the smallest."""
+    if published and min(width, height) >= 720:
         return P480 if width >= height else (P480[1], P480[0])
     w = max(multiple, int(width * 0.75) // multiple * multiple)
     h = max(multiple, int(height * 0.75) // multiple * multiple)
@@ -244,7 +247,8 @@ def _smaller_jobs(shape: JobShape, options: dict[str, object], capacity: int | N
             fewer = _largest_frames(shape, options, fit, predict) or fewer
         found.append(f"{shape.num_frames} → {fewer} frames" + _fits(
             replace(shape, num_frames=fewer), options, capacity, predict))
-    smaller = smaller_size(shape.width, shape.height, shape.spatial_multiple)
+    smaller = smaller_size(shape.width, shape.height, shape.spatial_multiple,
+                           published=is_wan(shape.family) or not shape.family)
     if smaller is not None:
         before, after = size_label(shape.width, shape.height), size_label(*smaller)
         found.append(f"{before} → {after}" + _fits(
@@ -366,12 +370,12 @@ def _int(value: object, default: int) -> int:
 
 def shape_of(started: JobStarted) -> JobShape:
     """A job's shape as its ``JobStarted`` records it."""
-    ti2v = started.task == "ti2v"
+    temporal, spatial = geometry(started.family, started.task)  # Wan: (4, 16); TI2V: 32
     return JobShape(
         width=started.width, height=started.height, num_frames=started.num_frames,
         steps=started.steps, device_kind=started.device.kind, task=started.task,
-        family=started.family, spatial_multiple=32 if ti2v else 16,
-        temporal=4 if started.family.startswith("wan") else 0,
+        family=started.family, spatial_multiple=spatial,
+        temporal=temporal if is_video(started.task) else 0,
         guidance_scale=started.guidance_scale)
 
 

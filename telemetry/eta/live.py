@@ -49,6 +49,7 @@ from telemetry.eta.online import (
 )
 from telemetry.eta.shape import JobShape
 from telemetry.events import Event, JobStarted, StageEnded, StageStarted, StepEnded
+from telemetry.pipelines import cost_family, is_wan
 
 PRIOR_STEPS: Final = 2.0  # the prior's weight, in steps, against observed step durations
 WARMUP_WEIGHT: Final = 0.3  # how much the first step counts towards the step mean
@@ -179,13 +180,24 @@ class Prior(NamedTuple):
         return cls(phases, expected, sigma, step, warmup, keys)
 
 
+def device_level(shape: JobShape) -> str:
+    """The key of the device level a job's phases teach: ``device|<device>`` for Wan (whose
+    priors are published figures), ``device|<family>|<device>`` for another family — its
+    neutral prior's error is the family's, not the machine's, and must not move Wan's
+    expectations (nor Wan's history a new family's)."""
+    if is_wan(shape.family):
+        return f"device|{shape.device}"
+    return f"device|{cost_family(shape.family)}|{shape.device}"
+
+
 def phase_keys(phase: str, shape: JobShape) -> PhaseKeys:
-    """The keys a phase's cost is learned under online: the device, the component under the
-    job's speed options, and the exact shape (its features and videos per prompt)."""
+    """The keys a phase's cost is learned under online: the device (per family but Wan's:
+    :func:`device_level`), the component under the job's speed options, and the exact shape
+    (its features and videos per prompt)."""
     component = f"{component_key(phase, shape)}|{shape.speed}"
     shape_features = features(phase, shape)
     size = shape_features[1] if len(shape_features) > 1 else 0.0
-    return PhaseKeys(device=f"device|{shape.device}", component=f"component|{component}",
+    return PhaseKeys(device=device_level(shape), component=f"component|{component}",
                      family=f"{component}|{','.join(f'{x:.6g}' for x in shape_features)}"
                             f"|x{shape.videos}",
                      size=log(size) if size > 0 else 0.0)

@@ -62,8 +62,9 @@ import math
 from typing import Final, NamedTuple
 
 from telemetry.eta import online
-from telemetry.eta.model import transformer_id, vae_id
+from telemetry.eta.model import text_encoder_id, transformer_id, vae_id
 from telemetry.eta.shape import JobShape
+from telemetry.pipelines import cost_family, is_wan
 from telemetry.wan import uses_image_encoder
 
 GB: Final = 1e9
@@ -79,6 +80,10 @@ TRANSFORMERS: Final[dict[str, tuple[float, int, int]]] = {
 TEXT_ENCODER_PARAMS: Final = {"umt5-xxl": 5.7e9, "umt5-tiny": 50_000}
 VAE_PARAMS: Final = {"vae-2.1": 127e6, "vae-2.2": 705e6, "vae-2.1-tiny": 10_000,
                      "vae-2.2-tiny": 10_000}
+#: Another family's parts, where no figure is known: the sizes of Wan's (a 5B transformer,
+#: UMT5-XXL, the Wan 2.1 VAE; tiny ones, the tiny ones) as a neutral prior, which the family's
+#: recorded peaks calibrate (keyed by family, see :func:`keys`).
+NEUTRAL_DIT: Final = "dit-5B"
 IMAGE_ENCODER_PARAMS: Final = 632e6  # CLIP ViT-H/14's vision tower (Wan 2.1 I2V)
 #: Bytes of the decode's working set per pixel of one frame (Wan 2.1 VAE; see above).
 DECODE_BYTES_PER_FRAME_PIXEL: Final = {"vae-2.1": 19_800.0, "vae-2.2": 39_600.0}
@@ -155,14 +160,17 @@ def components(shape: JobShape, *, offload: str | None = None,
     mode = offload if offload is not None else offload_mode(shape)
     dit = transformer_id(shape)
     vae = vae_id(shape)
-    count, dim, ffn = TRANSFORMERS[dit]
+    tiny = shape.tiny
+    count, dim, ffn = TRANSFORMERS.get(dit, TRANSFORMERS["dit-tiny" if tiny else NEUTRAL_DIT])
     count = params.get("transformer", count)
     experts = 2 if "a14b" in shape.variant.lower() else 1
     per_param = bytes_per_parameter(shape)
     transformer = count * per_param
-    text = params.get("text_encoder",
-                      TEXT_ENCODER_PARAMS["umt5-tiny" if shape.tiny else "umt5-xxl"]) * per_param
-    vae_bytes = params.get("vae", VAE_PARAMS[vae]) * 4.0  # the VAE runs in float32
+    text_id = text_encoder_id(shape)
+    text = params.get("text_encoder", TEXT_ENCODER_PARAMS.get(
+        text_id, TEXT_ENCODER_PARAMS["umt5-tiny" if tiny else "umt5-xxl"])) * per_param
+    vae_params = VAE_PARAMS.get(vae, VAE_PARAMS["vae-2.1-tiny" if tiny else "vae-2.1"])
+    vae_bytes = params.get("vae", vae_params) * 4.0  # the VAE runs in float32
     image = 0.0
     if uses_image_encoder(family=shape.family, task=shape.task):
         image = params.get("image_encoder", 0.0 if shape.tiny else IMAGE_ENCODER_PARAMS)
@@ -176,7 +184,8 @@ def components(shape: JobShape, *, offload: str | None = None,
         frame = shape.width * shape.height
         if "vae_tiling=True" in shape.speed:
             frame = min(frame, TILE_PIXELS)
-        decode = frame * DECODE_BYTES_PER_FRAME_PIXEL[vae.removesuffix("-tiny")] + video
+        decode = frame * DECODE_BYTES_PER_FRAME_PIXEL.get(
+            vae.removesuffix("-tiny"), DECODE_BYTES_PER_FRAME_PIXEL["vae-2.1"]) + video
     everything = experts * transformer + text + vae_bytes + image
     if shape.device == "cpu":
         return Components(CPU_PROCESS_BYTES, everything, everything, activations, decode)
@@ -197,6 +206,8 @@ def keys(shape: JobShape, kind: str) -> online.PhaseKeys:
     """The keys a job's peak is learned under: device and kind; the transformer and VAE with
     the job's options (a line in log pixels); the exact shape."""
     device = f"mem|{kind}|{shape.device}"
+    if not is_wan(shape.family):  # a neutral prior's error is the family's, not the device's
+        device = f"mem|{kind}|{cost_family(shape.family)}|{shape.device}"
     component = (f"mem|{transformer_id(shape)}|{vae_id(shape)}|{shape.task}|{shape.speed}|"
                  f"{shape.device}")
     family = (f"{component}|{shape.width}x{shape.height}x{shape.frames}|{shape.videos}|"

@@ -19,12 +19,16 @@ import msgspec
 
 from telemetry.eta.shape import JobShape
 from telemetry.events import EtaCalibrated
+from telemetry.pipelines import is_wan
 from telemetry.wan import uses_image_encoder, uses_wan22_vae
 
 PHASES: Final = ("load", "text_encode", "image_encode", "latent_init", "denoise", "decode",
                  "postprocess", "save")
 STEP: Final = "step"  # the per-pass component of the denoise phase
 DEFAULT_REL_SIGMA: Final = 0.35
+#: How wrong the neutral prior of a family without published figures (anything not Wan) is
+#: taken to be before its own jobs calibrate it: a factor of ~2.7 either way.
+NEUTRAL_REL_SIGMA: Final = 1.0
 
 #: Where an ETA is scored and calibrated, as fractions of a job's *actual* duration (5, 10, 25,
 #: 50 and 75 %): so no estimator is scored at a moment of its own choosing. ``wantel eta eval``
@@ -47,7 +51,13 @@ def bucket_of(progress: float) -> str:
 
 
 def transformer_id(shape: JobShape) -> str:
-    """Which transformer runs the steps: cost depends on its size, not on the variant name."""
+    """Which transformer runs the steps: cost depends on its size, not on the variant name.
+
+    Another family's denoiser (a UNet or a DiT) is its own component, ``denoiser-<family>``:
+    it never shares Wan's costs (nor, tiny, Wan's tiny ones).
+    """
+    if not is_wan(shape.family):
+        return f"denoiser-{shape.family}{'-tiny' if shape.tiny else ''}"
     if shape.tiny:
         return "dit-tiny"
     variant = shape.variant.lower()
@@ -59,7 +69,10 @@ def transformer_id(shape: JobShape) -> str:
 
 
 def vae_id(shape: JobShape) -> str:
-    """Which VAE encodes and decodes: Wan 2.2's 48-channel one serves only TI2V-5B."""
+    """Which VAE encodes and decodes: Wan 2.2's 48-channel one serves only TI2V-5B; another
+    family's is ``vae-<family>``."""
+    if not is_wan(shape.family):
+        return f"vae-{shape.family}{'-tiny' if shape.tiny else ''}"
     base = "vae-2.2" if uses_wan22_vae(shape.task) else "vae-2.1"
     return f"{base}-tiny" if shape.tiny else base
 
@@ -74,10 +87,17 @@ def component_key(phase: str, shape: JobShape) -> str:
         # I2V encodes the conditioning video with the VAE here; T2V only draws noise.
         part = f"{vae_id(shape)}:{'encode' if shape.task == 'i2v' else 'noise'}"
     elif phase == "text_encode":
-        part = "umt5-tiny" if shape.tiny else "umt5-xxl"
+        part = text_encoder_id(shape)
     else:
         part = shape.variant
     return f"{phase}|{part}|{shape.device}"
+
+
+def text_encoder_id(shape: JobShape) -> str:
+    """Which text encoder encodes the prompt: Wan's UMT5-XXL, else ``text-<family>``."""
+    if not is_wan(shape.family):
+        return f"text-{shape.family}{'-tiny' if shape.tiny else ''}"
+    return "umt5-tiny" if shape.tiny else "umt5-xxl"
 
 
 def speed_key(device: str) -> str:
@@ -175,6 +195,8 @@ _TINY_CPU: Final[dict[str, tuple[float, ...]]] = {
     "save": (0.05, 0.5),
 }
 # Real models without a published figure for the phase: generic guesses, deliberately wide.
+# They are also the neutral prior of every real model of another family than Wan, with
+# NEUTRAL_REL_SIGMA as their spread: the family's own jobs calibrate them online.
 _GENERIC: Final[dict[str, tuple[float, ...]]] = {
     "load": (60.0,),
     "text_encode": (1.0, 0.8),
@@ -187,12 +209,29 @@ _GENERIC: Final[dict[str, tuple[float, ...]]] = {
 }
 
 
+# The neutral prior of a tiny random-weight pipeline of another family than Wan: round
+# figures that assume nothing of its layout (no token or pixel term; a step is a step), with
+# NEUTRAL_REL_SIGMA as their spread. Not Wan's tiny figures: its first job says "estimating"
+# until two steps are measured, and its own completed jobs calibrate every phase online
+# (keyed by family: :func:`telemetry.eta.live.device_level`).
+_NEUTRAL_TINY: Final[dict[str, tuple[float, ...]]] = {
+    "load": (0.5,),
+    "text_encode": (0.05, 0.0),
+    "image_encode": (0.05,),
+    "latent_init": (0.01, 0.0),
+    STEP: (0.01, 0.0, 0.0),
+    "decode": (0.05, 0.0),
+    "postprocess": (0.01, 0.0),
+    "save": (0.05, 0.0),
+}
+
+
 _NOISE_LATENTS: Final = (0.002, 0.0)
 
 
 def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
     """The best figure available before any calibration."""
-    if phase == STEP and not shape.tiny:
+    if phase == STEP and not shape.tiny and is_wan(shape.family):
         for (part, device), coefficients in PUBLISHED_STEP_PRIORS.items():
             if part == transformer_id(shape) and device.lower() in shape.device.lower():
                 return coefficients
@@ -200,8 +239,9 @@ def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
         # Drawing noise latents (T2V, TI2V's text mode) is a few milliseconds at any size;
         # only I2V encodes its image with the VAE here (the pixel term).
         return _NOISE_LATENTS
-    table = _TINY_CPU if shape.tiny else _GENERIC
-    return table[phase]
+    if shape.tiny:
+        return (_TINY_CPU if is_wan(shape.family) else _NEUTRAL_TINY)[phase]
+    return _GENERIC[phase]
 
 
 def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:
@@ -216,8 +256,11 @@ def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:
 
 
 def rel_sigma(phase: str, shape: JobShape, calibration: Calibration) -> float:
-    """How wrong this component's prediction tends to be (relative standard deviation)."""
-    return calibration.rel_sigma.get(component_key(phase, shape), DEFAULT_REL_SIGMA)
+    """How wrong this component's prediction tends to be (relative standard deviation): the
+    calibration's figure, else :data:`DEFAULT_REL_SIGMA` for Wan's priors and
+    :data:`NEUTRAL_REL_SIGMA` for another family's neutral one."""
+    default = DEFAULT_REL_SIGMA if is_wan(shape.family) else NEUTRAL_REL_SIGMA
+    return calibration.rel_sigma.get(component_key(phase, shape), default)
 
 
 def warmup_factor(shape: JobShape, calibration: Calibration) -> float:

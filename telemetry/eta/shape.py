@@ -1,7 +1,8 @@
 """What a job is, in the terms its cost depends on.
 
 Tokens for Wan = latent frames ((F−1)/4+1) × (H/16) × (W/16) — /32 for the TI2V-5B layout,
-whose VAE compresses space by 16 and whose transformer patches by 2. A transformer pass costs
+whose VAE compresses space by 16 and whose transformer patches by 2; other families count
+theirs by their own latent geometry (:func:`telemetry.pipelines.geometry`). A transformer pass costs
 a + b·tokens + c·tokens² (attention is quadratic); with classifier-free guidance each step
 runs two passes. Decoding and post-processing scale with output pixels (frames × H × W).
 """
@@ -14,6 +15,7 @@ from typing import Final
 import msgspec
 
 from telemetry.events import JobStarted
+from telemetry.pipelines import geometry
 from telemetry.wan import is_tiny, runs_two_experts
 
 
@@ -62,13 +64,15 @@ class JobShape(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def latent_frames(self) -> int:
-        """Frames after the VAE's 4× temporal compression."""
-        return (self.frames - 1) // 4 + 1
+        """Frames after the VAE's temporal compression (4× for Wan; the family's, see
+        :func:`telemetry.pipelines.geometry`)."""
+        return (self.frames - 1) // geometry(self.family, self.task)[0] + 1
 
     @property
     def spatial_patch(self) -> int:
-        """Pixels per token side: VAE spatial factor × transformer patch."""
-        return 32 if self.task == "ti2v" else 16
+        """Pixels per token side: VAE spatial factor × transformer patch (16 for Wan, 32 for
+        TI2V-5B; the family's, see :func:`telemetry.pipelines.geometry`)."""
+        return geometry(self.family, self.task)[1]
 
     @property
     def tokens(self) -> int:

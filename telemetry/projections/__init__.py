@@ -6,6 +6,7 @@ from typing import Any
 
 from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.projections.base import Projection
+from telemetry.projections.compare import CompareProjection
 from telemetry.projections.eta import KEEP_FINISHED as ETA_KEEP_FINISHED
 from telemetry.projections.eta import EtaProjection
 from telemetry.projections.health import HealthProjection
@@ -37,6 +38,7 @@ def default_projections(*, keep_finished: int | None = None,
         HealthProjection(),
         MetricsProjection(),
         QueuesProjection(),
+        CompareProjection(),
     ]
 
 

@@ -38,6 +38,8 @@ from telemetry.events import (
     StepEnded,
 )
 from telemetry.projections.base import OnFailure, bounded_insert
+from telemetry.projections.compare import ABS_ERROR_BUCKETS, labels_of
+from telemetry.projections.metrics import HistogramSeries, observe
 
 #: Upper edges of the signed relative-error histogram (−1 … +1 and beyond).
 ERROR_EDGES: Final = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
@@ -110,6 +112,8 @@ class RunningEta(msgspec.Struct, kw_only=True):
     model: str
     live: LiveJob
     issued: list[EtaPoint] = []
+    #: The comparison's labels (:func:`telemetry.projections.compare.labels_of`).
+    labels: tuple[str, ...] = ()
 
 
 class FinishedEta(msgspec.Struct, kw_only=True):
@@ -132,6 +136,9 @@ class EtaState(msgspec.Struct, kw_only=True):
     finished: dict[str, FinishedEta] = {}
     residuals: dict[str, dict[str, Histogram]] = {}  # model → bucket → histogram
     before_start: dict[str, Histogram] = {}  # model → histogram
+    #: |before-start error| by the comparison's labels (model, variant, worker, device), in
+    #: the comparison's buckets: the Compare dashboard's ETA error.
+    before_start_by: dict[str, HistogramSeries] = {}
 
 
 class EtaProjection:
@@ -143,7 +150,10 @@ class EtaProjection:
     """
 
     name = "eta"
-    version = 2
+    #: 3: the before-start error by the comparison's labels (``before_start_by``), and a
+    #: non-Wan family's online learning under its own device level (a version 2 checkpoint
+    #: has neither: replaying learns and scores them).
+    version = 3
     state_type = EtaState
     handles = frozenset({
         JobStarted, StageStarted, StageEnded, StepEnded, EtaCalibrated, JobCompleted,
@@ -192,7 +202,7 @@ class EtaProjection:
                 _issue(running, event.ts)
         elif type(event) is JobStarted:
             started = RunningEta(model=event.model, live=self._priors.start(
-                event, state.calibration, state.learned))
+                event, state.calibration, state.learned), labels=labels_of(event))
             state.running = bounded_insert(state.running, event.job, started)
             _issue(started, event.ts)
         elif type(event) is JobCompleted:
@@ -266,6 +276,9 @@ class EtaProjection:
                 if histogram is None:
                     histogram = state.before_start[model] = Histogram()
                 histogram.add(before_start, first.p10_s <= actual <= first.p90_s)
+                if running.labels:
+                    observe(state.before_start_by, running.labels, ABS_ERROR_BUCKETS,
+                            abs(before_start))
         errors_in: dict[str, list[float]] = {}  # bucket → its errors, in the order reached
         covered_in: dict[str, int] = {}
         missed_in: dict[str, list[int]] = {}  # bucket → [below the p10, above the p90]

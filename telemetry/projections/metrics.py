@@ -39,6 +39,7 @@ from telemetry.events import (
     StageEnded,
     StepEnded,
 )
+from telemetry.pipelines import is_video, native_fps
 from telemetry.projections.base import OnFailure
 from telemetry.projections.readings import MEMORY_KINDS, memory_readings, queue_wait_s
 from telemetry.tracing import trace_id_for
@@ -59,8 +60,10 @@ SEP: Final = "\x1f"
 #: forgotten (jobs whose end was never logged must not grow the state forever).
 MAX_TRACKED: Final = 10_000
 UNKNOWN: Final = "unknown"
-#: Frame rate of the videos counted in ``wantel_video_seconds_total``: Wan's native 16 fps,
-#: the rate ``wantel run`` writes (events record frames, not a frame rate).
+#: Frame rate of the videos counted in ``wantel_video_seconds_total`` when a job's family is
+#: unknown (its start lost): Wan's native 16 fps. A started job's frames count at its
+#: family's rate (:func:`telemetry.pipelines.native_fps`: TI2V-5B 24, CogVideoX 8…), and an
+#: image model's at none (events record frames, not a frame rate).
 VIDEO_FPS: Final = 16.0
 
 
@@ -108,6 +111,9 @@ class TrackedJob(msgspec.Struct, kw_only=True):
     #: Frames the job was started to make (``JobStarted.num_frames``), for a completion
     #: that does not say how many it made.
     num_frames: int | None = None
+    #: The rate its frames play at (:func:`telemetry.pipelines.native_fps` of its family and
+    #: task); 0 for an image model, whose frames are no seconds of video.
+    fps: float = VIDEO_FPS
 
 
 class GpuReading(msgspec.Struct, kw_only=True):
@@ -219,7 +225,9 @@ class MetricsProjection:
     #: checkpoint may hold a NaN sum: replaying leaves it out).
     #: 4: frames and seconds of video produced; a GPU reading keeps its NVML index, UUID and
     #: worker (a version 3 checkpoint has none of them: replaying counts them).
-    version = 4
+    #: 5: seconds of video at each family's own rate, none for images (a version 4 checkpoint
+    #: counted every frame at 16 fps: replaying counts them right).
+    version = 5
     state_type = MetricsState
     handles = frozenset({
         JobQueued, JobStarted, StageEnded, StepEnded, MemorySampled, GpuSampled,
@@ -302,14 +310,17 @@ class MetricsProjection:
     def _completed(self, state: MetricsState, event: JobCompleted) -> None:
         """A completed job is counted and observed (:meth:`_ended`); the frames it made (as
         it says, else as it was started to make) count for its model, and as seconds of video
-        at :data:`VIDEO_FPS`."""
+        at its family's rate (none for an image model; :data:`VIDEO_FPS` if its start was
+        lost)."""
         tracked = state.tracked.get(event.job)
         frames = event.frames if event.frames is not None else (
             tracked.num_frames if tracked is not None else None)
         if frames is not None and frames > 0:
             model = tracked.model if tracked is not None else UNKNOWN
+            fps = tracked.fps if tracked is not None else VIDEO_FPS
             increment(state.frames, (model,), frames)
-            state.video_seconds[model] = state.video_seconds.get(model, 0.0) + frames / VIDEO_FPS
+            seconds = frames / fps if fps > 0 else 0.0  # an image is no seconds of video
+            state.video_seconds[model] = state.video_seconds.get(model, 0.0) + seconds
         self._ended(state, event, "completed", event.duration_s)
 
     def _failed(self, state: MetricsState, event: JobFailed) -> None:
@@ -479,10 +490,11 @@ class MetricsProjection:
         # The run opens here unless it was queued (telemetry.tracing.job_trace_id's rule).
         trace_id = trace_id_for(event.job, event.traceparent,
                                 event.ts if tracked is None else tracked.queued_ts)
+        fps = float(native_fps(event.family, event.task)) if is_video(event.task) else 0.0
         if tracked is None:
             state.tracked[event.job] = TrackedJob(model=event.model, task=event.task,
                                                   trace_id=trace_id, started=True,
-                                                  num_frames=event.num_frames)
+                                                  num_frames=event.num_frames, fps=fps)
             self._bound(state)
             return
         if tracked.started:  # a second JobStarted for the same job: keep the first
@@ -490,7 +502,7 @@ class MetricsProjection:
         if event.traceparent is not None:
             tracked.trace_id = trace_id
         tracked.model, tracked.task, tracked.started = event.model, event.task, True
-        tracked.num_frames = event.num_frames
+        tracked.num_frames, tracked.fps = event.num_frames, fps
         if tracked.queued_ts is not None:
             wait = queue_wait_s(tracked.queued_ts, event.ts)
             observe(state.queue_wait, (event.model,), DURATION_BUCKETS, wait,

@@ -59,7 +59,7 @@ def test_build_twice_is_byte_identical(tmp_path: Path) -> None:
 
 def test_cli_build_writes_into_out_dir(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """`wantel dashboards build --out DIR` writes five dashboards and the rules, then is idle."""
+    """`wantel dashboards build --out DIR` writes six dashboards and the rules, then is idle."""
     try:
         code = main(["dashboards", "build", "--out", str(tmp_path)])
     except SystemExit as exc:  # the command is not registered in wantel/cli.py yet
@@ -72,12 +72,12 @@ def test_cli_build_writes_into_out_dir(tmp_path: Path,
     assert "" == capsys.readouterr().out
 
 
-def test_five_dashboards_with_unique_uids() -> None:
-    """Five dashboards, unique uids and titles, Grafana 11.6's schemaVersion 41."""
+def test_six_dashboards_with_unique_uids() -> None:
+    """Six dashboards, unique uids and titles, Grafana 11.6's schemaVersion 41."""
     found = dict(_dashboards())
-    assert 5 == len(found)
-    assert 5 == len({d["uid"] for d in found.values()})
-    assert 5 == len({d["title"] for d in found.values()})
+    assert 6 == len(found)
+    assert 6 == len({d["uid"] for d in found.values()})
+    assert 6 == len({d["title"] for d in found.values()})
     assert {41} == {d["schemaVersion"] for d in found.values()}
     for name, dashboard in found.items():
         assert set(dashboard) <= DASHBOARD_KEYS, (name, set(dashboard) - DASHBOARD_KEYS)
@@ -170,8 +170,14 @@ def test_every_panel_query_parses_as_promql(tmp_path: Path) -> None:
     for _, dashboard in _dashboards():
         for panel in dashboard["panels"]:
             for target in panel.get("targets", []):
-                expr = VARIABLE.sub(lambda m: values[m.group(1) or m.group(2)], target["expr"])
-                rules.append({"record": f"panel:{len(rules)}", "expr": expr})
+                # The Compare dashboard's $by: every dimension it offers must parse.
+                for by in specs.BY.choices:
+                    chosen = {**values, "by": by}
+                    expr = VARIABLE.sub(lambda m, chosen=chosen: chosen[m.group(1) or m.group(2)],  # type: ignore[misc]
+                                        target["expr"])
+                    rules.append({"record": f"panel:{len(rules)}", "expr": expr})
+                    if "$by" not in target["expr"]:
+                        break
     path = tmp_path / "panels.yml"
     path.write_text(json.dumps({"groups": [{"name": "panels", "rules": rules}]}))
     done = subprocess.run([str(PROMTOOL), "check", "rules", str(path)], capture_output=True,

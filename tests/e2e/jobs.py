@@ -55,10 +55,10 @@ def run_tiny_jobs(log_dir: Path, out_dir: Path, variants: Sequence[str], *,
                 size = 32 if spec.spatial_multiple <= 32 else spec.spatial_multiple
                 job = f"{prefix}-{index}-{variant}"
                 request = GenerationRequest(
-                    model=variant, prompt="waves at dusk", frames=5, height=size, width=size,
-                    steps=3, guidance=4.0 if index % 2 else 1.0, job=job, device="cpu",
-                    image=str(image) if spec.needs_image else None,
-                    out=str(out_dir / f"{job}.mp4"))
+                    model=variant, prompt="waves at dusk", frames=5 if spec.video else 1,
+                    height=size, width=size, steps=3, guidance=4.0 if index % 2 else 1.0,
+                    job=job, device="cpu", image=str(image) if spec.needs_image else None,
+                    out=str(out_dir / f"{job}{'.mp4' if spec.video else '.png'}"))
                 generate(prepare(request), emitter)
                 jobs.append(job)
     finally:
@@ -110,6 +110,34 @@ def paused_job(log_dir: Path, job: str, *, steps: int = 6, pause_at: int = 2,
     finally:
         handle.release.set()
         thread.join(timeout=60)
+
+
+def run_out_of_memory_job(log_dir: Path, job: str, *, model: str = "tiny-cogvideox") -> None:
+    """A tiny job that fails as ``oom_device`` at step 1: the test raises
+    ``torch.OutOfMemoryError`` from the caller's own step callback (no GPU here), the way
+    ``tests/inference/test_failures.py`` injects it; ``instrument`` records the failure."""
+    import pytest
+    import torch
+
+    from inference.instrument import instrument
+    from inference.tiny_models import build_tiny_pipeline
+
+    def fail(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if index == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {}
+
+    torch.set_num_threads(1)
+    log = LocalLog(log_dir, create=False, fsync="never")
+    try:
+        pipe = build_tiny_pipeline(model)
+        with Emitter(log, flush_interval=0.02) as emitter, \
+                instrument(pipe, emitter=emitter, job=job, model=model, variant=model), \
+                pytest.raises(torch.OutOfMemoryError):
+            pipe(prompt="too big", height=32, width=32, num_frames=5, num_inference_steps=3,
+                 guidance_scale=1.0, output_type="np", callback_on_step_end=fail)
+    finally:
+        log.close()
 
 
 def run_traces(log_dir: Path, jobs: list[str]) -> set[str]:

@@ -1,6 +1,7 @@
 """Every panel query of every generated dashboard runs on a real Prometheus and returns data.
 
-Real tiny jobs of several Wan layouts run through ``generate()`` into a local log; ``wantel
+Real tiny jobs of several Wan layouts, a CogVideoX and a Stable Diffusion one run through
+``generate()`` into a local log, and one tiny job fails out of memory (injected); ``wantel
 serve``'s machinery (:class:`wantel.serving.Serving`) follows the log and serves ``/metrics``;
 a real Prometheus (exemplar storage on) scrapes it every second. One job is held mid-denoise
 until Prometheus has seen its per-job gauges, so the job drill-down has a running job.
@@ -27,7 +28,7 @@ import pytest
 from telemetry.emitter import Emitter
 from telemetry.events import UNSEQUENCED, EventsDropped, GpuSampled, MemorySampled
 from telemetry.log.local import LocalLog
-from tests.e2e.jobs import paused_job, run_tiny_jobs, run_traces
+from tests.e2e.jobs import paused_job, run_out_of_memory_job, run_tiny_jobs, run_traces
 from tests.e2e.servers import (
     PROMETHEUS,
     Prometheus,
@@ -39,7 +40,10 @@ from tests.e2e.servers import (
 from wantel.serving import Serving
 
 GENERATED = Path(__file__).resolve().parents[2] / "dashboards" / "generated"
-VARIANTS = ("tiny-t2v", "tiny-t2v-a14b", "tiny-i2v", "tiny-ti2v")
+#: Wan's layouts, and two pipelines beyond Wan (a CogVideoX video and a Stable Diffusion image
+#: model), whose own model labels the panels must select.
+VARIANTS = ("tiny-t2v", "tiny-t2v-a14b", "tiny-i2v", "tiny-ti2v", "tiny-cogvideox", "tiny-sd")
+BEYOND_WAN = ("tiny-cogvideox", "tiny-sd")
 RATE_INTERVAL = "4s"  # what Grafana picks for a 1 s scrape interval: 4 x scrape interval
 LABEL_VALUES = re.compile(r"^label_values\((?:(?P<match>.+),\s*)?(?P<label>\w+)\)$")
 VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
@@ -95,6 +99,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus
                          or None, detail=prometheus.targets_detail)
                 assert [] == held.errors
                 jobs.append("held-job")
+                # After a scrape of the tiny jobs' ends (the held job's poll): their failure
+                # series stood at 0, so this failure is an increase the failure panels show.
+                run_out_of_memory_job(tmp / "log", "oom-job")
+                jobs.append("oom-job")
                 poll("every job's end scraped",
                      lambda: prometheus.query("sum(wantel_jobs_total) >= "
                                               f"{len(jobs)}") or None,
@@ -172,7 +180,7 @@ def test_every_panel_query_returns_data(
     empty: list[str] = []
     checked = 0
     dashboards = _dashboards()
-    assert 5 == len(dashboards)
+    assert 6 == len(dashboards)
     for dashboard in dashboards:
         values, offered = _variable_values(prometheus, dashboard, start, end)
         for panel in dashboard["panels"]:
@@ -210,3 +218,63 @@ def test_exemplar_panels_link_real_traces(
         traces = {e["labels"]["trace_id"] for s in series for e in s["exemplars"]}
         assert traces, f"{dashboard['uid']}: no exemplar for {target['expr']}"
         assert set() == traces - run_traces(log_dir, jobs)
+
+
+def test_model_panels_select_pipelines_beyond_wan(
+        stack: tuple[Prometheus, float, list[str], Path]) -> None:
+    """The dashboards' ``$model`` variable offers the non-Wan models under their own labels,
+    and fleet-overview panels that select by model select series of each of them alone.
+
+    The series are what is checked, not their values: a model that ran one job has counters
+    that appeared with their final value, so Prometheus sees no increase to rate (NaN) —
+    the same for any model's first job, Wan's included."""
+    prometheus, start, _, _ = stack
+    end = time.time()
+    fleet = next(d for d in _dashboards() if d["uid"] == "wantel-fleet")
+    values, offered = _variable_values(prometheus, fleet, start, end)
+    assert set(BEYOND_WAN) <= set(offered["model"])
+    panels = {"Jobs per minute by status", "Steps per second by model",
+              "Stage time p50 by stage", "Mean step time by model and expert"}
+    checked = 0
+    for panel in fleet["panels"]:
+        if panel["title"] not in panels:
+            continue
+        for target in panel.get("targets", []):
+            for model in BEYOND_WAN:
+                expr = _substitute(target["expr"], {**values, "model": model})
+                result = api(prometheus.base, "/api/v1/query_range", query=expr,
+                             start=f"{start:.3f}", end=f"{end:.3f}", step="1")["result"]
+                assert result, f"{panel['title']} selects nothing for {model}: {expr}"
+                assert {model} >= {r["metric"].get("model", model) for r in result}
+                checked += 1
+    assert 2 * len(panels) == checked
+
+
+def test_compare_dashboard_groups_by_every_dimension(
+        stack: tuple[Prometheus, float, list[str], Path]) -> None:
+    """Each ``$by`` the Compare dashboard offers gives every panel data, one series per group
+    of that dimension: the models that ran (Wan's and beyond), the one worker, the CPU."""
+    prometheus, start, _, _ = stack
+    end = time.time()
+    compare = next(d for d in _dashboards() if d["uid"] == "wantel-compare")
+    values, _ = _variable_values(prometheus, compare, start, end)
+    by_variable = next(v for v in compare["templating"]["list"] if v["name"] == "by")
+    choices = [option["value"] for option in by_variable["options"]]
+    assert ["model", "variant", "worker", "device"] == choices
+    for by in choices:
+        groups: set[str] = set()
+        for panel in compare["panels"]:
+            for target in panel.get("targets", []):
+                expr = _substitute(target["expr"], {**values, "by": by})
+                result = api(prometheus.base, "/api/v1/query_range", query=expr,
+                             start=f"{start:.3f}", end=f"{end:.3f}", step="1")["result"]
+                assert _has_data(result), f"by {by}: {panel['title']}: {expr}"
+                groups |= {series["metric"][by] for series in result}
+        if by in ("model", "variant"):
+            assert set(VARIANTS) <= groups
+        else:
+            assert 1 == len(groups), (by, groups)
+    oom = api(prometheus.base, "/api/v1/query", query='sum by (model, category) '
+              '(wantel_compare_failures_total > 0)')["result"]
+    assert [("tiny-cogvideox", "oom_device")] == [
+        (s["metric"]["model"], s["metric"]["category"]) for s in oom]

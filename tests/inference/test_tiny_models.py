@@ -1,4 +1,5 @@
-"""Tests for inference.tiny_models: tiny offline Wan pipelines built from real diffusers classes.
+"""Tests for inference.tiny_models: tiny offline Wan pipelines built from real diffusers classes
+(the CogVideoX and Stable Diffusion ones: tests/inference/test_generic_pipelines.py).
 
 These pipelines stand in for multi-gigabyte checkpoints in every other inference test, so the
 properties checked here (shapes, expert layout, determinism, save/reload) are the ones the rest
@@ -21,6 +22,7 @@ from PIL import Image
 
 from inference.tiny_models import (
     TINY_VARIANTS,
+    WAN_VARIANTS,
     VariantSpec,
     build_tiny_pipeline,
     check_request,
@@ -76,7 +78,7 @@ def _normalised(config: Any) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.parametrize("name", TINY_VARIANTS)
+@pytest.mark.parametrize("name", WAN_VARIANTS)
 def test_builds_real_diffusers_pipeline_with_tiny_transformer(name: str) -> None:
     """Each variant builds the diffusers class its spec names, with a ~30k-parameter transformer."""
     spec = variant_spec(name)
@@ -91,7 +93,7 @@ def test_builds_real_diffusers_pipeline_with_tiny_transformer(name: str) -> None
     assert all(not m.training for m in pipe.components.values() if isinstance(m, torch.nn.Module))
 
 
-@pytest.mark.parametrize("name", TINY_VARIANTS)
+@pytest.mark.parametrize("name", WAN_VARIANTS)
 def test_runs_and_returns_frames_of_requested_shape(name: str) -> None:
     """A small call returns (num_frames, H, W, 3) float frames in [0, 1]."""
     spec = variant_spec(name)
@@ -103,7 +105,7 @@ def test_runs_and_returns_frames_of_requested_shape(name: str) -> None:
     assert frames.min() >= 0.0 and frames.max() <= 1.0
 
 
-@pytest.mark.parametrize("name", TINY_VARIANTS)
+@pytest.mark.parametrize("name", WAN_VARIANTS)
 def test_expert_layout_matches_spec_and_both_experts_run(name: str) -> None:
     """Two-expert variants hold transformer_2 and the spec's boundary_ratio and run both experts."""
     spec = variant_spec(name)
@@ -151,7 +153,7 @@ def test_i2v_variants_accept_a_pil_image_of_any_size(name: str) -> None:
         assert pipe.image_encoder is None and pipe.image_processor is None
 
 
-@pytest.mark.parametrize("name", TINY_VARIANTS)
+@pytest.mark.parametrize("name", WAN_VARIANTS)
 def test_same_seed_gives_bit_identical_output(name: str) -> None:
     """Same build seed and generator seed give bit-identical frames, run after run."""
     spec = variant_spec(name)
@@ -169,7 +171,7 @@ def test_build_seed_controls_weights_and_leaves_global_rng_alone() -> None:
     assert not torch.equal(a["proj_out.weight"], b["proj_out.weight"])
 
 
-@pytest.mark.parametrize("name", TINY_VARIANTS)
+@pytest.mark.parametrize("name", WAN_VARIANTS)
 def test_save_pretrained_reloads_offline_with_same_config_and_output(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,7 +275,7 @@ def test_valid_sizes_message_states_both_rules() -> None:
 
 def test_specs_are_consistent() -> None:
     """Spec table: expected families, tasks, boundaries and spatial multiples."""
-    specs = {name: variant_spec(name) for name in TINY_VARIANTS}
+    specs = {name: variant_spec(name) for name in WAN_VARIANTS}
     assert specs["tiny-t2v-a14b"].boundary_ratio == 0.875
     assert specs["tiny-i2v-a14b"].boundary_ratio == 0.9
     for spec in specs.values():

@@ -27,6 +27,7 @@ from telemetry.eta.online import Learned
 from telemetry.eta.shape import JobShape
 from telemetry.events import DeviceInfo, JobStarted
 from telemetry.log.base import Batch, LogNotFound
+from telemetry.pipelines import geometry, is_video
 from telemetry.projections.eta import EtaProjection, EtaState
 from telemetry.projections.memory import MemoryProjection, MemoryState
 from wantel.commands.common import open_local_for_reading
@@ -56,6 +57,8 @@ CATALOGUE: Final[dict[str, ModelSpec]] = {
     "tiny-t2v": ModelSpec("wan2.1", "tiny-t2v", "t2v", steps=20),
     "tiny-i2v": ModelSpec("wan2.1", "tiny-i2v", "i2v", steps=20),
     "tiny-ti2v": ModelSpec("wan2.2", "tiny-ti2v", "ti2v", steps=20),
+    "tiny-cogvideox": ModelSpec("cogvideox", "tiny-cogvideox", "t2v", steps=20),
+    "tiny-sd": ModelSpec("sd", "tiny-sd", "t2i", steps=20),
     "tiny-t2v-a14b": ModelSpec("wan2.2", "tiny-t2v-a14b", "t2v", 0.875, steps=20),
     "tiny-i2v-a14b": ModelSpec("wan2.2", "tiny-i2v-a14b", "i2v", 0.9, steps=20),
     "Wan2.1-T2V-1.3B": ModelSpec("wan2.1", "t2v-1.3B", "t2v"),
@@ -78,7 +81,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="M",
                         help="a tiny variant, a published Wan model name, or a model in the log")
     parser.add_argument("--frames", type=int, required=True, metavar="F",
-                        help=f"frames, 4k+1, at most {MAX_FRAMES}")
+                        help=f"frames, 4k+1, at most {MAX_FRAMES} (1 for an image model: "
+                        "tiny-sd, a Stable Diffusion history)")
     parser.add_argument("--height", type=int, required=True, metavar="H",
                         help="height in pixels (a multiple of 16; 32 for TI2V)")
     parser.add_argument("--width", type=int, required=True, metavar="W",
@@ -151,7 +155,8 @@ def advise(event: JobStarted, eta: EtaState, mem: MemoryState,
     by_offload = {mode: int(memory_model.predict(shape, kind, learned, offload=mode)[1])
                   for mode in OFFLOAD_MODES}
     advice: dict[str, Any] = {
-        "model": event.model, "variant": event.variant, "device": shape.device,
+        "model": event.model, "variant": event.variant, "task": event.task,
+        "device": shape.device,
         "width": event.width, "height": event.height, "frames": event.num_frames,
         "steps": event.steps, "offload": offload_of(shape),
         "duration_s": remaining, "duration_p10_s": low, "duration_p90_s": high,
@@ -165,7 +170,8 @@ def advise(event: JobStarted, eta: EtaState, mem: MemoryState,
     advice["fits"] = peak <= budget
     advice["fitting_offload"] = next((m for m in OFFLOAD_MODES if by_offload[m] <= budget),
                                      None)
-    advice["max_frames"] = _max_frames(shape, kind, learned, budget)
+    advice["max_frames"] = (_max_frames(shape, kind, learned, budget)
+                            if is_video(event.task) else None)
     advice["max_resolution"] = _max_resolution(shape, kind, learned, budget)
     return advice
 
@@ -239,8 +245,9 @@ def render(advice: dict[str, Any]) -> str:
         lines.append(f"to fit: --offload {fitting}" if fitting else
                      "to fit: no offload mode is enough at this size")
     frames, resolution = advice["max_frames"], advice["max_resolution"]
-    lines.append(f"most frames at {advice['width']}x{advice['height']}: "
-                 f"{frames if frames is not None else 'none fit'}")
+    if is_video(advice["task"]):  # an image model makes one frame
+        lines.append(f"most frames at {advice['width']}x{advice['height']}: "
+                     f"{frames if frames is not None else 'none fit'}")
     lines.append(f"highest resolution at {advice['frames']} frames: "
                  f"{'x'.join(map(str, resolution)) if resolution else 'none fits'}")
     return "\n".join(lines)
@@ -280,8 +287,12 @@ def _model(name: str, templates: dict[str, JobStarted]) -> tuple[ModelSpec, JobS
 
 def _check_sizes(spec: ModelSpec, frames: int, height: int, width: int,
                  steps: int | None) -> None:
-    grid = 32 if spec.task == "ti2v" else 16
-    if not (1 <= frames <= MAX_FRAMES and (frames - 1) % 4 == 0):
+    grid = geometry(spec.family, spec.task)[1]  # Wan: 16, TI2V-5B: 32; others their own
+    if not is_video(spec.task):
+        if frames != 1:
+            raise UsageError(f"--frames must be 1 for {spec.variant}, an image model "
+                             f"({spec.task}), got {frames}")
+    elif not (1 <= frames <= MAX_FRAMES and (frames - 1) % 4 == 0):
         raise UsageError(f"--frames must be 4k+1 from 1 to {MAX_FRAMES}, got {frames}")
     for flag, value in (("--height", height), ("--width", width)):
         if not (grid <= value <= MAX_SIDE and value % grid == 0):

@@ -39,7 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Compare the log's jobs side by side, grouped by model, variant, configuration "
         "(variant, size, frames, steps, CFG and speed options), worker or device: jobs, "
         "p50/p90 duration, steps/s, seconds per frame, peak memory, ETA error (before start) "
-        "and failure rate. See docs/advise.md.")
+        "and failure rate. The Grafana 'Compare' dashboard shows the same figures from "
+        "Prometheus over a window. See docs/advise.md.")
     parser.add_argument("--by", choices=DIMENSIONS, default="model",
                         help="what to group by (default model)")
     parser.add_argument("--since", metavar="DURATION",

@@ -45,17 +45,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def plan(count: int = 0) -> Iterator[tuple[int, str, int, int, int, float]]:
     """``(index, variant, size, frames, steps, guidance)`` for each job; endless if ``count`` 0.
 
-    Variants and shapes are cycled with coprime periods (5 and 7), so every variant meets
-    every shape, with CFG on and off.
+    Every tiny variant in turn (Wan's, then CogVideoX and Stable Diffusion); the shape moves
+    one further each round of variants, so every variant meets every shape, with CFG on and
+    off. An image model (``tiny-sd``) makes one frame.
     """
     from inference.tiny_models import TINY_VARIANTS, variant_spec
 
     indices = itertools.count() if count == 0 else iter(range(count))
     for index in indices:
         variant = TINY_VARIANTS[index % len(TINY_VARIANTS)]
-        size, frames, steps, guidance = SHAPES[index % len(SHAPES)]
-        if variant_spec(variant).spatial_multiple == 32:
+        size, frames, steps, guidance = SHAPES[(index + index // len(TINY_VARIANTS))
+                                               % len(SHAPES)]
+        spec = variant_spec(variant)
+        if spec.spatial_multiple == 32:
             size = 64  # TI2V-5B's VAE needs multiples of 32
+        if not spec.video:
+            frames = 1
         yield index, variant, size, frames, steps, guidance
 
 
@@ -106,7 +111,8 @@ def _run_jobs(serving: Serving, args: argparse.Namespace) -> int:
                 model=variant, prompt=PROMPTS[index % len(PROMPTS)],
                 image=str(image) if variant_spec(variant).needs_image else None,
                 frames=frames, height=size, width=size, steps=steps, guidance=guidance,
-                seed=index, out=str(out_dir / f"demo-{index % 10}.mp4"),
+                seed=index, out=str(out_dir / f"demo-{index % 10}"
+                                         f"{'.mp4' if variant_spec(variant).video else '.png'}"),
             )
             began = time.monotonic()
             outcome = generate(prepare(request), emitter)

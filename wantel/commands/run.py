@@ -67,11 +67,13 @@ MAX_SAMPLE_INTERVAL = 3600.0
 def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``wantel run``."""
     parser.description = (
-        "Generate a video and record every stage of the job in the event log. Models: "
-        f"{', '.join(TINY_VARIANTS)} (tiny random weights, built offline in a fraction of a "
-        "second), or the path of a local diffusers Wan model directory. Ctrl-C or SIGTERM "
-        "cancels the job at once (exit 130) and stops the worker cleanly (WorkerStopped: a "
-        "scale-down, never a lost worker)."
+        "Generate a video (or, with an image model, an image) and record every stage of the "
+        f"job in the event log. Models: {', '.join(TINY_VARIANTS)} (tiny random weights, "
+        "built offline in a fraction of a second: Wan layouts, a CogVideoX video model and a "
+        "Stable Diffusion image model), or the path of a local diffusers model directory "
+        "(Wan, or any pipeline with a denoising transformer or UNet, labelled with its own "
+        "family and task). Ctrl-C or SIGTERM cancels the job at once (exit 130) and stops the "
+        "worker cleanly (WorkerStopped: a scale-down, never a lost worker)."
     )
     parser.add_argument("--model", required=True, metavar="M",
                         help="a tiny variant or a local diffusers model directory")
@@ -84,7 +86,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "ti2v (its image mode: the video starts from the image)")
     parser.add_argument("--frames", type=int, metavar="F",
                         help=f"frames, 4k+1, at most {MAX_FRAMES} (default: 17 tiny, 81 "
-                        "otherwise)")
+                        "otherwise; 1 for an image model)")
     parser.add_argument("--height", type=int, metavar="H",
                         help=f"height in pixels (multiple of 16; 32 for ti2v; at most {MAX_SIDE}; "
                         "default 64 tiny, 480)")
@@ -119,7 +121,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"videos per prompt, 1 to {MAX_VIDEOS}: one batch, so each step "
                         "costs about N times as much; written as v.mp4, v-2.mp4, … (default 1)")
     parser.add_argument("--out", metavar="FILE",
-                        help="where to write the video (.mp4; default wantel-<job>.mp4)")
+                        help="where to write the video (.mp4; default wantel-<job>.mp4) or an "
+                        "image model's image (.png; default wantel-<job>.png)")
     parser.add_argument("--job", metavar="ID",
                         help="the job id (default: a random one); refused if the log already "
                         "has it, or if it starts with worker/ or wantel/ (the log's own streams)")
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             "would be dropped by every view as a duplicate): pass another --job, or leave "
             "--job out for a random id")
     warn_if_too_big(prepared, log)
-    warm_imports()
+    warm_imports(prepared.model.spec.pipeline_class)
     start = (log.last_position() or -1) + 1
     emitter = Emitter(log, worker=resolve_worker(None, default=default_worker_name()))
     if args.queue is not None:  # before loading: the wait is what comes before JobStarted
