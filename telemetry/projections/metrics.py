@@ -147,6 +147,9 @@ class MetricsState(msgspec.Struct, kw_only=True):
     gpus: dict[str, GpuReading] = {}  # device
     throttle_events: dict[str, CounterSeries] = {}  # device, reason
     tracked: dict[str, TrackedJob] = {}  # job → labels, oldest first
+    #: Every model a job was queued or started with, first seen first: the order never
+    #: changes, so the exporter's cap on ``model`` label values keeps the same ones.
+    models: dict[str, None] = {}
 
 
 def observe(
@@ -227,7 +230,8 @@ class MetricsProjection:
     #: worker (a version 3 checkpoint has none of them: replaying counts them).
     #: 5: seconds of video at each family's own rate, none for images (a version 4 checkpoint
     #: counted every frame at 16 fps: replaying counts them right).
-    version = 5
+    #: 6: the models the log named, in the order first seen (the exporter's label cap).
+    version = 6
     state_type = MetricsState
     handles = frozenset({
         JobQueued, JobStarted, StageEnded, StepEnded, MemorySampled, GpuSampled,
@@ -475,6 +479,8 @@ class MetricsProjection:
     def _queued(self, state: MetricsState, event: JobQueued) -> None:
         """A queued job is tracked from the request: its model, task and trace, and when it
         was queued (a job already tracked keeps what it has)."""
+        if event.model not in state.models:
+            state.models[event.model] = None
         if event.job in state.tracked:
             return
         state.tracked[event.job] = TrackedJob(
@@ -486,6 +492,8 @@ class MetricsProjection:
         """A started job is tracked with what the worker runs — the first start counts, and
         the worker's trace context replaces the request's — and a queued job's wait is
         observed by model (:func:`~telemetry.projections.readings.queue_wait_s`)."""
+        if event.model not in state.models:
+            state.models[event.model] = None
         tracked = state.tracked.get(event.job)
         # The run opens here unless it was queued (telemetry.tracing.job_trace_id's rule).
         trace_id = trace_id_for(event.job, event.traceparent,

@@ -707,3 +707,62 @@ def test_a_declared_loss_counts_its_running_jobs_lost_at_once() -> None:
     got = samples(make_registry(runner, clock=lambda: T0 + 70.0))
     assert 1.0 == got[("wantel_jobs_lost", "model=tiny-t2v", "worker=w1")]
     assert 0.0 == got[("wantel_workers_alive",)]
+
+
+# -- the cap on model label values -----------------------------------------------------------
+
+def many_models(count: int, *, running: int = 0) -> list[Event]:
+    """One completed job of each of ``count`` models (``m000``, …), then ``running`` more
+    models with a job still running."""
+    events: list[Event] = []
+    for index in range(count + running):
+        stream = Stream(f"job-{index}", f"m{index:03d}")
+        events += [stream.started(index), *stream.steps(index + 0.1, 2)]
+        if index < count:
+            events += stream.completed(index + 0.9, 0.9)
+    return events
+
+
+def test_models_beyond_the_cap_are_added_up_under_other_and_counted() -> None:
+    """Five models, a cap of three: the first three named keep their series, the rest add up
+    under model="other" (counters, histograms and gauges alike), and the count says so; the
+    output still parses as OpenMetrics."""
+    runner = runner_over(many_models(4, running=1))
+    got = samples(registry_of(runner, max_models=3))
+    models = {label.split("=", 1)[1] for key in got for label in key[1:]
+              if label.startswith("model=")}
+    assert {"m000", "m001", "m002", "other"} == models
+    assert 2.0 == got[("wantel_models_folded",)]
+    completed = ("wantel_jobs_total", "model={}", "status=completed", "task=t2v")
+
+    def completed_of(model: str) -> float:
+        return got[tuple(part.format(model) for part in completed)]
+
+    assert [1.0, 1.0, 1.0, 1.0] == [completed_of(m) for m in ("m000", "m001", "m002", "other")]
+    assert 1.0 == got[("wantel_jobs_running", "model=other")]
+    assert 4.0 == got[("wantel_denoise_steps_total", "model=other")]  # m003's 2 and m004's 2
+    assert 2.0 == got[("wantel_job_duration_seconds_count", "model=other", "status=completed",
+                       "task=t2v")] + got[("wantel_job_duration_seconds_count", "model=m000",
+                                            "status=completed", "task=t2v")]
+    assert samples(registry_of(runner, max_models=3), OPENMETRICS)
+
+
+def test_the_models_that_keep_their_series_never_change() -> None:
+    """The kept models are the first the log named, whatever comes after: a series never moves
+    to "other" (its counters would reset); under the cap nothing is folded."""
+    first = runner_over(many_models(3))
+    later = runner_over(many_models(30))
+    kept = {label for key in samples(registry_of(later, max_models=3)) for label in key[1:]
+            if label.startswith("model=")}
+    assert {"model=m000", "model=m001", "model=m002", "model=other"} == kept
+    assert 0.0 == samples(registry_of(first, max_models=3))[("wantel_models_folded",)]
+    assert not any("model=other" in key for key in samples(registry_of(first, max_models=3)))
+
+
+def test_two_thousand_models_make_a_bounded_scrape() -> None:
+    """The defect's own case, 2,000 model names: at the default cap (100) the series that
+    carry a model have at most 101 values of it."""
+    got = samples(registry_of(runner_over(many_models(2000))))
+    models = {label for key in got for label in key[1:] if label.startswith("model=")}
+    assert 101 == len(models)
+    assert 1900.0 == got[("wantel_models_folded",)]
