@@ -43,7 +43,7 @@ from prometheus_client.samples import Exemplar as PromExemplar
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from exporters.queue_scores import QueueStartScorer
+from exporters.queue_scores import QueueScorer
 from telemetry.engine import Health, ProjectionRunner
 from telemetry.guidance import CATEGORIES
 from telemetry.liveness import WORKER_TIMEOUT_S
@@ -224,6 +224,40 @@ def _eta_series(eta: EtaState) -> Iterator[tuple[dict[str, str], _Scored]]:
             yield {"model": model, "progress_bucket": BEFORE_START}, first
 
 
+def _queue_series(scores: Mapping[tuple[str, str], _Scored]
+                  ) -> Iterator[tuple[dict[str, str], _Scored]]:
+    """Each scored (queue, checkpoint) of a :class:`~exporters.queue_scores.QueueScorer`
+    read, in order."""
+    for (queue, checkpoint), hist in sorted(scores.items()):
+        yield {"queue": queue, "checkpoint": checkpoint}, hist
+
+
+def _scored_families(prefix: str, labels: list[str],
+                     series: Iterable[tuple[dict[str, str], _Scored]], *, error_help: str,
+                     covered_help: str, scored: str) -> list[Metric]:
+    """How good past predictions were: ``<prefix>_relative_error``, the signed error
+    histogram (no ``_sum``: its buckets go negative), and two counters beside it so PromQL
+    can window what the histogram cannot give: ``<prefix>_interval_covered_total``
+    (predictions whose actual value fell inside their p10–p90 interval) and
+    ``<prefix>_absolute_relative_error_total`` (the sum of |relative error|). Divided by the
+    increase of the histogram's ``le="+Inf"`` bucket (its count), they give interval coverage
+    and mean absolute relative error over any window. The three carry the same series, which
+    appear together with their first score. The ETA's and the queue's predicted start and
+    finish are all exported by it.
+    """
+    errors = HistogramMetricFamily(f"{prefix}_relative_error", error_help, labels=labels)
+    covered = CounterMetricFamily(f"{prefix}_interval_covered", covered_help, labels=labels)
+    absolute = CounterMetricFamily(f"{prefix}_absolute_relative_error",
+                                   f"Sum of the absolute relative errors of {scored}.",
+                                   labels=labels)
+    for series_labels, hist in series:
+        _add_histogram(errors, series_labels, ERROR_EDGES, hist.counts, exemplars=None,
+                       sum_value=None)
+        covered.samples.append(Sample(covered.name + "_total", series_labels, hist.covered))
+        absolute.samples.append(Sample(absolute.name + "_total", series_labels, hist.sum_abs))
+    return [errors, covered, absolute]
+
+
 def _non_finite(metrics: MetricsState) -> Metric:
     """``wantel_observations_skipped_total{metric}``: NaN or infinite values an event recorded,
     left out of a histogram (one would make its ``_sum`` NaN for good)."""
@@ -363,10 +397,10 @@ class WantelCollector(Collector):
         number = next(_COLLECTORS)
         self._backlog = _Backlog(f"prometheus-backlog-{number}")
         runner.add_sink(self._backlog)
-        self._queue_scores: QueueStartScorer | None = None
+        self._queue_scores: QueueScorer | None = None
         if "queues" in runner.engine.states:
-            self._queue_scores = QueueStartScorer()
-            self._queue_scores.name = f"queue-start-scores-{number}"
+            self._queue_scores = QueueScorer()
+            self._queue_scores.name = f"queue-scores-{number}"
             runner.add_sink(self._queue_scores)
 
     def describe(self) -> Iterable[Metric]:
@@ -565,43 +599,25 @@ class WantelCollector(Collector):
         ]
 
     def _eta_families(self, eta: EtaState) -> list[Metric]:
-        """How good past ETAs were, per model and progress bucket (``before_start`` too).
-
-        The signed error histogram (no ``_sum``: its buckets go negative), and two counters
-        beside it so PromQL can window what the histogram cannot give: ETAs whose actual
-        remaining time fell inside their p10–p90 interval, and the sum of |relative error|.
-        Divided by the increase of the histogram's ``le="+Inf"`` bucket (its count), they give
-        interval coverage and mean absolute relative error over any window. All three carry
-        the same series, which appear together with a (model, bucket)'s first scored ETA.
-        """
-        errors = HistogramMetricFamily(
-            "wantel_eta_relative_error",
-            "Signed relative error of issued ETAs vs the actual remaining time, by progress.",
-            labels=["model", "progress_bucket"])
-        covered = CounterMetricFamily(
-            "wantel_eta_interval_covered",
-            "Scored ETAs whose actual remaining time fell inside their p10-p90 interval.",
-            labels=["model", "progress_bucket"])
-        absolute = CounterMetricFamily(
-            "wantel_eta_absolute_relative_error",
-            "Sum of the absolute relative errors of scored ETAs.",
-            labels=["model", "progress_bucket"])
-        for labels, hist in _eta_series(eta):
-            _add_histogram(errors, labels, ERROR_EDGES, hist.counts, exemplars=None,
-                           sum_value=None)
-            covered.samples.append(Sample(covered.name + "_total", labels, hist.covered))
-            absolute.samples.append(Sample(absolute.name + "_total", labels, hist.sum_abs))
-        return [errors, covered, absolute]
+        """How good past ETAs were, per model and progress bucket (``before_start`` too):
+        the three families of :func:`_scored_families`, ETAs scored against the actual
+        remaining time."""
+        return _scored_families(
+            "wantel_eta", ["model", "progress_bucket"], _eta_series(eta),
+            error_help="Signed relative error of issued ETAs vs the actual remaining time, by "
+            "progress.",
+            covered_help="Scored ETAs whose actual remaining time fell inside their p10-p90 "
+            "interval.",
+            scored="scored ETAs")
 
     def _queue_families(self, states: Mapping[str, Any], now: float) -> list[Metric]:
         """Queue depth by queue and model, each live worker's predicted free time (seconds
-        from now; 0 with a free slot), and how good past predicted starts were.
+        from now; 0 with a free slot), and how good past predicted starts and finishes were.
 
         The forecast is read at the scrape's wall clock
-        (:func:`telemetry.projections.queues.forecast`); the start scores are the
-        :class:`~exporters.queue_scores.QueueStartScorer`'s, in the ETA error's shape: the
-        signed histogram, and counters of starts inside their p10-p90 interval and of
-        |relative error|.
+        (:func:`telemetry.projections.queues.forecast`); the start and finish scores are the
+        :class:`~exporters.queue_scores.QueueScorer`'s, in the ETA error's shape
+        (:func:`_scored_families`).
         """
         ahead = forecast(dict(states), now, worker_timeout_s=self.worker_timeout_s)
         depth = GaugeMetricFamily("wantel_queue_depth", "Jobs waiting in a queue.",
@@ -615,27 +631,29 @@ class WantelCollector(Collector):
         for name, worker in sorted(ahead.workers.items()):
             if worker.free is not None:
                 free.add_metric([name], max(worker.free.at - now, 0.0))
-        errors = HistogramMetricFamily(
-            "wantel_queue_start_relative_error",
-            "Signed relative error of a queued job's predicted wait vs its actual wait, by "
-            "checkpoint (first: its first prediction; half: the one in effect halfway "
-            "through its wait).", labels=["queue", "checkpoint"])
-        covered = CounterMetricFamily(
-            "wantel_queue_start_interval_covered",
-            "Scored predicted starts whose actual start fell inside their p10-p90 interval.",
-            labels=["queue", "checkpoint"])
-        absolute = CounterMetricFamily(
-            "wantel_queue_start_absolute_relative_error",
-            "Sum of the absolute relative errors of scored predicted starts.",
-            labels=["queue", "checkpoint"])
-        scores = self._queue_scores.read() if self._queue_scores is not None else {}
-        for (queue, checkpoint), hist in sorted(scores.items()):
-            labels = {"queue": queue, "checkpoint": checkpoint}
-            _add_histogram(errors, labels, ERROR_EDGES, hist.counts, exemplars=None,
-                           sum_value=None)
-            covered.samples.append(Sample(covered.name + "_total", labels, hist.covered))
-            absolute.samples.append(Sample(absolute.name + "_total", labels, hist.sum_abs))
-        return [depth, free, errors, covered, absolute]
+        starts, finishes = (self._queue_scores.read() if self._queue_scores is not None
+                            else ({}, {}))
+        labels = ["queue", "checkpoint"]
+        return [
+            depth,
+            free,
+            *_scored_families(
+                "wantel_queue_start", labels, _queue_series(starts),
+                error_help="Signed relative error of a queued job's predicted wait vs its "
+                "actual wait, by checkpoint (first: its first prediction; half: the one in "
+                "effect halfway through its wait).",
+                covered_help="Scored predicted starts whose actual start fell inside their "
+                "p10-p90 interval.",
+                scored="scored predicted starts"),
+            *_scored_families(
+                "wantel_queue_finish", labels, _queue_series(finishes),
+                error_help="Signed relative error of a queued job's predicted time to finish "
+                "vs the actual, by checkpoint of its wait (the finish predicted with the start "
+                "scored there), scored when it completes.",
+                covered_help="Scored predicted finishes whose actual end fell inside their "
+                "p10-p90 interval.",
+                scored="scored predicted finishes"),
+        ]
 
     def _memory_families(self, metrics: MetricsState, memory: MemoryState,
                          jobs: JobsState) -> list[Metric]:

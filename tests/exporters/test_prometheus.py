@@ -639,7 +639,8 @@ def test_memory_prediction_error_is_exported_per_model_and_kind() -> None:
 
 def test_queue_depth_worker_free_time_and_start_scores() -> None:
     """Two jobs wait behind a running one: the depth by queue and model, the worker's
-    predicted free time, and, once the next job starts, its predicted start scored."""
+    predicted free time, once the next job starts its predicted start scored, and once it
+    completes the finish predicted with it (the same three families, no _sum)."""
     import msgspec
 
     from tests.telemetry.test_queues import T0 as QUEUES_T0
@@ -671,6 +672,19 @@ def test_queue_depth_worker_free_time_and_start_scores() -> None:
     assert ("wantel_queue_start_interval_covered_total", "checkpoint=first",
             "queue=default") in got
     assert got[("wantel_queue_depth", "model=m", "queue=default")] == 1.0
+    assert not any(k[0].startswith("wantel_queue_finish_relative_error") for k in got)
+    runner.log.append([at(done("x", 0, 2.0), 7.1)])
+    runner.catch_up()
+    got = samples(registry)
+    # x queued before the scorer joined: its one prediction (at 5.0) is both checkpoints'.
+    for checkpoint in ("first", "half"):
+        assert got[("wantel_queue_finish_relative_error_bucket", f"checkpoint={checkpoint}",
+                    "le=+Inf", "queue=default")] == 1.0
+        assert ("wantel_queue_finish_interval_covered_total", f"checkpoint={checkpoint}",
+                "queue=default") in got
+        assert ("wantel_queue_finish_absolute_relative_error_total",
+                f"checkpoint={checkpoint}", "queue=default") in got
+    assert not any(k[0] == "wantel_queue_finish_relative_error_sum" for k in got)
 
 
 def test_a_stopped_worker_is_not_alive_and_raises_no_lost_job() -> None:

@@ -14,7 +14,7 @@ from exporters import prometheus
 from exporters.liveness import LivenessSink
 from exporters.logs import LifecycleLogger
 from exporters.otel import SpanSink, spans_for_job
-from exporters.queue_scores import QueueStartScorer
+from exporters.queue_scores import QueueScorer
 from exporters.service import FanOut, JobIndex
 from telemetry.log.local import LocalLog
 from tests.exporters.otlp_receiver import HttpReceiver
@@ -39,9 +39,9 @@ def test_serve_wires_every_follower_as_a_sink_of_a_runner(tmp_path: Path) -> Non
         assert serving.service.wait_ready(20)
         service_sinks = [type(s) for s in serving.service.runner.sinks]
         # /metrics' backlog gauge reads what each step says was stored beyond it; its queue
-        # start scores are kept as the jobs start; the liveness sink declares silent workers
+        # scores are kept as the jobs start and end; the liveness sink declares silent workers
         # lost.
-        assert [FanOut, JobIndex, LivenessSink, prometheus._Backlog, QueueStartScorer,
+        assert [FanOut, JobIndex, LivenessSink, prometheus._Backlog, QueueScorer,
                 LifecycleLogger] == service_sinks
         spans = serving._spans
         assert spans is not None and [SpanSink] == [type(s) for s in spans.sinks]
