@@ -26,6 +26,7 @@ to its host (a restarted process is the same worker); ``device`` is the device c
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -41,6 +42,7 @@ from telemetry.events import (
     MemorySampled,
     StepEnded,
 )
+from telemetry.projections.base import OnFailure
 from telemetry.projections.metrics import (
     DURATION_BUCKETS,
     MEMORY_BUCKETS,
@@ -127,9 +129,7 @@ class CompareProjection:
         peak of its kind (:func:`~telemetry.projections.readings.memory_readings`); a
         ``JobStarted`` tracks the job with its labels (the first one counts); an end counts
         it (:meth:`_ended`). ``type(event) is``: the cheapest test, steps first (most of a
-        job's events). No batch fast path: one binding its tables once measured 1.07× alone
-        and 1.00× in ``wantel serve``'s set (``benchmarks/replay_bench.py``), short of earning
-        its place.
+        job's events).
         """
         if type(event) is StepEnded:
             job = state.tracked.get(event.job)
@@ -160,6 +160,47 @@ class CompareProjection:
                 increment(state.failures, (*job.labels, str(category)))
         elif type(event) is JobCancelled:
             self._ended(state, event.job, "cancelled", None)
+        return state
+
+    def apply_many(self, state: CompareState, events: Sequence[Event],
+                   failed: OnFailure) -> CompareState:
+        """:meth:`apply` over ``events``, each failure reported to ``failed``.
+
+        Steps and memory samples are nearly every event, and a run of them is usually one
+        job's: the job's record stays in a local while the job id does not change (only a
+        start or an end, which go through :meth:`apply`, changes what is tracked; the local
+        is looked up again after one). Measured by ``benchmarks/replay_bench.py``; held to
+        :meth:`apply` by ``tests/telemetry/test_fold_equivalence.py``.
+        """
+        apply, step_type, sample_type = self.apply, StepEnded, MemorySampled
+        tracked_of = state.tracked.get
+        job_id: str | None = None
+        job: ComparedJob | None = None
+        for event in events:
+            try:
+                kind = type(event)
+                if kind is step_type or kind is sample_type:
+                    if event.job != job_id:
+                        job_id = event.job
+                        job = tracked_of(job_id)
+                    if job is None:
+                        continue
+                    if kind is step_type:
+                        duration = event.duration_s  # type: ignore[attr-defined]
+                        if duration is not None and duration >= 0:
+                            job.steps += 1
+                            job.step_s += duration
+                    else:
+                        reading = memory_readings(event)[job.reading]  # type: ignore[arg-type]
+                        if reading is not None and (job.peak is None or reading > job.peak):
+                            job.peak = reading
+                else:
+                    job_id = None
+                    state = apply(state, event)
+                    tracked_of = state.tracked.get
+            except Exception as exc:
+                job_id = None
+                failed(event, exc)
         return state
 
     @staticmethod

@@ -47,6 +47,7 @@ from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.base import Projection, RulesOnly
+from telemetry.projections.compare import CompareProjection
 from telemetry.projections.eta import EtaProjection
 from telemetry.projections.jobs import JobsProjection
 from telemetry.projections.metrics import MetricsProjection
@@ -69,6 +70,8 @@ FOLDS = [
     pytest.param(lambda: MetricsProjection(max_tracked=2), id="metrics-bounded"),
     pytest.param(EtaProjection, id="eta"),
     pytest.param(lambda: EtaProjection(keep_finished=2), id="eta-bounded"),
+    pytest.param(CompareProjection, id="compare"),
+    pytest.param(lambda: CompareProjection(max_tracked=2), id="compare-bounded"),
 ]
 
 Fold = Callable[[], Any]
