@@ -10,15 +10,28 @@ minus one, so an empty stream's first event is at position 0 as in every backend
 are totally ordered and never reused; a message the stream's limits removed leaves a gap,
 which readers step over (the next :class:`Batch` starts after it).
 
-Appends. :meth:`NatsLog.append` publishes the batch pipelined (every message is sent before
-the first acknowledgement is awaited) and returns once the server acknowledged each one. Every
-message carries ``Nats-Msg-Id = <job>:<seq>`` (a worker's own events have the job
+Appends. :meth:`NatsLog.append` publishes the batch as JetStream **atomic batches**
+(nats-server ≥ 2.12, a stream with ``allow_atomic``, which a stream wantel creates has): chunks
+of up to :data:`ATOMIC_BATCH` messages (the server's ``max_msgs`` limit for a batch; a server
+configured lower says so in its refusal and the next chunks are that size), each message with
+``Nats-Batch-Id``/``Nats-Batch-Sequence``, the last also with ``Nats-Batch-Commit``: one
+acknowledgement a chunk, and with ``sync_interval: always`` one flush a chunk, rather than one of
+each a message. The server stores a chunk whole or not at all, at consecutive sequences, and its
+commit's acknowledgement carries the last sequence and the count. A chunk the server refuses —
+one holding a ``Nats-Msg-Id`` it already has (error 10201, a re-ship after a crash), any other
+batch error — is published again the per-message way, and so is everything on a stream without
+``allow_atomic`` (one an operator made, or an older server's): every message sent before the
+first acknowledgement is awaited, one acknowledgement each. Chunks go one at a time, so a
+worker's events reach the stream in the order of its log.
+
+Every message carries ``Nats-Msg-Id = <job>:<seq>`` (a worker's own events have the job
 ``worker/<name>``, so theirs is ``worker/<name>:<seq>``): the server drops a retried message
 within its duplicate window (:data:`DUPLICATE_WINDOW_S`) and acknowledges it with the original's
 sequence, and projections de-duplicate by ``(job, seq)`` anyway, so a re-ship after the window
-still counts once. The messages of one batch are stored in order, each atomically; a batch is
-not one atomic unit, and with several publishers on the stream (a fleet) its positions may
-interleave with theirs: the returned range then spans from its first to its last position.
+still counts once. The messages of one append are stored in order; an append longer than one
+chunk is not one atomic unit, and with several publishers on the stream (a fleet) its positions
+may interleave with theirs between chunks: the returned range then spans from its first to its
+last position.
 
 When an event counts as shipped: when its publish is acknowledged. The server acknowledges a
 message once it is written to its stream store; with ``sync_interval: always`` in the server's
@@ -42,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import ssl
 import threading
@@ -49,6 +63,9 @@ from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+from uuid import uuid4
+
+import structlog
 
 from telemetry.codec import MalformedRecord, decode_one, encode_many, encode_many_json
 from telemetry.events import Event
@@ -71,11 +88,19 @@ DUPLICATE_WINDOW_S: Final = 120.0
 #: Messages fetched per request when reading, and published per pipelined round.
 READ_BATCH: Final = 1024
 PUBLISH_WINDOW: Final = 4096
+#: Messages in one atomic batch: nats-server's default ceiling (``jetstream { limits { batch {
+#: max_msgs } } }``); a server configured lower refuses a larger one, saying its limit.
+ATOMIC_BATCH: Final = 1000
+#: JetStream's error codes for the batches it refuses.
+ERR_BATCH_DUPLICATE: Final = 10201
+ERR_BATCH_TOO_LARGE: Final = 10199
+ERR_ATOMIC_DISABLED: Final = 10174
 #: How long a cursor's poll waits for something new before it says "nothing yet" (seconds).
 POLL_WAIT_S: Final = 0.05
 
 _SUBJECT_TOKEN: Final = re.compile(r"[^A-Za-z0-9_:\-]")
 T = TypeVar("T")
+_log = structlog.get_logger("wantel.nats")
 
 
 def subject_for(worker: str) -> str:
@@ -175,6 +200,12 @@ class NatsLog(EventLog):
         self._loop = _Loop()
         self._nc: Any = None
         self._js: Any = None
+        #: Whether appends publish atomic batches (the stream allows them; see the module's
+        #: docstring), and how many messages a batch may hold.
+        self.atomic_batches = False
+        self.batch_limit = ATOMIC_BATCH
+        #: Chunks the server refused and that were published the per-message way instead.
+        self.batches_refused = 0
         try:
             self._loop.call(self._connect(create))
         except BaseException:
@@ -233,17 +264,20 @@ class NatsLog(EventLog):
                                   f"worker's log to it first (wantel ship)") from None
             config = StreamConfig(name=opts.stream, subjects=[SUBJECTS],
                                   storage=StorageType.FILE, num_replicas=opts.replicas,
-                                  duplicate_window=DUPLICATE_WINDOW_S)
+                                  duplicate_window=DUPLICATE_WINDOW_S, allow_atomic=True)
             try:
-                await self._js.add_stream(config)
+                created = await self._js.add_stream(config)
             except NatsError as exc:
                 raise LogError(f"cannot create stream {opts.stream} at {redact(opts.url)}: "
                                f"{_describe(exc)}") from None
+            # A server older than 2.12 ignores the field and does not echo it back.
+            self.atomic_batches = bool(created.config.allow_atomic)
             return
         except (TimeoutError, NatsError) as exc:
             raise LogError(f"NATS at {redact(opts.url)} did not describe stream "
                            f"{opts.stream} (is JetStream enabled?): {_describe(exc)}") from None
         config = info.config
+        self.atomic_batches = bool(config.allow_atomic)
         if SUBJECTS not in (config.subjects or []):
             raise LogError(f"stream {opts.stream} at {redact(opts.url)} exists with subjects "
                            f"{config.subjects}, not {SUBJECTS}: it is not a wantel stream")
@@ -268,7 +302,8 @@ class NatsLog(EventLog):
     # -- the interface -----------------------------------------------------------------------
 
     def append(self, events: Sequence[Event]) -> range:
-        """Publish ``events`` pipelined and return once every one is acknowledged."""
+        """Publish ``events`` (atomic batches where the stream allows them, else pipelined) and
+        return once every one is acknowledged."""
         if self._closed:
             raise LogError("append to a closed log")
         if not events:
@@ -280,29 +315,85 @@ class NatsLog(EventLog):
             payloads = encode_many(events)
         except OverflowError:
             payloads = encode_many_json(events)
-        js, subject, stream = self._js, self.subject, self.options.stream
+        ids = [f"{event.job}:{event.seq}" for event in events]
         low: int | None = None
         high = 0
-        for begin in range(0, len(events), PUBLISH_WINDOW):
-            futures = []
-            try:
-                for event, payload in zip(events[begin:begin + PUBLISH_WINDOW],
-                                          payloads[begin:begin + PUBLISH_WINDOW], strict=True):
-                    futures.append(await js.publish_async(
-                        subject, payload, stream=stream,
-                        headers={"Nats-Msg-Id": f"{event.job}:{event.seq}"},
-                        wait_stall=self.options.timeout))
-                acks = await asyncio.wait_for(asyncio.gather(*futures),
-                                              self.options.timeout)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-            for ack in acks:
-                low = ack.seq if low is None else min(low, ack.seq)
-                high = max(high, ack.seq)
+        begin = 0
+        while begin < len(events):
+            if self.atomic_batches:
+                end = min(len(events), begin + self.batch_limit)
+                stored = await self._publish_atomic(payloads[begin:end], ids[begin:end])
+                if stored is None:  # refused: the same chunk, one message at a time
+                    stored = await self._publish_each(payloads[begin:end], ids[begin:end])
+            else:
+                end = min(len(events), begin + PUBLISH_WINDOW)
+                stored = await self._publish_each(payloads[begin:end], ids[begin:end])
+            low = stored.start if low is None else min(low, stored.start)
+            high = max(high, stored.stop)
+            begin = end
         assert low is not None
-        return range(low - 1, high)
+        return range(low, high)
+
+    async def _publish_atomic(self, payloads: Sequence[bytes], ids: Sequence[str]) -> range | None:
+        """One atomic batch; its positions, or ``None`` if the server refused it (stored
+        nothing). A lost connection or a commit left unanswered raises, as a publish does."""
+        nc, subject = self._nc, self.subject
+        batch = uuid4().hex
+        last = len(payloads)
+        for n, (payload, msg_id) in enumerate(zip(payloads, ids, strict=True), 1):
+            headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(n),
+                       "Nats-Msg-Id": msg_id}
+            if n < last:
+                await nc.publish(subject, payload, headers=headers)
+        headers["Nats-Batch-Commit"] = "1"
+        reply = await nc.request(subject, payloads[-1], timeout=self.options.timeout,
+                                 headers=headers)
+        try:
+            ack = json.loads(reply.data)
+        except ValueError:
+            ack = {"error": {"description": f"an unreadable acknowledgement {reply.data[:80]!r}"}}
+        error = ack.get("error") if isinstance(ack, dict) else {"description": repr(ack)}
+        if error:
+            self._refused(error, last)
+            return None
+        if ack.get("stream") != self.options.stream:
+            raise LogError(f"subject {subject} at {redact(self.options.url)} is stored by "
+                           f"stream {ack.get('stream')}, not {self.options.stream}")
+        seq, count = int(ack["seq"]), int(ack.get("count", last))
+        return range(seq - count, seq)
+
+    def _refused(self, error: dict[str, Any], size: int) -> None:
+        """Note why the server refused a batch, and publish the way it will take next time."""
+        code = error.get("err_code")
+        description = str(error.get("description", error))
+        self.batches_refused += 1
+        if code == ERR_BATCH_TOO_LARGE:
+            found = re.search(r"(\d+)\s*$", description)
+            limit = int(found.group(1)) if found else size // 2
+            self.batch_limit = max(1, min(self.batch_limit, limit, size - 1))
+        elif code == ERR_ATOMIC_DISABLED:
+            self.atomic_batches = False  # the stream was edited meanwhile
+        if code != ERR_BATCH_DUPLICATE:  # a duplicate is the expected re-ship after a crash
+            _log.info("atomic batch refused; publishing it one message at a time",
+                      stream=self.options.stream, code=code, reason=description)
+
+    async def _publish_each(self, payloads: Sequence[bytes], ids: Sequence[str]) -> range:
+        """Every message pipelined (all sent before the first acknowledgement is awaited), one
+        acknowledgement each; a retried ``Nats-Msg-Id`` is answered with the original's."""
+        js, subject, stream = self._js, self.subject, self.options.stream
+        futures = []
+        try:
+            for payload, msg_id in zip(payloads, ids, strict=True):
+                futures.append(await js.publish_async(
+                    subject, payload, stream=stream, headers={"Nats-Msg-Id": msg_id},
+                    wait_stall=self.options.timeout))
+            acks = await asyncio.wait_for(asyncio.gather(*futures), self.options.timeout)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        seqs = [int(ack.seq) for ack in acks]
+        return range(min(seqs) - 1, max(seqs))
 
     def last_position(self) -> Position | None:
         """The last message's position (stream sequence − 1), or ``None`` if there is none."""

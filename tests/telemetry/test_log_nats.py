@@ -137,3 +137,115 @@ def test_events_survive_a_server_restart(nats_server: NatsServer) -> None:
         assert all(isinstance(item, Batch) for item in items)
     finally:
         reader.close()
+
+
+def _stream_config(url: str) -> dict[str, object]:
+    """The stream's configuration as the server reports it."""
+    import asyncio
+
+    import nats
+
+    async def info() -> dict[str, object]:
+        nc = await nats.connect(url)
+        try:
+            reply = await nc.request(f"$JS.API.STREAM.INFO.{STREAM}", b"", timeout=5)
+        finally:
+            await nc.close()
+        config: dict[str, object] = json.loads(reply.data)["config"]
+        return config
+
+    return asyncio.run(info())
+
+
+class TestAtomicBatches:
+    """Appends publish JetStream atomic batches where the stream allows them, and fall back to
+    one acknowledgement a message where it does not or where the server refuses a batch."""
+
+    def test_a_created_stream_allows_atomic_batches(self, server_log: NatsLog,
+                                                    nats_server: NatsServer) -> None:
+        """The stream wantel creates has allow_atomic, and the log publishes batches."""
+        assert True is _stream_config(nats_server.url).get("allow_atomic")
+        assert server_log.atomic_batches
+
+    def test_a_batch_append_gives_consecutive_positions(self, server_log: NatsLog) -> None:
+        """2,500 events (three batches: 1,000, 1,000, 500) land at positions 0…2,499, in
+        order, without one refused batch."""
+        events = steps("a", 0, 2_500)
+        assert range(0, 2_500) == server_log.append(events)
+        assert range(2_500, 2_503) == server_log.append(steps("a", 2_500, 3))
+        items = list(server_log.read())
+        assert events + steps("a", 2_500, 3) == events_of(items)
+        assert list(range(2_503)) == positions_of(items)
+        assert 0 == server_log.batches_refused
+        assert 2_502 == server_log.last_position()
+
+    def test_a_reshipped_batch_stores_nothing_new(self, server_log: NatsLog) -> None:
+        """Re-appending what was shipped (a shipper killed before its checkpoint) is refused as
+        a batch (a Nats-Msg-Id the stream has), published per message instead, and stores
+        nothing twice; a re-ship that overlaps and goes further stores only the new events."""
+        first = server_log.append(steps("a", 0, 1_200))
+        assert range(0, 1_200) == first
+        assert first == server_log.append(steps("a", 0, 1_200))
+        assert 2 == server_log.batches_refused  # both chunks of the re-ship
+        assert range(1_100, 1_300) == server_log.append(steps("a", 1_100, 200))
+        assert 3 == server_log.batches_refused
+        assert 1_299 == server_log.last_position()
+        assert steps("a", 0, 1_300) == events_of(list(server_log.read()))
+
+    def test_a_batch_holding_one_id_twice_is_stored_once(self, server_log: NatsLog) -> None:
+        """A batch with the same (job, seq) twice is refused whole; per message, the copy is
+        dropped by the server."""
+        events = steps("a", 0, 3)
+        assert range(0, 3) == server_log.append([*events, events[1]])
+        assert 1 == server_log.batches_refused
+        assert events == events_of(list(server_log.read()))
+
+    def test_a_stream_without_allow_atomic_still_works(self, nats_server: NatsServer) -> None:
+        """On a stream an operator made without allow_atomic, appends publish one message at a
+        time: the same positions, and a retry is still dropped."""
+        import asyncio
+
+        import nats
+
+        async def make() -> None:
+            nc = await nats.connect(nats_server.url)
+            await nc.jetstream().add_stream(name=STREAM, subjects=["wantel.events.>"],
+                                            duplicate_window=120.0)
+            await nc.close()
+
+        asyncio.run(make())
+        log = NatsLog(NatsOptions(nats_server.url), worker="w")
+        try:
+            assert not log.atomic_batches
+            assert not _stream_config(nats_server.url).get("allow_atomic")
+            assert range(0, 1_500) == log.append(steps("a", 0, 1_500))
+            assert range(0, 1_500) == log.append(steps("a", 0, 1_500))
+            assert steps("a", 0, 1_500) == events_of(list(log.read()))
+            assert 0 == log.batches_refused
+        finally:
+            log.close()
+
+    def test_a_server_with_a_lower_batch_limit(self, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+        """A server whose batches hold at most 100 messages refuses the first chunk of 1,000
+        (that one is published per message) and takes the rest in chunks of 100."""
+        from tests import nats_server as module
+
+        config = tmp_path / "small-batches.conf"
+        config.write_text(module.SHIPPED_CONFIG.read_text().replace(
+            "\n  sync_interval: always\n",
+            "\n  sync_interval: always\n  limits { batch { max_msgs: 100 } }\n"))
+        monkeypatch.setattr(module, "SHIPPED_CONFIG", config)
+        server = NatsServer(tmp_path / "store")
+        server.start()
+        try:
+            log = NatsLog(NatsOptions(server.url), worker="w")
+            try:
+                assert range(0, 2_000) == log.append(steps("a", 0, 2_000))
+                assert 100 == log.batch_limit
+                assert 1 == log.batches_refused
+                assert steps("a", 0, 2_000) == events_of(list(log.read()))
+            finally:
+                log.close()
+        finally:
+            server.stop()
