@@ -40,10 +40,15 @@ also flushed to disk first, so an acknowledged event survives a power cut. With 
 (a flush every two minutes) a power cut can lose acknowledged messages — a published Jepsen
 analysis of NATS 2.12.1 found exactly that.
 
-Reads use an ephemeral pull consumer created at the reader's position (no acknowledgements:
-the reader's own checkpoint, written atomically with the state it belongs to, is its durable
-place in the stream; a server-side durable consumer's ack floor could not be written together
-with the projections it fed).
+Reads use an ephemeral **ordered push consumer** created at the reader's position (no
+acknowledgements: the reader's own checkpoint, written atomically with the state it belongs
+to, is its durable place in the stream; a server-side durable consumer's ack floor could not be
+written together with the projections it fed). The server pushes messages as fast as the
+client takes them, with flow control; the client keeps at most :data:`READ_BUFFER` of them
+ahead of the reader (beyond that it stops taking them, and flow control stops the server), and
+recreates the consumer from the last message it received after a gap in its deliveries or a
+missed heartbeat. A pull consumer's ``fetch`` (its request, then one message at a time) read
+several times slower here (docs/performance.md, "Fleet").
 
 The client (``nats-py``) is asynchronous; this class runs it on an event loop in a daemon
 thread of its own and waits for each call, so the interface stays the synchronous one every
@@ -59,6 +64,7 @@ import json
 import re
 import ssl
 import threading
+from collections import deque
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -85,8 +91,10 @@ SUBJECT_PREFIX: Final = "wantel.events"
 SUBJECTS: Final = f"{SUBJECT_PREFIX}.>"
 #: How long the server remembers a ``Nats-Msg-Id`` to drop a retried publish (seconds).
 DUPLICATE_WINDOW_S: Final = 120.0
-#: Messages fetched per request when reading, and published per pipelined round.
-READ_BATCH: Final = 1024
+#: Messages a reader takes in one step at most, and keeps received ahead of itself at most.
+READ_BATCH: Final = 4096
+READ_BUFFER: Final = 65536
+#: Messages published per pipelined round (the per-message way).
 PUBLISH_WINDOW: Final = 4096
 #: Messages in one atomic batch: nats-server's default ceiling (``jetstream { limits { batch {
 #: max_msgs } } }``); a server configured lower refuses a larger one, saying its limit.
@@ -247,6 +255,7 @@ class NatsLog(EventLog):
                            f"{_describe(exc)}") from None
         if opts.reconnect:
             self._nc.options["max_reconnect_attempts"] = -1
+        _skip_stored_headers(self._nc)
         self._js = self._nc.jetstream(timeout=opts.timeout)
         await self._ensure_stream(create)
 
@@ -427,7 +436,7 @@ class NatsLog(EventLog):
         return not self._closed and self._nc is not None and not self._nc.is_closed
 
     def cursor(self, start: Position = 0) -> _NatsCursor:
-        """A reader holding one pull consumer open, from ``start`` on."""
+        """A reader holding one ordered push consumer open, from ``start`` on."""
         return _NatsCursor(self, start)
 
     def close(self) -> None:
@@ -442,45 +451,78 @@ class NatsLog(EventLog):
 
     # -- for cursors -------------------------------------------------------------------------
 
-    async def _subscribe(self, start: Position) -> Any:
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+    async def _subscribe(self, start: Position, inbox: _Inbox) -> Any:
+        from nats.js.api import ConsumerConfig, DeliverPolicy
 
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                opt_start_seq=start + 1, ack_policy=AckPolicy.NONE,
-                                inactive_threshold=60.0, mem_storage=True)
-        return await self._js.pull_subscribe(SUBJECTS, stream=self.options.stream,
-                                             config=config)
+                                opt_start_seq=start + 1, inactive_threshold=60.0)
+        return await self._js.subscribe(SUBJECTS, stream=self.options.stream, config=config,
+                                        ordered_consumer=True, cb=inbox.put)
+
+
+class _Inbox:
+    """What the consumer delivered and the reader has not taken yet, at most ``limit``
+    messages: the subscription's callback waits for room beyond that (so the client stops
+    taking messages, and flow control stops the server)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: deque[Any] = deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, message: Any) -> None:
+        while len(self.items) >= self.limit:
+            self._room.clear()
+            await self._room.wait()
+        self.items.append(message)
+        self._ready.set()
+
+    async def take(self, wait: float, most: int) -> list[Any]:
+        """Up to ``most`` messages, waiting up to ``wait`` seconds for the first."""
+        if not self.items:
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), wait)
+        items = self.items
+        taken = [items.popleft() for _ in range(min(most, len(items)))]
+        self._room.set()
+        return taken
 
 
 class _NatsCursor:
-    """A pull consumer from a position; :meth:`poll` yields what the stream holds beyond it."""
+    """An ordered push consumer from a position; :meth:`poll` yields what the stream holds
+    beyond it."""
 
     def __init__(self, log: NatsLog, start: Position) -> None:
         self.log = log
         self.position = max(start, 0)
         self._sub: Any = None
+        self._inbox: _Inbox | None = None
 
-    def _ensure(self) -> Any:
-        if self._sub is None:
-            self._sub = self.log._call(self.log._subscribe(self.position), "reading")
-        return self._sub
+    def _ensure(self) -> _Inbox:
+        if self._inbox is None:
+            inbox = self.log._loop.call(_make_inbox())
+            self._sub = self.log._call(self.log._subscribe(self.position, inbox), "reading")
+            self._inbox = inbox
+        return self._inbox
 
     def fetch(self, *, wait: float, upto: int | None = None) -> list[ReadItem]:
-        """One round of messages (waiting up to ``wait`` for the first), as read items."""
-        sub = self._ensure()
-        messages = self.log._call(_fetch(sub, wait), "reading")
+        """What was delivered (waiting up to ``wait`` for the first message), as read items."""
+        inbox = self._ensure()
+        messages = self.log._call(inbox.take(wait, READ_BATCH), "reading")
         items: list[ReadItem] = []
         events: list[Event] = []
         first = self.position
         behind = 0
         for message in messages:
-            meta = message.metadata
-            seq = int(meta.sequence.stream)
+            seq, pending = _sequence(message.reply)
             if upto is not None and seq > upto:
                 continue  # read(): only what was stored when it began (the cursor moves on)
             position = seq - 1
             if position < self.position:
-                continue  # a redelivery after a reconnect
+                continue  # a redelivery after the consumer was recreated
             if position != first + len(events):  # a gap: the stream's limits removed some
                 if events:
                     items.append(Batch(first, events))
@@ -495,7 +537,7 @@ class _NatsCursor:
                                          reason=str(exc)))
                 events, first = [], position + 1
             self.position = position + 1
-            behind = int(meta.num_pending or 0)
+            behind = pending
         if events:
             items.append(Batch(first, events, behind))
         return items
@@ -511,31 +553,55 @@ class _NatsCursor:
             wait = 0.001
 
     def close(self) -> None:
-        sub, self._sub = self._sub, None
+        sub, self._sub, self._inbox = self._sub, None, None
         if sub is None or self.log._closed:
             return
         with contextlib.suppress(Exception):  # else it expires on its own (inactive_threshold)
             self.log._loop.call(_unsubscribe(sub), self.log.options.timeout + 1)
 
 
-async def _fetch(sub: Any, wait: float) -> list[Any]:
-    from nats.errors import TimeoutError as NatsTimeout
+async def _make_inbox() -> _Inbox:
+    return _Inbox(READ_BUFFER)  # made on the loop's thread, where its events are awaited
 
-    try:
-        messages: list[Any] = await sub.fetch(batch=READ_BATCH, timeout=wait)
-    except (TimeoutError, NatsTimeout):
-        return []
-    return messages
+
+def _sequence(reply: str) -> tuple[int, int]:
+    """(stream sequence, messages pending) from a JetStream delivery's reply subject:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>``, or
+    with a domain and an account hash after ``$JS.ACK`` (12 tokens or more)."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    return int(tokens[7]), int(tokens[10])
 
 
 async def _unsubscribe(sub: Any) -> None:
-    consumer = getattr(sub, "_consumer", None)
-    stream = getattr(sub, "_stream", None)
-    js = getattr(sub, "_js", None)
-    await sub.unsubscribe()
-    if consumer and stream and js is not None:
-        with contextlib.suppress(Exception):  # already gone
-            await js.delete_consumer(stream, consumer)
+    await sub.unsubscribe()  # the server removes the ephemeral consumer when interest goes
+
+
+def _skip_stored_headers(nc: Any) -> None:
+    """Have the client parse only status headers (flow control, heartbeats, "no responders"),
+    not the headers of every delivered message.
+
+    A stored message comes back with its ``Nats-Msg-Id`` header, and nats-py parses every
+    header block it receives, character by character: half of a reader's time at ~100k
+    messages/s here. Nothing this class reads needs a stored message's headers (a reader wants
+    the payload and the reply subject's sequences; an acknowledgement is a JSON body), so the
+    connection's header parsing keeps the server's status lines, which the client's consumers
+    and requests act on, and skips the rest. A client without the hook is left as it is."""
+    parse = getattr(nc, "_process_headers", None)
+    if parse is None:
+        return
+
+    async def status_only(headers: bytes | None) -> Any:
+        # "NATS/1.0 100 Idle Heartbeat…", "NATS/1.0 503…": a status after the version.
+        if headers and headers[_HDR_VERSION:_HDR_VERSION + 1] == b" ":
+            return await parse(headers)
+        return None
+
+    nc._process_headers = status_only
+
+
+_HDR_VERSION: Final = len(b"NATS/1.0")
 
 
 def _describe(exc: BaseException) -> str:

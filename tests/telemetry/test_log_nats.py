@@ -249,3 +249,106 @@ class TestAtomicBatches:
                 log.close()
         finally:
             server.stop()
+
+
+class TestCatchUpReads:
+    """Readers use an ordered push consumer: the same positions and batches as before, gaps
+    start a new batch, and a slow reader holds back the server instead of buffering it all."""
+
+    def test_a_gap_in_the_stream_starts_a_new_batch(self, server_log: NatsLog,
+                                                    nats_server: NatsServer) -> None:
+        """Messages removed from the middle of the stream are stepped over: the batches on
+        either side keep their positions, and a cursor goes on following afterwards."""
+        import asyncio
+
+        import nats
+
+        server_log.append(steps("a", 0, 10))
+
+        async def delete(seqs: list[int]) -> None:
+            nc = await nats.connect(nats_server.url)
+            try:
+                for seq in seqs:
+                    reply = await nc.request(f"$JS.API.STREAM.MSG.DELETE.{STREAM}",
+                                             json.dumps({"seq": seq}).encode(), timeout=5)
+                    assert json.loads(reply.data).get("success"), reply.data
+            finally:
+                await nc.close()
+
+        asyncio.run(delete([4, 5]))  # positions 3 and 4
+        items = list(server_log.read())
+        assert [(0, 3), (5, 5)] == [(i.first, len(i.events)) for i in items
+                                    if isinstance(i, Batch)]
+        events = steps("a", 0, 10)
+        assert events[:3] + events[5:] == events_of(items)
+
+        cursor = server_log.cursor(2)
+        try:
+            assert [2, 5, 6, 7, 8, 9] == positions_of(_poll_until(cursor, 6))
+            server_log.append(steps("a", 10, 2))
+            assert [10, 11] == positions_of(_poll_until(cursor, 2))
+        finally:
+            cursor.close()
+
+    def test_a_reader_slower_than_the_server_loses_nothing(
+            self, server_log: NatsLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With room for 100 messages ahead of the reader, the client stops taking more (flow
+        control holds the server back) and every one of 5,000 events still arrives, in order,
+        once."""
+        from telemetry.log import nats as module
+
+        monkeypatch.setattr(module, "READ_BUFFER", 100)
+        events = steps("a", 0, 5_000)
+        server_log.append(events)
+        cursor = server_log.cursor(0)
+        try:
+            got: list[Batch] = []
+            while sum(len(b.events) for b in got) < 5_000:
+                batch_items = cursor.fetch(wait=5.0)
+                assert batch_items, "the consumer stalled"
+                got.extend(i for i in batch_items if isinstance(i, Batch))
+                inbox = cursor._inbox
+                assert inbox is not None and len(inbox.items) <= 100
+            assert events == events_of(got)
+            assert list(range(5_000)) == positions_of(list(got))
+        finally:
+            cursor.close()
+
+    def test_a_batch_says_how_far_behind_the_reader_is(self, server_log: NatsLog) -> None:
+        """The first batch read from a long stream says events remain; the last says none."""
+        server_log.append(steps("a", 0, 6_000))
+        items = [i for i in server_log.read() if isinstance(i, Batch)]
+        assert items[0].behind > 0
+        assert 0 == items[-1].behind
+        assert 6_000 == len(events_of(items))
+
+    def test_reply_subjects_of_both_forms_give_the_sequences(self) -> None:
+        """The stream sequence and pending count come from the v1 and the v2 (domain, account
+        hash) reply subjects alike."""
+        from telemetry.log.nats import _sequence
+
+        assert (42, 7) == _sequence("$JS.ACK.WANTEL_EVENTS.c1.1.42.3.1700000000000000000.7")
+        assert (42, 7) == _sequence(
+            "$JS.ACK.hub.ACCHASH.WANTEL_EVENTS.c1.1.42.3.1700000000000000000.7.rnd")
+
+    def test_status_headers_are_still_parsed(self, server_log: NatsLog) -> None:
+        """The connection skips stored messages' headers but keeps the server's status lines
+        (heartbeats, flow control, no responders), which the client acts on."""
+        parse = server_log._nc._process_headers
+        status = server_log._loop.call(parse(b"NATS/1.0 100 Idle Heartbeat\r\n\r\n"))
+        assert "100" == status["Status"]
+        assert None is server_log._loop.call(parse(b"NATS/1.0\r\nNats-Msg-Id: a:1\r\n\r\n"))
+
+
+def _poll_until(cursor: object, count: int) -> list[Batch]:
+    """Poll ``cursor`` until it has yielded ``count`` events (deadline: 10 s)."""
+    from tests.polling import wait_for
+
+    got: list[Batch] = []
+
+    def enough() -> bool:
+        got.extend(i for i in cursor.poll() if isinstance(i, Batch))  # type: ignore[attr-defined]
+        return sum(len(b.events) for b in got) >= count
+
+    wait_for(enough, f"{count} events", timeout=10)
+    return got
