@@ -352,3 +352,45 @@ def _poll_until(cursor: object, count: int) -> list[Batch]:
 
     wait_for(enough, f"{count} events", timeout=10)
     return got
+
+
+def test_an_old_server_without_atomic_batches(tmp_path: Path) -> None:
+    """nats-server 2.9 (Debian's package; ``$WANTEL_OLD_NATS_SERVER`` names another) knows no
+    atomic batches: the stream is created all the same, appends publish one message at a time,
+    and readers follow through the ordered consumer."""
+    import os
+    import subprocess
+
+    from tests.nats_server import free_port
+    from tests.polling import wait_for
+
+    binary = Path(os.environ.get("WANTEL_OLD_NATS_SERVER", "/usr/sbin/nats-server"))
+    if not binary.exists():
+        pytest.skip(f"no old nats-server at {binary} (apt-get install nats-server)")
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "-js", "-sd", str(tmp_path / "store"),
+                             "-a", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def connected() -> NatsLog | None:
+            try:
+                return NatsLog(NatsOptions(f"nats://127.0.0.1:{port}", timeout=1.0),
+                               worker="w")
+            except LogError:
+                return None
+
+        log = wait_for(connected, "the old nats-server", timeout=20, every=0.1)
+        try:
+            version = log._nc.connected_server_version
+            if (version.major, version.minor) >= (2, 12):
+                pytest.skip(f"{binary} is {version}, not older than 2.12")
+            assert not log.atomic_batches
+            assert range(0, 1_500) == log.append(steps("a", 0, 1_500))
+            assert range(0, 1_500) == log.append(steps("a", 0, 1_500))
+            assert steps("a", 0, 1_500) == events_of(list(log.read()))
+            assert 0 == log.batches_refused
+        finally:
+            log.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
