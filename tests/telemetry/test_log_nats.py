@@ -176,7 +176,7 @@ class TestAtomicBatches:
         items = list(server_log.read())
         assert events + steps("a", 2_500, 3) == events_of(items)
         assert list(range(2_503)) == positions_of(items)
-        assert 0 == server_log.batches_refused
+        assert (3, 0) == (server_log.batches_committed, server_log.batches_refused)
         assert 2_502 == server_log.last_position()
 
     def test_a_reshipped_batch_stores_nothing_new(self, server_log: NatsLog) -> None:
@@ -195,10 +195,23 @@ class TestAtomicBatches:
     def test_a_batch_holding_one_id_twice_is_stored_once(self, server_log: NatsLog) -> None:
         """A batch with the same (job, seq) twice is refused whole; per message, the copy is
         dropped by the server."""
-        events = steps("a", 0, 3)
-        assert range(0, 3) == server_log.append([*events, events[1]])
-        assert 1 == server_log.batches_refused
+        events = steps("a", 0, 20)
+        assert range(0, 20) == server_log.append([*events, events[1]])
+        assert (0, 1) == (server_log.batches_committed, server_log.batches_refused)
         assert events == events_of(list(server_log.read()))
+
+    def test_a_few_events_are_published_without_a_batch(self, server_log: NatsLog) -> None:
+        """An append shorter than ATOMIC_MIN (a live shipper's few events a flush) is published
+        one message at a time, which the stream acknowledges sooner than a commit; a longer one
+        is one batch."""
+        from telemetry.log.nats import ATOMIC_MIN
+
+        assert range(0, ATOMIC_MIN - 1) == server_log.append(steps("a", 0, ATOMIC_MIN - 1))
+        assert 0 == server_log.batches_committed
+        more = steps("a", ATOMIC_MIN - 1, ATOMIC_MIN)
+        assert range(ATOMIC_MIN - 1, 2 * ATOMIC_MIN - 1) == server_log.append(more)
+        assert 1 == server_log.batches_committed
+        assert steps("a", 0, 2 * ATOMIC_MIN - 1) == events_of(list(server_log.read()))
 
     def test_a_stream_without_allow_atomic_still_works(self, nats_server: NatsServer) -> None:
         """On a stream an operator made without allow_atomic, appends publish one message at a
