@@ -47,9 +47,10 @@ to, is its durable place in the stream; a server-side durable consumer's ack flo
 written together with the projections it fed). The server pushes messages as fast as the
 client takes them, with flow control; the client keeps at most :data:`READ_BUFFER` of them
 ahead of the reader (beyond that it stops taking them, and flow control stops the server), and
-recreates the consumer from the last message it received after a gap in its deliveries or a
-missed heartbeat. A pull consumer's ``fetch`` (its request, then one message at a time) read
-several times slower here (docs/performance.md, "Fleet").
+recreates the consumer from the last message it received after a gap in its deliveries or two
+missed heartbeats (:data:`READ_HEARTBEAT_S`: a restarted server, a lost consumer). A pull
+consumer's ``fetch`` (its request, then one message at a time) read several times slower here
+(docs/performance.md, "Fleet").
 
 The client (``nats-py``) is asynchronous; this class runs it on an event loop in a daemon
 thread of its own and waits for each call, so the interface stays the synchronous one every
@@ -109,6 +110,10 @@ ATOMIC_MIN: Final = 8
 ERR_BATCH_DUPLICATE: Final = 10201
 ERR_BATCH_TOO_LARGE: Final = 10199
 ERR_ATOMIC_DISABLED: Final = 10174
+#: How often the server tells an idle reader's consumer it is alive (seconds): two missed, and
+#: the client recreates the consumer after the last message it received (a restarted server,
+#: a lost consumer).
+READ_HEARTBEAT_S: Final = 1.0
 #: How long a cursor's poll waits for something new before it says "nothing yet" (seconds).
 POLL_WAIT_S: Final = 0.05
 
@@ -466,7 +471,8 @@ class NatsLog(EventLog):
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                 opt_start_seq=start + 1, inactive_threshold=60.0)
         return await self._js.subscribe(SUBJECTS, stream=self.options.stream, config=config,
-                                        ordered_consumer=True, cb=inbox.put)
+                                        ordered_consumer=True, cb=inbox.put,
+                                        idle_heartbeat=READ_HEARTBEAT_S)
 
 
 class _Inbox:

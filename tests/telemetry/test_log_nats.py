@@ -335,6 +335,39 @@ class TestCatchUpReads:
         assert 0 == items[-1].behind
         assert 6_000 == len(events_of(items))
 
+    def test_a_follower_resumes_after_the_server_restarts(self,
+                                                          nats_server: NatsServer) -> None:
+        """A cursor following the stream when the server is killed and started again (its
+        consumer lost with it) picks up the events appended afterwards, each once, without
+        being reopened: the client notices the missing heartbeats and recreates the consumer
+        after the last message it received."""
+        writer = NatsLog(NatsOptions(nats_server.url, reconnect=True), worker="w")
+        reader = NatsLog(NatsOptions(nats_server.url, reconnect=True), create=False)
+        cursor = reader.cursor(0)
+        try:
+            writer.append(steps("a", 0, 5))
+            assert [0, 1, 2, 3, 4] == positions_of(_poll_until(cursor, 5))
+            nats_server.kill()
+            nats_server.start()
+
+            def appended() -> bool:
+                try:
+                    writer.append(steps("a", 5, 5))
+                except LogError:
+                    return False  # still reconnecting
+                return True
+
+            from tests.polling import wait_for
+
+            wait_for(appended, "an append after the restart", timeout=20, every=0.1)
+            got = _poll_until(cursor, 5, timeout=30)
+            assert [5, 6, 7, 8, 9] == positions_of(got)
+            assert steps("a", 5, 5) == events_of(got)
+        finally:
+            cursor.close()
+            reader.close()
+            writer.close()
+
     def test_reply_subjects_of_both_forms_give_the_sequences(self) -> None:
         """The stream sequence and pending count come from the v1 and the v2 (domain, account
         hash) reply subjects alike."""
@@ -353,8 +386,8 @@ class TestCatchUpReads:
         assert None is server_log._loop.call(parse(b"NATS/1.0\r\nNats-Msg-Id: a:1\r\n\r\n"))
 
 
-def _poll_until(cursor: object, count: int) -> list[Batch]:
-    """Poll ``cursor`` until it has yielded ``count`` events (deadline: 10 s)."""
+def _poll_until(cursor: object, count: int, timeout: float = 10) -> list[Batch]:
+    """Poll ``cursor`` until it has yielded ``count`` events (deadline: ``timeout`` s)."""
     from tests.polling import wait_for
 
     got: list[Batch] = []
@@ -363,7 +396,7 @@ def _poll_until(cursor: object, count: int) -> list[Batch]:
         got.extend(i for i in cursor.poll() if isinstance(i, Batch))  # type: ignore[attr-defined]
         return sum(len(b.events) for b in got) >= count
 
-    wait_for(enough, f"{count} events", timeout=10)
+    wait_for(enough, f"{count} events", timeout=timeout)
     return got
 
 
