@@ -362,12 +362,12 @@ class NatsLog(EventLog):
         nc, subject = self._nc, self.subject
         batch = uuid4().hex
         last = len(payloads)
-        for n, (payload, msg_id) in enumerate(zip(payloads, ids, strict=True), 1):
-            headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(n),
-                       "Nats-Msg-Id": msg_id}
-            if n < last:
-                await nc.publish(subject, payload, headers=headers)
-        headers["Nats-Batch-Commit"] = "1"
+        if not await _send_frames(nc, subject, batch, payloads[:-1], ids[:-1]):
+            for n, (payload, msg_id) in enumerate(zip(payloads[:-1], ids[:-1], strict=True), 1):
+                await nc.publish(subject, payload, headers={
+                    "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(n), "Nats-Msg-Id": msg_id})
+        headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(last),
+                   "Nats-Msg-Id": ids[-1], "Nats-Batch-Commit": "1"}
         reply = await nc.request(subject, payloads[-1], timeout=self.options.timeout,
                                  headers=headers)
         try:
@@ -591,6 +591,41 @@ def _sequence(reply: str) -> tuple[int, int]:
 
 async def _unsubscribe(sub: Any) -> None:
     await sub.unsubscribe()  # the server removes the ephemeral consumer when interest goes
+
+
+async def _send_frames(nc: Any, subject: str, batch: str, payloads: Sequence[bytes],
+                       ids: Sequence[str]) -> bool:
+    """Queue a batch's messages (all but its commit) on the connection as ready-made ``HPUB``
+    frames, in one piece; False, having sent nothing, where the client's own ``publish`` must
+    do it.
+
+    nats-py's ``publish`` spends ~4 µs a message checking and assembling its header block and
+    protocol line, a third of a shipper's CPU per event; the frames of one batch differ only
+    in a sequence number, an id and the payload, so they are written here in ~0.5 µs each and
+    handed to the client's outgoing buffer (its ``_send_command``) in order, before the commit
+    that ``request`` sends. That needs the hook, a connected client (while reconnecting,
+    ``publish`` knows what to buffer and what to refuse), ids that are valid header values and
+    payloads within the server's limit — else the client's way."""
+    send = getattr(nc, "_send_command", None)
+    if send is None or not nc.is_connected or not payloads:
+        return False
+    limit = getattr(nc, "max_payload", 0) or 0
+    if any(len(payload) > limit for payload in payloads) or any(
+            not _HEADER_VALUE.fullmatch(msg_id) for msg_id in ids):
+        return False
+    head = f"NATS/1.0\r\nNats-Batch-Id: {batch}\r\nNats-Batch-Sequence: "
+    command = f"HPUB {subject} ".encode()
+    frames = []
+    for n, (payload, msg_id) in enumerate(zip(payloads, ids, strict=True), 1):
+        header = f"{head}{n}\r\nNats-Msg-Id: {msg_id}\r\n\r\n".encode()
+        frames.append(b"%s%d %d\r\n%s%s\r\n" % (command, len(header),
+                                                   len(header) + len(payload), header, payload))
+    await send(b"".join(frames))
+    return True
+
+
+#: What a header value may hold as written in a frame: no line breaks, no surrounding spaces.
+_HEADER_VALUE: Final = re.compile(r"[^\s](?:[^\r\n]*[^\s])?")
 
 
 def _skip_stored_headers(nc: Any) -> None:

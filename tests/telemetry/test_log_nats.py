@@ -213,6 +213,22 @@ class TestAtomicBatches:
         assert 1 == server_log.batches_committed
         assert steps("a", 0, 2 * ATOMIC_MIN - 1) == events_of(list(server_log.read()))
 
+    def test_batches_are_written_as_frames_unless_an_id_cannot_be(
+            self, server_log: NatsLog) -> None:
+        """A batch's messages go out as ready-made frames (the client counts only the commit
+        as its own publish); a job id a frame cannot carry as written (surrounding spaces) takes
+        the client's own publish, message by message. Both are stored whole and in order."""
+        stats = server_log._nc.stats
+        before = stats["out_msgs"]
+        assert range(0, 20) == server_log.append(steps("a", 0, 20))
+        assert 1 == stats["out_msgs"] - before  # the commit
+        before = stats["out_msgs"]
+        odd = steps(" b ", 0, 20)
+        assert range(20, 40) == server_log.append(odd)
+        assert 20 == stats["out_msgs"] - before
+        assert (2, 0) == (server_log.batches_committed, server_log.batches_refused)
+        assert steps("a", 0, 20) + odd == events_of(list(server_log.read()))
+
     def test_a_stream_without_allow_atomic_still_works(self, nats_server: NatsServer) -> None:
         """On a stream an operator made without allow_atomic, appends publish one message at a
         time: the same positions, and a retry is still dropped."""
