@@ -44,9 +44,9 @@ analysis of NATS 2.12.1 found exactly that.
 Reads use an ephemeral **ordered push consumer** created at the reader's position (no
 acknowledgements: the reader's own checkpoint, written atomically with the state it belongs
 to, is its durable place in the stream; a server-side durable consumer's ack floor could not be
-written together with the projections it fed). The server pushes messages as fast as the
-client takes them, with flow control; the client keeps at most :data:`READ_BUFFER` of them
-ahead of the reader (beyond that it stops taking them, and flow control stops the server), and
+written together with the projections it fed). The server pushes messages with flow
+control: the client answers it only for messages the reader took, so a reader that falls
+behind holds the server back instead of filling memory (see :func:`_take`). The client
 recreates the consumer from the last message it received after a gap in its deliveries or two
 missed heartbeats (:data:`READ_HEARTBEAT_S`: a restarted server, a lost consumer). A pull
 consumer's ``fetch`` (its request, then one message at a time) read several times slower here
@@ -66,7 +66,6 @@ import json
 import re
 import ssl
 import threading
-from collections import deque
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -93,9 +92,14 @@ SUBJECT_PREFIX: Final = "wantel.events"
 SUBJECTS: Final = f"{SUBJECT_PREFIX}.>"
 #: How long the server remembers a ``Nats-Msg-Id`` to drop a retried publish (seconds).
 DUPLICATE_WINDOW_S: Final = 120.0
-#: Messages a reader takes in one step at most, and keeps received ahead of itself at most.
+#: Messages a reader takes in one step at most.
 READ_BATCH: Final = 4096
-READ_BUFFER: Final = 65536
+#: Messages (and bytes) the client holds for a reader at most. Flow control keeps it to a few
+#: thousand while the reader reads; a reader paused for long (each idle heartbeat lets the
+#: server send another window) fills it, the client drops what comes next, and the cursor
+#: starts again from its position (:meth:`_NatsCursor.fetch`).
+READ_QUEUE: Final = 65536
+READ_QUEUE_BYTES: Final = 64 * 1024 * 1024
 #: Messages published per pipelined round (the per-message way).
 PUBLISH_WINDOW: Final = 4096
 #: Messages in one atomic batch: nats-server's default ceiling (``jetstream { limits { batch {
@@ -223,6 +227,9 @@ class NatsLog(EventLog):
         #: docstring), and how many messages a batch may hold.
         self.atomic_batches = False
         self.batch_limit = ATOMIC_BATCH
+        #: The subscriptions (by ``id``) that dropped a message (their queue was full): their
+        #: cursors start again from their position.
+        self._overflowed: set[int] = set()
         #: Atomic batches the server stored, and those it refused (published the per-message
         #: way instead).
         self.batches_committed = 0
@@ -248,8 +255,13 @@ class NatsLog(EventLog):
             "name": "wantel",
         }
 
+        from nats.errors import SlowConsumerError
+
+        overflowed = self._overflowed
+
         async def quiet(exc: Exception) -> None:  # the client's default prints to stderr
-            return None
+            if isinstance(exc, SlowConsumerError):  # a reader's queue was full: it dropped one
+                overflowed.add(id(exc.sub))
 
         kwargs["error_cb"] = quiet
         if opts.creds:
@@ -465,45 +477,15 @@ class NatsLog(EventLog):
 
     # -- for cursors -------------------------------------------------------------------------
 
-    async def _subscribe(self, start: Position, inbox: _Inbox) -> Any:
+    async def _subscribe(self, start: Position) -> Any:
         from nats.js.api import ConsumerConfig, DeliverPolicy
 
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                 opt_start_seq=start + 1, inactive_threshold=60.0)
         return await self._js.subscribe(SUBJECTS, stream=self.options.stream, config=config,
-                                        ordered_consumer=True, cb=inbox.put,
-                                        idle_heartbeat=READ_HEARTBEAT_S)
-
-
-class _Inbox:
-    """What the consumer delivered and the reader has not taken yet, at most ``limit``
-    messages: the subscription's callback waits for room beyond that (so the client stops
-    taking messages, and flow control stops the server)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.items: deque[Any] = deque()
-        self._ready = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-
-    async def put(self, message: Any) -> None:
-        while len(self.items) >= self.limit:
-            self._room.clear()
-            await self._room.wait()
-        self.items.append(message)
-        self._ready.set()
-
-    async def take(self, wait: float, most: int) -> list[Any]:
-        """Up to ``most`` messages, waiting up to ``wait`` seconds for the first."""
-        if not self.items:
-            self._ready.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), wait)
-        items = self.items
-        taken = [items.popleft() for _ in range(min(most, len(items)))]
-        self._room.set()
-        return taken
+                                        ordered_consumer=True, idle_heartbeat=READ_HEARTBEAT_S,
+                                        pending_msgs_limit=READ_QUEUE,
+                                        pending_bytes_limit=READ_QUEUE_BYTES)
 
 
 class _NatsCursor:
@@ -514,19 +496,22 @@ class _NatsCursor:
         self.log = log
         self.position = max(start, 0)
         self._sub: Any = None
-        self._inbox: _Inbox | None = None
 
-    def _ensure(self) -> _Inbox:
-        if self._inbox is None:
-            inbox = self.log._loop.call(_make_inbox())
-            self._sub = self.log._call(self.log._subscribe(self.position, inbox), "reading")
-            self._inbox = inbox
-        return self._inbox
+    def _ensure(self) -> Any:
+        if self._sub is None:
+            self._sub = self.log._call(self.log._subscribe(self.position), "reading")
+        return self._sub
 
     def fetch(self, *, wait: float, upto: int | None = None) -> list[ReadItem]:
         """What was delivered (waiting up to ``wait`` for the first message), as read items."""
-        inbox = self._ensure()
-        messages = self.log._call(inbox.take(wait, READ_BATCH), "reading")
+        sub = self._ensure()
+        messages = self.log._call(_take(sub, wait, READ_BATCH), "reading")
+        overflowed = self.log._overflowed
+        if overflowed and id(getattr(sub, "_sub", sub)) in overflowed:
+            # The client dropped a message for this reader, somewhere after what it yielded:
+            # none of what it holds can be trusted to be whole. Start again from the position.
+            self.close()
+            return []
         items: list[ReadItem] = []
         events: list[Event] = []
         first = self.position
@@ -568,15 +553,61 @@ class _NatsCursor:
             wait = 0.001
 
     def close(self) -> None:
-        sub, self._sub, self._inbox = self._sub, None, None
-        if sub is None or self.log._closed:
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        self.log._overflowed.discard(id(getattr(sub, "_sub", sub)))
+        if self.log._closed:
             return
         with contextlib.suppress(Exception):  # else it expires on its own (inactive_threshold)
             self.log._loop.call(_unsubscribe(sub), self.log.options.timeout + 1)
 
 
-async def _make_inbox() -> _Inbox:
-    return _Inbox(READ_BUFFER)  # made on the loop's thread, where its events are awaited
+async def _take(sub: Any, wait: float, most: int) -> list[Any]:
+    """Up to ``most`` of the messages the consumer delivered, waiting up to ``wait`` seconds
+    for the first.
+
+    The messages wait in the subscription's own queue until taken: nats-py answers the
+    server's flow control only once the messages before it left that queue, so a reader that
+    falls behind holds the server back rather than filling memory (a callback would take them
+    at once and answer for them, and beyond the client's pending limit it drops messages).
+    The queue is drained in one step (``next_msg``, the public way, costs a task and a timer
+    a message); a client without it gets ``next_msg``."""
+    queue = getattr(sub, "_pending_queue", None)
+    if queue is None or not hasattr(sub, "_pending_size"):
+        return await _take_slowly(sub, wait, most)
+    taken: list[Any] = []
+    if queue.empty():
+        try:
+            taken.append(await asyncio.wait_for(queue.get(), wait))
+        except TimeoutError:
+            return taken
+    while len(taken) < most and not queue.empty():
+        taken.append(queue.get_nowait())
+    size = 0
+    for message in taken:
+        size += len(message.data)
+        queue.task_done()
+    sub._pending_size -= size
+    # Answer flow control now if it waited for these (else the client's own check does, within
+    # a quarter of a second), as nats-py's next_msg does.
+    jsi: Any = getattr(getattr(sub, "_sub", None), "_jsi", None)
+    reply = getattr(jsi, "_fcr", None)
+    if reply and jsi.get_js_delivered() >= jsi._fcd:
+        jsi._fcr = None
+        await sub._conn.publish(reply)
+    return taken
+
+
+async def _take_slowly(sub: Any, wait: float, most: int) -> list[Any]:
+    from nats.errors import TimeoutError as NatsTimeout
+
+    taken: list[Any] = []
+    with contextlib.suppress(TimeoutError, NatsTimeout):
+        taken.append(await sub.next_msg(timeout=wait))
+        while len(taken) < most and sub.pending_msgs:
+            taken.append(await sub.next_msg(timeout=wait))
+    return taken
 
 
 def _sequence(reply: str) -> tuple[int, int]:

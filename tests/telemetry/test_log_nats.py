@@ -319,27 +319,49 @@ class TestCatchUpReads:
         finally:
             cursor.close()
 
-    def test_a_reader_slower_than_the_server_loses_nothing(
-            self, server_log: NatsLog, monkeypatch: pytest.MonkeyPatch) -> None:
-        """With room for 100 messages ahead of the reader, the client stops taking more (flow
-        control holds the server back) and every one of 5,000 events still arrives, in order,
-        once."""
-        from telemetry.log import nats as module
-
-        monkeypatch.setattr(module, "READ_BUFFER", 100)
-        events = steps("a", 0, 5_000)
+    def test_a_reader_slower_than_the_server_loses_nothing(self, server_log: NatsLog) -> None:
+        """Flow control holds the server back while the reader takes its time: the client
+        holds a few thousand messages, not the stream, and every one of 50,000 events arrives,
+        in order, once."""
+        events = steps("a", 0, 50_000)
         server_log.append(events)
         cursor = server_log.cursor(0)
         try:
-            got: list[Batch] = []
-            while sum(len(b.events) for b in got) < 5_000:
-                batch_items = cursor.fetch(wait=5.0)
-                assert batch_items, "the consumer stalled"
-                got.extend(i for i in batch_items if isinstance(i, Batch))
-                inbox = cursor._inbox
-                assert inbox is not None and len(inbox.items) <= 100
+            got = [i for i in cursor.fetch(wait=5.0) if isinstance(i, Batch)]
+            assert got, "nothing delivered"
+            assert cursor._sub.pending_msgs < 25_000  # one flow-control window, not 50,000
+            while sum(len(b.events) for b in got) < 50_000:
+                items = cursor.fetch(wait=5.0)
+                assert items, "the consumer stalled"
+                got.extend(i for i in items if isinstance(i, Batch))
             assert events == events_of(got)
-            assert list(range(5_000)) == positions_of(list(got))
+            assert list(range(50_000)) == positions_of(list(got))
+        finally:
+            cursor.close()
+
+    def test_a_reader_paused_past_its_queue_starts_again(
+            self, server_log: NatsLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A reader that stops reading while each idle heartbeat lets the server send another
+        window overflows the client's queue (here 12,000 messages): the client drops what comes
+        next, and the cursor starts again from its position — nothing lost, nothing twice."""
+        from telemetry.log import nats as module
+        from tests.polling import wait_for
+
+        monkeypatch.setattr(module, "READ_QUEUE", 12_000)
+        events = steps("a", 0, 60_000)
+        server_log.append(events)
+        cursor = server_log.cursor(0)
+        try:
+            got = [i for i in cursor.fetch(wait=5.0) if isinstance(i, Batch)]
+            assert got
+            sub = cursor._sub
+            wait_for(lambda: id(sub._sub) in server_log._overflowed, "the queue to overflow",
+                     timeout=60, every=0.1)
+            while sum(len(b.events) for b in got) < 60_000:
+                got.extend(i for i in cursor.fetch(wait=5.0) if isinstance(i, Batch))
+            assert cursor._sub is not sub  # it started again
+            assert events == events_of(got)
+            assert list(range(60_000)) == positions_of(list(got))
         finally:
             cursor.close()
 
