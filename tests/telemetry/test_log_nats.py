@@ -406,6 +406,24 @@ class TestCatchUpReads:
             reader.close()
             writer.close()
 
+    def test_the_public_way_of_taking_messages(self, server_log: NatsLog) -> None:
+        """Where the client's queue is not reachable, messages are taken with next_msg: the
+        same messages, in order, and nothing once there is nothing."""
+        from telemetry.log.nats import _sequence, _take_slowly
+
+        server_log.append(steps("a", 0, 10))
+        sub = server_log._call(server_log._subscribe(0), "reading")
+        try:
+            taken: list[object] = []
+            for _ in range(100):  # delivery is asynchronous: take until ten (bounded)
+                taken += server_log._loop.call(_take_slowly(sub, 1.0, 4))
+                if len(taken) >= 10:
+                    break
+            assert list(range(1, 11)) == [_sequence(m.reply)[0] for m in taken]  # type: ignore[attr-defined]
+            assert [] == server_log._loop.call(_take_slowly(sub, 0.05, 4))
+        finally:
+            server_log._loop.call(sub.unsubscribe())
+
     def test_reply_subjects_of_both_forms_give_the_sequences(self) -> None:
         """The stream sequence and pending count come from the v1 and the v2 (domain, account
         hash) reply subjects alike."""
