@@ -281,8 +281,8 @@ def bench_client(server: Any, n: int) -> dict[str, float]:
     """What nats-py itself reaches on this server, on a stream of its own (bare 150-byte
     messages with a ``Nats-Msg-Id``): ``publish_async`` with 4,096 acknowledgements in flight
     (wantel's per-message fallback), a pull consumer's ``fetch`` of 1,024 (how ``NatsLog`` read
-    before its ordered consumer: the baseline), and an ordered push consumer (how it reads
-    now)."""
+    before its ordered consumer: the baseline), and an ordered push consumer with a callback
+    (the consumer kind it reads through now, taking from the queue rather than a callback)."""
     import asyncio
 
     import nats
