@@ -229,9 +229,10 @@ def bench_ship(server: Any, scratch: Path, logs: list[Path], total: int) -> dict
 def bench_publish(server: Any, n: int) -> dict[str, float]:
     """Two ways to publish ``n`` bare 150-byte messages (each with a ``Nats-Msg-Id``) from one
     nats-py connection on this server: one acknowledgement a message, 4,096 in flight (how
-    ``NatsLog.append`` publishes), and JetStream's atomic batches of 1,000 (nats-server ≥ 2.12,
-    a stream with ``allow_atomic``: one acknowledgement, and with ``sync_interval: always``
-    one flush, a batch) — which wantel does not use yet (docs/fleet.md, "Capacity")."""
+    ``NatsLog.append`` publishes on a stream without ``allow_atomic`` and a batch the server
+    refused), and JetStream's atomic batches of 1,000 (nats-server ≥ 2.12, a stream with
+    ``allow_atomic``: one acknowledgement, and with ``sync_interval: always`` one flush, a
+    batch; how ``NatsLog.append`` publishes otherwise)."""
     import asyncio
 
     import nats
@@ -279,8 +280,9 @@ def bench_publish(server: Any, n: int) -> dict[str, float]:
 def bench_client(server: Any, n: int) -> dict[str, float]:
     """What nats-py itself reaches on this server, on a stream of its own (bare 150-byte
     messages with a ``Nats-Msg-Id``): ``publish_async`` with 4,096 acknowledgements in flight
-    (the shipper's way), a pull consumer's ``fetch`` of 1,024 (the readers' way), and an
-    ordered push consumer (which wantel does not use)."""
+    (wantel's per-message fallback), a pull consumer's ``fetch`` of 1,024 (how ``NatsLog`` read
+    before its ordered consumer: the baseline), and an ordered push consumer with a callback
+    (the consumer kind it reads through now, taking from the queue rather than a callback)."""
     import asyncio
 
     import nats
@@ -585,8 +587,8 @@ def main() -> int:
           f"{client['pull_fetch']:,.0f}/s, ordered push consumer "
           f"{client['ordered_push']:,.0f}/s")
     print(f"  one nats-py publisher, {args.publish_messages:,} messages, sync_interval: always: "
-          f"an acknowledgement a message (NatsLog's way) {publish['per_message']:,.0f}/s, "
-          f"atomic batches of 1,000 {publish['atomic_batch']:,.0f}/s "
+          f"an acknowledgement a message (NatsLog's fallback) {publish['per_message']:,.0f}/s, "
+          f"atomic batches of 1,000 (NatsLog's way) {publish['atomic_batch']:,.0f}/s "
           f"({publish['atomic_batch'] / publish['per_message']:.1f}×)")
     print(f"  latency: {args.latency_events} steps at {1 / args.interval:.0f}/s through an "
           f"Emitter (50 ms flush) -> wantel ship -> wantel serve --nats; local-only: "

@@ -18,8 +18,11 @@ acknowledgement and its checkpoint publishes that batch again on restart; every 
 projections de-duplicate by ``(job, seq)`` after it. Nothing is lost, nothing counted twice.
 
 Batches are what the runner reads in one step (up to thousands of events while catching up, a
-frame or two live); each is published pipelined (every message sent before the first
-acknowledgement is awaited), one batch in flight at a time.
+frame or two live); each is published as JetStream atomic batches of up to 1,000 events (one
+acknowledgement and one server flush a batch), or, on a stream without ``allow_atomic``, for
+a batch the server refuses (a re-ship of events it already has) and for a live step of under 8
+events, pipelined one message at a time (every message sent before the first acknowledgement
+is awaited); one batch in flight at a time (:meth:`telemetry.log.nats.NatsLog.append`).
 """
 
 from __future__ import annotations
