@@ -95,14 +95,8 @@ class NatsServer:
     def stop(self) -> None:
         """Stop cleanly (SIGTERM) and wait."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        if proc is not None:
+            stop_server(proc)
 
     def kill(self) -> None:
         """Kill without warning (SIGKILL), as a crash would."""
@@ -121,3 +115,14 @@ def _nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServe
         yield server
     finally:
         server.stop()
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """A nats-server stopped cleanly (SIGTERM: it flushes its store), killed if it has not
+    exited 15 s later."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

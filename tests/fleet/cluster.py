@@ -8,7 +8,6 @@ is ready once the JetStream meta group has a leader (``/healthz`` answers 200 on
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.nats_server import free_port, nats_server_binary
+from tests.nats_server import free_port, nats_server_binary, stop_server
 from tests.polling import wait_for
 
 
@@ -101,14 +100,8 @@ class NatsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             proc, node.proc = node.proc, None
-            if proc is None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            if proc is not None:
+                stop_server(proc)
 
     def stream_cluster(self, stream: str) -> dict[str, Any] | None:
         """The stream's cluster block (leader, replicas) from any live node's ``/jsz``."""

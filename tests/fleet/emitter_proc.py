@@ -33,9 +33,10 @@ STEPS = 12
 BASE_TS = 1_800_000_000 * 10**9
 
 
-def emit_job(emitter: Emitter, job: str, worker: str, base: int, pace: float) -> None:
-    """One job's events, as a tiny run would emit them (the emitter numbers them)."""
-    model = f"tiny-t2v-{worker}"  # one model per worker: each worker's ETA learns on its own
+def emit_job(emitter: Emitter, job: str, worker: str, base: int, *, pace: float,
+             model: str = "tiny-t2v") -> None:
+    """One job's events, as a tiny run would emit them (the emitter numbers them), a step
+    every ``pace`` seconds."""
     emitter.emit(JobStarted(job=job, seq=UNSEQUENCED, ts=base, worker=worker, model=model,
                             family="wan2.1", variant="tiny-t2v", task="t2v", width=64, height=64,
                             num_frames=17, steps=STEPS, guidance_scale=5.0, cfg=True,
@@ -67,7 +68,9 @@ def main() -> None:
     # they make the logs differ run to run).
     emitter = Emitter(local, worker=worker, heartbeat_interval=None)
     for n in range(jobs):
-        emit_job(emitter, f"{worker}-job-{n}", worker, BASE_TS + n * 10**10, pace)
+        # One model per worker: each worker's ETA learns on its own.
+        emit_job(emitter, f"{worker}-job-{n}", worker, BASE_TS + n * 10**10, pace=pace,
+                 model=f"tiny-t2v-{worker}")
     emitter.close()
     local.close()
     print("done", flush=True)
