@@ -195,13 +195,18 @@ def table(report: Report) -> str:
         f"{config.get('rounds', '?')} rounds (plain / wantel / wantel+NVML "
         f"{1 / SAMPLER_INTERVAL_S:g} Hz) after 1 warm-up; torch {torch.__version__}, "
         f"diffusers {config.get('diffusers', '?')}",
-        "",
-        f"{'section':<12}{'check':<44}{'reference':>12}{'wantel':>12}  {'difference':<30}"
-        f"{'goal':>9}  result",
     ]
+    return rows_and_notes(report, head)
+
+
+def rows_and_notes(report: Report, head: list[str]) -> str:
+    """``head``, then the rows under their column titles, then the notes (both checks' tables
+    share this layout)."""
+    titles = (f"{'section':<12}{'check':<44}{'reference':>12}{'wantel':>12}  "
+              f"{'difference':<30}{'goal':>9}  result")
     lines = [f"{r.section:<12}{r.check:<44}{r.reference:>12}{r.wantel:>12}  {r.difference:<30}"
              f"{r.goal:>9}  {r.result}" for r in report.rows]
-    return "\n".join(head + lines + [""] + report.notes)
+    return "\n".join([*head, "", titles, *lines, "", *report.notes])
 
 
 def _progress(message: str) -> None:

@@ -164,13 +164,8 @@ def table(report: gpu_check.Report) -> str:
         f"{config.get('diffusers')}; overhead {config.get('width')}×{config.get('height')}, "
         f"{config.get('num_frames')} frames, {config.get('steps')} steps, CFG, "
         f"{config.get('rounds', '?')} rounds (plain / wantel, rotating)",
-        "",
-        f"{'section':<12}{'check':<44}{'reference':>12}{'wantel':>12}  {'difference':<30}"
-        f"{'goal':>9}  result",
     ]
-    lines = [f"{r.section:<12}{r.check:<44}{r.reference:>12}{r.wantel:>12}  {r.difference:<30}"
-             f"{r.goal:>9}  {r.result}" for r in report.rows]
-    return "\n".join(head + lines + [""] + report.notes)
+    return gpu_check.rows_and_notes(report, head)
 
 
 # -- helpers ----------------------------------------------------------------------------------
