@@ -31,7 +31,7 @@ from telemetry.eta.jobs import JobRecord, job_records
 from telemetry.eta.model import CHECKPOINTS, Calibration
 from telemetry.events import ETA_STREAM, EtaCalibrated
 from telemetry.log.base import Batch, EventLog
-from wantel.commands.common import open_log_for_reading
+from wantel.commands.common import add_nats_flags, open_log_for_reading
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +65,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         child.add_argument("--log", metavar="DIR", default=argparse.SUPPRESS,
                            help="the event log directory (default: $WANTEL_LOG, else "
                            "./wantel-log)")
+        # The fleet's stream: the calibration covers every worker's jobs, and fit records it
+        # there, where every aggregator folds it.
+        add_nats_flags(child, reading=True)
 
 
 def _number(text: str, *, low: float, high: float, low_open: bool, what: str) -> float:
