@@ -324,15 +324,21 @@ def alert_rules(p: RuleParams) -> list[Rule]:
                          f"the log holds events not yet read. (An idle or scaled-to-zero fleet "
                          f"writes nothing: its lag grows with nothing to read, and stays "
                          f"silent here.)"),
+        # Workers gone, less those that said they stopped (WorkerStopped: a scale-down). An
+        # exporter without the stopped gauge (older wantel) counts none: `or … * 0`.
         Rule("WantelWorkerDown", for_=p.worker_for, severity=SEVERITY_WARNING, expr=(
             f"max by (instance) (max_over_time({p.of('wantel_workers_alive')}"
             f"[{p.worker_window}]))\n"
-            f"- max by (instance) ({p.of('wantel_workers_alive')}) > 0"),
+            f"- max by (instance) ({p.of('wantel_workers_alive')})\n"
+            f"- (\n  max by (instance) (clamp_min({p.of('wantel_workers_stopped')}"
+            f" - min_over_time({p.of('wantel_workers_stopped')}[{p.worker_window}]), 0))\n"
+            f"  or max by (instance) ({p.of('wantel_workers_alive')}) * 0\n) > 0"),
              summary="{{ $value }} worker(s) stopped heartbeating ({{ $labels.instance }})",
              description=f"Fewer workers are alive than at some point in the last "
-                         f"{p.worker_window}. A heartbeat gap alone cannot tell a crash from a "
-                         f"planned scale-down, so this is a warning; a worker lost with jobs "
-                         f"running raises WantelJobLost."),
+                         f"{p.worker_window}, not counting those that stopped cleanly "
+                         f"(WorkerStopped: a scale-down). A worker that went silent may have "
+                         f"crashed or lost its network; a worker lost with jobs running raises "
+                         f"WantelJobLost."),
         Rule("WantelTargetDown", for_=p.target_for, severity=SEVERITY_CRITICAL, expr=(
             f"{up} == 0\n"
             f"and on (job, instance) max by (job, instance) "

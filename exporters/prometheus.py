@@ -447,6 +447,13 @@ class WantelCollector(Collector):
         alive.add_metric([], sum(1 for worker in jobs.alive_workers(self.worker_timeout_s)
                                  if worker.last_ts >= horizon_ns))
         out.append(alive)
+        stopped = GaugeMetricFamily(
+            "wantel_workers_stopped",
+            "Known workers whose latest word is WorkerStopped (a clean shutdown: a scale-down, "
+            "never a lost worker).")
+        stopped.add_metric([], sum(1 for worker in jobs.workers.values()
+                                   if worker.gone == "stopped"))
+        out.append(stopped)
         info = GaugeMetricFamily("wantel_build_info", "Versions of wantel, torch and diffusers.",
                                  labels=["version", "torch", "diffusers"])
         info.add_metric(list(build_info()), 1)

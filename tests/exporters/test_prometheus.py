@@ -696,12 +696,14 @@ def test_a_stopped_worker_is_not_alive_and_raises_no_lost_job() -> None:
     events: list[Event] = [done.started(0), *done.steps(0.1, 4), *done.completed(2, 2.0),
                            WorkerHeartbeat(**w.kw(3), host="h", pid=1)]
     runner = runner_over(events)
-    assert 1.0 == samples(registry_of(runner))[("wantel_workers_alive",)]
+    assert (1.0, 0.0) == tuple(samples(registry_of(runner))[(name,)] for name in (
+        "wantel_workers_alive", "wantel_workers_stopped"))
     stopped = runner_over([*events, cut.started(4), *cut.steps(4.1, 2),
                            WorkerStopped(**w.kw(5), host="h", pid=1)])
     for now in (T0 + 10.0, T0 + 1_000.0):
         got = samples(make_registry(stopped, clock=lambda now=now: now))
         assert 0.0 == got[("wantel_workers_alive",)]
+        assert 1.0 == got[("wantel_workers_stopped",)]  # WantelWorkerDown leaves it out
         assert [] == [k for k in got if k[0] == "wantel_jobs_lost"]
         assert 0.0 == got[("wantel_jobs_running", "model=tiny-t2v")]
     assert "abandoned" == stopped.engine.states["jobs"].jobs["cut"].status
