@@ -50,6 +50,7 @@ from typing import Any, Final
 REPO: Final = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.ws_latency import percentile  # noqa: E402
 from telemetry.emitter import Emitter  # noqa: E402
 from telemetry.engine import ProjectionEngine  # noqa: E402
 from telemetry.events import (  # noqa: E402
@@ -468,12 +469,6 @@ def emit_steps(sockets: dict[str, Any], received: dict[str, dict[int, float]],
     for thread in threads:
         thread.join(60)
     emitter.close()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (a reported p99 is a latency that happened)."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 def main() -> int:

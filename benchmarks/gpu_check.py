@@ -339,6 +339,19 @@ def nvidia_smi(fields: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def nvml_handle(pynvml: Any, device: torch.device) -> tuple[int, Any] | None:
+    """NVML's index and handle of torch's ``device``, matched by PCI address (NVML's order
+    need not be CUDA's); ``None`` if NVML does not list it. NVML must be initialised."""
+    props = torch.cuda.get_device_properties(device)
+    wanted = (props.pci_domain_id, props.pci_bus_id, props.pci_device_id)
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        pci = pynvml.nvmlDeviceGetPciInfo(handle)
+        if (pci.domain, pci.bus, pci.device) == wanted:
+            return index, handle
+    return None
+
+
 def throttle_mask(device: torch.device) -> tuple[int | None, str]:
     """Read the clock-event reasons of ``device`` once, directly through NVML.
 
@@ -354,16 +367,12 @@ def throttle_mask(device: torch.device) -> tuple[int | None, str]:
     except Exception as exc:
         return None, f"nvmlInit failed: {exc}"
     try:
-        props = torch.cuda.get_device_properties(device)
-        wanted = (props.pci_domain_id, props.pci_bus_id, props.pci_device_id)
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            pci = pynvml.nvmlDeviceGetPciInfo(handle)
-            if (pci.domain, pci.bus, pci.device) == wanted:
-                function = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-                    pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-                return int(function(handle)), "ok"
-        return None, "torch's device not found among NVML's"
+        found = nvml_handle(pynvml, device)
+        if found is None:
+            return None, "torch's device not found among NVML's"
+        function = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        return int(function(found[1])), "ok"
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
     finally:

@@ -253,16 +253,12 @@ def nvml_identity(device: torch.device) -> dict[str, Any]:
     except Exception as exc:
         return {"error": f"nvmlInit: {exc}"}
     try:
-        props = torch.cuda.get_device_properties(device)
-        wanted = (props.pci_domain_id, props.pci_bus_id, props.pci_device_id)
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            pci = pynvml.nvmlDeviceGetPciInfo(handle)
-            if (pci.domain, pci.bus, pci.device) == wanted:
-                uuid = pynvml.nvmlDeviceGetUUID(handle)
-                return {"index": index,
-                        "uuid": uuid.decode() if isinstance(uuid, bytes) else str(uuid)}
-        return {"error": "torch's device not among NVML's"}
+        found = gpu_check.nvml_handle(pynvml, device)
+        if found is None:
+            return {"error": "torch's device not among NVML's"}
+        index, handle = found
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+        return {"index": index, "uuid": uuid.decode() if isinstance(uuid, bytes) else str(uuid)}
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
