@@ -86,6 +86,25 @@ def as_batch_projection(projection: Projection[Any]) -> BatchProjection[Any]:
     return _EachEvent(projection)  # type: ignore[return-value]
 
 
+class RuleTable:
+    """A fold whose rule is one handler per event type: ``apply`` looks the event's type up in
+    ``_rules`` (built by the subclass's ``__init__``, handlers that change the state in place)
+    and hands the event to its handler; other types change nothing.
+
+    The dispatch is written once here; the handlers, one per type, are each projection's
+    statement of its rule.
+    """
+
+    _rules: dict[type[Event], Callable[[Any, Any], object]]
+
+    def apply(self, state: S, event: Event) -> S:
+        """The state after ``event``: the rule for its type (other types change nothing)."""
+        rule = self._rules.get(type(event))
+        if rule is not None:
+            rule(state, event)
+        return state
+
+
 class RulesOnly:
     """``projection`` without its fast path: an engine folds it event by event through its
     ``apply``, the rules, with the same name and version (so the same checkpoints).

@@ -28,7 +28,7 @@ from telemetry.events import (
     WorkerStopped,
 )
 from telemetry.liveness import WORKER_TIMEOUT_S as TIMEOUT_S
-from telemetry.projections.base import OnFailure, oldest_first
+from telemetry.projections.base import OnFailure, RuleTable, oldest_first
 from telemetry.projections.readings import memory_readings, stage_start
 
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled", "abandoned"})
@@ -145,7 +145,7 @@ class JobsState(msgspec.Struct, kw_only=True):
         return [w for w in self.workers.values() if w.last_ts >= horizon and w.gone is None]
 
 
-class JobsProjection:
+class JobsProjection(RuleTable):
     """Fold lifecycle, stage and step events into :class:`JobView`\\ s.
 
     A job whose worker has been silent for ``abandon_after_s`` (in event time: the newest
@@ -170,7 +170,7 @@ class JobsProjection:
         self.abandon_after_ns = int(abandon_after_s * 1e9)
         self.sweep_every_ns = max(self.abandon_after_ns // 4, 1_000_000_000)
         self.keep_finished = keep_finished
-        self._rules: dict[type[Event], Callable[[JobsState, Any], None]] = {
+        self._rules = {
             StepEnded: self._step,
             MemorySampled: self._sampled,
             StageStarted: self._stage_started,
@@ -184,13 +184,6 @@ class JobsProjection:
     def initial(self) -> JobsState:
         """No jobs yet."""
         return JobsState()
-
-    def apply(self, state: JobsState, event: Event) -> JobsState:
-        """The state after ``event``: the rule for its type (other types change nothing)."""
-        rule = self._rules.get(type(event))
-        if rule is not None:
-            rule(state, event)
-        return state
 
     # -- the rules, one per event type -----------------------------------------------------
 

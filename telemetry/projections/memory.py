@@ -13,8 +13,7 @@ learned from. Learning is part of the state, so a replay reproduces every predic
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
@@ -29,7 +28,7 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
 )
-from telemetry.projections.base import bounded_insert
+from telemetry.projections.base import RuleTable, bounded_insert
 from telemetry.projections.eta import Histogram
 from telemetry.projections.readings import highest, memory_readings
 
@@ -76,7 +75,7 @@ class MemoryState(msgspec.Struct, kw_only=True):
     errors: dict[str, dict[str, Histogram]] = {}
 
 
-class MemoryProjection:
+class MemoryProjection(RuleTable):
     """Fold memory samples into peaks.
 
     :meth:`apply` states the rules, one handler per event type, and the engine folds them
@@ -93,7 +92,7 @@ class MemoryProjection:
 
     def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.keep_finished = keep_finished
-        self._rules: dict[type[Event], Callable[[MemoryState, Any], None]] = {
+        self._rules = {
             MemorySampled: self._sampled,
             JobStarted: self._started,
             JobCompleted: self._completed,
@@ -104,13 +103,6 @@ class MemoryProjection:
     def initial(self) -> MemoryState:
         """No readings yet."""
         return MemoryState()
-
-    def apply(self, state: MemoryState, event: Event) -> MemoryState:
-        """The state after ``event``: the rule for its type (other types change nothing)."""
-        rule = self._rules.get(type(event))
-        if rule is not None:
-            rule(state, event)
-        return state
 
     # -- the rules, one per event type -----------------------------------------------------
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import sys
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Final
 
 import msgspec
 
@@ -40,7 +40,7 @@ from telemetry.events import (
     StepEnded,
 )
 from telemetry.pipelines import is_video, native_fps
-from telemetry.projections.base import OnFailure
+from telemetry.projections.base import OnFailure, RuleTable
 from telemetry.projections.readings import MEMORY_KINDS, memory_readings, queue_wait_s
 from telemetry.tracing import trace_id_for
 
@@ -213,7 +213,7 @@ def increment(series: dict[str, CounterSeries], labels: tuple[str, ...], by: int
     counter.value += by
 
 
-class MetricsProjection:
+class MetricsProjection(RuleTable):
     """Fold lifecycle, stage, step, memory and GPU events into Prometheus-shaped series.
 
     :meth:`apply` states the rules, one handler per event type. :meth:`apply_many` is the
@@ -243,7 +243,7 @@ class MetricsProjection:
 
     def __init__(self, *, max_tracked: int = MAX_TRACKED) -> None:
         self.max_tracked = max_tracked
-        self._rules: dict[type[Event], Callable[[MetricsState, Any], object]] = {
+        self._rules = {
             StepEnded: self._step,
             MemorySampled: self._sampled,
             StageEnded: self._stage_ended,
@@ -258,13 +258,6 @@ class MetricsProjection:
     def initial(self) -> MetricsState:
         """No series yet."""
         return MetricsState()
-
-    def apply(self, state: MetricsState, event: Event) -> MetricsState:
-        """The state after ``event``: the rule for its type (other types change nothing)."""
-        rule = self._rules.get(type(event))
-        if rule is not None:
-            rule(state, event)
-        return state
 
     # -- the rules, one per event type -----------------------------------------------------
 

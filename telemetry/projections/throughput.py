@@ -7,8 +7,8 @@ the per-model figures are totals, from which Prometheus derives rates.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Final
 
 import msgspec
 
@@ -21,7 +21,7 @@ from telemetry.events import (
     JobStarted,
     StepEnded,
 )
-from telemetry.projections.base import OnFailure, bounded_insert
+from telemetry.projections.base import OnFailure, RuleTable, bounded_insert
 
 SMOOTHING: Final = 0.3
 _LIFECYCLE: Final = frozenset({JobStarted, JobCompleted, JobFailed, JobCancelled})
@@ -51,7 +51,7 @@ class ThroughputState(msgspec.Struct, kw_only=True):
     models: dict[str, ModelRate] = {}
 
 
-class ThroughputProjection:
+class ThroughputProjection(RuleTable):
     """Fold step events into rates.
 
     :meth:`apply` states the rules, one handler per event type. :meth:`apply_many` is the
@@ -68,7 +68,7 @@ class ThroughputProjection:
     passes = frozenset(EVENT_TYPES) - handles
 
     def __init__(self) -> None:
-        self._rules: dict[type[Event], Callable[[ThroughputState, Any], None]] = {
+        self._rules = {
             StepEnded: self._step,
             JobStarted: self._started,
             JobCompleted: self._ended,
@@ -79,13 +79,6 @@ class ThroughputProjection:
     def initial(self) -> ThroughputState:
         """Nothing measured yet."""
         return ThroughputState()
-
-    def apply(self, state: ThroughputState, event: Event) -> ThroughputState:
-        """The state after ``event``: the rule for its type (other types change nothing)."""
-        rule = self._rules.get(type(event))
-        if rule is not None:
-            rule(state, event)
-        return state
 
     # -- the rules, one per event type -----------------------------------------------------
 
