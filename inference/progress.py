@@ -84,6 +84,8 @@ class LiveView:
         self._pending_lock = threading.Lock()
         self._fold_lock = threading.Lock()
         self._newest_ts = 0
+        #: The highest progress shown per job: readings never go backwards.
+        self._shown: dict[str, float] = {}
         self.job: str | None = None
         self.on_progress = on_progress
         self.callback_errors = 0
@@ -147,11 +149,15 @@ class LiveView:
         running = self._states["eta"].running.get(job)
         if running is not None and view.status == "running":
             # The live estimator at the newest event (not only at the steps the ETA
-            # projection records an issue at).
-            estimate = running.live.estimate(max(self._newest_ts, view.last_ts or 0))
+            # projection records an issue at), read without issuing: a read must not change
+            # the ETAs the fold issues later.
+            estimate = running.live.peek(max(self._newest_ts, view.last_ts or 0))
             remaining, low, high = estimate.remaining_s, estimate.p10_s, estimate.p90_s
             estimating = estimate.estimating
-            progress = max(progress or 0.0, estimate.progress)
+            # Never below what this view showed before (a reading between issues is not
+            # kept by the estimator, so the view keeps its own floor).
+            progress = max(progress or 0.0, estimate.progress, self._shown.get(job, 0.0))
+            self._shown[job] = progress
         elif view.status == "completed":
             remaining = low = high = 0.0
             estimating = False

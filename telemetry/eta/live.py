@@ -537,8 +537,26 @@ class LiveJob(msgspec.Struct, kw_only=True):
         return Estimate(remaining_s=remaining, p10_s=low, p90_s=high, progress=progress,
                         estimating=estimating)
 
+    def peek(self, now: int) -> Estimate:
+        """What :meth:`estimate` would issue at ``now``, without issuing it: the estimator is
+        left as it was, so the next ETA it issues is damped against the last one issued, not
+        against this reading. For a reader between issues (an in-process progress view); the
+        progress is never below the last issued one's."""
+        remaining, low, high, progress, estimating = self._fields(now)
+        return Estimate(remaining_s=remaining, p10_s=low, p90_s=high, progress=progress,
+                        estimating=estimating)
+
     def estimate_fields(self, now: int) -> tuple[float, float, float, float, bool]:
-        """``estimate(now)``'s fields in order: remaining, p10, p90, progress, estimating.
+        """``estimate(now)``'s fields in order (:meth:`_fields`), issued: the next ETA is
+        damped against this one, and its progress is the floor of every later one's."""
+        fields = self._fields(now)
+        remaining, _low, high, progress, _estimating = fields
+        self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
+        self.last_progress = progress
+        return fields
+
+    def _fields(self, now: int) -> tuple[float, float, float, float, bool]:
+        """The ETA at ``now``: remaining, p10, p90, progress, estimating.
 
         The remaining time is the sum of the remaining parts (:meth:`_remaining`), damped
         against the previous ETA (``damp_rise``); progress is the share of the predicted
@@ -546,7 +564,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
         estimate grows, progress holds until the job overtakes it). The p10–p90 interval is
         a log-normal whose relative spread adds the parts' errors and the job speed's
         uncertainty, shifted by the progress bucket's conformal offsets.
-        Issuing it is an observation too: the next ETA is damped against this one.
+        Nothing here changes the estimator but its memoised intermediate results.
         """
         elapsed = (now - self.start_ts) / 1e9
         elapsed = 0.0 if 0.0 > elapsed else elapsed  # max(elapsed, 0.0)
@@ -570,8 +588,6 @@ class LiveJob(msgspec.Struct, kw_only=True):
             if offsets and (shift := offsets.get(bucket_of(progress))) is not None:
                 below, above = spread + shift[0], spread + shift[1]
             low, high = remaining * exp(-below), remaining * exp(above)
-        self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
-        self.last_progress = progress
         return remaining, low, high, progress, self.steps_seen < 2
 
     def _remaining(self, now: int, speed: float) -> tuple[float, float, float]:

@@ -167,3 +167,41 @@ def test_two_threads_one_pipeline_each_handle_sees_its_own_job(tmp_path: Path) -
         assert final is not None and (final.job, final.status, final.step, final.steps) == (
             job, "completed", steps, steps)
         assert {v.job for v in streams[job]} == {job}
+
+
+def test_reading_the_view_changes_no_eta_its_fold_issues() -> None:
+    """However often the view is read between steps (each read is the estimator at the newest
+    event), the ETAs its fold issues are those of a fold nobody read: a read is a peek, never
+    an issue, and the progress it shows still never goes back."""
+    from inference.progress import LiveView
+    from telemetry.events import DeviceInfo, StageEnded, StageStarted
+    from telemetry.projections.eta import EtaProjection
+
+    second = 1_000_000_000
+    events: list[Any] = [
+        JobStarted(job="j", ts=0, worker="w", model="tiny-t2v", family="wan2.1",
+                   variant="tiny-t2v", task="t2v", width=64, height=64, num_frames=17,
+                   steps=20, guidance_scale=5.0, cfg=True,
+                   device=DeviceInfo(kind="cpu", name="cpu"), seq=0),
+        StageStarted(job="j", ts=second, worker="w", stage="denoise", seq=1)]
+    ts = second
+    for step in range(20):
+        ts += (60 if step == 10 else 1) * second // 10  # one slow step, between issues
+        events.append(StepEnded(job="j", ts=ts, worker="w", step=step, total_steps=20,
+                                duration_s=(6.0 if step == 10 else 0.1), seq=2 + step))
+    events.append(StageEnded(job="j", ts=ts, worker="w", stage="denoise", duration_s=7.9,
+                             seq=22))
+    view = LiveView()
+    shown: list[float] = []
+    for event in events:
+        view.push(event)
+        current = view.progress("j")
+        assert current is not None and current.progress is not None
+        shown.append(current.progress)
+    projection = EtaProjection()
+    state = projection.initial()
+    for event in events:
+        state = projection.apply(state, event)
+    read = view._states["eta"].running["j"].issued
+    assert read == state.running["j"].issued
+    assert shown == sorted(shown)

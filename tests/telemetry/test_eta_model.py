@@ -162,6 +162,43 @@ class TestLiveEstimator:
         assert raw > ceiling  # the slowdown alone would lift the ETA past the band
         assert after.remaining_s == pytest.approx(ceiling + 0.5 * (raw - ceiling), rel=1e-6)
 
+    def test_a_peek_between_issues_changes_nothing_the_fold_issues(self) -> None:
+        """A reader's ``peek`` is what ``estimate`` would give then, and the ETAs issued
+        afterwards are those of an estimator nobody peeked at (a slow step between them would
+        otherwise be damped against the peek, not against the last issue)."""
+        def run(peek_every_step: bool) -> tuple[list[tuple[float, float, float, float, bool]],
+                                                 list[float]]:
+            live = LiveJob.start(started(steps=20, stages="", width=64, height=64, frames=17),
+                                 Calibration())
+            live.stage_started("denoise", 0)
+            issued, peeked, ts = [], [], 0
+            for step in range(20):
+                step_s = live.step_prior * (8.0 if step == 9 else 1.0)  # one slow step
+                ts += int(step_s * 1e9)
+                live.step_ended(total_steps=20, duration_s=step_s, expert=None, ts=ts)
+                if peek_every_step:
+                    peeked.append(live.peek(ts).progress)
+                if step % 5 == 4:
+                    issued.append(live.estimate_fields(ts))
+            return issued, peeked
+
+        quiet, _ = run(False)
+        watched, progress = run(True)
+        assert watched == quiet
+        assert len(progress) == 20
+
+    def test_a_peek_is_what_estimate_would_issue(self) -> None:
+        """``peek(now)`` and ``estimate(now)`` agree; only ``estimate`` is remembered."""
+        live = LiveJob.start(started(steps=10, stages="", width=64, height=64, frames=17),
+                             Calibration())
+        self._run(live, step_s=live.step_prior, steps=4)
+        now = (live.last_step_ts or 0) + 1_000_000
+        before = (live.last_remaining, live.last_ts, live.last_progress)
+        peeked = live.peek(now)
+        assert (live.last_remaining, live.last_ts, live.last_progress) == before
+        assert live.estimate(now) == peeked
+        assert live.last_ts == now
+
     def test_embedded_jobs_expect_no_load_or_save(self) -> None:
         """Without wantel run there is no load or save phase to wait for."""
         assert "load" not in expected_phases(JobShape.of(started()), runner=False)
