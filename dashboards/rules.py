@@ -7,13 +7,16 @@ alerting test must run *these* rules, not a look-alike, yet it cannot wait minut
 ``for:`` clause or a 30 s evaluation interval. :meth:`RuleParams.fast` gives the same
 expressions with second-scale windows, and nothing else differs.
 
-Why the stall rule looks the way it does: Prometheus has no "time since this series last
-changed" function, and a fixed ``increase(steps[5m]) == 0`` window is wrong both ways (a big
-model legitimately takes minutes per step; a small one is stuck long before five minutes).
-So a recording rule finds, per running job, the last moment its progress gauge moved (a
-subquery over ``changes()``; the job's first appearance when it has not moved yet), and the
-alert compares the time since then with several expected step times of the job's model
-(mean step duration over a day), never less than a floor that covers load and decode.
+Why the stall rule looks the way it does: a fixed ``increase(steps[5m]) == 0`` window is
+wrong both ways (a big model legitimately takes minutes per step; a small one is stuck long
+before five minutes). So the alert compares the time since each running job last made
+progress with several expected step times of the job's model (mean step duration over a
+day), never less than a floor that covers load and decode. wantel exports that moment itself
+(``wantel_job_last_progress_timestamp_seconds``: its latest step, stage boundary or start),
+so no range window depends on the operator's scrape interval. (It was found from the
+progress gauge with a subquery over ``changes(…[1m])``: at a scrape interval of 1–2 min, or
+on Prometheus 3's left-open ranges, a window held one sample, saw no change, and every
+running job paged; and the gauge only moves when an ETA is issued, every tenth of the loop.)
 """
 
 from __future__ import annotations
@@ -50,11 +53,8 @@ class RuleParams:
     """Every tunable of the rules. Production defaults; :meth:`fast` for end-to-end tests."""
 
     interval: str = "30s"
-    #: Stall detection: subquery resolution, the ``changes()`` window (≥ 2 scrapes, and twice
-    #: the resolution so no change falls between two windows), how far back to look.
-    stall_resolution: str = "30s"
-    stall_changes_window: str = "1m"
-    stall_lookback: str = "2h"
+    #: Stall detection: a job is stalled after ``stall_steps`` expected step times of its model
+    #: without progress, never fewer than ``stall_floor_s`` seconds, for ``stall_for``.
     stall_steps: int = 5
     stall_floor_s: int = 120
     stall_for: str = "1m"
@@ -99,8 +99,7 @@ class RuleParams:
     @classmethod
     def fast(cls, **overrides: object) -> RuleParams:
         """Second-scale timing for a test that scrapes and evaluates every second."""
-        fast = cls(interval="1s", stall_resolution="1s", stall_changes_window="3s",
-                   stall_lookback="10m", stall_floor_s=3, stall_for="0s", target_for="0s",
+        fast = cls(interval="1s", stall_floor_s=3, stall_for="0s", target_for="0s",
                    lag_for="0s")
         return replace(fast, **overrides)  # type: ignore[arg-type]
 
@@ -152,7 +151,6 @@ def recording_rules(p: RuleParams) -> list[Rule]:
         return (f"sum by (model) (increase({p.of(counter, pooled)}"
                 f"[{p.eta_quality_window}]))")
 
-    progress = p.of("wantel_job_progress_ratio")
     return [
         # Counters live as long as the log, so an idle model's rates are 0/0: keep only models
         # that stepped in the last day (the others fall back to the floor below).
@@ -167,19 +165,10 @@ def recording_rules(p: RuleParams) -> list[Rule]:
             f"{p.stall_floor_s})\n"
             f"or on (model) (0 * max by (model) ({p.of('wantel_jobs_running')}) "
             f"+ {p.stall_floor_s})")),
-        # When each running job's progress last moved (its first appearance if it never has),
-        # keeping where it runs: the scrape target (instance) and the worker.
+        # When each running job last made progress (as wantel saw it: no range window, so any
+        # scrape interval works), keeping where it runs: the scrape target and the worker.
         Rule("wantel:job_progress_changed_timestamp_seconds", alert=False, expr=(
-            "(\n"
-            f"  max by ({JOB_KEY}) (max_over_time(\n"
-            f"    timestamp(changes({progress}[{p.stall_changes_window}]) > 0)"
-            f"[{p.stall_lookback}:{p.stall_resolution}]))\n"
-            "  or\n"
-            f"  max by ({JOB_KEY}) (min_over_time(\n"
-            f"    timestamp({progress})[{p.stall_lookback}:"
-            f"{p.stall_resolution}]))\n"
-            ")\n"
-            f"and on (instance, job_id) {progress}")),
+            f"max by ({JOB_KEY}) ({p.of('wantel_job_last_progress_timestamp_seconds')})")),
         # ETAs scored per model over the window (the histogram's count is its +Inf bucket),
         # every progress bucket but the last: near the end the actual remaining time is a
         # fraction of a second, and relative errors there are large whatever the model.
@@ -218,9 +207,13 @@ def alert_rules(p: RuleParams) -> list[Rule]:
     ended = f"sum by ({by_model}) (increase({p.of('wantel_jobs_total')}[{p.failure_window}]))"
     scored, coverage, abs_error = eta_quality_records(p)
     up = "up" + selector(p.matchers)
+    moved = p.of("wantel_job_last_progress_timestamp_seconds")
     return [
+        # Its age when last scraped (the scrape's time less the job's last progress), not
+        # ``time() -``: between two scrapes it does not grow, so a long scrape interval
+        # delays the alert by one interval and never raises it.
         Rule("WantelJobStalled", for_=p.stall_for, severity=SEVERITY_CRITICAL, expr=(
-            "time() - wantel:job_progress_changed_timestamp_seconds\n"
+            f"max by ({JOB_KEY}) (timestamp({moved}) - {moved})\n"
             "> on (model) group_left () wantel:job_stall_threshold_seconds"),
              summary="Job {{ $labels.job_id }} ({{ $labels.model }}) on {{ $labels.worker }} "
                      "({{ $labels.instance }}) has made no progress for "

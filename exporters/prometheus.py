@@ -551,6 +551,15 @@ class WantelCollector(Collector):
         high = GaugeMetricFamily("wantel_job_eta_p90_seconds",
                                  "The ETA's 90th percentile: the job is unlikely to end later.",
                                  labels=labels, unit="seconds")
+        # The stall alert's clock: a timestamp, so ``time() - it`` needs no range window (a
+        # ``changes()`` window saw one sample per window at a 1-2 min scrape interval, or on
+        # Prometheus 3's left-open ranges, and paged on every job; and the progress gauge
+        # moves only when an ETA is issued, every ~tenth of the loop).
+        moved = GaugeMetricFamily(
+            "wantel_job_last_progress_timestamp_seconds",
+            "When a running job last made progress (its latest step, stage boundary or its "
+            "start), Unix seconds by its worker's clock: time() minus this is how long it has "
+            "made none.", labels=labels, unit="seconds")
         shown = 0
         folded: list[str] = []
         for job in jobs.active:
@@ -569,11 +578,13 @@ class WantelCollector(Collector):
             remaining.add_metric(values, point.remaining_s)
             low.add_metric(values, point.p10_s)
             high.add_metric(values, point.p90_s)
+            if view.last_ts is not None:  # steps, stages and lifecycle events move it
+                moved.add_metric(values, view.last_ts / 1e9)
         folded_total = CounterMetricFamily(
             "wantel_series_folded",
             "Running jobs left without per-job series by the cardinality cap.")
         folded_total.add_metric([], self._count_folded(folded))
-        return [progress, remaining, low, high, folded_total]
+        return [progress, remaining, low, high, moved, folded_total]
 
     def _count_folded(self, folded: list[str]) -> int:
         """Count each job the first time it is folded away; forget jobs no longer folded."""

@@ -208,6 +208,20 @@ def test_values_come_from_the_projections() -> None:
     assert [] == [key for key in got if any(part.startswith("job=") for part in key)]
 
 
+def test_a_running_jobs_last_progress_is_its_latest_step_not_its_latest_sample() -> None:
+    """The stall alert's clock: when the running job last stepped (or crossed a stage, or
+    started), in Unix seconds; a memory sample taken afterwards (an NVML sampler runs while a
+    step hangs) does not move it, and an ended job has none."""
+    b = Stream("b")
+    b.seq = itertools.count(100)  # after the history's events of b
+    events = [*a_full_history(),
+              MemorySampled(**b.kw(7.5), device="cuda:0", device_used_bytes=GIB)]
+    got = samples(registry_of(runner_over(events)))
+    moved = {k: v for k, v in got.items() if k[0] == "wantel_job_last_progress_timestamp_seconds"}
+    assert moved == {("wantel_job_last_progress_timestamp_seconds", "job_id=b", "model=tiny-t2v",
+                      "worker=w1"): pytest.approx(T0 + 5.6)}
+
+
 def test_eta_error_histogram_has_buckets_but_no_sum() -> None:
     """ETA residuals render per model and progress bucket, without _sum (buckets go negative)."""
     got = samples(registry_of(runner_over(a_full_history())))
