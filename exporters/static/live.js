@@ -61,7 +61,7 @@
     switch (f.type) {
       case "snapshot":
         running.clear();
-        for (const v of f.data.running) running.set(v.job, { view: v, at: performance.now() });
+        for (const v of f.data.running) running.set(v.job, entryOf(v, null));
         if (f.data.reason !== "overflow") finished.clear();
         for (const v of f.data.finished.slice().reverse()) addFinished(v);
         break;
@@ -82,7 +82,7 @@
           running.delete(v.job);
           addFinished(v);
         } else {
-          running.set(v.job, { view: v, at: performance.now() });
+          running.set(v.job, entryOf(v, f.ts));
         }
       }
     }
@@ -179,10 +179,20 @@
     }
   }
 
+  // A view as it arrived. An ETA is as of its own issue (``eta.ts``), and a frame sent for a
+  // later event of the job (a step between two issues) carries the same one: it has already
+  // aged by the frame's event time less ``eta.ts`` (both the worker's clock, so this browser's
+  // clock may differ), and from then on by this page's clock. A snapshot's views carry no
+  // event time: they age from their arrival.
+  function entryOf(v, ts) {
+    const lag = v.eta && typeof ts === "number" ? Math.max(0, ts - v.eta.ts) : 0;
+    return { view: v, at: performance.now(), lag };
+  }
+
   function etaText(entry) {
     const v = entry.view;
     if (!v.eta || v.eta.estimating) return "estimating";
-    const gone = (performance.now() - entry.at) / 1000;
+    const gone = entry.lag + (performance.now() - entry.at) / 1000;
     const left = (x) => Math.max(0, x - gone);
     return `${fmtS(left(v.eta.remaining_s))} (${fmtS(left(v.eta.p10_s))}–`
       + `${fmtS(left(v.eta.p90_s))})`;

@@ -230,3 +230,37 @@ def row_with_details(page: Any, needle: str) -> str:
     """The details panel's text if it contains ``needle``, else ''."""
     text = str(page.inner_text("body"))
     return text if needle in text else ""
+
+
+def _seconds(text: str) -> float:
+    """Seconds from the page's duration text (``12.5 s``, ``9 m 05 s``)."""
+    import re
+
+    found = re.fullmatch(r"(?:(\d+) m )?(\d+(?:\.\d+)?) s", text.strip())
+    assert found is not None, text
+    return 60 * int(found.group(1) or 0) + float(found.group(2))
+
+
+def test_the_eta_counts_down_from_when_it_was_issued(page: Any, tmp_path: Path) -> None:
+    """An ETA is issued about every tenth of the loop; the step frames between two issues carry
+    the same one. The page counts it down from when it was issued (by the frames' own event
+    time), not from each frame's arrival, so it does not jump back up at every step: with steps
+    of 20 s, two steps and a memory sample after the issue, it shows 100 s less than issued."""
+    import json
+    from urllib.request import urlopen
+
+    slow = JobScript("slow-steps", steps=40, gap_s=20.0, ago_s=700.0)
+    with served(tmp_path / "log") as s:
+        s.append(slow.start() + slow.step_range(0, 12))  # the 12th step issues an ETA
+        page.goto(s.base)
+        wait_for(lambda: page.inner_text("#conn") == "live", "the page to connect")
+        wait_for(lambda: row_with(page, "running", "slow-steps", "12/40"), "step 12 on the page")
+        s.applied(s.append(slow.step_range(12, 14)))  # no issue at 13 or 14
+        row = wait_for(lambda: row_with(page, "running", "slow-steps", "14/40"),
+                       "step 14 on the page")
+        with urlopen(s.base + "api/jobs/slow-steps", timeout=10) as response:
+            eta = json.loads(response.read())["eta"]["history"][-1]  # the latest issued
+    lag = slow.ts / 1e9 - eta["ts"]  # the latest frame's event time less the ETA's issue
+    assert 95 <= lag <= 105
+    shown = _seconds(row.split("\t")[6].split(" (")[0])
+    assert eta["remaining_s"] - lag - 10 <= shown <= eta["remaining_s"] - lag + 1
