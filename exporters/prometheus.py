@@ -575,9 +575,13 @@ class WantelCollector(Collector):
             shown += 1
             values = [job, eta.running[job].model, view.worker or ""]
             progress.add_metric(values, point.progress)
-            remaining.add_metric(values, point.remaining_s)
-            low.add_metric(values, point.p10_s)
-            high.add_metric(values, point.p90_s)
+            # As of the job's latest event, not of the ETA's issue (about every tenth of the
+            # loop): the steps since have already used that much of it (the worker's clock on
+            # both sides), as the live page counts it down.
+            age = max(0.0, ((view.last_ts or point.ts) - point.ts) / 1e9)
+            remaining.add_metric(values, max(0.0, point.remaining_s - age))
+            low.add_metric(values, max(0.0, point.p10_s - age))
+            high.add_metric(values, max(0.0, point.p90_s - age))
             if view.last_ts is not None:  # steps, stages and lifecycle events move it
                 moved.add_metric(values, view.last_ts / 1e9)
         folded_total = CounterMetricFamily(

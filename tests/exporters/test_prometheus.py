@@ -222,6 +222,25 @@ def test_a_running_jobs_last_progress_is_its_latest_step_not_its_latest_sample()
                       "worker=w1"): pytest.approx(T0 + 5.6)}
 
 
+def test_a_running_jobs_eta_gauges_are_as_of_its_latest_step() -> None:
+    """Between two ETA issues (about every tenth of the loop) the steps use up the ETA: the
+    gauges are the latest issued ETA less the time from its issue to the job's latest event,
+    so Grafana counts down at every scrape instead of stepping every tenth of the loop."""
+    c = Stream("c")
+    events = [c.started(0, steps=40), *c.steps(0, 14, total=40)]  # issued at 12, not 13, 14
+    runner = runner_over(events)
+    issued = runner.engine.states["eta"].running["c"].issued[-1]
+    last = runner.engine.states["jobs"].jobs["c"].last_ts
+    age = (last - issued.ts) / 1e9
+    assert age == pytest.approx(0.5)
+    got = samples(registry_of(runner))
+    key = ("job_id=c", "model=tiny-t2v", "worker=w1")
+    assert got[("wantel_job_eta_seconds", *key)] == pytest.approx(issued.remaining_s - age)
+    assert got[("wantel_job_eta_p10_seconds", *key)] == pytest.approx(
+        max(0.0, issued.p10_s - age))
+    assert got[("wantel_job_eta_p90_seconds", *key)] == pytest.approx(issued.p90_s - age)
+
+
 def test_eta_error_histogram_has_buckets_but_no_sum() -> None:
     """ETA residuals render per model and progress bucket, without _sum (buckets go negative)."""
     got = samples(registry_of(runner_over(a_full_history())))
