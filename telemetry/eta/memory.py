@@ -218,17 +218,27 @@ def keys(shape: JobShape, kind: str) -> online.PhaseKeys:
 def predict(shape: JobShape, kind: str, learned: online.Learned,
             *, offload: str | None = None) -> tuple[float, float]:
     """(prior, calibrated prediction) in bytes: the prior × ``exp`` of what was learned."""
-    base = prior(shape, offload=offload)
-    factor = online.correction(learned, keys(shape, kind))
-    return base, base * math.exp(factor)
+    return calibrated(prior(shape, offload=offload), keys(shape, kind), learned)
+
+
+def calibrated(base: float, key: online.PhaseKeys,
+               learned: online.Learned) -> tuple[float, float]:
+    """(``base``, ``base`` × ``exp`` of what was learned under ``key``): :func:`predict` from
+    a prior and keys worked out already."""
+    return base, base * math.exp(online.correction(learned, key))
 
 
 def learn(learned: online.Learned, shape: JobShape, kind: str, base: float,
           observed: float) -> None:
     """What one completed job's peak teaches, in place (the ETA's statistics, one phase)."""
+    learn_under(learned, keys(shape, kind), base, observed)
+
+
+def learn_under(learned: online.Learned, key: online.PhaseKeys, base: float,
+                observed: float) -> None:
+    """:func:`learn` under keys worked out already."""
     if base <= 0 or observed <= 0:
         return
-    key = keys(shape, kind)
     ratio = math.log(observed / base)
     ratio = -RATIO_LIMIT if ratio < -RATIO_LIMIT else min(ratio, RATIO_LIMIT)
     levels = learned.levels
@@ -246,4 +256,28 @@ def learn(learned: online.Learned, shape: JobShape, kind: str, base: float,
     learned.jobs += 1
 
 
-__all__ = ["Components", "components", "keys", "learn", "peak_kind", "predict", "prior"]
+class PriorCache:
+    """:func:`prior` and :func:`keys` memoised per (shape, kind), for the memory projection.
+
+    Both are pure functions of the job's shape and the kind of peak, and a fleet runs few
+    distinct shapes; working them out (parameter tables, option strings, key strings) was most
+    of the memory projection's cost per job in a replay. A speed-up, never part of a state:
+    what it returns is exactly what the functions would.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._memo: dict[tuple[JobShape, str], tuple[float, online.PhaseKeys]] = {}
+
+    def of(self, shape: JobShape, kind: str) -> tuple[float, online.PhaseKeys]:
+        """(``prior(shape)``, ``keys(shape, kind)``)."""
+        found = self._memo.get((shape, kind))
+        if found is None:
+            if len(self._memo) >= self.limit:
+                self._memo.clear()
+            found = self._memo[shape, kind] = (prior(shape), keys(shape, kind))
+        return found
+
+
+__all__ = ["Components", "PriorCache", "calibrated", "components", "keys", "learn",
+           "learn_under", "peak_kind", "predict", "prior"]

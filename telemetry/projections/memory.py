@@ -92,6 +92,8 @@ class MemoryProjection(RuleTable):
 
     def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.keep_finished = keep_finished
+        # Memoised priors and keys (not state: what memory_model.prior and .keys return).
+        self._priors = memory_model.PriorCache()
         self._rules = {
             MemorySampled: self._sampled,
             JobStarted: self._started,
@@ -156,7 +158,8 @@ class MemoryProjection(RuleTable):
         try:
             shape = JobShape.of(event)
             kind = memory_model.peak_kind(event.device.kind)
-            prior, predicted = memory_model.predict(shape, kind, state.learned)
+            base, key = self._priors.of(shape, kind)
+            prior, predicted = memory_model.calibrated(base, key, state.learned)
         except (KeyError, ValueError, OverflowError):  # a shape no prior describes
             pass
         else:
@@ -180,8 +183,9 @@ class MemoryProjection(RuleTable):
                 if histogram is None:
                     histogram = by_kind[job.predicted_kind] = Histogram()
                 histogram.add(error, False)
-                memory_model.learn(state.learned, job.shape, job.predicted_kind,
-                                   job.prior_bytes, float(observed))
+                memory_model.learn_under(
+                    state.learned, self._priors.of(job.shape, job.predicted_kind)[1],
+                    job.prior_bytes, float(observed))
         self._ended(state, event)
 
     def _ended(self, state: MemoryState, event: Event) -> None:

@@ -19,6 +19,7 @@ import pytest
 from telemetry.eta import memory
 from telemetry.eta.online import Learned
 from telemetry.eta.shape import JobShape
+from telemetry.events import JobCompleted, JobStarted
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 from telemetry.projections.memory import MemoryProjection, MemoryState
@@ -121,3 +122,31 @@ def test_calibration_moves_the_prediction_towards_what_was_observed() -> None:
         memory.learn(learned, shape, "torch_allocated", prior, 1.5 * prior)
     _, predicted = memory.predict(shape, "torch_allocated", learned)
     assert predicted == pytest.approx(1.5 * prior, rel=0.05)
+
+
+@pytest.mark.parametrize("corpus", ["eta-corpus", "eta-wide"])
+def test_the_projections_memoised_priors_predict_what_the_model_does(corpus: str) -> None:
+    """The projection works each shape's prior and keys out once (:class:`memory.PriorCache`);
+    folded in log order, every job's prediction is still :func:`memory.predict`'s under what
+    the completed jobs before it taught (:func:`memory.learn`), to the byte."""
+    projection = MemoryProjection()
+    state = projection.initial()
+    learned = Learned()
+    started: dict[str, tuple[JobShape, str, float, int]] = {}
+    for item in LocalLog(FIXTURES / corpus, create=False).read():
+        if not isinstance(item, Batch):
+            continue
+        for event in item.events:
+            state = projection.apply(state, event)
+            job = state.running.get(event.job)
+            if isinstance(event, JobStarted) and job is not None and job.shape is not None:
+                kind = job.predicted_kind or ""
+                prior, predicted = memory.predict(job.shape, kind, learned)
+                assert (job.prior_bytes, job.predicted_bytes) == (prior, int(predicted))
+                started[event.job] = (job.shape, kind, prior, int(predicted))
+            elif isinstance(event, JobCompleted) and event.job in started:
+                done = state.finished[event.job]
+                shape, kind, prior, _ = started[event.job]
+                if done.prediction_error is not None:
+                    memory.learn(learned, shape, kind, prior, float(done.peaks[kind]))
+    assert len(started) >= 30
