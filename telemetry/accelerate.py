@@ -39,6 +39,9 @@ class Accelerator:
 
 #: The reader's check of a run of frames (reference: ``framing.scan_run_py``).
 FRAME_CHECKS: Final = Accelerator("frame checks", "telemetry.log._framing", "scan_run")
+#: The lean NATS reader's cut of a buffer into message frames (reference:
+#: ``nats_wire.scan_frames_py``).
+NATS_FRAMES: Final = Accelerator("NATS frame scan", "telemetry.log._natswire", "scan_frames")
 ACCELERATORS: Final = (FRAME_CHECKS,)
 
 

@@ -114,6 +114,8 @@ ATOMIC_MIN: Final = 8
 ERR_BATCH_DUPLICATE: Final = 10201
 ERR_BATCH_TOO_LARGE: Final = 10199
 ERR_ATOMIC_DISABLED: Final = 10174
+#: JetStream's error code for a stream that does not exist.
+ERR_STREAM_NOT_FOUND: Final = 10059
 #: How often the server tells an idle reader's consumer it is alive (seconds): two missed, and
 #: the client recreates the consumer after the last message it received (a restarted server,
 #: a lost consumer).
@@ -210,13 +212,28 @@ class NatsLog(EventLog):
         worker: the worker whose subject appends publish on (readers need none).
         create: make the stream if it is missing (writers); ``False`` raises
             :class:`LogNotFound` instead (readers).
+        lean: read through :mod:`telemetry.log.nats_wire` (the default), or through nats-py
+            (``False``; also where the lean reader cannot authenticate as configured).
+        compiled: whether the lean reader cuts frames in C (``telemetry.log._natswire``) or
+            with the Python reference; ``None`` is the process-wide default
+            (:mod:`telemetry.accelerate`).
     """
 
     def __init__(self, options: NatsOptions, *, worker: str | None = None,
-                 create: bool = True) -> None:
+                 create: bool = True, lean: bool = True, compiled: bool | None = None) -> None:
         import nats  # noqa: F401 - the [nats] extra: a clear error below if it is missing
 
+        from telemetry import accelerate
+        from telemetry.log import nats_wire
+
         self.options = options
+        #: How reads reach the stream, in words: "lean" or "nats-py (why)".
+        self.reads = "lean" if lean else "nats-py (lean=False)"
+        #: The lean reader's frame scan, and what it is in words ("C", "Python (…)").
+        self.scan_frames: nats_wire.Scan
+        self.frame_scan: str
+        self.scan_frames, self.frame_scan = accelerate.choose(
+            accelerate.NATS_FRAMES, nats_wire.scan_frames_py, compiled)
         self.subject = subject_for(worker or "_")
         self.location = f"{redact(options.url)} stream {options.stream}"
         self._closed = False
@@ -446,7 +463,7 @@ class NatsLog(EventLog):
         _messages, last = self._call(self._state(), "reading the stream's state")
         if last - 1 < start:
             return
-        cursor = _NatsCursor(self, start)
+        cursor = self.cursor(start)
         try:
             while cursor.position <= last - 1:
                 items = cursor.fetch(wait=self.options.timeout, upto=last)
@@ -461,9 +478,18 @@ class NatsLog(EventLog):
         """Whether the connection is open (or reconnecting): False once it gave up or closed."""
         return not self._closed and self._nc is not None and not self._nc.is_closed
 
-    def cursor(self, start: Position = 0) -> _NatsCursor:
-        """A reader holding one ordered push consumer open, from ``start`` on."""
-        return _NatsCursor(self, start)
+    def cursor(self, start: Position = 0) -> _NatsCursor | _ClientCursor:
+        """A reader holding one ordered push consumer open, from ``start`` on: on a connection
+        of its own through the lean reader, else through nats-py (see ``lean``)."""
+        if self.reads == "lean":
+            return _NatsCursor(self, start)
+        return _ClientCursor(self, start)
+
+    def _lean_unsupported(self, why: str) -> None:
+        """The lean reader cannot authenticate as configured: read through nats-py."""
+        if self.reads == "lean":
+            _log.info("reading through nats-py", stream=self.options.stream, reason=why)
+        self.reads = f"nats-py ({why})"
 
     def close(self) -> None:
         """Drain and close the connection; the log may not be used afterwards."""
@@ -489,8 +515,137 @@ class NatsLog(EventLog):
 
 
 class _NatsCursor:
-    """An ordered push consumer from a position; :meth:`poll` yields what the stream holds
-    beyond it."""
+    """The lean reader: an ordered push consumer from a position on a connection of its own
+    (:mod:`telemetry.log.nats_wire`); :meth:`poll` yields what the stream holds beyond it.
+    Where the lean reader cannot authenticate as configured it hands over to a
+    :class:`_ClientCursor` (nats-py) from its position."""
+
+    def __init__(self, log: NatsLog, start: Position) -> None:
+        self.log = log
+        self.position = max(start, 0)
+        self._conn: Any = None
+        self._consumer: Any = None
+        self._client: _ClientCursor | None = None
+
+    def _ensure(self) -> Any:
+        from telemetry.log.nats_wire import (
+            OrderedConsumer,
+            WireConnection,
+            WireError,
+            WireUnsupported,
+        )
+
+        if self._consumer is not None:
+            return self._consumer
+        log, opts = self.log, self.log.options
+        if log._closed:
+            raise LogError("reading on a closed log")
+        conn = WireConnection(opts.url, ca=opts.ca, creds=opts.creds, timeout=opts.timeout,
+                              scan=log.scan_frames)
+        try:
+            conn.connect()
+        except WireUnsupported as exc:
+            log._lean_unsupported(str(exc))
+            return None
+        except WireError as exc:
+            if not opts.reconnect:
+                raise LogError(str(exc)) from None
+        self._conn = conn
+        self._consumer = OrderedConsumer(conn, opts.stream, self.position + 1,
+                                         heartbeat=READ_HEARTBEAT_S, reconnect=opts.reconnect)
+        return self._consumer
+
+    def fetch(self, *, wait: float, upto: int | None = None) -> list[ReadItem]:
+        """What was delivered (waiting up to ``wait`` for the first message), as read items;
+        ``upto``: the last stream sequence wanted (``read()``: what was stored when it
+        began)."""
+        from telemetry.log.nats_wire import ApiError, WireError, WireUnsupported
+
+        if self._client is not None:
+            return self._client.fetch(wait=wait, upto=upto)
+        try:
+            consumer = self._ensure()
+            if consumer is None:
+                self._client = _ClientCursor(self.log, self.position)
+                return self._client.fetch(wait=wait, upto=upto)
+            runs = consumer.take(wait)
+        except WireUnsupported as exc:  # a reconnect to a server that now asks for more
+            self.log._lean_unsupported(str(exc))
+            self.close()
+            self._client = _ClientCursor(self.log, self.position)
+            return self._client.fetch(wait=wait, upto=upto)
+        except ApiError as exc:
+            self.close()
+            if exc.code == ERR_STREAM_NOT_FOUND:
+                raise LogNotFound(f"no stream {self.log.options.stream} at "
+                                  f"{redact(self.log.options.url)}") from None
+            raise LogError(str(exc)) from None
+        except WireError as exc:
+            self.close()
+            raise LogError(f"reading at {self.log.location}: {exc}") from None
+        items: list[ReadItem] = []
+        where = self.log.location
+        for run in runs:
+            payloads = run.payloads
+            if upto is not None and run.first + len(payloads) - 1 > upto:
+                payloads = payloads[:max(0, upto - run.first + 1)]
+                if not payloads:
+                    continue
+            _decode_run(run.first - 1, payloads, run.pending, where, items)
+            self.position = run.first - 1 + len(payloads)
+        return items
+
+    def poll(self) -> Iterator[ReadItem]:
+        """What is new since the last poll (waiting briefly when nothing is)."""
+        wait = POLL_WAIT_S
+        while True:
+            items = self.fetch(wait=wait)
+            if not items:
+                return
+            yield from items
+            wait = 0.001
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        consumer, self._consumer = self._consumer, None
+        conn, self._conn = self._conn, None
+        if consumer is not None:
+            consumer.close()
+        if conn is not None:
+            conn.close()
+
+
+def _decode_run(first: Position, payloads: list[bytes], pending: int, where: str,
+                items: list[ReadItem]) -> None:
+    """Decode messages at consecutive positions from ``first`` into ``items``: one
+    :class:`Batch`, or batches around the payloads that do not decode (each
+    :class:`Quarantined`)."""
+    try:
+        events = [decode_one(payload) for payload in payloads]
+    except MalformedRecord:
+        pass
+    else:
+        items.append(Batch(first, events, pending))
+        return
+    events = []
+    start = first
+    for position, payload in enumerate(payloads, first):
+        try:
+            events.append(decode_one(payload))
+        except MalformedRecord as exc:
+            if events:
+                items.append(Batch(start, events))
+            items.append(Quarantined(first=position, count=1, next=position + 1,
+                                     where=f"{where} seq {position + 1}", reason=str(exc)))
+            events, start = [], position + 1
+    if events:
+        items.append(Batch(start, events, pending))
+
+
+class _ClientCursor:
+    """The nats-py reader: an ordered push consumer from a position through the log's own
+    connection; :meth:`poll` yields what the stream holds beyond it."""
 
     def __init__(self, log: NatsLog, start: Position) -> None:
         self.log = log
