@@ -44,18 +44,34 @@ analysis of NATS 2.12.1 found exactly that.
 Reads use an ephemeral **ordered push consumer** created at the reader's position (no
 acknowledgements: the reader's own checkpoint, written atomically with the state it belongs
 to, is its durable place in the stream; a server-side durable consumer's ack floor could not be
-written together with the projections it fed). The server pushes messages with flow
-control: the client answers it only for messages the reader took, so a reader that falls
-behind holds the server back instead of filling memory (see :func:`_take`). The client
-recreates the consumer from the last message it received after a gap in its deliveries or two
-missed heartbeats (:data:`READ_HEARTBEAT_S`: a restarted server, a lost consumer). A pull
-consumer's ``fetch`` (its request, then one message at a time) read several times slower here
-(docs/performance.md, "Fleet").
+written together with the projections it fed). :meth:`NatsLog.read` and each cursor read through
+the **lean reader**, :mod:`telemetry.log.nats_wire`: a blocking socket of their own, the
+consumer created by a JetStream API request, frames cut in bulk from large ``recv()`` buffers
+(in C where ``telemetry/log/_natswire.c`` was built: ``compiled``), the stream sequence and the
+pending count taken from each delivery's ``$JS.ACK…`` reply subject. The server pushes with flow
+control, and the reader answers a flow-control request only once the messages before it were
+handed over; between reads nothing reads the socket, so a reader that falls behind holds the
+server to one window (a few thousand messages) instead of filling memory. The reader creates the
+consumer again from the last message it handed over after a gap in the consumer's sequence, an
+idle heartbeat (:data:`READ_HEARTBEAT_S`) whose ``Nats-Last-Consumer`` is not the last delivery
+received, two heartbeats missed (a restarted server, a deleted consumer), or a lost connection,
+which it reconnects (a follower, ``reconnect=True``, keeps trying; a command tries twice, then
+raises :class:`LogError`). A gap in the stream's sequence (messages its limits removed) starts a
+new :class:`Batch`; a payload that does not decode is :class:`Quarantined`. It reads several
+times faster than nats-py's per-message path (its parser, a ``Msg`` object and an asyncio queue
+hop a message, ~9 µs) and a pull consumer's ``fetch`` (docs/performance.md, "Fleet").
 
-The client (``nats-py``) is asynchronous; this class runs it on an event loop in a daemon
-thread of its own and waits for each call, so the interface stays the synchronous one every
-backend has. Connection failures, refusals and timeouts are raised as :class:`LogError` (a
-missing stream as :class:`LogNotFound`), with the server's address but never its credentials.
+Where the lean reader cannot authenticate as configured (a creds file without the ``nkeys``
+package, a server asking for an NKey), and with ``lean=False``, reads go through nats-py's own
+ordered consumer on the log's connection instead (:class:`_ClientCursor`), with the same items:
+there the client answers flow control for the messages taken from its queue, and a reader paused
+past :data:`READ_QUEUE` starts again from its position.
+
+Publishing, the stream's creation and its state go through nats-py, which is asynchronous; this
+class runs it on an event loop in a daemon thread of its own and waits for each call, so the
+interface stays the synchronous one every backend has. Connection failures, refusals and
+timeouts are raised as :class:`LogError` (a missing stream as :class:`LogNotFound`), with the
+server's address but never its credentials.
 """
 
 from __future__ import annotations
@@ -92,12 +108,12 @@ SUBJECT_PREFIX: Final = "wantel.events"
 SUBJECTS: Final = f"{SUBJECT_PREFIX}.>"
 #: How long the server remembers a ``Nats-Msg-Id`` to drop a retried publish (seconds).
 DUPLICATE_WINDOW_S: Final = 120.0
-#: Messages a reader takes in one step at most.
+#: Messages a nats-py reader takes in one step at most.
 READ_BATCH: Final = 4096
-#: Messages (and bytes) the client holds for a reader at most. Flow control keeps it to a few
+#: Messages (and bytes) nats-py holds for a reader at most. Flow control keeps it to a few
 #: thousand while the reader reads; a reader paused for long (each idle heartbeat lets the
 #: server send another window) fills it, the client drops what comes next, and the cursor
-#: starts again from its position (:meth:`_NatsCursor.fetch`).
+#: starts again from its position (:meth:`_ClientCursor.fetch`).
 READ_QUEUE: Final = 65536
 READ_QUEUE_BYTES: Final = 64 * 1024 * 1024
 #: Messages published per pipelined round (the per-message way).

@@ -199,7 +199,7 @@ class WireConnection:
         ca: a CA bundle that signs the server's certificate.
         creds: a NATS credentials file (needs the ``nkeys`` package).
         timeout: seconds for connecting and for each request's reply.
-        scan: the frame scan (:func:`default_scan`).
+        scan: the frame scan: :func:`scan_frames_py` or its C twin.
     """
 
     def __init__(self, url: str, *, ca: str | None = None, creds: str | None = None,
@@ -292,7 +292,7 @@ class WireConnection:
         deadline = time.monotonic() + self.timeout
         pongs = self._pongs
         while self._pongs == pongs:
-            self._pump(deadline - time.monotonic(), lines_only=True)
+            self._pump(deadline - time.monotonic())
             if time.monotonic() > deadline and self._pongs == pongs:
                 raise WireError("no PONG from the server")
 
@@ -318,8 +318,7 @@ class WireConnection:
             kp = nkeys.from_seed(seed)
             signed = kp.sign(nonce)
             kp.wipe()
-            return base64.b64encode(signed).decode().replace("+", "-").replace(
-                "/", "_").rstrip("=")
+            return base64.b64encode(signed).decode()  # as nats-py signs
 
         return jwt, sign
 
@@ -399,7 +398,7 @@ class WireConnection:
             return held + self._pump(0.0)
         return self._pump(wait)
 
-    def _pump(self, wait: float, lines_only: bool = False) -> list[Frame]:
+    def _pump(self, wait: float) -> list[Frame]:
         """Handle what the buffer holds; receive once (up to ``wait`` s) if it held no whole
         frame or operation; return the message frames (the inbox's are filed as replies)."""
         out: list[Frame] = []
@@ -795,6 +794,8 @@ def new_inbox() -> bytes:
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no server"
+    if isinstance(exc, WireError):
+        return str(exc)
     text = str(exc).strip()
     name = type(exc).__name__
     return f"{name}: {text}" if text and text != name else name
