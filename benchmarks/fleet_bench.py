@@ -19,7 +19,10 @@ on loopback ports and measures four figures, each beside its local-only counterp
    ``emit()`` calls: ``wantel serve --log`` on that worker's local log. Goal p99 ≤ 250 ms.
 3. **Catch-up replay** of the fleet stream (every event of step 1): read + decode, and read +
    decode + every projection ``wantel serve`` runs, from the stream and (local-only) from the
-   workers' local logs, one after the other. Goal ≥ 300k events/s (read + decode).
+   workers' local logs, one after the other. Goal ≥ 300k events/s (read + decode). The stream
+   is read through ``NatsLog``'s lean reader (its frame scan in C where built), and, for
+   comparison in the same run, with the reader's Python frame scan (``compiled=False``) and
+   through nats-py (``lean=False``, the reader before).
 4. **CPU per event on a worker**: what the ``wantel ship`` processes of step 1 used (user +
    system, less one idle shipper's start-up, measured here too), per event; local-only: what
    the filling processes used per event (the log writer's share of a worker's cost; the
@@ -334,12 +337,17 @@ def bench_client(server: Any, n: int) -> dict[str, float]:
 
 
 def bench_replay(server: Any, logs: list[Path], total: int) -> dict[str, Any]:
-    def fleet_read() -> int:
-        log = NatsLog(NatsOptions(server.url), create=False)
-        try:
-            return sum(len(i.events) for i in log.read() if isinstance(i, Batch))
-        finally:
-            log.close()
+    def reading(**kwargs: Any) -> Any:
+        def read() -> int:
+            log = NatsLog(NatsOptions(server.url), create=False, **kwargs)
+            try:
+                return sum(len(i.events) for i in log.read() if isinstance(i, Batch))
+            finally:
+                log.close()
+
+        return read
+
+    fleet_read = reading()  # the lean reader, its frame scan in C where built
 
     def fleet_fold() -> int:
         log = NatsLog(NatsOptions(server.url), create=False)
@@ -369,6 +377,8 @@ def bench_replay(server: Any, logs: list[Path], total: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for name, fn in (("fleet_read", fleet_read), ("local_read", local_read),
+                     ("fleet_read_python_scan", reading(compiled=False)),
+                     ("fleet_read_nats_py", reading(lean=False)),
                      ("fleet_fold", fleet_fold), ("local_fold", local_fold)):
         t0 = time.perf_counter()
         count = fn()
@@ -568,6 +578,11 @@ def main() -> int:
     row("catch-up replay, read + decode, ev/s", f"{replay['fleet_read']:,.0f}",
         f"{replay['local_read']:,.0f}", replay["fleet_read"] / replay["local_read"],
         f">= 300k/s {verdict(replay['fleet_read'] >= GOAL_REPLAY)}")
+    row("  the same, the lean reader's Python frame scan",
+        f"{replay['fleet_read_python_scan']:,.0f}", f"{replay['local_read']:,.0f}",
+        replay["fleet_read_python_scan"] / replay["local_read"])
+    row("  the same, through nats-py (the reader before)", f"{replay['fleet_read_nats_py']:,.0f}",
+        f"{replay['local_read']:,.0f}", replay["fleet_read_nats_py"] / replay["local_read"])
     row("catch-up replay, + every projection, ev/s", f"{replay['fleet_fold']:,.0f}",
         f"{replay['local_fold']:,.0f}", replay["fleet_fold"] / replay["local_fold"])
     row("worker CPU per event: ship / local write, µs", f"{ship['ship_cpu_us']:.1f}",

@@ -116,6 +116,25 @@ def decode_one(data: bytes | memoryview) -> Event:
     return _upcast_and_convert(_raw_or_malformed(data, None, is_json))
 
 
+def decode_each(records: Sequence[bytes | memoryview]) -> list[Event]:
+    """Each of ``records`` decoded as :func:`decode_one` does; raises :class:`MalformedRecord`
+    at the first that does not decode (the caller then decodes them one by one to quarantine
+    only the bad ones).
+
+    For records stored one by one (a NATS message each): the MessagePack decoder straight, and
+    :func:`decode_one` only for a record it refuses (JSON, an older schema's) or one of an
+    older version — ~0.2 µs a record less than calling :func:`decode_one` on each."""
+    decode = _decode_one
+    try:
+        events: list[Event] = [decode(record) for record in records]
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return [decode_one(record) for record in records]
+    for i, event in enumerate(events):
+        if event.v != type(event).VERSION:
+            events[i] = decode_one(records[i])
+    return events
+
+
 def decode_current_batch(payload: bytes | memoryview) -> list[Event]:
     """Decode an array of records known to be of the current schema, in one call.
 

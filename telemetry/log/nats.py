@@ -90,7 +90,13 @@ from uuid import uuid4
 
 import structlog
 
-from telemetry.codec import MalformedRecord, decode_one, encode_many, encode_many_json
+from telemetry.codec import (
+    MalformedRecord,
+    decode_each,
+    decode_one,
+    encode_many,
+    encode_many_json,
+)
 from telemetry.events import Event
 from telemetry.log.base import (
     Batch,
@@ -638,7 +644,7 @@ def _decode_run(first: Position, payloads: list[bytes], pending: int, where: str
     :class:`Batch`, or batches around the payloads that do not decode (each
     :class:`Quarantined`)."""
     try:
-        events = [decode_one(payload) for payload in payloads]
+        events = decode_each(payloads)
     except MalformedRecord:
         pass
     else:
