@@ -192,6 +192,12 @@ scan_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *frame = NULL;
         if (sid != NULL && reply != NULL && head != NULL && payload != NULL) {
             frame = PyTuple_Pack(4, sid, reply, head, payload);
+            if (frame != NULL) {
+                /* It holds bytes and None only, which cannot form a cycle: untracked now, as
+                 * the collector would untrack it at its first pass, so that the passes a read
+                 * of thousands of frames sets off have nothing of it to visit. */
+                PyObject_GC_UnTrack(frame);
+            }
         }
         Py_XDECREF(sid);
         Py_XDECREF(reply);

@@ -255,8 +255,6 @@ class WireConnection:
     def _open(self, server: _Server) -> None:
         sock = socket.create_connection((server.host, server.port), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * RECV_BYTES)
         self._sock = sock
         self._buf, self._pos = b"", 0
         line = self._line()
