@@ -22,7 +22,8 @@ on loopback ports and measures four figures, each beside its local-only counterp
    workers' local logs, one after the other. Goal ≥ 300k events/s (read + decode). The stream
    is read through ``NatsLog``'s lean reader (its frame scan in C where built), and, for
    comparison in the same run, with the reader's Python frame scan (``compiled=False``) and
-   through nats-py (``lean=False``, the reader before).
+   through nats-py (``lean=False``, the reader before); each way ``--replay-rounds`` times in
+   turn (3), each figure the median of its rounds.
 4. **CPU per event on a worker**: what the ``wantel ship`` processes of step 1 used (user +
    system, less one idle shipper's start-up, measured here too), per event; local-only: what
    the filling processes used per event (the log writer's share of a worker's cost; the
@@ -41,6 +42,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -336,7 +338,10 @@ def bench_client(server: Any, n: int) -> dict[str, float]:
 # -- 3: catch-up replay ----------------------------------------------------------------------
 
 
-def bench_replay(server: Any, logs: list[Path], total: int) -> dict[str, Any]:
+def bench_replay(server: Any, logs: list[Path], total: int, rounds: int) -> dict[str, Any]:
+    """Each way of reading, ``rounds`` times in turn: the median rate of each (and every
+    round's, under ``<name>_rounds``), so that one burst of other processes' load does not
+    decide a figure."""
     def reading(**kwargs: Any) -> Any:
         def read() -> int:
             log = NatsLog(NatsOptions(server.url), create=False, **kwargs)
@@ -375,16 +380,22 @@ def bench_replay(server: Any, logs: list[Path], total: int) -> dict[str, Any]:
                     count += engine.apply_batch(Batch(item.first + offset, item.events))
         return count
 
+    ways = (("fleet_read", fleet_read), ("local_read", local_read),
+            ("fleet_read_python_scan", reading(compiled=False)),
+            ("fleet_read_nats_py", reading(lean=False)),
+            ("fleet_fold", fleet_fold), ("local_fold", local_fold))
+    rates: dict[str, list[float]] = {name: [] for name, _fn in ways}
+    for _round in range(rounds):
+        for name, fn in ways:
+            t0 = time.perf_counter()
+            count = fn()
+            elapsed = time.perf_counter() - t0
+            assert count == total, f"{name}: {count} of {total} events"
+            rates[name].append(total / elapsed)
     out: dict[str, Any] = {}
-    for name, fn in (("fleet_read", fleet_read), ("local_read", local_read),
-                     ("fleet_read_python_scan", reading(compiled=False)),
-                     ("fleet_read_nats_py", reading(lean=False)),
-                     ("fleet_fold", fleet_fold), ("local_fold", local_fold)):
-        t0 = time.perf_counter()
-        count = fn()
-        elapsed = time.perf_counter() - t0
-        assert count == total, f"{name}: {count} of {total} events"
-        out[name] = total / elapsed
+    for name, values in rates.items():
+        out[name] = statistics.median(values)
+        out[f"{name}_rounds"] = values
     return out
 
 
@@ -496,6 +507,9 @@ def main() -> int:
                         help="messages for nats-py's own rates (default 50,000)")
     parser.add_argument("--publish-messages", type=int, default=10_000,
                         help="messages for the two ways of publishing (default 10,000)")
+    parser.add_argument("--replay-rounds", type=int, default=3,
+                        help="rounds of the catch-up reads, each figure their median "
+                             "(default 3)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -530,7 +544,8 @@ def main() -> int:
         try:
             ship = bench_ship(server, scratch, filled["logs"], filled["events"])
             print("  … shipping done", flush=True)
-            replay = bench_replay(server, filled["logs"], filled["events"])
+            replay = bench_replay(server, filled["logs"], filled["events"],
+                                  args.replay_rounds)
             print("  … replay done", flush=True)
             publish = bench_publish(server, args.publish_messages)
             print("  … publishing modes done", flush=True)
@@ -592,6 +607,13 @@ def main() -> int:
     print(f"  broker (nats-server) CPU per event while shipping: {ship['server_cpu_us']:.1f} µs "
           f"(2-minute flush: {lazy['server_cpu_us']:.1f} µs); one shipper's start-up "
           f"(subtracted): {ship['idle_shipper_cpu_s']:.2f} s CPU")
+    rounds_text = "; ".join(
+        f"{name} " + "/".join(f"{rate / 1e3:.0f}k" for rate in replay[f"{name}_rounds"])
+        for name in ("fleet_read", "fleet_read_python_scan", "fleet_read_nats_py", "local_read"))
+    print(f"  catch-up reads, each figure the median of {args.replay_rounds} rounds in turn: "
+          f"lean reader / nats-py {replay['fleet_read'] / replay['fleet_read_nats_py']:.1f}×, "
+          f"C / Python frame scan "
+          f"{replay['fleet_read'] / replay['fleet_read_python_scan']:.2f}×; rounds: {rounds_text}")
     print(f"  nats-py alone, one connection, {args.client_messages:,} messages (2-minute flush): "
           f"publish_async {client['publish_async']:,.0f}/s, pull fetch "
           f"{client['pull_fetch']:,.0f}/s, ordered push consumer "

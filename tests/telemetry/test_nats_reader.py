@@ -332,3 +332,46 @@ class TestFallBack:
         creds.write_text("-----BEGIN NATS USER JWT-----\nabc\n------END NATS USER JWT------\n")
         with pytest.raises(WireUnsupported, match="nkeys"):
             WireConnection("nats://127.0.0.1:4222", creds=str(creds))
+
+
+def test_a_creds_file_is_read_as_nats_py_reads_it(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where nkeys is installed, the lean reader sends the creds file's JWT and the server's
+    nonce signed with its seed (base64, as nats-py signs). The signer here is a stand-in for
+    nkeys (not installed on this machine): what it is given is checked, not the cryptography."""
+    import base64
+    import sys
+    import types
+
+    seen: dict[str, bytes] = {}
+
+    class KeyPair:
+        def __init__(self, seed: bytes) -> None:
+            seen["seed"] = bytes(seed)
+
+        def sign(self, data: bytes) -> bytes:
+            seen["nonce"] = data
+            return b"signed:" + data
+
+        def wipe(self) -> None:
+            seen["wiped"] = b"yes"
+
+    fake = types.ModuleType("nkeys")
+    fake.from_seed = KeyPair  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "nkeys", fake)
+    creds = tmp_path / "user.creds"
+    creds.write_text(
+        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.claims.sig\n"
+        "------END NATS USER JWT------\n"
+        "\n************************* IMPORTANT *************************\n"
+        "NKEY Seed printed below\n"
+        "\n-----BEGIN USER NKEY SEED-----\n"
+        "SUAFAKESEEDWRITTENFORTHISTEST\n"
+        "------END USER NKEY SEED------\n")
+    conn = WireConnection("nats://127.0.0.1:4222", creds=str(creds))
+    assert conn._signer is not None
+    jwt, sign = conn._signer
+    assert "eyJ0eXAiOiJKV1QifQ.claims.sig" == jwt
+    assert base64.b64encode(b"signed:n0nce").decode() == sign(b"n0nce")
+    assert b"SUAFAKESEEDWRITTENFORTHISTEST" == seen["seed"]
+    assert b"yes" == seen["wiped"]
