@@ -385,17 +385,24 @@ def bench_replay(server: Any, logs: list[Path], total: int, rounds: int) -> dict
             ("fleet_read_nats_py", reading(lean=False)),
             ("fleet_fold", fleet_fold), ("local_fold", local_fold))
     rates: dict[str, list[float]] = {name: [] for name, _fn in ways}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name, _fn in ways}
+    assert server.proc is not None
     for _round in range(rounds):
         for name, fn in ways:
+            server0, own0 = proc_cpu(server.proc.pid), time.process_time()
             t0 = time.perf_counter()
             count = fn()
             elapsed = time.perf_counter() - t0
             assert count == total, f"{name}: {count} of {total} events"
             rates[name].append(total / elapsed)
+            cpu[name].append((proc_cpu(server.proc.pid) - server0, time.process_time() - own0))
     out: dict[str, Any] = {}
     for name, values in rates.items():
         out[name] = statistics.median(values)
         out[f"{name}_rounds"] = values
+        # CPU per event of the broker and of the reader (this process), µs, medians.
+        out[f"{name}_server_cpu_us"] = statistics.median(s for s, _ in cpu[name]) / total * 1e6
+        out[f"{name}_reader_cpu_us"] = statistics.median(r for _, r in cpu[name]) / total * 1e6
     return out
 
 
@@ -614,6 +621,13 @@ def main() -> int:
           f"lean reader / nats-py {replay['fleet_read'] / replay['fleet_read_nats_py']:.1f}×, "
           f"C / Python frame scan "
           f"{replay['fleet_read'] / replay['fleet_read_python_scan']:.2f}×; rounds: {rounds_text}")
+    print("  CPU per event read + decoded, broker / reader, µs: lean reader "
+          f"{replay['fleet_read_server_cpu_us']:.2f} / {replay['fleet_read_reader_cpu_us']:.2f}, "
+          f"its Python scan {replay['fleet_read_python_scan_server_cpu_us']:.2f} / "
+          f"{replay['fleet_read_python_scan_reader_cpu_us']:.2f}, nats-py "
+          f"{replay['fleet_read_nats_py_server_cpu_us']:.2f} / "
+          f"{replay['fleet_read_nats_py_reader_cpu_us']:.2f}; local logs "
+          f"{replay['local_read_reader_cpu_us']:.2f} (reader)")
     print(f"  nats-py alone, one connection, {args.client_messages:,} messages (2-minute flush): "
           f"publish_async {client['publish_async']:,.0f}/s, pull fetch "
           f"{client['pull_fetch']:,.0f}/s, ordered push consumer "
