@@ -375,3 +375,38 @@ def test_a_creds_file_is_read_as_nats_py_reads_it(tmp_path: Path,
     assert base64.b64encode(b"signed:n0nce").decode() == sign(b"n0nce")
     assert b"SUAFAKESEEDWRITTENFORTHISTEST" == seen["seed"]
     assert b"yes" == seen["wiped"]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])
+def test_a_malformed_message_is_quarantined_in_its_place(nats_server: NatsServer,
+                                                         lean: bool) -> None:
+    """A message that is not an event (published by something else on a wantel subject) is
+    one Quarantined item at its position; the events on either side keep theirs."""
+    import nats
+
+    from telemetry.log.base import Quarantined
+
+    writer = NatsLog(NatsOptions(nats_server.url), worker="w")
+    reader = NatsLog(NatsOptions(nats_server.url), create=False, lean=lean)
+    try:
+        writer.append(steps("a", 0, 3))
+
+        async def publish() -> None:
+            nc = await nats.connect(nats_server.url)
+            try:
+                await nc.jetstream().publish("wantel.events.intruder", b"\xc1 not an event",
+                                             stream=STREAM)
+            finally:
+                await nc.close()
+
+        asyncio.run(publish())
+        writer.append(steps("a", 3, 3))
+        items = list(reader.read())
+    finally:
+        reader.close()
+        writer.close()
+    assert steps("a", 0, 6) == events_of(items)
+    assert [0, 1, 2, 4, 5, 6] == positions_of(items)
+    bad = [i for i in items if isinstance(i, Quarantined)]
+    assert [(3, 1, 4)] == [(q.first, q.count, q.next) for q in bad]
+    assert "seq 4" in bad[0].where
