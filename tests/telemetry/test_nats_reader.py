@@ -334,49 +334,6 @@ class TestFallBack:
             WireConnection("nats://127.0.0.1:4222", creds=str(creds))
 
 
-def test_a_creds_file_is_read_as_nats_py_reads_it(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where nkeys is installed, the lean reader sends the creds file's JWT and the server's
-    nonce signed with its seed (base64, as nats-py signs). The signer here is a stand-in for
-    nkeys (not installed on this machine): what it is given is checked, not the cryptography."""
-    import base64
-    import sys
-    import types
-
-    seen: dict[str, bytes] = {}
-
-    class KeyPair:
-        def __init__(self, seed: bytes) -> None:
-            seen["seed"] = bytes(seed)
-
-        def sign(self, data: bytes) -> bytes:
-            seen["nonce"] = data
-            return b"signed:" + data
-
-        def wipe(self) -> None:
-            seen["wiped"] = b"yes"
-
-    fake = types.ModuleType("nkeys")
-    fake.from_seed = KeyPair  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "nkeys", fake)
-    creds = tmp_path / "user.creds"
-    creds.write_text(
-        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.claims.sig\n"
-        "------END NATS USER JWT------\n"
-        "\n************************* IMPORTANT *************************\n"
-        "NKEY Seed printed below\n"
-        "\n-----BEGIN USER NKEY SEED-----\n"
-        "SUAFAKESEEDWRITTENFORTHISTEST\n"
-        "------END USER NKEY SEED------\n")
-    conn = WireConnection("nats://127.0.0.1:4222", creds=str(creds))
-    assert conn._signer is not None
-    jwt, sign = conn._signer
-    assert "eyJ0eXAiOiJKV1QifQ.claims.sig" == jwt
-    assert base64.b64encode(b"signed:n0nce").decode() == sign(b"n0nce")
-    assert b"SUAFAKESEEDWRITTENFORTHISTEST" == seen["seed"]
-    assert b"yes" == seen["wiped"]
-
-
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])
 def test_a_malformed_message_is_quarantined_in_its_place(nats_server: NatsServer,
                                                          lean: bool) -> None:
@@ -410,3 +367,96 @@ def test_a_malformed_message_is_quarantined_in_its_place(nats_server: NatsServer
     bad = [i for i in items if isinstance(i, Quarantined)]
     assert [(3, 1, 4)] == [(q.first, q.count, q.next) for q in bad]
     assert "seq 4" in bad[0].where
+
+
+def _operator_setup(folder: Path) -> tuple[str, Path]:
+    """A NATS operator, an account with JetStream and a user of it, as the ``nsc`` tool would
+    make them (JWTs signed with nkeys): the server configuration that trusts them, and the
+    user's creds file."""
+    import base64
+    import hashlib
+    import os
+    import time
+
+    import nkeys  # type: ignore[import-not-found]
+
+    def keypair(prefix: int) -> tuple[bytes, Any, str]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        pair = nkeys.from_seed(bytearray(seed))
+        return seed, pair, pair.public_key.decode()
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    def jwt(claims: dict[str, Any], signer: Any) -> str:
+        claims = dict(claims, iat=int(time.time()))
+        digest = hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()
+        claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+        head = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        body = b64(json.dumps(claims).encode())
+        return f"{head}.{body}.{b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+    _, operator, operator_pub = keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account, account_pub = keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, _system, system_pub = keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, _user, user_pub = keypair(nkeys.PREFIX_BYTE_USER)
+    limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+              "wildcards": True, "conn": -1, "leaf": -1}
+    operator_jwt = jwt({"iss": operator_pub, "sub": operator_pub, "name": "op",
+                        "nats": {"type": "operator", "version": 2,
+                                 "system_account": system_pub}}, operator)
+    account_jwt = jwt({"iss": operator_pub, "sub": account_pub, "name": "wantel",
+                       "nats": {"limits": {**limits, "mem_storage": -1, "disk_storage": -1,
+                                           "streams": -1, "consumer": -1},
+                                "type": "account", "version": 2}}, operator)
+    system_jwt = jwt({"iss": operator_pub, "sub": system_pub, "name": "SYS",
+                      "nats": {"limits": limits, "type": "account", "version": 2}}, operator)
+    user_jwt = jwt({"iss": account_pub, "sub": user_pub, "name": "reader",
+                    "nats": {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                             "type": "user", "version": 2}}, account)
+    creds = folder / "reader.creds"
+    creds.write_text(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n"
+                     "\n************************* IMPORTANT *************************\n\n"
+                     f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n"
+                     "------END USER NKEY SEED------\n")
+    config = (f'operator: "{operator_jwt}"\nsystem_account: {system_pub}\nresolver: MEMORY\n'
+              f'resolver_preload: {{\n  {account_pub}: "{account_jwt}"\n'
+              f'  {system_pub}: "{system_jwt}"\n}}\n')
+    return config, creds
+
+
+def test_a_creds_file_against_a_server_that_trusts_an_operator(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server in operator mode (JWT accounts): with the user's creds file the lean reader
+    signs the server's nonce and reads (no fall back to nats-py); a creds file the server
+    does not trust is refused in one line that names the address; with none, the lean reader
+    says it cannot authenticate (a log would read through nats-py)."""
+    pytest.importorskip("nkeys")
+    config, creds = _operator_setup(tmp_path)
+    server = server_with(tmp_path, monkeypatch, config)
+    try:
+        log = NatsLog(NatsOptions(server.url, creds=str(creds)), worker="w")
+        try:
+            log.append(steps("a", 0, 2_000))
+            cursor = log.cursor(0)
+            try:
+                got = poll_until(cursor, 2_000)
+                assert isinstance(cursor, _NatsCursor) and cursor._client is None
+            finally:
+                cursor.close()
+            assert steps("a", 0, 2_000) == events_of(got)
+            assert steps("a", 0, 2_000) == events_of(list(log.read()))
+            assert "lean" == log.reads
+        finally:
+            log.close()
+        (tmp_path / "other").mkdir()
+        _config, untrusted = _operator_setup(tmp_path / "other")
+        stranger = WireConnection(server.url, creds=str(untrusted), timeout=2.0)
+        with pytest.raises(nats_wire.WireError) as caught:
+            stranger.connect()
+        assert f"127.0.0.1:{server.port}" in str(caught.value)
+        assert "Authorization Violation" in str(caught.value)
+        with pytest.raises(WireUnsupported, match="NKey or JWT"):
+            WireConnection(server.url, timeout=2.0).connect()
+    finally:
+        server.stop()
