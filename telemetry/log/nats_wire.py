@@ -222,7 +222,6 @@ class WireConnection:
         self._pongs = 0
         #: Frames of other subscriptions received while waiting for a reply, in order.
         self._held: list[Frame] = []
-        self._signer = self._creds_signer() if creds else None
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -273,18 +272,16 @@ class WireConnection:
             "verbose": False, "pedantic": False, "lang": "python-wantel", "version": "1",
             "protocol": 1, "headers": True, "no_responders": True, "name": self.name,
             "echo": True}
-        if self._signer is not None:
-            nonce = self.info.get("nonce")
-            if not nonce:
-                raise WireUnsupported("the server sent no nonce to sign with the creds file")
-            jwt, sign = self._signer
+        nonce = self.info.get("nonce")
+        if self.creds and nonce:  # as nats-py: the creds file is read only when asked for
+            jwt, sign = self._creds_signer()
             connect["jwt"] = jwt
             connect["sig"] = sign(nonce.encode())
         elif server.user is not None and server.password is not None:
             connect["user"], connect["pass"] = server.user, server.password
         elif server.user is not None:
             connect["auth_token"] = server.user
-        elif self.info.get("auth_required") and self.info.get("nonce"):
+        elif self.info.get("auth_required") and nonce:
             raise WireUnsupported("the server asks for an NKey or JWT (no creds file given)")
         self._send(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
         # The first answer is PONG or -ERR (authorization violation, …).
@@ -297,7 +294,7 @@ class WireConnection:
 
     def _creds_signer(self) -> tuple[str, Callable[[bytes], str]]:
         try:
-            import nkeys  # type: ignore[import-not-found]  # nats-py's optional signer
+            import nkeys  # nats-py's signer (the nats extra installs it)
         except ImportError:
             raise WireUnsupported("a creds file needs the nkeys package") from None
         import base64

@@ -319,20 +319,6 @@ class TestFallBack:
         assert isinstance(log.cursor(0), _ClientCursor)
         assert steps("a", 0, 50) == events_of(list(log.read()))
 
-    def test_a_creds_file_without_nkeys(self, tmp_path: Path) -> None:
-        """A creds file needs the nkeys package to sign the server's nonce: without it the lean
-        reader says it cannot (and the log reads through nats-py)."""
-        try:
-            import nkeys  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            pytest.skip("nkeys is installed")
-        creds = tmp_path / "user.creds"
-        creds.write_text("-----BEGIN NATS USER JWT-----\nabc\n------END NATS USER JWT------\n")
-        with pytest.raises(WireUnsupported, match="nkeys"):
-            WireConnection("nats://127.0.0.1:4222", creds=str(creds))
-
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])
 def test_a_malformed_message_is_quarantined_in_its_place(nats_server: NatsServer,
@@ -378,7 +364,7 @@ def _operator_setup(folder: Path) -> tuple[str, Path]:
     import os
     import time
 
-    import nkeys  # type: ignore[import-not-found]
+    import nkeys
 
     def keypair(prefix: int) -> tuple[bytes, Any, str]:
         seed = nkeys.encode_seed(os.urandom(32), prefix)
