@@ -18,6 +18,7 @@ reader's, every record is known to be current and the batch decodes in one msgsp
 
 from __future__ import annotations
 
+import operator
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -45,6 +46,9 @@ SCHEMA_FINGERPRINT: Final = _fingerprint()
 
 _UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 
+#: An event's ``v`` as stored, and its type's current version (C-level, for a whole list).
+_VERSION_WRITTEN: Final = operator.attrgetter("v")
+_VERSION_CURRENT: Final = operator.attrgetter("VERSION")
 _JSON_OBJECT: Final = ord("{")
 _JSON_ARRAY: Final = ord("[")
 
@@ -129,9 +133,10 @@ def decode_each(records: Sequence[bytes | memoryview]) -> list[Event]:
         events: list[Event] = [decode(record) for record in records]
     except (msgspec.ValidationError, msgspec.DecodeError):
         return [decode_one(record) for record in records]
-    for i, event in enumerate(events):
-        if event.v != type(event).VERSION:
-            events[i] = decode_one(records[i])
+    if list(map(_VERSION_WRITTEN, events)) != list(map(_VERSION_CURRENT, events)):
+        for i, event in enumerate(events):  # some older record: upcast it
+            if event.v != type(event).VERSION:
+                events[i] = decode_one(records[i])
     return events
 
 
