@@ -9,9 +9,9 @@ machinery — the payload and the ``$JS.ACK…`` reply subject of each message, 
 * :class:`WireConnection`: one blocking socket (TLS where the URL says ``tls://`` or the server
   requires it, verified against the options' CA), the protocol's text (``INFO``, ``CONNECT``
   with headers and no-responders, ``PING``/``PONG``, ``SUB``/``UNSUB``, ``PUB``, ``MSG``/``HMSG``,
-  ``-ERR``), a user and password or a token from the URL, and request/reply through one inbox
-  subscription. Frames are cut from large ``recv()`` buffers in bulk by :func:`scan_frames_py`
-  (or its C twin, ``telemetry.log._natswire.scan_frames``, where built).
+  ``-ERR``), a user and password or a token from the URL, and request/reply (an inbox
+  subscription a request). Frames are cut from large ``recv()`` buffers in bulk by
+  :func:`scan_frames_py` (or its C twin, ``telemetry.log._natswire.scan_frames``, where built).
 * :class:`OrderedConsumer`: the ordered push consumer nats-py would create (a JetStream API
   request ``$JS.API.CONSUMER.CREATE.<stream>``: an inbox to deliver to, from a stream sequence,
   no acknowledgements, flow control, idle heartbeats, in memory, one replica, removed by the
@@ -36,10 +36,11 @@ removed) and is reported as a new run. A lost connection is reconnected (every U
 and the consumer recreated, or raised as :class:`WireError` where the caller asked not to wait
 (a command).
 
-Credentials. A creds file (a JWT and an NKey seed) needs the server's nonce signed with the
-seed; that takes the ``nkeys`` package nats-py uses for it. Where it is missing, or where the
-server asks for something this client does not send, :class:`WireUnsupported` is raised on
-connecting and the caller reads through nats-py instead. Nothing here prints a credential: an
+Credentials. A creds file (a JWT and an NKey seed) is read, as nats-py reads it, when the
+server sends a nonce: the nonce is signed with the seed by the ``nkeys`` package nats-py uses
+for it (the ``nats`` extra installs it). Where it is missing, or where the server asks for
+something this client does not send, :class:`WireUnsupported` is raised on connecting and the
+caller reads through nats-py instead. Nothing here prints a credential: an
 error names the server by :func:`address`, without user or password.
 """
 
