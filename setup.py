@@ -1,9 +1,10 @@
-"""Builds the optional C accelerator; everything else is declared in pyproject.toml.
+"""Builds the optional C accelerators; everything else is declared in pyproject.toml.
 
-``telemetry.log._framing`` is the reader's check of a run of frames. It is optional: where it
-cannot be compiled (no C compiler, no Python or zlib headers) the install still succeeds and
-wantel uses its pure-Python reference (``telemetry.log.framing.scan_run_py``), with the same
-results.
+``telemetry.log._framing`` is the reader's check of a run of frames; ``telemetry.log._natswire``
+is the lean NATS reader's frame scan. Both are optional: where one cannot be compiled (no C
+compiler, no Python or zlib headers) the install still succeeds and wantel uses its pure-Python
+reference (``telemetry.log.framing.scan_run_py``, ``telemetry.log.nats_wire.scan_frames_py``),
+with the same results.
 """
 
 from setuptools import Extension, setup
@@ -17,6 +18,12 @@ setup(
             "telemetry.log._framing",
             sources=["telemetry/log/_framing.c"],
             libraries=["z"],
+            optional=True,
+            extra_compile_args=WARNINGS,
+        ),
+        Extension(
+            "telemetry.log._natswire",
+            sources=["telemetry/log/_natswire.c"],
             optional=True,
             extra_compile_args=WARNINGS,
         ),

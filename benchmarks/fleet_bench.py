@@ -19,7 +19,11 @@ on loopback ports and measures four figures, each beside its local-only counterp
    ``emit()`` calls: ``wantel serve --log`` on that worker's local log. Goal p99 ≤ 250 ms.
 3. **Catch-up replay** of the fleet stream (every event of step 1): read + decode, and read +
    decode + every projection ``wantel serve`` runs, from the stream and (local-only) from the
-   workers' local logs, one after the other. Goal ≥ 300k events/s (read + decode).
+   workers' local logs, one after the other. Goal ≥ 300k events/s (read + decode). The stream
+   is read through ``NatsLog``'s lean reader (its frame scan in C where built), and, for
+   comparison in the same run, with the reader's Python frame scan (``compiled=False``) and
+   through nats-py (``lean=False``, the reader before); each way ``--replay-rounds`` times in
+   turn (3), each figure the median of its rounds.
 4. **CPU per event on a worker**: what the ``wantel ship`` processes of step 1 used (user +
    system, less one idle shipper's start-up, measured here too), per event; local-only: what
    the filling processes used per event (the log writer's share of a worker's cost; the
@@ -38,6 +42,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -333,13 +338,21 @@ def bench_client(server: Any, n: int) -> dict[str, float]:
 # -- 3: catch-up replay ----------------------------------------------------------------------
 
 
-def bench_replay(server: Any, logs: list[Path], total: int) -> dict[str, Any]:
-    def fleet_read() -> int:
-        log = NatsLog(NatsOptions(server.url), create=False)
-        try:
-            return sum(len(i.events) for i in log.read() if isinstance(i, Batch))
-        finally:
-            log.close()
+def bench_replay(server: Any, logs: list[Path], total: int, rounds: int) -> dict[str, Any]:
+    """Each way of reading, ``rounds`` times in turn: the median rate of each (and every
+    round's, under ``<name>_rounds``), so that one burst of other processes' load does not
+    decide a figure."""
+    def reading(**kwargs: Any) -> Any:
+        def read() -> int:
+            log = NatsLog(NatsOptions(server.url), create=False, **kwargs)
+            try:
+                return sum(len(i.events) for i in log.read() if isinstance(i, Batch))
+            finally:
+                log.close()
+
+        return read
+
+    fleet_read = reading()  # the lean reader, its frame scan in C where built
 
     def fleet_fold() -> int:
         log = NatsLog(NatsOptions(server.url), create=False)
@@ -367,14 +380,29 @@ def bench_replay(server: Any, logs: list[Path], total: int) -> dict[str, Any]:
                     count += engine.apply_batch(Batch(item.first + offset, item.events))
         return count
 
+    ways = (("fleet_read", fleet_read), ("local_read", local_read),
+            ("fleet_read_python_scan", reading(compiled=False)),
+            ("fleet_read_nats_py", reading(lean=False)),
+            ("fleet_fold", fleet_fold), ("local_fold", local_fold))
+    rates: dict[str, list[float]] = {name: [] for name, _fn in ways}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name, _fn in ways}
+    assert server.proc is not None
+    for _round in range(rounds):
+        for name, fn in ways:
+            server0, own0 = proc_cpu(server.proc.pid), time.process_time()
+            t0 = time.perf_counter()
+            count = fn()
+            elapsed = time.perf_counter() - t0
+            assert count == total, f"{name}: {count} of {total} events"
+            rates[name].append(total / elapsed)
+            cpu[name].append((proc_cpu(server.proc.pid) - server0, time.process_time() - own0))
     out: dict[str, Any] = {}
-    for name, fn in (("fleet_read", fleet_read), ("local_read", local_read),
-                     ("fleet_fold", fleet_fold), ("local_fold", local_fold)):
-        t0 = time.perf_counter()
-        count = fn()
-        elapsed = time.perf_counter() - t0
-        assert count == total, f"{name}: {count} of {total} events"
-        out[name] = total / elapsed
+    for name, values in rates.items():
+        out[name] = statistics.median(values)
+        out[f"{name}_rounds"] = values
+        # CPU per event of the broker and of the reader (this process), µs, medians.
+        out[f"{name}_server_cpu_us"] = statistics.median(s for s, _ in cpu[name]) / total * 1e6
+        out[f"{name}_reader_cpu_us"] = statistics.median(r for _, r in cpu[name]) / total * 1e6
     return out
 
 
@@ -486,6 +514,9 @@ def main() -> int:
                         help="messages for nats-py's own rates (default 50,000)")
     parser.add_argument("--publish-messages", type=int, default=10_000,
                         help="messages for the two ways of publishing (default 10,000)")
+    parser.add_argument("--replay-rounds", type=int, default=3,
+                        help="rounds of the catch-up reads, each figure their median "
+                             "(default 3)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -520,7 +551,8 @@ def main() -> int:
         try:
             ship = bench_ship(server, scratch, filled["logs"], filled["events"])
             print("  … shipping done", flush=True)
-            replay = bench_replay(server, filled["logs"], filled["events"])
+            replay = bench_replay(server, filled["logs"], filled["events"],
+                                  args.replay_rounds)
             print("  … replay done", flush=True)
             publish = bench_publish(server, args.publish_messages)
             print("  … publishing modes done", flush=True)
@@ -568,6 +600,11 @@ def main() -> int:
     row("catch-up replay, read + decode, ev/s", f"{replay['fleet_read']:,.0f}",
         f"{replay['local_read']:,.0f}", replay["fleet_read"] / replay["local_read"],
         f">= 300k/s {verdict(replay['fleet_read'] >= GOAL_REPLAY)}")
+    row("  the same, the lean reader's Python frame scan",
+        f"{replay['fleet_read_python_scan']:,.0f}", f"{replay['local_read']:,.0f}",
+        replay["fleet_read_python_scan"] / replay["local_read"])
+    row("  the same, through nats-py (the reader before)", f"{replay['fleet_read_nats_py']:,.0f}",
+        f"{replay['local_read']:,.0f}", replay["fleet_read_nats_py"] / replay["local_read"])
     row("catch-up replay, + every projection, ev/s", f"{replay['fleet_fold']:,.0f}",
         f"{replay['local_fold']:,.0f}", replay["fleet_fold"] / replay["local_fold"])
     row("worker CPU per event: ship / local write, µs", f"{ship['ship_cpu_us']:.1f}",
@@ -577,6 +614,20 @@ def main() -> int:
     print(f"  broker (nats-server) CPU per event while shipping: {ship['server_cpu_us']:.1f} µs "
           f"(2-minute flush: {lazy['server_cpu_us']:.1f} µs); one shipper's start-up "
           f"(subtracted): {ship['idle_shipper_cpu_s']:.2f} s CPU")
+    rounds_text = "; ".join(
+        f"{name} " + "/".join(f"{rate / 1e3:.0f}k" for rate in replay[f"{name}_rounds"])
+        for name in ("fleet_read", "fleet_read_python_scan", "fleet_read_nats_py", "local_read"))
+    print(f"  catch-up reads, each figure the median of {args.replay_rounds} rounds in turn: "
+          f"lean reader / nats-py {replay['fleet_read'] / replay['fleet_read_nats_py']:.1f}×, "
+          f"C / Python frame scan "
+          f"{replay['fleet_read'] / replay['fleet_read_python_scan']:.2f}×; rounds: {rounds_text}")
+    print("  CPU per event read + decoded, broker / reader, µs: lean reader "
+          f"{replay['fleet_read_server_cpu_us']:.2f} / {replay['fleet_read_reader_cpu_us']:.2f}, "
+          f"its Python scan {replay['fleet_read_python_scan_server_cpu_us']:.2f} / "
+          f"{replay['fleet_read_python_scan_reader_cpu_us']:.2f}, nats-py "
+          f"{replay['fleet_read_nats_py_server_cpu_us']:.2f} / "
+          f"{replay['fleet_read_nats_py_reader_cpu_us']:.2f}; local logs "
+          f"{replay['local_read_reader_cpu_us']:.2f} (reader)")
     print(f"  nats-py alone, one connection, {args.client_messages:,} messages (2-minute flush): "
           f"publish_async {client['publish_async']:,.0f}/s, pull fetch "
           f"{client['pull_fetch']:,.0f}/s, ordered push consumer "

@@ -1,9 +1,11 @@
 """Where replay's hot loop comes from: a C accelerator where it was built, else Python.
 
-The C file (``telemetry/log/_framing.c``) implements one function that has a pure-Python
-reference beside it, with the same results (a contract test runs both). The choice is made when
+Each C file implements one function that has a pure-Python reference beside it, with the same
+results (a contract test runs both): ``telemetry/log/_framing.c``, the local log's frame checks,
+and ``telemetry/log/_natswire.c``, the lean NATS reader's frame scan. The choice is made when
 the object that runs the loop is built, never when a module is imported:
-:class:`~telemetry.log.local.LocalLog` (the frame checks) takes ``compiled``:
+:class:`~telemetry.log.local.LocalLog` (the frame checks) and
+:class:`~telemetry.log.nats.NatsLog` (the frame scan) take ``compiled``:
 
 * ``True``: the C version, or the reference where it was not built (an install without a C
   compiler), which :func:`choose` reports;
@@ -39,7 +41,10 @@ class Accelerator:
 
 #: The reader's check of a run of frames (reference: ``framing.scan_run_py``).
 FRAME_CHECKS: Final = Accelerator("frame checks", "telemetry.log._framing", "scan_run")
-ACCELERATORS: Final = (FRAME_CHECKS,)
+#: The lean NATS reader's cut of a buffer into message frames (reference:
+#: ``nats_wire.scan_frames_py``).
+NATS_FRAMES: Final = Accelerator("NATS frame scan", "telemetry.log._natswire", "scan_frames")
+ACCELERATORS: Final = (FRAME_CHECKS, NATS_FRAMES)
 
 
 @dataclass

@@ -44,18 +44,34 @@ analysis of NATS 2.12.1 found exactly that.
 Reads use an ephemeral **ordered push consumer** created at the reader's position (no
 acknowledgements: the reader's own checkpoint, written atomically with the state it belongs
 to, is its durable place in the stream; a server-side durable consumer's ack floor could not be
-written together with the projections it fed). The server pushes messages with flow
-control: the client answers it only for messages the reader took, so a reader that falls
-behind holds the server back instead of filling memory (see :func:`_take`). The client
-recreates the consumer from the last message it received after a gap in its deliveries or two
-missed heartbeats (:data:`READ_HEARTBEAT_S`: a restarted server, a lost consumer). A pull
-consumer's ``fetch`` (its request, then one message at a time) read several times slower here
-(docs/performance.md, "Fleet").
+written together with the projections it fed). :meth:`NatsLog.read` and each cursor read through
+the **lean reader**, :mod:`telemetry.log.nats_wire`: a blocking socket of their own, the
+consumer created by a JetStream API request, frames cut in bulk from large ``recv()`` buffers
+(in C where ``telemetry/log/_natswire.c`` was built: ``compiled``), the stream sequence and the
+pending count taken from each delivery's ``$JS.ACK…`` reply subject. The server pushes with flow
+control, and the reader answers a flow-control request only once the messages before it were
+handed over; between reads nothing reads the socket, so a reader that falls behind holds the
+server to one window (a few thousand messages) instead of filling memory. The reader creates the
+consumer again from the last message it handed over after a gap in the consumer's sequence, an
+idle heartbeat (:data:`READ_HEARTBEAT_S`) whose ``Nats-Last-Consumer`` is not the last delivery
+received, two heartbeats missed (a restarted server, a deleted consumer), or a lost connection,
+which it reconnects (a follower, ``reconnect=True``, keeps trying; a command tries twice, then
+raises :class:`LogError`). A gap in the stream's sequence (messages its limits removed) starts a
+new :class:`Batch`; a payload that does not decode is :class:`Quarantined`. It reads several
+times faster than nats-py's per-message path (its parser, a ``Msg`` object and an asyncio queue
+hop a message, ~9 µs) and a pull consumer's ``fetch`` (docs/performance.md, "Fleet").
 
-The client (``nats-py``) is asynchronous; this class runs it on an event loop in a daemon
-thread of its own and waits for each call, so the interface stays the synchronous one every
-backend has. Connection failures, refusals and timeouts are raised as :class:`LogError` (a
-missing stream as :class:`LogNotFound`), with the server's address but never its credentials.
+Where the lean reader cannot authenticate as configured (a creds file without the ``nkeys``
+package, a server asking for an NKey), and with ``lean=False``, reads go through nats-py's own
+ordered consumer on the log's connection instead (:class:`_ClientCursor`), with the same items:
+there the client answers flow control for the messages taken from its queue, and a reader paused
+past :data:`READ_QUEUE` starts again from its position.
+
+Publishing, the stream's creation and its state go through nats-py, which is asynchronous; this
+class runs it on an event loop in a daemon thread of its own and waits for each call, so the
+interface stays the synchronous one every backend has. Connection failures, refusals and
+timeouts are raised as :class:`LogError` (a missing stream as :class:`LogNotFound`), with the
+server's address but never its credentials.
 """
 
 from __future__ import annotations
@@ -74,7 +90,13 @@ from uuid import uuid4
 
 import structlog
 
-from telemetry.codec import MalformedRecord, decode_one, encode_many, encode_many_json
+from telemetry.codec import (
+    MalformedRecord,
+    decode_each,
+    decode_one,
+    encode_many,
+    encode_many_json,
+)
 from telemetry.events import Event
 from telemetry.log.base import (
     Batch,
@@ -92,12 +114,12 @@ SUBJECT_PREFIX: Final = "wantel.events"
 SUBJECTS: Final = f"{SUBJECT_PREFIX}.>"
 #: How long the server remembers a ``Nats-Msg-Id`` to drop a retried publish (seconds).
 DUPLICATE_WINDOW_S: Final = 120.0
-#: Messages a reader takes in one step at most.
+#: Messages a nats-py reader takes in one step at most.
 READ_BATCH: Final = 4096
-#: Messages (and bytes) the client holds for a reader at most. Flow control keeps it to a few
+#: Messages (and bytes) nats-py holds for a reader at most. Flow control keeps it to a few
 #: thousand while the reader reads; a reader paused for long (each idle heartbeat lets the
 #: server send another window) fills it, the client drops what comes next, and the cursor
-#: starts again from its position (:meth:`_NatsCursor.fetch`).
+#: starts again from its position (:meth:`_ClientCursor.fetch`).
 READ_QUEUE: Final = 65536
 READ_QUEUE_BYTES: Final = 64 * 1024 * 1024
 #: Messages published per pipelined round (the per-message way).
@@ -114,6 +136,8 @@ ATOMIC_MIN: Final = 8
 ERR_BATCH_DUPLICATE: Final = 10201
 ERR_BATCH_TOO_LARGE: Final = 10199
 ERR_ATOMIC_DISABLED: Final = 10174
+#: JetStream's error code for a stream that does not exist.
+ERR_STREAM_NOT_FOUND: Final = 10059
 #: How often the server tells an idle reader's consumer it is alive (seconds): two missed, and
 #: the client recreates the consumer after the last message it received (a restarted server,
 #: a lost consumer).
@@ -210,13 +234,28 @@ class NatsLog(EventLog):
         worker: the worker whose subject appends publish on (readers need none).
         create: make the stream if it is missing (writers); ``False`` raises
             :class:`LogNotFound` instead (readers).
+        lean: read through :mod:`telemetry.log.nats_wire` (the default), or through nats-py
+            (``False``; also where the lean reader cannot authenticate as configured).
+        compiled: whether the lean reader cuts frames in C (``telemetry.log._natswire``) or
+            with the Python reference; ``None`` is the process-wide default
+            (:mod:`telemetry.accelerate`).
     """
 
     def __init__(self, options: NatsOptions, *, worker: str | None = None,
-                 create: bool = True) -> None:
+                 create: bool = True, lean: bool = True, compiled: bool | None = None) -> None:
         import nats  # noqa: F401 - the [nats] extra: a clear error below if it is missing
 
+        from telemetry import accelerate
+        from telemetry.log import nats_wire
+
         self.options = options
+        #: How reads reach the stream, in words: "lean" or "nats-py (why)".
+        self.reads = "lean" if lean else "nats-py (lean=False)"
+        #: The lean reader's frame scan, and what it is in words ("C", "Python (…)").
+        self.scan_frames: nats_wire.Scan
+        self.frame_scan: str
+        self.scan_frames, self.frame_scan = accelerate.choose(
+            accelerate.NATS_FRAMES, nats_wire.scan_frames_py, compiled)
         self.subject = subject_for(worker or "_")
         self.location = f"{redact(options.url)} stream {options.stream}"
         self._closed = False
@@ -446,7 +485,7 @@ class NatsLog(EventLog):
         _messages, last = self._call(self._state(), "reading the stream's state")
         if last - 1 < start:
             return
-        cursor = _NatsCursor(self, start)
+        cursor = self.cursor(start)
         try:
             while cursor.position <= last - 1:
                 items = cursor.fetch(wait=self.options.timeout, upto=last)
@@ -461,9 +500,18 @@ class NatsLog(EventLog):
         """Whether the connection is open (or reconnecting): False once it gave up or closed."""
         return not self._closed and self._nc is not None and not self._nc.is_closed
 
-    def cursor(self, start: Position = 0) -> _NatsCursor:
-        """A reader holding one ordered push consumer open, from ``start`` on."""
-        return _NatsCursor(self, start)
+    def cursor(self, start: Position = 0) -> _NatsCursor | _ClientCursor:
+        """A reader holding one ordered push consumer open, from ``start`` on: on a connection
+        of its own through the lean reader, else through nats-py (see ``lean``)."""
+        if self.reads == "lean":
+            return _NatsCursor(self, start)
+        return _ClientCursor(self, start)
+
+    def _lean_unsupported(self, why: str) -> None:
+        """The lean reader cannot authenticate as configured: read through nats-py."""
+        if self.reads == "lean":
+            _log.info("reading through nats-py", stream=self.options.stream, reason=why)
+        self.reads = f"nats-py ({why})"
 
     def close(self) -> None:
         """Drain and close the connection; the log may not be used afterwards."""
@@ -489,8 +537,137 @@ class NatsLog(EventLog):
 
 
 class _NatsCursor:
-    """An ordered push consumer from a position; :meth:`poll` yields what the stream holds
-    beyond it."""
+    """The lean reader: an ordered push consumer from a position on a connection of its own
+    (:mod:`telemetry.log.nats_wire`); :meth:`poll` yields what the stream holds beyond it.
+    Where the lean reader cannot authenticate as configured it hands over to a
+    :class:`_ClientCursor` (nats-py) from its position."""
+
+    def __init__(self, log: NatsLog, start: Position) -> None:
+        self.log = log
+        self.position = max(start, 0)
+        self._conn: Any = None
+        self._consumer: Any = None
+        self._client: _ClientCursor | None = None
+
+    def _ensure(self) -> Any:
+        from telemetry.log.nats_wire import (
+            OrderedConsumer,
+            WireConnection,
+            WireError,
+            WireUnsupported,
+        )
+
+        if self._consumer is not None:
+            return self._consumer
+        log, opts = self.log, self.log.options
+        if log._closed:
+            raise LogError("reading on a closed log")
+        conn = WireConnection(opts.url, ca=opts.ca, creds=opts.creds, timeout=opts.timeout,
+                              scan=log.scan_frames)
+        try:
+            conn.connect()
+        except WireUnsupported as exc:
+            log._lean_unsupported(str(exc))
+            return None
+        except WireError as exc:
+            if not opts.reconnect:
+                raise LogError(str(exc)) from None
+        self._conn = conn
+        self._consumer = OrderedConsumer(conn, opts.stream, self.position + 1,
+                                         heartbeat=READ_HEARTBEAT_S, reconnect=opts.reconnect)
+        return self._consumer
+
+    def fetch(self, *, wait: float, upto: int | None = None) -> list[ReadItem]:
+        """What was delivered (waiting up to ``wait`` for the first message), as read items;
+        ``upto``: the last stream sequence wanted (``read()``: what was stored when it
+        began)."""
+        from telemetry.log.nats_wire import ApiError, WireError, WireUnsupported
+
+        if self._client is not None:
+            return self._client.fetch(wait=wait, upto=upto)
+        try:
+            consumer = self._ensure()
+            if consumer is None:
+                self._client = _ClientCursor(self.log, self.position)
+                return self._client.fetch(wait=wait, upto=upto)
+            runs = consumer.take(wait)
+        except WireUnsupported as exc:  # a reconnect to a server that now asks for more
+            self.log._lean_unsupported(str(exc))
+            self.close()
+            self._client = _ClientCursor(self.log, self.position)
+            return self._client.fetch(wait=wait, upto=upto)
+        except ApiError as exc:
+            self.close()
+            if exc.code == ERR_STREAM_NOT_FOUND:
+                raise LogNotFound(f"no stream {self.log.options.stream} at "
+                                  f"{redact(self.log.options.url)}") from None
+            raise LogError(str(exc)) from None
+        except WireError as exc:
+            self.close()
+            raise LogError(f"reading at {self.log.location}: {exc}") from None
+        items: list[ReadItem] = []
+        where = self.log.location
+        for run in runs:
+            payloads = run.payloads
+            if upto is not None and run.first + len(payloads) - 1 > upto:
+                payloads = payloads[:max(0, upto - run.first + 1)]
+                if not payloads:
+                    continue
+            _decode_run(run.first - 1, payloads, run.pending, where, items)
+            self.position = run.first - 1 + len(payloads)
+        return items
+
+    def poll(self) -> Iterator[ReadItem]:
+        """What is new since the last poll (waiting briefly when nothing is)."""
+        wait = POLL_WAIT_S
+        while True:
+            items = self.fetch(wait=wait)
+            if not items:
+                return
+            yield from items
+            wait = 0.001
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        consumer, self._consumer = self._consumer, None
+        conn, self._conn = self._conn, None
+        if consumer is not None:
+            consumer.close()
+        if conn is not None:
+            conn.close()
+
+
+def _decode_run(first: Position, payloads: list[bytes], pending: int, where: str,
+                items: list[ReadItem]) -> None:
+    """Decode messages at consecutive positions from ``first`` into ``items``: one
+    :class:`Batch`, or batches around the payloads that do not decode (each
+    :class:`Quarantined`)."""
+    try:
+        events = decode_each(payloads)
+    except MalformedRecord:
+        pass
+    else:
+        items.append(Batch(first, events, pending))
+        return
+    events = []
+    start = first
+    for position, payload in enumerate(payloads, first):
+        try:
+            events.append(decode_one(payload))
+        except MalformedRecord as exc:
+            if events:
+                items.append(Batch(start, events))
+            items.append(Quarantined(first=position, count=1, next=position + 1,
+                                     where=f"{where} seq {position + 1}", reason=str(exc)))
+            events, start = [], position + 1
+    if events:
+        items.append(Batch(start, events, pending))
+
+
+class _ClientCursor:
+    """The nats-py reader: an ordered push consumer from a position through the log's own
+    connection; :meth:`poll` yields what the stream holds beyond it."""
 
     def __init__(self, log: NatsLog, start: Position) -> None:
         self.log = log

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from telemetry.codec import (
     MalformedRecord,
     decode_current_batch,
+    decode_each,
     decode_one,
     encode,
     encode_complete,
@@ -104,6 +105,33 @@ class TestUpcasting:
         """A record from a newer wantel is refused with advice, not misread."""
         with pytest.raises(MalformedRecord, match="newer wantel"):
             decode_one(STEP_ENDED_V1.replace(b'"v":1', b'"v":9'))
+
+
+class TestDecodeEach:
+    """Records stored one by one (a NATS message each) decoded in one call."""
+
+    @given(events=st.lists(any_event, max_size=20))
+    def test_as_decode_one_on_each(self, events: list[Event]) -> None:
+        """Current records in either stored form give what decode_one gives each."""
+        records = [encode(e) if i % 3 else encode_json(e) for i, e in enumerate(events)]
+        assert [decode_one(r) for r in records] == decode_each(records)
+
+    def test_older_records_among_current_ones_are_upcast(self) -> None:
+        """A v1 record (as MessagePack or JSON) among current ones is upcast, in its place."""
+        current = encode(StepEnded(job="j", seq=0, ts=1, step=0, total_steps=2,
+                                   timestep=1.0, duration_s=0.5))
+        as_msgpack = msgspec.msgpack.encode(msgspec.json.decode(STEP_ENDED_V1))
+        records = [current, as_msgpack, current, STEP_ENDED_V1]
+        assert [decode_one(r) for r in records] == decode_each(records)
+        assert [2, 2, 2, 2] == [e.v for e in decode_each(records)]
+
+    def test_a_malformed_record_raises(self) -> None:
+        """One record that does not decode fails the call (the reader then quarantines it
+        alone)."""
+        good = encode(StepEnded(job="j", seq=0, ts=1, step=0, total_steps=2, timestep=1.0,
+                                duration_s=0.5))
+        with pytest.raises(MalformedRecord):
+            decode_each([good, b"\xc1not msgpack", good])
 
 
 class TestValidation:

@@ -10,7 +10,7 @@ import pytest
 
 from telemetry.events import JobCompleted
 from telemetry.log.base import Batch, LogError, LogNotFound
-from telemetry.log.nats import STREAM, NatsLog, NatsOptions, redact, subject_for
+from telemetry.log.nats import STREAM, NatsLog, NatsOptions, _ClientCursor, redact, subject_for
 from tests.nats_server import NatsServer
 
 from .log_contract import LogContract, events_of, positions_of, steps
@@ -38,9 +38,30 @@ class TestNatsLogContract(LogContract):
         return NatsLog(NatsOptions(server.url), worker="w1")
 
 
+class TestNatsLogContractThroughNatsPy(TestNatsLogContract):
+    """The contract again, reading through nats-py (``lean=False``; also what a log falls back
+    to where the lean reader cannot authenticate as configured)."""
+
+    def make_log(self, tmp_path: Path) -> NatsLog:
+        server = NatsServer(tmp_path / f"store{len(self.servers)}")
+        self.servers.append(server)
+        server.start()
+        log = NatsLog(NatsOptions(server.url), worker="w1", lean=False)
+        assert "nats-py (lean=False)" == log.reads
+        return log
+
+
 @pytest.fixture(name="server_log")
 def _server_log(nats_server: NatsServer) -> Iterator[NatsLog]:
     log = NatsLog(NatsOptions(nats_server.url), worker="host-a:17")
+    yield log
+    log.close()
+
+
+@pytest.fixture(name="client_log")
+def _client_log(nats_server: NatsServer) -> Iterator[NatsLog]:
+    """A log that reads through nats-py."""
+    log = NatsLog(NatsOptions(nats_server.url), worker="host-a:17", lean=False)
     yield log
     log.close()
 
@@ -319,13 +340,15 @@ class TestCatchUpReads:
         finally:
             cursor.close()
 
-    def test_a_reader_slower_than_the_server_loses_nothing(self, server_log: NatsLog) -> None:
-        """Flow control holds the server back while the reader takes its time: the client
-        holds a few thousand messages, not the stream, and every one of 50,000 events arrives,
-        in order, once."""
+    def test_a_reader_slower_than_the_server_loses_nothing(self, client_log: NatsLog) -> None:
+        """Through nats-py, flow control holds the server back while the reader takes its
+        time: the client holds a few thousand messages, not the stream, and every one of
+        50,000 events arrives, in order, once."""
+        server_log = client_log
         events = steps("a", 0, 50_000)
         server_log.append(events)
         cursor = server_log.cursor(0)
+        assert isinstance(cursor, _ClientCursor)
         try:
             got = [i for i in cursor.fetch(wait=5.0) if isinstance(i, Batch)]
             assert got, "nothing delivered"
@@ -340,17 +363,20 @@ class TestCatchUpReads:
             cursor.close()
 
     def test_a_reader_paused_past_its_queue_starts_again(
-            self, server_log: NatsLog, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A reader that stops reading while each idle heartbeat lets the server send another
-        window overflows the client's queue (here 12,000 messages): the client drops what comes
-        next, and the cursor starts again from its position — nothing lost, nothing twice."""
+            self, client_log: NatsLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Through nats-py, a reader that stops reading while each idle heartbeat lets the
+        server send another window overflows the client's queue (here 12,000 messages): the
+        client drops what comes next, and the cursor starts again from its position — nothing
+        lost, nothing twice."""
         from telemetry.log import nats as module
         from tests.polling import wait_for
 
+        server_log = client_log
         monkeypatch.setattr(module, "READ_QUEUE", 12_000)
         events = steps("a", 0, 60_000)
         server_log.append(events)
         cursor = server_log.cursor(0)
+        assert isinstance(cursor, _ClientCursor)
         try:
             got = [i for i in cursor.fetch(wait=5.0) if isinstance(i, Batch)]
             assert got
@@ -373,14 +399,15 @@ class TestCatchUpReads:
         assert 0 == items[-1].behind
         assert 6_000 == len(events_of(items))
 
-    def test_a_follower_resumes_after_the_server_restarts(self,
-                                                          nats_server: NatsServer) -> None:
+    @pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])
+    def test_a_follower_resumes_after_the_server_restarts(self, nats_server: NatsServer,
+                                                          lean: bool) -> None:
         """A cursor following the stream when the server is killed and started again (its
         consumer lost with it) picks up the events appended afterwards, each once, without
-        being reopened: the client notices the missing heartbeats and recreates the consumer
-        after the last message it received."""
+        being reopened: the client notices the lost connection or the missing heartbeats and
+        recreates the consumer after the last message it received."""
         writer = NatsLog(NatsOptions(nats_server.url, reconnect=True), worker="w")
-        reader = NatsLog(NatsOptions(nats_server.url, reconnect=True), create=False)
+        reader = NatsLog(NatsOptions(nats_server.url, reconnect=True), create=False, lean=lean)
         cursor = reader.cursor(0)
         try:
             writer.append(steps("a", 0, 5))
