@@ -5,7 +5,7 @@ Each job is a separate `wantel run` process, as a user would run it, so the load
 what it really costs (importing diffusers, building the model). The parameters are drawn from a
 seeded generator, so the set of jobs is reproducible; their timings are what this machine did.
 
-Three plans:
+Five plans:
 
 - ``fixture`` (default): the corpus in ``tests/fixtures/eta-corpus``, 32–256 px in steps of 32,
   9–49 frames, 4–30 steps, CFG on or off.
@@ -13,6 +13,10 @@ Three plans:
   32 grid, 5–53 frames, 3–40 steps, guidance 3.5 and 6.0): a held-out corpus for generalisation.
 - ``repeat``: a few shape families, each run several times, interleaved — what a service that
   gets the same requests sees; the online-learning acceptance is measured on it.
+- ``strips``: thin strips (16 px beside 304–368), 57–69 frames, 41–50 steps: sizes, frames,
+  steps and guidance no other plan uses (the noisy held-out corpora of the speed-shift work).
+- ``blocks``: single-frame stills 384–448 px a side and long clips (73–81 frames) 384–448 px by
+  32–64, 51–60 steps or 1: the third noisy held-out corpus (the ETA ablation).
 
 ``--busy N`` runs N busy-loop processes for the whole recording: a noisy neighbour.
 
@@ -53,6 +57,66 @@ def _wide_job(index: int, rng: random.Random) -> dict[str, object]:
     return {"job": f"wide-{index:03d}", "variant": variant, "height": height, "width": width,
             "frames": frames, "steps": rng.randint(3, 40),
             "guidance": rng.choice((1.0, 3.5, 6.0)), "seed": index}
+
+
+STRIP_SIZES = (16, 304, 336, 368)  # sides no other plan uses (multiples of 16)
+STRIP_TI2V_SIZES = (320, 352)  # multiples of 32 no other plan uses, beside 32 or 64
+STRIP_FRAMES = (57, 61, 65, 69)
+
+
+def strips_plan(count: int, seed: int) -> list[dict[str, object]]:
+    """Sizes, frames, steps and guidance no other plan uses: thin strips (16 px beside 304–368
+    px, or the like), 57–69 frames, 41–50 steps, guidance 2.5/5.5/8 — a held-out corpus
+    for the speed-shift work (recorded with ``--busy 2``: tests/fixtures/eta-noisy-heldout*)."""
+    rng = random.Random(seed)
+    jobs = []
+    for index in range(count):
+        variant = VARIANTS[index % len(VARIANTS)]
+        while True:
+            if variant == "tiny-ti2v":
+                height, width = rng.choice(STRIP_TI2V_SIZES), rng.choice((32, 64))
+                if rng.random() < 0.5:
+                    height, width = width, height
+            else:
+                height, width = rng.choice(STRIP_SIZES), rng.choice(STRIP_SIZES)
+            frames = rng.choice(STRIP_FRAMES)
+            if height * width * frames <= MAX_PIXELS:
+                break
+        steps = rng.choice((2, *range(41, 49))) if index % 7 == 3 else rng.randint(41, 50)
+        jobs.append({"job": f"held2-{index:03d}", "variant": variant, "height": height,
+                     "width": width, "frames": frames, "steps": steps,
+                     "guidance": rng.choice((2.5, 5.5, 8.0)), "seed": 500 + index})
+    return jobs
+
+
+BLOCK_SIZES = (384, 400, 416, 432, 448)  # sides above every other plan's (multiples of 16)
+BLOCK_TI2V_SIZES = (384, 416, 448)  # multiples of 32 above every other plan's
+LONG_FRAMES = (73, 77, 81)  # clips longer than any other plan's
+
+
+def blocks_plan(count: int, seed: int) -> list[dict[str, object]]:
+    """Layouts no other plan uses: single-frame stills at 384–448 px a side, and long clips
+    (73–81 frames) 384–448 px by 32 or 48; 51–60 steps (or 1 step, now and then); guidance
+    1.0/3.0/6.5 — the third noisy held-out corpus (recorded with ``--busy 2``:
+    tests/fixtures/eta-noisy-heldout3)."""
+    rng = random.Random(seed)
+    jobs = []
+    for index in range(count):
+        variant = VARIANTS[index % len(VARIANTS)]
+        sizes = BLOCK_TI2V_SIZES if variant == "tiny-ti2v" else BLOCK_SIZES
+        if index % 2 == 0:
+            height, width, frames = rng.choice(sizes), rng.choice(sizes), 1
+        else:
+            height, width = rng.choice(sizes), rng.choice((32, 64) if variant == "tiny-ti2v"
+                                                           else (32, 48))
+            if rng.random() < 0.5:
+                height, width = width, height
+            frames = rng.choice(LONG_FRAMES)
+        steps = 1 if index % 6 == 4 else rng.randint(51, 60)
+        jobs.append({"job": f"held3-{index:03d}", "variant": variant, "height": height,
+                     "width": width, "frames": frames, "steps": steps,
+                     "guidance": rng.choice((1.0, 3.0, 6.5)), "seed": 900 + index})
+    return jobs
 
 
 def repeat_plan(count: int, seed: int) -> list[dict[str, object]]:
@@ -138,7 +202,8 @@ def _record(jobs: list[dict[str, object]], wantel: list[str], out: Path) -> int:
     return 0
 
 
-PLANS = {"fixture": plan, "wide": wide_plan, "repeat": repeat_plan}
+PLANS = {"fixture": plan, "wide": wide_plan, "repeat": repeat_plan, "strips": strips_plan,
+         "blocks": blocks_plan}
 
 if __name__ == "__main__":
     sys.exit(main())
