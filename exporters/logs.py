@@ -109,6 +109,8 @@ class LifecycleLogger(Sink):
         """Write the lines of what the runner applied (only track, while it catches up);
         a ``job.abandoned`` warning for each job a ``WorkerLost``/``WorkerStopped`` ended
         (read from the runner's jobs projection, when it has one)."""
+        if applied.kinds.isdisjoint(_TRACKED_TYPES) and applied.kinds.isdisjoint(_ABANDONING):
+            return  # steps and samples only: nothing to write or track
         write, tracked, one = applied.live, _TRACKED_TYPES, self._one
         for event in applied.events:
             if type(event) in tracked:

@@ -101,6 +101,11 @@ class ProjectionEngine:
         self.states: dict[str, Any] = {p.name: p.initial() for p in projections}
         self.position: Position = 0  # the next position to apply
         self.last_seq: dict[str, int] = {}
+        #: What the latest :meth:`apply_fresh` found in its one pass over the new events: their
+        #: types, and the newest ``ts`` (0 if none is positive). A runner hands them to its
+        #: sinks, so a sink skips a step without the types it reads without a pass of its own.
+        self.step_kinds: frozenset[type] = frozenset()
+        self.step_newest_ts = 0
         self.health = Health()
         self._folds = [(as_batch_projection(p), p.name, *_routing(p)) for p in projections]
         # An ordered set that bounds last_seq. An OrderedDict, not a dict: a dict whose oldest
@@ -157,7 +162,8 @@ class ProjectionEngine:
             self.health.last_event_ts = newest
         for event in ended:  # bound the de-duplication table
             self._forget_finished(event.job)
-        present = frozenset(tally)
+        present = self.step_kinds = frozenset(tally)
+        self.step_newest_ts = newest
         states = self.states
         for projection, name, handles, accepts in self._folds:
             if handles is None or present <= accepts:

@@ -77,6 +77,9 @@ class Applied:
             that changes the engine, so they read ``engine.states`` without the lock; any
             other thread takes :attr:`ProjectionRunner.lock`.
         quarantined: the notice, when the step was a damaged region of the log (no events).
+        kinds: the types among ``events`` (the engine's one pass over them found them): a
+            sink that reads a few types returns at once from a step without any.
+        newest_ts: the newest ``ts`` among ``events`` (0 if none is positive).
     """
 
     @property
@@ -86,16 +89,22 @@ class Applied:
         this is large."""
         return 0 if self._batch is None else self._batch.behind
 
-    __slots__ = ("_batch", "_start", "engine", "events", "live", "next", "quarantined")
+    __slots__ = ("_batch", "_start", "engine", "events", "kinds", "live", "newest_ts", "next",
+                 "quarantined")
 
     def __init__(self, events: list[Event], next: Position, *, live: bool,
                  engine: ProjectionEngine, batch: Batch | None = None, start: int = 0,
-                 quarantined: Quarantined | None = None) -> None:
+                 quarantined: Quarantined | None = None,
+                 kinds: frozenset[type] | None = None, newest_ts: int | None = None) -> None:
         self.events = events
         self.next = next
         self.live = live
         self.engine = engine
         self.quarantined = quarantined
+        if kinds is None or newest_ts is None:  # a caller that did not have them: one pass
+            kinds = frozenset(map(type, events))
+            newest_ts = max((event.ts for event in events), default=0)
+        self.kinds, self.newest_ts = kinds, max(newest_ts, 0)
         self._batch = batch
         self._start = start  # how many of the batch's events were behind the engine already
 
@@ -142,6 +151,12 @@ class Sink:
     #: idle (``None``: never). For work that time alone brings due (the span sink declares a
     #: silent job abandoned) — projections never read the clock; a sink may.
     tick_interval: float | None = None
+
+    def cuts_before(self, events: Sequence[Event], index: int) -> bool:
+        """Whether the runner must cut the batch ``events`` before ``events[index]``, one of
+        :attr:`cut_before`'s types (default: always). A sink that needs the state before only
+        some of them says which: every cut is one more step of every projection and sink."""
+        return True
 
     def on_applied(self, applied: Applied) -> None:
         """Handle what the runner just applied; keep it short: the loop waits for it."""
@@ -230,6 +245,7 @@ class ProjectionRunner:
         self.checkpoints_written = 0
         self._sinks: tuple[Sink, ...] = ()
         self._cut: frozenset[type[Event]] = frozenset()
+        self._cutters: tuple[Sink, ...] = ()  # the sinks with a cut_before
         for sink in sinks:
             self.add_sink(sink)
         self._stop = threading.Event()
@@ -254,6 +270,8 @@ class ProjectionRunner:
         with self.lock:  # replaced, not mutated: a step in flight keeps the tuple it read
             self._sinks = (*self._sinks, sink)
             self._cut = self._cut | sink.cut_before
+            if sink.cut_before:
+                self._cutters = (*self._cutters, sink)
 
     def _failed(self, sink: Sink, what: str, exc: BaseException) -> None:
         count = self.sink_errors.get(sink.name, 0) + 1
@@ -338,18 +356,23 @@ class ProjectionRunner:
                 count += len(fresh)
                 if self._sinks:
                     self._tell(Applied(fresh, engine.position, live=live, engine=engine,
-                                       batch=piece, start=start))
+                                       batch=piece, start=start, kinds=engine.step_kinds,
+                                       newest_ts=engine.step_newest_ts))
         return count
 
     def _pieces(self, batch: Batch) -> Iterator[Batch]:
-        """``batch``, cut before each event of a type some sink must see the state before."""
+        """``batch``, cut before each event some sink must see the state before (of a type in
+        its ``cut_before``, where its ``cuts_before`` says so)."""
         cut = self._cut
         if not cut:
             yield batch
             return
         events, first, begin = batch.events, batch.first, 0
+        cutters = self._cutters
         for index in range(1, len(events)):
-            if type(events[index]) in cut:
+            kind = type(events[index])
+            if kind in cut and any(kind in sink.cut_before and sink.cuts_before(events, index)
+                                   for sink in cutters):
                 yield Batch(first + begin, events[begin:index],
                             batch.behind + len(events) - index)
                 begin = index

@@ -121,3 +121,27 @@ def test_started_jobs_that_never_end_are_forgotten_with_the_bound(
     assert starts[("default", "first")].total == 2
     assert finishes[("default", "first")].total == 1
     assert finishes[("default", "first")].sum == pytest.approx(0.0, abs=1e-6)  # new's
+
+
+def test_the_runner_cuts_only_before_the_start_of_a_job_that_waited_in_a_queue() -> None:
+    """The scorer needs the forecast made just before a queued job starts, so the runner cuts
+    a batch there; a job that never queued needs no cut (each cut is one more step of every
+    projection and sink). One batch: two unqueued jobs, then one queued and started."""
+    from telemetry.runner import Applied, Sink
+
+    class Steps(Sink):
+        name = "steps"
+
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def on_applied(self, applied: Applied) -> None:
+            self.sizes.append(len(applied.events))
+
+    scenario = Scenario()
+    steps = Steps()
+    scenario.runner.add_sink(steps)
+    scenario.at(start("a", 0, "w", seq=0), done("a", 1, 1.0, seq=1),
+                start("b", 1, "w", seq=0), done("b", 2, 1.0, seq=1),
+                q("c", 2), start("c", 3, "w"))
+    assert steps.sizes == [5, 1]  # one cut: before c's start, none before a's or b's

@@ -143,6 +143,20 @@ class TestSinks:
         assert a_job("a") + a_job("b") == [e for _, e in sink.seen]
         assert {False} == set(sink.live)  # catching up, not following
 
+    def test_each_step_says_which_types_it_holds_and_its_newest_time(self) -> None:
+        """``kinds`` and ``newest_ts`` (what the engine's one pass found) are those of the
+        step's new events, duplicates left out: a sink may skip a step by them."""
+        log = AppendLog()
+        log.append(a_job("a"))
+        log.append(a_job("a")[2:4] + a_job("b")[:3])  # a redelivery, then b's first three
+        sink = Recording()
+        ProjectionRunner(log, engine(), sinks=[sink]).catch_up()
+        assert len(sink.steps) == 2
+        for step in sink.steps:
+            assert step.kinds == frozenset(map(type, step.events))
+            assert step.newest_ts == max(event.ts for event in step.events)
+        assert sink.steps[1].events == a_job("b")[:3]
+
     def test_a_sink_that_raises_is_isolated(self, tmp_path: Path) -> None:
         """A raising sink is counted and logged; the projections and other sinks carry on."""
         log = AppendLog()
