@@ -536,7 +536,25 @@ class NatsLog(EventLog):
                                         pending_bytes_limit=READ_QUEUE_BYTES)
 
 
-class _NatsCursor:
+class _Polling:
+    """``poll`` for a cursor: its ``fetch`` until nothing more comes, waiting briefly for the
+    first (what each of the two readers does the same way)."""
+
+    def fetch(self, *, wait: float, upto: int | None = None) -> list[ReadItem]:
+        raise NotImplementedError
+
+    def poll(self) -> Iterator[ReadItem]:
+        """What is new since the last poll (waiting briefly when nothing is)."""
+        wait = POLL_WAIT_S
+        while True:
+            items = self.fetch(wait=wait)
+            if not items:
+                return
+            yield from items
+            wait = 0.001
+
+
+class _NatsCursor(_Polling):
     """The lean reader: an ordered push consumer from a position on a connection of its own
     (:mod:`telemetry.log.nats_wire`); :meth:`poll` yields what the stream holds beyond it.
     Where the lean reader cannot authenticate as configured it hands over to a
@@ -617,16 +635,6 @@ class _NatsCursor:
             self.position = run.first - 1 + len(payloads)
         return items
 
-    def poll(self) -> Iterator[ReadItem]:
-        """What is new since the last poll (waiting briefly when nothing is)."""
-        wait = POLL_WAIT_S
-        while True:
-            items = self.fetch(wait=wait)
-            if not items:
-                return
-            yield from items
-            wait = 0.001
-
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -665,7 +673,7 @@ def _decode_run(first: Position, payloads: list[bytes], pending: int, where: str
         items.append(Batch(start, events, pending))
 
 
-class _ClientCursor:
+class _ClientCursor(_Polling):
     """The nats-py reader: an ordered push consumer from a position through the log's own
     connection; :meth:`poll` yields what the stream holds beyond it."""
 
@@ -718,16 +726,6 @@ class _ClientCursor:
         if events:
             items.append(Batch(first, events, behind))
         return items
-
-    def poll(self) -> Iterator[ReadItem]:
-        """What is new since the last poll (waiting briefly when nothing is)."""
-        wait = POLL_WAIT_S
-        while True:
-            items = self.fetch(wait=wait)
-            if not items:
-                return
-            yield from items
-            wait = 0.001
 
     def close(self) -> None:
         sub, self._sub = self._sub, None
