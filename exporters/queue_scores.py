@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from telemetry.events import (
     Event,
@@ -97,13 +97,15 @@ class QueueScorer(Sink):
         #: The batch :meth:`cuts_before` last looked into, and the jobs queued in it.
         self._queued_in: tuple[Sequence[Event], set[str]] = ((), set())
 
-    def cuts_before(self, events: Sequence[Event], index: int) -> bool:
+    def cuts_before(self, events: Sequence[Event], index: int,
+                    states: dict[str, Any]) -> bool:
         """Only a job that waited in a queue needs the forecast made just before it starts:
-        one queued before this batch (its ``JobQueued`` seen, or predictions made), or in it
-        before this start. Most jobs never queue, and a cut before each of their starts made
-        a real ``wantel serve`` taking a burst a fifth slower (``benchmarks/serve_catchup.py``)."""
+        one waiting as of the last cut (the queues projection says), or queued in this batch.
+        Most jobs never queue, and a cut before each of their starts made a real
+        ``wantel serve`` taking a burst a fifth slower (``benchmarks/serve_catchup.py``)."""
         job = events[index].job
-        if job in self._queued_at or job in self._pending:
+        queues = states.get("queues")
+        if queues is not None and job in queues.waiting:
             return True
         if self._queued_in[0] is not events:  # one pass per batch, only when a start asks
             self._queued_in = (events, {e.job for e in events if type(e) is JobQueued})

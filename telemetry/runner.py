@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import structlog
@@ -152,10 +152,13 @@ class Sink:
     #: silent job abandoned) — projections never read the clock; a sink may.
     tick_interval: float | None = None
 
-    def cuts_before(self, events: Sequence[Event], index: int) -> bool:
+    def cuts_before(self, events: Sequence[Event], index: int,
+                    states: dict[str, Any]) -> bool:
         """Whether the runner must cut the batch ``events`` before ``events[index]``, one of
-        :attr:`cut_before`'s types (default: always). A sink that needs the state before only
-        some of them says which: every cut is one more step of every projection and sink."""
+        :attr:`cut_before`'s types (default: always); ``states`` are the projections' states
+        as of the last cut (the events of the batch before it since then are not applied yet).
+        A sink that needs the state before only some of them says which: every cut is one
+        more step of every projection and sink."""
         return True
 
     def on_applied(self, applied: Applied) -> None:
@@ -371,7 +374,8 @@ class ProjectionRunner:
         cutters = self._cutters
         for index in range(1, len(events)):
             kind = type(events[index])
-            if kind in cut and any(kind in sink.cut_before and sink.cuts_before(events, index)
+            if kind in cut and any(kind in sink.cut_before
+                                   and sink.cuts_before(events, index, self.engine.states)
                                    for sink in cutters):
                 yield Batch(first + begin, events[begin:index],
                             batch.behind + len(events) - index)
