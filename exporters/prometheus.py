@@ -578,10 +578,10 @@ class WantelCollector(Collector):
             # As of the job's latest event, not of the ETA's issue (about every tenth of the
             # loop): the steps since have already used that much of it (the worker's clock on
             # both sides), as the live page counts it down.
-            age = max(0.0, ((view.last_ts or point.ts) - point.ts) / 1e9)
-            remaining.add_metric(values, max(0.0, point.remaining_s - age))
-            low.add_metric(values, max(0.0, point.p10_s - age))
-            high.add_metric(values, max(0.0, point.p90_s - age))
+            left, p10, p90 = point.aged(max(0.0, ((view.last_ts or point.ts) - point.ts) / 1e9))
+            remaining.add_metric(values, left)
+            low.add_metric(values, p10)
+            high.add_metric(values, p90)
             if view.last_ts is not None:  # steps, stages and lifecycle events move it
                 moved.add_metric(values, view.last_ts / 1e9)
         folded_total = CounterMetricFamily(

@@ -68,6 +68,14 @@ class EtaPoint(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fa
     progress: float
     estimating: bool
 
+    def aged(self, seconds: float) -> tuple[float, float, float]:
+        """Remaining seconds, p10 and p90 ``seconds`` after this ETA was issued: each less the
+        time gone, never below 0. An ETA is issued at stage boundaries and about every tenth
+        of the loop; a reader between two issues (the metrics, a queue's forecast,
+        ``wantel run``'s line) counts it down."""
+        return (max(self.remaining_s - seconds, 0.0), max(self.p10_s - seconds, 0.0),
+                max(self.p90_s - seconds, 0.0))
+
 
 class Histogram(msgspec.Struct, kw_only=True):
     """Cumulative-friendly counts of signed relative errors, with sum and coverage."""

@@ -292,10 +292,8 @@ def _running_end(states: dict[str, Any], job: str, running: Running, now_s: floa
     queues: QueuesState = states["queues"]
     if point is not None and (not point.estimating
                               or len(queues.durations.get(running.model, ())) < 2):
-        age = now_s - point.ts / 1e9
-        return Interval(now_s + max(point.remaining_s - age, 0.0),
-                        now_s + max(point.p10_s - age, 0.0),
-                        now_s + max(point.p90_s - age, 0.0))
+        remaining, low, high = point.aged(now_s - point.ts / 1e9)
+        return Interval(now_s + remaining, now_s + low, now_s + high)
     if running.model not in durations:
         durations[running.model] = expected_duration(states, running.model, now_s)
     expected = durations[running.model]

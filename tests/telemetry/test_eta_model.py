@@ -517,3 +517,15 @@ class TestEtaFoldProperties:
         """Replayed in pieces, each from the previous piece's checkpoint, the ETA state is the
         one-go state byte for byte (completions scored, failures included)."""
         assert_pieces_equal_whole(lambda: ProjectionEngine([EtaProjection()]), events, cuts)
+
+
+def test_an_eta_counted_down_never_goes_below_zero() -> None:
+    """``EtaPoint.aged``: each of remaining, p10 and p90 less the seconds since the issue,
+    floored at 0 (the p10 passes first)."""
+    from telemetry.projections.eta import EtaPoint
+
+    point = EtaPoint(ts=0, remaining_s=10.0, p10_s=4.0, p90_s=20.0, progress=0.5,
+                     estimating=False)
+    assert point.aged(0.0) == (10.0, 4.0, 20.0)
+    assert point.aged(6.0) == (4.0, 0.0, 14.0)
+    assert point.aged(30.0) == (0.0, 0.0, 0.0)

@@ -394,7 +394,8 @@ class Reading:
     fraction: float  # 0…1, never lower than an earlier reading's
     rate: str | None
     eta: EtaPoint | None
-    remaining_s: float | None  # the ETA counted down to now
+    #: The ETA counted down to now: remaining seconds, p10, p90 (``EtaPoint.aged``).
+    left: tuple[float, float, float] | None
     peak: str | None
 
     @property
@@ -405,11 +406,10 @@ class Reading:
     def eta_text(self) -> str:
         """``ETA 0:01:23 (0:01:10–0:01:40)`` or ``ETA estimating``."""
         eta = self.eta
-        if eta is None or eta.estimating or self.remaining_s is None:
+        if eta is None or eta.estimating or self.left is None:
             return "ETA estimating" if self.status in ("running", "queued") else ""
-        gone = eta.remaining_s - self.remaining_s
-        return (f"ETA {format_hms(self.remaining_s)} "
-                f"({format_hms(eta.p10_s - gone)}–{format_hms(eta.p90_s - gone)})")
+        remaining, low, high = self.left
+        return f"ETA {format_hms(remaining)} ({format_hms(low)}–{format_hms(high)})"
 
     def line(self) -> str:
         """The structured line a log without a terminal gets (logfmt: ``key=value``)."""
@@ -420,13 +420,13 @@ class Reading:
             fields["rate"] = self.rate.replace(" ", "")
         eta = self.eta
         if self.status == "running":
-            if eta is None or eta.estimating or self.remaining_s is None:
+            if eta is None or eta.estimating or self.left is None:
                 fields["eta"] = "estimating"
             else:
-                gone = eta.remaining_s - self.remaining_s
-                fields["eta"] = format_hms(self.remaining_s)
-                fields["eta_p10"] = format_hms(eta.p10_s - gone)
-                fields["eta_p90"] = format_hms(eta.p90_s - gone)
+                remaining, low, high = self.left
+                fields["eta"] = format_hms(remaining)
+                fields["eta_p10"] = format_hms(low)
+                fields["eta_p90"] = format_hms(high)
         if self.peak:
             fields["peak"] = self.peak.replace(" ", "")
         return "wantel run: " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
@@ -473,15 +473,15 @@ class _JobReader(Sink):
         done = view.status == "completed"
         fraction = 1.0 if done else eta.progress if eta is not None else 0.0
         self.fraction = max(self.fraction, min(1.0, fraction))
-        remaining = None
+        left = None
         if eta is not None and not eta.estimating and view.status == "running":
-            remaining = max(0.0, eta.remaining_s - max(0, self._clock() - eta.ts) / 1e9)
+            left = eta.aged(max(0, self._clock() - eta.ts) / 1e9)
         rate = view.steps_per_second if view.steps_done >= 2 else None
         return Reading(job=self.job, model=view.variant or view.model or "?",
                        status=view.status, stage=view.stage, step=view.steps_done,
                        total_steps=view.total_steps or 0, fraction=self.fraction,
                        rate=format_rate(rate), eta=eta if view.status == "running" else None,
-                       remaining_s=remaining, peak=format_bytes(view.peak_memory_bytes))
+                       left=left, peak=format_bytes(view.peak_memory_bytes))
 
     def show(self, reading: Reading, *, ticked: bool) -> None:
         """Draw ``reading``."""
