@@ -41,6 +41,7 @@ from telemetry.events import (
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 from telemetry.projections.eta import EtaProjection
+from wantel.cli import main
 
 from .accelerators import assert_built_where_required, both
 
@@ -408,6 +409,22 @@ class TestProjection:
         assert expected == replay(events, "c", many=False)
         assert expected == replay(events, "c", many=True)
         assert {"step_ended": 0, "estimate_fields": 0} == calls
+
+
+@needs_c
+@pytest.mark.parametrize("corpus", ["eta-corpus", "demo-log"])
+def test_wantel_replay_prints_the_same(corpus: str, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``wantel replay --json`` prints the same bytes with the C estimator and, under
+    ``$WANTEL_PURE_PYTHON``, the Python one."""
+    outputs = []
+    for pure in ("", "1"):
+        monkeypatch.setenv("WANTEL_PURE_PYTHON", pure)
+        assert 0 == main(["replay", "--json", "--log", str(FIXTURES / corpus)])
+        outputs.append(capsys.readouterr().out)
+        assert ("Python" if pure else "C") == EtaProjection().estimator.split(" ")[0]
+    assert outputs[0] == outputs[1]
+    assert outputs[0].count('"eta_residuals"') >= 5  # ETAs were issued and scored
 
 
 class TestChoice:
