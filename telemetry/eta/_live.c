@@ -199,6 +199,10 @@ math_log(double x, double *out)
     return FALLBACK;
 }
 
+/* libm's pow, called: GCC turns pow(x, 2.0) into x * x, which is correctly rounded where
+ * glibc's pow (what CPython's float_pow calls) is not always; they differ in ~1 case in 1,000. */
+static double (*volatile libm_pow)(double, double) = pow;
+
 /* x ** 2 for a float x (CPython's float_pow: libm pow, an overflow is an error). */
 static inline int
 square(double x, double *out)
@@ -216,7 +220,7 @@ square(double x, double *out)
         return OK;
     }
     errno = 0;
-    double r = pow(x < 0.0 ? -x : x, 2.0);
+    double r = libm_pow(x < 0.0 ? -x : x, 2.0);
     if (errno == 0 && isinf(r)) {
         errno = ERANGE;
     }
@@ -422,15 +426,17 @@ phase_evidence(Job *job, double shared, double *ratios, double *weights, Py_ssiz
     return OK;
 }
 
-/* Whether a field holds the int `key` (a memo's key). */
+/* Whether a memo's key field holds the int `key` (*match); FALLBACK if it holds anything but
+ * an int (a float equal to the key would match in Python). */
 static inline int
-key_matches(PyObject *v, int64_t key)
+key_matches(PyObject *v, int64_t key, int *match)
 {
     int64_t x;
-    if (read_int(v, &x) != OK) {
-        return 0;
+    if (v == NULL || !PyLong_CheckExact(v)) {
+        return FALLBACK;
     }
-    return x == key;
+    *match = read_int(v, &x) == OK && x == key; /* beyond ±2**62: not a key */
+    return OK;
 }
 
 /* LiveJob._speed_and_variance(): the job's speed factor and the variance of its log. */
@@ -442,7 +448,9 @@ speed_and_variance(Job *job, double *speed, double *speed_var)
         return FALLBACK;
     }
     int64_t key = job->steps_seen * 64 + PyDict_GET_SIZE(job->done);
-    if (key_matches(SLOT(live, speed_key), key)) {
+    int match;
+    CHECK(key_matches(SLOT(live, speed_key), key, &match));
+    if (match) {
         PyObject *cache = SLOT(live, speed_cache);
         if (cache == NULL || !PyTuple_CheckExact(cache) || PyTuple_GET_SIZE(cache) != 2) {
             return FALLBACK;
@@ -456,7 +464,8 @@ speed_and_variance(Job *job, double *speed, double *speed_var)
     double prior_weight = job->speed_weight;
     double ratios[MAX_EVIDENCE + 1], weights[MAX_EVIDENCE + 1];
     Py_ssize_t n = 0;
-    if (key_matches(SLOT(live, evidence_key), PyDict_GET_SIZE(job->done))) {
+    CHECK(key_matches(SLOT(live, evidence_key), PyDict_GET_SIZE(job->done), &match));
+    if (match) {
         PyObject *evidence = SLOT(live, evidence);
         Py_ssize_t n_weights = 0;
         if (evidence == NULL || !PyTuple_CheckExact(evidence) ||
@@ -624,7 +633,9 @@ ahead(Job *job, Py_ssize_t upcoming, double *seconds_out, double *variance_out,
 {
     PyObject *live = job->live;
     int64_t key = (int64_t)upcoming * 64 + PyDict_GET_SIZE(job->done);
-    if (key_matches(SLOT(live, ahead_key), key)) {
+    int match;
+    CHECK(key_matches(SLOT(live, ahead_key), key, &match));
+    if (match) {
         PyObject *memo = SLOT(live, ahead);
         if (memo == NULL || !PyTuple_CheckExact(memo) || PyTuple_GET_SIZE(memo) != 3) {
             return FALLBACK;
