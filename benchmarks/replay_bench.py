@@ -9,7 +9,9 @@ with no projection, each projection that has a fast path alone — with it, and 
 event through its rules (:class:`~telemetry.projections.base.RulesOnly`) — and every
 projection ``wantel serve`` runs (jobs, eta, throughput, memory, health, metrics, compare) with
 every fast path, without each one in turn, and without any; and that set without the compare
-projection (the Compare dashboard's series), so its cost is measured in the same rounds.
+projection (the Compare dashboard's series), so its cost is measured in the same rounds; and
+serve's set and the ETA projection alone with the ETA estimator in Python instead of its C twin
+(``telemetry/eta/_live.c``).
 Prints events/s, the fold's own cost (ns per event, over the engine with no projection), the
 fast path's gain, and the goal.
 
@@ -41,6 +43,7 @@ from telemetry.events import (
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.base import RulesOnly
+from telemetry.projections.eta import EtaProjection
 
 GOAL = 500_000
 
@@ -96,6 +99,12 @@ def serve_set(rules_only: frozenset[str] = frozenset()) -> list[Any]:
     return [RulesOnly(p) if p.name in rules_only else p for p in default_projections()]
 
 
+def python_eta(projections: list[Any]) -> list[Any]:
+    """``projections`` with the ETA projection's estimator in Python (its C twin's reference)."""
+    return [EtaProjection(keep_finished=p.keep_finished, estimator="python")
+            if p.name == "eta" and not isinstance(p, RulesOnly) else p for p in projections]
+
+
 def alone(name: str, *, rules_only: bool = False) -> list[Any]:
     """The projection ``name`` of serve's set, alone; folded by its rules if ``rules_only``."""
     return [p for p in serve_set(frozenset({name} if rules_only else ())) if p.name == name]
@@ -125,6 +134,10 @@ def main() -> None:
         cases[f"{name} alone, fast path"] = partial(alone, name)
         cases[f"{name} alone, rules only"] = partial(alone, name, rules_only=True)
     cases[every] = serve_set
+    # The ETA estimator's C twin (telemetry/eta/_live.c) against its Python rule, same rounds.
+    eta_python = "every projection, eta estimator in Python"
+    cases[eta_python] = lambda: python_eta(serve_set())
+    cases["eta alone, estimator in Python"] = lambda: python_eta(alone("eta"))
     # The compare projection (the Compare dashboard's series) is the newest: its cost is the
     # difference from the set without it, measured in the same rounds.
     without_compare = "every projection but compare (the set before it)"
@@ -156,11 +169,18 @@ def main() -> None:
             with_fast = label.replace("rules only", "fast path")
             note += (f"   fast path: replay {median[with_fast] / value:.2f}×, "
                      f"fold {fold_ns(label) / fold_ns(with_fast):.2f}×")
+        elif label == eta_python:
+            note += (f"   C estimator: replay {median[every] / value:.2f}×, "
+                     f"folds {fold_ns(label) / fold_ns(every):.2f}×")
+        elif label == "eta alone, estimator in Python":
+            with_c = "eta alone, fast path"
+            note += (f"   C estimator: replay {median[with_c] / value:.2f}×, "
+                     f"fold {fold_ns(label) / fold_ns(with_c):.2f}×")
         elif label == without_compare:
             note += f"   compare costs {fold_ns(every) - fold_ns(label):.0f} ns/event"
         elif label.startswith("every projection,"):
             note += f"   fast paths: replay {median[every] / value:.2f}×"
-        if label in (every, all_rules):
+        if label in (every, all_rules, eta_python):
             note += f"   goal ≥ {GOAL // 1000}k/s {'PASS' if value >= GOAL else 'MISS'}"
         print(f"  {label:<66} {value / 1e3:6.0f}k events/s{note}")
 

@@ -22,11 +22,14 @@ Everything here is a pure function of the job's events, its start state and ``no
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from math import exp, log, sqrt
-from typing import Final, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 import msgspec
 
+from telemetry import accelerate
 from telemetry.eta import online
 from telemetry.eta.model import (
     STEP,
@@ -247,6 +250,11 @@ class LiveJob(msgspec.Struct, kw_only=True):
     A replay calls these a few hundred thousand times, so the hot paths spell ``max(x, 0.0)``
     as ``0.0 if 0.0 > x else x`` (what ``max`` returns, NaN included, at a third of the cost
     on CPython 3.11).
+
+    :meth:`step_ended` and :meth:`estimate_fields` have a C twin, ``telemetry/eta/_live.c``
+    (the ETA projection's choice: :func:`estimator_of`), which makes the same writes and
+    gives bit-identical floats; these methods are the rule it follows, and what it falls
+    back to on anything unexpected. A contract test holds the two equal.
     """
 
     shape: JobShape
@@ -386,6 +394,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
         """One more denoising step, of ``total_steps``, measured as ``duration_s`` (or not).
 
         The loop has at least the steps seen; each expert is a segment of its own.
+        (C twin: ``telemetry.eta._live.step_ended(live, ...)``.)
         """
         steps_done = self.steps_done = self.steps_done + 1
         total_steps = steps_done if steps_done > total_steps else total_steps  # max()
@@ -548,7 +557,9 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
     def estimate_fields(self, now: int) -> tuple[float, float, float, float, bool]:
         """``estimate(now)``'s fields in order (:meth:`_fields`), issued: the next ETA is
-        damped against this one, and its progress is the floor of every later one's."""
+        damped against this one, and its progress is the floor of every later one's.
+        (C twin, memoised intermediate results written alike:
+        ``telemetry.eta._live.estimate_fields(live, now)``.)"""
         fields = self._fields(now)
         remaining, _low, high, progress, _estimating = fields
         self.last_remaining, self.last_ts, self.last_band = remaining, now, high - remaining
@@ -687,3 +698,36 @@ class LiveJob(msgspec.Struct, kw_only=True):
             variance += (part * sigma[phase]) ** 2
         self.ahead_key, self.ahead = key, (seconds, variance, denoise_ahead)
         return self.ahead
+
+
+#: The C twin of :meth:`LiveJob.step_ended` and :meth:`LiveJob.estimate_fields`
+#: (``telemetry/eta/_live.c``); its module holds both.
+ETA_ESTIMATOR: Final = accelerate.Accelerator("ETA estimator", "telemetry.eta._live",
+                                               "estimate_fields")
+
+
+class Estimator(NamedTuple):
+    """The two hot paths of the live estimate, as functions of a :class:`LiveJob`, and what
+    they are in words (``"C"``, ``"Python (…)"``)."""
+
+    step_ended: Callable[[LiveJob, int, float | None, str | None, int], None]
+    estimate_fields: Callable[[LiveJob, int], tuple[float, float, float, float, bool]]
+    what: str
+
+
+def estimator_of(estimator: Literal["c", "python"] | None = None) -> Estimator:
+    """The estimator an object built now uses: ``"python"`` the :class:`LiveJob` methods (the
+    rule), ``"c"`` their C twin where it was built (else the methods), ``None`` the
+    process-wide default (:mod:`telemetry.accelerate`: C where built, unless the application
+    said otherwise). Both give identical ETAs and leave identical estimators."""
+    if estimator not in ("c", "python", None):
+        raise ValueError(f"estimator must be 'c', 'python' or None, not {estimator!r}")
+    if estimator == "python":
+        return Estimator(LiveJob.step_ended, LiveJob.estimate_fields,
+                         "Python (estimator='python')")
+    function, what = accelerate.choose(ETA_ESTIMATOR, LiveJob.estimate_fields,
+                                       None if estimator is None else True)
+    if function is LiveJob.estimate_fields:
+        return Estimator(LiveJob.step_ended, LiveJob.estimate_fields, what)
+    module = sys.modules[ETA_ESTIMATOR.module]  # imported by choose
+    return Estimator(module.step_ended, function, what)

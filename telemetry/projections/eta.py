@@ -17,14 +17,14 @@ before it); the learning is part of the state, so a replay reproduces every ETA 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import isfinite
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
 from telemetry.eta import online
-from telemetry.eta.live import LiveJob, PriorCache
+from telemetry.eta.live import Estimator, LiveJob, PriorCache, estimator_of
 from telemetry.eta.model import BUCKETS, STEP, Calibration, bucket_of
 from telemetry.events import (
     EtaCalibrated,
@@ -168,8 +168,15 @@ class EtaProjection:
         JobFailed, JobCancelled,
     })
 
-    def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
+    def __init__(self, keep_finished: int = KEEP_FINISHED,
+                 estimator: Literal["c", "python"] | None = None) -> None:
+        """``estimator``: ``"python"`` the :class:`~telemetry.eta.live.LiveJob` methods,
+        ``"c"`` their C twin where built, ``None`` the process-wide default (C where built):
+        :func:`~telemetry.eta.live.estimator_of`. Same ETAs, same state; ``self.estimator``
+        says which runs."""
         self.keep_finished = keep_finished
+        self._estimator: Estimator = estimator_of(estimator)
+        self.estimator = self._estimator.what
         # Memoised priors (not state: LiveJob.start's result, whatever the cache holds).
         self._priors = PriorCache()
 
@@ -199,20 +206,20 @@ class EtaProjection:
         if type(event) is StepEnded:  # most of a job's events: tested first
             running = state.running.get(event.job)
             if running is not None:
-                running.live.step_ended(event.total_steps, event.duration_s, event.expert,
-                                        event.ts)
+                self._estimator.step_ended(running.live, event.total_steps, event.duration_s,
+                                           event.expert, event.ts)
                 if issues_eta_at(event.step, event.total_steps):
-                    _issue(running, event.ts)
+                    _issue(running, event.ts, self._estimator.estimate_fields)
         elif type(event) is StageStarted or type(event) is StageEnded:
             running = state.running.get(event.job)
             if running is not None:
                 running.live.observe(event)
-                _issue(running, event.ts)
+                _issue(running, event.ts, self._estimator.estimate_fields)
         elif type(event) is JobStarted:
             started = RunningEta(model=event.model, live=self._priors.start(
                 event, state.calibration, state.learned), labels=labels_of(event))
             state.running = bounded_insert(state.running, event.job, started)
-            _issue(started, event.ts)
+            _issue(started, event.ts, self._estimator.estimate_fields)
         elif type(event) is JobCompleted:
             self._completed(state, event)
         elif type(event) is JobFailed or type(event) is JobCancelled:
@@ -233,6 +240,7 @@ class EtaProjection:
         looked up again (a start or an end changes the running jobs).
         """
         apply, step_type = self.apply, StepEnded
+        step_ended, estimate_fields = self._estimator.step_ended, self._estimator.estimate_fields
         job_id: str | None = None
         running: RunningEta | None = None
         for event in events:
@@ -244,11 +252,11 @@ class EtaProjection:
                     if running is None:
                         continue
                     total = event.total_steps
-                    running.live.step_ended(total, event.duration_s, event.expert, event.ts)
+                    step_ended(running.live, total, event.duration_s, event.expert, event.ts)
                     done = event.step + 1  # issues_eta_at, inlined
                     if (done <= 2 or done >= total
                             or done % (total // ISSUES_PER_DENOISE or 1) == 0):
-                        _issue(running, event.ts)
+                        _issue(running, event.ts, estimate_fields)
                 else:
                     job_id = None
                     state = apply(state, event)
@@ -336,9 +344,12 @@ def issues_eta_at(step: int, total_steps: int) -> bool:
             or done % (total_steps // ISSUES_PER_DENOISE or 1) == 0)
 
 
-def _issue(running: RunningEta, ts: int) -> None:
-    """Record the estimator's ETA at ``ts``."""
-    remaining, low, high, progress, estimating = running.live.estimate_fields(ts)
+def _issue(running: RunningEta, ts: int,
+           estimate_fields: Callable[[LiveJob, int], tuple[float, float, float, float, bool]],
+           ) -> None:
+    """Record the estimator's ETA at ``ts`` (``estimate_fields``: the projection's choice of
+    :meth:`LiveJob.estimate_fields` or its C twin)."""
+    remaining, low, high, progress, estimating = estimate_fields(running.live, ts)
     running.issued.append(EtaPoint(ts=ts, remaining_s=remaining, p10_s=low, p90_s=high,
                                    progress=progress, estimating=estimating))
 

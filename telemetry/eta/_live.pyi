@@ -1,0 +1,10 @@
+"""Type stub for the optional C twin of the live ETA estimator's hot paths (``_live.c``)."""
+
+from telemetry.eta.live import LiveJob
+
+def step_ended(live: LiveJob, total_steps: int, duration_s: float | None, expert: str | None,
+               ts: int, /) -> None:
+    """``LiveJob.step_ended(live, total_steps, duration_s, expert, ts)``."""
+
+def estimate_fields(live: LiveJob, now: int, /) -> tuple[float, float, float, float, bool]:
+    """``LiveJob.estimate_fields(live, now)``."""
