@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py telemetry/log/_framing.c telemetry/log/_natswire.c \
+$(STAMP): pyproject.toml setup.py telemetry/log/_framing.c telemetry/log/_natswire.c telemetry/eta/_live.c \
           scripts/debian-packages.txt
 	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)  # first: the C accelerator needs gcc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

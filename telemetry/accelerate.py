@@ -2,10 +2,11 @@
 
 Each C file implements one function that has a pure-Python reference beside it, with the same
 results (a contract test runs both): ``telemetry/log/_framing.c``, the local log's frame checks,
-and ``telemetry/log/_natswire.c``, the lean NATS reader's frame scan. The choice is made when
-the object that runs the loop is built, never when a module is imported:
-:class:`~telemetry.log.local.LocalLog` (the frame checks) and
-:class:`~telemetry.log.nats.NatsLog` (the frame scan) take ``compiled``:
+``telemetry/log/_natswire.c``, the lean NATS reader's frame scan, and ``telemetry/eta/_live.c``,
+the live ETA estimator's hot paths. The choice is made when the object that runs the loop is
+built, never when a module is imported: :class:`~telemetry.log.local.LocalLog` (the frame
+checks) and :class:`~telemetry.log.nats.NatsLog` (the frame scan) take ``compiled``, and
+:class:`~telemetry.projections.eta.EtaProjection` (the estimator) ``estimator``:
 
 * ``True``: the C version, or the reference where it was not built (an install without a C
   compiler), which :func:`choose` reports;
@@ -44,7 +45,10 @@ FRAME_CHECKS: Final = Accelerator("frame checks", "telemetry.log._framing", "sca
 #: The lean NATS reader's cut of a buffer into message frames (reference:
 #: ``nats_wire.scan_frames_py``).
 NATS_FRAMES: Final = Accelerator("NATS frame scan", "telemetry.log._natswire", "scan_frames")
-ACCELERATORS: Final = (FRAME_CHECKS, NATS_FRAMES)
+#: The live ETA estimator's two hot paths, ``step_ended`` and ``estimate_fields`` (reference:
+#: the :class:`~telemetry.eta.live.LiveJob` methods); its module holds both.
+ETA_ESTIMATOR: Final = Accelerator("ETA estimator", "telemetry.eta._live", "estimate_fields")
+ACCELERATORS: Final = (FRAME_CHECKS, NATS_FRAMES, ETA_ESTIMATOR)
 
 
 @dataclass

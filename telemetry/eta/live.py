@@ -701,9 +701,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
 
 #: The C twin of :meth:`LiveJob.step_ended` and :meth:`LiveJob.estimate_fields`
-#: (``telemetry/eta/_live.c``); its module holds both.
-ETA_ESTIMATOR: Final = accelerate.Accelerator("ETA estimator", "telemetry.eta._live",
-                                               "estimate_fields")
+#: (``telemetry/eta/_live.c``; :data:`telemetry.accelerate.ETA_ESTIMATOR`).
+ETA_ESTIMATOR: Final = accelerate.ETA_ESTIMATOR
 
 
 class Estimator(NamedTuple):

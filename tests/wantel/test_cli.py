@@ -259,7 +259,8 @@ class TestVersion:
         ({}, None),
         ({"WANTEL_PURE_PYTHON": "1"},
          "frame checks: Python ($WANTEL_PURE_PYTHON), "
-         "NATS frame scan: Python ($WANTEL_PURE_PYTHON)"),
+         "NATS frame scan: Python ($WANTEL_PURE_PYTHON), "
+         "ETA estimator: Python ($WANTEL_PURE_PYTHON)"),
         ({"WANTEL_PURE_PYTHON": "0"}, None),
     ])
     def test_says_whether_the_hot_loops_run_in_c(
@@ -278,7 +279,7 @@ class TestVersion:
         if expected is not None:
             assert line.endswith(f"({expected})")
         elif os.environ.get("WANTEL_REQUIRE_SPEEDUPS"):  # make test: both were built
-            assert line.endswith("(frame checks: C, NATS frame scan: C)")
+            assert line.endswith("(frame checks: C, NATS frame scan: C, ETA estimator: C)")
 
     def test_the_console_script_prints_it_on_one_line(self) -> None:
         """The installed entry point prints the same single line, never re-wrapped."""
