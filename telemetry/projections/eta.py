@@ -27,12 +27,14 @@ from telemetry.eta import online
 from telemetry.eta.live import Estimator, LiveJob, PriorCache, estimator_of
 from telemetry.eta.model import BUCKETS, STEP, Calibration, bucket_of
 from telemetry.events import (
+    EVENT_TYPES,
     EtaCalibrated,
     Event,
     JobCancelled,
     JobCompleted,
     JobFailed,
     JobStarted,
+    MemorySampled,
     StageEnded,
     StageStarted,
     StepEnded,
@@ -167,6 +169,9 @@ class EtaProjection:
         JobStarted, StageStarted, StageEnded, StepEnded, EtaCalibrated, JobCompleted,
         JobFailed, JobCancelled,
     })
+    #: Memory samples (a third of a log) and every other type: skipped by the fast path's own
+    #: loop, which costs less than the engine's filter pass over every batch.
+    passes = frozenset(EVENT_TYPES) - handles
 
     def __init__(self, keep_finished: int = KEEP_FINISHED,
                  estimator: Literal["c", "python"] | None = None) -> None:
@@ -237,9 +242,10 @@ class EtaProjection:
         Steps are most of a job's events: a run of one job's steps keeps the job's estimator
         in a local, and each step calls the model as :meth:`apply` does (the same calls, in
         the same order); every other event goes to :meth:`apply`, after which the local is
-        looked up again (a start or an end changes the running jobs).
+        looked up again (a start or an end changes the running jobs). Memory samples, a third
+        of a log and nothing to this fold, are passed over without leaving the run.
         """
-        apply, step_type = self.apply, StepEnded
+        apply, step_type, sample_type = self.apply, StepEnded, MemorySampled
         step_ended, estimate_fields = self._estimator.step_ended, self._estimator.estimate_fields
         job_id: str | None = None
         running: RunningEta | None = None
@@ -257,7 +263,7 @@ class EtaProjection:
                     if (done <= 2 or done >= total
                             or done % (total // ISSUES_PER_DENOISE or 1) == 0):
                         _issue(running, event.ts, estimate_fields)
-                else:
+                elif type(event) is not sample_type:
                     job_id = None
                     state = apply(state, event)
             except Exception as exc:
