@@ -1,0 +1,90 @@
+"""The lifecycle lines' exact text, JSON and console, pinned: the sink's fast paths (the
+logger bound once, timestamps formatted without ``datetime``, span ids kept per job) write
+what the straightforward code wrote, key for key and character for character."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+from exporters.logs import LifecycleLogger
+from telemetry.events import (
+    DeviceInfo,
+    Event,
+    ExpertSwitched,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobStarted,
+    StageEnded,
+    StageStarted,
+)
+from telemetry.log.base import Batch
+from wantel.logs import configure_logging
+
+T: Final = 1_800_000_000_000_000_000
+CALLER: Final = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+H100: Final = DeviceInfo(kind="cuda", name="NVIDIA H100", index=0)
+
+#: Times at the timestamp's edges: a microsecond rounded up into the next second
+#: (``…9_999_999_500``) and into the next day (``…86_399_999_999_999``), a half
+#: microsecond, the epoch's first second; a job with no opening event (gold-4), jobs without
+#: a worker, a failure's list value.
+EVENTS: Final[list[Event]] = [
+    JobQueued(job="gold-1", seq=0, ts=T, worker="api", model="wan2.2-t2v-a14b", task="t2v",
+              traceparent=CALLER),
+    JobStarted(job="gold-1", seq=1, ts=T + 2_500_000_000, worker="w0",
+               model="wan2.2-t2v-a14b", family="wan2.2", variant="t2v-a14b", task="t2v",
+               width=1280, height=720, num_frames=81, steps=40, guidance_scale=5.0, cfg=True,
+               device=H100),
+    StageStarted(job="gold-1", seq=2, ts=T + 2_600_000_000, worker="w0", stage="denoise"),
+    ExpertSwitched(job="gold-1", seq=3, ts=T + 9_999_999_500, worker="w0", step=20,
+                   from_expert="high_noise", to_expert="low_noise"),
+    StageEnded(job="gold-1", seq=4, ts=T + 86_399_999_999_999, worker="w0", stage="denoise",
+               duration_s=1.25),
+    StageEnded(job="gold-1", seq=5, ts=T + 86_400_000_000_501, worker="w0", stage="decode",
+               duration_s=0.5, ok=False),
+    JobCompleted(job="gold-1", seq=6, ts=T + 86_400_100_000_000, worker="w0",
+                 duration_s=86397.6, frames=81, bytes=123456),
+    JobStarted(job="gold-2", seq=0, ts=1_234_567_890_123_456_789, model="tiny-t2v",
+               family="wan2.1", variant="tiny-t2v", task="t2v", width=64, height=64,
+               num_frames=17, steps=4, guidance_scale=5.0, cfg=True,
+               device=DeviceInfo(kind="cpu", name="cpu")),
+    JobFailed(job="gold-2", seq=1, ts=1_234_567_890_999_999_999, duration_s=0.9,
+              stage="denoise", step=1, error_type="OutOfMemoryError",
+              message="CUDA out of memory", oom=True, category="oom",
+              suggestions=("fewer frames",)),
+    JobQueued(job="gold-3", seq=0, ts=5, model="tiny-t2v", task="t2v"),
+    JobCancelled(job="gold-3", seq=1, ts=999_999_999_999, duration_s=0.0, reason="user"),
+    StageEnded(job="gold-4", seq=7, ts=T, stage="vae", duration_s=0.1),
+]
+
+GOLDEN: Final = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture(name="stream")
+def _stream() -> Iterator[io.StringIO]:
+    """A non-TTY stream; the root logger's level is put back afterwards."""
+    level = logging.getLogger().level
+    yield io.StringIO()
+    logging.getLogger().setLevel(level)
+
+
+class TestLineText:
+    def test_json_lines(self, stream: io.StringIO) -> None:
+        """Every JSON line is the text the sink wrote before its fast paths."""
+        configure_logging(json=True, stream=stream, stdlib=False)
+        LifecycleLogger().handle([Batch(0, EVENTS)])
+        assert (GOLDEN / "lifecycle-lines.jsonl").read_text() == stream.getvalue()
+
+    def test_console_lines(self, stream: io.StringIO) -> None:
+        """So is every console line (a terminal's rendering, without colours)."""
+        configure_logging(json=False, stream=stream, stdlib=False)
+        LifecycleLogger().handle([Batch(0, EVENTS)])
+        assert (GOLDEN / "lifecycle-lines.console.txt").read_text() == stream.getvalue()
