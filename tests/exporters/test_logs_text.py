@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 import pytest
 
-from exporters.logs import LifecycleLogger
+from exporters.logs import _FAST_UNTIL, LifecycleLogger, _iso
 from telemetry.events import (
     DeviceInfo,
     Event,
@@ -62,7 +64,7 @@ EVENTS: Final[list[Event]] = [
               suggestions=("fewer frames",)),
     JobQueued(job="gold-3", seq=0, ts=5, model="tiny-t2v", task="t2v"),
     JobCancelled(job="gold-3", seq=1, ts=999_999_999_999, duration_s=0.0, reason="user"),
-    StageEnded(job="gold-4", seq=7, ts=T, stage="vae", duration_s=0.1),
+    StageEnded(job="gold-4", seq=7, ts=T, stage="save", duration_s=0.1),
 ]
 
 GOLDEN: Final = Path(__file__).resolve().parents[1] / "fixtures"
@@ -88,3 +90,53 @@ class TestLineText:
         configure_logging(json=False, stream=stream, stdlib=False)
         LifecycleLogger().handle([Batch(0, EVENTS)])
         assert (GOLDEN / "lifecycle-lines.console.txt").read_text() == stream.getvalue()
+
+    def test_levels_the_logger_drops_are_not_built(self, stream: io.StringIO) -> None:
+        """At ``warning`` only the warning and error lines are written, the same text; the
+        jobs are still tracked, so those lines' ids are what they were."""
+        configure_logging(json=True, level="warning", stream=stream, stdlib=False)
+        sink = LifecycleLogger()
+        sink.handle([Batch(0, EVENTS)])
+        expected = [line for line in (GOLDEN / "lifecycle-lines.jsonl").read_text().splitlines()
+                    if '"level":"info"' not in line]
+        assert 3 == len(expected)
+        assert expected == stream.getvalue().splitlines()
+        assert (3, 0) == (sink.lines, sink.errors)
+
+
+def _reference(ts_ns: int) -> str:
+    """What the lines' ``timestamp`` was: ``datetime`` formatting the float seconds."""
+    moment = datetime.fromtimestamp(ts_ns / 1e9, UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class TestIso:
+    def test_the_same_as_datetime(self) -> None:
+        """Random times up to the end of year 9998, and the edges of rounding to a
+        microsecond (half a microsecond either way, into the next second, minute, day and
+        year), format as ``datetime`` formats them."""
+        rng = random.Random(14)
+        limit = int(_FAST_UNTIL) * 10**9
+        times = [rng.randrange(limit) for _ in range(50_000)]
+        times += [rng.randrange(10**18, 2 * 10**18) for _ in range(50_000)]  # our decades
+        for second in (0, 59, 3599, 86_399, 1_800_000_000 - 1, 1_830_297_599,  # a year's end
+                       int(_FAST_UNTIL) - 1, *(rng.randrange(int(_FAST_UNTIL))
+                                                 for _ in range(2_000))):
+            for nanos in (0, 1, 499, 500, 501, 999_499, 999_500, 999_501, 123_456_500,
+                          999_999_000, 999_999_499, 999_999_500, 999_999_501, 999_999_999):
+                times.append(second * 10**9 + nanos)
+        mismatched = [t for t in times if _iso(t) != _reference(t)]
+        assert [] == mismatched
+
+    def test_beyond_its_range_datetime_decides(self) -> None:
+        """Before the epoch and from year 9999 on, the text (or the error) is ``datetime``'s."""
+        for ts in (-1, -1_500, -10**18, int(_FAST_UNTIL) * 10**9,
+                   int(_FAST_UNTIL) * 10**9 + 999_999_999, 253_402_300_799 * 10**9 + 999_999_600,
+                   2**63 - 1):
+            try:
+                expected = _reference(ts)
+            except Exception as exc:  # datetime refuses it: so must _iso, the same way
+                with pytest.raises(type(exc)):
+                    _iso(ts)
+            else:
+                assert expected == _iso(ts)
