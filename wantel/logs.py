@@ -82,7 +82,9 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # One write of the line and its newline, then a flush: print() writes them apart
+        # (~0.3 µs a line more, and wantel serve writes ~10 lifecycle lines a job).
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     if stdlib:
