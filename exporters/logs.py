@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import structlog
 
+from exporters.logwriter import held_lines
 from telemetry.events import (
     Event,
     ExpertSwitched,
@@ -124,6 +125,11 @@ class LifecycleLogger(Sink):
     not de-duplicated here (the runner's engine does that): :meth:`handle` writes the lines of
     the events it is given. It never raises: a line that cannot be written is counted in
     :attr:`errors` and skipped.
+
+    Without ``logger`` it binds ``structlog.get_logger("wantel.jobs")`` when built, with the
+    configuration then in force: configure logging first. Lines of a level that logger drops
+    are not built. The lines of one :meth:`on_applied` step (or :meth:`handle` call) are
+    written together at its end (:func:`exporters.logwriter.held_lines`).
     """
 
     name = "lifecycle-log"
@@ -153,6 +159,13 @@ class LifecycleLogger(Sink):
         (read from the runner's jobs projection, when it has one)."""
         if applied.kinds.isdisjoint(_TRACKED_TYPES) and applied.kinds.isdisjoint(_ABANDONING):
             return  # steps and samples only: nothing to write or track
+        try:
+            with held_lines():  # the step's lines in one write (exporters.logwriter)
+                self._applied(applied)
+        except Exception:  # writing them failed
+            self.errors += 1
+
+    def _applied(self, applied: Applied) -> None:
         write, tracked, one = applied.live, _TRACKED_TYPES, self._one
         if applied.kinds.isdisjoint(_ABANDONING):  # the usual step: a comprehension picks
             for event in [e for e in applied.events if type(e) in tracked]:  # ~2x faster
@@ -197,13 +210,14 @@ class LifecycleLogger(Sink):
         """Write the lines for ``items`` (log items or bare events); returns how many."""
         written = 0
         try:
-            for item in items:
-                if isinstance(item, Batch):
-                    for event in item.events:
-                        written += self._one(event)
-                elif isinstance(item, Event):
-                    written += self._one(item)
-        except Exception:  # the iterable itself failed: nothing we can write about it
+            with held_lines():
+                for item in items:
+                    if isinstance(item, Batch):
+                        for event in item.events:
+                            written += self._one(event)
+                    elif isinstance(item, Event):
+                        written += self._one(item)
+        except Exception:  # the iterable itself failed (or the write): nothing more to write
             self.errors += 1
         return written
 

@@ -15,6 +15,7 @@ from typing import Final
 import pytest
 
 from exporters.logs import _FAST_UNTIL, LifecycleLogger, _iso
+from telemetry.engine import ProjectionEngine
 from telemetry.events import (
     DeviceInfo,
     Event,
@@ -28,6 +29,8 @@ from telemetry.events import (
     StageStarted,
 )
 from telemetry.log.base import Batch
+from telemetry.runner import Applied
+from tests.exporters.test_logs_writer import Recording
 from wantel.logs import configure_logging
 
 T: Final = 1_800_000_000_000_000_000
@@ -90,6 +93,16 @@ class TestLineText:
         configure_logging(json=False, stream=stream, stdlib=False)
         LifecycleLogger().handle([Batch(0, EVENTS)])
         assert (GOLDEN / "lifecycle-lines.console.txt").read_text() == stream.getvalue()
+
+    def test_a_runner_step_writes_them_at_once(self) -> None:
+        """As a runner's sink (``wantel serve``), a step's lines are the same text, written
+        in one write and one flush."""
+        stream = Recording()
+        configure_logging(json=True, stream=stream, stdlib=False)
+        engine = ProjectionEngine([])
+        LifecycleLogger().on_applied(Applied(EVENTS, len(EVENTS), live=True, engine=engine))
+        assert [(GOLDEN / "lifecycle-lines.jsonl").read_text()] == stream.writes
+        assert 1 == stream.flushes
 
     def test_levels_the_logger_drops_are_not_built(self, stream: io.StringIO) -> None:
         """At ``warning`` only the warning and error lines are written, the same text; the
