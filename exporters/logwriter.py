@@ -5,9 +5,8 @@ once.
 then a flush: a log pipeline tailing the file sees each line whole, as it is written), except
 on a thread inside :func:`held_lines`: there its lines are kept, and written when the block
 ends, in order, in one write and one flush. ``wantel serve``'s lifecycle log holds the lines
-of each step the runner applies: a burst writes tens of thousands of lines, and a flush each
-(a ``write`` system call, the GIL released and taken again) cost ~7 µs a line in the server,
-more than building it.
+of each step the runner applies: a burst writes tens of thousands of lines, and a write
+system call each cost 1.3–1.7 µs a line (to ``/dev/null``, a pipe, a file), held by 35 0.3–0.5.
 
 Kept apart from :mod:`exporters.logs` so that configuring logging
 (:func:`wantel.logs.configure_logging`) imports nothing else.
