@@ -52,8 +52,8 @@ class _Job:
 
     The ids are derived when a line first needs them and kept (each is a SHA-256): the trace
     id from :attr:`trace_from` (the ``JobStarted`` and ``JobQueued`` traceparents it was last
-    set from) and :attr:`opened_ts`, each span id from its role and :attr:`opened_ts`; setting
-    either forgets them (:meth:`opened`, :meth:`retrace`).
+    set from) and :attr:`opened_ts`, each span id from its role and :attr:`opened_ts`; a change
+    of what they are derived from forgets them (:meth:`opened`, :meth:`retrace`).
     """
 
     model: str | None = None
@@ -70,12 +70,15 @@ class _Job:
         """The run opened at ``ts``, unless an earlier event opened it."""
         if self.opened_ts is None:
             self.opened_ts = ts
+            self.trace_id = None
             self.span_ids.clear()
 
     def retrace(self, started: str | None, queued: str | None) -> None:
-        """Derive the trace id from these traceparents (and :attr:`opened_ts`) from now on."""
-        self.trace_from = (started, queued)
-        self.trace_id = None
+        """Derive the trace id from these traceparents (and :attr:`opened_ts`) from now on
+        (a queued job's ``JobStarted`` without a traceparent of its own keeps the id)."""
+        if (started, queued) != self.trace_from:
+            self.trace_from = (started, queued)
+            self.trace_id = None
 
     def trace(self, job: str) -> str:
         """The job's trace id (:func:`~telemetry.tracing.job_trace_id`)."""

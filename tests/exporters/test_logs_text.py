@@ -40,7 +40,8 @@ H100: Final = DeviceInfo(kind="cuda", name="NVIDIA H100", index=0)
 #: Times at the timestamp's edges: a microsecond rounded up into the next second
 #: (``…9_999_999_500``) and into the next day (``…86_399_999_999_999``), a half
 #: microsecond, the epoch's first second; a job with no opening event (gold-4), jobs without
-#: a worker, a failure's list value.
+#: a worker, a failure's list value; a queued job whose start carries no traceparent (gold-5),
+#: one whose stage ended before its start arrived with a caller's traceparent (gold-6).
 EVENTS: Final[list[Event]] = [
     JobQueued(job="gold-1", seq=0, ts=T, worker="api", model="wan2.2-t2v-a14b", task="t2v",
               traceparent=CALLER),
@@ -68,6 +69,18 @@ EVENTS: Final[list[Event]] = [
     JobQueued(job="gold-3", seq=0, ts=5, model="tiny-t2v", task="t2v"),
     JobCancelled(job="gold-3", seq=1, ts=999_999_999_999, duration_s=0.0, reason="user"),
     StageEnded(job="gold-4", seq=7, ts=T, stage="save", duration_s=0.1),
+    JobQueued(job="gold-5", seq=0, ts=T + 7, model="tiny-t2v", task="t2v"),
+    JobStarted(job="gold-5", seq=1, ts=T + 9, model="tiny-t2v", family="wan2.1",
+               variant="tiny-t2v", task="t2v", width=64, height=64, num_frames=17, steps=4,
+               guidance_scale=5.0, cfg=True, device=DeviceInfo(kind="cpu", name="cpu")),
+    JobCompleted(job="gold-5", seq=2, ts=T + 11, duration_s=0.0, frames=17, bytes=1),
+    StageEnded(job="gold-6", seq=3, ts=T + 20, stage="decode", duration_s=0.1),
+    JobStarted(job="gold-6", seq=0, ts=T + 13, model="tiny-t2v", family="wan2.1",
+               variant="tiny-t2v", task="t2v", width=64, height=64, num_frames=17, steps=4,
+               guidance_scale=5.0, cfg=True, device=DeviceInfo(kind="cpu", name="cpu"),
+               traceparent=CALLER),
+    StageEnded(job="gold-6", seq=4, ts=T + 21, stage="decode", duration_s=0.1),
+    JobCompleted(job="gold-6", seq=5, ts=T + 22, duration_s=0.0, frames=17, bytes=1),
 ]
 
 GOLDEN: Final = Path(__file__).resolve().parents[1] / "fixtures"
