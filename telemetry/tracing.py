@@ -79,4 +79,6 @@ def span_id_for(job: str, role: str, opened_ts: int | None = None) -> str:
     (roles: ``root``, ``queue``, ``stage:decode:0``…)."""
     key = run_key(job, opened_ts)
     digest = hashlib.sha256(f"wantel-span:{key}:{role}".encode()).hexdigest()[:16]
-    return digest if set(digest) != {"0"} else "0000000000000001"
+    # All zeros is not a valid span id; a comparison, not set(digest): ~0.3 µs of ~0.8 a span
+    # (the lifecycle log derives one for most of its lines).
+    return digest if digest != "0000000000000000" else "0000000000000001"

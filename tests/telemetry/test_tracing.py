@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from telemetry.tracing import (
     job_trace_id,
     job_traceparent,
@@ -66,3 +68,21 @@ def test_the_callers_sampled_flag_is_read() -> None:
     assert traceparent_sampled(CALLER[:-2] + "03")  # other flag bits do not matter
     assert traceparent_sampled(None)
     assert traceparent_sampled("garbage-00")
+
+
+def test_a_span_id_is_never_all_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A digest whose first 16 hex digits are zeros (invalid in W3C and OTLP) becomes
+    ``0000000000000001``; one with a single non-zero digit stays as it is."""
+    from telemetry import tracing
+
+    class Digest:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def hexdigest(self) -> str:
+            return self.text
+
+    monkeypatch.setattr(tracing.hashlib, "sha256", lambda data: Digest("0" * 64))
+    assert "0000000000000001" == span_id_for("j", "root")
+    monkeypatch.setattr(tracing.hashlib, "sha256", lambda data: Digest("0" * 15 + "2" + "0" * 48))
+    assert "0000000000000002" == span_id_for("j", "root")
