@@ -1125,7 +1125,11 @@ score(PyObject *issued, PyObject *end, PyObject **result)
         }
     }
     /* Per bucket index: its place in the order reached (-1: not reached), first point, counts. */
-    Py_ssize_t order[MAX_BUCKETS], reached[MAX_BUCKETS], first[MAX_BUCKETS];
+    Py_ssize_t order[MAX_BUCKETS], reached[MAX_BUCKETS];
+    /* Each bucket's first point, a reference taken in the first pass (which allocates nothing,
+     * so runs no other Python code): a finaliser run by the collector while the result is
+     * built could change the list. Owned until a result tuple takes it. */
+    PyObject *first[MAX_BUCKETS];
     Py_ssize_t count[MAX_BUCKETS], covered[MAX_BUCKETS], below[MAX_BUCKETS], above[MAX_BUCKETS];
     Py_ssize_t n_reached = 0;
     int status = OK;
@@ -1159,7 +1163,8 @@ score(PyObject *issued, PyObject *end, PyObject **result)
         if (order[b] < 0) {
             order[b] = n_reached;
             reached[n_reached++] = b;
-            first[b] = i;
+            first[b] = point;
+            Py_INCREF(point);
         }
         bucket_at[i] = (signed char)b;
         errors[i] = (remaining - actual) / actual;
@@ -1188,12 +1193,11 @@ score(PyObject *issued, PyObject *end, PyObject **result)
             status = ERROR;
             goto done;
         }
-        PyObject *point = PyList_GET_ITEM(issued, first[b]);
         PyObject *bucket = PyTuple_GET_ITEM(buckets, b);
         Py_INCREF(bucket);
-        Py_INCREF(point);
         PyTuple_SET_ITEM(tuple, 0, bucket);
-        PyTuple_SET_ITEM(tuple, 1, point);
+        PyTuple_SET_ITEM(tuple, 1, first[b]);
+        first[b] = NULL;
         PyTuple_SET_ITEM(tuple, 2, list); /* filled below: NULL items until then */
         PyList_SET_ITEM(scores, k, tuple);
         PyObject *c = PyLong_FromSsize_t(covered[b]);
@@ -1228,6 +1232,9 @@ done:
     if (errors != stack_errors) {
         PyMem_Free(errors);
         PyMem_Free(bucket_at);
+    }
+    for (Py_ssize_t k = 0; k < n_reached; k++) {
+        Py_XDECREF(first[reached[k]]); /* NULL once a tuple took it */
     }
     if (status != OK) {
         Py_XDECREF(scores); /* a list's NULL items are skipped when it is freed */

@@ -13,6 +13,7 @@ is compared in ``test_eta_estimator_c.py`` (the C estimator runs the C scoring).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -216,3 +217,17 @@ class TestScoring:
         before = msgspec.msgpack.encode(points)
         _live.score_issued(points, 11 * 10**9)
         assert before == msgspec.msgpack.encode(points)
+
+    def test_long_lists_and_references(self) -> None:
+        """More ETAs than the C keeps on its stack, and a fallback after some buckets were
+        reached: the same result, and no reference to any ETA kept or lost."""
+        points = [EtaPoint(ts=i * 10**8, remaining_s=30.0 - i / 10, p10_s=1.0, p90_s=25.0,
+                           progress=i / 300, estimating=False) for i in range(300)]
+        odd = [*points[:100], EtaPoint(ts=1.5, remaining_s=1.0, p10_s=1.0, p90_s=1.0,
+                                       progress=0.5, estimating=False)]
+        for issued in (points, odd):
+            before = [sys.getrefcount(p) for p in issued]
+            for _ in range(3):
+                assert exactly(score_issued(issued, 31 * 10**9)) == exactly(
+                    _live.score_issued(issued, 31 * 10**9))
+            assert before == [sys.getrefcount(p) for p in issued]
