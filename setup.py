@@ -2,11 +2,13 @@
 
 ``telemetry.log._framing`` is the reader's check of a run of frames; ``telemetry.log._natswire``
 is the lean NATS reader's frame scan; ``telemetry.eta._live`` is the live ETA estimator's two
-hot paths (``LiveJob.step_ended`` and ``LiveJob.estimate_fields``, compiled without fused
-multiply-adds so that every float is the Python's). All are optional: where one cannot be
-compiled (no C compiler, no Python or zlib headers) the install still succeeds and wantel uses
-its pure-Python reference (``telemetry.log.framing.scan_run_py``,
-``telemetry.log.nats_wire.scan_frames_py``, the ``LiveJob`` methods), with the same results.
+hot paths (``LiveJob.step_ended`` and ``LiveJob.estimate_fields``) and the ETA projection's
+scoring of a completed job's ETAs (``score_issued``), compiled without fused multiply-adds so
+that every float is the Python's. All are optional: where one cannot be compiled (no C
+compiler, no Python or zlib headers) the install still succeeds and wantel uses its
+pure-Python reference (``telemetry.log.framing.scan_run_py``,
+``telemetry.log.nats_wire.scan_frames_py``, the ``LiveJob`` methods,
+``telemetry.projections.eta.score_issued``), with the same results.
 """
 
 from setuptools import Extension, setup

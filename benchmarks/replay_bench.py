@@ -11,7 +11,8 @@ projection ``wantel serve`` runs (jobs, eta, throughput, memory, health, metrics
 every fast path, without each one in turn, and without any; and that set without the compare
 projection (the Compare dashboard's series), so its cost is measured in the same rounds; and
 serve's set and the ETA projection alone with the ETA estimator in Python instead of its C twin
-(``telemetry/eta/_live.c``).
+(``telemetry/eta/_live.c``: the estimator and the scoring of completed jobs' ETAs), and
+serve's set with only the scoring in Python.
 Prints events/s, the fold's own cost (ns per event, over the engine with no projection), the
 fast path's gain, and the goal.
 
@@ -43,7 +44,7 @@ from telemetry.events import (
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.base import RulesOnly
-from telemetry.projections.eta import EtaProjection
+from telemetry.projections.eta import EtaProjection, score_issued
 
 GOAL = 500_000
 
@@ -105,6 +106,16 @@ def python_eta(projections: list[Any]) -> list[Any]:
             if p.name == "eta" and not isinstance(p, RulesOnly) else p for p in projections]
 
 
+def python_scoring(projections: list[Any]) -> list[Any]:
+    """``projections`` with the ETA projection's estimator in C but a completed job's ETAs
+    scored by the rule, :func:`~telemetry.projections.eta.score_issued`, instead of its C twin
+    (set on the built projection: what the scoring's C twin alone earns)."""
+    for p in projections:
+        if p.name == "eta" and not isinstance(p, RulesOnly):
+            p._score_issued = score_issued
+    return projections
+
+
 def alone(name: str, *, rules_only: bool = False) -> list[Any]:
     """The projection ``name`` of serve's set, alone; folded by its rules if ``rules_only``."""
     return [p for p in serve_set(frozenset({name} if rules_only else ())) if p.name == name]
@@ -138,6 +149,9 @@ def main() -> None:
     eta_python = "every projection, eta estimator in Python"
     cases[eta_python] = lambda: python_eta(serve_set())
     cases["eta alone, estimator in Python"] = lambda: python_eta(alone("eta"))
+    # Its scoring of completed jobs' ETAs alone (score_issued's C twin) against the rule.
+    scoring_python = "every projection, eta scoring in Python"
+    cases[scoring_python] = lambda: python_scoring(serve_set())
     # The compare projection (the Compare dashboard's series) is the newest: its cost is the
     # difference from the set without it, measured in the same rounds.
     without_compare = "every projection but compare (the set before it)"
@@ -172,6 +186,9 @@ def main() -> None:
         elif label == eta_python:
             note += (f"   C estimator: replay {median[every] / value:.2f}×, "
                      f"folds {fold_ns(label) / fold_ns(every):.2f}×")
+        elif label == scoring_python:
+            note += (f"   C scoring: replay {median[every] / value:.2f}×, "
+                     f"folds {fold_ns(label) / fold_ns(every):.2f}×")
         elif label == "eta alone, estimator in Python":
             with_c = "eta alone, fast path"
             note += (f"   C estimator: replay {median[with_c] / value:.2f}×, "
@@ -180,7 +197,7 @@ def main() -> None:
             note += f"   compare costs {fold_ns(every) - fold_ns(label):.0f} ns/event"
         elif label.startswith("every projection,"):
             note += f"   fast paths: replay {median[every] / value:.2f}×"
-        if label in (every, all_rules, eta_python):
+        if label in (every, all_rules, eta_python, scoring_python):
             note += f"   goal ≥ {GOAL // 1000}k/s {'PASS' if value >= GOAL else 'MISS'}"
         print(f"  {label:<66} {value / 1e3:6.0f}k events/s{note}")
 

@@ -3,10 +3,12 @@
 Each C file implements one function that has a pure-Python reference beside it, with the same
 results (a contract test runs both): ``telemetry/log/_framing.c``, the local log's frame checks,
 ``telemetry/log/_natswire.c``, the lean NATS reader's frame scan, and ``telemetry/eta/_live.c``,
-the live ETA estimator's hot paths. The choice is made when the object that runs the loop is
-built, never when a module is imported: :class:`~telemetry.log.local.LocalLog` (the frame
-checks) and :class:`~telemetry.log.nats.NatsLog` (the frame scan) take ``compiled``, and
-:class:`~telemetry.projections.eta.EtaProjection` (the estimator) ``estimator``:
+the live ETA estimator's hot paths and the scoring of a completed job's ETAs. The choice is
+made when the object that runs the loop is built, never when a module is imported:
+:class:`~telemetry.log.local.LocalLog` (the frame checks) and
+:class:`~telemetry.log.nats.NatsLog` (the frame scan) take ``compiled``, and
+:class:`~telemetry.projections.eta.EtaProjection` (the estimator and its scoring)
+``estimator``:
 
 * ``True``: the C version, or the reference where it was not built (an install without a C
   compiler), which :func:`choose` reports;
@@ -46,7 +48,9 @@ FRAME_CHECKS: Final = Accelerator("frame checks", "telemetry.log._framing", "sca
 #: ``nats_wire.scan_frames_py``).
 NATS_FRAMES: Final = Accelerator("NATS frame scan", "telemetry.log._natswire", "scan_frames")
 #: The live ETA estimator's two hot paths, ``step_ended`` and ``estimate_fields`` (reference:
-#: the :class:`~telemetry.eta.live.LiveJob` methods); its module holds both.
+#: the :class:`~telemetry.eta.live.LiveJob` methods); its module holds both, and the ETA
+#: projection's ``score_issued`` (reference: :func:`telemetry.projections.eta.score_issued`),
+#: chosen with them.
 ETA_ESTIMATOR: Final = Accelerator("ETA estimator", "telemetry.eta._live", "estimate_fields")
 ACCELERATORS: Final = (FRAME_CHECKS, NATS_FRAMES, ETA_ESTIMATOR)
 

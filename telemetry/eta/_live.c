@@ -1,8 +1,12 @@
-/* telemetry.eta._live: the live ETA estimator's two hot paths, in C.
+/* telemetry.eta._live: the live ETA estimator's two hot paths, and the scoring of a completed
+ * job's ETAs, in C.
  *
  * step_ended(live, total_steps, duration_s, expert, ts) is LiveJob.step_ended(...) and
  * estimate_fields(live, now) is LiveJob.estimate_fields(now) (telemetry/eta/live.py, the
- * rule), operation for operation: the same field writes, the memoised intermediate results
+ * rule); score_issued(issued, end_ts) is telemetry.projections.eta.score_issued (each ETA's
+ * error, coverage and misses, grouped by progress bucket), falling back to it for anything but
+ * a list of EtaPoints with int times and float fields. The estimator's twins follow their rule
+ * operation for operation: the same field writes, the memoised intermediate results
  * (speed_key/speed_cache, evidence_key/evidence, ahead_key/ahead) written as the Python writes
  * them, floats bit-identical (same order of operations, the same libm calls, compiled with
  * -ffp-contract=off so no fused multiply-add changes a rounding; CPython's errors for exp, log,
@@ -16,7 +20,9 @@
  * when this one is imported: they have one definition, there.
  *
  * Why C: issuing ETAs and observing steps were ~60 % of the ETA fold's time in `wantel replay`
- * (float objects, ** and the field reads of a dozen small methods per ETA).
+ * (float objects, ** and the field reads of a dozen small methods per ETA); once they were C,
+ * scoring the ETAs at completion was the fold's next cost (a loop of float arithmetic, dict
+ * lookups and appends per ETA; ~5.5 µs a job in Python, ~0.5 µs here).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1018,6 +1024,226 @@ step(PyObject *live, PyObject *total_obj, PyObject *duration, PyObject *expert, 
     return OK;
 }
 
+/* -- scoring a completed job's ETAs ------------------------------------------------------------ */
+
+/* What score_issued reads, looked up at its first call (telemetry.projections.eta imports this
+ * module's caller, telemetry.eta.live, so it cannot be imported when this one is). */
+static PyTypeObject *EtaPoint_Type;
+static PyObject *eta_projection; /* telemetry.projections.eta: its score_issued is the rule */
+static PyObject *str_score_issued;
+static double MIN_SCORED_S;
+static Py_ssize_t off_point_ts, off_point_remaining_s, off_point_p10_s, off_point_p90_s,
+    off_point_progress;
+
+static int offset_in(PyTypeObject *type, const char *name, Py_ssize_t *out);
+static int constant(PyObject *module, const char *name, double *out);
+
+static int
+score_setup(void)
+{
+    PyObject *eta = PyImport_ImportModule("telemetry.projections.eta");
+    if (eta == NULL) {
+        return -1;
+    }
+    PyObject *point = PyObject_GetAttrString(eta, "EtaPoint");
+    int status = -1;
+    if (point == NULL) {
+        goto done;
+    }
+    if (!PyType_Check(point)) {
+        PyErr_SetString(PyExc_TypeError, "telemetry.projections.eta.EtaPoint is not a type");
+        goto done;
+    }
+    if (constant(eta, "MIN_SCORED_S", &MIN_SCORED_S) < 0 ||
+        offset_in((PyTypeObject *)point, "ts", &off_point_ts) < 0 ||
+        offset_in((PyTypeObject *)point, "remaining_s", &off_point_remaining_s) < 0 ||
+        offset_in((PyTypeObject *)point, "p10_s", &off_point_p10_s) < 0 ||
+        offset_in((PyTypeObject *)point, "p90_s", &off_point_p90_s) < 0 ||
+        offset_in((PyTypeObject *)point, "progress", &off_point_progress) < 0) {
+        goto done;
+    }
+    EtaPoint_Type = (PyTypeObject *)point;
+    point = NULL;
+    eta_projection = eta;
+    eta = NULL;
+    status = 0;
+done:
+    Py_XDECREF(point);
+    Py_XDECREF(eta);
+    return status;
+}
+
+#define POINT_SLOT(o, name) (*(PyObject **)((char *)(o) + off_point_##name))
+#define MAX_BUCKETS 9
+#define STACK_POINTS 64
+
+/* bucket_of's index: bisect_right over the edges (NaN: the last). */
+static inline Py_ssize_t
+bucket_index(double progress)
+{
+    Py_ssize_t lo = 0, hi = n_bucket_edges;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (progress < bucket_edges[mid]) {
+            hi = mid;
+        }
+        else {
+            lo = mid + 1;
+        }
+    }
+    return lo;
+}
+
+/* score_issued(issued, end_ts) (telemetry/projections/eta.py, the rule), or FALLBACK for
+ * anything but a list of exact EtaPoints with int times within ±2**62 and float fields.
+ * Two passes: the errors and buckets into C arrays, then each bucket's list made at its size. */
+static int
+score(PyObject *issued, PyObject *end, PyObject **result)
+{
+    int64_t end_ts;
+    if (!PyList_CheckExact(issued)) {
+        return FALLBACK;
+    }
+    CHECK(read_int(end, &end_ts));
+    Py_ssize_t n = PyList_GET_SIZE(issued);
+    double stack_errors[STACK_POINTS];
+    signed char stack_bucket[STACK_POINTS];
+    double *errors = stack_errors;
+    signed char *bucket_at = stack_bucket;
+    if (n > STACK_POINTS) {
+        errors = PyMem_Malloc((size_t)n * sizeof(double));
+        bucket_at = PyMem_Malloc((size_t)n);
+        if (errors == NULL || bucket_at == NULL) {
+            if (errors != NULL) {
+                PyMem_Free(errors);
+            }
+            if (bucket_at != NULL) {
+                PyMem_Free(bucket_at);
+            }
+            PyErr_NoMemory();
+            return ERROR;
+        }
+    }
+    /* Per bucket index: its place in the order reached (-1: not reached), first point, counts. */
+    Py_ssize_t order[MAX_BUCKETS], reached[MAX_BUCKETS];
+    /* Each bucket's first point, a reference taken in the first pass (which allocates nothing,
+     * so runs no other Python code): a finaliser run by the collector while the result is
+     * built could change the list. Owned until a result tuple takes it. */
+    PyObject *first[MAX_BUCKETS];
+    Py_ssize_t count[MAX_BUCKETS], covered[MAX_BUCKETS], below[MAX_BUCKETS], above[MAX_BUCKETS];
+    Py_ssize_t n_reached = 0;
+    int status = OK;
+    for (Py_ssize_t b = 0; b < MAX_BUCKETS; b++) {
+        order[b] = -1;
+        count[b] = covered[b] = below[b] = above[b] = 0;
+    }
+    for (Py_ssize_t i = 1; i < n; i++) {
+        PyObject *point = PyList_GET_ITEM(issued, i);
+        int64_t ts;
+        double remaining, p10, p90, progress;
+        bucket_at[i] = -1;
+        if (Py_TYPE(point) != EtaPoint_Type) {
+            status = FALLBACK;
+            break;
+        }
+        if ((status = read_int(POINT_SLOT(point, ts), &ts)) != OK ||
+            (status = read_float(POINT_SLOT(point, remaining_s), &remaining)) != OK ||
+            (status = read_float(POINT_SLOT(point, p10_s), &p10)) != OK ||
+            (status = read_float(POINT_SLOT(point, p90_s), &p90)) != OK ||
+            (status = read_float(POINT_SLOT(point, progress), &progress)) != OK) {
+            break;
+        }
+        /* actual = (end_ts - point.ts) / 1e9: the int difference (exact: both within ±2**62),
+         * converted as CPython converts an int (round half to even), then divided. */
+        double actual = (double)(end_ts - ts) / 1e9;
+        if (actual <= MIN_SCORED_S || !isfinite(remaining)) {
+            continue;
+        }
+        Py_ssize_t b = bucket_index(progress);
+        if (order[b] < 0) {
+            order[b] = n_reached;
+            reached[n_reached++] = b;
+            first[b] = point;
+            Py_INCREF(point);
+        }
+        bucket_at[i] = (signed char)b;
+        errors[i] = (remaining - actual) / actual;
+        count[b]++;
+        covered[b] += p10 <= actual && actual <= p90;
+        below[b] += actual < p10;
+        above[b] += actual > p90;
+    }
+    PyObject *scores = NULL;
+    if (status != OK) {
+        goto done;
+    }
+    scores = PyList_New(n_reached);
+    if (scores == NULL) {
+        status = ERROR;
+        goto done;
+    }
+    PyObject *lists[MAX_BUCKETS];
+    Py_ssize_t filled[MAX_BUCKETS];
+    for (Py_ssize_t k = 0; k < n_reached; k++) {
+        Py_ssize_t b = reached[k];
+        PyObject *list = PyList_New(count[b]);
+        PyObject *tuple = list == NULL ? NULL : PyTuple_New(6);
+        if (tuple == NULL) {
+            Py_XDECREF(list);
+            status = ERROR;
+            goto done;
+        }
+        PyObject *bucket = PyTuple_GET_ITEM(buckets, b);
+        Py_INCREF(bucket);
+        PyTuple_SET_ITEM(tuple, 0, bucket);
+        PyTuple_SET_ITEM(tuple, 1, first[b]);
+        first[b] = NULL;
+        PyTuple_SET_ITEM(tuple, 2, list); /* filled below: NULL items until then */
+        PyList_SET_ITEM(scores, k, tuple);
+        PyObject *c = PyLong_FromSsize_t(covered[b]);
+        PyObject *lo = PyLong_FromSsize_t(below[b]);
+        PyObject *hi = PyLong_FromSsize_t(above[b]);
+        if (c == NULL || lo == NULL || hi == NULL) {
+            Py_XDECREF(c);
+            Py_XDECREF(lo);
+            Py_XDECREF(hi);
+            status = ERROR;
+            goto done;
+        }
+        PyTuple_SET_ITEM(tuple, 3, c);
+        PyTuple_SET_ITEM(tuple, 4, lo);
+        PyTuple_SET_ITEM(tuple, 5, hi);
+        lists[b] = list;
+        filled[b] = 0;
+    }
+    for (Py_ssize_t i = 1; i < n; i++) {
+        int b = bucket_at[i];
+        if (b < 0) {
+            continue;
+        }
+        PyObject *v = PyFloat_FromDouble(errors[i]);
+        if (v == NULL) {
+            status = ERROR;
+            goto done;
+        }
+        PyList_SET_ITEM(lists[b], filled[b]++, v);
+    }
+done:
+    if (errors != stack_errors) {
+        PyMem_Free(errors);
+        PyMem_Free(bucket_at);
+    }
+    for (Py_ssize_t k = 0; k < n_reached; k++) {
+        Py_XDECREF(first[reached[k]]); /* NULL once a tuple took it */
+    }
+    if (status != OK) {
+        Py_XDECREF(scores); /* a list's NULL items are skipped when it is freed */
+        return status;
+    }
+    *result = scores;
+    return OK;
+}
+
 /* -- the module ------------------------------------------------------------------------------- */
 
 static PyObject *
@@ -1067,12 +1293,42 @@ live_estimate_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                                      2, NULL);
 }
 
+static PyObject *
+live_score_issued(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "score_issued(issued, end_ts) takes 2 arguments");
+        return NULL;
+    }
+    if (eta_projection == NULL && score_setup() < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    int status = score(args[0], args[1], &result);
+    if (status == OK) {
+        return result;
+    }
+    if (status == ERROR) {
+        return NULL;
+    }
+    /* The rule, looked up on each fallback (rare: odd input only). */
+    PyObject *rule = PyObject_GetAttr(eta_projection, str_score_issued);
+    if (rule == NULL) {
+        return NULL;
+    }
+    PyObject *result_ = PyObject_Vectorcall(rule, args, 2, NULL);
+    Py_DECREF(rule);
+    return result_;
+}
+
 static PyMethodDef methods[] = {
     {"step_ended", (PyCFunction)(void (*)(void))live_step_ended, METH_FASTCALL,
      "step_ended(live, total_steps, duration_s, expert, ts): "
      "LiveJob.step_ended(live, total_steps, duration_s, expert, ts)"},
     {"estimate_fields", (PyCFunction)(void (*)(void))live_estimate_fields, METH_FASTCALL,
      "estimate_fields(live, now): LiveJob.estimate_fields(live, now)"},
+    {"score_issued", (PyCFunction)(void (*)(void))live_score_issued, METH_FASTCALL,
+     "score_issued(issued, end_ts): telemetry.projections.eta.score_issued(issued, end_ts)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1095,23 +1351,29 @@ constant(PyObject *module, const char *name, double *out)
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* A field's slot offset, from the LiveJob type's member descriptor (checked to be one). */
+/* A field's slot offset, from the type's member descriptor (checked to be one). */
 static int
-offset_of(const char *name, Py_ssize_t *out)
+offset_in(PyTypeObject *type, const char *name, Py_ssize_t *out)
 {
-    PyObject *descr = PyDict_GetItemString(LiveJob_Type->tp_dict, name);
+    PyObject *descr = PyDict_GetItemString(type->tp_dict, name);
     if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
-        PyErr_Format(PyExc_ImportError, "LiveJob.%s is not a slot", name);
+        PyErr_Format(PyExc_ImportError, "%s.%s is not a slot", type->tp_name, name);
         return -1;
     }
     PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
     if (member->type != T_OBJECT_EX || member->offset <= 0 ||
-        member->offset + (Py_ssize_t)sizeof(PyObject *) > LiveJob_Type->tp_basicsize) {
-        PyErr_Format(PyExc_ImportError, "LiveJob.%s is not an object slot", name);
+        member->offset + (Py_ssize_t)sizeof(PyObject *) > type->tp_basicsize) {
+        PyErr_Format(PyExc_ImportError, "%s.%s is not an object slot", type->tp_name, name);
         return -1;
     }
     *out = member->offset;
     return 0;
+}
+
+static int
+offset_of(const char *name, Py_ssize_t *out)
+{
+    return offset_in(LiveJob_Type, name, out);
 }
 
 PyMODINIT_FUNC
@@ -1171,7 +1433,9 @@ PyInit__live(void)
     str_denoise = PyUnicode_InternFromString("denoise");
     str_step_ended = PyUnicode_InternFromString("step_ended");
     str_estimate_fields = PyUnicode_InternFromString("estimate_fields");
-    if (str_denoise == NULL || str_step_ended == NULL || str_estimate_fields == NULL) {
+    str_score_issued = PyUnicode_InternFromString("score_issued");
+    if (str_denoise == NULL || str_step_ended == NULL || str_estimate_fields == NULL ||
+        str_score_issued == NULL) {
         goto error;
     }
     Py_DECREF(live);

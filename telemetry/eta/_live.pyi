@@ -1,4 +1,8 @@
-"""Type stub for the optional C twin of the live ETA estimator's hot paths (``_live.c``)."""
+"""Type stub for the optional C twin of the live ETA estimator's hot paths and of the ETA
+projection's scoring (``_live.c``)."""
+
+from collections.abc import Sequence
+from typing import Any
 
 from telemetry.eta.live import LiveJob
 
@@ -8,3 +12,6 @@ def step_ended(live: LiveJob, total_steps: int, duration_s: float | None, expert
 
 def estimate_fields(live: LiveJob, now: int, /) -> tuple[float, float, float, float, bool]:
     """``LiveJob.estimate_fields(live, now)``."""
+
+def score_issued(issued: Sequence[Any], end_ts: int, /) -> list[Any]:
+    """``telemetry.projections.eta.score_issued(issued, end_ts)``."""

@@ -25,7 +25,7 @@ import math
 import sys
 from collections.abc import Callable
 from math import exp, log, sqrt
-from typing import Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
 
@@ -706,12 +706,16 @@ ETA_ESTIMATOR: Final = accelerate.ETA_ESTIMATOR
 
 
 class Estimator(NamedTuple):
-    """The two hot paths of the live estimate, as functions of a :class:`LiveJob`, and what
-    they are in words (``"C"``, ``"Python (…)"``)."""
+    """The hot paths of the live estimate, as functions of a :class:`LiveJob`, what they are
+    in words (``"C"``, ``"Python (…)"``), and how a completed job's ETAs are scored:
+    ``score_issued`` the C twin of :func:`telemetry.projections.eta.score_issued` (same
+    module as the estimator's), or ``None`` for that function, the rule (it lives with the
+    ETA points it scores, which this module does not import)."""
 
     step_ended: Callable[[LiveJob, int, float | None, str | None, int], None]
     estimate_fields: Callable[[LiveJob, int], tuple[float, float, float, float, bool]]
     what: str
+    score_issued: Callable[[Any, int], Any] | None = None
 
 
 def estimator_of(estimator: Literal["c", "python"] | None = None) -> Estimator:
@@ -729,4 +733,4 @@ def estimator_of(estimator: Literal["c", "python"] | None = None) -> Estimator:
     if function is LiveJob.estimate_fields:
         return Estimator(LiveJob.step_ended, LiveJob.estimate_fields, what)
     module = sys.modules[ETA_ESTIMATOR.module]  # imported by choose
-    return Estimator(module.step_ended, function, what)
+    return Estimator(module.step_ended, function, what, module.score_issued)

@@ -182,6 +182,8 @@ class EtaProjection:
         self.keep_finished = keep_finished
         self._estimator: Estimator = estimator_of(estimator)
         self.estimator = self._estimator.what
+        self._score_issued: Callable[[Sequence[EtaPoint], int], list[BucketScore]] = (
+            self._estimator.score_issued or score_issued)
         # Memoised priors (not state: LiveJob.start's result, whatever the cache holds).
         self._priors = PriorCache()
 
@@ -279,7 +281,8 @@ class EtaProjection:
         than ``MIN_SCORED_S`` before the end are not scored, nor a non-finite one (a NaN
         duration in the log makes one; it would make every sum NaN for good). The first ETA
         (issued at the start) is scored on its own; the others by the bucket of the progress
-        they were issued at, buckets in the order the job first reached them.
+        they were issued at, buckets in the order the job first reached them
+        (:func:`score_issued`, or its C twin: the estimator's choice).
         """
         running = state.running.pop(event.job, None)
         if running is None:
@@ -301,37 +304,20 @@ class EtaProjection:
                 if running.labels:
                     observe(state.before_start_by, running.labels, ABS_ERROR_BUCKETS,
                             abs(before_start))
-        errors_in: dict[str, list[float]] = {}  # bucket → its errors, in the order reached
-        covered_in: dict[str, int] = {}
-        missed_in: dict[str, list[int]] = {}  # bucket → [below the p10, above the p90]
-        history: list[EtaPoint] = []  # the first ETA of each bucket
-        for point in running.issued[1:]:
-            actual = (end_ts - point.ts) / 1e9
-            if actual <= MIN_SCORED_S or not isfinite(point.remaining_s):
-                continue
-            bucket = bucket_of(point.progress)
-            errors = errors_in.get(bucket)
-            if errors is None:
-                errors = errors_in[bucket] = []
-                covered_in[bucket] = 0
-                missed_in[bucket] = [0, 0]
-                history.append(point)
-            errors.append((point.remaining_s - actual) / actual)
-            covered_in[bucket] += point.p10_s <= actual <= point.p90_s
-            missed = missed_in[bucket]
-            missed[0] += actual < point.p10_s
-            missed[1] += actual > point.p90_s
         histograms = state.residuals.setdefault(model, {})
         residuals: dict[str, float] = {}
-        for bucket, errors in errors_in.items():
+        history: list[EtaPoint] = []  # the first ETA of each bucket
+        misses: list[tuple[str, float, float]] = []
+        for bucket, first_in, errors, covered, below, above in self._score_issued(
+                running.issued, end_ts):
             histogram = histograms.get(bucket)
             if histogram is None:  # not setdefault: it would build a Histogram every time
                 histogram = histograms[bucket] = Histogram()
-            histogram.add_all(errors, covered_in[bucket])
+            histogram.add_all(errors, covered)
             residuals[bucket] = sum(errors) / len(errors)
-        online.score_intervals(learned, [
-            (bucket, below / len(errors_in[bucket]), above / len(errors_in[bucket]))
-            for bucket, (below, above) in missed_in.items()])
+            history.append(first_in)
+            misses.append((bucket, below / len(errors), above / len(errors)))
+        online.score_intervals(learned, misses)
         state.finished = bounded_insert(state.finished, event.job, FinishedEta(
             model=model, status="completed", duration_s=event.duration_s,
             before_start_error=before_start, residuals=residuals, history=history),
@@ -350,6 +336,51 @@ def issues_eta_at(step: int, total_steps: int) -> bool:
             or done % (total_steps // ISSUES_PER_DENOISE or 1) == 0)
 
 
+#: What :func:`score_issued` gives for one progress bucket: its name, the first ETA scored
+#: in it, each scored ETA's signed relative error (in the order issued), how many of them
+#: their interval covered, and how many it missed below (the actual remaining time under the
+#: p10) and above (over the p90).
+BucketScore = tuple[str, EtaPoint, list[float], int, int, int]
+
+
+def score_issued(issued: Sequence[EtaPoint], end_ts: int) -> list[BucketScore]:
+    """The rule that scores a completed job's ETAs, all but the first (the before-start one,
+    scored on its own), grouped by the progress bucket each was issued in, buckets in the
+    order the job first reached them.
+
+    An ETA issued at ``ts`` had ``actual = (end_ts - ts) / 1e9`` seconds left; its error is
+    ``(remaining_s - actual) / actual``. One issued within ``MIN_SCORED_S`` of the end, or
+    with a non-finite ``remaining_s``, is not scored (and reaches no bucket).
+
+    Pure: reads the points, changes nothing. ``telemetry/eta/_live.c`` has a C twin
+    (``score_issued``: the projection's choice, with its estimator) that gives bit-identical
+    errors and falls back to this function on anything unexpected.
+    """
+    errors_in: dict[str, list[float]] = {}  # bucket → its errors, in the order reached
+    first_in: dict[str, EtaPoint] = {}
+    counts_in: dict[str, list[int]] = {}  # bucket → [covered, below the p10, above the p90]
+    for point in issued[1:]:
+        actual = (end_ts - point.ts) / 1e9
+        if actual <= MIN_SCORED_S or not isfinite(point.remaining_s):
+            continue
+        bucket = bucket_of(point.progress)
+        errors = errors_in.get(bucket)
+        if errors is None:
+            errors = errors_in[bucket] = []
+            first_in[bucket] = point
+            counts_in[bucket] = [0, 0, 0]
+        errors.append((point.remaining_s - actual) / actual)
+        counts = counts_in[bucket]
+        counts[0] += point.p10_s <= actual <= point.p90_s
+        counts[1] += actual < point.p10_s
+        counts[2] += actual > point.p90_s
+    scores: list[BucketScore] = []
+    for bucket, errors in errors_in.items():
+        covered, below, above = counts_in[bucket]
+        scores.append((bucket, first_in[bucket], errors, covered, below, above))
+    return scores
+
+
 def _issue(running: RunningEta, ts: int,
            estimate_fields: Callable[[LiveJob, int], tuple[float, float, float, float, bool]],
            ) -> None:
@@ -366,5 +397,5 @@ def current(state: EtaState, job: str) -> EtaPoint | None:
     return running.issued[-1] if running is not None and running.issued else None
 
 
-__all__ = ["BUCKETS", "ERROR_EDGES", "EtaPoint", "EtaProjection", "EtaState", "current",
-           "issues_eta_at"]
+__all__ = ["BUCKETS", "ERROR_EDGES", "BucketScore", "EtaPoint", "EtaProjection", "EtaState",
+           "current", "issues_eta_at", "score_issued"]

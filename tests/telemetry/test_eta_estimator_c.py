@@ -8,7 +8,8 @@ copies of one estimator, one through the Python methods and one through the C fu
 ETA must be the same tuple — floats equal bit for bit, NaN where NaN, the sign of zero — every
 exception the same type, and the estimator the same (its msgpack encoding) after every call.
 The ETA projection is held to the same on random streams of several jobs and on the recorded
-corpora (``tests/fixtures/eta*``): the whole ``EtaState``, encoded, byte-identical.
+corpora (``tests/fixtures/eta*``): the whole ``EtaState``, encoded, byte-identical (the C
+estimator's projection also scores completed jobs' ETAs in C: ``test_eta_scoring_c.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import telemetry.projections.eta as eta_projection
 from telemetry import accelerate
 from telemetry.eta.live import LiveJob, estimator_of
 from telemetry.eta.model import BUCKETS, Calibration
@@ -40,7 +42,7 @@ from telemetry.events import (
 )
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
-from telemetry.projections.eta import EtaProjection
+from telemetry.projections.eta import EtaProjection, score_issued
 from wantel.cli import main
 
 from .accelerators import assert_built_where_required, both
@@ -258,7 +260,7 @@ class TestOneEstimator:
                 etas += 1
             assert encoded(python) == encoded(c)
         assert etas == 20
-        assert calls == {"step_ended": 0, "estimate_fields": 0}
+        assert calls == {"step_ended": 0, "estimate_fields": 0, "score_issued": 0}
 
     @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(start=estimators(), ops=operations(), odd=st.lists(st.tuples(
@@ -326,9 +328,10 @@ class TestOneEstimator:
 
 def counting_fallbacks() -> dict[str, int]:
     """How often the C handed a call to the Python: counted while the test runs (the C calls
-    the object's method, which these wrappers replace on the class)."""
-    calls = {"step_ended": 0, "estimate_fields": 0}
-    originals = {name: getattr(LiveJob, name) for name in calls}
+    the object's method, which these wrappers replace on the class, and the projection
+    module's ``score_issued``, looked up at each fallback)."""
+    calls = {"step_ended": 0, "estimate_fields": 0, "score_issued": 0}
+    originals = {name: getattr(LiveJob, name) for name in ("step_ended", "estimate_fields")}
 
     def wrap(name: str) -> Callable[..., Any]:
         def counted(self: LiveJob, *args: Any) -> Any:
@@ -336,9 +339,14 @@ def counting_fallbacks() -> dict[str, int]:
             return originals[name](self, *args)
         return counted
 
+    def score(issued: Any, end_ts: int) -> Any:
+        calls["score_issued"] += 1
+        return score_issued(issued, end_ts)
+
     patch = pytest.MonkeyPatch()
-    for name in calls:
+    for name in originals:
         patch.setattr(LiveJob, name, wrap(name))
+    patch.setattr(eta_projection, "score_issued", score)
     _UNDO.append(patch)
     return calls
 
@@ -450,7 +458,7 @@ class TestProjection:
         calls = counting_fallbacks()
         assert expected == replay(events, "c", many=False)
         assert expected == replay(events, "c", many=True)
-        assert {"step_ended": 0, "estimate_fields": 0} == calls
+        assert {"step_ended": 0, "estimate_fields": 0, "score_issued": 0} == calls
 
 
 @needs_c
