@@ -215,6 +215,17 @@ def run(live: LiveJob, op: tuple[Any, ...], compiled: bool) -> tuple[LiveJob, An
     except Exception as exc:  # a field of an odd type: the same in both
         return live, type(exc)
 
+def assert_same_through(start: LiveJob, ops: list[tuple[Any, ...]],
+                        state: Callable[[LiveJob], Any] = encoded) -> None:
+    """Run ``ops`` on two copies of ``start``, one through the C functions and one through the
+    Python methods: every outcome, and the ``state`` after each, is the same."""
+    python, c = copy(start), copy(start)
+    for op in ops:
+        python, expected = run(python, op, compiled=False)
+        c, actual = run(c, op, compiled=True)
+        assert expected == actual, op
+        assert state(python) == state(c), op
+
 
 @needs_c
 class TestOneEstimator:
@@ -224,12 +235,7 @@ class TestOneEstimator:
     @given(start=estimators(), ops=operations())
     def test_same_etas_and_same_state(self, start: LiveJob, ops: list[tuple[Any, ...]]) -> None:
         """Every ETA, exception and state after every call is the Python's."""
-        python, c = copy(start), copy(start)
-        for op in ops:
-            python, expected = run(python, op, compiled=False)
-            c, actual = run(c, op, compiled=True)
-            assert expected == actual, op
-            assert encoded(python) == encoded(c), op
+        assert_same_through(start, ops)
 
     def test_a_job_as_it_runs(self) -> None:
         """A whole A14B job issued at every event: the same ETAs, computed in C throughout
@@ -282,12 +288,7 @@ class TestOneEstimator:
             field = getattr(start, name)
             if isinstance(field, dict):
                 field[key] = value
-        python, c = copy(start), copy(start)
-        for op in ops:
-            python, expected = run(python, op, compiled=False)
-            c, actual = run(c, op, compiled=True)
-            assert expected == actual, op
-            assert safe_encoded(python) == safe_encoded(c), op
+        assert_same_through(start, ops, safe_encoded)
 
     def test_odd_input_falls_back(self) -> None:
         """A field of another type (an int expectation), a float time, a phase missing from
