@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy as copy_module
 import math
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -365,7 +366,7 @@ def _undo_patches() -> Any:
 
 # -- the projection -------------------------------------------------------------------------
 
-def replay(events: list[Event], estimator: str, *, many: bool) -> Any:
+def replay(events: list[Event], estimator: str | None, *, many: bool) -> Any:
     """The ETA projection's state after ``events``: msgpack bytes, or with NaN in it every
     float as its :func:`bits`; and what each event raised."""
     projection = EtaProjection(estimator=estimator)  # type: ignore[arg-type]
@@ -500,3 +501,19 @@ class TestChoice:
         """Anything but ``"c"``, ``"python"`` and ``None`` is a ``ValueError``."""
         with pytest.raises(ValueError, match="estimator must be"):
             EtaProjection(estimator="fortran")  # type: ignore[arg-type]
+
+    def test_where_c_was_not_built_the_python_runs(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An install without a C compiler has no ``telemetry.eta._live``: asked for the
+        default or for ``"c"``, a projection runs the methods and says why, with the same
+        state after a real corpus."""
+        log = LocalLog(FIXTURES / "eta-corpus", create=False)
+        events = [e for item in log.read() if isinstance(item, Batch) for e in item.events]
+        expected = replay(events, "python", many=True)
+        monkeypatch.setitem(sys.modules, "telemetry.eta._live", None)  # import raises
+        for asked in (None, "c"):
+            projection = EtaProjection(estimator=asked)  # type: ignore[arg-type]
+            assert "Python (C not built)" == projection.estimator
+            assert (LiveJob.step_ended, LiveJob.estimate_fields, None) == (
+                projection._estimator.step_ended, projection._estimator.estimate_fields,
+                projection._estimator.score_issued)
+        assert expected == replay(events, None, many=True)
