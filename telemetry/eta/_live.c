@@ -145,6 +145,42 @@ write_int(PyObject *o, Py_ssize_t offset, int64_t x)
     return OK;
 }
 
+/* A memoised result: its key (an int) and its tuple of ``count`` values (``items``, new
+ * references, any of them NULL if making it failed), written key first as the Python writes
+ * them. Takes the references to the items. */
+static int
+write_memo(PyObject *o, Py_ssize_t key_offset, int64_t key, Py_ssize_t value_offset,
+           Py_ssize_t count, PyObject **items)
+{
+    PyObject *value = NULL;
+    int made = 1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        made = made && items[i] != NULL;
+    }
+    if (made) {
+        value = PyTuple_New(count);
+        if (value != NULL) {
+            for (Py_ssize_t i = 0; i < count; i++) {
+                PyTuple_SET_ITEM(value, i, items[i]); /* steals */
+            }
+        }
+    }
+    if (value == NULL) { /* the items were not stolen */
+        for (Py_ssize_t i = 0; i < count; i++) {
+            Py_XDECREF(items[i]);
+        }
+        return ERROR;
+    }
+    PyObject *key_obj = PyLong_FromLongLong(key);
+    if (key_obj == NULL) {
+        Py_DECREF(value);
+        return ERROR;
+    }
+    write_slot(o, key_offset, key_obj);
+    write_slot(o, value_offset, value);
+    return OK;
+}
+
 /* -- CPython's arithmetic, errors included ---------------------------------------------------- */
 
 #define CHECK(call)                                                                            \
@@ -416,18 +452,9 @@ phase_evidence(Job *job, double shared, double *ratios, double *weights, Py_ssiz
         count++;
     }
     /* self.evidence_key, self.evidence = len(self.done), (ratios, weights) */
-    PyObject *key = PyLong_FromSsize_t(PyDict_GET_SIZE(job->done));
-    PyObject *r = list_of(ratios, count);
-    PyObject *w = list_of(weights, count);
-    PyObject *pair = (key && r && w) ? PyTuple_Pack(2, r, w) : NULL;
-    Py_XDECREF(r);
-    Py_XDECREF(w);
-    if (pair == NULL) {
-        Py_XDECREF(key);
-        return ERROR;
-    }
-    write_slot(job->live, off_evidence_key, key);
-    write_slot(job->live, off_evidence, pair);
+    PyObject *pair[2] = {list_of(ratios, count), list_of(weights, count)};
+    CHECK(write_memo(job->live, off_evidence_key, PyDict_GET_SIZE(job->done), off_evidence, 2,
+                     pair));
     *n = count;
     return OK;
 }
@@ -537,18 +564,8 @@ memoise:;
     CHECK(math_1(exp, mean, &factor));
     DIV(inverse, 1.0, total);
     double variance = inverse + surprise(mean, shared);
-    PyObject *key_obj = PyLong_FromLongLong(key);
-    PyObject *a = PyFloat_FromDouble(factor);
-    PyObject *b = PyFloat_FromDouble(variance);
-    PyObject *cache = (key_obj && a && b) ? PyTuple_Pack(2, a, b) : NULL;
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    if (cache == NULL) {
-        Py_XDECREF(key_obj);
-        return ERROR;
-    }
-    write_slot(live, off_speed_key, key_obj);
-    write_slot(live, off_speed_cache, cache);
+    PyObject *cache[2] = {PyFloat_FromDouble(factor), PyFloat_FromDouble(variance)};
+    CHECK(write_memo(live, off_speed_key, key, off_speed_cache, 2, cache));
     *speed = factor;
     *speed_var = variance;
     return OK;
@@ -678,20 +695,9 @@ ahead(Job *job, Py_ssize_t upcoming, double *seconds_out, double *variance_out,
         CHECK(square(part * sigma, &sq));
         variance += sq;
     }
-    PyObject *key_obj = PyLong_FromLongLong(key);
-    PyObject *a = PyFloat_FromDouble(seconds);
-    PyObject *b = PyFloat_FromDouble(variance);
-    PyObject *memo = (key_obj && a && b)
-                         ? PyTuple_Pack(3, a, b, denoise_ahead ? Py_True : Py_False)
-                         : NULL;
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    if (memo == NULL) {
-        Py_XDECREF(key_obj);
-        return ERROR;
-    }
-    write_slot(live, off_ahead_key, key_obj);
-    write_slot(live, off_ahead, memo);
+    PyObject *memo[3] = {PyFloat_FromDouble(seconds), PyFloat_FromDouble(variance),
+                         Py_NewRef(denoise_ahead ? Py_True : Py_False)};
+    CHECK(write_memo(live, off_ahead_key, key, off_ahead, 3, memo));
     *seconds_out = seconds;
     *variance_out = variance;
     *denoise_out = denoise_ahead;
