@@ -162,15 +162,17 @@ class Prior(NamedTuple):
     keys: dict[str, PhaseKeys]  # what each phase (and STEP) is learned under
 
     @classmethod
-    def of(cls, shape: JobShape, runner: bool, calibration: Calibration) -> Prior:
-        """Expected phase durations, how wrong each tends to be, and their learning keys."""
+    def of(cls, shape: JobShape, runner: bool, calibration: Calibration, *,
+           warm: bool = False) -> Prior:
+        """Expected phase durations, how wrong each tends to be, and their learning keys
+        (``warm``: the job is not its worker's first, :func:`device_level`)."""
         phases = expected_phases(shape, runner=runner)
         expected: dict[str, float] = {}
         sigma: dict[str, float] = {}
         videos = shape.videos
         step = predict(STEP, shape, calibration) * shape.passes * videos
         warmup = warmup_factor(shape, calibration)
-        keys = {STEP: phase_keys(STEP, shape)}
+        keys = {STEP: phase_keys(STEP, shape, warm=warm)}
         for phase in phases:
             if phase == "denoise":
                 expected[phase] = step * (max(shape.steps - 1, 0) + warmup)
@@ -179,28 +181,37 @@ class Prior(NamedTuple):
                 scale = videos if phase in _PER_VIDEO else 1
                 expected[phase] = predict(phase, shape, calibration) * scale
                 sigma[phase] = rel_sigma(phase, shape, calibration)
-                keys[phase] = phase_keys(phase, shape)
+                keys[phase] = phase_keys(phase, shape, warm=warm)
         return cls(phases, expected, sigma, step, warmup, keys)
 
 
-def device_level(shape: JobShape) -> str:
+def device_level(shape: JobShape, *, warm: bool = False) -> str:
     """The key of the device level a job's phases teach: ``device|<device>`` for Wan (whose
     priors are published figures), ``device|<family>|<device>`` for another family — its
     neutral prior's error is the family's, not the machine's, and must not move Wan's
-    expectations (nor Wan's history a new family's)."""
-    if is_wan(shape.family):
-        return f"device|{shape.device}"
-    return f"device|{cost_family(shape.family)}|{shape.device}"
+    expectations (nor Wan's history a new family's).
+
+    ``warm`` (``…|warm``): a job its worker runs after completing one. A process's first job
+    pays for what the process does once — lazy initialisation, thread pools, kernels compiled
+    or autotuned for the first shapes (the demo's first tiny job ran its steps at ~40× the
+    later ones') — so a worker that serves many jobs learns its first job's speed and its
+    later jobs' speed apart, and a first job does not make every later one look slow. A log
+    whose every job is a process of its own (``wantel run``) has only first jobs: its levels
+    are the plain keys, as before the distinction.
+    """
+    level = (f"device|{shape.device}" if is_wan(shape.family)
+             else f"device|{cost_family(shape.family)}|{shape.device}")
+    return f"{level}|warm" if warm else level
 
 
-def phase_keys(phase: str, shape: JobShape) -> PhaseKeys:
+def phase_keys(phase: str, shape: JobShape, *, warm: bool = False) -> PhaseKeys:
     """The keys a phase's cost is learned under online: the device (per family but Wan's:
     :func:`device_level`), the component under the job's speed options, and the exact shape
     (its features and videos per prompt)."""
     component = f"{component_key(phase, shape)}|{shape.speed}"
     shape_features = features(phase, shape)
     size = shape_features[1] if len(shape_features) > 1 else 0.0
-    return PhaseKeys(device=device_level(shape), component=f"component|{component}",
+    return PhaseKeys(device=device_level(shape, warm=warm), component=f"component|{component}",
                      family=f"{component}|{','.join(f'{x:.6g}' for x in shape_features)}"
                             f"|x{shape.videos}",
                      size=log(size) if size > 0 else 0.0)
@@ -218,21 +229,22 @@ class PriorCache:
     def __init__(self, limit: int = 256) -> None:
         self.limit = limit
         self._calibration: Calibration | None = None
-        self._priors: dict[tuple[JobShape, bool], Prior] = {}
+        self._priors: dict[tuple[JobShape, bool, bool], Prior] = {}
 
     def start(self, event: JobStarted, calibration: Calibration,
-              learned: Learned | None = None) -> LiveJob:
-        """``LiveJob.start(event, calibration, learned)``."""
+              learned: Learned | None = None, *, warm: bool = False) -> LiveJob:
+        """``LiveJob.start(event, calibration, learned, warm=warm)``."""
         shape, runner = JobShape.of(event), driven_by_runner(event)
         priors = self._priors
         if calibration is not self._calibration:  # identity: the cache holds a reference
             priors.clear()
             self._calibration = calibration
-        prior = priors.get((shape, runner))
+        prior = priors.get((shape, runner, warm))
         if prior is None:
             if len(priors) >= self.limit:
                 priors.clear()
-            prior = priors[shape, runner] = Prior.of(shape, runner, calibration)
+            prior = priors[shape, runner, warm] = Prior.of(shape, runner, calibration,
+                                                           warm=warm)
         return LiveJob.from_prior(event, shape, runner, prior, calibration, learned)
 
 
@@ -299,11 +311,13 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
     @classmethod
     def start(cls, event: JobStarted, calibration: Calibration,
-              learned: Learned | None = None) -> LiveJob:
-        """Expected phase durations at the start of a job."""
+              learned: Learned | None = None, *, warm: bool = False) -> LiveJob:
+        """Expected phase durations at the start of a job (``warm``: not its worker's first,
+        :func:`device_level`)."""
         shape, runner = JobShape.of(event), driven_by_runner(event)
-        return cls.from_prior(event, shape, runner, Prior.of(shape, runner, calibration),
-                              calibration, learned)
+        return cls.from_prior(event, shape, runner,
+                              Prior.of(shape, runner, calibration, warm=warm), calibration,
+                              learned)
 
     @classmethod
     def from_prior(cls, event: JobStarted, shape: JobShape, runner: bool, prior: Prior,  # noqa: PLR0917 - the cache's one caller

@@ -38,6 +38,8 @@ from telemetry.events import (
     StageEnded,
     StageStarted,
     StepEnded,
+    WorkerLost,
+    WorkerStopped,
 )
 from telemetry.projections.base import OnFailure, bounded_insert
 from telemetry.projections.compare import ABS_ERROR_BUCKETS, labels_of
@@ -149,6 +151,9 @@ class EtaState(msgspec.Struct, kw_only=True):
     #: |before-start error| by the comparison's labels (model, variant, worker, device), in
     #: the comparison's buckets: the Compare dashboard's ETA error.
     before_start_by: dict[str, HistogramSeries] = {}
+    #: Workers that completed a job and have not stopped since, oldest first: their next jobs
+    #: are warm (:func:`telemetry.eta.live.device_level`).
+    warm: dict[str, None] = {}
 
 
 class EtaProjection:
@@ -162,12 +167,13 @@ class EtaProjection:
     name = "eta"
     #: 3: the before-start error by the comparison's labels (``before_start_by``), and a
     #: non-Wan family's online learning under its own device level (a version 2 checkpoint
-    #: has neither: replaying learns and scores them).
-    version = 3
+    #: has neither: replaying learns and scores them). 4: a worker's later jobs learn apart
+    #: from its first (``warm``).
+    version = 4
     state_type = EtaState
     handles = frozenset({
         JobStarted, StageStarted, StageEnded, StepEnded, EtaCalibrated, JobCompleted,
-        JobFailed, JobCancelled,
+        JobFailed, JobCancelled, WorkerStopped, WorkerLost,
     })
     #: Memory samples (a third of a log) and every other type: skipped by the fast path's own
     #: loop, which costs less than the engine's filter pass over every batch.
@@ -199,11 +205,17 @@ class EtaProjection:
         - ``JobStarted``: the job's estimator starts from its prior under that calibration,
           corrected by what was learned online (:meth:`PriorCache.start`, which is
           :meth:`LiveJob.start` memoised) and issues the job's first ETA, the before-start one.
+          A job of a worker that completed one before (and has not stopped since) is warm: it
+          learns and is predicted under the warm device level
+          (:func:`~telemetry.eta.live.device_level`), its worker's first job under the plain one.
         - a stage's start or end, a step: the estimator observes it
           (:meth:`LiveJob.observe`); then, at every stage boundary and at the steps
           :func:`issues_eta_at` names, it issues an ETA (:meth:`LiveJob.estimate_fields`).
         - ``JobCompleted``: every ETA the job was issued is scored (:meth:`_completed`), and
-          what the job took is learned (:func:`telemetry.eta.online.learn`).
+          what the job took is learned (:func:`telemetry.eta.online.learn`); its worker is
+          warm from now on.
+        - ``WorkerStopped``, ``WorkerLost``: the worker is no longer warm (its next process
+          starts cold).
         - ``JobFailed``, ``JobCancelled``: the job is dropped unscored (no actual duration).
 
         Events of a job that is not running (never started here, or already ended) change
@@ -224,13 +236,17 @@ class EtaProjection:
                 _issue(running, event.ts, self._estimator.estimate_fields)
         elif type(event) is JobStarted:
             started = RunningEta(model=event.model, live=self._priors.start(
-                event, state.calibration, state.learned), labels=labels_of(event))
+                event, state.calibration, state.learned, warm=event.worker in state.warm),
+                labels=labels_of(event))
             state.running = bounded_insert(state.running, event.job, started)
             _issue(started, event.ts, self._estimator.estimate_fields)
         elif type(event) is JobCompleted:
             self._completed(state, event)
         elif type(event) is JobFailed or type(event) is JobCancelled:
             state.running.pop(event.job, None)
+        elif type(event) is WorkerStopped or type(event) is WorkerLost:
+            if event.worker is not None:
+                state.warm.pop(event.worker, None)
         elif type(event) is EtaCalibrated:
             state.calibration = Calibration.of(event)
             # The fit saw what was learned: that starts over; the interval's calibration stays.
@@ -290,6 +306,9 @@ class EtaProjection:
         live, learned = running.live, state.learned
         online.learn(learned, live.observations(), live.keys[STEP].component
                      if STEP in live.keys else None, live.warmup_ratio())
+        if event.worker is not None:  # its next jobs are warm; the newest kept longest
+            state.warm.pop(event.worker, None)
+            state.warm = bounded_insert(state.warm, event.worker, None)
         model, end_ts = running.model, event.ts
         before_start: float | None = None
         if running.issued:

@@ -35,6 +35,7 @@ from telemetry.events import (
     StageEnded,
     StageStarted,
     StepEnded,
+    WorkerStopped,
 )
 from telemetry.log.base import Batch
 from telemetry.projections import default_projections
@@ -165,6 +166,63 @@ class TestOnlineCalibration:
             online.learn(learned, shifted, None, None)
         assert len(learned.families) == online.MAX_FAMILIES
         assert len(learned.components) == len(observation)
+
+
+def by_workers(jobs: list[tuple[str, float]]) -> list[Event]:
+    """Jobs one after the other, each ``(worker, factor)``: run by that worker, its phases at
+    ``factor`` × the prior; ``("stop", 0)`` is that the last worker stopped."""
+    events: list[Event] = []
+    ts, last = 0, ""
+    for index, (worker, factor) in enumerate(jobs):
+        if worker == "stop":
+            events.append(WorkerStopped(job=f"worker/{last}", seq=0, ts=ts, worker=last,
+                                        host="h", pid=1))
+            continue
+        job = job_events(f"job-{index:03d}", ts, factor=factor, rng=random.Random(index))
+        events += [msgspec.structs.replace(e, worker=worker) for e in job]
+        ts, last = job[-1].ts + SECOND, worker
+    return events
+
+
+class TestWarmWorkers:
+    """A process's first job pays what it does once (lazy initialisation, thread pools,
+    kernels compiled for the first shapes); a worker's later jobs are learned apart from it."""
+
+    def test_a_slow_first_job_does_not_make_the_workers_later_jobs_look_slow(self) -> None:
+        """One worker: its first job 8× the prior, then jobs at the prior. The second is
+        estimated from what warm jobs showed (nothing yet: the prior), within 25 % before it
+        starts; were the first job's speed taken as the machine's, it would be ~3× over."""
+        errors = online_errors(by_workers([("w", 8.0), ("w", 1.0), ("w", 1.0), ("w", 1.0)]))
+        jobs = sorted(errors)
+        assert all(abs(errors[job][0.0]) <= 0.25 for job in jobs[1:]), errors
+
+    def test_one_job_processes_learn_from_each_other_as_first_jobs(self) -> None:
+        """Every job its own process (``wantel run``): all first jobs, learned under the plain
+        device level, so an 8× slower machine is learned from them as before."""
+        events = by_workers([(f"w{i}", 8.0) for i in range(6)])
+        errors = online_errors(events)
+        jobs = sorted(errors)
+        assert all(abs(errors[job][0.0]) <= 0.25 for job in jobs[3:]), errors
+        projection = EtaProjection()
+        state = projection.initial()
+        for event in events:
+            state = projection.apply(state, event)
+        assert state.learned.levels and not any(
+            key.endswith("|warm") for key in state.learned.levels)
+
+    def test_a_worker_that_stopped_starts_cold_again(self) -> None:
+        """First job cold, the next warm; after ``WorkerStopped`` the worker's next job is a
+        first job again (a new process), under the plain level."""
+        events = by_workers([("w", 1.0), ("w", 1.0), ("stop", 0.0), ("w", 1.0)])
+        projection = EtaProjection()
+        state = projection.initial()
+        levels: dict[str, str] = {}
+        for event in events:
+            state = projection.apply(state, event)
+            if type(event) is JobStarted:
+                levels[event.job] = state.running[event.job].live.keys["step"].device
+        assert ["device|cpu", "device|cpu|warm", "device|cpu"] == [
+            levels[job] for job in sorted(levels)]
 
 
 def job_observations(events: list[Event]) -> list[online.Observation]:
