@@ -123,6 +123,11 @@ class RulesOnly:
         self.apply = projection.apply
 
 
+#: A fast path's "no current job" before a run starts and after it ends: not ``None``, which an
+#: event built in code may carry as its ``job`` (the log's decoder refuses it) and which would
+#: then match a run that ended and be folded into the wrong job.
+NO_JOB: Final = object()
+
 #: Jobs a projection tracks as running at most: a job whose worker died never sends its terminal
 #: event, so without a bound a long-running server would grow forever.
 MAX_RUNNING: Final = 10_000

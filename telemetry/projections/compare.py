@@ -43,7 +43,7 @@ from telemetry.events import (
     MemorySampled,
     StepEnded,
 )
-from telemetry.projections.base import OnFailure
+from telemetry.projections.base import NO_JOB, OnFailure
 from telemetry.projections.metrics import (
     DURATION_BUCKETS,
     MEMORY_BUCKETS,
@@ -179,7 +179,7 @@ class CompareProjection:
         """
         apply, step_type, sample_type = self.apply, StepEnded, MemorySampled
         tracked_of = state.tracked.get
-        job_id: str | None = None
+        job_id: object = NO_JOB
         job: ComparedJob | None = None
         for event in events:
             try:
@@ -200,11 +200,11 @@ class CompareProjection:
                         if reading is not None and (job.peak is None or reading > job.peak):
                             job.peak = reading
                 else:
-                    job_id = None
+                    job_id = NO_JOB
                     state = apply(state, event)
                     tracked_of = state.tracked.get
             except Exception as exc:
-                job_id = None
+                job_id = NO_JOB
                 failed(event, exc)
         return state
 

@@ -41,7 +41,7 @@ from telemetry.events import (
     WorkerLost,
     WorkerStopped,
 )
-from telemetry.projections.base import OnFailure, bounded_insert
+from telemetry.projections.base import NO_JOB, OnFailure, bounded_insert
 from telemetry.projections.compare import ABS_ERROR_BUCKETS, labels_of
 from telemetry.projections.metrics import HistogramSeries, observe
 
@@ -265,7 +265,7 @@ class EtaProjection:
         """
         apply, step_type, sample_type = self.apply, StepEnded, MemorySampled
         step_ended, estimate_fields = self._estimator.step_ended, self._estimator.estimate_fields
-        job_id: str | None = None
+        job_id: object = NO_JOB
         running: RunningEta | None = None
         for event in events:
             try:
@@ -282,10 +282,10 @@ class EtaProjection:
                             or done % (total // ISSUES_PER_DENOISE or 1) == 0):
                         _issue(running, event.ts, estimate_fields)
                 elif type(event) is not sample_type:
-                    job_id = None
+                    job_id = NO_JOB
                     state = apply(state, event)
             except Exception as exc:
-                job_id = None
+                job_id = NO_JOB
                 failed(event, exc)
         return state
 

@@ -28,7 +28,7 @@ from telemetry.events import (
     WorkerStopped,
 )
 from telemetry.liveness import WORKER_TIMEOUT_S as TIMEOUT_S
-from telemetry.projections.base import OnFailure, RuleTable, oldest_first
+from telemetry.projections.base import NO_JOB, OnFailure, RuleTable, oldest_first
 from telemetry.projections.readings import memory_readings, stage_start
 
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled", "abandoned"})
@@ -378,7 +378,7 @@ class JobsProjection(RuleTable):
         # The view whose step fields are held in the locals below, and its job (set together:
         # where ``run`` is not None neither is ``run_job``, which mypy cannot see).
         run: JobView | None = None
-        run_job: str | None = None
+        run_job: object = NO_JOB
         last_ts = done = 0
         total: int | None = None
         expert: str | None = None
@@ -412,7 +412,7 @@ class JobsProjection(RuleTable):
                             assert run is not None  # set above: this step's job
                             held[event.job] = (run, last_ts, done, total, expert, step_time)
                             _store_held(held)
-                            run = run_job = None  # the sweep may forget views
+                            run, run_job = None, NO_JOB  # the sweep may forget views
                             state.now_ts = now
                             self._sweep(state)
                             sweep_at = state.swept_ts + sweep_every
@@ -429,7 +429,7 @@ class JobsProjection(RuleTable):
                         if ts >= sweep_at:
                             if run is not None:
                                 held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
-                                run = run_job = None
+                                run, run_job = None, NO_JOB
                             _store_held(held)
                             state.now_ts = now
                             self._sweep(state)
@@ -452,7 +452,7 @@ class JobsProjection(RuleTable):
                     continue
                 if run is not None:
                     held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
-                    run = run_job = None
+                    run, run_job = None, NO_JOB
                 if held:
                     _store_held(held)
                 state.now_ts = now
@@ -461,7 +461,7 @@ class JobsProjection(RuleTable):
             except Exception as exc:
                 if run is not None:
                     held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
-                    run = run_job = None
+                    run, run_job = None, NO_JOB
                 _store_held(held)
                 # The event's time counts even though it failed, in whichever of the local and
                 # the state saw it first.

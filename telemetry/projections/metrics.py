@@ -40,7 +40,7 @@ from telemetry.events import (
     StepEnded,
 )
 from telemetry.pipelines import is_video, native_fps
-from telemetry.projections.base import OnFailure, RuleTable
+from telemetry.projections.base import NO_JOB, OnFailure, RuleTable
 from telemetry.projections.readings import MEMORY_KINDS, memory_readings, queue_wait_s
 from telemetry.tracing import trace_id_for
 
@@ -370,7 +370,7 @@ class MetricsProjection(RuleTable):
         known_jobs: dict[str, tuple[str, str, CounterSeries, object, HistogramSeries | None]] = {}
         known_of = known_jobs.get
         # The current job: its id, model, trace, step counter, expert, and step histogram.
-        job: str | None = None
+        job: object = NO_JOB
         model = trace = ""
         # (Before the first step, ``job_steps`` and ``run_counter`` are a counter nothing stores.)
         job_steps = run_counter = CounterSeries(labels=())
@@ -396,7 +396,7 @@ class MetricsProjection(RuleTable):
                         if known is None:
                             job_tracked = tracked_of(event.job)
                             if job_tracked is None:
-                                job = None
+                                job = NO_JOB
                                 continue
                             model = job_tracked.model
                             steps = counter_of(model)
@@ -447,11 +447,11 @@ class MetricsProjection(RuleTable):
                     sampled(state, event)
                 else:  # the rarer events go to their rules
                     if type(event) in lifecycle:  # tracked jobs change: forget what was found
-                        job = None
+                        job = NO_JOB
                         known_jobs.clear()
                     apply(state, event)
             except Exception as exc:  # store what the batch holds, as folding left it
-                job = None
+                job = NO_JOB
                 known_jobs.clear()
                 if untimed:
                     job_steps.value += untimed

@@ -21,7 +21,7 @@ from telemetry.events import (
     JobStarted,
     StepEnded,
 )
-from telemetry.projections.base import OnFailure, RuleTable, bounded_insert
+from telemetry.projections.base import NO_JOB, OnFailure, RuleTable, bounded_insert
 
 SMOOTHING: Final = 0.3
 _LIFECYCLE: Final = frozenset({JobStarted, JobCompleted, JobFailed, JobCancelled})
@@ -146,7 +146,7 @@ class ThroughputProjection(RuleTable):
         # kept as offsets from it (``steps = base + counted``), one addition per step for both.
         counted = 0
         # The current job: its id, its rate, and the rate's step-count offset and ema.
-        job_id: str | None = None
+        job_id: object = NO_JOB
         job: JobRate | None = None
         job_base, job_ema = 0, None
         # The current model: its name, its rate, and the rate's step-count offset, ema, time
@@ -167,7 +167,7 @@ class ThroughputProjection(RuleTable):
                             job.steps, job.ema = job_base + counted, job_ema
                         job = job_of(event.job)
                         if job is None:
-                            job_id = None
+                            job_id = NO_JOB
                             continue
                         job_id, job_base, job_ema = event.job, job.steps - counted, job.ema
                         if job.model != model_name:
@@ -205,13 +205,13 @@ class ThroughputProjection(RuleTable):
                     continue
                 if job is not None:  # a lifecycle event: store the current job's figures
                     job.steps, job.ema = job_base + counted, job_ema
-                    job = job_id = None
+                    job, job_id = None, NO_JOB
                 apply(state, event)  # it may replace the table of jobs
                 job_of = state.jobs.get
             except Exception as exc:  # store what the batch holds, as folding left it
                 if job is not None:
                     job.steps, job.ema = job_base + counted, job_ema
-                    job = job_id = None
+                    job, job_id = None, NO_JOB
                 if model is not None:
                     model.steps, model.ema = model_base + counted, model_ema
                     model.step_seconds = model_seconds

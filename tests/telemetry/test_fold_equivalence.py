@@ -328,3 +328,29 @@ def real_events(log_dir: Path) -> list[Event]:
         _REAL[log_dir] = [event for item in LocalLog(log_dir, create=False).read(0)
                           if isinstance(item, Batch) for event in item.events]
     return _REAL[log_dir]
+
+
+@pytest.mark.parametrize("make", FOLDS)
+def test_a_step_without_a_job_is_not_folded_into_the_run_before(make: Fold) -> None:
+    """An event built in code may carry ``job=None`` (the log's decoder refuses it). After a
+    run of a job's steps ends (another event between), such a step must not be taken for the
+    job whose run ended: the rules look ``None`` up and find nothing, and so must the fast
+    path."""
+    device = DeviceInfo(kind="cpu", name="cpu")
+    started = JobStarted(job="a", seq=0, ts=1, worker="w", model="tiny-t2v", family="wan2.1",
+                         variant="tiny-t2v", task="t2v", width=64, height=64, num_frames=17,
+                         steps=4, guidance_scale=5.0, cfg=True, device=device)
+    events: list[Event] = [
+        started,
+        StageStarted(job="a", seq=1, ts=2, worker="w", stage="denoise"),
+        StepEnded(job="a", seq=2, ts=3, worker="w", step=0, total_steps=4, duration_s=0.5),
+        MemorySampled(job="a", seq=3, ts=3, worker="w", device="cpu", host_rss_bytes=10**8),
+        StageEnded(job="a", seq=4, ts=4, worker="w", stage="denoise", duration_s=1.0),
+        msgspec.structs.replace(started, job="b", ts=4),  # a lifecycle event ends a run too
+        StepEnded(job=None, seq=5, ts=5, worker="w", step=1, total_steps=4,  # type: ignore[arg-type]
+                  duration_s=9.0),
+        MemorySampled(job=None, seq=6, ts=5, worker="w", device="cpu",  # type: ignore[arg-type]
+                      host_rss_bytes=10**10),
+        StepEnded(job="a", seq=7, ts=6, worker="w", step=2, total_steps=4, duration_s=0.5),
+    ]
+    assert by_rules(make(), events) == by_fast_path(make(), events)
