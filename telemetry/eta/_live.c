@@ -817,9 +817,9 @@ remaining_parts(Job *job, PyObject *now, double speed, double *seconds_out,
     return OK;
 }
 
-/* The progress bucket's name (bucket_of: bisect_right over the edges; NaN: the last). */
-static inline PyObject *
-bucket_of(double progress)
+/* bucket_of's index: bisect_right over the edges (NaN: the last). */
+static inline Py_ssize_t
+bucket_index(double progress)
 {
     Py_ssize_t lo = 0, hi = n_bucket_edges;
     while (lo < hi) {
@@ -831,7 +831,14 @@ bucket_of(double progress)
             lo = mid + 1;
         }
     }
-    return PyTuple_GET_ITEM(buckets, lo);
+    return lo;
+}
+
+/* The progress bucket's name (bucket_of). */
+static inline PyObject *
+bucket_of(double progress)
+{
+    return PyTuple_GET_ITEM(buckets, bucket_index(progress));
 }
 
 /* LiveJob.estimate_fields(now), or FALLBACK. On OK, *result is the new 5-tuple. */
@@ -1083,22 +1090,6 @@ done:
 #define MAX_BUCKETS 9
 #define STACK_POINTS 64
 
-/* bucket_of's index: bisect_right over the edges (NaN: the last). */
-static inline Py_ssize_t
-bucket_index(double progress)
-{
-    Py_ssize_t lo = 0, hi = n_bucket_edges;
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        if (progress < bucket_edges[mid]) {
-            hi = mid;
-        }
-        else {
-            lo = mid + 1;
-        }
-    }
-    return lo;
-}
 
 /* score_issued(issued, end_ts) (telemetry/projections/eta.py, the rule), or FALLBACK for
  * anything but a list of exact EtaPoints with int times within ±2**62 and float fields.
