@@ -25,6 +25,7 @@ import structlog
 
 from exporters.logwriter import held_lines
 from telemetry.events import (
+    TERMINAL_TYPES,
     Event,
     ExpertSwitched,
     JobCancelled,
@@ -105,7 +106,7 @@ _TRACKED: Final = (*LIFECYCLE, StageStarted)
 #: ``type(e) in`` a set is a hash lookup where ``isinstance`` against a tuple of msgspec
 #: structs walks the tuple (the sink cost ~2 µs an event that way).
 _TRACKED_TYPES: Final = frozenset(_TRACKED)
-_TERMINAL_TYPES: Final = frozenset({JobCompleted, JobFailed, JobCancelled})
+_TERMINAL_TYPES: Final = frozenset(TERMINAL_TYPES)
 #: Events that end their worker's running jobs (``job.abandoned`` lines).
 _ABANDONING: Final = frozenset({WorkerLost, WorkerStopped})
 

@@ -38,6 +38,7 @@ import msgspec
 from exporters.liveness import LivenessSink
 from telemetry.engine import CheckpointStore, ProjectionEngine
 from telemetry.events import (
+    TERMINAL_TYPES,
     Event,
     ExpertSwitched,
     GpuSampled,
@@ -716,7 +717,7 @@ class JobIndex(Sink):
         self.restored = True
 
 
-_TERMINAL_EVENTS: Final = frozenset({JobCompleted, JobFailed, JobCancelled})
+_TERMINAL_EVENTS: Final = frozenset(TERMINAL_TYPES)
 
 
 class TelemetryService:
