@@ -12,7 +12,8 @@ every fast path, without each one in turn, and without any; and that set without
 projection (the Compare dashboard's series), so its cost is measured in the same rounds; and
 serve's set and the ETA projection alone with the ETA estimator in Python instead of its C twin
 (``telemetry/eta/_live.c``: the estimator and the scoring of completed jobs' ETAs), and
-serve's set with only the scoring in Python.
+serve's set with only the scoring in Python, and with only the online learning (a prior
+corrected at each start, a completed job learned) in Python.
 Prints events/s, the fold's own cost (ns per event, over the engine with no projection), the
 fast path's gain, and the goal.
 
@@ -31,6 +32,8 @@ from functools import partial
 from typing import Any
 
 from telemetry.engine import ProjectionEngine
+from telemetry.eta import online
+from telemetry.eta.live import corrected
 from telemetry.events import (
     DeviceInfo,
     Event,
@@ -116,6 +119,17 @@ def python_scoring(projections: list[Any]) -> list[Any]:
     return projections
 
 
+def python_learning(projections: list[Any]) -> list[Any]:
+    """``projections`` with the ETA projection's estimator in C but its online learning — a
+    prior corrected at each start (:func:`~telemetry.eta.live.corrected`), a completed job
+    learned (:func:`~telemetry.eta.online.learn`) — by the rules instead of their C twins."""
+    for p in projections:
+        if p.name == "eta" and not isinstance(p, RulesOnly):
+            p._learn = online.learn
+            p._priors.corrector = corrected
+    return projections
+
+
 def alone(name: str, *, rules_only: bool = False) -> list[Any]:
     """The projection ``name`` of serve's set, alone; folded by its rules if ``rules_only``."""
     return [p for p in serve_set(frozenset({name} if rules_only else ())) if p.name == name]
@@ -152,6 +166,9 @@ def main() -> None:
     # Its scoring of completed jobs' ETAs alone (score_issued's C twin) against the rule.
     scoring_python = "every projection, eta scoring in Python"
     cases[scoring_python] = lambda: python_scoring(serve_set())
+    # Its online learning (corrected, learn: C twins) against the rules.
+    learning_python = "every projection, eta online learning in Python"
+    cases[learning_python] = lambda: python_learning(serve_set())
     # The compare projection (the Compare dashboard's series) is the newest: its cost is the
     # difference from the set without it, measured in the same rounds.
     without_compare = "every projection but compare (the set before it)"
@@ -189,6 +206,9 @@ def main() -> None:
         elif label == scoring_python:
             note += (f"   C scoring: replay {median[every] / value:.2f}×, "
                      f"folds {fold_ns(label) / fold_ns(every):.2f}×")
+        elif label == learning_python:
+            note += (f"   C learning: replay {median[every] / value:.2f}×, "
+                     f"folds {fold_ns(label) / fold_ns(every):.2f}×")
         elif label == "eta alone, estimator in Python":
             with_c = "eta alone, fast path"
             note += (f"   C estimator: replay {median[with_c] / value:.2f}×, "
@@ -197,7 +217,7 @@ def main() -> None:
             note += f"   compare costs {fold_ns(every) - fold_ns(label):.0f} ns/event"
         elif label.startswith("every projection,"):
             note += f"   fast paths: replay {median[every] / value:.2f}×"
-        if label in (every, all_rules, eta_python, scoring_python):
+        if label in (every, all_rules, eta_python, scoring_python, learning_python):
             note += f"   goal ≥ {GOAL // 1000}k/s {'PASS' if value >= GOAL else 'MISS'}"
         print(f"  {label:<66} {value / 1e3:6.0f}k events/s{note}")
 

@@ -150,6 +150,11 @@ class Estimate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 _PER_VIDEO: Final = frozenset({STEP, "latent_init", "decode", "postprocess", "save"})
 
 
+#: What corrects a prior by what was learned online (:func:`corrected`, or its C twin).
+Corrector = Callable[["Prior", Learned, int, float],
+                     tuple[float, dict[str, float], dict[str, float], float, float]]
+
+
 class Prior(NamedTuple):
     """What a job's estimator starts from, before online learning: a function of its shape,
     runner and the base calibration (the priors, or the latest explicit one)."""
@@ -226,8 +231,11 @@ class PriorCache:
     returns is exactly what ``LiveJob.start`` would; it is a speed-up, never part of a state.
     """
 
-    def __init__(self, limit: int = 256) -> None:
+    def __init__(self, limit: int = 256, *, corrector: Corrector | None = None) -> None:
+        """``corrector``: what corrects a prior by what was learned online (:func:`corrected`,
+        or its C twin)."""
         self.limit = limit
+        self.corrector = corrector
         self._calibration: Calibration | None = None
         self._priors: dict[tuple[JobShape, bool, bool], Prior] = {}
 
@@ -245,7 +253,40 @@ class PriorCache:
                 priors.clear()
             prior = priors[shape, runner, warm] = Prior.of(shape, runner, calibration,
                                                            warm=warm)
-        return LiveJob.from_prior(event, shape, runner, prior, calibration, learned)
+        return LiveJob.from_prior(event, shape, runner, prior, calibration, learned,
+                                  corrector=self.corrector)
+
+
+def corrected(prior: Prior, learned: Learned, steps: int, tau: float,
+              ) -> tuple[float, dict[str, float], dict[str, float], float, float]:
+    """``prior`` corrected by what was ``learned`` online: the seconds of a step, each phase's
+    expected seconds and relative error (new dictionaries: the prior may be shared), the
+    first step's warm-up factor and the spread of job speeds τ (``tau`` until learned).
+
+    Each phase's expectation is scaled by ``exp`` of its levels' correction
+    (:func:`~telemetry.eta.online.correction`; the device level once, for every phase), the
+    denoise phase being its ``steps`` at the corrected step, the first at the learned warm-up;
+    each relative error is what was learned of its component
+    (:func:`~telemetry.eta.online.predictive_sigma`). Pure: reads ``prior`` and ``learned``.
+    (C twin: ``telemetry.eta._live.corrected(prior, learned, steps, tau)``.)
+    """
+    step, expected, sigma, warmup = prior.step, dict(prior.expected), dict(prior.sigma), \
+        prior.warmup
+    keys = prior.keys
+    step_keys = keys[STEP]
+    correction, predictive_sigma = online.correction, online.predictive_sigma
+    device = online.shrunk(learned.levels.get(step_keys.device), online.SHRINK["device"])
+    step *= exp(correction(learned, step_keys, device))
+    warmup = online.warmup(learned, step_keys.component, warmup)
+    for phase in prior.phases:
+        if phase == "denoise":
+            expected[phase] = step * (max(steps - 1, 0) + warmup)
+            phase_keys_ = step_keys
+        else:
+            phase_keys_ = keys[phase]
+            expected[phase] *= exp(correction(learned, phase_keys_, device))
+        sigma[phase] = predictive_sigma(learned, phase_keys_.component, sigma[phase])
+    return step, expected, sigma, warmup, online.speed_spread(learned, step_keys.device, tau)
 
 
 def driven_by_runner(event: JobStarted) -> bool:
@@ -321,35 +362,24 @@ class LiveJob(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_prior(cls, event: JobStarted, shape: JobShape, runner: bool, prior: Prior,  # noqa: PLR0917 - the cache's one caller
-                   calibration: Calibration, learned: Learned | None = None) -> LiveJob:
+                   calibration: Calibration, learned: Learned | None = None, *,
+                   corrector: Corrector | None = None) -> LiveJob:
         """The estimator of the job ``event`` starts, from its (possibly shared) ``prior``
-        corrected by what was ``learned`` online.
+        corrected by what was ``learned`` online (by :func:`corrected`, or ``corrector``: its
+        C twin, the projection's choice).
 
         The dictionaries it changes are copied: a job's estimator is its own, whoever else got
         the prior; the base expectations and keys are shared (never changed).
         """
-        step, expected, sigma, warmup = prior.step, dict(prior.expected), dict(prior.sigma), \
-            prior.warmup
         tau = calibration.rel_sigma.get(speed_key(shape.device), SPEED_TAU)
         offsets: dict[str, tuple[float, float]] = {}
         if learned is not None and learned.jobs:
-            keys = prior.keys
-            step_keys = keys[STEP]
-            correction, predictive_sigma = online.correction, online.predictive_sigma
-            device = online.shrunk(learned.levels.get(step_keys.device),
-                                   online.SHRINK["device"])
-            step *= exp(correction(learned, step_keys, device))
-            warmup = online.warmup(learned, step_keys.component, warmup)
-            for phase in prior.phases:
-                if phase == "denoise":
-                    expected[phase] = step * (max(shape.steps - 1, 0) + warmup)
-                    phase_keys_ = step_keys
-                else:
-                    phase_keys_ = keys[phase]
-                    expected[phase] *= exp(correction(learned, phase_keys_, device))
-                sigma[phase] = predictive_sigma(learned, phase_keys_.component, sigma[phase])
-            tau = online.speed_spread(learned, step_keys.device, tau)
+            step, expected, sigma, warmup, tau = (corrector or corrected)(
+                prior, learned, shape.steps, tau)
             offsets = learned.offsets  # replaced, never changed, when it moves: shared
+        else:
+            step, expected, sigma, warmup = (prior.step, dict(prior.expected),
+                                             dict(prior.sigma), prior.warmup)
         shared = tau * tau
         return cls(shape=shape, runner=runner, start_ts=event.ts, phases=prior.phases,
                    expected=expected, sigma=sigma, step_prior=step, warmup=warmup,
@@ -724,12 +754,20 @@ class Estimator(NamedTuple):
     in words (``"C"``, ``"Python (…)"``), and how a completed job's ETAs are scored:
     ``score_issued`` the C twin of :func:`telemetry.projections.eta.score_issued` (same
     module as the estimator's), or ``None`` for that function, the rule (it lives with the
-    ETA points it scores, which this module does not import)."""
+    ETA points it scores, which this module does not import); how a job starts and ends
+    with what was learned online: ``corrected`` (:func:`corrected`) and ``learn``
+    (:func:`telemetry.eta.online.learn`), the rules or their C twins; and how scored ETAs
+    are counted, ``add_all``, like ``score_issued``."""
 
     step_ended: Callable[[LiveJob, int, float | None, str | None, int], None]
     estimate_fields: Callable[[LiveJob, int], tuple[float, float, float, float, bool]]
     what: str
     score_issued: Callable[[Any, int], Any] | None = None
+    corrected: Corrector = corrected
+    learn: Callable[[Learned, list[online.Observation], str | None, float | None], None] = (
+        online.learn)
+    #: The C twin of ``telemetry.projections.eta.Histogram.add_all`` (``None``: the method).
+    add_all: Callable[[Any, list[float], int], None] | None = None
 
 
 def estimator_of(estimator: Literal["c", "python"] | None = None) -> Estimator:
@@ -747,4 +785,5 @@ def estimator_of(estimator: Literal["c", "python"] | None = None) -> Estimator:
     if function is LiveJob.estimate_fields:
         return Estimator(LiveJob.step_ended, LiveJob.estimate_fields, what)
     module = sys.modules[ETA_ESTIMATOR.module]  # imported by choose
-    return Estimator(module.step_ended, function, what, module.score_issued)
+    return Estimator(module.step_ended, function, what, module.score_issued, module.corrected,
+                     module.learn, module.add_all)

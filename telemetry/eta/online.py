@@ -227,7 +227,10 @@ class Observation(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 def learn(learned: Learned, observations: list[Observation], warmup_key: str | None,
           warmup_ratio: float | None) -> None:
-    """Learn from one completed job's phases (and its first step's warm-up), in place."""
+    """Learn from one completed job's phases (and its first step's warm-up), in place.
+
+    (C twin: ``telemetry.eta._live.learn``, the ETA projection's choice with its estimator.)
+    """
     ratios = [(o, clamp_ratio(math.log(o.observed / o.base))) for o in observations
               if o.observed > 0 and o.base > 0 and o.expected > 0]
     if not ratios:
@@ -241,7 +244,10 @@ def learn(learned: Learned, observations: list[Observation], warmup_key: str | N
     misses = [ratio - math.log(o.expected / o.base) for o, ratio in ratios
               if o.phase in SPEED_PHASES]
     if len(misses) > 1:
-        total, square = sum(misses), sum(m * m for m in misses)
+        total = square = 0.0  # added in order (not sum(): Python 3.12's rounds differently)
+        for value in misses:
+            total += value
+            square += value * value
         pairs = len(misses) * (len(misses) - 1) / 2
         product = (total * total - square) / 2 / pairs  # the mean over distinct pairs
         shared = learned.shared.get(device)

@@ -190,8 +190,11 @@ class EtaProjection:
         self.estimator = self._estimator.what
         self._score_issued: Callable[[Sequence[EtaPoint], int], list[BucketScore]] = (
             self._estimator.score_issued or score_issued)
+        self._learn = self._estimator.learn
+        self._add_all: Callable[[Histogram, list[float], int], None] = (
+            self._estimator.add_all or Histogram.add_all)
         # Memoised priors (not state: LiveJob.start's result, whatever the cache holds).
-        self._priors = PriorCache()
+        self._priors = PriorCache(corrector=self._estimator.corrected)
 
     def initial(self) -> EtaState:
         """No calibration, no jobs."""
@@ -304,7 +307,7 @@ class EtaProjection:
         if running is None:
             return
         live, learned = running.live, state.learned
-        online.learn(learned, live.observations(), live.keys[STEP].component
+        self._learn(learned, live.observations(), live.keys[STEP].component
                      if STEP in live.keys else None, live.warmup_ratio())
         if event.worker is not None:  # its next jobs are warm; the newest kept longest
             state.warm.pop(event.worker, None)
@@ -319,7 +322,7 @@ class EtaProjection:
                 histogram = state.before_start.get(model)
                 if histogram is None:
                     histogram = state.before_start[model] = Histogram()
-                histogram.add(before_start, first.p10_s <= actual <= first.p90_s)
+                self._add_all(histogram, [before_start], first.p10_s <= actual <= first.p90_s)
                 if running.labels:
                     observe(state.before_start_by, running.labels, ABS_ERROR_BUCKETS,
                             abs(before_start))
@@ -332,7 +335,7 @@ class EtaProjection:
             histogram = histograms.get(bucket)
             if histogram is None:  # not setdefault: it would build a Histogram every time
                 histogram = histograms[bucket] = Histogram()
-            histogram.add_all(errors, covered)
+            self._add_all(histogram, errors, covered)
             residuals[bucket] = sum(errors) / len(errors)
             history.append(first_in)
             misses.append((bucket, below / len(errors), above / len(errors)))

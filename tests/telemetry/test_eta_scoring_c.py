@@ -1,5 +1,7 @@
-"""The C twin of the ETA projection's scoring (``score_issued`` in ``telemetry/eta/_live.c``)
-against its rule, :func:`telemetry.projections.eta.score_issued`.
+"""The C twins of the ETA projection's scoring (``score_issued`` and ``add_all`` in
+``telemetry/eta/_live.c``) against their rules, :func:`telemetry.projections.eta.score_issued`
+and :meth:`~telemetry.projections.eta.Histogram.add_all` (random histograms, fresh or counted
+into, errors at and around every edge, NaN, infinities: the same counts and sums, bit for bit).
 
 Random issued lists — progress monotone or not, NaN and infinite values, exact bucket edges
 and their neighbours, ETAs issued within ``MIN_SCORED_S`` of the end or after it, timestamps
@@ -12,6 +14,7 @@ is compared in ``test_eta_estimator_c.py`` (the C estimator runs the C scoring).
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from collections.abc import Callable
@@ -24,7 +27,14 @@ from hypothesis import strategies as st
 
 import telemetry.projections.eta as eta_projection
 from telemetry.eta.model import _BUCKET_EDGES
-from telemetry.projections.eta import MIN_SCORED_S, EtaPoint, EtaProjection, score_issued
+from telemetry.projections.eta import (
+    ERROR_EDGES,
+    MIN_SCORED_S,
+    EtaPoint,
+    EtaProjection,
+    Histogram,
+    score_issued,
+)
 
 from .test_eta_estimator_c import bits, needs_c
 
@@ -231,3 +241,66 @@ class TestScoring:
                 assert exactly(score_issued(issued, 31 * 10**9)) == exactly(
                     _live.score_issued(issued, 31 * 10**9))
             assert before == [sys.getrefcount(p) for p in issued]
+
+
+def histogram_bits(histogram: Histogram) -> Any:
+    """A histogram as what must match: its counts (and their types), totals' bits."""
+    return ([(type(c), c) for c in histogram.counts], type(histogram.total), histogram.total,
+            bits(histogram.sum), bits(histogram.sum_abs), type(histogram.covered),
+            histogram.covered)
+
+
+@st.composite
+def histograms(draw: st.DrawFn) -> Histogram:
+    """A histogram fresh or counted into (now and then a field of another type)."""
+    if draw(st.booleans()):
+        return Histogram()
+    slots = len(ERROR_EDGES) + 1
+    counts = draw(st.one_of(st.lists(st.integers(0, 10**6), min_size=slots, max_size=slots),
+                            st.lists(st.integers(0, 9), max_size=slots + 1)))
+    return Histogram(counts=counts, total=draw(st.one_of(st.integers(0, 10**9), st.just(2.0))),
+                     sum=draw(st.one_of(st.floats(), st.just(3))),
+                     sum_abs=draw(st.floats(0.0, 1e9)),
+                     covered=draw(st.one_of(st.integers(0, 10**6), st.just(True))))
+
+
+#: Errors at and around every edge, odd floats, and plausible ones.
+ERRORS = st.one_of(st.sampled_from(ERROR_EDGES).flatmap(near),
+                   st.sampled_from([0.0, -0.0, math.nan, math.inf, -math.inf, 1e300]),
+                   st.floats(-1.0, 3.0))
+
+
+@needs_c
+class TestCounting:
+    """``_live.add_all`` is ``Histogram.add_all``."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(histogram=histograms(), errors=st.one_of(
+        st.lists(ERRORS, max_size=12), st.lists(st.one_of(ERRORS, st.just(1)), max_size=3)),
+        covered=st.one_of(st.integers(0, 12), st.booleans(), st.just(1.0)))
+    def test_random_histograms(self, histogram: Histogram, errors: list[Any],
+                               covered: Any) -> None:
+        """The same counts, totals and sums, bit for bit, or the same exception."""
+        by_rule, by_c = copy.deepcopy(histogram), copy.deepcopy(histogram)
+        rule = outcome(lambda: by_rule.add_all(errors, covered))
+        assert outcome(lambda: _live.add_all(by_c, errors, covered)) == rule
+        assert histogram_bits(by_c) == histogram_bits(by_rule)
+
+    def test_a_job_is_counted_in_c(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Plausible errors into a fresh histogram, then into the same one: no fallback."""
+        calls = [0]
+        rule = Histogram.add_all
+
+        def counted(self: Histogram, errors: list[float], covered: int) -> None:
+            calls[0] += 1
+            rule(self, errors, covered)
+
+        monkeypatch.setattr(Histogram, "add_all", counted)
+        by_rule, by_c = Histogram(), Histogram()
+        for errors, covered in (([-0.6, 0.0, 0.07, 2.5], 3), ([math.nan, -0.05], True)):
+            rule(by_rule, errors, covered)
+            _live.add_all(by_c, errors, covered)
+        assert [0] == calls
+        assert histogram_bits(by_c) == histogram_bits(by_rule)
+        assert [1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0, 2] == by_c.counts  # edges: ERROR_EDGES
+        assert (6, 4) == (by_c.total, by_c.covered)
