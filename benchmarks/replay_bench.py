@@ -12,8 +12,9 @@ every fast path, without each one in turn, and without any; and that set without
 projection (the Compare dashboard's series), so its cost is measured in the same rounds; and
 serve's set and the ETA projection alone with the ETA estimator in Python instead of its C twin
 (``telemetry/eta/_live.c``: the estimator and the scoring of completed jobs' ETAs), and
-serve's set with only the scoring in Python, and with only the online learning (a prior
-corrected at each start, a completed job learned) in Python.
+serve's set with only the scoring in Python, with only the online learning (a prior
+corrected at each start, a completed job learned) in Python, and with only the counting of
+scored ETAs into the residual histograms in Python.
 Prints events/s, the fold's own cost (ns per event, over the engine with no projection), the
 fast path's gain, and the goal.
 
@@ -47,7 +48,7 @@ from telemetry.events import (
 from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.base import RulesOnly
-from telemetry.projections.eta import EtaProjection, score_issued
+from telemetry.projections.eta import EtaProjection, Histogram, score_issued
 
 GOAL = 500_000
 
@@ -130,6 +131,15 @@ def python_learning(projections: list[Any]) -> list[Any]:
     return projections
 
 
+def python_counting(projections: list[Any]) -> list[Any]:
+    """``projections`` with the ETA projection's scored ETAs counted into its histograms by
+    the rule, :meth:`~telemetry.projections.eta.Histogram.add_all`, not its C twin."""
+    for p in projections:
+        if p.name == "eta" and not isinstance(p, RulesOnly):
+            p._add_all = Histogram.add_all
+    return projections
+
+
 def alone(name: str, *, rules_only: bool = False) -> list[Any]:
     """The projection ``name`` of serve's set, alone; folded by its rules if ``rules_only``."""
     return [p for p in serve_set(frozenset({name} if rules_only else ())) if p.name == name]
@@ -169,6 +179,8 @@ def main() -> None:
     # Its online learning (corrected, learn: C twins) against the rules.
     learning_python = "every projection, eta online learning in Python"
     cases[learning_python] = lambda: python_learning(serve_set())
+    counting_python = "every projection, eta counting in Python"
+    cases[counting_python] = lambda: python_counting(serve_set())
     # The compare projection (the Compare dashboard's series) is the newest: its cost is the
     # difference from the set without it, measured in the same rounds.
     without_compare = "every projection but compare (the set before it)"
@@ -209,6 +221,9 @@ def main() -> None:
         elif label == learning_python:
             note += (f"   C learning: replay {median[every] / value:.2f}×, "
                      f"folds {fold_ns(label) / fold_ns(every):.2f}×")
+        elif label == counting_python:
+            note += (f"   C counting: replay {median[every] / value:.2f}×, "
+                     f"folds {fold_ns(label) / fold_ns(every):.2f}×")
         elif label == "eta alone, estimator in Python":
             with_c = "eta alone, fast path"
             note += (f"   C estimator: replay {median[with_c] / value:.2f}×, "
@@ -217,7 +232,8 @@ def main() -> None:
             note += f"   compare costs {fold_ns(every) - fold_ns(label):.0f} ns/event"
         elif label.startswith("every projection,"):
             note += f"   fast paths: replay {median[every] / value:.2f}×"
-        if label in (every, all_rules, eta_python, scoring_python, learning_python):
+        if label in (every, all_rules, eta_python, scoring_python, learning_python,
+                     counting_python):
             note += f"   goal ≥ {GOAL // 1000}k/s {'PASS' if value >= GOAL else 'MISS'}"
         print(f"  {label:<66} {value / 1e3:6.0f}k events/s{note}")
 
