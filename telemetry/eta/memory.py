@@ -244,15 +244,7 @@ def learn_under(learned: online.Learned, key: online.PhaseKeys, base: float,
     levels = learned.levels
     stats = levels[key.device] = online.update(levels.get(key.device), ratio,
                                                online.MEMORY["device"])
-    left = ratio - stats[0]
-    sums = learned.components[key.component] = online.update_line(
-        learned.components.get(key.component), key.size, left, online.MEMORY["component"])
-    left -= online.on_line(sums, key.size)
-    families = learned.families
-    family = families.pop(key.family, None)
-    families[key.family] = online.update(family, left, online.MEMORY["family"])
-    if len(families) > online.MAX_FAMILIES:
-        del families[next(iter(families))]
+    online.learn_beyond_device(learned, key, ratio - stats[0])
     learned.jobs += 1
 
 

@@ -240,7 +240,6 @@ def learn(learned: Learned, observations: list[Observation], warmup_key: str | N
     stats = levels[device] = update(levels.get(device), _median([r for _, r in ratios]),
                                     MEMORY["device"])
     speed = stats[0]
-    families = learned.families
     misses = [ratio - math.log(o.expected / o.base) for o, ratio in ratios
               if o.phase in SPEED_PHASES]
     if len(misses) > 1:
@@ -259,19 +258,26 @@ def learn(learned: Learned, observations: list[Observation], warmup_key: str | N
         miss = abs(ratio - math.log(observation.expected / observation.base))
         learned.error[keys.component] = (
             [miss, 1.0] if error is None else _mean_into(error, miss, MEMORY["component"]))
-        left = ratio - speed
-        sums = learned.components[keys.component] = update_line(
-            learned.components.get(keys.component), keys.size, left, MEMORY["component"])
-        left -= on_line(sums, keys.size)
-        family = families.pop(keys.family, None)  # re-inserted: the newest is kept longest
-        families[keys.family] = update(family, left, MEMORY["family"])
-        if len(families) > MAX_FAMILIES:
-            del families[next(iter(families))]
+        learn_beyond_device(learned, keys, ratio - speed)
     if warmup_key is not None and warmup_ratio is not None and warmup_ratio > 0:
         learned.warmup[warmup_key] = update(learned.warmup.get(warmup_key),
                                             clamp_ratio(math.log(warmup_ratio)),
                                             MEMORY["component"])
     learned.jobs += 1
+
+
+def learn_beyond_device(learned: Learned, keys: PhaseKeys, left: float) -> None:
+    """What a phase's log ratio ``left`` over by the device level teaches the levels below it,
+    in place: its component's line, then its exact family (re-inserted: the newest is kept
+    longest; beyond ``MAX_FAMILIES`` the oldest is forgotten)."""
+    sums = learned.components[keys.component] = update_line(
+        learned.components.get(keys.component), keys.size, left, MEMORY["component"])
+    left -= on_line(sums, keys.size)
+    families = learned.families
+    family = families.pop(keys.family, None)
+    families[keys.family] = update(family, left, MEMORY["family"])
+    if len(families) > MAX_FAMILIES:
+        del families[next(iter(families))]
 
 
 def score_intervals(learned: Learned, misses: Iterable[tuple[str, float, float]]) -> None:
