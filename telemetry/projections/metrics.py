@@ -204,6 +204,48 @@ def _store_run(hist: HistogramSeries, counter: CounterSeries, index: int, count:
     hist.exemplars[index] = Exemplar(trace, value, last.ts / 1e9)
 
 
+#: What a job's steps count in: its model, trace, step counter, the expert of its latest
+#: timed step (as the event has it) and the step histogram of that expert.
+_Target = tuple[str, str, CounterSeries, object, "HistogramSeries | None"]
+#: A run of steps (:func:`_store_run`'s arguments): histogram, counter, bucket, steps, the
+#: histogram's new sum, trace, last step.
+_Run = tuple["HistogramSeries", CounterSeries, int, int, float, str, StepEnded]
+
+
+def _job_target(state: MetricsState, job_id: str) -> _Target | None:
+    """What the steps of ``job_id`` count in, before its first timed step (``None``: the
+    job is not tracked); its model's step counter made at zero if new."""
+    tracked = state.tracked.get(job_id)
+    if tracked is None:
+        return None
+    model = tracked.model
+    steps = state.denoise_steps.get(model)
+    if steps is None:
+        steps = state.denoise_steps[model] = CounterSeries(labels=(model,))
+    return model, tracked.trace_id, steps, _UNSEEN, None
+
+
+def _expert_histogram(state: MetricsState, model: str, expert: str | None) -> HistogramSeries:
+    """The step-duration histogram of ``model`` and ``expert`` (``none`` for single-expert
+    models), made empty if new."""
+    key = model + SEP + (expert or "none")
+    hist = state.step_duration.get(key)
+    if hist is None:
+        hist = state.step_duration[key] = HistogramSeries(
+            labels=(model, expert or "none"), counts=[0] * (len(DURATION_BUCKETS) + 1))
+    return hist
+
+
+def _store_steps(counter: CounterSeries, untimed: int, run: _Run | None) -> int:
+    """Store ``untimed`` steps of ``counter`` and the ``run`` (if any); 0, what is left."""
+    if untimed:
+        counter.value += untimed
+    if run is not None:
+        hist, run_counter, index, count, total, trace, last = run
+        _store_run(hist, run_counter, index, count, total=total, trace=trace, last=last)
+    return 0
+
+
 def increment(series: dict[str, CounterSeries], labels: tuple[str, ...], by: int = 1) -> None:
     """Add ``by`` to a counter, creating it at zero."""
     key = SEP.join(labels)
@@ -338,91 +380,54 @@ class MetricsProjection(RuleTable):
                    failed: OnFailure) -> MetricsState:
         """:meth:`apply` over ``events``, each failure reported to ``failed``.
 
-        Steps and memory samples are nearly every event, so their branches come first and are
-        written out. Only steps read or write the step counters and histograms, so a batch
-        keeps what it adds to them in locals and stores it when a step lands in another
-        bucket or histogram, when an event fails, and at the end:
-
-        * each job's tracked labels, trace, step counter, and histogram for its latest
-          expert (a lifecycle event forgets its own job's, and all of them when it may have
-          made room for a new job by forgetting the oldest tracked one);
-        * the current run of steps landing in one bucket of one histogram: how many (they
-          are also how many steps its model's counter gains), the histogram's running sum
-          (the same additions in the same order), and the last step with its trace, whose
-          exemplar is stored — each step's exemplar replaces the one before it in that
-          bucket, so a run stores one, and the order of ``exemplars``' keys stays
-          ``observe``'s. The run's bucket bounds are in ``lo`` and ``hi`` while the current
-          job's histogram is the run's, and are :data:`_NO_RUN` otherwise, so a step
-          continues it in one test;
-        * steps without a duration, counted for the current counter.
+        Steps are nearly every event. A batch counts them in runs — one job's steps landing
+        in one bucket of one histogram — kept in locals and stored when a run ends, an event
+        fails, or the batch does (:func:`_store_steps`): a run stores one exemplar, its last
+        step's, as the rules' step by step replacement would leave. A job's model, trace,
+        counter and histogram are found when the job or its expert changes
+        (:func:`_job_target`, :func:`_expert_histogram`) and kept per job for the batch; a
+        lifecycle event, which may forget tracked jobs, forgets them. Samples and the rarer
+        events go to their rules. The arithmetic is the rules', in the same order.
         """
-        tracked = state.tracked
-        tracked_of = tracked.get
-        denoise, step_hists = state.denoise_steps, state.step_duration
-        counter_of, hist_of = denoise.get, step_hists.get
-        edges, slots, sep = DURATION_BUCKETS, len(DURATION_BUCKETS) + 1, SEP
-        bounds, no_run, lifecycle = _BOUNDS, _NO_RUN, _LIFECYCLE
-        inf = math.inf
         step_type, sample_type = StepEnded, MemorySampled  # locals: read per event
-        sampled, apply = self._sampled, self.apply
-        # Each job's model, trace, step counter, latest timed step's ``expert`` (as the event
-        # has it) and step histogram for that expert.
-        known_jobs: dict[str, tuple[str, str, CounterSeries, object, HistogramSeries | None]] = {}
-        known_of = known_jobs.get
-        # The current job: its id, model, trace, step counter, expert, and step histogram.
+        known_jobs: dict[str, _Target] = {}
         job: object = NO_JOB
         model = trace = ""
-        # (Before the first step, ``job_steps`` and ``run_counter`` are a counter nothing stores.)
-        job_steps = run_counter = CounterSeries(labels=())
+        job_steps = run_counter = CounterSeries(labels=())  # stores nothing before a step
         expert: object = _UNSEEN
         hist: HistogramSeries | None = None
-        # Steps without a duration not yet added to ``job_steps``.
-        untimed = 0
-        # The current run of steps in one bucket: histogram, its model's step counter,
-        # bucket and its bounds, how many steps, the histogram's running sum, and the last
-        # step and its trace.
+        untimed = 0  # the current job's steps without a duration, not yet counted
+        # The current run: its histogram and counter, bucket and bounds, steps, the
+        # histogram's running sum, its last step and trace; ``lo``/``hi`` its bounds while
+        # the current job's histogram is the run's, else none.
         run: HistogramSeries | None = None
         run_index = run_count = 0
-        run_bounds = no_run
         run_sum = 0.0
         run_trace, run_step = "", _NO_STEP
-        # ``run_bounds`` while ``hist`` is ``run``, else ``no_run``.
-        lo, hi = no_run
+        lo, hi = run_bounds = _NO_RUN
         for event in events:
             try:
                 if type(event) is step_type:
                     if event.job != job:
-                        known = known_of(event.job)
+                        known = known_jobs.get(event.job) or _job_target(state, event.job)
                         if known is None:
-                            job_tracked = tracked_of(event.job)
-                            if job_tracked is None:
-                                job = NO_JOB
-                                continue
-                            model = job_tracked.model
-                            steps = counter_of(model)
-                            if steps is None:
-                                steps = denoise[model] = CounterSeries(labels=(model,))
-                            known = known_jobs[event.job] = (
-                                model, job_tracked.trace_id, steps, _UNSEEN, None)
+                            job = NO_JOB
+                            continue
+                        known_jobs[event.job] = known
                         if untimed and known[2] is not job_steps:
-                            job_steps.value += untimed
-                            untimed = 0
+                            untimed = _store_steps(job_steps, untimed, None)
                         job = event.job
                         model, trace, job_steps, expert, hist = known
-                        lo, hi = run_bounds if hist is run else no_run
+                        lo, hi = run_bounds if hist is run else _NO_RUN
                     value = event.duration_s
                     if value is None:
                         untimed += 1
                         continue
                     if event.expert is not expert:  # decoded experts are interned: rarely
                         expert = event.expert
-                        key = model + sep + (event.expert or "none")
-                        hist = hist_of(key)
-                        if hist is None:
-                            hist = step_hists[key] = HistogramSeries(
-                                labels=(model, event.expert or "none"), counts=[0] * slots)
-                        known_jobs[job] = (model, trace, job_steps, expert, hist)
-                        lo, hi = run_bounds if hist is run else no_run
+                        hist = _expert_histogram(state, model, event.expert)
+                        known_jobs[event.job] = (model, trace, job_steps, expert, hist)
+                        lo, hi = run_bounds if hist is run else _NO_RUN
                     if lo < value and value <= hi:  # noqa: PLR1716 - no SWAP/COPY per step
                         run_count += 1
                         run_sum += value
@@ -430,43 +435,34 @@ class MetricsProjection(RuleTable):
                         run_step = event
                         continue
                     assert hist is not None  # set with ``expert`` (never ``_UNSEEN`` here)
-                    if not -inf < value < inf:  # NaN or infinite: counted, not observed
+                    if not -math.inf < value < math.inf:  # NaN or infinite: not observed
                         hist.non_finite += 1
                         untimed += 1  # the step itself counts
                         continue
-                    index = bisect_left(edges, value)
                     if run is not None:
                         _store_run(run, run_counter, run_index, run_count, total=run_sum,
                                    trace=run_trace, last=run_step)
-                    run, run_counter, run_index = hist, job_steps, index
-                    run_count, run_sum = 1, hist.sum + value
-                    lo, hi = run_bounds = bounds[index]
-                    run_trace = trace
-                    run_step = event
+                    run_index = bisect_left(DURATION_BUCKETS, value)
+                    run, run_counter, run_count, run_sum = hist, job_steps, 1, hist.sum + value
+                    lo, hi = run_bounds = _BOUNDS[run_index]
+                    run_trace, run_step = trace, event
                 elif type(event) is sample_type:
-                    sampled(state, event)
+                    self._sampled(state, event)
                 else:  # the rarer events go to their rules
-                    if type(event) in lifecycle:  # tracked jobs change: forget what was found
+                    if type(event) in _LIFECYCLE:  # tracked jobs change: forget what was found
                         job = NO_JOB
                         known_jobs.clear()
-                    apply(state, event)
+                    self.apply(state, event)
             except Exception as exc:  # store what the batch holds, as folding left it
                 job = NO_JOB
                 known_jobs.clear()
-                if untimed:
-                    job_steps.value += untimed
-                    untimed = 0
-                if run is not None:
-                    _store_run(run, run_counter, run_index, run_count, total=run_sum,
-                               trace=run_trace, last=run_step)
-                    run = None
-                    lo, hi = run_bounds = no_run
+                untimed = _store_steps(job_steps, untimed, None if run is None else (
+                    run, run_counter, run_index, run_count, run_sum, run_trace, run_step))
+                run = None
+                lo, hi = run_bounds = _NO_RUN
                 failed(event, exc)
-        if untimed:
-            job_steps.value += untimed
-        if run is not None:
-            _store_run(run, run_counter, run_index, run_count, total=run_sum, trace=run_trace,
-                       last=run_step)
+        _store_steps(job_steps, untimed, None if run is None else (
+            run, run_counter, run_index, run_count, run_sum, run_trace, run_step))
         return state
 
     def _queued(self, state: MetricsState, event: JobQueued) -> None:
