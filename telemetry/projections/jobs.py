@@ -357,26 +357,20 @@ class JobsProjection(RuleTable):
 
         Steps are three events in five of a replay. Their fields — last event time, steps
         done, total, expert, time in steps — are held back from the job's view while the batch
-        is folded and stored once: the current job's in locals, other jobs' in ``held`` (jobs
-        run side by side, so a batch alternates between them). Stage boundaries, which touch
-        no step field but the job's last event time, update the held time and leave the
-        steps held; memory samples touch no held field. Any other event goes to
-        :meth:`apply` once the held fields are stored and the clock is in the state; so do a
-        sweep and a failure. The arithmetic is the rules', in the same order.
+        is folded and stored once (:func:`_store_held`): the current job's in locals, other
+        jobs' in ``held`` (jobs run side by side, so a batch alternates between them; entries
+        are replaced, never popped, which would resize the dict every few steps). Stage
+        boundaries update the held time and leave the steps held; memory
+        samples touch no held field. Any other event goes to :meth:`apply` once the held
+        fields are stored and the clock is in the state; so do a sweep (:meth:`_swept`) and
+        a failure. The arithmetic is the rules', in the same order.
         """
         jobs = state.jobs
-        job_of = jobs.get
-        # Step fields not yet in their views, by job; the current job's entry is stale (its
-        # fields are in locals) and is replaced before ``held`` is read. Entries are replaced,
-        # never popped: deleting and reinserting would make the dict resize every few steps.
         held: dict[str, _Held] = {}
-        held_of = held.get
-        sweep_every = self.sweep_every_ns
-        apply = self.apply
+        held_of, job_of, apply = held.get, jobs.get, self.apply
         now = state.now_ts
-        sweep_at = state.swept_ts + sweep_every  # ``ts >= sweep_at``: no subtraction per event
-        # The view whose step fields are held in the locals below, and its job (set together:
-        # where ``run`` is not None neither is ``run_job``, which mypy cannot see).
+        sweep_at = state.swept_ts + self.sweep_every_ns  # ``ts >= sweep_at``: no subtraction
+        # The view whose step fields are in the locals below, and its job (set together).
         run: JobView | None = None
         run_job: object = NO_JOB
         last_ts = done = 0
@@ -393,10 +387,8 @@ class JobsProjection(RuleTable):
                         entry = held_of(event.job)
                         if entry is not None:
                             run, last_ts, done, total, expert, step_time = entry
-                        else:
-                            run = job_of(event.job)
-                            if run is None:  # its start was lost: the job still exists
-                                run = jobs[event.job] = JobView(job=event.job)
+                        else:  # its view (made if its start was lost: the job still exists)
+                            run = job_of(event.job) or _new_view(jobs, event.job)
                             done, step_time = run.steps_done, run.step_time_s
                         run_job = event.job
                     ts = last_ts = event.ts
@@ -411,17 +403,12 @@ class JobsProjection(RuleTable):
                         if ts >= sweep_at:
                             assert run is not None  # set above: this step's job
                             held[event.job] = (run, last_ts, done, total, expert, step_time)
-                            _store_held(held)
                             run, run_job = None, NO_JOB  # the sweep may forget views
-                            state.now_ts = now
-                            self._sweep(state)
-                            sweep_at = state.swept_ts + sweep_every
-                    continue
+                            sweep_at = self._swept(state, now, held)
                 elif type(event) is MemorySampled:  # as frequent: only its job's peaks change
                     view = run if event.job == run_job else job_of(event.job)
                     if view is not None:
                         _raise_peaks(view, event)
-                    continue
                 elif type(event) is StageStarted or type(event) is StageEnded:
                     ts = event.ts
                     if ts > now:
@@ -429,35 +416,29 @@ class JobsProjection(RuleTable):
                         if ts >= sweep_at:
                             if run is not None:
                                 held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
-                                run, run_job = None, NO_JOB
-                            _store_held(held)
-                            state.now_ts = now
-                            self._sweep(state)
-                            sweep_at = state.swept_ts + sweep_every
+                            run, run_job = None, NO_JOB
+                            sweep_at = self._swept(state, now, held)
                     if event.job == run_job:
                         view, last_ts = run, ts
-                    elif held and (entry := held.get(event.job)) is not None:
+                    elif held and (entry := held_of(event.job)) is not None:  # held: stamp it
                         view = entry[0]
                         held[event.job] = (view, ts, entry[2], entry[3], entry[4], entry[5])
                     else:
-                        view = job_of(event.job)
-                        if view is None:
-                            view = jobs[event.job] = JobView(job=event.job)
+                        view = job_of(event.job) or _new_view(jobs, event.job)
                         view.last_ts = ts
-                    assert view is not None  # the run's view, or one held, found or made
                     if type(event) is StageStarted:
-                        _open_stage(view, event)
+                        _open_stage(view, event)  # type: ignore[arg-type]  # run is set with run_job
                     elif type(event) is StageEnded:  # always: mypy narrows only on the call
-                        _close_stage(view, event)
-                    continue
-                if run is not None:
-                    held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
-                    run, run_job = None, NO_JOB
-                if held:
-                    _store_held(held)
-                state.now_ts = now
-                apply(state, event)
-                now, sweep_at = state.now_ts, state.swept_ts + sweep_every
+                        _close_stage(view, event)  # type: ignore[arg-type]
+                else:
+                    if run is not None:
+                        held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
+                        run, run_job = None, NO_JOB
+                    if held:
+                        _store_held(held)
+                    state.now_ts = now
+                    apply(state, event)
+                    now, sweep_at = state.now_ts, state.swept_ts + self.sweep_every_ns
             except Exception as exc:
                 if run is not None:
                     held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
@@ -465,15 +446,22 @@ class JobsProjection(RuleTable):
                 _store_held(held)
                 # The event's time counts even though it failed, in whichever of the local and
                 # the state saw it first.
-                if state.now_ts > now:  # noqa: PLR1730 - both only ever rise
-                    now = state.now_ts
-                state.now_ts, sweep_at = now, state.swept_ts + sweep_every
+                now = max(now, state.now_ts)
+                state.now_ts, sweep_at = now, state.swept_ts + self.sweep_every_ns
                 failed(event, exc)
         if run is not None:
             held[run_job] = (run, last_ts, done, total, expert, step_time)  # type: ignore[index]
         _store_held(held)
         state.now_ts = now
         return state
+
+    def _swept(self, state: JobsState, now: int, held: dict[str, _Held]) -> int:
+        """A fast path's sweep: the held step fields stored, the clock in the state, the sweep
+        (:meth:`_sweep`); when the next one is due."""
+        _store_held(held)
+        state.now_ts = now
+        self._sweep(state)
+        return state.swept_ts + self.sweep_every_ns
 
 
 def abandoned_by(state: JobsState, event: Event) -> list[JobView]:
@@ -601,6 +589,12 @@ _LIFECYCLE: Final[dict[type[Event], Callable[[JobView, Any], None]]] = {
 #: A job's view and the step fields held back from it: last event time, steps done, total
 #: steps, expert, time in steps.
 _Held = tuple[JobView, int, int, int | None, str | None, float]
+
+
+def _new_view(jobs: dict[str, JobView], job_id: str) -> JobView:
+    """The view of a job whose start was lost (it still exists), made."""
+    view = jobs[job_id] = JobView(job=job_id)
+    return view
 
 
 def _store_held(held: dict[str, _Held]) -> None:

@@ -126,70 +126,48 @@ class ThroughputProjection(RuleTable):
                    failed: OnFailure) -> ThroughputState:
         """:meth:`apply` over ``events``, each failure reported to ``failed``.
 
-        Steps are nearly every event this fold reads, so their branch comes first. A batch
-        keeps the current job's and the current model's figures in locals (the same
-        arithmetic, in the same order) and stores them when a step moves to another job or
-        model, on a lifecycle event (it goes to :meth:`apply`, and replaces or drops jobs),
-        when an event fails, and at the end. The locals are kept so that a step costs as
-        little as it can without changing a bit:
-
-        * both step counts move with one counter of the batch's steps: the job's and the
-          model's are kept as offsets from it (integers, so the sums are exact);
-        * a run of steps of one expert counts in a local, stored when the expert or the model
-          changes (the expert's key is inserted when it first appears, so the keys of
-          ``expert_steps`` keep their order).
+        Steps are nearly every event this fold reads. A batch keeps the current job's and
+        model's figures in locals — both step counts as offsets from one count of the batch's
+        steps (integers: the sums are exact), a run of one expert's steps as a count — and
+        stores them (:func:`_store_rate`, :func:`_store_model`) when a step moves to another
+        job or model, on a lifecycle event (its rule may replace or drop jobs), a failure,
+        and at the end. The arithmetic is the rules', in the same order.
         """
-        models, apply = state.models, self.apply
-        job_of, model_of = state.jobs.get, models.get
         alpha, keep = SMOOTHING, 1 - SMOOTHING
-        # Steps counted so far in this batch: the current job's and model's step counts are
-        # kept as offsets from it (``steps = base + counted``), one addition per step for both.
-        counted = 0
-        # The current job: its id, its rate, and the rate's step-count offset and ema.
+        step_type = StepEnded  # a local: read per event
+        counted = 0  # the batch's steps so far
         job_id: object = NO_JOB
         job: JobRate | None = None
         job_base, job_ema = 0, None
-        # The current model: its name, its rate, and the rate's step-count offset, ema, time
-        # in steps and steps by expert.
         model_name: str | None = None
         model: ModelRate | None = None
         model_base, model_ema, model_seconds = 0, None, 0.0
         experts: dict[str, int] = {}
-        # The current expert of the model (None: none yet) and its count in ``experts``.
-        expert: str | None = None
+        expert: str | None = None  # the model's current expert (None: none yet), its count
         expert_count = 0
-        step_type, lifecycle = StepEnded, _LIFECYCLE  # locals: read per event
         for event in events:
             try:
                 if type(event) is step_type:
                     if event.job != job_id:
-                        if job is not None:
-                            job.steps, job.ema = job_base + counted, job_ema
-                        job = job_of(event.job)
+                        _store_rate(job, job_base + counted, job_ema)
+                        job = state.jobs.get(event.job)
                         if job is None:
                             job_id = NO_JOB
                             continue
                         job_id, job_base, job_ema = event.job, job.steps - counted, job.ema
                         if job.model != model_name:
-                            if model is not None:
-                                model.steps, model.ema = model_base + counted, model_ema
-                                model.step_seconds = model_seconds
-                                if expert is not None:
-                                    experts[expert] = expert_count
-                                    expert = None
-                            model_name = job.model
-                            model = model_of(model_name)
-                            if model is None:  # JobStarted registers it; only an odd log lacks it
-                                model = models[model_name] = ModelRate()
+                            _store_model(model, model_base + counted, model_ema, model_seconds,
+                                         expert, expert_count)
+                            model_name, expert = job.model, None
+                            model = _model_rate(state, model_name)
                             model_base, model_ema = model.steps - counted, model.ema
                             model_seconds, experts = model.step_seconds, model.expert_steps
                     counted += 1
                     if event.expert is not None:  # Wan 2.2's two-expert models only
-                        step_expert = event.expert
-                        if step_expert != expert:
+                        if event.expert != expert:
                             if expert is not None:
                                 experts[expert] = expert_count
-                            expert = step_expert
+                            expert = event.expert
                             expert_count = experts.setdefault(expert, 0)
                         expert_count += 1
                     duration = event.duration_s
@@ -200,34 +178,45 @@ class ThroughputProjection(RuleTable):
                     job_ema = rate if job_ema is None else weighted + keep * job_ema
                     model_ema = rate if model_ema is None else weighted + keep * model_ema
                     model_seconds += duration
-                    continue
-                if type(event) not in lifecycle:  # another type: nothing to do
-                    continue
-                if job is not None:  # a lifecycle event: store the current job's figures
-                    job.steps, job.ema = job_base + counted, job_ema
+                elif type(event) in _LIFECYCLE:  # store the current job's figures first
+                    _store_rate(job, job_base + counted, job_ema)
                     job, job_id = None, NO_JOB
-                apply(state, event)  # it may replace the table of jobs
-                job_of = state.jobs.get
+                    self.apply(state, event)
             except Exception as exc:  # store what the batch holds, as folding left it
-                if job is not None:
-                    job.steps, job.ema = job_base + counted, job_ema
-                    job, job_id = None, NO_JOB
-                if model is not None:
-                    model.steps, model.ema = model_base + counted, model_ema
-                    model.step_seconds = model_seconds
-                    model = model_name = None
-                if expert is not None:
-                    experts[expert] = expert_count
-                    expert = None
+                _store_rate(job, job_base + counted, job_ema)
+                _store_model(model, model_base + counted, model_ema, model_seconds, expert,
+                             expert_count)
+                job, job_id, model, model_name, expert = None, NO_JOB, None, None, None
                 failed(event, exc)
-        if job is not None:
-            job.steps, job.ema = job_base + counted, job_ema
-        if model is not None:
-            model.steps, model.ema = model_base + counted, model_ema
-            model.step_seconds = model_seconds
-        if expert is not None:
-            experts[expert] = expert_count
+        _store_rate(job, job_base + counted, job_ema)
+        _store_model(model, model_base + counted, model_ema, model_seconds, expert,
+                     expert_count)
         return state
+
+
+def _store_rate(rate: JobRate | ModelRate | None, steps: int, ema: float | None) -> None:
+    """A batch's figures of a job's or a model's rate (``None``: no rate is current)."""
+    if rate is not None:
+        rate.steps, rate.ema = steps, ema
+
+
+def _store_model(model: ModelRate | None, steps: int, ema: float | None,  # noqa: PLR0917 - a batch's locals, stored
+                 seconds: float, expert: str | None, expert_count: int) -> None:
+    """A batch's figures of a model's rate: steps, ema, time in steps, and the count of its
+    current expert (``None``: no model is current)."""
+    if model is not None:
+        _store_rate(model, steps, ema)
+        model.step_seconds = seconds
+        if expert is not None:
+            model.expert_steps[expert] = expert_count
+
+
+def _model_rate(state: ThroughputState, name: str) -> ModelRate:
+    """A model's rate (``JobStarted`` registers it; only an odd log lacks it: made empty)."""
+    model = state.models.get(name)
+    if model is None:
+        model = state.models[name] = ModelRate()
+    return model
 
 
 def _smoothed(average: float | None, rate: float) -> float:
