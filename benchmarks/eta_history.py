@@ -154,9 +154,9 @@ def main() -> None:
     late = windows[-5:]
     early_us = statistics.median(w[1] for w in early)
     late_us = statistics.median(w[1] for w in late)
-    print(f"  after {early[0][0] - args.window:,} completed jobs {early_us:.1f} µs a job, after "
-          f"{late[0][0] - args.window:,} {late_us:.1f} (medians of {len(early)} and {len(late)} "
-          f"windows): {late_us / early_us:.2f}× (goal: flat, ~1.0×)")
+    print(f"  jobs {early[0][0] - args.window + 1:,}–{early[-1][0]:,}: {early_us:.1f} µs a job; "
+          f"jobs {late[0][0] - args.window + 1:,}–{late[-1][0]:,}: {late_us:.1f} (medians of "
+          f"{len(early)} and {len(late)} windows): {late_us / early_us:.2f}× (goal: flat, ~1.0×)")
 
 
 if __name__ == "__main__":
