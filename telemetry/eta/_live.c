@@ -1056,6 +1056,41 @@ static Py_ssize_t off_point_ts, off_point_remaining_s, off_point_p10_s, off_poin
 static int offset_in(PyTypeObject *type, const char *name, Py_ssize_t *out);
 static int constant(PyObject *module, const char *name, double *out);
 
+/* What a setup reads from Python, in tables: a module's float constants, a type's slots. */
+typedef struct {
+    const char *name;
+    double *out;
+} ConstantRef;
+
+typedef struct {
+    const char *name;
+    Py_ssize_t *out;
+} SlotRef;
+
+static int
+constants_in(PyObject *module, const ConstantRef *refs, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (constant(module, refs[i].name, refs[i].out) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+slots_in(PyTypeObject *type, const SlotRef *refs, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (offset_in(type, refs[i].name, refs[i].out) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+#define COUNT(table) (sizeof(table) / sizeof((table)[0]))
+
 static int
 score_setup(void)
 {
@@ -1072,12 +1107,13 @@ score_setup(void)
         PyErr_SetString(PyExc_TypeError, "telemetry.projections.eta.EtaPoint is not a type");
         goto done;
     }
+    static const SlotRef point_slots[] = {
+        {"ts", &off_point_ts}, {"remaining_s", &off_point_remaining_s},
+        {"p10_s", &off_point_p10_s}, {"p90_s", &off_point_p90_s},
+        {"progress", &off_point_progress},
+    };
     if (constant(eta, "MIN_SCORED_S", &MIN_SCORED_S) < 0 ||
-        offset_in((PyTypeObject *)point, "ts", &off_point_ts) < 0 ||
-        offset_in((PyTypeObject *)point, "remaining_s", &off_point_remaining_s) < 0 ||
-        offset_in((PyTypeObject *)point, "p10_s", &off_point_p10_s) < 0 ||
-        offset_in((PyTypeObject *)point, "p90_s", &off_point_p90_s) < 0 ||
-        offset_in((PyTypeObject *)point, "progress", &off_point_progress) < 0) {
+        slots_in((PyTypeObject *)point, point_slots, COUNT(point_slots)) < 0) {
         goto done;
     }
     EtaPoint_Type = (PyTypeObject *)point;
@@ -1313,39 +1349,37 @@ online_setup(void)
         Observation_Type == NULL) {
         goto error;
     }
+    static const ConstantRef constants[] = {
+        {"SLOPE_RIDGE", &SLOPE_RIDGE}, {"HUBER_K", &HUBER_K}, {"START_SPREAD", &START_SPREAD},
+        {"MIN_SPEED_VARIANCE", &MIN_SPEED_VARIANCE}, {"MIN_SPEED_SPREAD", &MIN_SPEED_SPREAD},
+    };
+    static const SlotRef learned_slots[] = {
+        {"levels", &off_levels}, {"components", &off_components}, {"shared", &off_shared},
+        {"families", &off_families}, {"error", &off_error}, {"warmup", &off_warmup_of},
+        {"jobs", &off_jobs},
+    };
+    static const SlotRef keys_slots[] = {
+        {"device", &off_keys_device}, {"component", &off_keys_component},
+        {"family", &off_keys_family}, {"size", &off_keys_size},
+    };
+    static const SlotRef observation_slots[] = {
+        {"phase", &off_obs_phase}, {"keys", &off_obs_keys}, {"base", &off_obs_base},
+        {"expected", &off_obs_expected}, {"observed", &off_obs_observed},
+    };
     if (dict_constant(online, "SHRINK", "device", &SHRINK_DEVICE) < 0 ||
         dict_constant(online, "SHRINK", "component", &SHRINK_COMPONENT) < 0 ||
         dict_constant(online, "SHRINK", "family", &SHRINK_FAMILY) < 0 ||
         dict_constant(online, "MEMORY", "device", &MEMORY_DEVICE) < 0 ||
         dict_constant(online, "MEMORY", "component", &MEMORY_COMPONENT) < 0 ||
         dict_constant(online, "MEMORY", "family", &MEMORY_FAMILY) < 0 ||
-        constant(online, "SLOPE_RIDGE", &SLOPE_RIDGE) < 0 ||
-        constant(online, "HUBER_K", &HUBER_K) < 0 ||
-        constant(online, "START_SPREAD", &START_SPREAD) < 0 ||
-        constant(online, "MIN_SPEED_VARIANCE", &MIN_SPEED_VARIANCE) < 0 ||
-        constant(online, "MIN_SPEED_SPREAD", &MIN_SPEED_SPREAD) < 0) {
+        constants_in(online, constants, COUNT(constants)) < 0 ||
+        slots_in(Learned_Type, learned_slots, COUNT(learned_slots)) < 0 ||
+        slots_in(PhaseKeys_Type, keys_slots, COUNT(keys_slots)) < 0 ||
+        slots_in(Observation_Type, observation_slots, COUNT(observation_slots)) < 0) {
         goto error;
     }
     families = PyObject_GetAttrString(online, "MAX_FAMILIES");
     if (families == NULL || (MAX_FAMILIES = PyLong_AsSsize_t(families)) < 0) {
-        goto error;
-    }
-    if (offset_in(Learned_Type, "levels", &off_levels) < 0 ||
-        offset_in(Learned_Type, "components", &off_components) < 0 ||
-        offset_in(Learned_Type, "shared", &off_shared) < 0 ||
-        offset_in(Learned_Type, "families", &off_families) < 0 ||
-        offset_in(Learned_Type, "error", &off_error) < 0 ||
-        offset_in(Learned_Type, "warmup", &off_warmup_of) < 0 ||
-        offset_in(Learned_Type, "jobs", &off_jobs) < 0 ||
-        offset_in(PhaseKeys_Type, "device", &off_keys_device) < 0 ||
-        offset_in(PhaseKeys_Type, "component", &off_keys_component) < 0 ||
-        offset_in(PhaseKeys_Type, "family", &off_keys_family) < 0 ||
-        offset_in(PhaseKeys_Type, "size", &off_keys_size) < 0 ||
-        offset_in(Observation_Type, "phase", &off_obs_phase) < 0 ||
-        offset_in(Observation_Type, "keys", &off_obs_keys) < 0 ||
-        offset_in(Observation_Type, "base", &off_obs_base) < 0 ||
-        offset_in(Observation_Type, "expected", &off_obs_expected) < 0 ||
-        offset_in(Observation_Type, "observed", &off_obs_observed) < 0) {
         goto error;
     }
     str_step = PyUnicode_InternFromString("step");
@@ -2004,11 +2038,11 @@ histogram_setup(void)
             goto done;
         }
     }
-    if (offset_in((PyTypeObject *)type, "counts", &off_hist_counts) < 0 ||
-        offset_in((PyTypeObject *)type, "total", &off_hist_total) < 0 ||
-        offset_in((PyTypeObject *)type, "sum", &off_hist_sum) < 0 ||
-        offset_in((PyTypeObject *)type, "sum_abs", &off_hist_sum_abs) < 0 ||
-        offset_in((PyTypeObject *)type, "covered", &off_hist_covered) < 0) {
+    static const SlotRef histogram_slots[] = {
+        {"counts", &off_hist_counts}, {"total", &off_hist_total}, {"sum", &off_hist_sum},
+        {"sum_abs", &off_hist_sum_abs}, {"covered", &off_hist_covered},
+    };
+    if (slots_in((PyTypeObject *)type, histogram_slots, COUNT(histogram_slots)) < 0) {
         goto done;
     }
     str_add_all = PyUnicode_InternFromString("add_all");
@@ -2301,12 +2335,12 @@ PyInit__live(void)
     }
     FIELDS(OFFSET)
 #undef OFFSET
-    if (constant(live, "PRIOR_STEPS", &PRIOR_STEPS) < 0 ||
-        constant(live, "WARMUP_WEIGHT", &WARMUP_WEIGHT) < 0 || constant(live, "Z90", &Z90) < 0 ||
-        constant(live, "MIN_SPEED_PHASE_S", &MIN_SPEED_PHASE_S) < 0 ||
-        constant(live, "STEP_NOISE", &STEP_NOISE) < 0 ||
-        constant(live, "SPEED_HUBER", &SPEED_HUBER) < 0 ||
-        constant(live, "SURPRISE", &SURPRISE) < 0 ||
+    static const ConstantRef live_constants[] = {
+        {"PRIOR_STEPS", &PRIOR_STEPS}, {"WARMUP_WEIGHT", &WARMUP_WEIGHT}, {"Z90", &Z90},
+        {"MIN_SPEED_PHASE_S", &MIN_SPEED_PHASE_S}, {"STEP_NOISE", &STEP_NOISE},
+        {"SPEED_HUBER", &SPEED_HUBER}, {"SURPRISE", &SURPRISE},
+    };
+    if (constants_in(live, live_constants, COUNT(live_constants)) < 0 ||
         constant(online, "RATIO_LIMIT", &RATIO_LIMIT) < 0) {
         goto error;
     }

@@ -97,9 +97,10 @@ def deep_bits(value: Any) -> Any:
 
 
 def outcome(call: Callable[[], Any]) -> Any:
-    """What a call gives: its result's bits, or its exception's type."""
+    """What a call gives: its result, every float in it as its :func:`bits`, or its
+    exception's type."""
     try:
-        return ("ok", bits(call()))
+        return ("ok", deep_bits(call()))
     except Exception as exc:  # the type is what is compared
         return ("raised", type(exc))
 

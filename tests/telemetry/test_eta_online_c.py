@@ -27,7 +27,7 @@ from telemetry.eta import live, online
 from telemetry.eta.live import Prior
 from telemetry.eta.online import Learned, Observation, PhaseKeys
 
-from .test_eta_estimator_c import deep_bits
+from .test_eta_estimator_c import deep_bits, outcome
 
 try:
     from telemetry.eta import _live
@@ -124,14 +124,6 @@ def observations(draw: st.DrawFn, *, plausible: bool = False) -> list[Observatio
             o.keys, component=COMPONENTS[(component + i) % 5],
             family=FAMILIES[(family + i) % 5])) for i, o in enumerate(seen)]
     return seen
-
-
-def outcome(call: Callable[[], Any]) -> Any:
-    """What a call gives: its result, every float as its bits, or its exception's type."""
-    try:
-        return ("ok", deep_bits(call()))
-    except Exception as exc:  # the type is what is compared
-        return ("raised", type(exc))
 
 
 def learned_bits(learned: Learned) -> Any:
