@@ -180,6 +180,8 @@ def main() -> None:
     cases[learning_python] = lambda: changed_eta(serve_set(), python_learning)
     counting_python = "every projection, eta counting in Python"
     cases[counting_python] = lambda: changed_eta(serve_set(), python_counting)
+    twins = {eta_python: "C estimator", scoring_python: "C scoring",
+             learning_python: "C learning", counting_python: "C counting"}
     # The compare projection (the Compare dashboard's series) is the newest: its cost is the
     # difference from the set without it, measured in the same rounds.
     without_compare = "every projection but compare (the set before it)"
@@ -211,17 +213,8 @@ def main() -> None:
             with_fast = label.replace("rules only", "fast path")
             note += (f"   fast path: replay {median[with_fast] / value:.2f}×, "
                      f"fold {fold_ns(label) / fold_ns(with_fast):.2f}×")
-        elif label == eta_python:
-            note += (f"   C estimator: replay {median[every] / value:.2f}×, "
-                     f"folds {fold_ns(label) / fold_ns(every):.2f}×")
-        elif label == scoring_python:
-            note += (f"   C scoring: replay {median[every] / value:.2f}×, "
-                     f"folds {fold_ns(label) / fold_ns(every):.2f}×")
-        elif label == learning_python:
-            note += (f"   C learning: replay {median[every] / value:.2f}×, "
-                     f"folds {fold_ns(label) / fold_ns(every):.2f}×")
-        elif label == counting_python:
-            note += (f"   C counting: replay {median[every] / value:.2f}×, "
+        elif label in twins:  # serve's set with one of the ETA's C twins in Python
+            note += (f"   {twins[label]}: replay {median[every] / value:.2f}×, "
                      f"folds {fold_ns(label) / fold_ns(every):.2f}×")
         elif label == "eta alone, estimator in Python":
             with_c = "eta alone, fast path"
@@ -231,8 +224,7 @@ def main() -> None:
             note += f"   compare costs {fold_ns(every) - fold_ns(label):.0f} ns/event"
         elif label.startswith("every projection,"):
             note += f"   fast paths: replay {median[every] / value:.2f}×"
-        if label in (every, all_rules, eta_python, scoring_python, learning_python,
-                     counting_python):
+        if label in (every, all_rules, *twins):
             note += f"   goal ≥ {GOAL // 1000}k/s {'PASS' if value >= GOAL else 'MISS'}"
         print(f"  {label:<66} {value / 1e3:6.0f}k events/s{note}")
 
