@@ -744,8 +744,9 @@ class LiveJob(msgspec.Struct, kw_only=True):
         return self.ahead
 
 
-#: The C twin of :meth:`LiveJob.step_ended` and :meth:`LiveJob.estimate_fields`
-#: (``telemetry/eta/_live.c``; :data:`telemetry.accelerate.ETA_ESTIMATOR`).
+#: The C twins of :meth:`LiveJob.step_ended` and :meth:`LiveJob.estimate_fields`, and of the
+#: scoring, counting and online learning that go with them (``telemetry/eta/_live.c``;
+#: :data:`telemetry.accelerate.ETA_ESTIMATOR`).
 ETA_ESTIMATOR: Final = accelerate.ETA_ESTIMATOR
 
 

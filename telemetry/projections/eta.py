@@ -308,7 +308,7 @@ class EtaProjection:
             return
         live, learned = running.live, state.learned
         self._learn(learned, live.observations(), live.keys[STEP].component
-                     if STEP in live.keys else None, live.warmup_ratio())
+                    if STEP in live.keys else None, live.warmup_ratio())
         if event.worker is not None:  # its next jobs are warm; the newest kept longest
             state.warm.pop(event.worker, None)
             state.warm = bounded_insert(state.warm, event.worker, None)
