@@ -1772,12 +1772,54 @@ compare_doubles(const void *a, const void *b)
 /* What learn works out for one phase before writing it. */
 typedef struct {
     Keys keys;
+    PyObject *keys_obj; /* the PhaseKeys (borrowed) */
     double ratio, expected_ratio; /* log(observed / base), log(expected / base) */
     int speed_phase;
     PyObject *error_list, *sums_list;
     int family_found;
     double error[2], sums[6], family[3];
 } Learning_phase;
+
+/* One phase's writes: its component's error and line, then its exact shape's statistic
+ * (online.learn_beyond_device). families.pop(family) then families[family] = update(...): the
+ * newest last. An earlier phase's new family may have pushed this one out (the oldest goes):
+ * then it starts anew, as the rule's pop would find nothing. */
+static int
+learn_phase(const Learning *learned, const Learning_phase *p, double left)
+{
+    CHECK(store(learned->error, p->keys.component, p->error_list, p->error, 2));
+    CHECK(store(learned->components, p->keys.component, p->sums_list, p->sums, 6));
+    PyObject *family = PyDict_GetItemWithError(learned->families, p->keys.family);
+    if (family == NULL && PyErr_Occurred()) {
+        return ERROR;
+    }
+    Py_XINCREF(family);
+    if (family != NULL && PyDict_DelItem(learned->families, p->keys.family) < 0) {
+        Py_DECREF(family);
+        return ERROR;
+    }
+    double fresh[3];
+    if (family == NULL) {
+        update_stats(fresh, 0, left, MEMORY_FAMILY);
+    }
+    int status = store(learned->families, p->keys.family, family,
+                       family == NULL ? fresh : p->family, 3);
+    Py_XDECREF(family);
+    CHECK(status);
+    if (PyDict_GET_SIZE(learned->families) > MAX_FAMILIES) {
+        Py_ssize_t at = 0;
+        PyObject *oldest, *value;
+        if (PyDict_Next(learned->families, &at, &oldest, &value)) {
+            Py_INCREF(oldest);
+            int failed = PyDict_DelItem(learned->families, oldest) < 0;
+            Py_DECREF(oldest);
+            if (failed) {
+                return ERROR;
+            }
+        }
+    }
+    return OK;
+}
 
 /* telemetry.eta.online.learn(learned, observations, warmup_key, warmup_ratio), or FALLBACK
  * before any write. */
@@ -1812,7 +1854,8 @@ learn_from(PyObject *learned_obj, PyObject *observations, PyObject *warmup_key,
         if (name == NULL || !PyUnicode_CheckExact(name)) {
             return FALLBACK;
         }
-        CHECK(keys_of(AT(o, off_obs_keys), &p->keys));
+        p->keys_obj = AT(o, off_obs_keys);
+        CHECK(keys_of(p->keys_obj, &p->keys));
         CHECK(math_log(observed / base, &p->ratio));
         if (isnan(p->ratio)) { /* the median's sort of a NaN is Python's */
             return FALLBACK;
@@ -1899,52 +1942,50 @@ learn_from(PyObject *learned_obj, PyObject *observations, PyObject *warmup_key,
             has_warmup = 1;
         }
     }
-    /* The writes, in the rule's order (from here only a lack of memory stops them). */
-    CHECK(store(learned.levels, device, level_list, level, 3));
-    if (has_shared) {
-        CHECK(store(learned.shared, device, shared_list, shared, 2));
-    }
+    /* The writes, in the rule's order (from here only a lack of memory stops them). What they
+     * use is held first: an allocation below may start a collection, whose finalisers could
+     * change what was read. */
+    PyObject *held[8 + 3 * MAX_PHASES];
+    Py_ssize_t n_held = 0;
+#define HOLD(o)                                                                                \
+    do {                                                                                       \
+        if ((o) != NULL) {                                                                     \
+            Py_INCREF(o);                                                                      \
+            held[n_held++] = (o);                                                              \
+        }                                                                                      \
+    } while (0)
+    HOLD(learned.levels);
+    HOLD(learned.shared);
+    HOLD(learned.error);
+    HOLD(learned.components);
+    HOLD(learned.families);
+    HOLD(learned.warmup);
+    HOLD(level_list);
+    HOLD(has_shared ? shared_list : NULL);
+    HOLD(has_warmup ? warmup_list : NULL);
     for (Py_ssize_t i = 0; i < n; i++) {
-        Learning_phase *p = &phase[i];
-        CHECK(store(learned.error, p->keys.component, p->error_list, p->error, 2));
-        CHECK(store(learned.components, p->keys.component, p->sums_list, p->sums, 6));
-        /* families.pop(family) then families[family] = update(...): the newest last. An
-         * earlier phase's new family may have pushed this one out (the oldest goes): then it
-         * starts anew, as the rule's pop would find nothing. */
-        PyObject *family = PyDict_GetItemWithError(learned.families, p->keys.family);
-        if (family == NULL && PyErr_Occurred()) {
-            return ERROR;
-        }
-        Py_XINCREF(family);
-        if (family != NULL && PyDict_DelItem(learned.families, p->keys.family) < 0) {
-            Py_DECREF(family);
-            return ERROR;
-        }
-        double fresh[3];
-        if (family == NULL) {
-            update_stats(fresh, 0, lefts[i], MEMORY_FAMILY);
-        }
-        int status = store(learned.families, p->keys.family, family,
-                           family == NULL ? fresh : p->family, 3);
-        Py_XDECREF(family);
-        CHECK(status);
-        if (PyDict_GET_SIZE(learned.families) > MAX_FAMILIES) {
-            Py_ssize_t at = 0;
-            PyObject *oldest, *value;
-            if (PyDict_Next(learned.families, &at, &oldest, &value)) {
-                Py_INCREF(oldest);
-                int failed = PyDict_DelItem(learned.families, oldest) < 0;
-                Py_DECREF(oldest);
-                if (failed) {
-                    return ERROR;
-                }
-            }
-        }
+        HOLD(phase[i].keys_obj);
+        HOLD(phase[i].error_list);
+        HOLD(phase[i].sums_list);
     }
-    if (has_warmup) {
-        CHECK(store(learned.warmup, warmup_key, warmup_list, warmup, 3));
+#undef HOLD
+    int status = store(learned.levels, device, level_list, level, 3);
+    if (status == OK && has_shared) {
+        status = store(learned.shared, device, shared_list, shared, 2);
     }
-    return write_int(learned_obj, off_jobs, jobs + 1);
+    for (Py_ssize_t i = 0; status == OK && i < n; i++) {
+        status = learn_phase(&learned, &phase[i], lefts[i]);
+    }
+    if (status == OK && has_warmup) {
+        status = store(learned.warmup, warmup_key, warmup_list, warmup, 3);
+    }
+    if (status == OK) {
+        status = write_int(learned_obj, off_jobs, jobs + 1);
+    }
+    for (Py_ssize_t k = 0; k < n_held; k++) {
+        Py_DECREF(held[k]);
+    }
+    return status;
 }
 
 static PyObject *
@@ -2101,12 +2142,13 @@ count_into(PyObject *histogram, PyObject *errors, PyObject *covered_obj)
     CHECK(read_float(AT(histogram, off_hist_sum_abs), &sum_abs));
     CHECK(read_int(AT(histogram, off_hist_covered), &covered));
     CHECK(read_count(covered_obj, &added));
-    if (n > ((int64_t)1 << 40) || added > ((int64_t)1 << 40) || added < -((int64_t)1 << 40)) {
+    /* The errors read before anything is allocated (a collection could run a finaliser). */
+    double values[STACK_POINTS];
+    if (n > STACK_POINTS || added > ((int64_t)1 << 40) || added < -((int64_t)1 << 40)) {
         return FALLBACK;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        double error;
-        CHECK(read_float(PyList_GET_ITEM(errors, i), &error));
+        CHECK(read_float(PyList_GET_ITEM(errors, i), &values[i]));
     }
     /* The writes: the counts (a new list where there was none), then the totals. */
     if (fresh) {
@@ -2125,7 +2167,7 @@ count_into(PyObject *histogram, PyObject *errors, PyObject *covered_obj)
         write_slot(histogram, off_hist_counts, counts);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        double error = PyFloat_AS_DOUBLE(PyList_GET_ITEM(errors, i));
+        double error = values[i];
         Py_ssize_t slot = n_error_edges; /* beyond every edge, NaN too */
         if (error <= error_edges[n_error_edges - 1]) {
             slot = 0;

@@ -304,3 +304,13 @@ class TestCounting:
         assert histogram_bits(by_c) == histogram_bits(by_rule)
         assert [1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0, 2] == by_c.counts  # edges: ERROR_EDGES
         assert (6, 4) == (by_c.total, by_c.covered)
+
+    def test_more_errors_than_the_c_holds_are_counted_by_the_rule(self) -> None:
+        """Past the 64 errors the C reads up front, the call goes to the rule: the same
+        histogram."""
+        errors = [(-1) ** i * i / 50 for i in range(100)]
+        by_rule, by_c = Histogram(), Histogram()
+        by_rule.add_all(errors, 40)
+        _live.add_all(by_c, errors, 40)
+        assert histogram_bits(by_c) == histogram_bits(by_rule)
+        assert (100, 40) == (by_c.total, by_c.covered)
