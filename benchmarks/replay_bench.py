@@ -13,8 +13,9 @@ projection (the Compare dashboard's series), so its cost is measured in the same
 serve's set and the ETA projection alone with the ETA estimator in Python instead of its C twin
 (``telemetry/eta/_live.c``: the estimator and the scoring of completed jobs' ETAs), and
 serve's set with only the scoring in Python, with only the online learning (a prior
-corrected at each start, a completed job learned) in Python, and with only the counting of
-scored ETAs into the residual histograms in Python.
+corrected at each start, a completed job learned) in Python, with only the counting of
+scored ETAs into the residual histograms in Python, and with only the issuing of each ETA
+(its point made and kept) in Python.
 Prints events/s, the fold's own cost (ns per event, over the engine with no projection), the
 fast path's gain, and the goal.
 
@@ -49,6 +50,7 @@ from telemetry.log.local import LocalLog
 from telemetry.projections import default_projections
 from telemetry.projections.base import RulesOnly
 from telemetry.projections.eta import EtaProjection, Histogram, score_issued
+from telemetry.projections.eta import _issue as eta_issue
 
 GOAL = 500_000
 
@@ -133,6 +135,12 @@ def python_learning(eta: Any) -> None:
     eta._priors.corrector = corrected
 
 
+def python_issuing(eta: Any) -> None:
+    """The ETA projection with each ETA issued by the rule, ``_issue`` (the C estimate, then
+    the point made and appended in Python), not its C twin."""
+    eta._issue = partial(eta_issue, estimate_fields=eta._estimator.estimate_fields)
+
+
 def python_counting(eta: Any) -> None:
     """The ETA projection with scored ETAs counted into its histograms by the rule,
     :meth:`~telemetry.projections.eta.Histogram.add_all`, not its C twin."""
@@ -180,8 +188,11 @@ def main() -> None:
     cases[learning_python] = lambda: changed_eta(serve_set(), python_learning)
     counting_python = "every projection, eta counting in Python"
     cases[counting_python] = lambda: changed_eta(serve_set(), python_counting)
+    issuing_python = "every projection, eta issuing in Python"
+    cases[issuing_python] = lambda: changed_eta(serve_set(), python_issuing)
     twins = {eta_python: "C estimator", scoring_python: "C scoring",
-             learning_python: "C learning", counting_python: "C counting"}
+             learning_python: "C learning", counting_python: "C counting",
+             issuing_python: "C issuing"}
     # The compare projection (the Compare dashboard's series) is the newest: its cost is the
     # difference from the set without it, measured in the same rounds.
     without_compare = "every projection but compare (the set before it)"

@@ -8,7 +8,8 @@
  * a list of EtaPoints with int times and float fields; corrected(prior, learned, steps, tau)
  * is telemetry.eta.live.corrected and learn(learned, observations, warmup_key, warmup_ratio)
  * telemetry.eta.online.learn: what online learning does when a job starts and when it ends;
- * add_all(histogram, errors, covered) is telemetry.projections.eta.Histogram.add_all. The estimator's twins follow their rule
+ * add_all(histogram, errors, covered) is telemetry.projections.eta.Histogram.add_all; and
+ * issue(running, ts) is telemetry.projections.eta._issue with this module's estimate_fields. The estimator's twins follow their rule
  * operation for operation: the same field writes, the memoised intermediate results
  * (speed_key/speed_cache, evidence_key/evidence, ahead_key/ahead) written as the Python writes
  * them, floats bit-identical (same order of operations, the same libm calls, compiled with
@@ -2213,6 +2214,100 @@ live_add_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyObject_VectorcallMethod(str_add_all, args, 3, NULL);
 }
 
+/* -- issuing an ETA ----------------------------------------------------------------------------- */
+
+/* issue(running, ts) is telemetry.projections.eta._issue(running, ts, estimate_fields) with this
+ * module's estimate_fields: the running job's ETA at ts, appended to its issued list as an
+ * EtaPoint. Anything but a RunningEta holding a LiveJob and a list, or an estimate the C hands
+ * over, goes to the rule (which calls this module's estimate_fields, and so the method). */
+static PyTypeObject *RunningEta_Type;
+static PyObject *point_names, *str_issue_rule;
+static Py_ssize_t off_running_live, off_running_issued;
+
+static int
+issue_setup(void)
+{
+    if (eta_projection == NULL && score_setup() < 0) {
+        return -1;
+    }
+    PyObject *type = PyObject_GetAttrString(eta_projection, "RunningEta");
+    if (type == NULL) {
+        return -1;
+    }
+    static const SlotRef running_slots[] = {
+        {"live", &off_running_live}, {"issued", &off_running_issued},
+    };
+    if (!PyType_Check(type) ||
+        slots_in((PyTypeObject *)type, running_slots, COUNT(running_slots)) < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ImportError, "telemetry.projections.eta.RunningEta");
+        }
+        Py_DECREF(type);
+        return -1;
+    }
+    point_names = Py_BuildValue("(ssssss)", "ts", "remaining_s", "p10_s", "p90_s", "progress",
+                                "estimating");
+    str_issue_rule = PyUnicode_InternFromString("_issue");
+    if (point_names == NULL || str_issue_rule == NULL) {
+        Py_DECREF(type);
+        return -1;
+    }
+    RunningEta_Type = (PyTypeObject *)type;
+    return 0;
+}
+
+static PyObject *
+live_issue(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "issue(running, ts) takes 2 arguments");
+        return NULL;
+    }
+    if (RunningEta_Type == NULL && issue_setup() < 0) {
+        return NULL;
+    }
+    PyObject *running = args[0], *ts = args[1];
+    if (Py_TYPE(running) == RunningEta_Type) {
+        PyObject *live = AT(running, off_running_live);
+        PyObject *issued = AT(running, off_running_issued);
+        PyObject *fields = NULL;
+        int status = FALLBACK;
+        if (live != NULL && Py_TYPE(live) == LiveJob_Type && issued != NULL &&
+            PyList_CheckExact(issued)) {
+            status = estimate(live, ts, &fields);
+        }
+        if (status == ERROR) {
+            return NULL;
+        }
+        if (status == OK) {
+            PyObject *values[6] = {ts, PyTuple_GET_ITEM(fields, 0), PyTuple_GET_ITEM(fields, 1),
+                                   PyTuple_GET_ITEM(fields, 2), PyTuple_GET_ITEM(fields, 3),
+                                   PyTuple_GET_ITEM(fields, 4)};
+            PyObject *point = PyObject_Vectorcall((PyObject *)EtaPoint_Type, values, 0,
+                                                  point_names);
+            Py_DECREF(fields);
+            if (point == NULL) {
+                return NULL;
+            }
+            int failed = PyList_Append(issued, point);
+            Py_DECREF(point);
+            if (failed) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+    }
+    /* The rule, with this module's estimate_fields (which hands odd estimators to the method). */
+    PyObject *estimate_fields = PyObject_GetAttr(module, str_estimate_fields);
+    if (estimate_fields == NULL) {
+        return NULL;
+    }
+    PyObject *call[3] = {running, ts, estimate_fields};
+    PyObject *result = call_rule(eta_projection, str_issue_rule, call, 3);
+    Py_DECREF(estimate_fields);
+    return result;
+}
+
 /* -- the module ------------------------------------------------------------------------------- */
 
 static PyObject *
@@ -2298,6 +2393,8 @@ static PyMethodDef methods[] = {
      "estimate_fields(live, now): LiveJob.estimate_fields(live, now)"},
     {"score_issued", (PyCFunction)(void (*)(void))live_score_issued, METH_FASTCALL,
      "score_issued(issued, end_ts): telemetry.projections.eta.score_issued(issued, end_ts)"},
+    {"issue", (PyCFunction)(void (*)(void))live_issue, METH_FASTCALL,
+     "issue(running, ts): telemetry.projections.eta._issue(running, ts, estimate_fields)"},
     {"corrected", (PyCFunction)(void (*)(void))live_corrected, METH_FASTCALL,
      "corrected(prior, learned, steps, tau): telemetry.eta.live.corrected(...)"},
     {"add_all", (PyCFunction)(void (*)(void))live_add_all, METH_FASTCALL,

@@ -769,6 +769,9 @@ class Estimator(NamedTuple):
         online.learn)
     #: The C twin of ``telemetry.projections.eta.Histogram.add_all`` (``None``: the method).
     add_all: Callable[[Any, list[float], int], None] | None = None
+    #: The C twin of ``telemetry.projections.eta._issue`` with this estimator's
+    #: ``estimate_fields`` (``None``: that function).
+    issue: Callable[[Any, int], None] | None = None
 
 
 def estimator_of(estimator: Literal["c", "python"] | None = None) -> Estimator:
@@ -787,4 +790,4 @@ def estimator_of(estimator: Literal["c", "python"] | None = None) -> Estimator:
         return Estimator(LiveJob.step_ended, LiveJob.estimate_fields, what)
     module = sys.modules[ETA_ESTIMATOR.module]  # imported by choose
     return Estimator(module.step_ended, function, what, module.score_issued, module.corrected,
-                     module.learn, module.add_all)
+                     module.learn, module.add_all, module.issue)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from functools import partial
 from math import isfinite
 from typing import Final, Literal
 
@@ -193,6 +194,8 @@ class EtaProjection:
         self._learn = self._estimator.learn
         self._add_all: Callable[[Histogram, list[float], int], None] = (
             self._estimator.add_all or Histogram.add_all)
+        self._issue: Callable[[RunningEta, int], None] = self._estimator.issue or partial(
+            _issue, estimate_fields=self._estimator.estimate_fields)
         # Memoised priors (not state: LiveJob.start's result, whatever the cache holds).
         self._priors = PriorCache(corrector=self._estimator.corrected)
 
@@ -231,18 +234,18 @@ class EtaProjection:
                 self._estimator.step_ended(running.live, event.total_steps, event.duration_s,
                                            event.expert, event.ts)
                 if issues_eta_at(event.step, event.total_steps):
-                    _issue(running, event.ts, self._estimator.estimate_fields)
+                    self._issue(running, event.ts)
         elif type(event) is StageStarted or type(event) is StageEnded:
             running = state.running.get(event.job)
             if running is not None:
                 running.live.observe(event)
-                _issue(running, event.ts, self._estimator.estimate_fields)
+                self._issue(running, event.ts)
         elif type(event) is JobStarted:
             started = RunningEta(model=event.model, live=self._priors.start(
                 event, state.calibration, state.learned, warm=event.worker in state.warm),
                 labels=labels_of(event))
             state.running = bounded_insert(state.running, event.job, started)
-            _issue(started, event.ts, self._estimator.estimate_fields)
+            self._issue(started, event.ts)
         elif type(event) is JobCompleted:
             self._completed(state, event)
         elif type(event) is JobFailed or type(event) is JobCancelled:
@@ -267,7 +270,7 @@ class EtaProjection:
         of a log and nothing to this fold, are passed over without leaving the run.
         """
         apply, step_type, sample_type = self.apply, StepEnded, MemorySampled
-        step_ended, estimate_fields = self._estimator.step_ended, self._estimator.estimate_fields
+        step_ended, issue = self._estimator.step_ended, self._issue
         job_id: object = NO_JOB
         running: RunningEta | None = None
         for event in events:
@@ -283,7 +286,7 @@ class EtaProjection:
                     done = event.step + 1  # issues_eta_at, inlined
                     if (done <= 2 or done >= total
                             or done % (total // ISSUES_PER_DENOISE or 1) == 0):
-                        _issue(running, event.ts, estimate_fields)
+                        issue(running, event.ts)
                 elif type(event) is not sample_type:
                     job_id = NO_JOB
                     state = apply(state, event)

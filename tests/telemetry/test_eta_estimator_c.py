@@ -20,6 +20,7 @@ import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -334,10 +335,11 @@ class TestOneEstimator:
 def counting_fallbacks() -> dict[str, int]:
     """How often the C handed a call to the Python: counted while the test runs (the C calls
     the object's method — a ``LiveJob``'s, a ``Histogram``'s — which these wrappers replace on
-    the class, and the rules ``score_issued``, ``corrected`` and ``learn``, looked up on their
-    modules at each fallback)."""
+    the class, and the rules ``score_issued``, ``_issue``, ``corrected`` and ``learn``, looked
+    up on their modules at each fallback)."""
     methods = {(LiveJob, "step_ended"), (LiveJob, "estimate_fields"), (Histogram, "add_all")}
-    rules = {(eta_projection, "score_issued"), (live_module, "corrected"), (online, "learn")}
+    rules = {(eta_projection, "score_issued"), (eta_projection, "_issue"),
+             (live_module, "corrected"), (online, "learn")}
     calls = {name: 0 for _, name in methods | rules}
 
     def counted(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -538,7 +540,48 @@ class TestChoice:
             projection = EtaProjection(estimator=asked)  # type: ignore[arg-type]
             assert "Python (C not built)" == projection.estimator
             chosen = projection._estimator
-            assert (LiveJob.step_ended, LiveJob.estimate_fields, None, None) == (
-                chosen.step_ended, chosen.estimate_fields, chosen.score_issued, chosen.add_all)
+            assert (LiveJob.step_ended, LiveJob.estimate_fields, None, None, None) == (
+                chosen.step_ended, chosen.estimate_fields, chosen.score_issued, chosen.add_all,
+                chosen.issue)
             assert (live_module.corrected, online.learn) == (chosen.corrected, chosen.learn)
         assert expected == replay(events, None, many=True)
+
+
+@needs_c
+class TestIssue:
+    """``_live.issue(running, ts)`` is ``_issue(running, ts, estimate_fields)``."""
+
+    def running(self) -> Any:
+        """A job's running ETA, two steps in."""
+        live = LiveJob.start(started(10**9, "tiny-t2v", 20, True, False), Calibration())
+        for step in range(2):
+            LiveJob.step_ended(live, 20, 0.05, None, 10**9 + (step + 1) * 5 * 10**7)
+        return eta_projection.RunningEta(model="tiny-t2v", live=live)
+
+    def test_the_same_point_in_c(self) -> None:
+        by_rule, by_c = self.running(), self.running()
+        eta_projection._issue(by_rule, 2 * 10**9, LiveJob.estimate_fields)
+        calls = counting_fallbacks()
+        _live.issue(by_c, 2 * 10**9)
+        assert 0 == calls["_issue"]
+        assert deep_bits(msgspec.to_builtins(by_c)) == deep_bits(msgspec.to_builtins(by_rule))
+
+    @pytest.mark.parametrize("odd", ["issued a tuple", "not a running ETA", "ts a float"])
+    def test_odd_input_is_the_rules(self, odd: str) -> None:
+        """Anything unexpected goes to the rule: its result, or its exception."""
+        by_rule, by_c = self.running(), self.running()
+        ts: Any = 2 * 10**9
+        if odd == "issued a tuple":
+            by_rule.issued, by_c.issued = (), ()
+        elif odd == "not a running ETA":
+            by_rule, by_c = SimpleNamespace(**msgspec.structs.asdict(by_rule)), \
+                SimpleNamespace(**msgspec.structs.asdict(by_c))
+        else:
+            ts = 2e9
+        rule = outcome(lambda: eta_projection._issue(by_rule, ts, LiveJob.estimate_fields))
+        calls = counting_fallbacks()
+        assert rule == outcome(lambda: _live.issue(by_c, ts))
+        assert 1 == calls["_issue"]
+        assert encoded(by_c.live) == encoded(by_rule.live)
+        assert deep_bits(msgspec.to_builtins(by_c.issued)) == deep_bits(
+            msgspec.to_builtins(by_rule.issued))
