@@ -2001,47 +2001,61 @@ call_rule(PyObject *module, PyObject *name, PyObject *const *args, Py_ssize_t na
     return result;
 }
 
-static PyObject *
-live_corrected(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* Whether a twin was called with ``wanted`` arguments (else a TypeError naming its ``usage``). */
+static int
+arity(Py_ssize_t nargs, Py_ssize_t wanted, const char *usage)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "corrected(prior, learned, steps, tau) takes 4 "
-                                         "arguments");
-        return NULL;
+    if (nargs == wanted) {
+        return 0;
     }
-    if (online_module == NULL && online_setup() < 0) {
-        return NULL;
-    }
-    PyObject *result = NULL;
-    int status = correct(args[0], args[1], args[2], args[3], &result);
-    if (status == OK) {
-        return result;
-    }
-    if (status == ERROR) {
-        return NULL;
-    }
-    return call_rule(live_module, str_corrected, args, 4);
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", usage, wanted);
+    return -1;
 }
 
+/* How a twin's call ends, by the ``status`` of its C: its ``result`` (NULL where it has none:
+ * None); NULL where a Python error is set; else the rule, called with the same arguments —
+ * ``name`` looked up on ``owner`` at each fallback (rare: odd input only) or, where ``owner``
+ * is NULL, the method ``name`` of ``args[0]``. */
 static PyObject *
-live_learn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+ended(int status, PyObject *result, PyObject *owner, PyObject *name, PyObject *const *args,
+      Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "learn(learned, observations, warmup_key, "
-                                         "warmup_ratio) takes 4 arguments");
-        return NULL;
-    }
-    if (online_module == NULL && online_setup() < 0) {
-        return NULL;
-    }
-    int status = learn_from(args[0], args[1], args[2], args[3]);
     if (status == OK) {
+        if (result != NULL) {
+            return result;
+        }
         Py_RETURN_NONE;
     }
     if (status == ERROR) {
         return NULL;
     }
-    return call_rule(online_module, str_learn, args, 4);
+    if (owner == NULL) {
+        return PyObject_VectorcallMethod(name, args, (size_t)nargs, NULL);
+    }
+    return call_rule(owner, name, args, nargs);
+}
+
+static PyObject *
+live_corrected(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (arity(nargs, 4, "corrected(prior, learned, steps, tau)") < 0 ||
+        (online_module == NULL && online_setup() < 0)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    int status = correct(args[0], args[1], args[2], args[3], &result);
+    return ended(status, result, live_module, str_corrected, args, 4);
+}
+
+static PyObject *
+live_learn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (arity(nargs, 4, "learn(learned, observations, warmup_key, warmup_ratio)") < 0 ||
+        (online_module == NULL && online_setup() < 0)) {
+        return NULL;
+    }
+    int status = learn_from(args[0], args[1], args[2], args[3]);
+    return ended(status, NULL, online_module, str_learn, args, 4);
 }
 
 /* -- counting scored ETAs ---------------------------------------------------------------------- */
@@ -2196,22 +2210,12 @@ count_into(PyObject *histogram, PyObject *errors, PyObject *covered_obj)
 static PyObject *
 live_add_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "add_all(histogram, errors, covered) takes 3 "
-                                         "arguments");
-        return NULL;
-    }
-    if (Histogram_Type == NULL && histogram_setup() < 0) {
+    if (arity(nargs, 3, "add_all(histogram, errors, covered)") < 0 ||
+        (Histogram_Type == NULL && histogram_setup() < 0)) {
         return NULL;
     }
     int status = count_into(args[0], args[1], args[2]);
-    if (status == OK) {
-        Py_RETURN_NONE;
-    }
-    if (status == ERROR) {
-        return NULL;
-    }
-    return PyObject_VectorcallMethod(str_add_all, args, 3, NULL);
+    return ended(status, NULL, NULL, str_add_all, args, 3);
 }
 
 /* -- issuing an ETA ----------------------------------------------------------------------------- */
@@ -2259,11 +2263,8 @@ issue_setup(void)
 static PyObject *
 live_issue(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "issue(running, ts) takes 2 arguments");
-        return NULL;
-    }
-    if (RunningEta_Type == NULL && issue_setup() < 0) {
+    if (arity(nargs, 2, "issue(running, ts)") < 0 ||
+        (RunningEta_Type == NULL && issue_setup() < 0)) {
         return NULL;
     }
     PyObject *running = args[0], *ts = args[1];
@@ -2313,76 +2314,37 @@ live_issue(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 live_step_ended(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "step_ended(live, total_steps, duration_s, expert, ts) takes 5 "
-                        "arguments");
+    if (arity(nargs, 5, "step_ended(live, total_steps, duration_s, expert, ts)") < 0) {
         return NULL;
     }
-    PyObject *live = args[0];
-    if (Py_TYPE(live) == LiveJob_Type) {
-        int status = step(live, args[1], args[2], args[3], args[4]);
-        if (status == OK) {
-            Py_RETURN_NONE;
-        }
-        if (status == ERROR) {
-            return NULL;
-        }
-    }
-    PyObject *call[5] = {live, args[1], args[2], args[3], args[4]};
-    return PyObject_VectorcallMethod(str_step_ended, call,
-                                     5, NULL);
+    int status = Py_TYPE(args[0]) == LiveJob_Type
+                     ? step(args[0], args[1], args[2], args[3], args[4])
+                     : FALLBACK;
+    return ended(status, NULL, NULL, str_step_ended, args, 5);
 }
 
 static PyObject *
 live_estimate_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "estimate_fields(live, now) takes 2 arguments");
+    if (arity(nargs, 2, "estimate_fields(live, now)") < 0) {
         return NULL;
     }
-    PyObject *live = args[0];
-    if (Py_TYPE(live) == LiveJob_Type) {
-        PyObject *result = NULL;
-        int status = estimate(live, args[1], &result);
-        if (status == OK) {
-            return result;
-        }
-        if (status == ERROR) {
-            return NULL;
-        }
-    }
-    PyObject *call[2] = {live, args[1]};
-    return PyObject_VectorcallMethod(str_estimate_fields, call,
-                                     2, NULL);
+    PyObject *result = NULL;
+    int status = Py_TYPE(args[0]) == LiveJob_Type ? estimate(args[0], args[1], &result)
+                                                  : FALLBACK;
+    return ended(status, result, NULL, str_estimate_fields, args, 2);
 }
 
 static PyObject *
 live_score_issued(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "score_issued(issued, end_ts) takes 2 arguments");
-        return NULL;
-    }
-    if (eta_projection == NULL && score_setup() < 0) {
+    if (arity(nargs, 2, "score_issued(issued, end_ts)") < 0 ||
+        (eta_projection == NULL && score_setup() < 0)) {
         return NULL;
     }
     PyObject *result = NULL;
     int status = score(args[0], args[1], &result);
-    if (status == OK) {
-        return result;
-    }
-    if (status == ERROR) {
-        return NULL;
-    }
-    /* The rule, looked up on each fallback (rare: odd input only). */
-    PyObject *rule = PyObject_GetAttr(eta_projection, str_score_issued);
-    if (rule == NULL) {
-        return NULL;
-    }
-    PyObject *result_ = PyObject_Vectorcall(rule, args, 2, NULL);
-    Py_DECREF(rule);
-    return result_;
+    return ended(status, result, eta_projection, str_score_issued, args, 2);
 }
 
 static PyMethodDef methods[] = {
