@@ -67,6 +67,7 @@ from telemetry.events import (
     JobQueued,
     JobStarted,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
     WorkerLost,
@@ -92,7 +93,8 @@ ETA_FRACTIONS: Final = CHECKPOINTS[1:4]
 TERMINALS: Final = (JobCompleted, JobFailed, JobCancelled)
 #: The event types a trace is built from; the runner buffers only these.
 SPAN_SOURCES: Final = (
-    JobQueued, JobStarted, StageStarted, StageEnded, StepEnded, ExpertSwitched, *TERMINALS)
+    JobQueued, JobStarted, StageStarted, StageEnded, StageProgress, StepEnded, ExpertSwitched,
+    *TERMINALS)
 
 _DEFAULT_RESOURCE: tuple[tuple[str | None, str | None], Resource] | None = None
 
@@ -315,6 +317,11 @@ def spans_for_job(
         elif isinstance(event, StepEnded):
             target = denoise.events if denoise is not None else root_events
             target.append(SpanEvent("denoise.step", _step_attributes(event), event.ts))
+        elif isinstance(event, StageProgress):
+            in_stage = open_stages.get(event.stage)
+            (in_stage.events if in_stage is not None else root_events).append(SpanEvent(
+                f"{event.stage}.piece", {"wantel.piece": event.done,
+                                         "wantel.pieces": event.total}, event.ts))
         elif isinstance(event, ExpertSwitched):
             target = denoise.events if denoise is not None else root_events
             target.append(SpanEvent("expert.switched", {

@@ -56,6 +56,7 @@ import torch
 
 from inference.failures import NonFiniteLatents
 from inference.memory import MemoryReader
+from inference.pieces import decoder_calls
 from inference.progress import EventTap, LiveView, Progress
 from inference.recorder import JobRecorder
 from inference.speed_options import each_module, speed_options
@@ -144,6 +145,14 @@ class _StepState:
 
 
 @dataclass
+class _Pieces:
+    """The decode under way: how many pieces it will run in (``None``: not known) and has."""
+
+    total: int | None
+    done: int = 0
+
+
+@dataclass
 class Instrumented:
     """The handle ``instrument()`` yields: job ids, the live view, and cancellation."""
 
@@ -223,6 +232,8 @@ class _Session:
         self.control: CancelChannel | None = channel_of(emitter.log)
         #: Set when a requested cancel was seen: the loop is interrupted, decode is skipped.
         self.cancel_requested = False
+        #: The decode under way's pieces (:meth:`_decoder_hook`), else ``None``.
+        self.decode_pieces: _Pieces | None = None
 
     # -- attach / detach ------------------------------------------------------------------
 
@@ -243,6 +254,9 @@ class _Session:
             hook = self._pre_forward_hook(expert)
             # Prepended: the step starts before any other hook (offloading, caching) runs.
             self._hooks.append(module.register_forward_pre_hook(hook, prepend=True))
+        decoder = getattr(getattr(self.pipe, "vae", None), "decoder", None)
+        if isinstance(decoder, torch.nn.Module):
+            self._hooks.append(decoder.register_forward_hook(self._decoder_hook))
         has_video_processor = getattr(self.pipe, "video_processor", None) is not None
         for path, method, stage in STAGE_METHODS:
             if path == "image_processor" and has_video_processor:
@@ -301,7 +315,11 @@ class _Session:
             with recorder.stage_span(stage):
                 if stage == "decode" and args:
                     _check_finite(args[0])
-                result = original(*args, **kwargs)
+                    self.decode_pieces = _Pieces(decoder_calls(owner, args[0]))
+                try:
+                    result = original(*args, **kwargs)
+                finally:
+                    self.decode_pieces = None
             if stage == "latent_init" and self.denoise_start is None:
                 # The loop starts right after the latents exist; a failure before the first
                 # transformer pass is then still attributed to the denoise stage.
@@ -366,6 +384,17 @@ class _Session:
             step.passes += 1
 
         return hook
+
+    def _decoder_hook(self, module: Any, args: Any, output: Any) -> None:
+        """A piece of the VAE decode finished (:mod:`inference.pieces`): record how many of
+        how many, while the count is known and not exceeded."""
+        pieces, recorder = self.decode_pieces, self.recorder
+        if pieces is None or pieces.total is None or recorder is None:
+            return
+        pieces.done += 1
+        if pieces.done <= pieces.total:
+            recorder.stage_progress("decode", pieces.done, pieces.total, recorder.timer.mark())
+            recorder.pump()
 
     def _on_step_end(self, pipe: Any, index: int, total: int) -> None:
         recorder = self.recorder

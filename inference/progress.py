@@ -28,6 +28,7 @@ from telemetry.events import (
     Event,
     JobStarted,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
 )
@@ -40,8 +41,8 @@ from telemetry.projections.throughput import ThroughputProjection
 log = logging.getLogger("wantel.instrument")
 
 #: Events after which ``on_progress`` is called (the newest view, once per wake-up).
-_WAKE: Final[tuple[type[Event], ...]] = (StepEnded, StageStarted, StageEnded, JobStarted,
-                                         *TERMINAL_TYPES)
+_WAKE: Final[tuple[type[Event], ...]] = (StepEnded, StageStarted, StageEnded, StageProgress,
+                                         JobStarted, *TERMINAL_TYPES)
 #: How long leaving the context waits for the callback to take the final view (seconds).
 FINAL_CALL_TIMEOUT_S: Final = 5.0
 

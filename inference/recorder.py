@@ -46,6 +46,7 @@ from telemetry.events import (
     MemorySampled,
     Stage,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
 )
@@ -390,6 +391,12 @@ class JobRecorder:
             timestep=timestep, sigma=sigma,
             expert=expert, passes=passes, duration_s=(t[1] - t[0]) / 1e9))
         self.memory_sampled(end, step=step)
+
+    def stage_progress(self, stage: Stage, done: int, total: int, mark: Any) -> None:
+        """``done`` of the ``total`` pieces of ``stage`` had finished at ``mark``."""
+        job = self.job
+        self._defer((mark,), lambda t: StageProgress(
+            job=job, ts=self._ts(t[0]), stage=stage, done=done, total=total))
 
     def expert_switched(self, *, step: int, mark: Any, old: Expert, new: Expert) -> None:
         """Wan 2.2 A14B moved from one expert to the other at ``step``."""

@@ -13,7 +13,8 @@ Upcasting happens on read and the stored log is never rewritten (the ``eventsour
 rule). An upcaster turns the builtins of version *n* of a type into those of version *n + 1*;
 :func:`decode_one` chains them up to the current version. Whole batches take a fast path: a frame
 records the :data:`SCHEMA_FINGERPRINT` of the catalogue that wrote it, and when it matches the
-reader's, every record is known to be current and the batch decodes in one msgspec call.
+reader's (or that of a catalogue this one only added types to: :data:`CURRENT_FINGERPRINTS`),
+every record is known to be current and the batch decodes in one msgspec call.
 """
 
 from __future__ import annotations
@@ -36,13 +37,22 @@ class MalformedRecord(ValueError):
     """A stored record that does not decode into a current event."""
 
 
-def _fingerprint() -> int:
+def _fingerprint(types: Sequence[type[Event]] = EVENT_TYPES) -> int:
     """A 16-bit digest of every type's name and version: equal digests mean equal schemas."""
-    text = ",".join(f"{cls.__name__}:{cls.VERSION}" for cls in EVENT_TYPES)
+    text = ",".join(f"{cls.__name__}:{cls.VERSION}" for cls in types)
     return zlib.crc32(text.encode()) & 0xFFFF
 
 
 SCHEMA_FINGERPRINT: Final = _fingerprint()
+#: Types added to the catalogue (at its end) with no other type's version changed: a record
+#: written by the catalogue before them is current for this one.
+_ADDED_SINCE: Final = ("StageProgress",)
+#: Fingerprints whose batches are wholly current here: this catalogue's, and those of the
+#: catalogues before each addition (so a log written by the previous release keeps replay's
+#: one-call decode).
+CURRENT_FINGERPRINTS: Final = frozenset(
+    _fingerprint(EVENT_TYPES[:len(EVENT_TYPES) - added]) for added in range(len(_ADDED_SINCE) + 1)
+)
 
 _UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 

@@ -177,6 +177,20 @@ class StepEnded(Event, frozen=True, kw_only=True):
     duration_s: float | None = None
 
 
+class StageProgress(Event, frozen=True, kw_only=True):
+    """A stage that runs in pieces finished ``done`` of its ``total`` pieces.
+
+    Wan's VAE decodes one latent frame at a time (per tile, per video), and on a tiny model or
+    a long clip the decode is most of the job: these let the ETA measure the decode's own pace
+    as it goes instead of waiting for its end. ``ts`` is when the piece finished on the
+    device. Added after v1 of the catalogue; no other type changed with it.
+    """
+
+    stage: Stage
+    done: int
+    total: int
+
+
 class ExpertSwitched(Event, frozen=True, kw_only=True):
     """Wan 2.2 A14B handed the remaining steps from one expert transformer to the other."""
 
@@ -343,6 +357,7 @@ AnyEvent = (
     | StageStarted
     | StageEnded
     | StepEnded
+    | StageProgress
     | ExpertSwitched
     | MemorySampled
     | GpuSampled
@@ -375,6 +390,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     CancelRequested,
     WorkerStopped,
     WorkerLost,
+    StageProgress,
 )
 EVENT_TYPES_BY_NAME: Final[dict[str, type[Event]]] = {cls.__name__: cls for cls in EVENT_TYPES}
 
@@ -397,6 +413,7 @@ PRIORITY: Final[dict[type[Event], int]] = {
     GpuSampled: Priority.SAMPLE,
     WorkerHeartbeat: Priority.SAMPLE,
     StepEnded: Priority.STEP,
+    StageProgress: Priority.STEP,
 }
 
 

@@ -47,7 +47,7 @@ static Py_ssize_t n_bucket_edges;
 static PyObject *str_denoise, *str_step_ended, *str_estimate_fields;
 
 static double PRIOR_STEPS, WARMUP_WEIGHT, Z90, MIN_SPEED_PHASE_S, STEP_NOISE, SPEED_HUBER,
-    SURPRISE, RATIO_LIMIT;
+    SURPRISE, RATIO_LIMIT, PRIOR_PIECES, FIRST_PIECE;
 static long SPEED_ROUNDS;
 
 #define FIELDS(X)                                                                              \
@@ -56,7 +56,8 @@ static long SPEED_ROUNDS;
     X(total_steps) X(steps_done) X(first_step_s) X(later_sum) X(expert) X(segment_sum)         \
     X(segment_n) X(segment_prior) X(segment_observed) X(steps_seen) X(last_step_ts)            \
     X(last_remaining) X(last_ts) X(last_band) X(last_progress) X(speed_key) X(speed_cache)     \
-    X(ahead_key) X(evidence_key) X(evidence) X(ahead)
+    X(ahead_key) X(evidence_key) X(evidence) X(ahead) X(pieces_total) X(pieces_done)          \
+    X(piece_units) X(piece_seconds) X(last_piece_ts)
 
 #define DECLARE(name) static Py_ssize_t off_##name;
 FIELDS(DECLARE)
@@ -711,6 +712,40 @@ ahead(Job *job, Py_ssize_t upcoming, double *seconds_out, double *variance_out,
 }
 
 /* LiveJob._remaining(now, speed): seconds left, their variance, and the part that scales. */
+/* LiveJob._pieces_left: what is left of a phase that reports its pieces (the same
+ * operations in the same order). */
+static int
+pieces_left(Job *job, PyObject *phase, PyObject *now, double speed, int64_t pieces_done,
+            double *part_out, double *sigma_out, double *scaled_out)
+{
+    PyObject *live = job->live;
+    double units, seconds, expected, prior, pace, since, part, share, sigma, root;
+    int64_t pieces_total;
+    CHECK(read_float(SLOT(live, piece_units), &units));
+    CHECK(read_float(SLOT(live, piece_seconds), &seconds));
+    CHECK(read_int(SLOT(live, pieces_total), &pieces_total));
+    CHECK(item_float(job->expected, phase, &expected));
+    DIV(prior, expected * speed, (double)pieces_total - 1.0 + FIRST_PIECE);
+    DIV(pace, PRIOR_PIECES * prior + seconds, PRIOR_PIECES + units);
+    CHECK(seconds_between(now, SLOT(live, last_piece_ts), &since));
+    part = (double)(pieces_total - pieces_done) * pace - (pace < since ? pace : since);
+    part = 0.0 > part ? 0.0 : part;
+    if (pace > 0) {
+        double prior_part;
+        DIV(prior_part, PRIOR_PIECES * prior, PRIOR_PIECES + units);
+        DIV(share, prior_part, pace);
+    }
+    else {
+        share = 1.0;
+    }
+    CHECK(item_float(job->sigma, phase, &sigma));
+    CHECK(math_1(sqrt, 1.0 + units, &root));
+    DIV(*sigma_out, sigma, root);
+    *part_out = part;
+    *scaled_out = part * share;
+    return OK;
+}
+
 static int
 remaining_parts(Job *job, PyObject *now, double speed, double *seconds_out,
                 double *variance_out, double *scaled_out)
@@ -780,6 +815,13 @@ remaining_parts(Job *job, PyObject *now, double speed, double *seconds_out,
             scaled = part * share;
         }
         else {
+            int64_t pieces_done;
+            CHECK(read_int(SLOT(live, pieces_done), &pieces_done));
+            if (pieces_done) {
+                CHECK(pieces_left(job, current, now, speed, pieces_done, &part, &sigma,
+                                  &scaled));
+                goto counted;
+            }
             double expected, in_phase;
             CHECK(item_float(job->expected, current, &expected));
             expected = expected * speed;
@@ -796,6 +838,7 @@ remaining_parts(Job *job, PyObject *now, double speed, double *seconds_out,
             }
             scaled = part;
         }
+    counted:
         seconds = part;
         CHECK(square(part * sigma, &variance));
         upcoming = index + 1;
@@ -2440,6 +2483,7 @@ PyInit__live(void)
         {"PRIOR_STEPS", &PRIOR_STEPS}, {"WARMUP_WEIGHT", &WARMUP_WEIGHT}, {"Z90", &Z90},
         {"MIN_SPEED_PHASE_S", &MIN_SPEED_PHASE_S}, {"STEP_NOISE", &STEP_NOISE},
         {"SPEED_HUBER", &SPEED_HUBER}, {"SURPRISE", &SURPRISE},
+        {"PRIOR_PIECES", &PRIOR_PIECES}, {"FIRST_PIECE", &FIRST_PIECE},
     };
     if (constants_in(live, live_constants, COUNT(live_constants)) < 0 ||
         constant(online, "RATIO_LIMIT", &RATIO_LIMIT) < 0) {

@@ -51,7 +51,14 @@ from telemetry.eta.online import (
     clamp_ratio,
 )
 from telemetry.eta.shape import JobShape
-from telemetry.events import Event, JobStarted, StageEnded, StageStarted, StepEnded
+from telemetry.events import (
+    Event,
+    JobStarted,
+    StageEnded,
+    StageProgress,
+    StageStarted,
+    StepEnded,
+)
 from telemetry.pipelines import cost_family, is_wan
 
 PRIOR_STEPS: Final = 2.0  # the prior's weight, in steps, against observed step durations
@@ -70,6 +77,16 @@ STEP_NOISE: Final = 0.15
 #: (Huber), in ``SPEED_ROUNDS`` reweighting rounds.
 SPEED_HUBER: Final = 1.5
 SPEED_ROUNDS: Final = 3
+#: A phase that reports its pieces (:class:`~telemetry.events.StageProgress`: Wan's VAE decode)
+#: is followed at its own pace: the prior's seconds per piece (the phase's expectation at the
+#: job's speed, spread over its pieces) weigh this many pieces against those measured. A piece
+#: scatters about as a step does (STEP_NOISE, 0.15) around a prior whose own spread is the
+#: phase's σ (~0.3): (0.15 / 0.3)² = 0.25.
+PRIOR_PIECES: Final = 0.25
+#: What the first piece of Wan's decode costs against a later one: it yields one frame where
+#: the others yield four (measured on the tiny VAEs, 2.1 and 2.2, 1–21 latent frames:
+#: 0.29–0.55).
+FIRST_PIECE: Final = 0.4
 #: The share of a job's surprising speed (its log speed² beyond τ²) added to the speed's
 #: variance: the interval widens when the job disagrees with its prior.
 SURPRISE: Final = 0.25
@@ -349,6 +366,13 @@ class LiveJob(msgspec.Struct, kw_only=True):
     evidence_key: int = -1  # what _phase_evidence memoised, and for how many phases done
     evidence: tuple[list[float], list[float]] = ([], [])
     ahead: tuple[float, float, bool] = (0.0, 0.0, False)
+    # The current phase's pieces (StageProgress): how many of how many are done, the
+    # later-piece equivalents measured and their seconds, and when the last one ended.
+    pieces_total: int = 0
+    pieces_done: int = 0
+    piece_units: float = 0.0
+    piece_seconds: float = 0.0
+    last_piece_ts: int = 0
 
     @classmethod
     def start(cls, event: JobStarted, calibration: Calibration,
@@ -400,14 +424,16 @@ class LiveJob(msgspec.Struct, kw_only=True):
             segment_prior=self.step_prior, segment_observed=False, steps_seen=0, last_step_ts=None,
             last_remaining=None, last_ts=None, last_band=0.0, last_progress=0.0,
             speed_key=-1, speed_cache=(0.0, 0.0), ahead_key=-1, ahead=(0.0, 0.0, False),
-            evidence_key=-1, evidence=([], []))
+            evidence_key=-1, evidence=([], []), pieces_total=0, pieces_done=0,
+            piece_units=0.0, piece_seconds=0.0, last_piece_ts=0)
 
     # -- observations ---------------------------------------------------------------------
 
     def observe(self, event: Event) -> None:
         """Update the estimator with one of its job's events (after its ``JobStarted``).
 
-        Stages and steps are what it learns from; any other event changes nothing.
+        Stages, steps and a stage's pieces are what it learns from; any other event changes
+        nothing.
         """
         if type(event) is StepEnded:  # most of a job's events: tested first
             self.step_ended(event.total_steps, event.duration_s, event.expert, event.ts)
@@ -415,12 +441,16 @@ class LiveJob(msgspec.Struct, kw_only=True):
             self.stage_started(event.stage, event.ts)
         elif type(event) is StageEnded:
             self.stage_ended(event.stage, event.duration_s)
+        elif type(event) is StageProgress:
+            self.stage_progress(event.stage, event.done, event.total, event.ts)
 
     def stage_started(self, stage: str, ts: int) -> None:
         """A phase began."""
         if stage not in self.expected and stage in ("load", "save"):
             return
         self.phase, self.phase_start_ts = stage, ts
+        if self.pieces_total:
+            self._forget_pieces()
         if stage == "denoise" and self.last_step_ts is None:
             self.last_step_ts = ts
 
@@ -430,8 +460,36 @@ class LiveJob(msgspec.Struct, kw_only=True):
         self.speed_key = self.evidence_key = -1
         if self.phase == stage:
             self.phase, self.phase_start_ts = None, None
+            if self.pieces_total:
+                self._forget_pieces()
         if stage == "text_encode" and "load" in self.phases and "load" not in self.done:
             self.done["load"] = 0.0  # an embedded job: nothing was loaded after all
+
+    def stage_progress(self, stage: str, done: int, total: int, ts: int) -> None:
+        """``done`` of the ``total`` pieces of the phase under way had finished at ``ts``.
+
+        The pieces since the last report, and the seconds they took, are added to what the
+        phase has shown of its pace; the first piece counts as ``FIRST_PIECE`` of a later one.
+        A report for another phase than the one under way (or the loop, which has its steps),
+        or one that does not move forward, changes nothing.
+        """
+        if (stage != self.phase or stage == "denoise" or not 0 < done <= total
+                or done <= self.pieces_done or total < self.pieces_total):
+            return
+        since = self.last_piece_ts if self.pieces_done else self.phase_start_ts
+        if since is None:
+            return
+        units = float(done - self.pieces_done)
+        if not self.pieces_done:
+            units -= 1.0 - FIRST_PIECE
+        self.pieces_total, self.pieces_done, self.last_piece_ts = total, done, ts
+        self.piece_units += units
+        self.piece_seconds += (ts - since) / 1e9
+
+    def _forget_pieces(self) -> None:
+        """A phase ended or another began: the pieces were the previous phase's."""
+        self.pieces_total = self.pieces_done = self.last_piece_ts = 0
+        self.piece_units = self.piece_seconds = 0.0
 
     def step_ended(self, total_steps: int, duration_s: float | None, expert: str | None,
                    ts: int) -> None:
@@ -679,6 +737,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
                 part = 0.0 if 0.0 > part else part  # max(part, 0.0)
                 sigma = self.sigma["denoise"] / sqrt(1.0 + self.segment_n)
                 scaled = part * self._prior_share(mean)
+            elif self.pieces_done:
+                part, sigma, scaled = self._pieces_left(current, now, speed)
             else:
                 expected = self.expected[current] * speed
                 in_phase = (now - phase_start) / 1e9
@@ -702,6 +762,24 @@ class LiveJob(msgspec.Struct, kw_only=True):
             scaled += part * self._prior_share(mean)
             variance += (part * sigma) ** 2
         return seconds, variance, scaled
+
+    def _pieces_left(self, phase: str, now: int, speed: float) -> tuple[float, float, float]:
+        """What is left of a phase that reports its pieces: seconds, their relative sigma, and
+        how many of them scale with the job's speed.
+
+        Its pace is the prior's seconds per piece (the phase's expectation at ``speed`` over
+        its pieces, the first counting ``FIRST_PIECE``), weighing ``PRIOR_PIECES``, updated
+        with the pieces measured; the pieces left run at that pace, less the part of the next
+        one already under way. The phase's sigma narrows with every piece measured.
+        """
+        units, seconds = self.piece_units, self.piece_seconds
+        prior = self.expected[phase] * speed / (self.pieces_total - 1.0 + FIRST_PIECE)
+        pace = (PRIOR_PIECES * prior + seconds) / (PRIOR_PIECES + units)
+        since = (now - self.last_piece_ts) / 1e9
+        part = (self.pieces_total - self.pieces_done) * pace - (pace if pace < since else since)
+        part = 0.0 if 0.0 > part else part  # max(part, 0.0)
+        share = PRIOR_PIECES * prior / (PRIOR_PIECES + units) / pace if pace > 0 else 1.0
+        return part, self.sigma[phase] / sqrt(1.0 + units), part * share
 
     def _prior_share(self, mean: float) -> float:
         """The share of the step mean ``mean`` that is the job's prior at its speed (1 before

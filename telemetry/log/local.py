@@ -68,6 +68,7 @@ import structlog
 
 from telemetry import accelerate
 from telemetry.codec import (
+    CURRENT_FINGERPRINTS,
     SCHEMA_FINGERPRINT,
     MalformedRecord,
     decode_current_batch,
@@ -878,10 +879,17 @@ class _Cursor:
         The buffer holds at least the header at ``self.offset`` (the caller read it).
         """
         start = self.offset - self.buf_offset
-        run = self._scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT,
-                              self._run_records or RUN_RECORDS)
+        limit = self._run_records or RUN_RECORDS
+        run = self._scan_run(self.buf, start, self.next, SCHEMA_FINGERPRINT, limit)
         if run is None:
-            return None
+            # A run written by an earlier catalogue whose records are all current here.
+            header = framing.parse_header(self.buf, start)
+            if (header is None or header.schema == SCHEMA_FINGERPRINT
+                    or header.schema not in CURRENT_FINGERPRINTS):
+                return None
+            run = self._scan_run(self.buf, start, self.next, header.schema, limit)
+            if run is None:
+                return None
         payload, count, end = run
         try:
             events = decode_current_batch(payload)
@@ -994,7 +1002,7 @@ class _Cursor:
         if not decode:  # positions only (last_position)
             return
         intact = framing.body_is_intact(header, body)
-        if intact and header.schema == SCHEMA_FINGERPRINT:
+        if intact and header.schema in CURRENT_FINGERPRINTS:
             try:
                 events = decode_current_batch(framing.payload_of(header, body))
             except MalformedRecord:

@@ -37,6 +37,7 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
     WorkerLost,
@@ -169,12 +170,12 @@ class EtaProjection:
     #: 3: the before-start error by the comparison's labels (``before_start_by``), and a
     #: non-Wan family's online learning under its own device level (a version 2 checkpoint
     #: has neither: replaying learns and scores them). 4: a worker's later jobs learn apart
-    #: from its first (``warm``).
-    version = 4
+    #: from its first (``warm``). 5: a stage's pieces (``StageProgress``) move its ETA.
+    version = 5
     state_type = EtaState
     handles = frozenset({
-        JobStarted, StageStarted, StageEnded, StepEnded, EtaCalibrated, JobCompleted,
-        JobFailed, JobCancelled, WorkerStopped, WorkerLost,
+        JobStarted, StageStarted, StageEnded, StageProgress, StepEnded, EtaCalibrated,
+        JobCompleted, JobFailed, JobCancelled, WorkerStopped, WorkerLost,
     })
     #: Memory samples (a third of a log) and every other type: skipped by the fast path's own
     #: loop, which costs less than the engine's filter pass over every batch.
@@ -214,9 +215,10 @@ class EtaProjection:
           A job of a worker that completed one before (and has not stopped since) is warm: it
           learns and is predicted under the warm device level
           (:func:`~telemetry.eta.live.device_level`), its worker's first job under the plain one.
-        - a stage's start or end, a step: the estimator observes it
-          (:meth:`LiveJob.observe`); then, at every stage boundary and at the steps
-          :func:`issues_eta_at` names, it issues an ETA (:meth:`LiveJob.estimate_fields`).
+        - a stage's start, end or pieces, a step: the estimator observes it
+          (:meth:`LiveJob.observe`); then, at every stage boundary, every piece of a stage
+          and the steps :func:`issues_eta_at` names, it issues an ETA
+          (:meth:`LiveJob.estimate_fields`).
         - ``JobCompleted``: every ETA the job was issued is scored (:meth:`_completed`), and
           what the job took is learned (:func:`telemetry.eta.online.learn`); its worker is
           warm from now on.
@@ -235,7 +237,8 @@ class EtaProjection:
                                            event.expert, event.ts)
                 if issues_eta_at(event.step, event.total_steps):
                     self._issue(running, event.ts)
-        elif type(event) is StageStarted or type(event) is StageEnded:
+        elif (type(event) is StageStarted or type(event) is StageEnded
+              or type(event) is StageProgress):
             running = state.running.get(event.job)
             if running is not None:
                 running.live.observe(event)

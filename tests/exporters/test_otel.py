@@ -34,6 +34,7 @@ from telemetry.events import (
     JobQueued,
     JobStarted,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
 )
@@ -198,6 +199,16 @@ class TestSpansForJob:
         assert sorted(expected, key=lambda r: (r[1], r[0] != "expert.switched")) == sorted(
             actual, key=lambda r: (r[1], r[0] != "expert.switched"))
         assert ["high_noise", "low_noise"] == [switch.from_expert, switch.to_expert]
+
+    def test_the_decodes_pieces_are_events_of_its_span(self, recorded: Recorded) -> None:
+        """One decode.piece event per StageProgress, at its ts, saying how many of how many
+        (5 frames: 2 latent frames, 2 pieces)."""
+        decode = by_name(spans_for_job(recorded.a14b))["stage.decode"]
+        pieces = of_type(recorded.a14b, StageProgress)
+        assert [("decode.piece", p.ts, p.done, 2) for p in pieces] == [
+            (e.name, e.timestamp, e.attributes["wantel.piece"], e.attributes["wantel.pieces"])
+            for e in decode.events]
+        assert [1, 2] == [p.done for p in pieces]
 
     def test_a_failed_job_has_an_error_root(self, recorded: Recorded) -> None:
         """JobFailed → root status ERROR with error.type, an exception event, the stage in error."""

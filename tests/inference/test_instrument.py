@@ -31,6 +31,7 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
 )
@@ -124,6 +125,23 @@ class TestEveryVariant:
         assert (variant, spec.family, spec.task, STEPS, True) == (
             started.model, started.family, started.task, started.steps, started.cfg)
         assert "wan" in spec.family or {1} == {s.passes for s in steps}  # CFG batched
+
+    def test_the_decode_reports_its_pieces(self, variant: str) -> None:
+        """Wan's VAE decodes one latent frame at a time: one ``StageProgress`` per latent
+        frame (9 frames: 3), in order, between the decode's start and end, each stamped no
+        earlier than the one before. Another family's VAE reports none."""
+        events, _ = recorded(build_tiny_pipeline(variant), variant)
+        pieces = of_type(events, StageProgress)
+        if "wan" not in variant_spec(variant).family:
+            assert [] == pieces
+            return
+        assert [("decode", k, 3) for k in (1, 2, 3)] == [(p.stage, p.done, p.total)
+                                                         for p in pieces]
+        kinds = [(type(e), getattr(e, "stage", None)) for e in events]
+        start = kinds.index((StageStarted, "decode"))
+        end = kinds.index((StageEnded, "decode"))
+        assert all(start < events.index(p) < end for p in pieces)
+        assert events[start].ts <= pieces[0].ts <= pieces[1].ts <= pieces[2].ts <= events[end].ts
 
     def test_outputs_are_bit_identical_with_and_without_wantel(self, variant: str) -> None:
         """Instrumentation never changes what the pipeline computes."""

@@ -41,6 +41,7 @@ from telemetry.events import (
     JobFailed,
     JobStarted,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
 )
@@ -137,7 +138,8 @@ def operations(draw: st.DrawFn) -> list[tuple[Any, ...]]:
     clock = draw(st.integers(0, 10**12))
     for _ in range(draw(st.integers(1, 60))):
         kind = draw(st.sampled_from(["step", "step", "step", "issue", "issue", "peek",
-                                     "stage_started", "stage_ended", "restart", "jump"]))
+                                     "stage_started", "stage_ended", "progress", "progress",
+                                     "restart", "jump"]))
         clock += draw(st.integers(0, 5 * 10**9))
         if kind == "jump":  # a clock glitch: a huge, tiny or negative time from now on
             clock = draw(TIMES)
@@ -152,6 +154,10 @@ def operations(draw: st.DrawFn) -> list[tuple[Any, ...]]:
             ops.append((kind, draw(st.sampled_from(STAGES)), clock))
         elif kind == "stage_ended":
             ops.append((kind, draw(st.sampled_from(STAGES)), draw(DURATIONS)))
+        elif kind == "progress":  # a stage's pieces, mostly the decode's, any count
+            total = draw(st.integers(-1, 25))
+            ops.append((kind, draw(st.sampled_from(["decode", "decode", *STAGES])),
+                        draw(st.integers(-1, total + 1)), total, clock))
         else:
             ops.append(("restart",))
     return ops
@@ -215,6 +221,8 @@ def run(live: LiveJob, op: tuple[Any, ...], compiled: bool) -> tuple[LiveJob, An
         return live, outcome(lambda: live.stage_started(op[1], op[2]))
     if kind == "stage_ended":
         return live, outcome(lambda: live.stage_ended(op[1], op[2]))
+    if kind == "progress":
+        return live, outcome(lambda: live.stage_progress(*op[1:]))
     try:
         return live.restart(), None
     except Exception as exc:  # a field of an odd type: the same in both
@@ -251,12 +259,19 @@ class TestOneEstimator:
         ts, etas = event.ts, 0
         py_step, py_estimate = LiveJob.step_ended, LiveJob.estimate_fields
         calls = counting_fallbacks()
-        for stage in ("load", "text_encode", "latent_init", "denoise"):
+        for stage in ("load", "text_encode", "latent_init", "denoise", "decode"):
             ts += 10**8
             for live in (python, c):
                 live.stage_started(stage, ts)
             assert bits(py_estimate(python, ts)) == bits(_live.estimate_fields(c, ts))
-            if stage != "denoise":
+            for piece in range(1, 11 if stage == "decode" else 0):  # its pieces' pace
+                ts += (4 if piece > 1 else 1) * 10**8 + piece * 10**6
+                for live in (python, c):
+                    live.stage_progress(stage, piece, 10, ts)
+                for now in (ts, ts + 2 * 10**8, ts + 10**10):
+                    assert bits(py_estimate(python, now)) == bits(_live.estimate_fields(c, now))
+                etas += 1
+            if stage not in ("denoise", "decode"):
                 ts += 3 * 10**8
                 for live in (python, c):
                     live.stage_ended(stage, 0.3)
@@ -270,7 +285,7 @@ class TestOneEstimator:
                     _live.estimate_fields(c, ts + 7))
                 etas += 1
             assert encoded(python) == encoded(c)
-        assert etas == 20
+        assert etas == 30
         assert not any(calls.values()), calls
 
     @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -406,7 +421,7 @@ def job_streams(draw: st.DrawFn) -> list[Event]:
             started(ts, variant, steps, draw(st.booleans()), variant == "tiny-i2v"), job=job)]
         for _ in range(draw(st.integers(0, 50))):
             ts += draw(st.integers(0, 10**9))
-            kind = draw(st.sampled_from(["step", "step", "started", "ended"]))
+            kind = draw(st.sampled_from(["step", "step", "started", "ended", "progress"]))
             if kind == "step":
                 events.append(StepEnded(job=job, ts=ts, worker="w", step=draw(
                     st.integers(0, 40)), total_steps=steps, timestep=1.0,
@@ -415,6 +430,11 @@ def job_streams(draw: st.DrawFn) -> list[Event]:
             elif kind == "started":
                 events.append(StageStarted(job=job, ts=ts, worker="w",
                                            stage=draw(st.sampled_from(STAGES))))
+            elif kind == "progress":
+                total = draw(st.integers(0, 12))
+                events.append(StageProgress(job=job, ts=ts, worker="w",
+                                            stage=draw(st.sampled_from(STAGES)),
+                                            done=draw(st.integers(0, total)), total=total))
             else:
                 events.append(StageEnded(job=job, ts=ts, worker="w",
                                          stage=draw(st.sampled_from(STAGES)),

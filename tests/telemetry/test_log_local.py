@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import NoReturn
 
 import msgspec
 import pytest
@@ -432,6 +433,26 @@ class TestRunsOfSmallFrames:
         assert [now[0], now[1], now[2], now[3]] == [events[0], *events[2:]]
         assert isinstance(events[1], StepEnded) and (2, 2) == (events[1].v, events[1].passes)
 
+    def test_frames_of_the_catalogue_before_an_added_type_decode_in_runs(
+            self, tmp_path: Path) -> None:
+        """A log written before ``StageProgress`` existed (its frames carry that catalogue's
+        fingerprint, every record current here) is decoded a run at a time, never record by
+        record — a previous release's log replays as fast as a new one — and a run stops
+        where the fingerprint changes."""
+        from telemetry.codec import CURRENT_FINGERPRINTS, SCHEMA_FINGERPRINT
+
+        (previous,) = CURRENT_FINGERPRINTS - {SCHEMA_FINGERPRINT}
+        now = steps("a", 0, 6)
+        _write_raw_frames(tmp_path, [[encode(now[0]), encode(now[1])], [encode(now[2])],
+                                     [encode(now[3])], [encode(now[4]), encode(now[5])]],
+                          schemas=[previous, previous, None, previous])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(local._Cursor, "_salvage", _never)
+            items = list(LocalLog(tmp_path).read())
+        assert now == events_of(items)
+        assert [(0, 3), (3, 4), (4, 6)] == [(i.first, i.next) for i in items
+                                            if isinstance(i, Batch)]
+
     def test_reading_from_inside_a_frame_starts_at_that_position(self, tmp_path: Path) -> None:
         """The frame holding the start is cut; the run goes on from the next frame."""
         with LocalLog(tmp_path) as log:
@@ -482,6 +503,10 @@ class TestRunsOfSmallFrames:
 def test_frames_are_checksummed_with_zlibs_crc32(data: bytes, start: int) -> None:
     """The checksum (zlib-ng's where installed) is zlib's CRC-32: every log stays readable."""
     assert zlib.crc32(data, start) == framing.crc32(data, start)
+
+
+def _never(*args: object) -> NoReturn:
+    raise AssertionError("decoded record by record")
 
 
 def _firsts(sizes: list[int]) -> list[int]:

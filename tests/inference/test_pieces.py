@@ -1,0 +1,69 @@
+"""How many pieces Wan's VAE decodes in: counted on the real (tiny) VAEs, plain, tiled, sliced."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import pytest
+import torch
+
+from inference.pieces import decoder_calls
+from inference.tiny_models import build_tiny_pipeline
+
+
+def counted_calls(vae: Any, latents: torch.Tensor) -> int:
+    """How many times ``vae.decode(latents)`` really calls ``vae.decoder``."""
+    calls = 0
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = vae.decoder.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            vae.decode(latents)
+    finally:
+        handle.remove()
+    return calls
+
+
+#: (batch, latent frames, latent height, latent width, tiling, slicing)
+CASES: Final = [
+    (1, 3, 4, 4, False, False),
+    (1, 1, 6, 2, False, False),
+    (2, 2, 4, 6, False, False),   # two videos decoded together: one call a latent frame
+    (2, 2, 4, 6, False, True),    # sliced: each video apart
+    (1, 2, 10, 7, True, False),   # tiled: each latent frame of each tile
+    (2, 2, 9, 5, True, True),
+    (1, 2, 3, 3, True, False),    # tiling on, latents within one tile: not tiled
+]
+
+
+@pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-ti2v"])
+@pytest.mark.parametrize("case", CASES)
+def test_the_count_is_what_the_vae_does(variant: str,
+                                        case: tuple[int, int, int, int, bool, bool]) -> None:
+    """The count worked out from the latents' shape and the VAE's settings is the number of
+    decoder calls the real VAE makes (tiles made small so that tiny latents span several)."""
+    batch, frames, height, width, tiling, slicing = case
+    vae = build_tiny_pipeline(variant).vae
+    if tiling:
+        ratio = vae.spatial_compression_ratio
+        vae.enable_tiling(tile_sample_min_height=4 * ratio, tile_sample_min_width=4 * ratio,
+                          tile_sample_stride_height=3 * ratio, tile_sample_stride_width=3 * ratio)
+    if slicing:
+        vae.enable_slicing()
+    latents = torch.randn(batch, vae.config.z_dim, frames, height, width)
+    expected = decoder_calls(vae, latents)
+    assert expected is not None
+    assert counted_calls(vae, latents) == expected
+
+
+def test_other_vaes_and_shapes_are_not_counted() -> None:
+    """A VAE other than Wan's, or latents that are not a video's, give no count."""
+    vae = build_tiny_pipeline("tiny-t2v").vae
+    assert decoder_calls(object(), torch.zeros(1, 4, 2, 4, 4)) is None
+    assert decoder_calls(vae, torch.zeros(1, 4, 4, 4)) is None
+    assert decoder_calls(vae, None) is None
+    assert decoder_calls(vae, torch.zeros(1, 4, 0, 4, 4)) is None
