@@ -43,6 +43,7 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
 )
@@ -55,8 +56,10 @@ from telemetry.projections.eta import _issue as eta_issue
 GOAL = 500_000
 
 
-def workload(jobs: int) -> list[Event]:
-    """``jobs`` interleaved-free job streams of 50 steps each (~79 events per job)."""
+def workload(jobs: int, pieces: int = 0) -> list[Event]:
+    """``jobs`` interleaved-free job streams of 50 steps each (~79 events per job); with
+    ``pieces``, each then decodes its video in that many pieces (``StageProgress``: Wan's VAE
+    reports one per latent frame, 21 for 81 frames)."""
     device = DeviceInfo(kind="cpu", name="cpu")
     out: list[Event] = []
     for j in range(jobs):
@@ -73,9 +76,20 @@ def workload(jobs: int) -> list[Event]:
             if i % 2 == 0:
                 events.append(MemorySampled(job=job, ts=ts, worker=worker, device="cpu",
                                             host_peak_rss_bytes=10**8))
-        events += [StageEnded(job=job, ts=base + 51 * 10**7, worker=worker, stage="denoise",
-                              duration_s=0.5),
-                   JobCompleted(job=job, ts=base + 52 * 10**7, worker=worker, duration_s=0.52)]
+        events.append(StageEnded(job=job, ts=base + 51 * 10**7, worker=worker,
+                                 stage="denoise", duration_s=0.5))
+        end = base + 52 * 10**7
+        if pieces:
+            decode = base + 51 * 10**7
+            events.append(StageStarted(job=job, ts=decode, worker=worker, stage="decode"))
+            events += [StageProgress(job=job, ts=decode + k * 10**6, worker=worker,
+                                     stage="decode", done=k, total=pieces)
+                       for k in range(1, pieces + 1)]
+            end = decode + (pieces + 1) * 10**6
+            events.append(StageEnded(job=job, ts=end, worker=worker, stage="decode",
+                                     duration_s=(pieces + 1) / 1000))
+        events.append(JobCompleted(job=job, ts=end + 10**6, worker=worker,
+                                   duration_s=(end + 10**6 - base) / 1e9))
         out += [_with_seq(e, seq) for seq, e in enumerate(events)]
     return out
 
@@ -158,12 +172,15 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=2600)
+    parser.add_argument("--decode-pieces", type=int, default=0, metavar="N",
+                        help="each job also decodes in N pieces (StageProgress; 21 is an "
+                        "81-frame Wan video) — default 0: the workload the history compares")
     parser.add_argument("--wall", action="store_true",
                         help="time by the wall clock, not by this process's CPU time (which "
                         "other processes on a shared machine disturb less)")
     args = parser.parse_args()
     clock = time.perf_counter if args.wall else time.process_time
-    events = workload(args.jobs)
+    events = workload(args.jobs, args.decode_pieces)
     # The projections with a fast path beside their rules.
     fast = [p.name for p in default_projections() if hasattr(p, "apply_many")]
     every, none = "every projection (serve's set)", "engine, no projection"
@@ -214,7 +231,8 @@ def main() -> None:
         """The folds' own time per event: the replay's less the engine's with no projection."""
         return 1e9 / median[label] - 1e9 / median[none]
 
-    print(f"replay of {len(events)} events ({args.jobs} jobs × 50 steps), "
+    decoded = f", a decode of {args.decode_pieces} pieces" if args.decode_pieces else ""
+    print(f"replay of {len(events)} events ({args.jobs} jobs × 50 steps{decoded}), "
           f"median of {args.rounds} rounds, {'wall' if args.wall else 'CPU'} time")
     for label in cases:
         value, note = median[label], ""

@@ -85,8 +85,11 @@ SPEED_ROUNDS: Final = 3
 PRIOR_PIECES: Final = 0.25
 #: What the first piece of Wan's decode costs against a later one: it yields one frame where
 #: the others yield four (measured on the tiny VAEs, 2.1 and 2.2, 1–21 latent frames:
-#: 0.29–0.55).
+#: 0.29–0.55, ~0.4 in the middle).
 FIRST_PIECE: Final = 0.4
+#: How much the first piece counts towards the pace, as the first step does: that ratio
+#: scatters ~0.3 (log) from shape to shape, as the prior does: (0.15 / 0.3)² = 0.25.
+FIRST_PIECE_WEIGHT: Final = 0.25
 #: The share of a job's surprising speed (its log speed² beyond τ²) added to the speed's
 #: variance: the interval widens when the job disagrees with its prior.
 SURPRISE: Final = 0.25
@@ -366,8 +369,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
     evidence_key: int = -1  # what _phase_evidence memoised, and for how many phases done
     evidence: tuple[list[float], list[float]] = ([], [])
     ahead: tuple[float, float, bool] = (0.0, 0.0, False)
-    # The current phase's pieces (StageProgress): how many of how many are done, the
-    # later-piece equivalents measured and their seconds, and when the last one ended.
+    # The current phase's pieces (StageProgress): how many of how many are done, the weight
+    # of the paces measured and their weighted sum, and when the last piece ended.
     pieces_total: int = 0
     pieces_done: int = 0
     piece_units: float = 0.0
@@ -468,10 +471,12 @@ class LiveJob(msgspec.Struct, kw_only=True):
     def stage_progress(self, stage: str, done: int, total: int, ts: int) -> None:
         """``done`` of the ``total`` pieces of the phase under way had finished at ``ts``.
 
-        The pieces since the last report, and the seconds they took, are added to what the
-        phase has shown of its pace; the first piece counts as ``FIRST_PIECE`` of a later one.
-        A report for another phase than the one under way (or the loop, which has its steps),
-        or one that does not move forward, changes nothing.
+        The pieces since the last report add their pace (seconds per later piece) to what
+        the phase has shown, weighing one each; the first piece, which costs ``FIRST_PIECE``
+        of a later one, weighs ``FIRST_PIECE_WEIGHT`` (as the first step does the loop's).
+        ``piece_units`` sums the weights, ``piece_seconds`` the weighted paces. A report for
+        another phase than the one under way (or the loop, which has its steps), or one that
+        does not move forward, changes nothing.
         """
         if (stage != self.phase or stage == "denoise" or not 0 < done <= total
                 or done <= self.pieces_done or total < self.pieces_total):
@@ -479,12 +484,13 @@ class LiveJob(msgspec.Struct, kw_only=True):
         since = self.last_piece_ts if self.pieces_done else self.phase_start_ts
         if since is None:
             return
-        units = float(done - self.pieces_done)
-        if not self.pieces_done:
-            units -= 1.0 - FIRST_PIECE
+        count = float(done - self.pieces_done)
+        span = weight = count  # in later pieces' time, and in weight
+        if not self.pieces_done:  # the first piece is among these
+            span, weight = count - 1.0 + FIRST_PIECE, count - 1.0 + FIRST_PIECE_WEIGHT
         self.pieces_total, self.pieces_done, self.last_piece_ts = total, done, ts
-        self.piece_units += units
-        self.piece_seconds += (ts - since) / 1e9
+        self.piece_units += weight
+        self.piece_seconds += weight * ((ts - since) / 1e9) / span
 
     def _forget_pieces(self) -> None:
         """A phase ended or another began: the pieces were the previous phase's."""
@@ -768,9 +774,10 @@ class LiveJob(msgspec.Struct, kw_only=True):
         how many of them scale with the job's speed.
 
         Its pace is the prior's seconds per piece (the phase's expectation at ``speed`` over
-        its pieces, the first counting ``FIRST_PIECE``), weighing ``PRIOR_PIECES``, updated
-        with the pieces measured; the pieces left run at that pace, less the part of the next
-        one already under way. The phase's sigma narrows with every piece measured.
+        its pieces, the first counting ``FIRST_PIECE``), weighing ``PRIOR_PIECES``, averaged
+        with the paces measured (:meth:`stage_progress`); the pieces left run at that pace,
+        less the part of the next one already under way. The phase's sigma narrows with every
+        piece measured.
         """
         units, seconds = self.piece_units, self.piece_seconds
         prior = self.expected[phase] * speed / (self.pieces_total - 1.0 + FIRST_PIECE)

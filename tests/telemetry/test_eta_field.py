@@ -30,7 +30,7 @@ from telemetry.eta.evaluate import (
 from telemetry.eta.fit import fit
 from telemetry.eta.jobs import JobRecord, job_records
 from telemetry.eta.model import CHECKPOINTS, Calibration
-from telemetry.events import Event
+from telemetry.events import Event, StageProgress
 from telemetry.log.base import Batch
 from telemetry.log.local import LocalLog
 
@@ -142,3 +142,50 @@ class TestOnlineLearning:
         unlearned = evaluate(records, Calibration(), StaticProfile.fit(records))
         for point in CHECKPOINTS[:4]:
             assert mape(report, point) < mape(unlearned, point)
+
+
+class TestWithTheDecodesPieces:
+    """Corpora recorded after the decode began reporting its pieces (``StageProgress``), and
+    scored once the rule was set (docs/eta.md, "With the decode's pieces"):
+
+    - ``eta-pieces-corpus``: the fixture's plan, 64 jobs (``--plan fixture --jobs 64 --seed
+      2027``);
+    - ``eta-pieces-repeat``: six shape families round-robin, 36 jobs (``--plan repeat --jobs 36
+      --seed 41``).
+    """
+
+    def test_the_decode_reports_its_pieces_in_every_job(self) -> None:
+        """Every completed job's decode reported one piece per latent frame."""
+        for name in ("eta-pieces-corpus", "eta-pieces-repeat"):
+            _events, records = corpus(name)
+            for record in records:
+                totals = {e.total for e in record.events if isinstance(e, StageProgress)}
+                assert {(record.started.num_frames - 1) // 4 + 1} == totals, record.job
+
+    def test_the_fixtures_plan_split(self) -> None:
+        """Fitted on half, the other half scored: ≤ 10 % at a tenth, ≤ 6 % at half, half the
+        best baseline at 10 % and never worse, coverage 75–85 %."""
+        report = split("eta-pieces-corpus")
+        assert mape(report, 0.10) <= 10.0
+        assert mape(report, 0.50) <= 6.0
+        for point in POINTS:
+            baselines = [v for (c, name), score in report.scores.items()
+                         if c == point and name != "ours" and (v := score.mape) is not None]
+            if baselines:
+                assert mape(report, point) <= min(baselines) * (0.5 if point == 0.10 else 1.0)
+        coverage = report.coverage()
+        assert coverage is not None and 0.75 <= coverage <= 0.85
+
+    @pytest.mark.parametrize("prior_scale", [1.0, 5.0, 0.2])
+    def test_a_logs_first_job_corrects_a_wrong_prior_from_its_own_decode(
+            self, prior_scale: float) -> None:
+        """Never fitted, priors right or 5× off either way: the log's very first job is within
+        15 % at half its duration (its decode's pace, not the prior's), from the 4th job of a
+        shape before-start within 25 %, from the 2nd at half within 10 %; coverage 75–90 %."""
+        records, report = online("eta-pieces-repeat", prior_scale)
+        learning = Learning.of(records, report)
+        assert learning.first_at_half is not None and learning.first_at_half <= 15.0
+        assert learning.before_from_4th is not None and learning.before_from_4th <= 25.0
+        assert learning.half_from_2nd is not None and learning.half_from_2nd <= 10.0
+        coverage = report.coverage()
+        assert coverage is not None and 0.75 <= coverage <= 0.90
