@@ -68,6 +68,32 @@ def mape(report: Report, point: float, estimator: str = "ours") -> float:
     return value
 
 
+def assert_learns(name: str, prior_scale: float = 1.0, *, half_from_2nd: float,
+                  coverage: tuple[float, float], first_at_half: float | None = None) -> Report:
+    """Never fitted, ``name`` folded from the priors (× ``prior_scale``): from the 4th job of
+    a shape the before-start MAPE is within 25 %, from the 2nd within ``half_from_2nd`` at
+    half the duration (and the log's first job within ``first_at_half`` there, if given);
+    coverage within ``coverage``. The report, for more."""
+    records, report = online(name, prior_scale)
+    learning = Learning.of(records, report)
+    assert learning.before_from_4th is not None and learning.before_from_4th <= 25.0
+    assert learning.half_from_2nd is not None and learning.half_from_2nd <= half_from_2nd
+    if first_at_half is not None:
+        assert learning.first_at_half is not None and learning.first_at_half <= first_at_half
+    covered = report.coverage()
+    assert covered is not None and coverage[0] <= covered <= coverage[1]
+    return report
+
+
+def assert_beats_the_baselines(report: Report) -> None:
+    """At 10 % at most half the best baseline's error; at no point worse than it."""
+    for point in POINTS:
+        baselines = [v for (c, name), score in report.scores.items()
+                     if c == point and name != "ours" and (v := score.mape) is not None]
+        if baselines:
+            assert mape(report, point) <= min(baselines) * (0.5 if point == 0.10 else 1.0)
+
+
 @pytest.fixture(scope="module", name="report")
 def _wide_report() -> Report:
     """The held-out wide corpus, scored split."""
@@ -90,11 +116,7 @@ class TestHeldOutWideCorpus:
     def test_half_the_best_baseline_at_10_percent_and_never_worse(self,
                                                                   report: Report) -> None:
         """At 10 % at most half the best baseline's error; at no point worse than it."""
-        for point in POINTS:
-            baselines = [v for (c, name), score in report.scores.items()
-                         if c == point and name != "ours" and (v := score.mape) is not None]
-            if baselines:
-                assert mape(report, point) <= min(baselines) * (0.5 if point == 0.10 else 1.0)
+        assert_beats_the_baselines(report)
 
     def test_interval_coverage(self, report: Report) -> None:
         """The p10–p90 interval holds the actual remaining time 75–85 % of the time."""
@@ -107,13 +129,8 @@ class TestOnlineLearning:
         """Never fitted: from the 4th job of a shape the before-start estimate is within
         25 %, from the 2nd within 10 % at half the duration, and the log's very first job is
         within 20 % at half its duration; coverage within 75–90 %."""
-        records, report = online("eta-repeat")
-        learning = Learning.of(records, report)
-        assert learning.before_from_4th is not None and learning.before_from_4th <= 25.0
-        assert learning.half_from_2nd is not None and learning.half_from_2nd <= 10.0
-        assert learning.first_at_half is not None and learning.first_at_half <= 20.0
-        coverage = report.coverage()
-        assert coverage is not None and 0.75 <= coverage <= 0.90
+        assert_learns("eta-repeat", half_from_2nd=10.0, first_at_half=20.0,
+                      coverage=(0.75, 0.90))
 
     @pytest.mark.parametrize("prior_scale", [5.0, 0.2])
     def test_a_prior_five_times_off_is_learned_within_four_jobs(self,
@@ -121,23 +138,13 @@ class TestOnlineLearning:
         """Priors 5× too slow or too fast: from the 4th job of a shape the before-start
         estimate is within 25 %, at half the duration within 15 % from the 2nd; coverage
         70–90 %. (The very first job of such a log is 16–27 % off at half: docs/eta.md.)"""
-        records, report = online("eta-repeat", prior_scale)
-        learning = Learning.of(records, report)
-        assert learning.before_from_4th is not None and learning.before_from_4th <= 25.0
-        assert learning.half_from_2nd is not None and learning.half_from_2nd <= 15.0
-        coverage = report.coverage()
-        assert coverage is not None and 0.70 <= coverage <= 0.90
+        assert_learns("eta-repeat", prior_scale, half_from_2nd=15.0, coverage=(0.70, 0.90))
 
     def test_a_noisy_neighbour(self) -> None:
         """Two busy loops on both cores: from the 4th job of a shape before-start within 25 %,
         from the 2nd within 15 % at half; coverage 70–90 %; and far better than the priors
         alone would be (the previous code's estimate: no learning)."""
-        records, report = online("eta-noisy-repeat")
-        learning = Learning.of(records, report)
-        assert learning.before_from_4th is not None and learning.before_from_4th <= 25.0
-        assert learning.half_from_2nd is not None and learning.half_from_2nd <= 15.0
-        coverage = report.coverage()
-        assert coverage is not None and 0.70 <= coverage <= 0.90
+        report = assert_learns("eta-noisy-repeat", half_from_2nd=15.0, coverage=(0.70, 0.90))
         _events, records = corpus("eta-noisy-repeat")
         unlearned = evaluate(records, Calibration(), StaticProfile.fit(records))
         for point in CHECKPOINTS[:4]:
@@ -168,11 +175,7 @@ class TestWithTheDecodesPieces:
         report = split("eta-pieces-corpus")
         assert mape(report, 0.10) <= 10.0
         assert mape(report, 0.50) <= 6.0
-        for point in POINTS:
-            baselines = [v for (c, name), score in report.scores.items()
-                         if c == point and name != "ours" and (v := score.mape) is not None]
-            if baselines:
-                assert mape(report, point) <= min(baselines) * (0.5 if point == 0.10 else 1.0)
+        assert_beats_the_baselines(report)
         coverage = report.coverage()
         assert coverage is not None and 0.75 <= coverage <= 0.85
 
@@ -182,10 +185,5 @@ class TestWithTheDecodesPieces:
         """Never fitted, priors right or 5× off either way: the log's very first job is within
         15 % at half its duration (its decode's pace, not the prior's), from the 4th job of a
         shape before-start within 25 %, from the 2nd at half within 10 %; coverage 75–90 %."""
-        records, report = online("eta-pieces-repeat", prior_scale)
-        learning = Learning.of(records, report)
-        assert learning.first_at_half is not None and learning.first_at_half <= 15.0
-        assert learning.before_from_4th is not None and learning.before_from_4th <= 25.0
-        assert learning.half_from_2nd is not None and learning.half_from_2nd <= 10.0
-        coverage = report.coverage()
-        assert coverage is not None and 0.75 <= coverage <= 0.90
+        assert_learns("eta-pieces-repeat", prior_scale, half_from_2nd=10.0, first_at_half=15.0,
+                      coverage=(0.75, 0.90))
