@@ -28,7 +28,8 @@ ways, in an order that rotates from round to round so drift hits all three alike
 ``probed``
     the same, with timers around each of wantel's entry points on the inference thread (the
     transformers' forward pre-hooks, the step-end callback, the stage wrappers, the
-    ``set_timesteps`` hook, and ``pipe(...)``'s own wrapper minus the pipeline inside it). Its wall
+    ``set_timesteps`` hook, the VAE decoder's forward hook, and ``pipe(...)``'s own wrapper
+    minus the pipeline inside it). Its wall
     times are not used; its timers give the *measured* caller-thread cost. On CUDA these runs
     also switch ``torch.cuda.set_sync_debug_mode("error")`` on inside wantel's code and off
     inside the pipeline's: diffusers itself synchronises (the text encoder's sequence lengths,
@@ -57,7 +58,8 @@ What is reported:
   the timers cannot see (torch's slower dispatch of a module with hooks, diffusers building the
   callback's arguments, the emitter's thread taking the GIL or a core) and the noise.
 * fixed per-job cost on the caller's thread, measured (``JobStarted``, stage wrappers, the CPU
-  copy of the schedule, ``pipe(...)``'s argument binding), per call.
+  copy of the schedule, the VAE decoder's forward hook that records the decode's pieces,
+  ``pipe(...)``'s argument binding), per call.
 * events per step (``StepEnded`` + per-step ``MemorySampled``) and per call, read back from the
   log; events dropped by the emitter (must be 0).
 
@@ -387,7 +389,8 @@ class HookMeter:
         """Patch ``inference.instrument._Session`` for the block (before ``instrument()``)."""
         session = instrument_module._Session
         originals = {name: session.__dict__[name] for name in (
-            "_pre_forward_hook", "_on_step_end", "_schedule_on_cpu", "call", "_wrap")}
+            "_pre_forward_hook", "_on_step_end", "_schedule_on_cpu", "call", "_wrap",
+            "_decoder_hook")}
         meter = self
 
         def pre_forward_hook(self: Any, expert: Any) -> Any:
@@ -408,6 +411,8 @@ class HookMeter:
             "_pre_forward_hook": pre_forward_hook,
             "_on_step_end": self.timed("step_end", originals["_on_step_end"], sampled=True),
             "_schedule_on_cpu": self.timed("schedule", originals["_schedule_on_cpu"]),
+            # Runs inside the decode (the pipeline's time, stage_inner): its own region.
+            "_decoder_hook": self.timed("decoder_hook", originals["_decoder_hook"]),
             "call": call,
             "_wrap": wrap,
         }
@@ -465,7 +470,7 @@ class HookMeter:
         outer = (self.ns["call_outer"] - self.ns["call_inner"]
                  + self.ns["stage_outer"] - self.ns["stage_inner"] - self.ns["declared_sync"])
         return max(0, outer - 2 * (self.calls["call_outer"] + self.calls["stage_outer"])
-                   * self.region_cost_ns) + self.net("schedule")
+                   * self.region_cost_ns) + self.net("schedule") + self.net("decoder_hook")
 
 
 # -- the measurement --------------------------------------------------------------------------
