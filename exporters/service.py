@@ -60,7 +60,7 @@ from telemetry.liveness import WORKER_TIMEOUT_S
 from telemetry.log.base import Batch, EventLog, Position
 from telemetry.projections import default_projections
 from telemetry.projections.eta import FinishedEta
-from telemetry.projections.jobs import JobsState, JobView, abandoned_by
+from telemetry.projections.jobs import JobsState, JobView, abandoned_by, stage_pieces
 from telemetry.projections.queues import Forecast, forecast, running_finish
 from telemetry.projections.summary import job_summary
 from telemetry.runner import Applied, ProjectionRunner, Sink
@@ -307,6 +307,7 @@ def summarize(states: dict[str, Any], job: str, *,
         "num_frames": view.num_frames,
         "cfg": view.cfg,
         "stage": view.stage,
+        "stage_pieces": stage_pieces(view),
         "step": view.steps_done,
         "steps": view.total_steps,
         "expert": view.expert,

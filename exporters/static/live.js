@@ -89,6 +89,10 @@
     render();
   }
 
+  // The stage, and how far through its pieces it is where it reports them (the decode).
+  const stageText = (v) => (v.stage || "–")
+    + (v.stage && v.stage_pieces ? ` ${v.stage_pieces[0]}/${v.stage_pieces[1]}` : "");
+
   function addFinished(v) {
     finished.delete(v.job);
     const entries = [[v.job, v], ...finished];
@@ -219,7 +223,7 @@
       setText(td[1], v.model || "–");
       setText(td[2], size(v));
       setText(td[3], v.status === "queued" ? queuedText(v)
-        : (v.stage || "–") + (v.expert ? ` · ${v.expert.replace("_", " ")}` : ""));
+        : stageText(v) + (v.expert ? ` · ${v.expert.replace("_", " ")}` : ""));
       setText(td[4], v.steps ? `${v.step}/${v.steps}` : "–");
       progressCell(td[5], v);
       const eta = etaText(entry);
@@ -308,7 +312,7 @@
       .filter(Boolean).join(" · ") || "–");
     field(dl, "worker", v.worker || "–");
     field(dl, "expert", v.expert ? v.expert.replace("_", " ") : "–");
-    field(dl, "stage", v.stage || "–");
+    field(dl, "stage", stageText(v));
     if (v.trace_id) {
       field(dl, "trace", v.trace_id,
             traceUrl ? traceUrl.split("{trace_id}").join(encodeURIComponent(v.trace_id)) : null);

@@ -21,6 +21,7 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
     WorkerHeartbeat,
@@ -42,6 +43,10 @@ class StageSpan(msgspec.Struct, kw_only=True):
     end_ts: int | None = None
     duration_s: float | None = None
     ok: bool | None = None
+    #: Of a stage that reports its pieces (``StageProgress``: Wan's decode), how many of how
+    #: many had finished, as last reported.
+    pieces_done: int | None = None
+    pieces_total: int | None = None
 
 
 class JobView(msgspec.Struct, kw_only=True):
@@ -159,11 +164,13 @@ class JobsProjection(RuleTable):
     """
 
     name = "jobs"
-    version = 3
+    #: 4: a stage's pieces (``StageProgress``) on its span.
+    version = 4
     state_type = JobsState
     handles = frozenset({
-        JobQueued, JobStarted, StageStarted, StageEnded, StepEnded, MemorySampled,
-        WorkerHeartbeat, JobCompleted, JobFailed, JobCancelled, WorkerStopped, WorkerLost,
+        JobQueued, JobStarted, StageStarted, StageEnded, StageProgress, StepEnded,
+        MemorySampled, WorkerHeartbeat, JobCompleted, JobFailed, JobCancelled, WorkerStopped,
+        WorkerLost,
     })
 
     def __init__(self, *, abandon_after_s: float = TIMEOUT_S, keep_finished: int | None = None):
@@ -175,6 +182,7 @@ class JobsProjection(RuleTable):
             MemorySampled: self._sampled,
             StageStarted: self._stage_started,
             StageEnded: self._stage_ended,
+            StageProgress: self._stage_progress,
             WorkerHeartbeat: self._heartbeat,
             WorkerStopped: self._stopped,
             WorkerLost: self._lost,
@@ -215,6 +223,17 @@ class JobsProjection(RuleTable):
         """The stage's open span ends (:func:`_close_stage`)."""
         self._tick(state, event.ts)
         _close_stage(_heard(state, event), event)
+
+    def _stage_progress(self, state: JobsState, event: StageProgress) -> None:
+        """A piece of a stage finished: a sign of life (a long decode reports nothing else),
+        and the stage's open span holds how many of how many (never fewer than before)."""
+        self._tick(state, event.ts)
+        view = _heard(state, event)
+        for span in reversed(view.stages):
+            if span.stage == event.stage and span.end_ts is None:
+                if event.done > (span.pieces_done or 0):
+                    span.pieces_done, span.pieces_total = event.done, event.total
+                return
 
     def _lifecycle(self, change: Callable[[JobView, Any], None], state: JobsState,
                    event: Event) -> None:
@@ -512,6 +531,17 @@ def _close_stage(view: JobView, event: StageEnded) -> None:
     span.end_ts, span.duration_s, span.ok = event.ts, event.duration_s, event.ok
     if view.stage == event.stage:
         view.stage = None
+
+
+def stage_pieces(view: JobView) -> tuple[int, int] | None:
+    """How many of how many pieces the stage the job is in has finished, if it reports them."""
+    if view.stage is None:
+        return None
+    for span in reversed(view.stages):
+        if span.stage == view.stage and span.end_ts is None:
+            done, total = span.pieces_done, span.pieces_total
+            return None if done is None or total is None else (done, total)
+    return None
 
 
 def _raise_peaks(view: JobView, event: MemorySampled) -> None:

@@ -45,6 +45,7 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
 )
@@ -294,6 +295,28 @@ def test_terminal_frames_for_completed_failed_and_cancelled_jobs(log_dir: Path) 
             "stage": "denoise", "step": None, "category": "internal",
             "suggestions": []} == got["oom"]["data"]["view"]["error"]
     assert "user asked" == got["stop"]["data"]["reason"]
+
+
+def test_a_decodes_pieces_are_frames_whose_view_shows_them(log_dir: Path) -> None:
+    """Each piece of a decode is a ``stage_progress`` frame; its view (as of the batch that
+    brought it: one piece a batch here) is in stage decode at that piece (``stage_pieces``),
+    its progress and ETA moving with it."""
+    with served(log_dir) as s, connect(s.ws_url()) as ws:
+        opening(ws)
+        job = JobScript("d", steps=2)
+        events = job.start() + job.step_range(0, 2)
+        events.append(job._next(StageEnded, stage="denoise", duration_s=0.04))
+        events.append(job._next(StageStarted, stage="decode"))
+        pieces = []
+        for done in (1, 2):
+            s.append([*events, job._next(StageProgress, stage="decode", done=done, total=3)])
+            events = []
+            pieces.append(recv_until(ws, lambda f: f["type"] == "stage_progress")[-1])
+    assert [([1, 3], "decode"), ([2, 3], "decode")] == [
+        (f["data"]["view"]["stage_pieces"], f["data"]["view"]["stage"]) for f in pieces]
+    first, second = (f["data"]["view"] for f in pieces)
+    assert first["progress"] <= second["progress"] < 1
+    assert second["eta"]["remaining_s"] > 0
 
 
 def test_job_filter_sends_only_that_jobs_frames(log_dir: Path) -> None:

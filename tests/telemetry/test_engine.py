@@ -22,12 +22,13 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
 )
 from telemetry.log.base import Batch, Quarantined
 from telemetry.projections.base import OnFailure, Projection
-from telemetry.projections.jobs import JobsProjection, JobsState
+from telemetry.projections.jobs import JobsProjection, JobsState, stage_pieces
 
 SECOND = 1_000_000_000
 
@@ -276,6 +277,27 @@ class TestJobsProjection:
         e.apply_batch(Batch(0, a_job("a", steps=4)[:4]))
         view = jobs(e).jobs["a"]
         assert ("running", "denoise", 2) == (view.status, view.stage, view.steps_done)
+
+    def test_a_decode_shows_its_pieces_while_it_runs(self) -> None:
+        """Mid-decode the job is in stage decode at its newest piece (a late, lower report
+        never lowers it; each is a sign of life); once the decode ends the job is in no
+        stage, and the decode's span keeps its pieces."""
+        e = engine()
+        job = a_job("a", steps=4)[:-1]  # all but its completion
+        at = job[-1].ts
+        seq = len(job)
+        decode: list[Event] = [StageStarted(job="a", seq=seq, ts=at + 1, stage="decode")]
+        decode += [StageProgress(job="a", seq=seq + k, ts=at + 1 + k, stage="decode",
+                                 done=done, total=5)
+                   for k, done in enumerate((1, 3, 2), start=1)]
+        e.apply_batch(Batch(0, [*job, *decode]))
+        view = jobs(e).jobs["a"]
+        assert ("decode", (3, 5), at + 4) == (view.stage, stage_pieces(view), view.last_ts)
+        e.apply_batch(Batch(seq + 4, [StageEnded(job="a", seq=seq + 4, ts=at + 9,
+                                                 stage="decode", duration_s=1.0)]))
+        view = jobs(e).jobs["a"]
+        assert (None, None) == (view.stage, stage_pieces(view))
+        assert (3, 5) == (view.stages[-1].pieces_done, view.stages[-1].pieces_total)
 
     def test_failed_job_keeps_the_error(self) -> None:
         """A failure records its type, message and step."""

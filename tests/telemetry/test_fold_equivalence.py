@@ -39,6 +39,7 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
     WorkerHeartbeat,
@@ -142,6 +143,11 @@ def job_stream(draw: st.DrawFn, job: str) -> list[Event]:
                                      duration_s=draw(STEP_DURATIONS), expert=expert))
                 if draw(st.booleans()):
                     out.append(sample(None, step))
+        else:  # its pieces (the decode's), some lost, some out of order
+            pieces = draw(st.integers(0, 4))
+            for done in draw(st.permutations(range(1, pieces + 1))) if pieces else ():
+                if draw(st.integers(0, 3)):
+                    out.append(StageProgress(**at(), stage=stage, done=done, total=pieces))
         if draw(st.integers(0, 5)):
             out.append(StageEnded(**at(), stage=stage, duration_s=draw(st.floats(0.0, 5.0)),
                                   ok=draw(st.booleans())))
