@@ -12,11 +12,12 @@ wrong both ways (a big model legitimately takes minutes per step; a small one is
 before five minutes). So the alert compares the time since each running job last made
 progress with several expected step times of the job's model (mean step duration over a
 day), never less than a floor that covers load and decode. wantel exports that moment itself
-(``wantel_job_last_progress_timestamp_seconds``: its latest step, stage boundary or start),
-so no range window depends on the operator's scrape interval. (It was found from the
-progress gauge with a subquery over ``changes(…[1m])``: at a scrape interval of 1–2 min, or
-on Prometheus 3's left-open ranges, a window held one sample, saw no change, and every
-running job paged; and the gauge only moves when an ETA is issued, every tenth of the loop.)
+(``wantel_job_last_progress_timestamp_seconds``: its latest step, stage boundary, decode
+piece or start), so no range window depends on the operator's scrape interval. (It was
+found from the progress gauge with a subquery over ``changes(…[1m])``: at a scrape interval
+of 1–2 min, or on Prometheus 3's left-open ranges, a window held one sample, saw no change,
+and every running job paged; and the gauge only moves when an ETA is issued, every tenth of
+the loop.)
 """
 
 from __future__ import annotations

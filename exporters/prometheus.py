@@ -557,9 +557,9 @@ class WantelCollector(Collector):
         # moves only when an ETA is issued, every ~tenth of the loop).
         moved = GaugeMetricFamily(
             "wantel_job_last_progress_timestamp_seconds",
-            "When a running job last made progress (its latest step, stage boundary or its "
-            "start), Unix seconds by its worker's clock: time() minus this is how long it has "
-            "made none.", labels=labels, unit="seconds")
+            "When a running job last made progress (its latest step, stage boundary, decode "
+            "piece or its start), Unix seconds by its worker's clock: time() minus this is "
+            "how long it has made none.", labels=labels, unit="seconds")
         shown = 0
         folded: list[str] = []
         for job in jobs.active:

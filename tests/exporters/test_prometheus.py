@@ -38,6 +38,7 @@ from telemetry.events import (
     JobStarted,
     MemorySampled,
     StageEnded,
+    StageProgress,
     StageStarted,
     StepEnded,
     WorkerHeartbeat,
@@ -220,6 +221,18 @@ def test_a_running_jobs_last_progress_is_its_latest_step_not_its_latest_sample()
     moved = {k: v for k, v in got.items() if k[0] == "wantel_job_last_progress_timestamp_seconds"}
     assert moved == {("wantel_job_last_progress_timestamp_seconds", "job_id=b", "model=tiny-t2v",
                       "worker=w1"): pytest.approx(T0 + 5.6)}
+
+
+def test_a_decodes_pieces_move_the_stall_clock() -> None:
+    """A long decode that reports its pieces is progress: the clock is its newest piece."""
+    b = Stream("b")
+    b.seq = itertools.count(100)  # after the history's events of b
+    events = [*a_full_history(), StageStarted(**b.kw(6.0), stage="decode"),
+              StageProgress(**b.kw(6.5), stage="decode", done=1, total=21),
+              StageProgress(**b.kw(9.0), stage="decode", done=2, total=21)]
+    got = samples(registry_of(runner_over(events)))
+    assert pytest.approx(T0 + 9.0) == got[("wantel_job_last_progress_timestamp_seconds",
+                                           "job_id=b", "model=tiny-t2v", "worker=w1")]
 
 
 def test_a_running_jobs_eta_gauges_are_as_of_its_latest_step() -> None:
