@@ -44,14 +44,15 @@ def _fingerprint(types: Sequence[type[Event]] = EVENT_TYPES) -> int:
 
 
 SCHEMA_FINGERPRINT: Final = _fingerprint()
-#: Types added to the catalogue (at its end) with no other type's version changed: a record
+#: Types added to the catalogue, oldest first, with no other type's version changed: a record
 #: written by the catalogue before them is current for this one.
 _ADDED_SINCE: Final = ("StageProgress",)
 #: Fingerprints whose batches are wholly current here: this catalogue's, and those of the
-#: catalogues before each addition (so a log written by the previous release keeps replay's
-#: one-call decode).
+#: catalogues before each addition (this one less the types added since; so a log written by
+#: the previous release keeps replay's one-call decode).
 CURRENT_FINGERPRINTS: Final = frozenset(
-    _fingerprint(EVENT_TYPES[:len(EVENT_TYPES) - added]) for added in range(len(_ADDED_SINCE) + 1)
+    _fingerprint([cls for cls in EVENT_TYPES if cls.__name__ not in _ADDED_SINCE[since:]])
+    for since in range(len(_ADDED_SINCE) + 1)
 )
 
 _UPCASTERS: dict[tuple[str, int], Upcaster] = {}

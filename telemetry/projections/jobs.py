@@ -228,12 +228,9 @@ class JobsProjection(RuleTable):
         """A piece of a stage finished: a sign of life (a long decode reports nothing else),
         and the stage's open span holds how many of how many (never fewer than before)."""
         self._tick(state, event.ts)
-        view = _heard(state, event)
-        for span in reversed(view.stages):
-            if span.stage == event.stage and span.end_ts is None:
-                if event.done > (span.pieces_done or 0):
-                    span.pieces_done, span.pieces_total = event.done, event.total
-                return
+        span = _open_span(_heard(state, event), event.stage)
+        if span is not None and event.done > (span.pieces_done or 0):
+            span.pieces_done, span.pieces_total = event.done, event.total
 
     def _lifecycle(self, change: Callable[[JobView, Any], None], state: JobsState,
                    event: Event) -> None:
@@ -522,10 +519,8 @@ def _close_stage(view: JobView, event: StageEnded) -> None:
     """The latest open span of the stage ends, with the measured duration and outcome; if the
     stage's start was lost, a span is made from the end and the duration
     (:func:`~telemetry.projections.readings.stage_start`). The job leaves the stage."""
-    for span in reversed(view.stages):
-        if span.stage == event.stage and span.end_ts is None:
-            break
-    else:
+    span = _open_span(view, event.stage)
+    if span is None:
         span = StageSpan(stage=event.stage, start_ts=stage_start(event))
         view.stages.append(span)
     span.end_ts, span.duration_s, span.ok = event.ts, event.duration_s, event.ok
@@ -533,15 +528,20 @@ def _close_stage(view: JobView, event: StageEnded) -> None:
         view.stage = None
 
 
+def _open_span(view: JobView, stage: str) -> StageSpan | None:
+    """The latest span of ``stage`` on the job's timeline that has not ended, if any."""
+    for span in reversed(view.stages):
+        if span.stage == stage and span.end_ts is None:
+            return span
+    return None
+
+
 def stage_pieces(view: JobView) -> tuple[int, int] | None:
     """How many of how many pieces the stage the job is in has finished, if it reports them."""
-    if view.stage is None:
+    span = None if view.stage is None else _open_span(view, view.stage)
+    if span is None or span.pieces_done is None or span.pieces_total is None:
         return None
-    for span in reversed(view.stages):
-        if span.stage == view.stage and span.end_ts is None:
-            done, total = span.pieces_done, span.pieces_total
-            return None if done is None or total is None else (done, total)
-    return None
+    return span.pieces_done, span.pieces_total
 
 
 def _raise_peaks(view: JobView, event: MemorySampled) -> None:
