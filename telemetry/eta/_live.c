@@ -441,7 +441,7 @@ phase_evidence(Job *job, double shared, double *ratios, double *weights, Py_ssiz
             continue;
         }
         CHECK(read_float(value, &seconds));
-        if (seconds <= 0) {
+        if (seconds < MIN_SPEED_PHASE_S) {
             continue;
         }
         CHECK(get_float(job->expected, phase, 0.0, &expected));

@@ -20,6 +20,7 @@ from telemetry.eta.jobs import JobRecord
 from telemetry.eta.model import (
     BUCKETS,
     CHECKPOINTS,
+    DEFAULT_REL_SIGMA,
     STEP,
     Calibration,
     bucket_of,
@@ -88,10 +89,27 @@ def solve(rows: Sequence[Sequence[float]], ys: Sequence[float],
 
 
 def robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
-    """Huber IRLS on relative residuals; uses fewer coefficients when data are few."""
+    """Huber IRLS on relative residuals; uses fewer coefficients when data are few, and
+    none that comes out negative: a duration is a sum of costs, none of which shrinks as the
+    job grows (a line through a few noisy points that crosses zero predicts a 0 s phase at
+    the sizes it did not see). A negative coefficient is dropped and the rest refitted."""
     k = len(rows[0])
     usable = min(k, max(1, len({tuple(r) for r in rows})))
-    rows = [r[:usable] for r in rows]
+    kept = list(range(usable))
+    while True:
+        coefficients = _robust_fit([[r[i] for i in kept] for r in rows], ys)
+        negative = [i for i, c in zip(kept, coefficients, strict=True) if c < 0]
+        if not negative or len(kept) == 1:
+            break
+        kept.remove(negative[0])
+    out = [0.0] * k
+    for i, c in zip(kept, coefficients, strict=True):
+        out[i] = c
+    return out
+
+
+def _robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+    """Huber IRLS on relative residuals, every column of ``rows`` a coefficient."""
     weights = [1.0 / max(y, 1e-9) ** 2 for y in ys]
     coefficients = solve(rows, ys, weights)
     for _ in range(IRLS_ROUNDS):
@@ -106,7 +124,7 @@ def robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[flo
         if max(abs(u - c) for u, c in zip(updated, coefficients, strict=True)) < 1e-12:
             break
         coefficients = updated
-    return coefficients + [0.0] * (k - usable)
+    return coefficients
 
 
 def _dot(coefficients: Sequence[float], x: Sequence[float]) -> float:
@@ -178,6 +196,21 @@ def speed_spreads(records: Iterable[JobRecord],
             for device, values in products.items()}
 
 
+def spread_of(relative: Sequence[float], coefficients: int) -> float:
+    """A component's relative error out of sample, from its ``relative`` residuals in sample
+    after fitting ``coefficients``: their robust spread (at least 1.25 × their mean absolute
+    value, and 2 %), widened by √(n ÷ (n − p)) — a fit follows its own samples' noise, the
+    more so the fewer samples per coefficient — and the prior's spread
+    (:data:`~telemetry.eta.model.DEFAULT_REL_SIGMA`) where the samples are no more than the
+    coefficients (their residuals are zero: they say nothing of the spread)."""
+    n = len(relative)
+    if n <= coefficients:
+        return DEFAULT_REL_SIGMA
+    sigma = max(_robust_sigma(relative), statistics.fmean(abs(r) for r in relative) * 1.25,
+                0.02)
+    return sigma
+
+
 def fit(records: Sequence[JobRecord]) -> FitResult:
     """Fit every component seen in ``records``, then the interval quantiles."""
     completed = [r for r in records if r.completed]
@@ -189,8 +222,7 @@ def fit(records: Sequence[JobRecord]) -> FitResult:
         ys = [y for _, y in samples]
         fitted = tuple(robust_fit(rows, ys))
         relative = [(y - _dot(fitted, x)) / y for x, y in samples]
-        sigma = max(_robust_sigma(relative), statistics.fmean(abs(r) for r in relative) * 1.25,
-                    0.02)
+        sigma = spread_of(relative, sum(1 for c in fitted if c != 0.0))
         coefficients[key], sigmas[key] = fitted, sigma
         result.components.append(ComponentFit(
             key=key, samples=len(samples), coefficients=fitted,
@@ -246,4 +278,4 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-__all__ = ["ComponentFit", "FitResult", "fit", "robust_fit", "solve"]
+__all__ = ["ComponentFit", "FitResult", "fit", "robust_fit", "solve", "spread_of"]

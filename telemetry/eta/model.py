@@ -183,7 +183,10 @@ PUBLISHED_STEP_PRIORS: Final[dict[tuple[str, str], tuple[float, ...]]] = {
 
 # Tiny random-weight models on one CPU thread (measured here, diffusers 0.42, torch 2.13):
 # ~2 ms per transformer pass at 80 tokens, ~50 ms per 512-token prompt encode, ~1 µs per
-# decoded pixel. Calibration replaces them after the first completed jobs.
+# decoded pixel; the save stage (diffusers' ``export_to_video``: an ffmpeg subprocess) 0.05 s
+# and 0.12 s per output megapixel (``python benchmarks/save_cost.py``), plus FIRST_EXPORT_S
+# for a process's first video (each ``wantel run`` job is one). Calibration replaces them
+# after the first completed jobs.
 _TINY_CPU: Final[dict[str, tuple[float, ...]]] = {
     "load": (0.5,),
     "text_encode": (0.05, 0.05),
@@ -192,8 +195,12 @@ _TINY_CPU: Final[dict[str, tuple[float, ...]]] = {
     STEP: (0.0015, 0.005, 0.0),
     "decode": (0.02, 1.0),
     "postprocess": (0.0, 0.01),
-    "save": (0.05, 0.5),
+    "save": (0.05, 0.12),
 }
+#: What a process's first video costs on top (imageio's ffmpeg plugin and binary found, its
+#: first subprocess: 0.14–0.15 s against 0.045 s for the next, measured here): a worker's
+#: first job pays it, its later jobs (``warm``: :func:`telemetry.eta.live.device_level`) not.
+FIRST_EXPORT_S: Final = 0.1
 # Real models without a published figure for the phase: generic guesses, deliberately wide.
 # They are also the neutral prior of every real model of another family than Wan, with
 # NEUTRAL_REL_SIGMA as their spread: the family's own jobs calibrate them online.
@@ -244,15 +251,21 @@ def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
     return _GENERIC[phase]
 
 
-def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:
-    """Expected seconds of a phase (of one transformer pass, for ``step``); never negative."""
+def predict(phase: str, shape: JobShape, calibration: Calibration, *,
+            warm: bool = False) -> float:
+    """Expected seconds of a phase (of one transformer pass, for ``step``); never negative.
+    ``warm``: the job is not its worker's first, which has paid for the first video's export
+    (:data:`FIRST_EXPORT_S`, in the tiny CPU prior's save)."""
     coefficients = calibration.coefficients.get(component_key(phase, shape))
     scale = 1.0
+    first_export = 0.0
     if coefficients is None:
         coefficients = prior_coefficients(phase, shape)
         scale = calibration.prior_scale
+        if phase == "save" and shape.tiny and not warm:
+            first_export = FIRST_EXPORT_S
     value = sum(c * x for c, x in zip(coefficients, features(phase, shape), strict=False))
-    return max(value * scale, 1e-4)
+    return max((value + first_export) * scale, 1e-4)
 
 
 def rel_sigma(phase: str, shape: JobShape, calibration: Calibration) -> float:

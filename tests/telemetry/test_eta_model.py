@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 from telemetry.engine import ProjectionEngine
 from telemetry.eta import online
-from telemetry.eta.fit import robust_fit, solve
+from telemetry.eta.fit import robust_fit, solve, spread_of
 from telemetry.eta.live import LiveJob, PriorCache
 from telemetry.eta.model import (
     BUCKETS,
+    DEFAULT_REL_SIGMA,
+    FIRST_EXPORT_S,
     PHASES,
     STEP,
     Calibration,
@@ -76,6 +78,16 @@ class TestShape:
                 for v, t in (("t2v-A14B", "t2v"), ("i2v-A14B", "i2v"), ("t2v", "t2v"))}
         assert {"decode|vae-2.1|cpu"} == keys
 
+    def test_a_workers_later_jobs_do_not_pay_for_the_first_export(self) -> None:
+        """A tiny job's save prior: a process's first video pays for ffmpeg's discovery and
+        first start (``wantel run``: every job), a worker's later jobs do not."""
+        shape = JobShape.of(started(width=64, height=64, frames=17))
+        cold = predict("save", shape, Calibration())
+        warm = predict("save", shape, Calibration(), warm=True)
+        assert cold - warm == pytest.approx(FIRST_EXPORT_S)
+        assert LiveJob.start(started(width=64, height=64, frames=17), Calibration(),
+                             warm=True).expected["save"] == pytest.approx(warm)
+
     def test_published_prior_for_h100(self) -> None:
         """The H100 A14B prior reproduces the published 480P total within its assumptions."""
         event = started(variant="t2v-A14B", family="wan2.2", boundary=0.875)
@@ -106,6 +118,32 @@ class TestFitting:
             ys.append(y)
         a, b = robust_fit(rows, ys)
         assert (0.2, 0.5) == (pytest.approx(a, rel=0.1), pytest.approx(b, rel=0.05))
+
+    def test_no_coefficient_comes_out_negative(self) -> None:
+        """Two noisy saves, 0.25 s at 0.1 Mpx and 0.28 s at 0.2: the line through them
+        (a = 0.22, b = 0.3) is fine, but 0.30 s and 0.26 s give b < 0 — a save that shrinks
+        as the video grows, 0 s at 1 Mpx. The negative slope is dropped: the mean remains."""
+        rows = [(1.0, 0.1), (1.0, 0.2)]
+        assert [0.22, 0.3] == pytest.approx(robust_fit(rows, [0.25, 0.28]), rel=1e-3)
+        a, b = robust_fit(rows, [0.30, 0.26])
+        assert b == 0.0
+        assert a == pytest.approx(0.28, rel=0.05)
+
+    def test_a_negative_intercept_leaves_a_proportional_cost(self) -> None:
+        """Points on y = 2x − 0.1: the intercept is dropped, the slope refitted through the
+        origin, so no size is predicted at 0 s or less."""
+        rows = [(1.0, x) for x in (0.5, 1.0, 2.0)]
+        a, b = robust_fit(rows, [2 * x - 0.1 for _, x in rows])
+        assert a == 0.0
+        assert b > 0
+
+    def test_a_component_fitted_exactly_keeps_the_priors_spread(self) -> None:
+        """A component seen at no more shapes than it has coefficients fits them exactly:
+        zero residuals say nothing of its spread, so it keeps the prior's (before: 2 %, and
+        the live estimate trusted it as a measurement)."""
+        assert spread_of([0.0, 0.0], coefficients=2) == DEFAULT_REL_SIGMA
+        assert spread_of([0.0], coefficients=1) == DEFAULT_REL_SIGMA
+        assert spread_of([0.1, -0.1, 0.05], coefficients=1) < DEFAULT_REL_SIGMA
 
     def test_few_distinct_rows_use_fewer_coefficients(self) -> None:
         """One distinct shape can only support a constant."""

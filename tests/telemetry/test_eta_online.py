@@ -274,6 +274,21 @@ class TestRobustLiveUpdates:
             state = projection.apply(state, event)
         assert 0.8 <= state.running["odd"].live._speed() <= 1.3
 
+    def test_a_phase_of_a_fraction_of_a_millisecond_says_nothing_of_the_speed(self) -> None:
+        """Priors 5× slow, so the noise latents are expected to take 10 ms; drawn in 0.1 ms,
+        they are timer noise, not a job 100× faster: when the loop starts, the speed is what
+        the text encode said (0.2), where the latents' ratio dragged it to 0.11."""
+        events = job_events("quick", 0, steps=20, slow_phase=("latent_init", 0.05))
+        started = events[0]
+        assert isinstance(started, JobStarted)
+        live = LiveJob.start(started, Calibration(prior_scale=5.0))
+        assert live.expected["latent_init"] >= 0.005
+        loop_start = 6  # text encode and latent init seen, the loop started
+        for event in events[1:loop_start]:
+            live.observe(event)
+        assert live.done["latent_init"] < 0.001
+        assert live._speed() == pytest.approx(0.2, rel=0.15)
+
     def test_the_interval_widens_when_the_job_disagrees_and_narrows_with_steps(self) -> None:
         """Relative width of the interval: wider for a job far from its prior than for one
         on it, at the same point; narrower after many steps than after two."""
