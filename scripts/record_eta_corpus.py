@@ -5,7 +5,7 @@ Each job is a separate `wantel run` process, as a user would run it, so the load
 what it really costs (importing diffusers, building the model). The parameters are drawn from a
 seeded generator, so the set of jobs is reproducible; their timings are what this machine did.
 
-Five plans:
+Six plans:
 
 - ``fixture`` (default): the corpus in ``tests/fixtures/eta-corpus``, 32–256 px in steps of 32,
   9–49 frames, 4–30 steps, CFG on or off.
@@ -17,6 +17,8 @@ Five plans:
   steps and guidance no other plan uses (the noisy held-out corpora of the speed-shift work).
 - ``blocks``: single-frame stills 384–448 px a side and long clips (73–81 frames) 384–448 px by
   32–64, 51–60 steps or 1: the third noisy held-out corpus (the ETA ablation).
+- ``options``: 1–3 videos per prompt and the VAE's tiling on or off, at sizes and frames of
+  their own: the options that change speed, which no other plan sets.
 
 ``--busy N`` runs N busy-loop processes for the whole recording: a noisy neighbour.
 
@@ -119,6 +121,34 @@ def blocks_plan(count: int, seed: int) -> list[dict[str, object]]:
     return jobs
 
 
+OPTION_SIZES = (80, 112, 176, 208, 240)  # multiples of 16, mostly off the fixture's 32 grid
+OPTION_TI2V_SIZES = (96, 128, 192)
+OPTION_FRAMES = (13, 29, 45)
+
+
+def options_plan(count: int, seed: int) -> list[dict[str, object]]:
+    """The options that change a job's speed, which no other plan sets: 1–3 videos per
+    prompt and the VAE's tiling on or off, at sizes and frames drawn apart from the others',
+    6–30 steps, guidance 4.0/7.5 — a held-out corpus for the ETA's per-video scaling and the
+    decode's pieces under tiling."""
+    rng = random.Random(seed)
+    jobs = []
+    for index in range(count):
+        variant = VARIANTS[index % len(VARIANTS)]
+        sizes = OPTION_TI2V_SIZES if variant == "tiny-ti2v" else OPTION_SIZES
+        videos = rng.choice((1, 2, 3))
+        while True:
+            height, width = rng.choice(sizes), rng.choice(sizes)
+            frames = rng.choice(OPTION_FRAMES)
+            if height * width * frames * videos <= MAX_PIXELS:
+                break
+        jobs.append({"job": f"opts-{index:03d}", "variant": variant, "height": height,
+                     "width": width, "frames": frames, "steps": rng.randint(6, 30),
+                     "guidance": rng.choice((4.0, 7.5)), "seed": 1300 + index,
+                     "videos": videos, "tiling": rng.random() < 0.5})
+    return jobs
+
+
 def repeat_plan(count: int, seed: int) -> list[dict[str, object]]:
     """Six shape families drawn like ``wide``, run round-robin until ``count`` jobs."""
     rng = random.Random(seed)
@@ -194,6 +224,10 @@ def _record(jobs: list[dict[str, object]], wantel: list[str], out: Path) -> int:
                        "--log", str(out), "--out", str(Path(scratch) / "video.mp4"), "--json"]
             if str(spec["variant"]) in ("tiny-i2v", "tiny-i2v-a14b"):
                 command += ["--image", str(image)]
+            if int(str(spec.get("videos", 1))) > 1:
+                command += ["--num-videos", str(spec["videos"])]
+            if spec.get("tiling"):
+                command += ["--vae-tiling"]
             result = subprocess.run(command, capture_output=True, text=True, check=False,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
             print(result.stdout.strip()[:160] or result.stderr.strip()[-300:], flush=True)
@@ -203,7 +237,7 @@ def _record(jobs: list[dict[str, object]], wantel: list[str], out: Path) -> int:
 
 
 PLANS = {"fixture": plan, "wide": wide_plan, "repeat": repeat_plan, "strips": strips_plan,
-         "blocks": blocks_plan}
+         "blocks": blocks_plan, "options": options_plan}
 
 if __name__ == "__main__":
     sys.exit(main())
