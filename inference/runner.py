@@ -33,6 +33,7 @@ from inference.models import ModelChoice, ModelError, resolve_model
 from inference.recorder import JobRecorder
 from inference.speed_options import speed_options
 from inference.timing import timer_for
+from inference.upstream import image_embeds_per_video
 from telemetry.emitter import Emitter
 from telemetry.events import job_id_problem
 from telemetry.pipelines import native_fps
@@ -406,7 +407,8 @@ def _call(pipe: Any, prepared: PreparedRequest) -> Any:
         kwargs["negative_prompt"] = request.negative_prompt
     if prepared.image is not None:
         kwargs["image"] = prepared.image
-    return pipe(**kwargs).frames
+    with image_embeds_per_video(pipe, request.num_videos):
+        return pipe(**kwargs).frames
 
 
 def _save(videos: Any, path: Path, *, fps: int) -> tuple[Path, ...]:

@@ -262,6 +262,25 @@ class TestGoodRun:
         for name in ("v.mp4", "v-2.mp4"):
             assert 5 == len(list(iio.imiter(tmp_path / name)))
 
+    @pytest.mark.parametrize("model", ["tiny-i2v", "tiny-i2v-a14b"])
+    def test_image_to_video_makes_several_videos_per_prompt(
+        self, model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--num-videos 3 from one image: Wan 2.1 I2V's pipeline repeats its CLIP image
+        embedding per prompt, not per video, and its transformer failed ("Sizes of tensors
+        must match", huggingface/diffusers#13578); wantel repeats it per video. Wan 2.2's
+        I2V (no CLIP embedding) needs nothing. Three videos are written either way."""
+        image = tmp_path / "in.png"
+        Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
+        code = main(["run", "--model", model, "--prompt", "p", "--image", str(image),
+                     "--height", "32", "--width", "32", "--frames", "5", "--steps", "2",
+                     "--num-videos", "3", "--log", str(tmp_path / "log"),
+                     "--out", str(tmp_path / "v.mp4"), "--job", "three"])
+        assert 0 == code, capsys.readouterr().err
+        assert "and 2 more beside it" in capsys.readouterr().out
+        for name in ("v.mp4", "v-2.mp4", "v-3.mp4"):
+            assert 5 == len(list(iio.imiter(tmp_path / name)))
+
     @pytest.mark.slow
     def test_compile_runs_on_the_cpu(self, tmp_path: Path) -> None:
         """--compile: the transformer runs through torch.compile (a minute of compiling on a
