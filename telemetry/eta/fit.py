@@ -197,18 +197,16 @@ def speed_spreads(records: Iterable[JobRecord],
 
 
 def spread_of(relative: Sequence[float], coefficients: int) -> float:
-    """A component's relative error out of sample, from its ``relative`` residuals in sample
-    after fitting ``coefficients``: their robust spread (at least 1.25 × their mean absolute
-    value, and 2 %), widened by √(n ÷ (n − p)) — a fit follows its own samples' noise, the
-    more so the fewer samples per coefficient — and the prior's spread
-    (:data:`~telemetry.eta.model.DEFAULT_REL_SIGMA`) where the samples are no more than the
-    coefficients (their residuals are zero: they say nothing of the spread)."""
-    n = len(relative)
-    if n <= coefficients:
+    """A component's relative error, from its ``relative`` residuals after fitting
+    ``coefficients``: their robust spread (at least 1.25 × their mean absolute value, and
+    2 %) — or the prior's (:data:`~telemetry.eta.model.DEFAULT_REL_SIGMA`) where the samples
+    are no more than the coefficients: fitted exactly, their zero residuals say nothing of
+    the spread (a component seen once claimed 2 %, and the live estimate trusted it as a
+    measurement)."""
+    if len(relative) <= coefficients:
         return DEFAULT_REL_SIGMA
-    sigma = max(_robust_sigma(relative), statistics.fmean(abs(r) for r in relative) * 1.25,
-                0.02)
-    return sigma
+    return max(_robust_sigma(relative), statistics.fmean(abs(r) for r in relative) * 1.25,
+               0.02)
 
 
 def fit(records: Sequence[JobRecord]) -> FitResult:
