@@ -38,6 +38,7 @@ from telemetry.eta.model import (
     component_key,
     expected_phases,
     features,
+    first_export,
     predict,
     rel_sigma,
     speed_key,
@@ -207,7 +208,9 @@ class Prior(NamedTuple):
                 sigma[phase] = rel_sigma(STEP, shape, calibration)
             else:
                 scale = videos if phase in _PER_VIDEO else 1
-                expected[phase] = predict(phase, shape, calibration, warm=warm) * scale
+                expected[phase] = predict(phase, shape, calibration) * scale
+                if phase == "save":
+                    expected[phase] += first_export(shape, calibration, warm=warm)
                 sigma[phase] = rel_sigma(phase, shape, calibration)
                 keys[phase] = phase_keys(phase, shape, warm=warm)
         return cls(phases, expected, sigma, step, warmup, keys)

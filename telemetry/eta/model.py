@@ -251,21 +251,26 @@ def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
     return _GENERIC[phase]
 
 
-def predict(phase: str, shape: JobShape, calibration: Calibration, *,
-            warm: bool = False) -> float:
-    """Expected seconds of a phase (of one transformer pass, for ``step``); never negative.
-    ``warm``: the job is not its worker's first, which has paid for the first video's export
-    (:data:`FIRST_EXPORT_S`, in the tiny CPU prior's save)."""
+def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:
+    """Expected seconds of a phase (of one transformer pass, for ``step``; of one video, for
+    the phases done per video); never negative."""
     coefficients = calibration.coefficients.get(component_key(phase, shape))
     scale = 1.0
-    first_export = 0.0
     if coefficients is None:
         coefficients = prior_coefficients(phase, shape)
         scale = calibration.prior_scale
-        if phase == "save" and shape.tiny and not warm:
-            first_export = FIRST_EXPORT_S
     value = sum(c * x for c, x in zip(coefficients, features(phase, shape), strict=False))
-    return max((value + first_export) * scale, 1e-4)
+    return max(value * scale, 1e-4)
+
+
+def first_export(shape: JobShape, calibration: Calibration, *, warm: bool) -> float:
+    """What the save stage costs once per job on top of its videos: :data:`FIRST_EXPORT_S` for a
+    tiny model's job that is its process's first (not ``warm``), while the save's prior is in
+    force (a calibration's fit measured it, whatever it was)."""
+    if (warm or not shape.tiny
+            or component_key("save", shape) in calibration.coefficients):
+        return 0.0
+    return FIRST_EXPORT_S * calibration.prior_scale
 
 
 def rel_sigma(phase: str, shape: JobShape, calibration: Calibration) -> float:

@@ -81,12 +81,20 @@ class TestShape:
     def test_a_workers_later_jobs_do_not_pay_for_the_first_export(self) -> None:
         """A tiny job's save prior: a process's first video pays for ffmpeg's discovery and
         first start (``wantel run``: every job), a worker's later jobs do not."""
-        shape = JobShape.of(started(width=64, height=64, frames=17))
-        cold = predict("save", shape, Calibration())
-        warm = predict("save", shape, Calibration(), warm=True)
-        assert cold - warm == pytest.approx(FIRST_EXPORT_S)
-        assert LiveJob.start(started(width=64, height=64, frames=17), Calibration(),
-                             warm=True).expected["save"] == pytest.approx(warm)
+        event = started(width=64, height=64, frames=17)
+        per_video = predict("save", JobShape.of(event), Calibration())
+        cold = LiveJob.start(event, Calibration()).expected["save"]
+        warm = LiveJob.start(event, Calibration(), warm=True).expected["save"]
+        assert (cold, warm) == (pytest.approx(per_video + FIRST_EXPORT_S),
+                                pytest.approx(per_video))
+
+    def test_the_first_export_is_paid_once_whatever_the_videos(self) -> None:
+        """Three videos per prompt: three videos' save, one first export."""
+        event = started(width=64, height=64, frames=17)
+        three = msgspec.structs.replace(event, options={**event.options, "num_videos": 3})
+        per_video = predict("save", JobShape.of(event), Calibration())
+        assert LiveJob.start(three, Calibration()).expected["save"] == pytest.approx(
+            3 * per_video + FIRST_EXPORT_S)
 
     def test_published_prior_for_h100(self) -> None:
         """The H100 A14B prior reproduces the published 480P total within its assumptions."""
