@@ -27,6 +27,7 @@ from telemetry.eta.model import (
     component_key,
     features,
     speed_key,
+    videos_of,
 )
 from telemetry.eta.online import MIN_SPEED_VARIANCE, SPEED_PHASES
 
@@ -140,16 +141,19 @@ def _robust_sigma(residuals: Sequence[float]) -> float:
 
 
 def observations(records: Iterable[JobRecord]) -> dict[str, list[tuple[tuple[float, ...], float]]]:
-    """(features, seconds) per component, from completed jobs."""
+    """(features, seconds) per component, from completed jobs: one video's seconds (a job of
+    three videos per prompt decodes three; :func:`~telemetry.eta.model.videos_of`), and of a
+    step, one pass's."""
     samples: dict[str, list[tuple[tuple[float, ...], float]]] = defaultdict(list)
     for record in records:
         shape = record.shape
         for phase, seconds in record.stage_durations.items():
             if phase != "denoise" and seconds > 0:
-                samples[component_key(phase, shape)].append((features(phase, shape), seconds))
+                samples[component_key(phase, shape)].append(
+                    (features(phase, shape), seconds / videos_of(phase, shape)))
         later = record.step_durations[1:]
         if later:
-            per_pass = statistics.fmean(later) / shape.passes
+            per_pass = statistics.fmean(later) / shape.passes / videos_of(STEP, shape)
             samples[component_key(STEP, shape)].append((features(STEP, shape), per_pass))
     return samples
 
@@ -179,13 +183,13 @@ def speed_spreads(records: Iterable[JobRecord],
         for phase, seconds in record.stage_durations.items():
             if phase in SPEED_PHASES and seconds > 0:
                 predicted = _dot(coefficients.get(component_key(phase, shape), ()),
-                                 features(phase, shape))
+                                 features(phase, shape)) * videos_of(phase, shape)
                 if predicted > 0:
                     errors.append(math.log(seconds / predicted))
         later = record.step_durations[1:]
         if later:
             predicted = _dot(coefficients.get(component_key(STEP, shape), ()),
-                             features(STEP, shape)) * shape.passes
+                             features(STEP, shape)) * shape.passes * videos_of(STEP, shape)
             if predicted > 0 and statistics.fmean(later) > 0:
                 errors.append(math.log(statistics.fmean(later) / predicted))
         if len(errors) > 1:

@@ -42,6 +42,7 @@ from telemetry.eta.model import (
     predict,
     rel_sigma,
     speed_key,
+    videos_of,
     warmup_factor,
 )
 from telemetry.eta.online import (
@@ -170,8 +171,6 @@ class Estimate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
         return elapsed_s + self.remaining_s
 
 
-#: Phases whose cost scales with the number of videos generated per prompt.
-_PER_VIDEO: Final = frozenset({STEP, "latent_init", "decode", "postprocess", "save"})
 
 
 #: What corrects a prior by what was learned online (:func:`corrected`, or its C twin).
@@ -198,8 +197,7 @@ class Prior(NamedTuple):
         phases = expected_phases(shape, runner=runner)
         expected: dict[str, float] = {}
         sigma: dict[str, float] = {}
-        videos = shape.videos
-        step = predict(STEP, shape, calibration) * shape.passes * videos
+        step = predict(STEP, shape, calibration) * shape.passes * videos_of(STEP, shape)
         warmup = warmup_factor(shape, calibration)
         keys = {STEP: phase_keys(STEP, shape, warm=warm)}
         for phase in phases:
@@ -207,8 +205,7 @@ class Prior(NamedTuple):
                 expected[phase] = step * (max(shape.steps - 1, 0) + warmup)
                 sigma[phase] = rel_sigma(STEP, shape, calibration)
             else:
-                scale = videos if phase in _PER_VIDEO else 1
-                expected[phase] = predict(phase, shape, calibration) * scale
+                expected[phase] = predict(phase, shape, calibration) * videos_of(phase, shape)
                 if phase == "save":
                     expected[phase] += first_export(shape, calibration, warm=warm)
                 sigma[phase] = rel_sigma(phase, shape, calibration)

@@ -119,6 +119,18 @@ def features(phase: str, shape: JobShape) -> tuple[float, ...]:
     return (1.0,)
 
 
+#: The phases whose cost is paid per video generated (``num_videos_per_prompt``): a job's is
+#: its videos times one video's, which is what the priors and a calibration's coefficients
+#: give (the transformer's pass too: a batch of three videos is three times the tokens).
+PER_VIDEO: Final = frozenset({STEP, "latent_init", "decode", "postprocess", "save"})
+
+
+def videos_of(phase: str, shape: JobShape) -> int:
+    """How many videos' worth of ``phase`` the job runs: its videos per prompt where the phase
+    is paid per video (:data:`PER_VIDEO`), else 1."""
+    return shape.videos if phase in PER_VIDEO else 1
+
+
 def expected_phases(shape: JobShape, *, runner: bool) -> tuple[str, ...]:
     """The phases a job will go through: ``load``/``save`` only when ``wantel run`` drives it."""
     phases = ["text_encode"]

@@ -393,6 +393,28 @@ class TestFit:
         calibration = fit(job_records(events)).calibration
         assert calibration.rel_sigma[speed_key("cpu")] > 0.3
 
+    def test_a_job_of_several_videos_teaches_one_videos_cost(self) -> None:
+        """Jobs of 1, 2 and 3 videos per prompt, each phase at its prior: the fit learns one
+        video's decode and save and one pass's step — the priors — so a job's estimate is
+        its videos times them (before: a 3-video job's whole decode was taken as one
+        video's, and the mixed fit crossed zero)."""
+        events: list[Event] = []
+        ts = 0
+        for index in range(12):
+            job = job_events(f"v{index}", ts, size=(32, 64, 96)[index % 3],
+                             options={"num_videos": 1 + index % 4 // 2 + index % 2})
+            events += job
+            ts = job[-1].ts + SECOND
+        records = job_records(events)
+        assert {1, 2, 3} <= {r.shape.videos for r in records}
+        calibration = fit(records).calibration
+        for record in records:
+            fitted = Prior.of(record.shape, False, calibration)
+            prior = Prior.of(record.shape, False, Calibration())
+            for phase in ("decode", "postprocess"):
+                assert fitted.expected[phase] == pytest.approx(prior.expected[phase], rel=0.02)
+            assert fitted.step == pytest.approx(prior.step, rel=0.02)
+
 
 class TestProgress:
     @settings(max_examples=60, deadline=None)
