@@ -19,7 +19,7 @@ import msgspec
 
 from telemetry.eta.shape import JobShape
 from telemetry.events import EtaCalibrated
-from telemetry.pipelines import is_wan
+from telemetry.pipelines import is_video, is_wan
 from telemetry.wan import uses_image_encoder, uses_wan22_vae
 
 PHASES: Final = ("load", "text_encode", "image_encode", "latent_init", "denoise", "decode",
@@ -277,9 +277,10 @@ def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:
 
 def first_export(shape: JobShape, calibration: Calibration, *, warm: bool) -> float:
     """What the save stage costs once per job on top of its videos: :data:`FIRST_EXPORT_S` for a
-    tiny model's job that is its process's first (not ``warm``), while the save's prior is in
-    force (a calibration's fit measured it, whatever it was)."""
-    if (warm or not shape.tiny
+    tiny model's video (an image is written by PIL, with no ffmpeg to start) in a job that is
+    its process's first (not ``warm``), while the save's prior is in force (a calibration's
+    fit measured it, whatever it was)."""
+    if (warm or not shape.tiny or not is_video(shape.task)
             or component_key("save", shape) in calibration.coefficients):
         return 0.0
     return FIRST_EXPORT_S * calibration.prior_scale

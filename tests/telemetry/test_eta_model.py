@@ -88,6 +88,15 @@ class TestShape:
         assert (cold, warm) == (pytest.approx(per_video + FIRST_EXPORT_S),
                                 pytest.approx(per_video))
 
+    def test_an_image_is_not_exported_through_ffmpeg(self) -> None:
+        """An image model's output is written by PIL: no first export on its save."""
+        event = started(width=64, height=64, frames=1)
+        image = msgspec.structs.replace(event, variant="tiny-sd", model="tiny-sd",
+                                        family="sd", task="t2i")
+        shape = JobShape.of(image)
+        assert LiveJob.start(image, Calibration()).expected["save"] == pytest.approx(
+            predict("save", shape, Calibration()))
+
     def test_the_first_export_is_paid_once_whatever_the_videos(self) -> None:
         """Three videos per prompt: three videos' save, one first export."""
         event = started(width=64, height=64, frames=17)
