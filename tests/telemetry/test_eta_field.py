@@ -233,7 +233,7 @@ class TestTheOptionsThatChangeSpeed:
     and first scored once the rules above were set:
 
     - ``eta-options-quiet`` (``--jobs 28 --seed 71``): no neighbour, yet the machine ran ~2×
-      slower for its first 20 jobs than for the rest (another tenant: docs/eta.md);
+      slower for its first 20 jobs than for the rest (a shift from outside: docs/eta.md);
     - ``eta-options-noisy`` (``--jobs 20 --seed 79 --busy 2``).
 
     Recording them found two bugs: Wan 2.1 I2V could not make several videos per prompt
