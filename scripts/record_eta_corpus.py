@@ -5,7 +5,7 @@ Each job is a separate `wantel run` process, as a user would run it, so the load
 what it really costs (importing diffusers, building the model). The parameters are drawn from a
 seeded generator, so the set of jobs is reproducible; their timings are what this machine did.
 
-Six plans:
+Seven plans:
 
 - ``fixture`` (default): the corpus in ``tests/fixtures/eta-corpus``, 32–256 px in steps of 32,
   9–49 frames, 4–30 steps, CFG on or off.
@@ -19,6 +19,7 @@ Six plans:
   32–64, 51–60 steps or 1: the third noisy held-out corpus (the ETA ablation).
 - ``options``: 1–3 videos per prompt and the VAE's tiling on or off, at sizes and frames of
   their own: the options that change speed, which no other plan sets.
+- ``families``: the tiny pipelines beyond Wan (CogVideoX, Stable Diffusion), alternately.
 
 ``--busy N`` runs N busy-loop processes for the whole recording: a noisy neighbour.
 
@@ -149,6 +150,26 @@ def options_plan(count: int, seed: int) -> list[dict[str, object]]:
     return jobs
 
 
+FAMILY_SIZES = (64, 80, 96, 112, 128)
+FAMILY_FRAMES = (9, 13, 17)  # CogVideoX's VAE compresses time by 4: 4k+1 frames
+
+
+def families_plan(count: int, seed: int) -> list[dict[str, object]]:
+    """The tiny pipelines beyond Wan, alternately: CogVideoX's text-to-video (9–17 frames) and
+    Stable Diffusion's text-to-image (one frame, saved as an image), 64–128 px, 6–24 steps —
+    the families whose ETA starts from a neutral prior."""
+    rng = random.Random(seed)
+    jobs = []
+    for index in range(count):
+        variant = ("tiny-cogvideox", "tiny-sd")[index % 2]
+        frames = 1 if variant == "tiny-sd" else rng.choice(FAMILY_FRAMES)
+        jobs.append({"job": f"fam-{index:03d}", "variant": variant,
+                     "height": rng.choice(FAMILY_SIZES), "width": rng.choice(FAMILY_SIZES),
+                     "frames": frames, "steps": rng.randint(6, 24),
+                     "guidance": rng.choice((1.0, 6.0)), "seed": 1700 + index})
+    return jobs
+
+
 def repeat_plan(count: int, seed: int) -> list[dict[str, object]]:
     """Six shape families drawn like ``wide``, run round-robin until ``count`` jobs."""
     rng = random.Random(seed)
@@ -221,7 +242,9 @@ def _record(jobs: list[dict[str, object]], wantel: list[str], out: Path) -> int:
                        "--width", str(spec["width"]), "--frames", str(spec["frames"]),
                        "--steps", str(spec["steps"]), "--guidance", str(spec["guidance"]),
                        "--seed", str(spec["seed"]), "--job", str(spec["job"]),
-                       "--log", str(out), "--out", str(Path(scratch) / "video.mp4"), "--json"]
+                       "--log", str(out), "--json", "--out",
+                       str(Path(scratch) / ("image.png" if spec["variant"] == "tiny-sd"
+                                            else "video.mp4"))]
             if str(spec["variant"]) in ("tiny-i2v", "tiny-i2v-a14b"):
                 command += ["--image", str(image)]
             if int(str(spec.get("videos", 1))) > 1:
@@ -237,7 +260,7 @@ def _record(jobs: list[dict[str, object]], wantel: list[str], out: Path) -> int:
 
 
 PLANS = {"fixture": plan, "wide": wide_plan, "repeat": repeat_plan, "strips": strips_plan,
-         "blocks": blocks_plan, "options": options_plan}
+         "blocks": blocks_plan, "options": options_plan, "families": families_plan}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,8 +46,8 @@ static double bucket_edges[8];
 static Py_ssize_t n_bucket_edges;
 static PyObject *str_denoise, *str_step_ended, *str_estimate_fields;
 
-static double PRIOR_STEPS, WARMUP_WEIGHT, Z90, MIN_SPEED_PHASE_S, STEP_NOISE, SPEED_HUBER,
-    SURPRISE, RATIO_LIMIT, PRIOR_PIECES, FIRST_PIECE;
+static double PRIOR_STEPS, WARMUP_WEIGHT, Z90, MIN_SPEED_PHASE_S, PHASE_TIME_NOISE, STEP_NOISE,
+    SPEED_HUBER, SURPRISE, RATIO_LIMIT, PRIOR_PIECES, FIRST_PIECE;
 static long SPEED_ROUNDS;
 
 #define FIELDS(X)                                                                              \
@@ -441,7 +441,7 @@ phase_evidence(Job *job, double shared, double *ratios, double *weights, Py_ssiz
             continue;
         }
         CHECK(read_float(value, &seconds));
-        if (seconds < MIN_SPEED_PHASE_S) {
+        if (seconds <= 0) {
             continue;
         }
         CHECK(get_float(job->expected, phase, 0.0, &expected));
@@ -455,7 +455,8 @@ phase_evidence(Job *job, double shared, double *ratios, double *weights, Py_ssiz
         CHECK(math_log(quotient, &ratio));
         ratios[count] = clamp_ratio(ratio);
         CHECK(get_float(job->sigma, phase, 0.35, &sigma));
-        DIV(weights[count], 1.0, own_variance(sigma, shared));
+        DIV(quotient, PHASE_TIME_NOISE, seconds);
+        DIV(weights[count], 1.0, own_variance(sigma, shared) + quotient * quotient);
         count++;
     }
     /* self.evidence_key, self.evidence = len(self.done), (ratios, weights) */
@@ -2481,7 +2482,8 @@ PyInit__live(void)
 #undef OFFSET
     static const ConstantRef live_constants[] = {
         {"PRIOR_STEPS", &PRIOR_STEPS}, {"WARMUP_WEIGHT", &WARMUP_WEIGHT}, {"Z90", &Z90},
-        {"MIN_SPEED_PHASE_S", &MIN_SPEED_PHASE_S}, {"STEP_NOISE", &STEP_NOISE},
+        {"MIN_SPEED_PHASE_S", &MIN_SPEED_PHASE_S}, {"PHASE_TIME_NOISE", &PHASE_TIME_NOISE},
+        {"STEP_NOISE", &STEP_NOISE},
         {"SPEED_HUBER", &SPEED_HUBER}, {"SURPRISE", &SURPRISE},
         {"PRIOR_PIECES", &PRIOR_PIECES}, {"FIRST_PIECE", &FIRST_PIECE},
     };

@@ -66,10 +66,14 @@ from telemetry.pipelines import cost_family, is_wan
 PRIOR_STEPS: Final = 2.0  # the prior's weight, in steps, against observed step durations
 WARMUP_WEIGHT: Final = 0.3  # how much the first step counts towards the step mean
 Z90: Final = 1.2816  # standard normal quantile of 0.9
-#: A phase expected, or measured, under this says nothing of how fast the job computes: its
-#: time is timer noise and fixed overheads (drawing noise latents took 0.2 ms against 10 ms
-#: expected with priors 5× slow — not a job 40× faster than its text encode and steps said).
+#: A phase expected to take under this says nothing of how fast the job computes.
 MIN_SPEED_PHASE_S: Final = 0.005
+#: What a phase's measured time is uncertain by, whatever its length (scheduling, fixed
+#: overheads): its log ratio's variance gains (this ÷ its seconds)². A phase of a fraction of
+#: a millisecond then says almost nothing of the job's speed (noise latents drawn in 0.2 ms
+#: against 10 ms expected, with priors 5× slow, had counted as a job 40× faster than its text
+#: encode and steps said), while a 4 ms text encode of a job that is all fast still says much.
+PHASE_TIME_NOISE: Final = 0.001
 #: How far a job's speed may be from its expectation before anything is seen (log units),
 #: while neither the device's history nor a calibration says: a factor of ~2.7 either way —
 #: published figures for another GPU, or a busy node, can be that far off, and the job's own
@@ -564,13 +568,13 @@ class LiveJob(msgspec.Struct, kw_only=True):
         log ratio.
 
         Evidence: each finished phase of :data:`~telemetry.eta.online.SPEED_PHASES` expected
-        to take, and measured at, ≥ 5 ms (``MIN_SPEED_PHASE_S``), weighing 1/(its own
-        variance: its component's σ² less the shared τ²); and the measured steps after the
-        first, weighing 1/(own variance + STEP_NOISE²/n). Against a prior weight 1/τ², τ the
-        spread of this device's job speeds. ``SPEED_ROUNDS`` reweighting rounds down-weight
-        any piece of evidence more than ``SPEED_HUBER`` standard deviations from the
-        consensus (Huber), so one anomalous phase does not move every later one. The
-        variance adds :func:`_surprise`.
+        to take ≥ 5 ms (``MIN_SPEED_PHASE_S``), weighing 1/(its own variance: its
+        component's σ² less the shared τ², plus its time's noise, (``PHASE_TIME_NOISE`` ÷
+        seconds)²); and the measured steps after the first, weighing 1/(own variance +
+        STEP_NOISE²/n). Against a prior weight 1/τ², τ the spread of this device's job
+        speeds. ``SPEED_ROUNDS`` reweighting rounds down-weight any piece of evidence more
+        than ``SPEED_HUBER`` standard deviations from the consensus (Huber), so one
+        anomalous phase does not move every later one. The variance adds :func:`_surprise`.
         Memoised until a phase ends or a step is measured.
         """
         key = self.steps_seen * 64 + len(self.done)
@@ -621,13 +625,14 @@ class LiveJob(msgspec.Struct, kw_only=True):
         weights: list[float] = []
         expected_of, sigma_of = self.expected.get, self.sigma.get
         for phase, seconds in self.done.items():
-            if phase not in SPEED_PHASES or seconds < MIN_SPEED_PHASE_S:
+            if phase not in SPEED_PHASES or seconds <= 0:
                 continue
             expected = expected_of(phase, 0.0)
             if expected < MIN_SPEED_PHASE_S:
                 continue
             ratios.append(clamp_ratio(log(seconds / expected)))
-            weights.append(1.0 / own_variance(sigma_of(phase, 0.35), shared))
+            noise = PHASE_TIME_NOISE / seconds
+            weights.append(1.0 / (own_variance(sigma_of(phase, 0.35), shared) + noise * noise))
         self.evidence_key, self.evidence = len(self.done), (ratios, weights)
         return self.evidence
 

@@ -171,8 +171,8 @@ class EtaProjection:
     #: non-Wan family's online learning under its own device level (a version 2 checkpoint
     #: has neither: replaying learns and scores them). 4: a worker's later jobs learn apart
     #: from its first (``warm``). 5: a stage's pieces (``StageProgress``) move its ETA.
-    #: 6: a phase measured under 5 ms says nothing of the job's speed; the save stage's prior
-    #: on a CPU is measured (``benchmarks/save_cost.py``).
+    #: 6: a phase's time carries a millisecond of noise as evidence of the job's speed; the
+    #: save stage's prior on a CPU is measured (``benchmarks/save_cost.py``).
     version = 6
     state_type = EtaState
     handles = frozenset({

@@ -289,6 +289,20 @@ class TestRobustLiveUpdates:
         assert live.done["latent_init"] < 0.001
         assert live._speed() == pytest.approx(0.2, rel=0.15)
 
+    def test_a_job_all_of_whose_phases_are_fast_is_still_corrected_by_them(self) -> None:
+        """A tiny image model's job is fast throughout: its text encode takes 4 ms where 500 ms
+        was expected (priors 5× slow). Its time's millisecond of noise leaves that strong
+        evidence: when the loop starts, the job's speed is far below 1 (a rule that ignored
+        every phase under 5 ms left it at 1, and the job's ETA at 13× its length)."""
+        events = job_events("fast", 0, factor=0.04, steps=20)
+        started = events[0]
+        assert isinstance(started, JobStarted)
+        live = LiveJob.start(started, Calibration(prior_scale=5.0))
+        for event in events[1:6]:
+            live.observe(event)
+        assert live.done["text_encode"] < 0.005
+        assert live._speed() < 0.05
+
     def test_the_interval_widens_when_the_job_disagrees_and_narrows_with_steps(self) -> None:
         """Relative width of the interval: wider for a job far from its prior than for one
         on it, at the same point; narrower after many steps than after two."""
