@@ -147,9 +147,9 @@ class TestOnlineLearning:
                                                                 prior_scale: float) -> None:
         """Priors 5× too slow or too fast: from the 4th job of a shape the before-start
         estimate is within 25 %, at half the duration within 15 % from the 2nd; coverage
-        70–92 % (the goal is 70–90 %: 91.1 % with priors 5× fast, two ETAs of 180 over). (The
-        very first job of such a log is 5–26 % off at half: it predates the decode's pieces,
-        docs/eta.md.)"""
+        70–92 % (the goal is 70–90 %: 91.1 % with priors 5× off either way, two ETAs of 180
+        over). (The very first job of such a log is 4–26 % off at half: it predates the
+        decode's pieces, docs/eta.md.)"""
         assert_learns("eta-repeat", prior_scale, half_from_2nd=15.0, coverage=(0.70, 0.92))
 
     def test_a_noisy_neighbour(self) -> None:
