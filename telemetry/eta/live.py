@@ -175,8 +175,6 @@ class Estimate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
         return elapsed_s + self.remaining_s
 
 
-
-
 #: What corrects a prior by what was learned online (:func:`corrected`, or its C twin).
 Corrector = Callable[["Prior", Learned, int, float],
                      tuple[float, dict[str, float], dict[str, float], float, float]]
