@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 #: The line of ``WanImageToVideoPipeline.__call__`` that repeats the CLIP image embedding per
-#: prompt only (diffusers 0.33–0.42 at least; huggingface/diffusers#13578, fixed by #14170).
+#: prompt only (diffusers 0.42.1 has it; huggingface/diffusers#13578, a fix proposed in #14170).
 _PER_PROMPT_ONLY: Final = "image_embeds = image_embeds.repeat(batch_size, 1, 1)"
 
 
