@@ -1,12 +1,14 @@
-"""What ``wantel run``'s save stage costs on this machine: the prior of the ``save`` phase.
+"""What diffusers' ``export_to_video`` costs on this machine, and a process's first export.
 
 The save stage writes each video with diffusers' ``export_to_video`` (imageio's ffmpeg
 writer: a subprocess per video, then an encode per frame). Its cost is a constant (the
 process's start, the container) plus a term per output pixel. This times it at sizes
-spanning tiny models' outputs and prints the least-squares line, seconds = a + b × Mpx,
-which is the ``save`` figure in ``telemetry.eta.model``'s CPU priors — each size is printed
-beside that prior's prediction for a warm worker (the process's first video, which costs
-``FIRST_EXPORT_S`` more, is timed apart), and the ratio of the two.
+spanning tiny models' outputs, on random pixels (the worst case for the encoder), and prints
+the least-squares line, seconds = a + b × Mpx, each size beside the ``save`` prior of
+``telemetry.eta.model`` for a warm worker and the ratio of the two. The prior itself is
+measured on ``wantel run``'s own saves (``benchmarks/tiny_priors.py``), whose videos compress
+better: expect ratios above 1 at the larger sizes. The process's first video is timed apart:
+what it costs more is ``FIRST_EXPORT_S``.
 
     python benchmarks/save_cost.py [--repeats 3]
 """

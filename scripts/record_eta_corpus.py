@@ -5,7 +5,7 @@ Each job is a separate `wantel run` process, as a user would run it, so the load
 what it really costs (importing diffusers, building the model). The parameters are drawn from a
 seeded generator, so the set of jobs is reproducible; their timings are what this machine did.
 
-Seven plans:
+Eight plans:
 
 - ``fixture`` (default): the corpus in ``tests/fixtures/eta-corpus``, 32–256 px in steps of 32,
   9–49 frames, 4–30 steps, CFG on or off.
@@ -20,6 +20,9 @@ Seven plans:
 - ``options``: 1–3 videos per prompt and the VAE's tiling on or off, at sizes and frames of
   their own: the options that change speed, which no other plan sets.
 - ``families``: the tiny pipelines beyond Wan (CogVideoX, Stable Diffusion), alternately.
+- ``priors``: a fixed grid of every Wan variant from a still to ~3,300 tokens, CFG on and off:
+  the run the tiny CPU priors of ``telemetry/eta/model.py`` are fitted on
+  (``python benchmarks/tiny_priors.py``); no ETA corpus is scored on it.
 
 ``--busy N`` runs N busy-loop processes for the whole recording: a noisy neighbour.
 
@@ -170,6 +173,30 @@ def families_plan(count: int, seed: int) -> list[dict[str, object]]:
     return jobs
 
 
+#: (height, width, frames) of the priors grid: a still, then from ~30 to ~3,300 tokens and from
+#: 0.02 to 3.2 megapixels, so every component's terms (tokens², pixels) are measured.
+PRIOR_GRID = ((64, 64, 1), (64, 96, 9), (128, 128, 17), (160, 224, 25), (224, 256, 33),
+              (256, 256, 49))
+PRIOR_TI2V_GRID = ((64, 64, 1), (64, 96, 9), (128, 128, 17), (160, 224, 25), (224, 256, 33),
+                   (288, 288, 49))
+
+
+def priors_plan(count: int, seed: int) -> list[dict[str, object]]:
+    """Every Wan variant over :data:`PRIOR_GRID`, 8 steps, CFG on and off in turn (``count``
+    and ``seed`` only cut and seed it): what the tiny CPU priors are fitted on, in one run, so
+    their phases are measured at one machine speed."""
+    jobs = []
+    for index in range(count):
+        variant = VARIANTS[index % len(VARIANTS)]
+        grid = PRIOR_TI2V_GRID if variant == "tiny-ti2v" else PRIOR_GRID
+        height, width, frames = grid[(index // len(VARIANTS)) % len(grid)]
+        jobs.append({"job": f"prior-{index:03d}", "variant": variant, "height": height,
+                     "width": width, "frames": frames, "steps": 8,
+                     "guidance": (1.0, 5.0)[(index // len(VARIANTS) + index) % 2],
+                     "seed": seed + index})
+    return jobs
+
+
 def repeat_plan(count: int, seed: int) -> list[dict[str, object]]:
     """Six shape families drawn like ``wide``, run round-robin until ``count`` jobs."""
     rng = random.Random(seed)
@@ -260,7 +287,8 @@ def _record(jobs: list[dict[str, object]], wantel: list[str], out: Path) -> int:
 
 
 PLANS = {"fixture": plan, "wide": wide_plan, "repeat": repeat_plan, "strips": strips_plan,
-         "blocks": blocks_plan, "options": options_plan, "families": families_plan}
+         "blocks": blocks_plan, "options": options_plan, "families": families_plan,
+         "priors": priors_plan}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -193,21 +193,25 @@ PUBLISHED_STEP_PRIORS: Final[dict[tuple[str, str], tuple[float, ...]]] = {
     ("dit-1.3B", "4090"): (0.0, _per_pass(261.4, 50) / 32.76, 0.0),
 }
 
-# Tiny random-weight models on one CPU thread (measured here, diffusers 0.42, torch 2.13):
-# ~2 ms per transformer pass at 80 tokens, ~50 ms per 512-token prompt encode, ~1 µs per
-# decoded pixel; the save stage (diffusers' ``export_to_video``: an ffmpeg subprocess) 0.05 s
-# and 0.12 s per output megapixel (``python benchmarks/save_cost.py``), plus FIRST_EXPORT_S
-# for a process's first video (each ``wantel run`` job is one). Calibration replaces them
-# after the first completed jobs.
+# Tiny random-weight Wan pipelines on one CPU thread (diffusers 0.42, torch 2.13), every phase
+# measured in one run so that their ratios hold (a job's phases share its speed; the level
+# moves with the machine): ``python benchmarks/tiny_priors.py`` records 30 ``wantel run`` jobs
+# (a still to 3,300 tokens) and fits them. Keyed by phase, and by ``phase|part`` where a part
+# differs: Wan 2.2's VAE decodes a pixel 3.7× cheaper than Wan 2.1's. The latent_init here is
+# I2V's, which encodes the image with the VAE (noise latents are _NOISE_LATENTS). The save is
+# ``wantel run``'s, less FIRST_EXPORT_S, which a process's first video pays on top (each
+# ``wantel run`` job is one); a tiny model's video compresses far better than the random
+# pixels of ``benchmarks/save_cost.py``. Calibration replaces them after the first jobs.
 _TINY_CPU: Final[dict[str, tuple[float, ...]]] = {
-    "load": (0.5,),
-    "text_encode": (0.05, 0.05),
-    "image_encode": (0.01,),
-    "latent_init": (0.001, 0.2),
-    STEP: (0.0015, 0.005, 0.0),
-    "decode": (0.02, 1.0),
-    "postprocess": (0.0, 0.01),
-    "save": (0.05, 0.12),
+    "load": (0.032,),
+    "text_encode": (0.031, 0.020),
+    "image_encode": (0.0064,),
+    "latent_init": (0.0036, 0.96),
+    STEP: (0.0022, 0.0065, 0.0027),
+    "decode": (0.0029, 1.49),
+    "decode|vae-2.2-tiny": (0.0039, 0.40),
+    "postprocess": (0.0004, 0.015),
+    "save": (0.08, 0.05),
 }
 #: What a process's first video costs on top (imageio's ffmpeg plugin and binary found, its
 #: first subprocess: 0.14–0.15 s against 0.045 s for the next, measured here): a worker's
@@ -258,8 +262,11 @@ def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
         # Drawing noise latents (T2V, TI2V's text mode) is a few milliseconds at any size;
         # only I2V encodes its image with the VAE here (the pixel term).
         return _NOISE_LATENTS
+    if shape.tiny and is_wan(shape.family):
+        part = component_key(phase, shape).rpartition("|")[0]  # the key less its device
+        return _TINY_CPU.get(part) or _TINY_CPU[phase]
     if shape.tiny:
-        return (_TINY_CPU if is_wan(shape.family) else _NEUTRAL_TINY)[phase]
+        return _NEUTRAL_TINY[phase]
     return _GENERIC[phase]
 
 

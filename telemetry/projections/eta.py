@@ -172,8 +172,9 @@ class EtaProjection:
     #: has neither: replaying learns and scores them). 4: a worker's later jobs learn apart
     #: from its first (``warm``). 5: a stage's pieces (``StageProgress``) move its ETA.
     #: 6: a phase's time carries a millisecond of noise as evidence of the job's speed; the
-    #: save stage's prior on a CPU is measured (``benchmarks/save_cost.py``).
-    version = 6
+    #: save stage's prior on a CPU is measured (``benchmarks/save_cost.py``). 7: the tiny
+    #: CPU priors, every phase measured in one run (``benchmarks/tiny_priors.py``).
+    version = 7
     state_type = EtaState
     handles = frozenset({
         JobStarted, StageStarted, StageEnded, StageProgress, StepEnded, EtaCalibrated,
