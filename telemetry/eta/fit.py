@@ -5,6 +5,13 @@ reweighted least squares with weights 1/ŷ², as a Gamma GLM would: it estimates
 1/y² weights would bias every component low), because users judge an ETA by how far off it is
 in proportion, and a few runs disturbed by a busy machine must not drag the fit. The systems are
 tiny (at most three coefficients), so they are solved here in pure Python.
+
+Each fit leans towards its component's prior *shape*, scaled to the data (:func:`robust_fit`):
+a calibration is often fitted on a few shapes (a service's usual request, or the first jobs of
+a fleet), and their samples may not tell an intercept from a per-pixel term. Unheld, such a fit
+puts the whole cost in whichever term the noise favours: three 81-frame clips taught an image
+encode of 2.6 s for any size, and a 1-frame still then took 0.39 s. Held to the prior's shape,
+what the samples cannot say is taken from the prior, and what they can say wins.
 """
 
 from __future__ import annotations
@@ -14,26 +21,37 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 from telemetry.eta.jobs import JobRecord
 from telemetry.eta.model import (
     BUCKETS,
     CHECKPOINTS,
     DEFAULT_REL_SIGMA,
+    PHASES,
     STEP,
     Calibration,
     bucket_of,
     component_key,
     features,
+    prior_coefficients,
     speed_key,
     videos_of,
 )
 from telemetry.eta.online import MIN_SPEED_VARIANCE, SPEED_PHASES
+from telemetry.pipelines import is_wan
 
+#: How much the prior's shape weighs against a component's samples, in samples: a departure
+#: from the prior's shape (scaled to the data) that moves the component's typical duration
+#: by 100 % costs as much as one sample predicted 100 % off. Many samples that span the
+#: features overrule it; samples that cannot tell two terms apart leave them in the prior's
+#: proportion.
+PRIOR_SHAPE_WEIGHT: Final = 1.0
 HUBER_K: Final = 2.5  # in robust standard deviations: only gross outliers are down-weighted
 IRLS_ROUNDS: Final = 20
 MIN_QUANTILE_SAMPLES: Final = 8
+#: The phases with a prior (a stage outside :data:`~telemetry.eta.model.PHASES` has none).
+PRIOR_PHASES: Final = frozenset({*PHASES, STEP}) - {"denoise"}
 
 
 @dataclass
@@ -55,9 +73,17 @@ class FitResult:
     components: list[ComponentFit] = field(default_factory=list)
 
 
+class Ridge(NamedTuple):
+    """A penalty ``strength[j] × (coefficient[j] − target[j])²`` added to a least-squares fit."""
+
+    target: Sequence[float]
+    strength: Sequence[float]
+
+
 def solve(rows: Sequence[Sequence[float]], ys: Sequence[float],
-          weights: Sequence[float]) -> list[float]:
-    """Weighted least squares by normal equations, with a whisper of ridge for stability."""
+          weights: Sequence[float], ridge: Ridge | None = None) -> list[float]:
+    """Weighted least squares by normal equations, with a whisper of ridge for stability, and
+    ``ridge`` if given (towards its targets)."""
     k = len(rows[0])
     a = [[0.0] * k for _ in range(k)]
     b = [0.0] * k
@@ -69,6 +95,10 @@ def solve(rows: Sequence[Sequence[float]], ys: Sequence[float],
     scale = max(a[i][i] for i in range(k)) or 1.0
     for i in range(k):
         a[i][i] += 1e-9 * scale
+    if ridge is not None:
+        for i in range(k):
+            a[i][i] += ridge.strength[i]
+            b[i] += ridge.strength[i] * ridge.target[i]
     # Gaussian elimination with partial pivoting.
     for col in range(k):
         pivot = max(range(col, k), key=lambda r: abs(a[r][col]))
@@ -89,16 +119,26 @@ def solve(rows: Sequence[Sequence[float]], ys: Sequence[float],
     return out
 
 
-def robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
-    """Huber IRLS on relative residuals; uses fewer coefficients when data are few, and
-    none that comes out negative: a duration is a sum of costs, none of which shrinks as the
-    job grows (a line through a few noisy points that crosses zero predicts a 0 s phase at
-    the sizes it did not see). A negative coefficient is dropped and the rest refitted."""
+def robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float],
+               prior: Sequence[float] | None = None) -> list[float]:
+    """Huber IRLS on relative residuals, and no coefficient that comes out negative: a
+    duration is a sum of costs, none of which shrinks as the job grows (a line through a few
+    noisy points that crosses zero predicts a 0 s phase at the sizes it did not see). A
+    negative coefficient is dropped and the rest refitted.
+
+    ``prior``: the component's prior coefficients. The fit then leans towards the prior's
+    shape scaled to the samples (:func:`prior_ridge`, :data:`PRIOR_SHAPE_WEIGHT`), so samples
+    at one size scale the prior rather than make its cost a constant. Without it, the fit
+    uses no more coefficients than there are distinct rows."""
     k = len(rows[0])
-    usable = min(k, max(1, len({tuple(r) for r in rows})))
+    usable = k if prior is not None else min(k, max(1, len({tuple(r) for r in rows})))
     kept = list(range(usable))
+    ridge = None if prior is None else prior_ridge(rows, ys, prior)
     while True:
-        coefficients = _robust_fit([[r[i] for i in kept] for r in rows], ys)
+        coefficients = _robust_fit(
+            [[r[i] for i in kept] for r in rows], ys,
+            None if ridge is None else Ridge([ridge.target[i] for i in kept],
+                                             [ridge.strength[i] for i in kept]))
         negative = [i for i, c in zip(kept, coefficients, strict=True) if c < 0]
         if not negative or len(kept) == 1:
             break
@@ -109,10 +149,32 @@ def robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[flo
     return out
 
 
-def _robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+def prior_ridge(rows: Sequence[Sequence[float]], ys: Sequence[float],
+                prior: Sequence[float]) -> Ridge | None:
+    """The pull towards ``prior``'s shape: its coefficients times the samples' mean ratio to
+    it, each held by :data:`PRIOR_SHAPE_WEIGHT` over the square of the change in that
+    coefficient that would double the samples' typical duration (in the fit's relative
+    units, so one sample 100 % off weighs as much). ``None`` where the prior predicts
+    nothing for these samples."""
+    predicted = [_dot(prior, x) for x in rows]
+    ratios = [y / p for y, p in zip(ys, predicted, strict=True) if p > 0 and y > 0]
+    if not ratios:
+        return None
+    scale = statistics.fmean(ratios)
+    strength = []
+    for j in range(len(rows[0])):
+        per_unit = [p * scale / x[j] for x, p in zip(rows, predicted, strict=True)
+                    if x[j] > 0 and p > 0]
+        typical = statistics.median(per_unit) if per_unit else 0.0
+        strength.append(PRIOR_SHAPE_WEIGHT / typical ** 2 if typical > 0 else 0.0)
+    return Ridge([c * scale for c in prior], strength)
+
+
+def _robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float],
+                ridge: Ridge | None = None) -> list[float]:
     """Huber IRLS on relative residuals, every column of ``rows`` a coefficient."""
     weights = [1.0 / max(y, 1e-9) ** 2 for y in ys]
-    coefficients = solve(rows, ys, weights)
+    coefficients = solve(rows, ys, weights, ridge)
     for _ in range(IRLS_ROUNDS):
         # Weights from the *prediction* (a Gamma-GLM-like fit: relative errors, yet means,
         # not the low-biased 1/y² estimate), times Huber's down-weighting of gross outliers.
@@ -121,7 +183,7 @@ def _robust_fit(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[fl
         sigma = _robust_sigma(residuals) or 1e-6
         weights = [min(1.0, HUBER_K * sigma / max(abs(r), 1e-12)) / (p * p)
                    for r, p in zip(residuals, predicted, strict=True)]
-        updated = solve(rows, ys, weights)
+        updated = solve(rows, ys, weights, ridge)
         if max(abs(u - c) for u, c in zip(updated, coefficients, strict=True)) < 1e-12:
             break
         coefficients = updated
@@ -156,6 +218,23 @@ def observations(records: Iterable[JobRecord]) -> dict[str, list[tuple[tuple[flo
             per_pass = statistics.fmean(later) / shape.passes / videos_of(STEP, shape)
             samples[component_key(STEP, shape)].append((features(STEP, shape), per_pass))
     return samples
+
+
+def component_priors(records: Iterable[JobRecord]) -> dict[str, tuple[float, ...]]:
+    """The prior coefficients of every component the jobs ran (the priors, not a
+    calibration: a fit leans towards their shape), where the phase has one and the family's
+    priors have a shape: Wan's. Another family's neutral prior assumes nothing of its layout
+    (no token or pixel term), and a pull towards it would assume a flat cost."""
+    out: dict[str, tuple[float, ...]] = {}
+    for record in records:
+        shape = record.shape
+        if not is_wan(shape.family):
+            continue
+        for phase in (*record.stage_durations, STEP):
+            key = component_key(phase, shape)
+            if key not in out and phase in PRIOR_PHASES:
+                out[key] = prior_coefficients(phase, shape)
+    return out
 
 
 def warmups(records: Iterable[JobRecord]) -> dict[str, float]:
@@ -219,10 +298,11 @@ def fit(records: Sequence[JobRecord]) -> FitResult:
     result = FitResult(calibration=Calibration())
     coefficients: dict[str, tuple[float, ...]] = {}
     sigmas: dict[str, float] = {}
+    priors = component_priors(completed)
     for key, samples in sorted(observations(completed).items()):
         rows = [x for x, _ in samples]
         ys = [y for _, y in samples]
-        fitted = tuple(robust_fit(rows, ys))
+        fitted = tuple(robust_fit(rows, ys, priors.get(key)))
         relative = [(y - _dot(fitted, x)) / y for x, y in samples]
         sigma = spread_of(relative, sum(1 for c in fitted if c != 0.0))
         coefficients[key], sigmas[key] = fitted, sigma
@@ -280,4 +360,5 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-__all__ = ["ComponentFit", "FitResult", "fit", "robust_fit", "solve", "spread_of"]
+__all__ = ["ComponentFit", "FitResult", "Ridge", "component_priors", "fit", "prior_ridge",
+           "robust_fit", "solve", "spread_of"]

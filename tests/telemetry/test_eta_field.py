@@ -196,9 +196,9 @@ class TestWithTheDecodesPieces:
 
     def test_the_wide_plan_split(self) -> None:
         """``eta-pieces-wide``, fitted on half and the other half scored: ≤ 10 % at a tenth,
-        ≤ 6 % at half, half the best baseline at 10 % and never worse. Coverage is 72 % (the
-        goal is 75–85 %; misses on both sides alike: docs/eta.md)."""
-        assert_meets_the_split_goals(split("eta-pieces-wide"), coverage=(0.70, 0.85))
+        ≤ 6 % at half, half the best baseline at 10 % and never worse, coverage 75–85 % (72 %
+        before the fit leaned on the prior's shape: docs/eta.md)."""
+        assert_meets_the_split_goals(split("eta-pieces-wide"), coverage=(0.75, 0.85))
 
     @pytest.mark.parametrize("prior_scale", [1.0, 5.0, 0.2])
     def test_the_fixtures_plan_first_job_at_half(self, prior_scale: float) -> None:

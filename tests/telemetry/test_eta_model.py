@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from telemetry.engine import ProjectionEngine
 from telemetry.eta import online
-from telemetry.eta.fit import robust_fit, solve, spread_of
+from telemetry.eta.fit import component_priors, robust_fit, solve, spread_of
+from telemetry.eta.jobs import JobRecord
 from telemetry.eta.live import LiveJob, PriorCache
 from telemetry.eta.model import (
     BUCKETS,
@@ -163,9 +164,49 @@ class TestFitting:
         assert spread_of([0.1, -0.1, 0.05], coefficients=1) < DEFAULT_REL_SIGMA
 
     def test_few_distinct_rows_use_fewer_coefficients(self) -> None:
-        """One distinct shape can only support a constant."""
+        """Without a prior, one distinct shape can only support a constant."""
         assert [2.0, 0.0, 0.0] == pytest.approx(
             robust_fit([(1.0, 3.0, 9.0)] * 4, [2.0, 2.0, 2.0, 2.0]))
+
+    def test_samples_at_one_size_scale_the_priors_shape(self) -> None:
+        """Three 81-frame I2V clips (1.59–1.62 Mpx) encoded their image in 2.4–3.1 s (the
+        held-out blocks corpus). Alone, they cannot tell the intercept from the per-pixel
+        term: the fit made it a constant 2.7 s, and a 0.15 Mpx still that took 0.39 s was
+        predicted at 2.7. Held to the prior's shape (0.0036 s + 0.96 s/Mpx), they scale it:
+        the still is predicted at the prior's proportion of the clips' cost."""
+        rows = [(1.0, 1.6173), (1.0, 1.6139), (1.0, 1.5936)]
+        ys = [2.67, 2.42, 3.06]
+        prior = (0.0036, 0.96)
+        a, b = robust_fit(rows, ys, prior)
+        scale = (a + b * 1.6) / (prior[0] + prior[1] * 1.6)
+        assert a + b * 0.1536 == pytest.approx(scale * (prior[0] + prior[1] * 0.1536),
+                                               rel=0.1)
+        assert 0.2 < a + b * 0.1536 < 0.6
+        assert robust_fit(rows, ys) == pytest.approx([2.72, 0.0], rel=0.01)  # without it
+
+    def test_samples_that_span_the_features_overrule_the_priors_shape(self) -> None:
+        """Forty jobs from 0.1 to 4 Mpx on 0.2 s + 0.5 s/Mpx: a prior of the wrong shape
+        (1 s + 0.1 s/Mpx) holds the fit by about one sample's worth, no more."""
+        rng = random.Random(4)
+        rows, ys = [], []
+        for _ in range(40):
+            x = rng.uniform(0.1, 4.0)
+            rows.append((1.0, x))
+            ys.append((0.2 + 0.5 * x) * rng.uniform(0.97, 1.03))
+        a, b = robust_fit(rows, ys, prior=(1.0, 0.1))
+        assert (a, b) == (pytest.approx(0.2, rel=0.25), pytest.approx(0.5, rel=0.1))
+
+    def test_the_prior_shape_is_only_wans(self) -> None:
+        """The fit leans on Wan's priors, measured or published; another family's neutral
+        prior assumes no layout, so its components are fitted from their samples alone."""
+        def record(event: JobStarted) -> JobRecord:
+            return JobRecord(job="j", started=event, stage_durations={"decode": 0.5},
+                             step_durations=[0.1, 0.1], completed=True)
+
+        wan = record(started(variant="tiny-t2v", family="wan2.1"))
+        assert set(component_priors([wan])) == {"decode|vae-2.1-tiny|cpu", "step|dit-tiny|cpu"}
+        other = record(started(variant="tiny-cogvideox", family="cogvideox"))
+        assert component_priors([other]) == {}
 
 
 class TestLiveEstimator:
