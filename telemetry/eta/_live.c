@@ -47,7 +47,7 @@ static Py_ssize_t n_bucket_edges;
 static PyObject *str_denoise, *str_step_ended, *str_estimate_fields;
 
 static double PRIOR_STEPS, WARMUP_WEIGHT, Z90, MIN_SPEED_PHASE_S, PHASE_TIME_NOISE, STEP_NOISE,
-    SPEED_HUBER, SURPRISE, RATIO_LIMIT, PRIOR_PIECES, FIRST_PIECE;
+    SPEED_HUBER, SURPRISE, RATIO_LIMIT, PRIOR_PIECES;
 static long SPEED_ROUNDS;
 
 #define FIELDS(X)                                                                              \
@@ -57,7 +57,7 @@ static long SPEED_ROUNDS;
     X(segment_n) X(segment_prior) X(segment_observed) X(steps_seen) X(last_step_ts)            \
     X(last_remaining) X(last_ts) X(last_band) X(last_progress) X(speed_key) X(speed_cache)     \
     X(ahead_key) X(evidence_key) X(evidence) X(ahead) X(pieces_total) X(pieces_done)          \
-    X(piece_units) X(piece_seconds) X(last_piece_ts)
+    X(piece_units) X(piece_seconds) X(last_piece_ts) X(first_piece)
 
 #define DECLARE(name) static Py_ssize_t off_##name;
 FIELDS(DECLARE)
@@ -720,13 +720,14 @@ pieces_left(Job *job, PyObject *phase, PyObject *now, double speed, int64_t piec
             double *part_out, double *sigma_out, double *scaled_out)
 {
     PyObject *live = job->live;
-    double units, seconds, expected, prior, pace, since, part, share, sigma, root;
+    double units, seconds, expected, prior, pace, since, part, share, sigma, root, first;
     int64_t pieces_total;
     CHECK(read_float(SLOT(live, piece_units), &units));
+    CHECK(read_float(SLOT(live, first_piece), &first));
     CHECK(read_float(SLOT(live, piece_seconds), &seconds));
     CHECK(read_int(SLOT(live, pieces_total), &pieces_total));
     CHECK(item_float(job->expected, phase, &expected));
-    DIV(prior, expected * speed, (double)pieces_total - 1.0 + FIRST_PIECE);
+    DIV(prior, expected * speed, (double)pieces_total - 1.0 + first);
     DIV(pace, PRIOR_PIECES * prior + seconds, PRIOR_PIECES + units);
     CHECK(seconds_between(now, SLOT(live, last_piece_ts), &since));
     part = (double)(pieces_total - pieces_done) * pace - (pace < since ? pace : since);
@@ -2485,7 +2486,7 @@ PyInit__live(void)
         {"MIN_SPEED_PHASE_S", &MIN_SPEED_PHASE_S}, {"PHASE_TIME_NOISE", &PHASE_TIME_NOISE},
         {"STEP_NOISE", &STEP_NOISE},
         {"SPEED_HUBER", &SPEED_HUBER}, {"SURPRISE", &SURPRISE},
-        {"PRIOR_PIECES", &PRIOR_PIECES}, {"FIRST_PIECE", &FIRST_PIECE},
+        {"PRIOR_PIECES", &PRIOR_PIECES},
     };
     if (constants_in(live, live_constants, COUNT(live_constants)) < 0 ||
         constant(online, "RATIO_LIMIT", &RATIO_LIMIT) < 0) {

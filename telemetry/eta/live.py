@@ -104,6 +104,14 @@ FIRST_PIECE_WEIGHT: Final = 0.25
 SURPRISE: Final = 0.25
 
 
+def first_piece_share(shape: JobShape) -> float:
+    """What the first piece of a job's decode costs against a later one: :data:`FIRST_PIECE`
+    for Wan's VAE, whose first piece yields one frame where the others yield four; 1 for
+    another family's (CogVideoX's first batch of latent frames is the others' length, with
+    the remainder, if any, on top: :mod:`inference.pieces`)."""
+    return FIRST_PIECE if is_wan(shape.family) else 1.0
+
+
 def damp_rise(remaining: float, last_remaining: float | None, last_ts: int | None,
               last_band: float, now: int) -> float:
     """``remaining`` as issued after the previous ETA (``last_*``, issued at ``last_ts``).
@@ -381,6 +389,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
     piece_units: float = 0.0
     piece_seconds: float = 0.0
     last_piece_ts: int = 0
+    first_piece: float = FIRST_PIECE  # the first piece's cost against a later one's
 
     @classmethod
     def start(cls, event: JobStarted, calibration: Calibration,
@@ -419,7 +428,8 @@ class LiveJob(msgspec.Struct, kw_only=True):
                    speed_tau=tau, speed_weight=1.0 / (shared if shared > 1e-4 else 1e-4),
                    step_variance=own_variance(sigma.get("denoise", 0.35), shared),
                    offsets=offsets,
-                   total_steps=shape.steps, segment_prior=step)
+                   total_steps=shape.steps, segment_prior=step,
+                   first_piece=first_piece_share(shape))
 
     def restart(self) -> LiveJob:
         """A copy of this estimator as it was when its job started (what it learned online at
@@ -477,8 +487,9 @@ class LiveJob(msgspec.Struct, kw_only=True):
         """``done`` of the ``total`` pieces of the phase under way had finished at ``ts``.
 
         The pieces since the last report add their pace (seconds per later piece) to what
-        the phase has shown, weighing one each; the first piece, which costs ``FIRST_PIECE``
-        of a later one, weighs ``FIRST_PIECE_WEIGHT`` (as the first step does the loop's).
+        the phase has shown, weighing one each; the first piece, which costs ``first_piece``
+        of a later one (:func:`first_piece_share`), weighs ``FIRST_PIECE_WEIGHT`` (as the
+        first step does the loop's).
         ``piece_units`` sums the weights, ``piece_seconds`` the weighted paces. A report for
         another phase than the one under way (or the loop, which has its steps), or one that
         does not move forward, changes nothing.
@@ -492,7 +503,7 @@ class LiveJob(msgspec.Struct, kw_only=True):
         count = float(done - self.pieces_done)
         span = weight = count  # in later pieces' time, and in weight
         if not self.pieces_done:  # the first piece is among these
-            span, weight = count - 1.0 + FIRST_PIECE, count - 1.0 + FIRST_PIECE_WEIGHT
+            span, weight = count - 1.0 + self.first_piece, count - 1.0 + FIRST_PIECE_WEIGHT
         self.pieces_total, self.pieces_done, self.last_piece_ts = total, done, ts
         self.piece_units += weight
         self.piece_seconds += weight * ((ts - since) / 1e9) / span
@@ -781,13 +792,13 @@ class LiveJob(msgspec.Struct, kw_only=True):
         how many of them scale with the job's speed.
 
         Its pace is the prior's seconds per piece (the phase's expectation at ``speed`` over
-        its pieces, the first counting ``FIRST_PIECE``), weighing ``PRIOR_PIECES``, averaged
+        its pieces, the first counting ``first_piece``), weighing ``PRIOR_PIECES``, averaged
         with the paces measured (:meth:`stage_progress`); the pieces left run at that pace,
         less the part of the next one already under way. The phase's sigma narrows with every
         piece measured.
         """
         units, seconds = self.piece_units, self.piece_seconds
-        prior = self.expected[phase] * speed / (self.pieces_total - 1.0 + FIRST_PIECE)
+        prior = self.expected[phase] * speed / (self.pieces_total - 1.0 + self.first_piece)
         pace = (PRIOR_PIECES * prior + seconds) / (PRIOR_PIECES + units)
         since = (now - self.last_piece_ts) / 1e9
         part = (self.pieces_total - self.pieces_done) * pace - (pace if pace < since else since)

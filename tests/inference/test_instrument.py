@@ -127,21 +127,21 @@ class TestEveryVariant:
         assert "wan" in spec.family or {1} == {s.passes for s in steps}  # CFG batched
 
     def test_the_decode_reports_its_pieces(self, variant: str) -> None:
-        """Wan's VAE decodes one latent frame at a time: one ``StageProgress`` per latent
-        frame (9 frames: 3), in order, between the decode's start and end, each stamped no
-        earlier than the one before. Another family's VAE reports none."""
-        events, _ = recorded(build_tiny_pipeline(variant), variant)
+        """Wan's VAE decodes one latent frame at a time (17 frames, 5 latent: 5 pieces),
+        CogVideoX's two at a time, the remainder with the first (5 latent frames: 2 pieces):
+        one ``StageProgress`` per piece, in order, between the decode's start and end, each
+        stamped no earlier than the one before."""
+        events, _ = recorded(build_tiny_pipeline(variant), variant, num_frames=17)
         pieces = of_type(events, StageProgress)
-        if "wan" not in variant_spec(variant).family:
-            assert [] == pieces
-            return
-        assert [("decode", k, 3) for k in (1, 2, 3)] == [(p.stage, p.done, p.total)
-                                                         for p in pieces]
+        total = 5 if "wan" in variant_spec(variant).family else 2
+        assert [("decode", k, total) for k in range(1, total + 1)] == [
+            (p.stage, p.done, p.total) for p in pieces]
         kinds = [(type(e), getattr(e, "stage", None)) for e in events]
         start = kinds.index((StageStarted, "decode"))
         end = kinds.index((StageEnded, "decode"))
         assert all(start < events.index(p) < end for p in pieces)
-        assert events[start].ts <= pieces[0].ts <= pieces[1].ts <= pieces[2].ts <= events[end].ts
+        stamps = [events[start].ts, *(p.ts for p in pieces), events[end].ts]
+        assert stamps == sorted(stamps)
 
     def test_outputs_are_bit_identical_with_and_without_wantel(self, variant: str) -> None:
         """Instrumentation never changes what the pipeline computes."""
@@ -149,6 +149,19 @@ class TestEveryVariant:
         plain = pipe(**call_kwargs(variant)).frames
         _, instrumented = recorded(pipe, variant)
         assert np.array_equal(plain, instrumented)
+
+
+class TestImageModels:
+    def test_an_image_models_decode_reports_no_pieces(self) -> None:
+        """An image VAE decodes in one pass: its decode is one stage, with no pieces."""
+        log = MemoryLog()
+        pipe = build_tiny_pipeline("tiny-sd")
+        with instrument(pipe, log=log, job="job-1", model="tiny-sd"):
+            pipe(prompt="a red fox", height=32, width=32, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(7), output_type="np")
+        events = [e for e in events_of(log.read()) if e.job == "job-1"]
+        assert any(isinstance(e, StageEnded) and e.stage == "decode" for e in events)
+        assert [] == of_type(events, StageProgress)
 
 
 class TestPasses:

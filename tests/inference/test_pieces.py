@@ -1,4 +1,5 @@
-"""How many pieces Wan's VAE decodes in: counted on the real (tiny) VAEs, plain, tiled, sliced."""
+"""How many pieces Wan's and CogVideoX's VAEs decode in: counted on the real (tiny) VAEs, plain,
+tiled, sliced."""
 
 from __future__ import annotations
 
@@ -67,3 +68,35 @@ def test_other_vaes_and_shapes_are_not_counted() -> None:
     assert decoder_calls(vae, torch.zeros(1, 4, 4, 4)) is None
     assert decoder_calls(vae, None) is None
     assert decoder_calls(vae, torch.zeros(1, 4, 0, 4, 4)) is None
+
+
+#: (batch, latent frames, latent height, latent width, tiling, slicing): CogVideoX decodes
+#: batches of two latent frames, the remainder with the first.
+COGVIDEOX_CASES: Final = [
+    (1, 4, 4, 4, False, False),   # two batches
+    (1, 5, 4, 4, False, False),   # two batches, the first with three latent frames
+    (1, 1, 4, 4, False, False),   # one latent frame: still one batch
+    (2, 3, 4, 6, False, False),   # two videos decoded together
+    (2, 3, 4, 6, False, True),    # sliced: each video apart
+    (1, 4, 12, 9, True, False),   # tiled: each batch of each overlapping tile
+    (2, 2, 9, 10, True, True),
+    (1, 4, 3, 3, True, False),    # tiling on, latents within one tile: not tiled
+]
+
+
+@pytest.mark.parametrize("case", COGVIDEOX_CASES)
+def test_cogvideox_counts_its_frame_batches(case: tuple[int, int, int, int, bool, bool]) -> None:
+    """CogVideoX's VAE: the count is the number of decoder calls the real VAE makes, plain,
+    tiled (tiles made small so that tiny latents span several) and sliced."""
+    batch, frames, height, width, tiling, slicing = case
+    vae = build_tiny_pipeline("tiny-cogvideox").vae
+    if tiling:
+        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
+    if slicing:
+        vae.enable_slicing()
+    latents = torch.randn(batch, vae.config.latent_channels, frames, height, width)
+    expected = decoder_calls(vae, latents)
+    assert expected is not None
+    assert counted_calls(vae, latents) == expected
+    if tiling and height > 4:
+        assert expected > max(frames // 2, 1) * (batch if slicing else 1)  # several tiles

@@ -112,11 +112,14 @@ def outcome(call: Callable[[], Any]) -> Any:
 # -- random jobs ----------------------------------------------------------------------------
 
 def started(ts: int, variant: str, steps: int, runner: bool, image: bool) -> JobStarted:
-    """A job's start: a tiny Wan job, driven by ``wantel run`` or not, A14B or not."""
+    """A job's start: a tiny Wan job, driven by ``wantel run`` or not, A14B or not; or a tiny
+    CogVideoX job (its decode's pieces are equal: another first-piece share)."""
+    family = ("cogvideox" if "cogvideox" in variant else "wan2.2" if "a14b" in variant
+              else "wan2.1")
     return JobStarted(
-        job="j", ts=ts, worker="w", model=variant, family="wan2.2" if "a14b" in variant
-        else "wan2.1", variant=variant, task="i2v" if image else "t2v", width=64, height=64,
-        num_frames=17, steps=steps, guidance_scale=5.0, cfg=True,
+        job="j", ts=ts, worker="w", model=variant, family=family, variant=variant,
+        task="i2v" if image else "t2v", width=64, height=64, num_frames=17, steps=steps,
+        guidance_scale=5.0, cfg=True,
         device=DeviceInfo(kind="cpu", name="cpu"),
         options={"stages": "load,denoise,save"} if runner else {})
 
@@ -167,7 +170,7 @@ def operations(draw: st.DrawFn) -> list[tuple[Any, ...]]:
 def estimators(draw: st.DrawFn) -> LiveJob:
     """An estimator at the start of a random job: its prior perturbed (phases expected to take
     nothing, or forever; spreads of zero or NaN), its interval offsets random or none."""
-    variant = draw(st.sampled_from(["tiny-t2v", "tiny-i2v", "tiny-t2v-a14b"]))
+    variant = draw(st.sampled_from(["tiny-t2v", "tiny-i2v", "tiny-t2v-a14b", "tiny-cogvideox"]))
     event = started(draw(TIMES), variant, draw(st.integers(1, 50)), draw(st.booleans()),
                     variant == "tiny-i2v")
     live = LiveJob.start(event, Calibration())
@@ -414,7 +417,8 @@ def job_streams(draw: st.DrawFn) -> list[Event]:
     streams: list[list[Event]] = []
     for j in range(jobs):
         job = f"job-{j}"
-        variant = draw(st.sampled_from(["tiny-t2v", "tiny-i2v", "tiny-t2v-a14b"]))
+        variant = draw(st.sampled_from(["tiny-t2v", "tiny-i2v", "tiny-t2v-a14b",
+                                        "tiny-cogvideox"]))
         ts = draw(st.integers(0, 10**13))
         steps = draw(st.integers(1, 30))
         events: list[Event] = [msgspec.structs.replace(

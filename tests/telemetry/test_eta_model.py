@@ -210,6 +210,19 @@ class TestFitting:
 
 
 class TestLiveEstimator:
+    @pytest.mark.parametrize(("variant", "family", "share"), [
+        ("tiny-t2v", "wan2.1", 0.4), ("tiny-cogvideox", "cogvideox", 1.0)])
+    def test_a_decodes_first_piece_is_read_by_its_vaes_share(self, variant: str, family: str,
+                                                             share: float) -> None:
+        """A first piece of 1 s says a later piece takes 2.5 s in Wan's decode (its first
+        piece yields one frame, the others four) and 1 s in CogVideoX's (equal batches)."""
+        live = LiveJob.start(started(variant=variant, family=family, width=64, height=64,
+                                     frames=17), Calibration())
+        assert live.first_piece == share
+        live.stage_started("decode", 0)
+        live.stage_progress("decode", 1, 4, 10**9)
+        assert live.piece_seconds / live.piece_units == pytest.approx(1.0 / share)
+
     def _run(self, live: LiveJob, *, step_s: float, steps: int) -> list[float]:
         """Feed ``steps`` steps of ``step_s`` each; the remaining-time estimate after each."""
         live.stage_started("denoise", 0)
