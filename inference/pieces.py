@@ -44,6 +44,8 @@ def decoder_calls(vae: Any, latents: Any) -> int | None:
     if min(batch, frames, height, width) <= 0:
         return None
     videos = batch if getattr(vae, "use_slicing", False) and batch > 1 else 1
+    tiles: int | None
+    per_tile: int | None
     if name in PER_FRAME_VAES:
         tiles, per_tile = _tiles(vae, height, width), frames
     else:
