@@ -1821,6 +1821,7 @@ typedef struct {
     PyObject *keys_obj; /* the PhaseKeys (borrowed) */
     double ratio, expected_ratio; /* log(observed / base), log(expected / base) */
     int speed_phase;
+    int corrected; /* expected != base: the spreads learn from it */
     PyObject *error_list, *sums_list;
     int family_found;
     double error[2], sums[6], family[3];
@@ -1833,7 +1834,9 @@ typedef struct {
 static int
 learn_phase(const Learning *learned, const Learning_phase *p, double left)
 {
-    CHECK(store(learned->error, p->keys.component, p->error_list, p->error, 2));
+    if (p->corrected) {
+        CHECK(store(learned->error, p->keys.component, p->error_list, p->error, 2));
+    }
     CHECK(store(learned->components, p->keys.component, p->sums_list, p->sums, 6));
     PyObject *family = PyDict_GetItemWithError(learned->families, p->keys.family);
     if (family == NULL && PyErr_Occurred()) {
@@ -1908,6 +1911,7 @@ learn_from(PyObject *learned_obj, PyObject *observations, PyObject *warmup_key,
         }
         p->ratio = clamp_ratio(p->ratio);
         CHECK(math_log(expected / base, &p->expected_ratio));
+        p->corrected = expected != base;
         int contains = PySet_Contains(speed_phases, name);
         if (contains < 0) {
             return ERROR;
@@ -1942,7 +1946,7 @@ learn_from(PyObject *learned_obj, PyObject *observations, PyObject *warmup_key,
     Py_ssize_t misses = 0;
     double total = 0.0, square = 0.0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (phase[i].speed_phase) {
+        if (phase[i].speed_phase && phase[i].corrected) {
             double miss = phase[i].ratio - phase[i].expected_ratio;
             total += miss;
             square += miss * miss;
@@ -1961,8 +1965,10 @@ learn_from(PyObject *learned_obj, PyObject *observations, PyObject *warmup_key,
     for (Py_ssize_t i = 0; i < n; i++) {
         Learning_phase *p = &phase[i];
         double fitted;
-        CHECK(mean_into(p->error, p->error_list != NULL,
-                        fabs(p->ratio - p->expected_ratio), MEMORY_COMPONENT));
+        if (p->corrected) {
+            CHECK(mean_into(p->error, p->error_list != NULL,
+                            fabs(p->ratio - p->expected_ratio), MEMORY_COMPONENT));
+        }
         lefts[i] = p->ratio - speed;
         CHECK(update_line_of(p->sums, p->sums_list != NULL, p->keys.size, lefts[i],
                              MEMORY_COMPONENT));
@@ -2011,7 +2017,7 @@ learn_from(PyObject *learned_obj, PyObject *observations, PyObject *warmup_key,
     HOLD(has_warmup ? warmup_list : NULL);
     for (Py_ssize_t i = 0; i < n; i++) {
         HOLD(phase[i].keys_obj);
-        HOLD(phase[i].error_list);
+        HOLD(phase[i].corrected ? phase[i].error_list : NULL);
         HOLD(phase[i].sums_list);
     }
 #undef HOLD

@@ -25,7 +25,9 @@ history (a few dictionary updates per phase). A job's expected phase durations a
 times ``exp`` of the sum of the levels' means, each shrunk towards zero by how little it has
 seen. Residuals are Huber-clipped against each level's own spread, so a job disturbed by a
 neighbour teaches little. The same statistics give each component's predictive spread (how
-wrong the corrected expectation was: the interval's width) and the first step's warm-up.
+wrong the corrected expectation was: the interval's width) and the first step's warm-up; the
+spreads learn only from phases whose expectation *was* corrected (a job started at its base
+measures the base's error, which the device level removes at once).
 
 The interval is then calibrated online too (adaptive conformal inference, Gibbs & Candès
 2021): per progress bucket, a log-offset of the p10 and of the p90 moves by ``GAMMA`` times
@@ -240,8 +242,12 @@ def learn(learned: Learned, observations: list[Observation], warmup_key: str | N
     stats = levels[device] = update(levels.get(device), _median([r for _, r in ratios]),
                                     MEMORY["device"])
     speed = stats[0]
+    # The spreads learn how wrong *corrected* expectations are: a phase the job started with
+    # at its base (nothing learned yet on this device, or since an explicit calibration)
+    # measures the base's error, which the device level removes at once — counted, a prior
+    # 5× off would keep the interval wide for the spreads' whole memory.
     misses = [ratio - math.log(o.expected / o.base) for o, ratio in ratios
-              if o.phase in SPEED_PHASES]
+              if o.phase in SPEED_PHASES and o.expected != o.base]
     if len(misses) > 1:
         total = square = 0.0  # added in order (not sum(): Python 3.12's rounds differently)
         for value in misses:
@@ -254,10 +260,11 @@ def learn(learned: Learned, observations: list[Observation], warmup_key: str | N
                                   else _mean_into(shared, product, MEMORY["device"] * 2))
     for observation, ratio in ratios:
         keys = observation.keys
-        error = learned.error.get(keys.component)
-        miss = abs(ratio - math.log(observation.expected / observation.base))
-        learned.error[keys.component] = (
-            [miss, 1.0] if error is None else _mean_into(error, miss, MEMORY["component"]))
+        if observation.expected != observation.base:
+            error = learned.error.get(keys.component)
+            miss = abs(ratio - math.log(observation.expected / observation.base))
+            learned.error[keys.component] = (
+                [miss, 1.0] if error is None else _mean_into(error, miss, MEMORY["component"]))
         learn_beyond_device(learned, keys, ratio - speed)
     if warmup_key is not None and warmup_ratio is not None and warmup_ratio > 0:
         learned.warmup[warmup_key] = update(learned.warmup.get(warmup_key),

@@ -174,7 +174,8 @@ class EtaProjection:
     #: 6: a phase's time carries a millisecond of noise as evidence of the job's speed; the
     #: save stage's prior on a CPU is measured (``benchmarks/save_cost.py``). 7: the tiny
     #: CPU priors, every phase measured in one run (``benchmarks/tiny_priors.py``); a job's
-    #: estimator keeps its decode's first-piece share (CogVideoX's pieces are equal).
+    #: estimator keeps its decode's first-piece share (CogVideoX's pieces are equal); the
+    #: learned spreads skip phases that started at their base.
     version = 7
     state_type = EtaState
     handles = frozenset({

@@ -8,6 +8,7 @@ machine's speed factor (and, where a test says so, seeded noise), written as the
 from __future__ import annotations
 
 import datetime
+import math
 import random
 import threading
 import time
@@ -152,6 +153,27 @@ class TestOnlineCalibration:
         state = projection.apply(state, EtaCalibrated(job="wantel/eta", ts=0,
                                                       coefficients={}))
         assert state.learned.jobs == 0
+
+    @pytest.mark.parametrize("estimator", ["python", "c"])
+    def test_a_job_started_at_its_base_teaches_no_spread(self, estimator: str) -> None:
+        """A machine 5× slower than the priors: the first job's phases miss by a factor of
+        5, which the device level takes at once, so they teach the spreads nothing (counted,
+        that log error of 1.6 widened every interval for the spreads' memory); the second
+        job, started corrected, does — and its misses are small."""
+        projection = EtaProjection(estimator=estimator)
+        state = projection.initial()
+        events = series(2, factor=5.0, noise=0.05)
+        first_end = next(i for i, e in enumerate(events) if isinstance(e, JobCompleted))
+        for event in events[:first_end + 1]:
+            state = projection.apply(state, event)
+        assert state.learned.jobs == 1
+        assert state.learned.levels["device|cpu"][0] == pytest.approx(math.log(5.0), abs=0.1)
+        assert state.learned.error == {}
+        assert state.learned.shared == {}
+        for event in events[first_end + 1:]:
+            state = projection.apply(state, event)
+        assert state.learned.error
+        assert all(stats[0] < 0.3 for stats in state.learned.error.values())
 
     def test_the_first_step_is_a_warm_up_learned_from_history(self) -> None:
         """Jobs whose first step takes 8× the others teach a warm-up of ~8, which the next
