@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 from telemetry.events import DeviceInfo, Expert, Stage, job_id_problem
 from telemetry.log.base import EventLog
 from telemetry.pipelines import classify_pipeline
+from telemetry.wan import width_of
 
 #: Pipeline attributes wrapped as stages: (path to the object, method, stage).
 STAGE_METHODS: Final[tuple[tuple[str, str, Stage], ...]] = (
@@ -768,15 +769,17 @@ def default_size(pipe: Any) -> tuple[int, int]:
 
 def describe_pipeline(pipe: Any) -> dict[str, Any]:
     """Facts read from any diffusers pipeline (detected, not assumed): family, task, variant
-    (:func:`telemetry.pipelines.classify_pipeline`: Wan's rules for a Wan class, the class
-    name's for any other), boundary."""
+    (:func:`telemetry.pipelines.classify_pipeline`: Wan's rules for a Wan class, its size by
+    its transformer's width; the class name's for any other), boundary."""
     config = getattr(pipe, "config", {})
     boundary = config.get("boundary_ratio") if hasattr(config, "get") else None
     expand = bool(config.get("expand_timesteps")) if hasattr(config, "get") else False
     name = type(pipe).__name__
+    transformer = getattr(getattr(pipe, "transformer", None), "config", None)
     family, task, variant = classify_pipeline(
         name, two_experts=getattr(pipe, "transformer_2", None) is not None,
-        expand_timesteps=expand, boundary_ratio=boundary)
+        expand_timesteps=expand, boundary_ratio=boundary,
+        width=width_of(transformer) if hasattr(transformer, "get") else None)
     model = str(config.get("_name_or_path") or name) if hasattr(config, "get") else name
     return {"family": family, "task": task, "variant": variant, "boundary_ratio": boundary,
             "model": model}

@@ -23,7 +23,7 @@ from inference.tiny_models import (
     variant_spec,
 )
 from telemetry.pipelines import classify_pipeline, is_video
-from telemetry.wan import variant_of
+from telemetry.wan import variant_of, width_of
 
 
 class ModelError(ValueError):
@@ -44,8 +44,9 @@ class ModelChoice:
         if self.path is None:
             return self.name
         if self.spec.pipeline_class.startswith("Wan"):
-            return variant_of(self.spec.task, two_experts=self.spec.two_experts)
-        return self.spec.task  # a class tells no size: the task, as for Wan 2.1
+            return variant_of(self.spec.task, two_experts=self.spec.two_experts,
+                              width=self.spec.width)
+        return self.spec.task  # a class tells no size: the task
 
     def check(self, *, height: int, width: int, num_frames: int) -> None:
         """Raise :class:`ModelError` if the model cannot produce this shape."""
@@ -147,18 +148,20 @@ def spec_from_model_index(path: Path, index: dict[str, Any]) -> VariantSpec:
         return _generic_spec(path, class_name)
     boundary = index.get("boundary_ratio")
     two_experts = _has_component(index, "transformer_2")
-    kind = classify_pipeline(class_name, two_experts=two_experts,
-                             expand_timesteps=bool(index.get("expand_timesteps", False)),
-                             boundary_ratio=boundary)
     vae = _read_config(path / "vae" / "config.json")
     transformer = _read_config(path / "transformer" / "config.json") or _read_config(
         path / "transformer_2" / "config.json")
+    width = width_of(transformer)
+    kind = classify_pipeline(class_name, two_experts=two_experts,
+                             expand_timesteps=bool(index.get("expand_timesteps", False)),
+                             boundary_ratio=boundary, width=width)
     patch = transformer.get("patch_size", [1, 2, 2])
     spatial = int(vae.get("scale_factor_spatial", 8)) * int(patch[-1] if patch else 2)
     return VariantSpec(
         name=path.name, family=kind.family, task=kind.task, pipeline_class=class_name,
         needs_image="ImageToVideo" in class_name, takes_image=kind.task == "ti2v",
         spatial_multiple=spatial, boundary_ratio=boundary, two_experts=two_experts,
+        width=width,
     )
 
 

@@ -152,6 +152,9 @@ class VariantSpec:
     takes_image: bool = False
     #: False for an image model (``tiny-sd``): it makes one frame, saved as an image.
     video: bool = True
+    #: A saved Wan model's transformer width (:func:`telemetry.wan.width_of`): its size,
+    #: which its class does not tell; ``None`` for the tiny variants and where unknown.
+    width: int | None = None
 
 
 _SPECS: dict[str, VariantSpec] = {

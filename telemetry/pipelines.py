@@ -129,16 +129,17 @@ def task_of(pipeline_class: str, family: str) -> str:
 
 
 def classify_pipeline(pipeline_class: str, *, two_experts: bool = False,
-                      expand_timesteps: bool = False,
-                      boundary_ratio: float | None = None) -> PipelineKind:
+                      expand_timesteps: bool = False, boundary_ratio: float | None = None,
+                      width: int | None = None) -> PipelineKind:
     """The family, task and variant of any diffusers pipeline class.
 
     A ``Wan…`` class follows :func:`telemetry.wan.classify` (the configuration facts matter
-    there); any other, the class name alone.
+    there, the transformer's ``width`` its size); any other, the class name alone.
     """
     if pipeline_class.startswith("Wan"):
         kind = classify(pipeline_class=pipeline_class, two_experts=two_experts,
-                        expand_timesteps=expand_timesteps, boundary_ratio=boundary_ratio)
+                        expand_timesteps=expand_timesteps, boundary_ratio=boundary_ratio,
+                        width=width)
         return PipelineKind(kind.family, kind.task, kind.variant)
     family = family_of(pipeline_class)
     task = task_of(pipeline_class, family)

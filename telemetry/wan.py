@@ -8,7 +8,9 @@ rest (diffusers' own ``WanPipeline.__call__`` branches on the same facts):
 - a second transformer (``transformer_2``, the low-noise expert) is an A14B layout: Wan 2.2,
   variant ``<task>-A14B``;
 - a ``boundary_ratio`` (where the experts hand over) is Wan 2.2's;
-- anything else is Wan 2.1, whose variant is its task (``t2v``, ``i2v``).
+- anything else is Wan 2.1, whose variant is its task and its size (``t2v-1.3B``,
+  ``i2v-14B``): the class does not tell 1.3B from 14B, the transformer's width does
+  (:func:`width_of`); where no width is known, the task alone (``t2v``).
 
 ``inference`` tells a live pipeline and a saved model directory apart with these functions;
 the ETA model reads the recorded labels back with :func:`runs_two_experts` and
@@ -17,7 +19,8 @@ the ETA model reads the recorded labels back with :func:`runs_two_experts` and
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Final, NamedTuple
 
 WAN21: Final = "wan2.1"
 WAN22: Final = "wan2.2"
@@ -27,6 +30,13 @@ TINY_PREFIX: Final = "tiny-"
 #: 24 for TI2V-5B. Events do not record a rate; views that turn frames into seconds use these.
 FPS: Final = 16
 TI2V_FPS: Final = 24
+#: A Wan transformer's size by its width (``num_attention_heads × attention_head_dim`` in
+#: diffusers' configurations, Wan-AI/…-Diffusers ``transformer/config.json``: T2V-1.3B 12 ×
+#: 128, TI2V-5B 24 × 128, the 14B models and each A14B expert 40 × 128).
+SIZES_BY_WIDTH: Final = {1536: "1.3B", 3072: "5B", 5120: "14B"}
+#: Widths up to this are tiny test transformers (wantel's own are 24 wide): their variant is
+#: tiny, so the ETA and memory models use the tiny figures, not a 14B's.
+TINY_WIDTH: Final = 256
 
 
 def native_fps(task: str | None) -> int:
@@ -43,7 +53,7 @@ class WanKind(NamedTuple):
 
 
 def classify(*, pipeline_class: str, two_experts: bool, expand_timesteps: bool,
-             boundary_ratio: float | None) -> WanKind:
+             boundary_ratio: float | None, width: int | None = None) -> WanKind:
     """The family, task and variant of a Wan pipeline.
 
     Args:
@@ -51,10 +61,12 @@ def classify(*, pipeline_class: str, two_experts: bool, expand_timesteps: bool,
         two_experts: whether it holds a second transformer (``transformer_2``).
         expand_timesteps: its ``expand_timesteps`` configuration.
         boundary_ratio: its ``boundary_ratio`` configuration (``None`` where unset).
+        width: its transformer's width (:func:`width_of`), ``None`` where unknown.
     """
     task = task_of(pipeline_class, expand_timesteps=expand_timesteps)
     wan22 = two_experts or expand_timesteps or boundary_ratio is not None
-    return WanKind(WAN22 if wan22 else WAN21, task, variant_of(task, two_experts=two_experts))
+    return WanKind(WAN22 if wan22 else WAN21, task,
+                   variant_of(task, two_experts=two_experts, width=width))
 
 
 def task_of(pipeline_class: str, *, expand_timesteps: bool) -> str:
@@ -64,13 +76,30 @@ def task_of(pipeline_class: str, *, expand_timesteps: bool) -> str:
     return "i2v" if "ImageToVideo" in pipeline_class else "t2v"
 
 
-def variant_of(task: str, *, two_experts: bool) -> str:
-    """Wan's own variant label: ``t2v-A14B``/``i2v-A14B``, ``ti2v-5B``, else the task."""
+def variant_of(task: str, *, two_experts: bool, width: int | None = None) -> str:
+    """Wan's own variant label: ``t2v-A14B``/``i2v-A14B``, ``ti2v-5B``, else the task with
+    the size its transformer's ``width`` tells (``t2v-1.3B``, ``i2v-14B``), else the task. A
+    tiny test transformer (``width`` ≤ :data:`TINY_WIDTH`) is ``tiny-<task>[-a14b]``, as
+    wantel's own tiny variants are named."""
+    if width is not None and 0 < width <= TINY_WIDTH:
+        return f"{TINY_PREFIX}{task}{'-a14b' if two_experts else ''}"
     if two_experts:
         return f"{task}-A14B"
     if task == "ti2v":
         return "ti2v-5B"
-    return task
+    size = SIZES_BY_WIDTH.get(width) if width is not None else None
+    return task if size is None else f"{task}-{size}"
+
+
+def width_of(config: Mapping[str, Any] | None) -> int | None:
+    """A transformer configuration's width (``num_attention_heads × attention_head_dim``),
+    or ``None`` where it does not say."""
+    if config is None:
+        return None
+    heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int) and heads > 0 and head_dim > 0:
+        return heads * head_dim
+    return None
 
 
 def runs_two_experts(*, family: str, variant: str, boundary_ratio: float | None) -> bool:
@@ -96,4 +125,4 @@ def is_tiny(variant: str) -> bool:
 
 
 __all__ = ["WAN21", "WAN22", "WanKind", "classify", "is_tiny", "runs_two_experts", "task_of",
-           "uses_image_encoder", "uses_wan22_vae", "variant_of"]
+           "uses_image_encoder", "uses_wan22_vae", "variant_of", "width_of"]

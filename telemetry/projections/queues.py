@@ -6,7 +6,10 @@ higher ``priority`` first, then arrival (the order the log holds the ``JobQueued
 A worker *serves* a queue once it has started a job from it; how many jobs it runs at once
 (its slots) is the most it has been seen running together (a process with two worker threads
 has two). Completed jobs' durations are kept per model (the newest :data:`HISTORY`), the
-prior of a waiting job's duration.
+prior of a waiting job's duration — and apart, those of jobs whose worker had completed one
+before they started (*warm*): a process's first jobs pay what it does once (lazy set-up, a
+pipeline's first call in each thread), as the ETA's warm device level knows, and a service
+that holds its pipelines runs every later job warm.
 
 The fold keeps no clock. What needs one — when each waiting job will start and finish, when
 each worker will be free — is :func:`forecast`, a read of this state, the jobs state and the
@@ -58,6 +61,7 @@ class Running(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     model: str
     started_ts: int
     queue: str | None = None
+    warm: bool = False  # its worker had completed a job when it started
 
 
 class WorkerSlots(msgspec.Struct, kw_only=True):
@@ -67,6 +71,7 @@ class WorkerSlots(msgspec.Struct, kw_only=True):
     running: dict[str, None] = {}
     slots: int = 1
     last_end_ts: int | None = None  # when its latest job ended
+    completed: int = 0  # jobs it has completed
 
 
 class QueuesState(msgspec.Struct, kw_only=True):
@@ -76,6 +81,8 @@ class QueuesState(msgspec.Struct, kw_only=True):
     running: dict[str, Running] = {}
     workers: dict[str, WorkerSlots] = {}
     durations: dict[str, list[float]] = {}
+    #: The same, of warm jobs only (their worker had completed one when they started).
+    warm_durations: dict[str, list[float]] = {}
     #: The newest :data:`HISTORY` hand-overs: seconds from a worker's job ending to its next
     #: job starting, for jobs that were already waiting when it ended (the service's own
     #: dispatch, and the pipeline call's set-up before ``JobStarted``).
@@ -100,7 +107,9 @@ class QueuesProjection:
     """Fold ``JobQueued``, ``JobStarted`` and the endings into :class:`QueuesState`."""
 
     name = "queues"
-    version = 1
+    #: 2: warm jobs' durations kept apart (a process's first jobs no longer inflate the
+    #: expected duration of a service's later ones).
+    version = 2
     state_type = QueuesState
     handles = frozenset({JobQueued, JobStarted, JobCompleted, JobFailed, JobCancelled})
 
@@ -139,11 +148,12 @@ def _started(state: QueuesState, event: JobStarted) -> None:
     as many slots as the jobs it now runs."""
     waiting = state.waiting.pop(event.job, None)
     queue = waiting.queue if waiting is not None else None
+    worker = None if event.worker is None else state.workers.get(event.worker)
     state.running[event.job] = Running(worker=event.worker, model=event.model,
-                                       started_ts=event.ts, queue=queue)
+                                       started_ts=event.ts, queue=queue,
+                                       warm=worker is not None and worker.completed > 0)
     if event.worker is None:
         return
-    worker = state.workers.get(event.worker)
     if worker is None:
         worker = state.workers[event.worker] = WorkerSlots()
     ended = worker.last_end_ts
@@ -165,13 +175,17 @@ def _ended(state: QueuesState, event: Event) -> None:
     running = state.running.pop(event.job, None)
     if running is None:
         return
-    if running.worker is not None and (worker := state.workers.get(running.worker)) is not None:
+    worker = None if running.worker is None else state.workers.get(running.worker)
+    if worker is not None:
         worker.running.pop(event.job, None)
         worker.last_end_ts = event.ts
     if isinstance(event, JobCompleted):
-        history = state.durations.setdefault(running.model, [])
-        history.append(event.duration_s)
-        del history[:-HISTORY]
+        for histories in (state.durations, *([state.warm_durations] if running.warm else [])):
+            history = histories.setdefault(running.model, [])
+            history.append(event.duration_s)
+            del history[:-HISTORY]
+        if worker is not None:
+            worker.completed += 1
 
 
 # -- the read model: what needs a clock ------------------------------------------------------
@@ -228,15 +242,38 @@ class Forecast:
 
 
 def expected_duration(states: dict[str, Any], model: str, now_s: float) -> Interval | None:
-    """How long a job of ``model`` should take once started: from its model's recent
-    completed jobs (two or more) taken as log-normal (:func:`_log_normal`), else the mean
-    predicted total of its model's running jobs (their ETAs), else unknown."""
+    """How long a job of ``model`` should take once started, from the first of these that
+    says: the mean predicted total of its model's running jobs whose ETA has measured steps,
+    or has learned from this log's completed jobs (what the ETA model knows of this
+    machine, warm or cold, and what those jobs show now); its model's recent completed warm
+    jobs, two or more (a service's later jobs are warm), else all its recent completed jobs,
+    two or more (a fleet of one process per job has only cold ones), taken as log-normal
+    (:func:`_log_normal`); the running jobs' ETAs at their bare priors; the one completed
+    job's duration. Else unknown."""
     queues: QueuesState = states["queues"]
-    history = queues.durations.get(model, [])
+    measured, estimating = _running_totals(states, model)
+    eta: EtaState = states["eta"]
+    if eta.learned.jobs > 0:
+        measured += estimating
+    if measured:
+        return _mean(measured)
+    history = queues.warm_durations.get(model, [])
+    if len(history) < 2:
+        history = queues.durations.get(model, [])
     if len(history) >= 2:
         return _log_normal(history)
+    if estimating:
+        return _mean(estimating)
+    return Interval(history[0], history[0], history[0]) if history else None
+
+
+def _running_totals(states: dict[str, Any], model: str) -> tuple[list[Interval], list[Interval]]:
+    """The predicted totals of ``model``'s running jobs (elapsed + their ETA's remaining):
+    those whose ETA has measured steps, and those still at their prior ("estimating")."""
+    queues: QueuesState = states["queues"]
     eta: EtaState = states["eta"]
-    totals: list[Interval] = []
+    measured: list[Interval] = []
+    estimating: list[Interval] = []
     for job, running in queues.running.items():
         if running.model != model:
             continue
@@ -244,10 +281,14 @@ def expected_duration(states: dict[str, Any], model: str, now_s: float) -> Inter
         if point is None:
             continue
         elapsed = max((point.ts - running.started_ts) / 1e9, 0.0)
-        totals.append(Interval(elapsed + point.remaining_s, elapsed + point.p10_s,
-                               elapsed + point.p90_s))
-    if not totals:
-        return Interval(history[0], history[0], history[0]) if history else None
+        total = Interval(elapsed + point.remaining_s, elapsed + point.p10_s,
+                         elapsed + point.p90_s)
+        (estimating if point.estimating else measured).append(total)
+    return measured, estimating
+
+
+def _mean(totals: list[Interval]) -> Interval:
+    """The mean of predicted totals, each quantile apart."""
     n = len(totals)
     return Interval(sum(t.at for t in totals) / n, sum(t.p10 for t in totals) / n,
                     sum(t.p90 for t in totals) / n)

@@ -197,10 +197,12 @@ def test_queue_service_example(tmp_path: Path, warmup: int) -> None:
         first_scored = scores["start"]["first"][1]
         assert first_scored is not None and first_scored >= 3
         if warmup:
-            # Most land inside (3 or 4 of 4 in most runs); on a shared 2-core machine a busy
-            # minute can slow the jobs by a third against their history, so the test asks
-            # for at least half.
-            covered, count, _ = report["half"]
+            # Most land inside (7 or 8 of the 8 first and half-way predictions in most runs);
+            # on a shared 2-core machine a busy minute can slow the jobs by a third against
+            # what was learned, so the test asks for at least half. Both checkpoints are
+            # counted: four predictions alone miss three times by chance too often.
+            covered = report["first"][0] + report["half"][0]
+            count = report["first"][1] + report["half"][1]
             assert covered >= count / 2, "the interval missed most predicted starts"
         assert live_views > 0
         workers = http(f"{base}/wantel/api/jobs")[1]["workers"]

@@ -37,8 +37,9 @@ def test_the_image_mode_is_wan_i2v_with_expand_timesteps() -> None:
 
 
 def test_instrument_labels_and_stages() -> None:
-    """Through instrument(): task ti2v, Wan 2.2, variant ti2v-5B; the image is VAE-encoded in
-    latent_init; every step recorded."""
+    """Through instrument(): task ti2v, Wan 2.2, variant tiny-ti2v (its transformer is a
+    tiny one's width; a real TI2V-5B's is ti2v-5B); the image is VAE-encoded in latent_init;
+    every step recorded."""
     pipe: Any = build_tiny_pipeline("tiny-ti2v", image=True)
     log = MemoryLog()
     with instrument(pipe, log=log, job="j") as handle:
@@ -48,7 +49,7 @@ def test_instrument_labels_and_stages() -> None:
     assert ["j"] == handle.jobs
     events = events_of(log.read())
     started = next(e for e in events if isinstance(e, JobStarted))
-    assert ("wan2.2", "ti2v", "ti2v-5B", True) == (
+    assert ("wan2.2", "ti2v", "tiny-ti2v", True) == (
         started.family, started.task, started.variant, started.options.get("image"))
     assert ["text_encode", "latent_init", "denoise", "decode", "postprocess"] == \
         _stages(events)

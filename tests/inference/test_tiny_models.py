@@ -20,6 +20,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from inference.models import resolve_model
 from inference.tiny_models import (
     TINY_VARIANTS,
     WAN_VARIANTS,
@@ -29,6 +30,9 @@ from inference.tiny_models import (
     valid_sizes_message,
     variant_spec,
 )
+from telemetry.eta.model import transformer_id
+from telemetry.eta.shape import JobShape
+from telemetry.events import DeviceInfo, JobStarted
 
 NUM_FRAMES = 9
 STEPS = 2  # with UniPC and flow_shift=3 the timesteps are [999, 750]: both experts get a step
@@ -283,3 +287,28 @@ def test_specs_are_consistent() -> None:
         assert spec.needs_image == (spec.task == "i2v")
         assert spec.spatial_multiple == (32 if spec.task == "ti2v" else 16)
         assert spec.family == ("wan2.1" if spec.name in {"tiny-t2v", "tiny-i2v"} else "wan2.2")
+
+
+@pytest.mark.parametrize(("heads", "variant", "transformer"), [
+    (12, "t2v-1.3B", "dit-1.3B"), (40, "t2v-14B", "dit-14B"), (2, "tiny-t2v", "dit-tiny")])
+def test_a_saved_wan_models_size_is_its_transformers_width(
+        tmp_path: Path, heads: int, variant: str, transformer: str) -> None:
+    """A saved Wan 2.1 T2V directory (its configs only: nothing is loaded) is labelled by its
+    transformer's width, so the ETA takes the 1.3B's published prior for a 1.3B — not the
+    14B's, as the class alone (``t2v``) had it — and the tiny figures for a tiny one."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+         "vae": ["diffusers", "AutoencoderKLWan"]}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(
+        {"num_attention_heads": heads, "attention_head_dim": 128 if heads > 2 else 12,
+         "patch_size": [1, 2, 2]}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"scale_factor_spatial": 8}))
+    choice = resolve_model(str(tmp_path))
+    assert variant == choice.variant
+    event = JobStarted(job="j", seq=0, ts=0, model=str(tmp_path), family="wan2.1",
+                       variant=choice.variant, task="t2v", width=832, height=480,
+                       num_frames=81, steps=50, guidance_scale=5.0, cfg=True,
+                       device=DeviceInfo(kind="cuda", name="NVIDIA GeForce RTX 4090"))
+    assert transformer == transformer_id(JobShape.of(event))

@@ -83,8 +83,9 @@ def test_slots_are_the_most_jobs_a_worker_ran_at_once() -> None:
 
 
 def test_forecast_list_schedules_over_the_serving_workers() -> None:
-    """Two workers, history says 10 s a job: the first waiting job starts when the earlier
-    running job ends, the next when the other ends, the third after the first's slot frees."""
+    """Two workers, history says 10–11 s a warm job (w1's first, 9 s, was cold): the first
+    waiting job starts when the earlier running job ends, the next when the other ends, the
+    third after the first's slot frees."""
     events: list[Event] = []
     for i, job in enumerate(["h1", "h2", "h3"]):  # history: 9, 10, 11 s
         events += [q(job, 0), start(job, 1, "w1"), done(job, 2, 9.0 + i)]
@@ -98,8 +99,8 @@ def test_forecast_list_schedules_over_the_serving_workers() -> None:
     states = engine.states
     now = (T0 + 22 * S) / 1e9
     expected = expected_duration(states, "m", now)
-    assert expected is not None and expected.at == pytest.approx(10.0, rel=0.01)
-    assert expected.p10 < 9.0 and expected.p90 > 11.0  # three jobs say little of the spread
+    assert expected is not None and expected.at == pytest.approx((10.0 * 11.0) ** 0.5)
+    assert expected.p10 < 9.0 and expected.p90 > 11.0  # two jobs say little of the spread
     ahead = forecast(states, now)
     assert [ahead.jobs[j].position for j in ("a", "b", "c")] == [1, 2, 3]
     end_r1 = ahead.finishes["r1"].at
@@ -115,6 +116,19 @@ def test_forecast_list_schedules_over_the_serving_workers() -> None:
     assert ahead.depth == {("default", "m"): 3}
     assert ahead.workers["w1"].free is not None
     assert ahead.workers["w1"].free.at == pytest.approx(end_r1)
+
+
+def test_a_workers_first_job_is_kept_out_of_the_warm_history() -> None:
+    """A process's first job pays its one-time costs: its duration joins the model's history
+    but not the warm one, which a waiting job's expected duration uses once it holds two."""
+    events: list[Event] = []
+    for i, job in enumerate(["h1", "h2", "h3"]):
+        events += [q(job, 0), start(job, 1, "w1"), done(job, 2, [30.0, 10.0, 11.0][i])]
+    states = fold(events).states
+    assert states["queues"].durations == {"m": [30.0, 10.0, 11.0]}
+    assert states["queues"].warm_durations == {"m": [10.0, 11.0]}
+    expected = expected_duration(states, "m", (T0 + 3 * S) / 1e9)
+    assert expected is not None and expected.at == pytest.approx((10.0 * 11.0) ** 0.5)
 
 
 def test_no_serving_worker_means_a_place_but_no_prediction() -> None:

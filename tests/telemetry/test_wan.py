@@ -11,6 +11,7 @@ from telemetry.wan import (
     runs_two_experts,
     uses_image_encoder,
     variant_of,
+    width_of,
 )
 
 
@@ -42,6 +43,39 @@ class TestClassify:
                                 else "WanPipeline", two_experts=two, expand_timesteps=expand,
                                 boundary_ratio=0.875 if two else None)
                 assert kind.variant == variant_of(task, two_experts=two)
+
+
+class TestSize:
+    @pytest.mark.parametrize(("task", "two", "width", "variant"), [
+        ("t2v", False, 1536, "t2v-1.3B"),   # Wan2.1-T2V-1.3B: 12 heads × 128
+        ("t2v", False, 5120, "t2v-14B"),    # Wan2.1-T2V-14B: 40 × 128
+        ("i2v", False, 5120, "i2v-14B"),
+        ("t2v", True, 5120, "t2v-A14B"),    # each A14B expert is 14B wide
+        ("ti2v", False, 3072, "ti2v-5B"),
+        ("t2v", False, 24, "tiny-t2v"),     # a tiny test transformer
+        ("i2v", True, 24, "tiny-i2v-a14b"),
+        ("ti2v", False, 48, "tiny-ti2v"),
+        ("t2v", False, 2048, "t2v"),        # a width no release has: the task alone
+        ("t2v", False, None, "t2v"),
+    ])
+    def test_the_transformers_width_tells_the_size(self, task: str, two: bool,
+                                                   width: int | None, variant: str) -> None:
+        """Wan 2.1's 1.3B and 14B load through one class; their transformer's width tells
+        them apart (before, both were ``t2v``, and the ETA gave a 1.3B the 14B's prior). A
+        tiny test transformer is a tiny variant, as wantel's own are named."""
+        assert variant == variant_of(task, two_experts=two, width=width)
+        assert variant == classify(
+            pipeline_class="WanImageToVideoPipeline" if task == "i2v" else "WanPipeline",
+            two_experts=two, expand_timesteps=task == "ti2v",
+            boundary_ratio=0.875 if two else None, width=width).variant
+
+    def test_width_of_a_config(self) -> None:
+        """Heads × head dimension; ``None`` where either is missing or odd."""
+        assert 1536 == width_of({"num_attention_heads": 12, "attention_head_dim": 128})
+        assert width_of({"num_attention_heads": 12}) is None
+        assert width_of({"num_attention_heads": "12", "attention_head_dim": 128}) is None
+        assert width_of({"num_attention_heads": 0, "attention_head_dim": 128}) is None
+        assert width_of(None) is None
 
 
 class TestRecordedLabels:
