@@ -29,6 +29,15 @@ def counted_calls(vae: Any, latents: torch.Tensor) -> int:
     return calls
 
 
+def assert_counted(vae: Any, latents: torch.Tensor) -> int:
+    """The count worked out for ``vae.decode(latents)`` is known and is the number of
+    decoder calls the real VAE makes; the count."""
+    expected = decoder_calls(vae, latents)
+    assert expected is not None
+    assert counted_calls(vae, latents) == expected
+    return expected
+
+
 #: (batch, latent frames, latent height, latent width, tiling, slicing)
 CASES: Final = [
     (1, 3, 4, 4, False, False),
@@ -55,10 +64,7 @@ def test_the_count_is_what_the_vae_does(variant: str,
                           tile_sample_stride_height=3 * ratio, tile_sample_stride_width=3 * ratio)
     if slicing:
         vae.enable_slicing()
-    latents = torch.randn(batch, vae.config.z_dim, frames, height, width)
-    expected = decoder_calls(vae, latents)
-    assert expected is not None
-    assert counted_calls(vae, latents) == expected
+    assert_counted(vae, torch.randn(batch, vae.config.z_dim, frames, height, width))
 
 
 def test_other_vaes_and_shapes_are_not_counted() -> None:
@@ -94,9 +100,7 @@ def test_cogvideox_counts_its_frame_batches(case: tuple[int, int, int, int, bool
         vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32)
     if slicing:
         vae.enable_slicing()
-    latents = torch.randn(batch, vae.config.latent_channels, frames, height, width)
-    expected = decoder_calls(vae, latents)
-    assert expected is not None
-    assert counted_calls(vae, latents) == expected
+    expected = assert_counted(
+        vae, torch.randn(batch, vae.config.latent_channels, frames, height, width))
     if tiling and height > 4:
         assert expected > max(frames // 2, 1) * (batch if slicing else 1)  # several tiles
