@@ -33,7 +33,8 @@ Sources (public figures; the numbers below are derived from them in comments):
   (``Wan2.1_VAE.pth``, 508 MB in float32); Wan 2.2 VAE ≈ 705M (``Wan2.2_VAE.pth``, 2.82 GB in
   float32). CLIP ViT-H/14 vision tower ≈ 632M (Wan 2.1 I2V's image encoder).
 * widths (dim, ffn): the diffusers configurations of the same checkpoints (1.3B: 1536, 8960;
-  5B: 3072, 14336; 14B: 5120, 13824).
+  5B: 3072, 14336; 14B: 5120, 13824); the table is ``telemetry.eta.model.TRANSFORMERS``,
+  which the ETA's priors scale by too.
 * the decode's working set: the Wan 2.1 README's "T2V-1.3B requires only 8.19 GB VRAM" (480P,
   81 frames, ``--offload_model True --t5_cpu``: the transformer is off the GPU while the VAE
   decodes, so the peak is the decode): 8.19 GiB − the VAE's 0.51 GB − the decoded video's
@@ -62,7 +63,7 @@ import math
 from typing import Final, NamedTuple
 
 from telemetry.eta import online
-from telemetry.eta.model import text_encoder_id, transformer_id, vae_id
+from telemetry.eta.model import TRANSFORMERS, text_encoder_id, transformer_id, vae_id
 from telemetry.eta.shape import JobShape
 from telemetry.pipelines import cost_family, is_wan
 from telemetry.wan import uses_image_encoder
@@ -70,13 +71,6 @@ from telemetry.wan import uses_image_encoder
 GB: Final = 1e9
 MiB: Final = 2**20
 
-#: Parameters, width and FFN width of each transformer (per expert for A14B).
-TRANSFORMERS: Final[dict[str, tuple[float, int, int]]] = {
-    "dit-1.3B": (1_418_996_800, 1536, 8960),
-    "dit-5B": (5.0e9, 3072, 14336),
-    "dit-14B": (14.0e9, 5120, 13824),
-    "dit-tiny": (50_000, 24, 32),
-}
 TEXT_ENCODER_PARAMS: Final = {"umt5-xxl": 5.7e9, "umt5-tiny": 50_000}
 VAE_PARAMS: Final = {"vae-2.1": 127e6, "vae-2.2": 705e6, "vae-2.1-tiny": 10_000,
                      "vae-2.2-tiny": 10_000}
@@ -161,7 +155,8 @@ def components(shape: JobShape, *, offload: str | None = None,
     dit = transformer_id(shape)
     vae = vae_id(shape)
     tiny = shape.tiny
-    count, dim, ffn = TRANSFORMERS.get(dit, TRANSFORMERS["dit-tiny" if tiny else NEUTRAL_DIT])
+    count, dim, ffn, _layers = TRANSFORMERS.get(
+        dit, TRANSFORMERS["dit-tiny" if tiny else NEUTRAL_DIT])
     count = params.get("transformer", count)
     experts = 2 if "a14b" in shape.variant.lower() else 1
     per_param = bytes_per_parameter(shape)

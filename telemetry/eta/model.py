@@ -11,9 +11,10 @@ Features are scaled (tokens in thousands, pixels in millions) so the fit stays w
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
 
@@ -180,6 +181,27 @@ def _per_pass(total_s: float, steps: int) -> float:
     return total_s * 0.9 / (2 * steps)
 
 
+class Transformer(NamedTuple):
+    """A Wan transformer's architecture (per expert for A14B): what its cost and memory scale
+    with."""
+
+    params: float
+    width: int
+    ffn: int
+    layers: int
+
+
+#: Wan's transformers: parameters (the model cards, Wan-Video/Wan2.1 and Wan2.2 READMEs; the
+#: 1.3B count is the one ``benchmarks/gpu_check.py`` built), width, FFN width and layers (the
+#: diffusers configurations: 1.3B 1536, 8960, 30; 5B 3072, 14336, 30; 14B 5120, 13824, 40).
+TRANSFORMERS: Final[dict[str, Transformer]] = {
+    "dit-1.3B": Transformer(1_418_996_800, 1536, 8960, 30),
+    "dit-5B": Transformer(5.0e9, 3072, 14336, 30),
+    "dit-14B": Transformer(14.0e9, 5120, 13824, 40),
+    "dit-tiny": Transformer(50_000, 24, 32, 1),
+}
+
+
 PUBLISHED_STEP_PRIORS: Final[dict[tuple[str, str], tuple[float, ...]]] = {
     ("dit-14B", "H100"): _solve_prior([(32.76, _per_pass(326.9, 40)),
                                         (75.6, _per_pass(1041.5, 40))]),
@@ -255,9 +277,9 @@ _NOISE_LATENTS: Final = (0.002, 0.0)
 def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
     """The best figure available before any calibration."""
     if phase == STEP and not shape.tiny and is_wan(shape.family):
-        for (part, device), coefficients in PUBLISHED_STEP_PRIORS.items():
-            if part == transformer_id(shape) and device.lower() in shape.device.lower():
-                return coefficients
+        published = published_step_prior(transformer_id(shape), shape.device)
+        if published is not None:
+            return published
     if phase == "latent_init" and shape.task != "i2v":
         # Drawing noise latents (T2V, TI2V's text mode) is a few milliseconds at any size;
         # only I2V encodes its image with the VAE here (the pixel term).
@@ -268,6 +290,35 @@ def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
     if shape.tiny:
         return _NEUTRAL_TINY[phase]
     return _GENERIC[phase]
+
+
+def published_step_prior(part: str, device: str) -> tuple[float, ...] | None:
+    """A Wan transformer's pass on ``device`` from published figures: its own where published
+    for this device; else the published one of the nearest size on this device, scaled by
+    the two transformers' FLOPs term by term — the token term by their parameters (2 FLOPs a
+    parameter a token), the tokens² term by layers × width (attention's QKᵀ and AV). Checked
+    against a measured pass: the 1.3B on an H100, scaled from the 14B's published H100
+    figure, says 0.158 s at 832 × 480 × 33 frames where ``benchmarks/gpu_check.py`` measured
+    0.195 s (the generic guess said 2.1 s); the 5B's 4090 figure scaled to the 1.3B says
+    1.64 s a pass at 480P, the 1.3B's own 2.35 s. ``None`` where this device has no figure."""
+    lowered = device.lower()
+    on_device: dict[str, tuple[float, ...]] = {}
+    for (p, d), c in PUBLISHED_STEP_PRIORS.items():
+        if d.lower() in lowered:
+            on_device.setdefault(p, c)  # the first match: an H200 is not an H20
+    if part in on_device:
+        return on_device[part]
+    target = TRANSFORMERS.get(part)
+    if target is None or not on_device:
+        return None
+    reference = min((p for p in on_device if p in TRANSFORMERS), default=None,
+                    key=lambda p: abs(math.log(TRANSFORMERS[p].params / target.params)))
+    if reference is None:
+        return None
+    ref = TRANSFORMERS[reference]
+    a, b, c = on_device[reference]
+    return (a * target.params / ref.params, b * target.params / ref.params,
+            c * target.layers * target.width / (ref.layers * ref.width))
 
 
 def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -21,12 +23,14 @@ from telemetry.eta.model import (
     DEFAULT_REL_SIGMA,
     FIRST_EXPORT_S,
     PHASES,
+    PUBLISHED_STEP_PRIORS,
     STEP,
     Calibration,
     bucket_of,
     component_key,
     expected_phases,
     predict,
+    published_step_prior,
 )
 from telemetry.eta.shape import JobShape
 from telemetry.events import (
@@ -114,6 +118,37 @@ class TestShape:
         shape = JobShape.of(event)
         per_step = predict(STEP, shape, Calibration()) * shape.passes
         assert per_step * 40 == pytest.approx(326.9 * 0.9, rel=0.01)
+
+    def test_a_size_without_a_figure_on_this_gpu_is_scaled_by_its_flops(self) -> None:
+        """No figure is published for the 1.3B on an H100: the 14B's H100 figure, scaled by
+        the two transformers' FLOPs, says 0.158 s a pass at 832 × 480 × 33 frames, within
+        25 % of the 0.195 s ``benchmarks/gpu_check.py`` measured there (its results file, a
+        1.3B-shaped transformer, CFG: two passes a step). The generic guess said 2.1 s."""
+        results = json.loads((Path(__file__).parents[2] / "benchmarks" / "results" /
+                              "gpu_check-h100-2026-11-27-16rounds.json").read_text())
+        config = results["config"]
+        event = JobStarted(job="j", seq=0, ts=0, model="m", family="wan2.1",
+                           variant="t2v-1.3B", task="t2v", width=config["width"],
+                           height=config["height"], num_frames=config["num_frames"],
+                           steps=config["steps"], guidance_scale=5.0, cfg=True,
+                           device=DeviceInfo(kind="cuda", name=config["device_name"]))
+        shape = JobShape.of(event)
+        measured = results["steps"]["free_running_step_ended_median_s"] / shape.passes
+        assert predict(STEP, shape, Calibration()) == pytest.approx(measured, rel=0.25)
+
+    def test_a_published_figure_is_used_as_published(self) -> None:
+        """The 1.3B's own 4090 figure wins over any scaled one; an H200 takes the H200's
+        figure, not the H20's (whose name is in it); a GPU with no figure for any size has
+        none (the generic guess then)."""
+        assert published_step_prior("dit-1.3B", "cuda:NVIDIA GeForce RTX 4090") == \
+            PUBLISHED_STEP_PRIORS[("dit-1.3B", "4090")]
+        assert published_step_prior("dit-14B", "cuda:NVIDIA H200") == \
+            PUBLISHED_STEP_PRIORS[("dit-14B", "H200")]
+        assert published_step_prior("dit-14B", "cuda:NVIDIA H20") == \
+            PUBLISHED_STEP_PRIORS[("dit-14B", "H20")]
+        assert published_step_prior("dit-1.3B", "cuda:NVIDIA L40S") is None
+        scaled = published_step_prior("dit-14B", "cuda:NVIDIA GeForce RTX 4090")
+        assert scaled is not None and scaled[1] > PUBLISHED_STEP_PRIORS[("dit-5B", "4090")][1]
 
 
 class TestFitting:
