@@ -303,9 +303,9 @@ def published_step_prior(part: str, device: str) -> tuple[float, ...] | None:
     1.64 s a pass at 480P, the 1.3B's own 2.35 s. ``None`` where this device has no figure."""
     lowered = device.lower()
     on_device: dict[str, tuple[float, ...]] = {}
-    for (p, d), c in PUBLISHED_STEP_PRIORS.items():
-        if d.lower() in lowered:
-            on_device.setdefault(p, c)  # the first match: an H200 is not an H20
+    for (name, gpu), figure in PUBLISHED_STEP_PRIORS.items():
+        if gpu.lower() in lowered:
+            on_device.setdefault(name, figure)  # the first match: an H200 is not an H20
     if part in on_device:
         return on_device[part]
     target = TRANSFORMERS.get(part)
@@ -316,9 +316,10 @@ def published_step_prior(part: str, device: str) -> tuple[float, ...] | None:
     if reference is None:
         return None
     ref = TRANSFORMERS[reference]
-    a, b, c = on_device[reference]
-    return (a * target.params / ref.params, b * target.params / ref.params,
-            c * target.layers * target.width / (ref.layers * ref.width))
+    constant, per_token, per_token_squared = on_device[reference]
+    by_params = target.params / ref.params
+    return (constant * by_params, per_token * by_params,
+            per_token_squared * target.layers * target.width / (ref.layers * ref.width))
 
 
 def predict(phase: str, shape: JobShape, calibration: Calibration) -> float:
