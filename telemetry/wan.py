@@ -30,10 +30,12 @@ TINY_PREFIX: Final = "tiny-"
 #: 24 for TI2V-5B. Events do not record a rate; views that turn frames into seconds use these.
 FPS: Final = 16
 TI2V_FPS: Final = 24
-#: A Wan transformer's size by its width (``num_attention_heads × attention_head_dim`` in
+#: A Wan transformer's width by its size (``num_attention_heads × attention_head_dim`` in
 #: diffusers' configurations, Wan-AI/…-Diffusers ``transformer/config.json``: T2V-1.3B 12 ×
-#: 128, TI2V-5B 24 × 128, the 14B models and each A14B expert 40 × 128).
-SIZES_BY_WIDTH: Final = {1536: "1.3B", 3072: "5B", 5120: "14B"}
+#: 128, TI2V-5B 24 × 128, the 14B models and each A14B expert 40 × 128): how a pipeline tells
+#: its size, and what the ETA's cost of a pass scales with.
+WIDTHS: Final = {"1.3B": 1536, "5B": 3072, "14B": 5120}
+SIZES_BY_WIDTH: Final = {width: size for size, width in WIDTHS.items()}
 #: Widths up to this are tiny test transformers (wantel's own are 24 wide): their variant is
 #: tiny, so the ETA and memory models use the tiny figures, not a 14B's.
 TINY_WIDTH: Final = 256
@@ -124,5 +126,5 @@ def is_tiny(variant: str) -> bool:
     return variant.startswith(TINY_PREFIX)
 
 
-__all__ = ["WAN21", "WAN22", "WanKind", "classify", "is_tiny", "runs_two_experts", "task_of",
-           "uses_image_encoder", "uses_wan22_vae", "variant_of", "width_of"]
+__all__ = ["WAN21", "WAN22", "WIDTHS", "WanKind", "classify", "is_tiny", "runs_two_experts",
+           "task_of", "uses_image_encoder", "uses_wan22_vae", "variant_of", "width_of"]

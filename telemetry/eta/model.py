@@ -21,7 +21,7 @@ import msgspec
 from telemetry.eta.shape import JobShape
 from telemetry.events import EtaCalibrated
 from telemetry.pipelines import is_video, is_wan
-from telemetry.wan import uses_image_encoder, uses_wan22_vae
+from telemetry.wan import WIDTHS, uses_image_encoder, uses_wan22_vae
 
 PHASES: Final = ("load", "text_encode", "image_encode", "latent_init", "denoise", "decode",
                  "postprocess", "save")
@@ -80,18 +80,22 @@ def vae_id(shape: JobShape) -> str:
 
 def component_key(phase: str, shape: JobShape) -> str:
     """The component a phase's cost is fitted on, on this device class."""
+    return f"{phase}|{component_part(phase, shape)}|{shape.device}"
+
+
+def component_part(phase: str, shape: JobShape) -> str:
+    """The part that runs ``phase``: the transformer for a step, the VAE for the decode, …;
+    the variant for what is its own (load, save)."""
     if phase == STEP:
-        part = transformer_id(shape)
-    elif phase in ("decode", "postprocess"):
-        part = vae_id(shape)
-    elif phase == "latent_init":
+        return transformer_id(shape)
+    if phase in ("decode", "postprocess"):
+        return vae_id(shape)
+    if phase == "latent_init":
         # I2V encodes the conditioning video with the VAE here; T2V only draws noise.
-        part = f"{vae_id(shape)}:{'encode' if shape.task == 'i2v' else 'noise'}"
-    elif phase == "text_encode":
-        part = text_encoder_id(shape)
-    else:
-        part = shape.variant
-    return f"{phase}|{part}|{shape.device}"
+        return f"{vae_id(shape)}:{'encode' if shape.task == 'i2v' else 'noise'}"
+    if phase == "text_encode":
+        return text_encoder_id(shape)
+    return shape.variant
 
 
 def text_encoder_id(shape: JobShape) -> str:
@@ -192,12 +196,12 @@ class Transformer(NamedTuple):
 
 
 #: Wan's transformers: parameters (the model cards, Wan-Video/Wan2.1 and Wan2.2 READMEs; the
-#: 1.3B count is the one ``benchmarks/gpu_check.py`` built), width, FFN width and layers (the
-#: diffusers configurations: 1.3B 1536, 8960, 30; 5B 3072, 14336, 30; 14B 5120, 13824, 40).
+#: 1.3B count is the one ``benchmarks/gpu_check.py`` built), width (:data:`telemetry.wan.WIDTHS`),
+#: FFN width and layers (the diffusers configurations: 1.3B 8960, 30; 5B 14336, 30; 14B 13824, 40).
 TRANSFORMERS: Final[dict[str, Transformer]] = {
-    "dit-1.3B": Transformer(1_418_996_800, 1536, 8960, 30),
-    "dit-5B": Transformer(5.0e9, 3072, 14336, 30),
-    "dit-14B": Transformer(14.0e9, 5120, 13824, 40),
+    "dit-1.3B": Transformer(1_418_996_800, WIDTHS["1.3B"], 8960, 30),
+    "dit-5B": Transformer(5.0e9, WIDTHS["5B"], 14336, 30),
+    "dit-14B": Transformer(14.0e9, WIDTHS["14B"], 13824, 40),
     "dit-tiny": Transformer(50_000, 24, 32, 1),
 }
 
@@ -285,8 +289,7 @@ def prior_coefficients(phase: str, shape: JobShape) -> tuple[float, ...]:
         # only I2V encodes its image with the VAE here (the pixel term).
         return _NOISE_LATENTS
     if shape.tiny and is_wan(shape.family):
-        part = component_key(phase, shape).rpartition("|")[0]  # the key less its device
-        return _TINY_CPU.get(part) or _TINY_CPU[phase]
+        return _TINY_CPU.get(f"{phase}|{component_part(phase, shape)}") or _TINY_CPU[phase]
     if shape.tiny:
         return _NEUTRAL_TINY[phase]
     return _GENERIC[phase]

@@ -180,12 +180,18 @@ def _ended(state: QueuesState, event: Event) -> None:
         worker.running.pop(event.job, None)
         worker.last_end_ts = event.ts
     if isinstance(event, JobCompleted):
-        for histories in (state.durations, *([state.warm_durations] if running.warm else [])):
-            history = histories.setdefault(running.model, [])
-            history.append(event.duration_s)
-            del history[:-HISTORY]
+        _remember(state.durations, running.model, event.duration_s)
+        if running.warm:
+            _remember(state.warm_durations, running.model, event.duration_s)
         if worker is not None:
             worker.completed += 1
+
+
+def _remember(histories: dict[str, list[float]], model: str, seconds: float) -> None:
+    """``seconds`` joins ``model``'s history, which keeps the newest :data:`HISTORY`."""
+    history = histories.setdefault(model, [])
+    history.append(seconds)
+    del history[:-HISTORY]
 
 
 # -- the read model: what needs a clock ------------------------------------------------------
@@ -253,10 +259,9 @@ def expected_duration(states: dict[str, Any], model: str, now_s: float) -> Inter
     queues: QueuesState = states["queues"]
     measured, estimating = _running_totals(states, model)
     eta: EtaState = states["eta"]
-    if eta.learned.jobs > 0:
-        measured += estimating
-    if measured:
-        return _mean(measured)
+    learned = measured + estimating if eta.learned.jobs > 0 else measured
+    if learned:
+        return _mean(learned)
     history = queues.warm_durations.get(model, [])
     if len(history) < 2:
         history = queues.durations.get(model, [])
