@@ -36,6 +36,18 @@ def positions_of(items: list[ReadItem]) -> list[int]:
     return [p for item in items if isinstance(item, Batch) for p, _ in item.positioned()]
 
 
+def runs_of(items: list[ReadItem]) -> list[tuple[int, int]]:
+    """The runs of consecutive positions the batches hold, as (first, count): how many
+    messages one delivery brings is the transport's business, where the gaps fall is not."""
+    runs: list[tuple[int, int]] = []
+    for position in positions_of(items):
+        if runs and runs[-1][0] + runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((position, 1))
+    return runs
+
+
 class LogContract(ABC):
     """Behaviour every :class:`EventLog` backend must have."""
 
