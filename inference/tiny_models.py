@@ -78,9 +78,11 @@ _TEXT_DIM = 32  # == UMT5 d_model: the transformer projects text embeddings from
 _FFN_DIM = 32
 _LAYERS = 2
 _FREQ_DIM = 256
-# The rotary table must cover the largest patch grid along any axis. 256x256 px -> 32x32 latents
-# (VAE /8) -> 16x16 patches; 49 frames -> 13 latent frames. 64 leaves headroom up to 512 px.
-_ROPE_MAX_SEQ_LEN = 64
+# The rotary table must cover the largest patch grid along any axis: 1280 px -> 160 latents
+# (VAE /8) -> 80 patches. Wan's own 1024 (diffusers' default) lets a tiny model run at every
+# size the real ones do; the table is a non-persistent buffer, and a position's rotation does
+# not depend on its length, so a smaller size's output is the same with either.
+_ROPE_MAX_SEQ_LEN = 1024
 _CLIP_HIDDEN = 16  # == transformer image_dim (Wan 2.1 I2V uses CLIP's penultimate hidden states)
 _CLIP_IMAGE_SIZE = 32
 _CLIP_PATCH = 8  # (32/8)^2 + 1 = 17 image tokens, vs 257 for the real ViT-H/14
