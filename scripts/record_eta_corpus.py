@@ -173,6 +173,36 @@ def families_plan(count: int, seed: int) -> list[dict[str, object]]:
     return jobs
 
 
+#: Wan's own resolutions (480P and 720P, both orientations, and a square between), which no
+#: other plan reaches: 3,000–9,000 tokens, 2–9 megapixels, beyond what the priors were fitted
+#: on (≤ 3,300 tokens, ≤ 3.2 megapixels). TI2V's VAE compresses 16× (sides of 32).
+BIG_SIZES = ((480, 832), (832, 480), (512, 512), (720, 1280), (1280, 720))
+BIG_TI2V_SIZES = ((480, 832), (832, 480), (512, 512), (704, 1280), (1280, 704))  # Wan's own
+BIG_FRAMES = (1, 5, 9, 13, 17)
+MAX_BIG_TOKENS = 9_000  # a pass of the tiny transformer at 9,000 tokens: ~0.35 s on one thread
+
+
+def big_plan(count: int, seed: int) -> list[dict[str, object]]:
+    """Jobs at Wan's own resolutions, few frames, 3–8 steps: how the tiny priors extrapolate
+    beyond the sizes they were fitted on, as a user who tries a real resolution sees it."""
+    rng = random.Random(seed)
+    jobs = []
+    for index in range(count):
+        variant = VARIANTS[index % len(VARIANTS)]
+        ti2v = variant == "tiny-ti2v"
+        spatial = 16 if ti2v else 8  # the VAE's spatial compression
+        while True:
+            height, width = rng.choice(BIG_TI2V_SIZES if ti2v else BIG_SIZES)
+            frames = rng.choice(BIG_FRAMES)
+            tokens = (height // spatial // 2) * (width // spatial // 2) * ((frames - 1) // 4 + 1)
+            if tokens <= MAX_BIG_TOKENS:
+                break
+        jobs.append({"job": f"big-{index:03d}", "variant": variant, "height": height,
+                     "width": width, "frames": frames, "steps": rng.randint(3, 8),
+                     "guidance": rng.choice((1.0, 5.0)), "seed": 1900 + index})
+    return jobs
+
+
 #: (height, width, frames) of the priors grid: a still, then from ~30 to ~3,300 tokens and from
 #: 0.02 to 3.2 megapixels, so every component's terms (tokens², pixels) are measured.
 PRIOR_GRID = ((64, 64, 1), (64, 96, 9), (128, 128, 17), (160, 224, 25), (224, 256, 33),
@@ -288,7 +318,7 @@ def _record(jobs: list[dict[str, object]], wantel: list[str], out: Path) -> int:
 
 PLANS = {"fixture": plan, "wide": wide_plan, "repeat": repeat_plan, "strips": strips_plan,
          "blocks": blocks_plan, "options": options_plan, "families": families_plan,
-         "priors": priors_plan}
+         "priors": priors_plan, "big": big_plan}
 
 if __name__ == "__main__":
     sys.exit(main())
