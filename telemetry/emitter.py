@@ -116,6 +116,13 @@ def process_emitter(log: EventLog, *, worker: str | None = None) -> Emitter:
         return emitter
 
 
+def process_emitters() -> list[Emitter]:
+    """The process's emitters still open, one per log: what interpreter exit will close (a
+    host that opens many logs in one process, as a test suite does, closes its own sooner)."""
+    with _shared_lock:
+        return [emitter for emitter in _shared.values() if not emitter.closing]
+
+
 def close_process_emitter(log: EventLog, timeout: float = 2.0) -> None:
     """Close the process's emitter for ``log``, if there is one (at exit, before a shipper of
     that log drains, so its ``WorkerStopped`` is shipped too)."""

@@ -269,6 +269,20 @@ class TestProcessEmitter:
         assert process_emitter(log) is not first  # a closed one is replaced
         process_emitter(log).close()
 
+    def test_the_open_ones_are_listed_until_closed(self, tmp_path: Path) -> None:
+        """``process_emitters()`` lists each log's open emitter once, and drops it when closed
+        (what a host closes before exit, as the test suite does after each test)."""
+        from telemetry.emitter import process_emitter, process_emitters
+
+        first, second = process_emitter(LocalLog(tmp_path / "a")), process_emitter(
+            LocalLog(tmp_path / "b"))
+        process_emitter(LocalLog(tmp_path / "a"))  # shared, not listed twice
+        listed = process_emitters()
+        assert 1 == sum(e is first for e in listed) == sum(e is second for e in listed)
+        first.close()
+        assert first not in process_emitters() and second in process_emitters()
+        second.close()
+
     def test_the_default_worker_name_is_host_pid_start(self) -> None:
         """host:pid:start — unique across hosts, processes and restarts."""
         import os
