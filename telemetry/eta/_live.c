@@ -47,7 +47,7 @@ static Py_ssize_t n_bucket_edges;
 static PyObject *str_denoise, *str_step_ended, *str_estimate_fields;
 
 static double PRIOR_STEPS, WARMUP_WEIGHT, Z90, MIN_SPEED_PHASE_S, PHASE_TIME_NOISE, STEP_NOISE,
-    SPEED_HUBER, SURPRISE, RATIO_LIMIT, PRIOR_PIECES;
+    SPEED_HUBER, SURPRISE, RATIO_LIMIT, PRIOR_PIECES, PIECE_PRIOR_VARIANCE;
 static long SPEED_ROUNDS;
 
 #define FIELDS(X)                                                                              \
@@ -352,10 +352,24 @@ own_variance(double sigma, double shared)
 }
 
 static inline double
-surprise(double mean, double shared)
+excess_of(double mean, double shared)
 {
     double excess = mean * mean - shared;
-    return excess > 0.0 ? SURPRISE * excess : 0.0;
+    return excess > 0.0 ? excess : 0.0;
+}
+
+static inline double
+surprise(double mean, double shared)
+{
+    return SURPRISE * excess_of(mean, shared);
+}
+
+/* prior_pieces(speed, tau): the pieces the prior's pace weighs. */
+static inline double
+prior_pieces(double speed, double tau)
+{
+    double mean = speed > 0.0 ? log(speed) : 0.0;
+    return PRIOR_PIECES / (1.0 + excess_of(mean, tau * tau) / PIECE_PRIOR_VARIANCE);
 }
 
 /* dict.get(key, default) for a dictionary of floats. */
@@ -720,7 +734,7 @@ pieces_left(Job *job, PyObject *phase, PyObject *now, double speed, int64_t piec
             double *part_out, double *sigma_out, double *scaled_out)
 {
     PyObject *live = job->live;
-    double units, seconds, expected, prior, pace, since, part, share, sigma, root, first;
+    double units, seconds, expected, prior, pace, since, part, share, sigma, root, first, weight;
     int64_t pieces_total;
     CHECK(read_float(SLOT(live, piece_units), &units));
     CHECK(read_float(SLOT(live, first_piece), &first));
@@ -728,13 +742,14 @@ pieces_left(Job *job, PyObject *phase, PyObject *now, double speed, int64_t piec
     CHECK(read_int(SLOT(live, pieces_total), &pieces_total));
     CHECK(item_float(job->expected, phase, &expected));
     DIV(prior, expected * speed, (double)pieces_total - 1.0 + first);
-    DIV(pace, PRIOR_PIECES * prior + seconds, PRIOR_PIECES + units);
+    weight = prior_pieces(speed, job->speed_tau);
+    DIV(pace, weight * prior + seconds, weight + units);
     CHECK(seconds_between(now, SLOT(live, last_piece_ts), &since));
     part = (double)(pieces_total - pieces_done) * pace - (pace < since ? pace : since);
     part = 0.0 > part ? 0.0 : part;
     if (pace > 0) {
         double prior_part;
-        DIV(prior_part, PRIOR_PIECES * prior, PRIOR_PIECES + units);
+        DIV(prior_part, weight * prior, weight + units);
         DIV(share, prior_part, pace);
     }
     else {
@@ -2492,7 +2507,7 @@ PyInit__live(void)
         {"MIN_SPEED_PHASE_S", &MIN_SPEED_PHASE_S}, {"PHASE_TIME_NOISE", &PHASE_TIME_NOISE},
         {"STEP_NOISE", &STEP_NOISE},
         {"SPEED_HUBER", &SPEED_HUBER}, {"SURPRISE", &SURPRISE},
-        {"PRIOR_PIECES", &PRIOR_PIECES},
+        {"PRIOR_PIECES", &PRIOR_PIECES}, {"PIECE_PRIOR_VARIANCE", &PIECE_PRIOR_VARIANCE},
     };
     if (constants_in(live, live_constants, COUNT(live_constants)) < 0 ||
         constant(online, "RATIO_LIMIT", &RATIO_LIMIT) < 0) {

@@ -90,8 +90,10 @@ SPEED_ROUNDS: Final = 3
 #: is followed at its own pace: the prior's seconds per piece (the phase's expectation at the
 #: job's speed, spread over its pieces) weigh this many pieces against those measured. A piece
 #: scatters about as a step does (STEP_NOISE, 0.15) around a prior whose own spread is the
-#: phase's σ (~0.3): (0.15 / 0.3)² = 0.25.
+#: phase's σ (~0.3, PIECE_PRIOR_VARIANCE its square): (0.15 / 0.3)² = 0.25. Less for a job
+#: that runs far from its prior (:func:`prior_pieces`).
 PRIOR_PIECES: Final = 0.25
+PIECE_PRIOR_VARIANCE: Final = 0.09
 #: What the first piece of Wan's decode costs against a later one: it yields one frame where
 #: the others yield four (measured on the tiny VAEs, 2.1 and 2.2, 1–21 latent frames:
 #: 0.29–0.55, ~0.4 in the middle).
@@ -151,12 +153,29 @@ def conditional_remaining(expected: float, sigma: float, elapsed: float) -> floa
     return max(expected * upper / tail - elapsed, 0.0)
 
 
+def _excess(mean: float, shared: float) -> float:
+    """How far (log speed ``mean``, squared) a job departs from its expectation beyond what
+    this device's jobs usually do (``shared``: τ²); 0 within it."""
+    excess = mean * mean - shared
+    return excess if excess > 0.0 else 0.0
+
+
 def _surprise(mean: float, shared: float) -> float:
     """Extra variance of the job's speed when it departs from its expectation by more than
-    this device's jobs usually do (``shared``: τ²): a job that disagrees with its prior is
-    doing something unusual, and its interval widens (``SURPRISE`` of the excess)."""
-    excess = mean * mean - shared
-    return SURPRISE * excess if excess > 0.0 else 0.0
+    this device's jobs usually do: a job that disagrees with its prior is doing something
+    unusual, and its interval widens (``SURPRISE`` of the excess)."""
+    return SURPRISE * _excess(mean, shared)
+
+
+def prior_pieces(speed: float, tau: float) -> float:
+    """How many pieces the prior's pace of a phase weighs in a job running at ``speed``
+    (:data:`PRIOR_PIECES` within this device's usual spread ``tau``). A job far from its prior
+    runs on a machine, or under a load, that the prior does not describe, and such a machine
+    divides its time between phases otherwise too (a loaded CPU's steps ran at 3.4× the prior
+    while its decode ran at 1.4×): the prior pace's variance, PIECE_PRIOR_VARIANCE, grows by
+    the job's excess, and the phase's own first piece counts for more."""
+    mean = log(speed) if speed > 0.0 else 0.0
+    return PRIOR_PIECES / (1.0 + _excess(mean, tau * tau) / PIECE_PRIOR_VARIANCE)
 
 
 def own_variance(sigma: float, shared: float) -> float:
@@ -792,18 +811,19 @@ class LiveJob(msgspec.Struct, kw_only=True):
         how many of them scale with the job's speed.
 
         Its pace is the prior's seconds per piece (the phase's expectation at ``speed`` over
-        its pieces, the first counting ``first_piece``), weighing ``PRIOR_PIECES``, averaged
+        its pieces, the first counting ``first_piece``), weighing :func:`prior_pieces`, averaged
         with the paces measured (:meth:`stage_progress`); the pieces left run at that pace,
         less the part of the next one already under way. The phase's sigma narrows with every
         piece measured.
         """
         units, seconds = self.piece_units, self.piece_seconds
         prior = self.expected[phase] * speed / (self.pieces_total - 1.0 + self.first_piece)
-        pace = (PRIOR_PIECES * prior + seconds) / (PRIOR_PIECES + units)
+        weight = prior_pieces(speed, self.speed_tau)
+        pace = (weight * prior + seconds) / (weight + units)
         since = (now - self.last_piece_ts) / 1e9
         part = (self.pieces_total - self.pieces_done) * pace - (pace if pace < since else since)
         part = 0.0 if 0.0 > part else part  # max(part, 0.0)
-        share = PRIOR_PIECES * prior / (PRIOR_PIECES + units) / pace if pace > 0 else 1.0
+        share = weight * prior / (weight + units) / pace if pace > 0 else 1.0
         return part, self.sigma[phase] / sqrt(1.0 + units), part * share
 
     def _prior_share(self, mean: float) -> float:

@@ -24,7 +24,7 @@ from telemetry.eta import online
 from telemetry.eta.evaluate import StaticProfile, evaluate, online_starts
 from telemetry.eta.fit import fit
 from telemetry.eta.jobs import job_records
-from telemetry.eta.live import FIRST_PIECE, LiveJob, Prior
+from telemetry.eta.live import FIRST_PIECE, PRIOR_PIECES, LiveJob, Prior, prior_pieces
 from telemetry.eta.model import Calibration, speed_key
 from telemetry.eta.shape import JobShape
 from telemetry.events import (
@@ -378,6 +378,24 @@ class TestRobustLiveUpdates:
         assert abs(with_pieces.remaining_s - post - left) <= 0.20 * left
         assert abs(blind.remaining_s - post - left) >= 0.4 * left
         assert with_pieces.p10_s <= with_pieces.remaining_s <= with_pieces.p90_s
+
+    def test_a_job_far_from_its_prior_follows_its_decodes_first_piece(self) -> None:
+        """Every phase 4× its prior but the decode at 1.5× (a loaded CPU's steps ran at 3.4×
+        its prior while its decode ran at 1.4×): after the decode's first piece of four, the
+        decode's remaining time is within 15 % of the truth, as its first piece says, not
+        the prior's pace at the job's speed (which said 2.7× as long: +78 % with the prior
+        weighing as much as the piece). Within the device's usual spread the prior's pace
+        weighs PRIOR_PIECES."""
+        events = job_events("far", 0, factor=4.0, slow_phase=("decode", 0.375), pieces=4)
+        started = next(i for i, e in enumerate(events)
+                       if isinstance(e, StageStarted) and e.stage == "decode")
+        ended = next(e for e in events if isinstance(e, StageEnded) and e.stage == "decode")
+        first = events[started + 1]
+        assert isinstance(first, StageProgress) and first.done == 1
+        left = (ended.ts - first.ts) / SECOND
+        assert abs(self._remaining_in(events, started + 2, first.ts) - left) <= 0.15 * left
+        assert prior_pieces(1.5, 1.0) == PRIOR_PIECES
+        assert prior_pieces(4.0, 1.0) < PRIOR_PIECES / 5
 
     def _remaining_in(self, events: list[Event], until: int, now: int) -> float:
         """What the estimator at ``until`` gives the decode alone (the phase under way)."""
