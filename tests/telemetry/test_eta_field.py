@@ -254,6 +254,18 @@ class TestTheOptionsThatChangeSpeed:
         assert first_at_half is not None and first_at_half <= 15.0
         assert mape(report, 0.50) <= 10.0
 
+    @pytest.mark.parametrize("prior_scale", [1.0, 0.2])
+    def test_a_first_job_on_a_machine_its_prior_does_not_describe(
+            self, prior_scale: float) -> None:
+        """The quiet corpus's first job ran its steps at 3.4× the prior and its decode at
+        1.4×: it follows its decode's first piece, within 20 % at half its duration (35 and
+        28 % while the prior's pace weighed as much as that piece). With the priors × 5 it is
+        38 %: the job then runs *faster* than its prior, within τ, and no phase before the
+        decode shows the decode's own ratio (docs/eta.md)."""
+        records, report = online("eta-options-quiet", prior_scale)
+        first_at_half = Learning.of(records, report).first_at_half
+        assert first_at_half is not None and first_at_half <= 20.0
+
     def test_every_job_decoded_its_videos_in_pieces(self) -> None:
         """Each job's decode reported one piece per latent frame, whatever its videos (they
         are decoded as one batch) and its tiling (a frame is cut in tiles only above the
