@@ -85,6 +85,20 @@ def assert_learns(name: str, prior_scale: float = 1.0, *, half_from_2nd: float,
     return report
 
 
+def assert_online(name: str, prior_scale: float, *, first_at_half: float, at_half: float,
+                  coverage: tuple[float, float]) -> Report:
+    """Never fitted, ``name`` folded from the priors (× ``prior_scale``): the log's first job
+    within ``first_at_half`` at half its duration, every job within ``at_half`` on average
+    there, coverage within ``coverage``. The report, for more."""
+    records, report = online(name, prior_scale)
+    first = Learning.of(records, report).first_at_half
+    assert first is not None and first <= first_at_half
+    assert mape(report, 0.50) <= at_half
+    covered = report.coverage()
+    assert covered is not None and coverage[0] <= covered <= coverage[1]
+    return report
+
+
 def assert_beats_the_baselines(report: Report) -> None:
     """At 10 % at most half the best baseline's error; at no point worse than it."""
     for point in POINTS:
@@ -315,12 +329,8 @@ class TestAtWansOwnSizes:
         duration, every job within 10 % on average there, coverage 70–90 %; with the priors
         right, within 15 % before the start (9.2 %: the priors' terms hold at 3× their
         sizes)."""
-        records, report = online("eta-big-quiet", prior_scale)
-        first_at_half = Learning.of(records, report).first_at_half
-        assert first_at_half is not None and first_at_half <= 15.0
-        assert mape(report, 0.50) <= 10.0
-        covered = report.coverage()
-        assert covered is not None and 0.70 <= covered <= 0.90
+        report = assert_online("eta-big-quiet", prior_scale, first_at_half=15.0,
+                               at_half=10.0, coverage=(0.70, 0.90))
         if prior_scale == 1.0:
             assert mape(report, 0.0) <= 15.0  # before the start
 
@@ -328,9 +338,5 @@ class TestAtWansOwnSizes:
     def test_under_a_noisy_neighbour(self, prior_scale: float) -> None:
         """Two busy loops, priors right or 5× off: the first job within 15 % at half, every
         job within 15 % on average there, coverage 70–90 %."""
-        records, report = online("eta-big-noisy", prior_scale)
-        first_at_half = Learning.of(records, report).first_at_half
-        assert first_at_half is not None and first_at_half <= 15.0
-        assert mape(report, 0.50) <= 15.0
-        covered = report.coverage()
-        assert covered is not None and 0.70 <= covered <= 0.90
+        assert_online("eta-big-noisy", prior_scale, first_at_half=15.0, at_half=15.0,
+                      coverage=(0.70, 0.90))
