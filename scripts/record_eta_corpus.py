@@ -5,7 +5,7 @@ Each job is a separate `wantel run` process, as a user would run it, so the load
 what it really costs (importing diffusers, building the model). The parameters are drawn from a
 seeded generator, so the set of jobs is reproducible; their timings are what this machine did.
 
-Eight plans:
+Nine plans:
 
 - ``fixture`` (default): the corpus in ``tests/fixtures/eta-corpus``, 32–256 px in steps of 32,
   9–49 frames, 4–30 steps, CFG on or off.
@@ -23,6 +23,8 @@ Eight plans:
 - ``priors``: a fixed grid of every Wan variant from a still to ~3,300 tokens, CFG on and off:
   the run the tiny CPU priors of ``telemetry/eta/model.py`` are fitted on
   (``python benchmarks/tiny_priors.py``); no ETA corpus is scored on it.
+- ``big``: Wan's own 480P and 720P and a 512 px square, 1–17 frames, 3–8 steps: up to 9,000
+  tokens and 16 megapixels, beyond every size the priors were fitted on (how they extrapolate).
 
 ``--busy N`` runs N busy-loop processes for the whole recording: a noisy neighbour.
 
