@@ -280,6 +280,14 @@ class TestTheOptionsThatChangeSpeed:
         first_at_half = Learning.of(records, report).first_at_half
         assert first_at_half is not None and first_at_half <= 20.0
 
+    @pytest.mark.parametrize("prior_scale", [1.0, 5.0, 0.2])
+    def test_a_held_out_quiet_corpus(self, prior_scale: float) -> None:
+        """``eta-heldout-options-quiet`` (``--jobs 16 --seed 131``), recorded after the rule
+        above and scored once: the log's first job within 15 % at half (15.9 and 11.3 % with
+        the priors × 5 and × 0.2 before it), every job within 10 % there, coverage 75–90 %."""
+        assert_online("eta-heldout-options-quiet", prior_scale, first_at_half=15.0,
+                      at_half=10.0, coverage=(0.75, 0.90))
+
     def test_every_job_decoded_its_videos_in_pieces(self) -> None:
         """Each job's decode reported one piece per latent frame, whatever its videos (they
         are decoded as one batch) and its tiling (a frame is cut in tiles only above the
