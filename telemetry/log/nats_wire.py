@@ -412,7 +412,7 @@ class WireConnection:
             if pos >= len(buf):
                 break
             frames, nxt = self.scan(buf, pos)
-            if frames:
+            if frames or nxt > pos:  # what it took is done with, whatever it yielded
                 progressed = True
                 replies = self._replies
                 if replies:

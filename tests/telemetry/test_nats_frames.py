@@ -218,3 +218,19 @@ class TestTheLogChooses:
         finally:
             for one in (log, python, default):
                 one.close()
+
+
+def test_a_scan_that_takes_a_frame_and_yields_none_moves_past_it() -> None:
+    """A scan may take a frame and yield nothing (a filter, as the reader tests' lossy scan
+    is, when the frame it drops arrived alone): the connection moves past it. It took the
+    whole frame left in the buffer for one the scan could not cut, and raised "a malformed
+    frame" (a fresh clone's suite failed on it once)."""
+    frame = b"HMSG s 1 $JS.ACK.S.c.1.1.1.0.0 12 14\r\nNATS/1.0\r\n\r\nhi\r\n"
+    assert scan_frames_py(frame, 0)[1] == len(frame)  # a whole frame, as the server sends it
+    conn = nats_wire.WireConnection("nats://127.0.0.1:4222",
+                                    scan=lambda buf, pos: ([], len(buf)))
+    conn._buf = frame
+    out: list[nats_wire.Frame] = []
+    assert conn._process(out)
+    assert [] == out
+    assert (b"", 0) == (conn._buf, conn._pos)
