@@ -88,12 +88,12 @@ SPEED_HUBER: Final = 1.5
 SPEED_ROUNDS: Final = 3
 #: A phase that reports its pieces (:class:`~telemetry.events.StageProgress`: Wan's VAE decode)
 #: is followed at its own pace: the prior's seconds per piece (the phase's expectation at the
-#: job's speed, spread over its pieces) weigh this many pieces against those measured. A piece
-#: scatters about as a step does (STEP_NOISE, 0.15) around a prior whose own spread is the
-#: phase's σ (~0.3, PIECE_PRIOR_VARIANCE its square): (0.15 / 0.3)² = 0.25. Less for a job
-#: that runs far from its prior (:func:`prior_pieces`).
-PRIOR_PIECES: Final = 0.25
+#: job's speed, spread over its pieces) weigh PRIOR_PIECES pieces against those measured. A
+#: piece scatters about as a step does (STEP_NOISE, 0.15) around a prior whose own variance
+#: is the phase's σ² (~0.3²): (0.15 / 0.3)² = 0.25. Less for a job that runs far from its
+#: prior (:func:`prior_pieces`).
 PIECE_PRIOR_VARIANCE: Final = 0.09
+PRIOR_PIECES: Final = STEP_NOISE * STEP_NOISE / PIECE_PRIOR_VARIANCE
 #: What the first piece of Wan's decode costs against a later one: it yields one frame where
 #: the others yield four (measured on the tiny VAEs, 2.1 and 2.2, 1–21 latent frames:
 #: 0.29–0.55, ~0.4 in the middle).

@@ -202,7 +202,7 @@ TRANSFORMERS: Final[dict[str, Transformer]] = {
     "dit-1.3B": Transformer(1_418_996_800, WIDTHS["1.3B"], 8960, 30),
     "dit-5B": Transformer(5.0e9, WIDTHS["5B"], 14336, 30),
     "dit-14B": Transformer(14.0e9, WIDTHS["14B"], 13824, 40),
-    "dit-tiny": Transformer(50_000, 24, 32, 1),
+    "dit-tiny": Transformer(50_000, 24, 32, 2),  # inference/tiny_models.py: 2 × 12, 2 layers
 }
 
 
